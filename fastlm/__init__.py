@@ -1,0 +1,24 @@
+"""fastlm: small GPT language models with fused attention and SwiGLU kernels.
+
+Quick tour::
+
+    import torch, fastlm
+    from fastlm.ops import attention, swiglu
+    q = k = v = torch.randn(2, 4, 128, 64)
+    y = attention(q, k, v, causal=True)          # backend="auto"
+    model = fastlm.GPT(fastlm.GPTConfig())       # decoder-only GPT on fastlm.ops
+
+CLIs: ``python -m fastlm.train``, ``python -m fastlm.generate``, ``python -m fastlm.evaluate``,
+``python -m fastlm.info``.
+"""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402
+from .ops import attention, swiglu  # noqa: E402,F401
+
+
+def __getattr__(name):  # lazy: importing the model pulls nothing heavy, but keep `import fastlm` quick
+    if name in ("GPT", "GPTConfig"):
+        from . import model
+        return getattr(model, name)
+    raise AttributeError(f"module 'fastlm' has no attribute {name!r}")

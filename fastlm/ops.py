@@ -1,0 +1,280 @@
+"""fastlm's public ops: one API, several backends.
+
+* :func:`attention` -- scaled dot-product attention on SDPA's ``(B, H, T, D)`` layout.
+* :func:`swiglu` -- ``silu(gate) * up``.
+
+Backends (``backend=`` argument, or the ``FASTLM_BACKEND`` environment variable, which overrides
+``"auto"``):
+
+========== ==========================================================================
+reference  explicit PyTorch math with hand-written backward (:mod:`fastlm.reference`)
+torch      ``F.scaled_dot_product_attention`` / eager ``F.silu(g) * u``
+triton     fused Triton kernels (:mod:`fastlm.kernels`), CUDA tensors (or TRITON_INTERPRET=1)
+cuda       C++/CUDA kernels in ``fastlm._C`` (CUDA tensors)
+cpp        C++ CPU kernels in ``fastlm._C`` (CPU tensors)
+========== ==========================================================================
+
+``auto`` walks a per-device preference list and takes the first backend that is available and
+supports the call; if it has to skip a preferred one it logs why, once.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["attention", "swiglu", "BACKENDS", "available_backends", "backend_status",
+           "resolve_backend", "BackendUnavailableError"]
+
+log = logging.getLogger("fastlm")
+
+BACKENDS = ("reference", "torch", "triton", "cuda", "cpp")
+
+# Where each backend object lives ("module:attribute"); imported lazily so that `import fastlm`
+# never pays for triton or the C++ extension.
+_BACKEND_PATHS = {
+    "reference": "fastlm.reference:BACKEND",
+    "torch": "fastlm.ops:TORCH_BACKEND",
+    "triton": "fastlm.kernels:BACKEND",
+    "cuda": "fastlm._ext:CUDA_BACKEND",
+    "cpp": "fastlm._ext:CPP_BACKEND",
+}
+
+# auto's preference per (op, device type). Measured choices: see benchmarks/ and README.
+_AUTO_ORDER = {
+    ("attention", "cuda"): ("triton", "cuda", "torch", "reference"),
+    ("attention", "cpu"): ("torch", "cpp", "reference"),
+    ("swiglu", "cuda"): ("triton", "cuda", "torch", "reference"),
+    ("swiglu", "cpu"): ("cpp", "torch", "reference"),
+}
+_AUTO_DEFAULT = ("torch", "reference")
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested explicitly but cannot run here (or cannot run this call)."""
+
+
+# ---- torch backend ------------------------------------------------------------------------------
+class TorchBackend:
+    """``F.scaled_dot_product_attention`` where it can express the call; eager SwiGLU."""
+
+    name = "torch"
+
+    def unavailable_reason(self):
+        return None
+
+    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes):
+        if causal and q.shape[2] > k.shape[2]:
+            return "causal with T_q > T_k has fully masked rows, which SDPA turns into NaN"
+        if q.shape[1] != k.shape[1] and not _SDPA_HAS_GQA:
+            return "this torch's SDPA has no enable_gqa"
+        return None
+
+    def attention(self, q, k, v, causal, scale, alibi_slopes):
+        t_q, t_k = q.shape[2], k.shape[2]
+        kwargs = {"scale": scale}
+        if q.shape[1] != k.shape[1]:
+            kwargs["enable_gqa"] = True
+        mask = None
+        is_causal = False
+        if alibi_slopes is not None:
+            mask = reference.alibi_bias(alibi_slopes, t_q, t_k, dtype=torch.float32)
+            if causal:
+                mask = mask.masked_fill(~reference.causal_mask(t_q, t_k, q.device), float("-inf"))
+            mask = mask.to(q.dtype).unsqueeze(0)  # (1, H, T_q, T_k)
+        elif causal and t_q == t_k:
+            is_causal = True
+        elif causal and t_q > 1:  # bottom-right diagonal; T_q == 1 sees every key
+            mask = reference.causal_mask(t_q, t_k, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              **kwargs)
+
+    def swiglu_unsupported(self, gate, up):
+        return None
+
+    def swiglu(self, gate, up):
+        return F.silu(gate) * up
+
+
+def _sdpa_has_gqa() -> bool:
+    import inspect
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # builtin without a signature: torch >= 2.5 has it
+        return tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+_SDPA_HAS_GQA = _sdpa_has_gqa()
+TORCH_BACKEND = TorchBackend()
+
+
+# ---- backend registry ---------------------------------------------------------------------------
+_loaded: dict = {}
+_load_errors: dict = {}
+_logged: set = set()
+
+
+def _load(name: str):
+    """The backend object, or None (with the reason recorded) when it cannot be imported."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _load_errors:
+        return None
+    mod_name, attr = _BACKEND_PATHS[name].split(":")
+    try:
+        obj = getattr(importlib.import_module(mod_name), attr)
+    except Exception as e:  # ImportError, missing symbols, a broken build: all mean unavailable
+        _load_errors[name] = f"{type(e).__name__}: {e}".splitlines()[0]
+        return None
+    _loaded[name] = obj
+    return obj
+
+
+def _unavailable(name: str) -> Optional[str]:
+    obj = _load(name)
+    if obj is None:
+        return _load_errors[name]
+    return obj.unavailable_reason()
+
+
+def backend_status() -> dict:
+    """``{backend: None if usable here else 'reason'}`` for every backend."""
+    return {name: _unavailable(name) for name in BACKENDS}
+
+
+def available_backends() -> list:
+    return [name for name, why in backend_status().items() if why is None]
+
+
+def _log_once(msg: str):
+    if msg not in _logged:
+        _logged.add(msg)
+        log.warning(msg)
+
+
+def resolve_backend(op: str, backend: str, device_type: str, unsupported) -> object:
+    """Pick the backend object for one call.
+
+    ``unsupported(obj)`` returns None when ``obj`` can run the call, else a reason.
+    Explicit backends raise :class:`BackendUnavailableError` with the reason; ``auto`` falls through
+    its preference list, logging (once) each preferred backend it had to skip.
+    """
+    if backend == "auto":
+        backend = os.environ.get("FASTLM_BACKEND", "auto").strip().lower() or "auto"
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
+        why = _unavailable(backend)
+        if why is None:
+            obj = _loaded[backend]
+            why = unsupported(obj)
+            if why is None:
+                return obj
+        raise BackendUnavailableError(f"fastlm {op}: backend {backend!r} cannot run this call: {why}")
+    skipped = []
+    for name in _AUTO_ORDER.get((op, device_type), _AUTO_DEFAULT):
+        why = _unavailable(name)
+        if why is None:
+            obj = _loaded[name]
+            why = unsupported(obj)
+            if why is None:
+                if skipped:
+                    _log_once(f"fastlm {op} on {device_type}: using backend {name!r} "
+                              f"({'; '.join(skipped)})")
+                return obj
+        skipped.append(f"{name} skipped: {why}")
+    raise BackendUnavailableError(f"fastlm {op}: no backend can run this call ({'; '.join(skipped)})")
+
+
+# ---- public ops ---------------------------------------------------------------------------------
+def _check_attention(q, k, v, alibi_slopes):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"attention: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    b, h, t_q, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v shapes differ ({tuple(k.shape)} vs {tuple(v.shape)})")
+    bk, h_kv, t_k, dk = k.shape
+    if bk != b or dk != d:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} differ in batch or head dim")
+    if h_kv == 0 or h % h_kv != 0:
+        raise ValueError(f"attention: query heads ({h}) must be a multiple of kv heads ({h_kv})")
+    if t_q == 0 or t_k == 0 or d == 0 or b == 0 or h == 0:
+        raise ValueError(f"attention: empty input (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor) or alibi_slopes.shape != (h,):
+            shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__
+            raise ValueError(f"attention: alibi_slopes must be a tensor of shape ({h},), got {shape}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"attention: alibi_slopes on {alibi_slopes.device}, q on {q.device}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+              alibi_slopes: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Scaled dot-product attention ``softmax(q k^T * scale + bias) v``.
+
+    Args:
+        q: ``(B, H, T_q, D)``; any strides (e.g. a ``(B, T, H, D)`` tensor ``.transpose(1, 2)``).
+        k, v: ``(B, H_kv, T_k, D)`` with ``H % H_kv == 0`` (grouped-query attention: query head
+            ``h`` uses kv head ``h // (H // H_kv)``).
+        causal: mask future keys. The diagonal is aligned **bottom-right**: query ``i`` sits at key
+            position ``i + T_k - T_q`` and sees keys ``j <= i + T_k - T_q``, which is what
+            incremental decoding with a KV cache needs. (SDPA's ``is_causal`` is top-left; they
+            agree when ``T_q == T_k``.) A query row that sees no key (``T_q > T_k``) outputs zeros.
+        scale: multiplier of ``q k^T``; default ``1 / sqrt(D)``.
+        alibi_slopes: ``(H,)`` tensor; adds ``-slope_h * |i + T_k - T_q - j|`` to the scores
+            (FlashAttention's definition), with or without ``causal``.
+        backend: ``auto`` | ``reference`` | ``torch`` | ``triton`` | ``cuda`` | ``cpp``.
+
+    Returns:
+        ``(B, H, T_q, D)`` in q's dtype. Differentiable with respect to q, k and v.
+    """
+    _check_attention(q, k, v, alibi_slopes)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"attention: scale must be finite, got {scale}")
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.float()
+    obj = resolve_backend("attention", backend, q.device.type,
+                          lambda b: b.attention_unsupported(q, k, v, causal, scale, alibi_slopes))
+    return obj.attention(q, k, v, causal, scale, alibi_slopes)
+
+
+def swiglu(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:
+    """``silu(gate) * up`` (SwiGLU's gating), any shape, float16/bfloat16/float32/float64.
+
+    ``gate`` and ``up`` must share shape, dtype and device. Returns gate's dtype; differentiable.
+    """
+    for name, t in (("gate", gate), ("up", up)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"swiglu: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"swiglu: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} shapes differ")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"swiglu: gate and up dtypes differ ({gate.dtype}, {up.dtype})")
+    if gate.device != up.device:
+        raise ValueError(f"swiglu: gate on {gate.device}, up on {up.device}")
+    obj = resolve_backend("swiglu", backend, gate.device.type, lambda b: b.swiglu_unsupported(gate, up))
+    return obj.swiglu(gate, up)
