@@ -1,0 +1,367 @@
+"""A decoder-only GPT whose attention and SwiGLU run only through :mod:`fastlm.ops`.
+
+Readable in one sitting, in the spirit of nanoGPT's model.py: pre-norm blocks
+``x + attn(norm(x))``, ``x + mlp(norm(x))``, a final norm and a (tied) language-model head.
+
+Options (all in :class:`GPTConfig`): ``norm`` (layernorm | rmsnorm), ``mlp`` (gelu | relu | swiglu),
+``pos`` (learned | sinusoidal | alibi | rope | none), ``n_kv_head`` for grouped-query attention,
+dropout (residual and embedding; identity in eval), bias on/off, tied embeddings, GPT-2 init.
+
+Incremental decoding: :meth:`GPT.new_kv_cache` returns a static :class:`KVCache`; passing it to
+:meth:`GPT.forward` feeds only the new tokens, which attend to the cached keys with the
+bottom-right causal alignment of :func:`fastlm.ops.attention`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["GPTConfig", "GPT", "KVCache", "alibi_slopes"]
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu", "swiglu")
+POSITIONS = ("learned", "sinusoidal", "alibi", "rope", "none")
+MAX_POSITIONS = 1 << 17  # the largest context any positional scheme here is built for
+
+
+class ConfigError(ValueError):
+    """An invalid model configuration (one line naming the field)."""
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = field(default=65, metadata={"help": "tokenizer vocabulary size (set from the tokenizer)"})
+    block_size: int = field(default=256, metadata={"help": "context length in tokens"})
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "query heads"})
+    n_kv_head: Optional[int] = field(default=None, metadata={"help": "key/value heads for GQA (default: n_head)"})
+    n_embd: int = field(default=128, metadata={"help": "embedding width"})
+    mlp_hidden: Optional[int] = field(default=None, metadata={"help": "MLP hidden width (default 4*n_embd; 8/3*n_embd for swiglu)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings and residual branches"})
+    bias: bool = field(default=False, metadata={"help": "biases in Linear and LayerNorm"})
+    norm: str = field(default="layernorm", metadata={"help": "layernorm | rmsnorm"})
+    mlp: str = field(default="gelu", metadata={"help": "gelu | relu | swiglu"})
+    pos: str = field(default="learned", metadata={"help": "learned | sinusoidal | alibi | rope | none"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
+    tie_embeddings: bool = field(default=True, metadata={"help": "share token embedding and LM head"})
+    backend: str = field(default="auto", metadata={"help": "fastlm.ops backend for attention/swiglu"})
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":  # keep the parameter count of a 4x MLP: 2/3 * 4 * n_embd, rounded up to 8
+            return ((8 * self.n_embd // 3) + 7) // 8 * 8
+        return 4 * self.n_embd
+
+    def validate(self) -> None:
+        def positive_int(name):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise ConfigError(f"{name} must be an integer, got {val!r}")
+            if val <= 0:
+                raise ConfigError(f"{name} must be positive, got {val}")
+
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            positive_int(name)
+        for name in ("n_kv_head", "mlp_hidden"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        for name, choices in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.backend not in ("auto",) + ops.BACKENDS:
+            raise ConfigError(f"backend must be auto or one of {', '.join(ops.BACKENDS)}, got {self.backend!r}")
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.kv_heads != 0:
+            raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        if self.pos == "rope" and self.head_dim % 2 != 0:
+            raise ConfigError(f"pos=rope needs an even head dim, got n_embd/n_head = {self.head_dim}")
+        if self.block_size > MAX_POSITIONS:
+            raise ConfigError(f"block_size {self.block_size} is beyond the {MAX_POSITIONS} positions "
+                              f"that pos={self.pos} supports here")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config must be a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+def alibi_slopes(n_head: int) -> Tensor:
+    """ALiBi head slopes (Press et al.): a geometric sequence 2^(-8/n), 2^(-16/n), ...; for a head
+    count that is not a power of two, the closest power's slopes plus every other slope of the next."""
+    def pow2_slopes(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_head).is_integer():
+        slopes = pow2_slopes(n_head)
+    else:
+        closest = 2 ** math.floor(math.log2(n_head))
+        slopes = pow2_slopes(closest) + pow2_slopes(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> Tensor:
+    """The fixed sine/cosine position table of "Attention Is All You Need", ``(n_pos, dim)``."""
+    pos = torch.arange(n_pos, dtype=torch.float32).unsqueeze(1)
+    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv[: dim // 2])
+    return table
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) by position angles. x: (B, H, T, D); cos/sin: (T, D/2)."""
+    d2 = x.shape[-1] // 2
+    x1, x2 = x[..., :d2].float(), x[..., d2:].float()
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+class KVCache:
+    """Static per-layer key/value buffers ``(n_layer, B, H_kv, max_len, D)`` plus a fill length.
+
+    ``GPT.forward(idx, kv_cache=cache)`` appends the new tokens' keys/values and advances
+    ``cache.length``. :meth:`reorder` selects batch rows (beam search).
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device=None, dtype=torch.float32):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, layer: int, k: Tensor, v: Tensor):
+        """Write new keys/values ``(B, H_kv, T, D)`` at the current length; return the filled views."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (in that order), e.g. the surviving beams."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def _norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rope=None, alibi: Optional[Tensor] = None,
+                kv_cache: Optional[KVCache] = None) -> Tensor:
+        B, T, C = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D), a strided view: no copy
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)  # (B, Hkv, T_past + T, D)
+        y = ops.attention(q, k, v, causal=True, alibi_slopes=alibi, backend=self.cfg.backend)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.kind, self.backend = cfg.mlp, cfg.backend
+        hidden = cfg.hidden
+        # SwiGLU: one fused up-projection producing [gate | up] (B, T, 2 * hidden)
+        self.fc = nn.Linear(cfg.n_embd, 2 * hidden if cfg.mlp == "swiglu" else hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = ops.swiglu(gate, up, backend=self.backend)
+        elif self.kind == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.relu(h)
+        return self.drop(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.ln1 = _norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln2 = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope=None, alibi=None, kv_cache=None):
+        x = x + self.attn(self.ln1(x), rope=rope, alibi=alibi, kv_cache=kv_cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = cfg = config
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        if cfg.pos == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        if cfg.pos == "alibi":
+            self.register_buffer("alibi", alibi_slopes(cfg.n_head), persistent=False)
+        else:
+            self.alibi = None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def max_context(self) -> int:
+        """Longest sequence one forward (cache included) may hold."""
+        return self.config.block_size
+
+    def _rope(self, start: int, T: int, device):
+        d = self.config.head_dim
+        inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
+        ang = torch.outer(pos, inv)  # (T, D/2)
+        return ang.cos(), ang.sin()
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
+                last_only: bool = False):
+        """idx ``(B, T)`` token ids -> ``(logits, loss)``.
+
+        logits: ``(B, T, vocab)`` (``(B, 1, vocab)`` with ``last_only``); loss: mean cross-entropy
+        against ``targets`` (``-1`` ignored), or None. With ``kv_cache``, idx holds only the new
+        tokens; they take positions ``kv_cache.length ...`` and the cache advances by T.
+        """
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_len} positions, needs {start + T}")
+        x = self.wte(idx)  # (B, T, C)
+        pos = self.config.pos
+        if pos == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        elif pos == "sinusoidal":
+            x = x + self.pos_table[start:start + T].to(x.dtype)
+        rope = self._rope(start, T, idx.device) if pos == "rope" else None
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope=rope, alibi=self.alibi, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.length = start + T
+        x = self.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None, device=None,
+                     dtype=None) -> KVCache:
+        cfg = self.config
+        max_len = cfg.block_size if max_len is None else min(max_len, cfg.block_size)
+        p = self.wte.weight
+        return KVCache(cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def configure_optimizer(self, weight_decay: float, lr: float, betas=(0.9, 0.95),
+                            device_type: str = "cpu") -> torch.optim.AdamW:
+        """AdamW with decoupled weight decay on 2-D weights only (matmuls, embeddings); fused on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        kwargs = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **kwargs)
