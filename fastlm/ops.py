@@ -119,7 +119,8 @@ TORCH_BACKEND = TorchBackend()
 
 
 # ---- backend registry ---------------------------------------------------------------------------
-_loaded: dict = {}
+# The in-process backends are loaded from the start: torch.compile cannot trace the lazy import.
+_loaded: dict = {"reference": reference.BACKEND, "torch": TORCH_BACKEND}
 _load_errors: dict = {}
 _logged: set = set()
 
