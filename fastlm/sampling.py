@@ -123,6 +123,10 @@ def _eval_mode(model):
         model.train(was_training)
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def window_keep(block_size: int) -> int:
     """How many trailing tokens survive a slide of the context window (see the module docstring)."""
     return max(1, block_size - max(1, block_size // 4))
@@ -167,7 +171,7 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: Optio
     inverse-CDF lookup of one ``torch.rand`` number per row, which never returns a token whose
     filtered probability is zero.
     """
-    logits = logits.float()
+    logits = _at_least_fp32(logits)
     if greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / temperature, top_k, top_p)
@@ -200,7 +204,7 @@ class _Decoder:
 
     def _forward(self, ids: Tensor, cache) -> Tensor:
         logits, _ = self.model(ids, kv_cache=cache, last_only=True)
-        return logits[:, -1, :].float()
+        return _at_least_fp32(logits[:, -1, :])
 
     def prefill(self, seq: Tensor) -> Tensor:
         self.start = max(0, seq.shape[1] - self.block)
