@@ -1,0 +1,755 @@
+"""Tokenizers: text <-> token ids, saved as JSON.
+
+Four kinds, all behind one small API (:class:`Tokenizer`):
+
+``char``
+    Vocabulary = the sorted set of characters of the training text (ids in code-point order), plus
+    one reserved end-of-document id right after them (``eos_id = number of characters``). Encoding a
+    character the vocabulary lacks raises :class:`TokenizerError`. ``decode(encode(s)) == s`` for
+    every ``s`` over the vocabulary; the EOS id decodes as ``"\\n\\n"`` (a blank line between
+    documents), so generated text that crosses a document boundary stays readable.
+
+``word``
+    Words (``\\w+``), single punctuation characters (``[^\\w\\s]``) and single whitespace characters
+    are the tokens, so no separator has to be invented at decode time. Specials come first:
+    ``<bos>=0, <eos>=1, <unk>=2, <pad>=3``. Options: ``lowercase``; ``clean`` (on by default:
+    ``\\r\\n`` and ``\\r`` become ``\\n``, any other whitespace character becomes a space); ``min_freq``;
+    ``vocab_size`` (caps the vocabulary, most frequent tokens first). Words outside the vocabulary
+    encode as ``<unk>``. Round trip: ``decode(encode(s)) == normalize(s)`` (``normalize`` = the
+    cleaning and lowercasing above) whenever every token of ``normalize(s)`` is in the vocabulary;
+    each unknown token decodes as the text ``"<unk>"``, ``<eos>`` as ``"\\n\\n"``, ``<bos>`` and
+    ``<pad>`` as ``""``.
+
+``bpe``
+    Byte-level BPE trained on the corpus (default ``vocab_size`` 512 = 256 bytes + 255 merges + EOS)
+    and executed by ``tiktoken.Encoding`` with GPT-2's pre-tokenisation regex. The ranks hold all
+    256 single bytes, so ANY text round-trips exactly. ``<|endoftext|>`` is a special token (the
+    last id, ``eos_id``); text is encoded with ``encode_ordinary``, so a literal ``<|endoftext|>``
+    inside a text is ordinary characters. Training: the merge loop is C++ (``fastlm._C.bpe_train``)
+    with a pure-Python fallback that gives identical merges (see :func:`bpe_train`).
+
+``tiktoken:NAME`` / ``tiktoken:/path/to/file.tiktoken``
+    A ready-made tiktoken encoding. Named encodings (gpt2, cl100k_base, ...) are used only when
+    tiktoken's cache already holds their files (no download is attempted: this raises a
+    :class:`TokenizerError` that says where to put the file; set ``FASTLM_TIKTOKEN_DOWNLOAD=1`` to let
+    tiktoken download). A local ``.tiktoken`` file (``base64(token) rank`` lines) is run with GPT-2's
+    regex and ``<|endoftext|>`` appended after the highest rank. The JSON stores the name / path
+    (and the file's sha256), never the ranks.
+
+Decoding of EOS: ``char`` and ``word`` give ``"\\n\\n"``; ``bpe`` and ``tiktoken`` give
+``"<|endoftext|>"`` (tiktoken's convention). Encoding never produces EOS: the data pipeline inserts
+``eos_id`` between documents.
+
+Files are JSON (never pickle) written atomically (temp file + ``os.replace``).
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import heapq
+import json
+import os
+import tempfile
+import threading
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "TokenizerError",
+    "Tokenizer",
+    "CharTokenizer",
+    "WordTokenizer",
+    "BPETokenizer",
+    "TiktokenTokenizer",
+    "build_tokenizer",
+    "tokenizer_from_dict",
+    "load_tokenizer",
+    "bpe_train",
+    "GPT2_PAT_STR",
+    "DEFAULT_BPE_VOCAB_SIZE",
+]
+
+FORMAT = "fastlm-tokenizer"
+FORMAT_VERSION = 1
+
+#: GPT-2's pre-tokenisation regex (tiktoken's r50k_base / gpt2 ``pat_str``).
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+ENDOFTEXT = "<|endoftext|>"
+DEFAULT_BPE_VOCAB_SIZE = 512
+_DOC_SEPARATOR = "\n\n"  # what char/word EOS decodes to
+
+
+class TokenizerError(ValueError):
+    """Bad tokenizer input, file or spec (a ValueError, so callers may catch either)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def _as_id_list(ids, vocab_size: int) -> list[int]:
+    """ids: list/tuple of ints, or a 1-D tensor/array -> list[int], range-checked."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"decode expects a sequence of int ids, got {type(ids).__name__}")
+    if hasattr(ids, "detach") and hasattr(ids, "cpu"):  # torch.Tensor (any device)
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.ndim != 1:
+        raise TokenizerError(f"decode expects a 1-D sequence of ids, got shape {arr.shape}")
+    if arr.size == 0:
+        return []
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"decode expects int ids, got {arr.dtype} values")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise TokenizerError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")
+    return arr.tolist()
+
+
+def _atomic_write_text(path, text: str) -> None:
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _require(d: dict, key: str, kind: str):
+    if key not in d:
+        raise TokenizerError(f"{kind} tokenizer data is missing the field {key!r}")
+    return d[key]
+
+
+def _regex():
+    try:
+        import regex  # a dependency of tiktoken; needed for \p{L} in GPT-2's pattern
+    except ImportError as e:  # pragma: no cover - tiktoken always brings it
+        raise TokenizerError("the bpe tokenizer needs the 'regex' package (pip install regex)") from e
+    return regex
+
+
+# ---------------------------------------------------------------------------------------------
+# Base class
+# ---------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """Base class. Subclasses set ``kind``, ``vocab_size`` and ``eos_id``."""
+
+    kind: str = ""
+    vocab_size: int
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def _payload(self) -> dict:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable description; ``tokenizer_from_dict(t.to_dict())`` rebuilds ``t``."""
+        return {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, **self._payload()}
+
+    def save(self, path) -> None:
+        """Write the tokenizer as JSON, atomically (temp file + os.replace)."""
+        _atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n")
+
+    def _check_text(self, text) -> str:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        return text
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} kind={self.kind!r} vocab_size={self.vocab_size} eos_id={self.eos_id}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# char
+# ---------------------------------------------------------------------------------------------
+
+class CharTokenizer(Tokenizer):
+    """One id per character (sorted by code point), plus EOS = len(chars), decoded as a blank line."""
+
+    kind = "char"
+
+    def __init__(self, chars):
+        chars = list(chars)
+        if not chars:
+            raise TokenizerError("char tokenizer needs a non-empty training text")
+        for c in chars:
+            if not isinstance(c, str) or len(c) != 1:
+                raise TokenizerError(f"char vocabulary entries must be single characters, got {c!r}")
+        if sorted(set(chars)) != chars:
+            raise TokenizerError("char vocabulary must be sorted and without duplicates")
+        self.chars = chars
+        self.eos_id = len(chars)
+        self.vocab_size = len(chars) + 1
+        self._codes = np.array([ord(c) for c in chars], dtype=np.uint32)  # sorted: id = searchsorted
+        self._itos = chars + [_DOC_SEPARATOR]
+
+    @classmethod
+    def train(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Like :meth:`encode` but returns an int64 numpy array (fast path for big corpora)."""
+        text = self._check_text(text)
+        if not text:
+            return np.zeros(0, dtype=np.int64)
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        idx = np.searchsorted(self._codes, codes)
+        ok = self._codes[np.minimum(idx, len(self._codes) - 1)] == codes
+        if not ok.all():
+            unknown = sorted({chr(c) for c in codes[~ok].tolist()})
+            shown = ", ".join(repr(c) for c in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+            raise TokenizerError(
+                f"{len(unknown)} character(s) not in the char vocabulary: {shown}; this tokenizer was "
+                f"built on another corpus (rebuild it on text that contains them, or use bpe)"
+            )
+        return idx.astype(np.int64)
+
+    def decode(self, ids) -> str:
+        itos = self._itos
+        return "".join([itos[i] for i in _as_id_list(ids, self.vocab_size)])
+
+    def _payload(self) -> dict:
+        return {"chars": "".join(self.chars), "eos_id": self.eos_id}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CharTokenizer":
+        chars = _require(d, "chars", "char")
+        if not isinstance(chars, str):
+            raise TokenizerError("char tokenizer field 'chars' must be a string")
+        tok = cls(list(chars))
+        if d.get("eos_id", tok.eos_id) != tok.eos_id:
+            raise TokenizerError(f"char tokenizer eos_id {d['eos_id']} does not match {tok.eos_id}")
+        return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# word
+# ---------------------------------------------------------------------------------------------
+
+_WORD_SPECIALS = ("<bos>", "<eos>", "<unk>", "<pad>")
+
+
+class WordTokenizer(Tokenizer):
+    """Words, single punctuation characters and single whitespace characters as tokens.
+
+    Ids: ``<bos>=0 <eos>=1 <unk>=2 <pad>=3``, then the vocabulary by decreasing training frequency
+    (ties alphabetical). See the module docstring for the exact round-trip guarantee.
+    """
+
+    kind = "word"
+    _SPLIT = r"\w+|[^\w\s]|\s"
+
+    def __init__(self, tokens, *, lowercase: bool = False, clean: bool = True):
+        import re
+
+        tokens = list(tokens)
+        if list(tokens[: len(_WORD_SPECIALS)]) != list(_WORD_SPECIALS):
+            raise TokenizerError(f"word vocabulary must start with the specials {list(_WORD_SPECIALS)}")
+        if len(set(tokens)) != len(tokens):
+            raise TokenizerError("word vocabulary has duplicate tokens")
+        self.tokens = tokens
+        self.lowercase = bool(lowercase)
+        self.clean = bool(clean)
+        self.bos_id, self.eos_id, self.unk_id, self.pad_id = 0, 1, 2, 3
+        self.vocab_size = len(tokens)
+        self._stoi = {t: i for i, t in enumerate(tokens)}
+        self._itos = list(tokens)
+        self._itos[self.bos_id] = ""
+        self._itos[self.pad_id] = ""
+        self._itos[self.eos_id] = _DOC_SEPARATOR
+        # "<unk>" keeps its text so unknown words stay visible.
+        self._split = re.compile(self._SPLIT).findall
+        self._newlines = re.compile(r"\r\n?")
+        self._other_space = re.compile(r"[^\S\n ]")
+
+    def normalize(self, text: str) -> str:
+        """The text that ``decode(encode(text))`` reproduces (when all its tokens are known)."""
+        if self.clean:
+            text = self._other_space.sub(" ", self._newlines.sub("\n", text))
+        if self.lowercase:
+            text = text.lower()
+        return text
+
+    def pieces(self, text: str) -> list[str]:
+        """Split (normalised) text into word / punctuation / whitespace pieces."""
+        return self._split(self.normalize(self._check_text(text)))
+
+    @classmethod
+    def train(cls, text: str, *, min_freq: int = 1, vocab_size: int | None = None,
+              lowercase: bool = False, clean: bool = True) -> "WordTokenizer":
+        if not isinstance(min_freq, int) or min_freq < 1:
+            raise ValueError(f"min_freq must be an int >= 1, got {min_freq!r}")
+        if vocab_size is not None and vocab_size < len(_WORD_SPECIALS) + 1:
+            raise ValueError(f"word vocab_size must be >= {len(_WORD_SPECIALS) + 1}, got {vocab_size}")
+        proto = cls(_WORD_SPECIALS, lowercase=lowercase, clean=clean)
+        counts = collections.Counter(proto.pieces(text))
+        for s in _WORD_SPECIALS:
+            counts.pop(s, None)  # cannot occur (the split breaks '<'), kept for safety
+        ranked = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
+        if vocab_size is not None:
+            ranked = ranked[: vocab_size - len(_WORD_SPECIALS)]
+        if not ranked:
+            raise TokenizerError(f"word tokenizer: no token occurs at least min_freq={min_freq} times")
+        return cls(list(_WORD_SPECIALS) + ranked, lowercase=lowercase, clean=clean)
+
+    def encode(self, text: str) -> list[int]:
+        get, unk = self._stoi.get, self.unk_id
+        return [get(p, unk) for p in self.pieces(text)]
+
+    def decode(self, ids) -> str:
+        itos = self._itos
+        return "".join([itos[i] for i in _as_id_list(ids, self.vocab_size)])
+
+    def _payload(self) -> dict:
+        return {"tokens": self.tokens, "lowercase": self.lowercase, "clean": self.clean,
+                "specials": {"bos": self.bos_id, "eos": self.eos_id, "unk": self.unk_id,
+                             "pad": self.pad_id}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WordTokenizer":
+        tokens = _require(d, "tokens", "word")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise TokenizerError("word tokenizer field 'tokens' must be a list of strings")
+        return cls(tokens, lowercase=bool(d.get("lowercase", False)), clean=bool(d.get("clean", True)))
+
+
+# ---------------------------------------------------------------------------------------------
+# BPE training
+# ---------------------------------------------------------------------------------------------
+
+def _bpe_train_python(words: list[bytes], counts: list[int], num_merges: int) -> list[tuple[int, int]]:
+    """Pure-Python twin of ``fastlm._C.bpe_train`` (csrc/bpe.cpp): same rules, identical merges.
+
+    Rules: ids 0..255 are bytes, each new token takes the next id; the chosen pair has the highest
+    count, ties -> smallest ``(bytes(left), bytes(right))``; replacement is left to right without
+    overlap; if ``bytes(left) + bytes(right)`` is already a token the pair is replaced by it and no
+    merge is recorded; stop after ``num_merges`` new tokens or when no pair is left.
+    """
+    vocab: list[bytes] = [bytes([b]) for b in range(256)]
+    ids: dict[bytes, int] = {v: i for i, v in enumerate(vocab)}
+    syms: list[list[int]] = [list(w) for w in words]
+    pair_count: dict[tuple[int, int], int] = collections.defaultdict(int)
+    pair_words: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+    for w, (s, c) in enumerate(zip(syms, counts)):
+        if c == 0:
+            continue
+        for p in zip(s, s[1:]):
+            pair_count[p] += c
+            pair_words[p].append(w)
+    pair_count = dict(pair_count)
+    # min-heap on (-count, bytes(left), bytes(right)); an entry is live while its count is current
+    heap = [(-c, vocab[a], vocab[b], a, b) for (a, b), c in pair_count.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[int, int]] = []
+    seen = [-1] * len(syms)
+    step = 0
+    while len(merges) < num_merges:
+        best = None
+        while heap:
+            negc, _, _, a, b = heapq.heappop(heap)
+            if pair_count.get((a, b), 0) == -negc:
+                best = (a, b)
+                break
+        if best is None:
+            break
+        a, b = best
+        joined = vocab[a] + vocab[b]
+        token = ids.get(joined)
+        if token is None:
+            token = len(vocab)
+            vocab.append(joined)
+            ids[joined] = token
+            merges.append((a, b))
+        # apply the merge to the chunks that hold the pair
+        candidates = pair_words.pop(best, [])
+        delta: dict[tuple[int, int], int] = collections.defaultdict(int)
+        for w in candidates:
+            if seen[w] == step:
+                continue
+            seen[w] = step
+            s = syms[w]
+            n = len(s)
+            hit = False
+            for i in range(n - 1):
+                if s[i] == a and s[i + 1] == b:
+                    hit = True
+                    break
+            if not hit:
+                continue
+            c = counts[w]
+            for p in zip(s, s[1:]):
+                delta[p] -= c
+            out = []
+            i = 0
+            while i < n:
+                if i + 1 < n and s[i] == a and s[i + 1] == b:
+                    out.append(token)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            syms[w] = out
+            for p in zip(out, out[1:]):
+                delta[p] += c
+                if p[0] == token or p[1] == token:
+                    pair_words[p].append(w)
+        for p, d in delta.items():
+            if d == 0:
+                continue
+            now = pair_count.get(p, 0) + d
+            if now <= 0:
+                pair_count.pop(p, None)
+                continue
+            pair_count[p] = now
+            heapq.heappush(heap, (-now, vocab[p[0]], vocab[p[1]], p[0], p[1]))
+        step += 1
+    return merges
+
+
+def _cpp_bpe_train():
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return getattr(_C, "bpe_train", None)
+
+
+def bpe_train(words: list[bytes], counts: list[int], num_merges: int, *,
+              backend: str = "auto") -> list[tuple[int, int]]:
+    """Learn ``num_merges`` byte-level BPE merges from distinct chunks and their counts.
+
+    ``backend``: ``"cpp"`` (``fastlm._C.bpe_train``), ``"python"``, or ``"auto"`` (C++ when the
+    extension has it). Both give identical merges. Merge ``i`` creates token ``256 + i``.
+    """
+    if len(words) != len(counts):
+        raise ValueError(f"words and counts differ in length ({len(words)} vs {len(counts)})")
+    if not isinstance(num_merges, int) or num_merges < 0:
+        raise ValueError(f"num_merges must be an int >= 0, got {num_merges!r}")
+    words = [bytes(w) for w in words]
+    counts = [int(c) for c in counts]
+    if any(c < 0 for c in counts):
+        raise ValueError("counts must be >= 0")
+    if backend not in ("auto", "cpp", "python"):
+        raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
+    fn = _cpp_bpe_train() if backend != "python" else None
+    if backend == "cpp" and fn is None:
+        raise RuntimeError("fastlm._C.bpe_train is not available (the C++ extension is not built)")
+    if fn is not None:
+        return [(int(a), int(b)) for a, b in fn(words, counts, num_merges)]
+    return _bpe_train_python(words, counts, num_merges)
+
+
+def _count_chunks(text: str, pat_str: str) -> tuple[list[bytes], list[int]]:
+    counter = collections.Counter(_regex().findall(pat_str, text))
+    chunks = sorted(counter)  # deterministic input order (the result does not depend on it)
+    return ([c.encode("utf-8", "surrogatepass") for c in chunks], [counter[c] for c in chunks])
+
+
+# ---------------------------------------------------------------------------------------------
+# tiktoken-backed tokenizers
+# ---------------------------------------------------------------------------------------------
+
+class _TiktokenBase(Tokenizer):
+    _enc: Any
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(self._check_text(text))
+
+    def decode(self, ids) -> str:
+        return self._enc.decode(_as_id_list(ids, self.vocab_size))
+
+    @property
+    def encoding(self):
+        """The underlying ``tiktoken.Encoding``."""
+        return self._enc
+
+
+class BPETokenizer(_TiktokenBase):
+    """Byte-level BPE trained here, executed by tiktoken. Ids: bytes 0..255, merges, then EOS."""
+
+    kind = "bpe"
+
+    def __init__(self, merges, *, pat_str: str = GPT2_PAT_STR):
+        import tiktoken
+
+        merges = [tuple(m) for m in merges]
+        vocab: list[bytes] = [bytes([b]) for b in range(256)]
+        for i, m in enumerate(merges):
+            if len(m) != 2 or not all(isinstance(x, int) and 0 <= x < 256 + i for x in m):
+                raise TokenizerError(f"bpe merge {i} is invalid: {list(m)!r}")
+            vocab.append(vocab[m[0]] + vocab[m[1]])
+        ranks = {tok: i for i, tok in enumerate(vocab)}
+        if len(ranks) != len(vocab):
+            raise TokenizerError("bpe merges produce the same token twice")
+        self.merges = [(int(a), int(b)) for a, b in merges]
+        self.pat_str = pat_str
+        self.eos_id = len(vocab)
+        self.vocab_size = len(vocab) + 1
+        try:
+            self._enc = tiktoken.Encoding(
+                f"fastlm-bpe-{self.vocab_size}", pat_str=pat_str, mergeable_ranks=ranks,
+                special_tokens={ENDOFTEXT: self.eos_id},
+            )
+        except Exception as e:
+            raise TokenizerError(f"tiktoken rejected the bpe tokenizer: {e}") from e
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int = DEFAULT_BPE_VOCAB_SIZE, *, pat_str: str = GPT2_PAT_STR,
+              backend: str = "auto") -> "BPETokenizer":
+        """Train to ``vocab_size`` ids in total (256 bytes + merges + EOS); fewer if the text runs
+        out of pairs."""
+        if not isinstance(vocab_size, int) or vocab_size < 257:
+            raise ValueError(f"bpe vocab_size must be an int >= 257 (256 bytes + EOS), got {vocab_size!r}")
+        words, counts = _count_chunks(text, pat_str)
+        merges = bpe_train(words, counts, vocab_size - 257, backend=backend)
+        return cls(merges, pat_str=pat_str)
+
+    def token_bytes(self, i: int) -> bytes:
+        return self._enc.decode_single_token_bytes(i)
+
+    def _payload(self) -> dict:
+        return {"pat_str": self.pat_str, "merges": [list(m) for m in self.merges],
+                "special_tokens": {ENDOFTEXT: self.eos_id}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BPETokenizer":
+        merges = _require(d, "merges", "bpe")
+        if not isinstance(merges, list):
+            raise TokenizerError("bpe tokenizer field 'merges' must be a list of [left, right] pairs")
+        tok = cls(merges, pat_str=d.get("pat_str", GPT2_PAT_STR))
+        specials = d.get("special_tokens", {ENDOFTEXT: tok.eos_id})
+        if specials != {ENDOFTEXT: tok.eos_id}:
+            raise TokenizerError(f"bpe special tokens {specials!r} do not match {{{ENDOFTEXT!r}: {tok.eos_id}}}")
+        return tok
+
+
+_TIKTOKEN_PATCH_LOCK = threading.Lock()
+
+
+class _NotCached(Exception):
+    pass
+
+
+def _tiktoken_cache_dir() -> str:
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        return os.environ["TIKTOKEN_CACHE_DIR"]
+    if "DATA_GYM_CACHE_DIR" in os.environ:
+        return os.environ["DATA_GYM_CACHE_DIR"]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def _named_encoding(name: str):
+    """``tiktoken.get_encoding(name)`` without network access (unless FASTLM_TIKTOKEN_DOWNLOAD=1).
+
+    tiktoken reads every remote file through ``tiktoken.load.read_file`` (after looking in its cache,
+    keyed by sha1 of the URL); for the duration of the call that function is swapped for one that
+    refuses URLs, so a missing cache entry fails at once instead of trying the network.
+    """
+    import tiktoken
+    import tiktoken.load as tl
+
+    known = tiktoken.list_encoding_names()
+    if name not in known:
+        raise TokenizerError(f"unknown tiktoken encoding {name!r}; known: {', '.join(sorted(known))} "
+                             f"(or give a file: tiktoken:/path/to/file.tiktoken)")
+    if os.environ.get("FASTLM_TIKTOKEN_DOWNLOAD", "") == "1":
+        return tiktoken.get_encoding(name)
+    with _TIKTOKEN_PATCH_LOCK:
+        original = tl.read_file
+
+        def offline_read_file(blobpath: str) -> bytes:
+            if "://" in blobpath:
+                raise _NotCached(blobpath)
+            return original(blobpath)
+
+        tl.read_file = offline_read_file
+        try:
+            return tiktoken.get_encoding(name)
+        except _NotCached as e:
+            url = str(e)
+            cache = _tiktoken_cache_dir() or "<TIKTOKEN_CACHE_DIR>"
+            key = hashlib.sha1(url.encode()).hexdigest()
+            raise TokenizerError(
+                f"tiktoken encoding {name!r} is not available offline: no cached copy of {url}; "
+                f"download it elsewhere and save it as {os.path.join(cache, key)} (TIKTOKEN_CACHE_DIR "
+                f"sets the cache folder; the name is the sha1 of the URL, repeat for every file the "
+                f"encoding needs), or use tiktoken:/path/to/file.tiktoken, or set "
+                f"FASTLM_TIKTOKEN_DOWNLOAD=1 to let tiktoken download it"
+            ) from None
+        finally:
+            tl.read_file = original
+
+
+def _read_tiktoken_file(path: str) -> tuple[dict[bytes, int], str]:
+    """Parse a ``.tiktoken`` file (``base64(token) rank`` per line) -> (ranks, sha256 of the file).
+
+    Read directly rather than with ``tiktoken.load.load_tiktoken_bpe``: that one also copies local
+    files into tiktoken's cache and would serve a stale cached copy after the file changes.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TokenizerError(f"cannot read tiktoken file {path!r}: {e.strerror or e}") from None
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            tok_b64, rank = line.split()
+            tok = base64.b64decode(tok_b64, validate=True)
+            r = int(rank)
+        except Exception:
+            raise TokenizerError(f"{path}:{n}: expected 'base64_token rank', got {line[:60]!r}") from None
+        if tok in ranks:
+            raise TokenizerError(f"{path}:{n}: token {tok!r} appears twice")
+        ranks[tok] = r
+    if not ranks:
+        raise TokenizerError(f"tiktoken file {path!r} holds no tokens")
+    if len(set(ranks.values())) != len(ranks):
+        raise TokenizerError(f"tiktoken file {path!r} gives the same rank to two tokens")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"tiktoken file {path!r} lacks {len(missing)} of the 256 single bytes "
+                             f"(first: {missing[0]}); byte-level BPE needs them all")
+    return ranks, hashlib.sha256(data).hexdigest()
+
+
+class TiktokenTokenizer(_TiktokenBase):
+    """A ready-made tiktoken encoding: by name (offline cache only) or from a ``.tiktoken`` file."""
+
+    kind = "tiktoken"
+
+    def __init__(self, name: str | None = None, *, path: str | None = None, sha256: str | None = None):
+        import tiktoken
+
+        if (name is None) == (path is None):
+            raise TokenizerError("tiktoken tokenizer needs exactly one of a name or a file path")
+        self.name = name
+        self.path = os.path.abspath(os.fspath(path)) if path is not None else None
+        self.sha256 = None
+        if path is None:
+            self._enc = _named_encoding(name)
+        else:
+            ranks, digest = _read_tiktoken_file(self.path)
+            if sha256 is not None and sha256 != digest:
+                raise TokenizerError(f"tiktoken file {self.path!r} changed since the tokenizer was saved "
+                                     f"(sha256 {digest[:12]}..., expected {sha256[:12]}...)")
+            self.sha256 = digest
+            eos = max(ranks.values()) + 1
+            try:
+                self._enc = tiktoken.Encoding(f"fastlm-file-{digest[:12]}", pat_str=GPT2_PAT_STR,
+                                              mergeable_ranks=ranks, special_tokens={ENDOFTEXT: eos})
+            except Exception as e:
+                raise TokenizerError(f"tiktoken rejected {self.path!r}: {e}") from e
+        self.vocab_size = self._enc.n_vocab
+        self.eos_id = self._enc.eot_token if ENDOFTEXT in self._enc.special_tokens_set else None
+
+    def _payload(self) -> dict:
+        if self.path is not None:
+            return {"path": self.path, "sha256": self.sha256}
+        return {"name": self.name}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TiktokenTokenizer":
+        if d.get("path") is not None:
+            return cls(path=d["path"], sha256=d.get("sha256"))
+        return cls(_require(d, "name", "tiktoken"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Factories
+# ---------------------------------------------------------------------------------------------
+
+def _tiktoken_from_spec(arg: str) -> TiktokenTokenizer:
+    if not arg:
+        raise TokenizerError("tiktoken spec needs a name or a file: tiktoken:gpt2 or tiktoken:/path/x.tiktoken")
+    if os.sep in arg or "/" in arg or arg.endswith(".tiktoken") or os.path.isfile(arg):
+        return TiktokenTokenizer(path=arg)
+    return TiktokenTokenizer(arg)
+
+
+def build_tokenizer(spec: str, text: str, *, vocab_size: int | None = None, min_freq: int = 1,
+                    lowercase: bool = False) -> Tokenizer:
+    """Build a tokenizer from a spec: ``char`` | ``word`` | ``bpe`` | ``tiktoken:NAME_OR_FILE``.
+
+    ``text`` is the training corpus (unused by ``tiktoken``). ``vocab_size``: total ids for ``bpe``
+    (default 512), a cap for ``word``; ignored by ``char`` and ``tiktoken`` (their vocabulary is
+    fixed by the text / file). ``min_freq`` and ``lowercase`` apply to ``word`` only.
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"tokenizer spec must be a str, got {type(spec).__name__}")
+    if spec != "tiktoken" and not spec.startswith("tiktoken:") and not isinstance(text, str):
+        raise TypeError(f"training text must be a str, got {type(text).__name__}")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
+        raise TypeError(f"vocab_size must be an int or None, got {vocab_size!r}")
+    if spec == "char":
+        return CharTokenizer.train(text)
+    if spec == "word":
+        return WordTokenizer.train(text, min_freq=min_freq, vocab_size=vocab_size, lowercase=lowercase)
+    if spec == "bpe":
+        if not text:
+            raise TokenizerError("bpe tokenizer needs a non-empty training text")
+        return BPETokenizer.train(text, DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size)
+    if spec.startswith("tiktoken:") or spec == "tiktoken":
+        return _tiktoken_from_spec(spec.partition(":")[2])
+    raise TokenizerError(f"unknown tokenizer spec {spec!r}; expected char, word, bpe or tiktoken:NAME")
+
+
+_KINDS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer, "tiktoken": TiktokenTokenizer}
+
+
+def tokenizer_from_dict(d: dict) -> Tokenizer:
+    """Rebuild a tokenizer from :meth:`Tokenizer.to_dict` output."""
+    if not isinstance(d, dict):
+        raise TokenizerError(f"tokenizer data must be a JSON object, got {type(d).__name__}")
+    version = d.get("version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise TokenizerError(f"unsupported tokenizer format version {version!r} (this fastlm reads {FORMAT_VERSION})")
+    kind = d.get("kind")
+    if kind not in _KINDS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(_KINDS)}")
+    return _KINDS[kind].from_dict(d)
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Load a tokenizer saved with :meth:`Tokenizer.save`."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise TokenizerError(f"tokenizer file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"cannot read tokenizer file {path}: {e}") from None
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"tokenizer file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    try:
+        return tokenizer_from_dict(d)
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
