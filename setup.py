@@ -14,6 +14,7 @@ Two roles in one file:
 Environment knobs:
   FASTLM_CUDA=auto|0|1   build the CUDA kernels (auto: torch has CUDA and nvcc is found)
   FASTLM_CPP=1|0         build the extension at all (0: pure Python install, reference path only)
+  FASTLM_CPU_AVX2=auto|0|1  compile the CPU kernels with AVX2/FMA (auto: the build machine has them)
   TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0a")
   MAX_JOBS               parallel compile jobs (honoured by torch's ninja builder)
 """
@@ -47,6 +48,23 @@ else:
             raise SystemExit(f"{name} must be auto, 0 or 1 (got {val!r})")
         return {"true": "1", "yes": "1", "on": "1", "false": "0", "no": "0", "off": "0"}.get(val, val)
 
+    def _cpu_vec_flags():
+        """AVX2+FMA for the CPU kernels' at::vec::Vectorized code (with torch's Sleef exp) when
+        building on an x86-64 machine that has them; FASTLM_CPU_AVX2=0 turns it off (portable)."""
+        import platform
+        want = _env_flag("FASTLM_CPU_AVX2", "auto")
+        if want == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+            return []
+        if want == "auto":
+            try:
+                with open("/proc/cpuinfo") as f:
+                    flags = f.read()
+            except OSError:
+                return []
+            if any(f" {x}" not in flags for x in ("avx2", "fma", "f16c")):
+                return []
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
     def _extensions():
         """Return (ext_modules, cmdclass); empty when torch is missing or FASTLM_CPP=0."""
         if _env_flag("FASTLM_CPP", "1") == "0":
@@ -75,7 +93,7 @@ else:
 
         # Few translation units: every .cpp costs ~1 minute on a 2-core machine.
         sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-        cxx = ["-O3", "-std=c++17"]
+        cxx = ["-O3", "-std=c++17"] + _cpu_vec_flags()
         define_macros = [("TORCH_EXTENSION_NAME", "_C")]
         extra = {"cxx": cxx}
         if build_cuda:

@@ -1,5 +1,6 @@
 // fastlm._C: the op schemas (one TORCH_LIBRARY for the namespace) and the Python module.
-// Kernels register per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cpp.
+// Kernels register per dispatch key in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cpp (CUDA); fake
+// (meta) kernels and autograd formulas are registered from Python in fastlm/_ext.py.
 #include <torch/extension.h>
 
 namespace fastlm {
@@ -8,10 +9,25 @@ void register_bpe(pybind11::module_& m);
 }  // namespace fastlm
 
 TORCH_LIBRARY(fastlm, m) {
+  // Attention on (B, H, T, D) tensors, k/v (B, H_kv, T_k, D); causal is bottom-right aligned.
+  // lse: (B, H, T_q) log-sum-exp of each row's scores, float32 (float64 for float64 inputs).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, "
+        "Tensor? alibi_slopes) -> (Tensor out, Tensor lse)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "bool causal, float scale, Tensor? alibi_slopes) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // silu(gate) * up and its gradients.
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastlm C++/CUDA kernels (ops live in torch.ops.fastlm)";
+  m.def("has_cuda", []() {
+#ifdef FASTLM_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "True when the extension was built with its CUDA kernels");
   fastlm::register_bpe(m);
 }

@@ -1,33 +1,154 @@
-"""Python side of the C++/CUDA extension ``fastlm._C``: fake and autograd registrations and the
-``cpp`` / ``cuda`` backend objects used by :mod:`fastlm.ops`."""
+"""Python side of the C++/CUDA extension ``fastlm._C``.
+
+* ``torch.library`` fake (shape-only) kernels and autograd formulas for the ops that
+  ``csrc/ops.cpp`` defines (``fastlm::attention_fwd/bwd``, ``fastlm::swiglu_fwd/bwd``), so they work
+  under ``torch.compile`` and pass ``torch.library.opcheck``;
+* the ``cpp`` (CPU tensors) and ``cuda`` (CUDA tensors) backend objects used by :mod:`fastlm.ops`.
+
+The package imports and works without ``_C`` (pure-Python install): both backends then report it
+as their unavailable reason.
+"""
 from __future__ import annotations
 
+import torch
+
 try:
-    from . import _C  # noqa: F401  (registers the torch.ops.fastlm.* schemas and kernels)
+    from . import _C  # registers the torch.ops.fastlm.* schemas and kernels
     _IMPORT_ERROR = None
 except ImportError as e:  # pure-Python install, or a broken build
     _C = None
     _IMPORT_ERROR = f"fastlm._C not importable ({e})"
 
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_HEAD_DIMS = (64, 128)
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _C is not None:
+    _ops = torch.ops.fastlm
+
+    # ---- fake kernels: output metadata only (the real kernels return contiguous tensors) -------
+    @torch.library.register_fake("fastlm::attention_fwd")
+    def _attention_fwd_fake(q, k, v, causal, scale, alibi_slopes):
+        b, h, t_q, d = q.shape
+        out = q.new_empty((b, h, t_q, d))
+        lse = q.new_empty((b, h, t_q), dtype=_lse_dtype(q.dtype))
+        return out, lse
+
+    @torch.library.register_fake("fastlm::attention_bwd")
+    def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, alibi_slopes):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("fastlm::swiglu_fwd")
+    def _swiglu_fwd_fake(gate, up):
+        return gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("fastlm::swiglu_bwd")
+    def _swiglu_bwd_fake(dout, gate, up):
+        return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+    # ---- autograd ------------------------------------------------------------------------------
+    def _attention_setup_context(ctx, inputs, output):
+        q, k, v, causal, scale, alibi_slopes = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.alibi_slopes = alibi_slopes
+        ctx.causal = causal
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+
+    def _attention_backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ops.attention_bwd(dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale,
+                                        ctx.alibi_slopes)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd("fastlm::attention_fwd", _attention_backward,
+                                    setup_context=_attention_setup_context)
+
+    def _swiglu_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _swiglu_backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        return _ops.swiglu_bwd(dout, gate, up)
+
+    torch.library.register_autograd("fastlm::swiglu_fwd", _swiglu_backward,
+                                    setup_context=_swiglu_setup_context)
+
+
+def _has_cuda_kernels() -> bool:
+    return _C is not None and bool(getattr(_C, "has_cuda", lambda: False)())
+
 
 class _CppBackend:
+    """C++ CPU kernels (csrc/cpu): CPU tensors, float32/float64/bfloat16/float16, any strides."""
+
     name = "cpp"
+    _device = "cpu"
+    _dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
     def unavailable_reason(self):
-        return _IMPORT_ERROR or "C++ CPU ops not implemented yet"
+        return _IMPORT_ERROR
+
+    def _tensor_unsupported(self, *tensors):
+        for t in tensors:
+            if t.device.type != self._device:
+                return f"needs {self._device} tensors, got {t.device}"
+            if t.dtype not in self._dtypes:
+                return f"dtype {t.dtype} not supported ({', '.join(str(d) for d in self._dtypes)})"
+        return None
 
     def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes):
-        return "not implemented"
+        return self._tensor_unsupported(q, k, v)
+
+    def attention(self, q, k, v, causal, scale, alibi_slopes):
+        return _ops.attention_fwd(q, k, v, causal, scale, alibi_slopes)[0]
 
     def swiglu_unsupported(self, gate, up):
-        return "not implemented"
+        return self._tensor_unsupported(gate, up)
+
+    def swiglu(self, gate, up):
+        return _ops.swiglu_fwd(gate, up)
 
 
 class _CudaBackend(_CppBackend):
+    """CUDA kernels (csrc/cuda): tensor-core attention for fp16/bf16 with head dim 64 or 128 and a
+    contiguous last dim; vectorised SwiGLU for fp16/bf16/fp32."""
+
     name = "cuda"
+    _device = "cuda"
+    _dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     def unavailable_reason(self):
-        return _IMPORT_ERROR or "CUDA ops not implemented yet"
+        if _IMPORT_ERROR:
+            return _IMPORT_ERROR
+        if not _has_cuda_kernels():
+            return "fastlm._C was built without CUDA kernels (FASTLM_CUDA=0 or no nvcc/CUDA torch)"
+        if not torch.cuda.is_available():
+            return "no CUDA device available"
+        return None
+
+    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes):
+        for t in (q, k, v):
+            if t.device.type != "cuda":
+                return f"needs cuda tensors, got {t.device}"
+        if q.dtype not in _CUDA_DTYPES:
+            return f"attention kernel takes float16/bfloat16, got {q.dtype}"
+        if q.shape[-1] not in _CUDA_HEAD_DIMS:
+            return f"head dim {q.shape[-1]} not supported (only {_CUDA_HEAD_DIMS})"
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.stride(-1) != 1:
+                return f"{name} needs a contiguous last dim (stride {t.stride(-1)})"
+            if any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+                return f"{name} strides/pointer not 16-byte aligned"
+        return None
+
+    def swiglu_unsupported(self, gate, up):
+        return self._tensor_unsupported(gate, up)
 
 
 CPP_BACKEND = _CppBackend()

@@ -1,0 +1,333 @@
+// CPU attention: a blocked, flash-style loop (online softmax, no T x T buffer), vectorised with
+// at::vec::Vectorized and parallel with at::parallel_for.
+//
+//   forward : parallel over (batch, head, block of BQ query rows); for each block of BK keys the
+//             scores S = (q * scale) k^T + ALiBi are masked, the running row max/sum are updated
+//             and O += P V. Returns out and the row log-sum-exp (float32; float64 for float64).
+//   backward: parallel over (batch, kv head). A task owns dK/dV of its kv head and dQ of the query
+//             heads of its GQA group, so no two threads write the same gradient (no atomics, no
+//             races); P is recomputed from the saved LSE.
+// Math is in float32 for float32/bfloat16/float16 inputs and float64 for float64 inputs. Inputs may
+// have any strides (they are read through their strides into small per-thread tiles).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attention_common.h"
+#include "op_checks.h"
+
+namespace fastlm {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t BQ = 32;  // query rows per forward task
+constexpr int64_t BK = 64;  // keys per tile (a multiple of every Vectorized size)
+
+template <typename scalar_t>
+using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// A strided (B, H, T, D) view.
+template <typename scalar_t>
+struct View4 {
+  const scalar_t* p;
+  int64_t sb, sh, st, sd;
+  View4(const at::Tensor& t)
+      : p(t.const_data_ptr<scalar_t>()), sb(t.stride(0)), sh(t.stride(1)), st(t.stride(2)),
+        sd(t.stride(3)) {}
+  const scalar_t* row(int64_t b, int64_t h, int64_t t) const { return p + b * sb + h * sh + t * st; }
+};
+
+// dst[0..D) = src row * mul (converted to acc_t), zero padded to Dp.
+template <typename scalar_t, typename acc_t>
+inline void load_row(acc_t* dst, const scalar_t* src, int64_t sd, int64_t D, int64_t Dp, acc_t mul) {
+  if (sd == 1) {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]) * mul;
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d * sd]) * mul;
+  }
+  for (int64_t d = D; d < Dp; ++d) dst[d] = acc_t(0);
+}
+
+// Transposed tile: dstT[d * BK + c] = src[row j0 + c][d] for c < nc, zero for c >= nc.
+template <typename scalar_t, typename acc_t>
+inline void load_tile_t(acc_t* dstT, const View4<scalar_t>& src, int64_t b, int64_t h, int64_t j0,
+                        int64_t nc, int64_t D, int64_t Dp) {
+  std::fill(dstT, dstT + Dp * BK, acc_t(0));
+  for (int64_t c = 0; c < nc; ++c) {
+    const scalar_t* r = src.row(b, h, j0 + c);
+    for (int64_t d = 0; d < D; ++d) dstT[d * BK + c] = static_cast<acc_t>(r[d * src.sd]);
+  }
+}
+
+// s[0..BK) = sum_d x[d] * yT[d][0..BK)   (x: one row, yT: transposed key tile)
+template <typename acc_t>
+inline void row_times_tile(acc_t* s, const acc_t* x, const acc_t* yT, int64_t D) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  static_assert(BK % V == 0, "BK must be a multiple of the vector width");
+  Vec acc[BK / V];
+  for (int64_t c = 0; c < BK / V; ++c) acc[c] = Vec(acc_t(0));
+  for (int64_t d = 0; d < D; ++d) {
+    const Vec xd(x[d]);
+    const acc_t* y = yT + d * BK;
+    for (int64_t c = 0; c < BK / V; ++c) acc[c] = at::vec::fmadd(xd, Vec::loadu(y + c * V), acc[c]);
+  }
+  for (int64_t c = 0; c < BK / V; ++c) acc[c].store(s + c * V);
+}
+
+// y[0..Dp) += a * x[0..Dp)
+template <typename acc_t>
+inline void axpy(acc_t* y, acc_t a, const acc_t* x, int64_t Dp) {
+  using Vec = Vectorized<acc_t>;
+  const Vec av(a);
+  for (int64_t d = 0; d < Dp; d += Vec::size())
+    at::vec::fmadd(av, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
+}
+
+// s[c] = exp(s[c] - shift) for the whole tile (masked -inf entries become 0).
+template <typename acc_t>
+inline void exp_shift(acc_t* s, acc_t shift) {
+  using Vec = Vectorized<acc_t>;
+  const Vec sv(shift);
+  for (int64_t c = 0; c < BK; c += Vec::size()) (Vec::loadu(s + c) - sv).exp().store(s + c);
+}
+
+template <typename acc_t>
+inline int64_t padded(int64_t D) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  return (D + V - 1) / V * V;
+}
+
+template <typename acc_t>
+std::vector<acc_t> slopes_of(const c10::optional<at::Tensor>& alibi, int64_t H) {
+  std::vector<acc_t> s(H, acc_t(0));
+  if (alibi.has_value()) {
+    at::Tensor a = alibi->to(at::kDouble).contiguous();
+    const double* p = a.const_data_ptr<double>();
+    for (int64_t h = 0; h < H; ++h) s[h] = static_cast<acc_t>(p[h]);
+  }
+  return s;
+}
+
+template <typename scalar_t>
+void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          at::Tensor& out, at::Tensor& lse, const AttnShape& s, bool causal,
+                          double scale_d, const c10::optional<at::Tensor>& alibi) {
+  using acc_t = acc_type_t<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const View4<scalar_t> Q(q), K(k), Vv(v);
+  scalar_t* O = out.mutable_data_ptr<scalar_t>();  // contiguous (B, H, T_q, D)
+  acc_t* L = lse.mutable_data_ptr<acc_t>();        // contiguous (B, H, T_q)
+  const int64_t D = s.D, Dp = padded<acc_t>(D), Tq = s.T_q, Tk = s.T_k;
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const std::vector<acc_t> slopes = slopes_of<acc_t>(alibi, s.H);
+  const int64_t n_qblk = (Tq + BQ - 1) / BQ;
+
+  at::parallel_for(0, s.B * s.H * n_qblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qbuf(BQ * Dp), obuf(BQ * Dp), kT(Dp * BK), vbuf(BK * Dp), srow(BK),
+        m(BQ), l(BQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % n_qblk, bh = task / n_qblk, h = bh % s.H, b = bh / s.H;
+      const int64_t hk = attn::kv_head(h, s.H, s.H_kv);
+      const acc_t slope = slopes[h];
+      const int64_t i0 = qb * BQ, nr = std::min(BQ, Tq - i0);
+      for (int64_t r = 0; r < nr; ++r) load_row(&qbuf[r * Dp], Q.row(b, h, i0 + r), Q.sd, D, Dp, scale);
+      std::fill(obuf.begin(), obuf.end(), acc_t(0));
+      std::fill(m.begin(), m.end(), acc_t(-INFINITY));
+      std::fill(l.begin(), l.end(), acc_t(0));
+      const int64_t kend = attn::key_end(i0 + nr - 1, Tq, Tk, causal);
+      for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+        const int64_t nc = std::min(BK, kend - j0);
+        load_tile_t(kT.data(), K, b, hk, j0, nc, D, Dp);
+        for (int64_t c = 0; c < nc; ++c) load_row(&vbuf[c * Dp], Vv.row(b, hk, j0 + c), Vv.sd, D, Dp, acc_t(1));
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = i0 + r;
+          const int64_t row_end = attn::key_end(i, Tq, Tk, causal);
+          if (row_end <= j0) continue;  // every key of this tile is masked for this row
+          acc_t* sr = srow.data();
+          row_times_tile(sr, &qbuf[r * Dp], kT.data(), D);
+          acc_t mx = -INFINITY;
+          for (int64_t c = 0; c < BK; ++c) {
+            const int64_t j = j0 + c;
+            sr[c] = (j < row_end) ? sr[c] + attn::alibi_bias<acc_t>(slope, i, j, Tq, Tk) : acc_t(-INFINITY);
+            mx = std::max(mx, sr[c]);
+          }
+          const acc_t m_new = std::max(m[r], mx);
+          const acc_t alpha = attn::rescale_factor(m[r], m_new);
+          exp_shift(sr, attn::safe_max(m_new));
+          acc_t psum = 0;
+          for (int64_t c = 0; c < BK; ++c) psum += sr[c];
+          l[r] = l[r] * alpha + psum;
+          m[r] = m_new;
+          acc_t* orow = &obuf[r * Dp];
+          if (alpha != acc_t(1)) {
+            const Vec av(alpha);
+            for (int64_t d = 0; d < Dp; d += Vec::size()) (Vec::loadu(orow + d) * av).store(orow + d);
+          }
+          const int64_t cend = std::min(nc, row_end - j0);
+          for (int64_t c = 0; c < cend; ++c)
+            if (sr[c] != acc_t(0)) axpy(orow, sr[c], &vbuf[c * Dp], Dp);
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t i = i0 + r;
+        const acc_t inv = attn::inv_sum(l[r]);
+        scalar_t* orow = O + ((b * s.H + h) * Tq + i) * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<scalar_t>(obuf[r * Dp + d] * inv);
+        L[(b * s.H + h) * Tq + i] = attn::row_lse(m[r], l[r]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse_in,
+                          at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const AttnShape& s,
+                          bool causal, double scale_d, const c10::optional<at::Tensor>& alibi) {
+  using acc_t = acc_type_t<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const View4<scalar_t> Q(q), K(k), Vv(v), dO(dout), Out(out);
+  const at::Tensor lse_c = lse_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const acc_t* LSE = lse_c.const_data_ptr<acc_t>();
+  scalar_t* dQ = dq.mutable_data_ptr<scalar_t>();
+  scalar_t* dK = dk.mutable_data_ptr<scalar_t>();
+  scalar_t* dV = dv.mutable_data_ptr<scalar_t>();
+  const int64_t D = s.D, Dp = padded<acc_t>(D), Tq = s.T_q, Tk = s.T_k, G = s.H / s.H_kv;
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const std::vector<acc_t> slopes = slopes_of<acc_t>(alibi, s.H);
+
+  at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qf(G * Tq * Dp), dof(G * Tq * Dp), dqa(G * Tq * Dp), delta(G * Tq),
+        shift(G * Tq), kT(Dp * BK), vT(Dp * BK), kbuf(BK * Dp), dka(BK * Dp), dva(BK * Dp), p(BK),
+        dp(BK), orow(Dp);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t hk = task % s.H_kv, b = task / s.H_kv;
+      // Per-task copies of the group's q, dout, the row terms delta = rowsum(dO * O) and the lse.
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g;
+        for (int64_t i = 0; i < Tq; ++i) {
+          const int64_t row = g * Tq + i;
+          load_row(&qf[row * Dp], Q.row(b, h, i), Q.sd, D, Dp, acc_t(1));
+          load_row(&dof[row * Dp], dO.row(b, h, i), dO.sd, D, Dp, acc_t(1));
+          load_row(orow.data(), Out.row(b, h, i), Out.sd, D, Dp, acc_t(1));
+          acc_t dl = 0;
+          for (int64_t d = 0; d < D; ++d) dl += dof[row * Dp + d] * orow[d];
+          delta[row] = dl;
+          shift[row] = attn::backward_shift(LSE[(b * s.H + h) * Tq + i]);
+        }
+      }
+      std::fill(dqa.begin(), dqa.end(), acc_t(0));
+      for (int64_t j0 = 0; j0 < Tk; j0 += BK) {
+        const int64_t nc = std::min(BK, Tk - j0);
+        load_tile_t(kT.data(), K, b, hk, j0, nc, D, Dp);
+        load_tile_t(vT.data(), Vv, b, hk, j0, nc, D, Dp);
+        for (int64_t c = 0; c < nc; ++c) load_row(&kbuf[c * Dp], K.row(b, hk, j0 + c), K.sd, D, Dp, acc_t(1));
+        std::fill(dka.begin(), dka.end(), acc_t(0));
+        std::fill(dva.begin(), dva.end(), acc_t(0));
+        const int64_t i_start = attn::first_row_seeing_key(j0, Tq, Tk, causal);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = hk * G + g;
+          const acc_t slope = slopes[h];
+          for (int64_t i = i_start; i < Tq; ++i) {
+            const int64_t row = g * Tq + i;
+            const int64_t row_end = attn::key_end(i, Tq, Tk, causal);
+            if (row_end <= j0 || shift[row] == acc_t(INFINITY)) continue;
+            const acc_t* qr = &qf[row * Dp];
+            const acc_t* dor = &dof[row * Dp];
+            row_times_tile(p.data(), qr, kT.data(), D);
+            for (int64_t c = 0; c < BK; ++c) {
+              const int64_t j = j0 + c;
+              p[c] = (j < row_end && c < nc)
+                         ? p[c] * scale + attn::alibi_bias<acc_t>(slope, i, j, Tq, Tk)
+                         : acc_t(-INFINITY);
+            }
+            exp_shift(p.data(), shift[row]);
+            row_times_tile(dp.data(), dor, vT.data(), D);
+            const acc_t dl = delta[row];
+            acc_t* dqr = &dqa[row * Dp];
+            const int64_t cend = std::min(nc, row_end - j0);
+            for (int64_t c = 0; c < cend; ++c) {
+              if (p[c] == acc_t(0)) continue;
+              const acc_t ds = p[c] * (dp[c] - dl);
+              axpy(&dva[c * Dp], p[c], dor, Dp);
+              axpy(&dka[c * Dp], ds, qr, Dp);
+              axpy(dqr, ds, &kbuf[c * Dp], Dp);
+            }
+          }
+        }
+        for (int64_t c = 0; c < nc; ++c) {
+          const int64_t off = ((b * s.H_kv + hk) * Tk + j0 + c) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            dK[off + d] = static_cast<scalar_t>(dka[c * Dp + d] * scale);
+            dV[off + d] = static_cast<scalar_t>(dva[c * Dp + d]);
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g;
+        for (int64_t i = 0; i < Tq; ++i) {
+          const int64_t off = ((b * s.H + h) * Tq + i) * D;
+          const acc_t* src = &dqa[(g * Tq + i) * Dp];
+          for (int64_t d = 0; d < D; ++d) dQ[off + d] = static_cast<scalar_t>(src[d] * scale);
+        }
+      }
+    }
+  });
+  (void)sizeof(Vec);
+}
+
+void check_cpu(const char* op, const at::Tensor& q) {
+  TORCH_CHECK(q.device().is_cpu(), op, ": expected CPU tensors, got ", q.device());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": unsupported dtype ", dt, " (float32, float64, bfloat16, float16)");
+}
+
+at::ScalarType lse_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v, bool causal, double scale,
+                                                     const c10::optional<at::Tensor>& alibi_slopes) {
+  const AttnShape s = check_attention_args("attention_fwd", q, k, v, alibi_slopes);
+  check_cpu("attention_fwd", q);
+  at::Tensor out = at::empty({s.B, s.H, s.T_q, s.D}, q.options());
+  at::Tensor lse = at::empty({s.B, s.H, s.T_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
+    attention_fwd_kernel<scalar_t>(q, k, v, out, lse, s, causal, scale, alibi_slopes);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
+    const c10::optional<at::Tensor>& alibi_slopes) {
+  const AttnShape s = check_attention_args("attention_bwd", q, k, v, alibi_slopes);
+  check_cpu("attention_bwd", q);
+  check_attention_bwd_args("attention_bwd", s, q, dout, out, lse);
+  at::Tensor dq = at::empty({s.B, s.H, s.T_q, s.D}, q.options());
+  at::Tensor dk = at::empty({s.B, s.H_kv, s.T_k, s.D}, k.options());
+  at::Tensor dv = at::empty({s.B, s.H_kv, s.T_k, s.D}, v.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
+    attention_bwd_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, s, causal, scale, alibi_slopes);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace fastlm
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("attention_fwd", &fastlm::attention_fwd_cpu);
+  m.impl("attention_bwd", &fastlm::attention_bwd_cpu);
+}

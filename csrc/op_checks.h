@@ -1,0 +1,72 @@
+// Argument checks shared by the CPU and CUDA op implementations (torch side only; the .cu kernels
+// never include this). Each failure is a one-line TORCH_CHECK message naming the problem.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace fastlm {
+
+struct AttnShape {
+  int64_t B, H, H_kv, T_q, T_k, D;
+};
+
+inline AttnShape check_attention_args(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v,
+                                      const c10::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": q, k, v must be 4-D (B, H, T, D); got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k, v dtypes differ (", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type(), ")");
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), op,
+              ": q, k, v are on different devices");
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v shapes differ (", k.sizes(), " vs ",
+              v.sizes(), ")");
+  AttnShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  TORCH_CHECK(k.size(0) == s.B && k.size(3) == s.D, op, ": q ", q.sizes(), " and k/v ", k.sizes(),
+              " differ in batch or head dim");
+  TORCH_CHECK(s.H_kv > 0 && s.H % s.H_kv == 0, op, ": query heads (", s.H,
+              ") must be a multiple of kv heads (", s.H_kv, ")");
+  TORCH_CHECK(s.B > 0 && s.H > 0 && s.T_q > 0 && s.T_k > 0 && s.D > 0, op, ": empty input (q ",
+              q.sizes(), ", k ", k.sizes(), ")");
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.dim() == 1 && a.size(0) == s.H, op, ": alibi_slopes must have shape (", s.H,
+                ",), got ", a.sizes());
+    TORCH_CHECK(a.device() == q.device(), op, ": alibi_slopes on ", a.device(), ", q on ",
+                q.device());
+    TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": alibi_slopes must be floating point");
+  }
+  return s;
+}
+
+inline void check_attention_bwd_args(const char* op, const AttnShape& s, const at::Tensor& q,
+                                     const at::Tensor& dout, const at::Tensor& out,
+                                     const at::Tensor& lse) {
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+              ": dout and out must have q's shape ", q.sizes(), "; got ", dout.sizes(), " and ",
+              out.sizes());
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+              ": dout/out dtype must match q (", q.scalar_type(), ")");
+  TORCH_CHECK(dout.device() == q.device() && out.device() == q.device() &&
+                  lse.device() == q.device(),
+              op, ": dout, out, lse must be on q's device");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == s.B && lse.size(1) == s.H && lse.size(2) == s.T_q,
+              op, ": lse must have shape (B, H, T_q) = (", s.B, ", ", s.H, ", ", s.T_q, "), got ",
+              lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble, op,
+              ": lse must be float32 or float64, got ", lse.scalar_type());
+}
+
+inline void check_swiglu_args(const char* op, const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.sizes() == up.sizes(), op, ": gate ", gate.sizes(), " and up ", up.sizes(),
+              " shapes differ");
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), op, ": gate and up dtypes differ (",
+              gate.scalar_type(), ", ", up.scalar_type(), ")");
+  TORCH_CHECK(gate.device() == up.device(), op, ": gate on ", gate.device(), ", up on ",
+              up.device());
+}
+
+}  // namespace fastlm
