@@ -1,0 +1,373 @@
+"""Tokenizers: round trips (hypothesis), JSON save/load, error messages, C++ vs Python BPE merges."""
+import base64
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastlm import tokenizers as T
+from fastlm.tokenizers import (
+    TokenizerError,
+    build_tokenizer,
+    load_tokenizer,
+    tokenizer_from_dict,
+)
+
+SHAKESPEARE = Path(T.__file__).parent / "data" / "tinyshakespeare.txt"
+HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _cpp_trainer():
+    try:
+        from fastlm import _C
+    except ImportError as e:
+        return None, f"fastlm._C not importable ({e})"
+    if not hasattr(_C, "bpe_train"):
+        return None, "fastlm._C has no bpe_train"
+    return _C.bpe_train, ""
+
+
+needs_cpp = pytest.mark.skipif(_cpp_trainer()[0] is None, reason=_cpp_trainer()[1] or "C++ BPE available")
+
+
+@pytest.fixture(scope="module")
+def shakespeare():
+    return SHAKESPEARE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def char_tok(shakespeare):
+    return build_tokenizer("char", shakespeare)
+
+
+@pytest.fixture(scope="module")
+def word_tok(shakespeare):
+    return build_tokenizer("word", shakespeare[:200_000], min_freq=2)
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(shakespeare):
+    return build_tokenizer("bpe", shakespeare[:100_000], vocab_size=400)
+
+
+def _tiny_tiktoken_file(path, merges=(b"ab", b"abc", b" a")):
+    lines = [base64.b64encode(bytes([b])) + b" %d" % b for b in range(256)]
+    lines += [base64.b64encode(m) + b" %d" % (256 + i) for i, m in enumerate(merges)]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------- char
+
+def test_char_vocab_sorted_with_eos(char_tok, shakespeare):
+    assert char_tok.kind == "char"
+    assert char_tok.chars == sorted(set(shakespeare))
+    assert char_tok.eos_id == len(char_tok.chars) == 65
+    assert char_tok.vocab_size == 66
+    assert char_tok.encode("\n") == [0]  # '\n' has the smallest code point
+    assert char_tok.decode([char_tok.eos_id]) == "\n\n"
+
+
+@HYP
+@given(data=st.data())
+def test_char_roundtrip_any_text_over_alphabet(char_tok, data):
+    text = data.draw(st.text(alphabet="".join(char_tok.chars), max_size=300))
+    ids = char_tok.encode(text)
+    assert len(ids) == len(text)
+    assert all(0 <= i < char_tok.eos_id for i in ids)
+    assert char_tok.decode(ids) == text
+
+
+def test_char_unknown_characters_error(char_tok):
+    with pytest.raises(TokenizerError) as ei:
+        char_tok.encode("abc é\t€ é")
+    msg = str(ei.value)
+    assert isinstance(ei.value, ValueError)
+    assert "\n" not in msg
+    assert "'é'" in msg and "'€'" in msg and "'\\t'" in msg
+    assert "another corpus" in msg
+    assert msg.startswith("3 character(s)")
+
+
+def test_char_encode_speed(char_tok, shakespeare):
+    t0 = time.perf_counter()
+    ids = char_tok.encode(shakespeare)
+    elapsed = time.perf_counter() - t0
+    assert len(ids) == len(shakespeare)
+    assert elapsed < 1.0, f"char encode of {len(shakespeare)} chars took {elapsed:.2f}s"
+    assert char_tok.decode(np.asarray(ids)) == shakespeare
+
+
+# ------------------------------------------------------------------------------------- word
+
+def test_word_specials_and_unk(word_tok):
+    assert word_tok.tokens[:4] == ["<bos>", "<eos>", "<unk>", "<pad>"]
+    assert (word_tok.bos_id, word_tok.eos_id, word_tok.unk_id, word_tok.pad_id) == (0, 1, 2, 3)
+    ids = word_tok.encode("the king zorblaxian.")
+    assert ids.count(word_tok.unk_id) == 1
+    assert word_tok.decode(ids) == "the king <unk>."
+    # the literal text "<unk>" is not the special token: '<' and '>' are punctuation
+    lit = build_tokenizer("word", "a <unk> b <eos>")
+    assert lit.encode("<unk>") == [lit.tokens.index(t) for t in ("<", "unk", ">")]
+    assert word_tok.decode([0, 3, 1]) == "\n\n"
+
+
+def test_word_min_freq_vocab_size_lowercase_clean():
+    text = "The cat saw the cat.\r\nThe\tDOG ran!"
+    tok = build_tokenizer("word", text, min_freq=2)
+    assert set(tok.tokens[4:]) == {"The", "cat", " "}  # each seen >= 2 times; ' ' many times
+    low = build_tokenizer("word", text, lowercase=True)
+    assert "the" in low.tokens and "The" not in low.tokens and "dog" in low.tokens
+    assert low.decode(low.encode(text)) == "the cat saw the cat.\nthe dog ran!"
+    capped = build_tokenizer("word", text, vocab_size=6)
+    assert capped.vocab_size == 6
+    assert capped.tokens[4:] == [" ", "The"]  # most frequent first, ties alphabetical
+    with pytest.raises(ValueError, match="min_freq"):
+        build_tokenizer("word", text, min_freq=0)
+
+
+@HYP
+@given(data=st.data())
+def test_word_roundtrip_documented(word_tok, data):
+    # Texts from vocabulary tokens round-trip exactly (after cleaning); anything else round-trips
+    # with every out-of-vocabulary piece shown as "<unk>".
+    known = data.draw(st.lists(st.sampled_from(word_tok.tokens[4:]), max_size=40))
+    text = " ".join(known)  # separated, so that e.g. two words do not fuse into one piece
+    ids = word_tok.encode(text)
+    space = word_tok.tokens.index(" ")
+    assert ids == [i for t in known for i in (space, word_tok.tokens.index(t))][1:]
+    assert word_tok.decode(ids) == text
+    other = data.draw(st.text(max_size=60))
+    vocab = set(word_tok.tokens)
+    pieces = re.findall(r"\w+|[^\w\s]|\s", word_tok.normalize(other))
+    expected = "".join(p if p in vocab else "<unk>" for p in pieces)
+    assert word_tok.decode(word_tok.encode(other)) == expected
+
+
+def test_word_clean_normalises_whitespace(word_tok):
+    assert word_tok.normalize("a\r\nb\rc\td\u00a0e") == "a\nb\nc d e"
+
+
+# -------------------------------------------------------------------------------------- bpe
+
+def test_bpe_has_all_bytes_and_eos(bpe_tok):
+    assert bpe_tok.kind == "bpe"
+    assert bpe_tok.vocab_size == 400
+    assert bpe_tok.eos_id == 399
+    ranks = bpe_tok.encoding._mergeable_ranks
+    assert len(ranks) == 399
+    for b in range(256):
+        assert ranks[bytes([b])] == b
+    assert len(bpe_tok.merges) == 399 - 256
+    assert bpe_tok.decode([bpe_tok.eos_id]) == "<|endoftext|>"
+
+
+@HYP
+@given(text=st.text(max_size=200))
+def test_bpe_roundtrip_any_unicode(bpe_tok, text):
+    ids = bpe_tok.encode(text)
+    assert all(0 <= i < bpe_tok.eos_id for i in ids)
+    assert bpe_tok.decode(ids) == text
+
+
+def test_bpe_endoftext_literal_is_ordinary_text(bpe_tok, shakespeare):
+    text = "First Citizen:<|endoftext|>\nBefore we proceed <|endoftext|>"
+    ids = bpe_tok.encode(text)
+    assert bpe_tok.eos_id not in ids
+    assert bpe_tok.decode(ids) == text
+    # a training text containing the literal trains fine too
+    tok = build_tokenizer("bpe", shakespeare[:20_000] + "<|endoftext|>" * 50, vocab_size=300)
+    ids = tok.encode(text)
+    assert tok.eos_id not in ids and tok.decode(ids) == text
+
+
+def test_bpe_compresses_and_trains_4k_on_shakespeare(shakespeare):
+    t0 = time.perf_counter()
+    tok = build_tokenizer("bpe", shakespeare, vocab_size=4096)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ids = tok.encode(shakespeare)
+    t_enc = time.perf_counter() - t0
+    assert tok.vocab_size == 4096 and len(tok.merges) == 4096 - 257
+    assert len(shakespeare) / len(ids) > 3.0  # ~3.24 chars per token at 4k
+    assert tok.decode(ids) == shakespeare
+    limit = 20.0 if _cpp_trainer()[0] is None else 10.0
+    assert t_train < limit, f"4k BPE training took {t_train:.1f}s"
+    assert t_enc < 5.0, f"bpe encode took {t_enc:.1f}s"
+
+
+def test_bpe_vocab_size_validation():
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_tokenizer("bpe", "some text", vocab_size=256)
+    tok = build_tokenizer("bpe", "ab ab", vocab_size=257)  # no merges: bytes + EOS
+    assert tok.vocab_size == 257 and tok.decode(tok.encode("hé!")) == "hé!"
+    small = build_tokenizer("bpe", "abab", vocab_size=1000)  # runs out of pairs: fewer merges
+    assert small.vocab_size == 257 + len(small.merges) < 1000
+
+
+# ------------------------------------------------------------------- BPE trainer (C++ / Python)
+
+HAND_WORDS = [b"aaabdaaabac"]
+# aa:4 -> 256; then (256,'a'):2 ties ('a','b'):2 and b"a" < b"aa" -> ('a','b')=257; (256,257)=258;
+# all counts 1: ('a','c') has the smallest bytes -> 259; (258,259) (b"aaab",b"ac" < b"aaab",b"d");
+# (258,'d')=261; (261,260)=262; then no pair is left.
+HAND_MERGES = [(97, 97), (97, 98), (256, 257), (97, 99), (258, 259), (258, 100), (261, 260)]
+
+
+@pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_cpp)])
+def test_bpe_train_tie_breaking_by_hand(backend):
+    assert T.bpe_train(HAND_WORDS, [1], 10, backend=backend) == HAND_MERGES
+    assert T.bpe_train(HAND_WORDS, [1], 3, backend=backend) == HAND_MERGES[:3]
+    # counts weight the chunks: 'cd' x5 beats 'ab' x1; zero-count chunks are ignored
+    assert T.bpe_train([b"ab", b"cd", b"ef"], [1, 5, 0], 5, backend=backend) == [(99, 100), (97, 98)]
+    assert T.bpe_train([], [], 5, backend=backend) == []
+
+
+@needs_cpp
+@settings(max_examples=200, deadline=None)
+@given(
+    chunks=st.lists(st.tuples(st.binary(min_size=1, max_size=12), st.integers(0, 20)), max_size=25),
+    num_merges=st.integers(0, 60),
+    small_alphabet=st.booleans(),
+)
+def test_bpe_train_cpp_equals_python_random(chunks, num_merges, small_alphabet):
+    words = [bytes(b % 3 + 97 for b in w) if small_alphabet else w for w, _ in chunks]
+    counts = [c for _, c in chunks]
+    py = T.bpe_train(words, counts, num_merges, backend="python")
+    cc = T.bpe_train(words, counts, num_merges, backend="cpp")
+    assert cc == py
+
+
+@needs_cpp
+def test_bpe_train_cpp_equals_python_shakespeare(shakespeare):
+    words, counts = T._count_chunks(shakespeare[:300_000], T.GPT2_PAT_STR)
+    py = T.bpe_train(words, counts, 1500, backend="python")
+    cc = T.bpe_train(words, counts, 1500, backend="cpp")
+    assert len(py) == 1500
+    assert cc == py
+
+
+def test_bpe_train_input_validation():
+    with pytest.raises(ValueError, match="differ in length"):
+        T.bpe_train([b"ab"], [1, 2], 3)
+    with pytest.raises(ValueError, match="num_merges"):
+        T.bpe_train([b"ab"], [1], -1)
+    with pytest.raises(ValueError, match="backend"):
+        T.bpe_train([b"ab"], [1], 1, backend="rust")
+
+
+# ------------------------------------------------------------------------------- save / load
+
+@pytest.mark.parametrize("kind", ["char", "word", "bpe", "tiktoken-file"])
+def test_save_load_json_roundtrip(kind, tmp_path, shakespeare):
+    text = shakespeare[:30_000]
+    if kind == "tiktoken-file":
+        tok = build_tokenizer(f"tiktoken:{_tiny_tiktoken_file(tmp_path / 'tiny.tiktoken')}", text)
+    else:
+        tok = build_tokenizer(kind, text, vocab_size=300 if kind == "bpe" else None)
+    path = tmp_path / "sub" / "tok.json"
+    tok.save(path)
+    d = json.loads(path.read_text(encoding="utf-8"))  # plain JSON
+    assert d["kind"] == tok.kind and d == tok.to_dict()
+    assert json.loads(json.dumps(tok.to_dict())) == tok.to_dict()
+    assert [p.name for p in path.parent.iterdir()] == ["tok.json"]  # no temp file left behind
+    loaded = load_tokenizer(path)
+    assert type(loaded) is type(tok)
+    assert loaded.to_dict() == tok.to_dict()
+    assert (loaded.vocab_size, loaded.eos_id) == (tok.vocab_size, tok.eos_id)
+    sample = text[1000:3000]
+    assert loaded.encode(sample) == tok.encode(sample)
+    assert tokenizer_from_dict(tok.to_dict()).encode(sample) == tok.encode(sample)
+    tok.save(path)  # overwriting is atomic too
+    assert load_tokenizer(path).to_dict() == tok.to_dict()
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="not found"):
+        load_tokenizer(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"kind": "char", "chars": "ab', encoding="utf-8")
+    with pytest.raises(TokenizerError, match="not valid JSON"):
+        load_tokenizer(bad)
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(TokenizerError):
+        load_tokenizer(bad)
+    bad.write_text('{"kind": "sentencepiece"}', encoding="utf-8")
+    with pytest.raises(TokenizerError, match="unknown tokenizer kind 'sentencepiece'"):
+        load_tokenizer(bad)
+    bad.write_text('{"kind": "bpe"}', encoding="utf-8")
+    with pytest.raises(TokenizerError, match="missing the field 'merges'"):
+        load_tokenizer(bad)
+    bad.write_text('{"kind": "bpe", "merges": [[97, 300]]}', encoding="utf-8")
+    with pytest.raises(TokenizerError, match="merge 0 is invalid"):
+        load_tokenizer(bad)
+    bad.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="JSON object"):
+        load_tokenizer(bad)
+
+
+def test_unknown_spec_and_decode_validation(char_tok):
+    with pytest.raises(TokenizerError, match="unknown tokenizer spec 'sentencepiece'"):
+        build_tokenizer("sentencepiece", "abc")
+    with pytest.raises(TokenizerError, match="out of range"):
+        char_tok.decode([0, char_tok.vocab_size])
+    with pytest.raises(TokenizerError, match="out of range"):
+        char_tok.decode([-1])
+    with pytest.raises(TokenizerError, match="1-D"):
+        char_tok.decode(np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(TypeError):
+        char_tok.decode([1.5])
+    with pytest.raises(TypeError):
+        char_tok.encode(b"bytes")
+    torch = pytest.importorskip("torch")
+    assert char_tok.decode(torch.tensor(char_tok.encode("To be"))) == "To be"
+
+
+# ---------------------------------------------------------------------------------- tiktoken
+
+def test_tiktoken_named_offline_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty cache
+    monkeypatch.delenv("FASTLM_TIKTOKEN_DOWNLOAD", raising=False)
+    t0 = time.perf_counter()
+    with pytest.raises(TokenizerError) as ei:
+        build_tokenizer("tiktoken:gpt2", "")
+    assert time.perf_counter() - t0 < 3.0
+    msg = str(ei.value)
+    assert "TIKTOKEN_CACHE_DIR" in msg and "gpt2" in msg and str(tmp_path) in msg
+    assert "tiktoken:/path/to/file.tiktoken" in msg and "\n" not in msg
+    import tiktoken.load
+    assert tiktoken.load.read_file.__name__ == "read_file"  # the offline guard is undone
+    with pytest.raises(TokenizerError, match="unknown tiktoken encoding 'gpt9'"):
+        build_tokenizer("tiktoken:gpt9", "")
+
+
+def test_tiktoken_local_file(tmp_path):
+    path = _tiny_tiktoken_file(tmp_path / "tiny.tiktoken")
+    tok = build_tokenizer(f"tiktoken:{path}", "ignored")
+    assert tok.kind == "tiktoken"
+    assert tok.vocab_size == 260 and tok.eos_id == 259
+    # GPT-2 split: 'abc' | ' ab' | ' a'; ' ab' -> ' ','ab' (rank of 'ab' < rank of ' a')
+    assert tok.encode("abc ab a") == [257, 32, 256, 258]
+    assert tok.decode(tok.encode("héllo <|endoftext|>")) == "héllo <|endoftext|>"
+    d = tok.to_dict()
+    assert d["path"] == str(path) and "ranks" not in d and "merges" not in d
+    # a changed file is noticed when a saved tokenizer is loaded again
+    _tiny_tiktoken_file(path, merges=(b"xy",))
+    with pytest.raises(TokenizerError, match="changed since"):
+        tokenizer_from_dict(d)
+    # bad files
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(base64.b64encode(b"a") + b" 0\n")
+    with pytest.raises(TokenizerError, match="256 single bytes"):
+        build_tokenizer(f"tiktoken:{bad}", "")
+    bad.write_bytes(b"not-base64!! zero\n")
+    with pytest.raises(TokenizerError, match="bad.tiktoken:1"):
+        build_tokenizer(f"tiktoken:{bad}", "")
+    with pytest.raises(TokenizerError, match="cannot read"):
+        build_tokenizer(f"tiktoken:{tmp_path / 'nope.tiktoken'}", "")
