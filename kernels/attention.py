@@ -1,0 +1,793 @@
+"""Fused attention in Triton: FlashAttention-2 forward and backward, plus a split-KV decode path.
+
+Layout and semantics are those of :func:`fastlm.ops.attention`: q ``(B, H, T_q, D)``, k/v
+``(B, H_kv, T_k, D)`` with any strides (a ``(B, T, H, D)`` tensor ``.transpose(1, 2)`` is read
+in place), grouped-query attention (query head ``h`` reads kv head ``h // (H // H_kv)``; K/V are
+never repeated in memory), causal masking aligned **bottom-right** (query ``i`` sees keys
+``j <= i + T_k - T_q``), ALiBi ``score -= slope_h * |i + T_k - T_q - j|``, head dims 1..256
+(padded to a power of two >= 16 with masks), float16 / bfloat16 / float32.
+
+Kernels (all of them keep the T x T score matrix in registers, one tile at a time):
+
+* ``_attn_fwd_kernel``: one program per (query block, batch*head). Online softmax in fp32 in the
+  base-2 domain (``scale * log2(e)`` folded into one multiply, ``exp2``), a finite start value for
+  the running max and a finite mask value, so fully masked rows give ``l = 0`` -> output zeros,
+  ``lse = -inf``. Key blocks are split into an unmasked phase (blocks every row of the query block
+  may see) and a masked phase (the causal diagonal and the ragged tail); causal programs skip the
+  key blocks above the diagonal and are launched heaviest-first.
+* ``_attn_decode_kernel`` + ``_attn_decode_combine_kernel`` (flash-decoding): for few queries
+  against a long KV, every program takes one KV chunk for all query rows of one kv head (the
+  GQA group's heads x T_q rows share one K/V read) and writes a partial output and LSE; the
+  combine kernel merges the chunks.
+* backward: ``_attn_bwd_preprocess_kernel`` (``Delta = rowsum(dO * O)``), ``_attn_bwd_dkdv_kernel``
+  (one program per key block and kv head; loops over the query blocks of every query head of the
+  GQA group, so dK/dV are summed in registers: deterministic, no atomics) and
+  ``_attn_bwd_dq_kernel`` (one program per query block). P is recomputed from the saved LSE.
+
+Offsets: per-(batch, head) bases and query-row offsets are int64; inside a tile the products are
+small and K/V pointers advance incrementally (64-bit pointer arithmetic).
+
+Kernel objects are built lazily, per mode: ``TRITON_INTERPRET`` (read through ``triton.knobs`` at
+launch time, not at import) selects the CPU interpreter with one small fixed block config;
+otherwise kernels are compiled and autotuned over a short config list chosen for the head dim and
+dtype, keyed on (head dim, causal, ALiBi, power-of-two bucket of T_q and T_k). The ops are
+``torch.library.triton_op`` s (``fastlm::triton_attention_fwd`` / ``_bwd``) with autograd, so
+``torch.compile(fullgraph=True)`` traces them on GPU.
+"""
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["attention", "attention_forward", "attention_backward", "attention_decode",
+           "use_split_kv", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+# =================================================================================================
+# Kernels (plain functions; _jit() turns them into JIT / interpreted / autotuned kernels on first
+# use, so the TRITON_INTERPRET decision is made at launch time). They call no helper @jit
+# functions on purpose: a helper would have to be created in the same mode as its caller.
+# =================================================================================================
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, SLOPES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, GROUP, T_Q, T_K, HEAD_DIM, qk_scale,
+    T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_m = tl.cdiv(T_Q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    mb = pid % num_m
+    if CAUSAL:
+        mb = num_m - 1 - mb  # the longest rows first: better tail balance
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    start_m = mb * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < T_Q
+
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
+
+    offset = T_K - T_Q  # bottom-right alignment: row i sits at key position i + offset
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
+        full_hi = tl.maximum(tl.minimum(start_m + offset + 1, hi), 0)
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    else:
+        hi = T_K
+        full_hi = (T_K // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: exp2(m_i - m_new) never NaN
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # phase 1: key blocks that every row of this query block sees completely (no mask math)
+    for start_n in range(0, full_hi, BLOCK_N):
+        if EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_ALIBI:
+            dist = tl.abs(offs_m[:, None] + offset - (start_n + offs_n)[None, :]).to(tl.float32)
+            qk = qk - slope * dist
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    # phase 2: the causal diagonal and the ragged key tail
+    for start_n in range(full_hi, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < T_K
+        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_ALIBI:
+            dist = tl.abs(offs_m[:, None] + offset - cols[None, :]).to(tl.float32)
+            qk = qk - slope * dist
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+        qk = tl.where(visible, qk, -1.0e38)  # finite mask value, far below the -1e30 start
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]  # fully masked rows: acc = 0 -> 0
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * T_Q + offs_m, lse, mask=row_ok)
+
+
+def _attn_decode_kernel(
+    Q, K, V, O_PART, LSE_PART, SLOPES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    H_KV, GROUP, T_Q, T_K, HEAD_DIM, qk_scale, CHUNK, N_SPLITS,
+    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # rows r = g * T_Q + i: query head hk * GROUP + g, query position i (all rows of a GQA group)
+    bhk = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * T_Q
+    g = rows // T_Q
+    i = rows % T_Q
+    h = hk * GROUP + g
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64)[:, None] * stride_qh
+              + i.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, T_K)
+    offset = T_K - T_Q
+    k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+              + lo.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+              + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi
+        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_ALIBI:
+            dist = tl.abs(i[:, None] + offset - cols[None, :]).to(tl.float32)
+            qk = qk - slope[:, None] * dist
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= i[:, None] + offset)
+        qk = tl.where(visible, qk, -1.0e38)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse2 = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))  # base 2
+    part = (bhk.to(tl.int64) * N_SPLITS + split) * BLOCK_M
+    tl.store(O_PART + (part + rows)[:, None] * BLOCK_D + offs_d[None, :], out)
+    tl.store(LSE_PART + part + rows, lse2)
+
+
+def _attn_decode_combine_kernel(
+    O_PART, LSE_PART, O, LSE,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H_KV, GROUP, T_Q, HEAD_DIM, N_SPLITS,
+    PART_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_rows = GROUP * T_Q
+    bhk = pid // n_rows
+    r = pid % n_rows
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    h = hk * GROUP + r // T_Q
+    i = r % T_Q
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < N_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    part = (bhk.to(tl.int64) * N_SPLITS + s) * PART_M + r
+    lse_s = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse_s - m_safe)  # empty chunks (lse = -inf) weigh 0
+    denom = tl.sum(w, 0)
+    o_s = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    den_safe = tl.where(denom > 0.0, denom, 1.0)
+    out = tl.sum(o_s * w[:, None], 0) / den_safe
+    lse = tl.where(denom > 0.0, (m_safe + tl.log2(den_safe)) * 0.6931471805599453, float("-inf"))
+    bh = b * (H_KV * GROUP) + h
+    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + i.to(tl.int64) * stride_om + offs_d * stride_od)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(LSE + bh.to(tl.int64) * T_Q + i, lse)
+
+
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, T_Q, HEAD_DIM,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    num_m = tl.cdiv(T_Q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    mb = pid % num_m
+    b = bh // H
+    h = bh % H
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < T_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < T_Q)
+
+
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, GROUP, T_Q, T_K, HEAD_DIM, qk_scale, sm_scale,
+    T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    H_KV = H // GROUP
+    num_n = tl.cdiv(T_K, BLOCK_N)
+    pid = tl.program_id(0)
+    bhk = pid // num_n
+    nb = pid % num_n
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    start_n = nb * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = (offs_n < T_K)[:, None] & d_ok[None, :]
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+                + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+                + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    offset = T_K - T_Q
+    if CAUSAL:
+        # rows < lo see none of these keys; rows >= full_lo see all of them
+        lo = tl.maximum(start_n - offset, 0)
+        lo = tl.minimum((lo // BLOCK_M) * BLOCK_M, T_Q)
+        full_lo = tl.maximum(start_n + BLOCK_N - 1 - offset, lo)
+        full_lo = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
+        mask_hi = tl.minimum(full_lo, T_Q)
+    else:
+        lo = 0
+        full_lo = 0
+        mask_hi = 0
+
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        stat_base = bh.to(tl.int64) * T_Q
+        if HAS_ALIBI:
+            slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
+        # masked phase (causal diagonal), then the unmasked rest; ragged rows are zeroed by loads
+        for start_m in range(lo, mask_hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < T_Q
+            qd_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=qd_mask, other=0.0)
+            do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                         mask=qd_mask, other=0.0)
+            lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("-inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
+            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+            if HAS_ALIBI:
+                qkT = qkT - slope * tl.abs(offs_m[None, :] + offset - offs_n[:, None]).to(tl.float32)
+            pT = tl.exp2(qkT - lse2[None, :])
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + offset, pT, 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        for start_m in range(full_lo, T_Q, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < T_Q
+            qd_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=qd_mask, other=0.0)
+            do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                         mask=qd_mask, other=0.0)
+            lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("-inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
+            qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+            if HAS_ALIBI:
+                qkT = qkT - slope * tl.abs(offs_m[None, :] + offset - offs_n[:, None]).to(tl.float32)
+            pT = tl.exp2(qkT - lse2[None, :])
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+
+    dk = dk * sm_scale
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+             + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+             + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, SLOPES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, GROUP, T_Q, T_K, HEAD_DIM, qk_scale, sm_scale,
+    T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_m = tl.cdiv(T_Q, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m
+    mb = pid % num_m
+    if CAUSAL:
+        mb = num_m - 1 - mb
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    start_m = mb * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < T_Q
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=qd_mask, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=qd_mask, other=0.0)
+    stat_base = bh.to(tl.int64) * T_Q
+    lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
+    if HAS_ALIBI:
+        slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
+    k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+
+    offset = T_K - T_Q
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
+        full_hi = tl.maximum(tl.minimum(start_m + offset + 1, hi), 0)
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    else:
+        hi = T_K
+        full_hi = (T_K // BLOCK_N) * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, full_hi, BLOCK_N):
+        if EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_ALIBI:
+            qk = qk - slope * tl.abs(offs_m[:, None] + offset - (start_n + offs_n)[None, :]).to(tl.float32)
+        p = tl.exp2(qk - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    for start_n in range(full_hi, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < T_K
+        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if HAS_ALIBI:
+            qk = qk - slope * tl.abs(offs_m[:, None] + offset - cols[None, :]).to(tl.float32)
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+        p = tl.where(visible, tl.exp2(qk - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# =================================================================================================
+# Kernel objects: JIT or interpreted (decided at launch), autotuned on GPUs
+# =================================================================================================
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read now."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+# One fixed config in the interpreter (autotuning there is far too slow); BLOCK_M != BLOCK_N on
+# purpose so the tests exercise the causal block bookkeeping with unequal tiles.
+_INTERP_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
+_INTERP_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32}
+_INTERP_DQ = {"BLOCK_M": 32, "BLOCK_N": 16}
+_INTERP_DECODE_BLOCK_N = 16
+_INTERP_DECODE_MIN_CHUNK = 64
+
+_cache: dict = {}
+
+
+def _configs(kind: str, block_d: int, elem_size: int):
+    """A short config list per kernel, head dim and element size (Ampere/Hopper friendly; the
+    list is pruned by hand so that a first call autotunes in seconds, not minutes)."""
+    C = triton.Config
+    big = block_d * elem_size > 256  # D=128 fp32, D=256 fp16/bf16 and up: less shared memory
+    if kind == "fwd":
+        if block_d <= 64:
+            cfg = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
+        elif not big:  # D in (64, 128], 16-bit
+            cfg = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+        else:
+            cfg = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+    elif kind == "dkdv":
+        if not big:
+            cfg = [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]
+        else:
+            cfg = [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)]
+    elif kind == "dq":
+        if not big:
+            cfg = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
+        else:
+            cfg = [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)]
+    else:
+        raise ValueError(kind)
+    return [C({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
+
+
+_KEY = ["HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CAUSAL", "HAS_ALIBI", "GROUP"]
+
+
+def _kernel(kind: str, fn, block_d: int = 0, elem_size: int = 0, autotune: bool = False):
+    """The launchable kernel for ``fn`` in the current mode (cached)."""
+    interp = interpreting()
+    key = (kind, interp, block_d if autotune else 0, elem_size if autotune else 0)
+    k = _cache.get(key)
+    if k is None:
+        k = triton.jit(fn)
+        if autotune and not interp:
+            k = triton.autotune(configs=_configs(kind, block_d, elem_size), key=_KEY)(k)
+        _cache[key] = k
+    return k
+
+
+def _is_interpreted(kernel) -> bool:
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.interpreter import InterpretedFunction
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _wrap(kernel):
+    """``wrap_triton`` so torch.compile / make_fx see the launch; interpreted kernels are
+    launched directly (torch <= 2.11 rejects them in wrap_triton, and they cannot be traced)."""
+    if _is_interpreted(kernel):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def _is_traced(*tensors) -> bool:
+    """Fake/functional tensors (register_fake, opcheck, AOT tracing)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+    return any(isinstance(t, (FakeTensor, FunctionalTensor)) or t.device.type == "meta"
+               for t in tensors if t is not None)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _bucket(t: int) -> int:
+    return min(triton.next_power_of_2(max(int(t), 1)), 1 << 16)
+
+
+def _dot_prec(dtype) -> str:
+    # fp32 inputs: full-precision dot (tf32 would lose ~3 digits against SDPA's fp32 math)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t: Tensor):
+    return tuple(t.stride())
+
+
+_sm_count: dict = {}
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_count:
+        _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_count[idx]
+
+
+# =================================================================================================
+# Launchers
+# =================================================================================================
+def use_split_kv(t_q: int, t_k: int, group: int) -> bool:
+    """Whether the forward takes the split-KV decode path: few query rows per kv head (the GQA
+    group's heads x T_q <= 64, T_q <= 16) against at least 256 keys."""
+    return t_q <= 16 and group * t_q <= 64 and t_k >= 256
+
+
+def _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes):
+    b, h, t_q, d = q.shape
+    h_kv, t_k = k.shape[1], k.shape[2]
+    block_d = _block_d(d)
+    kernel = _kernel("fwd", _attn_fwd_kernel, block_d, q.element_size(), autotune=True)
+    slopes = alibi_slopes if alibi_slopes is not None else lse  # dummy pointer when unused
+    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
+    extra = dict(_INTERP_FWD) if _is_interpreted(kernel) else {}
+    _wrap(kernel)[grid](
+        q, k, v, out, lse, slopes,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        h, h // h_kv, t_q, t_k, d, scale * _LOG2E, _bucket(t_q), _bucket(t_k),
+        CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
+        BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), **extra)
+
+
+def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
+    b, h, t_q, d = q.shape
+    h_kv, t_k = k.shape[1], k.shape[2]
+    group = h // h_kv
+    block_d = _block_d(d)
+    part_m = max(16, triton.next_power_of_2(group * t_q))
+    interp = interpreting()
+    block_n = _INTERP_DECODE_BLOCK_N if interp else (64 if block_d <= 128 else 32)
+    min_chunk = _INTERP_DECODE_MIN_CHUNK if interp else 256
+    target = 2 * _num_sms(q.device)  # enough programs to fill the GPU twice over
+    n_splits = max(1, min(triton.cdiv(target, b * h_kv), triton.cdiv(t_k, min_chunk), 128))
+    chunk = triton.cdiv(triton.cdiv(t_k, n_splits), block_n) * block_n
+    n_splits = triton.cdiv(t_k, chunk)
+    o_part = torch.empty((b * h_kv * n_splits * part_m * block_d,), device=q.device, dtype=torch.float32)
+    lse_part = torch.empty((b * h_kv * n_splits * part_m,), device=q.device, dtype=torch.float32)
+    slopes = alibi_slopes if alibi_slopes is not None else lse_part
+    dec = _kernel("decode", _attn_decode_kernel)
+    extra = {} if _is_interpreted(dec) else {"num_warps": 4, "num_stages": 3 if block_d <= 128 else 2}
+    _wrap(dec)[(b * h_kv, n_splits)](
+        q, k, v, o_part, lse_part, slopes,
+        *_strides(q), *_strides(k), *_strides(v),
+        h_kv, group, t_q, t_k, d, scale * _LOG2E, chunk, n_splits,
+        CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, BLOCK_D=block_d,
+        DOT_PREC=_dot_prec(q.dtype), BLOCK_M=part_m, BLOCK_N=block_n, **extra)
+    comb = _kernel("combine", _attn_decode_combine_kernel)
+    extra = {} if _is_interpreted(comb) else {"num_warps": 4 if block_d >= 128 else 2}
+    _wrap(comb)[(b * h_kv * group * t_q,)](
+        o_part, lse_part, out, lse, *_strides(out),
+        h_kv, group, t_q, d, n_splits,
+        PART_M=part_m, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d, **extra)
+
+
+def _check_supported(q: Tensor):
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"triton attention: head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"triton attention: dtype {q.dtype} not supported (float16/bfloat16/float32)")
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                      alibi_slopes: Optional[Tensor] = None, split_kv: Optional[bool] = None
+                      ) -> Tuple[Tensor, Tensor]:
+    """Launch the forward; returns ``(out, lse)``. ``out`` has q's layout (``empty_like``), ``lse``
+    is ``(B, H, T_q)`` float32 (natural log, ``-inf`` for a fully masked row). ``split_kv=None``
+    picks the decode path by :func:`use_split_kv`."""
+    _check_supported(q)
+    b, h, t_q, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)
+    if _is_traced(q, k, v) and interpreting():
+        return out, lse  # shapes only: the interpreter cannot run on fake tensors
+    if split_kv is None:
+        split_kv = use_split_kv(t_q, k.shape[2], h // k.shape[1])
+    if split_kv:
+        _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes)
+    else:
+        _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes)
+    return out, lse
+
+
+def attention_decode(q, k, v, causal, scale, alibi_slopes=None):
+    """The split-KV (flash-decoding) forward regardless of shape; returns ``(out, lse)``."""
+    return attention_forward(q, k, v, causal, scale, alibi_slopes, split_kv=True)
+
+
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Launch the backward; returns fresh ``(dq, dk, dv)`` in the layouts of q, k, v."""
+    _check_supported(q)
+    b, h, t_q, d = q.shape
+    h_kv, t_k = k.shape[1], k.shape[2]
+    group = h // h_kv
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if _is_traced(q, k, v, dout) and interpreting():
+        return dq, dk, dv
+    delta = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)
+    block_d = _block_d(d)
+    interp = interpreting()
+    pre = _kernel("pre", _attn_bwd_preprocess_kernel)
+    pre_m = 32 if interp else 64
+    extra = {} if interp else {"num_warps": 4}
+    _wrap(pre)[(triton.cdiv(t_q, pre_m) * b * h,)](
+        out, dout, delta, *_strides(out), *_strides(dout), h, t_q, d,
+        BLOCK_D=block_d, BLOCK_M=pre_m, **extra)
+
+    slopes = alibi_slopes if alibi_slopes is not None else delta
+    common = dict(CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
+                  BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
+    dkdv = _kernel("dkdv", _attn_bwd_dkdv_kernel, block_d, q.element_size(), autotune=True)
+    grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) * b * h_kv,)  # noqa: E731
+    _wrap(dkdv)[grid](
+        q, k, v, dout, lse, delta, dk, dv, slopes,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+        h, group, t_q, t_k, d, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
+        **common, **(dict(_INTERP_DKDV) if interp else {}))
+    dqk = _kernel("dq", _attn_bwd_dq_kernel, block_d, q.element_size(), autotune=True)
+    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
+    _wrap(dqk)[grid](
+        q, k, v, dout, lse, delta, dq, slopes,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        h, group, t_q, t_k, d, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
+        **common, **(dict(_INTERP_DQ) if interp else {}))
+    return dq, dk, dv
+
+
+# =================================================================================================
+# torch.library ops + autograd
+# =================================================================================================
+@torch.library.triton_op("fastlm::triton_attention_fwd", mutates_args=())
+def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                      alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return attention_forward(q, k, v, causal, scale, alibi_slopes)
+
+
+@torch.library.triton_op("fastlm::triton_attention_bwd", mutates_args=())
+def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                      causal: bool, scale: float, alibi_slopes: Optional[Tensor]
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    return attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, alibi_slopes = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.alibi_slopes = alibi_slopes  # not differentiated (a constant of the model)
+    ctx.causal = causal
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.alibi_slopes)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
+              alibi_slopes: Optional[Tensor] = None) -> Tensor:
+    """Differentiable fused attention (no input validation: use :func:`fastlm.ops.attention`)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.float().contiguous()
+    return _attention_fwd_op(q, k, v, bool(causal), float(scale), alibi_slopes)[0]
