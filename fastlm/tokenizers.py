@@ -166,9 +166,19 @@ class Tokenizer:
         """JSON-serialisable description; ``tokenizer_from_dict(t.to_dict())`` rebuilds ``t``."""
         return {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, **self._payload()}
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """:meth:`encode` as an int64 numpy array (char overrides it with a faster path)."""
+        return np.asarray(self.encode(text), dtype=np.int64)
+
     def save(self, path) -> None:
         """Write the tokenizer as JSON, atomically (temp file + os.replace)."""
-        _atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n")
+        d = self.to_dict()
+        text = json.dumps(d, ensure_ascii=False, indent=1)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates in a vocabulary: escape them
+            text = json.dumps(d, ensure_ascii=True, indent=1)
+        _atomic_write_text(path, text + "\n")
 
     def _check_text(self, text) -> str:
         if not isinstance(text, str):
@@ -462,8 +472,36 @@ def bpe_train(words: list[bytes], counts: list[int], num_merges: int, *,
     return _bpe_train_python(words, counts, num_merges)
 
 
-def _count_chunks(text: str, pat_str: str) -> tuple[list[bytes], list[int]]:
-    counter = collections.Counter(_regex().findall(pat_str, text))
+def _text_blocks(text: str, block_chars: int):
+    """Cut ``text`` into blocks of about ``block_chars`` at places no pre-token spans.
+
+    A cut goes right after a single newline that sits between two non-space characters
+    (``x\ny`` -> ``x\n | y``): GPT-2's pattern never matches across it (only its whitespace
+    alternatives take a newline, and they take whitespace only), and the block's final chunk,
+    the lone ``\n``, is the same chunk with or without the text that follows.
+    """
+    safe_cut = _regex().compile(r"\S\n(?=\S)")
+    start, n = 0, len(text)
+    while n - start > block_chars:
+        m = safe_cut.search(text, start + block_chars)
+        if m is None:
+            break
+        yield text[start:m.end()]
+        start = m.end()
+    yield text[start:]
+
+
+def _count_chunks(text: str, pat_str: str, block_chars: int = 1 << 20) -> tuple[list[bytes], list[int]]:
+    """Distinct pre-tokenised chunks of ``text`` (UTF-8) and their counts, in sorted order.
+
+    Blocks keep the memory at one block's chunk list plus the distinct chunks. The blocks are
+    only safe for GPT-2-like patterns, so any other pattern is applied to the text as a whole.
+    """
+    pattern = _regex().compile(pat_str)
+    counter: collections.Counter = collections.Counter()
+    blocks = _text_blocks(text, block_chars) if pat_str == GPT2_PAT_STR else (text,)
+    for block in blocks:
+        counter.update(pattern.findall(block))
     chunks = sorted(counter)  # deterministic input order (the result does not depend on it)
     return ([c.encode("utf-8", "surrogatepass") for c in chunks], [counter[c] for c in chunks])
 
@@ -726,6 +764,8 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
     """Rebuild a tokenizer from :meth:`Tokenizer.to_dict` output."""
     if not isinstance(d, dict):
         raise TokenizerError(f"tokenizer data must be a JSON object, got {type(d).__name__}")
+    if d.get("format", FORMAT) != FORMAT:
+        raise TokenizerError(f"not a fastlm tokenizer (format {d.get('format')!r}, expected {FORMAT!r})")
     version = d.get("version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise TokenizerError(f"unsupported tokenizer format version {version!r} (this fastlm reads {FORMAT_VERSION})")

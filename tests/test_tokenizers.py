@@ -253,6 +253,19 @@ def test_bpe_train_cpp_equals_python_shakespeare(shakespeare):
     assert cc == py
 
 
+@HYP
+@given(text=st.lists(st.sampled_from(list("ab1 \n\t'.é") + ["\r\n", "'s"]), max_size=200).map("".join),
+       block_chars=st.integers(1, 40))
+def test_chunk_counting_in_blocks_matches_whole_text(text, block_chars):
+    regex = pytest.importorskip("regex")
+    whole = {}
+    for chunk in regex.findall(T.GPT2_PAT_STR, text):
+        whole[chunk.encode()] = whole.get(chunk.encode(), 0) + 1
+    words, counts = T._count_chunks(text, T.GPT2_PAT_STR, block_chars=block_chars)
+    assert dict(zip(words, counts)) == whole
+    assert "".join(T._text_blocks(text, block_chars)) == text
+
+
 def test_bpe_train_input_validation():
     with pytest.raises(ValueError, match="differ in length"):
         T.bpe_train([b"ab"], [1, 2], 3)
@@ -288,6 +301,23 @@ def test_save_load_json_roundtrip(kind, tmp_path, shakespeare):
     assert load_tokenizer(path).to_dict() == tok.to_dict()
 
 
+def test_save_lone_surrogates_and_non_ascii(tmp_path):
+    tok = build_tokenizer("char", "ab\ud800€漢")
+    tok.save(tmp_path / "t.json")
+    loaded = load_tokenizer(tmp_path / "t.json")
+    assert loaded.chars == tok.chars and loaded.decode(loaded.encode("€\ud800b")) == "€\ud800b"
+    tok = build_tokenizer("char", "b€漢")
+    tok.save(tmp_path / "u.json")
+    assert "漢" in (tmp_path / "u.json").read_text(encoding="utf-8")  # readable, not \u-escaped
+
+
+def test_encode_array_matches_encode(char_tok, bpe_tok, word_tok):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    for tok in (char_tok, bpe_tok, word_tok):
+        arr = tok.encode_array(text)
+        assert arr.dtype == np.int64 and arr.tolist() == tok.encode(text)
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(TokenizerError, match="not found"):
         load_tokenizer(tmp_path / "missing.json")
@@ -306,6 +336,9 @@ def test_load_errors(tmp_path):
         load_tokenizer(bad)
     bad.write_text('{"kind": "bpe", "merges": [[97, 300]]}', encoding="utf-8")
     with pytest.raises(TokenizerError, match="merge 0 is invalid"):
+        load_tokenizer(bad)
+    bad.write_text('{"format": "hf-tokenizers", "kind": "bpe"}', encoding="utf-8")
+    with pytest.raises(TokenizerError, match="not a fastlm tokenizer"):
         load_tokenizer(bad)
     bad.write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(TokenizerError, match="JSON object"):
