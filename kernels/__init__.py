@@ -1,17 +1,119 @@
-"""fastlm.kernels: Triton kernels (installed from the repository's kernels/ folder)."""
+"""fastlm.kernels: Triton kernels (installed from the repository's ``kernels/`` folder).
+
+* :mod:`fastlm.kernels.attention` -- FlashAttention-2 style forward/backward and a split-KV
+  decode forward (causal bottom-right, ALiBi, GQA, any strides, head dim <= 256).
+* :mod:`fastlm.kernels.swiglu` -- fused ``silu(gate) * up`` and its packed ``[..., 2H]`` variant.
+
+``import fastlm.kernels`` never imports triton: the submodules load on first use, so the package
+works without triton installed (:data:`BACKEND` then reports why it is unavailable).
+
+Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1``
+is set (read at launch time; slow, meant for tests). In the interpreter bfloat16 ``tl.dot`` gives
+wrong results (triton 3.9), so bfloat16 attention is refused there.
+"""
+import importlib
+import os
+
+# (no package-level ``attention``/``swiglu`` functions: those names are the submodules)
+__all__ = ["BACKEND", "swiglu_packed", "interpreting"]
+
+_MAX_HEAD_DIM = 256
 
 
-class _TritonBackend:
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read now)."""
+    try:
+        import triton
+        knobs = getattr(triton, "knobs", None)
+        if knobs is not None:
+            return bool(knobs.runtime.interpret)
+    except ImportError:
+        pass
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _module(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def swiglu_packed(x):
+    """``silu(x[..., :H]) * x[..., H:]`` for ``x`` of shape ``[..., 2H]``, differentiable."""
+    return _module("swiglu").swiglu_packed(x)
+
+
+class TritonBackend:
+    """The ``triton`` backend of :mod:`fastlm.ops`."""
+
     name = "triton"
 
+    def __init__(self):
+        self._import_error = None
+        self._checked = False
+
+    def _import_reason(self):
+        if not self._checked:
+            self._checked = True
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                self._import_error = "triton not installed (pip install triton)"
+                return self._import_error
+            try:
+                _module("attention")
+                _module("swiglu")
+            except Exception as e:  # e.g. a torch without torch.library.triton_op (< 2.6)
+                self._import_error = f"fastlm.kernels failed to load ({type(e).__name__}: {e})".splitlines()[0]
+        return self._import_error
+
     def unavailable_reason(self):
-        return "Triton kernels not implemented yet"
+        why = self._import_reason()
+        if why is not None:
+            return why
+        if interpreting():
+            return None
+        import torch
+        if torch.cuda.is_available():
+            return None
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU in the interpreter)"
+
+    def _device_reason(self, t):
+        if t.device.type == "cuda":
+            return None
+        if t.device.type == "cpu" and interpreting():
+            return None
+        if t.device.type == "cpu":
+            return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter); the kernels run on CUDA"
+        return f"tensors on {t.device.type}: the Triton kernels run on CUDA (or CPU with TRITON_INTERPRET=1)"
+
+    def _dtype_reason(self, t, what):
+        import torch
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"{what}: dtype {t.dtype} not supported by the Triton kernels (float16/bfloat16/float32)"
+        if t.dtype == torch.bfloat16 and t.device.type == "cuda":
+            major, _ = torch.cuda.get_device_capability(t.device)
+            if major < 8:
+                return "bfloat16 needs a GPU of compute capability >= 8.0"
+        return None
 
     def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes):
-        return "not implemented"
+        import torch
+        why = self._device_reason(q) or self._dtype_reason(q, "attention")
+        if why is not None:
+            return why
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            return "bfloat16 tl.dot gives wrong results in the Triton interpreter (CPU)"
+        if q.shape[-1] > _MAX_HEAD_DIM:
+            return f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
+        return None
+
+    def attention(self, q, k, v, causal, scale, alibi_slopes):
+        return _module("attention").attention(q, k, v, causal, scale, alibi_slopes)
 
     def swiglu_unsupported(self, gate, up):
-        return "not implemented"
+        return self._device_reason(gate) or self._dtype_reason(gate, "swiglu")
+
+    def swiglu(self, gate, up):
+        return _module("swiglu").swiglu(gate, up)
 
 
-BACKEND = _TritonBackend()
+BACKEND = TritonBackend()
