@@ -50,6 +50,7 @@ import hashlib
 import heapq
 import json
 import os
+import re
 import tempfile
 import threading
 from typing import Any
@@ -273,8 +274,6 @@ class WordTokenizer(Tokenizer):
     _SPLIT = r"\w+|[^\w\s]|\s"
 
     def __init__(self, tokens, *, lowercase: bool = False, clean: bool = True):
-        import re
-
         tokens = list(tokens)
         if list(tokens[: len(_WORD_SPECIALS)]) != list(_WORD_SPECIALS):
             raise TokenizerError(f"word vocabulary must start with the specials {list(_WORD_SPECIALS)}")

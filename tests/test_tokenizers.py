@@ -1,7 +1,6 @@
 """Tokenizers: round trips (hypothesis), JSON save/load, error messages, C++ vs Python BPE merges."""
 import base64
 import json
-import os
 import re
 import time
 from pathlib import Path
