@@ -299,8 +299,7 @@ def load_split(run_dir, split: str) -> np.ndarray:
 class BatchSampler:
     """Random ``(x, y)`` windows of ``block_size`` tokens from one token array.
 
-    Uses its own ``numpy.random.Generator`` (PCG64, seeded with ``seed``; give each DDP rank a
-    different seed). :meth:`state` / :meth:`set_state` are JSON-serialisable for exact resume.
+    Uses its own ``numpy.random.Generator`` (PCG64 seeded with ``seed``: an int or a list of ints). :meth:`state` / :meth:`set_state` are JSON-serialisable for exact resume.
     """
 
     def __init__(self, ids: np.ndarray, block_size: int, batch_size: int, seed: int):
@@ -312,11 +311,15 @@ class BatchSampler:
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self._windows = np.lib.stride_tricks.sliding_window_view(ids, block_size + 1)
 
-    def next_indices(self) -> np.ndarray:
-        return self.rng.integers(0, len(self._windows), size=self.batch_size)
+    def next_indices(self, rank: int = 0, world: int = 1) -> np.ndarray:
+        """Draw ``batch_size * world`` window offsets (the global batch) and return rank's slice."""
+        idx = self.rng.integers(0, len(self._windows), size=self.batch_size * world)
+        return idx[rank * self.batch_size:(rank + 1) * self.batch_size]
 
-    def sample(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self._windows[self.next_indices()].astype(np.int64)  # (B, T + 1)
+    def sample(self, device="cpu", rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ``(x, y)`` batch ``(batch_size, block_size)`` int64 on ``device``; with DDP every rank
+        draws the same global offsets and keeps its own slice (so ranks see different windows)."""
+        rows = self._windows[self.next_indices(rank, world)].astype(np.int64)  # (B, T + 1)
         t = torch.from_numpy(rows)
         x, y = t[:, :-1], t[:, 1:]
         if torch.device(device).type == "cuda":
