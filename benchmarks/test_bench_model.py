@@ -1,0 +1,107 @@
+"""GPT training step: tokens/s (and on CUDA peak memory and MFU) with fastlm kernels
+(``backend="auto"``) vs the same GPT on SDPA + eager MLP (``backend="torch"``) and on the reference.
+
+* CUDA: GPT-2 small (12 x 768, 12 heads, block 1024, vocab 50304), batch 8, bf16 autocast, fused
+  AdamW. MFU = (6 * N * tokens + attention FLOPs) / step time / peak, with N the parameters that do
+  matmuls (tied embedding included, position table not) and attention FLOPs by FlashAttention's
+  rule (causal, forward + backward = 3.5x forward); peak = dense bf16 of the device (H100/H200 SXM:
+  989 TFLOP/s).
+* CPU: the default training config of ``python -m fastlm.train`` (see common.default_train_setup),
+  fp32; peak memory is not measured on CPU (reported as n/a).
+
+Both the model's default MLP (gelu) and a SwiGLU variant run, so the SwiGLU kernel is exercised.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastlm.model import GPT, GPTConfig
+
+from .common import (DEVICE, ON_GPU, attention_flops, default_train_setup, gpu_oom_skip,
+                     peak_bf16_tflops, run_info, skip_unless_fastlm_backend)
+
+BACKENDS = ("auto", "torch", "reference")
+MLPS = ("gelu", "swiglu")
+
+
+def model_setup(mlp: str):
+    """``(GPTConfig without backend, batch, name)`` for this device."""
+    if ON_GPU:
+        cfg = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, mlp=mlp)
+        return cfg, 8, "gpt2-small"
+    cfg, batch, _ = default_train_setup()
+    return dataclasses.replace(cfg, mlp=mlp, dropout=0.0), batch, "default-cpu"
+
+
+def auto_choice(cfg: GPTConfig) -> str:
+    """What ``backend="auto"`` picks for this model's attention (and SwiGLU) on this device."""
+    from fastlm import ops
+
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    q = torch.randn(1, cfg.n_head, 2, cfg.head_dim, device=DEVICE, dtype=dtype)
+    kv = torch.randn(1, cfg.kv_heads, 2, cfg.head_dim, device=DEVICE, dtype=dtype)
+    parts = []
+    try:
+        parts.append("attention:" + ops.resolve_backend(
+            "attention", "auto", DEVICE.type,
+            lambda o: o.attention_unsupported(q, kv, kv, True, cfg.head_dim ** -0.5, None)).name)
+        if cfg.mlp == "swiglu":
+            g = torch.randn(2, cfg.hidden, device=DEVICE, dtype=dtype)
+            parts.append("swiglu:" + ops.resolve_backend(
+                "swiglu", "auto", DEVICE.type, lambda o: o.swiglu_unsupported(g, g)).name)
+    except ops.BackendUnavailableError as e:
+        parts.append(f"unresolved ({e})")
+    return ",".join(parts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mlp", MLPS)
+def test_train_step(bench, mlp, backend):
+    skip_unless_fastlm_backend(backend)
+    base, batch, name = model_setup(mlp)
+    cfg = dataclasses.replace(base, backend=backend)
+    T = cfg.block_size
+
+    def build():
+        model = GPT(cfg).to(DEVICE)
+        model.train()
+        opt = model.configure_optimizer(weight_decay=0.1, lr=3e-4, device_type=DEVICE.type)
+        x = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
+        y = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
+        return model, opt, x, y
+
+    model, opt, x, y = gpu_oom_skip(build)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else torch.autocast("cpu", enabled=False)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+
+    gpu_oom_skip(step)  # first step allocates optimizer state outside the timed region
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+    bench.benchmark.group = f"model train step {name} mlp={mlp}"
+    median = gpu_oom_skip(lambda: bench.time(step, warmup=2 if ON_GPU else 0))
+    peak_mb = torch.cuda.max_memory_allocated(DEVICE) / 2**20 if ON_GPU else None
+
+    tokens = batch * T
+    n_params = model.num_params(non_embedding=True)
+    flops = 6.0 * n_params * tokens + cfg.n_layer * attention_flops(
+        batch, cfg.n_head, T, T, cfg.head_dim, True, "fwd+bwd")
+    mfu = None
+    peak = peak_bf16_tflops(run_info()["device"]) if ON_GPU else None
+    if median and peak:
+        mfu = flops / median / (peak * 1e12)
+    resolved = auto_choice(cfg) if backend == "auto" else backend
+    bench.record(suite="model", op=f"train_step-{name}", pass_="fwd+bwd+step", backend=backend,
+                 resolved=resolved, median_s=median,
+                 dtype="bf16-autocast" if ON_GPU else "float32",
+                 shape={"batch": batch, "block": T, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+                        "n_head": cfg.n_head, "vocab": cfg.vocab_size, "mlp": mlp},
+                 variant=mlp, flops=flops, tokens=tokens, params=n_params, peak_mem_mb=peak_mb, mfu=mfu)
