@@ -51,9 +51,12 @@ _LOG2E = 1.4426950408889634
 
 
 # =================================================================================================
-# Kernels (plain functions; _jit() turns them into JIT / interpreted / autotuned kernels on first
-# use, so the TRITON_INTERPRET decision is made at launch time). They call no helper @jit
-# functions on purpose: a helper would have to be created in the same mode as its caller.
+# Kernels (plain functions; _kernel() turns them into JIT / interpreted / autotuned kernels on first
+# use, so the TRITON_INTERPRET decision is made at launch time). They call no @jit helper, not even
+# triton.language's own (tl.cdiv, tl.zeros, tl.max, tl.sum, tl.sigmoid are @jit functions created
+# in the mode triton was imported in, which an interpreted kernel cannot call): reductions go
+# through the builtin tl.reduce with the standard combine functions, which the interpreter maps
+# to numpy whatever the import mode.
 # =================================================================================================
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, SLOPES,
@@ -67,7 +70,7 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    num_m = tl.cdiv(T_Q, BLOCK_M)
+    num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     bh = pid // num_m
     mb = pid % num_m
@@ -103,8 +106,8 @@ def _attn_fwd_kernel(
         full_hi = (T_K // BLOCK_N) * BLOCK_N
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: exp2(m_i - m_new) never NaN
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
     # phase 1: key blocks that every row of this query block sees completely (no mask math)
     for start_n in range(0, full_hi, BLOCK_N):
@@ -118,10 +121,10 @@ def _attn_fwd_kernel(
         if HAS_ALIBI:
             dist = tl.abs(offs_m[:, None] + offset - (start_n + offs_n)[None, :]).to(tl.float32)
             qk = qk - slope * dist
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -142,10 +145,10 @@ def _attn_fwd_kernel(
         if CAUSAL:
             visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
         qk = tl.where(visible, qk, -1.0e38)  # finite mask value, far below the -1e30 start
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -201,8 +204,8 @@ def _attn_decode_kernel(
               + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
@@ -216,10 +219,10 @@ def _attn_decode_kernel(
         if CAUSAL:
             visible = visible & (cols[None, :] <= i[:, None] + offset)
         qk = tl.where(visible, qk, -1.0e38)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -254,13 +257,13 @@ def _attn_decode_combine_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     part = (bhk.to(tl.int64) * N_SPLITS + s) * PART_M + r
     lse_s = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse_s, 0)
+    m = tl.reduce(lse_s, 0, tl.standard._elementwise_max)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse_s - m_safe)  # empty chunks (lse = -inf) weigh 0
-    denom = tl.sum(w, 0)
+    denom = tl.reduce(w, 0, tl.standard._sum_combine)
     o_s = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     den_safe = tl.where(denom > 0.0, denom, 1.0)
-    out = tl.sum(o_s * w[:, None], 0) / den_safe
+    out = tl.reduce(o_s * w[:, None], 0, tl.standard._sum_combine) / den_safe
     lse = tl.where(denom > 0.0, (m_safe + tl.log2(den_safe)) * 0.6931471805599453, float("-inf"))
     bh = b * (H_KV * GROUP) + h
     o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -276,7 +279,7 @@ def _attn_bwd_preprocess_kernel(
     H, T_Q, HEAD_DIM,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    num_m = tl.cdiv(T_Q, BLOCK_M)
+    num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     bh = pid // num_m
     mb = pid % num_m
@@ -291,7 +294,8 @@ def _attn_bwd_preprocess_kernel(
     do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                  + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < T_Q)
+    delta = tl.reduce(o * do, 1, tl.standard._sum_combine)
+    tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, delta, mask=offs_m < T_Q)
 
 
 def _attn_bwd_dkdv_kernel(
@@ -309,7 +313,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     H_KV = H // GROUP
-    num_n = tl.cdiv(T_K, BLOCK_N)
+    num_n = (T_K + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
     bhk = pid // num_n
     nb = pid % num_n
@@ -327,8 +331,8 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
                 + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
 
     offset = T_K - T_Q
     if CAUSAL:
@@ -336,7 +340,7 @@ def _attn_bwd_dkdv_kernel(
         lo = tl.maximum(start_n - offset, 0)
         lo = tl.minimum((lo // BLOCK_M) * BLOCK_M, T_Q)
         full_lo = tl.maximum(start_n + BLOCK_N - 1 - offset, lo)
-        full_lo = tl.cdiv(full_lo, BLOCK_M) * BLOCK_M
+        full_lo = (full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         mask_hi = tl.minimum(full_lo, T_Q)
     else:
         lo = 0
@@ -414,7 +418,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    num_m = tl.cdiv(T_Q, BLOCK_M)
+    num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     bh = pid // num_m
     mb = pid % num_m
@@ -456,7 +460,7 @@ def _attn_bwd_dq_kernel(
         hi = T_K
         full_hi = (T_K // BLOCK_N) * BLOCK_N
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     for start_n in range(0, full_hi, BLOCK_N):
         if EVEN_D:
             k = tl.load(k_ptrs)

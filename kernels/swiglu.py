@@ -32,7 +32,7 @@ def _swiglu_fwd_kernel(G, U, OUT, N, BLOCK: tl.constexpr):
     mask = offs < N
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    out = g * tl.sigmoid(g) * u
+    out = g / (1.0 + tl.exp(-g)) * u
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -42,7 +42,7 @@ def _swiglu_bwd_kernel(DOUT, G, U, DG, DU, N, BLOCK: tl.constexpr):
     do = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
+    s = 1.0 / (1.0 + tl.exp(-g))
     du = do * g * s
     dg = do * u * s * (1.0 + g * (1.0 - s))
     tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
@@ -58,7 +58,7 @@ def _swiglu_packed_fwd_kernel(X, OUT, N, HIDDEN, stride_xrow, BLOCK: tl.constexp
     x_off = row * stride_xrow + col
     g = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + x_off + HIDDEN, mask=mask, other=0.0).to(tl.float32)
-    out = g * tl.sigmoid(g) * u
+    out = g / (1.0 + tl.exp(-g)) * u
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -71,7 +71,7 @@ def _swiglu_packed_bwd_kernel(DOUT, X, DX, N, HIDDEN, stride_xrow, BLOCK: tl.con
     do = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + x_off + HIDDEN, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(g)
+    s = 1.0 / (1.0 + tl.exp(-g))
     du = do * g * s
     dg = do * u * s * (1.0 + g * (1.0 - s))
     dx_off = row * (2 * HIDDEN) + col  # dx is a fresh contiguous [rows, 2 * HIDDEN]
