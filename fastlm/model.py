@@ -353,8 +353,12 @@ class GPT(nn.Module):
         cfg = self.config
         max_len = cfg.block_size if max_len is None else min(max_len, cfg.block_size)
         p = self.wte.weight
+        device = torch.device(device or p.device)
+        if dtype is None:  # under autocast the keys/values come out in the autocast dtype
+            on = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if on else p.dtype
         return KVCache(cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim,
-                       device=device or p.device, dtype=dtype or p.dtype)
+                       device=device, dtype=dtype)
 
     def configure_optimizer(self, weight_decay: float, lr: float, betas=(0.9, 0.95),
                             device_type: str = "cpu") -> torch.optim.AdamW:

@@ -133,6 +133,22 @@ def test_kv_cache_object():
     assert cache.batch_size == 2 and torch.equal(cache.k[1, 0, :, :4], k[2])
 
 
+def test_kv_cache_under_autocast():
+    """A cache made inside autocast holds the autocast dtype, so cached decoding runs there too."""
+    model = tiny(pos="rope", n_kv_head=2).eval()
+    idx = tokens(1, 9)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = model(idx)
+        cache = model.new_kv_cache(1)
+        assert cache.k.dtype == torch.bfloat16
+        first, _ = model(idx[:, :8], kv_cache=cache)
+        last, _ = model(idx[:, 8:], kv_cache=cache)
+    assert model.new_kv_cache(1).k.dtype == torch.float32
+    got = torch.cat([first, last], 1).float()
+    # bf16 rounding of a different but equivalent computation order: within a few bf16 ulps
+    torch.testing.assert_close(got, full.float(), rtol=0, atol=4 * 2 ** -8 * full.abs().max().item())
+
+
 # ---- dropout, tying, init -----------------------------------------------------------------------
 def test_dropout_active_in_train_identity_in_eval():
     model = tiny(dropout=0.5)
