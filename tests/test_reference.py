@@ -46,6 +46,44 @@ def fully_masked_rows(t_q, t_k):
     return max(t_q - t_k, 0)
 
 
+def loop_attention(q, k, v, causal, scale, slopes):
+    """The definitions written out element by element (float64), independent of fastlm's helpers:
+    query head h reads kv head h // (H // H_kv); query i sits at key position i + T_k - T_q."""
+    b_, h_, t_q, d = q.shape
+    h_kv, t_k = k.shape[1], k.shape[2]
+    out = torch.zeros(b_, h_, t_q, d, dtype=torch.float64)
+    for b in range(b_):
+        for h in range(h_):
+            hk = h // (h_ // h_kv)
+            for i in range(t_q):
+                pos = i + t_k - t_q
+                keys = [j for j in range(t_k) if not causal or j <= pos]
+                if not keys:
+                    continue  # sees nothing: zeros
+                scores = []
+                for j in keys:
+                    sc = scale * float(q[b, h, i].double() @ k[b, hk, j].double())
+                    if slopes is not None:
+                        sc -= float(slopes[h]) * abs(pos - j)
+                    scores.append(sc)
+                m = max(scores)
+                w = [math.exp(sc - m) for sc in scores]
+                for wj, j in zip(w, keys):
+                    out[b, h, i] += wj / sum(w) * v[b, hk, j].double()
+    return out
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[4] * c[5] <= 23 * 23], ids=lambda c: c[0])
+def test_naive_oracle_matches_the_definition(case):
+    """The oracle shares no mask/bias/GQA helper with this loop, so a wrong convention shows."""
+    _, b, h, h_kv, t_q, t_k, d, causal, alibi = case
+    q, k, v = make_qkv(b, h, h_kv, t_q, t_k, d, dtype=torch.float64)
+    slopes = alibi_slopes(h) if alibi else None
+    want = loop_attention(q, k, v, causal, 1 / math.sqrt(d), slopes)
+    assert rel_err(naive_attention(q, k, v, causal=causal, alibi_slopes=slopes), want) <= 1e-12
+    assert rel_err(reference.attention(q, k, v, causal=causal, alibi_slopes=slopes), want) <= 1e-12
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_forward_fp32_matches_float64(case):
     _, b, h, h_kv, t_q, t_k, d, causal, alibi = case
