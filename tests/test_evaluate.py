@@ -155,3 +155,28 @@ def test_unknown_split_in_subprocess(run):
                        capture_output=True, text=True, timeout=120)
     assert_one_line_error(r.returncode, r.stderr, "/nonexistent")
     assert "Traceback" not in r.stderr
+
+
+def test_end_to_end_with_the_train_cli(tmp_path, capsys):
+    """train.main -> evaluate reproduces the whole-split val loss the run reports; generate samples."""
+    train = pytest.importorskip("fastlm.train", reason="fastlm.train has not landed")
+    from fastlm.generate import main as generate_main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    run = str(tmp_path / "run")
+    rc = train.main(["--data", str(corpus), "--out-dir", run, "--max-iters", "30", "--block-size", "32",
+                     "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "16",
+                     "--eval-interval", "30", "--eval-iters", "2", "--device", "cpu", "--no-progress",
+                     "--sample-tokens", "0", "--warmup-iters", "5", "--lr", "0.01"])
+    assert rc in (0, None)
+    capsys.readouterr()
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    rc, out, err = cli(capsys, "--checkpoint", run, "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    vocab = checkpoint.load_model(run)[1].vocab_size
+    assert res["loss"] < math.log(vocab) - 0.5, "30 steps of training must beat a uniform guess"
+    assert res["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    assert generate_main(["--checkpoint", run, "--prompt", "SICINIUS:", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("SICINIUS:")

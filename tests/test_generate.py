@@ -203,3 +203,12 @@ def test_bad_checkpoints(capsys, tmp_path):
 def test_usage_error_returns_2(capsys):
     assert main(["--prompt", "x"]) == 2  # --checkpoint is required
     assert "--checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generate_on_cuda(run, capsys):
+    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "40",
+                       "--device", "cuda", "--num-samples", "2", "--top-p", "0.9")
+    assert rc == 0, err
+    assert all(s.startswith("First") for s in out.split(SEPARATOR + "\n"))

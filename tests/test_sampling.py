@@ -416,3 +416,21 @@ def test_cached_decoding_on_each_backend(backend, pos):
     out = generate(model, prompt, 24, greedy=True)
     assert torch.equal(out, generate(model, prompt, 24, greedy=True, use_cache=False))
     assert torch.equal(out, generate(ref, prompt, 24, greedy=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
+def test_cached_decoding_on_cuda(pos):
+    """On the GPU (backend auto: the Triton/CUDA kernels where available) the KV-cached decode
+    steps give the tokens of uncached decoding, sliding window included, and so does sampling."""
+    model = tiny_gpt(pos, dtype=torch.float32, seed=4, backend="auto").cuda()
+    prompt = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(6)).cuda()
+    out = generate(model, prompt, 40, greedy=True)
+    assert out.device.type == "cuda"
+    assert torch.equal(out, generate(model, prompt, 40, greedy=True, use_cache=False))
+    g = lambda: torch.Generator(device="cuda").manual_seed(11)  # noqa: E731
+    assert torch.equal(generate(model, prompt, 40, top_p=0.9, generator=g()),
+                       generate(model, prompt, 40, top_p=0.9, generator=g(), use_cache=False))
+    beams = beam_search(model, prompt[:1], 12, beam_size=1)
+    assert torch.equal(beams[0][0], generate(model, prompt[:1], 12, greedy=True)[0])
