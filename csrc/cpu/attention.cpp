@@ -2,7 +2,7 @@
 // at::vec::Vectorized and parallel with at::parallel_for.
 //
 //   forward : parallel over (batch, head, block of BQ query rows); for each block of BK keys the
-//             scores S = (q * scale) k^T + ALiBi are masked, the running row max/sum are updated
+//             scores S = scale * q k^T + ALiBi are masked, the running row max/sum are updated
 //             and O += P V. Returns out and the row log-sum-exp (float32; float64 for float64).
 //   backward: parallel over (batch, kv head). A task owns dK/dV of its kv head and dQ of the query
 //             heads of its GQA group, so no two threads write the same gradient (no atomics, no
@@ -140,7 +140,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t hk = attn::kv_head(h, s.H, s.H_kv);
       const acc_t slope = slopes[h];
       const int64_t i0 = qb * BQ, nr = std::min(BQ, Tq - i0);
-      for (int64_t r = 0; r < nr; ++r) load_row(&qbuf[r * Dp], Q.row(b, h, i0 + r), Q.sd, D, Dp, scale);
+      for (int64_t r = 0; r < nr; ++r) load_row(&qbuf[r * Dp], Q.row(b, h, i0 + r), Q.sd, D, Dp, acc_t(1));
       std::fill(obuf.begin(), obuf.end(), acc_t(0));
       std::fill(m.begin(), m.end(), acc_t(-INFINITY));
       std::fill(l.begin(), l.end(), acc_t(0));
@@ -158,7 +158,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
           acc_t mx = -INFINITY;
           for (int64_t c = 0; c < BK; ++c) {
             const int64_t j = j0 + c;
-            sr[c] = (j < row_end) ? sr[c] + attn::alibi_bias<acc_t>(slope, i, j, Tq, Tk) : acc_t(-INFINITY);
+            sr[c] = (j < row_end) ? sr[c] * scale + attn::alibi_bias<acc_t>(slope, i, j, Tq, Tk) : acc_t(-INFINITY);
             mx = std::max(mx, sr[c]);
           }
           const acc_t m_new = std::max(m[r], mx);

@@ -1,0 +1,328 @@
+"""The C++ extension ops (``torch.ops.fastlm.*`` from ``fastlm._C``): CPU kernels against the
+float64 oracle (forward, backward, LSE), float64 gradcheck, ``torch.library.opcheck``, clear
+errors, and the ``cpp`` backend through :mod:`fastlm.ops`. CUDA parity at real sizes runs when a
+GPU and a CUDA build are present and is skipped with the reason otherwise.
+
+Tolerance (FlashAttention's rule): ``max|out - ref64| <= 2 * max|base - ref64| + eps`` where
+``base`` is the ``torch`` backend (SDPA) in the same dtype, or the textbook formula in that dtype
+where SDPA cannot express the call, and ``eps`` is half an ulp at the largest reference value.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastlm import ops
+from fastlm import _ext
+from fastlm.reference import naive_attention, attention_forward
+
+pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"{_ext._IMPORT_ERROR}")
+
+OPS = torch.ops.fastlm if _ext._C is not None else None
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# (name, B, H, H_kv, T_q, T_k, D, causal, alibi)
+CASES = [
+    ("t1_d16", 2, 2, 2, 1, 1, 16, True, False),
+    ("t17_d40", 2, 3, 3, 17, 17, 40, True, False),
+    ("t97_d64", 1, 2, 2, 97, 97, 64, True, False),
+    ("t97_d80_noncausal", 1, 2, 2, 97, 97, 80, False, False),
+    ("gqa4_t17_d16", 1, 4, 1, 17, 17, 16, True, False),
+    ("gqa2_alibi_t97_d40", 1, 4, 2, 97, 97, 40, True, True),
+    ("alibi_noncausal_t17_d64", 2, 2, 2, 17, 17, 64, False, True),
+    ("kvcache_17x97_d64", 1, 2, 2, 17, 97, 64, True, False),
+    ("decode_1x97_d80_alibi", 16, 4, 2, 1, 97, 80, True, True),
+    ("masked_rows_97x17_d16", 1, 2, 2, 97, 17, 16, True, False),
+    ("tiles_130x130_d16", 1, 1, 1, 130, 130, 16, True, False),
+]
+
+
+def make_inputs(b, h, h_kv, t_q, t_k, d, dtype, alibi, seed=0, layout="bhtd"):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "bthd":  # (B, T, H, D) storage viewed as (B, H, T, D): strided, no copy
+        q = torch.randn(b, t_q, h, d, generator=g).to(dtype).transpose(1, 2)
+        k = torch.randn(b, t_k, h_kv, d, generator=g).to(dtype).transpose(1, 2)
+        v = torch.randn(b, t_k, h_kv, d, generator=g).to(dtype).transpose(1, 2)
+    else:
+        q, k, v = (torch.randn(b, hh, t, d, generator=g).to(dtype)
+                   for hh, t in ((h, t_q), (h_kv, t_k), (h_kv, t_k)))
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)]) if alibi else None
+    return q, k, v, slopes
+
+
+def fwd_bwd(fn, q, k, v, dout):
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*xs)
+    out.backward(dout)
+    return [out.detach()] + [x.grad for x in xs]
+
+
+def assert_two_x(out, base, ref, what):
+    ref = ref.double()
+    eps = torch.finfo(out.dtype).eps * ref.abs().max().item() / 2 + 1e-12
+    err = (out.double() - ref).abs().max().item()
+    base_err = (base.double() - ref).abs().max().item()
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    assert err <= 2 * base_err + eps, f"{what}: error {err:.3g} > 2 x baseline {base_err:.3g} + {eps:.2g}"
+
+
+def _base_fn(causal, scale, slopes, dtype, q, k):
+    if ops.TORCH_BACKEND.attention_unsupported(q, k, k, causal, scale, slopes) is None:
+        return lambda a, b_, c: ops.attention(a, b_, c, causal=causal, scale=scale,
+                                              alibi_slopes=slopes, backend="torch")
+    return lambda a, b_, c: naive_attention(a, b_, c, causal, scale, slopes, dtype=dtype).to(dtype)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_attention_fwd_bwd_matches_float64(case, dtype_name):
+    _, b, h, h_kv, t_q, t_k, d, causal, alibi = case
+    dtype = DTYPES[dtype_name]
+    q, k, v, slopes = make_inputs(b, h, h_kv, t_q, t_k, d, dtype, alibi)
+    scale = 1.0 / math.sqrt(d)
+    dout = torch.randn(b, h, t_q, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref = fwd_bwd(lambda a, b_, c: naive_attention(a, b_, c, causal, scale, slopes),
+                  q.double(), k.double(), v.double(), dout.double())
+    base = fwd_bwd(_base_fn(causal, scale, slopes, dtype, q, k), q, k, v, dout)
+    got = fwd_bwd(lambda a, b_, c: ops.attention(a, b_, c, causal=causal, scale=scale,
+                                                 alibi_slopes=slopes, backend="cpp"), q, k, v, dout)
+    for name, o, bs, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
+        assert o.dtype == dtype and o.shape == r.shape
+        assert_two_x(o, bs, r, f"{name} ({dtype_name})")
+    if causal and t_q > t_k:  # rows that see no key: zeros, not NaN
+        assert (got[0][:, :, : t_q - t_k] == 0).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_attention_lse_matches_reference(case):
+    _, b, h, h_kv, t_q, t_k, d, causal, alibi = case
+    q, k, v, slopes = make_inputs(b, h, h_kv, t_q, t_k, d, torch.float64, alibi)
+    out, lse = OPS.attention_fwd(q, k, v, causal, 0.3, slopes)
+    ref_out, ref_lse = attention_forward(q, k, v, causal, 0.3, slopes)
+    assert lse.dtype == torch.float64 and lse.shape == (b, h, t_q)
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)  # -inf where fully masked
+    _, lse32 = OPS.attention_fwd(q.float(), k.float(), v.float(), causal, 0.3, slopes)
+    assert lse32.dtype == torch.float32
+
+
+@pytest.mark.parametrize("layout", ["bthd", "permuted"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_attention_strided_inputs(layout, dtype_name):
+    dtype = DTYPES[dtype_name]
+    b, h, h_kv, t_q, t_k, d = 2, 4, 2, 33, 45, 40
+    if layout == "bthd":
+        q, k, v, slopes = make_inputs(b, h, h_kv, t_q, t_k, d, dtype, True, layout="bthd")
+    else:  # (B, H, D, T) storage: the head dim is the strided one
+        q, k, v, slopes = make_inputs(b, h, h_kv, t_q, t_k, d, dtype, True)
+        q, k, v = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v))
+    assert not q.is_contiguous()
+    dout = torch.randn(b, t_q, h, d).to(dtype).transpose(1, 2)
+    got = fwd_bwd(lambda a, b_, c: ops.attention(a, b_, c, alibi_slopes=slopes, backend="cpp"),
+                  q, k, v, dout)
+    dense = fwd_bwd(lambda a, b_, c: ops.attention(a, b_, c, alibi_slopes=slopes, backend="cpp"),
+                    q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous())
+    for x, y in zip(got, dense):  # same math, different memory layout: identical results
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal,alibi,h_kv,t_q,t_k", [
+    (True, False, 2, 5, 5), (False, True, 1, 4, 7), (True, True, 2, 6, 3), (True, False, 1, 3, 9)])
+def test_attention_gradcheck_float64(causal, alibi, h_kv, t_q, t_k):
+    q, k, v, slopes = make_inputs(1, 2, h_kv, t_q, t_k, 8, torch.float64, alibi, seed=3)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    fn = lambda a, b_, c: ops.attention(a, b_, c, causal=causal, alibi_slopes=slopes, backend="cpp")
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_swiglu_gradcheck_float64():
+    g = torch.randn(3, 19, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 19, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.swiglu(a, b, backend="cpp"), (g, u))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("n", [1, 7, 33, 4099])
+def test_swiglu_fwd_bwd_matches_float64(dtype, n):
+    g = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 4
+    u = torch.randn(n, generator=torch.Generator().manual_seed(n + 1))
+    dout = torch.randn(n, generator=torch.Generator().manual_seed(n + 2))
+    g, u, dout = g.to(dtype), u.to(dtype), dout.to(dtype)
+
+    def run(fn, *xs, do):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        out = fn(*xs)
+        out.backward(do)
+        return [out.detach()] + [x.grad for x in xs]
+
+    ref = run(lambda a, b: torch.nn.functional.silu(a) * b, g.double(), u.double(), do=dout.double())
+    base = run(lambda a, b: torch.nn.functional.silu(a) * b, g, u, do=dout)
+    got = run(lambda a, b: ops.swiglu(a, b, backend="cpp"), g, u, do=dout)
+    for name, o, bs, r in zip(("out", "dgate", "dup"), got, base, ref):
+        assert o.dtype == dtype
+        assert_two_x(o, bs, r, f"swiglu {name} {dtype}")
+
+
+def test_swiglu_non_contiguous_and_nd():
+    g = torch.randn(6, 10, 12).transpose(0, 2)
+    u = torch.randn(12, 10, 6)
+    out = ops.swiglu(g, u, backend="cpp")
+    torch.testing.assert_close(out, torch.nn.functional.silu(g) * u)
+
+
+def _opcheck_attention_args(dtype=torch.float32, alibi=True):
+    q, k, v, slopes = make_inputs(1, 4, 2, 9, 13, 16, dtype, alibi, seed=5)
+    return (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, 0.25, slopes)
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_opcheck_attention_fwd(alibi):
+    torch.library.opcheck(OPS.attention_fwd.default, _opcheck_attention_args(alibi=alibi))
+
+
+def test_opcheck_attention_bwd():
+    q, k, v, causal, scale, slopes = _opcheck_attention_args()
+    q, k, v = (x.detach() for x in (q, k, v))
+    out, lse = OPS.attention_fwd(q, k, v, causal, scale, slopes)
+    torch.library.opcheck(OPS.attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, causal, scale, slopes))
+
+
+def test_opcheck_swiglu():
+    g = torch.randn(5, 9, requires_grad=True)
+    u = torch.randn(5, 9, requires_grad=True)
+    torch.library.opcheck(OPS.swiglu_fwd.default, (g, u))
+    torch.library.opcheck(OPS.swiglu_bwd.default, (torch.randn(5, 9), g.detach(), u.detach()))
+
+
+def test_backward_writes_fresh_tensors():
+    q, k, v, _ = make_inputs(1, 2, 2, 8, 8, 16, torch.float32, False)
+    out, lse = OPS.attention_fwd(q, k, v, True, 0.25, None)
+    dout = torch.randn_like(out)
+    before = [x.clone() for x in (dout, q, k, v, out, lse)]
+    dq, dk, dv = OPS.attention_bwd(dout, q, k, v, out, lse, True, 0.25, None)
+    for x, y in zip((dout, q, k, v, out, lse), before):
+        assert torch.equal(x, y)
+    assert len({t.data_ptr() for t in (dq, dk, dv, dout, q, k, v)}) == 7
+
+
+@pytest.mark.parametrize("args,words", [
+    (lambda q, k, v: (q.to(torch.int32), k, v), "dtype"),
+    (lambda q, k, v: (q, k.double(), v), "dtypes differ"),
+    (lambda q, k, v: (q[0], k, v), "4-D"),
+    (lambda q, k, v: (q, k, v[:, :, :3]), "shapes differ"),
+    (lambda q, k, v: (q, k[..., :8], v[..., :8]), "head dim"),
+    (lambda q, k, v: (q[:, :3], k, v), "multiple of kv heads"),
+])
+def test_attention_op_errors(args, words):
+    q, k, v, _ = make_inputs(1, 4, 2, 5, 5, 16, torch.float32, False)
+    with pytest.raises(RuntimeError, match=words):
+        OPS.attention_fwd(*args(q, k, v), True, 0.25, None)
+
+
+def test_attention_op_rejects_bad_alibi_and_lse():
+    q, k, v, _ = make_inputs(1, 4, 2, 5, 5, 16, torch.float32, False)
+    with pytest.raises(RuntimeError, match="alibi_slopes must have shape"):
+        OPS.attention_fwd(q, k, v, True, 0.25, torch.ones(3))
+    out, lse = OPS.attention_fwd(q, k, v, True, 0.25, None)
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        OPS.attention_bwd(out, q, k, v, out, lse[:, :2], True, 0.25, None)
+
+
+def test_swiglu_op_errors():
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        OPS.swiglu_fwd(torch.randn(3, 4), torch.randn(4, 3))
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        OPS.swiglu_fwd(torch.randn(3), torch.randn(3).double())
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        OPS.swiglu_fwd(torch.ones(3, dtype=torch.int64), torch.ones(3, dtype=torch.int64))
+
+
+def test_backend_objects_report_reasons():
+    q, k, v, _ = make_inputs(1, 2, 2, 4, 4, 16, torch.float32, False)
+    assert _ext.CPP_BACKEND.unavailable_reason() is None
+    assert _ext.CPP_BACKEND.attention_unsupported(q, k, v, True, 0.25, None) is None
+    assert "dtype" in _ext.CPP_BACKEND.swiglu_unsupported(torch.ones(2, dtype=torch.int32),
+                                                          torch.ones(2, dtype=torch.int32))
+    assert "cuda" in _ext.CUDA_BACKEND.attention_unsupported(q, k, v, True, 0.25, None)
+    assert isinstance(_ext._C.has_cuda(), bool)
+    if not torch.cuda.is_available():
+        assert _ext.CUDA_BACKEND.unavailable_reason() is not None
+
+
+def test_cpp_backend_through_ops_and_compile():
+    q, k, v, slopes = make_inputs(1, 4, 2, 16, 16, 16, torch.float32, True)
+    expect = ops.attention(q, k, v, alibi_slopes=slopes, backend="reference")
+    got = ops.attention(q, k, v, alibi_slopes=slopes, backend="cpp")
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    fn = torch.compile(lambda a, b, c: ops.attention(a, b, c, alibi_slopes=slopes, backend="cpp"),
+                       fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(q, k, v), got, rtol=0, atol=0)
+
+
+# ---- CUDA (real sizes; skipped without a GPU and a CUDA build) -----------------------------------
+def _require_cuda():
+    why = _ext.CUDA_BACKEND.unavailable_reason()
+    if why is not None:
+        pytest.skip(f"cuda backend unavailable: {why}")
+
+
+CUDA_CASES = [
+    ("t1024_d64", 2, 8, 8, 1024, 1024, 64, True, False),
+    ("t1000_d128", 1, 4, 4, 1000, 1000, 128, True, False),
+    ("gqa_alibi_t517_d64", 2, 8, 2, 517, 517, 64, True, True),
+    ("noncausal_t333_d128", 2, 4, 4, 333, 333, 128, False, False),
+    ("kvcache_77x1025_d64", 1, 4, 2, 77, 1025, 64, True, True),
+    ("masked_rows_300x100_d64", 1, 2, 2, 300, 100, 64, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[c[0] for c in CUDA_CASES])
+def test_cuda_attention_matches_float64(case, dtype):
+    _require_cuda()
+    _, b, h, h_kv, t_q, t_k, d, causal, alibi = case
+    q, k, v, slopes = make_inputs(b, h, h_kv, t_q, t_k, d, dtype, alibi, layout="bthd")
+    q, k, v = (x.cuda() for x in (q, k, v))
+    slopes = slopes.cuda() if slopes is not None else None
+    scale = 1.0 / math.sqrt(d)
+    dout = torch.randn(b, h, t_q, d, device="cuda").to(dtype)
+    ref = fwd_bwd(lambda a, b_, c: naive_attention(a, b_, c, causal, scale, slopes),
+                  q.double(), k.double(), v.double(), dout.double())
+    base = fwd_bwd(_base_fn(causal, scale, slopes, dtype, q, k), q, k, v, dout)
+    got = fwd_bwd(lambda a, b_, c: ops.attention(a, b_, c, causal=causal, scale=scale,
+                                                 alibi_slopes=slopes, backend="cuda"), q, k, v, dout)
+    for name, o, bs, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
+        assert_two_x(o.cpu(), bs.cpu(), r.cpu(), f"cuda {name}")
+
+
+def test_cuda_attention_refuses_what_it_cannot_run():
+    _require_cuda()
+    q = torch.randn(1, 2, 8, 80, device="cuda", dtype=torch.float16)
+    assert "head dim" in _ext.CUDA_BACKEND.attention_unsupported(q, q, q, True, 0.1, None)
+    with pytest.raises(RuntimeError, match="head dim"):
+        OPS.attention_fwd(q, q, q, True, 0.1, None)
+    q32 = torch.randn(1, 2, 8, 64, device="cuda")
+    assert "float16/bfloat16" in _ext.CUDA_BACKEND.attention_unsupported(q32, q32, q32, True, 0.1, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        OPS.attention_fwd(q32, q32, q32, True, 0.1, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [8192 * 2048 + 3, 1000])
+def test_cuda_swiglu_matches_float64(dtype, n):
+    _require_cuda()
+    g, u, dout = (torch.randn(n, device="cuda").to(dtype) for _ in range(3))
+    xs = [x.clone().requires_grad_() for x in (g, u)]
+    out = ops.swiglu(*xs, backend="cuda")
+    out.backward(dout)
+    rg, ru = (x.double().requires_grad_() for x in (g, u))
+    ref = torch.nn.functional.silu(rg) * ru
+    ref.backward(dout.double())
+    bg, bu = (x.clone().requires_grad_() for x in (g, u))
+    base = torch.nn.functional.silu(bg) * bu
+    base.backward(dout)
+    for o, bs, r in ((out, base, ref), (xs[0].grad, bg.grad, rg.grad), (xs[1].grad, bu.grad, ru.grad)):
+        assert_two_x(o.detach().cpu(), bs.detach().cpu(), r.detach().cpu(), f"cuda swiglu {dtype}")
