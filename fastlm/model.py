@@ -264,7 +264,12 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         config.validate()
-        ops.backend_status()  # import every backend now: torch.compile cannot trace lazy imports
+        # Load the backends now: torch.compile cannot trace their lazy imports. The availability
+        # checks (triton's imports triton, seconds) only where auto may pick a GPU backend.
+        for name in ops.BACKENDS:
+            ops._load(name)
+        if torch.cuda.is_available():
+            ops.backend_status()
         self.config = cfg = config
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None

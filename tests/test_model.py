@@ -305,11 +305,12 @@ def test_model_backends_agree(backend):
 
 # ---- torch.compile ------------------------------------------------------------------------------
 COMPILE_SCRIPT = textwrap.dedent("""
-    import json, torch
+    import json, sys, torch
+    BACKEND = sys.argv[1]
     from fastlm.model import GPT, GPTConfig
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16, mlp="swiglu",
-                    pos="rope", backend="reference")
+                    pos="rope", backend=BACKEND)
     model = GPT(cfg)  # a fresh process: nothing of fastlm.ops has run yet
     idx = torch.randint(0, 32, (2, 8)); tgt = torch.randint(0, 32, (2, 8))
     compiled = torch.compile(model, fullgraph=True)
@@ -332,7 +333,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
 def test_torch_compile_fullgraph_matches_eager():
     """One compile (inductor on CPU, ~25 s cold) in a fresh interpreter, as a user would run it."""
     env = {**os.environ, "FASTLM_BACKEND": ""}
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, "reference"], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
