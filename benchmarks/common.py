@@ -305,36 +305,18 @@ def gpu_oom_skip(fn: Callable[[], object]):
 # ---- the default training setup (CPU model / attention shapes) ----------------------------------
 @functools.lru_cache(maxsize=None)
 def default_train_setup():
-    """``(GPTConfig, batch_size, source)`` of ``python -m fastlm.train``'s defaults when that module
-    offers them, else GPTConfig() with batch 32."""
+    """``(GPTConfig, batch_size, source)``: what ``python -m fastlm.train`` trains on the CPU with no
+    flags (Tiny Shakespeare, char vocabulary of 65), or GPTConfig() with batch 32 if fastlm.train
+    cannot tell."""
     from fastlm.model import GPTConfig
 
-    cfg, batch, source = GPTConfig(), 32, "GPTConfig() defaults, batch 32"
+    fallback = (GPTConfig(), 32, "GPTConfig() defaults, batch 32")
     try:
         from fastlm import train
-    except Exception:  # noqa: BLE001 - not written yet or broken: fall back to the model defaults
-        return cfg, batch, source
-    tc_cls = getattr(train, "TrainConfig", None)
-    if tc_cls is None:
-        return cfg, batch, source
-    try:
-        tc = tc_cls()
-    except Exception:  # noqa: BLE001 - a TrainConfig that needs arguments: keep the fallback
-        return cfg, batch, source
-    model_cfg = getattr(tc, "model", None)
-    if isinstance(model_cfg, GPTConfig):
-        cfg = model_cfg
-    else:
-        import dataclasses
-        names = {f.name for f in dataclasses.fields(GPTConfig)}
-        overrides = {n: getattr(tc, n) for n in names if hasattr(tc, n) and n != "backend"}
-        try:
-            cfg = GPTConfig(**{**cfg.to_dict(), **overrides})
-        except ValueError:
-            return GPTConfig(), batch, source
-    for attr in ("batch_size", "batch"):
-        val = getattr(tc, attr, None)
-        if isinstance(val, int) and val > 0:
-            batch = val
-            break
-    return cfg, batch, "fastlm.train.TrainConfig defaults"
+        tcfg, model_values, _ = train.resolve_config([])
+        values = {k: v for k, v in dict(model_values).items() if k != "backend" and v is not None}
+        values["vocab_size"] = 65  # the bundled corpus' char vocabulary
+        batch = int(tcfg.batch_size)
+        return GPTConfig(**{**GPTConfig().to_dict(), **values}), batch, "fastlm.train defaults (CPU)"
+    except Exception:  # noqa: BLE001 - not written yet, or another API: the documented approximation
+        return fallback

@@ -1,0 +1,430 @@
+"""Turn ``benchmarks/results.jsonl`` into ``benchmarks/REPORT.md`` and ``benchmarks/plots/*.png``.
+
+    python -m benchmarks.report [--device H100] [--all-commits] [--summary] [--no-plots]
+
+Rows are grouped per device and git commit. For each device the newest commit's group is reported
+(``--all-commits``: every group, newest first); inside a group each benchmark keeps its newest row,
+so a partial rerun replaces only what it measured. Tables: attention TFLOP/s per backend and shape
+with the speed-up over SDPA's default dispatch, SwiGLU GB/s vs eager, the model's training tokens/s
+(and MFU, peak memory on CUDA), generation tokens/s cached vs uncached. Plots: attention TFLOP/s vs
+sequence length, one PNG per (device, dtype, head dim, causal), a panel per pass.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Optional
+
+BENCH_DIR = Path(__file__).resolve().parent
+PASS_ORDER = ("fwd+bwd", "fwd", "bwd")
+ATTN_BACKEND_ORDER = ("auto", "triton", "cuda", "cpp", "torch", "reference",
+                      "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
+SWIGLU_BACKEND_ORDER = ("auto", "triton", "cuda", "cpp", "torch", "reference", "eager", "compile")
+
+
+# ---- loading and grouping -----------------------------------------------------------------------
+def load_rows(path: Path) -> tuple[list, int]:
+    """Parsed rows of a JSON-lines file and the number of lines that could not be used."""
+    rows, bad = [], 0
+    if not path.exists():
+        return rows, bad
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if not isinstance(row, dict) or not {"device", "suite", "backend"} <= set(row):
+                bad += 1
+                continue
+            rows.append(row)
+    return rows, bad
+
+
+def bench_key(row: dict) -> tuple:
+    return (row.get("suite"), row.get("op"), row.get("pass"), row.get("backend"), row.get("dtype"),
+            json.dumps(row.get("shape") or {}, sort_keys=True), row.get("causal"), row.get("variant"))
+
+
+def _stamp(row: dict) -> tuple:
+    return (row.get("date") or "", row.get("run_id") or "")
+
+
+def select(rows: Iterable[dict], device: Optional[str] = None, all_commits: bool = False) -> list:
+    """``[(device, commit, rows)]``: per device its newest commit group (or all), deduplicated."""
+    groups = defaultdict(list)
+    for row in rows:
+        if device and device.lower() not in str(row["device"]).lower():
+            continue
+        groups[(row["device"], row.get("commit") or "unknown")].append(row)
+    newest = {}
+    for key, grp in groups.items():
+        latest = {}
+        for row in sorted(grp, key=_stamp):
+            latest[bench_key(row)] = row
+        newest[key] = list(latest.values())
+    by_device = defaultdict(list)
+    for (dev, commit), grp in newest.items():
+        by_device[dev].append((max(_stamp(r) for r in grp), commit, grp))
+    out = []
+    for dev in sorted(by_device):
+        ordered = sorted(by_device[dev], key=lambda t: t[0], reverse=True)
+        for _, commit, grp in (ordered if all_commits else ordered[:1]):
+            out.append((dev, commit, grp))
+    return out
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+def fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        if x == 0:
+            return "0"
+        if abs(x) >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}g}" if abs(x) < 100 else f"{x:.0f}"
+    return str(x)
+
+
+def table(header: list, rows: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _order(names, preferred) -> list:
+    names = set(names)
+    return [n for n in preferred if n in names] + sorted(names - set(preferred))
+
+
+def attn_shape_label(row: dict) -> str:
+    s = row.get("shape") or {}
+    kv = f" kv{s['H_kv']}" if s.get("H_kv") not in (None, s.get("H")) else ""
+    t = s.get("T_q") if s.get("T_q") == s.get("T_k") else f"{s.get('T_q')}x{s.get('T_k')}"
+    variant = row.get("variant")
+    tail = "" if variant in (None, "dense") else f" {variant}"
+    return f"B{s.get('B')} H{s.get('H')}{kv} T{t} D{s.get('D')}{' causal' if row.get('causal') else ''}{tail}"
+
+
+def _attn_sort_key(row: dict):
+    s = row.get("shape") or {}
+    return (row.get("variant") != "dense", s.get("D", 0), not row.get("causal"), s.get("T_q", 0),
+            s.get("H_kv", 0))
+
+
+def _backend_label(row: dict) -> str:
+    b = row.get("backend")
+    if b == "auto" and row.get("resolved") and row["resolved"] != "auto":
+        return f"auto ({row['resolved']})"
+    return b
+
+
+# ---- sections -----------------------------------------------------------------------------------
+OWN_KERNELS = ("triton", "cuda", "cpp")
+SHORT_ATTN_COLUMNS = ("auto", "triton", "cuda", "cpp", "reference", "sdpa", "sdpa-flash", "sdpa-cudnn")
+
+
+def _flops_unit(rows: list) -> tuple:
+    """(label, scale): GFLOP/s for CPU rows (TFLOP/s would print as 0.00x), else TFLOP/s."""
+    if rows and all(r.get("device_type") == "cpu" for r in rows):
+        return "GFLOP/s", 1e3
+    return "TFLOP/s", 1.0
+
+
+def _speedup(base: Optional[dict], row: Optional[dict]) -> str:
+    if not base or not row:
+        return "n/a"
+    return f"{base['median_ms'] / row['median_ms']:.2f}x"
+
+
+def attention_section(rows: list, details: bool = True, columns: Optional[tuple] = None) -> list:
+    attn = [r for r in rows if r.get("suite") == "attention" and r.get("median_ms")]
+    if not attn:
+        return []
+    unit, scale = _flops_unit(attn)
+    out = ["### Attention", "",
+           f"{unit} by FlashAttention's count (forward 4·B·H·T²·D, halved when causal; backward 2.5x "
+           "forward). `sdpa` is `F.scaled_dot_product_attention`'s own dispatch, `sdpa-*` one kernel "
+           "named with `torch.nn.attention.sdpa_kernel`; `auto`, `torch`, `reference`, `triton`, `cuda`, "
+           "`cpp` are `fastlm.ops.attention` backends. Speed-up = `sdpa` time / backend time (same "
+           "shape and pass); \"best kernel\" is the fastest of fastlm's own kernels (triton, cuda, cpp).", ""]
+    for dtype in sorted({r.get("dtype") for r in attn}):
+        for pass_ in _order({r.get("pass") for r in attn if r.get("dtype") == dtype}, PASS_ORDER):
+            sel = [r for r in attn if r.get("dtype") == dtype and r.get("pass") == pass_]
+            backends = _order({r["backend"] for r in sel}, ATTN_BACKEND_ORDER)
+            if columns is not None:
+                backends = [b for b in backends if b in columns]
+            shapes = {}
+            for r in sorted(sel, key=_attn_sort_key):
+                shapes.setdefault(attn_shape_label(r), {})[r["backend"]] = r
+            autos = sorted({str(r.get("resolved")) for r in sel if r["backend"] == "auto" and r.get("resolved")})
+            picked = f" (auto picked: {', '.join(autos)})" if autos else ""
+            out += [f"**{pass_}, {dtype}: {unit}**{picked}", ""]
+            body = []
+            for label, by_backend in shapes.items():
+                cells = [fmt(by_backend[b]["tflops"] * scale) if b in by_backend else "–" for b in backends]
+                sdpa = by_backend.get("sdpa")
+                own = [r for b, r in by_backend.items() if b in OWN_KERNELS]
+                best = min(own, key=lambda r: r["median_ms"]) if own else None
+                best_s = f"{_speedup(sdpa, best)} ({best['backend']})" if sdpa and best else "n/a"
+                body.append([label] + cells + [_speedup(sdpa, by_backend.get("auto")), best_s])
+            out += [table(["shape"] + backends + ["auto vs sdpa", "best kernel vs sdpa"], body), ""]
+            if details:
+                long_rows = []
+                for label, by_backend in shapes.items():
+                    sdpa = by_backend.get("sdpa")
+                    for b in backends:
+                        if b in by_backend:
+                            r = by_backend[b]
+                            long_rows.append([label, _backend_label(r), fmt(r["median_ms"]),
+                                              fmt(r["tflops"] * scale), _speedup(sdpa, r)])
+                out += [f"<details><summary>{pass_}, {dtype}: ms per backend</summary>", "",
+                        table(["shape", "backend", "ms", unit, "speed-up vs sdpa"], long_rows), "",
+                        "</details>", ""]
+    return out
+
+
+def swiglu_section(rows: list) -> list:
+    sw = [r for r in rows if r.get("suite") == "swiglu" and r.get("median_ms")]
+    if not sw:
+        return []
+    out = ["### SwiGLU", "",
+           "GB/s = bytes a fused kernel must move (forward: read gate, up, write out; backward: read "
+           "gate, up, dout, write dgate, dup) / time. `eager` is `F.silu(g) * u`, `compile` its "
+           "`torch.compile`.", ""]
+    body = []
+    groups = defaultdict(dict)
+    for r in sw:
+        s = r.get("shape") or {}
+        groups[(f"{s.get('rows')}x{s.get('cols')}", r.get("dtype"), r.get("pass"))][r["backend"]] = r
+    for (shape, dtype, pass_), by_backend in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], PASS_ORDER.index(kv[0][2]) if kv[0][2] in PASS_ORDER else 9)):
+        eager = by_backend.get("eager")
+        for b in _order(by_backend, SWIGLU_BACKEND_ORDER):
+            r = by_backend[b]
+            sp = f"{eager['median_ms'] / r['median_ms']:.2f}x" if eager else "n/a"
+            note = f"compile {r['compile_s']} s" if r.get("compile_s") is not None else ""
+            body.append([shape, dtype, pass_, _backend_label(r), fmt(r["median_ms"]), fmt(r["gbps"]), sp, note])
+    return out + [table(["shape", "dtype", "pass", "backend", "ms", "GB/s", "vs eager", "note"], body), ""]
+
+
+def model_section(rows: list) -> list:
+    md = [r for r in rows if r.get("suite") == "model" and r.get("median_ms")]
+    if not md:
+        return []
+    out = ["### Model training step", "",
+           "One optimizer step (forward, backward, AdamW). MFU = (6·N·tokens + attention FLOPs) / time / "
+           "dense bf16 peak (CUDA only). `torch` = SDPA + eager MLP.", ""]
+    body = []
+    groups = defaultdict(dict)
+    for r in md:
+        groups[(r.get("op"), r.get("variant"), r.get("dtype"))][r["backend"]] = r
+    for (op, mlp, dtype), by_backend in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        base = by_backend.get("torch")
+        for b in _order(by_backend, ("auto", "torch", "reference")):
+            r = by_backend[b]
+            s = r.get("shape") or {}
+            cfg = f"{op.replace('train_step-', '')} ({s.get('n_layer')}x{s.get('n_embd')}, T{s.get('block')}, B{s.get('batch')})"
+            sp = f"{base['median_ms'] / r['median_ms']:.2f}x" if base else "n/a"
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+            mem = fmt(r.get("peak_mem_mb")) if r.get("peak_mem_mb") is not None else "n/a"
+            body.append([cfg, mlp, dtype, _backend_label(r), fmt(r["median_ms"]), fmt(r.get("tokens_per_s")),
+                         mfu, mem, sp])
+    return out + [table(["config", "mlp", "dtype", "backend", "ms/step", "tokens/s", "MFU", "peak MiB",
+                         "vs torch"], body), ""]
+
+
+def generate_section(rows: list) -> list:
+    gen = [r for r in rows if r.get("suite") == "generate" and r.get("median_ms")]
+    if not gen:
+        return []
+    out = ["### Generation (greedy)", "",
+           "tokens/s = batch x new tokens / wall time (prefill included); cached = KV cache, uncached = "
+           "the whole sequence re-fed every step.", ""]
+    groups = defaultdict(dict)
+    for r in gen:
+        s = r.get("shape") or {}
+        key = (r.get("op"), r.get("dtype"), r.get("backend"), s.get("batch"), s.get("prompt"), s.get("new_tokens"))
+        groups[key][r.get("variant")] = r
+    body = []
+    for (op, dtype, backend, batch, prompt, new), v in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        c, u = v.get("cached"), v.get("uncached")
+        sp = f"{u['median_ms'] / c['median_ms']:.2f}x" if c and u else "n/a"
+        body.append([op.replace("generate-", ""), dtype, backend, batch, f"{prompt} + {new}",
+                     fmt(c.get("tokens_per_s")) if c else "n/a", fmt(u.get("tokens_per_s")) if u else "n/a", sp])
+    return out + [table(["model", "dtype", "backend", "batch", "prompt + new", "cached tok/s",
+                         "uncached tok/s", "cached speed-up"], body), ""]
+
+
+def device_header(dev: str, commit: str, rows: list) -> list:
+    r0 = max(rows, key=_stamp)
+    dates = sorted(r.get("date") or "" for r in rows)
+    dirty = " (uncommitted changes)" if any(r.get("dirty") for r in rows) else ""
+    bits = [f"commit `{commit}`{dirty}", f"torch {r0.get('torch')}"]
+    if r0.get("triton"):
+        bits.append(f"triton {r0.get('triton')}")
+    if r0.get("cuda"):
+        bits.append(f"CUDA {r0.get('cuda')}")
+    if r0.get("device_type") == "cpu":
+        bits.append(f"{r0.get('threads')} threads")
+    bits.append(f"measured {dates[0][:16]} – {dates[-1][:16]} UTC, {len(rows)} rows")
+    note = []
+    if r0.get("device_type") == "cpu":
+        note = ["", "_CPU rows are indicative only: the machine was shared with other jobs while measuring._"]
+    return [f"## {dev}", "", "; ".join(bits) + "."] + note + [""]
+
+
+# ---- plots --------------------------------------------------------------------------------------
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+def attention_plots(dev: str, rows: list, plot_dir: Path) -> list:
+    """One PNG per (dtype, D, causal) of the dense attention rows; returns the written paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attn = [r for r in rows if r.get("suite") == "attention" and r.get("variant") == "dense"
+            and r.get("tflops")]
+    groups = defaultdict(list)
+    for r in attn:
+        s = r.get("shape") or {}
+        groups[(r.get("dtype"), s.get("D"), bool(r.get("causal")))].append(r)
+    written = []
+    for (dtype, d, causal), grp in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        passes = _order({r.get("pass") for r in grp}, PASS_ORDER)
+        unit, scale = _flops_unit(grp)
+        fig, axes = plt.subplots(1, len(passes), figsize=(5.2 * len(passes), 4.2), squeeze=False)
+        for ax, pass_ in zip(axes[0], passes):
+            sel = [r for r in grp if r.get("pass") == pass_]
+            for b in _order({r["backend"] for r in sel}, ATTN_BACKEND_ORDER):
+                pts = sorted(((r["shape"]["T_q"], r["tflops"] * scale) for r in sel if r["backend"] == b))
+                style = "--" if b.startswith("sdpa") else "-"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=b)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length T")
+            ax.set_ylabel(unit)
+            ax.set_title(f"{pass_}")
+            ax.grid(True, alpha=0.3)
+        axes[0][-1].legend(fontsize=8, loc="best")
+        fig.suptitle(f"attention {dtype}, head dim {d}, {'causal' if causal else 'non-causal'} — {dev}",
+                     fontsize=10)
+        fig.tight_layout()
+        path = plot_dir / f"attention_{slug(dev)}_{dtype}_d{d}_{'causal' if causal else 'full'}.png"
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def swiglu_plot(dev: str, rows: list, plot_dir: Path) -> list:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sw = [r for r in rows if r.get("suite") == "swiglu" and r.get("gbps")]
+    if not sw:
+        return []
+    passes = _order({r.get("pass") for r in sw}, ("fwd", "fwd+bwd"))
+    backends = _order({r["backend"] for r in sw}, SWIGLU_BACKEND_ORDER)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(backends) * len(passes), 4))
+    width = 0.8 / len(passes)
+    for i, pass_ in enumerate(passes):
+        vals = []
+        for b in backends:
+            hit = [r["gbps"] for r in sw if r["backend"] == b and r.get("pass") == pass_]
+            vals.append(hit[0] if hit else 0.0)
+        ax.bar([x + i * width for x in range(len(backends))], vals, width, label=pass_)
+    ax.set_xticks([x + width * (len(passes) - 1) / 2 for x in range(len(backends))])
+    ax.set_xticklabels(backends, rotation=20)
+    ax.set_ylabel("GB/s")
+    s = sw[0].get("shape") or {}
+    ax.set_title(f"SwiGLU {s.get('rows')}x{s.get('cols')} {sw[0].get('dtype')} — {dev}", fontsize=10)
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    path = plot_dir / f"swiglu_{slug(dev)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+# ---- main ---------------------------------------------------------------------------------------
+def build_report(selected: list, plot_dir: Optional[Path], md_dir: Path,
+                 short: bool = False) -> tuple[str, str, list]:
+    """(full markdown, short summary markdown, written plot paths)."""
+    parts = ["# fastlm benchmark report", "",
+             "Generated by `python -m benchmarks.report` from `benchmarks/results.jsonl` "
+             "(`pytest benchmarks --benchmark-only` with `FASTLM_BENCH_RECORD=1`; always on CUDA).", ""]
+    summary = []
+    plots = []
+    if not selected:
+        parts += ["No results recorded yet.", ""]
+    for dev, commit, rows in selected:
+        head = device_header(dev, commit, rows)
+        parts += head
+        if plot_dir is not None:
+            new = attention_plots(dev, rows, plot_dir) + swiglu_plot(dev, rows, plot_dir)
+            plots += new
+            if new:
+                parts += [" ".join(f"![{p.stem}]({p.relative_to(md_dir).as_posix() if p.is_relative_to(md_dir) else p.as_posix()})"
+                                   for p in new), ""]
+        parts += attention_section(rows) + swiglu_section(rows) + model_section(rows) + generate_section(rows)
+        summary += head + attention_section([r for r in rows if r.get("pass") == "fwd+bwd"], details=False,
+                                            columns=SHORT_ATTN_COLUMNS if short else None)
+        summary += swiglu_section(rows) + model_section(rows) + generate_section(rows)
+    return "\n".join(parts).rstrip() + "\n", "\n".join(summary).rstrip() + "\n", plots
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=BENCH_DIR / "results.jsonl", help="JSON-lines results file")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "REPORT.md", help="markdown report to write")
+    p.add_argument("--plots", type=Path, default=BENCH_DIR / "plots", help="folder for the PNG plots")
+    p.add_argument("--device", default=None, help="only devices whose name contains this (case-insensitive)")
+    p.add_argument("--all-commits", action="store_true", help="report every commit group, not the newest")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--summary", action="store_true",
+                   help="print the headline tables (attention fwd+bwd, swiglu, model, generation) to stdout")
+    p.add_argument("--short", action="store_true",
+                   help="with --summary: attention columns auto, triton, cuda, cpp, reference, sdpa, sdpa-flash, sdpa-cudnn only")
+    args = p.parse_args(argv)
+
+    if not args.results.exists():
+        print(f"error: no results file at {args.results} (run FASTLM_BENCH_RECORD=1 pytest benchmarks "
+              f"--benchmark-only first)", file=sys.stderr)
+        return 2
+    rows, bad = load_rows(args.results)
+    if bad:
+        print(f"warning: skipped {bad} malformed line(s) in {args.results}", file=sys.stderr)
+    selected = select(rows, device=args.device, all_commits=args.all_commits)
+    if not selected:
+        what = f" for device matching {args.device!r}" if args.device else ""
+        print(f"error: no usable rows in {args.results}{what}", file=sys.stderr)
+        return 1
+    md_dir = args.out.resolve().parent
+    full, summary, plots = build_report(selected, None if args.no_plots else args.plots.resolve(), md_dir,
+                                        short=args.short)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(full, encoding="utf-8")
+    print(f"wrote {args.out} ({sum(len(r) for _, _, r in selected)} rows, {len(selected)} device/commit group(s))"
+          + (f" and {len(plots)} plot(s) in {args.plots}" if plots else ""))
+    if args.summary:
+        print()
+        print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
