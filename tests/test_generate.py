@@ -17,6 +17,15 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 6
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add barrier waits (30x slower on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_run(run_dir, tokenizer="char", block_size=32, seed=0, text=TEXT, **tok_kw):
     """A run directory written with the checkpoint API (config.json, tokenizer.json,
     model.safetensors, data/{train,val,test}.npy) around an untrained tiny GPT."""

@@ -11,6 +11,15 @@ from fastlm.sampling import (beam_search, filter_logits, generate, sample_from_l
                              window_keep)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add barrier waits (30x slower on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_gpt(pos="learned", vocab=11, block=16, seed=0, dtype=torch.float64, backend="reference"):
     """A 2-layer GPT with weights scaled up so its next-token distributions are far from uniform
     (argmax ties would make cached/uncached comparisons meaningless), in float64."""
