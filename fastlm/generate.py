@@ -103,6 +103,8 @@ def _check_args(args) -> None:
             raise ValueError("--beam-size returns the best beams of one prompt; drop --num-samples")
         if args.from_split is not None:
             raise ValueError("--beam-size cannot be combined with --from-split")
+    if args.from_split is not None and args.num_samples != 1:
+        raise ValueError("--num-samples does not apply to --from-split (use --examples)")
     if args.output_file is not None and os.path.exists(args.output_file):
         raise ValueError(f"--output-file {args.output_file} already exists; refusing to overwrite it")
 

@@ -172,6 +172,9 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: Optio
     filtered probability is zero.
     """
     logits = _at_least_fp32(logits)
+    if bool((torch.isnan(logits).any(-1) | torch.isneginf(logits).all(-1)).any()):
+        raise ValueError("the model produced NaN (or all -inf) logits; cannot sample "
+                         "(a diverged or corrupted checkpoint, or fp16 overflow?)")
     if greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / temperature, top_k, top_p)
@@ -200,7 +203,6 @@ class _Decoder:
         self.use_cache = use_cache
         self.cache = model.new_kv_cache(batch_size, self.block) if use_cache else None
         self.start = 0  # index in the full sequence of the window's first token
-        self.fed = 0    # tokens of the sequence the model has seen so far (cached mode)
 
     def _forward(self, ids: Tensor, cache) -> Tensor:
         logits, _ = self.model(ids, kv_cache=cache, last_only=True)
@@ -213,7 +215,6 @@ class _Decoder:
     def _refeed(self, seq: Tensor) -> Tensor:
         if self.cache is not None:
             self.cache.reset()
-        self.fed = seq.shape[1]
         return self._forward(seq[:, self.start:], self.cache)
 
     def step(self, seq: Tensor) -> Tensor:
@@ -222,7 +223,6 @@ class _Decoder:
         if n - self.start > self.block:  # the window is full: slide it and prefill again
             self.start = n - self.keep
             return self._refeed(seq)
-        self.fed = n
         if self.cache is None:
             return self._forward(seq[:, self.start:], None)
         return self._forward(seq[:, -1:], self.cache)

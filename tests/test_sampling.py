@@ -443,3 +443,15 @@ def test_cached_decoding_on_cuda(pos):
                        generate(model, prompt, 40, top_p=0.9, generator=g(), use_cache=False))
     beams = beam_search(model, prompt[:1], 12, beam_size=1)
     assert torch.equal(beams[0][0], generate(model, prompt[:1], 12, greedy=True)[0])
+
+
+def test_nan_logits_raise():
+    with pytest.raises(ValueError, match="NaN"):
+        sample_from_logits(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="NaN"):
+        sample_from_logits(torch.full((1, 3), float("-inf")), greedy=True)
+    model = tiny_gpt()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        generate(model, torch.tensor([[1, 2]]), 3)
