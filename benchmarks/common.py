@@ -14,7 +14,7 @@ Environment knobs
 -----------------
 ``FASTLM_BENCH_DEVICE``   cpu | cuda (default: cuda when available)
 ``FASTLM_BENCH_GRID``     full | quick (default full on CUDA; the CPU grid is always the small one)
-``FASTLM_BENCH_BUDGET``   seconds of timed rounds per benchmark (default 0.1 on CUDA, 0.3 on CPU)
+``FASTLM_BENCH_BUDGET``   seconds of timed rounds per benchmark (default 0.06 on CUDA, 0.3 on CPU)
 ``FASTLM_BENCH_RECORD``   1: append one JSON line per benchmark to the results file; 0: never;
                           unset: record on CUDA only
 ``FASTLM_BENCH_RESULTS``  results file (default ``benchmarks/results.jsonl``)
@@ -192,7 +192,7 @@ def _budget_s() -> float:
         if not val > 0:
             raise ValueError(f"FASTLM_BENCH_BUDGET must be a positive number of seconds, got {raw!r}")
         return val
-    return 0.1 if ON_GPU else 0.3
+    return 0.06 if ON_GPU else 0.3
 
 
 class Bench:

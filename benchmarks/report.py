@@ -287,7 +287,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
-def attention_plots(dev: str, rows: list, plot_dir: Path) -> list:
+def attention_plots(dev: str, rows: list, plot_dir: Path, suffix: str = "") -> list:
     """One PNG per (dtype, D, causal) of the dense attention rows; returns the written paths."""
     import matplotlib
     matplotlib.use("Agg")
@@ -311,6 +311,10 @@ def attention_plots(dev: str, rows: list, plot_dir: Path) -> list:
                 style = "--" if b.startswith("sdpa") else "-"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=b)
             ax.set_xscale("log", base=2)
+            ts = sorted({r["shape"]["T_q"] for r in sel})
+            ax.set_xticks(ts)
+            ax.set_xticklabels([f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t) for t in ts])
+            ax.minorticks_off()
             ax.set_xlabel("sequence length T")
             ax.set_ylabel(unit)
             ax.set_title(f"{pass_}")
@@ -319,7 +323,7 @@ def attention_plots(dev: str, rows: list, plot_dir: Path) -> list:
         fig.suptitle(f"attention {dtype}, head dim {d}, {'causal' if causal else 'non-causal'} — {dev}",
                      fontsize=10)
         fig.tight_layout()
-        path = plot_dir / f"attention_{slug(dev)}_{dtype}_d{d}_{'causal' if causal else 'full'}.png"
+        path = plot_dir / f"attention_{slug(dev)}_{dtype}_d{d}_{'causal' if causal else 'full'}{suffix}.png"
         plot_dir.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -327,7 +331,7 @@ def attention_plots(dev: str, rows: list, plot_dir: Path) -> list:
     return written
 
 
-def swiglu_plot(dev: str, rows: list, plot_dir: Path) -> list:
+def swiglu_plot(dev: str, rows: list, plot_dir: Path, suffix: str = "") -> list:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -354,7 +358,7 @@ def swiglu_plot(dev: str, rows: list, plot_dir: Path) -> list:
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     plot_dir.mkdir(parents=True, exist_ok=True)
-    path = plot_dir / f"swiglu_{slug(dev)}.png"
+    path = plot_dir / f"swiglu_{slug(dev)}{suffix}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
@@ -371,11 +375,14 @@ def build_report(selected: list, plot_dir: Optional[Path], md_dir: Path,
     plots = []
     if not selected:
         parts += ["No results recorded yet.", ""]
+    seen = set()
     for dev, commit, rows in selected:
         head = device_header(dev, commit, rows)
         parts += head
+        suffix = f"_{slug(commit)}" if dev in seen else ""  # older commits (--all-commits) keep their own files
+        seen.add(dev)
         if plot_dir is not None:
-            new = attention_plots(dev, rows, plot_dir) + swiglu_plot(dev, rows, plot_dir)
+            new = attention_plots(dev, rows, plot_dir, suffix) + swiglu_plot(dev, rows, plot_dir, suffix)
             plots += new
             if new:
                 parts += [" ".join(f"![{p.stem}]({p.relative_to(md_dir).as_posix() if p.is_relative_to(md_dir) else p.as_posix()})"
