@@ -196,12 +196,13 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: Optio
 class _Decoder:
     """Feeds a growing sequence to the model and returns next-token logits, sliding the window."""
 
-    def __init__(self, model, batch_size: int, use_cache: bool, device):
+    def __init__(self, model, batch_size: int, use_cache: bool, total_len: int):
         self.model = model
         self.block = int(model.max_context())
         self.keep = window_keep(self.block)
-        self.use_cache = use_cache
-        self.cache = model.new_kv_cache(batch_size, self.block) if use_cache else None
+        # the cache never holds more than the window, nor more than the whole sequence to be
+        # (a short generation with a long-context model allocates only what it uses)
+        self.cache = model.new_kv_cache(batch_size, min(self.block, total_len)) if use_cache else None
         self.start = 0  # index in the full sequence of the window's first token
 
     def _forward(self, ids: Tensor, cache) -> Tensor:
@@ -270,7 +271,7 @@ def generate(model, prompt_ids: Tensor, max_new_tokens: int, *, temperature: flo
 
     with _eval_mode(model):
         seq = prompt_ids
-        dec = _Decoder(model, B, use_cache, device)
+        dec = _Decoder(model, B, use_cache, seq.shape[1] + max_new_tokens)
         logits = dec.prefill(seq)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for i in range(max_new_tokens):
@@ -338,7 +339,7 @@ def beam_search(model, prompt_ids: Tensor, max_new_tokens: int, beam_size: int,
     with _eval_mode(model):
         seq = prompt_ids                                               # (K_alive, T + step)
         sums = torch.zeros(1, dtype=torch.float64, device=device)      # (K_alive,)
-        dec = _Decoder(model, 1, True, device)
+        dec = _Decoder(model, 1, True, seq.shape[1] + max_new_tokens)
         logits = dec.prefill(seq)
         for step in range(1, max_new_tokens + 1):
             logp = F.log_softmax(logits.double(), dim=-1)              # (K_alive, V)
