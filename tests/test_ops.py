@@ -32,6 +32,7 @@ CASES = [
     ("alibi_t17_d64", 1, 4, 4, 17, 17, 64, True, True),
     ("alibi_noncausal_t17_d16", 2, 4, 4, 17, 17, 16, False, True),
     ("alibi_gqa_5x23_d40", 1, 4, 2, 5, 23, 40, True, True),
+    ("alibi_noncausal_23x5_d16", 1, 4, 4, 23, 5, 16, False, True),
     ("masked_rows_23x5_d16", 1, 2, 2, 23, 5, 16, True, False),
 ]
 

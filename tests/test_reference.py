@@ -24,6 +24,7 @@ CASES = [
     ("tq_lt_tk", 2, 2, 2, 5, 23, 16, True, False),
     ("tq_lt_tk_alibi_gqa", 1, 4, 2, 5, 23, 16, True, True),
     ("tq_gt_tk", 1, 2, 2, 23, 5, 16, True, False),
+    ("tq_gt_tk_alibi_noncausal", 1, 2, 2, 23, 5, 16, False, True),
     ("tq1", 2, 2, 2, 1, 9, 16, True, False),
 ]
 IDS = [c[0] for c in CASES]
