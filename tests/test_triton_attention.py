@@ -6,7 +6,8 @@ interpreter: an autouse fixture sets ``TRITON_INTERPRET=1`` for each test of thi
 in any test order and does not leak into other modules).
 
 Tolerance rule (FlashAttention's): ``max|out - ref64| <= 2 * max|base - ref64| + eps`` where
-``ref64`` is :func:`fastlm.reference.naive_attention` in float64 and ``base`` the same computation
+``ref64`` is :func:`fastlm.reference.naive_attention` in float64 (on the inputs as rounded to the
+tested dtype, so input rounding is not counted as kernel error) and ``base`` the same computation
 by plain PyTorch in the tested dtype: the ``torch`` backend (SDPA) when it can express the call,
 else the textbook formula run in that dtype (``naive_attention(..., dtype=dtype)``: SDPA cannot
 express causal T_q > T_k with its fully masked rows). ``eps`` is a small floor (a few ulps of the
@@ -87,10 +88,11 @@ def _baseline(q, k, v, do, causal, slopes, dtype):
     return _run(fn, *args, _to(do, dtype))
 
 
-def _oracle(q, k, v, do, causal, slopes):
+def _oracle(q, k, v, do, causal, slopes, dtype=torch.float64):
+    """float64 math on the inputs as rounded to the tested ``dtype``."""
     sl = None if slopes is None else slopes.to(DEVICE)
-    args = [_to(t, torch.float64) for t in (q, k, v)]
-    return _run(lambda a, b, c: naive_attention(a, b, c, causal, None, sl), *args, _to(do, torch.float64))
+    args = [_to(t, dtype).double() for t in (q, k, v)]
+    return _run(lambda a, b, c: naive_attention(a, b, c, causal, None, sl), *args, _to(do, dtype).double())
 
 
 def _within(got, ref64, base, dtype):
@@ -131,7 +133,7 @@ def test_forward_backward_parity(A, case, dtype):
     sl = None if slopes is None else slopes.to(DEVICE)
     got = _run(lambda a, b_, c: A.attention(a, b_, c, causal, None, sl), *(_to(t, dtype) for t in (q, k, v)),
                _to(do, dtype))
-    _check_all(got, _oracle(q, k, v, do, causal, slopes), _baseline(q, k, v, do, causal, slopes, dtype), dtype)
+    _check_all(got, _oracle(q, k, v, do, causal, slopes, dtype), _baseline(q, k, v, do, causal, slopes, dtype), dtype)
 
 
 @pytest.mark.parametrize("d", [8, 128, 256])
@@ -140,7 +142,7 @@ def test_head_dim_extremes_fp32(A, d):
     q, k, v, do, _ = _inputs(1, 2, 1, 9, 21, d, False, seed=d)
     got = _run(lambda a, b, c: A.attention(a, b, c, True), *(_to(t, torch.float32) for t in (q, k, v)),
                _to(do, torch.float32))
-    _check_all(got, _oracle(q, k, v, do, True, None), _baseline(q, k, v, do, True, None, torch.float32),
+    _check_all(got, _oracle(q, k, v, do, True, None, torch.float32), _baseline(q, k, v, do, True, None, torch.float32),
                torch.float32)
 
 
@@ -155,7 +157,7 @@ def test_decode_split_kv(A, dtype, h, h_kv, t_q, causal, alibi):
     sl = None if slopes is None else slopes.to(DEVICE)
     got = _run(lambda a, b, c: A.attention(a, b, c, causal, None, sl), *(_to(t, dtype) for t in (q, k, v)),
                _to(do, dtype))
-    _check_all(got, _oracle(q, k, v, do, causal, slopes), _baseline(q, k, v, do, causal, slopes, dtype), dtype)
+    _check_all(got, _oracle(q, k, v, do, causal, slopes, dtype), _baseline(q, k, v, do, causal, slopes, dtype), dtype)
     # and the split-KV forward agrees with the one-pass forward (both are fp32-accumulated)
     args = [_to(t, dtype) for t in (q, k, v)]
     o1, lse1 = A.attention_forward(*args, causal, 0.125, sl, split_kv=True)
@@ -199,7 +201,7 @@ def test_strided_bthd_layout(A, dtype):
     got = _run(lambda a, b, c: A.attention(a, b, c, True, None, sl), *args, _to(do, dtype))
     assert got[0].stride() == args[0].stride()
     assert got[1].stride() == args[0].stride() and got[2].stride() == args[1].stride()
-    _check_all(got, _oracle(q, k, v, do, True, slopes), _baseline(q, k, v, do, True, slopes, dtype), dtype)
+    _check_all(got, _oracle(q, k, v, do, True, slopes, dtype), _baseline(q, k, v, do, True, slopes, dtype), dtype)
     # upstream gradient with stride 0 along T (what out.sum(dim=2) backward produces)
     q2, k2, v2 = (t.detach().requires_grad_() for t in args)
     A.attention(q2, k2, v2, True, None, sl).float().sum(dim=2).pow(2).sum().backward()
@@ -238,7 +240,7 @@ def test_tolerance_rule_catches_a_wrong_mask(A):
     """The parity check is not vacuous: top-left causal (SDPA's is_causal) with T_q < T_k fails."""
     q, k, v, do, _ = _inputs(1, 2, 2, 8, 24, 16, False)
     args = [_to(t, torch.float32) for t in (q, k, v)]
-    ref = _oracle(q, k, v, do, True, None)
+    ref = _oracle(q, k, v, do, True, None, torch.float32)
     base = _baseline(q, k, v, do, True, None, torch.float32)
     wrong = torch.nn.functional.scaled_dot_product_attention(*args, is_causal=True)
     assert not _within(wrong, ref[0], base[0], torch.float32)[0]
@@ -305,7 +307,7 @@ def test_opcheck_aot_dispatch(A):
 def test_gpu_real_sizes(A, dtype, t, d, causal):
     q, k, v, do, _ = _inputs(2, 8, 2, t, t, d, False)
     got = _run(lambda a, b, c: A.attention(a, b, c, causal), *(_to(x, dtype) for x in (q, k, v)), _to(do, dtype))
-    _check_all(got, _oracle(q, k, v, do, causal, None), _baseline(q, k, v, do, causal, None, dtype), dtype)
+    _check_all(got, _oracle(q, k, v, do, causal, None, dtype), _baseline(q, k, v, do, causal, None, dtype), dtype)
 
 
 @needs_gpu
