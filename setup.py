@@ -93,7 +93,12 @@ else:
 
         # Few translation units: every .cpp costs ~1 minute on a 2-core machine.
         sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+        # -fopenmp at compile time only: at::parallel_for is an inline OpenMP region in torch's
+        # headers (without the flag it silently runs on one thread); the GOMP symbols then resolve
+        # to the OpenMP runtime libtorch_cpu already loads, so no second runtime is linked in.
         cxx = ["-O3", "-std=c++17"] + _cpu_vec_flags()
+        if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+            cxx.append("-fopenmp")
         define_macros = [("TORCH_EXTENSION_NAME", "_C")]
         extra = {"cxx": cxx}
         if build_cuda:

@@ -59,6 +59,8 @@ cuda::AttnParams make_params(const char* op, const at::Tensor& q, const at::Tens
   attn_layout(op, "q", q, p.q_stride);
   attn_layout(op, "k", k, p.k_stride);
   attn_layout(op, "v", v, p.v_stride);
+  TORCH_CHECK(s.B * s.H <= 65535 && s.T_q < (int64_t(1) << 31) && s.T_k < (int64_t(1) << 31), op,
+              ": batch * heads must be <= 65535 for the CUDA kernel, got ", s.B * s.H);
   p.B = (int)s.B;
   p.H = (int)s.H;
   p.H_kv = (int)s.H_kv;
