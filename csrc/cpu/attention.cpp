@@ -84,13 +84,33 @@ inline void row_times_tile(acc_t* s, const acc_t* x, const acc_t* yT, int64_t D)
   for (int64_t c = 0; c < BK / V; ++c) acc[c].store(s + c * V);
 }
 
-// y[0..Dp) += a * x[0..Dp)
-template <typename acc_t>
-inline void axpy(acc_t* y, acc_t a, const acc_t* x, int64_t Dp) {
+// y[0..Dp) += sum_{c < n} coef[c * cs] * X[c * Dp + 0..Dp), with the NV vectors of y held in
+// registers across the whole sum (one store per vector instead of one per term).
+template <typename acc_t, int NV>
+inline void accum_chunk(acc_t* y, const acc_t* coef, int64_t cs, const acc_t* X, int64_t n,
+                        int64_t Dp) {
   using Vec = Vectorized<acc_t>;
-  const Vec av(a);
-  for (int64_t d = 0; d < Dp; d += Vec::size())
-    at::vec::fmadd(av, Vec::loadu(x + d), Vec::loadu(y + d)).store(y + d);
+  constexpr int64_t V = Vec::size();
+  Vec acc[NV];
+  for (int u = 0; u < NV; ++u) acc[u] = Vec::loadu(y + u * V);
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t a = coef[c * cs];
+    if (a == acc_t(0)) continue;  // masked keys / rows
+    const Vec av(a);
+    const acc_t* x = X + c * Dp;
+    for (int u = 0; u < NV; ++u) acc[u] = at::vec::fmadd(av, Vec::loadu(x + u * V), acc[u]);
+  }
+  for (int u = 0; u < NV; ++u) acc[u].store(y + u * V);
+}
+
+template <typename acc_t>
+inline void accum_rows(acc_t* y, const acc_t* coef, int64_t cs, const acc_t* X, int64_t n,
+                       int64_t Dp) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  int64_t d = 0;
+  for (; d + 8 * V <= Dp; d += 8 * V) accum_chunk<acc_t, 8>(y + d, coef, cs, X + d, n, Dp);
+  for (; d + 4 * V <= Dp; d += 4 * V) accum_chunk<acc_t, 4>(y + d, coef, cs, X + d, n, Dp);
+  for (; d < Dp; d += V) accum_chunk<acc_t, 1>(y + d, coef, cs, X + d, n, Dp);
 }
 
 // s[c] = exp(s[c] - shift) for the whole tile (masked -inf entries become 0).
@@ -173,9 +193,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
             const Vec av(alpha);
             for (int64_t d = 0; d < Dp; d += Vec::size()) (Vec::loadu(orow + d) * av).store(orow + d);
           }
-          const int64_t cend = std::min(nc, row_end - j0);
-          for (int64_t c = 0; c < cend; ++c)
-            if (sr[c] != acc_t(0)) axpy(orow, sr[c], &vbuf[c * Dp], Dp);
+          accum_rows(orow, sr, 1, vbuf.data(), std::min(nc, row_end - j0), Dp);
         }
       }
       for (int64_t r = 0; r < nr; ++r) {
@@ -195,7 +213,6 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
                           at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const AttnShape& s,
                           bool causal, double scale_d, const c10::optional<at::Tensor>& alibi) {
   using acc_t = acc_type_t<scalar_t>;
-  using Vec = Vectorized<acc_t>;
   const View4<scalar_t> Q(q), K(k), Vv(v), dO(dout), Out(out);
   const at::Tensor lse_c = lse_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const acc_t* LSE = lse_c.const_data_ptr<acc_t>();
@@ -208,8 +225,8 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
 
   at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qf(G * Tq * Dp), dof(G * Tq * Dp), dqa(G * Tq * Dp), delta(G * Tq),
-        shift(G * Tq), kT(Dp * BK), vT(Dp * BK), kbuf(BK * Dp), dka(BK * Dp), dva(BK * Dp), p(BK),
-        dp(BK), orow(Dp);
+        shift(G * Tq), kT(Dp * BK), vT(Dp * BK), kbuf(BK * Dp), dka(BK * Dp), dva(BK * Dp),
+        pbuf(BQ * BK), dsbuf(BQ * BK), orow(Dp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % s.H_kv, b = task / s.H_kv;
       // Per-task copies of the group's q, dout, the row terms delta = rowsum(dO * O) and the lse.
@@ -238,30 +255,37 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = hk * G + g;
           const acc_t slope = slopes[h];
-          for (int64_t i = i_start; i < Tq; ++i) {
-            const int64_t row = g * Tq + i;
-            const int64_t row_end = attn::key_end(i, Tq, Tk, causal);
-            if (row_end <= j0 || shift[row] == acc_t(INFINITY)) continue;
-            const acc_t* qr = &qf[row * Dp];
-            const acc_t* dor = &dof[row * Dp];
-            row_times_tile(p.data(), qr, kT.data(), D);
-            for (int64_t c = 0; c < BK; ++c) {
-              const int64_t j = j0 + c;
-              p[c] = (j < row_end && c < nc)
-                         ? p[c] * scale + attn::alibi_bias<acc_t>(slope, i, j, Tq, Tk)
-                         : acc_t(-INFINITY);
+          // Blocks of BQ rows: P and dS of the block are kept so that dV/dK of each key are
+          // summed over the block's rows in registers (accum_rows) rather than row by row.
+          for (int64_t r0 = i_start; r0 < Tq; r0 += BQ) {
+            const int64_t nr = std::min(BQ, Tq - r0);
+            for (int64_t r = 0; r < nr; ++r) {
+              const int64_t i = r0 + r, row = g * Tq + i;
+              acc_t* pr = &pbuf[r * BK];
+              acc_t* dsr = &dsbuf[r * BK];
+              const int64_t row_end = attn::key_end(i, Tq, Tk, causal);
+              if (row_end <= j0 || shift[row] == acc_t(INFINITY)) {  // nothing visible here
+                std::fill(pr, pr + BK, acc_t(0));
+                std::fill(dsr, dsr + BK, acc_t(0));
+                continue;
+              }
+              row_times_tile(pr, &qf[row * Dp], kT.data(), D);
+              for (int64_t c = 0; c < BK; ++c) {
+                const int64_t j = j0 + c;
+                pr[c] = (j < row_end && c < nc)
+                            ? pr[c] * scale + attn::alibi_bias<acc_t>(slope, i, j, Tq, Tk)
+                            : acc_t(-INFINITY);
+              }
+              exp_shift(pr, shift[row]);
+              row_times_tile(dsr, &dof[row * Dp], vT.data(), D);  // dP = dO V^T
+              const acc_t dl = delta[row];
+              for (int64_t c = 0; c < BK; ++c) dsr[c] = pr[c] * (dsr[c] - dl);  // dS
+              accum_rows(&dqa[row * Dp], dsr, 1, kbuf.data(), nc, Dp);        // dQ += dS K
             }
-            exp_shift(p.data(), shift[row]);
-            row_times_tile(dp.data(), dor, vT.data(), D);
-            const acc_t dl = delta[row];
-            acc_t* dqr = &dqa[row * Dp];
-            const int64_t cend = std::min(nc, row_end - j0);
-            for (int64_t c = 0; c < cend; ++c) {
-              if (p[c] == acc_t(0)) continue;
-              const acc_t ds = p[c] * (dp[c] - dl);
-              axpy(&dva[c * Dp], p[c], dor, Dp);
-              axpy(&dka[c * Dp], ds, qr, Dp);
-              axpy(dqr, ds, &kbuf[c * Dp], Dp);
+            const int64_t row0 = g * Tq + r0;
+            for (int64_t c = 0; c < nc; ++c) {
+              accum_rows(&dva[c * Dp], &pbuf[c], BK, &dof[row0 * Dp], nr, Dp);   // dV += P^T dO
+              accum_rows(&dka[c * Dp], &dsbuf[c], BK, &qf[row0 * Dp], nr, Dp);   // dK += dS^T Q
             }
           }
         }
@@ -283,7 +307,6 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
       }
     }
   });
-  (void)sizeof(Vec);
 }
 
 void check_cpu(const char* op, const at::Tensor& q) {
