@@ -524,30 +524,27 @@ _cache: dict = {}
 
 
 def _configs(kind: str, block_d: int, elem_size: int):
-    """A short config list per kernel, head dim and element size (Ampere/Hopper friendly; the
-    list is pruned by hand so that a first call autotunes in seconds, not minutes)."""
-    C = triton.Config
-    big = block_d * elem_size > 256  # D=128 fp32, D=256 fp16/bf16 and up: less shared memory
-    if kind == "fwd":
-        if block_d <= 64:
-            cfg = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
-        elif not big:  # D in (64, 128], 16-bit
-            cfg = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
-        else:
-            cfg = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
-    elif kind == "dkdv":
-        if not big:
-            cfg = [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]
-        else:
-            cfg = [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)]
-    elif kind == "dq":
-        if not big:
-            cfg = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
-        else:
-            cfg = [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)]
-    else:
-        raise ValueError(kind)
-    return [C({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
+    """A short config list per kernel and tile width (head dim x element size), for Ampere and
+    Hopper; pruned by hand so a first call autotunes in seconds. Every list ends with a config
+    small enough for ~100 KB of shared memory (sm_86/89), so autotuning never runs out of
+    candidates (configs that do not fit are dropped by the autotuner)."""
+    row_bytes = block_d * elem_size  # 128: fp16 D<=64; 256: fp16 D=128 / fp32 D=64; 512; 1024
+    table = {
+        "fwd": {128: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+                256: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+                512: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+                1024: [(32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]},
+        "dkdv": {128: [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
+                 256: [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)],
+                 512: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+                 1024: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+        "dq": {128: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+               256: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+               512: [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+               1024: [(32, 16, 4, 1), (16, 16, 4, 1)]},
+    }[kind]
+    cfg = table[min(b for b in table if b >= min(row_bytes, 1024))]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
 
 
 _KEY = ["HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CAUSAL", "HAS_ALIBI", "GROUP"]
@@ -651,7 +648,7 @@ def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
     block_d = _block_d(d)
     part_m = max(16, triton.next_power_of_2(group * t_q))
     interp = interpreting()
-    block_n = _INTERP_DECODE_BLOCK_N if interp else (64 if block_d <= 128 else 32)
+    block_n = _INTERP_DECODE_BLOCK_N if interp else (64 if block_d * q.element_size() <= 256 else 32)
     min_chunk = _INTERP_DECODE_MIN_CHUNK if interp else 256
     target = 2 * _num_sms(q.device)  # enough programs to fill the GPU twice over
     n_splits = max(1, min(triton.cdiv(target, b * h_kv), triton.cdiv(t_k, min_chunk), 128))
@@ -661,7 +658,8 @@ def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
     lse_part = torch.empty((b * h_kv * n_splits * part_m,), device=q.device, dtype=torch.float32)
     slopes = alibi_slopes if alibi_slopes is not None else lse_part
     dec = _kernel("decode", _attn_decode_kernel)
-    extra = {} if _is_interpreted(dec) else {"num_warps": 4, "num_stages": 3 if block_d <= 128 else 2}
+    extra = {} if _is_interpreted(dec) else {"num_warps": 4,
+                                             "num_stages": 3 if block_d * q.element_size() <= 256 else 2}
     _wrap(dec)[(b * h_kv, n_splits)](
         q, k, v, o_part, lse_part, slopes,
         *_strides(q), *_strides(k), *_strides(v),
