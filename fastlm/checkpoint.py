@@ -135,9 +135,14 @@ def _read_json(path, what: str) -> dict:
 # Tensors <-> safetensors (with an embedded checksum)
 # ---------------------------------------------------------------------------------------------
 
+def _looks_pickled(head: bytes) -> bool:
+    # pickle protocol 2+ starts with 0x80 <protocol>; torch.save's zip format with "PK\x03\x04";
+    # protocol 0/1 pickles start with an opcode such as "(", "c" or "]"
+    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
+
+
 def _refuse_pickle_bytes(path, head: bytes) -> None:
-    # pickle protocol 2+ starts with 0x80; torch.save's zip format with "PK"
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+    if _looks_pickled(head):
         raise CheckpointError(f"refusing to load {path}: it looks like a pickle/torch.save file; "
                               "fastlm reads only safetensors and JSON (pickle can run arbitrary code)")
 
@@ -187,10 +192,13 @@ def load_weights(path) -> tuple[dict, dict]:
         raise CheckpointError(f"checkpoint file not found: {path}") from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint file {path}: {e.strerror or e}") from None
-    _refuse_pickle_bytes(path, raw[:4])
     if len(raw) < 8:
+        _refuse_pickle_bytes(path, raw[:4])
         raise CheckpointError(f"{path} is truncated ({len(raw)} bytes), not a safetensors file")
     header_len = int.from_bytes(raw[:8], "little")
+    if len(raw) < 9 or raw[8:9] != b"{":  # a safetensors header is a JSON object
+        _refuse_pickle_bytes(path, raw[:4])
+        raise CheckpointError(f"{path} is not a safetensors file")
     if header_len > len(raw) - 8:
         raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {header_len} bytes "
                               f"in a {len(raw)}-byte file)")

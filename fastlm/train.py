@@ -331,7 +331,7 @@ class LRSchedule:
         """Plateau bookkeeping after an evaluation; True when the LR was just reduced."""
         if self.cfg.lr_schedule != "plateau":
             return False
-        if val_loss < self.best - 1e-4:
+        if val_loss < self.best:
             self.best, self.bad = val_loss, 0
             return False
         self.bad += 1
@@ -727,6 +727,7 @@ def _train(tcfg: TrainConfig, model_values: dict, explicit: set, dist: Dist, t_s
 
     nan_step = int(os.environ.get("FASTLM_TEST_NAN_AT_STEP", "0") or 0)  # test hook: poison the loss
     step_sleep = float(os.environ.get("FASTLM_TEST_STEP_SLEEP", "0") or 0)  # test hook: slow steps down
+    signal_step = int(os.environ.get("FASTLM_TEST_SIGNAL_AT_STEP", "0") or 0)  # test hook: act as if Ctrl-C
     bar = None
     if dist.main and tcfg.progress:
         from tqdm import tqdm
@@ -778,6 +779,8 @@ def _train(tcfg: TrainConfig, model_values: dict, explicit: set, dist: Dist, t_s
             tokens_seen += tokens_per_step
             if step_sleep:
                 time.sleep(step_sleep)
+            if signal_step and step == signal_step:
+                stop_signal["sig"] = signal.SIGINT
             if dist.main and (step % tcfg.log_interval == 0 or step == tcfg.max_iters):
                 now = time.time()
                 tps = (step - last_step) * tokens_per_step / max(now - last_t, 1e-9)

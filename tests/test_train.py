@@ -1,0 +1,370 @@
+"""python -m fastlm.train, in-process through main(argv): run-dir artifacts, overwrite protection,
+exact resume, --init-from, early stopping, plateau LR, config files, hostile input."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastlm import checkpoint, data
+from fastlm.config import ConfigFileError, load_config_file, merge_values
+from fastlm.model import GPTConfig
+from fastlm.train import LRSchedule, TrainConfig, build_parser, main
+
+TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
+        "--eval-iters", "2", "--eval-interval", "5", "--max-iters", "10", "--sample-tokens", "0",
+        "--no-progress", "--log-interval", "1", "--warmup-iters", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("corpus") / "shake.txt"
+    p.write_text(data.default_corpus().read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    return p
+
+
+def run(args, capsys=None):
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr() if capsys is not None else None
+    return rc, out
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def one_error_line(capsys_out):
+    lines = [ln for ln in capsys_out.err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, capsys_out.err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_run_dir_artifacts(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    rc, res = run(["--data", corpus, "--out-dir", out, *TINY, "--sample-tokens", "20"], capsys)
+    assert rc == 0
+    assert f"run dir: {out}" in res.out and "done: best val loss" in res.out and "sample:" in res.out
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "metrics.csv", "train_log.csv",
+                 "loss.png", "summary.json", "latest", "data/train.npy", "data/val.npy"):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["n_layer"] == 1 and cfg["train"]["max_iters"] == 10 and cfg["tokenizer"]["kind"] == "char"
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("val_loss", "val_ppl", "train_loss", "steps", "tokens_per_s", "wall_s", "best_step"):
+        assert key in summary, key
+    assert summary["steps"] == 10 and summary["tokens_seen"] == 10 * 4 * 16
+    m = rows(out / "metrics.csv")
+    assert [int(r["step"]) for r in m] == [5, 10]
+    assert len(rows(out / "train_log.csv")) == 10
+    # val_loss is the best checkpoint's loss over the whole val split
+    model, tok, run_cfg = checkpoint.load_model(out)
+    val = data.load_split(out, "val")
+    assert len(val) == 2000  # last 10% of 20000 chars
+    assert math.isclose(summary["val_loss"], data.split_loss(model, val, 16, 64, "cpu"), rel_tol=1e-6)
+    best = min(m, key=lambda r: float(r["val_loss"]))
+    assert summary["best_step"] == int(best["step"])
+
+
+def test_overwrite_protection(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    rc, res = run(["--data", corpus, "--out-dir", out, *TINY], capsys)
+    assert rc == 2 and "already exists" in one_error_line(res) and "--overwrite" in res.err
+    rc, _ = run(["--data", corpus, "--out-dir", out, *TINY, "--overwrite", "--max-iters", "5"], capsys)
+    assert rc == 0 and (out / "mine.txt").read_text() == "keep me"  # only run files are replaced
+    rc, _ = run(["--data", corpus, "--out-dir", out, *TINY, "--overwrite", "--max-iters", "5"], capsys)
+    assert rc == 0 and len(list(out.glob("ckpt-*"))) == 1
+
+
+def test_resume_is_exact(tmp_path, corpus, capsys, monkeypatch):
+    args = ["--data", corpus, *TINY, "--max-iters", "20", "--dropout", "0.1"]
+    rc, _ = run([*args, "--out-dir", tmp_path / "a"], capsys)
+    assert rc == 0
+    monkeypatch.setenv("FASTLM_TEST_SIGNAL_AT_STEP", "7")  # act as if Ctrl-C came during step 7
+    rc, res = run([*args, "--out-dir", tmp_path / "b"], capsys)
+    assert rc == 130 and "interrupted" in res.out and "--resume" in res.out
+    assert json.loads((tmp_path / "b" / "latest").read_text())["step"] == 8
+    monkeypatch.delenv("FASTLM_TEST_SIGNAL_AT_STEP")
+    rc, res = run(["--resume", tmp_path / "b", "--no-progress"], capsys)
+    assert rc == 0 and "resuming" in res.out
+    la, lb = rows(tmp_path / "a" / "train_log.csv"), rows(tmp_path / "b" / "train_log.csv")
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb] and len(la) == 20
+    ma, mb = rows(tmp_path / "a" / "metrics.csv"), rows(tmp_path / "b" / "metrics.csv")
+    assert [(r["train_loss"], r["val_loss"]) for r in ma] == [(r["train_loss"], r["val_loss"]) for r in mb]
+    wa, _ = checkpoint.load_weights(tmp_path / "a" / "model.safetensors")
+    wb, _ = checkpoint.load_weights(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa = json.loads((tmp_path / "a" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert sa["val_loss"] == sb["val_loss"] and sb["steps"] == 20
+
+
+def test_resume_refuses_other_config(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert run(["--data", corpus, "--out-dir", out, *TINY, "--max-iters", "5"], capsys)[0] == 0
+    rc, res = run(["--resume", out, "--n-layer", "2"], capsys)
+    assert rc == 2 and "n_layer=1" in one_error_line(res)
+    rc, res = run(["--resume", out, "--lr", "0.5"], capsys)
+    assert rc == 2 and "lr=" in one_error_line(res)
+    rc, res = run(["--resume", tmp_path / "nothing"], capsys)
+    assert rc == 2 and "not found" in one_error_line(res)
+    # extending a finished run is allowed
+    rc, res = run(["--resume", out, "--max-iters", "10", "--no-progress"], capsys)
+    assert rc == 0 and json.loads((out / "summary.json").read_text())["steps"] == 10
+
+
+def test_init_from_fine_tunes_with_checkpoint_tokenizer_and_architecture(tmp_path, corpus, capsys):
+    base = tmp_path / "base"
+    assert run(["--data", corpus, "--out-dir", base, *TINY], capsys)[0] == 0
+    new_corpus = tmp_path / "new.txt"
+    new_corpus.write_text(corpus.read_text(encoding="utf-8")[::-1][:5000], encoding="utf-8")
+    ft = tmp_path / "ft"
+    rc, res = run(["--data", new_corpus, "--out-dir", ft, *TINY, "--init-from", base, "--n-layer", "3",
+                   "--max-iters", "1", "--lr", "1e-9", "--weight-decay", "0"], capsys)
+    assert rc == 0 and "ignoring n_layer" in res.out
+    cb, cf = json.loads((base / "config.json").read_text()), json.loads((ft / "config.json").read_text())
+    assert cf["model"] == cb["model"]
+    assert json.loads((ft / "tokenizer.json").read_text()) == json.loads((base / "tokenizer.json").read_text())
+    wb, _ = checkpoint.load_weights(base / "model.safetensors")
+    wf, _ = checkpoint.load_weights(ft / "model.safetensors")
+    assert all(torch.allclose(wb[k], wf[k], atol=1e-6) for k in wb)  # started from the base weights
+    bad = tmp_path / "bad.txt"
+    bad.write_text("\u4e2d\u6587 characters the base never saw" * 20, encoding="utf-8")
+    rc, res = run(["--data", bad, "--out-dir", tmp_path / "ft2", *TINY, "--init-from", base], capsys)
+    assert rc == 2 and "not in the char vocabulary" in one_error_line(res)
+
+
+@pytest.fixture()
+def drifting_corpus(tmp_path):
+    """Train text 'abab...', val text 'aabb...': the more surely the model alternates, the worse val gets."""
+    p = tmp_path / "drift.txt"
+    p.write_text("ab" * 900 + "aabb" * 50, encoding="utf-8")
+    return p
+
+
+def test_early_stopping(tmp_path, drifting_corpus, capsys):
+    out = tmp_path / "run"
+    rc, res = run(["--data", drifting_corpus, "--out-dir", out, *TINY, "--max-iters", "300", "--lr", "0.03",
+                   "--early-stopping-patience", "2", "--lr-schedule", "constant"], capsys)
+    assert rc == 0 and "early stopping at step" in res.out
+    s = json.loads((out / "summary.json").read_text())
+    m = rows(out / "metrics.csv")
+    vals = [float(r["val_loss"]) for r in m]
+    assert s["stopped_early"] and s["steps"] < 300 and s["steps"] == int(m[-1]["step"])
+    assert s["best_step"] == s["steps"] - 10  # two evals without improvement, then stop
+    assert min(vals) == vals[-3] and vals[-2] >= vals[-3] and vals[-1] >= vals[-3]
+
+
+def test_plateau_schedule(tmp_path, drifting_corpus, capsys):
+    out = tmp_path / "run"
+    rc, res = run(["--data", drifting_corpus, "--out-dir", out, *TINY, "--max-iters", "40", "--lr", "0.03",
+                   "--lr-schedule", "plateau", "--plateau-patience", "1", "--plateau-factor", "0.5",
+                   "--warmup-iters", "0", "--min-lr", "0.005"], capsys)
+    assert rc == 0 and "plateaued" in res.out
+    vals = [float(r["val_loss"]) for r in rows(out / "metrics.csv")]
+    lrs = [float(r["lr"]) for r in rows(out / "train_log.csv")]
+    # expected: the LR halves after every eval (each 5 steps) that does not beat the best, floored at min_lr
+    expected, lr, best = [], 0.03, math.inf
+    for i, v in enumerate(vals):
+        expected += [lr] * 5
+        if v < best:
+            best = v
+        else:
+            lr = max(0.005, lr * 0.5)
+    assert lrs == pytest.approx(expected, rel=1e-5)
+    assert min(lrs) < 0.03  # at least one plateau seen
+
+
+def test_lr_schedule_cosine_and_warmup():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    s = LRSchedule(cfg)
+    assert s.lr(0) == pytest.approx(0.1) and s.lr(9) == pytest.approx(1.0)
+    assert s.lr(10) == pytest.approx(1.0) and s.lr(60) == pytest.approx(0.55) and s.lr(110) == pytest.approx(0.1)
+    assert LRSchedule(TrainConfig(lr=1.0, lr_schedule="constant", warmup_iters=0)).lr(500) == 1.0
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_config_file(tmp_path, corpus, capsys, suffix):
+    settings = {"model": {"n_layer": 1, "n_embd": 24, "n_head": 3, "block_size": 16},
+                "train": {"max_iters": 4, "eval_interval": 2, "eval_iters": 1, "batch_size": 2,
+                          "sample_tokens": 0, "progress": False, "lr": 0.003}}
+    path = tmp_path / f"run{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(settings))
+    else:
+        path.write_text("\n".join(f"[{g}]\n" + "\n".join(f"{k} = {json.dumps(v).lower() if isinstance(v, bool) else json.dumps(v)}"
+                                                         for k, v in kv.items()) for g, kv in settings.items()))
+    out = tmp_path / "run"
+    rc, _ = run(["--config", path, "--data", corpus, "--out-dir", out, "--max-iters", "6"], capsys)
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["n_embd"] == 24 and cfg["model"]["n_head"] == 3
+    assert cfg["train"]["max_iters"] == 6  # the command line wins over the file
+    assert cfg["train"]["lr"] == 0.003 and cfg["train"]["eval_interval"] == 2
+
+
+def test_config_file_errors(tmp_path, corpus, capsys):
+    cases = {
+        "unknown.toml": ('n_layers = 2\n', "unknown key 'n_layers'"),
+        "section.toml": ('[model]\nmax_iters = 2\n', "unknown key 'max_iters' in [model]"),
+        "type.json": ('{"n_layer": "four"}', "n_layer must be an integer, got 'four'"),
+        "bool.json": ('{"compile": 1}', "compile must be true or false"),
+        "float.toml": ('lr = "fast"\n', "lr must be a number"),
+        "broken.toml": ('n_layer = = 2\n', "bad TOML"),
+        "list.json": ('[1, 2]', "must hold a table"),
+        "run.yaml": ('n_layer: 2\n', "must end in .toml or .json"),
+    }
+    for name, (text, msg) in cases.items():
+        p = tmp_path / name
+        p.write_text(text)
+        rc, res = run(["--config", p, "--data", corpus, "--out-dir", tmp_path / "o"], capsys)
+        assert rc == 2, name
+        assert msg in one_error_line(res), (name, res.err)
+    rc, res = run(["--config", tmp_path / "missing.toml"], capsys)
+    assert rc == 2 and "config file not found" in one_error_line(res)
+
+
+def test_merge_values_layers_and_types(tmp_path):
+    merged, explicit = merge_values({"train": TrainConfig, "model": GPTConfig},
+                                    {"n-layer": 3, "train": {"lr": 1}}, {"lr": 0.5, "seed": 7})
+    assert merged["model"] == {"n_layer": 3} and merged["train"] == {"lr": 0.5, "seed": 7}
+    assert explicit == {"n_layer", "lr", "seed"}
+    merged, _ = merge_values({"train": TrainConfig}, {"min_lr": "none", "data": "x.txt", "lr": 1}, {})
+    assert merged["train"] == {"min_lr": None, "data": ["x.txt"], "lr": 1.0}
+    with pytest.raises(ConfigFileError, match="max_iters must be an integer, got True"):
+        merge_values({"train": TrainConfig}, {"max_iters": True}, {})
+    (tmp_path / "x.json").write_text("{")
+    with pytest.raises(ConfigFileError, match="bad JSON"):
+        load_config_file(tmp_path / "x.json")
+
+
+def test_help_lists_generated_flags():
+    text = build_parser().format_help()
+    for flag in ("--n-layer", "--out-dir", "--block-size", "--batch-size", "--max-iters", "--lr", "--eval-interval",
+                 "--device", "--seed", "--compile", "--no-compile", "--config", "--resume", "--init-from",
+                 "--text-column", "--max-doc-tokens", "--grad-accum", "--lr-schedule", "--gpu-defaults"):
+        assert flag in text, flag
+    assert "(default: 4)" in text  # n_layer's CPU default is shown
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+
+
+HOSTILE_FLAGS = [
+    (["--n-layer", "0"], "n_layer must be positive"),
+    (["--block-size", "-1"], "block_size must be positive"),
+    (["--batch-size", "0"], "batch_size must be a positive integer"),
+    (["--max-iters", "0"], "max_iters must be a positive integer"),
+    (["--n-embd", "30", "--n-head", "4"], "n_embd (30) must be divisible by n_head (4)"),
+    (["--n-head", "4", "--n-kv-head", "3"], "n_head (4) must be divisible by n_kv_head (3)"),
+    (["--lr", "0"], "lr must be a finite number in (0, 10]"),
+    (["--lr=-1e-3"], "lr must be a finite number"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--lr", "inf"], "lr must be a finite number"),
+    (["--lr", "100"], "lr must be a finite number in (0, 10]"),
+    (["--lr", "fast"], "--lr expects a number"),
+    (["--n-layer", "2.5"], "--n-layer expects an integer"),
+    (["--min-lr", "1"], "min_lr must be"),
+    (["--dropout", "1.5"], "dropout must be a number in [0, 1)"),
+    (["--lr-schedule", "linear"], "invalid choice"),
+    (["--split", "0.5,0.6"], "sum to 1"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--resume", "x", "--init-from", "y"], "either --resume or --init-from"),
+    (["--dtype", "float16", "--device", "cpu"], "float16 needs CUDA"),
+]
+
+
+@pytest.mark.parametrize("flags,msg", HOSTILE_FLAGS, ids=[" ".join(f) for f, _ in HOSTILE_FLAGS])
+def test_hostile_flags(tmp_path, corpus, capsys, flags, msg):
+    try:
+        rc = main(["--data", str(corpus), "--out-dir", str(tmp_path / "o"), *TINY, *flags])
+    except SystemExit as e:  # argparse errors exit through SystemExit(2)
+        rc = e.code
+    res = capsys.readouterr()
+    assert rc == 2
+    assert msg in one_error_line(res)
+    assert not (tmp_path / "o" / "config.json").exists()
+
+
+def _write(path, content):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+HOSTILE_DATA = {
+    "missing": (None, [], "corpus not found"),
+    "empty": ("", [], "corpus is empty"),
+    "whitespace": ("  \n\n ", [], "corpus is empty"),
+    "binary": (bytes(range(256)) * 4, [], "looks binary"),
+    "latin1": ("na\u00efve text ".encode("latin-1") * 50, [], "not UTF-8"),
+    "short": ("tiny corpus", [], "corpus too short"),
+    "csv_no_column": ("id,body\n1,hello there\n", ["--text-column", "text"], "no column 'text'"),
+    "jsonl_bad": ('{"text": 1}\n', [], "must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_DATA))
+def test_hostile_corpus(tmp_path, capsys, case):
+    content, extra, msg = HOSTILE_DATA[case]
+    suffix = ".csv" if case.startswith("csv") else ".jsonl" if case.startswith("jsonl") else ".txt"
+    path = tmp_path / f"corpus{suffix}"
+    if content is not None:
+        _write(path, content)
+    rc, res = run(["--data", path, "--out-dir", tmp_path / "o", *TINY, *extra], capsys)
+    assert rc == 2
+    assert msg in one_error_line(res)
+
+
+def test_folder_without_text(tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "image.png").write_bytes(b"\x89PNG....")
+    rc, res = run(["--data", tmp_path / "folder", "--out-dir", tmp_path / "o", *TINY], capsys)
+    assert rc == 2 and "no .txt files" in one_error_line(res)
+
+
+def test_bpe_corpus_with_literal_endoftext_trains(tmp_path, capsys):
+    text = "".join(f"line {i} of text <|endoftext|> more words here.\n" for i in range(300))
+    corpus = _write(tmp_path / "c.txt", text)
+    rc, res = run(["--data", corpus, "--out-dir", tmp_path / "o", *TINY, "--tokenizer", "bpe",
+                   "--vocab-size", "300", "--max-iters", "4"], capsys)
+    assert rc == 0, res.err
+
+
+def test_csv_jsonl_folder_corpora_train(tmp_path, capsys):
+    text = data.default_corpus().read_text(encoding="utf-8")[:6000]
+    paras = [p for p in text.split("\n\n") if p.strip()]
+    import csv as csv_mod
+    with open(tmp_path / "c.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv_mod.writer(f)
+        w.writerow(["id", "body"])
+        for i, p in enumerate(paras):
+            w.writerow([i, p])
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paras), encoding="utf-8")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, p in enumerate(paras):
+        (folder / f"{i:03d}.txt").write_text(p, encoding="utf-8")
+    results = {}
+    for name, extra in (("csv", [tmp_path / "c.csv", "--text-column", "body"]), ("jsonl", [tmp_path / "c.jsonl"]),
+                        ("folder", [folder])):
+        out = tmp_path / name
+        rc, res = run(["--data", *extra, "--out-dir", out, *TINY, "--max-iters", "2", "--eval-interval", "2",
+                       "--max-doc-tokens", "400"], capsys)
+        assert rc == 0, res.err
+        cfg = json.loads((out / "config.json").read_text())
+        ids = np.concatenate([data.load_split(out, "train"), data.load_split(out, "val")])
+        results[name] = (cfg["data"]["documents"], cfg["data"]["dropped_documents"], ids.tolist())
+        eos = cfg["tokenizer"]["eos_id"]
+        long_docs = sum(len(p) > 400 for p in paras)
+        assert cfg["data"]["dropped_documents"] == long_docs
+        assert ids.tolist().count(eos) == len(paras) - long_docs - 1  # documents joined with EOS
+    assert results["csv"] == results["jsonl"] == results["folder"]
