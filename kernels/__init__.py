@@ -100,8 +100,8 @@ class TritonBackend:
         why = self._device_reason(q) or self._dtype_reason(q, "attention")
         if why is not None:
             return why
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-            return "bfloat16 tl.dot gives wrong results in the Triton interpreter (CPU)"
+        if q.dtype == torch.bfloat16 and interpreting():
+            return "bfloat16 tl.dot gives wrong results in the Triton interpreter (TRITON_INTERPRET=1)"
         if q.shape[-1] > _MAX_HEAD_DIM:
             return f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
         return None

@@ -580,11 +580,16 @@ def _wrap(kernel):
 
 
 def _is_traced(*tensors) -> bool:
-    """Fake/functional tensors (register_fake, opcheck, AOT tracing)."""
+    """True for fake / meta tensors (shape propagation: register_fake, opcheck's fake test).
+    Raises for the FunctionalTensors of AOT tracing in interpreter mode: the graph would have no
+    kernel in it (interpreted kernels cannot be captured), so torch.compile needs a GPU."""
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
-    return any(isinstance(t, (FakeTensor, FunctionalTensor)) or t.device.type == "meta"
-               for t in tensors if t is not None)
+    tensors = [t for t in tensors if t is not None]
+    if interpreting() and any(isinstance(t, FunctionalTensor) for t in tensors):
+        raise RuntimeError("fastlm Triton ops cannot be traced by torch.compile/AOT autograd in "
+                           "TRITON_INTERPRET mode; compile them on a CUDA GPU")
+    return any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors)
 
 
 def _block_d(d: int) -> int:
