@@ -121,6 +121,51 @@ inline void exp_shift(acc_t* s, acc_t shift) {
   for (int64_t c = 0; c < BK; c += Vec::size()) (Vec::loadu(s + c) - sv).exp().store(s + c);
 }
 
+// Scale the scores of a tile, add ALiBi and mask keys >= key_end (the CPU twin of the CUDA
+// kernel's per-element masked_score); returns the tile's max. Tiles that are fully visible and have
+// no ALiBi (most of them) take a vectorised path.
+template <typename acc_t>
+inline acc_t mask_tile(acc_t* s, acc_t scale, acc_t slope, bool has_alibi, int64_t i, int64_t j0,
+                       int64_t row_end, int64_t t_q, int64_t t_k) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  if (!has_alibi && j0 + BK <= row_end) {
+    const Vec sv(scale);
+    Vec mx(-INFINITY);
+    for (int64_t c = 0; c < BK; c += V) {
+      const Vec x = Vec::loadu(s + c) * sv;
+      x.store(s + c);
+      mx = at::vec::maximum(mx, x);
+    }
+    acc_t tmp[V];
+    mx.store(tmp);
+    acc_t m = tmp[0];
+    for (int64_t u = 1; u < V; ++u) m = std::max(m, tmp[u]);
+    return m;
+  }
+  acc_t m = -INFINITY;
+  for (int64_t c = 0; c < BK; ++c) {
+    const int64_t j = j0 + c;
+    s[c] = j < row_end ? s[c] * scale + attn::alibi_bias<acc_t>(slope, i, j, t_q, t_k)
+                       : acc_t(-INFINITY);
+    m = std::max(m, s[c]);
+  }
+  return m;
+}
+
+template <typename acc_t>
+inline acc_t tile_sum(const acc_t* s) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec acc(acc_t(0));
+  for (int64_t c = 0; c < BK; c += V) acc = acc + Vec::loadu(s + c);
+  acc_t tmp[V];
+  acc.store(tmp);
+  acc_t r = 0;
+  for (int64_t u = 0; u < V; ++u) r += tmp[u];
+  return r;
+}
+
 template <typename acc_t>
 inline int64_t padded(int64_t D) {
   constexpr int64_t V = Vectorized<acc_t>::size();
@@ -150,6 +195,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t D = s.D, Dp = padded<acc_t>(D), Tq = s.T_q, Tk = s.T_k;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const std::vector<acc_t> slopes = slopes_of<acc_t>(alibi, s.H);
+  const bool has_alibi = alibi.has_value();
   const int64_t n_qblk = (Tq + BQ - 1) / BQ;
 
   at::parallel_for(0, s.B * s.H * n_qblk, 1, [&](int64_t begin, int64_t end) {
@@ -175,18 +221,11 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
           if (row_end <= j0) continue;  // every key of this tile is masked for this row
           acc_t* sr = srow.data();
           row_times_tile(sr, &qbuf[r * Dp], kT.data(), D);
-          acc_t mx = -INFINITY;
-          for (int64_t c = 0; c < BK; ++c) {
-            const int64_t j = j0 + c;
-            sr[c] = (j < row_end) ? sr[c] * scale + attn::alibi_bias<acc_t>(slope, i, j, Tq, Tk) : acc_t(-INFINITY);
-            mx = std::max(mx, sr[c]);
-          }
+          const acc_t mx = mask_tile(sr, scale, slope, has_alibi, i, j0, row_end, Tq, Tk);
           const acc_t m_new = std::max(m[r], mx);
           const acc_t alpha = attn::rescale_factor(m[r], m_new);
           exp_shift(sr, attn::safe_max(m_new));
-          acc_t psum = 0;
-          for (int64_t c = 0; c < BK; ++c) psum += sr[c];
-          l[r] = l[r] * alpha + psum;
+          l[r] = l[r] * alpha + tile_sum(sr);
           m[r] = m_new;
           acc_t* orow = &obuf[r * Dp];
           if (alpha != acc_t(1)) {
@@ -222,6 +261,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   const int64_t D = s.D, Dp = padded<acc_t>(D), Tq = s.T_q, Tk = s.T_k, G = s.H / s.H_kv;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const std::vector<acc_t> slopes = slopes_of<acc_t>(alibi, s.H);
+  const bool has_alibi = alibi.has_value();
 
   at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qf(G * Tq * Dp), dof(G * Tq * Dp), dqa(G * Tq * Dp), delta(G * Tq),
@@ -270,12 +310,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
                 continue;
               }
               row_times_tile(pr, &qf[row * Dp], kT.data(), D);
-              for (int64_t c = 0; c < BK; ++c) {
-                const int64_t j = j0 + c;
-                pr[c] = (j < row_end && c < nc)
-                            ? pr[c] * scale + attn::alibi_bias<acc_t>(slope, i, j, Tq, Tk)
-                            : acc_t(-INFINITY);
-              }
+              mask_tile(pr, scale, slope, has_alibi, i, j0, row_end, Tq, Tk);
               exp_shift(pr, shift[row]);
               row_times_tile(dsr, &dof[row * Dp], vT.data(), D);  // dP = dO V^T
               const acc_t dl = delta[row];
