@@ -143,7 +143,8 @@ class _CudaBackend(_CppBackend):
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.stride(-1) != 1:
                 return f"{name} needs a contiguous last dim (stride {t.stride(-1)})"
-            if any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+            if any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1) \
+                    or t.data_ptr() % 16:
                 return f"{name} strides/pointer not 16-byte aligned"
         return None
 
