@@ -84,6 +84,41 @@ inline void row_times_tile(acc_t* s, const acc_t* x, const acc_t* yT, int64_t D)
   for (int64_t c = 0; c < BK / V; ++c) acc[c].store(s + c * V);
 }
 
+// S[r][0..BK) = X[r] . yT for nr rows of X (row stride Dp). Rows are taken in pairs over half
+// tiles so each loaded key vector feeds two FMAs (halves the loads of row_times_tile).
+template <typename acc_t>
+inline void rows_times_tile(acc_t* S, const acc_t* X, int64_t nr, const acc_t* yT, int64_t D,
+                            int64_t Dp) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t NH = BK / V / 2;  // vectors per half tile
+  static_assert(NH >= 1 && 2 * NH * V == BK, "BK must be an even number of vectors");
+  int64_t r = 0;
+  for (; r + 2 <= nr; r += 2) {
+    const acc_t* x0 = X + r * Dp;
+    const acc_t* x1 = x0 + Dp;
+    for (int64_t half = 0; half < 2; ++half) {
+      Vec a0[NH], a1[NH];
+      for (int64_t u = 0; u < NH; ++u) a0[u] = a1[u] = Vec(acc_t(0));
+      const acc_t* yh = yT + half * NH * V;
+      for (int64_t d = 0; d < D; ++d) {
+        const Vec b0(x0[d]), b1(x1[d]);
+        const acc_t* y = yh + d * BK;
+        for (int64_t u = 0; u < NH; ++u) {
+          const Vec yv = Vec::loadu(y + u * V);
+          a0[u] = at::vec::fmadd(b0, yv, a0[u]);
+          a1[u] = at::vec::fmadd(b1, yv, a1[u]);
+        }
+      }
+      for (int64_t u = 0; u < NH; ++u) {
+        a0[u].store(S + r * BK + half * NH * V + u * V);
+        a1[u].store(S + (r + 1) * BK + half * NH * V + u * V);
+      }
+    }
+  }
+  for (; r < nr; ++r) row_times_tile(S + r * BK, X + r * Dp, yT, D);
+}
+
 // y[0..Dp) += sum_{c < n} coef[c * cs] * X[c * Dp + 0..Dp), with the NV vectors of y held in
 // registers across the whole sum (one store per vector instead of one per term).
 template <typename acc_t, int NV>
@@ -199,7 +234,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t n_qblk = (Tq + BQ - 1) / BQ;
 
   at::parallel_for(0, s.B * s.H * n_qblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qbuf(BQ * Dp), obuf(BQ * Dp), kT(Dp * BK), vbuf(BK * Dp), srow(BK),
+    std::vector<acc_t> qbuf(BQ * Dp), obuf(BQ * Dp), kT(Dp * BK), vbuf(BK * Dp), sbuf(BQ * BK),
         m(BQ), l(BQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % n_qblk, bh = task / n_qblk, h = bh % s.H, b = bh / s.H;
@@ -215,12 +250,14 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
         const int64_t nc = std::min(BK, kend - j0);
         load_tile_t(kT.data(), K, b, hk, j0, nc, D, Dp);
         for (int64_t c = 0; c < nc; ++c) load_row(&vbuf[c * Dp], Vv.row(b, hk, j0 + c), Vv.sd, D, Dp, acc_t(1));
-        for (int64_t r = 0; r < nr; ++r) {
+        // rows before r_first see none of this tile's keys (causal); skip them entirely
+        int64_t r_first = 0;
+        while (r_first < nr && attn::key_end(i0 + r_first, Tq, Tk, causal) <= j0) ++r_first;
+        rows_times_tile(&sbuf[r_first * BK], &qbuf[r_first * Dp], nr - r_first, kT.data(), D, Dp);
+        for (int64_t r = r_first; r < nr; ++r) {
           const int64_t i = i0 + r;
           const int64_t row_end = attn::key_end(i, Tq, Tk, causal);
-          if (row_end <= j0) continue;  // every key of this tile is masked for this row
-          acc_t* sr = srow.data();
-          row_times_tile(sr, &qbuf[r * Dp], kT.data(), D);
+          acc_t* sr = &sbuf[r * BK];
           const acc_t mx = mask_tile(sr, scale, slope, has_alibi, i, j0, row_end, Tq, Tk);
           const acc_t m_new = std::max(m[r], mx);
           const acc_t alpha = attn::rescale_factor(m[r], m_new);
