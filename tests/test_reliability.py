@@ -1,0 +1,139 @@
+"""Reliability of python -m fastlm.train as a process: SIGKILL at random moments (also inside a
+checkpoint save) never leaves an unloadable run, Ctrl-C / SIGTERM save and exit cleanly, a
+non-finite loss stops naming the step, and bad input gives one line and no traceback."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastlm import checkpoint, data
+from fastlm.train import main
+
+TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
+        "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    p = tmp_path_factory.mktemp("corpus") / "c.txt"
+    p.write_text(data.default_corpus().read_text(encoding="utf-8")[:8000], encoding="utf-8")
+    return p
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in extra.items()})
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _spawn(args, **env):
+    return subprocess.Popen([sys.executable, "-m", "fastlm.train", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(**env))
+
+
+def _latest_step(run):
+    return json.loads((run / "latest").read_text())["step"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
+    rng = random.Random(1234)
+    run = tmp_path / "run"
+    args = ["--data", corpus, *TINY, "--max-iters", "100000", "--eval-interval", "2", "--lr-schedule", "constant"]
+    # every save pauses 30 ms between writing its directory and publishing it: kills land inside saves
+    proc = _spawn([*args, "--out-dir", run], FASTLM_TEST_SAVE_PAUSE=0.03)
+    deadline = time.time() + 120
+    while not (run / "latest").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    steps = []
+    for trial in range(20):
+        time.sleep(rng.uniform(0.0, 1.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # after every kill: the published checkpoint and the best model load
+        ck = checkpoint.load_checkpoint(run)
+        model, tok, cfg = checkpoint.load_model(run)
+        steps.append(ck["state"]["step"])
+        assert steps[-1] >= max(steps[:-1], default=0)
+        proc = _spawn(["--resume", run, "--no-progress"], FASTLM_TEST_SAVE_PAUSE=0.03)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert steps[-1] > 0
+    # a last resume runs to the end
+    final = _latest_step(run) + 4
+    res = subprocess.run([sys.executable, "-m", "fastlm.train", "--resume", str(run), "--max-iters", str(final),
+                          "--no-progress"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == final
+    assert len(list(run.glob("ckpt-*"))) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_exits_cleanly(tmp_path, corpus, sig):
+    run = tmp_path / "run"
+    proc = _spawn(["--data", corpus, "--out-dir", run, *TINY, "--max-iters", "100000", "--eval-interval", "1000",
+                   "--log-interval", "1"], FASTLM_TEST_STEP_SLEEP=0.01)
+    deadline = time.time() + 120
+    while not (run / "train_log.csv").exists() or len((run / "train_log.csv").read_text().splitlines()) < 4:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, (out, err)
+    assert "Traceback" not in err
+    assert f"interrupted ({sig.name})" in out and "checkpoint saved" in out
+    last_logged = int((run / "train_log.csv").read_text().splitlines()[-1].split(",")[0])
+    assert _latest_step(run) == last_logged >= 3  # the checkpoint holds the very last step
+    assert main(["--resume", str(run), "--max-iters", str(last_logged + 2), "--no-progress"]) == 0
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setenv("FASTLM_TEST_NAN_AT_STEP", "8")
+    run = tmp_path / "run"
+    rc = main(["--data", str(corpus), "--out-dir", str(run), *TINY, "--max-iters", "20", "--eval-interval", "5"])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "loss is nan at step 8" in err
+    assert _latest_step(run) == 5  # the last good checkpoint is kept
+    checkpoint.load_model(run)
+    assert not (run / "summary.json").exists()
+
+
+HOSTILE_CLI = [
+    ["--data", "/nonexistent/corpus.txt"],
+    ["--lr", "nan"],
+    ["--n-embd", "30", "--n-head", "4"],
+    ["--batch-size", "zero"],
+    ["--resume", "/nonexistent/run"],
+]
+
+
+@pytest.mark.parametrize("flags", HOSTILE_CLI, ids=[" ".join(f) for f in HOSTILE_CLI])
+def test_cli_bad_input_one_line_no_traceback(tmp_path, flags):
+    res = subprocess.run([sys.executable, "-m", "fastlm.train", "--out-dir", str(tmp_path / "o"), *TINY, *flags],
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+
+
+def test_cli_binary_corpus_and_help(tmp_path):
+    binary = tmp_path / "x.bin"
+    binary.write_bytes(os.urandom(4096))
+    res = subprocess.run([sys.executable, "-m", "fastlm.train", "--data", str(binary), "--out-dir",
+                          str(tmp_path / "o"), *TINY], capture_output=True, text=True, env=_env(), timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and str(binary) in res.stderr
+    res = subprocess.run([sys.executable, "-m", "fastlm.train", "--help"], capture_output=True, text=True,
+                         env=_env(), timeout=120)
+    assert res.returncode == 0 and "--n-layer" in res.stdout and "gpu defaults" in res.stdout.lower()
