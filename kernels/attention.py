@@ -30,7 +30,9 @@ small and K/V pointers advance incrementally (64-bit pointer arithmetic).
 Kernel objects are built lazily, per mode: ``TRITON_INTERPRET`` (read through ``triton.knobs`` at
 launch time, not at import) selects the CPU interpreter with one small fixed block config;
 otherwise kernels are compiled and autotuned over a short config list chosen for the head dim and
-dtype, keyed on (head dim, causal, ALiBi, power-of-two bucket of T_q and T_k). The ops are
+dtype, keyed on (head dim, causal, ALiBi, power-of-two bucket of T_q and T_k). The head dim is a
+compile-time constant (one compile per model head dim): with it the ``d < HEAD_DIM`` mask of a
+non-power-of-two head dim (40, 80, 96) keeps 16-byte vector loads and cp.async pipelining. The ops are
 ``torch.library.triton_op`` s (``fastlm::triton_attention_fwd`` / ``_bwd``) with autograd, so
 ``torch.compile(fullgraph=True)`` traces them on GPU.
 """
@@ -64,9 +66,9 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, GROUP, T_Q, T_K, HEAD_DIM, qk_scale,
+    H, GROUP, T_Q, T_K, qk_scale,
     T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
-    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -170,8 +172,8 @@ def _attn_decode_kernel(
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    H_KV, GROUP, T_Q, T_K, HEAD_DIM, qk_scale, CHUNK, N_SPLITS,
-    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    H_KV, GROUP, T_Q, T_K, qk_scale, CHUNK, N_SPLITS,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -241,8 +243,8 @@ def _attn_decode_kernel(
 def _attn_decode_combine_kernel(
     O_PART, LSE_PART, O, LSE,
     stride_ob, stride_oh, stride_om, stride_od,
-    H_KV, GROUP, T_Q, HEAD_DIM, N_SPLITS,
-    PART_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    H_KV, GROUP, T_Q, N_SPLITS,
+    HEAD_DIM: tl.constexpr, PART_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_rows = GROUP * T_Q
@@ -276,8 +278,8 @@ def _attn_bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    H, T_Q, HEAD_DIM,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    H, T_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
@@ -306,9 +308,9 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, GROUP, T_Q, T_K, HEAD_DIM, qk_scale, sm_scale,
+    H, GROUP, T_Q, T_K, qk_scale, sm_scale,
     T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
-    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -412,9 +414,9 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, GROUP, T_Q, T_K, HEAD_DIM, qk_scale, sm_scale,
+    H, GROUP, T_Q, T_K, qk_scale, sm_scale,
     T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
-    CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -641,8 +643,8 @@ def _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes):
     _wrap(kernel)[grid](
         q, k, v, out, lse, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        h, h // h_kv, t_q, t_k, d, scale * _LOG2E, _bucket(t_q), _bucket(t_k),
-        CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
+        h, h // h_kv, t_q, t_k, scale * _LOG2E, _bucket(t_q), _bucket(t_k),
+        HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
         BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), **extra)
 
 
@@ -668,15 +670,15 @@ def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
     _wrap(dec)[(b * h_kv, n_splits)](
         q, k, v, o_part, lse_part, slopes,
         *_strides(q), *_strides(k), *_strides(v),
-        h_kv, group, t_q, t_k, d, scale * _LOG2E, chunk, n_splits,
-        CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, BLOCK_D=block_d,
+        h_kv, group, t_q, t_k, scale * _LOG2E, chunk, n_splits,
+        HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, BLOCK_D=block_d,
         DOT_PREC=_dot_prec(q.dtype), BLOCK_M=part_m, BLOCK_N=block_n, **extra)
     comb = _kernel("combine", _attn_decode_combine_kernel)
     extra = {} if _is_interpreted(comb) else {"num_warps": 4 if block_d >= 128 else 2}
     _wrap(comb)[(b * h_kv * group * t_q,)](
         o_part, lse_part, out, lse, *_strides(out),
-        h_kv, group, t_q, d, n_splits,
-        PART_M=part_m, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d, **extra)
+        h_kv, group, t_q, n_splits,
+        HEAD_DIM=d, PART_M=part_m, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d, **extra)
 
 
 def _check_supported(q: Tensor):
@@ -732,25 +734,25 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     pre_m = 32 if interp else 64
     extra = {} if interp else {"num_warps": 4}
     _wrap(pre)[(triton.cdiv(t_q, pre_m) * b * h,)](
-        out, dout, delta, *_strides(out), *_strides(dout), h, t_q, d,
-        BLOCK_D=block_d, BLOCK_M=pre_m, **extra)
+        out, dout, delta, *_strides(out), *_strides(dout), h, t_q,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, **extra)
 
     slopes = alibi_slopes if alibi_slopes is not None else delta
-    common = dict(CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
+    common = dict(HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
                   BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
     dkdv = _kernel("dkdv", _attn_bwd_dkdv_kernel, block_d, q.element_size(), autotune=True)
     grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) * b * h_kv,)  # noqa: E731
     _wrap(dkdv)[grid](
         q, k, v, dout, lse, delta, dk, dv, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        h, group, t_q, t_k, d, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
+        h, group, t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
         **common, **(dict(_INTERP_DKDV) if interp else {}))
     dqk = _kernel("dq", _attn_bwd_dq_kernel, block_d, q.element_size(), autotune=True)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
     _wrap(dqk)[grid](
         q, k, v, dout, lse, delta, dq, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        h, group, t_q, t_k, d, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
+        h, group, t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
         **common, **(dict(_INTERP_DQ) if interp else {}))
     return dq, dk, dv
 

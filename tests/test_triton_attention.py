@@ -376,3 +376,85 @@ def test_math_scale_default():
     q, k, v, _, _ = _inputs(1, 1, 1, 6, 6, 36, False)
     args = [_to(t, torch.float32) for t in (q, k, v)]
     torch.testing.assert_close(attention(*args, False), attention(*args, False, 1 / math.sqrt(36)))
+
+
+# ---- compiled path without a GPU: compile every kernel for sm_80 / sm_90 (ptxas ships with triton)
+def _compile_for(fn, dtype, constexprs, cap, num_warps=4, num_stages=2):
+    """triton.compile ``fn`` down to a cubin for ``cuda:cap`` with unit last-dim strides (what the
+    JIT specializes at run time) and 16-divisible pointers/strides."""
+    import inspect
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    names = list(inspect.signature(fn).parameters)
+    ce = dict(constexprs)
+    for n in names:
+        if n.startswith("stride") and n.endswith("d"):
+            ce[n] = 1
+    fp32_ptrs = {"LSE", "DELTA", "SLOPES", "O_PART", "LSE_PART"}
+    ints = {"H", "H_KV", "GROUP", "T_Q", "T_K", "HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CHUNK",
+            "N_SPLITS", "N", "HIDDEN"}
+    sig = {}
+    for n in names:
+        if n in ce:
+            sig[n] = "constexpr"
+        elif n in ("qk_scale", "sm_scale"):
+            sig[n] = "fp32"
+        elif n in ints or n.startswith("stride"):
+            sig[n] = "i32"
+        else:
+            sig[n] = "*fp32" if n in fp32_ptrs else "*" + dtype
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("stride"))}
+    src = ASTSource(fn=triton.jit(fn), signature=sig, constexprs=ce, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _gpu_compile_cases():
+    from fastlm.kernels import attention as A, swiglu as S
+    opts = dict(HEAD_DIM=80, CAUSAL=True, HAS_ALIBI=True, EVEN_D=False, BLOCK_D=128, DOT_PREC="tf32")
+    return {
+        "fwd-sm90": (A._attn_fwd_kernel, "bf16", dict(opts, BLOCK_M=128, BLOCK_N=64), 90),
+        "fwd-sm80": (A._attn_fwd_kernel, "fp16", dict(opts, BLOCK_M=128, BLOCK_N=64), 80),
+        "fwd-d40-sm90": (A._attn_fwd_kernel, "fp16", dict(opts, HEAD_DIM=40, BLOCK_D=64, BLOCK_M=128,
+                                                          BLOCK_N=64), 90),
+        "dkdv-sm90": (A._attn_bwd_dkdv_kernel, "bf16", dict(opts, BLOCK_M=32, BLOCK_N=128), 90),
+        "dq-sm90": (A._attn_bwd_dq_kernel, "bf16", dict(opts, BLOCK_M=128, BLOCK_N=32), 90),
+        "pre-sm90": (A._attn_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64), 90),
+        "decode-sm90": (A._attn_decode_kernel, "bf16", dict(HEAD_DIM=80, CAUSAL=True, HAS_ALIBI=True, BLOCK_D=128,
+                                                           DOT_PREC="tf32", BLOCK_M=16, BLOCK_N=64), 90),
+        "combine-sm90": (A._attn_decode_combine_kernel, "bf16", dict(HEAD_DIM=80, PART_M=16, BLOCK_S=32, BLOCK_D=128), 90),
+        "swiglu-fwd": (S._swiglu_fwd_kernel, "bf16", dict(BLOCK=4096), 90),
+        "swiglu-bwd": (S._swiglu_bwd_kernel, "bf16", dict(BLOCK=4096), 90),
+        "packed-fwd": (S._swiglu_packed_fwd_kernel, "bf16", dict(BLOCK=4096), 90),
+        "packed-bwd": (S._swiglu_packed_bwd_kernel, "bf16", dict(BLOCK=4096), 90),
+    }
+
+
+@pytest.mark.parametrize("name", ["fwd-sm90", "fwd-sm80", "fwd-d40-sm90", "dkdv-sm90", "dq-sm90", "pre-sm90",
+                                  "decode-sm90", "combine-sm90", "swiglu-fwd", "swiglu-bwd",
+                                  "packed-fwd", "packed-bwd"])
+def test_kernels_compile_for_gpu_targets(name, monkeypatch):
+    """The compiled (non-interpreter) path is checked on CPU-only machines too: each kernel goes
+    through Triton's full pipeline to a cubin. Attention tiles must use tensor cores
+    (wgmma on sm_90, mma.sync on sm_80), pipelined cp.async loads, and no register spills."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"this triton has no ASTSource/GPUTarget API ({e})")
+    fn, dtype, ce, cap = _gpu_compile_cases()[name]
+    try:
+        kernel = _compile_for(fn, dtype, ce, cap, num_stages=3 if name.startswith(("fwd", "dq")) else 2)
+    except RuntimeError as e:
+        if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+            pytest.skip(f"no ptxas available: {e}")
+        raise
+    ptx = kernel.asm["ptx"]
+    assert "ld.local" not in ptx, "register spills"
+    assert kernel.metadata.shared <= 160 * 1024
+    if name.startswith(("fwd", "dkdv", "dq", "decode")):
+        mma = "wgmma.mma_async" if cap == 90 and not name.startswith("decode") else "mma.sync"
+        assert mma in ptx, f"no tensor-core MMA ({mma})"  # decode's 16-row tiles use mma.sync
+        assert "cp.async" in ptx, "loads are not pipelined"
