@@ -598,8 +598,13 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _bucket(t: int) -> int:
-    return min(triton.next_power_of_2(max(int(t), 1)), 1 << 16)
+def _bucket(t) -> int:
+    """Power-of-two bucket of a sequence length (an autotune key, so a new length does not
+    retune). A symbolic length (torch.compile with dynamic shapes) gets 0 instead of a guard that
+    would specialize the graph: inductor autotunes user kernels itself and ignores the key."""
+    if not isinstance(t, int):
+        return 0
+    return min(triton.next_power_of_2(max(t, 1)), 1 << 16)
 
 
 def _dot_prec(dtype) -> str:
