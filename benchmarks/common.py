@@ -9,6 +9,9 @@ Timing rules
   (``inner`` is chosen so that a round lasts >= 1 ms), so the median measures the kernels, not the
   Python launch + sync latency of a single call.
 * Inputs are random normal, never zeros.
+* The recorded time (``ms``; TFLOP/s, GB/s, tokens/s derive from it) is the median on CUDA and the
+  best round on CPU (shared CI/dev CPUs: other jobs inflate whole rounds); rows keep both
+  ``median_ms`` and ``min_ms``.
 
 Environment knobs
 -----------------
@@ -202,6 +205,7 @@ class Bench:
     def __init__(self, benchmark, nodeid: str):
         self.benchmark = benchmark
         self.nodeid = nodeid
+        self.min_s: Optional[float] = None
 
     def time(self, fn: Callable[[], object], *, warmup: Optional[int] = None,
              min_rounds: Optional[int] = None, max_rounds: Optional[int] = None,
@@ -235,6 +239,7 @@ class Bench:
         stats = self.benchmark.stats
         if stats is None:  # --benchmark-disable: ran once, nothing measured
             return None
+        self.min_s = float(stats.stats.min)
         return float(stats.stats.median)
 
     def record(self, *, suite: str, op: str, backend: str, median_s: Optional[float],
@@ -247,16 +252,23 @@ class Bench:
         row = {
             "suite": suite, "op": op, "pass": pass_, "backend": backend, "dtype": dtype,
             "shape": shape or {}, "causal": causal, "variant": variant,
-            "median_ms": None, "tflops": None, "gbps": None, "tokens_per_s": None,
+            "ms": None, "stat": None, "median_ms": None, "min_ms": None,
+            "tflops": None, "gbps": None, "tokens_per_s": None,
         }
         if median_s is not None and median_s > 0:
-            row["median_ms"] = median_s * 1e3
+            # Headline time: the median on CUDA; on CPU the best round, because the CPU machines
+            # these run on are shared and other jobs' bursts inflate whole rounds (median kept too).
+            t, stat = median_s, "median"
+            if not ON_GPU and self.min_s is not None and self.min_s > 0:
+                t, stat = self.min_s, "min"
+            row.update(ms=t * 1e3, stat=stat, median_ms=median_s * 1e3,
+                       min_ms=self.min_s * 1e3 if self.min_s is not None else None)
             if flops is not None:
-                row["tflops"] = flops / median_s / 1e12
+                row["tflops"] = flops / t / 1e12
             if nbytes is not None:
-                row["gbps"] = nbytes / median_s / 1e9
+                row["gbps"] = nbytes / t / 1e9
             if tokens is not None:
-                row["tokens_per_s"] = tokens / median_s
+                row["tokens_per_s"] = tokens / t
         row.update(extra)
         info = {k: v for k, v in row.items() if v is not None and k not in ("suite",)}
         self.benchmark.extra_info.update(info)

@@ -49,6 +49,11 @@ def load_rows(path: Path) -> tuple[list, int]:
     return rows, bad
 
 
+def ms(row: dict) -> Optional[float]:
+    """The row's headline time (median on CUDA, best round on CPU; older rows: the median)."""
+    return row.get("ms") or row.get("median_ms")
+
+
 def bench_key(row: dict) -> tuple:
     return (row.get("suite"), row.get("op"), row.get("pass"), row.get("backend"), row.get("dtype"),
             json.dumps(row.get("shape") or {}, sort_keys=True), row.get("causal"), row.get("variant"))
@@ -143,11 +148,11 @@ def _flops_unit(rows: list) -> tuple:
 def _speedup(base: Optional[dict], row: Optional[dict]) -> str:
     if not base or not row:
         return "n/a"
-    return f"{base['median_ms'] / row['median_ms']:.2f}x"
+    return f"{ms(base) / ms(row):.2f}x"
 
 
 def attention_section(rows: list, details: bool = True, columns: Optional[tuple] = None) -> list:
-    attn = [r for r in rows if r.get("suite") == "attention" and r.get("median_ms")]
+    attn = [r for r in rows if r.get("suite") == "attention" and ms(r)]
     if not attn:
         return []
     unit, scale = _flops_unit(attn)
@@ -174,7 +179,7 @@ def attention_section(rows: list, details: bool = True, columns: Optional[tuple]
                 cells = [fmt(by_backend[b]["tflops"] * scale) if b in by_backend else "–" for b in backends]
                 sdpa = by_backend.get("sdpa")
                 own = [r for b, r in by_backend.items() if b in OWN_KERNELS]
-                best = min(own, key=lambda r: r["median_ms"]) if own else None
+                best = min(own, key=ms) if own else None
                 best_s = f"{_speedup(sdpa, best)} ({best['backend']})" if sdpa and best else "n/a"
                 body.append([label] + cells + [_speedup(sdpa, by_backend.get("auto")), best_s])
             out += [table(["shape"] + backends + ["auto vs sdpa", "best kernel vs sdpa"], body), ""]
@@ -185,7 +190,7 @@ def attention_section(rows: list, details: bool = True, columns: Optional[tuple]
                     for b in backends:
                         if b in by_backend:
                             r = by_backend[b]
-                            long_rows.append([label, _backend_label(r), fmt(r["median_ms"]),
+                            long_rows.append([label, _backend_label(r), fmt(ms(r)),
                                               fmt(r["tflops"] * scale), _speedup(sdpa, r)])
                 out += [f"<details><summary>{pass_}, {dtype}: ms per backend</summary>", "",
                         table(["shape", "backend", "ms", unit, "speed-up vs sdpa"], long_rows), "",
@@ -194,7 +199,7 @@ def attention_section(rows: list, details: bool = True, columns: Optional[tuple]
 
 
 def swiglu_section(rows: list) -> list:
-    sw = [r for r in rows if r.get("suite") == "swiglu" and r.get("median_ms")]
+    sw = [r for r in rows if r.get("suite") == "swiglu" and ms(r)]
     if not sw:
         return []
     out = ["### SwiGLU", "",
@@ -210,14 +215,14 @@ def swiglu_section(rows: list) -> list:
         eager = by_backend.get("eager")
         for b in _order(by_backend, SWIGLU_BACKEND_ORDER):
             r = by_backend[b]
-            sp = f"{eager['median_ms'] / r['median_ms']:.2f}x" if eager else "n/a"
+            sp = f"{ms(eager) / ms(r):.2f}x" if eager else "n/a"
             note = f"compile {r['compile_s']} s" if r.get("compile_s") is not None else ""
-            body.append([shape, dtype, pass_, _backend_label(r), fmt(r["median_ms"]), fmt(r["gbps"]), sp, note])
+            body.append([shape, dtype, pass_, _backend_label(r), fmt(ms(r)), fmt(r["gbps"]), sp, note])
     return out + [table(["shape", "dtype", "pass", "backend", "ms", "GB/s", "vs eager", "note"], body), ""]
 
 
 def model_section(rows: list) -> list:
-    md = [r for r in rows if r.get("suite") == "model" and r.get("median_ms")]
+    md = [r for r in rows if r.get("suite") == "model" and ms(r)]
     if not md:
         return []
     out = ["### Model training step", "",
@@ -233,17 +238,17 @@ def model_section(rows: list) -> list:
             r = by_backend[b]
             s = r.get("shape") or {}
             cfg = f"{op.replace('train_step-', '')} ({s.get('n_layer')}x{s.get('n_embd')}, T{s.get('block')}, B{s.get('batch')})"
-            sp = f"{base['median_ms'] / r['median_ms']:.2f}x" if base else "n/a"
+            sp = f"{ms(base) / ms(r):.2f}x" if base else "n/a"
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
             mem = fmt(r.get("peak_mem_mb")) if r.get("peak_mem_mb") is not None else "n/a"
-            body.append([cfg, mlp, dtype, _backend_label(r), fmt(r["median_ms"]), fmt(r.get("tokens_per_s")),
+            body.append([cfg, mlp, dtype, _backend_label(r), fmt(ms(r)), fmt(r.get("tokens_per_s")),
                          mfu, mem, sp])
     return out + [table(["config", "mlp", "dtype", "backend", "ms/step", "tokens/s", "MFU", "peak MiB",
                          "vs torch"], body), ""]
 
 
 def generate_section(rows: list) -> list:
-    gen = [r for r in rows if r.get("suite") == "generate" and r.get("median_ms")]
+    gen = [r for r in rows if r.get("suite") == "generate" and ms(r)]
     if not gen:
         return []
     out = ["### Generation (greedy)", "",
@@ -257,7 +262,7 @@ def generate_section(rows: list) -> list:
     body = []
     for (op, dtype, backend, batch, prompt, new), v in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
         c, u = v.get("cached"), v.get("uncached")
-        sp = f"{u['median_ms'] / c['median_ms']:.2f}x" if c and u else "n/a"
+        sp = f"{ms(u) / ms(c):.2f}x" if c and u else "n/a"
         body.append([op.replace("generate-", ""), dtype, backend, batch, f"{prompt} + {new}",
                      fmt(c.get("tokens_per_s")) if c else "n/a", fmt(u.get("tokens_per_s")) if u else "n/a", sp])
     return out + [table(["model", "dtype", "backend", "batch", "prompt + new", "cached tok/s",
@@ -278,7 +283,8 @@ def device_header(dev: str, commit: str, rows: list) -> list:
     bits.append(f"measured {dates[0][:16]} – {dates[-1][:16]} UTC, {len(rows)} rows")
     note = []
     if r0.get("device_type") == "cpu":
-        note = ["", "_CPU rows are indicative only: the machine was shared with other jobs while measuring._"]
+        note = ["", "_CPU rows are indicative only: the machine was shared with other jobs while measuring. "
+                "Times are the best round (medians are in results.jsonl); on CUDA they are medians._"]
     return [f"## {dev}", "", "; ".join(bits) + "."] + note + [""]
 
 
