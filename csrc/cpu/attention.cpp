@@ -336,6 +336,9 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
           // summed over the block's rows in registers (accum_rows) rather than row by row.
           for (int64_t r0 = i_start; r0 < Tq; r0 += BQ) {
             const int64_t nr = std::min(BQ, Tq - r0);
+            const int64_t row0 = g * Tq + r0;
+            rows_times_tile(pbuf.data(), &qf[row0 * Dp], nr, kT.data(), D, Dp);    // S (unscaled)
+            rows_times_tile(dsbuf.data(), &dof[row0 * Dp], nr, vT.data(), D, Dp);  // dP = dO V^T
             for (int64_t r = 0; r < nr; ++r) {
               const int64_t i = r0 + r, row = g * Tq + i;
               acc_t* pr = &pbuf[r * BK];
@@ -346,15 +349,12 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
                 std::fill(dsr, dsr + BK, acc_t(0));
                 continue;
               }
-              row_times_tile(pr, &qf[row * Dp], kT.data(), D);
               mask_tile(pr, scale, slope, has_alibi, i, j0, row_end, Tq, Tk);
-              exp_shift(pr, shift[row]);
-              row_times_tile(dsr, &dof[row * Dp], vT.data(), D);  // dP = dO V^T
+              exp_shift(pr, shift[row]);  // P
               const acc_t dl = delta[row];
               for (int64_t c = 0; c < BK; ++c) dsr[c] = pr[c] * (dsr[c] - dl);  // dS
               accum_rows(&dqa[row * Dp], dsr, 1, kbuf.data(), nc, Dp);        // dQ += dS K
             }
-            const int64_t row0 = g * Tq + r0;
             for (int64_t c = 0; c < nc; ++c) {
               accum_rows(&dva[c * Dp], &pbuf[c], BK, &dof[row0 * Dp], nr, Dp);   // dV += P^T dO
               accum_rows(&dka[c * Dp], &dsbuf[c], BK, &qf[row0 * Dp], nr, Dp);   // dK += dS^T Q
