@@ -618,8 +618,10 @@ def _train(tcfg: TrainConfig, model_values: dict, explicit: set, dist: Dist, t_s
     torch.manual_seed(tcfg.seed + dist.rank)  # dropout differs per rank
 
     train_sampler = data_mod.BatchSampler(train_ids, mcfg.block_size, tcfg.batch_size, [tcfg.seed, 0])
-    eval_samplers = {"train": data_mod.BatchSampler(train_ids, mcfg.block_size, tcfg.batch_size, [tcfg.seed, 1]),
-                     "val": data_mod.BatchSampler(val_ids, mcfg.block_size, tcfg.batch_size, [tcfg.seed, 2])}
+    # eval batches hold one optimizer step's sequences (batch x accum per rank): same estimate on any world size
+    eval_b = tcfg.batch_size * tcfg.grad_accum
+    eval_samplers = {"train": data_mod.BatchSampler(train_ids, mcfg.block_size, eval_b, [tcfg.seed, 1]),
+                     "val": data_mod.BatchSampler(val_ids, mcfg.block_size, eval_b, [tcfg.seed, 2])}
     step, tokens_seen, best_val, best_step, bad_evals, prev_wall = 0, 0, math.inf, None, 0, 0.0
     best_train = None
 
