@@ -51,7 +51,7 @@ from . import data as data_mod
 from .checkpoint import CheckpointError
 from .config import ConfigFileError, add_dataclass_args, load_config_file, merge_values
 from .data import DataError
-from .model import GPT, ConfigError, GPTConfig
+from .model import GPT, GPTConfig
 
 __all__ = ["TrainConfig", "GPU_DEFAULTS", "train", "main", "build_parser", "TrainError"]
 
