@@ -205,12 +205,16 @@ def swiglu_section(rows: list) -> list:
     out = ["### SwiGLU", "",
            "GB/s = bytes a fused kernel must move (forward: read gate, up, write out; backward: read "
            "gate, up, dout, write dgate, dup) / time. `eager` is `F.silu(g) * u`, `compile` its "
-           "`torch.compile`.", ""]
+           "`torch.compile`. `packed` rows are `swiglu_packed` on one `[rows, 2·cols]` tensor "
+           "(the model's layout; eager = `chunk` + `F.silu(g) * u`).", ""]
     body = []
     groups = defaultdict(dict)
     for r in sw:
         s = r.get("shape") or {}
-        groups[(f"{s.get('rows')}x{s.get('cols')}", r.get("dtype"), r.get("pass"))][r["backend"]] = r
+        op = r.get("op") or "swiglu"
+        label = (f"packed {s.get('rows')}x2·{s.get('cols')}" if op == "swiglu_packed"
+                 else f"{s.get('rows')}x{s.get('cols')}")
+        groups[(label, r.get("dtype"), r.get("pass"))][r["backend"]] = r
     for (shape, dtype, pass_), by_backend in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], PASS_ORDER.index(kv[0][2]) if kv[0][2] in PASS_ORDER else 9)):
         eager = by_backend.get("eager")
         for b in _order(by_backend, SWIGLU_BACKEND_ORDER):
@@ -338,6 +342,14 @@ def attention_plots(dev: str, rows: list, plot_dir: Path, suffix: str = "") -> l
 
 
 def swiglu_plot(dev: str, rows: list, plot_dir: Path, suffix: str = "") -> list:
+    written = []
+    for op in ("swiglu", "swiglu_packed"):
+        written += _swiglu_plot(dev, [r for r in rows if (r.get("op") or "swiglu") == op], plot_dir,
+                                suffix if op == "swiglu" else f"_packed{suffix}")
+    return written
+
+
+def _swiglu_plot(dev: str, rows: list, plot_dir: Path, suffix: str) -> list:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -359,7 +371,8 @@ def swiglu_plot(dev: str, rows: list, plot_dir: Path, suffix: str = "") -> list:
     ax.set_xticklabels(backends, rotation=20)
     ax.set_ylabel("GB/s")
     s = sw[0].get("shape") or {}
-    ax.set_title(f"SwiGLU {s.get('rows')}x{s.get('cols')} {sw[0].get('dtype')} — {dev}", fontsize=10)
+    what = "SwiGLU packed" if sw[0].get("op") == "swiglu_packed" else "SwiGLU"
+    ax.set_title(f"{what} {s.get('rows')}x{s.get('cols')} {sw[0].get('dtype')} — {dev}", fontsize=10)
     ax.legend()
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()

@@ -78,3 +78,46 @@ def test_swiglu(bench, pass_, backend):
     bench.record(suite="swiglu", op="swiglu", pass_=pass_, backend=backend, resolved=resolved,
                  median_s=median, dtype=dtype_name(DTYPE), shape={"rows": rows, "cols": cols},
                  nbytes=swiglu_bytes(rows * cols, gate.element_size(), pass_), **extra)
+
+
+def eager_swiglu_packed(x):
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("backend", ("auto", "reference", "torch", "triton", "cuda", "cpp", "eager"))
+@pytest.mark.parametrize("pass_", PASSES)
+def test_swiglu_packed(bench, pass_, backend):
+    """The model's layout: one ``[rows, 2 * cols]`` tensor ``[gate | up]`` from a fused up-projection.
+    Same byte count as the split op (the kernels read the halves in place, write one gradient)."""
+    rows, cols = SHAPE
+    if backend != "eager":
+        skip_unless_fastlm_backend(backend)
+
+    def make():
+        x = torch.randn(rows, 2 * cols, device=DEVICE, dtype=DTYPE, requires_grad=True)
+        return x, torch.randn(rows, cols, device=DEVICE, dtype=DTYPE)
+
+    x, dout = gpu_oom_skip(make)
+    resolved = backend
+    if backend == "eager":
+        op = eager_swiglu_packed
+    else:
+        try:
+            obj = ops.resolve_backend("swiglu_packed", backend, DEVICE.type,
+                                      lambda o: o.swiglu_packed_unsupported(x))
+        except ops.BackendUnavailableError as e:
+            pytest.skip(str(e))
+        if obj.name == "triton" and not ON_GPU:
+            pytest.skip("auto resolves to the Triton interpreter on CPU: not benchmarked")
+        resolved = obj.name
+        op = lambda t: ops.swiglu_packed(t, backend=backend)  # noqa: E731
+    if pass_ == "fwd":
+        fn = lambda: op(x)  # noqa: E731
+    else:
+        fn = lambda: torch.autograd.grad(op(x), (x,), dout)  # noqa: E731
+    bench.benchmark.group = f"swiglu_packed {pass_} {rows}x2*{cols} {dtype_name(DTYPE)}"
+    median = gpu_oom_skip(lambda: bench.time(fn))
+    bench.record(suite="swiglu", op="swiglu_packed", pass_=pass_, backend=backend, resolved=resolved,
+                 median_s=median, dtype=dtype_name(DTYPE), shape={"rows": rows, "cols": cols},
+                 nbytes=swiglu_bytes(rows * cols, x.element_size(), pass_))

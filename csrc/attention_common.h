@@ -81,20 +81,23 @@ FASTLM_HD acc_t rescale_factor(acc_t m_old, acc_t m_new) {
   return m_old == -INFINITY ? acc_t(0) : fl_exp(m_old - safe_max(m_new));
 }
 
-// 1 / l for the final normalisation; 0 for a fully masked row (l == 0) so it outputs zeros.
+// 1 / l for the final normalisation; 0 for a fully masked row (l == 0) so it outputs zeros. A NaN
+// sum (NaN/Inf in the inputs) stays NaN: non-finite input propagates, it is never zeroed.
 template <typename acc_t>
 FASTLM_HD acc_t inv_sum(acc_t l) {
-  return l > acc_t(0) ? acc_t(1) / l : acc_t(0);
+  return l == acc_t(0) ? acc_t(0) : acc_t(1) / l;
 }
 
-// Natural-log sum-exp of a row from its running max and sum; -inf for a fully masked row.
+// Natural-log sum-exp of a row from its running max and sum; -inf for a fully masked row (and
+// NaN for a NaN row, so that the backward pass does not mistake it for a masked one).
 template <typename acc_t>
 FASTLM_HD acc_t row_lse(acc_t m, acc_t l) {
-  return l > acc_t(0) ? m + fl_log(l) : acc_t(-INFINITY);
+  return l == acc_t(0) ? acc_t(-INFINITY) : m + fl_log(l);
 }
 
 // The value subtracted from scores in the backward pass (P = exp(s - lse)). A fully masked row has
-// lse = -inf; using +inf makes every P of that row exp(-inf) = 0.
+// lse = -inf; using +inf makes every P of that row exp(-inf) = 0. (A row whose lse is +inf or NaN
+// came from non-finite input: it keeps that value, so its gradients come out non-finite too.)
 template <typename acc_t>
 FASTLM_HD acc_t backward_shift(acc_t lse) {
   return lse == -INFINITY ? acc_t(INFINITY) : lse;

@@ -18,6 +18,9 @@ TORCH_LIBRARY(fastlm, m) {
   // silu(gate) * up and its gradients.
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
+  // Packed layout: x = [..., 2 * hidden] holds [gate | up]; out = [..., hidden]; dx like x.
+  m.def("swiglu_packed_fwd(Tensor x) -> Tensor");
+  m.def("swiglu_packed_bwd(Tensor dout, Tensor x) -> Tensor dx");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -14,7 +14,7 @@ CLIs: ``python -m fastlm.train``, ``python -m fastlm.generate``, ``python -m fas
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
-from .ops import attention, swiglu  # noqa: E402,F401
+from .ops import attention, swiglu, swiglu_packed  # noqa: E402,F401
 
 
 def __getattr__(name):  # lazy: importing the model pulls nothing heavy, but keep `import fastlm` quick

@@ -50,6 +50,16 @@ if _C is not None:
     def _swiglu_bwd_fake(dout, gate, up):
         return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
+    @torch.library.register_fake("fastlm::swiglu_packed_fwd")
+    def _swiglu_packed_fwd_fake(x):
+        torch._check(x.dim() >= 1 and x.shape[-1] % 2 == 0,
+                     lambda: f"swiglu_packed_fwd: the last dim of x must be even, got {tuple(x.shape)}")
+        return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+    @torch.library.register_fake("fastlm::swiglu_packed_bwd")
+    def _swiglu_packed_bwd_fake(dout, x):
+        return x.new_empty(x.shape)
+
     # ---- autograd ------------------------------------------------------------------------------
     def _attention_setup_context(ctx, inputs, output):
         q, k, v, causal, scale, alibi_slopes = inputs
@@ -77,6 +87,13 @@ if _C is not None:
         return _ops.swiglu_bwd(dout, gate, up)
 
     torch.library.register_autograd("fastlm::swiglu_fwd", _swiglu_backward,
+                                    setup_context=_swiglu_setup_context)
+
+    def _swiglu_packed_backward(ctx, dout):
+        (x,) = ctx.saved_tensors
+        return _ops.swiglu_packed_bwd(dout, x)
+
+    torch.library.register_autograd("fastlm::swiglu_packed_fwd", _swiglu_packed_backward,
                                     setup_context=_swiglu_setup_context)
 
 
@@ -114,6 +131,13 @@ class _CppBackend:
     def swiglu(self, gate, up):
         return _ops.swiglu_fwd(gate, up)
 
+    def swiglu_packed_unsupported(self, x):
+        return self._tensor_unsupported(x)
+
+    def swiglu_packed(self, x):
+        """Reads ``[gate | up]`` in place (any row stride); the gradient is one fresh tensor."""
+        return _ops.swiglu_packed_fwd(x)
+
 
 class _CudaBackend(_CppBackend):
     """CUDA kernels (csrc/cuda): tensor-core attention for fp16/bf16 with head dim 64 or 128 and a
@@ -150,6 +174,11 @@ class _CudaBackend(_CppBackend):
 
     def swiglu_unsupported(self, gate, up):
         return self._tensor_unsupported(gate, up)
+
+    def swiglu_packed(self, x):
+        # no packed CUDA kernel: the split kernel on the two halves (copied to contiguous)
+        gate, up = x.chunk(2, dim=-1)
+        return _ops.swiglu_fwd(gate, up)
 
 
 CPP_BACKEND = _CppBackend()

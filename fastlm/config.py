@@ -23,6 +23,14 @@ __all__ = ["ConfigFileError", "add_dataclass_args", "load_config_file", "merge_v
            "field_types", "flag_name"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors as one ``error: ...`` line (exit 2), no usage dump: the CLIs'
+    convention for bad input."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 class ConfigFileError(ValueError):
     """A bad config file or config value (one line)."""
 
@@ -103,7 +111,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, title: Optional[
             default = defaults_override[f.name]
         text = f.metadata.get("help", "")
         shown = "none" if default is None else (" ".join(default) if isinstance(default, list) else default)
-        text = f"{text} (default: {shown})" if text else f"(default: {shown})"
+        if not (default in (None, []) and ("default" in text or "empty" in text)):  # help says it
+            text = f"{text} (default: {shown})" if text else f"(default: {shown})"
         text = text.replace("%", "%%")
         kwargs: dict = {"default": argparse.SUPPRESS, "help": text, "dest": f.name}
         if base is bool and not optional:

@@ -276,8 +276,9 @@ def save_splits(run_dir, splits: dict, vocab_size: int) -> None:
             raise
 
 
-def load_split(run_dir, split: str) -> np.ndarray:
-    """Token ids of ``split`` ('train' | 'val' | 'test') cached in ``run_dir``, memory-mapped."""
+def load_split(run_dir, split: str, vocab_size: Optional[int] = None) -> np.ndarray:
+    """Token ids of ``split`` ('train' | 'val' | 'test') cached in ``run_dir``, memory-mapped.
+    With ``vocab_size``, ids outside ``[0, vocab_size)`` (a damaged cache) raise :class:`DataError`."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     path = split_path(run_dir, split)
@@ -289,6 +290,9 @@ def load_split(run_dir, split: str) -> np.ndarray:
         raise DataError(f"cannot read token cache {path}: {e}") from None
     if arr.ndim != 1 or arr.dtype not in (np.uint16, np.uint32):
         raise DataError(f"token cache {path} must be a 1-D uint16/uint32 array, got {arr.dtype} {arr.shape}")
+    if vocab_size is not None and len(arr) and int(arr.max()) >= vocab_size:
+        raise DataError(f"token cache {path} is damaged: it holds id {int(arr.max())}, beyond the tokenizer's "
+                        f"vocabulary of {vocab_size}; start the run again with --overwrite")
     return arr
 
 

@@ -31,7 +31,9 @@ __all__ = ["main", "build_parser", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .config import OneLineParser
+
+    p = OneLineParser(
         prog="python -m fastlm.evaluate",
         description="Loss, perplexity and bits per character of a fastlm checkpoint on a split of "
                     "its run or on any text corpus.",
@@ -98,7 +100,7 @@ def run(args, out=None) -> dict:
         source = " ".join(args.data)
     else:
         split = args.split or "val"
-        ids = load_split(run_dir_of(args.checkpoint), split)
+        ids = load_split(run_dir_of(args.checkpoint), split, tokenizer.vocab_size)
         source = f"{split} split"
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]

@@ -17,6 +17,7 @@ between training documents). Errors are one line ``error: ...`` on stderr with e
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import List, Optional
@@ -27,7 +28,9 @@ SEPARATOR = "-" * 40
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .config import OneLineParser
+
+    p = OneLineParser(
         prog="python -m fastlm.generate",
         description="Sample text from a fastlm checkpoint (KV-cached decoding; temperature, top-k, "
                     "top-p, greedy or beam search).",
@@ -105,6 +108,11 @@ def _check_args(args) -> None:
             raise ValueError("--beam-size cannot be combined with --from-split")
     if args.from_split is not None and args.num_samples != 1:
         raise ValueError("--num-samples does not apply to --from-split (use --examples)")
+    if args.beam_size is None:  # sampling settings: refuse them before anything is printed
+        from .sampling import _check_sampling
+        _check_sampling(args.temperature, args.top_k, args.top_p, args.greedy)
+    if args.length_penalty is not None and not math.isfinite(args.length_penalty):
+        raise ValueError(f"--length-penalty must be a finite number, got {args.length_penalty}")
     if args.output_file is not None and os.path.exists(args.output_file):
         raise ValueError(f"--output-file {args.output_file} already exists; refusing to overwrite it")
 
@@ -151,8 +159,12 @@ class _Streamer:
 
 def _prompt_text(args) -> str:
     if args.prompt_file is not None:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start}: "
+                             f"{e.reason})") from None
     return args.prompt if args.prompt is not None else ""
 
 
@@ -178,7 +190,7 @@ def _from_split(args, model, tokenizer, device, generator, eos_id, out) -> str:
     from .data import load_split
     from .sampling import generate
 
-    ids = load_split(run_dir_of(args.checkpoint), args.from_split)
+    ids = load_split(run_dir_of(args.checkpoint), args.from_split, tokenizer.vocab_size)
     block = model.max_context()
     n_prompt = args.prompt_tokens if args.prompt_tokens is not None else max(1, min(64, block // 2))
     if len(ids) < n_prompt + 1:

@@ -149,7 +149,8 @@ def sinusoidal_table(n_pos: int, dim: int) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) by position angles. x: (B, H, T, D); cos/sin: (T, D/2)."""
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) by position angles. x: (B, H, T, D) with cos/sin
+    (T, D/2), or x: (B, T, H, D) with cos/sin (T, 1, D/2)."""
     d2 = x.shape[-1] // 2
     x1, x2 = x[..., :d2].float(), x[..., d2:].float()
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -212,12 +213,14 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
-        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D), a strided view: no copy
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
+        qk = qk.view(B, T, H + Hkv, D)
+        if rope is not None:  # rotate queries and keys in one pass: (B, T, H + Hkv, D)
+            cos, sin = rope
+            qk = apply_rope(qk, cos.unsqueeze(1), sin.unsqueeze(1))
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D), a strided view: no copy
+        k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, Hkv, T_past + T, D)
         y = ops.attention(q, k, v, causal=True, alibi_slopes=alibi, backend=self.cfg.backend)
@@ -236,10 +239,9 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc(x)
+        h = self.fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) = [gate | up] for swiglu
         if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = ops.swiglu(gate, up, backend=self.backend)
+            h = ops.swiglu_packed(h, backend=self.backend)  # (B, T, hidden)
         elif self.kind == "gelu":
             h = F.gelu(h)
         else:

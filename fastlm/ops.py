@@ -2,6 +2,8 @@
 
 * :func:`attention` -- scaled dot-product attention on SDPA's ``(B, H, T, D)`` layout.
 * :func:`swiglu` -- ``silu(gate) * up``.
+* :func:`swiglu_packed` -- the same on one ``[..., 2 * hidden]`` tensor holding ``[gate | up]``
+  (what a fused up-projection produces; the model's SwiGLU MLP uses it).
 
 Backends (``backend=`` argument, or the ``FASTLM_BACKEND`` environment variable, which overrides
 ``"auto"``):
@@ -31,7 +33,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["attention", "swiglu", "BACKENDS", "available_backends", "backend_status",
+__all__ = ["attention", "swiglu", "swiglu_packed", "BACKENDS", "available_backends", "backend_status",
            "resolve_backend", "BackendUnavailableError"]
 
 log = logging.getLogger("fastlm")
@@ -51,9 +53,11 @@ _BACKEND_PATHS = {
 # auto's preference per (op, device type). Measured choices: see benchmarks/ and README.
 _AUTO_ORDER = {
     ("attention", "cuda"): ("triton", "cuda", "torch", "reference"),
-    ("attention", "cpu"): ("torch", "cpp", "reference"),
+    ("attention", "cpu"): ("torch", "cpp", "reference"),  # training in bf16/ALiBi: see _cpu_attention_order
     ("swiglu", "cuda"): ("triton", "cuda", "torch", "reference"),
     ("swiglu", "cpu"): ("cpp", "torch", "reference"),
+    ("swiglu_packed", "cuda"): ("triton", "cuda", "torch", "reference"),
+    ("swiglu_packed", "cpu"): ("cpp", "torch", "reference"),
 }
 _AUTO_DEFAULT = ("torch", "reference")
 
@@ -103,6 +107,13 @@ class TorchBackend:
         return None
 
     def swiglu(self, gate, up):
+        return F.silu(gate) * up
+
+    def swiglu_packed_unsupported(self, x):
+        return None
+
+    def swiglu_packed(self, x):
+        gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
 
@@ -163,10 +174,11 @@ def _log_once(msg: str):
         log.warning(msg)
 
 
-def resolve_backend(op: str, backend: str, device_type: str, unsupported) -> object:
+def resolve_backend(op: str, backend: str, device_type: str, unsupported, order=None) -> object:
     """Pick the backend object for one call.
 
-    ``unsupported(obj)`` returns None when ``obj`` can run the call, else a reason.
+    ``unsupported(obj)`` returns None when ``obj`` can run the call, else a reason; ``order`` (a
+    tuple of names) replaces the ``(op, device)`` preference list of :data:`_AUTO_ORDER`.
     Explicit backends raise :class:`BackendUnavailableError` with the reason; ``auto`` falls through
     its preference list, logging (once) each preferred backend it had to skip.
     """
@@ -183,7 +195,7 @@ def resolve_backend(op: str, backend: str, device_type: str, unsupported) -> obj
                 return obj
         raise BackendUnavailableError(f"fastlm {op}: backend {backend!r} cannot run this call: {why}")
     skipped = []
-    for name in _AUTO_ORDER.get((op, device_type), _AUTO_DEFAULT):
+    for name in order or _AUTO_ORDER.get((op, device_type), _AUTO_DEFAULT):
         why = _unavailable(name)
         if why is None:
             obj = _loaded[name]
@@ -228,6 +240,22 @@ def _check_attention(q, k, v, alibi_slopes):
             raise ValueError(f"attention: alibi_slopes on {alibi_slopes.device}, q on {q.device}")
 
 
+def _cpu_attention_order(q, k, v, alibi_slopes):
+    """auto's preference for one CPU attention call (None: the default ``torch, cpp, reference``).
+
+    Measured (benchmarks/, README): SDPA's CPU flash kernel is the faster forward everywhere and the
+    faster fp32 forward+backward on AVX-512 machines; the C++ kernel's fused backward wins training
+    calls in bf16/fp16 (2.6-3.5x) and with ALiBi, where SDPA gets a materialised bias mask and
+    backpropagates through it."""
+    if q.device.type != "cpu" or not torch.is_grad_enabled():
+        return None
+    if not (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if q.dtype in (torch.bfloat16, torch.float16) or alibi_slopes is not None:
+        return ("cpp", "torch", "reference")
+    return None
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
               alibi_slopes: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """Scaled dot-product attention ``softmax(q k^T * scale + bias) v``.
@@ -257,7 +285,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Op
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.float()
     obj = resolve_backend("attention", backend, q.device.type,
-                          lambda b: b.attention_unsupported(q, k, v, causal, scale, alibi_slopes))
+                          lambda b: b.attention_unsupported(q, k, v, causal, scale, alibi_slopes),
+                          order=_cpu_attention_order(q, k, v, alibi_slopes))
     return obj.attention(q, k, v, causal, scale, alibi_slopes)
 
 
@@ -279,3 +308,20 @@ def swiglu(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:
         raise ValueError(f"swiglu: gate on {gate.device}, up on {up.device}")
     obj = resolve_backend("swiglu", backend, gate.device.type, lambda b: b.swiglu_unsupported(gate, up))
     return obj.swiglu(gate, up)
+
+
+def swiglu_packed(x: Tensor, *, backend: str = "auto") -> Tensor:
+    """``silu(x[..., :H]) * x[..., H:]`` for ``x`` of shape ``[..., 2H]`` (gate and up packed along
+    the last dim, as one fused ``Linear(n_embd, 2H)`` produces them). Returns ``[..., H]`` in x's
+    dtype; differentiable (the gradient is one ``[..., 2H]`` tensor). Equal to
+    ``swiglu(*x.chunk(2, -1))``, but the ``cpp`` and ``triton`` kernels read the halves in place and
+    write the gradient without a concatenation.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"swiglu_packed: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"swiglu_packed: x must be float16/bfloat16/float32/float64, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] % 2 != 0:
+        raise ValueError(f"swiglu_packed: the last dim of x must be even ([gate | up]), got shape {tuple(x.shape)}")
+    obj = resolve_backend("swiglu_packed", backend, x.device.type, lambda b: b.swiglu_packed_unsupported(x))
+    return obj.swiglu_packed(x)

@@ -27,6 +27,7 @@ __all__ = [
     "attention_forward",
     "attention_backward",
     "swiglu",
+    "swiglu_packed",
     "swiglu_forward",
     "swiglu_backward",
     "naive_attention",
@@ -188,6 +189,25 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return _SwiGLU.apply(gate, up)
 
 
+class _SwiGLUPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        gate, up = x.chunk(2, dim=-1)
+        return swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (x,) = ctx.saved_tensors
+        gate, up = x.chunk(2, dim=-1)
+        return torch.cat(swiglu_backward(dout, gate, up), dim=-1)
+
+
+def swiglu_packed(x: Tensor) -> Tensor:
+    """Reference packed SwiGLU: ``x = [..., 2H]`` holds ``[gate | up]``; returns ``[..., H]``."""
+    return _SwiGLUPacked.apply(x)
+
+
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
                     scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
                     dtype: torch.dtype = torch.float64) -> Tensor:
@@ -229,6 +249,12 @@ class ReferenceBackend:
 
     def swiglu(self, gate, up):
         return swiglu(gate, up)
+
+    def swiglu_packed_unsupported(self, x):
+        return None
+
+    def swiglu_packed(self, x):
+        return swiglu_packed(x)
 
 
 BACKEND = ReferenceBackend()

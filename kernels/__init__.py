@@ -115,5 +115,11 @@ class TritonBackend:
     def swiglu(self, gate, up):
         return _module("swiglu").swiglu(gate, up)
 
+    def swiglu_packed_unsupported(self, x):
+        return self._device_reason(x) or self._dtype_reason(x, "swiglu")
+
+    def swiglu_packed(self, x):
+        return _module("swiglu").swiglu_packed(x)
+
 
 BACKEND = TritonBackend()

@@ -197,6 +197,37 @@ def test_opcheck_swiglu():
     torch.library.opcheck(OPS.swiglu_bwd.default, (torch.randn(5, 9), g.detach(), u.detach()))
 
 
+def test_opcheck_swiglu_packed():
+    x = torch.randn(3, 4, 18, requires_grad=True)
+    torch.library.opcheck(OPS.swiglu_packed_fwd.default, (x,))
+    strided = torch.randn(3, 30)[:, 2:20]  # row stride 30
+    torch.library.opcheck(OPS.swiglu_packed_fwd.default, (strided,))
+    torch.library.opcheck(OPS.swiglu_packed_bwd.default, (torch.randn(3, 4, 9), x.detach()))
+
+
+def test_swiglu_packed_backward_is_fresh_and_in_place_read():
+    big = torch.randn(6, 50)
+    x = big[:, 5:45]  # a view: the kernel must read it in place and leave it alone
+    before = big.clone()
+    dout = torch.randn(6, 20)
+    dx = OPS.swiglu_packed_bwd(dout, x)
+    assert torch.equal(big, before) and dx.is_contiguous() and dx.shape == x.shape
+    gate, up = x.double().chunk(2, -1)
+    sig = torch.sigmoid(gate)
+    d = dout.double()
+    want = torch.cat([d * up * sig * (1 + gate * (1 - sig)), d * gate * sig], dim=-1)
+    torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_packed_op_errors():
+    with pytest.raises(RuntimeError, match="even"):
+        OPS.swiglu_packed_fwd(torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="unsupported dtype"):
+        OPS.swiglu_packed_fwd(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="dout must have"):
+        OPS.swiglu_packed_bwd(torch.randn(3, 3), torch.randn(3, 4))
+
+
 def test_backward_writes_fresh_tensors():
     q, k, v, _ = make_inputs(1, 2, 2, 8, 8, 16, torch.float32, False)
     out, lse = OPS.attention_fwd(q, k, v, True, 0.25, None)

@@ -221,6 +221,103 @@ def test_swiglu_rejects_bad_input(gate, up, exc, words):
         ops.swiglu(gate, up)
 
 
+# ---- non-finite input on every CPU backend: propagate where the math says, never hang or crash -----
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+def test_attention_nan_key_reaches_only_the_rows_that_see_it(backend):
+    require_backend(backend)
+    q, k, v = make_qkv(1, 2, 2, 9, 9, 16, torch.float32)
+    k[0, 1, 5, 3] = float("nan")
+    out = ops.attention(q, k, v, causal=True, backend=backend)
+    assert torch.isfinite(out[0, 0]).all()  # the other head never sees it
+    assert torch.isfinite(out[0, 1, :5]).all()  # rows 0..4 are before key 5
+    assert torch.isnan(out[0, 1, 5:]).all()
+
+
+# (Not "torch": SDPA's CPU flash kernel returns zeros for a NaN query row; fastlm's own kernels
+# keep the NaN, so a poisoned input cannot silently train on zeros.)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_attention_non_finite_query_row_does_not_leak(backend, bad):
+    require_backend(backend)
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 2, 2, 6, 6, 8, torch.float32))
+    with torch.no_grad():
+        q[0, 1, 2, 0] = bad
+    out = ops.attention(q, k, v, causal=False, backend=backend)
+    assert not torch.isfinite(out[0, 1, 2]).all()
+    keep = torch.ones_like(out, dtype=torch.bool)
+    keep[0, 1, 2] = False
+    assert torch.isfinite(out[keep]).all()
+    out.sum().backward()  # finishes; the poisoned row's own gradient is non-finite
+    assert not torch.isfinite(q.grad[0, 1, 2]).all() and torch.isfinite(q.grad[0, 0]).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+def test_swiglu_non_finite_propagates_on_every_backend(backend):
+    require_backend(backend)
+    x = torch.tensor([[0.5, float("nan"), float("inf"), -3.0, 1.0, 1.0, 1.0, float("nan")]])
+    out = ops.swiglu_packed(x, backend=backend)[0]
+    assert torch.isfinite(out[0]) and torch.isnan(out[1]) and out[2] == float("inf")
+    assert torch.isnan(out[3])  # silu(-3) * nan
+
+
+# ---- swiglu_packed: one [..., 2H] tensor holding [gate | up] --------------------------------------
+def _packed_ref(x):
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("shape", [(2,), (3, 2 * 17), (2, 5, 2 * 97), (4, 2 * 344)], ids=str)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("backend", ops.BACKENDS)
+def test_swiglu_packed_matches_float64(backend, dtype_name, shape):
+    obj, dev = require_backend(backend)
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator().manual_seed(6)
+    x = (3 * torch.randn(shape, generator=g)).to(dev, dtype)
+    dout = torch.randn(*shape[:-1], shape[-1] // 2, generator=g).to(dev, dtype)
+    why = obj.swiglu_packed_unsupported(x)
+    if why is not None:
+        pytest.skip(f"backend {backend!r} does not support this call: {why}")
+    out, (dx,) = run_with_grads(lambda t: ops.swiglu_packed(t, backend=backend), (x,), dout)
+    base, (bdx,) = run_with_grads(_packed_ref, (x,), dout)
+    ref, (rdx,) = run_with_grads(_packed_ref, (x.double(),), dout.double())
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.dtype == dtype
+    assert dx.shape == x.shape and dx.dtype == dtype
+    assert_two_x(out, base, ref, "swiglu_packed out")
+    assert_two_x(dx, bdx, rdx, "swiglu_packed dx")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+def test_swiglu_packed_gradcheck_float64(backend):
+    obj, _ = require_backend(backend)
+    x = (3 * torch.randn(3, 4, 22, generator=torch.Generator().manual_seed(7),
+                         dtype=torch.float64)).requires_grad_()
+    assert obj.swiglu_packed_unsupported(x) is None
+    assert torch.autograd.gradcheck(lambda t: ops.swiglu_packed(t, backend=backend), (x,),
+                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
+def test_swiglu_packed_strided_rows(backend):
+    require_backend(backend)
+    big = torch.randn(3, 5, 60)
+    x = big[..., 7:7 + 2 * 20]  # rows 60 apart, last dim contiguous: read in place
+    cols = torch.randn(3, 40, 5).transpose(1, 2)  # last dim strided: copied, still right
+    for t in (x, cols):
+        torch.testing.assert_close(ops.swiglu_packed(t, backend=backend), _packed_ref(t))
+
+
+@pytest.mark.parametrize("x,exc,words", [
+    (torch.randn(3, 5), ValueError, "even"),
+    (torch.tensor(1.0), ValueError, "even"),
+    (torch.ones(3, 4, dtype=torch.int32), TypeError, "int32"),
+    ([1.0, 2.0], TypeError, "torch.Tensor"),
+])
+def test_swiglu_packed_rejects_bad_input(x, exc, words):
+    with pytest.raises(exc, match=words):
+        ops.swiglu_packed(x)
+
+
 # ---- dispatch -----------------------------------------------------------------------------------
 @pytest.fixture
 def calls(monkeypatch):
@@ -312,6 +409,20 @@ def test_auto_picks_torch_on_cpu_for_plain_calls(calls, caplog):
         ops.attention(q, k, k, alibi_slopes=alibi_slopes(4))
     assert calls == [("attention", "torch")] * 3
     assert not caplog.records  # the preferred backend ran: nothing to say
+
+
+def test_auto_picks_cpp_for_cpu_training_in_bf16_or_with_alibi(calls, caplog):
+    if ops.backend_status()["cpp"] is not None:
+        pytest.skip(f"cpp backend unavailable: {ops.backend_status()['cpp']}")
+    q = torch.randn(2, 4, 17, 16, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="fastlm"):
+        ops.attention(q, q, q, alibi_slopes=alibi_slopes(4)).sum().backward()
+        ops.attention(q.detach().bfloat16().requires_grad_(), q.detach().bfloat16(), q.detach().bfloat16())
+        with torch.no_grad():  # inference: SDPA's forward is the faster one
+            ops.attention(q, q, q, alibi_slopes=alibi_slopes(4))
+        ops.attention(q, q, q)  # fp32 training without ALiBi: SDPA
+    assert calls == [("attention", "cpp"), ("attention", "cpp"), ("attention", "torch"), ("attention", "torch")]
+    assert not caplog.records
 
 
 def test_auto_falls_back_and_logs_once(calls, caplog):

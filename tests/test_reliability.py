@@ -45,7 +45,8 @@ def _latest_step(run):
 def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
     rng = random.Random(1234)
     run = tmp_path / "run"
-    args = ["--data", corpus, *TINY, "--max-iters", "100000", "--eval-interval", "2", "--lr-schedule", "constant"]
+    args = ["--data", corpus, *TINY, "--max-iters", "100000", "--eval-interval", "2", "--lr-schedule", "constant",
+            "--log-interval", "1"]
     # every save pauses 30 ms between writing its directory and publishing it: kills land inside saves
     proc = _spawn([*args, "--out-dir", run], FASTLM_TEST_SAVE_PAUSE=0.03)
     deadline = time.time() + 120
@@ -83,6 +84,22 @@ def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
     assert res.returncode == 0, res.stderr
     assert json.loads((run / "summary.json").read_text())["steps"] == final
     assert len(list(run.glob("ckpt-*"))) == 1
+    # ... and 20 kills later its losses are bit for bit those of a run that was never interrupted
+    clean = tmp_path / "clean"
+    res = subprocess.run([sys.executable, "-m", "fastlm.train", *map(str, args), "--out-dir", str(clean),
+                          "--max-iters", str(final)], capture_output=True, text=True, env=_env(), timeout=300)
+    assert res.returncode == 0, res.stderr
+
+    def rows(path, cols):
+        lines = [line.split(",") for line in path.read_text().splitlines()]
+        idx = [lines[0].index(c) for c in cols]
+        return [[r[i] for i in idx] for r in lines[1:]]
+
+    got = rows(run / "train_log.csv", ["step", "loss", "lr"])
+    assert [int(r[0]) for r in got] == list(range(1, final + 1))  # one row per step, none repeated
+    assert got == rows(clean / "train_log.csv", ["step", "loss", "lr"])
+    evals = ["step", "train_loss", "val_loss", "lr", "tokens"]
+    assert rows(run / "metrics.csv", evals) == rows(clean / "metrics.csv", evals)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

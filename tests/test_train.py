@@ -3,6 +3,7 @@ exact resume, --init-from, early stopping, plateau LR, config files, hostile inp
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -74,12 +75,76 @@ def test_overwrite_protection(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
+    (out / "config.json").write_text('{"mine": true}')
     rc, res = run(["--data", corpus, "--out-dir", out, *TINY], capsys)
     assert rc == 2 and "already exists" in one_error_line(res) and "--overwrite" in res.err
-    rc, _ = run(["--data", corpus, "--out-dir", out, *TINY, "--overwrite", "--max-iters", "5"], capsys)
-    assert rc == 0 and (out / "mine.txt").read_text() == "keep me"  # only run files are replaced
-    rc, _ = run(["--data", corpus, "--out-dir", out, *TINY, "--overwrite", "--max-iters", "5"], capsys)
-    assert rc == 0 and len(list(out.glob("ckpt-*"))) == 1
+    # --overwrite replaces fastlm runs only: a folder of the user's is refused untouched
+    rc, res = run(["--data", corpus, "--out-dir", out, *TINY, "--overwrite"], capsys)
+    assert rc == 2 and "not a fastlm run directory" in one_error_line(res)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "mine.txt"]
+    assert (out / "config.json").read_text() == '{"mine": true}'
+    run_dir = tmp_path / "run2"
+    rc, _ = run(["--data", corpus, "--out-dir", run_dir, *TINY, "--max-iters", "5"], capsys)
+    assert rc == 0
+    (run_dir / "mine.txt").write_text("keep me")
+    (run_dir / "data" / "notes.txt").write_text("mine too")
+    rc, _ = run(["--data", corpus, "--out-dir", run_dir, *TINY, "--overwrite", "--max-iters", "5"], capsys)
+    assert rc == 0 and len(list(run_dir.glob("ckpt-*"))) == 1
+    assert (run_dir / "mine.txt").read_text() == "keep me"  # only run files are replaced
+    assert (run_dir / "data" / "notes.txt").read_text() == "mine too"
+
+
+def test_overwrite_keeps_a_corpus_inside_the_run_dir(tmp_path, corpus, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    text = corpus.read_text(encoding="utf-8")
+    (run_dir / "data" / "corpus.txt").write_text(text, encoding="utf-8")
+    args = ["--data", run_dir / "data" / "corpus.txt", "--out-dir", run_dir, *TINY, "--max-iters", "5"]
+    assert run(args[:2] + ["--out-dir", tmp_path / "first", *args[4:]], capsys)[0] == 0
+    # turn run_dir into a run whose own corpus lives in its data/ folder, then replace the run
+    for p in (tmp_path / "first").iterdir():
+        if p.is_file():
+            (run_dir / p.name).write_bytes(p.read_bytes())
+    rc, res = run([*args, "--overwrite"], capsys)
+    assert rc == 0, res.err
+    assert (run_dir / "data" / "corpus.txt").read_text(encoding="utf-8") == text
+
+
+def test_overwrite_with_bad_input_leaves_the_old_run(tmp_path, corpus, capsys):
+    run_dir = tmp_path / "run"
+    assert run(["--data", corpus, "--out-dir", run_dir, *TINY, "--max-iters", "5"], capsys)[0] == 0
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    rc, res = run(["--data", empty, "--out-dir", run_dir, *TINY, "--overwrite"], capsys)
+    assert rc == 2 and "empty" in one_error_line(res)
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+    checkpoint.load_checkpoint(run_dir)  # still a whole, loadable run
+
+
+def test_run_without_a_checkpoint_says_so(tmp_path, corpus, capsys):
+    run_dir = tmp_path / "run"
+    assert run(["--data", corpus, "--out-dir", run_dir, *TINY, "--max-iters", "5"], capsys)[0] == 0
+    # what a start killed before its first save leaves: run files, no checkpoint
+    for p in run_dir.glob("ckpt-*"):
+        shutil.rmtree(p)
+    (run_dir / "latest").unlink()
+    rc, res = run(["--resume", run_dir, "--no-progress"], capsys)
+    assert rc == 2 and "no checkpoint" in one_error_line(res) and "--overwrite" in res.err
+    rc, res = run(["--data", corpus, "--out-dir", run_dir, *TINY], capsys)
+    assert rc == 2 and "holds no checkpoint" in one_error_line(res)
+    assert run(["--data", corpus, "--out-dir", run_dir, *TINY, "--max-iters", "5", "--overwrite"], capsys)[0] == 0
+
+
+def test_damaged_token_cache_is_refused(tmp_path, corpus, capsys):
+    run_dir = tmp_path / "run"
+    assert run(["--data", corpus, "--out-dir", run_dir, *TINY, "--max-iters", "5"], capsys)[0] == 0
+    path = data.split_path(run_dir, "train")
+    arr = np.load(path)
+    arr[3] = 60000
+    np.save(path, arr)
+    rc, res = run(["--resume", run_dir, "--max-iters", "8", "--no-progress"], capsys)
+    assert rc == 2 and "damaged" in one_error_line(res) and "60000" in res.err
 
 
 def test_resume_is_exact(tmp_path, corpus, capsys, monkeypatch):
@@ -250,7 +315,10 @@ def test_help_lists_generated_flags():
                  "--device", "--seed", "--compile", "--no-compile", "--config", "--resume", "--init-from",
                  "--text-column", "--max-doc-tokens", "--grad-accum", "--lr-schedule", "--gpu-defaults"):
         assert flag in text, flag
-    assert "(default: 4)" in text  # n_layer's CPU default is shown
+    from fastlm.train import CPU_MODEL_DEFAULTS
+    # the CPU model defaults are what --help shows (not GPTConfig's)
+    assert f"transformer blocks (default: {CPU_MODEL_DEFAULTS['n_layer']})" in " ".join(text.split())
+    assert f"gelu | relu | swiglu (default: {CPU_MODEL_DEFAULTS['mlp']})" in " ".join(text.split())
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
@@ -368,3 +436,50 @@ def test_csv_jsonl_folder_corpora_train(tmp_path, capsys):
         assert cfg["data"]["dropped_documents"] == long_docs
         assert ids.tolist().count(eos) == len(paras) - long_docs - 1  # documents joined with EOS
     assert results["csv"] == results["jsonl"] == results["folder"]
+
+
+def test_grad_accum_equals_the_larger_batch(tmp_path, corpus, capsys):
+    """batch 2 x 2 micro-batches draws the same windows as batch 4 and averages the same loss."""
+    base = ["--data", corpus, *TINY, "--max-iters", "6", "--grad-clip", "0"]
+    assert run([*base, "--batch-size", "4", "--out-dir", tmp_path / "big"], capsys)[0] == 0
+    rc, res = run([*base, "--batch-size", "2", "--grad-accum", "2", "--out-dir", tmp_path / "acc"], capsys)
+    assert rc == 0 and "2 x grad_accum 2 x world 1 = 4 sequences" in res.out
+    big, acc = rows(tmp_path / "big" / "train_log.csv"), rows(tmp_path / "acc" / "train_log.csv")
+    assert len(big) == len(acc) == 6
+    for a, b in zip(big, acc):
+        assert math.isclose(float(a["loss"]), float(b["loss"]), rel_tol=1e-4), (a, b)
+
+
+def test_grad_clip_changes_the_run(tmp_path, corpus, capsys):
+    base = ["--data", corpus, *TINY, "--max-iters", "4", "--lr", "0.05"]
+    for name, clip in (("tight", "0.01"), ("off", "0")):
+        assert run([*base, "--grad-clip", clip, "--out-dir", tmp_path / name], capsys)[0] == 0
+    tight, off = rows(tmp_path / "tight" / "train_log.csv"), rows(tmp_path / "off" / "train_log.csv")
+    assert tight[0]["loss"] == off[0]["loss"]  # same first batch and weights
+    assert tight[-1]["loss"] != off[-1]["loss"]  # clipped updates are smaller: another trajectory
+
+
+def test_word_tokenizer_with_a_test_split(tmp_path, corpus, capsys):
+    out = tmp_path / "w"
+    rc, res = run(["--data", corpus, "--out-dir", out, *TINY, "--tokenizer", "word", "--lowercase",
+                   "--min-freq", "2", "--split", "0.8,0.1,0.1", "--block-size", "8"], capsys)
+    assert rc == 0, res.err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tokenizer"]["kind"] == "word"
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(summary["test_loss"]) and summary["test_loss"] > 0
+    n = cfg["data"]["tokens"]
+    assert n["test"] > 0 and abs(n["test"] - n["val"]) <= 1
+    tok = json.loads((out / "tokenizer.json").read_text())
+    assert "<unk>" in json.dumps(tok)
+
+
+def test_bfloat16_autocast_on_cpu(tmp_path, corpus, capsys):
+    out = tmp_path / "bf16"
+    rc, res = run(["--data", corpus, "--out-dir", out, *TINY, "--dtype", "bfloat16", "--mlp", "swiglu"], capsys)
+    assert rc == 0, res.err
+    assert "autocast bfloat16" in res.out
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(summary["val_loss"])
+    weights, _ = checkpoint.load_weights(out / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay fp32

@@ -301,6 +301,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   const bool has_alibi = alibi.has_value();
 
   at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> masked_row(G * Tq);  // lse == -inf: the row sees no key at all
     std::vector<acc_t> qf(G * Tq * Dp), dof(G * Tq * Dp), dqa(G * Tq * Dp), delta(G * Tq),
         shift(G * Tq), kT(Dp * BK), vT(Dp * BK), kbuf(BK * Dp), dka(BK * Dp), dva(BK * Dp),
         pbuf(BQ * BK), dsbuf(BQ * BK), orow(Dp);
@@ -317,7 +318,9 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
           acc_t dl = 0;
           for (int64_t d = 0; d < D; ++d) dl += dof[row * Dp + d] * orow[d];
           delta[row] = dl;
-          shift[row] = attn::backward_shift(LSE[(b * s.H + h) * Tq + i]);
+          const acc_t row_lse = LSE[(b * s.H + h) * Tq + i];
+          masked_row[row] = row_lse == -std::numeric_limits<acc_t>::infinity();
+          shift[row] = attn::backward_shift(row_lse);
         }
       }
       std::fill(dqa.begin(), dqa.end(), acc_t(0));
@@ -344,7 +347,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
               acc_t* pr = &pbuf[r * BK];
               acc_t* dsr = &dsbuf[r * BK];
               const int64_t row_end = attn::key_end(i, Tq, Tk, causal);
-              if (row_end <= j0 || shift[row] == acc_t(INFINITY)) {  // nothing visible here
+              if (row_end <= j0 || masked_row[row]) {  // nothing visible here
                 std::fill(pr, pr + BK, acc_t(0));
                 std::fill(dsr, dsr + BK, acc_t(0));
                 continue;

@@ -1,5 +1,9 @@
 // CPU SwiGLU: out = silu(gate) * up, and its backward
 //   d_up = dout * silu(g),  d_gate = dout * up * sig(g) * (1 + g * (1 - sig(g))).
+// Two layouts: split (gate and up are separate tensors of one shape) and packed (one tensor
+// x = [..., 2 * hidden] holding [gate | up] along the last dim, what the model's fused
+// up-projection produces; read in place with its row stride, gradient written as one fresh
+// [..., 2 * hidden] tensor, so neither direction copies or concatenates).
 // Fused (one pass over memory), vectorised with at::vec::Vectorized, parallel with
 // at::parallel_for; math in float32 (float64 for float64 inputs).
 #include <ATen/ATen.h>
@@ -9,7 +13,9 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "op_checks.h"
 
@@ -86,6 +92,43 @@ void elementwise(const scalar_t* const* in, scalar_t* const* out, int n_in, int 
   });
 }
 
+// Row-wise variant: `rows` rows of `cols` elements; tensor t's row r starts at ptr[t] + r * stride[t]
+// (each row contiguous). Parallel over whole rows.
+template <typename scalar_t, typename F>
+void rowwise(const scalar_t* const* in, const int64_t* in_stride, scalar_t* const* out,
+             const int64_t* out_stride, int n_in, int n_out, int64_t rows, int64_t cols, F f) {
+  using io = IO<scalar_t>;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    const scalar_t* ip[3];
+    scalar_t* op[2];
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t i = 0; i < cols; i += io::kStep) {
+        const int64_t count = std::min<int64_t>(io::kStep, cols - i);
+        for (int t = 0; t < n_in; ++t) ip[t] = in[t] + r * in_stride[t] + i;
+        for (int t = 0; t < n_out; ++t) op[t] = out[t] + r * out_stride[t] + i;
+        io::apply(ip, op, n_in, n_out, count, f);
+      }
+    }
+  });
+}
+
+// The math of both layouts, on compute-type vectors.
+template <typename AVec>
+inline AVec swiglu_fwd_math(const AVec& g, const AVec& u) {
+  const AVec one(1);
+  const AVec sig = one / (one + g.neg().exp());
+  return g * sig * u;
+}
+
+template <typename AVec>
+inline void swiglu_bwd_math(const AVec& dy, const AVec& x, const AVec& u, AVec& dg, AVec& du) {
+  const AVec one(1);
+  const AVec sig = one / (one + x.neg().exp());
+  dg = dy * u * sig * (one + x * (one - sig));
+  du = dy * x * sig;
+}
+
 at::Tensor swiglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up) {
   check_swiglu_args("swiglu_fwd", gate, up);
   TORCH_CHECK(at::isFloatingType(gate.scalar_type()), "swiglu_fwd: unsupported dtype ",
@@ -98,11 +141,8 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up) {
     using AVec = Vectorized<typename IO<scalar_t>::acc_t>;
     const scalar_t* in[2] = {g.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>()};
     scalar_t* o[1] = {out.mutable_data_ptr<scalar_t>()};
-    elementwise<scalar_t>(in, o, 2, 1, n, [](const AVec* a, AVec* r) {
-      const AVec one(1);
-      const AVec sig = one / (one + a[0].neg().exp());
-      r[0] = a[0] * sig * a[1];
-    });
+    elementwise<scalar_t>(in, o, 2, 1, n,
+                          [](const AVec* a, AVec* r) { r[0] = swiglu_fwd_math(a[0], a[1]); });
   });
   return out;
 }
@@ -125,16 +165,72 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dout, const 
                              u.const_data_ptr<scalar_t>()};
     scalar_t* o[2] = {dgate.mutable_data_ptr<scalar_t>(), dup.mutable_data_ptr<scalar_t>()};
     elementwise<scalar_t>(in, o, 3, 2, n, [](const AVec* a, AVec* r) {
-      const AVec one(1);
-      const AVec& dy = a[0];
-      const AVec& x = a[1];
-      const AVec sig = one / (one + x.neg().exp());
-      const AVec silu = x * sig;
-      r[0] = dy * a[2] * sig * (one + x * (one - sig));
-      r[1] = dy * silu;
+      swiglu_bwd_math(a[0], a[1], a[2], r[0], r[1]);
     });
   });
   return {dgate, dup};
+}
+
+// x: [..., 2 * hidden] as [rows, 2 * hidden] with a contiguous last dim (a view when possible).
+at::Tensor packed_rows(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim, got a scalar");
+  TORCH_CHECK(x.size(-1) % 2 == 0, op, ": the last dim of x must be even ([gate | up]), got ",
+              x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": unsupported dtype ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  if (x2.size(1) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();  // any row stride is fine
+  return x2;
+}
+
+at::Tensor swiglu_packed_fwd_cpu(const at::Tensor& x) {
+  const char* op = "swiglu_packed_fwd";
+  const at::Tensor x2 = packed_rows(op, x);
+  const int64_t rows = x2.size(0), hidden = x2.size(1) / 2;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = hidden;
+  at::Tensor out = at::empty(shape, x.options());
+  if (rows == 0 || hidden == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "swiglu_packed_fwd", [&] {
+    using AVec = Vectorized<typename IO<scalar_t>::acc_t>;
+    const scalar_t* base = x2.const_data_ptr<scalar_t>();
+    const int64_t sx = x2.stride(0);
+    const scalar_t* in[2] = {base, base + hidden};
+    const int64_t in_stride[2] = {sx, sx};
+    scalar_t* o[1] = {out.mutable_data_ptr<scalar_t>()};
+    const int64_t out_stride[1] = {hidden};
+    rowwise<scalar_t>(in, in_stride, o, out_stride, 2, 1, rows, hidden,
+                      [](const AVec* a, AVec* r) { r[0] = swiglu_fwd_math(a[0], a[1]); });
+  });
+  return out;
+}
+
+at::Tensor swiglu_packed_bwd_cpu(const at::Tensor& dout, const at::Tensor& x) {
+  const char* op = "swiglu_packed_bwd";
+  const at::Tensor x2 = packed_rows(op, x);
+  const int64_t rows = x2.size(0), hidden = x2.size(1) / 2;
+  TORCH_CHECK(dout.dim() == x.dim() && dout.scalar_type() == x.scalar_type() &&
+                  dout.device() == x.device() && dout.numel() == rows * hidden &&
+                  (x.dim() == 0 || dout.size(-1) == hidden),
+              op, ": dout must have x's shape with the last dim halved and x's dtype; got dout ",
+              dout.sizes(), " for x ", x.sizes());
+  const at::Tensor d = dout.contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options());  // fresh, contiguous: [rows, 2 * hidden]
+  if (rows == 0 || hidden == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "swiglu_packed_bwd", [&] {
+    using AVec = Vectorized<typename IO<scalar_t>::acc_t>;
+    const scalar_t* base = x2.const_data_ptr<scalar_t>();
+    const int64_t sx = x2.stride(0);
+    const scalar_t* in[3] = {d.const_data_ptr<scalar_t>(), base, base + hidden};
+    const int64_t in_stride[3] = {hidden, sx, sx};
+    scalar_t* dbase = dx.mutable_data_ptr<scalar_t>();
+    scalar_t* o[2] = {dbase, dbase + hidden};
+    const int64_t out_stride[2] = {2 * hidden, 2 * hidden};
+    rowwise<scalar_t>(in, in_stride, o, out_stride, 3, 2, rows, hidden, [](const AVec* a, AVec* r) {
+      swiglu_bwd_math(a[0], a[1], a[2], r[0], r[1]);
+    });
+  });
+  return dx;
 }
 
 }  // namespace
@@ -143,4 +239,6 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dout, const 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("swiglu_fwd", &fastlm::swiglu_fwd_cpu);
   m.impl("swiglu_bwd", &fastlm::swiglu_bwd_cpu);
+  m.impl("swiglu_packed_fwd", &fastlm::swiglu_packed_fwd_cpu);
+  m.impl("swiglu_packed_bwd", &fastlm::swiglu_packed_bwd_cpu);
 }
