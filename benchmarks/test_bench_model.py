@@ -41,17 +41,16 @@ def auto_choice(cfg: GPTConfig) -> str:
     from fastlm import ops
 
     dtype = torch.bfloat16 if ON_GPU else torch.float32
-    q = torch.randn(1, cfg.n_head, 2, cfg.head_dim, device=DEVICE, dtype=dtype)
-    kv = torch.randn(1, cfg.kv_heads, 2, cfg.head_dim, device=DEVICE, dtype=dtype)
+    # a training step: activations that require grad
+    q = torch.randn(1, cfg.n_head, 2, cfg.head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    kv = torch.randn(1, cfg.kv_heads, 2, cfg.head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
     parts = []
     try:
-        parts.append("attention:" + ops.resolve_backend(
-            "attention", "auto", DEVICE.type,
-            lambda o: o.attention_unsupported(q, kv, kv, True, cfg.head_dim ** -0.5, None)).name)
+        parts.append("attention:" + ops.attention_backend(q, kv, kv, causal=True))
         if cfg.mlp == "swiglu":
-            g = torch.randn(2, cfg.hidden, device=DEVICE, dtype=dtype)
+            x = torch.randn(2, 2 * cfg.hidden, device=DEVICE, dtype=dtype)
             parts.append("swiglu:" + ops.resolve_backend(
-                "swiglu", "auto", DEVICE.type, lambda o: o.swiglu_unsupported(g, g)).name)
+                "swiglu_packed", "auto", DEVICE.type, lambda o: o.swiglu_packed_unsupported(x)).name)
     except ops.BackendUnavailableError as e:
         parts.append(f"unresolved ({e})")
     return ",".join(parts)

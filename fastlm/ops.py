@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["attention", "swiglu", "swiglu_packed", "BACKENDS", "available_backends", "backend_status",
+__all__ = ["attention", "attention_backend", "swiglu", "swiglu_packed", "BACKENDS", "available_backends", "backend_status",
            "resolve_backend", "BackendUnavailableError"]
 
 log = logging.getLogger("fastlm")
@@ -53,7 +53,7 @@ _BACKEND_PATHS = {
 # auto's preference per (op, device type). Measured choices: see benchmarks/ and README.
 _AUTO_ORDER = {
     ("attention", "cuda"): ("triton", "cuda", "torch", "reference"),
-    ("attention", "cpu"): ("torch", "cpp", "reference"),  # training in bf16/ALiBi: see _cpu_attention_order
+    ("attention", "cpu"): ("torch", "cpp", "reference"),  # training in bf16/fp16: _cpu_attention_order
     ("swiglu", "cuda"): ("triton", "cuda", "torch", "reference"),
     ("swiglu", "cpu"): ("cpp", "torch", "reference"),
     ("swiglu_packed", "cuda"): ("triton", "cuda", "torch", "reference"),
@@ -243,15 +243,15 @@ def _check_attention(q, k, v, alibi_slopes):
 def _cpu_attention_order(q, k, v, alibi_slopes):
     """auto's preference for one CPU attention call (None: the default ``torch, cpp, reference``).
 
-    Measured (benchmarks/, README): SDPA's CPU flash kernel is the faster forward everywhere and the
-    faster fp32 forward+backward on AVX-512 machines; the C++ kernel's fused backward wins training
-    calls in bf16/fp16 (2.6-3.5x) and with ALiBi, where SDPA gets a materialised bias mask and
-    backpropagates through it."""
+    Measured (benchmarks/REPORT.md): SDPA's CPU flash kernel is the faster forward, and the faster
+    fp32 forward+backward on the AVX-512 machine CI runs on; the C++ kernel's fused backward wins
+    training calls in bfloat16/float16 (3.8x there, 2.3x on an AMD EPYC), where SDPA falls back to
+    slow reduced-precision math."""
     if q.device.type != "cpu" or not torch.is_grad_enabled():
         return None
     if not (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    if q.dtype in (torch.bfloat16, torch.float16) or alibi_slopes is not None:
+    if q.dtype in (torch.bfloat16, torch.float16):
         return ("cpp", "torch", "reference")
     return None
 
@@ -276,6 +276,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Op
     Returns:
         ``(B, H, T_q, D)`` in q's dtype. Differentiable with respect to q, k and v.
     """
+    obj, scale, alibi_slopes = _attention_backend(q, k, v, causal, scale, alibi_slopes, backend)
+    return obj.attention(q, k, v, causal, scale, alibi_slopes)
+
+
+def _attention_backend(q, k, v, causal, scale, alibi_slopes, backend):
     _check_attention(q, k, v, alibi_slopes)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -287,7 +292,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Op
     obj = resolve_backend("attention", backend, q.device.type,
                           lambda b: b.attention_unsupported(q, k, v, causal, scale, alibi_slopes),
                           order=_cpu_attention_order(q, k, v, alibi_slopes))
-    return obj.attention(q, k, v, causal, scale, alibi_slopes)
+    return obj, scale, alibi_slopes
+
+
+def attention_backend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+                      alibi_slopes: Optional[Tensor] = None, backend: str = "auto") -> str:
+    """The name of the backend :func:`attention` would run for this call (same arguments; the
+    choice of ``auto`` depends on the device, dtype, options and whether a gradient is needed)."""
+    return _attention_backend(q, k, v, causal, scale, alibi_slopes, backend)[0].name
 
 
 def swiglu(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:

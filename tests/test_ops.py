@@ -411,18 +411,22 @@ def test_auto_picks_torch_on_cpu_for_plain_calls(calls, caplog):
     assert not caplog.records  # the preferred backend ran: nothing to say
 
 
-def test_auto_picks_cpp_for_cpu_training_in_bf16_or_with_alibi(calls, caplog):
+def test_auto_picks_cpp_for_cpu_training_in_reduced_precision(calls, caplog):
     if ops.backend_status()["cpp"] is not None:
         pytest.skip(f"cpp backend unavailable: {ops.backend_status()['cpp']}")
     q = torch.randn(2, 4, 17, 16, requires_grad=True)
+    qb = q.detach().bfloat16().requires_grad_()
+    assert ops.attention_backend(qb, qb, qb) == "cpp"
+    assert ops.attention_backend(q, q, q) == "torch"
     with caplog.at_level(logging.WARNING, logger="fastlm"):
-        ops.attention(q, q, q, alibi_slopes=alibi_slopes(4)).sum().backward()
-        ops.attention(q.detach().bfloat16().requires_grad_(), q.detach().bfloat16(), q.detach().bfloat16())
+        ops.attention(qb, qb, qb).sum().backward()
+        ops.attention(q.detach().half().requires_grad_(), q.detach().half(), q.detach().half())
         with torch.no_grad():  # inference: SDPA's forward is the faster one
-            ops.attention(q, q, q, alibi_slopes=alibi_slopes(4))
-        ops.attention(q, q, q)  # fp32 training without ALiBi: SDPA
+            ops.attention(qb, qb, qb)
+        ops.attention(q, q, q, alibi_slopes=alibi_slopes(4))  # fp32 training: SDPA
     assert calls == [("attention", "cpp"), ("attention", "cpp"), ("attention", "torch"), ("attention", "torch")]
     assert not caplog.records
+    assert ops.attention_backend(q, q, q, backend="reference") == "reference"
 
 
 def test_auto_falls_back_and_logs_once(calls, caplog):
