@@ -219,6 +219,28 @@ def test_swiglu_packed_backward_is_fresh_and_in_place_read():
     torch.testing.assert_close(dx.double(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_swiglu_large_outputs_use_their_own_allocation_correctly():
+    """Outputs >= 32 MiB come from the kernel's huge-page allocation: same values, usable as
+    gradients (accumulated in place by autograd), freed with the tensor."""
+    g = torch.Generator().manual_seed(11)
+    gate = torch.randn(4096, 2048, generator=g, requires_grad=True)
+    up = torch.randn(4096, 2048, generator=g, requires_grad=True)
+    for _ in range(2):  # the second backward accumulates into the first one's gradient tensors
+        ops.swiglu(gate, up, backend="cpp").sum().backward()
+    sig = torch.sigmoid(gate.detach())
+    want_du = gate.detach() * sig
+    want_dg = up.detach() * sig * (1 + gate.detach() * (1 - sig))
+    torch.testing.assert_close(up.grad, 2 * want_du, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gate.grad, 2 * want_dg, rtol=1e-5, atol=1e-5)
+    x = torch.cat([gate.detach(), up.detach()], dim=1)
+    out = OPS.swiglu_packed_fwd(x)
+    torch.testing.assert_close(out, want_du * up.detach(), rtol=1e-6, atol=1e-6)
+    dx = OPS.swiglu_packed_bwd(torch.ones_like(out), x)
+    torch.testing.assert_close(dx, torch.cat([want_dg, want_du], dim=1), rtol=1e-5, atol=1e-5)
+    out.add_(1.0)  # an ordinary, writable tensor
+    del out, dx
+
+
 def test_swiglu_packed_op_errors():
     with pytest.raises(RuntimeError, match="even"):
         OPS.swiglu_packed_fwd(torch.randn(3, 5))

@@ -483,3 +483,37 @@ def test_bfloat16_autocast_on_cpu(tmp_path, corpus, capsys):
     assert math.isfinite(summary["val_loss"])
     weights, _ = checkpoint.load_weights(out / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay fp32
+
+
+def test_tiktoken_file_tokenizer_through_the_cli(tmp_path, corpus, capsys):
+    from test_tokenizers import _tiny_tiktoken_file
+
+    path = _tiny_tiktoken_file(tmp_path / "tiny.tiktoken")
+    out = tmp_path / "tk"
+    rc, res = run(["--data", corpus, "--out-dir", out, *TINY, "--tokenizer", f"tiktoken:{path}"], capsys)
+    assert rc == 0, res.err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tokenizer"]["kind"] == "tiktoken"
+    assert cfg["model"]["vocab_size"] == cfg["tokenizer"]["vocab_size"] > 256
+
+
+def test_progress_bar_and_device_auto(tmp_path, corpus, capsys):
+    flags = [f for f in TINY if f != "--no-progress"]
+    rc, res = run(["--data", corpus, "--out-dir", tmp_path / "p", *flags, "--device", "auto", "--progress"], capsys)
+    assert rc == 0
+    assert "device: cpu" in res.out  # auto resolved (no GPU/MPS here) and printed
+    assert "train:" in res.err and "10/10" in res.err  # tqdm's bar on stderr, to the last step
+
+
+@pytest.mark.slow
+def test_compile_flag_trains_and_saves_unwrapped_weights(tmp_path, corpus, capsys):
+    """--compile wraps the model in torch.compile (inductor on CPU: ~30 s cold); the checkpoint holds
+    the plain module's names, so generate/evaluate/resume load it without compiling."""
+    out = tmp_path / "c"
+    rc, res = run(["--data", corpus, "--out-dir", out, *TINY, "--max-iters", "3", "--eval-interval", "3",
+                   "--compile"], capsys)
+    assert rc == 0, res.err
+    weights, _ = checkpoint.load_weights(out / "model.safetensors")
+    assert weights and not any("_orig_mod" in k for k in weights)
+    model, _, _ = checkpoint.load_model(out)
+    assert isinstance(model, torch.nn.Module)
