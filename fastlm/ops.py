@@ -245,7 +245,7 @@ def _cpu_attention_order(q, k, v, alibi_slopes):
 
     Measured (benchmarks/REPORT.md): SDPA's CPU flash kernel is the faster forward, and the faster
     fp32 forward+backward on the AVX-512 machine CI runs on; the C++ kernel's fused backward wins
-    training calls in bfloat16/float16 (3.8x there, 2.3x on an AMD EPYC), where SDPA falls back to
+    training calls in bfloat16/float16 (3.6-4.2x there, 2.3x on an AMD EPYC), where SDPA falls back to
     slow reduced-precision math."""
     if q.device.type != "cpu" or not torch.is_grad_enabled():
         return None
