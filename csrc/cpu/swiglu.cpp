@@ -238,7 +238,7 @@ at::Tensor swiglu_packed_bwd_cpu(const at::Tensor& dout, const at::Tensor& x) {
   const int64_t rows = x2.size(0), hidden = x2.size(1) / 2;
   TORCH_CHECK(dout.dim() == x.dim() && dout.scalar_type() == x.scalar_type() &&
                   dout.device() == x.device() && dout.numel() == rows * hidden &&
-                  (x.dim() == 0 || dout.size(-1) == hidden),
+                  dout.size(-1) == hidden,
               op, ": dout must have x's shape with the last dim halved and x's dtype; got dout ",
               dout.sizes(), " for x ", x.sizes());
   const at::Tensor d = dout.contiguous();
