@@ -43,12 +43,12 @@ def auto_choice(cfg: GPTConfig) -> str:
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     # a training step: activations that require grad
     q = torch.randn(1, cfg.n_head, 2, cfg.head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
-    kv = torch.randn(1, cfg.kv_heads, 2, cfg.head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+    kv = torch.randn(1, cfg.n_kv_head, 2, cfg.head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
     parts = []
     try:
         parts.append("attention:" + ops.attention_backend(q, kv, kv, causal=True))
         if cfg.mlp == "swiglu":
-            x = torch.randn(2, 2 * cfg.hidden, device=DEVICE, dtype=dtype)
+            x = torch.randn(2, 2 * cfg.mlp_hidden, device=DEVICE, dtype=dtype)
             parts.append("swiglu:" + ops.resolve_backend(
                 "swiglu_packed", "auto", DEVICE.type, lambda o: o.swiglu_packed_unsupported(x)).name)
     except ops.BackendUnavailableError as e:

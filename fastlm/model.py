@@ -56,23 +56,20 @@ class GPTConfig:
     backend: str = field(default="auto", metadata={"help": "fastlm.ops backend for attention/swiglu"})
 
     def __post_init__(self):
+        # None means "the default for this shape": resolved here, so n_kv_head and mlp_hidden are
+        # always the numbers the model is built with (and what config.json records).
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None and isinstance(self.n_embd, int) and not isinstance(self.n_embd, bool):
+            if self.mlp == "swiglu":  # keep the parameter count of a 4x MLP: 2/3 * 4 * n_embd, rounded up to 8
+                self.mlp_hidden = ((8 * self.n_embd // 3) + 7) // 8 * 8
+            else:
+                self.mlp_hidden = 4 * self.n_embd
         self.validate()
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_head if self.n_kv_head is None else self.n_kv_head
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-    @property
-    def hidden(self) -> int:
-        if self.mlp_hidden is not None:
-            return self.mlp_hidden
-        if self.mlp == "swiglu":  # keep the parameter count of a 4x MLP: 2/3 * 4 * n_embd, rounded up to 8
-            return ((8 * self.n_embd // 3) + 7) // 8 * 8
-        return 4 * self.n_embd
 
     def validate(self) -> None:
         def positive_int(name):
@@ -82,11 +79,8 @@ class GPTConfig:
             if val <= 0:
                 raise ConfigError(f"{name} must be positive, got {val}")
 
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"):
             positive_int(name)
-        for name in ("n_kv_head", "mlp_hidden"):
-            if getattr(self, name) is not None:
-                positive_int(name)
         for name, choices in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -101,8 +95,8 @@ class GPTConfig:
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         if self.n_embd % self.n_head != 0:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_head % self.kv_heads != 0:
-            raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
+        if self.n_head % self.n_kv_head != 0:
+            raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.pos == "rope" and self.head_dim % 2 != 0:
             raise ConfigError(f"pos=rope needs an even head dim, got n_embd/n_head = {self.head_dim}")
         if self.block_size > MAX_POSITIONS:
@@ -203,8 +197,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer = layer
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -232,7 +226,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.kind, self.backend = cfg.mlp, cfg.backend
-        hidden = cfg.hidden
+        hidden = cfg.mlp_hidden
         # SwiGLU: one fused up-projection producing [gate | up] (B, T, 2 * hidden)
         self.fc = nn.Linear(cfg.n_embd, 2 * hidden if cfg.mlp == "swiglu" else hidden, bias=cfg.bias)
         self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
@@ -364,7 +358,7 @@ class GPT(nn.Module):
         if dtype is None:  # under autocast the keys/values come out in the autocast dtype
             on = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if on else p.dtype
-        return KVCache(cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim,
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
                        device=device, dtype=dtype)
 
     def configure_optimizer(self, weight_decay: float, lr: float, betas=(0.9, 0.95),

@@ -666,7 +666,7 @@ def _train(tcfg: TrainConfig, model_values: dict, explicit: set, dist: Dist, t_s
     if resume_dir is not None:
         ck = ckpt_mod.load_checkpoint(resume_dir)
         st = ck["state"]
-        if ck["model_config"] != mcfg.to_dict():
+        if GPTConfig.from_dict(ck["model_config"]).to_dict() != mcfg.to_dict():
             raise CheckpointError(f"{ck['dir']} was written for another model config than {resume_dir / 'config.json'}")
         ckpt_mod.load_model_tensors(model, ck["model"], ck["dir"] / "model.safetensors")
         try:

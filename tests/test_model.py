@@ -261,10 +261,10 @@ def test_validation_after_mutation():
 
 
 def test_swiglu_hidden_default():
-    assert GPTConfig(**TINY).hidden == 128
-    h = GPTConfig(**{**TINY, "mlp": "swiglu"}).hidden
+    assert GPTConfig(**TINY).mlp_hidden == 128
+    h = GPTConfig(**{**TINY, "mlp": "swiglu"}).mlp_hidden
     assert h % 8 == 0 and 8 * 32 // 3 <= h < 8 * 32 // 3 + 8
-    assert GPTConfig(**{**TINY, "mlp": "swiglu", "mlp_hidden": 50}).hidden == 50
+    assert GPTConfig(**{**TINY, "mlp": "swiglu", "mlp_hidden": 50}).mlp_hidden == 50
 
 
 def test_alibi_slopes():
