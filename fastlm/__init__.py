@@ -7,6 +7,7 @@ Quick tour::
     q = k = v = torch.randn(2, 4, 128, 64)
     y = attention(q, k, v, causal=True)          # backend="auto"
     model = fastlm.GPT(fastlm.GPTConfig())       # decoder-only GPT on fastlm.ops
+    summary = fastlm.Trainer(fastlm.TrainConfig(max_iters=200)).fit()   # what `python -m fastlm.train` runs
 
 CLIs: ``python -m fastlm.train``, ``python -m fastlm.generate``, ``python -m fastlm.evaluate``,
 ``python -m fastlm.info``.
@@ -17,8 +18,12 @@ from . import ops  # noqa: E402
 from .ops import attention, swiglu, swiglu_packed  # noqa: E402,F401
 
 
-def __getattr__(name):  # lazy: importing the model pulls nothing heavy, but keep `import fastlm` quick
-    if name in ("GPT", "GPTConfig"):
-        from . import model
-        return getattr(model, name)
+_LAZY = {"GPT": "model", "GPTConfig": "model", "Trainer": "trainer", "Callback": "trainer",
+         "TrainConfig": "train_config"}
+
+
+def __getattr__(name):  # lazy: keep `import fastlm` quick (the trainer pulls numpy, tqdm, ...)
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'fastlm' has no attribute {name!r}")

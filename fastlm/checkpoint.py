@@ -32,18 +32,19 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir, write_fsync
+
 __all__ = [
     "CheckpointError",
     "RUN_FORMAT",
-    "atomic_write_bytes",
-    "atomic_write_json",
     "save_weights",
     "load_weights",
     "model_tensors",
@@ -54,6 +55,7 @@ __all__ = [
     "load_checkpoint",
     "latest_checkpoint_dir",
     "sync_best",
+    "clean_leftovers",
     "load_model",
     "unwrap_model",
     "rng_state",
@@ -69,48 +71,6 @@ CKPT_PREFIX = "ckpt-"
 
 class CheckpointError(ValueError):
     """A missing, truncated, corrupted, unsafe or incompatible checkpoint (one line)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic file writes
-# ---------------------------------------------------------------------------------------------
-
-def _fsync_dir(path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse O_RDONLY on directories
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_fsync(path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, os.replace it, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=True) + "\n").encode("utf-8"))
 
 
 def _read_json(path, what: str) -> dict:
@@ -400,36 +360,41 @@ def sync_best(run_dir, ckpt_dir: Optional[Path] = None) -> None:
         os.unlink(tmp)
     _link_or_copy(src, tmp)
     os.replace(tmp, dst)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
 
 
-def _clean_old(run_dir: Path, keep: Path) -> None:
+def _clean_old(run_dir: Path, keep: Optional[Path]) -> None:
     for p in run_dir.iterdir():
-        if p.name.startswith(CKPT_PREFIX) and p.is_dir() and p.name != keep.name:
+        if p.name.startswith(CKPT_PREFIX) and p.is_dir() and (keep is None or p.name != keep.name):
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(".model.safetensors.") and p.name.endswith(".tmp"):
             with contextlib.suppress(OSError):
                 p.unlink()
 
 
-def save_checkpoint(run_dir, model, optimizer, state: dict, rank_states: list, *, is_best: bool,
-                    model_config: dict) -> Path:
-    """Write a complete training checkpoint and publish it (see the module docstring for the order).
+def _names(run_dir: Path, folder: Path) -> bool:
+    """True when ``run_dir/latest`` names ``folder``."""
+    try:
+        return latest_checkpoint_dir(run_dir) == folder
+    except (CheckpointError, OSError):
+        return False
 
-    ``state``: JSON-able trainer state (step, scheduler, best val, ...). ``rank_states``: one
-    ``(json_dict, {name: uint8 tensor})`` per rank (sampler + RNG states). ``is_best``: the current
-    weights are the best so far (else the best weights are carried over from the previous checkpoint).
-    """
+
+def clean_leftovers(run_dir) -> None:
+    """Delete what interrupted saves left in ``run_dir``: checkpoint directories the ``latest``
+    pointer does not name, and temp files of ``model.safetensors``."""
     run_dir = Path(run_dir)
-    prev = latest_checkpoint_dir(run_dir) if (run_dir / "latest").exists() else None
-    step = int(state["step"])
-    tmp = Path(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{step:08d}-", dir=run_dir))
+    _clean_old(run_dir, latest_checkpoint_dir(run_dir))
+
+
+def _write_checkpoint_files(folder: Path, prev: Optional[Path], model, optimizer, state: dict,
+                            rank_states: list, is_best: bool, model_config: dict) -> None:
     meta = {"fastlm_model_config": json.dumps(model_config, sort_keys=True)}
-    _write_fsync(tmp / "model.safetensors", _to_bytes(model_tensors(model), meta))
+    write_fsync(folder / "model.safetensors", _to_bytes(model_tensors(model), meta))
     if is_best or prev is None or not (prev / "best.safetensors").is_file():
-        _link_or_copy(tmp / "model.safetensors", tmp / "best.safetensors")
+        _link_or_copy(folder / "model.safetensors", folder / "best.safetensors")
     else:
-        _link_or_copy(prev / "best.safetensors", tmp / "best.safetensors")
+        _link_or_copy(prev / "best.safetensors", folder / "best.safetensors")
     opt_js, opt_tensors = _optimizer_split(optimizer)
     tensors = dict(opt_tensors)
     ranks_js = []
@@ -437,23 +402,43 @@ def save_checkpoint(run_dir, model, optimizer, state: dict, rank_states: list, *
         ranks_js.append(js)
         for name, t in rng_tensors.items():
             tensors[f"rank{r}.{name}"] = t
-    _write_fsync(tmp / "optim.safetensors", _to_bytes(tensors))
+    write_fsync(folder / "optim.safetensors", _to_bytes(tensors))
     full = {"format": STATE_FORMAT, "version": VERSION, **state, "optimizer": opt_js, "ranks": ranks_js,
             "model_config": model_config}
-    _write_fsync(tmp / "state.json", (json.dumps(full, allow_nan=True) + "\n").encode("utf-8"))
+    write_fsync(folder / "state.json", (json.dumps(full, allow_nan=True) + "\n").encode("utf-8"))
     names = ("model.safetensors", "best.safetensors", "optim.safetensors", "state.json")
-    manifest = {n: {"sha256": _sha256_file(tmp / n), "size": (tmp / n).stat().st_size} for n in names}
-    _write_fsync(tmp / "manifest.json", json.dumps(manifest, indent=1).encode("utf-8"))
-    _fsync_dir(tmp)
-    _fsync_dir(run_dir)
-    hook = os.environ.get("FASTLM_TEST_SAVE_PAUSE")  # test hook: widen the window between steps
-    if hook:
-        import time
-        time.sleep(float(hook))
-    atomic_write_json(run_dir / "latest", {"dir": tmp.name, "step": step})
-    sync_best(run_dir, tmp)
-    _clean_old(run_dir, tmp)
-    return tmp
+    manifest = {n: {"sha256": _sha256_file(folder / n), "size": (folder / n).stat().st_size} for n in names}
+    write_fsync(folder / "manifest.json", json.dumps(manifest, indent=1).encode("utf-8"))
+    fsync_dir(folder)
+
+
+def save_checkpoint(run_dir, model, optimizer, state: dict, rank_states: list, *, is_best: bool,
+                    model_config: dict, before_publish: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write a complete training checkpoint and publish it (see the module docstring for the order).
+
+    ``state``: JSON-able trainer state (step, scheduler, best val, ...). ``rank_states``: one
+    ``(json_dict, {name: uint8 tensor})`` per rank (sampler + RNG states). ``is_best``: the current
+    weights are the best so far (else the best weights are carried over from the previous checkpoint).
+    ``before_publish(folder)`` is called once the folder is complete, before ``latest`` names it.
+    A save that fails before publishing removes its folder and raises.
+    """
+    run_dir = Path(run_dir)
+    prev = latest_checkpoint_dir(run_dir) if (run_dir / "latest").exists() else None
+    step = int(state["step"])
+    folder = Path(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{step:08d}-", dir=run_dir))
+    try:
+        _write_checkpoint_files(folder, prev, model, optimizer, state, rank_states, is_best, model_config)
+        fsync_dir(run_dir)
+        if before_publish is not None:
+            before_publish(folder)
+        atomic_write_json(run_dir / "latest", {"dir": folder.name, "step": step})
+    except BaseException:
+        if not _names(run_dir, folder):  # published after all (only the folder fsync failed): keep it
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    sync_best(run_dir, folder)
+    _clean_old(run_dir, folder)
+    return folder
 
 
 def _verify_manifest(ckpt: Path) -> None:
@@ -505,9 +490,35 @@ def load_checkpoint(run_dir) -> dict:
 # Inference loading
 # ---------------------------------------------------------------------------------------------
 
-def load_model(path, device="cpu") -> tuple:
+def backend_for(saved: str, requested: Optional[str], device) -> tuple[str, Optional[str]]:
+    """The ops backend a loaded model runs with, and a note when the saved one cannot run here.
+
+    ``requested`` (a ``--backend`` flag) wins; otherwise the saved backend is kept when it can run
+    on ``device``, else ``auto`` is used (a run trained with ``--backend cuda`` still samples on a CPU
+    machine)."""
+    from . import ops
+
+    if requested is not None:
+        if requested != "auto" and requested not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {requested!r}; choose from auto, {', '.join(ops.BACKENDS)}")
+        return requested, None
+    if saved == "auto":
+        return saved, None
+    device_type = torch.device(device).type
+    why = ops.backend_status().get(saved, f"unknown backend {saved!r}")
+    if why is None and (saved, device_type) in (("cpp", "cuda"), ("cuda", "cpu"), ("cpp", "mps"), ("cuda", "mps")):
+        why = f"it does not run on {device_type}"
+    if why is None:
+        return saved, None
+    return "auto", f"note: the model was trained with backend {saved!r}, which cannot run here ({why}); using auto"
+
+
+def load_model(path, device="cpu", backend: Optional[str] = None) -> tuple:
     """Load ``(GPT in eval mode on device, Tokenizer, run_config dict)`` from a run directory or its
-    ``model.safetensors`` (config.json and tokenizer.json are read from the same folder)."""
+    ``model.safetensors`` (config.json and tokenizer.json are read from the same folder).
+
+    ``backend`` overrides the ops backend the run was trained with; without it, a saved backend
+    that cannot run here falls back to ``auto`` with a note on stderr."""
     from .model import GPT, GPTConfig
     from .tokenizers import TokenizerError, load_tokenizer
 
@@ -544,10 +555,17 @@ def load_model(path, device="cpu") -> tuple:
             stored_cfg = json.loads(stored)
         except json.JSONDecodeError:
             raise CheckpointError(f"{weights}: unreadable model config in its metadata") from None
+        try:
+            stored_cfg = GPTConfig.from_dict(stored_cfg).to_dict()  # older runs stored unresolved defaults
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{weights}: bad model config in its metadata: {e}") from None
         if stored_cfg != cfg.to_dict():
             diff = sorted(k for k in set(stored_cfg) | set(cfg.to_dict()) if stored_cfg.get(k) != cfg.to_dict().get(k))
             raise CheckpointError(f"{weights} was trained with another model config than {run_dir / 'config.json'} "
                                   f"(differs in {', '.join(diff)})")
+    cfg.backend, note = backend_for(cfg.backend, backend, device)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     model = GPT(cfg)
     load_model_tensors(model, tensors, weights)
     model.to(device)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
+import types
 import typing
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -49,7 +49,7 @@ def field_types(cls) -> dict:
 
 def _unwrap_optional(tp) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
-    if origin is Union or (hasattr(__import__("types"), "UnionType") and isinstance(tp, __import__("types").UnionType)):
+    if origin is Union or isinstance(tp, types.UnionType):  # Optional[X] or X | None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1 and len(typing.get_args(tp)) == 2:
             return args[0], True
@@ -241,8 +241,3 @@ def merge_values(groups: dict, file_data: Optional[dict], cli: dict, *, where: s
         if k in owner:
             out[owner[k]][k] = v
     return out, set(flat) | set(cli)
-
-
-def check_finite(name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise ConfigFileError(f"{name} must be a finite number, got {value}")

@@ -24,13 +24,14 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .atomic import atomic_writer, fsync_dir
 
 __all__ = [
     "DataError",
@@ -258,22 +259,14 @@ def split_path(run_dir, split: str) -> Path:
 
 
 def save_splits(run_dir, splits: dict, vocab_size: int) -> None:
-    """Write each split to ``<run>/data/<split>.npy`` atomically (temp file, fsync, os.replace)."""
+    """Write each split to ``<run>/data/<split>.npy`` atomically (temp file, fsync, os.replace, fsync of the folder)."""
     folder = Path(run_dir) / "data"
     folder.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(vocab_size)
     for name, ids in splits.items():
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".npy.tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.asarray(ids).astype(dtype, copy=False))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, folder / f"{name}.npy")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic_writer(folder / f"{name}.npy") as f:
+            np.save(f, np.asarray(ids).astype(dtype, copy=False))
+    fsync_dir(folder.parent)  # the data/ folder's own entry in the run directory
 
 
 def load_split(run_dir, split: str, vocab_size: Optional[int] = None) -> np.ndarray:
@@ -350,7 +343,6 @@ def _autocast_ctx(autocast):
     return autocast()
 
 
-@torch.no_grad()
 def split_loss(model, ids, block_size: int, batch_size: int, device, autocast=None) -> float:
     """Mean cross-entropy (nats/token) of ``model`` over the WHOLE token array ``ids``.
 
@@ -359,6 +351,16 @@ def split_loss(model, ids, block_size: int, batch_size: int, device, autocast=No
     with the model in eval mode (its previous mode is restored). ``autocast``: None, a context
     manager, or a zero-argument callable returning one.
     """
+    total, count = split_loss_sum(model, ids, block_size, batch_size, device, autocast)
+    return total / count
+
+
+@torch.no_grad()
+def split_loss_sum(model, ids, block_size: int, batch_size: int, device, autocast=None, *,
+                   rank: int = 0, world: int = 1) -> tuple[float, int]:
+    """``(summed cross-entropy, predictions)`` of :func:`split_loss`'s windows; with ``world`` > 1
+    this process scores only every ``world``-th batch starting at ``rank`` (the last rank also
+    the tail), so the ranks' sums add up to the whole split's."""
     ids = np.asarray(ids)
     n_pred = len(ids) - 1
     if n_pred < 1:
@@ -367,7 +369,7 @@ def split_loss(model, ids, block_size: int, batch_size: int, device, autocast=No
         raise ValueError(f"block_size and batch_size must be positive, got {block_size}, {batch_size}")
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, count = 0.0, 0
     n_full = n_pred // block_size
     try:
         with _autocast_ctx(autocast):
@@ -375,16 +377,18 @@ def split_loss(model, ids, block_size: int, batch_size: int, device, autocast=No
                 full = np.lib.stride_tricks.as_strided(
                     ids, shape=(n_full, block_size + 1), strides=(ids.strides[0] * block_size, ids.strides[0]),
                     writeable=False)
-                for start in range(0, n_full, batch_size):
+                for start in range(rank * batch_size, n_full, batch_size * world):
                     rows = torch.from_numpy(full[start:start + batch_size].astype(np.int64)).to(device)
                     total += _sum_ce(model, rows)
+                    count += rows.shape[0] * block_size
             rest = n_pred - n_full * block_size
-            if rest:
+            if rest and rank == world - 1:
                 tail = ids[n_full * block_size:].astype(np.int64)
                 total += _sum_ce(model, torch.from_numpy(tail).unsqueeze(0).to(device))
+                count += rest
     finally:
         model.train(was_training)
-    return total / n_pred
+    return total, count
 
 
 def _sum_ce(model, rows: torch.Tensor) -> float:

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None,
                    help="score only the first N tokens (quick estimates on big corpora)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--backend", default=None,
+                   help="fastlm.ops backend: auto | reference | torch | triton | cuda | cpp (default: the one the "
+                        "run was trained with when it can run here, else auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -84,7 +87,8 @@ def run(args, out=None) -> dict:
 
     from .checkpoint import load_model
     from .data import encode_documents, load_split, read_documents
-    from .generate import resolve_device, run_dir_of
+    from .generate import run_dir_of
+    from .runtime import resolve_device
 
     out = out if out is not None else sys.stdout
     if args.batch_size < 1:
@@ -94,7 +98,7 @@ def run(args, out=None) -> dict:
     if args.text_column is not None and args.data is None:
         raise ValueError("--text-column only applies with --data")
     device = resolve_device(args.device)
-    model, tokenizer, _ = load_model(args.checkpoint, device=str(device))
+    model, tokenizer, _ = load_model(args.checkpoint, device=str(device), backend=args.backend)
     if args.data is not None:
         ids, _ = encode_documents(tokenizer, read_documents(args.data, args.text_column))
         source = " ".join(args.data)
@@ -130,21 +134,14 @@ def run(args, out=None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
-        return int(e.code or 0)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:  # TokenizerError, CheckpointError, DataError are ValueErrors
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    """CLI entry point: returns the exit code (2 and one ``error:`` line for bad input)."""
+    from .cli import run_cli
+
+    def body() -> int:
+        run(build_parser().parse_args(argv))
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

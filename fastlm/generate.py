@@ -60,30 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop a sample at the end-of-text token (it is not printed)")
     p.add_argument("--output-file", default=None, help="also write the samples here (never overwritten)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--backend", default=None,
+                   help="fastlm.ops backend: auto | reference | torch | triton | cuda | cpp (default: the one the "
+                        "run was trained with when it can run here, else auto)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="recompute the whole context at every step (slow; for checking the cache)")
     return p
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"device {name!r} requested but MPS is not available")
-    return dev
 
 
 def run_dir_of(checkpoint: str) -> str:
@@ -220,12 +202,13 @@ def run(args, out=None) -> None:
     import torch
 
     from .checkpoint import load_model
+    from .runtime import resolve_device
     from .sampling import beam_search, generate
 
     out = out if out is not None else sys.stdout
     _check_args(args)
     device = resolve_device(args.device)
-    model, tokenizer, _ = load_model(args.checkpoint, device=str(device))
+    model, tokenizer, _ = load_model(args.checkpoint, device=str(device), backend=args.backend)
     if args.stop_at_eos and tokenizer.eos_id is None:
         raise ValueError(f"--stop-at-eos: the {tokenizer.kind} tokenizer has no end-of-text token")
     eos_id = tokenizer.eos_id if args.stop_at_eos else None
@@ -280,21 +263,14 @@ def run(args, out=None) -> None:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
-        return int(e.code or 0)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:  # TokenizerError, CheckpointError, DataError are ValueErrors
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    """CLI entry point: returns the exit code (2 and one ``error:`` line for bad input)."""
+    from .cli import run_cli
+
+    def body() -> int:
+        run(build_parser().parse_args(argv))
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

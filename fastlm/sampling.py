@@ -293,6 +293,47 @@ def generate(model, prompt_ids: Tensor, max_new_tokens: int, *, temperature: flo
 # beam search
 
 
+def _check_beam_args(beam_size, length_penalty) -> None:
+    if not _is_int(beam_size):
+        raise TypeError(f"beam_size must be an integer, got {beam_size!r}")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+            or not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+
+
+def _expand_beams(seq: Tensor, sums: Tensor, logits: Tensor, beam_size: int, eos_id: Optional[int], score,
+                  finished: list, drop_start: int):
+    """One beam-search step: expand every live beam ``seq`` ``(K, T)`` (log-prob sums ``sums``) over
+    the vocabulary, set aside the eos-ending candidates among the best ``2 * beam_size`` in
+    ``finished`` (scored with ``score(total)``), keep the best ``beam_size`` others.
+    Returns ``(rows kept, new seq, new sums)``, or None when no live beam is left."""
+    logp = F.log_softmax(logits.double(), dim=-1)                     # (K, V)
+    V = logp.shape[-1]
+    cand = (sums[:, None] + logp).view(-1)
+    n_take = min(cand.numel(), 2 * beam_size)  # enough to keep beam_size unfinished ones
+    top_vals, top_idx = torch.topk(cand, n_take)
+    new_rows, new_tokens, new_sums = [], [], []
+    for val, flat in zip(top_vals.tolist(), top_idx.tolist()):
+        row, tok = divmod(flat, V)
+        if val == float("-inf"):
+            break
+        if eos_id is not None and tok == eos_id:
+            ids = torch.cat([seq[row], seq.new_tensor([tok])])
+            finished.append((ids[drop_start:], score(val)))
+        elif len(new_rows) < beam_size:
+            new_rows.append(row)
+            new_tokens.append(tok)
+            new_sums.append(val)
+    if not new_rows:
+        return None
+    index = torch.tensor(new_rows, dtype=torch.long, device=seq.device)
+    seq = torch.cat([seq.index_select(0, index),
+                     torch.tensor(new_tokens, dtype=torch.long, device=seq.device)[:, None]], dim=1)
+    return index, seq, torch.tensor(new_sums, dtype=torch.float64, device=seq.device)
+
+
 def beam_search(model, prompt_ids: Tensor, max_new_tokens: int, beam_size: int,
                 length_penalty: float = 1.0, eos_id: Optional[int] = None
                 ) -> List[Tuple[Tensor, float]]:
@@ -309,13 +350,7 @@ def beam_search(model, prompt_ids: Tensor, max_new_tokens: int, beam_size: int,
     bound: a sum of log-probs never grows). The KV cache follows the beams with
     ``cache.reorder``; past the context the window slides as in :func:`generate`.
     """
-    if not _is_int(beam_size):
-        raise TypeError(f"beam_size must be an integer, got {beam_size!r}")
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
-            or not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    _check_beam_args(beam_size, length_penalty)
     vocab = _vocab_size(model)
     _check_common(max_new_tokens, eos_id, vocab)
     prompt_ids = _check_prompt(prompt_ids, batch_one=True)
@@ -342,29 +377,11 @@ def beam_search(model, prompt_ids: Tensor, max_new_tokens: int, beam_size: int,
         dec = _Decoder(model, 1, True, seq.shape[1] + max_new_tokens)
         logits = dec.prefill(seq)
         for step in range(1, max_new_tokens + 1):
-            logp = F.log_softmax(logits.double(), dim=-1)              # (K_alive, V)
-            V = logp.shape[-1]
-            cand = (sums[:, None] + logp).view(-1)
-            n_take = min(cand.numel(), 2 * beam_size)  # enough to keep beam_size unfinished ones
-            top_vals, top_idx = torch.topk(cand, n_take)
-            new_rows, new_tokens, new_sums = [], [], []
-            for val, flat in zip(top_vals.tolist(), top_idx.tolist()):
-                row, tok = divmod(flat, V)
-                if val == float("-inf"):
-                    break
-                if eos_id is not None and tok == eos_id:
-                    ids = torch.cat([seq[row], seq.new_tensor([tok])])
-                    finished.append((ids[drop_start:], norm(val, step)))
-                elif len(new_rows) < beam_size:
-                    new_rows.append(row)
-                    new_tokens.append(tok)
-                    new_sums.append(val)
-            if not new_rows:
+            expanded = _expand_beams(seq, sums, logits, beam_size, eos_id, lambda total: norm(total, step),
+                                     finished, drop_start)
+            if expanded is None:
                 break
-            index = torch.tensor(new_rows, dtype=torch.long, device=device)
-            seq = torch.cat([seq.index_select(0, index),
-                             torch.tensor(new_tokens, dtype=torch.long, device=device)[:, None]], dim=1)
-            sums = torch.tensor(new_sums, dtype=torch.float64, device=device)
+            index, seq, sums = expanded
             if step == max_new_tokens:
                 for r in range(seq.shape[0]):
                     finished.append((seq[r, drop_start:].clone(), norm(float(sums[r]), step)))

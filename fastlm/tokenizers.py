@@ -51,11 +51,12 @@ import heapq
 import json
 import os
 import re
-import tempfile
 import threading
 from typing import Any
 
 import numpy as np
+
+from .atomic import atomic_write_text
 
 __all__ = [
     "TokenizerError",
@@ -110,25 +111,6 @@ def _as_id_list(ids, vocab_size: int) -> list[int]:
     return arr.tolist()
 
 
-def _atomic_write_text(path, text: str) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _require(d: dict, key: str, kind: str):
     if key not in d:
         raise TokenizerError(f"{kind} tokenizer data is missing the field {key!r}")
@@ -179,7 +161,7 @@ class Tokenizer:
             text.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates in a vocabulary: escape them
             text = json.dumps(d, ensure_ascii=True, indent=1)
-        _atomic_write_text(path, text + "\n")
+        atomic_write_text(path, text + "\n")
 
     def _check_text(self, text) -> str:
         if not isinstance(text, str):

@@ -5,11 +5,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from fastlm import checkpoint, data
+from fastlm import checkpoint
 from fastlm.train import main
 
 pytestmark = pytest.mark.slow
@@ -24,17 +25,11 @@ def _gloo_ok():
     return dist.is_available() and dist.is_gloo_available()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    p = tmp_path_factory.mktemp("corpus") / "c.txt"
-    p.write_text(data.default_corpus().read_text(encoding="utf-8")[:8000], encoding="utf-8")
-    return p
-
-
-def _torchrun(args, nproc=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def _torchrun(args, nproc=2, script=None, **env):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{k: str(v) for k, v in env.items()})
+    target = [script] if script else ["-m", "fastlm.train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           "-m", "fastlm.train", *map(str, args)]
+           *target, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -79,6 +74,26 @@ def test_two_processes_match_one_process_and_resume(tmp_path, corpus, capsys):
     w2, _ = checkpoint.load_weights(two / "model.safetensors")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+    # the whole-split evaluation is shared by the ranks and gives the one-process figure
+    s1, s2 = (json.loads((run / "summary.json").read_text()) for run in (one, two))
+    assert s2["val_loss"] == pytest.approx(s1["val_loss"], rel=1e-5)
     # resuming a 2-process run with one process is refused with one line
     assert main(["--resume", str(two), "--max-iters", "12"]) == 2
     assert "2 process(es)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _gloo_ok(), reason="torch.distributed with gloo is not available")
+def test_a_failed_save_on_rank0_ends_every_rank(tmp_path, corpus):
+    """Rank 0's save fails (disk full) at step 3: every rank stops at once (no rank waits at a
+    collective until the timeout), the error is printed once, and the failed save leaves nothing."""
+    run = tmp_path / "run"
+    hooks = os.path.join(os.path.dirname(__file__), "train_hooks.py")
+    t0 = time.time()
+    res = _torchrun(["--data", corpus, "--out-dir", run, *COMMON, "--batch-size", "2", "--max-iters", "9",
+                     "--dist-timeout-s", "120"], script=hooks, HOOK_FAIL_SAVE_AT=3)
+    assert res.returncode != 0
+    assert time.time() - t0 < 90  # far below the 120 s collective timeout
+    assert res.stderr.count("error: I/O error: No space left on device") == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr.split("torch.distributed")[0]
+    assert json.loads((run / "latest").read_text())["step"] == 0  # the last good checkpoint stays
+    assert [p.name for p in run.glob("ckpt-*")] == [checkpoint.latest_checkpoint_dir(run).name]

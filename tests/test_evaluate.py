@@ -20,13 +20,7 @@ TEXT = ("MENENIUS:\nEither you must confess yourselves wondrous malicious,\nOr b
         "SICINIUS:\nNature teaches beasts to know their friends.\n\n") * 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add barrier waits (30x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def make_run(run_dir, tokenizer="char", block_size=32, seed=0, text=TEXT, **tok_kw):

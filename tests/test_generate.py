@@ -17,13 +17,7 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add barrier waits (30x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def make_run(run_dir, tokenizer="char", block_size=32, seed=0, text=TEXT, **tok_kw):
@@ -221,3 +215,38 @@ def test_generate_on_cuda(run, capsys):
                        "--device", "cuda", "--num-samples", "2", "--top-p", "0.9")
     assert rc == 0, err
     assert all(s.startswith("First") for s in out.split(SEPARATOR + "\n"))
+
+
+def _unavailable_backend():
+    from fastlm import ops
+    missing = [name for name, why in ops.backend_status().items() if why is not None]
+    if not missing:
+        pytest.skip("every backend can run here")
+    return missing[0]
+
+
+def test_saved_backend_that_cannot_run_here_falls_back_to_auto(tmp_path, capsys):
+    import json
+    backend = _unavailable_backend()
+    run = make_run(tmp_path / "r")
+    cfg_path = os.path.join(run, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["model"]["backend"] = backend  # as if trained with --backend cuda on a GPU machine
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "5", "--greedy")
+    assert rc == 0 and out.startswith("First"), err
+    assert f"trained with backend '{backend}'" in err and "using auto" in err
+    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "5", "--greedy",
+                       "--backend", "reference")
+    assert rc == 0 and err == ""
+
+
+def test_explicit_backend_that_cannot_run_is_one_line_exit_2(tmp_path, capsys):
+    backend = _unavailable_backend()
+    run = make_run(tmp_path / "r")
+    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "5",
+                       "--backend", backend)
+    assert_one_line_error(rc, err, f"backend '{backend}'")
+    rc, out, err = cli(capsys, "--checkpoint", run, "--backend", "fastest")
+    assert_one_line_error(rc, err, "unknown backend 'fastest'")

@@ -1,6 +1,7 @@
 """Reliability of python -m fastlm.train as a process: SIGKILL at random moments (also inside a
 checkpoint save) never leaves an unloadable run, Ctrl-C / SIGTERM save and exit cleanly, a
 non-finite loss stops naming the step, and bad input gives one line and no traceback."""
+import errno
 import json
 import os
 import random
@@ -9,20 +10,17 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from fastlm import checkpoint, data
 from fastlm.train import main
+from fastlm.trainer import Callback
 
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    p = tmp_path_factory.mktemp("corpus") / "c.txt"
-    p.write_text(data.default_corpus().read_text(encoding="utf-8")[:8000], encoding="utf-8")
-    return p
 
 
 def _env(**extra):
@@ -32,8 +30,11 @@ def _env(**extra):
     return env
 
 
+HOOKS = str(Path(__file__).with_name("train_hooks.py"))  # fastlm.train with sleeping test callbacks
+
+
 def _spawn(args, **env):
-    return subprocess.Popen([sys.executable, "-m", "fastlm.train", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, HOOKS, *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env(**env))
 
 
@@ -48,7 +49,7 @@ def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
     args = ["--data", corpus, *TINY, "--max-iters", "100000", "--eval-interval", "2", "--lr-schedule", "constant",
             "--log-interval", "1"]
     # every save pauses 30 ms between writing its directory and publishing it: kills land inside saves
-    proc = _spawn([*args, "--out-dir", run], FASTLM_TEST_SAVE_PAUSE=0.03)
+    proc = _spawn([*args, "--out-dir", run], HOOK_SAVE_PAUSE=0.03)
     deadline = time.time() + 120
     while not (run / "latest").exists():
         assert proc.poll() is None, proc.communicate()
@@ -72,7 +73,7 @@ def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
         model, tok, cfg = checkpoint.load_model(run)
         steps.append(ck["state"]["step"])
         assert steps[-1] >= max(steps[:-1], default=0)
-        proc = _spawn(["--resume", run, "--no-progress"], FASTLM_TEST_SAVE_PAUSE=0.03)
+        proc = _spawn(["--resume", run, "--no-progress"], HOOK_SAVE_PAUSE=0.03)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     advanced = sum(b > a for a, b in zip(steps, steps[1:]))
@@ -106,7 +107,7 @@ def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
 def test_signal_saves_and_exits_cleanly(tmp_path, corpus, sig):
     run = tmp_path / "run"
     proc = _spawn(["--data", corpus, "--out-dir", run, *TINY, "--max-iters", "100000", "--eval-interval", "1000",
-                   "--log-interval", "1"], FASTLM_TEST_STEP_SLEEP=0.01)
+                   "--log-interval", "1"], HOOK_STEP_SLEEP=0.01)
     deadline = time.time() + 120
     while not (run / "train_log.csv").exists() or len((run / "train_log.csv").read_text().splitlines()) < 4:
         assert proc.poll() is None, proc.communicate()
@@ -122,10 +123,22 @@ def test_signal_saves_and_exits_cleanly(tmp_path, corpus, sig):
     assert main(["--resume", str(run), "--max-iters", str(last_logged + 2), "--no-progress"]) == 0
 
 
-def test_non_finite_loss_stops_naming_the_step(tmp_path, corpus, capsys, monkeypatch):
-    monkeypatch.setenv("FASTLM_TEST_NAN_AT_STEP", "8")
+class PoisonAfter(Callback):
+    """Set one weight to NaN after optimizer step ``step``: the next step's loss is NaN."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, trainer, step, loss):
+        if step == self.step:
+            with torch.no_grad():
+                trainer.raw_model.wte.weight[0, 0] = float("nan")
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, corpus, capsys):
     run = tmp_path / "run"
-    rc = main(["--data", str(corpus), "--out-dir", str(run), *TINY, "--max-iters", "20", "--eval-interval", "5"])
+    rc = main(["--data", str(corpus), "--out-dir", str(run), *TINY, "--max-iters", "20", "--eval-interval", "5"],
+              callbacks=[PoisonAfter(7)])
     err = capsys.readouterr().err
     assert rc == 3
     assert "loss is nan at step 8" in err
@@ -163,3 +176,77 @@ def test_cli_binary_corpus_and_help(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fastlm.train", "--help"], capture_output=True, text=True,
                          env=_env(), timeout=120)
     assert res.returncode == 0 and "--n-layer" in res.stdout and "gpu defaults" in res.stdout.lower()
+
+
+class FailSaveAt(Callback):
+    """The save of one step fails as on a full disk, after its files were written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def before_publish(self, trainer, folder):
+        if trainer.progress.step == self.step:
+            assert folder.is_dir() and (folder / "manifest.json").is_file()
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+
+def test_disk_full_save_exits_4_and_cleans_up(tmp_path, corpus, capsys):
+    run = tmp_path / "run"
+    rc = main(["--data", str(corpus), "--out-dir", str(run), *TINY, "--max-iters", "20", "--eval-interval", "5"],
+              callbacks=[FailSaveAt(10)])
+    err = capsys.readouterr().err
+    assert rc == 4  # I/O failure, not "bad input" (2)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: I/O error: No space left on device ({run}"), err
+    assert _latest_step(run) == 5
+    # the failed save removed its folder: only the published checkpoint is left
+    assert [p.name for p in run.glob("ckpt-*")] == [checkpoint.latest_checkpoint_dir(run).name]
+    assert main(["--resume", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 20
+
+
+def test_resume_clears_leftovers_of_interrupted_saves(tmp_path, corpus):
+    run = tmp_path / "run"
+    assert main(["--data", str(corpus), "--out-dir", str(run), *TINY, "--max-iters", "4", "--eval-interval", "2"]) == 0
+    (run / "ckpt-00000099-left").mkdir()
+    (run / "ckpt-00000099-left" / "model.safetensors").write_bytes(b"partial")
+    (run / ".model.safetensors.123.tmp").write_bytes(b"partial")
+    (run / "notes.txt").write_text("mine")  # a user's file stays
+    assert main(["--resume", str(run), "--max-iters", "6", "--no-progress"]) == 0
+    assert not (run / "ckpt-00000099-left").exists() and not (run / ".model.safetensors.123.tmp").exists()
+    assert (run / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("code,raised", [(errno.EIO, True), (errno.ENOSPC, True), (errno.EINVAL, False)])
+def test_fsync_dir_raises_real_errors(tmp_path, monkeypatch, code, raised):
+    from fastlm import atomic
+
+    def failing_fsync(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(atomic.os, "fsync", failing_fsync)
+    if raised:
+        with pytest.raises(OSError) as e:
+            atomic.fsync_dir(tmp_path)
+        assert e.value.errno == code
+    else:
+        atomic.fsync_dir(tmp_path)  # a filesystem that cannot fsync directories: skipped
+
+
+def test_token_cache_and_its_folder_are_fsynced(tmp_path, monkeypatch):
+    import numpy as np
+
+    from fastlm import atomic
+
+    synced = []
+    real = atomic.fsync_dir
+
+    def spy(path):
+        synced.append(Path(path).resolve())
+        real(path)
+
+    monkeypatch.setattr(atomic, "fsync_dir", spy)
+    monkeypatch.setattr(data, "fsync_dir", spy)
+    data.save_splits(tmp_path, {"train": np.arange(10), "val": np.arange(5)}, 16)
+    assert synced.count((tmp_path / "data").resolve()) == 2  # after each split file's rename
+    assert synced[-1] == tmp_path.resolve()  # then the run folder (the data/ entry itself)

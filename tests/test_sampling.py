@@ -11,13 +11,7 @@ from fastlm.sampling import (beam_search, filter_logits, generate, sample_from_l
                              window_keep)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add barrier waits (30x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def tiny_gpt(pos="learned", vocab=11, block=16, seed=0, dtype=torch.float64, backend="reference"):

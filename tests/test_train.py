@@ -1,9 +1,11 @@
 """python -m fastlm.train, in-process through main(argv): run-dir artifacts, overwrite protection,
 exact resume, --init-from, early stopping, plateau LR, config files, hostile input."""
 import csv
+import dataclasses
 import json
 import math
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -13,6 +15,9 @@ from fastlm import checkpoint, data
 from fastlm.config import ConfigFileError, load_config_file, merge_values
 from fastlm.model import GPTConfig
 from fastlm.train import LRSchedule, TrainConfig, build_parser, main
+from fastlm.trainer import Callback
+
+from conftest import one_error_line
 
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "2", "--eval-interval", "5", "--max-iters", "10", "--sample-tokens", "0",
@@ -20,10 +25,8 @@ TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    p = tmp_path_factory.mktemp("corpus") / "shake.txt"
-    p.write_text(data.default_corpus().read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    return p
+def corpus(corpus_20k):
+    return corpus_20k
 
 
 def run(args, capsys=None):
@@ -35,13 +38,6 @@ def run(args, capsys=None):
 def rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def one_error_line(capsys_out):
-    lines = [ln for ln in capsys_out.err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, capsys_out.err
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def test_run_dir_artifacts(tmp_path, corpus, capsys):
@@ -147,15 +143,25 @@ def test_damaged_token_cache_is_refused(tmp_path, corpus, capsys):
     assert rc == 2 and "damaged" in one_error_line(res) and "60000" in res.err
 
 
-def test_resume_is_exact(tmp_path, corpus, capsys, monkeypatch):
+class CtrlCAfter(Callback):
+    """Act as if Ctrl-C came right after optimizer step ``step`` (it is seen at the next step)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, trainer, step, loss):
+        if step == self.step:
+            trainer.request_stop(signal.SIGINT)
+
+
+def test_resume_is_exact(tmp_path, corpus, capsys):
     args = ["--data", corpus, *TINY, "--max-iters", "20", "--dropout", "0.1"]
     rc, _ = run([*args, "--out-dir", tmp_path / "a"], capsys)
     assert rc == 0
-    monkeypatch.setenv("FASTLM_TEST_SIGNAL_AT_STEP", "7")  # act as if Ctrl-C came during step 7
-    rc, res = run([*args, "--out-dir", tmp_path / "b"], capsys)
+    rc = main([str(a) for a in [*args, "--out-dir", tmp_path / "b"]], callbacks=[CtrlCAfter(7)])
+    res = capsys.readouterr()
     assert rc == 130 and "interrupted" in res.out and "--resume" in res.out
     assert json.loads((tmp_path / "b" / "latest").read_text())["step"] == 8
-    monkeypatch.delenv("FASTLM_TEST_SIGNAL_AT_STEP")
     rc, res = run(["--resume", tmp_path / "b", "--no-progress"], capsys)
     assert rc == 0 and "resuming" in res.out
     la, lb = rows(tmp_path / "a" / "train_log.csv"), rows(tmp_path / "b" / "train_log.csv")
@@ -319,9 +325,7 @@ def test_help_lists_generated_flags():
     # the CPU model defaults are what --help shows (not GPTConfig's)
     assert f"transformer blocks (default: {CPU_MODEL_DEFAULTS['n_layer']})" in " ".join(text.split())
     assert f"gelu | relu | swiglu (default: {CPU_MODEL_DEFAULTS['mlp']})" in " ".join(text.split())
-    with pytest.raises(SystemExit) as e:
-        main(["--help"])
-    assert e.value.code == 0
+    assert main(["--help"]) == 0
 
 
 HOSTILE_FLAGS = [
@@ -517,3 +521,109 @@ def test_compile_flag_trains_and_saves_unwrapped_weights(tmp_path, corpus, capsy
     assert weights and not any("_orig_mod" in k for k in weights)
     model, _, _ = checkpoint.load_model(out)
     assert isinstance(model, torch.nn.Module)
+
+
+def test_schedule_extended_on_resume_has_no_jump():
+    """A cosine run planned for 100 steps, resumed at step 60 with max_iters 200: the LR continues
+    from where it was and decays to the final LR at the new end (a recomputed cosine would jump up)."""
+    old = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100)
+    before = LRSchedule(old)
+    state = before.state()
+    new = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=200)
+    after = LRSchedule(new)
+    after.load(state, step=60)
+    assert after.lr(60) == pytest.approx(before.lr(60), rel=1e-12)
+    lrs = [after.lr(s) for s in range(60, 201)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone, no jump back up
+    assert lrs[-1] == pytest.approx(1e-4)
+    assert LRSchedule(new).lr(61) > before.lr(60) * 1.2  # what plain recomputation would have done
+    # the anchor is saved: resuming again (same max_iters) continues the same curve
+    again = LRSchedule(new)
+    again.load(after.state(), step=120)
+    assert [again.lr(s) for s in range(120, 201)] == [after.lr(s) for s in range(120, 201)]
+    # same max_iters: nothing changes (bit-exact resume)
+    same = LRSchedule(old)
+    same.load(state, step=60)
+    assert [same.lr(s) for s in range(100)] == [before.lr(s) for s in range(100)]
+
+
+def test_resume_with_more_steps_continues_the_lr(tmp_path, corpus, capsys):
+    args = ["--data", corpus, *TINY, "--max-iters", "20", "--warmup-iters", "2", "--out-dir", tmp_path / "r"]
+    rc = main([str(a) for a in args], callbacks=[CtrlCAfter(9)])
+    assert rc == 130
+    rc, _ = run(["--resume", tmp_path / "r", "--max-iters", "40", "--no-progress"], capsys)
+    assert rc == 0
+    lrs = [float(r["lr"]) for r in rows(tmp_path / "r" / "train_log.csv")]
+    assert len(lrs) == 40
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # never rises after warm-up
+    planned = LRSchedule(TrainConfig(max_iters=20, warmup_iters=2))  # the first session's schedule
+    assert lrs[10] == pytest.approx(planned.lr(10), rel=1e-5)  # step 11 (first resumed) continues it
+    assert lrs[-1] == pytest.approx(TrainConfig().final_lr, rel=0.02)  # ... and ends at the final LR
+
+
+TIMING_KEYS = {"tokens_per_s", "train_wall_s", "wall_s"}
+
+
+def test_python_api_runs_what_the_cli_runs(tmp_path, corpus, capsys):
+    from fastlm import Trainer
+
+    rc, _ = run(["--data", corpus, "--out-dir", tmp_path / "cli", *TINY], capsys)
+    assert rc == 0
+    config = TrainConfig(data=[str(corpus)], out_dir=str(tmp_path / "api"), batch_size=4, eval_iters=2,
+                         eval_interval=5, max_iters=10, sample_tokens=0, progress=False, log_interval=1,
+                         warmup_iters=2, threads=1)
+    summary = Trainer(config, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}).fit()
+    assert summary == json.loads((tmp_path / "api" / "summary.json").read_text())
+    cli_summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert {k: v for k, v in summary.items() if k not in TIMING_KEYS} == \
+           {k: v for k, v in cli_summary.items() if k not in TIMING_KEYS}
+    assert rows(tmp_path / "api" / "train_log.csv") != [] and \
+        [r["loss"] for r in rows(tmp_path / "api" / "train_log.csv")] == \
+        [r["loss"] for r in rows(tmp_path / "cli" / "train_log.csv")]
+    # a GPTConfig works too (its vocab_size is the tokenizer's)
+    model = GPTConfig(vocab_size=999, n_layer=1, n_embd=16, n_head=2, block_size=16, pos="rope", mlp="swiglu")
+    again = Trainer(dataclasses.replace(config, out_dir=str(tmp_path / "api2")), model).fit()
+    stored = json.loads((tmp_path / "api2" / "config.json").read_text())["model"]
+    assert stored["vocab_size"] == json.loads((tmp_path / "api" / "config.json").read_text())["model"]["vocab_size"]
+    assert stored["mlp"] == "swiglu" and again["steps"] == 10
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at_eval=None):
+        self.events, self.stop_at_eval = [], stop_at_eval
+
+    def on_start(self, trainer):
+        self.events.append(("start", trainer.progress.step))
+
+    def on_step(self, trainer, step, loss):
+        assert math.isfinite(loss)
+        self.events.append(("step", step))
+
+    def on_eval(self, trainer, step, losses):
+        self.events.append(("eval", step, set(losses)))
+        if step == self.stop_at_eval:
+            trainer.request_stop()
+
+    def before_publish(self, trainer, folder):
+        assert (folder / "manifest.json").is_file()
+        self.events.append(("save", trainer.progress.step))
+
+    def on_end(self, trainer, summary):
+        self.events.append(("end", summary["steps"]))
+
+
+def test_callbacks_observe_and_stop_a_run(tmp_path, corpus, capsys):
+    from fastlm import Trainer
+
+    config = TrainConfig(data=[str(corpus)], out_dir=str(tmp_path / "r"), batch_size=4, eval_iters=1,
+                         eval_interval=3, max_iters=20, sample_tokens=0, progress=False, threads=1)
+    rec = Recorder(stop_at_eval=6)
+    summary = Trainer(config, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}, callbacks=[rec]).fit()
+    # the request is seen at the end of the next step (where all ranks exchange it): step 7, which
+    # is then evaluated and saved before the final evaluation
+    assert summary["steps"] == 7 and summary["stopped_early"]
+    assert rec.events == [("start", 0), ("save", 0), ("step", 1), ("step", 2), ("step", 3), ("save", 3),
+                          ("eval", 3, {"train", "val"}), ("step", 4), ("step", 5), ("step", 6), ("save", 6),
+                          ("eval", 6, {"train", "val"}), ("step", 7), ("save", 7), ("eval", 7, {"train", "val"}),
+                          ("end", 7)]
+    assert json.loads((tmp_path / "r" / "latest").read_text())["step"] == 7

@@ -1,0 +1,149 @@
+"""Where a job runs: device, autocast dtype, and torch.distributed (DDP under ``torchrun``).
+
+One ``resolve_device`` serves every CLI. :class:`Dist` wraps the process group with the few
+collectives the trainer needs; :func:`init_distributed` starts it from torchrun's environment with
+a timeout, so a rank that dies cannot leave the others waiting for ever.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DeviceError", "resolve_device", "resolve_dtype", "autocast", "Dist", "init_distributed",
+           "DEFAULT_DIST_TIMEOUT_S"]
+
+DEFAULT_DIST_TIMEOUT_S = 600
+
+
+class DeviceError(ValueError):
+    """A device or dtype that cannot be used here (one line)."""
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` -> a usable torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "mps" and not _mps_available():
+        raise DeviceError(f"device {name!r} requested but MPS is not available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"unsupported device {name!r} (use auto, cpu, cuda, cuda:N or mps)")
+    return device
+
+
+def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+    """Autocast dtype: ``auto`` = bfloat16 on CUDA if supported (else float16), float32 elsewhere."""
+    if name == "auto":
+        if device_type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise DeviceError(f"dtype must be auto, {', '.join(dtypes)}; got {name!r}")
+    if dtypes[name] == torch.float16 and device_type != "cuda":
+        raise DeviceError("--dtype float16 needs CUDA (use bfloat16 or float32 here)")
+    return dtypes[name]
+
+
+def autocast(device_type: str, dtype: torch.dtype):
+    """A context-manager factory: torch.autocast in ``dtype``, or nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
+@dataclass
+class Dist:
+    """This process's place in the job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def broadcast_obj(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_obj(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def mean(self, values: list[float], device) -> list[float]:
+        """Element-wise mean of ``values`` over the ranks."""
+        if not self.enabled:
+            return values
+        import torch.distributed as dist
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def first_error(self, err):
+        """Exchange an error message (or None) from every rank: the lowest rank's error, or None.
+        Every rank must call it at the same point (it is a collective)."""
+        if not self.enabled:
+            return err
+        return next((e for e in self.gather_obj(err) if e is not None), None)
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def init_distributed(device_name: str, timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Dist:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1), else a one-process Dist.
+    NCCL on CUDA, gloo otherwise; collectives give up after ``timeout_s``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return Dist(rank, local, world)

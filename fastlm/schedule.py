@@ -1,0 +1,86 @@
+"""Learning-rate schedules: linear warm-up, then cosine to the final LR, plateau, or constant.
+
+Extending (or shortening) a cosine run on ``--resume`` with another ``--max-iters``: the schedule is
+re-anchored at the resume step. From there the LR decays from the value it had at that step to
+the final LR at the new last step, along the same half-cosine shape, so there is no jump (a plain
+recomputation of the cosine over the new span would move the LR back up). The anchor is saved
+with the scheduler state, so a second resume continues the same curve.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+__all__ = ["LRSchedule"]
+
+
+class LRSchedule:
+    """Warm-up then cosine (to the final LR) / plateau (x factor after patience bad evals) / constant.
+
+    ``cfg`` needs ``lr``, ``final_lr``, ``warmup_iters``, ``max_iters``, ``lr_schedule``,
+    ``plateau_patience`` and ``plateau_factor`` (a :class:`~fastlm.train_config.TrainConfig`).
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.scale = 1.0  # plateau multiplier
+        self.bad = 0
+        self.best = math.inf
+        self.anchor: Optional[tuple[int, float, int]] = None  # (step, lr there, max_iters planned then)
+
+    def _cosine(self, step: int, start: int, lr_start: float, end: int) -> float:
+        final = self.cfg.final_lr
+        frac = min(1.0, (step - start) / max(1, end - start))
+        return final + 0.5 * (1 + math.cos(math.pi * frac)) * (lr_start - final)
+
+    def lr(self, step: int) -> float:
+        c = self.cfg
+        if c.warmup_iters and step < c.warmup_iters:
+            return c.lr * (step + 1) / c.warmup_iters
+        if c.lr_schedule == "cosine":
+            if self.anchor is not None and step >= self.anchor[0]:
+                return self._cosine(step, self.anchor[0], self.anchor[1], c.max_iters)
+            return self._cosine(step, c.warmup_iters, c.lr, self._planned_end())
+        if c.lr_schedule == "plateau":
+            return max(c.final_lr, c.lr * self.scale)
+        return c.lr
+
+    def _planned_end(self) -> int:
+        """The last step of the original cosine (before any re-anchoring)."""
+        return self.anchor[2] if self.anchor is not None else self.cfg.max_iters
+
+    def observe(self, val_loss: float) -> bool:
+        """Plateau bookkeeping after an evaluation; True when the LR was just reduced."""
+        if self.cfg.lr_schedule != "plateau":
+            return False
+        if val_loss < self.best:
+            self.best, self.bad = val_loss, 0
+            return False
+        self.bad += 1
+        if self.bad >= self.cfg.plateau_patience:
+            self.scale *= self.cfg.plateau_factor
+            self.bad = 0
+            return True
+        return False
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "bad": self.bad, "best": self.best if math.isfinite(self.best) else None,
+                "max_iters": self.cfg.max_iters, "anchor": list(self.anchor) if self.anchor else None}
+
+    def load(self, s: dict, step: int) -> None:
+        """Restore a saved state at ``step``; re-anchor the cosine if max_iters changed since."""
+        self.scale, self.bad = float(s["scale"]), int(s["bad"])
+        self.best = math.inf if s.get("best") is None else float(s["best"])
+        anchor = s.get("anchor")
+        self.anchor = (int(anchor[0]), float(anchor[1]), int(anchor[2])) if anchor else None
+        saved_max = int(s.get("max_iters", self.cfg.max_iters))
+        if self.cfg.lr_schedule != "cosine" or saved_max == self.cfg.max_iters or step < self.cfg.warmup_iters:
+            return  # warm-up does not depend on max_iters; after it the new span applies from the start
+        current = self._lr_with_max(step, saved_max)
+        self.anchor = (step, current, self.anchor[2] if self.anchor else saved_max)
+
+    def _lr_with_max(self, step: int, max_iters: int) -> float:
+        """The LR the saved schedule (which ran to ``max_iters``) gives at ``step``."""
+        if self.anchor is not None and step >= self.anchor[0]:
+            return self._cosine(step, self.anchor[0], self.anchor[1], max_iters)
+        return self._cosine(step, self.cfg.warmup_iters, self.cfg.lr, max_iters)

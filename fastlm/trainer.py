@@ -1,0 +1,628 @@
+"""The training loop behind ``python -m fastlm.train``, as a Python API::
+
+    from fastlm import Trainer, TrainConfig
+    summary = Trainer(TrainConfig(out_dir="runs/mine", max_iters=500)).fit()
+
+:meth:`Trainer.fit` runs exactly what the CLI runs (the CLI is a thin layer over it) and returns the
+summary that is also written to ``summary.json``. Its parts, in order:
+
+* :meth:`~Trainer._prepare` -- settings (new run, ``resume`` or ``init_from``), the run directory
+  and its data (rank 0 builds them, every rank reads them), model, optimizer, samplers;
+* :meth:`~Trainer._restore` -- a resumed run's weights, optimizer, RNG and sampler states;
+* :meth:`~Trainer._train_step` / :meth:`~Trainer._evaluate` / :meth:`~Trainer._save` -- the loop;
+* :meth:`~Trainer._finish` -- the whole-split evaluation of the best weights and the summary.
+
+:class:`Callback` hooks let a caller watch or steer a run (``on_step``, ``on_eval``, ...);
+:meth:`Trainer.request_stop` ends it gracefully. A non-finite loss raises :class:`NonFiniteLoss`,
+a signal (Ctrl-C, SIGTERM) or a stop request with a signal saves a checkpoint and raises
+:class:`TrainingInterrupted` (continue with ``TrainConfig(resume=run_dir)``).
+
+Distributed (``torchrun``): every step all ranks draw the same global set of window offsets from one
+generator and rank ``r`` takes its own slice, so a run on N ranks equals a one-process run with the
+same global batch (``batch_size x grad_accum x world_size``); only rank 0 writes files, and an error
+on one rank ends every rank (errors are exchanged at each save, so no rank waits for ever).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import __version__
+from . import checkpoint as ckpt_mod
+from . import data as data_mod
+from . import rundir
+from .checkpoint import CheckpointError
+from .model import GPT, GPTConfig
+from .runtime import Dist, autocast, init_distributed, resolve_device, resolve_dtype
+from .schedule import LRSchedule
+from .train_config import (CPU_MODEL_DEFAULTS, INIT_OVERRIDABLE, TrainConfig, TrainError, apply_gpu_profile,
+                           explicit_settings, resume_config)
+
+__all__ = ["Trainer", "Callback", "TrainingInterrupted", "NonFiniteLoss", "RankFailed"]
+
+
+class TrainingInterrupted(Exception):
+    """A signal (or a stop request with one) ended the run after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        super().__init__(f"interrupted ({signal.Signals(signum).name}) at step {step}; continue with "
+                         f"--resume {run_dir}")
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RankFailed(Exception):
+    """Another rank of a distributed job failed (its error is printed by that rank)."""
+
+
+class Callback:
+    """Hooks into :meth:`Trainer.fit`; override the ones you need. Each gets the trainer, whose
+    ``config``, ``model_config``, ``model``, ``optimizer``, ``run_dir`` and ``progress`` are set."""
+
+    def on_start(self, trainer: "Trainer") -> None:
+        """Everything is prepared (and restored); the loop starts next."""
+
+    def on_step(self, trainer: "Trainer", step: int, loss: float) -> None:
+        """After optimizer step ``step`` (1-based); ``loss`` is its mean training loss."""
+
+    def on_eval(self, trainer: "Trainer", step: int, losses: dict) -> None:
+        """After an evaluation: ``losses = {"train": ..., "val": ...}`` on the fixed eval windows."""
+
+    def before_publish(self, trainer: "Trainer", folder: Path) -> None:
+        """A checkpoint folder is complete on disk but not yet published as ``latest`` (rank 0)."""
+
+    def on_end(self, trainer: "Trainer", summary: dict) -> None:
+        """The run finished; ``summary`` is what ``summary.json`` holds (rank 0 only)."""
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    best_val: float = math.inf
+    best_step: Optional[int] = None
+    best_train: Optional[float] = None
+    bad_evals: int = 0
+    wall_before: float = 0.0  # training seconds of earlier sessions of this run
+    stopped_early: bool = False
+
+    def to_state(self, wall: float) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen,
+                "best_val": self.best_val if math.isfinite(self.best_val) else None, "best_step": self.best_step,
+                "best_train": self.best_train, "bad_evals": self.bad_evals, "train_wall_s": wall}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        best = state.get("best_val")
+        return cls(step=int(state["step"]), tokens_seen=int(state["tokens_seen"]),
+                   best_val=math.inf if best is None else float(best), best_step=state.get("best_step"),
+                   best_train=state.get("best_train"), bad_evals=int(state["bad_evals"]),
+                   wall_before=float(state.get("train_wall_s", 0.0)))
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+class Trainer:
+    """Train a GPT as ``python -m fastlm.train`` does.
+
+    Args:
+        config: training settings (default: ``TrainConfig()``, the CLI's defaults).
+        model: the model settings: a :class:`GPTConfig` (its ``vocab_size`` is replaced by the
+            tokenizer's), a dict of GPTConfig fields layered over the CPU profile, or None for the
+            CPU profile (the CLI's defaults).
+        callbacks: :class:`Callback` objects.
+        explicit: names of the settings the user chose (the CLI passes what was typed). Settings
+            not chosen take the GPU profile on CUDA. Default: TrainConfig fields that differ from
+            their defaults, and the fields of ``model`` (all of them for a GPTConfig).
+    """
+
+    def __init__(self, config: Optional[TrainConfig] = None, model: Union[GPTConfig, dict, None] = None, *,
+                 callbacks: Sequence[Callback] = (), explicit: Optional[set] = None):
+        self.config = config if config is not None else TrainConfig()
+        if isinstance(model, GPTConfig):
+            model = {k: v for k, v in model.to_dict().items() if k != "vocab_size"}
+        chosen_model = dict(model or {})
+        self._model_values = {**CPU_MODEL_DEFAULTS, **chosen_model}
+        self._explicit = set(explicit) if explicit is not None else explicit_settings(self.config, chosen_model)
+        self.callbacks = list(callbacks)
+        self.model_config: Optional[GPTConfig] = None
+        self.model = self.raw_model = self.optimizer = None
+        self.run_dir: Optional[Path] = None
+        self.progress = Progress()
+        self.summary: Optional[dict] = None
+        self._stop_signal: Optional[int] = None  # a signal arrived (or a stop with one was requested)
+        self._stop_pending = False  # request_stop() without a signal
+
+    # ---- public -------------------------------------------------------------------------------
+    def fit(self) -> Optional[dict]:
+        """Run training; returns the summary dict (None on ranks other than 0)."""
+        t_start = time.time()
+        self.config.validate()
+        self.dist = init_distributed(self.config.device, self.config.dist_timeout_s)
+        handlers = self._install_signal_handlers()
+        try:
+            self._prepare()
+            self._emit("on_start")
+            self._loop()
+            return self._finish(t_start)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            self.dist.close()
+
+    def request_stop(self, signum: Optional[int] = None) -> None:
+        """Stop the run at the end of the next optimizer step (requests and signals are exchanged
+        there, so every rank of a distributed job stops at the same step). With ``signum`` it acts as
+        that signal would (checkpoint, then :class:`TrainingInterrupted`); without, like early
+        stopping (evaluation, final whole-split evaluation, summary)."""
+        if signum is None:
+            self._stop_pending = True
+        else:
+            self._stop_signal = int(signum)
+
+    # ---- messages and hooks ---------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        """Print a progress message (rank 0; above the progress bar when there is one)."""
+        if not self.dist.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    _bar = None
+
+    def _emit(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_signal(signum, frame):
+            self._stop_signal = signum
+
+        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    # ---- preparation ----------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device_type = resolve_device(cfg.device).type
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" and self.dist.enabled
+                                   else device_type)
+        self._resolve_settings(device_type)
+        self.autocast_dtype = resolve_dtype(self.config.dtype, device_type)
+        init_state = self._prepare_run_dir()
+        self._load_run(init_state)
+        self._build_model(init_state)
+        if self.config.resume:
+            self._restore()
+        self._wrap_model()
+        self._announce()
+
+    def _resolve_settings(self, device_type: str) -> None:
+        """Final settings: the stored ones for a resume, the GPU profile on CUDA for a new run."""
+        cfg = self.config
+        if cfg.resume:
+            run_dir = Path(cfg.resume)
+            stored = ckpt_mod.read_run_config(run_dir)
+            if not (run_dir / "latest").exists():
+                raise CheckpointError(f"--resume {run_dir}: the run holds no checkpoint yet (it stopped before "
+                                      f"its first save); start it again with --out-dir {run_dir} --overwrite")
+            self.config, self.model_config = resume_config(stored, cfg, self._model_values, self._explicit,
+                                                           run_dir, self.dist.world)
+            self.run_dir = run_dir
+            return
+        if device_type == "cuda" and cfg.gpu_defaults:
+            self.config, self._model_values, applied = apply_gpu_profile(cfg, self._model_values, self._explicit)
+            if applied:
+                self.say("gpu defaults: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
+        self.run_dir = Path(self.config.out_dir)
+
+    def _prepare_run_dir(self) -> Optional[dict]:
+        """Rank 0 creates a new run (checks, data, config, tokenizer) or tidies a resumed one; every
+        rank learns of a failure. Returns the ``init_from`` weights (every rank), else None."""
+        if self.config.resume:
+            self._agreed(lambda: ckpt_mod.clean_leftovers(self.run_dir))
+            return None
+        init_state = self._agreed(self._create_run)
+        return self.dist.broadcast_obj(init_state) if self.config.init_from else None
+
+    def _agreed(self, work, everywhere: bool = False):
+        """Run ``work()`` on rank 0 (or on every rank) and exchange failures: when any rank fails,
+        that rank raises its error and every other rank raises :class:`RankFailed`, at once."""
+        err, result = None, None
+        if everywhere or self.dist.is_main:
+            try:
+                result = work()
+            except Exception as e:  # bad input, disk full, a callback's error ...
+                err = e
+        message = self.dist.first_error(None if err is None else _one_line(err))
+        if err is not None:
+            raise err
+        if message is not None:
+            raise RankFailed(message)
+        return result
+
+    def _create_run(self) -> Optional[dict]:
+        """Check everything, then (only then) replace an old run and write the new one."""
+        cfg, out = self.config, self.run_dir
+        tokenizer, init_state = None, None
+        if cfg.init_from:
+            mcfg, tokenizer, init_state = self._init_from()
+        else:
+            mcfg = GPTConfig(vocab_size=2, **self._model_values)  # validate early
+        rundir.check_out_dir(out, cfg.overwrite)
+        tokenizer, splits, data_info = rundir.build_data(cfg, mcfg.block_size, tokenizer)
+        mcfg = GPTConfig.from_dict({**mcfg.to_dict(), "vocab_size": tokenizer.vocab_size})
+        if out.is_dir():  # all checks passed: only now is the previous run replaced
+            rundir.clear_run_dir(out)
+        run_config = {"model": mcfg.to_dict(), "train": dataclasses.asdict(cfg),
+                      "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+                                    "eos_id": tokenizer.eos_id},
+                      "data": data_info, "world_size": self.dist.world, "fastlm_version": __version__}
+        # config first: a start killed from here on leaves a recognisable run (no checkpoint yet),
+        # which --overwrite may replace
+        ckpt_mod.write_run_files(out, run_config, tokenizer)
+        data_mod.save_splits(out, splits, tokenizer.vocab_size)
+        return init_state
+
+    def _init_from(self):
+        """Architecture, tokenizer and weights of the checkpoint a fine-tune starts from."""
+        init_model, tokenizer, init_cfg = ckpt_mod.load_model(self.config.init_from, "cpu")
+        base = dict(init_cfg["model"])
+        ignored = sorted(k for k in self._explicit if k in base and k not in INIT_OVERRIDABLE
+                         and self._model_values.get(k) != base[k])
+        if ignored:
+            self.say("note: --init-from takes the architecture from the checkpoint; ignoring " + ", ".join(ignored))
+        for k in INIT_OVERRIDABLE & self._explicit:
+            base[k] = self._model_values[k]
+        return GPTConfig.from_dict(base), tokenizer, ckpt_mod.model_tensors(init_model)
+
+    def _load_run(self, init_state) -> None:
+        from .tokenizers import load_tokenizer
+
+        run_config = ckpt_mod.read_run_config(self.run_dir)
+        self.model_config = GPTConfig.from_dict(run_config["model"])
+        self.tokenizer = load_tokenizer(self.run_dir / "tokenizer.json")
+        self.train_ids = data_mod.load_split(self.run_dir, "train", self.tokenizer.vocab_size)
+        self.val_ids = data_mod.load_split(self.run_dir, "val", self.tokenizer.vocab_size)
+
+    def _build_model(self, init_state) -> None:
+        """Model, optimizer, schedule, scaler and samplers, seeded as every run of these settings is."""
+        cfg, mcfg = self.config, self.model_config
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % (2 ** 32))
+        model = GPT(mcfg)
+        if init_state is not None:
+            ckpt_mod.load_model_tensors(model, init_state, cfg.init_from)
+        model.to(self.device)
+        self.raw_model = self.model = model
+        self.optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), self.device.type)
+        self.schedule = LRSchedule(cfg)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=(self.autocast_dtype == torch.float16))
+        self.amp = autocast(self.device.type, self.autocast_dtype)
+        torch.manual_seed(cfg.seed + self.dist.rank)  # dropout differs per rank
+        self.train_sampler = data_mod.BatchSampler(self.train_ids, mcfg.block_size, cfg.batch_size, [cfg.seed, 0])
+        # eval batches hold one optimizer step's sequences (batch x accum per rank): same estimate on any world size
+        eval_batch = cfg.batch_size * cfg.grad_accum
+        self.eval_samplers = {
+            "train": data_mod.BatchSampler(self.train_ids, mcfg.block_size, eval_batch, [cfg.seed, 1]),
+            "val": data_mod.BatchSampler(self.val_ids, mcfg.block_size, eval_batch, [cfg.seed, 2])}
+        self._eval_start = {k: s.state() for k, s in self.eval_samplers.items()}  # every eval: the same windows
+
+    def _restore(self) -> None:
+        """Continue a run exactly: weights, optimizer, schedule, RNGs, samplers, progress."""
+        saved = ckpt_mod.load_checkpoint(self.run_dir)
+        state = saved["state"]
+        if GPTConfig.from_dict(saved["model_config"]).to_dict() != self.model_config.to_dict():
+            raise CheckpointError(f"{saved['dir']} was written for another model config than "
+                                  f"{self.run_dir / 'config.json'}")
+        ckpt_mod.load_model_tensors(self.raw_model, saved["model"], saved["dir"] / "model.safetensors")
+        self._restore_optimizer(saved)
+        if len(saved["ranks"]) != self.dist.world:
+            raise CheckpointError(f"{saved['dir']} holds {len(saved['ranks'])} rank state(s), "
+                                  f"this launch has {self.dist.world}")
+        rank_js, rank_tensors = saved["ranks"][self.dist.rank]
+        ckpt_mod.set_rng_state(rank_js["rng"], rank_tensors)
+        self.train_sampler.set_state(rank_js["sampler"])
+        for k, s in self.eval_samplers.items():
+            s.set_state(rank_js["eval_sampler"][k])
+        self.progress = Progress.from_state(state)
+        self.schedule.load(state["scheduler"], self.progress.step)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.dist.is_main:
+            ckpt_mod.sync_best(self.run_dir, saved["dir"])
+            rundir.truncate_csv(self.run_dir / "metrics.csv", self.progress.step)
+            rundir.truncate_csv(self.run_dir / "train_log.csv", self.progress.step)
+        best = self.progress.best_val
+        self.say(f"resuming {self.run_dir} at step {self.progress.step}"
+                 + (f" (best val {best:.4f})" if math.isfinite(best) else ""))
+
+    def _restore_optimizer(self, saved: dict) -> None:
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{saved['dir']}: optimizer state does not fit the model: {e}") from None
+        for group in self.optimizer.param_groups:  # device placement of the state follows the params
+            for p in group["params"]:
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(v) and k != "step":
+                        self.optimizer.state[p][k] = v.to(p.device)
+
+    def _wrap_model(self) -> None:
+        if self.config.compile:
+            self.model = torch.compile(self.model)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.model = DDP(self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
+
+    def _announce(self) -> None:
+        cfg, mcfg, world = self.config, self.model_config, self.dist.world
+        self.tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * world
+        if not cfg.resume:
+            self.say(f"run dir: {self.run_dir}")
+        precision = (f"autocast {str(self.autocast_dtype).replace('torch.', '')}"
+                     if self.autocast_dtype != torch.float32 else "float32")
+        self.say(f"device: {self.device} ({precision}){f', {world} processes' if self.dist.enabled else ''}")
+        self.say(f"data: {len(self.train_ids):,} train / {len(self.val_ids):,} val tokens, {self.tokenizer.kind} "
+                 f"tokenizer, vocab {self.tokenizer.vocab_size}")
+        self.say(f"model: {self.raw_model.num_params() / 1e6:.2f}M params ({mcfg.n_layer} layers, {mcfg.n_head} heads, "
+                 f"{mcfg.n_embd} wide, context {mcfg.block_size})")
+        self.say(f"global batch: {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {world} = "
+                 f"{cfg.batch_size * cfg.grad_accum * world} sequences = {self.tokens_per_step:,} tokens/step")
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        cfg, progress = self.config, self.progress
+        if self.dist.is_main and cfg.progress:
+            from tqdm import tqdm
+            self._bar = tqdm(total=cfg.max_iters, initial=progress.step, desc="train", dynamic_ncols=True,
+                             file=sys.stderr, mininterval=1.0)
+        self._t_loop = time.time()
+        self._log_mark = (self._t_loop, progress.step)
+        try:
+            if not cfg.resume:
+                self._save(is_best=False)  # step-0 checkpoint: the run is resumable from the first moment
+            self.model.train()
+            while progress.step < cfg.max_iters:
+                stop_signal, stop_asked = self._train_step()
+                if self._after_step(stop_signal, stop_asked):
+                    break
+        except (NonFiniteLoss, TrainingInterrupted):
+            if self.dist.is_main:
+                rundir.plot_losses(self.run_dir)
+            raise
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+    def _wall(self) -> float:
+        return self.progress.wall_before + time.time() - self._t_loop
+
+    def _train_step(self) -> tuple[int, bool]:
+        """One optimizer step (grad accumulation, clipping, scaler). Returns the stop signal any rank
+        received (0 for none) and whether any rank asked to stop."""
+        cfg, progress = self.config, self.progress
+        lr = self.schedule.lr(progress.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_sampler.sample(self.device, self.dist.rank, self.dist.world)
+            last = micro == cfg.grad_accum - 1
+            with (self.model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()):
+                with self.amp():
+                    _, loss = self.model(x, y)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+        # one collective for the loss and for stop requests: every rank decides alike
+        step_loss, signalled, stop_asked = self.dist.mean(
+            [float(loss_sum) / cfg.grad_accum, float(self._stop_signal is not None), float(self._stop_pending)],
+            self.device)
+        if not math.isfinite(step_loss):
+            raise NonFiniteLoss(f"loss is {step_loss} at step {progress.step + 1}; stopping. The last good "
+                                f"checkpoint is kept in {self.run_dir} (try a lower --lr, --grad-clip, or "
+                                f"--dtype float32)")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.tokens_seen += self.tokens_per_step
+        self._log_step(step_loss, lr)
+        self._emit("on_step", progress.step, step_loss)
+        return ((self._stop_signal or signal.SIGTERM) if signalled else 0), bool(stop_asked)
+
+    def _log_step(self, loss: float, lr: float) -> None:
+        step = self.progress.step
+        if self.dist.is_main and (step % self.config.log_interval == 0 or step == self.config.max_iters):
+            now = time.time()
+            tokens_per_s = (step - self._log_mark[1]) * self.tokens_per_step / max(now - self._log_mark[0], 1e-9)
+            self._log_mark = (now, step)
+            rundir.append_csv(self.run_dir / "train_log.csv", rundir.LOG_HEADER,
+                              [step, f"{loss:.6f}", f"{lr:.6g}", f"{tokens_per_s:.0f}"])
+            if self._bar is not None:
+                self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _after_step(self, stop_signal: int, stop_asked: bool) -> bool:
+        """Evaluate/save when due, then honour stop requests. True ends the loop normally."""
+        cfg, progress = self.config, self.progress
+        evaluated = progress.step % cfg.eval_interval == 0 or progress.step == cfg.max_iters
+        if evaluated and self._evaluate_and_save():
+            return True  # early stopping
+        if stop_signal:
+            self._save(is_best=False)
+            self.say(f"interrupted ({signal.Signals(stop_signal).name}) at step {progress.step}: checkpoint saved; "
+                     f"continue with: python -m fastlm.train --resume {self.run_dir}")
+            raise TrainingInterrupted(stop_signal, progress.step, self.run_dir)
+        if stop_asked:
+            self.say(f"stop requested at step {progress.step}")
+            if not evaluated:
+                self._evaluate_and_save()
+            progress.stopped_early = True
+            return True
+        return False
+
+    def _evaluate_and_save(self) -> bool:
+        """Evaluate, log, sample, checkpoint. True when early stopping ends the run."""
+        cfg, progress = self.config, self.progress
+        losses = self._evaluate()
+        improved = losses["val"] < progress.best_val
+        if improved:
+            progress.best_val, progress.best_step, progress.best_train = losses["val"], progress.step, losses["train"]
+            progress.bad_evals = 0
+        else:
+            progress.bad_evals += 1
+        lr = self.schedule.lr(progress.step - 1)
+        if self.schedule.observe(losses["val"]):
+            self.say(f"step {progress.step}: val loss plateaued, lr x{cfg.plateau_factor} -> "
+                     f"{self.schedule.lr(progress.step):.3g}")
+        if self.dist.is_main:
+            rundir.append_csv(self.run_dir / "metrics.csv", rundir.METRICS_HEADER,
+                              [progress.step, f"{losses['train']:.6f}", f"{losses['val']:.6f}", f"{lr:.6g}",
+                               progress.tokens_seen, f"{self._wall():.2f}"])
+        self.say(f"step {progress.step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+                 f"{' (best)' if improved else ''}, lr {lr:.3g}")
+        if self.dist.is_main and cfg.sample_tokens:
+            text = sample_text(self.raw_model, self.tokenizer, cfg.sample_tokens, self.device, cfg.seed + progress.step)
+            self.say("  sample: " + text.replace("\n", "\n  | "))
+        self._save(improved)
+        self._emit("on_eval", progress.step, losses)
+        if cfg.early_stopping_patience and progress.bad_evals >= cfg.early_stopping_patience:
+            self.say(f"early stopping at step {progress.step}: no val improvement in {progress.bad_evals} evals "
+                     f"(best {progress.best_val:.4f} at step {progress.best_step})")
+            progress.stopped_early = True
+            return True
+        return False
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
+        """Mean loss over eval_iters batches per split; the SAME windows at every eval (paired
+        comparisons: picking the best checkpoint is not at the mercy of which batches were drawn)."""
+        self.model.eval()
+        result = {}
+        for split, sampler in self.eval_samplers.items():
+            sampler.set_state(self._eval_start[split])
+            total = 0.0
+            for _ in range(self.config.eval_iters):
+                x, y = sampler.sample(self.device, self.dist.rank, self.dist.world)
+                with self.amp():
+                    _, loss = self.raw_model(x, y)
+                total += float(loss)
+            result[split] = total / self.config.eval_iters
+        self.model.train()
+        train_loss, val_loss = self.dist.mean([result["train"], result["val"]], self.device)
+        return {"train": train_loss, "val": val_loss}
+
+    def _rank_state(self):
+        rng_js, rng_tensors = ckpt_mod.rng_state()
+        js = {"rng": rng_js, "sampler": self.train_sampler.state(),
+              "eval_sampler": {k: s.state() for k, s in self.eval_samplers.items()}}
+        return js, {k: v.numpy().tobytes() for k, v in rng_tensors.items()}
+
+    def _save(self, is_best: bool) -> None:
+        """Checkpoint (rank 0 writes every rank's states). A failure on rank 0 ends every rank."""
+        states = self.dist.gather_obj(self._rank_state())
+        self._agreed(lambda: self._write_checkpoint(states, is_best))
+
+    def _write_checkpoint(self, states: list, is_best: bool) -> None:
+        rank_states = [(js, {k: torch.frombuffer(bytearray(b), dtype=torch.uint8) for k, b in tensors.items()})
+                       for js, tensors in states]
+        state = {**self.progress.to_state(self._wall()), "scheduler": self.schedule.state(),
+                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
+        ckpt_mod.save_checkpoint(self.run_dir, self.raw_model, self.optimizer, state, rank_states, is_best=is_best,
+                                 model_config=self.model_config.to_dict(),
+                                 before_publish=lambda folder: self._emit("before_publish", folder))
+
+    # ---- the end ----------------------------------------------------------------------------------
+    def _finish(self, t_start: float) -> Optional[dict]:
+        """Whole-split evaluation of the best weights (all ranks share the windows), summary, plot."""
+        train_wall = self._wall()
+        self._agreed(self._load_best_weights, everywhere=True)
+        val_loss, test_loss = self._split_loss(self.val_ids), self._test_loss()
+        self.summary = self._agreed(lambda: self._report(val_loss, test_loss, train_wall, t_start))
+        return self.summary
+
+    def _report(self, val_loss: float, test_loss: Optional[float], train_wall: float, t_start: float) -> dict:
+        """Rank 0: summary.json, loss.png and the closing lines."""
+        progress = self.progress
+        summary = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
+                   "train_loss": progress.best_train, "best_step": progress.best_step, "steps": progress.step,
+                   "stopped_early": progress.stopped_early, "tokens_seen": progress.tokens_seen,
+                   "tokens_per_s": progress.tokens_seen / max(train_wall, 1e-9), "train_wall_s": train_wall,
+                   "params": self.raw_model.num_params(), "device": str(self.device), "world_size": self.dist.world}
+        if test_loss is not None:
+            summary["test_loss"] = test_loss
+        rundir.plot_losses(self.run_dir)
+        summary["wall_s"] = time.time() - t_start
+        rundir.write_summary(self.run_dir, summary)
+        print(f"done: best val loss {val_loss:.4f} (perplexity {summary['val_ppl']:.2f}) over the whole val "
+              f"split, step {progress.best_step}; {summary['tokens_per_s']:,.0f} tokens/s; "
+              f"wall {summary['wall_s']:.1f} s", flush=True)
+        print(f"run dir: {self.run_dir}", flush=True)
+        self._emit("on_end", summary)
+        return summary
+
+    def _load_best_weights(self) -> None:
+        best = ckpt_mod.load_checkpoint(self.run_dir)
+        ckpt_mod.load_model_tensors(self.raw_model, best["best"], best["dir"] / "best.safetensors")
+
+    def _split_loss(self, ids) -> float:
+        """Mean loss over a whole split; with DDP each rank scores its share of the windows."""
+        amp = self.amp if self.autocast_dtype != torch.float32 else None
+        total, count = self._agreed(lambda: data_mod.split_loss_sum(
+            self.raw_model, ids, self.model_config.block_size, self.config.eval_batch_size, self.device, amp,
+            rank=self.dist.rank, world=self.dist.world), everywhere=True)
+        if self.dist.enabled:
+            total, count = self.dist.mean([total, float(count)], self.device)
+        return total / count
+
+    def _test_loss(self) -> Optional[float]:
+        if not data_mod.split_path(self.run_dir, "test").exists():
+            return None
+        test_ids = self._agreed(lambda: data_mod.load_split(self.run_dir, "test", self.tokenizer.vocab_size),
+                                everywhere=True)
+        return self._split_loss(test_ids) if len(test_ids) >= 2 else None
+
+
+def sample_text(model, tokenizer, n: int, device, seed: int) -> str:
+    """``n`` tokens sampled (temperature 0.8) from the start of a document: the eval-time sample."""
+    from .sampling import generate
+
+    start = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+    prompt = torch.tensor([[start]], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    out = generate(model, prompt, n, temperature=0.8, top_k=None, generator=generator, use_cache=True)
+    return tokenizer.decode(out[0, 1:].tolist())
