@@ -331,6 +331,41 @@ class WordTokenizer(Tokenizer):
 # BPE training
 # ---------------------------------------------------------------------------------------------
 
+def _merge_word(s: list[int], a: int, b: int, token: int) -> list[int]:
+    """``s`` with every non-overlapping ``(a, b)`` replaced by ``token``, left to right."""
+    out, i, n = [], 0, len(s)
+    while i < n:
+        if i + 1 < n and s[i] == a and s[i + 1] == b:
+            out.append(token)
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return out
+
+
+def _apply_merge(syms, counts, candidates, a, b, token, pair_words, seen, step) -> dict:
+    """Apply the merge ``(a, b) -> token`` to the chunks in ``candidates`` (each once per step) ->
+    the change of every pair's count; new pairs holding ``token`` are indexed in ``pair_words``."""
+    delta: dict[tuple[int, int], int] = collections.defaultdict(int)
+    for w in candidates:
+        if seen[w] == step:
+            continue
+        seen[w] = step
+        s = syms[w]
+        if not any(s[i] == a and s[i + 1] == b for i in range(len(s) - 1)):
+            continue
+        c = counts[w]
+        for p in zip(s, s[1:]):
+            delta[p] -= c
+        out = syms[w] = _merge_word(s, a, b, token)
+        for p in zip(out, out[1:]):
+            delta[p] += c
+            if p[0] == token or p[1] == token:
+                pair_words[p].append(w)
+    return delta
+
+
 def _bpe_train_python(words: list[bytes], counts: list[int], num_merges: int) -> list[tuple[int, int]]:
     """Pure-Python twin of ``fastlm._C.bpe_train`` (csrc/bpe.cpp): same rules, identical merges.
 
@@ -374,39 +409,7 @@ def _bpe_train_python(words: list[bytes], counts: list[int], num_merges: int) ->
             vocab.append(joined)
             ids[joined] = token
             merges.append((a, b))
-        # apply the merge to the chunks that hold the pair
-        candidates = pair_words.pop(best, [])
-        delta: dict[tuple[int, int], int] = collections.defaultdict(int)
-        for w in candidates:
-            if seen[w] == step:
-                continue
-            seen[w] = step
-            s = syms[w]
-            n = len(s)
-            hit = False
-            for i in range(n - 1):
-                if s[i] == a and s[i + 1] == b:
-                    hit = True
-                    break
-            if not hit:
-                continue
-            c = counts[w]
-            for p in zip(s, s[1:]):
-                delta[p] -= c
-            out = []
-            i = 0
-            while i < n:
-                if i + 1 < n and s[i] == a and s[i + 1] == b:
-                    out.append(token)
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            syms[w] = out
-            for p in zip(out, out[1:]):
-                delta[p] += c
-                if p[0] == token or p[1] == token:
-                    pair_words[p].append(w)
+        delta = _apply_merge(syms, counts, pair_words.pop(best, []), a, b, token, pair_words, seen, step)
         for p, d in delta.items():
             if d == 0:
                 continue
