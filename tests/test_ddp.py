@@ -94,6 +94,6 @@ def test_a_failed_save_on_rank0_ends_every_rank(tmp_path, corpus):
     assert res.returncode != 0
     assert time.time() - t0 < 90  # far below the 120 s collective timeout
     assert res.stderr.count("error: I/O error: No space left on device") == 1, res.stderr[-3000:]
-    assert "Traceback" not in res.stderr.split("torch.distributed")[0]
+    assert "fastlm/" not in res.stderr  # no traceback from the ranks (torchrun's own report may follow)
     assert json.loads((run / "latest").read_text())["step"] == 0  # the last good checkpoint stays
     assert [p.name for p in run.glob("ckpt-*")] == [checkpoint.latest_checkpoint_dir(run).name]
