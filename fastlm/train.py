@@ -78,6 +78,7 @@ class TrainConfig:
     lowercase: bool = field(default=False, metadata={"help": "word tokenizer: lowercase the text"})
     text_column: Optional[str] = field(default=None, metadata={"help": "CSV/JSONL column holding the text (default: 'text')"})
     max_doc_tokens: Optional[int] = field(default=None, metadata={"help": "drop documents longer than this many tokens"})
+    raw_newlines: bool = field(default=False, metadata={"help": "keep \\r\\n / \\r as they are in corpora (default: normalise them to \\n)"})
     split: str = field(default="0.9,0.1,0.0", metadata={
         "help": "train,val[,test] fractions of the token stream, cut in that order (by default val = the last 10 percent)"})
     # optimisation
@@ -412,7 +413,7 @@ def _build_data(tcfg: TrainConfig, block_size: int, tokenizer=None):
     from .tokenizers import build_tokenizer
 
     sources = tcfg.data or [str(data_mod.default_corpus())]
-    docs = data_mod.read_documents(sources, text_column=tcfg.text_column)
+    docs = data_mod.read_documents(sources, text_column=tcfg.text_column, raw_newlines=tcfg.raw_newlines)
     if tokenizer is None:
         tokenizer = build_tokenizer(tcfg.tokenizer, "\n".join(docs) if len(docs) > 1 else docs[0],
                                     vocab_size=tcfg.vocab_size, min_freq=tcfg.min_freq, lowercase=tcfg.lowercase)
