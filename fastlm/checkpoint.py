@@ -228,7 +228,8 @@ def load_weights(path) -> tuple[dict, dict]:
 
 
 def read_safetensors_header(path) -> dict:
-    """``{tensor name: shape tuple}`` from a safetensors file's header, without reading the tensors.
+    """``({tensor name: shape tuple}, metadata)`` from a safetensors file's header, without reading
+    the tensors.
 
     Only the 8-byte length and the header itself are read (at most MAX_HEADER_BYTES); every entry's
     dtype, shape and byte range are checked against the file's size, so the shapes it returns are
@@ -253,7 +254,10 @@ def read_safetensors_header(path) -> dict:
         raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
-    return _header_shapes(path, header, size - 8 - n)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its metadata is not a JSON object)")
+    return _header_shapes(path, header, size - 8 - n), meta
 
 
 def _header_shapes(path, header: dict, data_bytes: int) -> dict:
@@ -281,7 +285,7 @@ def _header_shapes(path, header: dict, data_bytes: int) -> dict:
 
 def check_config_matches_weights(cfg, shapes: dict, weights_path, config_path) -> None:
     """CheckpointError unless the GPT that ``cfg`` describes has exactly the tensors ``shapes``
-    (from :func:`read_safetensors_header`). The model is built on the meta device (no memory);
+    (the first result of :func:`read_safetensors_header`). The model is built on the meta device (no memory);
     first, numbers that drive Python loops (layers, heads) are bounded by the header's size."""
     from . import ops
     from .model import GPT
@@ -608,6 +612,24 @@ def load_checkpoint(run_dir) -> dict:
 # Inference loading
 # ---------------------------------------------------------------------------------------------
 
+def _check_stored_config(meta: dict, cfg, weights, config_path) -> None:
+    """The model config a fastlm weights file carries in its metadata must be ``cfg``."""
+    stored = meta.get("fastlm_model_config")
+    if stored is None:
+        return
+    try:
+        stored_cfg = json.loads(stored)
+    except (TypeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{weights}: unreadable model config in its metadata") from None
+    if not isinstance(stored_cfg, dict):
+        raise CheckpointError(f"{weights}: unreadable model config in its metadata")
+    if stored_cfg != cfg.to_dict():
+        diff = sorted(k for k in set(stored_cfg) | set(cfg.to_dict()) if stored_cfg.get(k) != cfg.to_dict().get(k))
+        shown = ", ".join(str(k)[:40] for k in diff[:8])
+        raise CheckpointError(f"{weights} was trained with another model config than {config_path} "
+                              f"(differs in {shown})")
+
+
 def load_model(path, device="cpu") -> tuple:
     """Load ``(GPT in eval mode on device, Tokenizer, run_config dict)`` from a run directory or its
     ``model.safetensors`` (config.json and tokenizer.json are read from the same folder)."""
@@ -640,18 +662,10 @@ def load_model(path, device="cpu") -> tuple:
     if tokenizer.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model config says "
                               f"vocab_size={cfg.vocab_size}")
-    check_config_matches_weights(cfg, read_safetensors_header(weights), weights, run_dir / "config.json")
-    tensors, meta = load_weights(weights)
-    stored = meta.get("fastlm_model_config")
-    if stored is not None:
-        try:
-            stored_cfg = json.loads(stored)
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{weights}: unreadable model config in its metadata") from None
-        if stored_cfg != cfg.to_dict():
-            diff = sorted(k for k in set(stored_cfg) | set(cfg.to_dict()) if stored_cfg.get(k) != cfg.to_dict().get(k))
-            raise CheckpointError(f"{weights} was trained with another model config than {run_dir / 'config.json'} "
-                                  f"(differs in {', '.join(diff)})")
+    shapes, meta = read_safetensors_header(weights)
+    _check_stored_config(meta, cfg, weights, run_dir / "config.json")
+    check_config_matches_weights(cfg, shapes, weights, run_dir / "config.json")
+    tensors, _ = load_weights(weights)
     model = GPT(cfg)
     load_model_tensors(model, tensors, weights)
     model.to(device)
