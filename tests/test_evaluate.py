@@ -10,11 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastlm import checkpoint, data, tokenizers, train
 from fastlm.evaluate import evaluate, main
-
-checkpoint = pytest.importorskip("fastlm.checkpoint", reason="fastlm.checkpoint has not landed")
-data = pytest.importorskip("fastlm.data", reason="fastlm.data has not landed")
-tokenizers = pytest.importorskip("fastlm.tokenizers", reason="fastlm.tokenizers has not landed")
 
 TEXT = ("MENENIUS:\nEither you must confess yourselves wondrous malicious,\nOr be accused of folly.\n\n"
         "SICINIUS:\nNature teaches beasts to know their friends.\n\n") * 8
@@ -168,7 +165,6 @@ def test_unknown_split_in_subprocess(run):
 
 def test_end_to_end_with_the_train_cli(tmp_path, capsys):
     """train.main -> evaluate reproduces the whole-split val loss the run reports; generate samples."""
-    train = pytest.importorskip("fastlm.train", reason="fastlm.train has not landed")
     from fastlm.generate import main as generate_main
 
     corpus = tmp_path / "corpus.txt"
@@ -178,7 +174,7 @@ def test_end_to_end_with_the_train_cli(tmp_path, capsys):
                      "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "16",
                      "--eval-interval", "30", "--eval-iters", "2", "--device", "cpu", "--no-progress",
                      "--sample-tokens", "0", "--warmup-iters", "5", "--lr", "0.01"])
-    assert rc in (0, None)
+    assert rc == 0
     capsys.readouterr()
     summary = json.load(open(os.path.join(run, "summary.json")))
     rc, out, err = cli(capsys, "--checkpoint", run, "--json")

@@ -3,7 +3,9 @@ exact resume, --init-from, early stopping, plateau LR, config files, hostile inp
 import csv
 import json
 import math
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -495,6 +497,23 @@ def test_tiktoken_file_tokenizer_through_the_cli(tmp_path, corpus, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tokenizer"]["kind"] == "tiktoken"
     assert cfg["model"]["vocab_size"] == cfg["tokenizer"]["vocab_size"] > 256
+    os.unlink(path)  # the run's tokenizer.json carries the ranks: the run needs no outside file
+    assert checkpoint.load_model(out)[1].vocab_size == cfg["tokenizer"]["vocab_size"]
+
+
+def test_crlf_corpus_gives_the_lf_tokens_unless_raw_newlines(tmp_path, corpus, capsys):
+    text = Path(corpus).read_text(encoding="utf-8")
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
+    flags = [*TINY, "--max-iters", "1", "--eval-interval", "1"]
+    for name, source, extra in (("lf", corpus, []), ("crlf", crlf, []), ("raw", crlf, ["--raw-newlines"])):
+        rc, res = run(["--data", source, "--out-dir", tmp_path / name, *flags, *extra], capsys)
+        assert rc == 0, res.err
+    lf_ids = data.load_split(tmp_path / "lf", "train")
+    assert np.array_equal(data.load_split(tmp_path / "crlf", "train"), lf_ids)
+    raw_tok = checkpoint.load_model(tmp_path / "raw")[1]
+    assert "\r" in raw_tok.chars and "\r" not in checkpoint.load_model(tmp_path / "crlf")[1].chars
+    assert json.loads((tmp_path / "raw" / "config.json").read_text())["train"]["raw_newlines"] is True
 
 
 def test_progress_bar_and_device_auto(tmp_path, corpus, capsys):
