@@ -51,8 +51,10 @@ def test_load_model_from_dir_and_file(run_dir):
     assert tok.kind == "char" and tok.vocab_size == model.config.vocab_size
     assert cfg["model"]["n_layer"] == 1 and cfg["train"]["max_iters"] == 6
     model2, _, _ = checkpoint.load_model(run_dir / "model.safetensors")
-    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
-        assert torch.equal(a, b)
+    sd1, sd2 = model.state_dict(), model2.state_dict()
+    assert sd1 and set(sd1) == set(sd2)
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
     assert model.lm_head.weight is model.wte.weight  # tying survives the round trip
 
 

@@ -166,6 +166,7 @@ def test_resume_is_exact(tmp_path, corpus, capsys, monkeypatch):
     assert [(r["train_loss"], r["val_loss"]) for r in ma] == [(r["train_loss"], r["val_loss"]) for r in mb]
     wa, _ = checkpoint.load_weights(tmp_path / "a" / "model.safetensors")
     wb, _ = checkpoint.load_weights(tmp_path / "b" / "model.safetensors")
+    assert wa and set(wa) == set(wb)  # an empty or partial file must not pass
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     sa = json.loads((tmp_path / "a" / "summary.json").read_text())
     sb = json.loads((tmp_path / "b" / "summary.json").read_text())
@@ -200,6 +201,7 @@ def test_init_from_fine_tunes_with_checkpoint_tokenizer_and_architecture(tmp_pat
     assert json.loads((ft / "tokenizer.json").read_text()) == json.loads((base / "tokenizer.json").read_text())
     wb, _ = checkpoint.load_weights(base / "model.safetensors")
     wf, _ = checkpoint.load_weights(ft / "model.safetensors")
+    assert wb and set(wb) == set(wf)
     assert all(torch.allclose(wb[k], wf[k], atol=1e-6) for k in wb)  # started from the base weights
     bad = tmp_path / "bad.txt"
     bad.write_text("\u4e2d\u6587 characters the base never saw" * 20, encoding="utf-8")
