@@ -82,6 +82,7 @@ CKPT_FILES = ("model.safetensors", "best.safetensors", "optim.safetensors", "sta
 MAX_JSON_BYTES = 64 << 20            # config.json, state.json, manifest.json, latest
 MAX_HEADER_BYTES = 64 << 20          # a safetensors header (safetensors itself stops at 100 MB)
 MAX_WEIGHTS_BYTES = 1 << 40          # a weights file (a bound for the reader, not a model limit)
+MODEL_BYTES_SLACK = 256 << 20        # what a model may take beyond 4x its weights file (position tables)
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -297,7 +298,9 @@ def check_config_matches_weights(cfg, shapes: dict, weights_path, config_path) -
     for name in ops.BACKENDS:  # import them now, not inside the meta-device context below
         ops._load(name)
     with torch.device("meta"):
-        expected = GPT(cfg).state_dict()
+        meta_model = GPT(cfg)
+    _check_model_bytes(meta_model, weights_path, config_path)
+    expected = meta_model.state_dict()
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
     for name in sorted(set(expected) | set(shapes)):
@@ -307,6 +310,18 @@ def check_config_matches_weights(cfg, shapes: dict, weights_path, config_path) -
             what = (f"lacks tensor {name}" if got is None else f"has an unexpected tensor {name[:80]!r}"
                     if want is None else f"holds {name} with shape {got}, the config implies {want}")
             raise CheckpointError(f"{config_path} does not match {weights_path}: the weights file {what}")
+
+
+def _check_model_bytes(meta_model, weights_path, config_path) -> None:
+    """The model (parameters and every buffer, e.g. a sinusoidal position table that block_size
+    alone sizes) may take at most 4x its weights file (fp32 from 1-byte tensors) plus
+    MODEL_BYTES_SLACK: a small file with a config claiming a huge context must not allocate GBs."""
+    tensors = list(meta_model.parameters()) + list(meta_model.buffers())
+    need = sum(t.numel() * t.element_size() for t in tensors)
+    have = os.path.getsize(weights_path)
+    if need > 4 * have + MODEL_BYTES_SLACK:
+        raise CheckpointError(f"{config_path} describes a model of {need} bytes (parameters and position tables), "
+                              f"far more than its {have}-byte weights file {weights_path} can hold")
 
 
 def unwrap_model(model):
@@ -471,7 +486,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "checkpoint file", CheckpointError) as f:  # never a FIFO swapped in
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -363,6 +363,21 @@ def test_config_is_checked_against_the_weights_header_before_allocating(run_dir,
     assert isinstance(checkpoint.load_model(run2)[0], GPT)
 
 
+def test_position_table_cannot_outgrow_the_weights_file(run_dir, tmp_path, monkeypatch):
+    """pos=sinusoidal has no parameter but a (block_size, n_embd) table: a config may not use
+    block_size to allocate far more than the weights file holds."""
+    run = _copy_run(run_dir, tmp_path / "run")
+    _strip_config_metadata(run)
+    _set_model_config(run, pos="sinusoidal")  # same parameters as rope: the shapes match
+    assert isinstance(checkpoint.load_model(run)[0], GPT)
+    _set_model_config(run, pos="sinusoidal", block_size=1 << 17)  # an 8 MiB table
+    assert isinstance(checkpoint.load_model(run)[0], GPT)  # within the slack
+    monkeypatch.setattr(checkpoint, "MODEL_BYTES_SLACK", 1 << 20)
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.load_model(run)
+    _one_line(ei, "config.json describes a model of", "weights file")
+
+
 def _forge_header(path, header: dict, data: bytes = b""):
     raw = json.dumps(header).encode()
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
