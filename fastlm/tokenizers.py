@@ -538,14 +538,21 @@ def _count_chunks(text: str, pat_str: str, block_chars: int = 1 << 20) -> tuple[
 
     Blocks keep the memory at one block's chunk list plus the distinct chunks. The blocks are
     only safe for GPT-2-like patterns, so any other pattern is applied to the text as a whole.
+    A chunk longer than MAX_TOKEN_BYTES (a 10k-character run of '=') is counted as pieces of at
+    most that many bytes, so training never builds a token the loader would refuse.
     """
     pattern = _regex().compile(pat_str)
     counter: collections.Counter = collections.Counter()
     blocks = _text_blocks(text, block_chars) if pat_str == GPT2_PAT_STR else (text,)
     for block in blocks:
         counter.update(pattern.findall(block))
-    chunks = sorted(counter)  # deterministic input order (the result does not depend on it)
-    return ([c.encode("utf-8", "surrogatepass") for c in chunks], [counter[c] for c in chunks])
+    counts: collections.Counter = collections.Counter()
+    for chunk, n in counter.items():
+        raw = chunk.encode("utf-8", "surrogatepass")
+        for i in range(0, len(raw), MAX_TOKEN_BYTES):
+            counts[raw[i:i + MAX_TOKEN_BYTES]] += n
+    words = sorted(counts)  # deterministic input order (the result does not depend on it)
+    return words, [counts[w] for w in words]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -602,3 +602,15 @@ def test_char_and_word_vocabulary_caps(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "MAX_VOCAB", 5)
     tokens = ["<bos>", "<eos>", "<unk>", "<pad>", "a", "b"]
     _refused(_write_tokenizer_json(tmp_path / "b", {"kind": "word", "tokens": tokens}), "6 tokens; the limit is 5")
+
+
+def test_bpe_training_never_builds_a_token_the_loader_refuses(tmp_path, monkeypatch):
+    """Long runs ('=' * 1000) are counted in pieces of at most MAX_TOKEN_BYTES, so the merges
+    stop at that length and the saved tokenizer loads again."""
+    monkeypatch.setattr(T, "MAX_TOKEN_BYTES", 64)
+    text = ("=" * 1000 + "\nsome words here\n") * 20
+    tok = build_tokenizer("bpe", text, vocab_size=300)
+    longest = max(len(tok.token_bytes(i)) for i in range(tok.eos_id))
+    assert longest == 64  # the run was merged as far as allowed, no further
+    again = load_tokenizer(_save(tok, tmp_path / "t.json"))
+    assert again.decode(again.encode(text)) == text
