@@ -125,6 +125,26 @@ def test_text_file_equals_the_same_split(run, capsys, tmp_path):
     assert json.loads(out)["tokens"] == 39
 
 
+def test_text_file_newlines_follow_the_run(run, capsys, tmp_path):
+    """evaluate --data reads text as the run read its corpus: CRLF normalised by default (the
+    same loss as the LF file); a run trained with raw_newlines keeps the '\\r' (here: unknown)."""
+    lf, crlf = tmp_path / "lf.txt", tmp_path / "crlf.txt"
+    lf.write_bytes(TEXT.encode())
+    crlf.write_bytes(TEXT.replace("\n", "\r\n").encode())
+    results = []
+    for path in (lf, crlf):
+        rc, out, err = cli(capsys, "--checkpoint", run, "--data", str(path), "--json")
+        assert rc == 0, err
+        results.append(json.loads(out))
+    assert results[0]["loss"] == results[1]["loss"] and results[0]["tokens"] == results[1]["tokens"]
+    raw_run = make_run(tmp_path / "raw")
+    cfg = json.loads((tmp_path / "raw" / "config.json").read_text())
+    cfg["train"]["raw_newlines"] = True
+    (tmp_path / "raw" / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = cli(capsys, "--checkpoint", raw_run, "--data", str(crlf))
+    assert_one_line_error(rc, err, "'\\r'")
+
+
 def test_bits_per_char_for_bpe(tmp_path):
     run = make_run(tmp_path / "bpe", tokenizer="bpe", vocab_size=300)
     model, tok, _ = checkpoint.load_model(run)
