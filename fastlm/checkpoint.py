@@ -228,7 +228,7 @@ def load_weights(path) -> tuple[dict, dict]:
     return tensors, metadata
 
 
-def read_safetensors_header(path) -> dict:
+def read_safetensors_header(path) -> tuple[dict, dict]:
     """``({tensor name: shape tuple}, metadata)`` from a safetensors file's header, without reading
     the tensors.
 
@@ -286,8 +286,9 @@ def _header_shapes(path, header: dict, data_bytes: int) -> dict:
 
 def check_config_matches_weights(cfg, shapes: dict, weights_path, config_path) -> None:
     """CheckpointError unless the GPT that ``cfg`` describes has exactly the tensors ``shapes``
-    (the first result of :func:`read_safetensors_header`). The model is built on the meta device (no memory);
-    first, numbers that drive Python loops (layers, heads) are bounded by the header's size."""
+    (the first result of :func:`read_safetensors_header`) and fits its weights file (see
+    :func:`_check_model_bytes`). The model is built on the meta device (no memory), after the
+    numbers that drive Python loops (layers; heads <= n_embd) are bounded by the header."""
     from . import ops
     from .model import GPT
 
@@ -467,7 +468,7 @@ def latest_checkpoint_dir(run_dir) -> Optional[Path]:
         return None
     js = _read_json(pointer, "checkpoint pointer")
     name = js.get("dir")
-    if not isinstance(name, str) or "/" in name or os.sep in name or not name.startswith(CKPT_PREFIX):
+    if not is_plain_file_name(name) or not name.startswith(CKPT_PREFIX):
         raise CheckpointError(f"{pointer} names no checkpoint directory")
     path = run_dir / name
     if path.is_symlink() or not path.is_dir():
