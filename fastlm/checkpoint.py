@@ -23,15 +23,24 @@ Every weights file carries a sha256 of its tensors in the safetensors metadata, 
 checkpoint directory a manifest, so truncated or corrupted bytes are refused with a one-line
 :class:`CheckpointError`. Nothing here calls pickle or ``torch.load``; pickle-looking files are
 refused outright.
+
+Run directories are downloaded and shared, so they are read as untrusted: files must be regular
+files (a FIFO or ``/dev/zero`` is refused unopened), JSON files and safetensors headers have size
+limits checked before reading, manifest entries must be the plain names of the checkpoint's own
+regular files, and :func:`load_model` checks ``config.json`` against the tensor shapes in the
+weights' safetensors header before any model is allocated (the parameters then cannot outgrow the
+weights file). Errors name the file and the problem and echo no content of other files.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -41,6 +50,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir, write_fsync
+from .safeio import is_plain_file_name, open_regular, read_bounded, read_exactly
 
 __all__ = [
     "CheckpointError",
@@ -57,6 +67,8 @@ __all__ = [
     "sync_best",
     "clean_leftovers",
     "load_model",
+    "read_safetensors_header",
+    "check_config_matches_weights",
     "unwrap_model",
     "rng_state",
     "set_rng_state",
@@ -67,6 +79,13 @@ STATE_FORMAT = "fastlm-train-state"
 VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 CKPT_PREFIX = "ckpt-"
+CKPT_FILES = ("model.safetensors", "best.safetensors", "optim.safetensors", "state.json")
+MAX_JSON_BYTES = 64 << 20            # config.json, state.json, manifest.json, latest
+MAX_HEADER_BYTES = 64 << 20          # a safetensors header (safetensors itself stops at 100 MB)
+MAX_WEIGHTS_BYTES = 1 << 40          # a weights file (a bound for the reader, not a model limit)
+MODEL_BYTES_SLACK = 256 << 20        # what a model may take beyond 4x its weights file (position tables)
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 class CheckpointError(ValueError):
@@ -75,17 +94,14 @@ class CheckpointError(ValueError):
 
 def _read_json(path, what: str) -> dict:
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} not found: {path}") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    raw = read_bounded(path, MAX_JSON_BYTES, what, CheckpointError)
     _refuse_pickle_bytes(path, raw[:4])
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{what} {path} is not valid JSON (truncated or corrupted?): {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} {path} nests JSON too deeply") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{what} {path} must hold a JSON object")
     return obj
@@ -146,12 +162,7 @@ def load_weights(path) -> tuple[dict, dict]:
 
     path = Path(path)
     _refuse_pickle_path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file not found: {path}") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint file {path}: {e.strerror or e}") from None
+    raw = read_bounded(path, MAX_WEIGHTS_BYTES, "checkpoint file", CheckpointError)
     if len(raw) < 8:
         _refuse_pickle_bytes(path, raw[:4])
         raise CheckpointError(f"{path} is truncated ({len(raw)} bytes), not a safetensors file")
@@ -174,6 +185,103 @@ def load_weights(path) -> tuple[dict, dict]:
     if _tensor_digest(tensors) != want:
         raise CheckpointError(f"{path} is corrupted: its tensor bytes do not match the stored sha256")
     return tensors, metadata
+
+
+def read_safetensors_header(path) -> tuple[dict, dict]:
+    """``({tensor name: shape tuple}, metadata)`` from a safetensors file's header, without reading
+    the tensors.
+
+    Only the 8-byte length and the header itself are read (at most MAX_HEADER_BYTES); every entry's
+    dtype, shape and byte range are checked against the file's size, so the shapes it returns are
+    backed by that many bytes in the file.
+    """
+    path = Path(path)
+    _refuse_pickle_path(path)
+    with open_regular(path, "checkpoint file", CheckpointError) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = read_exactly(f, 8, path, "checkpoint file", CheckpointError) if size >= 8 else b""
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated ({size} bytes), not a safetensors file")
+        _refuse_pickle_bytes(path, head[:4])
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise CheckpointError(f"{path}: safetensors header of {n} bytes is larger than the file or the "
+                                  f"{MAX_HEADER_BYTES}-byte limit (truncated or not a safetensors file)")
+        raw = read_exactly(f, n, path, "checkpoint file", CheckpointError)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its metadata is not a JSON object)")
+    return _header_shapes(path, header, size - 8 - n), meta
+
+
+def _header_shapes(path, header: dict, data_bytes: int) -> dict:
+    shapes, used = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            itemsize = _ST_ITEMSIZE[info["dtype"]]
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            ok = all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in (*shape, begin, end))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok or not begin <= end <= data_bytes or end - begin != itemsize * math.prod(shape):
+            raise CheckpointError(f"{path}: the safetensors header entry of tensor {name[:80]!r} is malformed "
+                                  f"or points outside the file")
+        shapes[name] = shape
+        used += end - begin
+    if used != data_bytes:
+        raise CheckpointError(f"{path}: the safetensors header does not account for the file's {data_bytes} "
+                              f"data bytes (truncated or corrupted?)")
+    return shapes
+
+
+def check_config_matches_weights(cfg, shapes: dict, weights_path, config_path) -> None:
+    """CheckpointError unless the GPT that ``cfg`` describes has exactly the tensors ``shapes``
+    (the first result of :func:`read_safetensors_header`) and fits its weights file (see
+    :func:`_check_model_bytes`). The model is built on the meta device (no memory), after the
+    numbers that drive Python loops (layers; heads <= n_embd) are bounded by the header."""
+    from . import ops
+    from .model import GPT
+
+    largest = max((d for shape in shapes.values() for d in shape), default=0)
+    if cfg.n_layer > len(shapes) or cfg.n_embd > largest:
+        raise CheckpointError(f"{config_path} describes a larger model (n_layer={cfg.n_layer}, "
+                              f"n_embd={cfg.n_embd}) than the {len(shapes)} tensors in {weights_path}")
+    for name in ops.BACKENDS:  # import them now, not inside the meta-device context below
+        ops._load(name)
+    with torch.device("meta"):
+        meta_model = GPT(cfg)
+    _check_model_bytes(meta_model, weights_path, config_path)
+    expected = meta_model.state_dict()
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    for name in sorted(set(expected) | set(shapes)):
+        want = tuple(expected[name].shape) if name in expected else None
+        got = shapes.get(name)
+        if want != got:
+            what = (f"lacks tensor {name}" if got is None else f"has an unexpected tensor {name[:80]!r}"
+                    if want is None else f"holds {name} with shape {got}, the config implies {want}")
+            raise CheckpointError(f"{config_path} does not match {weights_path}: the weights file {what}")
+
+
+def _check_model_bytes(meta_model, weights_path, config_path) -> None:
+    """The model (parameters and every buffer, e.g. a sinusoidal position table that block_size
+    alone sizes) may take at most 4x its weights file (fp32 from 1-byte tensors) plus
+    MODEL_BYTES_SLACK: a small file with a config claiming a huge context must not allocate GBs."""
+    tensors = list(meta_model.parameters()) + list(meta_model.buffers())
+    need = sum(t.numel() * t.element_size() for t in tensors)
+    have = os.path.getsize(weights_path)
+    if need > 4 * have + MODEL_BYTES_SLACK:
+        raise CheckpointError(f"{config_path} describes a model of {need} bytes (parameters and position tables), "
+                              f"far more than its {have}-byte weights file {weights_path} can hold")
 
 
 def unwrap_model(model):
@@ -319,11 +427,11 @@ def latest_checkpoint_dir(run_dir) -> Optional[Path]:
         return None
     js = _read_json(pointer, "checkpoint pointer")
     name = js.get("dir")
-    if not isinstance(name, str) or "/" in name or os.sep in name or not name.startswith(CKPT_PREFIX):
+    if not is_plain_file_name(name) or not name.startswith(CKPT_PREFIX):
         raise CheckpointError(f"{pointer} names no checkpoint directory")
     path = run_dir / name
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {name}, which is missing")
+    if path.is_symlink() or not path.is_dir():
+        raise CheckpointError(f"{pointer} names {name}, which is missing (or a symlink)")
     return path
 
 
@@ -338,7 +446,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "checkpoint file", CheckpointError) as f:  # never a FIFO swapped in
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -442,14 +550,28 @@ def save_checkpoint(run_dir, model, optimizer, state: dict, rank_states: list, *
 
 
 def _verify_manifest(ckpt: Path) -> None:
-    manifest = _read_json(ckpt / "manifest.json", "checkpoint manifest")
+    """Check every file the manifest lists. Entries must be plain names of regular files (no
+    symlinks) in the checkpoint directory itself, and the checkpoint's own files must be listed."""
+    mpath = ckpt / "manifest.json"
+    manifest = _read_json(mpath, "checkpoint manifest")
+    for name in CKPT_FILES:
+        if name not in manifest:
+            raise CheckpointError(f"{mpath} does not list {name}")
     for name, info in manifest.items():
+        if not is_plain_file_name(name):
+            raise CheckpointError(f"{mpath} lists an entry that is not a plain file name in its directory")
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) or not isinstance(info.get("size"), int):
+            raise CheckpointError(f"{mpath}: the entry for {name} needs a sha256 string and an integer size")
         p = ckpt / name
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint {ckpt} lacks {name}")
-        if p.stat().st_size != info.get("size"):
-            raise CheckpointError(f"{p} is truncated or changed ({p.stat().st_size} bytes, manifest says {info.get('size')})")
-        if _sha256_file(p) != info.get("sha256"):
+        try:
+            st = p.lstat()
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {ckpt} lacks {name}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{p} is not a regular file (a symlink or special file); refusing to read it")
+        if st.st_size != info["size"]:
+            raise CheckpointError(f"{p} is truncated or changed ({st.st_size} bytes, manifest says {info['size']})")
+        if _sha256_file(p) != info["sha256"]:
             raise CheckpointError(f"{p} is corrupted (sha256 differs from the manifest)")
 
 
@@ -513,6 +635,28 @@ def backend_for(saved: str, requested: Optional[str], device) -> tuple[str, Opti
     return "auto", f"note: the model was trained with backend {saved!r}, which cannot run here ({why}); using auto"
 
 
+def _check_stored_config(meta: dict, cfg, weights, config_path) -> None:
+    """The model config a fastlm weights file carries in its metadata must be ``cfg``."""
+    stored = meta.get("fastlm_model_config")
+    if stored is None:
+        return
+    try:
+        stored_cfg = json.loads(stored)
+    except (TypeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{weights}: unreadable model config in its metadata") from None
+    if not isinstance(stored_cfg, dict):
+        raise CheckpointError(f"{weights}: unreadable model config in its metadata")
+    try:
+        stored_cfg = type(cfg).from_dict(stored_cfg).to_dict()  # older runs stored unresolved defaults (None)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{weights}: bad model config in its metadata: {str(e)[:200]}") from None
+    if stored_cfg != cfg.to_dict():
+        diff = sorted(k for k in set(stored_cfg) | set(cfg.to_dict()) if stored_cfg.get(k) != cfg.to_dict().get(k))
+        shown = ", ".join(str(k)[:40] for k in diff[:8])
+        raise CheckpointError(f"{weights} was trained with another model config than {config_path} "
+                              f"(differs in {shown})")
+
+
 def load_model(path, device="cpu", backend: Optional[str] = None) -> tuple:
     """Load ``(GPT in eval mode on device, Tokenizer, run_config dict)`` from a run directory or its
     ``model.safetensors`` (config.json and tokenizer.json are read from the same folder).
@@ -548,21 +692,10 @@ def load_model(path, device="cpu", backend: Optional[str] = None) -> tuple:
     if tokenizer.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model config says "
                               f"vocab_size={cfg.vocab_size}")
-    tensors, meta = load_weights(weights)
-    stored = meta.get("fastlm_model_config")
-    if stored is not None:
-        try:
-            stored_cfg = json.loads(stored)
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{weights}: unreadable model config in its metadata") from None
-        try:
-            stored_cfg = GPTConfig.from_dict(stored_cfg).to_dict()  # older runs stored unresolved defaults
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{weights}: bad model config in its metadata: {e}") from None
-        if stored_cfg != cfg.to_dict():
-            diff = sorted(k for k in set(stored_cfg) | set(cfg.to_dict()) if stored_cfg.get(k) != cfg.to_dict().get(k))
-            raise CheckpointError(f"{weights} was trained with another model config than {run_dir / 'config.json'} "
-                                  f"(differs in {', '.join(diff)})")
+    shapes, meta = read_safetensors_header(weights)
+    _check_stored_config(meta, cfg, weights, run_dir / "config.json")
+    check_config_matches_weights(cfg, shapes, weights, run_dir / "config.json")
+    tensors, _ = load_weights(weights)
     cfg.backend, note = backend_for(cfg.backend, backend, device)
     if note:
         print(note, file=sys.stderr, flush=True)

@@ -6,6 +6,9 @@ Pipeline (what ``python -m fastlm.train`` does with ``--data``):
    document), or a ``.csv`` / ``.jsonl`` file where each row is a document (``text_column`` names
    the column; a column called ``text`` is used when none is named). Files must be UTF-8 (a BOM is
    dropped); anything else is a one-line :class:`DataError` naming the file and the byte offset.
+   Newlines are normalised as Python's text mode and nanoGPT do: ``\r\n`` and a lone ``\r``
+   become ``\n`` in every document (CSV/JSONL text fields included); ``raw_newlines=True`` keeps
+   them as they are.
 2. :func:`encode_documents` tokenizes each document and joins them with the tokenizer's EOS id
    (documents longer than ``max_doc_tokens`` are dropped).
 3. :func:`split_tokens` cuts the stream, in order, into ``train | val | test`` by fractions
@@ -39,6 +42,7 @@ __all__ = [
     "default_corpus",
     "corpus_files",
     "read_documents",
+    "normalize_newlines",
     "encode_documents",
     "parse_split",
     "split_tokens",
@@ -140,7 +144,7 @@ def _read_jsonl(path: Path, text_column: Optional[str]) -> list[str]:
     text = _read_text(path)
     docs = []
     col = text_column
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # JSON Lines: "\n" ends a line ("\r" is JSON space)
         if not line.strip():
             continue
         try:
@@ -162,9 +166,17 @@ def _read_jsonl(path: Path, text_column: Optional[str]) -> list[str]:
     return docs
 
 
-def read_documents(paths, text_column: Optional[str] = None) -> list[str]:
+def normalize_newlines(text: str) -> str:
+    """``\r\n`` and lone ``\r`` -> ``\n`` (what Python's text mode does when reading)."""
+    if "\r" not in text:
+        return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_documents(paths, text_column: Optional[str] = None, raw_newlines: bool = False) -> list[str]:
     """Read a corpus into a list of documents (see the module docstring for the formats).
 
+    Newlines are normalised to ``\n`` (:func:`normalize_newlines`) unless ``raw_newlines``.
     Raises :class:`DataError` for a missing path, a folder without ``.txt`` files, non-UTF-8 or
     binary bytes, a CSV/JSONL without the text column, or a corpus with no text at all.
     """
@@ -178,6 +190,8 @@ def read_documents(paths, text_column: Optional[str] = None) -> list[str]:
             docs.extend(_read_jsonl(f, text_column))
         else:
             docs.append(_read_text(f))
+    if not raw_newlines:
+        docs = [normalize_newlines(d) for d in docs]
     if not any(d.strip() for d in docs):
         names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
         raise DataError(f"corpus is empty (no text in {names})")

@@ -98,9 +98,11 @@ def run(args, out=None) -> dict:
     if args.text_column is not None and args.data is None:
         raise ValueError("--text-column only applies with --data")
     device = resolve_device(args.device)
-    model, tokenizer, _ = load_model(args.checkpoint, device=str(device), backend=args.backend)
+    model, tokenizer, run_config = load_model(args.checkpoint, device=str(device), backend=args.backend)
     if args.data is not None:
-        ids, _ = encode_documents(tokenizer, read_documents(args.data, args.text_column))
+        train = run_config.get("train")  # read the text as the run read its corpus
+        raw_newlines = isinstance(train, dict) and train.get("raw_newlines") is True
+        ids, _ = encode_documents(tokenizer, read_documents(args.data, args.text_column, raw_newlines))
         source = " ".join(args.data)
     else:
         split = args.split or "val"

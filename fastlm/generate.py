@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
     src.add_argument("--from-split", choices=("train", "val", "test"), default=None,
                      help="draw prompts from this split of the run's corpus and show the true continuation")
+    p.add_argument("--raw-newlines", action="store_true",
+                   help="keep \\r\\n / \\r in the prompt as they are (default: normalise them to \\n, "
+                        "as training does with its corpus)")
     p.add_argument("--examples", type=int, default=5, help="number of prompts with --from-split")
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help="prompt length in tokens with --from-split (default: min(64, block_size // 2))")
@@ -140,14 +143,18 @@ class _Streamer:
 
 
 def _prompt_text(args) -> str:
+    """The prompt, newlines normalised to ``\\n`` unless ``--raw-newlines``."""
+    from .data import normalize_newlines
+
+    text = args.prompt if args.prompt is not None else ""
     if args.prompt_file is not None:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
+            with open(args.prompt_file, encoding="utf-8", newline="") as f:  # newline="": read as is
+                text = f.read()
         except UnicodeDecodeError as e:
             raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start}: "
                              f"{e.reason})") from None
-    return args.prompt if args.prompt is not None else ""
+    return text if args.raw_newlines else normalize_newlines(text)
 
 
 def _write_output(path: Optional[str], text: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from . import checkpoint as ckpt_mod
 from . import data as data_mod
 from .atomic import atomic_write_bytes, atomic_write_json, atomic_writer
 from .data import DataError
+from .safeio import read_bounded
 from .train_config import TrainConfig, TrainError
 
 __all__ = ["RUN_FILES", "METRICS_HEADER", "LOG_HEADER", "is_run_dir", "check_out_dir", "clear_run_dir",
@@ -85,7 +87,7 @@ def build_data(train: TrainConfig, block_size: int, tokenizer=None):
     from .tokenizers import build_tokenizer
 
     sources = train.data or [str(data_mod.default_corpus())]
-    docs = data_mod.read_documents(sources, text_column=train.text_column)
+    docs = data_mod.read_documents(sources, text_column=train.text_column, raw_newlines=train.raw_newlines)
     if tokenizer is None:
         tokenizer = build_tokenizer(train.tokenizer, "\n".join(docs) if len(docs) > 1 else docs[0],
                                     vocab_size=train.vocab_size, min_freq=train.min_freq, lowercase=train.lowercase)
@@ -111,12 +113,20 @@ def append_csv(path: Path, header: list, row: list) -> None:
         w.writerow(row)
 
 
+MAX_LOG_BYTES = 1 << 30  # a CSV log of a run (a resumed run reads its logs back)
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    """The rows of a run's CSV log; a FIFO or device in its place is refused unopened."""
+    text = read_bounded(path, MAX_LOG_BYTES, "run log", TrainError).decode("utf-8", errors="replace")
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
 def truncate_csv(path: Path, max_step: int) -> None:
     """Drop the rows after ``max_step`` (a resumed run rewrites them)."""
     if not path.exists():
         return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    rows = _read_csv(path)
     if not rows:
         return
     keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= max_step]
@@ -126,8 +136,8 @@ def truncate_csv(path: Path, max_step: int) -> None:
 def _read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    rows = _read_csv(path)
+    return [dict(zip(rows[0], r)) for r in rows[1:]] if rows else []
 
 
 def plot_losses(run_dir: Path) -> None:

@@ -19,6 +19,11 @@ top-p (nucleus) on the renormalised top-k distribution -> one draw by inverse CD
 ``torch.rand(generator=...)``. One uniform number per row and step is consumed whatever the
 logits, so a seeded generator gives the same tokens with and without the cache.
 
+Temperature is safe for any finite value > 0: the division runs in float64 on logits shifted so
+that each row's maximum is 0 (``(logits - max) / temperature``, the same distribution), so no
+value can overflow to ``inf`` and make NaN probabilities. A tiny temperature sends every other
+logit to ``-inf``, which is greedy decoding (ties at the maximum share the probability).
+
 Empty prompt: a model needs at least one token to condition on. ``generate`` then starts from
 ``eos_id`` (used as a beginning-of-text token, the GPT-2 convention) and leaves it out of the
 result; without ``eos_id`` it raises ValueError.
@@ -172,13 +177,15 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: Optio
     filtered probability is zero.
     """
     logits = _at_least_fp32(logits)
-    if bool((torch.isnan(logits).any(-1) | torch.isneginf(logits).all(-1)).any()):
-        raise ValueError("the model produced NaN (or all -inf) logits; cannot sample "
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    if bool(bad.any()):
+        raise ValueError("the model produced NaN, +inf (or all -inf) logits; cannot sample "
                          "(a diverged or corrupted checkpoint, or fp16 overflow?)")
     if greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
-    probs = torch.softmax(logits, dim=-1).double()  # (B, V)
+    logits = logits.double()
+    scaled = (logits - logits.amax(-1, keepdim=True)) / temperature  # <= 0, max exactly 0: no overflow
+    probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)  # (B, V) float64
     cdf = probs.cumsum(-1)
     u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64)
     x = u * cdf[:, -1:]

@@ -33,8 +33,17 @@ Four kinds, all behind one small API (:class:`Tokenizer`):
     tiktoken's cache already holds their files (no download is attempted: this raises a
     :class:`TokenizerError` that says where to put the file; set ``FASTLM_TIKTOKEN_DOWNLOAD=1`` to let
     tiktoken download). A local ``.tiktoken`` file (``base64(token) rank`` lines) is run with GPT-2's
-    regex and ``<|endoftext|>`` appended after the highest rank. The JSON stores the name / path
-    (and the file's sha256), never the ranks.
+    regex and ``<|endoftext|>`` appended after the highest rank. The JSON stores the name, or the
+    file's ranks inline (with its name and sha256), so a saved tokenizer needs no other file.
+
+Untrusted files: ``tokenizer.json`` comes with run directories that users download and share, so
+:func:`load_tokenizer` reads it as an attacker may have written it. Files are read only when they
+are regular files under a size limit (checked before reading: ``/dev/zero`` or a FIFO is refused
+unread); a tiktoken tokenizer may reference only a file beside its ``tokenizer.json``, by plain
+name and with its sha256 (or carry the ranks inline); vocabulary sizes, merges and token lengths
+are checked against the ``MAX_*`` limits below before anything large is built; ``pat_str`` must be
+one of :data:`KNOWN_PAT_STRS`. Refusals are one-line :class:`TokenizerError` messages that name
+the file and the problem and echo no content of other files.
 
 Decoding of EOS: ``char`` and ``word`` give ``"\\n\\n"``; ``bpe`` and ``tiktoken`` give
 ``"<|endoftext|>"`` (tiktoken's convention). Encoding never produces EOS: the data pipeline inserts
@@ -57,6 +66,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_write_text
+from .safeio import is_plain_file_name, read_bounded
 
 __all__ = [
     "TokenizerError",
@@ -70,6 +80,7 @@ __all__ = [
     "load_tokenizer",
     "bpe_train",
     "GPT2_PAT_STR",
+    "KNOWN_PAT_STRS",
     "DEFAULT_BPE_VOCAB_SIZE",
 ]
 
@@ -78,8 +89,34 @@ FORMAT_VERSION = 1
 
 #: GPT-2's pre-tokenisation regex (tiktoken's r50k_base / gpt2 ``pat_str``).
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+#: tiktoken's cl100k_base (GPT-3.5/4) and o200k_base (GPT-4o) pre-tokenisation regexes.
+CL100K_PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                  r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+O200K_PAT_STR = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""",
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+    r"""\s*[\r\n]+""",
+    r"""\s+(?!\S)""",
+    r"""\s+""",
+])
+#: The only pre-tokenisation regexes a bpe tokenizer may use. A pattern from a file is run by
+#: tiktoken's Rust regex engine (fancy-regex, a backtracking engine for look-arounds), where a
+#: crafted pattern can backtrack catastrophically on ordinary text; proving an arbitrary pattern
+#: safe is not practical, so only these well-known, widely used ones are accepted (fastlm itself
+#: writes only GPT2_PAT_STR). To use another, add it here.
+KNOWN_PAT_STRS = (GPT2_PAT_STR, CL100K_PAT_STR, O200K_PAT_STR)
 ENDOFTEXT = "<|endoftext|>"
 DEFAULT_BPE_VOCAB_SIZE = 512
+
+# Limits for files read from disk (generous for real tokenizers, bounded against hostile ones).
+MAX_TOKENIZER_FILE_BYTES = 64 << 20  #: tokenizer.json (a 1M-id bpe with indent=1: ~30 MB)
+MAX_TIKTOKEN_FILE_BYTES = 16 << 20   #: a .tiktoken file (o200k_base: 3.6 MB, 200k ranks)
+MAX_VOCAB = 1 << 20                  #: ids of any tokenizer (bpe, word, tiktoken ranks)
+MAX_TOKEN_BYTES = 4096               #: longest bpe / tiktoken token (GPT-4o's longest: 128 bytes)
+MAX_VOCAB_BYTES = 64 << 20           #: all bpe / tiktoken token bytes together
+MAX_CHARS = 0x110000                 #: every Unicode code point
 _DOC_SEPARATOR = "\n\n"  # what char/word EOS decodes to
 
 
@@ -232,6 +269,9 @@ class CharTokenizer(Tokenizer):
         chars = _require(d, "chars", "char")
         if not isinstance(chars, str):
             raise TokenizerError("char tokenizer field 'chars' must be a string")
+        if len(chars) > MAX_CHARS:
+            raise TokenizerError(f"char tokenizer has {len(chars)} characters, more than the {MAX_CHARS} "
+                                 f"Unicode code points")
         tok = cls(list(chars))
         if d.get("eos_id", tok.eos_id) != tok.eos_id:
             raise TokenizerError(f"char tokenizer eos_id {d['eos_id']} does not match {tok.eos_id}")
@@ -324,6 +364,8 @@ class WordTokenizer(Tokenizer):
         tokens = _require(d, "tokens", "word")
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise TokenizerError("word tokenizer field 'tokens' must be a list of strings")
+        if len(tokens) > MAX_VOCAB:
+            raise TokenizerError(f"word tokenizer has {len(tokens)} tokens; the limit is {MAX_VOCAB}")
         return cls(tokens, lowercase=bool(d.get("lowercase", False)), clean=bool(d.get("clean", True)))
 
 
@@ -480,14 +522,21 @@ def _count_chunks(text: str, pat_str: str, block_chars: int = 1 << 20) -> tuple[
 
     Blocks keep the memory at one block's chunk list plus the distinct chunks. The blocks are
     only safe for GPT-2-like patterns, so any other pattern is applied to the text as a whole.
+    A chunk longer than MAX_TOKEN_BYTES (a 10k-character run of '=') is counted as pieces of at
+    most that many bytes, so training never builds a token the loader would refuse.
     """
     pattern = _regex().compile(pat_str)
     counter: collections.Counter = collections.Counter()
     blocks = _text_blocks(text, block_chars) if pat_str == GPT2_PAT_STR else (text,)
     for block in blocks:
         counter.update(pattern.findall(block))
-    chunks = sorted(counter)  # deterministic input order (the result does not depend on it)
-    return ([c.encode("utf-8", "surrogatepass") for c in chunks], [counter[c] for c in chunks])
+    counts: collections.Counter = collections.Counter()
+    for chunk, n in counter.items():
+        raw = chunk.encode("utf-8", "surrogatepass")
+        for i in range(0, len(raw), MAX_TOKEN_BYTES):
+            counts[raw[i:i + MAX_TOKEN_BYTES]] += n
+    words = sorted(counts)  # deterministic input order (the result does not depend on it)
+    return words, [counts[w] for w in words]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,6 +558,45 @@ class _TiktokenBase(Tokenizer):
         return self._enc
 
 
+def _checked_merges(merges) -> list[tuple[int, int]]:
+    """Validate bpe merges BEFORE any token is built: each merge is a pair of earlier ids, and the
+    token lengths it implies (computed as numbers, not bytes) stay under MAX_TOKEN_BYTES each and
+    MAX_VOCAB_BYTES together. Chained merges otherwise build tokens whose length grows with their
+    index: 100k merges in 1 MB of JSON would allocate gigabytes."""
+    if not isinstance(merges, (list, tuple)):
+        raise TokenizerError("bpe merges must be a list of [left, right] pairs")
+    if len(merges) > MAX_VOCAB - 257:
+        raise TokenizerError(f"bpe tokenizer has {len(merges)} merges; the limit is {MAX_VOCAB - 257}")
+    lengths = [1] * 256
+    total = 256
+    out = []
+    for i, m in enumerate(merges):
+        ok = isinstance(m, (list, tuple)) and len(m) == 2
+        if not ok or not all(_is_plain_int(x) and 0 <= x < 256 + i for x in m):
+            raise TokenizerError(f"bpe merge {i} is invalid: expected a pair of ids below {256 + i}")
+        n = lengths[m[0]] + lengths[m[1]]
+        if n > MAX_TOKEN_BYTES:
+            raise TokenizerError(f"bpe merge {i} builds a token of {n} bytes; the limit is {MAX_TOKEN_BYTES}")
+        total += n
+        if total > MAX_VOCAB_BYTES:
+            raise TokenizerError(f"bpe merges build more than {MAX_VOCAB_BYTES} bytes of tokens (at merge {i})")
+        lengths.append(n)
+        out.append((int(m[0]), int(m[1])))
+    return out
+
+
+def _is_plain_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_pat_str(pat_str) -> None:
+    if pat_str not in KNOWN_PAT_STRS:
+        shown = f"a {type(pat_str).__name__}" if not isinstance(pat_str, str) else f"a {len(pat_str)}-character pattern"
+        raise TokenizerError(f"bpe pat_str is {shown} that is not one of the known pre-tokenisation "
+                             f"regexes (GPT-2, cl100k_base, o200k_base); only those are accepted "
+                             f"(see fastlm.tokenizers.KNOWN_PAT_STRS)")
+
+
 class BPETokenizer(_TiktokenBase):
     """Byte-level BPE trained here, executed by tiktoken. Ids: bytes 0..255, merges, then EOS."""
 
@@ -517,16 +605,15 @@ class BPETokenizer(_TiktokenBase):
     def __init__(self, merges, *, pat_str: str = GPT2_PAT_STR):
         import tiktoken
 
-        merges = [tuple(m) for m in merges]
+        merges = _checked_merges(merges)
+        _check_pat_str(pat_str)
         vocab: list[bytes] = [bytes([b]) for b in range(256)]
-        for i, m in enumerate(merges):
-            if len(m) != 2 or not all(isinstance(x, int) and 0 <= x < 256 + i for x in m):
-                raise TokenizerError(f"bpe merge {i} is invalid: {list(m)!r}")
-            vocab.append(vocab[m[0]] + vocab[m[1]])
+        for a, b in merges:
+            vocab.append(vocab[a] + vocab[b])
         ranks = {tok: i for i, tok in enumerate(vocab)}
         if len(ranks) != len(vocab):
             raise TokenizerError("bpe merges produce the same token twice")
-        self.merges = [(int(a), int(b)) for a, b in merges]
+        self.merges = merges
         self.pat_str = pat_str
         self.eos_id = len(vocab)
         self.vocab_size = len(vocab) + 1
@@ -625,81 +712,153 @@ def _named_encoding(name: str):
             tl.read_file = original
 
 
-def _read_tiktoken_file(path: str) -> tuple[dict[bytes, int], str]:
-    """Parse a ``.tiktoken`` file (``base64(token) rank`` per line) -> (ranks, sha256 of the file).
-
-    Read directly rather than with ``tiktoken.load.load_tiktoken_bpe``: that one also copies local
-    files into tiktoken's cache and would serve a stale cached copy after the file changes.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise TokenizerError(f"cannot read tiktoken file {path!r}: {e.strerror or e}") from None
+def _parse_tiktoken_ranks(data: bytes, label: str) -> dict[bytes, int]:
+    """Parse ``.tiktoken`` bytes (``base64(token) rank`` per line) -> ranks, checked against the
+    MAX_* limits. Errors name ``label`` and the line, never the line's content."""
     ranks: dict[bytes, int] = {}
+    first_line: dict[bytes, int] = {}
     for n, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
+        if len(ranks) >= MAX_VOCAB:
+            raise TokenizerError(f"{label}: more than {MAX_VOCAB} ranks")
         try:
             tok_b64, rank = line.split()
             tok = base64.b64decode(tok_b64, validate=True)
             r = int(rank)
         except Exception:
-            raise TokenizerError(f"{path}:{n}: expected 'base64_token rank', got {line[:60]!r}") from None
+            raise TokenizerError(f"{label}:{n}: expected 'base64_token rank'") from None
+        if not 0 < len(tok) <= MAX_TOKEN_BYTES or not 0 <= r < MAX_VOCAB:
+            raise TokenizerError(f"{label}:{n}: token of {len(tok)} bytes or rank {r} out of range "
+                                 f"(1..{MAX_TOKEN_BYTES} bytes, ranks 0..{MAX_VOCAB - 1})")
         if tok in ranks:
-            raise TokenizerError(f"{path}:{n}: token {tok!r} appears twice")
+            raise TokenizerError(f"{label}:{n}: repeats the token of line {first_line[tok]}")
         ranks[tok] = r
+        first_line[tok] = n
     if not ranks:
-        raise TokenizerError(f"tiktoken file {path!r} holds no tokens")
+        raise TokenizerError(f"{label} holds no tokens")
     if len(set(ranks.values())) != len(ranks):
-        raise TokenizerError(f"tiktoken file {path!r} gives the same rank to two tokens")
+        raise TokenizerError(f"{label} gives the same rank to two tokens")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise TokenizerError(f"tiktoken file {path!r} lacks {len(missing)} of the 256 single bytes "
+        raise TokenizerError(f"{label} lacks {len(missing)} of the 256 single bytes "
                              f"(first: {missing[0]}); byte-level BPE needs them all")
-    return ranks, hashlib.sha256(data).hexdigest()
+    return ranks
+
+
+def _read_tiktoken_file(path: str) -> bytes:
+    """The bytes of a ``.tiktoken`` file: a regular file of at most MAX_TIKTOKEN_FILE_BYTES.
+
+    Read directly rather than with ``tiktoken.load.load_tiktoken_bpe``: that one also copies local
+    files into tiktoken's cache and would serve a stale cached copy after the file changes.
+    """
+    return read_bounded(path, MAX_TIKTOKEN_FILE_BYTES, "tiktoken file", TokenizerError)
+
+
+def _check_sha256(data: bytes, expected, label: str) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    if expected is not None and expected != digest:
+        raise TokenizerError(f"{label} changed since the tokenizer was saved (sha256 {digest[:12]}..., "
+                             f"expected {str(expected)[:12]}...)")
+    return digest
 
 
 class TiktokenTokenizer(_TiktokenBase):
-    """A ready-made tiktoken encoding: by name (offline cache only) or from a ``.tiktoken`` file."""
+    """A ready-made tiktoken encoding: by name (offline cache only) or from a ``.tiktoken`` file.
+
+    A file-based tokenizer keeps the file's bytes and saves them inline in its JSON (with the
+    file's name and sha256), so the saved tokenizer depends on no other file.
+    """
 
     kind = "tiktoken"
 
     def __init__(self, name: str | None = None, *, path: str | None = None, sha256: str | None = None):
-        import tiktoken
-
         if (name is None) == (path is None):
             raise TokenizerError("tiktoken tokenizer needs exactly one of a name or a file path")
         self.name = name
-        self.path = os.path.abspath(os.fspath(path)) if path is not None else None
-        self.sha256 = None
+        self.path = self.file_name = self.sha256 = self._ranks_data = None
         if path is None:
-            self._enc = _named_encoding(name)
+            self._set_encoding(_named_encoding(name))
         else:
-            ranks, digest = _read_tiktoken_file(self.path)
-            if sha256 is not None and sha256 != digest:
-                raise TokenizerError(f"tiktoken file {self.path!r} changed since the tokenizer was saved "
-                                     f"(sha256 {digest[:12]}..., expected {sha256[:12]}...)")
-            self.sha256 = digest
-            eos = max(ranks.values()) + 1
-            try:
-                self._enc = tiktoken.Encoding(f"fastlm-file-{digest[:12]}", pat_str=GPT2_PAT_STR,
-                                              mergeable_ranks=ranks, special_tokens={ENDOFTEXT: eos})
-            except Exception as e:
-                raise TokenizerError(f"tiktoken rejected {self.path!r}: {e}") from e
-        self.vocab_size = self._enc.n_vocab
-        self.eos_id = self._enc.eot_token if ENDOFTEXT in self._enc.special_tokens_set else None
+            self.path = os.path.abspath(os.fspath(path))
+            self._load_ranks(_read_tiktoken_file(self.path), self.path, sha256)
+
+    @classmethod
+    def from_ranks_data(cls, data: bytes, *, file_name: str, label: str,
+                        sha256: str | None = None) -> "TiktokenTokenizer":
+        """A file-based tokenizer from the file's bytes (``label`` names their origin in errors)."""
+        tok = cls.__new__(cls)
+        tok.name = tok.path = None
+        tok._load_ranks(data, label, sha256, file_name)
+        return tok
+
+    def _load_ranks(self, data: bytes, label: str, sha256, file_name: str | None = None) -> None:
+        import tiktoken
+
+        self.sha256 = _check_sha256(data, sha256, label)
+        ranks = _parse_tiktoken_ranks(data, label)
+        self._ranks_data = data
+        self.file_name = file_name or os.path.basename(label)
+        eos = max(ranks.values()) + 1
+        try:
+            enc = tiktoken.Encoding(f"fastlm-file-{self.sha256[:12]}", pat_str=GPT2_PAT_STR,
+                                    mergeable_ranks=ranks, special_tokens={ENDOFTEXT: eos})
+        except Exception as e:
+            raise TokenizerError(f"tiktoken rejected {label}: {e}") from e
+        self._set_encoding(enc)
+
+    def _set_encoding(self, enc) -> None:
+        self._enc = enc
+        self.vocab_size = enc.n_vocab
+        self.eos_id = enc.eot_token if ENDOFTEXT in enc.special_tokens_set else None
 
     def _payload(self) -> dict:
-        if self.path is not None:
-            return {"path": self.path, "sha256": self.sha256}
+        if self._ranks_data is not None:
+            return {"file_name": self.file_name, "sha256": self.sha256,
+                    "ranks": self._ranks_data.decode("ascii")}
         return {"name": self.name}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TiktokenTokenizer":
+    def from_dict(cls, d: dict, base_dir: str | None = None) -> "TiktokenTokenizer":
+        """Rebuild from :meth:`to_dict` output: inline ``ranks``, a ``file`` beside the tokenizer
+        JSON (``base_dir``; plain name and sha256 required), or a named encoding."""
+        if d.get("ranks") is not None:
+            return cls._from_inline(d)
+        if d.get("file") is not None:
+            return cls._from_sibling_file(d, base_dir)
         if d.get("path") is not None:
-            return cls(path=d["path"], sha256=d.get("sha256"))
+            raise TokenizerError(
+                "tiktoken tokenizer names its file by a path; only files beside tokenizer.json are read "
+                "(a shared run must not make fastlm read other files): copy the file there and replace "
+                "'path' by 'file': '<its name>' with its 'sha256'")
         return cls(_require(d, "name", "tiktoken"))
+
+    @classmethod
+    def _from_inline(cls, d: dict) -> "TiktokenTokenizer":
+        text = d["ranks"]
+        if not isinstance(text, str) or len(text) > MAX_TIKTOKEN_FILE_BYTES:
+            raise TokenizerError(f"tiktoken field 'ranks' must be a string of at most {MAX_TIKTOKEN_FILE_BYTES} "
+                                 f"characters")
+        try:
+            data = text.encode("ascii")
+        except UnicodeEncodeError:
+            raise TokenizerError("tiktoken field 'ranks' must be ASCII ('base64_token rank' lines)") from None
+        name = d.get("file_name")
+        name = name if is_plain_file_name(name) else "ranks"
+        return cls.from_ranks_data(data, file_name=name, label="inline tiktoken ranks", sha256=d.get("sha256"))
+
+    @classmethod
+    def _from_sibling_file(cls, d: dict, base_dir: str | None) -> "TiktokenTokenizer":
+        name, sha256 = d["file"], d.get("sha256")
+        if not is_plain_file_name(name):
+            raise TokenizerError("tiktoken field 'file' must be the plain name of a file beside tokenizer.json "
+                                 "(no folders, no absolute path)")
+        if base_dir is None:
+            raise TokenizerError("a tiktoken tokenizer that names a file can only be loaded from its JSON file")
+        if not isinstance(sha256, str):
+            raise TokenizerError("tiktoken field 'file' needs the file's 'sha256'")
+        path = os.path.join(base_dir, name)
+        return cls.from_ranks_data(_read_tiktoken_file(path), file_name=name, label=path, sha256=sha256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,8 +903,9 @@ def build_tokenizer(spec: str, text: str, *, vocab_size: int | None = None, min_
 _KINDS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer, "tiktoken": TiktokenTokenizer}
 
 
-def tokenizer_from_dict(d: dict) -> Tokenizer:
-    """Rebuild a tokenizer from :meth:`Tokenizer.to_dict` output."""
+def tokenizer_from_dict(d: dict, base_dir: str | None = None) -> Tokenizer:
+    """Rebuild a tokenizer from :meth:`Tokenizer.to_dict` output. ``base_dir``: the folder of the
+    JSON file it came from (the only place a tiktoken tokenizer may name a file in)."""
     if not isinstance(d, dict):
         raise TokenizerError(f"tokenizer data must be a JSON object, got {type(d).__name__}")
     if d.get("format", FORMAT) != FORMAT:
@@ -756,24 +916,24 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
     kind = d.get("kind")
     if kind not in _KINDS:
         raise TokenizerError(f"unknown tokenizer kind {kind!r}; expected one of {', '.join(_KINDS)}")
+    if kind == "tiktoken":
+        return TiktokenTokenizer.from_dict(d, base_dir)
     return _KINDS[kind].from_dict(d)
 
 
 def load_tokenizer(path) -> Tokenizer:
-    """Load a tokenizer saved with :meth:`Tokenizer.save`."""
+    """Load a tokenizer saved with :meth:`Tokenizer.save` (an untrusted file: see the module docstring)."""
     path = os.fspath(path)
+    raw = read_bounded(path, MAX_TOKENIZER_FILE_BYTES, "tokenizer file", TokenizerError)
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise TokenizerError(f"tokenizer file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"cannot read tokenizer file {path}: {e}") from None
-    try:
-        d = json.loads(raw)
+        d = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"tokenizer file {path} is not UTF-8 (byte offset {e.start})") from None
     except json.JSONDecodeError as e:
         raise TokenizerError(f"tokenizer file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise TokenizerError(f"tokenizer file {path} nests JSON too deeply") from None
     try:
-        return tokenizer_from_dict(d)
+        return tokenizer_from_dict(d, base_dir=os.path.dirname(os.path.abspath(path)))
     except TokenizerError as e:
         raise TokenizerError(f"{path}: {e}") from None

@@ -314,6 +314,10 @@ class Trainer:
     def _build_model(self, init_state) -> None:
         """Model, optimizer, schedule, scaler and samplers, seeded as every run of these settings is."""
         cfg, mcfg = self.config, self.model_config
+        if cfg.resume:  # an untrusted run: its config must describe its weights before anything is built
+            weights = ckpt_mod.latest_checkpoint_dir(self.run_dir) / "model.safetensors"
+            shapes, _ = ckpt_mod.read_safetensors_header(weights)
+            ckpt_mod.check_config_matches_weights(mcfg, shapes, weights, self.run_dir / "config.json")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % (2 ** 32))

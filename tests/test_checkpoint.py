@@ -3,6 +3,7 @@ truncated / corrupted / incompatible files."""
 import json
 import os
 import pickle
+import signal
 
 import pytest
 import torch
@@ -50,8 +51,10 @@ def test_load_model_from_dir_and_file(run_dir):
     assert tok.kind == "char" and tok.vocab_size == model.config.vocab_size
     assert cfg["model"]["n_layer"] == 1 and cfg["train"]["max_iters"] == 6
     model2, _, _ = checkpoint.load_model(run_dir / "model.safetensors")
-    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
-        assert torch.equal(a, b)
+    sd1, sd2 = model.state_dict(), model2.state_dict()
+    assert sd1 and set(sd1) == set(sd2)
+    for k in sd1:
+        assert torch.equal(sd1[k], sd2[k]), k
     assert model.lm_head.weight is model.wte.weight  # tying survives the round trip
 
 
@@ -76,9 +79,18 @@ def test_state_roundtrip_restores_optimizer_and_rng(tmp_path):
     checkpoint.load_model_tensors(model2, ck["model"])
     opt2 = model2.configure_optimizer(0.1, 1e-2)
     opt2.load_state_dict(ck["optimizer"])
-    for (a, sa), (b, sb) in zip(opt.state.items(), opt2.state.items()):
-        for k in sa:
-            assert torch.equal(sa[k], sb[k]), k
+    # compare per parameter name: both states must cover every parameter, with the same keys
+    # (step, exp_avg, exp_avg_sq) and equal values; an empty state on either side fails
+    names1 = {id(p): n for n, p in model.named_parameters()}
+    names2 = {id(p): n for n, p in model2.named_parameters()}
+    state1 = {names1[id(p)]: st for p, st in opt.state.items()}
+    state2 = {names2[id(p)]: st for p, st in opt2.state.items()}
+    assert set(state1) == set(state2) == set(names1.values())
+    for name, st in state1.items():
+        assert set(st) == set(state2[name]) == {"step", "exp_avg", "exp_avg_sq"}, name
+        for k in st:
+            assert torch.equal(st[k], state2[name][k]), (name, k)
+    assert any(bool(st["exp_avg"].abs().sum() > 0) for st in state2.values())
     assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]
     rjs, rt = ck["ranks"][0]
     checkpoint.set_rng_state(rjs, rt)
@@ -228,3 +240,202 @@ def test_tokenizer_problems_are_checkpoint_errors(run_dir, tmp_path):
     build_tokenizer("char", "xyz").save(run / "tokenizer.json")
     with pytest.raises(CheckpointError, match="tokenizer has 4 ids"):
         checkpoint.load_model(run)
+
+
+# ----------------------------------------------------------------- hostile run directories
+# A run directory is downloaded and shared: each case is something an attacker could ship.
+
+class _Hang(Exception):
+    pass
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging the suite) when a read blocks: SIGALRM after 20 s."""
+    def on_alarm(*_):
+        raise _Hang("the read blocked")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _one_line(excinfo, *needles):
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+def test_manifest_entries_must_be_plain_names_of_regular_files(run_dir, tmp_path, monkeypatch):
+    run = _copy_run(run_dir, tmp_path / "run")
+    ck = checkpoint.latest_checkpoint_dir(run)
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"x" * 12345)
+    good = json.loads((ck / "manifest.json").read_text())
+    hashed = []
+    real_sha = checkpoint._sha256_file
+    monkeypatch.setattr(checkpoint, "_sha256_file", lambda p: hashed.append(str(p)) or real_sha(p))
+    for name in (str(secret), "../../secret.bin", "sub/x", "..", ""):
+        (ck / "manifest.json").write_text(json.dumps({**good, name: {"sha256": "0" * 64, "size": 12345}}))
+        with pytest.raises(CheckpointError) as ei:
+            checkpoint.load_checkpoint(run)
+        msg = _one_line(ei, "not a plain file name")
+        assert "12345" not in msg and "secret" not in msg
+    assert not any("secret" in h for h in hashed), "a file outside the checkpoint was hashed"
+    # the checkpoint's own files must all be listed (an empty manifest would verify nothing)
+    (ck / "manifest.json").write_text(json.dumps({k: v for k, v in good.items() if k != "optim.safetensors"}))
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.load_checkpoint(run)
+    _one_line(ei, "does not list optim.safetensors")
+    (ck / "manifest.json").write_text(json.dumps({**good, "state.json": "abc"}))
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.load_checkpoint(run)
+    _one_line(ei, "needs a sha256 string and an integer size")
+    # a listed file that is a symlink (here to a copy of itself, outside the directory)
+    (ck / "manifest.json").write_text(json.dumps(good))
+    outside = tmp_path / "state-copy.json"
+    outside.write_bytes((ck / "state.json").read_bytes())
+    os.unlink(ck / "state.json")
+    os.symlink(outside, ck / "state.json")
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.load_checkpoint(run)
+    _one_line(ei, "not a regular file")
+
+
+def test_latest_may_not_point_at_a_symlinked_directory(run_dir, tmp_path):
+    run = _copy_run(run_dir, tmp_path / "run")
+    ck = checkpoint.latest_checkpoint_dir(run)
+    elsewhere = tmp_path / "elsewhere"
+    os.rename(ck, elsewhere)
+    os.symlink(elsewhere, ck)
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.load_checkpoint(run)
+    _one_line(ei, "symlink")
+
+
+def _strip_config_metadata(run):
+    """Rewrite model.safetensors without the model config in its metadata (an attacker's file)."""
+    tensors, _ = checkpoint.load_weights(run / "model.safetensors")
+    os.unlink(run / "model.safetensors")  # a hard link into the checkpoint: do not write through it
+    checkpoint.save_weights(run / "model.safetensors", tensors)
+
+
+def _set_model_config(run, **changes):
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"].update(changes)
+    (run / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"n_embd": 1 << 16, "n_head": 2}, "describes a larger model"),
+    ({"n_layer": 1 << 20}, "describes a larger model"),
+    ({"n_layer": 2}, "the weights file lacks tensor blocks.1."),
+    ({"mlp_hidden": 32}, "holds blocks.0.mlp.fc.weight with shape (96, 16), the config implies (64, 16)"),
+    ({"tie_embeddings": False}, "lacks tensor lm_head.weight"),
+    ({"pos": "learned"}, "lacks tensor wpe.weight"),
+])
+def test_config_is_checked_against_the_weights_header_before_allocating(run_dir, tmp_path, monkeypatch,
+                                                                        changes, needle):
+    run = _copy_run(run_dir, tmp_path / "run")
+    _strip_config_metadata(run)
+    _set_model_config(run, **changes)
+    import fastlm.model
+    real_init = fastlm.model.GPT.__init__
+    devices = []
+
+    def spy(self, cfg):
+        devices.append(torch.empty(0).device.type)  # the device new tensors go to
+        real_init(self, cfg)
+
+    monkeypatch.setattr(fastlm.model.GPT, "__init__", spy)
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.load_model(run)
+    _one_line(ei, "config.json", needle)
+    assert all(d == "meta" for d in devices), f"a real model was built: {devices}"
+    # the untouched run still loads, building the real model once
+    monkeypatch.undo()
+    run2 = _copy_run(run_dir, tmp_path / "run2")
+    _strip_config_metadata(run2)
+    assert isinstance(checkpoint.load_model(run2)[0], GPT)
+
+
+def test_position_table_cannot_outgrow_the_weights_file(run_dir, tmp_path, monkeypatch):
+    """pos=sinusoidal has no parameter but a (block_size, n_embd) table: a config may not use
+    block_size to allocate far more than the weights file holds."""
+    run = _copy_run(run_dir, tmp_path / "run")
+    _strip_config_metadata(run)
+    _set_model_config(run, pos="sinusoidal")  # same parameters as rope: the shapes match
+    assert isinstance(checkpoint.load_model(run)[0], GPT)
+    _set_model_config(run, pos="sinusoidal", block_size=1 << 17)  # an 8 MiB table
+    assert isinstance(checkpoint.load_model(run)[0], GPT)  # within the slack
+    monkeypatch.setattr(checkpoint, "MODEL_BYTES_SLACK", 1 << 20)
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.load_model(run)
+    _one_line(ei, "config.json describes a model of", "weights file")
+
+
+def _forge_header(path, header: dict, data: bytes = b""):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("case", ["huge_len", "outside", "giant_shape", "bad_dtype", "unused_bytes", "not_object"])
+def test_forged_safetensors_headers_are_refused(tmp_path, case):
+    p = tmp_path / "w.safetensors"
+    if case == "huge_len":
+        p.write_bytes((1 << 60).to_bytes(8, "little") + b"{}")
+    elif case == "outside":
+        _forge_header(p, {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
+    elif case == "giant_shape":
+        _forge_header(p, {"w": {"dtype": "F32", "shape": [1 << 40, 1 << 20], "data_offsets": [0, 8]}}, b"\0" * 8)
+    elif case == "bad_dtype":
+        _forge_header(p, {"w": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, b"\0" * 16)
+    elif case == "unused_bytes":
+        _forge_header(p, {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4096)
+    else:
+        p.write_bytes((2).to_bytes(8, "little") + b"[]")
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.read_safetensors_header(p)
+    _one_line(ei, str(p))
+
+
+def test_header_size_limit_is_checked_before_reading(tmp_path, monkeypatch):
+    p = tmp_path / "w.safetensors"
+    _forge_header(p, {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"x": "y" * 5000}},
+                  b"\0" * 4)
+    assert checkpoint.read_safetensors_header(p)[0] == {"w": (1,)}
+    monkeypatch.setattr(checkpoint, "MAX_HEADER_BYTES", 4096)
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.read_safetensors_header(p)
+    _one_line(ei, "4096-byte limit")
+
+
+@pytest.mark.parametrize("target", ["config.json", "model.safetensors", "tokenizer.json", "latest"])
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo"])
+def test_special_files_in_a_run_are_refused_unread(run_dir, tmp_path, no_hang, target, kind):
+    run = _copy_run(run_dir, tmp_path / "run")
+    os.unlink(run / target)
+    if kind == "dev_zero":
+        os.symlink("/dev/zero", run / target)
+    else:
+        os.mkfifo(run / target)
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.load_checkpoint(run) if target == "latest" else checkpoint.load_model(run)
+    _one_line(ei, "a device" if kind == "dev_zero" else "a FIFO", "not a regular file")
+
+
+def test_run_json_files_have_size_and_depth_limits(run_dir, tmp_path, monkeypatch):
+    run = _copy_run(run_dir, tmp_path / "run")
+    (run / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.load_model(run)
+    _one_line(ei, "nests JSON too deeply")
+    monkeypatch.setattr(checkpoint, "MAX_JSON_BYTES", 1000)
+    (run / "config.json").write_text(json.dumps({"pad": "x" * 2000}))
+    with pytest.raises(CheckpointError) as ei:
+        checkpoint.load_model(run)
+    _one_line(ei, "too large", "limit is 1000")

@@ -21,6 +21,42 @@ def test_default_corpus_is_bundled():
     assert len(docs) == 1 and docs[0].startswith("First Citizen")
 
 
+def test_default_corpus_is_unchanged_by_newline_normalisation():
+    """The default run stays bit-identical: the bundled corpus has no carriage return, so the
+    normalised documents are its exact bytes (and so are its tokens)."""
+    raw = data.default_corpus().read_bytes()
+    assert b"\r" not in raw
+    assert data.read_documents(data.default_corpus()) == [raw.decode("utf-8")]
+    assert data.read_documents(data.default_corpus(), raw_newlines=True) == [raw.decode("utf-8")]
+
+
+def test_newlines_are_normalised_unless_raw(tmp_path):
+    crlf = "line one\r\nline two\r\n\r\nold mac\rend\r\n"
+    want = "line one\nline two\n\nold mac\nend\n"
+    (tmp_path / "a.txt").write_bytes(crlf.encode())
+    assert data.read_documents(tmp_path / "a.txt") == [want]
+    assert data.read_documents(tmp_path / "a.txt", raw_newlines=True) == [crlf]
+    # CSV with CRLF rows and a CRLF inside a quoted field; JSONL with an escaped CRLF in a string
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_bytes(b'id,text\r\n1,"two\r\nlines"\r\n2,"cr\ronly"\r\n')
+    assert data.read_documents(csv_path) == ["two\nlines", "cr\nonly"]
+    assert data.read_documents(csv_path, raw_newlines=True) == ["two\r\nlines", "cr\ronly"]
+    jl = tmp_path / "d.jsonl"
+    jl.write_bytes(json.dumps({"text": "a\r\nb"}).encode() + b"\r\n" + json.dumps({"text": "c\rd"}).encode() + b"\r\n")
+    assert data.read_documents(jl) == ["a\nb", "c\nd"]
+    assert data.read_documents(jl, raw_newlines=True) == ["a\r\nb", "c\rd"]
+    # the point of it: CRLF text gives the same tokens as LF text (no '\r' token)
+    tok = build_tokenizer("char", want)
+    assert data.encode_documents(tok, data.read_documents(tmp_path / "a.txt"))[0].tolist() == tok.encode(want)
+
+
+def test_jsonl_lines_end_only_at_newline(tmp_path):
+    """A raw U+2028 / U+0085 / \\x1c inside a JSON string is text, not a line break."""
+    jl = tmp_path / "u.jsonl"
+    jl.write_text(json.dumps({"text": "a\u2028b\x85c\x1cd"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert data.read_documents(jl) == ["a\u2028b\x85c\x1cd"]
+
+
 def test_files_and_folder(tmp_path):
     (tmp_path / "b.txt").write_text("bbb", encoding="utf-8")
     (tmp_path / "a.txt").write_text("\ufeffaaa", encoding="utf-8")  # BOM dropped

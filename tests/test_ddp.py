@@ -61,7 +61,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path, corpus, capsys):
     ck = checkpoint.load_checkpoint(two)
     assert len(ck["ranks"]) == 2 and ck["state"]["step"] == 6
     # saved weights are the plain model's (no 'module.' prefix from DDP)
-    assert all(not k.startswith("module.") for k in ck["model"])
+    assert ck["model"] and all(not k.startswith("module.") for k in ck["model"])
     res = _torchrun(["--resume", two, "--max-iters", "9", "--no-progress"])
     assert res.returncode == 0, res.stderr[-3000:]
     l1, l2 = _losses(one), _losses(two)
@@ -72,6 +72,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path, corpus, capsys):
     assert [x for pair in e1 for x in pair] == pytest.approx([x for pair in e2 for x in pair], rel=1e-5, abs=1e-6)
     w1, _ = checkpoint.load_weights(one / "model.safetensors")
     w2, _ = checkpoint.load_weights(two / "model.safetensors")
+    assert w1 and set(w1) == set(w2)
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
     # the whole-split evaluation is shared by the ranks and gives the one-process figure

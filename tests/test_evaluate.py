@@ -10,11 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastlm import checkpoint, data, tokenizers, train
 from fastlm.evaluate import evaluate, main
-
-checkpoint = pytest.importorskip("fastlm.checkpoint", reason="fastlm.checkpoint has not landed")
-data = pytest.importorskip("fastlm.data", reason="fastlm.data has not landed")
-tokenizers = pytest.importorskip("fastlm.tokenizers", reason="fastlm.tokenizers has not landed")
 
 TEXT = ("MENENIUS:\nEither you must confess yourselves wondrous malicious,\nOr be accused of folly.\n\n"
         "SICINIUS:\nNature teaches beasts to know their friends.\n\n") * 8
@@ -122,6 +119,26 @@ def test_text_file_equals_the_same_split(run, capsys, tmp_path):
     assert json.loads(out)["tokens"] == 39
 
 
+def test_text_file_newlines_follow_the_run(run, capsys, tmp_path):
+    """evaluate --data reads text as the run read its corpus: CRLF normalised by default (the
+    same loss as the LF file); a run trained with raw_newlines keeps the '\\r' (here: unknown)."""
+    lf, crlf = tmp_path / "lf.txt", tmp_path / "crlf.txt"
+    lf.write_bytes(TEXT.encode())
+    crlf.write_bytes(TEXT.replace("\n", "\r\n").encode())
+    results = []
+    for path in (lf, crlf):
+        rc, out, err = cli(capsys, "--checkpoint", run, "--data", str(path), "--json")
+        assert rc == 0, err
+        results.append(json.loads(out))
+    assert results[0]["loss"] == results[1]["loss"] and results[0]["tokens"] == results[1]["tokens"]
+    raw_run = make_run(tmp_path / "raw")
+    cfg = json.loads((tmp_path / "raw" / "config.json").read_text())
+    cfg["train"]["raw_newlines"] = True
+    (tmp_path / "raw" / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = cli(capsys, "--checkpoint", raw_run, "--data", str(crlf))
+    assert_one_line_error(rc, err, "'\\r'")
+
+
 def test_bits_per_char_for_bpe(tmp_path):
     run = make_run(tmp_path / "bpe", tokenizer="bpe", vocab_size=300)
     model, tok, _ = checkpoint.load_model(run)
@@ -162,7 +179,6 @@ def test_unknown_split_in_subprocess(run):
 
 def test_end_to_end_with_the_train_cli(tmp_path, capsys):
     """train.main -> evaluate reproduces the whole-split val loss the run reports; generate samples."""
-    train = pytest.importorskip("fastlm.train", reason="fastlm.train has not landed")
     from fastlm.generate import main as generate_main
 
     corpus = tmp_path / "corpus.txt"
@@ -172,7 +188,7 @@ def test_end_to_end_with_the_train_cli(tmp_path, capsys):
                      "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "16",
                      "--eval-interval", "30", "--eval-iters", "2", "--device", "cpu", "--no-progress",
                      "--sample-tokens", "0", "--warmup-iters", "5", "--lr", "0.01"])
-    assert rc in (0, None)
+    assert rc == 0
     capsys.readouterr()
     summary = json.load(open(os.path.join(run, "summary.json")))
     rc, out, err = cli(capsys, "--checkpoint", run, "--json")

@@ -7,11 +7,8 @@ import sys
 import pytest
 import torch
 
+from fastlm import checkpoint, data, tokenizers
 from fastlm.generate import SEPARATOR, _Streamer, main
-
-checkpoint = pytest.importorskip("fastlm.checkpoint", reason="fastlm.checkpoint has not landed")
-data = pytest.importorskip("fastlm.data", reason="fastlm.data has not landed")
-tokenizers = pytest.importorskip("fastlm.tokenizers", reason="fastlm.tokenizers has not landed")
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 6
@@ -108,9 +105,32 @@ def test_beam_search_cli(run, capsys):
 
 
 def test_empty_prompt_starts_at_document_boundary(run, capsys):
-    rc, out, err = cli(capsys, "--checkpoint", run, "--max-new-tokens", "10")
+    from fastlm.sampling import generate
+
+    rc, out, err = cli(capsys, "--checkpoint", run, "--max-new-tokens", "10", "--device", "cpu")
     assert rc == 0, err
-    assert len(out) >= 10
+    model, tok, _ = checkpoint.load_model(run)
+    ids = generate(model, torch.tensor([[tok.eos_id]]), 10, temperature=0.8,
+                   generator=torch.Generator().manual_seed(1337))
+    assert ids.shape == (1, 11) and ids[0, 0] == tok.eos_id
+    assert out == tok.decode(ids[0, 1:].tolist()) + "\n"  # the start token itself is not printed
+
+
+def test_prompt_newlines_are_normalised_unless_raw(run, capsys, tmp_path):
+    """A CRLF prompt means what the LF prompt means (the corpus was normalised the same way);
+    --raw-newlines keeps the '\\r', which this char vocabulary lacks."""
+    lf = "All:\nSpeak"
+    rc, want, err = cli(capsys, "--checkpoint", run, "--prompt", lf, "--max-new-tokens", "8", "--device", "cpu")
+    assert rc == 0, err
+    assert want.startswith(lf) and len(want) > len(lf) + 1
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_bytes(b"All:\r\nSpeak")
+    for argv in (["--prompt", "All:\r\nSpeak"], ["--prompt", "All:\rSpeak"], ["--prompt-file", str(prompt_file)]):
+        rc, out, err = cli(capsys, "--checkpoint", run, *argv, "--max-new-tokens", "8", "--device", "cpu")
+        assert rc == 0, err
+        assert out == want, argv
+        rc, out, err = cli(capsys, "--checkpoint", run, *argv, "--max-new-tokens", "8", "--raw-newlines")
+        assert_one_line_error(rc, err, "not in the char vocabulary", "'\\r'")
 
 
 def test_output_file_is_never_overwritten(run, capsys, tmp_path):

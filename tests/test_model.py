@@ -290,7 +290,7 @@ def test_configure_optimizer_groups():
 
 
 # ---- backends inside the model ------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ops.BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in ops.BACKENDS if b != "reference"])  # reference is the oracle
 def test_model_backends_agree(backend):
     why = ops.backend_status()[backend]
     if why is not None:

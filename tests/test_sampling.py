@@ -449,3 +449,37 @@ def test_nan_logits_raise():
         model.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         generate(model, torch.tensor([[1, 2]]), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1e-3, 1e-8, 1e-30, 1e-45, 5e-324])
+def test_tiny_temperature_acts_as_greedy(dtype, temperature):
+    """logits / T used to overflow to inf -> NaN probabilities -> silently token 0. Now a tiny T
+    is greedy decoding, for every logits dtype, with top-k / top-p too."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 50, generator=g) * 30).to(dtype)
+    logits[:, 0] = logits.float().min(-1).values.to(dtype)  # token 0 (what NaN used to give) never wins
+    want = logits.float().argmax(-1)
+    for kw in ({}, {"top_k": 5}, {"top_p": 0.9}):
+        got = sample_from_logits(logits, temperature=temperature, generator=torch.Generator().manual_seed(1), **kw)
+        assert torch.equal(got, want), (temperature, kw)
+
+
+def test_huge_temperature_is_uniform_and_probabilities_stay_finite():
+    logits = torch.tensor([[0.0, 1e4, -1e4, 5.0]]).expand(40000, 4)
+    s = sample_from_logits(logits, temperature=1e300, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(s, minlength=4).double()
+    assert ((counts - 10000).abs() < 5 * math.sqrt(10000 * 0.75)).all(), counts
+
+
+def test_tiny_temperature_through_generate_matches_greedy():
+    model = tiny_gpt()
+    prompt = torch.tensor([[1, 2, 3]])
+    greedy = generate(model, prompt, 12, greedy=True)
+    assert torch.equal(generate(model, prompt, 12, temperature=1e-30, generator=torch.Generator().manual_seed(5)),
+                       greedy)
+
+
+def test_positive_infinite_logits_raise():
+    with pytest.raises(ValueError, match=r"\+inf"):
+        sample_from_logits(torch.tensor([[0.0, float("inf"), 1.0]]))

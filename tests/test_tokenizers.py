@@ -1,12 +1,16 @@
 """Tokenizers: round trips (hypothesis), JSON save/load, error messages, C++ vs Python BPE merges."""
 import base64
+import hashlib
 import json
+import os
 import re
-import time
+import signal
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -94,13 +98,11 @@ def test_char_unknown_characters_error(char_tok):
     assert msg.startswith("3 character(s)")
 
 
-def test_char_encode_speed(char_tok, shakespeare):
-    t0 = time.perf_counter()
-    ids = char_tok.encode(shakespeare)
-    elapsed = time.perf_counter() - t0
-    assert len(ids) == len(shakespeare)
-    assert elapsed < 1.0, f"char encode of {len(shakespeare)} chars took {elapsed:.2f}s"
-    assert char_tok.decode(np.asarray(ids)) == shakespeare
+def test_char_encode_whole_corpus(char_tok, shakespeare):
+    ids = char_tok.encode_array(shakespeare)
+    assert ids.dtype == np.int64 and len(ids) == len(shakespeare)
+    assert ids[:2000].tolist() == [char_tok.chars.index(c) for c in shakespeare[:2000]]
+    assert char_tok.decode(ids) == shakespeare
 
 
 # ------------------------------------------------------------------------------------- word
@@ -187,18 +189,12 @@ def test_bpe_endoftext_literal_is_ordinary_text(bpe_tok, shakespeare):
 
 
 def test_bpe_compresses_and_trains_4k_on_shakespeare(shakespeare):
-    t0 = time.perf_counter()
+    # correctness only: wall-clock limits flake on a loaded machine (the benchmarks measure speed)
     tok = build_tokenizer("bpe", shakespeare, vocab_size=4096)
-    t_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
     ids = tok.encode(shakespeare)
-    t_enc = time.perf_counter() - t0
     assert tok.vocab_size == 4096 and len(tok.merges) == 4096 - 257
     assert len(shakespeare) / len(ids) > 3.0  # ~3.24 chars per token at 4k
     assert tok.decode(ids) == shakespeare
-    limit = 20.0 if _cpp_trainer()[0] is None else 10.0
-    assert t_train < limit, f"4k BPE training took {t_train:.1f}s"
-    assert t_enc < 5.0, f"bpe encode took {t_enc:.1f}s"
 
 
 def test_bpe_vocab_size_validation():
@@ -256,7 +252,6 @@ def test_bpe_train_cpp_equals_python_shakespeare(shakespeare):
 @given(text=st.lists(st.sampled_from(list("ab1 \n\t'.é") + ["\r\n", "'s"]), max_size=200).map("".join),
        block_chars=st.integers(1, 40))
 def test_chunk_counting_in_blocks_matches_whole_text(text, block_chars):
-    regex = pytest.importorskip("regex")
     whole = {}
     for chunk in regex.findall(T.GPT2_PAT_STR, text):
         whole[chunk.encode()] = whole.get(chunk.encode(), 0) + 1
@@ -357,7 +352,7 @@ def test_unknown_spec_and_decode_validation(char_tok):
         char_tok.decode([1.5])
     with pytest.raises(TypeError):
         char_tok.encode(b"bytes")
-    torch = pytest.importorskip("torch")
+    import torch
     assert char_tok.decode(torch.tensor(char_tok.encode("To be"))) == "To be"
 
 
@@ -366,10 +361,15 @@ def test_unknown_spec_and_decode_validation(char_tok):
 def test_tiktoken_named_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty cache
     monkeypatch.delenv("FASTLM_TIKTOKEN_DOWNLOAD", raising=False)
-    t0 = time.perf_counter()
+
+    def no_network(*args, **kwargs):  # any connection attempt (the slow path) fails the test
+        raise AssertionError("tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
     with pytest.raises(TokenizerError) as ei:
         build_tokenizer("tiktoken:gpt2", "")
-    assert time.perf_counter() - t0 < 3.0
     msg = str(ei.value)
     assert "TIKTOKEN_CACHE_DIR" in msg and "gpt2" in msg and str(tmp_path) in msg
     assert "tiktoken:/path/to/file.tiktoken" in msg and "\n" not in msg
@@ -388,11 +388,17 @@ def test_tiktoken_local_file(tmp_path):
     assert tok.encode("abc ab a") == [257, 32, 256, 258]
     assert tok.decode(tok.encode("héllo <|endoftext|>")) == "héllo <|endoftext|>"
     d = tok.to_dict()
-    assert d["path"] == str(path) and "ranks" not in d and "merges" not in d
-    # a changed file is noticed when a saved tokenizer is loaded again
-    _tiny_tiktoken_file(path, merges=(b"xy",))
+    data = path.read_bytes()
+    # the saved tokenizer carries the ranks inline: it names no path and needs no other file
+    assert "path" not in d and "merges" not in d and d["file_name"] == "tiny.tiktoken"
+    assert d["ranks"] == data.decode("ascii") and d["sha256"] == hashlib.sha256(data).hexdigest()
+    tok.save(tmp_path / "run" / "tokenizer.json")
+    path.unlink()
+    again = load_tokenizer(tmp_path / "run" / "tokenizer.json")
+    assert again.encode("abc ab a") == [257, 32, 256, 258] and again.to_dict() == d
+    # inline ranks edited after saving: the sha256 no longer matches
     with pytest.raises(TokenizerError, match="changed since"):
-        tokenizer_from_dict(d)
+        tokenizer_from_dict({**d, "ranks": d["ranks"].replace(" 258", " 259")})
     # bad files
     bad = tmp_path / "bad.tiktoken"
     bad.write_bytes(base64.b64encode(b"a") + b" 0\n")
@@ -401,5 +407,210 @@ def test_tiktoken_local_file(tmp_path):
     bad.write_bytes(b"not-base64!! zero\n")
     with pytest.raises(TokenizerError, match="bad.tiktoken:1"):
         build_tokenizer(f"tiktoken:{bad}", "")
-    with pytest.raises(TokenizerError, match="cannot read"):
+    with pytest.raises(TokenizerError, match="not found"):
         build_tokenizer(f"tiktoken:{tmp_path / 'nope.tiktoken'}", "")
+
+
+# ------------------------------------------------------------------- hostile tokenizer files
+# tokenizer.json comes with run directories that users download: each case below is a file an
+# attacker could ship. Every refusal is one line naming the problem, echoing no other file's bytes.
+
+SECRET = "SECRET-MARKER-7f3a"
+
+
+class _Hang(Exception):
+    pass
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging the suite) when a read blocks: SIGALRM after 10 s."""
+    def on_alarm(*_):
+        raise _Hang("the read blocked")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _write_tokenizer_json(folder, d, name="tokenizer.json") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps({"format": "fastlm-tokenizer", "version": 1, **d}), encoding="utf-8")
+    return path
+
+
+def _refused(path, *needles):
+    with pytest.raises(TokenizerError) as ei:
+        load_tokenizer(path)
+    msg = str(ei.value)
+    assert "\n" not in msg and SECRET not in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+def test_tiktoken_json_may_not_name_files_outside_its_folder(tmp_path, no_hang):
+    secret = tmp_path / "secret.tiktoken"
+    _tiny_tiktoken_file(secret)
+    with open(secret, "ab") as f:
+        f.write(SECRET.encode() + b" 999\n")
+    digest = hashlib.sha256(secret.read_bytes()).hexdigest()
+    run = tmp_path / "run"
+    for ref in (str(secret), "../secret.tiktoken", "sub/../../secret.tiktoken", "/etc/passwd", ".", ".."):
+        p = _write_tokenizer_json(run, {"kind": "tiktoken", "file": ref, "sha256": digest})
+        _refused(p, "plain name")
+    # the old format (an absolute path) is refused too, with the way out
+    p = _write_tokenizer_json(run, {"kind": "tiktoken", "path": str(secret), "sha256": digest})
+    _refused(p, "only files beside tokenizer.json", "'file'")
+
+
+def test_tiktoken_json_sibling_file_needs_sha256_and_a_regular_file(tmp_path, no_hang):
+    run = tmp_path / "run"
+    run.mkdir()
+    data = _tiny_tiktoken_file(run / "tiny.tiktoken").read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    ok = _write_tokenizer_json(run, {"kind": "tiktoken", "file": "tiny.tiktoken", "sha256": digest})
+    assert load_tokenizer(ok).encode("abc ab a") == [257, 32, 256, 258]
+    p = _write_tokenizer_json(run, {"kind": "tiktoken", "file": "tiny.tiktoken"}, "no-sha.json")
+    _refused(p, "sha256")
+    (run / "tiny.tiktoken").write_bytes(data.replace(b" 258", b" 259"))
+    _refused(ok, "changed since")
+    # a device (/dev/zero never ends) or a FIFO (an open blocks) is refused before it is opened
+    os.unlink(run / "tiny.tiktoken")
+    os.symlink("/dev/zero", run / "tiny.tiktoken")
+    _refused(ok, "a device, not a regular file")
+    os.unlink(run / "tiny.tiktoken")
+    os.mkfifo(run / "tiny.tiktoken")
+    _refused(ok, "a FIFO, not a regular file")
+
+
+def test_tokenizer_json_itself_is_read_safely(tmp_path, no_hang, monkeypatch):
+    os.symlink("/dev/zero", tmp_path / "zero.json")
+    _refused(tmp_path / "zero.json", "a device")
+    os.mkfifo(tmp_path / "fifo.json")
+    _refused(tmp_path / "fifo.json", "a FIFO")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    _refused(deep, "nests JSON too deeply")
+    big = _write_tokenizer_json(tmp_path / "big", {"kind": "char", "chars": "ab" + "c" * 5000})
+    monkeypatch.setattr(T, "MAX_TOKENIZER_FILE_BYTES", 4096)
+    _refused(big, "too large", "limit is 4096")
+
+
+def test_tiktoken_file_limits_and_no_echo(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(SECRET.encode() + b" garbage here\n")
+    with pytest.raises(TokenizerError) as ei:
+        build_tokenizer(f"tiktoken:{bad}", "")
+    assert "bad.tiktoken:1" in str(ei.value) and SECRET not in str(ei.value)
+    path = _tiny_tiktoken_file(tmp_path / "tiny.tiktoken")
+    with open(path, "ab") as f:  # a token longer than MAX_TOKEN_BYTES
+        f.write(base64.b64encode(b"x" * (T.MAX_TOKEN_BYTES + 1)) + b" 300\n")
+    with pytest.raises(TokenizerError, match=r"tiny.tiktoken:260: token of 4097 bytes"):
+        build_tokenizer(f"tiktoken:{path}", "")
+    _tiny_tiktoken_file(path)
+    with open(path, "ab") as f:  # a rank beyond the vocabulary limit (would size the vocabulary)
+        f.write(base64.b64encode(b"zz") + b" %d\n" % T.MAX_VOCAB)
+    with pytest.raises(TokenizerError, match="rank %d out of range" % T.MAX_VOCAB):
+        build_tokenizer(f"tiktoken:{path}", "")
+    _tiny_tiktoken_file(path)
+    monkeypatch.setattr(T, "MAX_TIKTOKEN_FILE_BYTES", 1000)
+    with pytest.raises(TokenizerError, match="too large"):
+        build_tokenizer(f"tiktoken:{path}", "")
+    monkeypatch.setattr(T, "MAX_TIKTOKEN_FILE_BYTES", 1 << 20)
+    monkeypatch.setattr(T, "MAX_VOCAB", 200)
+    with pytest.raises(TokenizerError, match="more than 200 ranks"):
+        build_tokenizer(f"tiktoken:{path}", "")
+
+
+def test_tiktoken_inline_ranks_are_checked(tmp_path):
+    d = build_tokenizer(f"tiktoken:{_tiny_tiktoken_file(tmp_path / 'tiny.tiktoken')}", "").to_dict()
+    p = _write_tokenizer_json(tmp_path / "a", {**d, "ranks": d["ranks"] + "\u00e9"})
+    _refused(p, "ASCII")
+    p = _write_tokenizer_json(tmp_path / "b", {**d, "ranks": 5})
+    _refused(p, "'ranks' must be a string")
+    p = _write_tokenizer_json(tmp_path / "c", {**d, "file_name": "../../x", "sha256": None})
+    assert load_tokenizer(p).file_name == "ranks"  # an unsafe name is never kept
+
+
+def _chained_merges(n, grow="linear"):
+    """Merge i joins the previous new token with 'a' (length i + 2) or with itself (doubling)."""
+    out = [[97, 97]]
+    for i in range(1, n):
+        out.append([255 + i, 97] if grow == "linear" else [255 + i, 255 + i])
+    return out
+
+
+def test_bpe_chained_merges_are_refused_before_building(tmp_path, monkeypatch):
+    # 100k linearly growing merges: ~5 GB of token bytes if built; refused at the length cap
+    p = _write_tokenizer_json(tmp_path / "a", {"kind": "bpe", "merges": _chained_merges(100_000)})
+    _refused(p, f"bpe merge {T.MAX_TOKEN_BYTES - 1} builds a token of {T.MAX_TOKEN_BYTES + 1} bytes")
+    p = _write_tokenizer_json(tmp_path / "b", {"kind": "bpe", "merges": _chained_merges(40, "doubling")})
+    _refused(p, "bpe merge 12 builds a token of 8192 bytes")
+    # the total is capped too (lengths are summed as numbers before any bytes exist)
+    monkeypatch.setattr(T, "MAX_TOKEN_BYTES", 1 << 40)
+    monkeypatch.setattr(T, "MAX_VOCAB_BYTES", 1 << 20)
+    _refused(p, "more than 1048576 bytes of tokens")
+    monkeypatch.setattr(T, "MAX_VOCAB", 300)
+    _refused(_write_tokenizer_json(tmp_path / "c", {"kind": "bpe", "merges": _chained_merges(44)}),
+             "44 merges; the limit is 43")
+
+
+@pytest.mark.parametrize("merge", [[True, 97], "ab", {"a": 1}, [97], [97, 98, 99], [97, 256], [-1, 97], [97.0, 98]])
+def test_bpe_invalid_merges(tmp_path, merge):
+    p = _write_tokenizer_json(tmp_path, {"kind": "bpe", "merges": [merge]})
+    _refused(p, "bpe merge 0 is invalid")
+
+
+def test_bpe_pat_str_must_be_a_known_pattern(tmp_path):
+    # catastrophic backtracking, or merely unknown: refused with the pattern's length, not its text
+    for pat in (r"(a+)+$", r"(\s*)*\S", "x" * 10_000, 5):
+        p = _write_tokenizer_json(tmp_path, {"kind": "bpe", "merges": [], "pat_str": pat})
+        _refused(p, "not one of the known pre-tokenisation regexes")
+    with pytest.raises(TokenizerError, match="known pre-tokenisation"):
+        T.BPETokenizer.train("some text", 260, pat_str=r"\w+|\s")
+    text = "Hello world, it's 2026!\r\n  Ünïcödé   text\n"
+    for pat in T.KNOWN_PAT_STRS:
+        tok = T.BPETokenizer.train(text * 20, 300, pat_str=pat)
+        again = load_tokenizer(_save(tok, tmp_path / "ok.json"))
+        assert again.pat_str == pat and again.decode(again.encode(text)) == text
+
+
+def _save(tok, path):
+    tok.save(path)
+    return path
+
+
+def test_known_pat_strs_are_tiktokens_own():
+    """The cl100k/o200k patterns here are the ones tiktoken ships (compared with its source)."""
+    import inspect
+
+    import tiktoken_ext.openai_public as pub
+
+    source = inspect.getsource(pub)
+    assert T.CL100K_PAT_STR in source
+    parts = re.findall(r'r"""(.*?)"""', inspect.getsource(pub.o200k_base))
+    assert "|".join(parts) == T.O200K_PAT_STR
+
+
+def test_char_and_word_vocabulary_caps(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "MAX_CHARS", 3)
+    _refused(_write_tokenizer_json(tmp_path / "a", {"kind": "char", "chars": "abcd"}), "4 characters")
+    monkeypatch.setattr(T, "MAX_VOCAB", 5)
+    tokens = ["<bos>", "<eos>", "<unk>", "<pad>", "a", "b"]
+    _refused(_write_tokenizer_json(tmp_path / "b", {"kind": "word", "tokens": tokens}), "6 tokens; the limit is 5")
+
+
+def test_bpe_training_never_builds_a_token_the_loader_refuses(tmp_path, monkeypatch):
+    """Long runs ('=' * 1000) are counted in pieces of at most MAX_TOKEN_BYTES, so the merges
+    stop at that length and the saved tokenizer loads again."""
+    monkeypatch.setattr(T, "MAX_TOKEN_BYTES", 64)
+    text = ("=" * 1000 + "\nsome words here\n") * 20
+    tok = build_tokenizer("bpe", text, vocab_size=300)
+    longest = max(len(tok.token_bytes(i)) for i in range(tok.eos_id))
+    assert longest == 64  # the run was merged as far as allowed, no further
+    again = load_tokenizer(_save(tok, tmp_path / "t.json"))
+    assert again.decode(again.encode(text)) == text

@@ -4,8 +4,10 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,6 +172,7 @@ def test_resume_is_exact(tmp_path, corpus, capsys):
     assert [(r["train_loss"], r["val_loss"]) for r in ma] == [(r["train_loss"], r["val_loss"]) for r in mb]
     wa, _ = checkpoint.load_weights(tmp_path / "a" / "model.safetensors")
     wb, _ = checkpoint.load_weights(tmp_path / "b" / "model.safetensors")
+    assert wa and set(wa) == set(wb)  # an empty or partial file must not pass
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     sa = json.loads((tmp_path / "a" / "summary.json").read_text())
     sb = json.loads((tmp_path / "b" / "summary.json").read_text())
@@ -204,6 +207,7 @@ def test_init_from_fine_tunes_with_checkpoint_tokenizer_and_architecture(tmp_pat
     assert json.loads((ft / "tokenizer.json").read_text()) == json.loads((base / "tokenizer.json").read_text())
     wb, _ = checkpoint.load_weights(base / "model.safetensors")
     wf, _ = checkpoint.load_weights(ft / "model.safetensors")
+    assert wb and set(wb) == set(wf)
     assert all(torch.allclose(wb[k], wf[k], atol=1e-6) for k in wb)  # started from the base weights
     bad = tmp_path / "bad.txt"
     bad.write_text("\u4e2d\u6587 characters the base never saw" * 20, encoding="utf-8")
@@ -499,6 +503,23 @@ def test_tiktoken_file_tokenizer_through_the_cli(tmp_path, corpus, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tokenizer"]["kind"] == "tiktoken"
     assert cfg["model"]["vocab_size"] == cfg["tokenizer"]["vocab_size"] > 256
+    os.unlink(path)  # the run's tokenizer.json carries the ranks: the run needs no outside file
+    assert checkpoint.load_model(out)[1].vocab_size == cfg["tokenizer"]["vocab_size"]
+
+
+def test_crlf_corpus_gives_the_lf_tokens_unless_raw_newlines(tmp_path, corpus, capsys):
+    text = Path(corpus).read_text(encoding="utf-8")
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
+    flags = [*TINY, "--max-iters", "1", "--eval-interval", "1"]
+    for name, source, extra in (("lf", corpus, []), ("crlf", crlf, []), ("raw", crlf, ["--raw-newlines"])):
+        rc, res = run(["--data", source, "--out-dir", tmp_path / name, *flags, *extra], capsys)
+        assert rc == 0, res.err
+    lf_ids = data.load_split(tmp_path / "lf", "train")
+    assert np.array_equal(data.load_split(tmp_path / "crlf", "train"), lf_ids)
+    raw_tok = checkpoint.load_model(tmp_path / "raw")[1]
+    assert "\r" in raw_tok.chars and "\r" not in checkpoint.load_model(tmp_path / "crlf")[1].chars
+    assert json.loads((tmp_path / "raw" / "config.json").read_text())["train"]["raw_newlines"] is True
 
 
 def test_progress_bar_and_device_auto(tmp_path, corpus, capsys):
