@@ -1,4 +1,6 @@
 """Fixtures shared by the test modules."""
+import signal
+
 import pytest
 import torch
 
@@ -38,3 +40,20 @@ def one_error_line(captured) -> str:
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("error: "), captured.err
     return lines[0]
+
+
+class Hang(Exception):
+    """A read blocked (see :func:`no_hang`)."""
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging the suite) when a read blocks: SIGALRM after 20 s."""
+    def on_alarm(*_):
+        raise Hang("the read blocked")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)

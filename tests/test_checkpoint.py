@@ -3,7 +3,6 @@ truncated / corrupted / incompatible files."""
 import json
 import os
 import pickle
-import signal
 
 import pytest
 import torch
@@ -244,23 +243,6 @@ def test_tokenizer_problems_are_checkpoint_errors(run_dir, tmp_path):
 
 # ----------------------------------------------------------------- hostile run directories
 # A run directory is downloaded and shared: each case is something an attacker could ship.
-
-class _Hang(Exception):
-    pass
-
-
-@pytest.fixture
-def no_hang():
-    """Fail (instead of hanging the suite) when a read blocks: SIGALRM after 20 s."""
-    def on_alarm(*_):
-        raise _Hang("the read blocked")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
 
 def _one_line(excinfo, *needles):
     msg = str(excinfo.value)

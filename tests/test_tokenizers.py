@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import socket
 from pathlib import Path
 
@@ -416,23 +415,6 @@ def test_tiktoken_local_file(tmp_path):
 # attacker could ship. Every refusal is one line naming the problem, echoing no other file's bytes.
 
 SECRET = "SECRET-MARKER-7f3a"
-
-
-class _Hang(Exception):
-    pass
-
-
-@pytest.fixture
-def no_hang():
-    """Fail (instead of hanging the suite) when a read blocks: SIGALRM after 10 s."""
-    def on_alarm(*_):
-        raise _Hang("the read blocked")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 def _write_tokenizer_json(folder, d, name="tokenizer.json") -> Path:
