@@ -507,10 +507,18 @@ def load_checkpoint(run_dir) -> dict:
 
 def load_model(path, device="cpu") -> tuple:
     """Load ``(GPT in eval mode on device, Tokenizer, run_config dict)`` from a run directory or its
-    ``model.safetensors`` (config.json and tokenizer.json are read from the same folder)."""
+    ``model.safetensors`` (config.json and tokenizer.json are read from the same folder), or from
+    ``hf:DIR`` / ``hf:ORG/NAME``, a transformers model directory (see :mod:`fastlm.hf`)."""
     from .model import GPT, GPTConfig
     from .tokenizers import TokenizerError, load_tokenizer
 
+    if isinstance(path, str) and path.startswith("hf:"):
+        from .hf import load_hf_model
+
+        try:
+            return load_hf_model(path[len("hf:"):], device)
+        except TokenizerError as e:
+            raise CheckpointError(f"cannot load the tokenizer of {path}: {e}") from None
     path = Path(path)
     if path.is_dir():
         run_dir = path
@@ -540,9 +548,9 @@ def load_model(path, device="cpu") -> tuple:
     tensors, meta = load_weights(weights)
     stored = meta.get("fastlm_model_config")
     if stored is not None:
-        try:
-            stored_cfg = json.loads(stored)
-        except json.JSONDecodeError:
+        try:  # through GPTConfig: fields added since (with defaults) compare equal
+            stored_cfg = GPTConfig.from_dict(json.loads(stored)).to_dict()
+        except (json.JSONDecodeError, ValueError, TypeError):
             raise CheckpointError(f"{weights}: unreadable model config in its metadata") from None
         if stored_cfg != cfg.to_dict():
             diff = sorted(k for k in set(stored_cfg) | set(cfg.to_dict()) if stored_cfg.get(k) != cfg.to_dict().get(k))
