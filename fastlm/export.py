@@ -151,9 +151,29 @@ def _model_card(checkpoint: str, run_config: dict, hf_cfg: dict, summary: dict, 
 # Self-check
 # ---------------------------------------------------------------------------------------------
 
-def _check_logits(folder: Path, model) -> float:
+@contextlib.contextmanager
+def _transformers_loading(what: str):
+    """Quiet transformers' logs and progress bars; its load errors become one-line HFErrors."""
     transformers = require("transformers", "the export self-check")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    logging = transformers.utils.logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield transformers
+    except HFError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise HFError(f"self-check failed: transformers cannot load the exported {what}: {first}") from None
+    finally:
+        logging.set_verbosity(level)
+        logging.enable_progress_bar()
+
+
+def _check_logits(folder: Path, model) -> float:
+    with _transformers_loading("model") as transformers:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     hf_model.eval()
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
@@ -165,11 +185,11 @@ def _check_logits(folder: Path, model) -> float:
 
 
 def _check_tokenizer(folder: Path, tokenizer, texts: list) -> None:
-    transformers = require("transformers", "the export self-check")
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    with _transformers_loading("tokenizer") as transformers:
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     for text in texts:
         ids = tokenizer.encode(text)
-        got = hf_tok(text, add_special_tokens=False)["input_ids"]
+        got = hf_tok(text, add_special_tokens=False, verbose=False)["input_ids"]
         if got != ids:
             raise HFError(f"self-check failed: the exported tokenizer encodes {text[:40]!r} differently "
                           f"from fastlm's {tokenizer.kind} tokenizer")

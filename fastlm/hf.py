@@ -71,10 +71,13 @@ def architecture_of(cfg: GPTConfig) -> str:
         return "llama"
     if combo == ("rope", "swiglu", "layernorm"):
         return "stablelm"
-    name, val = next(((n, v) for n, v in (("pos", cfg.pos), ("mlp", cfg.mlp), ("norm", cfg.norm))
-                      if v not in ("learned", "rope", "gelu", "gelu_tanh", "swiglu", "layernorm", "rmsnorm")),
-                     ("pos/mlp/norm", "=".join(combo)))
-    raise HFError(f"{name}={val} does not export to transformers exactly; exportable: {EXPORTABLE}")
+    if cfg.pos not in ("learned", "rope"):
+        option = f"pos={cfg.pos}"
+    elif cfg.mlp == "relu":
+        option = "mlp=relu"
+    else:
+        option = f"pos={cfg.pos} with mlp={cfg.mlp} and norm={cfg.norm}"
+    raise HFError(f"{option} does not export to transformers exactly; exportable: {EXPORTABLE}")
 
 
 def _rope_fields(theta: float) -> dict:
@@ -140,6 +143,8 @@ def _pairs(arch: str, n_layer: int) -> list:
         pairs.append(("wpe.weight", ["transformer.wpe.weight"], "copy"))
     for i in range(n_layer):
         pairs += _layer_pairs(arch, i)
+    if arch == "llama":  # RMSNorm has no bias on either side
+        pairs = [p for p in pairs if not (p[0].endswith(".bias") and (".ln" in p[0] or p[0].startswith("ln_f")))]
     return pairs
 
 
