@@ -173,7 +173,7 @@ def _transformers_loading(what: str):
 
 def _check_logits(folder: Path, model) -> float:
     with _transformers_loading("model") as transformers:
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(folder))  # float32: config.json says so
     hf_model.eval()
     cfg = model.config
     gen = torch.Generator().manual_seed(0)

@@ -317,9 +317,9 @@ def resolve_hf_dir(name: str) -> Path:
     try:
         return Path(hub.snapshot_download(name, local_files_only=True))
     except Exception:  # not cached, or not a valid repo id: the same advice either way
-        raise HFError(f"hf:{name} is neither a local directory nor in the Hugging Face cache; download it "
-                      f"where there is network with `hf download {name}` (or `huggingface-cli download "
-                      f"{name}`), or pass hf:/path/to/its/directory") from None
+        raise HFError(f"hf:{name} is neither a local directory nor in the Hugging Face cache (offline lookup); "
+                      f"where there is network run `hf download {name} --include '*.json' '*.safetensors' "
+                      f"'*.txt' --local-dir DIR` and pass hf:DIR (or fill this machine's HF cache)") from None
 
 
 def read_json_file(path: Path, what: str) -> dict:
