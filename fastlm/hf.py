@@ -264,12 +264,16 @@ def from_hf_config(hf: dict, bias: bool = True) -> GPTConfig:
     arch = hf.get("model_type")
     if arch not in HF_CLASSES:
         _refuse("model_type", arch, f"only {', '.join(HF_CLASSES)} are supported")
-    fields = _from_gpt2(hf) if arch == "gpt2" else _from_rope_family(hf, arch)
-    tie = hf.get("tie_word_embeddings", True)
     try:
+        fields = _from_gpt2(hf) if arch == "gpt2" else _from_rope_family(hf, arch)
+        tie = hf.get("tie_word_embeddings", True)
         return GPTConfig(vocab_size=hf["vocab_size"], bias=bias, tie_embeddings=bool(tie), dropout=0.0, **fields)
-    except (KeyError, TypeError, ValueError) as e:
-        raise HFError(f"config.json does not describe a model fastlm can build: {e}") from None
+    except HFError:
+        raise
+    except KeyError as e:
+        raise HFError(f"config.json of this {arch} model lacks the field {e}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise HFError(f"config.json does not describe a {arch} model fastlm can build: {e}") from None
 
 
 def from_hf_tensors(hf_tensors: dict, hf: dict) -> tuple[GPTConfig, dict]:
@@ -293,7 +297,10 @@ def from_hf_tensors(hf_tensors: dict, hf: dict) -> tuple[GPTConfig, dict]:
         parts = [hf_tensors[n].float() for n in names]
         if how == "t":
             parts = [p.t() if p.dim() == 2 else p for p in parts]
-        out[fl] = torch.cat(parts, 0).contiguous() if len(parts) > 1 else parts[0].contiguous()
+        try:
+            out[fl] = torch.cat(parts, 0).contiguous() if len(parts) > 1 else parts[0].contiguous()
+        except RuntimeError:
+            raise HFError(f"the model's tensors {', '.join(names)} have shapes that do not fit its config") from None
     if all(not torch.count_nonzero(v) for k, v in out.items() if k.endswith(".bias")):
         cfg = GPTConfig.from_dict({**cfg.to_dict(), "bias": False})
         out = {k: v for k, v in out.items() if not k.endswith(".bias")}
@@ -423,7 +430,7 @@ def _byte_level_bpe(tk, enc):
         tk.pre_tokenizers.Split(tk.Regex(enc._pat_str), "isolated"),
         tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = tk.decoders.ByteLevel()
-    return tok, {"eos_token": s for s in enc._special_tokens if enc._special_tokens[s] == enc.eot_token}
+    return tok, ({"eos_token": "<|endoftext|>"} if "<|endoftext|>" in enc._special_tokens else {})
 
 
 def _char_level(tk, t):
