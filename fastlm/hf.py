@@ -194,12 +194,11 @@ def to_hf_tensors(tensors: dict, cfg: GPTConfig, hf: dict) -> dict:
 
 
 def _bias_shape(cfg: GPTConfig, fl: str) -> tuple:
-    """Shape of the bias ``fl`` that a bias=True model of this shape would have."""
-    full = GPTConfig.from_dict({**cfg.to_dict(), "bias": True})
+    """Shape of the bias ``fl`` in a bias=True model of ``cfg``'s shape."""
     key = fl.split(".", 2)[-1] if fl.startswith("blocks.") else fl
-    widths = {"ln1.bias": full.n_embd, "ln2.bias": full.n_embd, "ln_f.bias": full.n_embd,
-              "attn.qkv.bias": (full.n_head + 2 * full.n_kv_head) * full.head_dim, "attn.proj.bias": full.n_embd,
-              "mlp.fc.bias": full.mlp_hidden * (2 if full.mlp == "swiglu" else 1), "mlp.proj.bias": full.n_embd}
+    widths = {"ln1.bias": cfg.n_embd, "ln2.bias": cfg.n_embd, "ln_f.bias": cfg.n_embd,
+              "attn.qkv.bias": (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, "attn.proj.bias": cfg.n_embd,
+              "mlp.fc.bias": cfg.mlp_hidden * (2 if cfg.mlp == "swiglu" else 1), "mlp.proj.bias": cfg.n_embd}
     return (widths[key],)
 
 

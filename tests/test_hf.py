@@ -401,6 +401,14 @@ def test_export_refuses_other_architectures(tmp_path, capsys, over, option):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_biases_stablelm_lacks(tmp_path, capsys):
+    make_run(tmp_path / "run", "char", pos="rope", mlp="swiglu", bias=True)  # non-zero output/MLP biases
+    rc = export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "attn.proj.bias is non-zero but stablelm has no such bias" in err[0]
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
 def test_export_never_overwrites_without_flag(tmp_path, capsys):
     make_run(tmp_path / "run", "char", pos="rope", mlp="swiglu")
     out = tmp_path / "out"
