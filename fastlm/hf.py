@@ -206,6 +206,29 @@ def _bias_shape(cfg: GPTConfig, fl: str) -> tuple:
 # transformers -> fastlm
 # ---------------------------------------------------------------------------------------------
 
+#: transformers' defaults for the fields read here (a hub config.json may omit any field at its default)
+HF_DEFAULTS = {
+    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "attention_bias": False, "mlp_bias": False},
+    "stablelm": {"vocab_size": 50304, "hidden_size": 2560, "intermediate_size": 6912, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
+                 "max_position_embeddings": 4096, "layer_norm_eps": 1e-5, "tie_word_embeddings": False,
+                 "partial_rotary_factor": 0.25, "use_qkv_bias": False},
+}
+
+
+def with_defaults(hf: dict) -> dict:
+    """``hf`` with transformers' defaults for the fields it omits (HFError for an unknown model_type)."""
+    arch = hf.get("model_type")
+    if arch not in HF_CLASSES:
+        _refuse("model_type", arch, f"only {', '.join(HF_CLASSES)} are supported")
+    return {**HF_DEFAULTS[arch], **{k: v for k, v in hf.items() if v is not None or k not in HF_DEFAULTS[arch]}}
+
+
 def _refuse(field: str, value, why: str):
     raise HFError(f"config field {field}={value!r}: {why}; fastlm cannot represent it exactly")
 
@@ -224,21 +247,21 @@ def _rope_theta(hf: dict) -> float:
 
 
 def _from_gpt2(hf: dict) -> dict:
-    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf.get("activation_function", "gelu_new"))
+    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf["activation_function"])
     if act is None:
-        _refuse("activation_function", hf.get("activation_function"), "only gelu / gelu_new map onto fastlm")
+        _refuse("activation_function", hf["activation_function"], "only gelu, gelu_new, gelu_pytorch_tanh map onto fastlm")
     for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                       ("add_cross_attention", False)):
         if hf.get(key, want) != want:
             _refuse(key, hf[key], "a different attention")
-    n_embd = hf.get("n_embd", 768)
-    return {"n_layer": hf.get("n_layer", 12), "n_head": hf.get("n_head", 12), "n_embd": n_embd,
-            "block_size": hf.get("n_positions", 1024), "mlp_hidden": hf.get("n_inner") or 4 * n_embd,
-            "norm_eps": hf.get("layer_norm_epsilon", 1e-5), "pos": "learned", "mlp": act, "norm": "layernorm"}
+    n_embd = hf["n_embd"]
+    return {"n_layer": hf["n_layer"], "n_head": hf["n_head"], "n_embd": n_embd, "block_size": hf["n_positions"],
+            "mlp_hidden": hf["n_inner"] or 4 * n_embd, "norm_eps": hf["layer_norm_epsilon"], "pos": "learned",
+            "mlp": act, "norm": "layernorm"}
 
 
 def _from_rope_family(hf: dict, arch: str) -> dict:
-    if hf.get("hidden_act", "silu") != "silu":
+    if hf["hidden_act"] != "silu":
         _refuse("hidden_act", hf["hidden_act"], "only silu (SwiGLU) maps onto fastlm")
     for key in ("sliding_window", "layer_types"):
         if hf.get(key) is not None and not (key == "layer_types" and set(hf[key]) <= {"full_attention"}):
@@ -251,22 +274,21 @@ def _from_rope_family(hf: dict, arch: str) -> dict:
     head_dim = hf.get("head_dim") or n_embd // n_head
     if head_dim * n_head != n_embd:
         _refuse("head_dim", head_dim, f"fastlm needs head_dim = hidden_size / num_attention_heads = {n_embd / n_head:g}")
-    eps = hf.get("rms_norm_eps", 1e-6) if arch == "llama" else hf.get("layer_norm_eps", 1e-5)
+    eps = hf["rms_norm_eps"] if arch == "llama" else hf["layer_norm_eps"]
     return {"n_layer": hf["num_hidden_layers"], "n_head": n_head, "n_embd": n_embd,
-            "n_kv_head": hf.get("num_key_value_heads") or n_head, "mlp_hidden": hf["intermediate_size"],
-            "block_size": hf.get("max_position_embeddings", 2048), "norm_eps": eps, "pos": "rope",
+            "n_kv_head": hf["num_key_value_heads"] or n_head, "mlp_hidden": hf["intermediate_size"],
+            "block_size": hf["max_position_embeddings"], "norm_eps": eps, "pos": "rope",
             "mlp": "swiglu", "norm": "rmsnorm" if arch == "llama" else "layernorm", "rope_theta": _rope_theta(hf)}
 
 
 def from_hf_config(hf: dict, bias: bool = True) -> GPTConfig:
     """A transformers ``config.json`` (dict) -> GPTConfig (HFError naming an unsupported field)."""
-    arch = hf.get("model_type")
-    if arch not in HF_CLASSES:
-        _refuse("model_type", arch, f"only {', '.join(HF_CLASSES)} are supported")
+    hf = with_defaults(hf)
+    arch = hf["model_type"]
     try:
         fields = _from_gpt2(hf) if arch == "gpt2" else _from_rope_family(hf, arch)
-        tie = hf.get("tie_word_embeddings", True)
-        return GPTConfig(vocab_size=hf["vocab_size"], bias=bias, tie_embeddings=bool(tie), dropout=0.0, **fields)
+        return GPTConfig(vocab_size=hf["vocab_size"], bias=bias, tie_embeddings=hf["tie_word_embeddings"],
+                         dropout=0.0, **fields)
     except HFError:
         raise
     except KeyError as e:
@@ -278,6 +300,7 @@ def from_hf_config(hf: dict, bias: bool = True) -> GPTConfig:
 def from_hf_tensors(hf_tensors: dict, hf: dict) -> tuple[GPTConfig, dict]:
     """HF state dict + config -> (GPTConfig, fastlm tensors). HF biases missing from the model are
     zeros in fastlm's bias=True layout; when every bias is zero the model is built with bias=False."""
+    hf = with_defaults(hf)
     cfg = from_hf_config(hf, bias=True)
     arch = hf["model_type"]
     if arch == "gpt2":  # hub GPT-2 files name tensors without the "transformer." prefix

@@ -248,6 +248,17 @@ def test_broken_model_directory_is_one_line(hf_dirs, tmp_path, capsys, edit):
     assert rc == 2 and err.startswith("error: ") and "\n" not in err
 
 
+def test_omitted_config_fields_take_transformers_defaults(hf_dirs):
+    cfg = json.loads((hf_dirs["llama-gqa-untied"][0] / "config.json").read_text())
+    del cfg["tie_word_embeddings"], cfg["rms_norm_eps"]  # LlamaConfig: untied, 1e-6
+    got = hf.from_hf_config(cfg)
+    assert got.tie_embeddings is False and got.norm_eps == 1e-6
+    cfg = json.loads((hf_dirs["stablelm-qkv-bias"][0] / "config.json").read_text())
+    cfg["rope_parameters"].pop("partial_rotary_factor")  # StableLmConfig's default is 0.25: refused
+    with pytest.raises(hf.HFError, match="partial_rotary_factor=0.25"):
+        hf.from_hf_config(cfg)
+
+
 def test_pickle_only_directory_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02")
