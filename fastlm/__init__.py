@@ -9,7 +9,8 @@ Quick tour::
     model = fastlm.GPT(fastlm.GPTConfig())       # decoder-only GPT on fastlm.ops
 
 CLIs: ``python -m fastlm.train``, ``python -m fastlm.generate``, ``python -m fastlm.evaluate``,
-``python -m fastlm.info``.
+``python -m fastlm.export`` (to Hugging Face transformers), ``python -m fastlm.info``. Checkpoints
+named ``hf:DIR`` are transformers model directories (:mod:`fastlm.hf`, extra ``fastlm[hf]``).
 """
 __version__ = "0.1.0"
 

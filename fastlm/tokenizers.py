@@ -784,8 +784,11 @@ class HFTokenizer(Tokenizer):
         if os.path.isfile(path):
             if os.path.getsize(path) > MAX_HF_TOKENIZER_CHARS:
                 raise TokenizerError(f"{path} is larger than {MAX_HF_TOKENIZER_CHARS >> 20} MiB")
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"cannot read {path}: {e}") from None
         else:
             text = _byte_level_bpe_json(folder)
         if isinstance(eos_id, list):

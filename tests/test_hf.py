@@ -28,6 +28,7 @@ from fastlm.tokenizers import HFTokenizer, TokenizerError, build_tokenizer  # no
 TEXT = data.default_corpus().read_text(encoding="utf-8")[:12000]
 ATOL = 1e-4  # the bound for fp32 logits
 SAMPLES = ["ROMEO: But soft, what light through yonder window breaks?", "  two  spaces\nand\n\nlines  ",
+           "tab\there\r\nand\rcarriage \u00c9lan caf\u00e9 don't",
            "First Citizen:\nBefore we proceed any further, hear me speak.", ""]
 
 
@@ -515,6 +516,18 @@ def test_missing_extra_says_how_to_install(monkeypatch, hf_dirs):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(checkpoint.CheckpointError, match=r"pip install 'fastlm\[hf\]'"):
         checkpoint.load_model(f"hf:{hf_dirs['gpt2'][0]}")
+
+
+def test_export_without_the_extras(tmp_path, capsys, monkeypatch):
+    make_run(tmp_path / "run", "char", pos="rope", mlp="swiglu")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # no self-check, said so
+    assert export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "a")]) == 0
+    assert "self-check skipped: transformers is not installed (pip install 'fastlm[hf]')" in capsys.readouterr().out
+    assert "not checked" in (tmp_path / "a" / "README.md").read_text()
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    assert export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.strip() == "error: exporting a tokenizer needs tokenizers: pip install 'fastlm[hf]'"
+    assert not (tmp_path / "b").exists()
 
 
 def test_runs_saved_before_norm_eps_still_load(tmp_path):
