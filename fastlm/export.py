@@ -92,7 +92,7 @@ def _train_defaults() -> dict:
     """TrainConfig's defaults, wherever the trainer keeps it (empty when it cannot be found)."""
     import importlib
 
-    for name in ("fastlm.train", "fastlm.trainer"):
+    for name in ("fastlm.train_config", "fastlm.train", "fastlm.trainer"):
         with contextlib.suppress(ImportError, AttributeError):
             cls = importlib.import_module(name).TrainConfig
             return {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -395,13 +396,16 @@ def _read_hf_tensors(folder: Path) -> dict:
     return tensors
 
 
-def load_hf_model(name: str, device="cpu") -> tuple:
-    """``hf:NAME`` -> ``(GPT in eval mode, HFTokenizer, run_config)`` like a fastlm run."""
+def load_hf_model(name: str, device="cpu", backend: Optional[str] = None) -> tuple:
+    """``hf:NAME`` -> ``(GPT in eval mode, HFTokenizer, run_config)`` like a fastlm run; ``backend``:
+    the fastlm.ops backend (default auto)."""
     from .tokenizers import HFTokenizer
 
     folder = resolve_hf_dir(name)
     hf = read_json_file(folder / "config.json", "model config")
     cfg, tensors = from_hf_tensors(_read_hf_tensors(folder), hf)
+    if backend is not None:
+        cfg = GPTConfig.from_dict({**cfg.to_dict(), "backend": backend})
     tokenizer = HFTokenizer.from_model_dir(folder, cfg.vocab_size, hf.get("eos_token_id"))
     model = GPT(cfg)
     load_model_tensors(model, tensors, f"hf:{name}")

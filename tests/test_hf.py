@@ -121,10 +121,9 @@ def ids_batch(vocab, T=40, B=2, seed=0):
 @pytest.mark.parametrize("name", list(HF_KINDS))
 def test_import_logits_match_transformers(hf_dirs, name, backend):
     folder, ref = hf_dirs[name]
-    model, tok, run_config = checkpoint.load_model(f"hf:{folder}")
-    cfg = GPTConfig.from_dict({**run_config["model"], "backend": backend})
-    ours = GPT(cfg).eval()
-    ours.load_state_dict(model.state_dict())
+    ours, tok, run_config = hf.load_hf_model(str(folder), backend=backend)
+    cfg = ours.config
+    assert cfg.backend == backend and run_config["model"]["backend"] == backend
     idx = ids_batch(cfg.vocab_size)
     with torch.no_grad():
         diff = (ours(idx)[0] - ref(idx).logits).abs().max().item()
