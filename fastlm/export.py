@@ -123,7 +123,7 @@ def _model_card(checkpoint: str, run_config: dict, hf_cfg: dict, summary: dict, 
 
     m = run_config.get("model", {})
     train = run_config.get("train", {})
-    data = train.get("data") or ["Tiny Shakespeare (bundled with fastlm)"]
+    data = train.get("data") or (["Tiny Shakespeare (bundled with fastlm)"] if train else ["unknown"])
     val = summary.get("val_loss")
     steps = summary.get("steps", summary.get("step", train.get("max_iters")))
     arch = hf_cfg["model_type"]
@@ -136,6 +136,8 @@ def _model_card(checkpoint: str, run_config: dict, hf_cfg: dict, summary: dict, 
         "## Training", "",
         f"- data: {', '.join(map(str, data))}",
         *([f"- fine-tuned from: `{train['init_from']}`"] if train.get("init_from") else []),
+        *([f"- converted from the transformers model in `{run_config['source']['hf']}`"]
+          if "source" in run_config else []),
         f"- tokenizer: {run_config.get('tokenizer', {}).get('kind', '?')}, vocabulary {hf_cfg['vocab_size']}",
         f"- steps: {steps if steps is not None else 'unknown'}",
         f"- validation loss: {f'{val:.4f} nats/token' if isinstance(val, (int, float)) else 'unknown'}",

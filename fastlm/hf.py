@@ -32,8 +32,9 @@ import torch
 from .checkpoint import CheckpointError, load_model_tensors
 from .model import GPT, GPTConfig
 
-__all__ = ["HFError", "HF_PREFIX", "export", "to_hf_tokenizer", "EXPORTABLE", "architecture_of", "to_hf_config", "to_hf_tensors",
-           "from_hf_config", "from_hf_tensors", "resolve_hf_dir", "load_hf_model", "require"]
+__all__ = ["HFError", "HF_PREFIX", "EXPORTABLE", "HF_CLASSES", "export", "load_hf_model", "resolve_hf_dir",
+           "architecture_of", "to_hf_config", "to_hf_tensors", "to_hf_tokenizer", "from_hf_config",
+           "from_hf_tensors", "with_defaults", "require"]
 
 HF_PREFIX = "hf:"
 EXPORTABLE = ("pos=learned + mlp=gelu|gelu_tanh + norm=layernorm -> gpt2; "
@@ -250,7 +251,8 @@ def _rope_theta(hf: dict) -> float:
 def _from_gpt2(hf: dict) -> dict:
     act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf["activation_function"])
     if act is None:
-        _refuse("activation_function", hf["activation_function"], "only gelu, gelu_new, gelu_pytorch_tanh map onto fastlm")
+        _refuse("activation_function", hf["activation_function"],
+                "only gelu, gelu_new, gelu_pytorch_tanh map onto fastlm")
     for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                       ("add_cross_attention", False)):
         if hf.get(key, want) != want:
@@ -274,7 +276,8 @@ def _from_rope_family(hf: dict, arch: str) -> dict:
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or n_embd // n_head
     if head_dim * n_head != n_embd:
-        _refuse("head_dim", head_dim, f"fastlm needs head_dim = hidden_size / num_attention_heads = {n_embd / n_head:g}")
+        _refuse("head_dim", head_dim,
+                f"fastlm needs head_dim = hidden_size / num_attention_heads = {n_embd / n_head:g}")
     eps = hf["rms_norm_eps"] if arch == "llama" else hf["layer_norm_eps"]
     return {"n_layer": hf["num_hidden_layers"], "n_head": n_head, "n_embd": n_embd,
             "n_kv_head": hf["num_key_value_heads"] or n_head, "mlp_hidden": hf["intermediate_size"],

@@ -399,6 +399,8 @@ def test_export_then_import_is_bit_identical(exported, name):
 def test_imported_model_exports_again(hf_dirs, tmp_path):
     info = hf.export(f"hf:{hf_dirs['llama-gqa-untied'][0]}", tmp_path / "again")
     assert info["model_type"] == "llama" and info["max_abs_logit_diff"] <= ATOL
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert "data: unknown" in card and "converted from the transformers model" in card
 
 
 @pytest.mark.parametrize("over,option", [(dict(pos="alibi"), "pos=alibi"), (dict(pos="sinusoidal"), "pos=sinusoidal"),
@@ -497,7 +499,8 @@ def test_fine_tune_from_hf_starts_at_the_hf_loss(hf_dirs, tmp_path, capsys):
         hf_loss = torch.nn.functional.cross_entropy(hf_loss, y.flatten()).item()
     assert abs(first - hf_loss) <= 1e-4, (first, hf_loss)
     model, tok, _ = checkpoint.load_model(out)  # the fine-tuned run reads back with the HF tokenizer
-    assert isinstance(tok, HFTokenizer) and tok.encode(SAMPLES[0]) == checkpoint.load_model(f"hf:{folder}")[1].encode(SAMPLES[0])
+    source_tok = checkpoint.load_model(f"hf:{folder}")[1]
+    assert isinstance(tok, HFTokenizer) and tok.encode(SAMPLES[0]) == source_tok.encode(SAMPLES[0])
 
 
 # ---- packaging ------------------------------------------------------------------------------------
