@@ -157,6 +157,47 @@ def test_greedy_decoding_matches_transformers_with_and_without_cache(hf_dirs, na
     assert torch.equal(hf_choice, cached[:, 5:])
 
 
+def _logits_match(folder, ref):
+    model = checkpoint.load_model(f"hf:{folder}")[0]
+    idx = ids_batch(model.config.vocab_size, T=20)
+    with torch.no_grad():
+        return (model(idx)[0] - ref(idx).logits.float()).abs().max().item() <= ATOL
+
+
+def test_hub_gpt2_file_layout(tmp_path, hf_dirs):
+    """openai-community/gpt2's model.safetensors: no "transformer." prefix, attention-mask buffers."""
+    from safetensors.torch import load_file, save_file
+    src, ref = hf_dirs["gpt2"]
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(str(src / "model.safetensors")).items()}
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(96, 96)).view(1, 1, 96, 96)
+    folder = tmp_path / "hub-gpt2"
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "tokenizer.json"):
+        (folder / name).write_bytes((src / name).read_bytes())
+    assert _logits_match(folder, ref)
+
+
+def test_sharded_and_bf16_weights(tmp_path, hf_dirs, bpe_tokenizer):
+    ref = hf_dirs["llama-gqa-untied"][1]
+    sharded = tmp_path / "sharded"
+    ref.save_pretrained(sharded, max_shard_size="40KB")
+    bpe_tokenizer.save(str(sharded / "tokenizer.json"))
+    assert (sharded / "model.safetensors.index.json").exists() and not (sharded / "model.safetensors").exists()
+    assert _logits_match(sharded, ref)
+    half = transformers.AutoModelForCausalLM.from_pretrained(str(sharded)).to(torch.bfloat16)
+    save_hf(half, bpe_tokenizer, tmp_path / "bf16")
+    assert load_file_dtype(tmp_path / "bf16" / "model.safetensors") == torch.bfloat16
+    ref32 = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32)
+    assert _logits_match(tmp_path / "bf16", ref32.eval())  # bf16 values, computed in fp32 on both sides
+
+
+def load_file_dtype(path):
+    from safetensors.torch import load_file
+    return next(iter(load_file(str(path)).values())).dtype
+
+
 def test_imported_tokenizer_matches_autotokenizer(hf_dirs):
     folder = hf_dirs["gpt2"][0]
     tok = checkpoint.load_model(f"hf:{folder}")[1]
