@@ -15,11 +15,19 @@ pos=rope, mlp=swiglu, norm=layernorm (CPU default)     ``stablelm``   partial_ro
 Both use half-split rotary pairs (``rotate_half``), as :func:`fastlm.model.apply_rope` does, so
 q/k rows need no permutation. Anything else is refused in one line naming the option or the field.
 
+Tokenizers (export): ``char`` -> a WordLevel model over single characters, ``word`` -> WordLevel
+with fastlm's normaliser and split regex, ``bpe`` / ``tiktoken:*`` -> byte-level BPE (merges derived
+from the ranks, whole pre-tokens looked up first as tiktoken does); decoders reproduce fastlm's text
+for the specials (``<eos>`` -> a blank line for char/word). ``split_special_tokens`` keeps a literal
+``<eos>`` in the text ordinary, as in fastlm. Import: the directory's ``tokenizer.json`` (or
+``vocab.json`` + ``merges.txt``) becomes a :class:`fastlm.tokenizers.HFTokenizer`.
+
 ``hf:DIR`` names a transformers model directory (``config.json``, ``model.safetensors`` or a
 sharded index, ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``); ``hf:ORG/NAME`` that is not
-a directory is looked up in the local Hugging Face cache, never on the network. Reading needs the
-``tokenizers`` package only; the export's self-check needs ``transformers``
-(``pip install 'fastlm[hf]'``). ``import fastlm`` imports neither.
+a directory is looked up in the local Hugging Face cache, never on the network. Reading needs
+``tokenizers`` (and ``huggingface_hub`` for a cache lookup), not transformers; the export's
+self-check needs ``transformers`` (all in ``pip install 'fastlm[hf]'``). ``import fastlm`` imports
+none of them.
 """
 from __future__ import annotations
 
