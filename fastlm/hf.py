@@ -31,7 +31,10 @@ none of them.
 """
 from __future__ import annotations
 
+import functools
 import json
+import re
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -479,17 +482,35 @@ def _char_level(tk, t):
     return tok, {"eos_token": "<eos>"}
 
 
+@functools.lru_cache(maxsize=None)
+def _python_class(python_class: str) -> str:
+    """Python's ``re`` character class (e.g. ``\\w``) spelled out as code point ranges for Oniguruma,
+    whose ``\\w``/``\\s`` differ from Python's (combining marks, other numbers, connector punctuation)."""
+    match = re.compile(python_class).match
+    spans, start = [], None
+    for cp in range(sys.maxunicode + 2):
+        inside = cp <= sys.maxunicode and not 0xD800 <= cp <= 0xDFFF and match(chr(cp)) is not None
+        if inside and start is None:
+            start = cp
+        elif not inside and start is not None:
+            spans.append(f"\\x{{{start:X}}}" + (f"-\\x{{{cp - 1:X}}}" if cp - 1 > start else ""))
+            start = None
+    return "".join(spans)
+
+
 def _word_level(tk, t):
     tok = tk.Tokenizer(tk.models.WordLevel({w: i for i, w in enumerate(t.tokens)}, unk_token="<unk>"))
     norms = []
-    if t.clean:
+    if t.clean:  # WordTokenizer.normalize: \r\n and \r -> \n, other whitespace -> " "
+        other_space = _python_class(r"[^\S\n ]")
         norms += [tk.normalizers.Replace("\r\n", "\n"), tk.normalizers.Replace("\r", "\n"),
-                  tk.normalizers.Replace(tk.Regex(r"[^\S\n ]"), " ")]
-    if t.lowercase:
+                  tk.normalizers.Replace(tk.Regex(f"[{other_space}]"), " ")]
+    if t.lowercase:  # Rust's tables; they lowercase ~55 letters newer than Python 3.11's Unicode 14
         norms.append(tk.normalizers.Lowercase())
     if norms:
         tok.normalizer = tk.normalizers.Sequence(norms)
-    tok.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(t._SPLIT), "isolated")
+    word, space = _python_class(r"\w"), _python_class(r"\s")  # WordTokenizer._SPLIT, spelled out
+    tok.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(f"[{word}]+|[^{word}{space}]|[{space}]"), "isolated")
     tok.decoder = tk.decoders.Sequence([tk.decoders.Replace("<eos>", "\n\n"), tk.decoders.Replace("<bos>", ""),
                                         tk.decoders.Replace("<pad>", ""), tk.decoders.Fuse()])
     return tok, {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
