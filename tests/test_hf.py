@@ -417,7 +417,8 @@ def test_tiktoken_file_tokenizer_exports_as_byte_level_bpe(tmp_path):
     hf_tok, specials, split = hf.to_hf_tokenizer(tok)
     assert specials == {"eos_token": "<|endoftext|>"} and split
     assert hf_tok.token_to_id("<|endoftext|>") == tok.eos_id
-    for text in SAMPLES + ["caf\u00e9 \u4e2d\u6587 \U0001f600 don't  stop\t\r\n"]:
+    spread = "".join(chr(c) + " 1a"[c % 3] for c in range(0, 0x30000, 5) if not 0xD800 <= c < 0xE000)
+    for text in SAMPLES + ["caf\u00e9 \u4e2d\u6587 \U0001f600 don't  stop\t\r\n", spread]:
         ids = tok.encode(text)
         assert hf_tok.encode(text, add_special_tokens=False).ids == ids
         assert hf_tok.decode(ids, skip_special_tokens=False) == tok.decode(ids)
