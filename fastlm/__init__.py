@@ -10,7 +10,8 @@ Quick tour::
     summary = fastlm.Trainer(fastlm.TrainConfig(max_iters=200)).fit()   # what `python -m fastlm.train` runs
 
 CLIs: ``python -m fastlm.train``, ``python -m fastlm.generate``, ``python -m fastlm.evaluate``,
-``python -m fastlm.info``.
+``python -m fastlm.export`` (to Hugging Face transformers), ``python -m fastlm.info``. Checkpoints
+named ``hf:DIR`` are transformers model directories (:mod:`fastlm.hf`, extra ``fastlm[hf]``).
 """
 __version__ = "0.1.0"
 

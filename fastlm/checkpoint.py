@@ -659,13 +659,21 @@ def _check_stored_config(meta: dict, cfg, weights, config_path) -> None:
 
 def load_model(path, device="cpu", backend: Optional[str] = None) -> tuple:
     """Load ``(GPT in eval mode on device, Tokenizer, run_config dict)`` from a run directory or its
-    ``model.safetensors`` (config.json and tokenizer.json are read from the same folder).
+    ``model.safetensors`` (config.json and tokenizer.json are read from the same folder), or from
+    ``hf:DIR`` / ``hf:ORG/NAME``, a transformers model directory (see :mod:`fastlm.hf`).
 
     ``backend`` overrides the ops backend the run was trained with; without it, a saved backend
     that cannot run here falls back to ``auto`` with a note on stderr."""
     from .model import GPT, GPTConfig
     from .tokenizers import TokenizerError, load_tokenizer
 
+    if isinstance(path, str) and path.startswith("hf:"):
+        from .hf import load_hf_model
+
+        try:
+            return load_hf_model(path[len("hf:"):], device, backend)
+        except TokenizerError as e:
+            raise CheckpointError(f"cannot load the tokenizer of {path}: {e}") from None
     path = Path(path)
     if path.is_dir():
         run_dir = path

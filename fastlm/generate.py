@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_dir_of(checkpoint: str) -> str:
     """The run directory of a checkpoint given as a directory or as a file inside one."""
+    if checkpoint.startswith("hf:"):
+        raise ValueError(f"{checkpoint} is a Hugging Face model, not a fastlm run: it has no data splits "
+                         f"(evaluate it with --data FILE; prompt it with --prompt)")
     return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
 
 

@@ -3,7 +3,8 @@
 Readable in one sitting, in the spirit of nanoGPT's model.py: pre-norm blocks
 ``x + attn(norm(x))``, ``x + mlp(norm(x))``, a final norm and a (tied) language-model head.
 
-Options (all in :class:`GPTConfig`): ``norm`` (layernorm | rmsnorm), ``mlp`` (gelu | relu | swiglu),
+Options (all in :class:`GPTConfig`): ``norm`` (layernorm | rmsnorm, epsilon
+``norm_eps``), ``mlp`` (gelu | gelu_tanh | relu | swiglu),
 ``pos`` (learned | sinusoidal | alibi | rope | none), ``n_kv_head`` for grouped-query attention,
 dropout (residual and embedding; identity in eval), bias on/off, tied embeddings, GPT-2 init.
 
@@ -28,7 +29,7 @@ from . import ops
 __all__ = ["GPTConfig", "GPT", "KVCache", "alibi_slopes"]
 
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "relu", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "relu", "swiglu")  # gelu: exact erf; gelu_tanh: GPT-2's tanh form
 POSITIONS = ("learned", "sinusoidal", "alibi", "rope", "none")
 MAX_POSITIONS = 1 << 17  # the largest context any positional scheme here is built for
 
@@ -49,7 +50,8 @@ class GPTConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings and residual branches"})
     bias: bool = field(default=False, metadata={"help": "biases in Linear and LayerNorm"})
     norm: str = field(default="layernorm", metadata={"help": "layernorm | rmsnorm"})
-    mlp: str = field(default="gelu", metadata={"help": "gelu | relu | swiglu"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of LayerNorm / RMSNorm"})
+    mlp: str = field(default="gelu", metadata={"help": "gelu | gelu_tanh | relu | swiglu"})
     pos: str = field(default="learned", metadata={"help": "learned | sinusoidal | alibi | rope | none"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share token embedding and LM head"})
@@ -93,6 +95,8 @@ class GPTConfig:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
+            raise ConfigError(f"norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
         if self.n_embd % self.n_head != 0:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head != 0:
@@ -188,8 +192,8 @@ class KVCache:
 
 def _norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
-    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -238,6 +242,8 @@ class MLP(nn.Module):
             h = ops.swiglu_packed(h, backend=self.backend)  # (B, T, hidden)
         elif self.kind == "gelu":
             h = F.gelu(h)
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         else:
             h = F.relu(h)
         return self.drop(self.proj(h))

@@ -1,6 +1,6 @@
 """Tokenizers: text <-> token ids, saved as JSON.
 
-Four kinds, all behind one small API (:class:`Tokenizer`):
+Five kinds, all behind one small API (:class:`Tokenizer`):
 
 ``char``
     Vocabulary = the sorted set of characters of the training text (ids in code-point order), plus
@@ -45,6 +45,11 @@ are checked against the ``MAX_*`` limits below before anything large is built; `
 one of :data:`KNOWN_PAT_STRS`. Refusals are one-line :class:`TokenizerError` messages that name
 the file and the problem and echo no content of other files.
 
+``hf``
+    A Hugging Face ``tokenizers`` tokenizer (a model imported with ``hf:DIR``, or a run fine-tuned
+    from one), its ``tokenizer.json`` stored inline; needs the ``tokenizers`` package
+    (``pip install 'fastlm[hf]'``). Encodes as ``AutoTokenizer`` does with ``add_special_tokens=False``.
+
 Decoding of EOS: ``char`` and ``word`` give ``"\\n\\n"``; ``bpe`` and ``tiktoken`` give
 ``"<|endoftext|>"`` (tiktoken's convention). Encoding never produces EOS: the data pipeline inserts
 ``eos_id`` between documents.
@@ -60,6 +65,7 @@ import heapq
 import json
 import os
 import re
+import tempfile
 import threading
 from typing import Any
 
@@ -75,6 +81,7 @@ __all__ = [
     "WordTokenizer",
     "BPETokenizer",
     "TiktokenTokenizer",
+    "HFTokenizer",
     "build_tokenizer",
     "tokenizer_from_dict",
     "load_tokenizer",
@@ -862,6 +869,99 @@ class TiktokenTokenizer(_TiktokenBase):
 
 
 # ---------------------------------------------------------------------------------------------
+# Hugging Face tokenizers (models imported with hf:DIR, and runs fine-tuned from them)
+# ---------------------------------------------------------------------------------------------
+
+MAX_HF_TOKENIZER_CHARS = 64 << 20  # run directories are untrusted: bound what is parsed
+
+
+class HFTokenizer(Tokenizer):
+    """A ``tokenizers.Tokenizer`` (Hugging Face), its JSON stored inline in the run's tokenizer.json.
+
+    ``encode`` adds no special tokens (``AutoTokenizer(text, add_special_tokens=False)``: the data
+    pipeline puts ``eos_id`` between documents); ``decode`` keeps special tokens. ``vocab_size`` is
+    the model's (it may exceed the tokenizer's own count: padded embedding tables).
+    """
+
+    kind = "hf"
+
+    def __init__(self, tokenizer_json: str, *, vocab_size: int | None = None, eos_id: int | None = None):
+        try:
+            import tokenizers
+        except ImportError:
+            raise TokenizerError("the hf tokenizer needs tokenizers: pip install 'fastlm[hf]'") from None
+        if not isinstance(tokenizer_json, str) or len(tokenizer_json) > MAX_HF_TOKENIZER_CHARS:
+            raise TokenizerError(f"hf tokenizer JSON must be a string of at most {MAX_HF_TOKENIZER_CHARS} characters")
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+        except Exception as e:
+            raise TokenizerError(f"not a valid Hugging Face tokenizer: {str(e).splitlines()[0][:200]}") from None
+        self.tokenizer_json = tokenizer_json
+        own = self._tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = own if vocab_size is None else vocab_size
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < own:
+            raise TokenizerError(f"hf tokenizer has {own} ids; vocab_size {vocab_size!r} cannot hold them")
+        if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
+                                   or not 0 <= eos_id < self.vocab_size):
+            raise TokenizerError(f"hf tokenizer eos_id {eos_id!r} is not an id below {self.vocab_size}")
+        self.eos_id = eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(self._check_text(text), add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode(_as_id_list(ids, self.vocab_size), skip_special_tokens=False)
+
+    def _payload(self) -> dict:
+        return {"tokenizer_json": self.tokenizer_json, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HFTokenizer":
+        return cls(_require(d, "tokenizer_json", "hf"), vocab_size=d.get("vocab_size"), eos_id=d.get("eos_id"))
+
+    @classmethod
+    def from_model_dir(cls, folder, vocab_size: int | None = None, eos_id=None) -> "HFTokenizer":
+        """From a transformers model directory: ``tokenizer.json``, else ``vocab.json`` + ``merges.txt``
+        (byte-level BPE, GPT-2 style). ``eos_id``: the model config's ``eos_token_id`` (an int, or a list
+        whose first entry is used)."""
+        folder = os.fspath(folder)
+        path = os.path.join(folder, "tokenizer.json")
+        if os.path.isfile(path):
+            if os.path.getsize(path) > MAX_HF_TOKENIZER_CHARS:
+                raise TokenizerError(f"{path} is larger than {MAX_HF_TOKENIZER_CHARS >> 20} MiB")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"cannot read {path}: {e}") from None
+        else:
+            text = _byte_level_bpe_json(folder)
+        if isinstance(eos_id, list):
+            eos_id = eos_id[0] if eos_id else None
+        return cls(text, vocab_size=vocab_size, eos_id=eos_id)
+
+
+def _byte_level_bpe_json(folder: str) -> str:
+    """GPT-2-style ``vocab.json`` + ``merges.txt`` -> tokenizers JSON (what AutoTokenizer builds)."""
+    import tokenizers as tk
+
+    vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    if not (os.path.isfile(vocab) and os.path.isfile(merges)):
+        raise TokenizerError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt)")
+    if os.path.getsize(vocab) + os.path.getsize(merges) > MAX_HF_TOKENIZER_CHARS:
+        raise TokenizerError(f"{folder}: vocab.json + merges.txt are larger than {MAX_HF_TOKENIZER_CHARS >> 20} MiB")
+    try:
+        tok = tk.Tokenizer(tk.models.BPE.from_file(vocab, merges))
+    except Exception as e:
+        raise TokenizerError(f"{folder}: unreadable vocab.json / merges.txt: {str(e).splitlines()[0][:200]}") from None
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    if "<|endoftext|>" in tok.get_vocab():
+        tok.add_special_tokens([tk.AddedToken("<|endoftext|>", special=True, normalized=False)])
+    return tok.to_str()
+
+
+# ---------------------------------------------------------------------------------------------
 # Factories
 # ---------------------------------------------------------------------------------------------
 
@@ -900,7 +1000,8 @@ def build_tokenizer(spec: str, text: str, *, vocab_size: int | None = None, min_
     raise TokenizerError(f"unknown tokenizer spec {spec!r}; expected char, word, bpe or tiktoken:NAME")
 
 
-_KINDS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer, "tiktoken": TiktokenTokenizer}
+_KINDS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer, "tiktoken": TiktokenTokenizer,
+          "hf": HFTokenizer}
 
 
 def tokenizer_from_dict(d: dict, base_dir: str | None = None) -> Tokenizer:

@@ -45,10 +45,10 @@ from . import data as data_mod
 from . import rundir
 from .checkpoint import CheckpointError
 from .model import GPT, GPTConfig
-from .runtime import Dist, autocast, init_distributed, resolve_device, resolve_dtype
+from .runtime import autocast, init_distributed, resolve_device, resolve_dtype
 from .schedule import LRSchedule
-from .train_config import (CPU_MODEL_DEFAULTS, INIT_OVERRIDABLE, TrainConfig, TrainError, apply_gpu_profile,
-                           explicit_settings, resume_config)
+from .train_config import (CPU_MODEL_DEFAULTS, INIT_OVERRIDABLE, TrainConfig, apply_gpu_profile, explicit_settings,
+                           resume_config)
 
 __all__ = ["Trainer", "Callback", "TrainingInterrupted", "NonFiniteLoss", "RankFailed"]
 

@@ -60,6 +60,23 @@ def test_gqa_bias_tie_shapes(n_kv_head, bias, tie):
     loss.backward()
 
 
+def test_norm_eps_and_gelu_tanh_reach_the_modules():
+    model = tiny(norm_eps=1e-6, mlp="gelu_tanh")
+    assert model.blocks[0].ln1.eps == 1e-6 and model.ln_f.eps == 1e-6
+    assert tiny(norm="rmsnorm", norm_eps=1e-6).ln_f.eps == 1e-6
+    assert tiny().ln_f.eps == 1e-5  # the default leaves existing models as they were
+    x = torch.linspace(-4, 4, 101)
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        mlp.fc.weight.copy_(torch.eye(*mlp.fc.weight.shape))
+        mlp.proj.weight.copy_(torch.eye(*mlp.proj.weight.shape))
+        h = torch.zeros(101, mlp.fc.weight.shape[1])
+        h[:, 0] = x
+        got = mlp(h)[:, 0]
+    torch.testing.assert_close(got, torch.nn.functional.gelu(x, approximate="tanh"), rtol=0, atol=1e-6)
+    assert (got - torch.nn.functional.gelu(x)).abs().max() > 1e-4  # not the erf form
+
+
 def test_targets_minus_one_are_ignored():
     model = tiny()
     idx, tgt = tokens(2, 9), tokens(2, 9, seed=3)
@@ -230,6 +247,8 @@ def test_gpt2_init_statistics():
     (dict(dropout="0.1"), "dropout must be"),
     (dict(bias="yes"), "bias must be true or false"),
     (dict(rope_theta=0.0), "rope_theta must be a positive number"),
+    (dict(norm_eps=0.0), r"norm_eps must be a number in \(0, 1\)"),
+    (dict(norm_eps=True), "norm_eps must be"),
     (dict(pos="rope", n_embd=36, n_head=4), "pos=rope needs an even head dim"),
     (dict(block_size=1 << 20), "block_size"),
 ])

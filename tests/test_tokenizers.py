@@ -378,6 +378,18 @@ def test_tiktoken_named_offline_fails_fast(tmp_path, monkeypatch):
         build_tokenizer("tiktoken:gpt9", "")
 
 
+def test_tiktoken_cache_dir_default_is_tiktokens_own(monkeypatch):
+    """Without TIKTOKEN_CACHE_DIR / DATA_GYM_CACHE_DIR the error names tiktoken's default folder."""
+    import tempfile
+
+    from fastlm.tokenizers import _tiktoken_cache_dir
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    assert _tiktoken_cache_dir() == os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", "/somewhere")
+    assert _tiktoken_cache_dir() == "/somewhere"
+
+
 def test_tiktoken_local_file(tmp_path):
     path = _tiny_tiktoken_file(tmp_path / "tiny.tiktoken")
     tok = build_tokenizer(f"tiktoken:{path}", "ignored")

@@ -328,7 +328,7 @@ def test_help_lists_generated_flags():
     from fastlm.train import CPU_MODEL_DEFAULTS
     # the CPU model defaults are what --help shows (not GPTConfig's)
     assert f"transformer blocks (default: {CPU_MODEL_DEFAULTS['n_layer']})" in " ".join(text.split())
-    assert f"gelu | relu | swiglu (default: {CPU_MODEL_DEFAULTS['mlp']})" in " ".join(text.split())
+    assert f"gelu | gelu_tanh | relu | swiglu (default: {CPU_MODEL_DEFAULTS['mlp']})" in " ".join(text.split())
     assert main(["--help"]) == 0
 
 
