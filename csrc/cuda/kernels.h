@@ -26,6 +26,9 @@ struct AttnParams {
   bool causal;
 };
 
+// Longest T_q / T_k the attention launchers take (grid y counts 64-row blocks, at most 65535).
+constexpr int kMaxAttnSeqLen = 65535 * 64;
+
 // out: contiguous (B, H, T_q, D) of the input dtype; lse: contiguous (B, H, T_q) float32.
 cudaError_t attention_fwd(const AttnParams& p, DType dtype, void* out, float* lse,
                           cudaStream_t stream);
