@@ -171,10 +171,12 @@ __device__ __forceinline__ void mma_abt_step(float (&c)[N / 8][4], const uint32_
 }
 
 // C[16 x N] += A * B^T with the A rows [a_row0, a_row0 + 16) read from a swizzled [rows][D] tile.
+// The k loop stays rolled: its index only moves shared addresses, and unrolling it would keep one
+// register per (k-step, operand) address live next to the accumulators (spills at D = 128).
 template <typename T, int D, int N>
 __device__ __forceinline__ void mma_abt_smem(float (&c)[N / 8][4], const T* tA, int a_row0,
                                              const T* tB, int lane) {
-#pragma unroll
+#pragma unroll 1
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[4];
     ldsm_a<T, D>(a, tA, a_row0, kk, lane);
