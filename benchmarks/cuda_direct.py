@@ -155,7 +155,7 @@ def _attn_strides(op, name, t):
     return strides
 
 
-def check_attention(op, q, k, v):
+def check_attention(op, q, k, v, check_device=True):
     """Validates q, k, v; returns (dtype code, shape (B, H, H_kv, T_q, T_k, D), 9 strides)."""
     import torch
 
@@ -178,7 +178,8 @@ def check_attention(op, q, k, v):
     if max(t_q, t_k) > MAX_SEQ_LEN:
         raise ValueError(f"{op}: sequence length {max(t_q, t_k)} > {MAX_SEQ_LEN}")
     strides = [s for name, t in named for s in _attn_strides(op, name, t)]
-    _check_device(op, named)
+    if check_device:
+        _check_device(op, named)
     return code, (b, h, h_kv, t_q, t_k, d), strides
 
 
@@ -192,7 +193,7 @@ def _swiglu_pair(op, a, b, names):
     return _dtype_code(torch, op, a, (torch.float16, torch.bfloat16, torch.float32))
 
 
-def check_packed(op, x):
+def check_packed(op, x, check_device=True):
     """Validates x = [..., 2H]; returns (dtype code, x as [rows, 2H] with a contiguous last dim)."""
     import torch
 
@@ -203,7 +204,8 @@ def check_packed(op, x):
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    _check_device(op, (("x", x),))
+    if check_device:
+        _check_device(op, (("x", x),))
     return code, x2
 
 
@@ -266,7 +268,7 @@ class DirectLib:
         import torch
 
         op = "attention_bwd"
-        code, shape, strides = check_attention(op, q, k, v)
+        code, shape, strides = check_attention(op, q, k, v, check_device=False)
         _check_tensors(op, (("dout", dout), ("out", out), ("lse", lse)))
         b, h, h_kv, t_q, t_k, d = shape
         for name, t in (("dout", dout), ("out", out)):
@@ -276,9 +278,10 @@ class DirectLib:
         if tuple(lse.shape) != (b, h, t_q) or lse.dtype != torch.float32:
             raise ValueError(f"{op}: lse must be float32 of shape {(b, h, t_q)}, got "
                              f"{lse.dtype} {tuple(lse.shape)}")
-        _check_device(op, (("q", q), ("dout", dout), ("out", out), ("lse", lse)))
+        _check_device(op, (("q", q), ("k", k), ("v", v), ("dout", dout), ("out", out),
+                           ("lse", lse)))
         dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
-        strides += [out.stride(i) for i in range(3)] + [dout.stride(i) for i in range(3)]
+        strides += _attn_strides(op, "out", out) + _attn_strides(op, "dout", dout)
         delta = torch.empty((b, h, t_q), dtype=torch.float32, device=q.device)
         dq = torch.empty((b, h, t_q, d), dtype=q.dtype, device=q.device)
         dk = torch.empty((b, h_kv, t_k, d), dtype=q.dtype, device=q.device)
@@ -319,7 +322,7 @@ class DirectLib:
 
     def swiglu_packed_bwd(self, dy, x):
         op = "swiglu_packed_bwd"
-        code, x2 = check_packed(op, x)
+        code, x2 = check_packed(op, x, check_device=False)
         hidden = x.shape[-1] // 2
         _check_tensors(op, (("dy", dy),))
         if tuple(dy.shape) != (*x.shape[:-1], hidden) or dy.dtype != x.dtype:
