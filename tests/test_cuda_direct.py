@@ -137,3 +137,114 @@ def test_swiglu_argument_errors(lib):
     with pytest.raises(ValueError, match=r"dy must be .* shape \(3, 4\)"):
         lib.swiglu_packed_bwd(torch.randn(3, 8), torch.randn(3, 8))
     assert lib._lib.calls == []
+
+
+# ---- on a GPU: the kernels against the float64 oracle (skipped without one) ----------------------
+# Tolerance (FlashAttention's rule, as in tests/test_ops.py): max|x - ref64| <= 2 * max|base - ref64|
+# + eps, base = the textbook formula in the same dtype, eps = half an ulp at max|ref| (+ a floor
+# for gradients whose exact value is ~0).
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def gpu_lib(tmp_path_factory):
+    try:
+        return cd.build_and_load(tmp_path_factory.mktemp("direct_build"), timeout_s=600)
+    except cd.Unavailable as e:
+        pytest.skip(f"cuda_direct unavailable: {e}")
+
+
+def _two_x(x, base, ref, what, floor=0.0):
+    ref = ref.double().cpu()
+    eps = torch.finfo(x.dtype).eps * ref.abs().max().item() / 2 + floor
+    err = (x.double().cpu() - ref).abs().max().item()
+    base_err = (base.double().cpu() - ref).abs().max().item()
+    assert torch.isfinite(x).all(), f"{what}: non-finite values"
+    assert err <= 2 * base_err + eps, f"{what}: error {err:.3g} > 2 x same-dtype naive {base_err:.3g}"
+
+
+def _naive_with_grads(q, k, v, dout, causal, scale, dtype):
+    from fastlm.reference import naive_attention
+
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    out = naive_attention(*leaves, causal=causal, scale=scale, dtype=dtype)
+    out.backward(dout.to(dtype))
+    return out.detach(), [x.grad for x in leaves]
+
+
+def reference_mask(t_q, t_k):
+    from fastlm.reference import causal_mask
+
+    return causal_mask(t_q, t_k, device="cuda")
+
+
+# (B, H, H_kv, T_q, T_k): one tile, ragged multi-tile, KV-cache (T_q < T_k), masked rows (T_q > T_k)
+ATTN_SHAPES = [(2, 2, 2, 1, 1), (1, 4, 2, 97, 97), (1, 2, 2, 130, 257), (1, 2, 1, 257, 130),
+               (2, 2, 2, 300, 300)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=str)
+def test_direct_attention_matches_float64(gpu_lib, shape, dtype, d, causal, layout):
+    b, h, h_kv, t_q, t_k = shape
+    g = torch.Generator().manual_seed(t_q * 7 + t_k)
+
+    def make(heads, t):
+        if layout == "bthd":  # (B, T, H, D) storage viewed as (B, H, T, D): no copy
+            return torch.randn(b, t, heads, d, generator=g).to("cuda", dtype).transpose(1, 2)
+        return torch.randn(b, heads, t, d, generator=g).to("cuda", dtype)
+
+    q, k, v = make(h, t_q), make(h_kv, t_k), make(h_kv, t_k)
+    dout = torch.randn(b, h, t_q, d, generator=g).to("cuda", dtype)
+    scale = d ** -0.5
+    out, lse = gpu_lib.attention_fwd(q, k, v, causal, scale)
+    dq, dk, dv = gpu_lib.attention_bwd(dout, q, k, v, out, lse, causal, scale)
+    torch.cuda.synchronize()
+    ref, ref_grads = _naive_with_grads(q, k, v, dout, causal, scale, torch.float64)
+    base, base_grads = _naive_with_grads(q, k, v, dout, causal, scale, dtype)
+    _two_x(out, base, ref, "out")
+    s = (q.double() @ k.double().repeat_interleave(h // h_kv, 1).transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(~reference_mask(t_q, t_k), float("-inf"))
+    ref_lse = torch.logsumexp(s, dim=-1)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[fin], ref_lse[fin], rtol=0, atol=1e-2)
+    floor = 2 * torch.finfo(torch.float32).eps * ref.abs().max().item() * dout.abs().max().item()
+    for name, x, grad, bg, rg in zip(("dq", "dk", "dv"), (q, k, v), (dq, dk, dv), base_grads,
+                                     ref_grads):
+        assert grad.shape == x.shape and grad.dtype == dtype, name
+        _two_x(grad, bg, rg, name, floor=floor)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("rows,hidden,pad", [(1, 3, 0), (37, 40, 0), (64, 1024, 8), (5, 17, 3)])
+def test_direct_swiglu_matches_float64(gpu_lib, dtype, rows, hidden, pad):
+    g = torch.Generator().manual_seed(rows + hidden)
+    big = torch.randn(rows, 2 * hidden + pad, generator=g).to("cuda", dtype)
+    x = big[:, pad:pad + 2 * hidden]  # rows 2 * hidden + pad apart: read in place
+    before = big.clone()
+    dy = torch.randn(rows, hidden, generator=g).to("cuda", dtype)
+    gate, up = x[:, :hidden], x[:, hidden:]
+    x64 = x.double().requires_grad_()
+    ref = torch.nn.functional.silu(x64[:, :hidden]) * x64[:, hidden:]
+    ref.backward(dy.double())
+    xb = x.detach().clone().requires_grad_()
+    base = torch.nn.functional.silu(xb[:, :hidden]) * xb[:, hidden:]
+    base.backward(dy)
+    y_packed, dx = gpu_lib.swiglu_packed_fwd(x), gpu_lib.swiglu_packed_bwd(dy, x)
+    y_split = gpu_lib.swiglu_fwd(gate, up)
+    dg, du = gpu_lib.swiglu_bwd(dy, gate, up)
+    torch.cuda.synchronize()
+    for name, got in (("packed", y_packed), ("split", y_split)):
+        _two_x(got, base, ref, f"{name} fwd")
+    _two_x(dx, xb.grad, x64.grad, "packed dx")
+    _two_x(torch.cat([dg, du], dim=-1), xb.grad, x64.grad, "split dgate|dup")
+    assert dx.is_contiguous() and dx.shape == x.shape
+    assert torch.equal(big, before)  # inputs never written

@@ -39,15 +39,18 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + __ex
 constexpr int kThreads = 256;
 constexpr int kMaxGridY = 65535;
 
-// Grid: x covers a row's columns in packs of VEC, y strides over the rows.
+// Block (tx, ty) with tx * ty = kThreads: threadIdx.x walks a row's packs of VEC elements,
+// threadIdx.y picks one of ty rows (short rows then still fill the block); grid y strides over
+// the rows.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     swiglu_fwd_kernel(const T* __restrict__ gate, const T* __restrict__ up, int64_t in_stride,
                       T* __restrict__ out, int64_t out_stride, int64_t rows, int64_t cols) {
   using P = Pack<T, VEC>;
-  const int64_t c = ((int64_t)blockIdx.x * kThreads + threadIdx.x) * VEC;
+  const int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
   if (c >= cols) return;
-  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+  const int64_t row_step = (int64_t)gridDim.y * blockDim.y;
+  for (int64_t r = (int64_t)blockIdx.y * blockDim.y + threadIdx.y; r < rows; r += row_step) {
     const P g = *reinterpret_cast<const P*>(gate + r * in_stride + c);
     const P u = *reinterpret_cast<const P*>(up + r * in_stride + c);
     P o;
@@ -66,9 +69,10 @@ __global__ void __launch_bounds__(kThreads)
                       const T* __restrict__ up, int64_t in_stride, T* __restrict__ dgate,
                       T* __restrict__ dup, int64_t grad_stride, int64_t rows, int64_t cols) {
   using P = Pack<T, VEC>;
-  const int64_t c = ((int64_t)blockIdx.x * kThreads + threadIdx.x) * VEC;
+  const int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
   if (c >= cols) return;
-  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+  const int64_t row_step = (int64_t)gridDim.y * blockDim.y;
+  for (int64_t r = (int64_t)blockIdx.y * blockDim.y + threadIdx.y; r < rows; r += row_step) {
     const P d = *reinterpret_cast<const P*>(dout + r * dout_stride + c);
     const P g = *reinterpret_cast<const P*>(gate + r * in_stride + c);
     const P u = *reinterpret_cast<const P*>(up + r * in_stride + c);
@@ -98,9 +102,19 @@ bool can_vectorize(std::initializer_list<const void*> ptrs, std::initializer_lis
   return true;
 }
 
-dim3 grid_for(int64_t rows, int64_t cols, int vec) {
-  const int64_t col_blocks = (cols / vec + kThreads - 1) / kThreads;
-  return dim3((unsigned)col_blocks, (unsigned)(rows < kMaxGridY ? rows : kMaxGridY));
+struct Launch {
+  dim3 grid, block;
+};
+
+// tx: the row's packs rounded up to a warp, at most kThreads; ty = kThreads / tx rows per block.
+Launch launch_for(int64_t rows, int64_t cols, int vec) {
+  const int64_t packs = cols / vec;
+  const int64_t tx = packs >= kThreads ? kThreads : (packs + 31) / 32 * 32;
+  const int64_t ty = kThreads / tx;
+  const int64_t row_blocks = (rows + ty - 1) / ty;
+  return Launch{dim3((unsigned)((packs + tx - 1) / tx),
+                     (unsigned)(row_blocks < kMaxGridY ? row_blocks : kMaxGridY)),
+                dim3((unsigned)tx, (unsigned)ty)};
 }
 
 template <typename T>
@@ -110,10 +124,12 @@ cudaError_t launch_fwd(const SwigluRows& a, cudaStream_t st) {
   const T* u = static_cast<const T*>(a.up);
   T* o = static_cast<T*>(a.out);
   if (can_vectorize<T>({g, u, o}, {a.in_stride, a.out_stride, a.cols})) {
-    swiglu_fwd_kernel<T, VEC><<<grid_for(a.rows, a.cols, VEC), kThreads, 0, st>>>(
+    const Launch l = launch_for(a.rows, a.cols, VEC);
+    swiglu_fwd_kernel<T, VEC><<<l.grid, l.block, 0, st>>>(
         g, u, a.in_stride, o, a.out_stride, a.rows, a.cols);
   } else {
-    swiglu_fwd_kernel<T, 1><<<grid_for(a.rows, a.cols, 1), kThreads, 0, st>>>(
+    const Launch l = launch_for(a.rows, a.cols, 1);
+    swiglu_fwd_kernel<T, 1><<<l.grid, l.block, 0, st>>>(
         g, u, a.in_stride, o, a.out_stride, a.rows, a.cols);
   }
   return cudaGetLastError();
@@ -127,10 +143,12 @@ cudaError_t launch_bwd(const SwigluRows& a, const void* dout, int64_t dout_strid
           *u = static_cast<const T*>(a.up);
   T *dg = static_cast<T*>(dgate), *du = static_cast<T*>(dup);
   if (can_vectorize<T>({d, g, u, dg, du}, {dout_stride, a.in_stride, grad_stride, a.cols})) {
-    swiglu_bwd_kernel<T, VEC><<<grid_for(a.rows, a.cols, VEC), kThreads, 0, st>>>(
+    const Launch l = launch_for(a.rows, a.cols, VEC);
+    swiglu_bwd_kernel<T, VEC><<<l.grid, l.block, 0, st>>>(
         d, dout_stride, g, u, a.in_stride, dg, du, grad_stride, a.rows, a.cols);
   } else {
-    swiglu_bwd_kernel<T, 1><<<grid_for(a.rows, a.cols, 1), kThreads, 0, st>>>(
+    const Launch l = launch_for(a.rows, a.cols, 1);
+    swiglu_bwd_kernel<T, 1><<<l.grid, l.block, 0, st>>>(
         d, dout_stride, g, u, a.in_stride, dg, du, grad_stride, a.rows, a.cols);
   }
   return cudaGetLastError();
