@@ -38,8 +38,11 @@ namespace {
 namespace at_ = ::fastlm::attn;
 
 // ------------------------------------------------------------------------------------------------
-// PTX helpers
+// PTX helpers. With FASTLM_HOST_SIM (tests/test_cuda_host_sim.py compiles this file as host C++)
+// tests/csrc/cuda_host_sim.h provides host versions that run a CTA's threads cooperatively and
+// implement ldmatrix / mma.sync / shuffles from their PTX ISA definitions.
 // ------------------------------------------------------------------------------------------------
+#if !defined(FASTLM_HOST_SIM)
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -73,6 +76,36 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
+// c += a * b on tensor cores: m16n8k16, fp16 or bf16 operands, fp32 accumulators.
+template <bool kBf16>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+#else
+using ::fastlm_sim::cp_async_16;
+using ::fastlm_sim::cp_async_commit;
+using ::fastlm_sim::cp_async_wait;
+using ::fastlm_sim::ex2;
+using ::fastlm_sim::ldmatrix_x4;
+using ::fastlm_sim::ldmatrix_x4_trans;
+using ::fastlm_sim::mma_16816;
+using ::fastlm_sim::smem_u32;
+alignas(16) unsigned char smem_raw[::fastlm_sim::kSmemBytes];  // the one CTA that runs at a time
+#endif
+
 template <typename T>
 struct Mma;
 
@@ -80,11 +113,7 @@ template <>
 struct Mma<__half> {
   __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_16816<false>(c, a, b0, b1);
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
@@ -96,11 +125,7 @@ template <>
 struct Mma<__nv_bfloat16> {
   __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_16816<true>(c, a, b0, b1);
   }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -634,6 +659,7 @@ __global__ void __launch_bounds__(BWD_THREADS) attention_bwd_dq_kernel(const Att
   store_rows<T, D>(static_cast<T*>(p.dq) + row_base * D, dq, wm0, Tq, qscale, lane);
 }
 
+#if !defined(FASTLM_HOST_SIM)  // the host simulator calls the kernels directly
 // ------------------------------------------------------------------------------------------------
 // Launchers
 // ------------------------------------------------------------------------------------------------
@@ -698,8 +724,10 @@ cudaError_t bwd_by_dim(const AttnBwdParams& p, cudaStream_t st) {
   return cudaErrorInvalidValue;
 }
 
+#endif  // !FASTLM_HOST_SIM
 }  // namespace
 
+#if !defined(FASTLM_HOST_SIM)
 cudaError_t attention_fwd(const AttnParams& p, DType dtype, void* out, float* lse,
                           cudaStream_t stream) {
   switch (dtype) {
@@ -716,6 +744,7 @@ cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stre
     default: return cudaErrorInvalidValue;
   }
 }
+#endif  // !FASTLM_HOST_SIM
 
 }  // namespace cuda
 }  // namespace fastlm
