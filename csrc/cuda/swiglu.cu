@@ -117,6 +117,20 @@ Launch launch_for(int64_t rows, int64_t cols, int vec) {
                 dim3((unsigned)tx, (unsigned)ty)};
 }
 
+// Launches `kernel` with the geometry `l` on stream `st` (in the host simulator of
+// tests/test_cuda_host_sim.py: runs it CTA by CTA on the CPU).
+template <typename Kernel, typename... Args>
+cudaError_t launch(Kernel kernel, const Launch& l, cudaStream_t st, Args... args) {
+#if defined(FASTLM_HOST_SIM)
+  (void)st;
+  ::fastlm_sim::launch(l.grid, l.block, [&] { kernel(args...); });
+  return cudaSuccess;
+#else
+  kernel<<<l.grid, l.block, 0, st>>>(args...);
+  return cudaGetLastError();
+#endif
+}
+
 template <typename T>
 cudaError_t launch_fwd(const SwigluRows& a, cudaStream_t st) {
   constexpr int VEC = 16 / sizeof(T);
@@ -124,15 +138,11 @@ cudaError_t launch_fwd(const SwigluRows& a, cudaStream_t st) {
   const T* u = static_cast<const T*>(a.up);
   T* o = static_cast<T*>(a.out);
   if (can_vectorize<T>({g, u, o}, {a.in_stride, a.out_stride, a.cols})) {
-    const Launch l = launch_for(a.rows, a.cols, VEC);
-    swiglu_fwd_kernel<T, VEC><<<l.grid, l.block, 0, st>>>(
-        g, u, a.in_stride, o, a.out_stride, a.rows, a.cols);
-  } else {
-    const Launch l = launch_for(a.rows, a.cols, 1);
-    swiglu_fwd_kernel<T, 1><<<l.grid, l.block, 0, st>>>(
-        g, u, a.in_stride, o, a.out_stride, a.rows, a.cols);
+    return launch(swiglu_fwd_kernel<T, VEC>, launch_for(a.rows, a.cols, VEC), st, g, u, a.in_stride,
+                  o, a.out_stride, a.rows, a.cols);
   }
-  return cudaGetLastError();
+  return launch(swiglu_fwd_kernel<T, 1>, launch_for(a.rows, a.cols, 1), st, g, u, a.in_stride, o,
+                a.out_stride, a.rows, a.cols);
 }
 
 template <typename T>
@@ -143,15 +153,11 @@ cudaError_t launch_bwd(const SwigluRows& a, const void* dout, int64_t dout_strid
           *u = static_cast<const T*>(a.up);
   T *dg = static_cast<T*>(dgate), *du = static_cast<T*>(dup);
   if (can_vectorize<T>({d, g, u, dg, du}, {dout_stride, a.in_stride, grad_stride, a.cols})) {
-    const Launch l = launch_for(a.rows, a.cols, VEC);
-    swiglu_bwd_kernel<T, VEC><<<l.grid, l.block, 0, st>>>(
-        d, dout_stride, g, u, a.in_stride, dg, du, grad_stride, a.rows, a.cols);
-  } else {
-    const Launch l = launch_for(a.rows, a.cols, 1);
-    swiglu_bwd_kernel<T, 1><<<l.grid, l.block, 0, st>>>(
-        d, dout_stride, g, u, a.in_stride, dg, du, grad_stride, a.rows, a.cols);
+    return launch(swiglu_bwd_kernel<T, VEC>, launch_for(a.rows, a.cols, VEC), st, d, dout_stride, g,
+                  u, a.in_stride, dg, du, grad_stride, a.rows, a.cols);
   }
-  return cudaGetLastError();
+  return launch(swiglu_bwd_kernel<T, 1>, launch_for(a.rows, a.cols, 1), st, d, dout_stride, g, u,
+                a.in_stride, dg, du, grad_stride, a.rows, a.cols);
 }
 
 // The grid's x dimension counts blocks of one row: at most 2^31 - 1.

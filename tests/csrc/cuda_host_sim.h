@@ -263,3 +263,4 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   return ::fastlm_sim::shfl_xor(v, lane_mask);
 }
 inline int min(int a, int b) { return a < b ? a : b; }
+inline float __expf(float x) { return std::exp(x); }
