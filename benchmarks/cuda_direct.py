@@ -280,7 +280,10 @@ class DirectLib:
                              f"{lse.dtype} {tuple(lse.shape)}")
         _check_device(op, (("q", q), ("k", k), ("v", v), ("dout", dout), ("out", out),
                            ("lse", lse)))
+        # dout feeds the tensor cores through 16-byte copies: contiguous on an aligned base
         dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
+        if dout.data_ptr() % 16:
+            dout = dout.clone()
         strides += _attn_strides(op, "out", out) + _attn_strides(op, "dout", dout)
         delta = torch.empty((b, h, t_q), dtype=torch.float32, device=q.device)
         dq = torch.empty((b, h, t_q, d), dtype=q.dtype, device=q.device)

@@ -48,6 +48,14 @@ void attn_layout(const char* op, const char* name, const at::Tensor& t, int64_t 
               " must be 16-byte aligned");
 }
 
+// t itself when the tensor-core kernels can read it in place (contiguous last dim, strides that are
+// multiples of 8 elements, 16-byte aligned base), otherwise a contiguous, aligned copy.
+at::Tensor tensor_core_readable(const at::Tensor& t) {
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int i = 0; i < 3; ++i) ok = ok && (t.size(i) == 1 || t.stride(i) % 8 == 0);
+  return ok ? t : at::empty(t.sizes(), t.options()).copy_(t);
+}
+
 cuda::AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, bool causal, double scale,
                              const c10::optional<at::Tensor>& alibi, at::Tensor& alibi_f32) {
@@ -109,8 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.fwd = make_params(op, q, k, v, causal, scale, alibi, alibi_f32);
   const AttnShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   check_attention_bwd_args(op, s, q, dout, out, lse);
-  // The kernels read dout/out with a contiguous last dim; anything else is copied once.
-  const at::Tensor dout_c = dout.stride(3) == 1 ? dout : dout.contiguous();
+  // dout feeds the tensor cores through 16-byte async copies; out only a row sum.
+  const at::Tensor dout_c = tensor_core_readable(dout);
   const at::Tensor out_c = out.stride(3) == 1 ? out : out.contiguous();
   const at::Tensor lse_c = lse.to(at::kFloat).contiguous();
   for (int i = 0; i < 3; ++i) {
