@@ -659,24 +659,33 @@ __global__ void __launch_bounds__(BWD_THREADS) attention_bwd_dq_kernel(const Att
   store_rows<T, D>(static_cast<T*>(p.dq) + row_base * D, dq, wm0, Tq, qscale, lane);
 }
 
-#if !defined(FASTLM_HOST_SIM)  // the host simulator calls the kernels directly
 // ------------------------------------------------------------------------------------------------
 // Launchers
 // ------------------------------------------------------------------------------------------------
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+// Launches `kernel` on `st` with `smem` bytes of dynamic shared memory (in the host simulator of
+// tests/test_cuda_host_sim.py: runs it CTA by CTA on the CPU, with the same grid and block).
+template <typename Kernel, typename... Args>
+cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                   Args... args) {
+#if defined(FASTLM_HOST_SIM)
+  (void)st;
+  if (smem > ::fastlm_sim::kSmemBytes) return cudaErrorInvalidValue;
+  ::fastlm_sim::launch(grid, block, [&] { kernel(args...); });
+  return cudaSuccess;
+#else
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, block, smem, st>>>(args...);
+  return cudaGetLastError();
+#endif
 }
 
 template <typename T, int D>
 cudaError_t launch_fwd(const AttnParams& p, void* out, float* lse, cudaStream_t st) {
-  const size_t smem = fwd_smem_elems<D>() * sizeof(T);
-  auto kernel = attention_fwd_kernel<T, D>;
-  cudaError_t err = allow_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
   const dim3 grid(p.B * p.H, (p.T_q + FWD_BM - 1) / FWD_BM);
-  kernel<<<grid, FWD_THREADS, smem, st>>>(p, static_cast<T*>(out), lse);
-  return cudaGetLastError();
+  return launch(attention_fwd_kernel<T, D>, grid, dim3(FWD_THREADS), fwd_smem_elems<D>() * sizeof(T),
+                st, p, static_cast<T*>(out), lse);
 }
 
 template <typename T, int D>
@@ -684,19 +693,15 @@ cudaError_t launch_bwd(const AttnBwdParams& p, cudaStream_t st) {
   const AttnParams& f = p.fwd;
   const int64_t rows = (int64_t)f.B * f.H * f.T_q;
   constexpr int kDeltaThreads = 256;
-  attention_bwd_delta_kernel<T><<<(unsigned)((rows * 32 + kDeltaThreads - 1) / kDeltaThreads),
-                                  kDeltaThreads, 0, st>>>(p);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch(attention_bwd_delta_kernel<T>,
+                           dim3((unsigned)((rows * 32 + kDeltaThreads - 1) / kDeltaThreads)),
+                           dim3(kDeltaThreads), 0, st, p);
   if (err != cudaSuccess) return err;
-  auto dkdv = attention_bwd_dkdv_kernel<T, D>;
-  auto dq = attention_bwd_dq_kernel<T, D>;
-  if ((err = allow_smem(dkdv, dkdv_smem_bytes<T, D>())) != cudaSuccess) return err;
-  if ((err = allow_smem(dq, dq_smem_bytes<T, D>())) != cudaSuccess) return err;
-  dkdv<<<dim3(f.B * f.H_kv, (f.T_k + BWD_BN - 1) / BWD_BN), BWD_THREADS, dkdv_smem_bytes<T, D>(),
-         st>>>(p);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  dq<<<dim3(f.B * f.H, (f.T_q + BWD_BM - 1) / BWD_BM), BWD_THREADS, dq_smem_bytes<T, D>(), st>>>(p);
-  return cudaGetLastError();
+  err = launch(attention_bwd_dkdv_kernel<T, D>, dim3(f.B * f.H_kv, (f.T_k + BWD_BN - 1) / BWD_BN),
+               dim3(BWD_THREADS), dkdv_smem_bytes<T, D>(), st, p);
+  if (err != cudaSuccess) return err;
+  return launch(attention_bwd_dq_kernel<T, D>, dim3(f.B * f.H, (f.T_q + BWD_BM - 1) / BWD_BM),
+                dim3(BWD_THREADS), dq_smem_bytes<T, D>(), st, p);
 }
 
 // Grid y counts 64-row blocks (<= 65535 per launch): longer sequences are refused up front.
@@ -724,10 +729,8 @@ cudaError_t bwd_by_dim(const AttnBwdParams& p, cudaStream_t st) {
   return cudaErrorInvalidValue;
 }
 
-#endif  // !FASTLM_HOST_SIM
 }  // namespace
 
-#if !defined(FASTLM_HOST_SIM)
 cudaError_t attention_fwd(const AttnParams& p, DType dtype, void* out, float* lse,
                           cudaStream_t stream) {
   switch (dtype) {
@@ -744,7 +747,6 @@ cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stre
     default: return cudaErrorInvalidValue;
   }
 }
-#endif  // !FASTLM_HOST_SIM
 
 }  // namespace cuda
 }  // namespace fastlm

@@ -1,6 +1,6 @@
-// csrc/cuda/attention.cu compiled for the host on top of cuda_host_sim.h: C entry points that run
-// the forward and backward kernels on CPU memory, CTA by CTA, exactly as the launchers would
-// launch them (same grids, blocks and kernels). For tests/test_cuda_host_sim.py.
+// csrc/cuda/attention.cu compiled for the host on top of cuda_host_sim.h: C entry points over its
+// public launchers (fastlm::cuda::attention_fwd/bwd: the same grids, blocks, shared memory sizes
+// and kernels as on the GPU) that run on CPU memory, CTA by CTA. For tests/test_cuda_host_sim.py.
 #include "cuda_host_sim.h"
 
 #include "cuda/attention.cu"
@@ -32,39 +32,6 @@ AttnParams make_params(const void* q, const void* k, const void* v, const int64_
   return p;
 }
 
-template <typename T, int D>
-void run_fwd(const AttnParams& p, void* out, float* lse) {
-  const dim3 grid(p.B * p.H, (p.T_q + FWD_BM - 1) / FWD_BM);
-  fastlm_sim::launch(grid, dim3(FWD_THREADS),
-                     [&] { attention_fwd_kernel<T, D>(p, static_cast<T*>(out), lse); });
-}
-
-template <typename T, int D>
-void run_bwd(const AttnBwdParams& p) {
-  const AttnParams& f = p.fwd;
-  const int64_t rows = (int64_t)f.B * f.H * f.T_q;
-  fastlm_sim::launch(dim3((unsigned)((rows * 32 + 255) / 256)), dim3(256),
-                     [&] { attention_bwd_delta_kernel<T>(p); });
-  fastlm_sim::launch(dim3(f.B * f.H_kv, (f.T_k + BWD_BN - 1) / BWD_BN), dim3(BWD_THREADS),
-                     [&] { attention_bwd_dkdv_kernel<T, D>(p); });
-  fastlm_sim::launch(dim3(f.B * f.H, (f.T_q + BWD_BM - 1) / BWD_BM), dim3(BWD_THREADS),
-                     [&] { attention_bwd_dq_kernel<T, D>(p); });
-}
-
-template <typename T>
-int fwd_dim(const AttnParams& p, void* out, float* lse) {
-  if (p.D == 64) return run_fwd<T, 64>(p, out, lse), 0;
-  if (p.D == 128) return run_fwd<T, 128>(p, out, lse), 0;
-  return 1;
-}
-
-template <typename T>
-int bwd_dim(const AttnBwdParams& p) {
-  if (p.fwd.D == 64) return run_bwd<T, 64>(p), 0;
-  if (p.fwd.D == 128) return run_bwd<T, 128>(p), 0;
-  return 1;
-}
-
 }  // namespace
 }  // namespace cuda
 }  // namespace fastlm
@@ -74,14 +41,14 @@ using fastlm::cuda::AttnParams;
 
 extern "C" {
 
-// dtype 0 float16, 1 bfloat16; strides (b, h, t) of q, k, v; shape B, H, H_kv, T_q, T_k, D.
+// dtype 0 float16, 1 bfloat16; returns the cudaError_t. strides: (b, h, t) of q, k, v;
+// shape: B, H, H_kv, T_q, T_k, D.
 int sim_attention_fwd(int dtype, const void* q, const void* k, const void* v,
                       const int64_t* strides, const int32_t* shape, int causal, float scale,
                       const float* alibi, void* out, float* lse) {
   fastlm_sim::smem_base() = fastlm::cuda::smem_raw;
   const AttnParams p = fastlm::cuda::make_params(q, k, v, strides, shape, causal, scale, alibi);
-  return dtype == 0 ? fastlm::cuda::fwd_dim<__half>(p, out, lse)
-                    : fastlm::cuda::fwd_dim<__nv_bfloat16>(p, out, lse);
+  return fastlm::cuda::attention_fwd(p, static_cast<fastlm::cuda::DType>(dtype), out, lse, nullptr);
 }
 
 // strides: q, k, v, out, dout (15); delta: (B, H, T_q) float32 scratch.
@@ -103,7 +70,7 @@ int sim_attention_bwd(int dtype, const void* dout, const void* q, const void* k,
   p.dq = dq;
   p.dk = dk;
   p.dv = dv;
-  return dtype == 0 ? fastlm::cuda::bwd_dim<__half>(p) : fastlm::cuda::bwd_dim<__nv_bfloat16>(p);
+  return fastlm::cuda::attention_bwd(p, static_cast<fastlm::cuda::DType>(dtype), nullptr);
 }
 
 }  // extern "C"
