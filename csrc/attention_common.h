@@ -103,6 +103,67 @@ FASTLM_HD acc_t backward_shift(acc_t lse) {
   return lse == -INFINITY ? acc_t(INFINITY) : lse;
 }
 
+// ---- exp2 form (the CUDA kernels) --------------------------------------------------------------
+// The GPU kernels keep scores in log2 units, t = qk * scale * log2(e) + bias * log2(e), so every
+// exponential is exp2(t - m) (one MUFU.EX2) and, on unmasked tiles, the scale folds into the FMA
+// that forms the exponent: exp2(fma(qk, scale * log2(e), -m)). exp(x) == exp2(x * log2(e)).
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
+
+FASTLM_HD float fl_fma(float a, float b, float c) { return fmaf(a, b, c); }
+FASTLM_HD double fl_fma(double a, double b, double c) { return fma(a, b, c); }
+FASTLM_HD float fl_exp2(float x) { return exp2f(x); }
+FASTLM_HD double fl_exp2(double x) { return exp2(x); }
+FASTLM_HD float fl_log2(float x) { return log2f(x); }
+FASTLM_HD double fl_log2(double x) { return log2(x); }
+
+// The exponent of exp2 for a score: s * coef - shift in one FMA. Unmasked tiles pass the raw qk
+// with coef = scale * log2(e); masked/ALiBi tiles pass a log2-unit score with coef = 1.
+template <typename acc_t>
+FASTLM_HD acc_t exp2_arg(acc_t s, acc_t coef, acc_t shift) {
+  return fl_fma(s, coef, -shift);
+}
+
+// masked_score in log2 units: pass scale_log2 = scale * log2(e), slope_log2 = slope * log2(e).
+template <typename acc_t>
+FASTLM_HD acc_t masked_score_log2(acc_t qk, acc_t scale_log2, acc_t slope_log2, int64_t i,
+                                  int64_t j, int64_t t_q, int64_t t_k, bool causal) {
+  if (!is_visible(i, j, t_q, t_k, causal)) return -INFINITY;
+  return fl_fma(qk, scale_log2, alibi_bias<acc_t>(slope_log2, i, j, t_q, t_k));
+}
+
+// rescale_factor for a running max kept in log2 units.
+template <typename acc_t>
+FASTLM_HD acc_t rescale_factor_log2(acc_t m_old, acc_t m_new) {
+  return m_old == -INFINITY ? acc_t(0) : fl_exp2(m_old - safe_max(m_new));
+}
+
+// Natural-log LSE from a log2-unit running max m and the sum l of exp2(t - m): (m + log2 l) ln 2.
+template <typename acc_t>
+FASTLM_HD acc_t row_lse_from_log2(acc_t m, acc_t l) {
+  return l == acc_t(0) ? acc_t(-INFINITY) : (m + fl_log2(l)) * acc_t(kLn2);
+}
+
+// Blocks of a (causal) grid dimension in launch order: block ids are handed out in increasing
+// order, so `reverse` maps launch slot k to block n_blocks - 1 - k and the heaviest causal query
+// blocks (the last ones, which see the most keys) start first instead of forming a tail.
+FASTLM_HD int64_t block_for_slot(int64_t slot, int64_t n_blocks, bool reverse) {
+  return reverse ? n_blocks - 1 - slot : slot;
+}
+
+// True when every (query row in [i0, i0 + rows), key in [j0, j0 + cols)) pair is visible and inside
+// T_k, so the kernels may skip per-element masking.
+FASTLM_HD bool tile_fully_visible(int64_t i0, int64_t j0, int64_t cols, int64_t t_q, int64_t t_k,
+                                  bool causal) {
+  return j0 + cols <= t_k && (!causal || j0 + cols - 1 <= i0 + (t_k - t_q));
+}
+
+// True when no pair of the tile is visible (causal): the kernels skip its math.
+FASTLM_HD bool tile_fully_masked(int64_t i0, int64_t rows, int64_t j0, int64_t t_q, int64_t t_k,
+                                 bool causal) {
+  return causal && j0 > i0 + rows - 1 + (t_k - t_q);
+}
+
 // Number of key blocks of size block_n a block of query rows [i0, i1) must visit (causal skip).
 FASTLM_HD int64_t key_blocks_for_rows(int64_t i1, int64_t t_q, int64_t t_k, bool causal,
                                       int64_t block_n) {

@@ -141,7 +141,8 @@ class _CppBackend:
 
 class _CudaBackend(_CppBackend):
     """CUDA kernels (csrc/cuda): tensor-core attention for fp16/bf16 with head dim 64 or 128 and a
-    contiguous last dim; vectorised SwiGLU for fp16/bf16/fp32."""
+    contiguous last dim; vectorised SwiGLU for fp16/bf16/fp32, whose packed form reads the two
+    halves of ``[..., 2H]`` in place (``swiglu_packed`` is inherited: same op, CUDA dispatch)."""
 
     name = "cuda"
     _device = "cuda"
@@ -174,11 +175,6 @@ class _CudaBackend(_CppBackend):
 
     def swiglu_unsupported(self, gate, up):
         return self._tensor_unsupported(gate, up)
-
-    def swiglu_packed(self, x):
-        # no packed CUDA kernel: the split kernel on the two halves (copied to contiguous)
-        gate, up = x.chunk(2, dim=-1)
-        return _ops.swiglu_fwd(gate, up)
 
 
 CPP_BACKEND = _CppBackend()

@@ -26,6 +26,9 @@ struct AttnParams {
   bool causal;
 };
 
+// Longest T_q / T_k the attention launchers take (grid y counts 64-row blocks, at most 65535).
+constexpr int kMaxAttnSeqLen = 65535 * 64;
+
 // out: contiguous (B, H, T_q, D) of the input dtype; lse: contiguous (B, H, T_q) float32.
 cudaError_t attention_fwd(const AttnParams& p, DType dtype, void* out, float* lse,
                           cudaStream_t stream);
@@ -47,11 +50,32 @@ struct AttnBwdParams {
 
 cudaError_t attention_bwd(const AttnBwdParams& p, DType dtype, cudaStream_t stream);
 
-// Elementwise SwiGLU over n contiguous elements.
+inline int64_t elem_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// SwiGLU over `rows` rows of `cols` elements; gate and up share the row stride in_stride, the
+// output rows are out_stride apart (all strides in elements).
+struct SwigluRows {
+  const void* gate;
+  const void* up;
+  int64_t in_stride;
+  void* out;
+  int64_t out_stride;
+  int64_t rows, cols;
+};
+
+// Split layout: n contiguous elements of gate and up; out, dgate, dup fresh and contiguous.
 cudaError_t swiglu_fwd(const void* gate, const void* up, void* out, int64_t n, DType dtype,
                        cudaStream_t stream);
 cudaError_t swiglu_bwd(const void* dout, const void* gate, const void* up, void* dgate, void* dup,
                        int64_t n, DType dtype, cudaStream_t stream);
+
+// Packed layout: x is [rows, 2 * hidden] = [gate | up] with a contiguous last dim and row stride
+// x_row_stride, read in place; out is contiguous [rows, hidden]; dout contiguous [rows, hidden];
+// dx is a fresh contiguous [rows, 2 * hidden].
+cudaError_t swiglu_packed_fwd(const void* x, int64_t rows, int64_t hidden, int64_t x_row_stride,
+                              void* out, DType dtype, cudaStream_t stream);
+cudaError_t swiglu_packed_bwd(const void* dout, const void* x, int64_t rows, int64_t hidden,
+                              int64_t x_row_stride, void* dx, DType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastlm

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "kernels.h"
 #include "op_checks.h"
 
@@ -46,6 +48,14 @@ void attn_layout(const char* op, const char* name, const at::Tensor& t, int64_t 
               " must be 16-byte aligned");
 }
 
+// t itself when the tensor-core kernels can read it in place (contiguous last dim, strides that are
+// multiples of 8 elements, 16-byte aligned base), otherwise a contiguous, aligned copy.
+at::Tensor tensor_core_readable(const at::Tensor& t) {
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int i = 0; i < 3; ++i) ok = ok && (t.size(i) == 1 || t.stride(i) % 8 == 0);
+  return ok ? t : at::empty(t.sizes(), t.options()).copy_(t);
+}
+
 cuda::AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, bool causal, double scale,
                              const c10::optional<at::Tensor>& alibi, at::Tensor& alibi_f32) {
@@ -59,8 +69,10 @@ cuda::AttnParams make_params(const char* op, const at::Tensor& q, const at::Tens
   attn_layout(op, "q", q, p.q_stride);
   attn_layout(op, "k", k, p.k_stride);
   attn_layout(op, "v", v, p.v_stride);
-  TORCH_CHECK(s.B * s.H <= 65535 && s.T_q < (int64_t(1) << 31) && s.T_k < (int64_t(1) << 31), op,
-              ": batch * heads must be <= 65535 for the CUDA kernel, got ", s.B * s.H);
+  TORCH_CHECK(s.T_q <= cuda::kMaxAttnSeqLen && s.T_k <= cuda::kMaxAttnSeqLen, op,
+              ": sequence length must be <= ", cuda::kMaxAttnSeqLen, " for the CUDA kernel, got T_q ",
+              s.T_q, ", T_k ", s.T_k);
+  TORCH_CHECK(s.B * s.H < (int64_t(1) << 31), op, ": batch * heads too large (", s.B * s.H, ")");
   p.B = (int)s.B;
   p.H = (int)s.H;
   p.H_kv = (int)s.H_kv;
@@ -105,8 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.fwd = make_params(op, q, k, v, causal, scale, alibi, alibi_f32);
   const AttnShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   check_attention_bwd_args(op, s, q, dout, out, lse);
-  // The kernels read dout/out with a contiguous last dim; anything else is copied once.
-  const at::Tensor dout_c = dout.stride(3) == 1 ? dout : dout.contiguous();
+  // dout feeds the tensor cores through 16-byte async copies; out only a row sum.
+  const at::Tensor dout_c = tensor_core_readable(dout);
   const at::Tensor out_c = out.stride(3) == 1 ? out : out.contiguous();
   const at::Tensor lse_c = lse.to(at::kFloat).contiguous();
   for (int i = 0; i < 3; ++i) {
@@ -158,6 +170,51 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cuda(const at::Tensor& dout, const
   return {dgate, dup};
 }
 
+// x: [..., 2 * hidden] as [rows, 2 * hidden] with a contiguous last dim (a view when possible).
+at::Tensor packed_rows(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim, got a scalar");
+  TORCH_CHECK(x.size(-1) % 2 == 0, op, ": the last dim of x must be even ([gate | up]), got ",
+              x.sizes());
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  if (x2.size(1) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();  // any row stride is fine
+  return x2;
+}
+
+at::Tensor swiglu_packed_fwd_cuda(const at::Tensor& x) {
+  const char* op = "swiglu_packed_fwd";
+  const at::Tensor x2 = packed_rows(op, x);
+  const cuda::DType dt = to_dtype(op, x.scalar_type(), /*allow_fp32=*/true);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x2.size(0), hidden = x2.size(1) / 2;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = hidden;
+  at::Tensor out = at::empty(shape, x.options());
+  check_cuda_status(op, cuda::swiglu_packed_fwd(x2.data_ptr(), rows, hidden, x2.stride(0),
+                                                out.data_ptr(), dt,
+                                                at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor swiglu_packed_bwd_cuda(const at::Tensor& dout, const at::Tensor& x) {
+  const char* op = "swiglu_packed_bwd";
+  const at::Tensor x2 = packed_rows(op, x);
+  const cuda::DType dt = to_dtype(op, x.scalar_type(), /*allow_fp32=*/true);
+  const int64_t rows = x2.size(0), hidden = x2.size(1) / 2;
+  TORCH_CHECK(dout.dim() == x.dim() && dout.scalar_type() == x.scalar_type() &&
+                  dout.device() == x.device() && dout.numel() == rows * hidden &&
+                  dout.size(-1) == hidden,
+              op, ": dout must have x's shape with the last dim halved and x's dtype; got dout ",
+              dout.sizes(), " for x ", x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor d = dout.contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options());  // fresh, contiguous: [rows, 2 * hidden]
+  check_cuda_status(op, cuda::swiglu_packed_bwd(d.data_ptr(), x2.data_ptr(), rows, hidden,
+                                                x2.stride(0), dx.data_ptr(), dt,
+                                                at::cuda::getCurrentCUDAStream()));
+  return dx;
+}
+
 }  // namespace
 }  // namespace fastlm
 
@@ -166,4 +223,6 @@ TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
   m.impl("attention_bwd", &fastlm::attention_bwd_cuda);
   m.impl("swiglu_fwd", &fastlm::swiglu_fwd_cuda);
   m.impl("swiglu_bwd", &fastlm::swiglu_bwd_cuda);
+  m.impl("swiglu_packed_fwd", &fastlm::swiglu_packed_fwd_cuda);
+  m.impl("swiglu_packed_bwd", &fastlm::swiglu_packed_bwd_cuda);
 }
