@@ -329,6 +329,8 @@ def default_train_setup():
         values = {k: v for k, v in dict(model_values).items() if k != "backend" and v is not None}
         values["vocab_size"] = 65  # the bundled corpus' char vocabulary
         batch = int(tcfg.batch_size)
-        return GPTConfig(**{**GPTConfig().to_dict(), **values}), batch, "fastlm.train defaults (CPU)"
+        # GPTConfig's own field defaults fill the rest (not GPTConfig().to_dict(): its n_kv_head and
+        # mlp_hidden are resolved for the default shape and would not fit this one)
+        return GPTConfig(**values), batch, "fastlm.train defaults (CPU)"
     except Exception:  # noqa: BLE001 - not written yet, or another API: the documented approximation
         return fallback

@@ -41,20 +41,51 @@ NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": to
 def newton_schulz(G: Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, dtype: torch.dtype = torch.float32,
                   eps: float = 1e-7) -> Tensor:
     """Approximately orthogonalise each matrix of ``G`` ``(N, rows, cols)``: ``U S' V^T`` with
-    ``S'`` near 1 for ``G = U S V^T``. Computed in ``dtype``; returned in ``dtype``, shape of ``G``."""
+    ``S'`` near 1 for ``G = U S V^T``. Computed in ``dtype``; returned in ``dtype``, shape of ``G``.
+
+    In float32/float64 a matrix wider than 1.5x its height (after orienting it wide) takes the Gram
+    form (:func:`_newton_schulz_gram`), the same polynomial in fewer flops; otherwise the direct
+    iteration on ``X``."""
     if G.dim() != 3:
         raise ValueError(f"newton_schulz expects a (N, rows, cols) stack, got shape {tuple(G.shape)}")
-    a, b, c = coefficients
     tall = G.size(1) > G.size(2)
     X = G.to(dtype)
     if tall:
         X = X.mT
     X = X / X.norm(dim=(1, 2), keepdim=True).clamp_min(eps)
+    m, n = X.shape[1:]
+    if dtype in (torch.float32, torch.float64) and 2 * n > 3 * m and steps > 1:
+        X = _newton_schulz_gram(X, steps, coefficients)
+    else:
+        X = _newton_schulz_direct(X, steps, coefficients)
+    return X.mT if tall else X
+
+
+def _newton_schulz_direct(X: Tensor, steps: int, coefficients) -> Tensor:
+    """``X <- a X + (b A + c A^2) X`` with ``A = X X^T``: per step 4 m^2 n + 2 m^3 flops (X: m x n)."""
+    a, b, c = coefficients
     for _ in range(steps):
-        A = torch.bmm(X, X.mT)  # (N, m, m), m = min(rows, cols)
+        A = torch.bmm(X, X.mT)  # (N, m, m)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
         X = torch.baddbmm(X, B, X, beta=a)
-    return X.mT if tall else X
+    return X
+
+
+def _newton_schulz_gram(X: Tensor, steps: int, coefficients) -> Tensor:
+    """The same iteration on m x m matrices: every iterate is ``Q X_0`` with ``Q`` a polynomial in
+    ``A_0 = X_0 X_0^T``, so ``P_k = a + b A_k + c A_k^2``, ``Q_{k+1} = P_k Q_k`` and
+    ``A_{k+1} = P_k A_k P_k`` (all commute); ``X_0`` is touched twice. Flops: 4 m^2 n + (8 steps - 6) m^3,
+    fewer than the direct form when n > 1.5 m. Needs float32/64: A squares the singular values."""
+    a, b, c = coefficients
+    A = torch.bmm(X, X.mT)  # (N, m, m)
+    Q = None
+    for k in range(steps):
+        P = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        P.diagonal(dim1=1, dim2=2).add_(a)
+        Q = P if Q is None else torch.bmm(P, Q)
+        if k + 1 < steps:
+            A = torch.bmm(torch.bmm(P, A), P)
+    return torch.bmm(Q, X)
 
 
 def resolve_ns_dtype(name: str, device_type: str) -> torch.dtype:
