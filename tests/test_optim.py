@@ -154,6 +154,15 @@ def _train_steps(model, opt, steps, seed0=0):
     return losses
 
 
+def test_adamw_choice_is_bit_identical_to_configure_optimizer():
+    """--optimizer adamw (the default) keeps the loss curves recorded with GPT.configure_optimizer."""
+    a, b = tiny_gpt(bias=True), tiny_gpt(bias=True)
+    opt_a = build_optimizer(a, optimizer="adamw", lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
+    opt_b = b.configure_optimizer(0.1, 1e-2, (0.9, 0.99))
+    assert _train_steps(a, opt_a, 4) == _train_steps(b, opt_b, 4)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 def test_state_round_trips_bit_exactly_through_checkpoint(tmp_path):
     model = tiny_gpt()
     opt = build_optimizer(model, optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
