@@ -149,3 +149,26 @@ def test_optimizer_step(bench, optimizer):
                  shape={"batch": batch, "block": T, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
                         "mlp": cfg.mlp}, variant=optimizer, train_step_ms=train_s * 1e3,
                  step_fraction=headline / train_s if step_s else None)
+
+
+@pytest.mark.parametrize("steps", (5, 4, 3))
+@pytest.mark.parametrize("ns_dtype", ("float32", "bfloat16"))
+def test_newton_schulz(bench, ns_dtype, steps):
+    """Muon's Newton-Schulz alone on the default model's hidden matrices (same-shape stacks, as
+    ``fastlm.optim.Muon`` runs them): the precision / iteration-count trade of issue 14."""
+    from fastlm.optim import muon_param_names, newton_schulz
+
+    base, _, name = model_setup("swiglu")
+    model = GPT(dataclasses.replace(base, backend="auto"))
+    hidden = set(muon_param_names(model))
+    shapes = {}
+    for n, p in model.named_parameters():
+        if n in hidden:
+            shapes.setdefault(tuple(p.shape), []).append(p)
+    stacks = [torch.randn(len(ps), *shape, device=DEVICE) for shape, ps in shapes.items()]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ns_dtype]
+    bench.benchmark.group = f"newton-schulz {name}"
+    median = bench.time(lambda: [newton_schulz(s, steps, dtype=dtype) for s in stacks])
+    bench.record(suite="model", op=f"newton_schulz-{name}", pass_="ns", backend="fastlm", median_s=median,
+                 dtype=ns_dtype, shape={"matrices": {str(k): len(v) for k, v in shapes.items()}, "steps": steps},
+                 variant=f"{ns_dtype}-ns{steps}")
