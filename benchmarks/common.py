@@ -318,17 +318,11 @@ def gpu_oom_skip(fn: Callable[[], object]):
 @functools.lru_cache(maxsize=None)
 def default_train_setup():
     """``(GPTConfig, batch_size, source)``: what ``python -m fastlm.train`` trains on the CPU with no
-    flags (Tiny Shakespeare, char vocabulary of 65), or GPTConfig() with batch 32 if fastlm.train
-    cannot tell."""
+    flags (Tiny Shakespeare, char vocabulary of 65)."""
+    from fastlm import train
     from fastlm.model import GPTConfig
 
-    fallback = (GPTConfig(), 32, "GPTConfig() defaults, batch 32")
-    try:
-        from fastlm import train
-        tcfg, model_values, _ = train.resolve_config([])
-        values = {k: v for k, v in dict(model_values).items() if k != "backend" and v is not None}
-        values["vocab_size"] = 65  # the bundled corpus' char vocabulary
-        batch = int(tcfg.batch_size)
-        return GPTConfig(**{**GPTConfig().to_dict(), **values}), batch, "fastlm.train defaults (CPU)"
-    except Exception:  # noqa: BLE001 - not written yet, or another API: the documented approximation
-        return fallback
+    config, model_values, _ = train.resolve_config([])
+    values = {**train.CPU_MODEL_DEFAULTS, **model_values, "vocab_size": 65}  # the bundled corpus' chars
+    values.pop("backend", None)
+    return GPTConfig(**values), int(config.batch_size), "fastlm.train defaults (CPU)"

@@ -14,6 +14,7 @@ Both the model's default MLP (gelu) and a SwiGLU variant run, so the SwiGLU kern
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import torch
 from fastlm.model import GPT, GPTConfig
 
 from .common import (DEVICE, ON_GPU, attention_flops, default_train_setup, gpu_oom_skip,
-                     peak_bf16_tflops, run_info, skip_unless_fastlm_backend)
+                     peak_bf16_tflops, run_info, skip_unless_fastlm_backend, sync)
 
 BACKENDS = ("auto", "torch", "reference")
 MLPS = ("gelu", "swiglu")
@@ -105,3 +106,69 @@ def test_train_step(bench, mlp, backend):
                  shape={"batch": batch, "block": T, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
                         "n_head": cfg.n_head, "vocab": cfg.vocab_size, "mlp": mlp},
                  variant=mlp, flops=flops, tokens=tokens, params=n_params, peak_mem_mb=peak_mb, mfu=mfu)
+
+
+@pytest.mark.parametrize("optimizer", ("adamw", "muon"))
+def test_optimizer_step(bench, optimizer):
+    """``optimizer.step()`` alone on the default model's gradients, and the whole training step
+    (forward, backward, step) with that optimizer, timed side by side in one test: the row's
+    ``step_fraction`` is the optimizer's share of the training step (issue 14: Muon <= 10%).
+    Muon (fastlm.optim) with its defaults: 5 Newton-Schulz steps, float32 on CPU, bf16 on CUDA."""
+    from fastlm.optim import build_optimizer
+
+    base, batch, name = model_setup("swiglu")
+    cfg = dataclasses.replace(base, backend="auto")
+    T = cfg.block_size
+    model = gpu_oom_skip(lambda: GPT(cfg).to(DEVICE))
+    opt = build_optimizer(model, optimizer=optimizer, lr=1e-3, weight_decay=0.1, device_type=DEVICE.type)
+    x = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
+    y = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else torch.autocast("cpu", enabled=False)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+
+    gpu_oom_skip(train_step)  # allocates the optimizer state; leaves gradients for opt.step alone
+    bench.benchmark.group = f"optimizer step {name}"
+    step_s = bench.time(opt.step, warmup=2 if ON_GPU else 1)
+    step_min = bench.min_s
+    rounds = []  # the training step right after, best of a few rounds
+    for _ in range(5 if ON_GPU else 3):
+        t0 = time.perf_counter()
+        train_step()
+        sync()
+        rounds.append(time.perf_counter() - t0)
+    train_s = min(rounds)
+    headline = step_s if ON_GPU or step_min is None else step_min
+    bench.record(suite="model", op=f"optimizer_step-{name}", pass_="step", backend=optimizer, resolved=optimizer,
+                 median_s=step_s, dtype="float32 params" if not ON_GPU else "bf16-autocast",
+                 shape={"batch": batch, "block": T, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+                        "mlp": cfg.mlp}, variant=optimizer, train_step_ms=train_s * 1e3,
+                 step_fraction=headline / train_s if step_s else None)
+
+
+@pytest.mark.parametrize("steps", (5, 4, 3))
+@pytest.mark.parametrize("ns_dtype", ("float32", "bfloat16"))
+def test_newton_schulz(bench, ns_dtype, steps):
+    """Muon's Newton-Schulz alone on the default model's hidden matrices (same-shape stacks, as
+    ``fastlm.optim.Muon`` runs them): the precision / iteration-count trade of issue 14."""
+    from fastlm.optim import muon_param_names, newton_schulz
+
+    base, _, name = model_setup("swiglu")
+    model = GPT(dataclasses.replace(base, backend="auto"))
+    hidden = set(muon_param_names(model))
+    shapes = {}
+    for n, p in model.named_parameters():
+        if n in hidden:
+            shapes.setdefault(tuple(p.shape), []).append(p)
+    stacks = [torch.randn(len(ps), *shape, device=DEVICE) for shape, ps in shapes.items()]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ns_dtype]
+    bench.benchmark.group = f"newton-schulz {name}"
+    median = bench.time(lambda: [newton_schulz(s, steps, dtype=dtype) for s in stacks])
+    bench.record(suite="model", op=f"newton_schulz-{name}", pass_="ns", backend="fastlm", median_s=median,
+                 dtype=ns_dtype, shape={"matrices": {str(k): len(v) for k, v in shapes.items()}, "steps": steps},
+                 variant=f"{ns_dtype}-ns{steps}")

@@ -15,6 +15,7 @@ from typing import Optional
 from . import data as data_mod
 from .checkpoint import CheckpointError
 from .model import GPTConfig
+from .optim import OPTIMIZERS
 
 __all__ = ["TrainConfig", "TrainError", "CPU_MODEL_DEFAULTS", "GPU_DEFAULTS", "RESUME_OVERRIDABLE",
            "INIT_OVERRIDABLE", "SCHEDULES", "DEVICES", "DTYPES", "explicit_settings", "apply_gpu_profile",
@@ -56,7 +57,12 @@ class TrainConfig:
     lr_schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule", "choices": SCHEDULES})
     plateau_patience: int = field(default=2, metadata={"help": "plateau: evals without improvement before the LR drops"})
     plateau_factor: float = field(default=0.5, metadata={"help": "plateau: LR multiplier on a plateau"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (2-D weights only)"})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw | muon (Muon for the 2-D weights inside the blocks, AdamW with --lr for the rest)",
+        "choices": OPTIMIZERS})
+    muon_lr: float = field(default=0.02, metadata={"help": "muon: peak learning rate of the Muon matrices"})
+    muon_momentum: float = field(default=0.95, metadata={"help": "muon: Nesterov momentum of the Muon matrices"})
+    weight_decay: float = field(default=0.1, metadata={"help": "weight decay of the 2-D weights (AdamW and Muon)"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
@@ -111,6 +117,11 @@ class TrainConfig:
         need(math.isfinite(self.grad_clip) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
         need(math.isfinite(self.plateau_factor) and 0 < self.plateau_factor < 1,
              f"plateau_factor must be in (0, 1), got {self.plateau_factor!r}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(math.isfinite(self.muon_lr) and 0 < self.muon_lr <= 10,
+             f"muon_lr must be a finite number in (0, 10], got {self.muon_lr!r}")
+        need(math.isfinite(self.muon_momentum) and 0 <= self.muon_momentum < 1,
+             f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
         need(self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         need(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")

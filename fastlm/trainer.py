@@ -45,6 +45,7 @@ from . import data as data_mod
 from . import rundir
 from .checkpoint import CheckpointError
 from .model import GPT, GPTConfig
+from .optim import build_optimizer
 from .runtime import autocast, init_distributed, resolve_device, resolve_dtype
 from .schedule import LRSchedule
 from .train_config import (CPU_MODEL_DEFAULTS, INIT_OVERRIDABLE, TrainConfig, apply_gpu_profile, explicit_settings,
@@ -326,7 +327,9 @@ class Trainer:
             ckpt_mod.load_model_tensors(model, init_state, cfg.init_from)
         model.to(self.device)
         self.raw_model = self.model = model
-        self.optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), self.device.type)
+        self.optimizer = build_optimizer(model, optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr,
+                                         muon_momentum=cfg.muon_momentum, device_type=self.device.type)
         self.schedule = LRSchedule(cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=(self.autocast_dtype == torch.float16))
         self.amp = autocast(self.device.type, self.autocast_dtype)
@@ -435,8 +438,8 @@ class Trainer:
         received (0 for none) and whether any rank asked to stop."""
         cfg, progress = self.config, self.progress
         lr = self.schedule.lr(progress.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # Muon groups run at muon_lr / lr times the schedule
+            group["lr"] = lr * group.get("lr_ratio", 1.0)
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             x, y = self.train_sampler.sample(self.device, self.dist.rank, self.dist.world)

@@ -44,14 +44,16 @@ def _evals(run):
 
 
 @pytest.mark.skipif(not _gloo_ok(), reason="torch.distributed with gloo is not available")
-def test_two_processes_match_one_process_and_resume(tmp_path, corpus, capsys):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_processes_match_one_process_and_resume(tmp_path, corpus, capsys, optimizer):
+    common = [*COMMON, "--optimizer", optimizer]
     # 1 process: micro-batch 8, no accumulation, 9 steps
     one = tmp_path / "one"
-    assert main(["--data", str(corpus), "--out-dir", str(one), *COMMON, "--batch-size", "8", "--max-iters", "9"]) == 0
+    assert main(["--data", str(corpus), "--out-dir", str(one), *common, "--batch-size", "8", "--max-iters", "9"]) == 0
     capsys.readouterr()
     # 2 processes: micro-batch 2 x grad_accum 2 x world 2 = the same 8 sequences per step; 6 steps, then resume to 9
     two = tmp_path / "two"
-    res = _torchrun(["--data", corpus, "--out-dir", two, *COMMON, "--batch-size", "2", "--grad-accum", "2",
+    res = _torchrun(["--data", corpus, "--out-dir", two, *common, "--batch-size", "2", "--grad-accum", "2",
                      "--max-iters", "6"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 x grad_accum 2 x world 2 = 8 sequences" in res.stdout
@@ -73,8 +75,11 @@ def test_two_processes_match_one_process_and_resume(tmp_path, corpus, capsys):
     w1, _ = checkpoint.load_weights(one / "model.safetensors")
     w2, _ = checkpoint.load_weights(two / "model.safetensors")
     assert w1 and set(w1) == set(w2)
+    # Muon: Newton-Schulz lifts the update's small singular directions by ~1/sigma, so the last-bit
+    # differences of a 2-rank gradient sum reach ~2e-5 in the weights (moves of lr 0.02 per step)
+    atol = 1e-4 if optimizer == "muon" else 1e-5
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=atol)
     # the whole-split evaluation is shared by the ranks and gives the one-process figure
     s1, s2 = (json.loads((run / "summary.json").read_text()) for run in (one, two))
     assert s2["val_loss"] == pytest.approx(s1["val_loss"], rel=1e-5)

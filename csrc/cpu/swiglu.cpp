@@ -32,25 +32,26 @@ using at::vec::Vectorized;
 
 constexpr int64_t kGrain = 16384;  // elements per parallel chunk
 
-// Load/store `n` (<= one vector of scalar_t) elements as compute-type vectors. For fp32/fp64 that is
-// one vector; for bf16/fp16 one Vectorized<scalar_t> becomes two Vectorized<float>.
-template <typename scalar_t>
-struct VecIO;
-
+// Load/store one vector of scalar_t (`count` < kStep elements at a row's tail) as compute-type
+// vectors. For fp32/fp64 that is one vector; for bf16/fp16 one Vectorized<scalar_t> becomes two
+// Vectorized<float>. The tensor counts are template parameters: the loops over them unroll and the
+// vectors stay in registers (with runtime counts they went through the stack: measured 2-3x slower).
 template <typename scalar_t>
 struct VecIO {  // float, double: compute type == storage type
   using acc_t = scalar_t;
   using AVec = Vectorized<acc_t>;
   static constexpr int64_t kStep = AVec::size();
-  template <typename F>
-  static void apply(const scalar_t* const* in, scalar_t* const* out, int n_in, int n_out,
-                    int64_t count, F f) {
-    AVec a[3], r[2];
-    for (int t = 0; t < n_in; ++t)
-      a[t] = count == kStep ? AVec::loadu(in[t]) : AVec::loadu(in[t], count);
-    f(a, r);
-    for (int t = 0; t < n_out; ++t) {
-      if (count == kStep) r[t].store(out[t]); else r[t].store(out[t], count);
+  template <int NIn, int NOut, typename F>
+  static inline void apply(const scalar_t* const* in, scalar_t* const* out, int64_t count, F f) {
+    AVec a[NIn], r[NOut];
+    if (count == kStep) {
+      for (int t = 0; t < NIn; ++t) a[t] = AVec::loadu(in[t]);
+      f(a, r);
+      for (int t = 0; t < NOut; ++t) r[t].store(out[t]);
+    } else {
+      for (int t = 0; t < NIn; ++t) a[t] = AVec::loadu(in[t], count);
+      f(a, r);
+      for (int t = 0; t < NOut; ++t) r[t].store(out[t], count);
     }
   }
 };
@@ -61,17 +62,16 @@ struct ReducedVecIO {  // bf16, fp16: compute in float
   using AVec = Vectorized<float>;
   using SVec = Vectorized<scalar_t>;
   static constexpr int64_t kStep = SVec::size();  // == 2 * AVec::size()
-  template <typename F>
-  static void apply(const scalar_t* const* in, scalar_t* const* out, int n_in, int n_out,
-                    int64_t count, F f) {
-    AVec lo[3], hi[3], rlo[2], rhi[2];
-    for (int t = 0; t < n_in; ++t) {
+  template <int NIn, int NOut, typename F>
+  static inline void apply(const scalar_t* const* in, scalar_t* const* out, int64_t count, F f) {
+    AVec lo[NIn], hi[NIn], rlo[NOut], rhi[NOut];
+    for (int t = 0; t < NIn; ++t) {
       SVec s = count == kStep ? SVec::loadu(in[t]) : SVec::loadu(in[t], count);
       std::tie(lo[t], hi[t]) = at::vec::convert_to_float<scalar_t>(s);
     }
     f(lo, rlo);
     f(hi, rhi);
-    for (int t = 0; t < n_out; ++t) {
+    for (int t = 0; t < NOut; ++t) {
       SVec s = at::vec::convert_from_float<scalar_t>(rlo[t], rhi[t]);
       if (count == kStep) s.store(out[t]); else s.store(out[t], count);
     }
@@ -82,39 +82,43 @@ template <typename scalar_t>
 using IO = std::conditional_t<std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>,
                               VecIO<scalar_t>, ReducedVecIO<scalar_t>>;
 
-template <typename scalar_t, typename F>
-void elementwise(const scalar_t* const* in, scalar_t* const* out, int n_in, int n_out, int64_t n,
-                 F f) {
+// `cols` elements of NIn inputs -> NOut outputs, all contiguous from the given pointers.
+template <typename scalar_t, int NIn, int NOut, typename F>
+inline void span(const scalar_t* const* in, scalar_t* const* out, int64_t cols, F f) {
   using io = IO<scalar_t>;
+  const scalar_t* ip[NIn];
+  scalar_t* op[NOut];
+  for (int64_t i = 0; i < cols; i += io::kStep) {
+    for (int t = 0; t < NIn; ++t) ip[t] = in[t] + i;
+    for (int t = 0; t < NOut; ++t) op[t] = out[t] + i;
+    io::template apply<NIn, NOut>(ip, op, std::min<int64_t>(io::kStep, cols - i), f);
+  }
+}
+
+template <typename scalar_t, int NIn, int NOut, typename F>
+void elementwise(const scalar_t* const* in, scalar_t* const* out, int64_t n, F f) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    const scalar_t* ip[3];
-    scalar_t* op[2];
-    for (int64_t i = begin; i < end; i += io::kStep) {
-      const int64_t count = std::min<int64_t>(io::kStep, end - i);
-      for (int t = 0; t < n_in; ++t) ip[t] = in[t] + i;
-      for (int t = 0; t < n_out; ++t) op[t] = out[t] + i;
-      io::apply(ip, op, n_in, n_out, count, f);
-    }
+    const scalar_t* ip[NIn];
+    scalar_t* op[NOut];
+    for (int t = 0; t < NIn; ++t) ip[t] = in[t] + begin;
+    for (int t = 0; t < NOut; ++t) op[t] = out[t] + begin;
+    span<scalar_t, NIn, NOut>(ip, op, end - begin, f);
   });
 }
 
 // Row-wise variant: `rows` rows of `cols` elements; tensor t's row r starts at ptr[t] + r * stride[t]
 // (each row contiguous). Parallel over whole rows.
-template <typename scalar_t, typename F>
+template <typename scalar_t, int NIn, int NOut, typename F>
 void rowwise(const scalar_t* const* in, const int64_t* in_stride, scalar_t* const* out,
-             const int64_t* out_stride, int n_in, int n_out, int64_t rows, int64_t cols, F f) {
-  using io = IO<scalar_t>;
+             const int64_t* out_stride, int64_t rows, int64_t cols, F f) {
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    const scalar_t* ip[3];
-    scalar_t* op[2];
+    const scalar_t* ip[NIn];
+    scalar_t* op[NOut];
     for (int64_t r = begin; r < end; ++r) {
-      for (int64_t i = 0; i < cols; i += io::kStep) {
-        const int64_t count = std::min<int64_t>(io::kStep, cols - i);
-        for (int t = 0; t < n_in; ++t) ip[t] = in[t] + r * in_stride[t] + i;
-        for (int t = 0; t < n_out; ++t) op[t] = out[t] + r * out_stride[t] + i;
-        io::apply(ip, op, n_in, n_out, count, f);
-      }
+      for (int t = 0; t < NIn; ++t) ip[t] = in[t] + r * in_stride[t];
+      for (int t = 0; t < NOut; ++t) op[t] = out[t] + r * out_stride[t];
+      span<scalar_t, NIn, NOut>(ip, op, cols, f);
     }
   });
 }
@@ -168,7 +172,7 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up) {
     using AVec = Vectorized<typename IO<scalar_t>::acc_t>;
     const scalar_t* in[2] = {g.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>()};
     scalar_t* o[1] = {out.mutable_data_ptr<scalar_t>()};
-    elementwise<scalar_t>(in, o, 2, 1, n,
+    elementwise<scalar_t, 2, 1>(in, o, n,
                           [](const AVec* a, AVec* r) { r[0] = swiglu_fwd_math(a[0], a[1]); });
   });
   return out;
@@ -191,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dout, const 
     const scalar_t* in[3] = {d.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
                              u.const_data_ptr<scalar_t>()};
     scalar_t* o[2] = {dgate.mutable_data_ptr<scalar_t>(), dup.mutable_data_ptr<scalar_t>()};
-    elementwise<scalar_t>(in, o, 3, 2, n, [](const AVec* a, AVec* r) {
+    elementwise<scalar_t, 3, 2>(in, o, n, [](const AVec* a, AVec* r) {
       swiglu_bwd_math(a[0], a[1], a[2], r[0], r[1]);
     });
   });
@@ -226,7 +230,7 @@ at::Tensor swiglu_packed_fwd_cpu(const at::Tensor& x) {
     const int64_t in_stride[2] = {sx, sx};
     scalar_t* o[1] = {out.mutable_data_ptr<scalar_t>()};
     const int64_t out_stride[1] = {hidden};
-    rowwise<scalar_t>(in, in_stride, o, out_stride, 2, 1, rows, hidden,
+    rowwise<scalar_t, 2, 1>(in, in_stride, o, out_stride, rows, hidden,
                       [](const AVec* a, AVec* r) { r[0] = swiglu_fwd_math(a[0], a[1]); });
   });
   return out;
@@ -253,7 +257,7 @@ at::Tensor swiglu_packed_bwd_cpu(const at::Tensor& dout, const at::Tensor& x) {
     scalar_t* dbase = dx.mutable_data_ptr<scalar_t>();
     scalar_t* o[2] = {dbase, dbase + hidden};
     const int64_t out_stride[2] = {2 * hidden, 2 * hidden};
-    rowwise<scalar_t>(in, in_stride, o, out_stride, 3, 2, rows, hidden, [](const AVec* a, AVec* r) {
+    rowwise<scalar_t, 3, 2>(in, in_stride, o, out_stride, rows, hidden, [](const AVec* a, AVec* r) {
       swiglu_bwd_math(a[0], a[1], a[2], r[0], r[1]);
     });
   });

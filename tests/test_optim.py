@@ -1,0 +1,310 @@
+"""fastlm.optim: batched Newton-Schulz, the Muon update against a plain per-matrix reference and
+torch.optim.Muon, the Muon+AdamW composite (groups, state through fastlm's checkpoints, GradScaler,
+grad accumulation) and --optimizer muon end to end (a loss that falls, an exact resume)."""
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+from fastlm import checkpoint
+from fastlm.model import GPT, GPTConfig
+from fastlm.optim import Muon, MuonWithAdamW, build_optimizer, muon_param_names, newton_schulz
+from fastlm.trainer import Callback
+
+A, B, C = 3.4445, -4.7750, 2.0315
+
+
+def reference_ns(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """One matrix, the formula written out with plain 2-D matmuls in float64."""
+    x = g.double()
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / max(float(x.norm()), 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = A * x + (B * gram + C * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def reference_muon_step(params, grads, bufs, *, lr, momentum, weight_decay, steps=5):
+    """torch.optim.Muon's formula (nesterov, adjust_lr 'original'), one matrix at a time, float64."""
+    for p, g, buf in zip(params, grads, bufs):
+        buf.mul_(momentum).add_(g, alpha=1 - momentum)
+        update = (1 - momentum) * g + momentum * buf
+        o = reference_ns(update, steps)
+        p.mul_(1 - lr * weight_decay)
+        p.sub_(lr * math.sqrt(max(1.0, p.shape[0] / p.shape[1])) * o)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (4, 9, 4), (2, 6, 6), (1, 1, 8), (5, 17, 3)])
+def test_batched_ns_equals_per_matrix_float64(shape):
+    g = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = newton_schulz(g, steps=5, dtype=torch.float64)
+    assert out.shape == g.shape and out.dtype == torch.float64
+    ref = torch.stack([reference_ns(m, 5) for m in g])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_ns_orthogonalises_and_fp32_bf16_track_float64():
+    g = torch.randn(6, 96, 288, generator=torch.Generator().manual_seed(1))
+    ref = newton_schulz(g.double(), steps=5, dtype=torch.float64)
+    sv = torch.linalg.svdvals(ref)
+    assert sv.min() > 0.5 and sv.max() < 1.5  # U S' V^T with S' near 1, as Muon's quintic gives
+    assert (newton_schulz(g, dtype=torch.float32).double() - ref).abs().max() < 1e-4
+    err_bf16 = (newton_schulz(g, dtype=torch.bfloat16).double() - ref).abs().max()
+    assert 1e-4 < err_bf16 < 0.1  # bf16 is really used, and still close
+    with pytest.raises(ValueError, match="stack"):
+        newton_schulz(g[0])
+
+
+def _mixed_params(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(12, 4), (4, 4), (12, 4), (4, 10), (4, 4), (12, 4)]  # repeated shapes batch together
+    return [torch.randn(s, dtype=dtype, generator=gen) for s in shapes], gen
+
+
+def test_muon_step_matches_reference():
+    params, gen = _mixed_params()
+    ref_params = [p.clone() for p in params]
+    ref_bufs = [torch.zeros_like(p) for p in params]
+    params = [torch.nn.Parameter(p) for p in params]
+    opt = Muon(params, lr=0.05, momentum=0.9, weight_decay=0.1, ns_dtype="float64")
+    for _ in range(3):
+        grads = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        reference_muon_step(ref_params, grads, ref_bufs, lr=0.05, momentum=0.9, weight_decay=0.1)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-12)
+    for p, b in zip(params, ref_bufs):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_muon_matches_torch_optim_muon():
+    """Same conventions as torch.optim.Muon (which runs Newton-Schulz in bf16): compare in bf16."""
+    base, gen = _mixed_params(torch.float32)
+    ours = [torch.nn.Parameter(p.clone()) for p in base]
+    theirs = [torch.nn.Parameter(p.clone()) for p in base]
+    opt_ours = Muon(ours, lr=0.02, momentum=0.95, weight_decay=0.1, ns_dtype="bfloat16")
+    opt_theirs = torch.optim.Muon(theirs, lr=0.02, momentum=0.95, weight_decay=0.1)
+    for _ in range(3):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    for p, q, b in zip(ours, theirs, base):
+        moved = (q.detach() - b).abs().max()
+        assert (p.detach() - q.detach()).abs().max() <= 0.02 * moved  # bf16 matmul rounding only
+        torch.testing.assert_close(opt_ours.state[p]["momentum_buffer"], opt_theirs.state[q]["momentum_buffer"])
+
+
+def test_muon_rejects_bad_settings():
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="momentum"):
+        Muon([torch.nn.Parameter(torch.zeros(3, 3))], momentum=1.0)
+    with pytest.raises(ValueError, match="ns_dtype"):
+        Muon([torch.nn.Parameter(torch.zeros(3, 3))], ns_dtype="float8")
+
+
+def tiny_gpt(seed=0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, mlp="swiglu", pos="rope",
+               backend="reference")
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg))
+
+
+def test_build_optimizer_groups_cover_every_parameter_once():
+    model = tiny_gpt(bias=True)
+    opt = build_optimizer(model, optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    assert isinstance(opt, MuonWithAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for p in opt.muon.param_groups[0]["params"]}
+    assert muon_names == set(muon_param_names(model)) == {
+        f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    all_ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(all_ids) == len(set(all_ids)) == len(list(model.parameters()))  # tied wte/lm_head once
+    assert [g["lr_ratio"] for g in opt.param_groups] == [20.0, 1.0, 1.0]
+    adamw = build_optimizer(model, optimizer="adamw", lr=1e-3, weight_decay=0.1)
+    assert isinstance(adamw, torch.optim.AdamW) and [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0]
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, muon"):
+        build_optimizer(model, optimizer="sgd", lr=1e-3, weight_decay=0.1)
+
+
+def _batch(seed, n=4, T=8, vocab=11):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, T), generator=g), torch.randint(0, vocab, (n, T), generator=g)
+
+
+def _train_steps(model, opt, steps, seed0=0):
+    losses = []
+    for s in range(steps):
+        x, y = _batch(seed0 + s)
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_adamw_choice_is_bit_identical_to_configure_optimizer():
+    """--optimizer adamw (the default) keeps the loss curves recorded with GPT.configure_optimizer."""
+    a, b = tiny_gpt(bias=True), tiny_gpt(bias=True)
+    opt_a = build_optimizer(a, optimizer="adamw", lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
+    opt_b = b.configure_optimizer(0.1, 1e-2, (0.9, 0.99))
+    assert _train_steps(a, opt_a, 4) == _train_steps(b, opt_b, 4)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_state_round_trips_bit_exactly_through_checkpoint(tmp_path):
+    model = tiny_gpt()
+    opt = build_optimizer(model, optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    _train_steps(model, opt, 3)
+    state = {"step": 3}
+    checkpoint.save_checkpoint(tmp_path, model, opt, state, [({}, {})], is_best=True,
+                               model_config=model.config.to_dict())
+    ck = checkpoint.load_checkpoint(tmp_path)
+    model2 = tiny_gpt(seed=1)
+    checkpoint.load_model_tensors(model2, ck["model"])
+    opt2 = build_optimizer(model2, optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
+    opt2.load_state_dict(ck["optimizer"])
+    sd, sd2 = opt.state_dict(), opt2.state_dict()
+    assert sd["param_groups"] == [{**g, "ns_coefficients": tuple(g["ns_coefficients"])} if "ns_coefficients" in g
+                                  else g for g in sd2["param_groups"]]
+    assert sd["state"].keys() == sd2["state"].keys()
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, sd2["state"][pid][k]), (pid, k)
+    assert _train_steps(model, opt, 3, seed0=10) == _train_steps(model2, opt2, 3, seed0=10)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_load_state_dict_refuses_another_layout():
+    model = tiny_gpt()
+    opt = build_optimizer(model, optimizer="muon", lr=1e-3, weight_decay=0.1)
+    adamw = build_optimizer(model, optimizer="adamw", lr=1e-3, weight_decay=0.1)
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt.load_state_dict(adamw.state_dict())
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    x, y = _batch(5, n=8)
+    big, acc = tiny_gpt(), tiny_gpt()
+    # float64 Newton-Schulz: the check is about the gradients; the fp32 Gram form's own error (~1e-4 of
+    # an update at these nearly rank-deficient first-step gradients) would hide a wrong accumulation
+    opt_big = build_optimizer(big, optimizer="muon", lr=1e-3, weight_decay=0.1, ns_dtype="float64")
+    opt_acc = build_optimizer(acc, optimizer="muon", lr=1e-3, weight_decay=0.1, ns_dtype="float64")
+    big(x, y)[1].backward()
+    for half in (slice(0, 4), slice(4, 8)):
+        (acc(x[half], y[half])[1] / 2).backward()
+    for (name, p), q in zip(big.named_parameters(), acc.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6, msg=name)
+    opt_big.step()
+    opt_acc.step()
+    for (name, p), q in zip(big.named_parameters(), acc.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-6, msg=name)
+
+
+def test_grad_scaler_unscales_both_optimizers():
+    model = tiny_gpt()
+    opt = build_optimizer(model, optimizer="muon", lr=1e-3, weight_decay=0.0)
+    x, y = _batch(0)
+    model(x, y)[1].backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(model(x, y)[1]).backward()
+    scaler.unscale_(opt)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], msg=n)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.step(opt)
+    scaler.update()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_muon_training_loss_falls():
+    model = tiny_gpt()
+    opt = build_optimizer(model, optimizer="muon", lr=1e-2, muon_lr=0.02, weight_decay=0.0)
+    x = torch.arange(8).repeat(4, 1) % 11  # a learnable pattern: next token = this token + 1
+    y = (x + 1) % 11
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = model(x, y)[1]
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.3 * losses[0]
+
+
+# ---- end to end through the CLI ------------------------------------------------------------------
+
+TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
+        "--eval-iters", "2", "--eval-interval", "5", "--max-iters", "12", "--sample-tokens", "0",
+        "--no-progress", "--log-interval", "1", "--warmup-iters", "2", "--threads", "1",
+        "--optimizer", "muon", "--muon-lr", "0.03", "--grad-accum", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from fastlm import data
+    p = tmp_path_factory.mktemp("corpus") / "shake.txt"
+    p.write_text(data.default_corpus().read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    return p
+
+
+def _log(path):
+    import csv
+    with open(path, newline="") as f:
+        return [(r["loss"], r["lr"]) for r in csv.DictReader(f)]
+
+
+class _CtrlCAfter(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, trainer, step, loss):
+        if step == self.step:
+            trainer.request_stop(signal.SIGINT)
+
+
+def test_cli_muon_resume_is_bit_exact(tmp_path, corpus, capsys):
+    from fastlm.train import main
+
+    args = [str(a) for a in ["--data", corpus, *TINY]]
+    assert main([*args, "--out-dir", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out-dir", str(tmp_path / "b")], callbacks=[_CtrlCAfter(6)]) == 130
+    assert main(["--resume", str(tmp_path / "b"), "--no-progress"]) == 0
+    capsys.readouterr()
+    la, lb = _log(tmp_path / "a" / "train_log.csv"), _log(tmp_path / "b" / "train_log.csv")
+    assert la == lb and len(la) == 12
+    first, last = float(la[0][0]), float(la[-1][0])
+    assert last < first
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())["train"]
+    assert (cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"]) == ("muon", 0.03, 0.95)
+    ck = checkpoint.load_checkpoint(tmp_path / "b")
+    bufs = [k for k in ck["optimizer"]["state"].values() if "momentum_buffer" in k]
+    assert len(bufs) == 4  # qkv, attn proj, fc, mlp proj of the one block
+
+
+def test_cli_rejects_bad_optimizer_settings(tmp_path, corpus, capsys):
+    from fastlm.train import main
+
+    base = [str(a) for a in ["--data", corpus, "--out-dir", tmp_path / "x", *TINY[:-6]]]
+    assert main([*base, "--optimizer", "sgd"]) == 2  # argparse's choices: one line, exit 2
+    assert "invalid choice: 'sgd'" in capsys.readouterr().err
+    for flags, needle in ((["--muon-lr", "-1"], "muon_lr"), (["--muon-momentum", "1.5"], "muon_momentum")):
+        rc = main([*base, *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+        assert not (tmp_path / "x").exists()
