@@ -4,9 +4,10 @@
   ``cuda:<capability>``, specialized like the JIT does at run time (unit last-dim strides,
   16-divisible pointers and strides).
 * :func:`resource_usage` -- registers per thread, spills and shared memory of a compiled kernel,
-  read from the compiled binary: from the CUDA driver when a GPU is present (what Triton's own
-  ``n_regs`` / ``n_spills`` report), and from ``ptxas -v`` (the assembler that produced the
-  cubin; spills never show in PTX, which has unlimited virtual registers).
+  read from the compiled binary: ``cuobjdump --dump-resource-usage`` on the cubin (registers,
+  stack frame), ``ptxas -v`` (spill stores/loads), and the CUDA driver when a GPU is present (what
+  Triton's own ``n_regs`` / ``n_spills`` report). Spills never show in PTX, which has unlimited
+  virtual registers: a PTX check for ``ld.local`` passes kernels that spill kilobytes.
 
 Used by the tests (compile-only checks on CPU machines) and by ``benchmarks.gpu_check``.
 """
@@ -55,29 +56,60 @@ def compile_for_target(fn, dtype: str, constexprs: dict, capability: int, num_wa
     sig = _signature(names, ce, dtype)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("stride"))}
-    src = ASTSource(fn=triton.jit(fn), signature=sig, constexprs=ce, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
-
-
-def ptxas_path() -> Optional[str]:
-    """The ptxas Triton uses (its bundled one), else the one on PATH; None when there is none."""
-    knobs = getattr(triton, "knobs", None)
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # a compiled JITFunction even inside an interpreter run
     try:
-        path = knobs.nvidia.ptxas.path if knobs is not None else None
-    except AttributeError:
-        path = None
-    if path and os.path.exists(path):
-        return path
+        src = ASTSource(fn=triton.jit(fn), signature=sig, constexprs=ce, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _tool(name: str, capability: int = 90) -> Optional[str]:
+    """A CUDA tool as Triton finds it (its bundled copy for this architecture), else on PATH."""
+    if name == "ptxas":
+        try:  # triton >= 3.5: the ptxas that compiles for this architecture
+            from triton.backends.nvidia.compiler import get_ptxas
+            path = get_ptxas(capability).path
+            if path and os.path.exists(path):
+                return path
+        except (ImportError, AttributeError, TypeError):
+            pass
     import triton.backends.nvidia as nv
-    bundled = os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+    bundled = os.path.join(os.path.dirname(nv.__file__), "bin", name)
     if os.path.exists(bundled):
         return bundled
-    return shutil.which("ptxas")
+    return shutil.which(name)
+
+
+def ptxas_path(capability: int = 90) -> Optional[str]:
+    return _tool("ptxas", capability)
+
+
+def _cubin_usage(cubin: bytes) -> dict:
+    """Registers and stack frame (where spills live) of the cubin itself, via cuobjdump."""
+    tool = _tool("cuobjdump")
+    if tool is None or not cubin:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True,
+                              timeout=60).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if m is None:
+        return {"cuobjdump_error": text.strip()[-200:] or "no resource usage line"}
+    return {"cubin_regs": int(m.group(1)), "cubin_stack_bytes": int(m.group(2)),
+            "cubin_local_bytes": int(m.group(4))}
 
 
 def _ptxas_usage(ptx: str, capability: int) -> dict:
-    ptxas = ptxas_path()
+    ptxas = ptxas_path(capability)
     if ptxas is None:
         return {"ptxas_error": "no ptxas found"}
     arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
@@ -119,6 +151,7 @@ def resource_usage(compiled, capability: int, use_driver: bool = False) -> dict:
     meta = compiled.metadata
     usage = {"shared_bytes": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
              "num_stages": getattr(meta, "num_stages", None)}
+    usage.update(_cubin_usage(compiled.asm.get("cubin", b"")))
     usage.update(_ptxas_usage(compiled.asm["ptx"], capability))
     if use_driver:
         usage.update(_driver_usage(compiled))
