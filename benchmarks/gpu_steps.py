@@ -79,7 +79,7 @@ def _build_cuda_lib(run) -> None:
         facts["cuda_lib_error"] = f"benchmarks.cuda_direct not importable ({e})"
         return
     try:
-        facts["cuda_lib"] = cuda_direct.build_and_load(str(run.out / "cuda_build"), timeout_s=240)
+        facts["cuda_lib"] = cuda_direct.build_and_load(str(run.out / "cuda_build"), 240)
     except Exception as e:  # cuda_direct.Unavailable or a build failure
         facts["cuda_lib_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
@@ -224,27 +224,36 @@ def _cuda_fwd_bwd(lib, low, causal, scale):
     return [out, dq, dk, dv]
 
 
-def step_correct(run, deadline):
-    dtypes = [torch.bfloat16, torch.float16] if not run.dry else [torch.float16, torch.float32]
-    if run.dry:
-        run.skip("triton/bf16", "bfloat16 tl.dot is wrong in the Triton interpreter: bf16 runs on the GPU only")
-    for backend in ("triton", "cuda"):
-        lib, why = cuda_lib(run, deadline) if backend == "cuda" else (None, None)
-        if backend == "cuda" and lib is None:
-            run.skip("cuda", why)
-            continue
+def _check_all(run, backend, lib, dtypes, stop_at):
+    """Every case in every dtype (the first dtype for all cases first); rows for what time cut."""
+    for dtype in dtypes:
         for case in _attn_cases(run):
+            name = f"{backend}/{case[0]}/{str(dtype)[6:]}"
             if backend == "cuda" and (case[8] or case[2] != case[3] or case[6] not in (64, 128)):
-                run.skip(f"cuda/{case[0]}", "the CUDA kernel takes no ALiBi/GQA, head dim 64 or 128 only")
-                continue
-            for dtype in dtypes:
+                run.skip(name, "the CUDA kernel takes no ALiBi/GQA, head dim 64 or 128 only")
+            elif time.monotonic() > stop_at:
+                run.skip(name, f"{backend}'s share of the step's time is used up")
+            else:
                 try:
                     _check_case(run, backend, case, dtype, lib)
                 except Exception as e:  # noqa: BLE001 -- one failing case does not end the step
-                    run.error(f"{backend}/{case[0]}/{str(dtype)[6:]}", e)
-                finally:
-                    if _dev(run) == "cuda":
-                        torch.cuda.empty_cache()
+                    run.error(name, e)
+            if _dev(run) == "cuda":
+                torch.cuda.empty_cache()
+
+
+def step_correct(run, deadline):
+    """Triton first (70% of the step's time at most), then the CUDA kernels."""
+    dtypes = [torch.bfloat16, torch.float16] if not run.dry else [torch.float16, torch.float32]
+    if run.dry:
+        run.skip("triton/bf16", "bfloat16 tl.dot is wrong in the Triton interpreter: bf16 runs on the GPU only")
+    start = time.monotonic()
+    _check_all(run, "triton", None, dtypes, start + 0.7 * (deadline - start))
+    lib, why = cuda_lib(run, deadline)
+    if lib is None:
+        run.skip("cuda", why)
+        return
+    _check_all(run, "cuda", lib, dtypes, deadline - 3)
 
 
 # ---- 3. headline: Triton forward per pinned config, SDPA's kernels --------------------------------
@@ -281,28 +290,34 @@ def _pinned(config_text):
 
 
 def step_headline(run, deadline):
+    """Timings of every pinned config first, then SDPA, then registers/spills per config (compiles
+    only: what a time-out cuts last is the least important)."""
     from fastlm.kernels import attention as A
     shape = _headline_shape(run)
     b, h, t_len, d = shape
     dtype = torch.float16 if run.dry else torch.bfloat16
     q, k, v, _ = (x.to(dtype) for x in _qkv(b, h, h, t_len, t_len, d, _dev(run)))
     configs = A.configs("fwd", d, 2)
-    for config in configs if not run.dry else configs[:2]:
+    configs = configs[:2] if run.dry else configs
+    for config in configs:
         label = "x".join(map(str, config))
-        try:
-            res = _config_resources(run, config, (1, 1, 1, 128))
-        except Exception as e:  # noqa: BLE001 -- no ptxas / compile API: the timing still counts
-            res = {"resources_error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
         try:
             _pinned(f"fwd={label}")
             t = bench(run, lambda: A.attention(q, k, v, True))
             _attn_row(run, f"triton_fwd/{label}", t, shape, "fwd", backend="triton", config=label,
-                      dtype=str(dtype)[6:], **res)
-        except Exception as e:  # noqa: BLE001
+                      dtype=str(dtype)[6:])
+        except Exception as e:  # noqa: BLE001 -- e.g. a config that needs more shared memory
             run.error(f"triton_fwd/{label}", e)
         finally:
             _pinned("pinned")
     _sdpa_rows(run, q, k, v, shape, dtype)
+    for config in configs:
+        label = "x".join(map(str, config))
+        try:
+            run.row(f"triton_fwd_resources/{label}", status="ok", config=label, head_dim=128,
+                    **_config_resources(run, config, (1, 1, 1, 128)))
+        except Exception as e:  # noqa: BLE001 -- no ptxas / compile API here
+            run.error(f"triton_fwd_resources/{label}", e)
 
 
 def _sdpa_kernel_names(fn) -> list:

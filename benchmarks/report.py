@@ -431,13 +431,17 @@ def gpu_check_tables(rows: list) -> str:
         mine = [r for r in timed if r["step"] == step]
         if not mine:
             continue
-        body = [[r["name"], fmt(r["ms"]), fmt(_first(r, "TFLOPs", "TBps", "tokens_per_s")),
-                 fmt(_first(r, "pct_of_matmul", "pct_of_copy", "mfu_pct")),
-                 fmt(r.get("cubin_regs") or r.get("n_regs")),
-                 fmt(r.get("ptxas_spill_store_bytes") if "ptxas_spill_store_bytes" in r else r.get("n_spills"))]
-                for r in mine]
-        out += ["", f"**{step}**", "", table(["row", "median ms", "TFLOP/s, TB/s or tok/s",
-                                              "% of ceiling or MFU", "regs", "spill bytes"], body)]
+        body = [[r["name"], fmt(r["ms"]), f"{fmt(r.get('ms_q20'))}-{fmt(r.get('ms_q80'))}",
+                 fmt(_first(r, "TFLOPs", "TBps", "tokens_per_s")),
+                 fmt(_first(r, "pct_of_matmul", "pct_of_copy", "mfu_pct"))] for r in mine]
+        out += ["", f"**{step}**", "", table(["row", "median ms", "q20-q80 ms", "TFLOP/s, TB/s or tok/s",
+                                              "% of ceiling or MFU"], body)]
+    res = [r for r in rows if r.get("status") == "ok" and r.get("name", "").startswith("triton_fwd_resources/")]
+    if res:
+        body = [[r["config"], fmt(_first(r, "n_regs", "cubin_regs", "ptxas_regs")),
+                 fmt(_first(r, "n_spills", "ptxas_spill_store_bytes")), fmt(r.get("shared_bytes"))] for r in res]
+        out += ["", "**Triton forward kernels (D=128 bf16): resources**", "",
+                table(["config", "registers", "spills (driver n_spills, else ptxas bytes)", "shared bytes"], body)]
     bad = [r for r in rows if r.get("status") not in ("ok", None) and r.get("name") != "step"]
     if bad:
         out += ["", "Not measured / failed:", ""]

@@ -523,20 +523,21 @@ def _attn_bwd_dq_kernel(
 # for Ampere and Hopper, pruned by hand so a first call autotunes in seconds. The first entry of
 # each list is the kernel's default pinned config (FASTLM_TRITON_CONFIGS=pinned); every list ends
 # with a config small enough for ~100 KB of shared memory (sm_86/89), so autotuning never runs
-# out of candidates (configs that do not fit are dropped by the autotuner). dK/dV at 256-byte
-# rows (D=128 in 16 bits) hold two BLOCK_N x 128 fp32 accumulators: 8 warps where BLOCK_N=128.
-# sm_90 bf16 D=128 compiles (cuobjdump/ptxas, tests/test_triton_attention.py): the 256-byte
-# defaults fwd 128x64x8x3 (166 regs) and dq 128x64x8x2 (189) do not spill; fwd 128x64x4x3 and
-# dq 128x32x4x3 do (196 / 52 bytes); dK/dV 32x128x8x3 still spills 96 bytes (the 4-warp one:
-# 2408); fwd 128x128x8x4 needs 288 KiB of shared memory (more than sm_90's 227: never launches).
+# out of candidates (configs that do not fit are dropped by the autotuner). dK/dV hold two
+# BLOCK_N x D fp32 accumulators: 8 warps where BLOCK_N=128. Registers/spills of causal bf16
+# compiles for sm_90 (cuobjdump on the cubin, ptxas -v; tests/test_triton_attention.py checks the
+# defaults): D=128 fwd 128x64x8x3 166 regs, dq 128x64x8x2 189, dK/dV 16x128x8x3 240, no spills;
+# spilling (bytes): fwd 128x64x4x3 196, dq 128x32x4x3 52, dK/dV 32x128x4x3 2408, 32x128x8x3 96,
+# 64x128x8x2 232. D=64: dK/dV 32x128x4x3 spills 316, 32x128x8x3 213 regs none. fwd 128x128x8x4
+# at D=128 needs 288 KiB of shared memory (sm_90 has 227): the autotuner drops it there.
 CONFIGS = {
     "fwd": {128: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
             256: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 4),
                   (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
             512: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
             1024: [(32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]},
-    "dkdv": {128: [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
-             256: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)],
+    "dkdv": {128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 4, 3)],
+             256: [(16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 32, 4, 2)],
              512: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
              1024: [(16, 32, 4, 1), (16, 16, 4, 1)]},
     "dq": {128: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],

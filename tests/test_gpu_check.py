@@ -18,11 +18,11 @@ def dry_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out),
                            "--budget-s", "300"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    return proc, rows
+    return proc, rows, out
 
 
 def test_dry_run_writes_a_row_with_a_value_or_a_reason_for_every_step(dry_run):
-    proc, rows = dry_run
+    proc, rows, _ = dry_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     for step in STEPS:
         mine = [r for r in rows if r["step"] == step]
@@ -36,7 +36,7 @@ def test_dry_run_writes_a_row_with_a_value_or_a_reason_for_every_step(dry_run):
 
 
 def test_dry_run_measures_what_cpu_can(dry_run):
-    _, rows = dry_run
+    _, rows, _ = dry_run
     by_name = {(r["step"], r["name"]): r for r in rows}
     assert by_name[("env", "copy_bandwidth")]["GBps"] > 0
     assert by_name[("env", "matmul_rate")]["TFLOPs"] >= 0
@@ -46,8 +46,10 @@ def test_dry_run_measures_what_cpu_can(dry_run):
     assert by_name[("correct", "triton/bf16")]["status"] == "skipped"
     headline = [r for r in rows if r["step"] == "headline" and r["name"].startswith("triton_fwd/")]
     assert headline and all(r["status"] == "ok" and r["ms"] > 0 for r in headline)
-    # registers and spills of each pinned config, from its sm_90 compile (ptxas), where ptxas exists
-    assert all("ptxas_regs" in r or "resources_error" in r for r in headline)
+    # registers and spills of each timed config, from its sm_90 compile (the cubin, ptxas)
+    resources = [r for r in rows if r["step"] == "headline" and r["name"].startswith("triton_fwd_resources/")]
+    assert {r["name"].split("/", 1)[1] for r in resources} == {r["config"] for r in headline}
+    assert all(r["status"] == "error" or r["ptxas_regs"] > 0 for r in resources), resources
     for r in rows:
         if r["step"] in ("cuda_attn",) and r["name"] != "step":
             assert r["status"] == "skipped" and "GPU" in r["reason"]
@@ -59,3 +61,18 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
                            "--steps", "env,nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "nope" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_report_turns_the_rows_into_tables_and_a_plot(dry_run, tmp_path):
+    _, rows, out = dry_run
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.report", "--gpu-check", str(out / "results.jsonl"),
+                           "--plots", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    assert "**headline**" in text and "**swiglu**" in text and "**train_step**" in text
+    for r in rows:
+        if r["step"] == "headline" and r["name"].startswith("triton_fwd/"):
+            assert f"| {r['name']} |" in text
+        if r["status"] == "skipped" and r["name"] != "step":
+            assert f"{r['step']}/{r['name']}: skipped" in text
+    assert list(tmp_path.glob("gpu_check_headline_*.png"))
