@@ -44,24 +44,6 @@ class StepTimeout(BaseException):
     """A step's time limit (a BaseException, so per-case ``except Exception`` cannot swallow it)."""
 
 
-def use_tree_kernels() -> None:
-    """Make ``fastlm.kernels`` importable from the tree's ``kernels/`` without an install."""
-    import importlib.util
-    sys.path.insert(0, str(REPO))
-    import fastlm
-    try:
-        if importlib.util.find_spec("fastlm.kernels") is not None:
-            return
-    except ImportError:
-        pass
-    spec = importlib.util.spec_from_file_location(
-        "fastlm.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fastlm.kernels"] = module
-    spec.loader.exec_module(module)
-    fastlm.kernels = module
-
-
 class Run:
     """The output file, the clock and the shared facts of one run."""
 
@@ -143,7 +125,9 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     else:
         os.environ.setdefault("FASTLM_TRITON_CONFIGS", "pinned")
-    use_tree_kernels()
+    sys.path.insert(0, str(REPO))
+    from fastlm._tree_kernels import use_tree_kernels
+    use_tree_kernels()  # no install on the GPU image: kernels/ from the tree
     from benchmarks import gpu_steps
     run = Run(args.out, args.budget_s, args.dry_run)
     gpu_steps.start(run)

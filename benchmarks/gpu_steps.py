@@ -286,7 +286,13 @@ def _config_resources(run, config, shape):
 
 
 def _pinned(config_text):
-    os.environ["FASTLM_TRITON_CONFIGS"] = config_text
+    """Set FASTLM_TRITON_CONFIGS; returns the previous value (None: unset)."""
+    previous = os.environ.get("FASTLM_TRITON_CONFIGS")
+    if config_text is None:
+        os.environ.pop("FASTLM_TRITON_CONFIGS", None)
+    else:
+        os.environ["FASTLM_TRITON_CONFIGS"] = config_text
+    return previous
 
 
 def step_headline(run, deadline):
@@ -301,15 +307,15 @@ def step_headline(run, deadline):
     configs = configs[:2] if run.dry else configs
     for config in configs:
         label = "x".join(map(str, config))
+        previous = _pinned(f"fwd={label}")
         try:
-            _pinned(f"fwd={label}")
             t = bench(run, lambda: A.attention(q, k, v, True))
             _attn_row(run, f"triton_fwd/{label}", t, shape, "fwd", backend="triton", config=label,
                       dtype=str(dtype)[6:])
         except Exception as e:  # noqa: BLE001 -- e.g. a config that needs more shared memory
             run.error(f"triton_fwd/{label}", e)
         finally:
-            _pinned("pinned")
+            _pinned(previous)
     _sdpa_rows(run, q, k, v, shape, dtype)
     for config in configs:
         label = "x".join(map(str, config))

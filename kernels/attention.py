@@ -570,13 +570,17 @@ def _launch_kwargs(config) -> dict:
 
 
 def _tuned_kernel(kind: str, fn, block_d: int, elem_size: int):
-    """``(kernel, launch kwargs)`` of an autotuned kernel: the interpreter's fixed blocks, a pinned
-    config (FASTLM_TRITON_CONFIGS), or the autotuner over :func:`configs`."""
-    if interpreting():
-        return jit(fn), dict(_INTERP_BLOCKS[kind])
+    """``(kernel, launch kwargs)`` of an autotuned kernel: a pinned config (FASTLM_TRITON_CONFIGS;
+    in the interpreter its tile sizes, so CPU tests check the GPU's tiles), the interpreter's
+    fixed blocks, or the autotuner over :func:`configs`."""
     pins = pinned_configs()
     if pins is not None:
-        return jit(fn), _launch_kwargs(pins.get(kind) or configs(kind, block_d, elem_size)[0])
+        config = pins.get(kind) or configs(kind, block_d, elem_size)[0]
+        if interpreting():  # the pinned tiles (warps and stages mean nothing there)
+            return jit(fn), {"BLOCK_M": config[0], "BLOCK_N": config[1]}
+        return jit(fn), _launch_kwargs(config)
+    if interpreting():
+        return jit(fn), dict(_INTERP_BLOCKS[kind])
     key = (kind, block_d, elem_size)
     if key not in _autotuned:
         space = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)

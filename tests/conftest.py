@@ -1,6 +1,10 @@
 """Shared pytest configuration of the test suite."""
 import pytest
 
+from fastlm._tree_kernels import use_tree_kernels
+
+use_tree_kernels()  # a checkout without an install (the GPU image): kernels/ as fastlm.kernels
+
 # ==== gpu marker (GPU readiness, issue 12) ========================================================
 # `pytest -m gpu` selects exactly the tests that run on a CUDA device when one is present:
 #   * tests marked @pytest.mark.gpu explicitly (they need a GPU and skip without one);

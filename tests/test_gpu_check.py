@@ -76,3 +76,22 @@ def test_report_turns_the_rows_into_tables_and_a_plot(dry_run, tmp_path):
         if r["status"] == "skipped" and r["name"] != "step":
             assert f"{r['step']}/{r['name']}: skipped" in text
     assert list(tmp_path.glob("gpu_check_headline_*.png"))
+
+
+def test_tree_kernels_import_without_an_install():
+    """The GPU image has no install: with the editable-install finder removed, fastlm.kernels still
+    imports from the tree's kernels/ folder (and fastlm.ops reaches it)."""
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from fastlm._tree_kernels import use_tree_kernels\n"
+        "print(use_tree_kernels())\n"
+        "import fastlm.kernels.attention as a, fastlm.kernels.launch as l\n"
+        "from fastlm import ops\n"
+        "print(a.__file__); print(ops._load('triton') is not None)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.split()
+    assert lines[0] == "True"  # mapped from the tree
+    assert lines[1] == str(ROOT / "kernels" / "attention.py") and lines[2] == "True"

@@ -497,6 +497,25 @@ def test_spills_show_in_the_cubin_not_in_the_ptx(monkeypatch):
     assert resource_usage(kernel, 90)["ptxas_spill_store_bytes"] > 0
 
 
+@pytest.mark.parametrize("t_q,t_k", [(300, 300), (100, 300)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_pinned_default_tiles_parity(A, head_dim, t_q, t_k, monkeypatch):
+    """The GPU's pinned tiles (e.g. dK/dV 16x128 against fwd/dq 128x64 at D=128) through the causal
+    block bookkeeping: in the interpreter FASTLM_TRITON_CONFIGS=pinned launches those tile sizes.
+    Several blocks per side, GQA, T_q < T_k; fp16 against the float64 oracle, 2x rule."""
+    if CUDA:
+        pytest.skip("the interpreter's tile check; on a GPU the parity tests run the pinned configs")
+    monkeypatch.setenv("FASTLM_TRITON_CONFIGS", "pinned")
+    fns = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}
+    blocks = {kind: A._tuned_kernel(kind, fn, head_dim, 2)[1] for kind, fn in fns.items()}
+    assert blocks["dkdv"]["BLOCK_M"] != blocks["fwd"]["BLOCK_M"] or head_dim == 64
+    q, k, v, do, _ = _inputs(1, 4, 2, t_q, t_k, head_dim, False, seed=7)
+    dtype = torch.float16
+    args = [_to(t, dtype) for t in (q, k, v)]
+    got = _run(lambda a, b, c: A.attention(a, b, c, True), *args, _to(do, dtype))
+    _check_all(got, _oracle(q, k, v, do, True, None, dtype), _baseline(q, k, v, do, True, None, dtype), dtype)
+
+
 def test_pinned_configs_parse(monkeypatch):
     from fastlm.kernels.launch import PIN_ENV, pinned_configs
     monkeypatch.delenv(PIN_ENV, raising=False)
