@@ -57,13 +57,14 @@ class Run:
         self.budget_s = budget_s
         self.step = ""
         self.facts: dict = {}  # copy_GBps, matmul_TFLOPs, device, cuda_lib, ...
+        self.run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
     def row(self, name: str, **fields) -> dict:
         """Append one result row (flushed and fsynced now)."""
-        row = {"step": self.step, "name": name, "t_s": round(time.monotonic() - self.t0, 2),
+        row = {"run": self.run_id, "step": self.step, "name": name, "t_s": round(time.monotonic() - self.t0, 2),
                "dry_run": self.dry, "device": self.facts.get("device"), "commit": self.facts.get("commit")}
         row.update(fields)
         with open(self.path, "a") as f:
@@ -108,6 +109,11 @@ def run_step(run: Run, name: str, fn) -> None:
             limit_s=round(limit, 1))
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="folder for results.jsonl (and build files)")
@@ -120,6 +126,9 @@ def main(argv=None) -> int:
     if unknown or args.budget_s <= 0:
         print(f"error: unknown step(s) {', '.join(unknown)} (choose from {', '.join(STEPS)})" if unknown
               else f"error: --budget-s must be positive, got {args.budget_s}", file=sys.stderr)
+        return 2
+    if not args.dry_run and not _cuda_available():
+        print("error: no CUDA device visible; run with --dry-run to check the steps on CPU", file=sys.stderr)
         return 2
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"

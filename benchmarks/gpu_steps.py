@@ -320,8 +320,8 @@ def step_headline(run, deadline):
     for config in configs:
         label = "x".join(map(str, config))
         try:
-            run.row(f"triton_fwd_resources/{label}", status="ok", config=label, head_dim=128,
-                    **_config_resources(run, config, (1, 1, 1, 128)))
+            run.row(f"triton_fwd_resources/{label}", status="ok", config=label, head_dim=d,
+                    **_config_resources(run, config, shape))
         except Exception as e:  # noqa: BLE001 -- no ptxas / compile API here
             run.error(f"triton_fwd_resources/{label}", e)
 
@@ -387,13 +387,15 @@ def _with_backward(fn_of_nothing, q, k, v):
 # ---- 4. forward + backward -----------------------------------------------------------------------
 def step_fwdbwd(run, deadline):
     from fastlm.kernels import attention as A
+    from fastlm.kernels.launch import pinned_configs
     shape = _headline_shape(run)
     b, h, t_len, d = shape
     dtype = torch.float16 if run.dry else torch.bfloat16
     q, k, v, _ = (x.to(dtype) for x in _qkv(b, h, h, t_len, t_len, d, _dev(run)))
     try:
         t = bench(run, _with_backward(lambda: A.attention(q, k, v, True), q, k, v))
-        pins = {kind: "x".join(map(str, A.configs(kind, d, 2)[0])) for kind in ("fwd", "dkdv", "dq")}
+        pinned = pinned_configs() or {}
+        pins = {kind: "x".join(map(str, pinned.get(kind) or A.configs(kind, d, 2)[0])) for kind in ("fwd", "dkdv", "dq")}
         _attn_row(run, "triton/fwd+bwd", t, shape, "fwd+bwd", backend="triton", configs=pins, dtype=str(dtype)[6:])
     except Exception as e:  # noqa: BLE001
         run.error("triton/fwd+bwd", e)

@@ -527,6 +527,8 @@ def _gpu_check_main(args) -> int:
             bad += 1
     if bad:
         print(f"warning: skipped {bad} malformed line(s) in {args.gpu_check}", file=sys.stderr)
+    if rows and rows[-1].get("run"):  # the newest run of the file
+        rows = [r for r in rows if r.get("run") == rows[-1]["run"]]
     print(gpu_check_tables(rows))
     plot = None if args.no_plots else gpu_check_plot(rows, args.plots)
     if plot is not None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("env", "correct", "headline", "fwdbwd", "cuda_attn", "swiglu", "train_step", "pytest_gpu")
@@ -61,6 +62,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
                            "--steps", "env,nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "nope" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    if not torch.cuda.is_available():  # a real run needs a GPU: one line saying to use --dry-run
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.startswith("error:") and "--dry-run" in proc.stderr
+        assert not (tmp_path / "results.jsonl").exists()
 
 
 def test_report_turns_the_rows_into_tables_and_a_plot(dry_run, tmp_path):
