@@ -36,8 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("env", "correct", "headline", "fwdbwd", "cuda_attn", "swiglu", "train_step", "pytest_gpu")
 # share of the budget each step may use at most (the rest carries over to later steps)
-STEP_SHARE = {"env": 0.06, "correct": 0.2, "headline": 0.2, "fwdbwd": 0.12, "cuda_attn": 0.1,
-              "swiglu": 0.08, "train_step": 0.12, "pytest_gpu": 1.0}
+STEP_SHARE = {"env": 0.05, "correct": 0.25, "headline": 0.2, "fwdbwd": 0.1, "cuda_attn": 0.08,
+              "swiglu": 0.06, "train_step": 0.12, "pytest_gpu": 1.0}
 
 
 class StepTimeout(BaseException):

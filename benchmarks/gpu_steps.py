@@ -522,10 +522,12 @@ def step_train_step(run, deadline):
             n = model.num_params(non_embedding=False)
             flops = 6 * n * tokens + 6 * cfg.n_layer * cfg.n_embd * cfg.block_size * tokens  # + causal attention
             peak = peak_bf16_tflops(run.facts.get("device") or "")
+            ceiling = run.facts.get("matmul_TFLOPs")
             achieved = flops / (t["ms"] * 1e-3) / 1e12
             run.row(f"gpt2_small/{backend}", status="ok", backend=backend, batch=b, block_size=cfg.block_size,
                     params=n, tokens_per_s=round(tokens / (t["ms"] * 1e-3)), TFLOPs=round(achieved, 2),
-                    mfu_pct=round(100 * achieved / peak, 1) if peak else None, **t)
+                    mfu_pct=round(100 * achieved / peak, 1) if peak else None,
+                    pct_of_matmul=round(100 * achieved / ceiling, 1) if ceiling else None, **t)
             del model, opt
         except Exception as e:  # noqa: BLE001
             run.error(f"gpt2_small/{backend}", e)
