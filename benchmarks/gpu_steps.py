@@ -70,13 +70,13 @@ def start(run) -> None:
 
 def _build_cuda_lib(run) -> None:
     facts = run.facts
-    if run.dry or not ON_GPU:
-        facts["cuda_lib_error"] = "dry run / no CUDA device: the CUDA C++ kernels need a GPU"
-        return
     try:
         from benchmarks import cuda_direct
     except ImportError as e:
         facts["cuda_lib_error"] = f"benchmarks.cuda_direct not importable ({e})"
+        return
+    if run.dry or not ON_GPU:
+        facts["cuda_lib_error"] = "dry run / no CUDA device: the CUDA C++ kernels need a GPU"
         return
     try:
         facts["cuda_lib"] = cuda_direct.build_and_load(str(run.out / "cuda_build"), 240)

@@ -14,8 +14,9 @@ import pytest
 from fastlm import checkpoint, data
 from fastlm.train import main
 
+# --device cpu: the same CPU run also where a GPU is visible
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1"]
+        "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
