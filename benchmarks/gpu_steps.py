@@ -395,7 +395,8 @@ def step_fwdbwd(run, deadline):
     try:
         t = bench(run, _with_backward(lambda: A.attention(q, k, v, True), q, k, v))
         pinned = pinned_configs() or {}
-        pins = {kind: "x".join(map(str, pinned.get(kind) or A.configs(kind, d, 2)[0])) for kind in ("fwd", "dkdv", "dq")}
+        pins = {kind: "x".join(map(str, pinned.get(kind) or A.configs(kind, d, 2)[0]))
+                for kind in ("fwd", "dkdv", "dq")}
         _attn_row(run, "triton/fwd+bwd", t, shape, "fwd+bwd", backend="triton", configs=pins, dtype=str(dtype)[6:])
     except Exception as e:  # noqa: BLE001
         run.error("triton/fwd+bwd", e)

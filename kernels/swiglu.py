@@ -11,8 +11,9 @@ Math in fp32 whatever the storage dtype; the backward recomputes ``sigmoid(gate)
 saving it and writes fresh gradient tensors:
 ``d_up = dout * silu(g)``, ``d_gate = dout * up * s * (1 + g * (1 - s))`` with ``s = sigmoid(g)``.
 Split kernels: a 1-D grid over the flat elements with a large BLOCK, int64 offsets. Packed
-kernels: a 2-D grid of (row, column block) programs, so no per-element division by the row width. Kernel objects are created at launch
-time in the current mode (``TRITON_INTERPRET`` or compiled), like :mod:`fastlm.kernels.attention`.
+kernels: a 2-D grid of (row, column block) programs, so no per-element division by the row width.
+Kernel objects are created at launch time in the current mode (``TRITON_INTERPRET`` or compiled),
+through :mod:`fastlm.kernels.launch` like those of :mod:`fastlm.kernels.attention`.
 Ops: ``fastlm::triton_swiglu_fwd/bwd`` and ``fastlm::triton_swiglu_packed_fwd/bwd``.
 """
 from typing import Tuple

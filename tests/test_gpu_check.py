@@ -61,7 +61,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path),
                            "--steps", "env,nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error:") and "nope" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    err = proc.stderr.strip()
+    assert err.startswith("error:") and "nope" in err and len(err.splitlines()) == 1
     if not torch.cuda.is_available():  # a real run needs a GPU: one line saying to use --dry-run
         proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path)], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)

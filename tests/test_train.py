@@ -504,7 +504,8 @@ def test_tiktoken_file_tokenizer_through_the_cli(tmp_path, corpus, capsys):
 
 def test_progress_bar_and_device_auto(tmp_path, corpus, capsys):
     flags = [f for f in TINY if f != "--no-progress"]
-    rc, res = run(["--data", corpus, "--out-dir", tmp_path / "p", *flags, "--device", "auto", "--no-gpu-defaults", "--progress"], capsys)
+    rc, res = run(["--data", corpus, "--out-dir", tmp_path / "p", *flags, "--device", "auto", "--no-gpu-defaults",
+                   "--progress"], capsys)
     assert rc == 0
     assert f"device: {resolve_device('auto')}" in res.out  # auto resolved and printed
     assert "train:" in res.err and "10/10" in res.err  # tqdm's bar on stderr, to the last step
