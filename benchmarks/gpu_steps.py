@@ -296,9 +296,12 @@ def _pinned(config_text):
 
 
 def step_headline(run, deadline):
-    """Timings of every pinned config first, then SDPA, then registers/spills per config (compiles
-    only: what a time-out cuts last is the least important)."""
+    """Timings of every pinned config (with the launched kernel's registers and spills on a GPU)
+    first, then SDPA, then registers/spills per config from sm_90 compiles (what a time-out cuts
+    last is the least important)."""
     from fastlm.kernels import attention as A
+    from fastlm.kernels.launch import jit
+    from fastlm.kernels.resources import launched_kernels, launched_usage
     shape = _headline_shape(run)
     b, h, t_len, d = shape
     dtype = torch.float16 if run.dry else torch.bfloat16
@@ -309,9 +312,12 @@ def step_headline(run, deadline):
         label = "x".join(map(str, config))
         previous = _pinned(f"fwd={label}")
         try:
+            before = {id(x) for x in launched_kernels(jit(A._attn_fwd_kernel))}
             t = bench(run, lambda: A.attention(q, k, v, True))
+            new = [x for x in launched_kernels(jit(A._attn_fwd_kernel)) if id(x) not in before]
+            launched = {f"launched_{key}": val for key, val in launched_usage(new[0]).items()} if new else {}
             _attn_row(run, f"triton_fwd/{label}", t, shape, "fwd", backend="triton", config=label,
-                      dtype=str(dtype)[6:])
+                      dtype=str(dtype)[6:], **launched)
         except Exception as e:  # noqa: BLE001 -- e.g. a config that needs more shared memory
             run.error(f"triton_fwd/{label}", e)
         finally:

@@ -433,9 +433,10 @@ def gpu_check_tables(rows: list) -> str:
             continue
         body = [[r["name"], fmt(r["ms"]), f"{fmt(r.get('ms_q20'))}-{fmt(r.get('ms_q80'))}",
                  fmt(_first(r, "TFLOPs", "TBps", "tokens_per_s")),
-                 fmt(_first(r, "pct_of_matmul", "pct_of_copy", "mfu_pct"))] for r in mine]
+                 fmt(_first(r, "pct_of_matmul", "pct_of_copy", "mfu_pct")),
+                 f"{fmt(r.get('launched_n_regs'))} / {fmt(r.get('launched_n_spills'))}"] for r in mine]
         out += ["", f"**{step}**", "", table(["row", "median ms", "q20-q80 ms", "TFLOP/s, TB/s or tok/s",
-                                              "% of ceiling or MFU"], body)]
+                                              "% of ceiling or MFU", "regs / spills (launched)"], body)]
     res = [r for r in rows if r.get("status") == "ok" and r.get("name", "").startswith("triton_fwd_resources/")]
     if res:
         body = [[r["config"], fmt(_first(r, "n_regs", "cubin_regs", "ptxas_regs")),

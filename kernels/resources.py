@@ -21,7 +21,7 @@ from typing import Optional
 
 import triton
 
-__all__ = ["compile_for_target", "resource_usage", "ptxas_path"]
+__all__ = ["compile_for_target", "resource_usage", "ptxas_path", "launched_kernels", "launched_usage"]
 
 _FP32_POINTERS = {"LSE", "DELTA", "SLOPES", "O_PART", "LSE_PART"}
 _INT_ARGS = {"H", "H_KV", "GROUP", "T_Q", "T_K", "HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CHUNK",
@@ -156,3 +156,24 @@ def resource_usage(compiled, capability: int, use_driver: bool = False) -> dict:
     if use_driver:
         usage.update(_driver_usage(compiled))
     return usage
+
+
+def launched_kernels(jit_fn) -> list:
+    """The compiled kernels a JIT function has launched so far (its per-device caches; empty for
+    an interpreted function or a triton whose cache layout differs)."""
+    caches = getattr(jit_fn, "device_caches", None)
+    kernels = []
+    if isinstance(caches, dict):
+        for entry in caches.values():
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            if isinstance(cache, dict):
+                kernels += list(cache.values())
+    return kernels
+
+
+def launched_usage(kernel) -> dict:
+    """Registers and spills of a kernel that ran on the GPU, as the driver reported them."""
+    meta = kernel.metadata
+    return {"n_regs": getattr(kernel, "n_regs", None), "n_spills": getattr(kernel, "n_spills", None),
+            "shared_bytes": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
+            "num_stages": getattr(meta, "num_stages", None)}
