@@ -57,12 +57,14 @@ _LOG2E = 1.4426950408889634
 
 
 # =================================================================================================
-# Kernels (plain functions; _kernel() turns them into JIT / interpreted / autotuned kernels on first
-# use, so the TRITON_INTERPRET decision is made at launch time). They call no @jit helper, not even
-# triton.language's own (tl.cdiv, tl.zeros, tl.max, tl.sum, tl.sigmoid are @jit functions created
-# in the mode triton was imported in, which an interpreted kernel cannot call): reductions go
-# through the builtin tl.reduce with the standard combine functions, which the interpreter maps
-# to numpy whatever the import mode.
+# Kernels (plain functions; launch.jit / _tuned_kernel turn them into JIT / interpreted / autotuned
+# kernels on first use, so the TRITON_INTERPRET decision is made at launch time). They call no @jit
+# helper, not even triton.language's own (tl.cdiv, tl.zeros, tl.max, tl.sum, tl.sigmoid are @jit
+# functions created in the mode triton was imported in, which an interpreted kernel cannot call):
+# reductions go through the builtin tl.reduce with the standard combine functions, which the
+# interpreter maps to numpy whatever the import mode. (The reverse does not hold: with triton
+# imported under TRITON_INTERPRET=1 those combine functions cannot be compiled, so import triton
+# before turning the interpreter on when a process also compiles, as benchmarks.gpu_check does.)
 # =================================================================================================
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, SLOPES,
