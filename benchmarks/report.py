@@ -413,6 +413,62 @@ def build_report(selected: list, plot_dir: Optional[Path], md_dir: Path,
     return "\n".join(parts).rstrip() + "\n", "\n".join(summary).rstrip() + "\n", plots
 
 
+# ---- rows of benchmarks.gpu_check ---------------------------------------------------------------
+def _first(row: dict, *keys):
+    return next((row[k] for k in keys if row.get(k) is not None), None)
+
+
+def gpu_check_tables(rows: list) -> str:
+    """The README's GPU section from ``gpu_check`` rows: ceilings, then one table per timed step
+    (headline first), then every row that is not ok with its reason."""
+    env = {r["name"]: r for r in rows if r.get("step") == "env"}
+    out = [f"Device: {rows[0].get('device')} (commit {rows[0].get('commit')})" if rows else "no rows"]
+    if "copy_bandwidth" in env and "matmul_rate" in env:
+        out.append(f"Ceilings: copy {fmt(env['copy_bandwidth'].get('GBps'))} GB/s, "
+                   f"matmul {fmt(env['matmul_rate'].get('TFLOPs'))} TFLOP/s")
+    timed = [r for r in rows if r.get("status") == "ok" and "ms" in r and r.get("step") != "env"]
+    for step in ("headline", "fwdbwd", "cuda_attn", "swiglu", "train_step"):
+        mine = [r for r in timed if r["step"] == step]
+        if not mine:
+            continue
+        body = [[r["name"], fmt(r["ms"]), f"{fmt(r.get('ms_q20'))}-{fmt(r.get('ms_q80'))}",
+                 fmt(_first(r, "TFLOPs", "TBps", "tokens_per_s")),
+                 fmt(_first(r, "pct_of_matmul", "pct_of_copy", "mfu_pct")),
+                 f"{fmt(r.get('launched_n_regs'))} / {fmt(r.get('launched_n_spills'))}"] for r in mine]
+        out += ["", f"**{step}**", "", table(["row", "median ms", "q20-q80 ms", "TFLOP/s, TB/s or tok/s",
+                                              "% of ceiling or MFU", "regs / spills (launched)"], body)]
+    res = [r for r in rows if r.get("status") == "ok" and r.get("name", "").startswith("triton_fwd_resources/")]
+    if res:
+        body = [[r["config"], fmt(_first(r, "n_regs", "cubin_regs", "ptxas_regs")),
+                 fmt(_first(r, "n_spills", "ptxas_spill_store_bytes")), fmt(r.get("shared_bytes"))] for r in res]
+        out += ["", "**Triton forward kernels (D=128 bf16): resources**", "",
+                table(["config", "registers", "spills (driver n_spills, else ptxas bytes)", "shared bytes"], body)]
+    bad = [r for r in rows if r.get("status") not in ("ok", None) and r.get("name") != "step"]
+    if bad:
+        out += ["", "Not measured / failed:", ""]
+        out += [f"- {r['step']}/{r['name']}: {r['status']} ({r.get('reason') or 'see errors'})" for r in bad]
+    return "\n".join(out) + "\n"
+
+
+def gpu_check_plot(rows: list, plot_dir: Path) -> Optional[Path]:
+    """Bar plot of the headline TFLOP/s (Triton per pinned config, SDPA's kernels)."""
+    rows = [r for r in rows if r.get("step") == "headline" and r.get("status") == "ok" and "TFLOPs" in r]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
+    ax.barh([r["name"] for r in rows], [r["TFLOPs"] for r in rows])
+    ax.set_xlabel("TFLOP/s (forward, causal, B=2 H=16 T=8192 D=128 bf16)")
+    fig.tight_layout()
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    path = plot_dir / f"gpu_check_headline_{slug(rows[0].get('device') or 'gpu')}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=BENCH_DIR / "results.jsonl", help="JSON-lines results file")
@@ -425,7 +481,11 @@ def main(argv=None) -> int:
                    help="print the headline tables (attention fwd+bwd, swiglu, model, generation) to stdout")
     p.add_argument("--short", action="store_true",
                    help="with --summary: attention columns auto, triton, cuda, cpp, reference, sdpa, sdpa-flash, sdpa-cudnn only")
+    p.add_argument("--gpu-check", type=Path, default=None,
+                   help="a gpu_check results.jsonl: print its tables (markdown) and write its plot to --plots")
     args = p.parse_args(argv)
+    if args.gpu_check is not None:
+        return _gpu_check_main(args)
 
     if not args.results.exists():
         print(f"error: no results file at {args.results} (run FASTLM_BENCH_RECORD=1 pytest benchmarks "
@@ -449,6 +509,31 @@ def main(argv=None) -> int:
     if args.summary:
         print()
         print(summary)
+    return 0
+
+
+def _gpu_check_main(args) -> int:
+    if not args.gpu_check.exists():
+        print(f"error: no gpu_check results at {args.gpu_check}", file=sys.stderr)
+        return 2
+    rows, bad = [], 0
+    for line in args.gpu_check.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "step" in row and "name" in row:
+            rows.append(row)
+        elif line.strip():
+            bad += 1
+    if bad:
+        print(f"warning: skipped {bad} malformed line(s) in {args.gpu_check}", file=sys.stderr)
+    if rows and rows[-1].get("run"):  # the newest run of the file
+        rows = [r for r in rows if r.get("run") == rows[-1]["run"]]
+    print(gpu_check_tables(rows))
+    plot = None if args.no_plots else gpu_check_plot(rows, args.plots)
+    if plot is not None:
+        print(f"plot: {plot}")
     return 0
 
 

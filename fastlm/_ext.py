@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import register_attention_autograd, register_elementwise_autograd
+
 try:
     from . import _C  # registers the torch.ops.fastlm.* schemas and kernels
     _IMPORT_ERROR = None
@@ -61,40 +63,9 @@ if _C is not None:
         return x.new_empty(x.shape)
 
     # ---- autograd ------------------------------------------------------------------------------
-    def _attention_setup_context(ctx, inputs, output):
-        q, k, v, causal, scale, alibi_slopes = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.alibi_slopes = alibi_slopes
-        ctx.causal = causal
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse)
-
-    def _attention_backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ops.attention_bwd(dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale,
-                                        ctx.alibi_slopes)
-        return dq, dk, dv, None, None, None
-
-    torch.library.register_autograd("fastlm::attention_fwd", _attention_backward,
-                                    setup_context=_attention_setup_context)
-
-    def _swiglu_setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _swiglu_backward(ctx, dout):
-        gate, up = ctx.saved_tensors
-        return _ops.swiglu_bwd(dout, gate, up)
-
-    torch.library.register_autograd("fastlm::swiglu_fwd", _swiglu_backward,
-                                    setup_context=_swiglu_setup_context)
-
-    def _swiglu_packed_backward(ctx, dout):
-        (x,) = ctx.saved_tensors
-        return _ops.swiglu_packed_bwd(dout, x)
-
-    torch.library.register_autograd("fastlm::swiglu_packed_fwd", _swiglu_packed_backward,
-                                    setup_context=_swiglu_setup_context)
+    register_attention_autograd("fastlm::attention_fwd", _ops.attention_bwd, contiguous_dout=True)
+    register_elementwise_autograd("fastlm::swiglu_fwd", _ops.swiglu_bwd)
+    register_elementwise_autograd("fastlm::swiglu_packed_fwd", _ops.swiglu_packed_bwd)
 
 
 def _has_cuda_kernels() -> bool:

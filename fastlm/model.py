@@ -268,10 +268,7 @@ class GPT(nn.Module):
         config.validate()
         # Load the backends now: torch.compile cannot trace their lazy imports. The availability
         # checks (triton's imports triton, seconds) only where auto may pick a GPU backend.
-        for name in ops.BACKENDS:
-            ops._load(name)
-        if torch.cuda.is_available():
-            ops.backend_status()
+        ops.load_backends(check_availability=torch.cuda.is_available())
         self.config = cfg = config
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None

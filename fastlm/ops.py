@@ -21,11 +21,10 @@ supports the call; if it has to skip a preferred one it logs why, once.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,22 +32,12 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["attention", "attention_backend", "swiglu", "swiglu_packed", "BACKENDS", "available_backends", "backend_status",
-           "resolve_backend", "BackendUnavailableError"]
+__all__ = ["attention", "attention_backend", "swiglu", "swiglu_packed", "BACKENDS", "Backend", "available_backends",
+           "backend_status", "load_backends", "resolve_backend", "BackendUnavailableError"]
 
 log = logging.getLogger("fastlm")
 
 BACKENDS = ("reference", "torch", "triton", "cuda", "cpp")
-
-# Where each backend object lives ("module:attribute"); imported lazily so that `import fastlm`
-# never pays for triton or the C++ extension.
-_BACKEND_PATHS = {
-    "reference": "fastlm.reference:BACKEND",
-    "torch": "fastlm.ops:TORCH_BACKEND",
-    "triton": "fastlm.kernels:BACKEND",
-    "cuda": "fastlm._ext:CUDA_BACKEND",
-    "cpp": "fastlm._ext:CPP_BACKEND",
-}
 
 # auto's preference per (op, device type). Measured choices: see benchmarks/ and README.
 _AUTO_ORDER = {
@@ -66,6 +55,27 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 class BackendUnavailableError(RuntimeError):
     """A backend was requested explicitly but cannot run here (or cannot run this call)."""
+
+
+class Backend(Protocol):
+    """What every backend object provides. ``*_unsupported`` return None when the backend can run
+    that call (arguments already validated by the public op), else a one-line reason."""
+
+    name: str
+
+    def unavailable_reason(self) -> Optional[str]: ...
+
+    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes) -> Optional[str]: ...
+
+    def attention(self, q, k, v, causal, scale, alibi_slopes) -> Tensor: ...
+
+    def swiglu_unsupported(self, gate, up) -> Optional[str]: ...
+
+    def swiglu(self, gate, up) -> Tensor: ...
+
+    def swiglu_packed_unsupported(self, x) -> Optional[str]: ...
+
+    def swiglu_packed(self, x) -> Tensor: ...
 
 
 # ---- torch backend ------------------------------------------------------------------------------
@@ -136,20 +146,43 @@ _load_errors: dict = {}
 _logged: set = set()
 
 
-def _load(name: str):
+def _import_backend(name: str) -> Backend:
+    """The compiled backends, imported on first use (so `import fastlm` never pays for triton or
+    the C++ extension)."""
+    if name == "triton":
+        from .kernels import BACKEND as triton_backend
+        return triton_backend
+    if name == "cuda":
+        from ._ext import CUDA_BACKEND
+        return CUDA_BACKEND
+    if name == "cpp":
+        from ._ext import CPP_BACKEND
+        return CPP_BACKEND
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def _load(name: str) -> Optional[Backend]:
     """The backend object, or None (with the reason recorded) when it cannot be imported."""
     if name in _loaded:
         return _loaded[name]
     if name in _load_errors:
         return None
-    mod_name, attr = _BACKEND_PATHS[name].split(":")
     try:
-        obj = getattr(importlib.import_module(mod_name), attr)
+        obj = _import_backend(name)
     except Exception as e:  # ImportError, missing symbols, a broken build: all mean unavailable
         _load_errors[name] = f"{type(e).__name__}: {e}".splitlines()[0]
         return None
     _loaded[name] = obj
     return obj
+
+
+def load_backends(check_availability: bool = False) -> None:
+    """Import every backend now (``torch.compile`` cannot trace the lazy imports of a first call);
+    with ``check_availability`` also run their availability checks (triton's imports triton)."""
+    for name in BACKENDS:
+        _load(name)
+    if check_availability:
+        backend_status()
 
 
 def _unavailable(name: str) -> Optional[str]:

@@ -3,6 +3,10 @@
 * :mod:`fastlm.kernels.attention` -- FlashAttention-2 style forward/backward and a split-KV
   decode forward (causal bottom-right, ALiBi, GQA, any strides, head dim <= 256).
 * :mod:`fastlm.kernels.swiglu` -- fused ``silu(gate) * up`` and its packed ``[..., 2H]`` variant.
+* :mod:`fastlm.kernels.launch` -- the launch helpers both share (interpreter mode, kernel objects,
+  ``wrap_triton``, pinned configs: ``FASTLM_TRITON_CONFIGS``).
+* :mod:`fastlm.kernels.resources` -- compile a kernel for a GPU target without a GPU and read its
+  registers, spills and shared memory (tests, ``benchmarks.gpu_check``).
 
 ``import fastlm.kernels`` never imports triton: the submodules load on first use, so the package
 works without triton installed (:data:`BACKEND` then reports why it is unavailable).
@@ -11,34 +15,14 @@ Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter when ``TR
 is set (read at launch time; slow, meant for tests). In the interpreter bfloat16 ``tl.dot`` gives
 wrong results (triton 3.9), so bfloat16 attention is refused there.
 """
-import importlib
-import os
-
-# (no package-level ``attention``/``swiglu`` functions: those names are the submodules)
-__all__ = ["BACKEND", "swiglu_packed", "interpreting"]
+__all__ = ["BACKEND", "TritonBackend"]
 
 _MAX_HEAD_DIM = 256
 
 
-def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read now)."""
-    try:
-        import triton
-        knobs = getattr(triton, "knobs", None)
-        if knobs is not None:
-            return bool(knobs.runtime.interpret)
-    except ImportError:
-        pass
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-def _module(name: str):
-    return importlib.import_module(f"{__name__}.{name}")
-
-
-def swiglu_packed(x):
-    """``silu(x[..., :H]) * x[..., H:]`` for ``x`` of shape ``[..., 2H]``, differentiable."""
-    return _module("swiglu").swiglu_packed(x)
+def _interpreting() -> bool:
+    from .launch import interpreting
+    return interpreting()
 
 
 class TritonBackend:
@@ -59,8 +43,7 @@ class TritonBackend:
                 self._import_error = "triton not installed (pip install triton)"
                 return self._import_error
             try:
-                _module("attention")
-                _module("swiglu")
+                from . import attention, swiglu  # noqa: F401
             except Exception as e:  # e.g. a torch without torch.library.triton_op (< 2.6)
                 self._import_error = f"fastlm.kernels failed to load ({type(e).__name__}: {e})".splitlines()[0]
         return self._import_error
@@ -69,7 +52,7 @@ class TritonBackend:
         why = self._import_reason()
         if why is not None:
             return why
-        if interpreting():
+        if _interpreting():
             return None
         import torch
         if torch.cuda.is_available():
@@ -79,7 +62,7 @@ class TritonBackend:
     def _device_reason(self, t):
         if t.device.type == "cuda":
             return None
-        if t.device.type == "cpu" and interpreting():
+        if t.device.type == "cpu" and _interpreting():
             return None
         if t.device.type == "cpu":
             return "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter); the kernels run on CUDA"
@@ -100,26 +83,29 @@ class TritonBackend:
         why = self._device_reason(q) or self._dtype_reason(q, "attention")
         if why is not None:
             return why
-        if q.dtype == torch.bfloat16 and interpreting():
+        if q.dtype == torch.bfloat16 and _interpreting():
             return "bfloat16 tl.dot gives wrong results in the Triton interpreter (TRITON_INTERPRET=1)"
         if q.shape[-1] > _MAX_HEAD_DIM:
             return f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
         return None
 
     def attention(self, q, k, v, causal, scale, alibi_slopes):
-        return _module("attention").attention(q, k, v, causal, scale, alibi_slopes)
+        from .attention import attention
+        return attention(q, k, v, causal, scale, alibi_slopes)
 
     def swiglu_unsupported(self, gate, up):
         return self._device_reason(gate) or self._dtype_reason(gate, "swiglu")
 
     def swiglu(self, gate, up):
-        return _module("swiglu").swiglu(gate, up)
+        from .swiglu import swiglu
+        return swiglu(gate, up)
 
     def swiglu_packed_unsupported(self, x):
         return self._device_reason(x) or self._dtype_reason(x, "swiglu")
 
     def swiglu_packed(self, x):
-        return _module("swiglu").swiglu_packed(x)
+        from .swiglu import swiglu_packed
+        return swiglu_packed(x)
 
 
 BACKEND = TritonBackend()

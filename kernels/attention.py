@@ -10,7 +10,8 @@ never repeated in memory), causal masking aligned **bottom-right** (query ``i`` 
 Kernels (all of them keep the T x T score matrix in registers, one tile at a time):
 
 * ``_attn_fwd_kernel``: one program per (query block, batch*head). Online softmax in fp32 in the
-  base-2 domain (``scale * log2(e)`` folded into one multiply, ``exp2``), a finite start value for
+  base-2 domain (``scale * log2(e)`` folded into one multiplier; in the unmasked blocks the row max
+  is taken on the unscaled scores and the ``exp2`` argument is one fused multiply-add), a finite start value for
   the running max and a finite mask value, so fully masked rows give ``l = 0`` -> output zeros,
   ``lse = -inf``. Key blocks are split into an unmasked phase (blocks every row of the query block
   may see) and a masked phase (the causal diagonal and the ragged tail); causal programs skip the
@@ -29,21 +30,24 @@ small and K/V pointers advance incrementally (64-bit pointer arithmetic).
 
 Kernel objects are built lazily, per mode: ``TRITON_INTERPRET`` (read through ``triton.knobs`` at
 launch time, not at import) selects the CPU interpreter with one small fixed block config;
-otherwise kernels are compiled and autotuned over a short config list chosen for the head dim and
-dtype, keyed on (head dim, causal, ALiBi, power-of-two bucket of T_q and T_k). The head dim is a
+otherwise kernels are compiled and autotuned over a short config list (:data:`CONFIGS`) chosen for
+the head dim and dtype, or run with pinned configs (``FASTLM_TRITON_CONFIGS``, see
+:mod:`fastlm.kernels.launch`), keyed on (head dim, causal, ALiBi, power-of-two bucket of T_q and T_k). The head dim is a
 compile-time constant (one compile per model head dim): with it the ``d < HEAD_DIM`` mask of a
 non-power-of-two head dim (40, 80, 96) keeps 16-byte vector loads and cp.async pipelining. The ops are
 ``torch.library.triton_op`` s (``fastlm::triton_attention_fwd`` / ``_bwd``) with autograd, so
 ``torch.compile(fullgraph=True)`` traces them on GPU.
 """
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .._autograd import register_attention_autograd
+from .launch import interpreting, is_traced, jit, pinned_configs, wrap
 
 __all__ = ["attention", "attention_forward", "attention_backward", "attention_decode",
            "use_split_kv", "MAX_HEAD_DIM"]
@@ -53,12 +57,14 @@ _LOG2E = 1.4426950408889634
 
 
 # =================================================================================================
-# Kernels (plain functions; _kernel() turns them into JIT / interpreted / autotuned kernels on first
-# use, so the TRITON_INTERPRET decision is made at launch time). They call no @jit helper, not even
-# triton.language's own (tl.cdiv, tl.zeros, tl.max, tl.sum, tl.sigmoid are @jit functions created
-# in the mode triton was imported in, which an interpreted kernel cannot call): reductions go
-# through the builtin tl.reduce with the standard combine functions, which the interpreter maps
-# to numpy whatever the import mode.
+# Kernels (plain functions; launch.jit / _tuned_kernel turn them into JIT / interpreted / autotuned
+# kernels on first use, so the TRITON_INTERPRET decision is made at launch time). They call no @jit
+# helper, not even triton.language's own (tl.cdiv, tl.zeros, tl.max, tl.sum, tl.sigmoid are @jit
+# functions created in the mode triton was imported in, which an interpreted kernel cannot call):
+# reductions go through the builtin tl.reduce with the standard combine functions, which the
+# interpreter maps to numpy whatever the import mode. (The reverse does not hold: with triton
+# imported under TRITON_INTERPRET=1 those combine functions cannot be compiled, so import triton
+# before turning the interpreter on when a process also compiles, as benchmarks.gpu_check does.)
 # =================================================================================================
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, SLOPES,
@@ -69,7 +75,7 @@ def _attn_fwd_kernel(
     H, GROUP, T_Q, T_K, qk_scale,
     T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
@@ -119,13 +125,22 @@ def _attn_fwd_kernel(
         else:
             k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # unscaled scores
         if HAS_ALIBI:
             dist = tl.abs(offs_m[:, None] + offset - (start_n + offs_n)[None, :]).to(tl.float32)
-            qk = qk - slope * dist
-        m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
+            qk = qk * qk_scale - slope * dist
+            m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
+            p = tl.exp2(qk - m_new[:, None])
+        else:
+            # the row max of the unscaled scores, scaled once per row (the min for a negative
+            # scale); then one fused multiply-add per score for the exp2 argument
+            if NEG_SCALE:
+                row_max = tl.reduce(qk, 1, tl.standard._elementwise_min) * qk_scale
+            else:
+                row_max = tl.reduce(qk, 1, tl.standard._elementwise_max) * qk_scale
+            m_new = tl.maximum(m_i, row_max)
+            p = tl.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -506,92 +521,74 @@ def _attn_bwd_dq_kernel(
 # =================================================================================================
 # Kernel objects: JIT or interpreted (decided at launch), autotuned on GPUs
 # =================================================================================================
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read now."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and tile width (head dim x element size),
+# for Ampere and Hopper, pruned by hand so a first call autotunes in seconds. The first entry of
+# each list is the kernel's default pinned config (FASTLM_TRITON_CONFIGS=pinned); every list ends
+# with a config small enough for ~100 KB of shared memory (sm_86/89), so autotuning never runs
+# out of candidates (configs that do not fit are dropped by the autotuner). dK/dV hold two
+# BLOCK_N x D fp32 accumulators: 8 warps where BLOCK_N=128. Registers/spills of causal bf16
+# compiles for sm_90 (cuobjdump on the cubin, ptxas -v; tests/test_triton_attention.py checks the
+# defaults): D=128 fwd 128x64x8x3 166 regs, dq 128x64x8x2 189, dK/dV 16x128x8x3 240, no spills;
+# spilling (bytes): fwd 128x64x4x3 196, dq 128x32x4x3 52, dK/dV 32x128x4x3 2408, 32x128x8x3 96,
+# 64x128x8x2 232. D=64: dK/dV 32x128x4x3 spills 316, 32x128x8x3 213 regs none. fwd 128x128x8x4
+# at D=128 needs 288 KiB of shared memory (sm_90 has 227): the autotuner drops it there.
+CONFIGS = {
+    "fwd": {128: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+            256: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 4),
+                  (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+            512: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+            1024: [(32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]},
+    "dkdv": {128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 4, 3)],
+             256: [(16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 32, 4, 2)],
+             512: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+             1024: [(16, 32, 4, 1), (16, 16, 4, 1)]},
+    "dq": {128: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+           256: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+           512: [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+           1024: [(32, 16, 4, 1), (16, 16, 4, 1)]},
+}
 
-
-# One fixed config in the interpreter (autotuning there is far too slow); BLOCK_M != BLOCK_N on
-# purpose so the tests exercise the causal block bookkeeping with unequal tiles.
-_INTERP_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
-_INTERP_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32}
-_INTERP_DQ = {"BLOCK_M": 32, "BLOCK_N": 16}
+# One fixed config per kernel in the interpreter (autotuning there is far too slow); BLOCK_M !=
+# BLOCK_N on purpose so the tests exercise the causal block bookkeeping with unequal tiles.
+_INTERP_BLOCKS = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
+                  "dq": {"BLOCK_M": 32, "BLOCK_N": 16}}
 _INTERP_DECODE_BLOCK_N = 16
 _INTERP_DECODE_MIN_CHUNK = 64
 
-_cache: dict = {}
-
-
-def _configs(kind: str, block_d: int, elem_size: int):
-    """A short config list per kernel and tile width (head dim x element size), for Ampere and
-    Hopper; pruned by hand so a first call autotunes in seconds. Every list ends with a config
-    small enough for ~100 KB of shared memory (sm_86/89), so autotuning never runs out of
-    candidates (configs that do not fit are dropped by the autotuner)."""
-    row_bytes = block_d * elem_size  # 128: fp16 D<=64; 256: fp16 D=128 / fp32 D=64; 512; 1024
-    table = {
-        "fwd": {128: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-                256: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-                512: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-                1024: [(32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]},
-        "dkdv": {128: [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
-                 256: [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2)],
-                 512: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
-                 1024: [(16, 32, 4, 1), (16, 16, 4, 1)]},
-        "dq": {128: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-               256: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
-               512: [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
-               1024: [(32, 16, 4, 1), (16, 16, 4, 1)]},
-    }[kind]
-    cfg = table[min(b for b in table if b >= min(row_bytes, 1024))]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in cfg]
-
-
 _KEY = ["HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CAUSAL", "HAS_ALIBI", "GROUP"]
+_autotuned: dict = {}
 
 
-def _kernel(kind: str, fn, block_d: int = 0, elem_size: int = 0, autotune: bool = False):
-    """The launchable kernel for ``fn`` in the current mode (cached)."""
-    interp = interpreting()
-    key = (kind, interp, block_d if autotune else 0, elem_size if autotune else 0)
-    k = _cache.get(key)
-    if k is None:
-        k = triton.jit(fn)
-        if autotune and not interp:
-            k = triton.autotune(configs=_configs(kind, block_d, elem_size), key=_KEY)(k)
-        _cache[key] = k
-    return k
+def configs(kind: str, block_d: int, elem_size: int) -> list:
+    """The config list (tuples, see :data:`CONFIGS`) of kernel ``kind`` for this tile width."""
+    table = CONFIGS[kind]
+    row_bytes = block_d * elem_size  # 128: fp16 D<=64; 256: fp16 D=128 / fp32 D=64; 512; 1024
+    return table[min(b for b in table if b >= min(row_bytes, 1024))]
 
 
-def _is_interpreted(kernel) -> bool:
-    from triton.runtime.autotuner import Autotuner, Heuristics
-    from triton.runtime.interpreter import InterpretedFunction
-    while isinstance(kernel, (Autotuner, Heuristics)):
-        kernel = kernel.fn
-    return isinstance(kernel, InterpretedFunction)
+def _launch_kwargs(config) -> dict:
+    m, n, w, s = config
+    return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
 
 
-def _wrap(kernel):
-    """``wrap_triton`` so torch.compile / make_fx see the launch; interpreted kernels are
-    launched directly (torch <= 2.11 rejects them in wrap_triton, and they cannot be traced)."""
-    if _is_interpreted(kernel):
-        return kernel
-    return torch.library.wrap_triton(kernel)
-
-
-def _is_traced(*tensors) -> bool:
-    """True for fake / meta tensors (shape propagation: register_fake, opcheck's fake test).
-    Raises for the FunctionalTensors of AOT tracing in interpreter mode: the graph would have no
-    kernel in it (interpreted kernels cannot be captured), so torch.compile needs a GPU."""
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-    tensors = [t for t in tensors if t is not None]
-    if interpreting() and any(isinstance(t, FunctionalTensor) for t in tensors):
-        raise RuntimeError("fastlm Triton ops cannot be traced by torch.compile/AOT autograd in "
-                           "TRITON_INTERPRET mode; compile them on a CUDA GPU")
-    return any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors)
+def _tuned_kernel(kind: str, fn, block_d: int, elem_size: int):
+    """``(kernel, launch kwargs)`` of an autotuned kernel: a pinned config (FASTLM_TRITON_CONFIGS;
+    in the interpreter its tile sizes, so CPU tests check the GPU's tiles), the interpreter's
+    fixed blocks, or the autotuner over :func:`configs`."""
+    pins = pinned_configs()
+    if pins is not None:
+        config = pins.get(kind) or configs(kind, block_d, elem_size)[0]
+        if interpreting():  # the pinned tiles (warps and stages mean nothing there)
+            return jit(fn), {"BLOCK_M": config[0], "BLOCK_N": config[1]}
+        return jit(fn), _launch_kwargs(config)
+    if interpreting():
+        return jit(fn), dict(_INTERP_BLOCKS[kind])
+    key = (kind, block_d, elem_size)
+    if key not in _autotuned:
+        space = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                 for m, n, w, s in configs(kind, block_d, elem_size)]
+        _autotuned[key] = triton.autotune(configs=space, key=_KEY)(jit(fn))
+    return _autotuned[key], {}
 
 
 def _block_d(d: int) -> int:
@@ -641,16 +638,15 @@ def _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes):
     b, h, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     block_d = _block_d(d)
-    kernel = _kernel("fwd", _attn_fwd_kernel, block_d, q.element_size(), autotune=True)
+    kernel, extra = _tuned_kernel("fwd", _attn_fwd_kernel, block_d, q.element_size())
     slopes = alibi_slopes if alibi_slopes is not None else lse  # dummy pointer when unused
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
-    extra = dict(_INTERP_FWD) if _is_interpreted(kernel) else {}
-    _wrap(kernel)[grid](
+    wrap(kernel)[grid](
         q, k, v, out, lse, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         h, h // h_kv, t_q, t_k, scale * _LOG2E, _bucket(t_q), _bucket(t_k),
         HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
-        BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), **extra)
+        BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), NEG_SCALE=scale < 0, **extra)
 
 
 def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
@@ -669,18 +665,18 @@ def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
     o_part = torch.empty((b * h_kv * n_splits * part_m * block_d,), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((b * h_kv * n_splits * part_m,), device=q.device, dtype=torch.float32)
     slopes = alibi_slopes if alibi_slopes is not None else lse_part
-    dec = _kernel("decode", _attn_decode_kernel)
-    extra = {} if _is_interpreted(dec) else {"num_warps": 4,
+    dec = jit(_attn_decode_kernel)
+    extra = {} if interp else {"num_warps": 4,
                                              "num_stages": 3 if block_d * q.element_size() <= 256 else 2}
-    _wrap(dec)[(b * h_kv, n_splits)](
+    wrap(dec)[(b * h_kv, n_splits)](
         q, k, v, o_part, lse_part, slopes,
         *_strides(q), *_strides(k), *_strides(v),
         h_kv, group, t_q, t_k, scale * _LOG2E, chunk, n_splits,
         HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, BLOCK_D=block_d,
         DOT_PREC=_dot_prec(q.dtype), BLOCK_M=part_m, BLOCK_N=block_n, **extra)
-    comb = _kernel("combine", _attn_decode_combine_kernel)
-    extra = {} if _is_interpreted(comb) else {"num_warps": 4 if block_d >= 128 else 2}
-    _wrap(comb)[(b * h_kv * group * t_q,)](
+    comb = jit(_attn_decode_combine_kernel)
+    extra = {} if interp else {"num_warps": 4 if block_d >= 128 else 2}
+    wrap(comb)[(b * h_kv * group * t_q,)](
         o_part, lse_part, out, lse, *_strides(out),
         h_kv, group, t_q, n_splits,
         HEAD_DIM=d, PART_M=part_m, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d, **extra)
@@ -703,7 +699,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: floa
     b, h, t_q, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)
-    if _is_traced(q, k, v) and interpreting():
+    if is_traced(q, k, v) and interpreting():
         return out, lse  # shapes only: the interpreter cannot run on fake tensors
     if split_kv is None:
         split_kv = use_split_kv(t_q, k.shape[2], h // k.shape[1])
@@ -730,35 +726,35 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    if _is_traced(q, k, v, dout) and interpreting():
+    if is_traced(q, k, v, dout) and interpreting():
         return dq, dk, dv
     delta = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
     interp = interpreting()
-    pre = _kernel("pre", _attn_bwd_preprocess_kernel)
+    pre = jit(_attn_bwd_preprocess_kernel)
     pre_m = 32 if interp else 64
     extra = {} if interp else {"num_warps": 4}
-    _wrap(pre)[(triton.cdiv(t_q, pre_m) * b * h,)](
+    wrap(pre)[(triton.cdiv(t_q, pre_m) * b * h,)](
         out, dout, delta, *_strides(out), *_strides(dout), h, t_q,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, **extra)
 
     slopes = alibi_slopes if alibi_slopes is not None else delta
     common = dict(HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
                   BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
-    dkdv = _kernel("dkdv", _attn_bwd_dkdv_kernel, block_d, q.element_size(), autotune=True)
+    dkdv, extra = _tuned_kernel("dkdv", _attn_bwd_dkdv_kernel, block_d, q.element_size())
     grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) * b * h_kv,)  # noqa: E731
-    _wrap(dkdv)[grid](
+    wrap(dkdv)[grid](
         q, k, v, dout, lse, delta, dk, dv, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
         h, group, t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
-        **common, **(dict(_INTERP_DKDV) if interp else {}))
-    dqk = _kernel("dq", _attn_bwd_dq_kernel, block_d, q.element_size(), autotune=True)
+        **common, **extra)
+    dqk, extra = _tuned_kernel("dq", _attn_bwd_dq_kernel, block_d, q.element_size())
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
-    _wrap(dqk)[grid](
+    wrap(dqk)[grid](
         q, k, v, dout, lse, delta, dq, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
         h, group, t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
-        **common, **(dict(_INTERP_DQ) if interp else {}))
+        **common, **extra)
     return dq, dk, dv
 
 
@@ -778,23 +774,7 @@ def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     return attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, alibi_slopes = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.alibi_slopes = alibi_slopes  # not differentiated (a constant of the model)
-    ctx.causal = causal
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.alibi_slopes)
-    return dq, dk, dv, None, None, None
-
-
-_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(_attention_fwd_op, _attention_bwd_op)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,

@@ -10,8 +10,10 @@
 Math in fp32 whatever the storage dtype; the backward recomputes ``sigmoid(gate)`` rather than
 saving it and writes fresh gradient tensors:
 ``d_up = dout * silu(g)``, ``d_gate = dout * up * s * (1 + g * (1 - s))`` with ``s = sigmoid(g)``.
-1-D grid over elements with a large BLOCK, int64 offsets. Kernel objects are created at launch
-time in the current mode (``TRITON_INTERPRET`` or compiled), like :mod:`fastlm.kernels.attention`.
+Split kernels: a 1-D grid over the flat elements with a large BLOCK, int64 offsets. Packed
+kernels: a 2-D grid of (row, column block) programs, so no per-element division by the row width.
+Kernel objects are created at launch time in the current mode (``TRITON_INTERPRET`` or compiled),
+through :mod:`fastlm.kernels.launch` like those of :mod:`fastlm.kernels.attention`.
 Ops: ``fastlm::triton_swiglu_fwd/bwd`` and ``fastlm::triton_swiglu_packed_fwd/bwd``.
 """
 from typing import Tuple
@@ -21,7 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .attention import _is_interpreted, _is_traced, _wrap, interpreting
+from .._autograd import register_elementwise_autograd
+from .launch import interpreting, is_traced, jit, wrap
 
 __all__ = ["swiglu", "swiglu_packed", "swiglu_forward", "swiglu_backward",
            "swiglu_packed_forward", "swiglu_packed_backward"]
@@ -49,50 +52,44 @@ def _swiglu_bwd_kernel(DOUT, G, U, DG, DU, N, BLOCK: tl.constexpr):
     tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=mask)
 
 
-def _swiglu_packed_fwd_kernel(X, OUT, N, HIDDEN, stride_xrow, BLOCK: tl.constexpr):
-    # element e of the [rows, HIDDEN] output: gate at X[row, col], up at X[row, HIDDEN + col]
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    row = offs // HIDDEN
-    col = offs - row * HIDDEN
-    x_off = row * stride_xrow + col
-    g = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(X + x_off + HIDDEN, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_packed_fwd_kernel(X, OUT, HIDDEN, stride_xrow, BLOCK: tl.constexpr):
+    # program (row, column block): gate at X[row, col], up at X[row, HIDDEN + col]
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    x_row = X + row * stride_xrow
+    g = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_row + HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
     out = g / (1.0 + tl.exp(-g)) * u
-    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + row * HIDDEN + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
-def _swiglu_packed_bwd_kernel(DOUT, X, DX, N, HIDDEN, stride_xrow, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    row = offs // HIDDEN
-    col = offs - row * HIDDEN
-    x_off = row * stride_xrow + col
-    do = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(X + x_off + HIDDEN, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_packed_bwd_kernel(DOUT, X, DX, HIDDEN, stride_xrow, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    x_row = X + row * stride_xrow
+    do = tl.load(DOUT + row * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_row + HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-g))
     du = do * g * s
     dg = do * u * s * (1.0 + g * (1.0 - s))
-    dx_off = row * (2 * HIDDEN) + col  # dx is a fresh contiguous [rows, 2 * HIDDEN]
-    tl.store(DX + dx_off, dg.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DX + dx_off + HIDDEN, du.to(DX.dtype.element_ty), mask=mask)
+    dx_row = DX + row * (2 * HIDDEN)  # dx is a fresh contiguous [rows, 2 * HIDDEN]
+    tl.store(dx_row + cols, dg.to(DX.dtype.element_ty), mask=mask)
+    tl.store(dx_row + HIDDEN + cols, du.to(DX.dtype.element_ty), mask=mask)
 
 
-_cache: dict = {}
-
-
-def _kernel(fn):
-    key = (fn.__name__, interpreting())
-    k = _cache.get(key)
-    if k is None:
-        k = _cache[key] = triton.jit(fn)
-    return k
-
-
-def _launch_cfg(kernel) -> dict:
+def _flat_cfg() -> dict:
     # interpreter: one block of 1024 is fast enough; GPU: 4096 elements per program, 8 warps
-    return {"BLOCK": 1024} if _is_interpreted(kernel) else {"BLOCK": 4096, "num_warps": 8}
+    return {"BLOCK": 1024} if interpreting() else {"BLOCK": 4096, "num_warps": 8}
+
+
+def _row_cfg(hidden: int) -> dict:
+    """Column block of the packed kernels: the row's width up to a cap (a power of two)."""
+    cap = 1024 if interpreting() else 2048
+    block = min(cap, max(16, triton.next_power_of_2(hidden)))
+    return {"BLOCK": block} if interpreting() else {"BLOCK": block, "num_warps": 4 if block <= 1024 else 8}
 
 
 def _check(t: Tensor, name: str):
@@ -106,11 +103,10 @@ def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     n = gate.numel()
-    if n == 0 or (_is_traced(gate, up) and interpreting()):
+    if n == 0 or (is_traced(gate, up) and interpreting()):
         return out
-    kernel = _kernel(_swiglu_fwd_kernel)
-    cfg = _launch_cfg(kernel)
-    _wrap(kernel)[(triton.cdiv(n, cfg["BLOCK"]),)](gate, up, out, n, **cfg)
+    cfg = _flat_cfg()
+    wrap(jit(_swiglu_fwd_kernel))[(triton.cdiv(n, cfg["BLOCK"]),)](gate, up, out, n, **cfg)
     return out
 
 
@@ -119,11 +115,10 @@ def swiglu_backward(dout: Tensor, gate: Tensor, up: Tensor) -> Tuple[Tensor, Ten
     d_gate = torch.empty_like(gate)
     d_up = torch.empty_like(up)
     n = gate.numel()
-    if n == 0 or (_is_traced(dout, gate, up) and interpreting()):
+    if n == 0 or (is_traced(dout, gate, up) and interpreting()):
         return d_gate, d_up
-    kernel = _kernel(_swiglu_bwd_kernel)
-    cfg = _launch_cfg(kernel)
-    _wrap(kernel)[(triton.cdiv(n, cfg["BLOCK"]),)](dout, gate, up, d_gate, d_up, n, **cfg)
+    cfg = _flat_cfg()
+    wrap(jit(_swiglu_bwd_kernel))[(triton.cdiv(n, cfg["BLOCK"]),)](dout, gate, up, d_gate, d_up, n, **cfg)
     return d_gate, d_up
 
 
@@ -141,13 +136,12 @@ def swiglu_packed_forward(x: Tensor) -> Tensor:
         raise ValueError(f"swiglu_packed: last dim must be even (gate | up), got shape {tuple(x.shape)}")
     hidden = x.shape[-1] // 2
     out = x.new_empty((*x.shape[:-1], hidden))
-    n = out.numel()
-    if n == 0 or (_is_traced(x) and interpreting()):
+    if out.numel() == 0 or (is_traced(x) and interpreting()):
         return out
     x2 = _rows(x)
-    kernel = _kernel(_swiglu_packed_fwd_kernel)
-    cfg = _launch_cfg(kernel)
-    _wrap(kernel)[(triton.cdiv(n, cfg["BLOCK"]),)](x2, out, n, hidden, x2.stride(0), **cfg)
+    cfg = _row_cfg(hidden)
+    grid = (x2.shape[0], triton.cdiv(hidden, cfg["BLOCK"]))
+    wrap(jit(_swiglu_packed_fwd_kernel))[grid](x2, out, hidden, x2.stride(0), **cfg)
     return out
 
 
@@ -155,13 +149,12 @@ def swiglu_packed_backward(dout: Tensor, x: Tensor) -> Tensor:
     hidden = x.shape[-1] // 2
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dout = dout.contiguous()
-    n = dout.numel()
-    if n == 0 or (_is_traced(dout, x) and interpreting()):
+    if dout.numel() == 0 or (is_traced(dout, x) and interpreting()):
         return dx
     x2 = _rows(x)
-    kernel = _kernel(_swiglu_packed_bwd_kernel)
-    cfg = _launch_cfg(kernel)
-    _wrap(kernel)[(triton.cdiv(n, cfg["BLOCK"]),)](dout, x2, dx, n, hidden, x2.stride(0), **cfg)
+    cfg = _row_cfg(hidden)
+    grid = (x2.shape[0], triton.cdiv(hidden, cfg["BLOCK"]))
+    wrap(jit(_swiglu_packed_bwd_kernel))[grid](dout, x2, dx, hidden, x2.stride(0), **cfg)
     return dx
 
 
@@ -186,26 +179,8 @@ def _swiglu_packed_bwd_op(dout: Tensor, x: Tensor) -> Tensor:
     return swiglu_packed_backward(dout, x)
 
 
-def _swiglu_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _swiglu_grad(ctx, dout):
-    gate, up = ctx.saved_tensors
-    return _swiglu_bwd_op(dout, gate, up)
-
-
-def _packed_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _packed_grad(ctx, dout):
-    (x,) = ctx.saved_tensors
-    return _swiglu_packed_bwd_op(dout, x)
-
-
-_swiglu_fwd_op.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
-_swiglu_packed_fwd_op.register_autograd(_packed_grad, setup_context=_packed_setup)
+register_elementwise_autograd(_swiglu_fwd_op, _swiglu_bwd_op)
+register_elementwise_autograd(_swiglu_packed_fwd_op, _swiglu_packed_bwd_op)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:

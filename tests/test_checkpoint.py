@@ -13,9 +13,10 @@ from fastlm.model import GPT, GPTConfig
 from fastlm.tokenizers import build_tokenizer
 from fastlm.train import main
 
+# --device cpu: the same CPU run also where a GPU is visible
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "1", "--eval-interval", "3", "--max-iters", "6", "--sample-tokens", "0",
-        "--no-progress", "--threads", "1"]
+        "--no-progress", "--threads", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -332,6 +332,7 @@ CUDA_CASES = [
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[c[0] for c in CUDA_CASES])
 def test_cuda_attention_matches_float64(case, dtype):
@@ -351,6 +352,7 @@ def test_cuda_attention_matches_float64(case, dtype):
         assert_two_x(o.cpu(), bs.cpu(), r.cpu(), f"cuda {name}")
 
 
+@pytest.mark.gpu
 def test_cuda_attention_refuses_what_it_cannot_run():
     _require_cuda()
     q = torch.randn(1, 2, 8, 80, device="cuda", dtype=torch.float16)
@@ -363,6 +365,7 @@ def test_cuda_attention_refuses_what_it_cannot_run():
         OPS.attention_fwd(q32, q32, q32, True, 0.1, None)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [8192 * 2048 + 3, 1000])
 def test_cuda_swiglu_matches_float64(dtype, n):

@@ -15,9 +15,10 @@ from fastlm.train import main
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--eval-iters", "2",
-          "--eval-interval", "3", "--sample-tokens", "0", "--no-progress", "--threads", "1", "--log-interval", "1",
-          "--lr-schedule", "constant", "--warmup-iters", "0", "--lr", "0.01"]
+# --device cpu: gloo on CPU also where a GPU is visible (NCCL would want one GPU per process)
+COMMON = ["--device", "cpu", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+          "--eval-iters", "2", "--eval-interval", "3", "--sample-tokens", "0", "--no-progress", "--threads",
+          "1", "--log-interval", "1", "--lr-schedule", "constant", "--warmup-iters", "0", "--lr", "0.01"]
 
 
 def _gloo_ok():

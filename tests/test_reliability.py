@@ -19,8 +19,9 @@ from fastlm import checkpoint, data
 from fastlm.train import main
 from fastlm.trainer import Callback
 
+# --device cpu: the same CPU run also where a GPU is visible
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1"]
+        "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1", "--device", "cpu"]
 
 
 def _env(**extra):

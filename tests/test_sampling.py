@@ -402,7 +402,7 @@ def test_beam_search_validation():
     assert beam_search(model, torch.tensor([[4]]), 0, beam_size=2)[0][0].tolist() == [4]
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", pytest.param("triton", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("pos", ["rope", "alibi"])
 def test_cached_decoding_on_each_backend(backend, pos):
     """Single-token decode steps (T_q = 1 against a longer cache) exercise each backend's
@@ -412,10 +412,11 @@ def test_cached_decoding_on_each_backend(backend, pos):
     why = ops.backend_status().get(backend)
     if why is not None:
         pytest.skip(f"{backend} backend unavailable: {why}")
-    ref = tiny_gpt(pos, dtype=torch.float32, seed=3)
-    model = tiny_gpt(pos, dtype=torch.float32, seed=3, backend=backend)
+    device = "cuda" if backend == "triton" else "cpu"  # the Triton kernels take CUDA tensors
+    ref = tiny_gpt(pos, dtype=torch.float32, seed=3).to(device)
+    model = tiny_gpt(pos, dtype=torch.float32, seed=3, backend=backend).to(device)
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values()))
-    prompt = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(5))
+    prompt = torch.randint(0, 11, (2, 4), generator=torch.Generator().manual_seed(5)).to(device)
     out = generate(model, prompt, 24, greedy=True)
     assert torch.equal(out, generate(model, prompt, 24, greedy=True, use_cache=False))
     assert torch.equal(out, generate(ref, prompt, 24, greedy=True))

@@ -16,6 +16,7 @@ import torch
 from fastlm import checkpoint, data
 from fastlm.config import ConfigFileError, load_config_file, merge_values
 from fastlm.model import GPTConfig
+from fastlm.runtime import resolve_device
 from fastlm.train import LRSchedule, TrainConfig, build_parser, main
 from fastlm.trainer import Callback
 
@@ -32,7 +33,12 @@ def corpus(corpus_20k):
 
 
 def run(args, capsys=None):
-    rc = main([str(a) for a in args])
+    """main(args); new runs default to ``--device cpu`` so that a GPU machine runs the same CPU
+    configuration (its ``auto`` would pick CUDA and the GPU defaults profile)."""
+    args = [str(a) for a in args]
+    if not {"--device", "--resume", "--config", "--help"} & set(args):
+        args += ["--device", "cpu"]
+    rc = main(args)
     out = capsys.readouterr() if capsys is not None else None
     return rc, out
 
@@ -524,9 +530,10 @@ def test_crlf_corpus_gives_the_lf_tokens_unless_raw_newlines(tmp_path, corpus, c
 
 def test_progress_bar_and_device_auto(tmp_path, corpus, capsys):
     flags = [f for f in TINY if f != "--no-progress"]
-    rc, res = run(["--data", corpus, "--out-dir", tmp_path / "p", *flags, "--device", "auto", "--progress"], capsys)
+    rc, res = run(["--data", corpus, "--out-dir", tmp_path / "p", *flags, "--device", "auto", "--no-gpu-defaults",
+                   "--progress"], capsys)
     assert rc == 0
-    assert "device: cpu" in res.out  # auto resolved (no GPU/MPS here) and printed
+    assert f"device: {resolve_device('auto')}" in res.out  # auto resolved and printed
     assert "train:" in res.err and "10/10" in res.err  # tqdm's bar on stderr, to the last step
 
 

@@ -327,7 +327,7 @@ def test_gpu_decode_long_kv(A):
 @needs_gpu
 @pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph():
-    from fastlm.kernels import swiglu_packed
+    from fastlm.kernels.swiglu import swiglu_packed
     from fastlm.kernels.attention import attention
 
     class Block(torch.nn.Module):
@@ -365,9 +365,26 @@ def test_interpreter_mode_is_per_call():
     if CUDA:
         assert not mod.interpreting()
     else:
+        from fastlm.kernels.launch import is_interpreted
         assert mod.interpreting()
-        k = mod._kernel("dq", mod._attn_bwd_dq_kernel, 64, 4, autotune=True)
-        assert mod._is_interpreted(k)
+        k, blocks = mod._tuned_kernel("dq", mod._attn_bwd_dq_kernel, 64, 4)
+        assert is_interpreted(k) and blocks == mod._INTERP_BLOCKS["dq"]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_negative_scale(A, causal):
+    """The unmasked key blocks take the row max of the unscaled scores; with a negative scale that is
+    the row minimum. Long enough (T = 97 > the interpreter's 16-key blocks) that unmasked blocks
+    run, checked against the float64 oracle under the 2x rule."""
+    q, k, v, do, _ = _inputs(1, 2, 2, 97, 97, 32, False, seed=3)
+    scale = -0.4
+    dtype = torch.float32
+    args = [_to(t, dtype) for t in (q, k, v)]
+    got = _run(lambda a, b, c: A.attention(a, b, c, causal, scale), *args, _to(do, dtype))
+    ref = _run(lambda a, b, c: naive_attention(a, b, c, causal, scale), *[t.double() for t in args],
+               _to(do, dtype).double())
+    base = _run(lambda a, b, c: naive_attention(a, b, c, causal, scale, dtype=dtype), *args, _to(do, dtype))
+    _check_all(got, ref, base, dtype)
 
 
 def test_math_scale_default():
@@ -379,44 +396,29 @@ def test_math_scale_default():
 
 
 # ---- compiled path without a GPU: compile every kernel for sm_80 / sm_90 (ptxas ships with triton)
-def _compile_for(fn, dtype, constexprs, cap, num_warps=4, num_stages=2):
-    """triton.compile ``fn`` down to a cubin for ``cuda:cap`` with unit last-dim strides (what the
-    JIT specializes at run time) and 16-divisible pointers/strides."""
-    import inspect
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    names = list(inspect.signature(fn).parameters)
-    ce = dict(constexprs)
-    for n in names:
-        if n.startswith("stride") and n.endswith("d"):
-            ce[n] = 1
-    fp32_ptrs = {"LSE", "DELTA", "SLOPES", "O_PART", "LSE_PART"}
-    ints = {"H", "H_KV", "GROUP", "T_Q", "T_K", "HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CHUNK",
-            "N_SPLITS", "N", "HIDDEN"}
-    sig = {}
-    for n in names:
-        if n in ce:
-            sig[n] = "constexpr"
-        elif n in ("qk_scale", "sm_scale"):
-            sig[n] = "fp32"
-        elif n in ints or n.startswith("stride"):
-            sig[n] = "i32"
-        else:
-            sig[n] = "*fp32" if n in fp32_ptrs else "*" + dtype
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("stride"))}
-    src = ASTSource(fn=triton.jit(fn), signature=sig, constexprs=ce, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+def _compile_or_skip(fn, dtype, ce, cap, num_warps=4, num_stages=2):
+    try:
+        from fastlm.kernels.resources import compile_for_target
+        return compile_for_target(fn, dtype, ce, cap, num_warps=num_warps, num_stages=num_stages)
+    except ImportError as e:
+        pytest.skip(f"this triton has no ASTSource/GPUTarget API ({e})")
+    except RuntimeError as e:
+        if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+            pytest.skip(f"no ptxas available: {e}")
+        raise
+
+
+_FWD_OPTS = dict(HEAD_DIM=80, CAUSAL=True, HAS_ALIBI=True, EVEN_D=False, BLOCK_D=128, DOT_PREC="tf32")
 
 
 def _gpu_compile_cases():
     from fastlm.kernels import attention as A, swiglu as S
-    opts = dict(HEAD_DIM=80, CAUSAL=True, HAS_ALIBI=True, EVEN_D=False, BLOCK_D=128, DOT_PREC="tf32")
+    opts = _FWD_OPTS
+    fwd = dict(opts, NEG_SCALE=False)
     return {
-        "fwd-sm90": (A._attn_fwd_kernel, "bf16", dict(opts, BLOCK_M=128, BLOCK_N=64), 90),
-        "fwd-sm80": (A._attn_fwd_kernel, "fp16", dict(opts, BLOCK_M=128, BLOCK_N=64), 80),
-        "fwd-d40-sm90": (A._attn_fwd_kernel, "fp16", dict(opts, HEAD_DIM=40, BLOCK_D=64, BLOCK_M=128,
+        "fwd-sm90": (A._attn_fwd_kernel, "bf16", dict(fwd, BLOCK_M=128, BLOCK_N=64), 90),
+        "fwd-sm80": (A._attn_fwd_kernel, "fp16", dict(fwd, BLOCK_M=128, BLOCK_N=64), 80),
+        "fwd-d40-sm90": (A._attn_fwd_kernel, "fp16", dict(fwd, HEAD_DIM=40, BLOCK_D=64, BLOCK_M=128,
                                                           BLOCK_N=64), 90),
         "dkdv-sm90": (A._attn_bwd_dkdv_kernel, "bf16", dict(opts, BLOCK_M=32, BLOCK_N=128), 90),
         "dq-sm90": (A._attn_bwd_dq_kernel, "bf16", dict(opts, BLOCK_M=128, BLOCK_N=32), 90),
@@ -426,8 +428,8 @@ def _gpu_compile_cases():
         "combine-sm90": (A._attn_decode_combine_kernel, "bf16", dict(HEAD_DIM=80, PART_M=16, BLOCK_S=32, BLOCK_D=128), 90),
         "swiglu-fwd": (S._swiglu_fwd_kernel, "bf16", dict(BLOCK=4096), 90),
         "swiglu-bwd": (S._swiglu_bwd_kernel, "bf16", dict(BLOCK=4096), 90),
-        "packed-fwd": (S._swiglu_packed_fwd_kernel, "bf16", dict(BLOCK=4096), 90),
-        "packed-bwd": (S._swiglu_packed_bwd_kernel, "bf16", dict(BLOCK=4096), 90),
+        "packed-fwd": (S._swiglu_packed_fwd_kernel, "bf16", dict(BLOCK=2048), 90),
+        "packed-bwd": (S._swiglu_packed_bwd_kernel, "bf16", dict(BLOCK=2048), 90),
     }
 
 
@@ -437,27 +439,113 @@ def _gpu_compile_cases():
 def test_kernels_compile_for_gpu_targets(name, monkeypatch):
     """The compiled (non-interpreter) path is checked on CPU-only machines too: each kernel goes
     through Triton's full pipeline to a cubin. Attention tiles must use tensor cores
-    (wgmma on sm_90, mma.sync on sm_80), pipelined cp.async loads, and no register spills."""
+    (wgmma on sm_90, mma.sync on sm_80) and pipelined cp.async loads; the packed SwiGLU kernels
+    (a (row, column block) grid) divide no integer per element."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"this triton has no ASTSource/GPUTarget API ({e})")
     fn, dtype, ce, cap = _gpu_compile_cases()[name]
-    try:
-        kernel = _compile_for(fn, dtype, ce, cap, num_stages=3 if name.startswith(("fwd", "dq")) else 2)
-    except RuntimeError as e:
-        if "ptxas" in str(e).lower() and "not found" in str(e).lower():
-            pytest.skip(f"no ptxas available: {e}")
-        raise
+    kernel = _compile_or_skip(fn, dtype, ce, cap, num_stages=3 if name.startswith(("fwd", "dq")) else 2)
     ptx = kernel.asm["ptx"]
-    assert "ld.local" not in ptx, "register spills"
     assert kernel.metadata.shared <= 160 * 1024
     if name.startswith(("fwd", "dkdv", "dq", "decode")):
         mma = "wgmma.mma_async" if cap == 90 and not name.startswith("decode") else "mma.sync"
         assert mma in ptx, f"no tensor-core MMA ({mma})"  # decode's 16-row tiles use mma.sync
         assert "cp.async" in ptx, "loads are not pipelined"
+    if name.startswith("packed"):
+        assert not any(op in ptx for op in ("div.s64", "rem.s64", "div.u64", "rem.u64", "div.s32", "rem.s32"))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+def test_pinned_default_registers_and_spills_sm90(kind, head_dim, monkeypatch):
+    """Registers and spills read from the compiled kernel (cuobjdump on the cubin, ptxas -v; not the
+    PTX, where spills do not show) of each kernel's default pinned config at D=64 (GPT-2 small) and
+    D=128 (the headline) in bf16, compiled for sm_90: at most 255 registers, no spills, within
+    sm_90's 227 KiB of shared memory. (The 4-warp dK/dV default this replaced spilled 2408 bytes.)"""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from fastlm.kernels import attention as A
+    from fastlm.kernels.resources import ptxas_path, resource_usage
+    if ptxas_path(90) is None:
+        pytest.skip("no ptxas (triton's bundled one or on PATH)")
+    fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kind]
+    m, n, warps, stages = A.configs(kind, head_dim, 2)[0]
+    ce = dict(HEAD_DIM=head_dim, CAUSAL=True, HAS_ALIBI=False, EVEN_D=True, BLOCK_D=head_dim, DOT_PREC="tf32",
+              BLOCK_M=m, BLOCK_N=n)
+    if kind == "fwd":
+        ce["NEG_SCALE"] = False
+    kernel = _compile_or_skip(fn, "bf16", ce, 90, num_warps=warps, num_stages=stages)
+    usage = resource_usage(kernel, 90)
+    assert "ptxas_error" not in usage, usage
+    assert 0 < usage["ptxas_regs"] <= 255, usage
+    assert usage["ptxas_spill_store_bytes"] == 0 and usage["ptxas_spill_load_bytes"] == 0, usage
+    assert usage["shared_bytes"] <= 227 * 1024, usage
+    if "cubin_regs" in usage:  # cuobjdump on the cubin itself agrees
+        assert usage["cubin_regs"] == usage["ptxas_regs"] and usage["cubin_stack_bytes"] == 0, usage
+
+
+def test_spills_show_in_the_cubin_not_in_the_ptx(monkeypatch):
+    """Negative control of the check above: dK/dV with a 32x128 tile on 4 warps at D=128 spills
+    (measured 2408 bytes) although its PTX has no local loads."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from fastlm.kernels import attention as A
+    from fastlm.kernels.resources import ptxas_path, resource_usage
+    if ptxas_path(90) is None:
+        pytest.skip("no ptxas (triton's bundled one or on PATH)")
+    ce = dict(HEAD_DIM=128, CAUSAL=True, HAS_ALIBI=False, EVEN_D=True, BLOCK_D=128, DOT_PREC="tf32",
+              BLOCK_M=32, BLOCK_N=128)
+    kernel = _compile_or_skip(A._attn_bwd_dkdv_kernel, "bf16", ce, 90, num_warps=4, num_stages=3)
+    assert "ld.local" not in kernel.asm["ptx"]
+    assert resource_usage(kernel, 90)["ptxas_spill_store_bytes"] > 0
+
+
+@pytest.mark.parametrize("t_q,t_k", [(300, 300), (100, 300)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_pinned_default_tiles_parity(A, head_dim, t_q, t_k, monkeypatch):
+    """The GPU's pinned tiles (e.g. dK/dV 16x128 against fwd/dq 128x64 at D=128) through the causal
+    block bookkeeping: in the interpreter FASTLM_TRITON_CONFIGS=pinned launches those tile sizes.
+    Several blocks per side, GQA, T_q < T_k; fp16 against the float64 oracle, 2x rule."""
+    if CUDA:
+        pytest.skip("the interpreter's tile check; on a GPU the parity tests run the pinned configs")
+    monkeypatch.setenv("FASTLM_TRITON_CONFIGS", "pinned")
+    fns = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}
+    blocks = {kind: A._tuned_kernel(kind, fn, head_dim, 2)[1] for kind, fn in fns.items()}
+    assert blocks["dkdv"]["BLOCK_M"] != blocks["fwd"]["BLOCK_M"] or head_dim == 64
+    q, k, v, do, _ = _inputs(1, 4, 2, t_q, t_k, head_dim, False, seed=7)
+    dtype = torch.float16
+    args = [_to(t, dtype) for t in (q, k, v)]
+    got = _run(lambda a, b, c: A.attention(a, b, c, True), *args, _to(do, dtype))
+    _check_all(got, _oracle(q, k, v, do, True, None, dtype), _baseline(q, k, v, do, True, None, dtype), dtype)
+
+
+def test_pinned_configs_parse(monkeypatch):
+    from fastlm.kernels.launch import PIN_ENV, pinned_configs
+    monkeypatch.delenv(PIN_ENV, raising=False)
+    assert pinned_configs() is None
+    monkeypatch.setenv(PIN_ENV, "pinned")
+    assert pinned_configs() == {}
+    monkeypatch.setenv(PIN_ENV, "fwd=128x128x8x2, dq=64X32x4x3")
+    assert pinned_configs() == {"fwd": (128, 128, 8, 2), "dq": (64, 32, 4, 3)}
+    for bad in ("fwd=128x128x8", "bwd=64x64x4x2", "fwd:128x64x4x3", "fwd=128x0x4x2", "fwd=axbxcxd"):
+        monkeypatch.setenv(PIN_ENV, bad)
+        with pytest.raises(ValueError, match=PIN_ENV):
+            pinned_configs()
+
+
+def test_pinned_config_reaches_the_launch(monkeypatch):
+    """With a pinned config the compiled path launches the plain JIT kernel with exactly that config
+    (no autotuner); unpinned kernels of the run take their list's first config."""
+    from fastlm.kernels import attention as A
+    from fastlm.kernels.launch import PIN_ENV
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(PIN_ENV, "fwd=128x128x8x2")
+    kernel, kwargs = A._tuned_kernel("fwd", A._attn_fwd_kernel, 128, 2)
+    assert isinstance(kernel, triton.runtime.jit.JITFunction)
+    assert kwargs == {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+    _, kwargs = A._tuned_kernel("dkdv", A._attn_bwd_dkdv_kernel, 128, 2)
+    m, n, w, s = A.CONFIGS["dkdv"][256][0]
+    assert kwargs == {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s} and w == 8
+    monkeypatch.delenv(PIN_ENV)
+    kernel, kwargs = A._tuned_kernel("fwd", A._attn_fwd_kernel, 128, 2)
+    assert isinstance(kernel, triton.runtime.autotuner.Autotuner) and kwargs == {}
 
 
 # ---- a model trained with the triton backend follows the reference's loss curve ------------------

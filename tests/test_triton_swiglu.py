@@ -151,7 +151,7 @@ def test_swiglu_packed_strided_rows(S):
 
 
 def test_swiglu_packed_bad_input():
-    from fastlm.kernels import swiglu_packed
+    from fastlm.kernels.swiglu import swiglu_packed
     with pytest.raises(ValueError, match="even"):
         swiglu_packed(torch.zeros(3, 7, device=DEVICE))
 
@@ -207,7 +207,7 @@ def test_gpu_large(S, dtype):
 @needs_gpu
 @pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph():
-    from fastlm.kernels import swiglu_packed
+    from fastlm.kernels.swiglu import swiglu_packed
     from fastlm.kernels.swiglu import swiglu
 
     def f(x, g, u):
