@@ -169,6 +169,7 @@ class Trainer:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+            self.model = self.raw_model  # drop the DDP wrapper first: it holds the process group
             self.dist.close()
 
     def request_stop(self, signum: Optional[int] = None) -> None:
@@ -217,7 +218,7 @@ class Trainer:
         self._resolve_settings(device_type)
         self.autocast_dtype = resolve_dtype(self.config.dtype, device_type)
         init_state = self._prepare_run_dir()
-        self._load_run(init_state)
+        self._load_run()
         self._build_model(init_state)
         if self.config.resume:
             self._restore()
@@ -303,7 +304,7 @@ class Trainer:
             base[k] = self._model_values[k]
         return GPTConfig.from_dict(base), tokenizer, ckpt_mod.model_tensors(init_model)
 
-    def _load_run(self, init_state) -> None:
+    def _load_run(self) -> None:
         from .tokenizers import load_tokenizer
 
         run_config = ckpt_mod.read_run_config(self.run_dir)
@@ -579,6 +580,7 @@ class Trainer:
         self._agreed(self._load_best_weights, everywhere=True)
         val_loss, test_loss = self._split_loss(self.val_ids), self._test_loss()
         self.summary = self._agreed(lambda: self._report(val_loss, test_loss, train_wall, t_start))
+        self.dist.barrier()  # every rank is past its last collective before the group is destroyed
         return self.summary
 
     def _report(self, val_loss: float, test_loss: Optional[float], train_wall: float, t_start: float) -> dict:

@@ -206,7 +206,7 @@ def test_init_from_fine_tunes_with_checkpoint_tokenizer_and_architecture(tmp_pat
     new_corpus.write_text(corpus.read_text(encoding="utf-8")[::-1][:5000], encoding="utf-8")
     ft = tmp_path / "ft"
     rc, res = run(["--data", new_corpus, "--out-dir", ft, *TINY, "--init-from", base, "--n-layer", "3",
-                   "--max-iters", "1", "--lr", "1e-9", "--weight-decay", "0"], capsys)
+                   "--max-iters", "1", "--lr", "1e-9", "--weight-decay", "0", "--optimizer", "adamw"], capsys)
     assert rc == 0 and "ignoring n_layer" in res.out
     cb, cf = json.loads((base / "config.json").read_text()), json.loads((ft / "config.json").read_text())
     assert cf["model"] == cb["model"]
