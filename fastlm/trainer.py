@@ -360,10 +360,13 @@ class Trainer:
         self.train_sampler.set_state(rank_js["sampler"])
         for k, s in self.eval_samplers.items():
             s.set_state(rank_js["eval_sampler"][k])
-        self.progress = Progress.from_state(state)
-        self.schedule.load(state["scheduler"], self.progress.step)
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        try:  # state.json comes with the run: a malformed field is a one-line refusal
+            self.progress = Progress.from_state(state)
+            self.schedule.load(state["scheduler"], self.progress.step)
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{saved['dir'] / 'state.json'} is malformed ({type(e).__name__})") from None
         if self.dist.is_main:
             ckpt_mod.sync_best(self.run_dir, saved["dir"])
             rundir.truncate_csv(self.run_dir / "metrics.csv", self.progress.step)

@@ -655,3 +655,22 @@ def test_callbacks_observe_and_stop_a_run(tmp_path, corpus, capsys):
                           ("eval", 6, {"train", "val"}), ("step", 7), ("save", 7), ("eval", 7, {"train", "val"}),
                           ("end", 7)]
     assert json.loads((tmp_path / "r" / "latest").read_text())["step"] == 7
+
+
+def test_resume_refuses_a_malformed_training_state(tmp_path, corpus, capsys):
+    """state.json ships with a run: a bad scheduler/progress field (with a manifest that matches it)
+    is one line and exit 2, not a traceback."""
+    import hashlib
+    out = tmp_path / "r"
+    assert run(["--data", corpus, "--out-dir", out, *TINY], capsys)[0] == 0
+    folder = checkpoint.latest_checkpoint_dir(out)
+    for bad in ({"scale": "x", "bad": 0}, {"bad": 0}, [1, 2]):
+        state = json.loads((folder / "state.json").read_text())
+        state["scheduler"] = bad
+        raw = json.dumps(state).encode()
+        (folder / "state.json").write_bytes(raw)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["state.json"] = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw)}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        rc, res = run(["--resume", out, "--max-iters", "12", "--no-progress"], capsys)
+        assert rc == 2 and "state.json is malformed" in one_error_line(res), res.err
