@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 
 from .hf import HF_CLASSES, HFError, architecture_of, require, to_hf_config, to_hf_tensors, to_hf_tokenizer
+from .safeio import read_bounded
 
 __all__ = ["export_model", "build_parser", "main", "PARITY_ATOL"]
 
@@ -272,8 +273,9 @@ def export_model(checkpoint: str, out_dir, *, overwrite: bool = False, check: bo
 def _read_summary(run_dir) -> dict:
     if run_dir is None:
         return {}
-    with contextlib.suppress(OSError, ValueError):
-        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    with contextlib.suppress(OSError, ValueError, RecursionError):  # the card just omits what it cannot read
+        raw = read_bounded(Path(run_dir) / "summary.json", 1 << 20, "run summary")  # never a FIFO
+        summary = json.loads(raw.decode("utf-8"))
         return summary if isinstance(summary, dict) else {}
     return {}
 

@@ -42,6 +42,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_model_tensors
 from .model import GPT, GPTConfig
+from .safeio import read_bounded
 
 __all__ = ["HFError", "HF_PREFIX", "EXPORTABLE", "HF_CLASSES", "export", "load_hf_model", "resolve_hf_dir",
            "architecture_of", "to_hf_config", "to_hf_tensors", "to_hf_tokenizer", "from_hf_config",
@@ -367,14 +368,13 @@ def resolve_hf_dir(name: str) -> Path:
 
 
 def read_json_file(path: Path, what: str) -> dict:
+    if not path.exists():
+        raise HFError(f"{path.parent} has no {path.name} ({what})")
+    raw = read_bounded(path, MAX_JSON_BYTES, what, HFError)  # a regular file only: never a FIFO or device
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise HFError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB; refusing to read it as {what}")
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HFError(f"{path.parent} has no {path.name} ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HFError(f"cannot read {what} {path}: {e}") from None
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HFError(f"cannot read {what} {path}: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise HFError(f"{what} {path} must hold a JSON object")
     return obj

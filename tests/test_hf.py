@@ -603,3 +603,12 @@ def test_runs_saved_before_norm_eps_still_load(tmp_path):
     checkpoint.save_weights(tmp_path / "run" / "model.safetensors", checkpoint.model_tensors(model),
                             {"fastlm_model_config": json.dumps(old, sort_keys=True)})
     assert checkpoint.load_model(tmp_path / "run")[0].config.norm_eps == 1e-5
+
+
+def test_model_dir_with_a_fifo_is_refused_without_reading_it(tmp_path, no_hang):
+    """A downloaded model directory is untrusted: a FIFO (or device) named config.json must not hang."""
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    os.mkfifo(folder / "config.json")
+    with pytest.raises(checkpoint.CheckpointError, match="not a regular file"):
+        checkpoint.load_model(f"hf:{folder}")
