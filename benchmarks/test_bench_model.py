@@ -57,6 +57,20 @@ def auto_choice(cfg: GPTConfig) -> str:
     return ",".join(parts)
 
 
+def training_step(model, opt, x, y):
+    """One training step as a zero-argument callable: forward (bf16 autocast on GPU), backward, step."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else torch.autocast("cpu", enabled=False)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mlp", MLPS)
 def test_train_step(bench, mlp, backend):
@@ -74,14 +88,7 @@ def test_train_step(bench, mlp, backend):
         return model, opt, x, y
 
     model, opt, x, y = gpu_oom_skip(build)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else torch.autocast("cpu", enabled=False)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            _, loss = model(x, y)
-        loss.backward()
-        opt.step()
+    step = training_step(model, opt, x, y)
 
     if ON_GPU:
         gpu_oom_skip(step)  # the first step allocates the optimizer state
@@ -123,14 +130,7 @@ def test_optimizer_step(bench, optimizer):
     opt = build_optimizer(model, optimizer=optimizer, lr=1e-3, weight_decay=0.1, device_type=DEVICE.type)
     x = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
     y = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else torch.autocast("cpu", enabled=False)
-
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            _, loss = model(x, y)
-        loss.backward()
-        opt.step()
+    train_step = training_step(model, opt, x, y)
 
     gpu_oom_skip(train_step)  # allocates the optimizer state; leaves gradients for opt.step alone
     bench.benchmark.group = f"optimizer step {name}"

@@ -69,4 +69,15 @@ inline void check_swiglu_args(const char* op, const at::Tensor& gate, const at::
               up.device());
 }
 
+// x: [..., 2 * hidden] ([gate | up]) as [rows, 2 * hidden] with a contiguous last dim (a view when
+// possible; any row stride is fine). The caller checks device and dtype first.
+inline at::Tensor packed_rows(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim, got a scalar");
+  TORCH_CHECK(x.size(-1) % 2 == 0, op, ": the last dim of x must be even ([gate | up]), got ",
+              x.sizes());
+  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  if (x2.size(1) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  return x2;
+}
+
 }  // namespace fastlm

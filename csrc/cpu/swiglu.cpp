@@ -202,21 +202,15 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dout, const 
   return {dgate, dup};
 }
 
-// x: [..., 2 * hidden] as [rows, 2 * hidden] with a contiguous last dim (a view when possible).
-at::Tensor packed_rows(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim, got a scalar");
-  TORCH_CHECK(x.size(-1) % 2 == 0, op, ": the last dim of x must be even ([gate | up]), got ",
-              x.sizes());
+at::Tensor cpu_packed_rows(const char* op, const at::Tensor& x) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": unsupported dtype ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
-  at::Tensor x2 = x.reshape({-1, x.size(-1)});
-  if (x2.size(1) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();  // any row stride is fine
-  return x2;
+  return packed_rows(op, x);
 }
 
 at::Tensor swiglu_packed_fwd_cpu(const at::Tensor& x) {
   const char* op = "swiglu_packed_fwd";
-  const at::Tensor x2 = packed_rows(op, x);
+  const at::Tensor x2 = cpu_packed_rows(op, x);
   const int64_t rows = x2.size(0), hidden = x2.size(1) / 2;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = hidden;
@@ -238,7 +232,7 @@ at::Tensor swiglu_packed_fwd_cpu(const at::Tensor& x) {
 
 at::Tensor swiglu_packed_bwd_cpu(const at::Tensor& dout, const at::Tensor& x) {
   const char* op = "swiglu_packed_bwd";
-  const at::Tensor x2 = packed_rows(op, x);
+  const at::Tensor x2 = cpu_packed_rows(op, x);
   const int64_t rows = x2.size(0), hidden = x2.size(1) / 2;
   TORCH_CHECK(dout.dim() == x.dim() && dout.scalar_type() == x.scalar_type() &&
                   dout.device() == x.device() && dout.numel() == rows * hidden &&
