@@ -1,11 +1,19 @@
 """Shared pytest configuration of the test suite: fixtures and the ``gpu`` marker."""
 import re
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from fastlm._tree_kernels import use_tree_kernels
+# `benchmarks/` is not installed: plain `pytest` (which, unlike `python -m pytest`, does not put the
+# working directory on sys.path) must still import it. Appended, so an installed fastlm stays first.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+
+from fastlm._tree_kernels import use_tree_kernels  # noqa: E402
 
 use_tree_kernels()  # a checkout without an install (the GPU image): kernels/ as fastlm.kernels
 
