@@ -6,6 +6,8 @@
 namespace fastlm {
 // csrc/bpe.cpp: the BPE trainer's merge loop, exposed to Python with pybind11.
 void register_bpe(pybind11::module_& m);
+// csrc/cpu/attention.cpp: longest T_k of the float32/float64 BLAS path (0: BLAS not linked).
+int64_t cpu_attention_gemm_max_tk();
 }  // namespace fastlm
 
 TORCH_LIBRARY(fastlm, m) {
@@ -32,5 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "True when the extension was built with its CUDA kernels");
+  m.def("cpu_attention_gemm_max_tk", &fastlm::cpu_attention_gemm_max_tk,
+        "Longest key length the CPU attention runs through BLAS GEMMs in float32/float64 (0: none)");
   fastlm::register_bpe(m);
 }

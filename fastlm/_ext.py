@@ -76,6 +76,8 @@ class _CppBackend:
     """C++ CPU kernels (csrc/cpu): CPU tensors, float32/float64/bfloat16/float16, any strides."""
 
     name = "cpp"
+    #: longest T_k whose float32/float64 attention runs through BLAS GEMMs (0: not in this build)
+    gemm_max_tk = int(getattr(_C, "cpu_attention_gemm_max_tk", lambda: 0)()) if _C is not None else 0
     _device = "cpu"
     _dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 

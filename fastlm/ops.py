@@ -276,13 +276,20 @@ def _check_attention(q, k, v, alibi_slopes):
 def _cpu_attention_order(q, k, v, alibi_slopes):
     """auto's preference for one CPU attention call (None: the default ``torch, cpp, reference``).
 
-    Measured (benchmarks/REPORT.md): SDPA's CPU flash kernel is the faster forward, and the faster
-    fp32 forward+backward on the AVX-512 machine CI runs on; the C++ kernel's fused backward wins
-    training calls in bfloat16/float16 (3.6-4.2x there, 2.3x on an AMD EPYC), where SDPA falls back to
-    slow reduced-precision math."""
-    if q.device.type != "cpu" or not torch.is_grad_enabled():
+    Measured (benchmarks/REPORT.md, 2-core AVX-512 machine): in float32/float64 with keys short
+    enough for the C++ kernel's BLAS path (``T_k <= CPP_BACKEND.gemm_max_tk``, 512) the C++ kernel
+    beats SDPA's CPU flash kernel forward and forward+backward (1.4-1.5x at the default model's and
+    the GPU profile's shapes); single-query decoding steps stay on SDPA (equal or faster there), and
+    so do longer keys. In bfloat16/float16 the C++ kernel's fused backward wins training calls
+    (3.6-4.2x there, 2.3x on an AMD EPYC), where SDPA falls back to slow reduced-precision math."""
+    if q.device.type != "cpu":
         return None
-    if not (q.requires_grad or k.requires_grad or v.requires_grad):
+    if q.dtype in (torch.float32, torch.float64):
+        cpp = _load("cpp")
+        if cpp is not None and q.size(-2) > 1 and k.size(-2) <= getattr(cpp, "gemm_max_tk", 0):
+            return ("cpp", "torch", "reference")
+        return None
+    if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
     if q.dtype in (torch.bfloat16, torch.float16):
         return ("cpp", "torch", "reference")

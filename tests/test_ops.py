@@ -400,15 +400,30 @@ def test_env_overrides_auto(calls, monkeypatch):
     assert calls[-1] == ("attention", "torch")
 
 
-def test_auto_picks_torch_on_cpu_for_plain_calls(calls, caplog):
+def _cpp_gemm_max_tk() -> int:
+    if ops.backend_status()["cpp"] is not None:
+        return 0
+    from fastlm._ext import CPP_BACKEND
+    return CPP_BACKEND.gemm_max_tk
+
+
+def test_auto_on_cpu_in_float32(calls, caplog):
+    """float32 on CPU: the C++ kernel's BLAS path where it runs (T_k <= gemm_max_tk, more than one
+    query row), else SDPA: single-query decoding steps and long keys."""
+    fast = "cpp" if _cpp_gemm_max_tk() >= 17 else "torch"
     q = torch.randn(2, 4, 17, 16)
     k = torch.randn(2, 2, 17, 16)
     with caplog.at_level(logging.WARNING, logger="fastlm"):
         ops.attention(q, q, q)
         ops.attention(q, k, k, causal=False)
         ops.attention(q, k, k, alibi_slopes=alibi_slopes(4))
-    assert calls == [("attention", "torch")] * 3
+        ops.attention(q[:, :, -1:], k, k)  # one query row (a decoding step)
+    assert calls == [("attention", fast)] * 3 + [("attention", "torch")]
     assert not caplog.records  # the preferred backend ran: nothing to say
+    if _cpp_gemm_max_tk():
+        long_k = torch.randn(1, 2, _cpp_gemm_max_tk() + 1, 16)
+        assert ops.attention_backend(q[:1], long_k, long_k) == "torch"
+        assert ops.attention_backend(q.double(), q.double(), q.double()) == "cpp"
 
 
 def test_auto_picks_cpp_for_cpu_training_in_reduced_precision(calls, caplog):
@@ -417,21 +432,21 @@ def test_auto_picks_cpp_for_cpu_training_in_reduced_precision(calls, caplog):
     q = torch.randn(2, 4, 17, 16, requires_grad=True)
     qb = q.detach().bfloat16().requires_grad_()
     assert ops.attention_backend(qb, qb, qb) == "cpp"
-    assert ops.attention_backend(q, q, q) == "torch"
     with caplog.at_level(logging.WARNING, logger="fastlm"):
         ops.attention(qb, qb, qb).sum().backward()
         ops.attention(q.detach().half().requires_grad_(), q.detach().half(), q.detach().half())
         with torch.no_grad():  # inference: SDPA's forward is the faster one
             ops.attention(qb, qb, qb)
-        ops.attention(q, q, q, alibi_slopes=alibi_slopes(4))  # fp32 training: SDPA
-    assert calls == [("attention", "cpp"), ("attention", "cpp"), ("attention", "torch"), ("attention", "torch")]
+    assert calls == [("attention", "cpp"), ("attention", "cpp"), ("attention", "torch")]
     assert not caplog.records
     assert ops.attention_backend(q, q, q, backend="reference") == "reference"
 
 
 def test_auto_falls_back_and_logs_once(calls, caplog):
-    q = torch.randn(1, 2, 9, 8)
-    k = torch.randn(1, 2, 4, 8)
+    # keys longer than the C++ BLAS path takes, so auto tries SDPA first (which cannot run this)
+    t_k = _cpp_gemm_max_tk() + 4
+    q = torch.randn(1, 2, t_k + 5, 8)
+    k = torch.randn(1, 2, t_k, 8)
     with caplog.at_level(logging.WARNING, logger="fastlm"):
         out1 = ops.attention(q, k, k, causal=True)
         out2 = ops.attention(q, k, k, causal=True)

@@ -384,6 +384,257 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   });
 }
 
+// ---- Short keys: per-head BLAS GEMMs ------------------------------------------------------------
+// For float32/float64 with T_k <= kGemmMaxTk, each task takes whole score rows of one head: the
+// products of attention (S = Q K^T, O = P V; backward dP = dO V^T, dV += P^T dO, dK += dS^T Q,
+// dQ = dS K) go to the BLAS torch links (sgemm_/dgemm_: MKL on x86 Linux; single-threaded inside
+// our parallel region), reading q/k/v/dout through their row strides, and only the row math
+// (scale, ALiBi, mask, softmax, P and dS) is ours, one vectorised pass per block of rows. Blocks of
+// kGemmRows query rows visit only the keys they can see (causal). Where the BLAS symbols are not
+// there (resolved weakly at load), the flash loop above runs instead.
+// Measured (benchmarks/REPORT.md): see the CPU attention rows at the default model's shape.
+#if defined(__linux__)
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+bool blas_linked(float*) { return sgemm_ != nullptr; }
+bool blas_linked(double*) { return dgemm_ != nullptr; }
+// Row-major C[m x n] = alpha op(A) op(B) + beta C; op(A) is m x k (A stored m x k, or k x m when
+// ta), op(B) is k x n (B stored k x n, or n x k when tb). Column-major BLAS computes C^T = op(B)^T op(A)^T.
+inline void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
+                    int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
+  const int M = int(m), N = int(n), K = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+  sgemm_(&b, &a, &N, &M, &K, &alpha, B, &lb, A, &la, &beta, C, &lc);
+}
+inline void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* A,
+                    int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
+  const int M = int(m), N = int(n), K = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+  dgemm_(&b, &a, &N, &M, &K, &alpha, B, &lb, A, &la, &beta, C, &lc);
+}
+#else
+template <typename T>
+bool blas_linked(T*) { return false; }
+template <typename T>
+inline void gemm_rm(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*,
+                    int64_t) {}
+#endif
+
+constexpr int64_t kGemmMaxTk = 512;  // longer keys: the flash loop (scores of a block stay small)
+constexpr int64_t kGemmRows = 64;    // query rows per block
+
+bool use_gemm_path(const at::Tensor& q, const AttnShape& s) {
+  const auto dt = q.scalar_type();
+  if (s.T_k > kGemmMaxTk || s.T_q <= 0 || s.T_k <= 0 || s.D <= 0) return false;
+  if (dt == at::kFloat) return blas_linked(static_cast<float*>(nullptr));
+  if (dt == at::kDouble) return blas_linked(static_cast<double*>(nullptr));
+  return false;
+}
+
+// A (B, H, T, D) tensor BLAS can read row by row: unit stride along D and rows that do not overlap.
+at::Tensor blas_rows(const at::Tensor& t) {
+  const bool ok = t.stride(3) == 1 && (t.size(2) <= 1 || t.stride(2) >= t.size(3));
+  return ok ? t : t.contiguous();
+}
+
+// Row pointers of a (B, H, T, D) tensor with unit D stride; ld = the row stride (>= D).
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* p;
+  int64_t sb, sh, ld;
+  explicit Rows(const at::Tensor& t)
+      : p(t.const_data_ptr<scalar_t>()), sb(t.stride(0)), sh(t.stride(1)),
+        ld(std::max<int64_t>(t.size(2) <= 1 ? t.size(3) : t.stride(2), 1)) {}
+  const scalar_t* at(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * ld; }
+};
+
+template <typename acc_t>
+inline acc_t vec_max(const acc_t* x, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec mx(-INFINITY);
+  int64_t j = 0;
+  for (; j + V <= n; j += V) mx = at::vec::maximum(mx, Vec::loadu(x + j));
+  if (j < n) mx = at::vec::maximum(mx, Vec::set(Vec(-INFINITY), Vec::loadu(x + j, n - j), n - j));
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, mx);
+}
+
+// x[j] = x[j] * scale + ALiBi(i, j) for j < n (the keys a row sees).
+template <typename acc_t>
+inline void scale_bias(acc_t* x, int64_t n, acc_t scale, acc_t slope, bool has_alibi, int64_t i,
+                       int64_t t_q, int64_t t_k) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  if (has_alibi) {
+    for (int64_t j = 0; j < n; ++j) x[j] = x[j] * scale + attn::alibi_bias<acc_t>(slope, i, j, t_q, t_k);
+    return;
+  }
+  const Vec sv(scale);
+  int64_t j = 0;
+  for (; j + V <= n; j += V) (Vec::loadu(x + j) * sv).store(x + j);
+  if (j < n) (Vec::loadu(x + j, n - j) * sv).store(x + j, n - j);
+}
+
+// x[j] = exp(x[j] - shift) for j < n; returns their sum.
+template <typename acc_t>
+inline acc_t exp_sum(acc_t* x, int64_t n, acc_t shift) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec sv(shift);
+  Vec acc(acc_t(0));
+  int64_t j = 0;
+  for (; j + V <= n; j += V) {
+    const Vec e = (Vec::loadu(x + j) - sv).exp();
+    e.store(x + j);
+    acc = acc + e;
+  }
+  if (j < n) {
+    const Vec e = (Vec::loadu(x + j, n - j) - sv).exp();
+    e.store(x + j, n - j);
+    acc = acc + Vec::set(Vec(acc_t(0)), e, n - j);
+  }
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+}
+
+template <typename acc_t>
+inline void scale_row(acc_t* x, int64_t n, acc_t c) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec cv(c);
+  int64_t j = 0;
+  for (; j + V <= n; j += V) (Vec::loadu(x + j) * cv).store(x + j);
+  if (j < n) (Vec::loadu(x + j, n - j) * cv).store(x + j, n - j);
+}
+
+template <typename scalar_t>
+void attention_fwd_gemm(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                        at::Tensor& out, at::Tensor& lse, const AttnShape& s, bool causal, double scale_d,
+                        const c10::optional<at::Tensor>& alibi) {
+  const at::Tensor q = blas_rows(q_in), k = blas_rows(k_in), v = blas_rows(v_in);
+  const Rows<scalar_t> Q(q), K(k), Vr(v);
+  scalar_t* O = out.mutable_data_ptr<scalar_t>();  // contiguous (B, H, T_q, D)
+  scalar_t* L = lse.mutable_data_ptr<scalar_t>();  // contiguous (B, H, T_q)
+  const int64_t D = s.D, Tq = s.T_q, Tk = s.T_k, n_blk = (Tq + kGemmRows - 1) / kGemmRows;
+  const scalar_t scale = static_cast<scalar_t>(scale_d);
+  const std::vector<scalar_t> slopes = slopes_of<scalar_t>(alibi, s.H);
+  const bool has_alibi = alibi.has_value();
+  at::parallel_for(0, s.B * s.H * n_blk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> S(kGemmRows * Tk);
+    for (int64_t task = begin; task < end; ++task) {
+      // heaviest (last, causal) blocks first
+      const int64_t blk = n_blk - 1 - task % n_blk, bh = task / n_blk, h = bh % s.H, b = bh / s.H;
+      const int64_t hk = attn::kv_head(h, s.H, s.H_kv);
+      const int64_t i0 = blk * kGemmRows, nr = std::min(kGemmRows, Tq - i0);
+      const int64_t ke = attn::key_end(i0 + nr - 1, Tq, Tk, causal);  // keys the block sees
+      scalar_t* Ob = O + ((b * s.H + h) * Tq + i0) * D;
+      scalar_t* Lb = L + (b * s.H + h) * Tq + i0;
+      if (ke == 0) {
+        std::fill(Ob, Ob + nr * D, scalar_t(0));
+        std::fill(Lb, Lb + nr, -std::numeric_limits<scalar_t>::infinity());
+        continue;
+      }
+      gemm_rm(false, true, nr, ke, D, scalar_t(1), Q.at(b, h, i0), Q.ld, K.at(b, hk, 0), K.ld, scalar_t(0),
+              S.data(), ke);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t i = i0 + r, re = attn::key_end(i, Tq, Tk, causal);
+        scalar_t* x = S.data() + r * ke;
+        std::fill(x + re, x + ke, scalar_t(0));
+        if (re == 0) {
+          Lb[r] = -std::numeric_limits<scalar_t>::infinity();
+          continue;
+        }
+        scale_bias(x, re, scale, slopes[h], has_alibi, i, Tq, Tk);
+        const scalar_t m = vec_max(x, re);
+        const scalar_t l = exp_sum(x, re, m);
+        scale_row(x, re, attn::inv_sum(l));
+        Lb[r] = attn::row_lse(m, l);
+      }
+      gemm_rm(false, false, nr, D, ke, scalar_t(1), S.data(), ke, Vr.at(b, hk, 0), Vr.ld, scalar_t(0), Ob, D);
+    }
+  });
+}
+
+template <typename scalar_t>
+void attention_bwd_gemm(const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                        const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+                        at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const AttnShape& s, bool causal,
+                        double scale_d, const c10::optional<at::Tensor>& alibi) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const at::Tensor q = blas_rows(q_in), k = blas_rows(k_in), v = blas_rows(v_in), dout = blas_rows(dout_in),
+                   out = blas_rows(out_in);
+  const Rows<scalar_t> Q(q), K(k), Vr(v), dO(dout), Out(out);
+  const at::Tensor lse_c = lse_in.to(q.scalar_type()).contiguous();
+  const scalar_t* LSE = lse_c.const_data_ptr<scalar_t>();
+  scalar_t* dQ = dq.mutable_data_ptr<scalar_t>();
+  scalar_t* dK = dk.mutable_data_ptr<scalar_t>();
+  scalar_t* dV = dv.mutable_data_ptr<scalar_t>();
+  const int64_t D = s.D, Tq = s.T_q, Tk = s.T_k, G = s.H / s.H_kv;
+  const scalar_t scale = static_cast<scalar_t>(scale_d);
+  const std::vector<scalar_t> slopes = slopes_of<scalar_t>(alibi, s.H);
+  const bool has_alibi = alibi.has_value();
+  at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> P(kGemmRows * Tk), dS(kGemmRows * Tk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t hk = task % s.H_kv, b = task / s.H_kv;
+      scalar_t* dKt = dK + (b * s.H_kv + hk) * Tk * D;  // this task's (T_k, D) slices
+      scalar_t* dVt = dV + (b * s.H_kv + hk) * Tk * D;
+      std::fill(dKt, dKt + Tk * D, scalar_t(0));
+      std::fill(dVt, dVt + Tk * D, scalar_t(0));
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g;
+        for (int64_t i0 = 0; i0 < Tq; i0 += kGemmRows) {
+          const int64_t nr = std::min(kGemmRows, Tq - i0);
+          const int64_t ke = attn::key_end(i0 + nr - 1, Tq, Tk, causal);
+          scalar_t* dQb = dQ + ((b * s.H + h) * Tq + i0) * D;
+          if (ke == 0) {
+            std::fill(dQb, dQb + nr * D, scalar_t(0));
+            continue;
+          }
+          const scalar_t* Qb = Q.at(b, h, i0);
+          const scalar_t* dOb = dO.at(b, h, i0);
+          gemm_rm(false, true, nr, ke, D, scalar_t(1), Qb, Q.ld, K.at(b, hk, 0), K.ld, scalar_t(0), P.data(), ke);
+          gemm_rm(false, true, nr, ke, D, scalar_t(1), dOb, dO.ld, Vr.at(b, hk, 0), Vr.ld, scalar_t(0), dS.data(),
+                  ke);
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t i = i0 + r, re = attn::key_end(i, Tq, Tk, causal);
+            scalar_t* p = P.data() + r * ke;
+            scalar_t* ds = dS.data() + r * ke;
+            const scalar_t lse = LSE[(b * s.H + h) * Tq + i];
+            if (re == 0 || lse == -std::numeric_limits<scalar_t>::infinity()) {
+              std::fill(p, p + ke, scalar_t(0));
+              std::fill(ds, ds + ke, scalar_t(0));
+              continue;
+            }
+            std::fill(p + re, p + ke, scalar_t(0));
+            std::fill(ds + re, ds + ke, scalar_t(0));
+            const scalar_t* o = Out.at(b, h, i);
+            const scalar_t* dor = dO.at(b, h, i);
+            scalar_t delta = 0;
+            for (int64_t d = 0; d < D; ++d) delta += dor[d] * o[d];
+            scale_bias(p, re, scale, slopes[h], has_alibi, i, Tq, Tk);
+            exp_sum(p, re, attn::backward_shift(lse));
+            const Vec dl(delta);
+            int64_t j = 0;
+            for (; j + V <= re; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
+            if (j < re) (Vec::loadu(p + j, re - j) * (Vec::loadu(ds + j, re - j) - dl)).store(ds + j, re - j);
+          }
+          gemm_rm(true, false, ke, D, nr, scalar_t(1), P.data(), ke, dOb, dO.ld, scalar_t(1), dVt, D);
+          gemm_rm(true, false, ke, D, nr, scalar_t(1), dS.data(), ke, Qb, Q.ld, scalar_t(1), dKt, D);
+          gemm_rm(false, false, nr, D, ke, scale, dS.data(), ke, K.at(b, hk, 0), K.ld, scalar_t(0), dQb, D);
+        }
+      }
+      scale_row(dKt, Tk * D, scale);
+    }
+  });
+}
+
 void check_cpu(const char* op, const at::Tensor& q) {
   TORCH_CHECK(q.device().is_cpu(), op, ": expected CPU tensors, got ", q.device());
   const auto dt = q.scalar_type();
@@ -400,6 +651,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   check_cpu("attention_fwd", q);
   at::Tensor out = at::empty({s.B, s.H, s.T_q, s.D}, q.options());
   at::Tensor lse = at::empty({s.B, s.H, s.T_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  if (use_gemm_path(q, s)) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu_gemm", [&] {
+      attention_fwd_gemm<scalar_t>(q, k, v, out, lse, s, causal, scale, alibi_slopes);
+    });
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
     attention_fwd_kernel<scalar_t>(q, k, v, out, lse, s, causal, scale, alibi_slopes);
   });
@@ -416,6 +673,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor dq = at::empty({s.B, s.H, s.T_q, s.D}, q.options());
   at::Tensor dk = at::empty({s.B, s.H_kv, s.T_k, s.D}, k.options());
   at::Tensor dv = at::empty({s.B, s.H_kv, s.T_k, s.D}, v.options());
+  if (use_gemm_path(q, s)) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd_cpu_gemm", [&] {
+      attention_bwd_gemm<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, s, causal, scale, alibi_slopes);
+    });
+    return {dq, dk, dv};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
     attention_bwd_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, s, causal, scale, alibi_slopes);
   });
@@ -423,6 +686,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 }
 
 }  // namespace
+
+int64_t cpu_attention_gemm_max_tk() {
+  return blas_linked(static_cast<float*>(nullptr)) ? kGemmMaxTk : 0;
+}
+
 }  // namespace fastlm
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
