@@ -226,7 +226,7 @@ def swiglu_section(rows: list) -> list:
 
 
 def model_section(rows: list) -> list:
-    md = [r for r in rows if r.get("suite") == "model" and ms(r)]
+    md = [r for r in rows if r.get("suite") == "model" and ms(r) and str(r.get("op")).startswith("train_step-")]
     if not md:
         return []
     out = ["### Model training step", "",
@@ -249,6 +249,28 @@ def model_section(rows: list) -> list:
                          mfu, mem, sp])
     return out + [table(["config", "mlp", "dtype", "backend", "ms/step", "tokens/s", "MFU", "peak MiB",
                          "vs torch"], body), ""]
+
+
+def default_step_section(rows: list) -> list:
+    """The default training step, fastlm vs plain PyTorch, timed in alternating rounds (one row each)."""
+    ds = [r for r in rows if r.get("suite") == "model" and str(r.get("op")).startswith("default_step-")
+          and r.get("speedup_median") is not None]
+    if not ds:
+        return []
+    out = ["### Default training step vs plain PyTorch", "",
+           "The whole step (forward, backward, optimizer) as `python -m fastlm.train` runs it: fastlm kernels "
+           "(`auto`) and fastlm's optimizer, against the same model and optimizer on SDPA + eager MLP + "
+           "torch.optim (`torch.optim.Muon` + AdamW for `muon`). Both timed in alternating rounds in one "
+           "test; speed-up = plain / fastlm.", ""]
+    body = []
+    for r in ds:
+        s = r.get("shape") or {}
+        cfg = f"{r['op'].replace('default_step-', '')} ({s.get('n_layer')}x{s.get('n_embd')}, T{s.get('block')}, B{s.get('batch')})"
+        body.append([cfg, r.get("variant"), _backend_label(r), fmt(r["fastlm_median_ms"]), fmt(r["plain_median_ms"]),
+                     f"{r['speedup_median']:.2f}x", fmt(r["fastlm_min_ms"]), fmt(r["plain_min_ms"]),
+                     f"{r['speedup_min']:.2f}x"])
+    return out + [table(["config", "optimizer", "fastlm", "fastlm ms (median)", "plain ms (median)", "speed-up",
+                         "fastlm ms (best)", "plain ms (best)", "speed-up (best)"], body), ""]
 
 
 def generate_section(rows: list) -> list:
@@ -406,10 +428,10 @@ def build_report(selected: list, plot_dir: Optional[Path], md_dir: Path,
             if new:
                 parts += [" ".join(f"![{p.stem}]({p.relative_to(md_dir).as_posix() if p.is_relative_to(md_dir) else p.as_posix()})"
                                    for p in new), ""]
-        parts += attention_section(rows) + swiglu_section(rows) + model_section(rows) + generate_section(rows)
+        parts += attention_section(rows) + swiglu_section(rows) + model_section(rows) + default_step_section(rows) + generate_section(rows)
         summary += head + attention_section([r for r in rows if r.get("pass") == "fwd+bwd"], details=False,
                                             columns=SHORT_ATTN_COLUMNS if short else None)
-        summary += swiglu_section(rows) + model_section(rows) + generate_section(rows)
+        summary += swiglu_section(rows) + model_section(rows) + default_step_section(rows) + generate_section(rows)
     return "\n".join(parts).rstrip() + "\n", "\n".join(summary).rstrip() + "\n", plots
 
 

@@ -172,3 +172,87 @@ def test_newton_schulz(bench, ns_dtype, steps):
     bench.record(suite="model", op=f"newton_schulz-{name}", pass_="ns", backend="fastlm", median_s=median,
                  dtype=ns_dtype, shape={"matrices": {str(k): len(v) for k, v in shapes.items()}, "steps": steps},
                  variant=f"{ns_dtype}-ns{steps}")
+
+
+def _plain_pytorch_optimizer(model, optimizer: str, cfg):
+    """The same optimizer as ``fastlm.optim.build_optimizer`` from torch.optim alone: AdamW, or
+    ``torch.optim.Muon`` (per-matrix Newton-Schulz, its defaults: 5 steps in bfloat16) on the same
+    hidden matrices with the same lr/momentum/decay/Nesterov/lr adjustment, and AdamW on the rest."""
+    from fastlm.optim import _adamw_groups, muon_param_names
+
+    kwargs = {"fused": True} if ON_GPU else {}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    betas = (cfg.beta1, cfg.beta2)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(_adamw_groups([p for _, p in named], cfg.weight_decay), lr=cfg.lr, betas=betas,
+                                 **kwargs)
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip(f"torch {torch.__version__} has no torch.optim.Muon")
+    hidden = set(muon_param_names(model))
+    muon = torch.optim.Muon([p for n, p in named if n in hidden], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                            weight_decay=cfg.weight_decay, nesterov=True, adjust_lr_fn="original")
+    adamw = torch.optim.AdamW(_adamw_groups([p for n, p in named if n not in hidden], cfg.weight_decay),
+                              lr=cfg.lr, betas=betas, **kwargs)
+
+    class _Both:
+        def zero_grad(self, set_to_none=True):
+            muon.zero_grad(set_to_none=set_to_none)
+            adamw.zero_grad(set_to_none=set_to_none)
+
+        def step(self):
+            muon.step()
+            adamw.step()
+
+    return _Both()
+
+
+def test_default_step_vs_plain_pytorch(bench):
+    """Issue 14's target row: the default model's whole training step (forward, backward, optimizer)
+    as ``python -m fastlm.train`` runs it (fastlm kernels via ``auto``, fastlm's optimizer: Muon + AdamW
+    on CPU, the GPU profile's AdamW on CUDA) against the same model and optimizer on plain PyTorch
+    (SDPA, eager MLP, torch.optim). Both are timed in alternating rounds in this one test, so machine
+    drift hits both; the row's ``speedup_median``/``speedup_min`` are plain time / fastlm time."""
+    from fastlm.optim import build_optimizer
+    from fastlm.train_config import GPU_DEFAULTS, TrainConfig
+
+    tcfg = TrainConfig()
+    optimizer = GPU_DEFAULTS["optimizer"] if ON_GPU else tcfg.optimizer
+    base, batch, name = model_setup("swiglu")
+    T = base.block_size
+
+    def variant(backend: str, plain: bool):
+        torch.manual_seed(0)
+        model = GPT(dataclasses.replace(base, backend=backend)).to(DEVICE)
+        model.train()
+        opt = (_plain_pytorch_optimizer(model, optimizer, tcfg) if plain else
+               build_optimizer(model, optimizer=optimizer, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                               betas=(tcfg.beta1, tcfg.beta2), muon_lr=tcfg.muon_lr,
+                               muon_momentum=tcfg.muon_momentum, device_type=DEVICE.type))
+        return training_step(model, opt, x, y)
+
+    x = torch.randint(0, base.vocab_size, (batch, T), device=DEVICE)
+    y = torch.randint(0, base.vocab_size, (batch, T), device=DEVICE)
+    fast = gpu_oom_skip(lambda: variant("auto", plain=False))
+    plain = gpu_oom_skip(lambda: variant("torch", plain=True))
+    for _ in range(3 if ON_GPU else 2):  # optimizer state, caches, first-call costs
+        fast()
+        plain()
+    sync()
+    times = {"fast": [], "plain": []}
+    for _ in range(20 if ON_GPU else 12):
+        for key, fn in (("fast", fast), ("plain", plain)):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    bench.benchmark.group = f"default step vs plain pytorch {name}"
+    median = bench.time(fast, warmup=0)
+    bench.record(suite="model", op=f"default_step-{name}", pass_="fwd+bwd+step", backend="auto",
+                 resolved=auto_choice(dataclasses.replace(base, backend="auto")), median_s=median,
+                 dtype="bf16-autocast" if ON_GPU else "float32", variant=optimizer,
+                 shape={"batch": batch, "block": T, "n_layer": base.n_layer, "n_embd": base.n_embd, "mlp": base.mlp},
+                 tokens=batch * T, fastlm_median_ms=med["fast"] * 1e3, plain_median_ms=med["plain"] * 1e3,
+                 fastlm_min_ms=best["fast"] * 1e3, plain_min_ms=best["plain"] * 1e3,
+                 speedup_median=med["plain"] / med["fast"], speedup_min=best["plain"] / best["fast"])
