@@ -42,7 +42,7 @@ BACKENDS = ("reference", "torch", "triton", "cuda", "cpp")
 # auto's preference per (op, device type). Measured choices: see benchmarks/ and README.
 _AUTO_ORDER = {
     ("attention", "cuda"): ("triton", "cuda", "torch", "reference"),
-    ("attention", "cpu"): ("torch", "cpp", "reference"),  # training in bf16/fp16: _cpu_attention_order
+    ("attention", "cpu"): ("torch", "cpp", "reference"),  # cpp first for some calls: _cpu_attention_order
     ("swiglu", "cuda"): ("triton", "cuda", "torch", "reference"),
     ("swiglu", "cpu"): ("cpp", "torch", "reference"),
     ("swiglu_packed", "cuda"): ("triton", "cuda", "torch", "reference"),
@@ -273,20 +273,20 @@ def _check_attention(q, k, v, alibi_slopes):
             raise ValueError(f"attention: alibi_slopes on {alibi_slopes.device}, q on {q.device}")
 
 
-def _cpu_attention_order(q, k, v, alibi_slopes):
+def _cpu_attention_order(q, k, v, causal, alibi_slopes):
     """auto's preference for one CPU attention call (None: the default ``torch, cpp, reference``).
 
-    Measured (benchmarks/REPORT.md, 2-core AVX-512 machine): in float32/float64 with keys short
-    enough for the C++ kernel's BLAS path (``T_k <= CPP_BACKEND.gemm_max_tk``, 512) the C++ kernel
-    beats SDPA's CPU flash kernel forward and forward+backward (1.4-1.5x at the default model's and
-    the GPU profile's shapes); single-query decoding steps stay on SDPA (equal or faster there), and
-    so do longer keys. In bfloat16/float16 the C++ kernel's fused backward wins training calls
+    Measured (benchmarks/REPORT.md, 2-core AMD EPYC): for causal float32/float64 calls with keys
+    short enough for the C++ kernel's BLAS path (``T_k <= CPP_BACKEND.gemm_max_tk``, 512) the C++
+    kernel beats SDPA's CPU flash kernel (forward+backward 1.2-1.7x at T=128-512, forward 1.1-1.5x);
+    non-causal calls (SDPA's forward is faster there), single-query decoding steps and longer keys
+    stay on SDPA. In bfloat16/float16 the C++ kernel's fused backward wins training calls
     (3.6-4.2x there, 2.3x on an AMD EPYC), where SDPA falls back to slow reduced-precision math."""
     if q.device.type != "cpu":
         return None
     if q.dtype in (torch.float32, torch.float64):
         cpp = _load("cpp")
-        if cpp is not None and q.size(-2) > 1 and k.size(-2) <= getattr(cpp, "gemm_max_tk", 0):
+        if causal and cpp is not None and q.size(-2) > 1 and k.size(-2) <= getattr(cpp, "gemm_max_tk", 0):
             return ("cpp", "torch", "reference")
         return None
     if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -331,7 +331,7 @@ def _attention_backend(q, k, v, causal, scale, alibi_slopes, backend):
         alibi_slopes = alibi_slopes.float()
     obj = resolve_backend("attention", backend, q.device.type,
                           lambda b: b.attention_unsupported(q, k, v, causal, scale, alibi_slopes),
-                          order=_cpu_attention_order(q, k, v, alibi_slopes))
+                          order=_cpu_attention_order(q, k, v, causal, alibi_slopes))
     return obj, scale, alibi_slopes
 
 
