@@ -17,6 +17,12 @@ TORCH_LIBRARY(fastlm, m) {
         "Tensor? alibi_slopes) -> (Tensor out, Tensor lse)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "bool causal, float scale, Tensor? alibi_slopes) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Causal self-attention on the packed projection qkv = (B, T, (H + 2 H_kv) D) with RoPE (cos/sin
+  // (T, D/2), optional) applied inside: out (B, T, H D), lse (B, H, T); the backward returns d(qkv).
+  m.def("attention_qkv_fwd(Tensor qkv, int n_head, int n_kv_head, Tensor? cos, Tensor? sin, float scale, "
+        "Tensor? alibi_slopes) -> (Tensor out, Tensor lse)");
+  m.def("attention_qkv_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int n_head, int n_kv_head, "
+        "Tensor? cos, Tensor? sin, float scale, Tensor? alibi_slopes) -> Tensor dqkv");
   // silu(gate) * up and its gradients.
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");

@@ -36,6 +36,26 @@ def register_attention_autograd(fwd_op, bwd_op, contiguous_dout: bool = False) -
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
+def register_attention_qkv_autograd(fwd_op, bwd_op) -> None:
+    """Wire ``bwd_op`` as the backward of the packed self-attention op ``fwd_op`` (qkv in, d(qkv) out;
+    the RoPE tables, head counts, scale and slopes take no gradient)."""
+    def setup_context(ctx, inputs, output):
+        qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, out, lse, cos, sin)
+        ctx.heads = (n_head, n_kv_head)
+        ctx.scale = scale
+        ctx.alibi_slopes = alibi_slopes
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, dout, _dlse):
+        qkv, out, lse, cos, sin = ctx.saved_tensors
+        dqkv = bwd_op(dout, qkv, out, lse, *ctx.heads, cos, sin, ctx.scale, ctx.alibi_slopes)
+        return dqkv, None, None, None, None, None, None
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
 def register_elementwise_autograd(fwd_op, bwd_op) -> None:
     """Wire ``bwd_op(dout, *inputs)`` as the backward of ``fwd_op(*inputs)`` (all inputs saved)."""
     def setup_context(ctx, inputs, output):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ._autograd import register_attention_autograd, register_elementwise_autograd
+from ._autograd import (register_attention_autograd, register_attention_qkv_autograd,
+                        register_elementwise_autograd)
 
 try:
     from . import _C  # registers the torch.ops.fastlm.* schemas and kernels
@@ -44,6 +45,16 @@ if _C is not None:
     def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, alibi_slopes):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
+    @torch.library.register_fake("fastlm::attention_qkv_fwd")
+    def _attention_qkv_fwd_fake(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes):
+        b, t, w = qkv.shape
+        d = w // (n_head + 2 * n_kv_head)
+        return qkv.new_empty((b, t, n_head * d)), qkv.new_empty((b, n_head, t), dtype=_lse_dtype(qkv.dtype))
+
+    @torch.library.register_fake("fastlm::attention_qkv_bwd")
+    def _attention_qkv_bwd_fake(dout, qkv, out, lse, n_head, n_kv_head, cos, sin, scale, alibi_slopes):
+        return qkv.new_empty(qkv.shape)
+
     @torch.library.register_fake("fastlm::swiglu_fwd")
     def _swiglu_fwd_fake(gate, up):
         return gate.new_empty(gate.shape)
@@ -64,6 +75,7 @@ if _C is not None:
 
     # ---- autograd ------------------------------------------------------------------------------
     register_attention_autograd("fastlm::attention_fwd", _ops.attention_bwd, contiguous_dout=True)
+    register_attention_qkv_autograd("fastlm::attention_qkv_fwd", _ops.attention_qkv_bwd)
     register_elementwise_autograd("fastlm::swiglu_fwd", _ops.swiglu_bwd)
     register_elementwise_autograd("fastlm::swiglu_packed_fwd", _ops.swiglu_packed_bwd)
 

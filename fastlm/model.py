@@ -211,6 +211,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
+        if kv_cache is None:  # split, rotate, attend, merge heads: fused into one op where a kernel does it
+            y = ops.attention_qkv(qkv, H, Hkv, rope=rope, causal=True, alibi_slopes=alibi, backend=self.cfg.backend)
+            return self.resid_drop(self.proj(y))
         qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
         qk = qk.view(B, T, H + Hkv, D)
         if rope is not None:  # rotate queries and keys in one pass: (B, T, H + Hkv, D)

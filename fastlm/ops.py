@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["attention", "attention_backend", "swiglu", "swiglu_packed", "BACKENDS", "Backend", "available_backends",
+__all__ = ["attention", "attention_backend", "attention_qkv", "swiglu", "swiglu_packed", "BACKENDS", "Backend", "available_backends",
            "backend_status", "load_backends", "resolve_backend", "BackendUnavailableError"]
 
 log = logging.getLogger("fastlm")
@@ -340,6 +340,63 @@ def attention_backend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, s
     """The name of the backend :func:`attention` would run for this call (same arguments; the
     choice of ``auto`` depends on the device, dtype, options and whether a gradient is needed)."""
     return _attention_backend(q, k, v, causal, scale, alibi_slopes, backend)[0].name
+
+
+def attention_qkv(qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, *, rope=None, causal: bool = True,
+                  scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
+                  backend: str = "auto") -> Tensor:
+    """Self-attention on a packed projection, as the model computes it: ``qkv`` ``(B, T, (H + 2 H_kv) D)``
+    holds ``[q heads | k heads | v heads]`` per token; ``rope = (cos, sin)``, each ``(T, D/2)``, rotates
+    q and k first (:func:`fastlm.model.apply_rope`'s half-split pairing). Returns ``(B, T, H D)``.
+
+    Equal to splitting, rotating and calling :func:`attention` on the ``(B, H, T, D)`` views (what it
+    does for every backend but one): where :func:`attention` would run ``cpp`` on a causal
+    float32/float64 call of at most ``gemm_max_tk`` tokens, one fused C++ op reads ``qkv`` in place,
+    rotates q/k inside, writes ``(B, T, H D)`` and returns ``d(qkv)`` in the backward, so the rotated
+    copy, the split's concatenation and the layout copies of the composed path never happen.
+    """
+    if not isinstance(qkv, Tensor) or qkv.dim() != 3:
+        raise ValueError(f"attention_qkv: qkv must be a (B, T, (H + 2 H_kv) D) tensor, got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+    H = int(n_head)
+    Hkv = H if n_kv_head is None else int(n_kv_head)
+    if H <= 0 or Hkv <= 0 or H % Hkv:
+        raise ValueError(f"attention_qkv: n_head ({H}) must be a positive multiple of n_kv_head ({Hkv})")
+    B, T, W = qkv.shape
+    if W % (H + 2 * Hkv):
+        raise ValueError(f"attention_qkv: width {W} is not ({H} + 2 * {Hkv}) heads of one size")
+    D = W // (H + 2 * Hkv)
+    qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
+    qk = qk.view(B, T, H + Hkv, D)
+    v = v.view(B, T, Hkv, D).transpose(1, 2)
+    if rope is not None:
+        cos, sin = rope
+        if D % 2 or tuple(cos.shape) != (T, D // 2) or tuple(sin.shape) != (T, D // 2):
+            raise ValueError(f"attention_qkv: rope tables must be (T, D/2) = ({T}, {D // 2}) with an even "
+                             f"head dim, got {tuple(cos.shape)} / {tuple(sin.shape)} (D={D})")
+    if causal and _fused_qkv_runs(qkv, qk, v, H, T, scale, alibi_slopes, backend):
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        cos, sin = rope if rope is not None else (None, None)
+        return torch.ops.fastlm.attention_qkv_fwd(qkv, H, Hkv, cos, sin, scale, alibi_slopes)[0]
+    if rope is not None:
+        from .model import apply_rope  # (model imports ops)
+        cos, sin = rope
+        qk = apply_rope(qk, cos.unsqueeze(1), sin.unsqueeze(1))
+    q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # strided views: no copy
+    y = attention(q, k, v, causal=causal, scale=scale, alibi_slopes=alibi_slopes, backend=backend)
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+def _fused_qkv_runs(qkv, qk, v, H, T, scale, alibi_slopes, backend) -> bool:
+    """True when :func:`attention_qkv` takes the fused C++ op: the call :func:`attention` would make
+    resolves to ``cpp`` and fits the op (CPU, float32/float64, 1 < T <= gemm_max_tk)."""
+    if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.float64) or T <= 1:
+        return False
+    cpp = _load("cpp")
+    if cpp is None or T > getattr(cpp, "gemm_max_tk", 0) or qkv.stride(-1) != 1:
+        return False
+    q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+    return attention_backend(q, k, v, causal=True, scale=scale, alibi_slopes=alibi_slopes, backend=backend) == "cpp"
 
 
 def swiglu(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:

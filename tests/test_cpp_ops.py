@@ -402,3 +402,120 @@ def test_cuda_swiglu_matches_float64(dtype, n):
     base.backward(dout)
     for o, bs, r in ((out, base, ref), (xs[0].grad, bg.grad, rg.grad), (xs[1].grad, bu.grad, ru.grad)):
         assert_two_x(o.detach().cpu(), bs.detach().cpu(), r.detach().cpu(), f"cuda swiglu {dtype}")
+
+
+# ---- packed self-attention with RoPE inside (attention_qkv) -------------------------------------
+def _rope64(t, d):
+    ang = torch.outer(torch.arange(t, dtype=torch.float64),
+                      1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    return ang.cos(), ang.sin()
+
+
+def _composed64(qkv, h, h_kv, rope, slopes):
+    """The oracle: split, rotate (float64), naive attention (float64), merge heads."""
+    b, t, w = qkv.shape
+    d = w // (h + 2 * h_kv)
+    q, k, v = qkv.double().split([h * d, h_kv * d, h_kv * d], dim=-1)
+    q, k, v = (x.reshape(b, t, -1, d).transpose(1, 2) for x in (q, k, v))
+    if rope is not None:
+        cos, sin = (x.double() for x in rope)
+
+        def rot(x):
+            x1, x2 = x[..., : d // 2], x[..., d // 2:]
+            return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+        q, k = rot(q), rot(k)
+    y = naive_attention(q, k, v, True, 1.0 / math.sqrt(d), slopes)
+    return y.transpose(1, 2).reshape(b, t, h * d)
+
+
+QKV_CASES = [  # (name, B, T, H, H_kv, D, rope, alibi)
+    ("rope_t9_d8_gqa", 2, 9, 4, 2, 8, True, False),
+    ("rope_t70_d32_alibi", 2, 70, 3, 3, 32, True, True),
+    ("norope_t128_d32_mqa", 1, 128, 3, 1, 32, False, False),
+    ("rope_t130_d16", 1, 130, 2, 2, 16, True, False),  # three row blocks, the last partial
+]
+
+
+@pytest.mark.parametrize("case", QKV_CASES, ids=[c[0] for c in QKV_CASES])
+def test_attention_qkv_fused_matches_float64(case):
+    _, b, t, h, h_kv, d, use_rope, alibi = case
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(b, t, (h + 2 * h_kv) * d, generator=g)
+    dout = torch.randn(b, t, h * d, generator=g)
+    rope = tuple(x.float() for x in _rope64(t, d)) if use_rope else None
+    slopes = torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)]) if alibi else None
+    assert ops.attention_backend(*(torch.randn(b, hh, t, d) for hh in (h, h_kv, h_kv)), alibi_slopes=slopes,
+                                 backend="cpp") == "cpp"
+
+    def run(fn, x):
+        x = x.detach().clone().requires_grad_()
+        y = fn(x)
+        y.backward(dout.to(x.dtype))
+        return y.detach(), x.grad
+
+    ref = run(lambda x: _composed64(x, h, h_kv, rope, slopes), qkv.double())
+    base = run(lambda x: ops.attention_qkv(x, h, h_kv, rope=rope, alibi_slopes=slopes, backend="torch"), qkv)
+    got = run(lambda x: ops.attention_qkv(x, h, h_kv, rope=rope, alibi_slopes=slopes, backend="cpp"), qkv)
+    for name, o, bs, r in zip(("out", "dqkv"), got, base, ref):
+        assert o.shape == r.shape and o.dtype == torch.float32
+        assert_two_x(o, bs, r, f"attention_qkv {name}")
+
+
+def test_attention_qkv_fused_op_is_used_and_strided_rows_are_read_in_place(monkeypatch):
+    """The cpp call goes through the one fused op (no attention_fwd), and a qkv whose rows are wider
+    than its width (a column slice of a bigger tensor) gives what its contiguous copy gives."""
+    b, t, h, d = 2, 33, 3, 16
+    wide = torch.randn(b, t, 5 * h * d)
+    qkv = wide[..., : 3 * h * d]  # row stride 5 H D
+    rope = tuple(x.float() for x in _rope64(t, d))
+    seen = []
+    real = torch.ops.fastlm.attention_fwd
+    monkeypatch.setattr(OPS, "attention_fwd", lambda *a: seen.append("attention_fwd") or real(*a))
+    y = ops.attention_qkv(qkv, h, rope=rope, backend="cpp")
+    assert seen == []
+    torch.testing.assert_close(y, ops.attention_qkv(qkv.contiguous(), h, rope=rope, backend="cpp"), rtol=0, atol=0)
+
+
+def test_attention_qkv_gradcheck_float64():
+    b, t, h, h_kv, d = 1, 6, 2, 1, 4
+    qkv = torch.randn(b, t, (h + 2 * h_kv) * d, dtype=torch.float64, requires_grad=True)
+    rope = _rope64(t, d)
+    slopes = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x: ops.attention_qkv(x, h, h_kv, rope=rope, alibi_slopes=slopes, backend="cpp"), (qkv,))
+
+
+def test_attention_qkv_composes_where_the_fused_op_does_not_run():
+    """Keys past gemm_max_tk, bfloat16 and non-causal calls compose split + rotate + attention."""
+    h, d = 2, 8
+    for t, dtype, causal in ((_ext.CPP_BACKEND.gemm_max_tk + 3, torch.float32, True), (17, torch.bfloat16, True),
+                             (17, torch.float32, False)):
+        qkv = torch.randn(1, t, 3 * h * d).to(dtype)
+        rope = tuple(x.float() for x in _rope64(t, d))
+        got = ops.attention_qkv(qkv, h, rope=rope, causal=causal, backend="cpp")
+        want = _composed64(qkv, h, h, rope, None) if causal else None
+        if want is not None:
+            assert (got.double() - want).abs().max() < (3e-2 if dtype == torch.bfloat16 else 1e-5)
+        assert got.shape == (1, t, h * d) and got.dtype == dtype
+
+
+def test_attention_qkv_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="heads of one size"):
+        ops.attention_qkv(torch.randn(1, 4, 50), 2, 1)
+    with pytest.raises(ValueError, match="rope tables"):
+        ops.attention_qkv(torch.randn(1, 4, 48), 2, 2, rope=(torch.ones(4, 3), torch.ones(4, 3)))
+    with pytest.raises(ValueError, match="positive multiple"):
+        ops.attention_qkv(torch.randn(1, 4, 48), 3, 2)
+    with pytest.raises(RuntimeError, match="T <= 512"):
+        OPS.attention_qkv_fwd(torch.randn(1, 600, 24), 2, 2, None, None, 0.5, None)
+
+
+def test_opcheck_attention_qkv():
+    b, t, h, h_kv, d = 1, 9, 4, 2, 8
+    qkv = torch.randn(b, t, (h + 2 * h_kv) * d, requires_grad=True)
+    cos, sin = (x.float() for x in _rope64(t, d))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    torch.library.opcheck(OPS.attention_qkv_fwd.default, (qkv, h, h_kv, cos, sin, 0.3, slopes))
+    out, lse = OPS.attention_qkv_fwd(qkv.detach(), h, h_kv, cos, sin, 0.3, slopes)
+    torch.library.opcheck(OPS.attention_qkv_bwd.default,
+                          (torch.randn_like(out), qkv.detach(), out, lse, h, h_kv, cos, sin, 0.3, slopes))

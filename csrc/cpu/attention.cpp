@@ -635,6 +635,256 @@ void attention_bwd_gemm(const at::Tensor& dout_in, const at::Tensor& q_in, const
   });
 }
 
+// ---- Packed self-attention with RoPE in the kernel -----------------------------------------------
+// The model's layout: qkv = (B, T, (H + 2 H_kv) D) straight from the fused projection ([q heads |
+// k heads | v heads] per row), out = (B, T, H D) ready for the output projection. The kernel rotates
+// q and k (RoPE, the half-split pairing of fastlm.model.apply_rope: x1' = x1 c - x2 s,
+// x2' = x1 s + x2 c with cos/sin (T, D/2)) into its tiles as it reads them, so the rotated copy, the
+// q/k/v views, their transposes and the (B, H, T, D) output never exist as tensors, and the backward
+// writes d(qkv) in that one layout (the rotation undone on dq/dk). Self-attention (T_q = T_k = T),
+// float32/float64 with T <= kGemmMaxTk (the BLAS path above); fastlm.ops.attention_qkv composes the
+// plain ops for everything else.
+struct QkvShape {
+  int64_t B, T, H, H_kv, D, W;  // W = (H + 2 H_kv) D, the row width of qkv
+};
+
+QkvShape check_qkv(const char* op, const at::Tensor& qkv, int64_t n_head, int64_t n_kv_head,
+                   const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
+                   const c10::optional<at::Tensor>& alibi) {
+  TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be (B, T, (H + 2 H_kv) D), got ", qkv.sizes());
+  TORCH_CHECK(qkv.device().is_cpu(), op, ": expected CPU tensors, got ", qkv.device());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kDouble, op,
+              ": takes float32/float64, got ", qkv.scalar_type());
+  TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0, op, ": n_head (", n_head,
+              ") must be a positive multiple of n_kv_head (", n_kv_head, ")");
+  const int64_t W = qkv.size(2), parts = n_head + 2 * n_kv_head;
+  TORCH_CHECK(W % parts == 0 && W > 0, op, ": qkv width ", W, " is not (", n_head, " + 2 * ",
+              n_kv_head, ") heads of one size");
+  QkvShape s{qkv.size(0), qkv.size(1), n_head, n_kv_head, W / parts, W};
+  TORCH_CHECK(s.T > 0 && s.T <= kGemmMaxTk && use_gemm_path(qkv, AttnShape{s.B, s.H, s.H_kv, s.T, s.T, s.D}),
+              op, ": needs 1 <= T <= ", kGemmMaxTk, " and the BLAS path, got T=", s.T);
+  TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": cos and sin go together");
+  if (cos.has_value()) {
+    TORCH_CHECK(s.D % 2 == 0, op, ": RoPE needs an even head dim, got ", s.D);
+    for (const at::Tensor* t : {&*cos, &*sin}) {
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == s.T && t->size(1) == s.D / 2, op,
+                  ": cos/sin must be (T, D/2) = (", s.T, ", ", s.D / 2, "), got ", t->sizes());
+      TORCH_CHECK(t->device().is_cpu(), op, ": cos/sin on ", t->device());
+    }
+  }
+  if (alibi.has_value()) {
+    TORCH_CHECK(alibi->dim() == 1 && alibi->size(0) == s.H, op, ": alibi_slopes must be (H,) = (", s.H,
+                "), got ", alibi->sizes());
+  }
+  return s;
+}
+
+// RoPE on rows: dst row r (stride ld_dst) = R(pos0 + r) src row r (stride ld_src), R rotating the
+// pairs (x[d], x[d + D/2]) by the angle of cos/sin (T, D/2): x1' = x1 c - x2 s, x2' = x1 s + x2 c.
+// `inverse` applies R^T (s -> -s), the gradient through the rotation. Without tables: a copy.
+template <typename scalar_t>
+inline void rotate_rows(scalar_t* dst, int64_t ld_dst, const scalar_t* src, int64_t ld_src, int64_t rows,
+                        int64_t pos0, int64_t D, const scalar_t* cs, const scalar_t* sn, bool inverse) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t h = D / 2;
+  const scalar_t sign = inverse ? scalar_t(-1) : scalar_t(1);
+  const Vec sign_v(sign);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* x = src + r * ld_src;
+    scalar_t* y = dst + r * ld_dst;
+    if (cs == nullptr) {
+      std::copy(x, x + D, y);
+      continue;
+    }
+    const scalar_t* c = cs + (pos0 + r) * h;
+    const scalar_t* s = sn + (pos0 + r) * h;
+    int64_t d = 0;
+    for (; d + V <= h; d += V) {
+      const Vec x1 = Vec::loadu(x + d), x2 = Vec::loadu(x + d + h), cv = Vec::loadu(c + d);
+      const Vec sv = Vec::loadu(s + d) * sign_v;
+      (x1 * cv - x2 * sv).store(y + d);
+      (x1 * sv + x2 * cv).store(y + d + h);
+    }
+    for (; d < h; ++d) {
+      const scalar_t x1 = x[d], x2 = x[d + h], sd = s[d] * sign;
+      y[d] = x1 * c[d] - x2 * sd;
+      y[d + h] = x1 * sd + x2 * c[d];
+    }
+  }
+}
+
+// sum_d a[d] * b[d]
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  Vec acc(scalar_t(0));
+  int64_t d = 0;
+  for (; d + V <= n; d += V) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
+  if (d < n) acc = at::vec::fmadd(Vec::loadu(a + d, n - d), Vec::loadu(b + d, n - d), acc);
+  return at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, acc);
+}
+
+template <typename scalar_t>
+struct QkvPtrs {
+  at::Tensor cos_c, sin_c;
+  const scalar_t* cs = nullptr;
+  const scalar_t* sn = nullptr;
+  QkvPtrs(const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin, at::ScalarType dt) {
+    if (cos.has_value()) {
+      cos_c = cos->to(dt).contiguous();
+      sin_c = sin->to(dt).contiguous();
+      cs = cos_c.const_data_ptr<scalar_t>();
+      sn = sin_c.const_data_ptr<scalar_t>();
+    }
+  }
+};
+
+// One row-softmax over a block's scores (the forward of attention_fwd_gemm, here per block).
+template <typename scalar_t>
+inline void softmax_block(scalar_t* S, int64_t ke, int64_t i0, int64_t nr, int64_t T, scalar_t scale,
+                          scalar_t slope, bool has_alibi, scalar_t* L) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = i0 + r, re = attn::key_end(i, T, T, true);
+    scalar_t* x = S + r * ke;
+    std::fill(x + re, x + ke, scalar_t(0));
+    scale_bias(x, re, scale, slope, has_alibi, i, T, T);
+    const scalar_t m = vec_max(x, re);
+    const scalar_t l = exp_sum(x, re, m);
+    scale_row(x, re, attn::inv_sum(l));
+    L[r] = attn::row_lse(m, l);
+  }
+}
+
+template <typename scalar_t>
+void attention_qkv_fwd_kernel(const at::Tensor& qkv, at::Tensor& out, at::Tensor& lse, const QkvShape& s,
+                              const QkvPtrs<scalar_t>& rope, double scale_d, const c10::optional<at::Tensor>& alibi) {
+  const scalar_t* X = qkv.const_data_ptr<scalar_t>();
+  const int64_t sb = qkv.stride(0), st = qkv.stride(1);
+  scalar_t* O = out.mutable_data_ptr<scalar_t>();  // (B, T, H D)
+  scalar_t* L = lse.mutable_data_ptr<scalar_t>();  // (B, H, T)
+  const int64_t D = s.D, T = s.T, HD = s.H * D, n_blk = (T + kGemmRows - 1) / kGemmRows;
+  const scalar_t scale = static_cast<scalar_t>(scale_d);
+  const std::vector<scalar_t> slopes = slopes_of<scalar_t>(alibi, s.H);
+  at::parallel_for(0, s.B * s.H * n_blk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> S(kGemmRows * T), Qb(kGemmRows * D), Kb(T * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t blk = n_blk - 1 - task % n_blk, bh = task / n_blk, h = bh % s.H, b = bh / s.H;
+      const int64_t hk = attn::kv_head(h, s.H, s.H_kv);
+      const int64_t i0 = blk * kGemmRows, nr = std::min(kGemmRows, T - i0), ke = i0 + nr;
+      const scalar_t* row0 = X + b * sb;
+      rotate_rows(Qb.data(), D, row0 + i0 * st + h * D, st, nr, i0, D, rope.cs, rope.sn, false);
+      rotate_rows(Kb.data(), D, row0 + (s.H + hk) * D, st, ke, 0, D, rope.cs, rope.sn, false);
+      gemm_rm(false, true, nr, ke, D, scalar_t(1), Qb.data(), D, Kb.data(), D, scalar_t(0), S.data(), ke);
+      softmax_block(S.data(), ke, i0, nr, T, scale, slopes[h], alibi.has_value(), L + (b * s.H + h) * T + i0);
+      gemm_rm(false, false, nr, D, ke, scalar_t(1), S.data(), ke, row0 + (s.H + s.H_kv + hk) * D, st, scalar_t(0),
+              O + (b * T + i0) * HD + h * D, HD);
+    }
+  });
+}
+
+template <typename scalar_t>
+void attention_qkv_bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
+                              const at::Tensor& lse, at::Tensor& dqkv, const QkvShape& s,
+                              const QkvPtrs<scalar_t>& rope, double scale_d, const c10::optional<at::Tensor>& alibi) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  const scalar_t* X = qkv.const_data_ptr<scalar_t>();
+  const int64_t sb = qkv.stride(0), st = qkv.stride(1);
+  const scalar_t* dO = dout.const_data_ptr<scalar_t>();  // (B, T, H D), rows of stride dst
+  const int64_t dsb = dout.stride(0), dst = dout.stride(1);
+  const scalar_t* O = out.const_data_ptr<scalar_t>();  // contiguous (B, T, H D)
+  const scalar_t* LSE = lse.const_data_ptr<scalar_t>();
+  scalar_t* dX = dqkv.mutable_data_ptr<scalar_t>();  // contiguous (B, T, W)
+  const int64_t D = s.D, T = s.T, HD = s.H * D, W = s.W, G = s.H / s.H_kv;
+  const scalar_t scale = static_cast<scalar_t>(scale_d);
+  const std::vector<scalar_t> slopes = slopes_of<scalar_t>(alibi, s.H);
+  const bool has_alibi = alibi.has_value();
+  at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> P(kGemmRows * T), dS(kGemmRows * T), Qb(kGemmRows * D), dQb(kGemmRows * D),
+        Kb(T * D), dKb(T * D);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t hk = task % s.H_kv, b = task / s.H_kv;
+      const scalar_t* row0 = X + b * sb;
+      const scalar_t* Vt = row0 + (s.H + s.H_kv + hk) * D;
+      scalar_t* dXb = dX + b * T * W;
+      scalar_t* dV = dXb + (s.H + s.H_kv + hk) * D;  // rows of stride W
+      rotate_rows(Kb.data(), D, row0 + (s.H + hk) * D, st, T, 0, D, rope.cs, rope.sn, false);
+      std::fill(dKb.begin(), dKb.end(), scalar_t(0));
+      for (int64_t t = 0; t < T; ++t) std::fill(dV + t * W, dV + t * W + D, scalar_t(0));
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g;
+        for (int64_t i0 = 0; i0 < T; i0 += kGemmRows) {
+          const int64_t nr = std::min(kGemmRows, T - i0), ke = i0 + nr;
+          rotate_rows(Qb.data(), D, row0 + i0 * st + h * D, st, nr, i0, D, rope.cs, rope.sn, false);
+          const scalar_t* dOb = dO + b * dsb + i0 * dst + h * D;
+          gemm_rm(false, true, nr, ke, D, scalar_t(1), Qb.data(), D, Kb.data(), D, scalar_t(0), P.data(), ke);
+          gemm_rm(false, true, nr, ke, D, scalar_t(1), dOb, dst, Vt, st, scalar_t(0), dS.data(), ke);
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t i = i0 + r, re = attn::key_end(i, T, T, true);
+            scalar_t* p = P.data() + r * ke;
+            scalar_t* ds = dS.data() + r * ke;
+            std::fill(p + re, p + ke, scalar_t(0));
+            std::fill(ds + re, ds + ke, scalar_t(0));
+            const scalar_t delta = dot(dOb + r * dst, O + (b * T + i) * HD + h * D, D);
+            scale_bias(p, re, scale, slopes[h], has_alibi, i, T, T);
+            exp_sum(p, re, attn::backward_shift(LSE[(b * s.H + h) * T + i]));
+            const Vec dl(delta);
+            int64_t j = 0;
+            for (; j + V <= re; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
+            if (j < re) (Vec::loadu(p + j, re - j) * (Vec::loadu(ds + j, re - j) - dl)).store(ds + j, re - j);
+          }
+          gemm_rm(true, false, ke, D, nr, scalar_t(1), P.data(), ke, dOb, dst, scalar_t(1), dV, W);
+          gemm_rm(true, false, ke, D, nr, scalar_t(1), dS.data(), ke, Qb.data(), D, scalar_t(1), dKb.data(), D);
+          gemm_rm(false, false, nr, D, ke, scale, dS.data(), ke, Kb.data(), D, scalar_t(0), dQb.data(), D);
+          rotate_rows(dXb + i0 * W + h * D, W, dQb.data(), D, nr, i0, D, rope.cs, rope.sn, true);
+        }
+      }
+      scale_row(dKb.data(), T * D, scale);
+      rotate_rows(dXb + (s.H + hk) * D, W, dKb.data(), D, T, 0, D, rope.cs, rope.sn, true);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_qkv_fwd_cpu(const at::Tensor& qkv_in, int64_t n_head, int64_t n_kv_head,
+                                                         const c10::optional<at::Tensor>& cos,
+                                                         const c10::optional<at::Tensor>& sin, double scale,
+                                                         const c10::optional<at::Tensor>& alibi_slopes) {
+  const QkvShape s = check_qkv("attention_qkv_fwd", qkv_in, n_head, n_kv_head, cos, sin, alibi_slopes);
+  const at::Tensor qkv = qkv_in.stride(2) == 1 && qkv_in.stride(1) >= s.W ? qkv_in : qkv_in.contiguous();
+  at::Tensor out = at::empty({s.B, s.T, s.H * s.D}, qkv.options());
+  at::Tensor lse = at::empty({s.B, s.H, s.T}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_qkv_fwd_cpu", [&] {
+    const QkvPtrs<scalar_t> rope(cos, sin, qkv.scalar_type());
+    attention_qkv_fwd_kernel<scalar_t>(qkv, out, lse, s, rope, scale, alibi_slopes);
+  });
+  return {out, lse};
+}
+
+at::Tensor attention_qkv_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& qkv_in, const at::Tensor& out_in,
+                                 const at::Tensor& lse_in, int64_t n_head, int64_t n_kv_head,
+                                 const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
+                                 double scale, const c10::optional<at::Tensor>& alibi_slopes) {
+  const QkvShape s = check_qkv("attention_qkv_bwd", qkv_in, n_head, n_kv_head, cos, sin, alibi_slopes);
+  const std::vector<int64_t> o_shape{s.B, s.T, s.H * s.D}, l_shape{s.B, s.H, s.T};
+  TORCH_CHECK(dout_in.sizes() == o_shape && out_in.sizes() == o_shape, "attention_qkv_bwd: dout/out must be ",
+              o_shape, ", got ", dout_in.sizes(), " / ", out_in.sizes());
+  TORCH_CHECK(lse_in.sizes() == l_shape, "attention_qkv_bwd: lse must be ", l_shape, ", got ", lse_in.sizes());
+  TORCH_CHECK(dout_in.scalar_type() == qkv_in.scalar_type() && out_in.scalar_type() == qkv_in.scalar_type(),
+              "attention_qkv_bwd: dout/out dtype differs from qkv");
+  const at::Tensor qkv = qkv_in.stride(2) == 1 && qkv_in.stride(1) >= s.W ? qkv_in : qkv_in.contiguous();
+  const at::Tensor dout = dout_in.stride(2) == 1 && dout_in.stride(1) >= s.H * s.D ? dout_in : dout_in.contiguous();
+  const at::Tensor out = out_in.contiguous();
+  const at::Tensor lse = lse_in.to(qkv.scalar_type()).contiguous();
+  at::Tensor dqkv = at::empty({s.B, s.T, s.W}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_qkv_bwd_cpu", [&] {
+    const QkvPtrs<scalar_t> rope(cos, sin, qkv.scalar_type());
+    attention_qkv_bwd_kernel<scalar_t>(dout, qkv, out, lse, dqkv, s, rope, scale, alibi_slopes);
+  });
+  return dqkv;
+}
+
 void check_cpu(const char* op, const at::Tensor& q) {
   TORCH_CHECK(q.device().is_cpu(), op, ": expected CPU tensors, got ", q.device());
   const auto dt = q.scalar_type();
@@ -696,4 +946,6 @@ int64_t cpu_attention_gemm_max_tk() {
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("attention_fwd", &fastlm::attention_fwd_cpu);
   m.impl("attention_bwd", &fastlm::attention_bwd_cpu);
+  m.impl("attention_qkv_fwd", &fastlm::attention_qkv_fwd_cpu);
+  m.impl("attention_qkv_bwd", &fastlm::attention_qkv_bwd_cpu);
 }
