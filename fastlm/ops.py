@@ -374,7 +374,8 @@ def attention_qkv(qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, *, 
         if D % 2 or tuple(cos.shape) != (T, D // 2) or tuple(sin.shape) != (T, D // 2):
             raise ValueError(f"attention_qkv: rope tables must be (T, D/2) = ({T}, {D // 2}) with an even "
                              f"head dim, got {tuple(cos.shape)} / {tuple(sin.shape)} (D={D})")
-    if causal and _fused_qkv_runs(qkv, qk, v, H, T, scale, alibi_slopes, backend):
+    if causal and _fused_qkv_runs(qkv, qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v, scale,
+                                  alibi_slopes, backend):
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         cos, sin = rope if rope is not None else (None, None)
         return torch.ops.fastlm.attention_qkv_fwd(qkv, H, Hkv, cos, sin, scale, alibi_slopes)[0]
@@ -387,15 +388,16 @@ def attention_qkv(qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, *, 
     return y.transpose(1, 2).reshape(B, T, H * D)
 
 
-def _fused_qkv_runs(qkv, qk, v, H, T, scale, alibi_slopes, backend) -> bool:
+def _fused_qkv_runs(qkv, q, k, v, scale, alibi_slopes, backend) -> bool:
     """True when :func:`attention_qkv` takes the fused C++ op: the call :func:`attention` would make
-    resolves to ``cpp`` and fits the op (CPU, float32/float64, 1 < T <= gemm_max_tk)."""
+    on the (unrotated) views ``q, k, v`` resolves to ``cpp`` and fits the op (CPU, float32/float64,
+    1 < T <= gemm_max_tk)."""
+    T = qkv.size(1)
     if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.float64) or T <= 1:
         return False
     cpp = _load("cpp")
     if cpp is None or T > getattr(cpp, "gemm_max_tk", 0) or qkv.stride(-1) != 1:
         return False
-    q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
     return attention_backend(q, k, v, causal=True, scale=scale, alibi_slopes=alibi_slopes, backend=backend) == "cpp"
 
 
