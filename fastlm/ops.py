@@ -278,7 +278,7 @@ def _cpu_attention_order(q, k, v, causal, alibi_slopes):
 
     Measured (benchmarks/REPORT.md, 2-core AMD EPYC): for causal float32/float64 calls with keys
     short enough for the C++ kernel's BLAS path (``T_k <= CPP_BACKEND.gemm_max_tk``, 512) the C++
-    kernel beats SDPA's CPU flash kernel (forward+backward 1.2-1.7x at T=128-512, forward 1.1-1.5x);
+    kernel beats SDPA's CPU flash kernel (forward+backward 1.2-2.3x at T=128-512, forward 1.1-1.5x);
     non-causal calls (SDPA's forward is faster there), single-query decoding steps and longer keys
     stay on SDPA. In bfloat16/float16 the C++ kernel's fused backward wins training calls
     (3.6-4.2x there, 2.3x on an AMD EPYC), where SDPA falls back to slow reduced-precision math."""
