@@ -512,6 +512,70 @@ inline void scale_row(acc_t* x, int64_t n, acc_t c) {
   if (j < n) (Vec::loadu(x + j, n - j) * cv).store(x + j, n - j);
 }
 
+// sum_d a[d] * b[d]
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  Vec acc(scalar_t(0));
+  int64_t d = 0;
+  for (; d + V <= n; d += V) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
+  if (d < n) acc = at::vec::fmadd(Vec::loadu(a + d, n - d), Vec::loadu(b + d, n - d), acc);
+  return at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, acc);
+}
+
+// The forward's row math between the two GEMMs, for nr query rows from i0 whose scores S (nr x ke,
+// row stride ke) were just computed: scale, ALiBi, mask (keys at or past a row's key_end become 0),
+// softmax in place; each row's lse in L[r]. A row that sees no key is all zeros with lse -inf.
+template <typename scalar_t>
+inline void softmax_block(scalar_t* S, int64_t ke, int64_t i0, int64_t nr, int64_t t_q, int64_t t_k, bool causal,
+                          scalar_t scale, scalar_t slope, bool has_alibi, scalar_t* L) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = i0 + r, re = attn::key_end(i, t_q, t_k, causal);
+    scalar_t* x = S + r * ke;
+    std::fill(x + re, x + ke, scalar_t(0));
+    if (re == 0) {
+      L[r] = -std::numeric_limits<scalar_t>::infinity();
+      continue;
+    }
+    scale_bias(x, re, scale, slope, has_alibi, i, t_q, t_k);
+    const scalar_t m = vec_max(x, re);
+    const scalar_t l = exp_sum(x, re, m);
+    scale_row(x, re, attn::inv_sum(l));
+    L[r] = attn::row_lse(m, l);
+  }
+}
+
+// The backward's row math, same block: P recomputed in place of the scores in P from the saved lse
+// L[r], and dS = P * (dP - delta) in place of dP, delta = dO . O of the row (rows dOb + r * ld_do and
+// Ob + r * ld_o). Rows that see no key (or had lse -inf) get P = dS = 0.
+template <typename scalar_t>
+inline void softmax_bwd_block(scalar_t* P, scalar_t* dS, int64_t ke, int64_t i0, int64_t nr, int64_t t_q,
+                              int64_t t_k, bool causal, scalar_t scale, scalar_t slope, bool has_alibi,
+                              const scalar_t* L, const scalar_t* dOb, int64_t ld_do, const scalar_t* Ob,
+                              int64_t ld_o, int64_t D) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = i0 + r, re = attn::key_end(i, t_q, t_k, causal);
+    scalar_t* p = P + r * ke;
+    scalar_t* ds = dS + r * ke;
+    if (re == 0 || L[r] == -std::numeric_limits<scalar_t>::infinity()) {
+      std::fill(p, p + ke, scalar_t(0));
+      std::fill(ds, ds + ke, scalar_t(0));
+      continue;
+    }
+    std::fill(p + re, p + ke, scalar_t(0));
+    std::fill(ds + re, ds + ke, scalar_t(0));
+    const Vec dl(dot(dOb + r * ld_do, Ob + r * ld_o, D));
+    scale_bias(p, re, scale, slope, has_alibi, i, t_q, t_k);
+    exp_sum(p, re, attn::backward_shift(L[r]));
+    int64_t j = 0;
+    for (; j + V <= re; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
+    if (j < re) (Vec::loadu(p + j, re - j) * (Vec::loadu(ds + j, re - j) - dl)).store(ds + j, re - j);
+  }
+}
+
 template <typename scalar_t>
 void attention_fwd_gemm(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                         at::Tensor& out, at::Tensor& lse, const AttnShape& s, bool causal, double scale_d,
@@ -541,20 +605,7 @@ void attention_fwd_gemm(const at::Tensor& q_in, const at::Tensor& k_in, const at
       }
       gemm_rm(false, true, nr, ke, D, scalar_t(1), Q.at(b, h, i0), Q.ld, K.at(b, hk, 0), K.ld, scalar_t(0),
               S.data(), ke);
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t i = i0 + r, re = attn::key_end(i, Tq, Tk, causal);
-        scalar_t* x = S.data() + r * ke;
-        std::fill(x + re, x + ke, scalar_t(0));
-        if (re == 0) {
-          Lb[r] = -std::numeric_limits<scalar_t>::infinity();
-          continue;
-        }
-        scale_bias(x, re, scale, slopes[h], has_alibi, i, Tq, Tk);
-        const scalar_t m = vec_max(x, re);
-        const scalar_t l = exp_sum(x, re, m);
-        scale_row(x, re, attn::inv_sum(l));
-        Lb[r] = attn::row_lse(m, l);
-      }
+      softmax_block(S.data(), ke, i0, nr, Tq, Tk, causal, scale, slopes[h], has_alibi, Lb);
       gemm_rm(false, false, nr, D, ke, scalar_t(1), S.data(), ke, Vr.at(b, hk, 0), Vr.ld, scalar_t(0), Ob, D);
     }
   });
@@ -565,8 +616,6 @@ void attention_bwd_gemm(const at::Tensor& dout_in, const at::Tensor& q_in, const
                         const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
                         at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const AttnShape& s, bool causal,
                         double scale_d, const c10::optional<at::Tensor>& alibi) {
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t V = Vec::size();
   const at::Tensor q = blas_rows(q_in), k = blas_rows(k_in), v = blas_rows(v_in), dout = blas_rows(dout_in),
                    out = blas_rows(out_in);
   const Rows<scalar_t> Q(q), K(k), Vr(v), dO(dout), Out(out);
@@ -602,29 +651,8 @@ void attention_bwd_gemm(const at::Tensor& dout_in, const at::Tensor& q_in, const
           gemm_rm(false, true, nr, ke, D, scalar_t(1), Qb, Q.ld, K.at(b, hk, 0), K.ld, scalar_t(0), P.data(), ke);
           gemm_rm(false, true, nr, ke, D, scalar_t(1), dOb, dO.ld, Vr.at(b, hk, 0), Vr.ld, scalar_t(0), dS.data(),
                   ke);
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t i = i0 + r, re = attn::key_end(i, Tq, Tk, causal);
-            scalar_t* p = P.data() + r * ke;
-            scalar_t* ds = dS.data() + r * ke;
-            const scalar_t lse = LSE[(b * s.H + h) * Tq + i];
-            if (re == 0 || lse == -std::numeric_limits<scalar_t>::infinity()) {
-              std::fill(p, p + ke, scalar_t(0));
-              std::fill(ds, ds + ke, scalar_t(0));
-              continue;
-            }
-            std::fill(p + re, p + ke, scalar_t(0));
-            std::fill(ds + re, ds + ke, scalar_t(0));
-            const scalar_t* o = Out.at(b, h, i);
-            const scalar_t* dor = dO.at(b, h, i);
-            scalar_t delta = 0;
-            for (int64_t d = 0; d < D; ++d) delta += dor[d] * o[d];
-            scale_bias(p, re, scale, slopes[h], has_alibi, i, Tq, Tk);
-            exp_sum(p, re, attn::backward_shift(lse));
-            const Vec dl(delta);
-            int64_t j = 0;
-            for (; j + V <= re; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
-            if (j < re) (Vec::loadu(p + j, re - j) * (Vec::loadu(ds + j, re - j) - dl)).store(ds + j, re - j);
-          }
+          softmax_bwd_block(P.data(), dS.data(), ke, i0, nr, Tq, Tk, causal, scale, slopes[h], has_alibi,
+                            LSE + (b * s.H + h) * Tq + i0, dOb, dO.ld, Out.at(b, h, i0), Out.ld, D);
           gemm_rm(true, false, ke, D, nr, scalar_t(1), P.data(), ke, dOb, dO.ld, scalar_t(1), dVt, D);
           gemm_rm(true, false, ke, D, nr, scalar_t(1), dS.data(), ke, Qb, Q.ld, scalar_t(1), dKt, D);
           gemm_rm(false, false, nr, D, ke, scale, dS.data(), ke, K.at(b, hk, 0), K.ld, scalar_t(0), dQb, D);
@@ -714,18 +742,6 @@ inline void rotate_rows(scalar_t* dst, int64_t ld_dst, const scalar_t* src, int6
   }
 }
 
-// sum_d a[d] * b[d]
-template <typename scalar_t>
-inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t V = Vec::size();
-  Vec acc(scalar_t(0));
-  int64_t d = 0;
-  for (; d + V <= n; d += V) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
-  if (d < n) acc = at::vec::fmadd(Vec::loadu(a + d, n - d), Vec::loadu(b + d, n - d), acc);
-  return at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, acc);
-}
-
 template <typename scalar_t>
 struct QkvPtrs {
   at::Tensor cos_c, sin_c;
@@ -740,22 +756,6 @@ struct QkvPtrs {
     }
   }
 };
-
-// One row-softmax over a block's scores (the forward of attention_fwd_gemm, here per block).
-template <typename scalar_t>
-inline void softmax_block(scalar_t* S, int64_t ke, int64_t i0, int64_t nr, int64_t T, scalar_t scale,
-                          scalar_t slope, bool has_alibi, scalar_t* L) {
-  for (int64_t r = 0; r < nr; ++r) {
-    const int64_t i = i0 + r, re = attn::key_end(i, T, T, true);
-    scalar_t* x = S + r * ke;
-    std::fill(x + re, x + ke, scalar_t(0));
-    scale_bias(x, re, scale, slope, has_alibi, i, T, T);
-    const scalar_t m = vec_max(x, re);
-    const scalar_t l = exp_sum(x, re, m);
-    scale_row(x, re, attn::inv_sum(l));
-    L[r] = attn::row_lse(m, l);
-  }
-}
 
 template <typename scalar_t>
 void attention_qkv_fwd_kernel(const at::Tensor& qkv, at::Tensor& out, at::Tensor& lse, const QkvShape& s,
@@ -777,7 +777,7 @@ void attention_qkv_fwd_kernel(const at::Tensor& qkv, at::Tensor& out, at::Tensor
       rotate_rows(Qb.data(), D, row0 + i0 * st + h * D, st, nr, i0, D, rope.cs, rope.sn, false);
       rotate_rows(Kb.data(), D, row0 + (s.H + hk) * D, st, ke, 0, D, rope.cs, rope.sn, false);
       gemm_rm(false, true, nr, ke, D, scalar_t(1), Qb.data(), D, Kb.data(), D, scalar_t(0), S.data(), ke);
-      softmax_block(S.data(), ke, i0, nr, T, scale, slopes[h], alibi.has_value(), L + (b * s.H + h) * T + i0);
+      softmax_block(S.data(), ke, i0, nr, T, T, true, scale, slopes[h], alibi.has_value(), L + (b * s.H + h) * T + i0);
       gemm_rm(false, false, nr, D, ke, scalar_t(1), S.data(), ke, row0 + (s.H + s.H_kv + hk) * D, st, scalar_t(0),
               O + (b * T + i0) * HD + h * D, HD);
     }
@@ -788,8 +788,6 @@ template <typename scalar_t>
 void attention_qkv_bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
                               const at::Tensor& lse, at::Tensor& dqkv, const QkvShape& s,
                               const QkvPtrs<scalar_t>& rope, double scale_d, const c10::optional<at::Tensor>& alibi) {
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t V = Vec::size();
   const scalar_t* X = qkv.const_data_ptr<scalar_t>();
   const int64_t sb = qkv.stride(0), st = qkv.stride(1);
   const scalar_t* dO = dout.const_data_ptr<scalar_t>();  // (B, T, H D), rows of stride dst
@@ -821,20 +819,8 @@ void attention_qkv_bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, con
           const scalar_t* dOb = dO + b * dsb + i0 * dst + h * D;
           gemm_rm(false, true, nr, ke, D, scalar_t(1), Qb.data(), D, Kb.data(), D, scalar_t(0), P.data(), ke);
           gemm_rm(false, true, nr, ke, D, scalar_t(1), dOb, dst, Vt, st, scalar_t(0), dS.data(), ke);
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t i = i0 + r, re = attn::key_end(i, T, T, true);
-            scalar_t* p = P.data() + r * ke;
-            scalar_t* ds = dS.data() + r * ke;
-            std::fill(p + re, p + ke, scalar_t(0));
-            std::fill(ds + re, ds + ke, scalar_t(0));
-            const scalar_t delta = dot(dOb + r * dst, O + (b * T + i) * HD + h * D, D);
-            scale_bias(p, re, scale, slopes[h], has_alibi, i, T, T);
-            exp_sum(p, re, attn::backward_shift(LSE[(b * s.H + h) * T + i]));
-            const Vec dl(delta);
-            int64_t j = 0;
-            for (; j + V <= re; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
-            if (j < re) (Vec::loadu(p + j, re - j) * (Vec::loadu(ds + j, re - j) - dl)).store(ds + j, re - j);
-          }
+          softmax_bwd_block(P.data(), dS.data(), ke, i0, nr, T, T, true, scale, slopes[h], has_alibi,
+                            LSE + (b * s.H + h) * T + i0, dOb, dst, O + (b * T + i0) * HD + h * D, HD, D);
           gemm_rm(true, false, ke, D, nr, scalar_t(1), P.data(), ke, dOb, dst, scalar_t(1), dV, W);
           gemm_rm(true, false, ke, D, nr, scalar_t(1), dS.data(), ke, Qb.data(), D, scalar_t(1), dKb.data(), D);
           gemm_rm(false, false, nr, D, ke, scale, dS.data(), ke, Kb.data(), D, scalar_t(0), dQb.data(), D);
