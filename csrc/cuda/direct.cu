@@ -13,32 +13,9 @@ namespace {
 using fastlm::cuda::AttnBwdParams;
 using fastlm::cuda::AttnParams;
 using fastlm::cuda::DType;
+using fastlm::cuda::attn_params_from_arrays;  // shape: B, H, H_kv, T_q, T_k, D; strides: (b, h, t) of q, k, v
 
 bool valid_dtype(int dtype) { return dtype >= 0 && dtype <= 2; }
-
-// shape: B, H, H_kv, T_q, T_k, D; strides: (b, h, t) of q, k, v (9 values).
-AttnParams attn_params(const void* q, const void* k, const void* v, const int64_t* strides,
-                       const int32_t* shape, int causal, float scale) {
-  AttnParams p{};
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  for (int i = 0; i < 3; ++i) {
-    p.q_stride[i] = strides[i];
-    p.k_stride[i] = strides[3 + i];
-    p.v_stride[i] = strides[6 + i];
-  }
-  p.B = shape[0];
-  p.H = shape[1];
-  p.H_kv = shape[2];
-  p.T_q = shape[3];
-  p.T_k = shape[4];
-  p.D = shape[5];
-  p.scale = scale;
-  p.alibi = nullptr;
-  p.causal = causal != 0;
-  return p;
-}
 
 }  // namespace
 
@@ -48,7 +25,7 @@ int fastlm_attention_fwd(int dtype, const void* q, const void* k, const void* v,
                          const int64_t* strides, const int32_t* shape, int causal, float scale,
                          void* out, float* lse, void* stream) {
   if (!valid_dtype(dtype)) return cudaErrorInvalidValue;
-  const AttnParams p = attn_params(q, k, v, strides, shape, causal, scale);
+  const AttnParams p = attn_params_from_arrays(q, k, v, strides, shape, causal, scale, nullptr);
   return fastlm::cuda::attention_fwd(p, static_cast<DType>(dtype), out, lse,
                                      static_cast<cudaStream_t>(stream));
 }
@@ -60,7 +37,7 @@ int fastlm_attention_bwd(int dtype, const void* dout, const void* q, const void*
                          void* dk, void* dv, void* stream) {
   if (!valid_dtype(dtype)) return cudaErrorInvalidValue;
   AttnBwdParams p{};
-  p.fwd = attn_params(q, k, v, strides, shape, causal, scale);
+  p.fwd = attn_params_from_arrays(q, k, v, strides, shape, causal, scale, nullptr);
   for (int i = 0; i < 3; ++i) {
     p.o_stride[i] = strides[9 + i];
     p.do_stride[i] = strides[12 + i];

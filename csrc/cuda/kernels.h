@@ -26,6 +26,32 @@ struct AttnParams {
   bool causal;
 };
 
+// AttnParams from flat arrays, the layout of the torch-free C entry points (csrc/cuda/direct.cu and
+// the host simulator of the tests): strides = q, k, v strides of (B, H, T) (9 values; D stride 1),
+// shape = (B, H, H_kv, T_q, T_k, D).
+inline AttnParams attn_params_from_arrays(const void* q, const void* k, const void* v, const int64_t* strides,
+                                          const int32_t* shape, int causal, float scale, const float* alibi) {
+  AttnParams p{};
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  for (int i = 0; i < 3; ++i) {
+    p.q_stride[i] = strides[i];
+    p.k_stride[i] = strides[3 + i];
+    p.v_stride[i] = strides[6 + i];
+  }
+  p.B = shape[0];
+  p.H = shape[1];
+  p.H_kv = shape[2];
+  p.T_q = shape[3];
+  p.T_k = shape[4];
+  p.D = shape[5];
+  p.scale = scale;
+  p.alibi = alibi;
+  p.causal = causal != 0;
+  return p;
+}
+
 // Longest T_q / T_k the attention launchers take (grid y counts 64-row blocks, at most 65535).
 constexpr int kMaxAttnSeqLen = 65535 * 64;
 

@@ -5,37 +5,6 @@
 
 #include "cuda/attention.cu"
 
-namespace fastlm {
-namespace cuda {
-namespace {
-
-AttnParams make_params(const void* q, const void* k, const void* v, const int64_t* strides,
-                       const int32_t* shape, int causal, float scale, const float* alibi) {
-  AttnParams p{};
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  for (int i = 0; i < 3; ++i) {
-    p.q_stride[i] = strides[i];
-    p.k_stride[i] = strides[3 + i];
-    p.v_stride[i] = strides[6 + i];
-  }
-  p.B = shape[0];
-  p.H = shape[1];
-  p.H_kv = shape[2];
-  p.T_q = shape[3];
-  p.T_k = shape[4];
-  p.D = shape[5];
-  p.scale = scale;
-  p.alibi = alibi;
-  p.causal = causal != 0;
-  return p;
-}
-
-}  // namespace
-}  // namespace cuda
-}  // namespace fastlm
-
 using fastlm::cuda::AttnBwdParams;
 using fastlm::cuda::AttnParams;
 
@@ -47,7 +16,7 @@ int sim_attention_fwd(int dtype, const void* q, const void* k, const void* v,
                       const int64_t* strides, const int32_t* shape, int causal, float scale,
                       const float* alibi, void* out, float* lse) {
   fastlm_sim::smem_base() = fastlm::cuda::smem_raw;
-  const AttnParams p = fastlm::cuda::make_params(q, k, v, strides, shape, causal, scale, alibi);
+  const AttnParams p = fastlm::cuda::attn_params_from_arrays(q, k, v, strides, shape, causal, scale, alibi);
   return fastlm::cuda::attention_fwd(p, static_cast<fastlm::cuda::DType>(dtype), out, lse, nullptr);
 }
 
@@ -58,7 +27,7 @@ int sim_attention_bwd(int dtype, const void* dout, const void* q, const void* k,
                       float* delta, void* dq, void* dk, void* dv) {
   fastlm_sim::smem_base() = fastlm::cuda::smem_raw;
   AttnBwdParams p{};
-  p.fwd = fastlm::cuda::make_params(q, k, v, strides, shape, causal, scale, alibi);
+  p.fwd = fastlm::cuda::attn_params_from_arrays(q, k, v, strides, shape, causal, scale, alibi);
   for (int i = 0; i < 3; ++i) {
     p.o_stride[i] = strides[9 + i];
     p.do_stride[i] = strides[12 + i];
