@@ -29,6 +29,11 @@ TORCH_LIBRARY(fastlm, m) {
   // Packed layout: x = [..., 2 * hidden] holds [gate | up]; out = [..., hidden]; dx like x.
   m.def("swiglu_packed_fwd(Tensor x) -> Tensor");
   m.def("swiglu_packed_bwd(Tensor dout, Tensor x) -> Tensor dx");
+  // One Muon step (fastlm.optim.Muon) on 2-D float32/float64 matrices, in place on params and
+  // momentum_buffers: momentum, Newton-Schulz (ns_coefficients = (a, b, c)), decay and update.
+  m.def("muon_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, "
+        "float momentum, bool nesterov, float weight_decay, int ns_steps, float[] ns_coefficients, "
+        "float eps) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -73,6 +73,11 @@ if _C is not None:
     def _swiglu_packed_bwd_fake(dout, x):
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake("fastlm::muon_step_")
+    def _muon_step_fake(params, grads, momentum_buffers, lr, momentum, nesterov, weight_decay, ns_steps,
+                        ns_coefficients, eps):
+        return None
+
     # ---- autograd ------------------------------------------------------------------------------
     register_attention_autograd("fastlm::attention_fwd", _ops.attention_bwd, contiguous_dout=True)
     register_attention_qkv_autograd("fastlm::attention_qkv_fwd", _ops.attention_qkv_bwd)
@@ -122,6 +127,30 @@ class _CppBackend:
     def swiglu_packed(self, x):
         """Reads ``[gate | up]`` in place (any row stride); the gradient is one fresh tensor."""
         return _ops.swiglu_packed_fwd(x)
+
+    def muon_step_unsupported(self, params, grads, bufs):
+        """Why ``fastlm::muon_step_`` cannot take these lists (None: it can): CPU, one dtype of
+        float32/float64 for all, contiguous 2-D tensors, a grad and a buffer of each parameter's shape."""
+        if _IMPORT_ERROR:
+            return _IMPORT_ERROR
+        if not self.gemm_max_tk:
+            return "this build of fastlm._C has no BLAS to call"
+        dtype = params[0].dtype if params else None
+        if dtype not in (torch.float32, torch.float64):
+            return f"takes float32/float64 parameters, got {dtype}"
+        for p, g, b in zip(params, grads, bufs):
+            for t in (p, g, b):
+                if t.device.type != "cpu":
+                    return f"needs cpu tensors, got {t.device}"
+                if t.dtype != dtype or t.shape != p.shape or t.layout != torch.strided or not t.is_contiguous():
+                    return "needs contiguous tensors of one dtype, a grad and a buffer shaped like each parameter"
+        return None
+
+    def muon_step(self, params, grads, bufs, *, lr, momentum, nesterov, weight_decay, ns_steps, ns_coefficients,
+                  eps):
+        """One Muon step in place on ``params`` and ``bufs`` (see csrc/cpu/muon.cpp)."""
+        _ops.muon_step_(params, grads, bufs, float(lr), float(momentum), bool(nesterov), float(weight_decay),
+                        int(ns_steps), [float(c) for c in ns_coefficients], float(eps))
 
 
 class _CudaBackend(_CppBackend):

@@ -17,8 +17,13 @@ Newton-Schulz runs instead of 12 single ones; in float32/64 a matrix more than 1
 runs the same polynomial in its Gram form (m x m matmuls, 37% fewer flops at the default shapes;
 error ~1e-4 of an update entry, bounded, vs ~2e-6 for the direct fp32 form and ~5e-2 for bf16); and
 the precision is a setting: ``ns_dtype="auto"`` is float32 on CPU (there faster than bf16 and far
-more accurate, measured) and bfloat16 on CUDA. The optimizer step is matmul-bound (about 0.47
-GFLOP per step at the default shapes), so a fused C++ op would save little.
+more accurate, measured) and bfloat16 on CUDA. That PyTorch form is the reference, and what runs on
+GPUs. On CPU, float32/float64 parameters whose Newton-Schulz dtype is their own take the fused C++
+op ``fastlm::muon_step_`` (csrc/cpu/muon.cpp; ``fused=None``, the default, picks it where it applies):
+the same arithmetic per matrix, but every matrix runs start to finish on one thread with
+single-threaded BLAS calls, with no dispatch, stacking or separate elementwise passes between them.
+At the default model's shapes (about 0.47 GFLOP per step) that is 2.5x less time than the PyTorch
+form (benchmarks/REPORT.md, optimizer step rows).
 
 :func:`build_optimizer` makes the parameter groups of a :class:`fastlm.model.GPT` and returns ONE
 object with ``param_groups`` / ``state`` / ``step`` / ``zero_grad`` / ``state_dict`` /
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -124,13 +129,14 @@ class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters, same-shape matrices orthogonalised as one batch (see the module doc).
 
     Group options: ``lr``, ``momentum`` (0.95), ``nesterov`` (True), ``weight_decay`` (0), ``ns_steps``
-    (5), ``ns_coefficients``, ``ns_dtype`` ("auto" | "float32" | "bfloat16" | "float64"), ``eps``.
-    State per parameter: ``momentum_buffer`` (the parameter's shape and dtype).
+    (5), ``ns_coefficients``, ``ns_dtype`` ("auto" | "float32" | "bfloat16" | "float64"), ``eps``,
+    ``fused`` (None: the C++ op where it applies, else the PyTorch form; True: the op or an error;
+    False: the PyTorch form). State per parameter: ``momentum_buffer`` (the parameter's shape and dtype).
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_coefficients=NS_COEFFICIENTS,
-                 ns_dtype: str = "auto", eps: float = 1e-7):
+                 ns_dtype: str = "auto", eps: float = 1e-7, fused: Optional[bool] = None):
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"Muon lr must be a finite number >= 0, got {lr!r}")
         if not 0.0 <= momentum < 1.0:
@@ -140,8 +146,13 @@ class Muon(torch.optim.Optimizer):
         if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 0 < ns_steps < 100:
             raise ValueError(f"Muon ns_steps must be an integer in [1, 99], got {ns_steps!r}")
         resolve_ns_dtype(ns_dtype, "cpu")  # validates the name
+        if fused not in (None, True, False):
+            raise ValueError(f"Muon fused must be None (where it applies), True or False, got {fused!r}")
+        if len(tuple(ns_coefficients)) != 3:
+            raise ValueError(f"Muon ns_coefficients must be (a, b, c), got {ns_coefficients!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), ns_dtype=ns_dtype, eps=eps)
+                        ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), ns_dtype=ns_dtype, eps=eps,
+                        fused=fused)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -155,6 +166,8 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if self._fused_step(group):
+                continue
             batches = list(self._same_shape_batches(group))
             updates = [self._momentum_update(group, params) for params in batches]
             # one Newton-Schulz call per (device, dtype) of the group: same-m Gram stacks run together
@@ -168,6 +181,40 @@ class Muon(torch.optim.Optimizer):
                 for i, ortho in zip(idx, orthos):
                     self._apply(group, batches[i], ortho)
         return loss
+
+    def _fused_step(self, group) -> bool:
+        """The group's step as one ``fastlm::muon_step_`` call where it applies (``fused`` None) or is
+        asked for (True: an error where it does not); False: the PyTorch form below runs."""
+        fused = group.get("fused")
+        if fused is False:
+            return False
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return False
+        from ._ext import CPP_BACKEND  # (the extension is optional)
+
+        grads = [p.grad for p in params]
+        reason = None
+        if any(g.is_sparse for g in grads):
+            reason = "sparse gradients"
+        elif params[0].device.type != "cpu" or resolve_ns_dtype(group["ns_dtype"], "cpu") != params[0].dtype:
+            reason = (f"the Newton-Schulz dtype ({group['ns_dtype']}) must resolve to the parameters' "
+                      f"dtype ({params[0].dtype}) on CPU")
+        if reason is None:
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            reason = CPP_BACKEND.muon_step_unsupported(params, grads, bufs)
+        if reason is not None:
+            if fused is True:
+                raise RuntimeError(f"Muon(fused=True) cannot run the fused step here: {reason}")
+            return False
+        CPP_BACKEND.muon_step(params, grads, bufs, lr=group["lr"], momentum=group["momentum"],
+                              nesterov=group["nesterov"], weight_decay=group["weight_decay"],
+                              ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"],
+                              eps=group["eps"])
+        return True
 
     def _same_shape_batches(self, group) -> Iterable[list]:
         batches = defaultdict(list)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastlm import checkpoint
+from fastlm._ext import CPP_BACKEND
 from fastlm.model import GPT, GPTConfig
 from fastlm.optim import Muon, MuonWithAdamW, build_optimizer, muon_param_names, newton_schulz
 from fastlm.trainer import Callback
@@ -66,12 +67,19 @@ def _mixed_params(dtype=torch.float64):
     return [torch.randn(s, dtype=dtype, generator=gen) for s in shapes], gen
 
 
-def test_muon_step_matches_reference():
+needs_fused = pytest.mark.skipif(CPP_BACKEND.muon_step_unsupported([torch.zeros(2, 2)], [torch.zeros(2, 2)],
+                                                                 [torch.zeros(2, 2)]) is not None,
+                                 reason="fastlm._C with BLAS not built")
+
+
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_fused), False])
+def test_muon_step_matches_reference(fused):
+    """Both forms of the step, the fused C++ op and the PyTorch one, against the float64 oracle."""
     params, gen = _mixed_params()
     ref_params = [p.clone() for p in params]
     ref_bufs = [torch.zeros_like(p) for p in params]
     params = [torch.nn.Parameter(p) for p in params]
-    opt = Muon(params, lr=0.05, momentum=0.9, weight_decay=0.1, ns_dtype="float64")
+    opt = Muon(params, lr=0.05, momentum=0.9, weight_decay=0.1, ns_dtype="float64", fused=fused)
     for _ in range(3):
         grads = [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in params]
         for p, g in zip(params, grads):
@@ -102,6 +110,107 @@ def test_muon_matches_torch_optim_muon():
         moved = (q.detach() - b).abs().max()
         assert (p.detach() - q.detach()).abs().max() <= 0.02 * moved  # bf16 matmul rounding only
         torch.testing.assert_close(opt_ours.state[p]["momentum_buffer"], opt_theirs.state[q]["momentum_buffer"])
+
+
+DEFAULT_SHAPES = [(288, 96), (96, 96), (512, 96), (96, 256)] * 3  # the default model's hidden matrices
+
+
+def _run_muon(params, grads, steps=3, **kw):
+    params = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = Muon(params, **kw)
+    for it in range(steps):
+        for p, g in zip(params, grads):
+            p.grad = g * (it + 1)
+        opt.step()
+    return [p.detach() for p in params], [opt.state[p]["momentum_buffer"] for p in params]
+
+
+@needs_fused
+@pytest.mark.parametrize("nesterov, ns_steps, wd", [(True, 5, 0.1), (False, 1, 0.0), (True, 3, 0.0)])
+def test_fused_muon_step_matches_pytorch_form_float32(nesterov, ns_steps, wd):
+    """float32 at the default model's shapes (Gram, direct, tall and wide matrices): the fused op and
+    the PyTorch form agree to float32 rounding, a millionth of what a step moves the weights."""
+    gen = torch.Generator().manual_seed(3)
+    params = [0.02 * torch.randn(s, generator=gen) for s in DEFAULT_SHAPES]
+    grads = [torch.randn(s, generator=gen) for s in DEFAULT_SHAPES]
+    kw = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=wd, ns_steps=ns_steps)
+    fused, fused_bufs = _run_muon(params, grads, fused=True, **kw)
+    plain, plain_bufs = _run_muon(params, grads, fused=False, **kw)
+    for f, q, p0 in zip(fused, plain, params):
+        moved = (q - p0).abs().max()
+        assert moved > 1e-3
+        assert (f - q).abs().max() <= 2e-5 * moved
+    for f, q in zip(fused_bufs, plain_bufs):
+        torch.testing.assert_close(f, q, rtol=1e-6, atol=1e-6)
+
+
+@needs_fused
+def test_fused_muon_step_is_reproducible_whichever_thread_runs_a_matrix():
+    """Each matrix runs start to finish on one thread with single-threaded BLAS: the same bits run
+    after run and for any order of the list, i.e. whichever thread a matrix is dealt to (what an exact
+    resume and identical DDP ranks rest on)."""
+    gen = torch.Generator().manual_seed(4)
+    params = [0.02 * torch.randn(s, generator=gen) for s in DEFAULT_SHAPES]
+    grads = [torch.randn(s, generator=gen) for s in DEFAULT_SHAPES]
+    first, first_bufs = _run_muon(params, grads, fused=True, weight_decay=0.1)
+    again, again_bufs = _run_muon(params, grads, fused=True, weight_decay=0.1)
+    for a, b in zip(first + first_bufs, again + again_bufs):
+        assert torch.equal(a, b)
+    order = [5, 11, 0, 7, 2, 9, 4, 1, 10, 3, 8, 6]
+    shuffled, _ = _run_muon([params[i] for i in order], [grads[i] for i in order], fused=True, weight_decay=0.1)
+    for j, i in enumerate(order):
+        assert torch.equal(shuffled[j], first[i])
+
+
+@needs_fused
+def test_fused_muon_falls_back_or_refuses_where_it_does_not_apply():
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(8, 4, generator=gen).bfloat16(), torch.randn(4, 4, generator=gen).bfloat16()]
+    grads = [torch.randn(p.shape, generator=gen).bfloat16() for p in params]
+    # bf16 parameters (and an NS dtype that is not the parameters'): the PyTorch form, same numbers
+    auto, _ = _run_muon(params, grads, ns_dtype="float32")
+    plain, _ = _run_muon(params, grads, ns_dtype="float32", fused=False)
+    for a, b in zip(auto, plain):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="fused=True.*dtype"):
+        _run_muon(params, grads, ns_dtype="float32", fused=True)
+    f32 = [p.float() for p in params]
+    with pytest.raises(RuntimeError, match="fused=True.*bfloat16"):
+        _run_muon(f32, [g.float() for g in grads], ns_dtype="bfloat16", fused=True)
+    with pytest.raises(ValueError, match="fused"):
+        Muon([torch.nn.Parameter(torch.zeros(3, 3))], fused="yes")
+
+
+@needs_fused
+def test_opcheck_muon_step():
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(12, 4), (4, 10), (4, 4)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    bufs = [torch.randn(s, generator=gen) for s in shapes]
+    torch.library.opcheck(torch.ops.fastlm.muon_step_.default,
+                          (params, grads, bufs, 0.02, 0.95, True, 0.1, 5, [A, B, C], 1e-7))
+
+
+@needs_fused
+def test_muon_step_op_rejects_bad_input():
+    op = torch.ops.fastlm.muon_step_
+    p, g = torch.zeros(4, 3), torch.zeros(4, 3)
+    args = (0.02, 0.95, True, 0.0, 5, [A, B, C], 1e-7)
+    with pytest.raises(RuntimeError, match="one length"):
+        op([p], [g, g], [g.clone()], *args)
+    with pytest.raises(RuntimeError, match="shape"):
+        op([p], [torch.zeros(3, 4)], [g.clone()], *args)
+    with pytest.raises(RuntimeError, match="float32/float64"):
+        op([p.half()], [g.half()], [g.half()], *args)
+    with pytest.raises(RuntimeError, match="must be Float, got Double"):
+        op([p], [g.double()], [g.clone()], *args)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op([p], [torch.zeros(3, 4).T], [g.clone()], *args)
+    with pytest.raises(RuntimeError, match="2-D"):
+        op([torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)], *args)
+    with pytest.raises(RuntimeError, match=r"\(a, b, c\)"):
+        op([p], [g], [g.clone()], 0.02, 0.95, True, 0.0, 5, [A, B], 1e-7)
 
 
 def test_muon_rejects_bad_settings():

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "attention_common.h"
+#include "cpu/blas.h"
 #include "op_checks.h"
 
 namespace fastlm {
@@ -393,38 +394,6 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
 // kGemmRows query rows visit only the keys they can see (causal). Where the BLAS symbols are not
 // there (resolved weakly at load), the flash loop above runs instead.
 // Measured (benchmarks/REPORT.md): see the CPU attention rows at the default model's shape.
-#if defined(__linux__)
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
-bool blas_linked(float*) { return sgemm_ != nullptr; }
-bool blas_linked(double*) { return dgemm_ != nullptr; }
-// Row-major C[m x n] = alpha op(A) op(B) + beta C; op(A) is m x k (A stored m x k, or k x m when
-// ta), op(B) is k x n (B stored k x n, or n x k when tb). Column-major BLAS computes C^T = op(B)^T op(A)^T.
-inline void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
-                    int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
-  const int M = int(m), N = int(n), K = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
-  sgemm_(&b, &a, &N, &M, &K, &alpha, B, &lb, A, &la, &beta, C, &lc);
-}
-inline void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* A,
-                    int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
-  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
-  const int M = int(m), N = int(n), K = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
-  dgemm_(&b, &a, &N, &M, &K, &alpha, B, &lb, A, &la, &beta, C, &lc);
-}
-#else
-template <typename T>
-bool blas_linked(T*) { return false; }
-template <typename T>
-inline void gemm_rm(bool, bool, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*,
-                    int64_t) {}
-#endif
 
 constexpr int64_t kGemmMaxTk = 512;  // longer keys: the flash loop (scores of a block stay small)
 constexpr int64_t kGemmRows = 64;    // query rows per block

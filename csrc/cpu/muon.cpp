@@ -1,0 +1,250 @@
+// CPU Muon step: the whole update of fastlm.optim.Muon for a list of 2-D float32/float64 matrices
+// in one op, each matrix start to finish on one thread:
+//
+//   buf <- lerp(buf, g, 1 - mu);  u = lerp(g, buf, mu) (Nesterov) or buf
+//   O = NS_k(u)                   k quintic Newton-Schulz steps on the wide orientation of u / ||u||_F
+//   p <- p (1 - lr wd) - lr sqrt(max(1, rows / cols)) O
+//
+// The Newton-Schulz iteration is the one of fastlm.optim.newton_schulz_many (its PyTorch code is the
+// reference): X <- a X + (b A + c A^2) X with A = X X^T, or, when the matrix is more than 1.5x wider
+// than high and k > 1, the same polynomial in its Gram form (every iterate is Q X_0 with Q a
+// polynomial in A_0 = X_0 X_0^T: P = a + b A + c A^2, Q <- P Q, A <- P A P; then O = Q X_0).
+//
+// Why an op: at the default model's sizes (96 x 96 .. 96 x 512) the products are small, and the
+// PyTorch form spends as much time in dispatch, stacking and elementwise passes as in the GEMMs, and
+// its batched matmuls split each product across threads. Here the matrices are dealt to the threads
+// by their flop counts (longest first, each to the least loaded thread) and every product is one
+// single-threaded BLAS call (csrc/cpu/blas.h) on per-thread workspaces, so a matrix's result does not
+// depend on which thread ran it, nor on the other matrices of the call. (It may differ in the last
+// bit between one thread and several: MKL's single-thread calls outside a parallel region take
+// another path; any one thread count gives the same bits run after run.)
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <numeric>
+#include <vector>
+
+#include "cpu/blas.h"
+
+namespace fastlm {
+namespace {
+
+using at::vec::Vectorized;
+
+// torch's lerp, as its vectorised kernel computes it: fma(w, end - start, start) for |w| < 0.5, else
+// fma(w - 1, end - start, end).
+template <typename T>
+struct Lerp {
+  T coeff;
+  bool small;
+  explicit Lerp(T w) : coeff(std::abs(w) < T(0.5) ? w : w - T(1)), small(std::abs(w) < T(0.5)) {}
+  T operator()(T start, T end) const { return std::fma(coeff, end - start, small ? start : end); }
+  Vectorized<T> operator()(const Vectorized<T>& start, const Vectorized<T>& end) const {
+    return at::vec::fmadd(Vectorized<T>(coeff), end - start, small ? start : end);
+  }
+};
+
+// Is the Gram form used for a wide m x n matrix (m <= n)? The rule of newton_schulz_many.
+inline bool gram_form(int64_t m, int64_t n, int64_t steps) { return 2 * n > 3 * m && steps > 1; }
+
+// Flops of one matrix's Newton-Schulz (the thread dealing's weights).
+double ns_flops(int64_t rows, int64_t cols, int64_t steps) {
+  const double m = double(std::min(rows, cols)), n = double(std::max(rows, cols));
+  if (gram_form(int64_t(m), int64_t(n), steps)) return 4 * m * m * n + (8.0 * steps - 6) * m * m * m;
+  return steps * (4 * m * m * n + 2 * m * m * m);
+}
+
+// Per-thread buffers, 64-byte aligned (MKL's results may depend on the alignment of its operands).
+template <typename T>
+struct Buffer {
+  std::unique_ptr<T, void (*)(void*)> ptr{nullptr, c10::free_cpu};
+  int64_t size = 0;
+  T* data() { return ptr.get(); }
+  void resize(int64_t n) {
+    if (n > size) {
+      ptr.reset(static_cast<T*>(c10::alloc_cpu(n * sizeof(T))));
+      size = n;
+    }
+  }
+};
+
+template <typename T>
+struct Workspace {
+  Buffer<T> X, Y, A, P, Q, R;
+  void reserve(int64_t m, int64_t n) {
+    for (auto* v : {&X, &Y}) v->resize(m * n);
+    for (auto* v : {&A, &P, &Q, &R}) v->resize(m * m);
+  }
+};
+
+// P = b A + c A A + a I (m x m, A symmetric): baddbmm(A, A, A, beta=b, alpha=c) then the diagonal.
+template <typename T>
+inline void quintic(T* P, const T* A, int64_t m, T a, T b, T c) {
+  std::copy(A, A + m * m, P);
+  gemm_rm(false, false, m, m, m, c, A, m, A, m, b, P, m);
+  for (int64_t i = 0; i < m; ++i) P[i * m + i] += a;
+}
+
+// One matrix: momentum, Newton-Schulz, decay and update, in place on p and buf. Every buffer keeps
+// the parameter's (rows x cols) layout: the wide matrix X of the iteration is S (rows <= cols) or
+// S^T (a tall S), and the products take the matching BLAS transposes, so nothing is transposed in
+// memory and every elementwise pass is contiguous.
+template <typename T>
+void muon_one(T* p, const T* g, T* buf, int64_t rows, int64_t cols, double lr, T mu, bool nesterov, double wd,
+              int64_t steps, T a, T b, T c, T eps, Workspace<T>& ws) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t numel = rows * cols;
+  const bool tall = rows > cols;
+  const int64_t m = tall ? cols : rows, n = tall ? rows : cols;
+  ws.reserve(m, n);
+  T* S = ws.X.data();
+  // momentum and the update u into S; ||u||^2 on the way
+  const Lerp<T> to_grad(T(1) - mu), to_buf(mu);
+  Vec acc(T(0));
+  int64_t i = 0;
+  for (; i + V <= numel; i += V) {
+    const Vec gv = Vec::loadu(g + i), bv = to_grad(Vec::loadu(buf + i), gv);
+    bv.store(buf + i);
+    const Vec u = nesterov ? to_buf(gv, bv) : bv;
+    u.store(S + i);
+    acc = at::vec::fmadd(u, u, acc);
+  }
+  T sq = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; i < numel; ++i) {
+    const T bi = to_grad(buf[i], g[i]);
+    buf[i] = bi;
+    const T u = nesterov ? to_buf(g[i], bi) : bi;
+    S[i] = u;
+    sq += u * u;
+  }
+  const Vec norm(std::max(std::sqrt(sq), eps));
+  for (i = 0; i + V <= numel; i += V) (Vec::loadu(S + i) / norm).store(S + i);
+  if (i < numel) (Vec::loadu(S + i, numel - i) / norm).store(S + i, numel - i);
+  // A = X X^T: S S^T, or S^T S for a tall S
+  const auto gram = [&](const T* Sx, T* A) {
+    gemm_rm(tall, !tall, m, m, n, T(1), Sx, cols, Sx, cols, T(0), A, m);
+  };
+  T* O = ws.Y.data();  // the result, rows x cols
+  if (gram_form(m, n, steps)) {
+    T *A = ws.A.data(), *P = ws.P.data(), *Q = ws.Q.data(), *R = ws.R.data();
+    gram(S, A);
+    for (int64_t k = 0; k < steps; ++k) {
+      quintic(P, A, m, a, b, c);
+      if (k == 0) {
+        std::copy(P, P + m * m, Q);
+      } else {  // Q <- P Q
+        gemm_rm(false, false, m, m, m, T(1), P, m, Q, m, T(0), R, m);
+        std::swap(ws.Q, ws.R);
+        Q = ws.Q.data();
+        R = ws.R.data();
+      }
+      if (k + 1 < steps) {  // A <- (P A) P
+        gemm_rm(false, false, m, m, m, T(1), P, m, A, m, T(0), R, m);
+        gemm_rm(false, false, m, m, m, T(1), R, m, P, m, T(0), A, m);
+      }
+    }
+    if (tall) {  // O^T = Q X_0, so O = S Q^T
+      gemm_rm(false, true, n, m, m, T(1), S, m, Q, m, T(0), O, m);
+    } else {
+      gemm_rm(false, false, m, n, m, T(1), Q, m, S, n, T(0), O, n);
+    }
+  } else {
+    T *A = ws.A.data(), *B = ws.P.data();
+    for (int64_t k = 0; k < steps; ++k) {
+      gram(S, A);
+      quintic(B, A, m, T(0), b, c);  // B = b A + c A^2
+      std::copy(S, S + numel, O);     // X <- a X + B X: O = a S + B S, or a S + S B^T when tall
+      if (tall) {
+        gemm_rm(false, true, n, m, m, T(1), S, m, B, m, a, O, m);
+      } else {
+        gemm_rm(false, false, m, n, m, T(1), B, m, S, n, a, O, n);
+      }
+      std::swap(ws.X, ws.Y);
+      S = ws.X.data();
+      O = ws.Y.data();
+    }
+    O = S;
+  }
+  // p <- p (1 - lr wd) + (-lr s) O; the two factors in double, as the PyTorch form's Python floats
+  const T step = T(-lr * std::sqrt(std::max(1.0, double(rows) / double(cols))));
+  const T decay = T(1.0 - lr * wd);
+  const Vec step_v(step), decay_v(decay);
+  for (i = 0; i + V <= numel; i += V) {
+    Vec v = Vec::loadu(p + i);
+    if (wd != 0) v = v * decay_v;
+    (v + step_v * Vec::loadu(O + i)).store(p + i);
+  }
+  for (; i < numel; ++i) {
+    T v = p[i];
+    if (wd != 0) v = v * decay;
+    p[i] = v + step * O[i];
+  }
+}
+
+void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr, double momentum,
+                   bool nesterov, double weight_decay, int64_t ns_steps, at::ArrayRef<double> coefficients,
+                   double eps) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && bufs.size() == n, "muon_step: params, grads and momentum buffers must be "
+              "lists of one length, got ", n, ", ", grads.size(), ", ", bufs.size());
+  TORCH_CHECK(coefficients.size() == 3, "muon_step: ns_coefficients must be (a, b, c), got ",
+              coefficients.size(), " numbers");
+  TORCH_CHECK(ns_steps >= 1, "muon_step: ns_steps must be >= 1, got ", ns_steps);
+  if (n == 0) return;
+  const auto dt = params[0].scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "muon_step: takes float32/float64 parameters, got ", dt);
+  TORCH_CHECK(blas_linked(static_cast<float*>(nullptr)), "muon_step: needs the BLAS torch links (sgemm_)");
+  std::vector<double> cost(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor &p = params[i], &g = grads[i], &m = bufs[i];
+    TORCH_CHECK(p.dim() == 2, "muon_step: parameter ", i, " is not 2-D: ", p.sizes());
+    for (const at::Tensor* t : {&p, &g, &m}) {
+      TORCH_CHECK(t->device().is_cpu(), "muon_step: expected CPU tensors, got ", t->device());
+      TORCH_CHECK(t->scalar_type() == dt, "muon_step: every tensor must be ", dt, ", got ", t->scalar_type());
+      TORCH_CHECK(t->sizes() == p.sizes(), "muon_step: grad/buffer ", i, " has shape ", t->sizes(),
+                  ", its parameter ", p.sizes());
+      TORCH_CHECK(t->is_contiguous(), "muon_step: tensor ", i, " is not contiguous");
+    }
+    TORCH_CHECK(p.numel() > 0, "muon_step: parameter ", i, " is empty");
+    cost[i] = ns_flops(p.size(0), p.size(1), ns_steps);
+  }
+  // deal the matrices to the threads: longest first, each to the least loaded (ties: lowest index)
+  const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(n)));
+  std::vector<size_t> order(n);
+  std::iota(order.begin(), order.end(), size_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return cost[x] > cost[y]; });
+  std::vector<std::vector<size_t>> share(n_threads);
+  std::vector<double> load(n_threads, 0.0);
+  for (size_t i : order) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    share[t].push_back(i);
+    load[t] += cost[i];
+  }
+  AT_DISPATCH_FLOATING_TYPES(dt, "muon_step_cpu", [&] {
+    using T = scalar_t;
+    const T a = T(coefficients[0]), b = T(coefficients[1]), c = T(coefficients[2]);
+    at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
+      Workspace<T> ws;
+      for (int64_t t = begin; t < end; ++t) {
+        for (size_t i : share[t]) {
+          const at::Tensor &p = params[i], &g = grads[i], &m = bufs[i];
+          muon_one<T>(p.mutable_data_ptr<T>(), g.const_data_ptr<T>(), m.mutable_data_ptr<T>(), p.size(0),
+                      p.size(1), lr, T(momentum), nesterov, weight_decay, ns_steps, a, b, c, T(eps), ws);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace fastlm
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("muon_step_", &fastlm::muon_step_cpu); }
