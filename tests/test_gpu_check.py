@@ -126,3 +126,21 @@ def test_a_failing_or_slow_step_is_recorded_and_the_run_goes_on(tmp_path, monkey
     assert steps == [("env", "partial", "ok"), ("env", "step", "error"), ("headline", "step", "timeout"),
                      ("swiglu", "value", "ok"), ("swiglu", "step", "ok")]
     assert "boom" in rows[1]["reason"] and "time limit" in rows[2]["reason"]
+
+
+def test_report_optimizer_and_default_step_sections():
+    """The CPU model rows of benchmarks/report.py: the optimizer's share and the default-step ratio."""
+    from benchmarks import report
+
+    shape = {"batch": 16, "block": 128, "n_layer": 3, "n_embd": 96, "mlp": "swiglu"}
+    rows = [{"suite": "model", "op": "optimizer_step-default-cpu", "variant": v, "min_ms": step, "median_ms": step,
+             "train_step_ms": 50.0, "step_fraction": step / 50.0, "shape": shape}
+            for v, step in (("muon", 3.0), ("muon-pytorch", 6.0))]
+    rows.append({"suite": "model", "op": "default_step-default-cpu", "variant": "muon", "backend": "auto",
+                 "fastlm_median_ms": 50.0, "plain_median_ms": 70.0, "speedup_median": 1.4, "fastlm_min_ms": 48.0,
+                 "plain_min_ms": 66.0, "speedup_min": 66.0 / 48.0, "shape": shape})
+    text = "\n".join(report.optimizer_section(rows) + report.default_step_section(rows))
+    assert "| default-cpu (3x96) | muon | 3 | 3 | 50 | 6.0% |" in text
+    assert "| muon-pytorch |" in text and "12.0%" in text
+    assert "1.40x" in text and "1.38x" in text
+    assert report.optimizer_section([]) == []
