@@ -112,9 +112,13 @@ else:
             ext_cls = cpp_extension.CppExtension
         print(f"fastlm: building fastlm._C (cuda={build_cuda}) from {len(sources)} sources",
               file=sys.stderr)
+        # Every other file under csrc/ (headers; the CUDA sources of a CPU build) as depends: a rebuild
+        # follows their changes, and setuptools puts them in the sdist, which then builds anywhere.
+        depends = sorted(p for p in glob.glob("csrc/**/*", recursive=True) if os.path.isfile(p) and p not in sources)
         ext = ext_cls(
             name="fastlm._C",
             sources=sources,
+            depends=depends,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args=extra,
             define_macros=define_macros,

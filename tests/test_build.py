@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import textwrap
 import zipfile
 
@@ -141,6 +142,29 @@ def test_pure_python_wheel_layout_and_install(tmp_path):
                           env=run_env, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "OK"
+
+
+def test_sdist_carries_every_source_the_extension_needs(tmp_path):
+    """The sdist (what ``pip wheel``/``python -m build`` compile from) holds every tracked file under
+    csrc/: the headers and, from a CPU machine too, the CUDA sources, so it builds anywhere."""
+    pytest.importorskip("setuptools", reason="building an sdist needs setuptools here")
+    files = _tracked_files()
+    if files is None:
+        pytest.skip("not a git checkout: cannot list the tracked sources")
+    src = tmp_path / "src"
+    for rel in files:
+        if (REPO / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src / rel)
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
+                          capture_output=True, text=True, env={**os.environ, "FASTLM_CUDA": "0"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sdist,) = (tmp_path / "dist").glob("fastlm-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    csrc = [rel for rel in files if rel.startswith("csrc/")]
+    assert any(rel.endswith(".h") for rel in csrc) and any(rel.endswith(".cu") for rel in csrc)
+    assert sorted(set(csrc) - names) == []
 
 
 def test_version():
