@@ -516,13 +516,15 @@ inline void softmax_block(scalar_t* S, int64_t ke, int64_t i0, int64_t nr, int64
 }
 
 // The backward's row math, same block: P recomputed in place of the scores in P from the saved lse
-// L[r], and dS = P * (dP - delta) in place of dP, delta = dO . O of the row (rows dOb + r * ld_do and
-// Ob + r * ld_o). Rows that see no key (or had lse -inf) get P = dS = 0.
+// L[r], and dS = P * (dP - delta) in place of dP, with delta = sum_j P_j dP_j of the row: the exact
+// softmax derivative of the P in hand. (dO . O, what the flash loop uses, carries the forward's
+// rounding of O into every dS of the row; with whole rows here the sum over P dP is as cheap and
+// keeps dQ/dK as accurate as the textbook fp32 backward, measured.) Rows that see no key (or had
+// lse -inf) get P = dS = 0.
 template <typename scalar_t>
 inline void softmax_bwd_block(scalar_t* P, scalar_t* dS, int64_t ke, int64_t i0, int64_t nr, int64_t t_q,
                               int64_t t_k, bool causal, scalar_t scale, scalar_t slope, bool has_alibi,
-                              const scalar_t* L, const scalar_t* dOb, int64_t ld_do, const scalar_t* Ob,
-                              int64_t ld_o, int64_t D) {
+                              const scalar_t* L) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t V = Vec::size();
   for (int64_t r = 0; r < nr; ++r) {
@@ -536,9 +538,9 @@ inline void softmax_bwd_block(scalar_t* P, scalar_t* dS, int64_t ke, int64_t i0,
     }
     std::fill(p + re, p + ke, scalar_t(0));
     std::fill(ds + re, ds + ke, scalar_t(0));
-    const Vec dl(dot(dOb + r * ld_do, Ob + r * ld_o, D));
     scale_bias(p, re, scale, slope, has_alibi, i, t_q, t_k);
     exp_sum(p, re, attn::backward_shift(L[r]));
+    const Vec dl(dot(p, ds, re));
     int64_t j = 0;
     for (; j + V <= re; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
     if (j < re) (Vec::loadu(p + j, re - j) * (Vec::loadu(ds + j, re - j) - dl)).store(ds + j, re - j);
@@ -585,9 +587,9 @@ void attention_bwd_gemm(const at::Tensor& dout_in, const at::Tensor& q_in, const
                         const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
                         at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const AttnShape& s, bool causal,
                         double scale_d, const c10::optional<at::Tensor>& alibi) {
-  const at::Tensor q = blas_rows(q_in), k = blas_rows(k_in), v = blas_rows(v_in), dout = blas_rows(dout_in),
-                   out = blas_rows(out_in);
-  const Rows<scalar_t> Q(q), K(k), Vr(v), dO(dout), Out(out);
+  // out_in is not read: delta comes from P and dP (softmax_bwd_block)
+  const at::Tensor q = blas_rows(q_in), k = blas_rows(k_in), v = blas_rows(v_in), dout = blas_rows(dout_in);
+  const Rows<scalar_t> Q(q), K(k), Vr(v), dO(dout);
   const at::Tensor lse_c = lse_in.to(q.scalar_type()).contiguous();
   const scalar_t* LSE = lse_c.const_data_ptr<scalar_t>();
   scalar_t* dQ = dq.mutable_data_ptr<scalar_t>();
@@ -621,7 +623,7 @@ void attention_bwd_gemm(const at::Tensor& dout_in, const at::Tensor& q_in, const
           gemm_rm(false, true, nr, ke, D, scalar_t(1), dOb, dO.ld, Vr.at(b, hk, 0), Vr.ld, scalar_t(0), dS.data(),
                   ke);
           softmax_bwd_block(P.data(), dS.data(), ke, i0, nr, Tq, Tk, causal, scale, slopes[h], has_alibi,
-                            LSE + (b * s.H + h) * Tq + i0, dOb, dO.ld, Out.at(b, h, i0), Out.ld, D);
+                            LSE + (b * s.H + h) * Tq + i0);
           gemm_rm(true, false, ke, D, nr, scalar_t(1), P.data(), ke, dOb, dO.ld, scalar_t(1), dVt, D);
           gemm_rm(true, false, ke, D, nr, scalar_t(1), dS.data(), ke, Qb, Q.ld, scalar_t(1), dKt, D);
           gemm_rm(false, false, nr, D, ke, scale, dS.data(), ke, K.at(b, hk, 0), K.ld, scalar_t(0), dQb, D);
@@ -761,7 +763,7 @@ void attention_qkv_bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, con
   const int64_t sb = qkv.stride(0), st = qkv.stride(1);
   const scalar_t* dO = dout.const_data_ptr<scalar_t>();  // (B, T, H D), rows of stride dst
   const int64_t dsb = dout.stride(0), dst = dout.stride(1);
-  const scalar_t* O = out.const_data_ptr<scalar_t>();  // contiguous (B, T, H D)
+  (void)out;  // the op's contract keeps the forward's output, but delta comes from P and dP here
   const scalar_t* LSE = lse.const_data_ptr<scalar_t>();
   scalar_t* dX = dqkv.mutable_data_ptr<scalar_t>();  // contiguous (B, T, W)
   const int64_t D = s.D, T = s.T, HD = s.H * D, W = s.W, G = s.H / s.H_kv;
@@ -789,7 +791,7 @@ void attention_qkv_bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, con
           gemm_rm(false, true, nr, ke, D, scalar_t(1), Qb.data(), D, Kb.data(), D, scalar_t(0), P.data(), ke);
           gemm_rm(false, true, nr, ke, D, scalar_t(1), dOb, dst, Vt, st, scalar_t(0), dS.data(), ke);
           softmax_bwd_block(P.data(), dS.data(), ke, i0, nr, T, T, true, scale, slopes[h], has_alibi,
-                            LSE + (b * s.H + h) * T + i0, dOb, dst, O + (b * T + i0) * HD + h * D, HD, D);
+                            LSE + (b * s.H + h) * T + i0);
           gemm_rm(true, false, ke, D, nr, scalar_t(1), P.data(), ke, dOb, dst, scalar_t(1), dV, W);
           gemm_rm(true, false, ke, D, nr, scalar_t(1), dS.data(), ke, Qb.data(), D, scalar_t(1), dKb.data(), D);
           gemm_rm(false, false, nr, D, ke, scale, dS.data(), ke, Kb.data(), D, scalar_t(0), dQb.data(), D);
