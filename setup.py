@@ -15,6 +15,7 @@ Environment knobs:
   FASTLM_CUDA=auto|0|1   build the CUDA kernels (auto: torch has CUDA and nvcc is found)
   FASTLM_CPP=1|0         build the extension at all (0: pure Python install, reference path only)
   FASTLM_CPU_AVX2=auto|0|1  compile the CPU kernels with AVX2/FMA (auto: the build machine has them)
+  FASTLM_CPU_AVX512=auto|0|1  with AVX-512 instead (auto: the build machine has f/bw/vl/dq)
   TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0a")
   MAX_JOBS               parallel compile jobs (honoured by torch's ninja builder)
 """
@@ -48,22 +49,39 @@ else:
             raise SystemExit(f"{name} must be auto, 0 or 1 (got {val!r})")
         return {"true": "1", "yes": "1", "on": "1", "false": "0", "no": "0", "off": "0"}.get(val, val)
 
+    def _cpu_flags():
+        """The CPU's feature flags from /proc/cpuinfo (a set), or None where it cannot be read."""
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("flags"):
+                        return set(line.split(":", 1)[1].split())
+        except OSError:
+            pass
+        return None
+
     def _cpu_vec_flags():
-        """AVX2+FMA for the CPU kernels' at::vec::Vectorized code (with torch's Sleef exp) when
-        building on an x86-64 machine that has them; FASTLM_CPU_AVX2=0 turns it off (portable)."""
+        """The widest at::vec::Vectorized level (with torch's Sleef exp) for the CPU kernels that the
+        x86-64 build machine has: AVX-512 (f/bw/vl/dq: torch's AVX512 level), else AVX2+FMA, else
+        none. FASTLM_CPU_AVX512=0 caps it at AVX2, FASTLM_CPU_AVX2=0 turns both off (portable); 1
+        forces a level (a build for another machine). fastlm._ext refuses a build whose level the CPU
+        running it lacks."""
         import platform
-        want = _env_flag("FASTLM_CPU_AVX2", "auto")
-        if want == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        want2 = _env_flag("FASTLM_CPU_AVX2", "auto")
+        want512 = _env_flag("FASTLM_CPU_AVX512", "auto")
+        if want2 == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
             return []
-        if want == "auto":
-            try:
-                with open("/proc/cpuinfo") as f:
-                    flags = f.read()
-            except OSError:
-                return []
-            if any(f" {x}" not in flags for x in ("avx2", "fma", "f16c")):
-                return []
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        flags = _cpu_flags()
+
+        def has(*names):
+            return flags is not None and all(n in flags for n in names)
+
+        if want512 == "1" or (want512 == "auto" and has("avx512f", "avx512bw", "avx512vl", "avx512dq")):
+            return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                    "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+        if want2 == "1" or has("avx2", "fma", "f16c"):
+            return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        return []
 
     def _extensions():
         """Return (ext_modules, cmdclass); empty when torch is missing or FASTLM_CPP=0."""

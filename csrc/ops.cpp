@@ -45,6 +45,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "True when the extension was built with its CUDA kernels");
+  m.def("cpu_capability", []() {
+#if defined(CPU_CAPABILITY_AVX512)
+    return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+    return "AVX2";
+#else
+    return "DEFAULT";
+#endif
+  }, "The vector level the CPU kernels were compiled for (setup.py picks the build machine's widest)");
   m.def("cpu_attention_gemm_max_tk", &fastlm::cpu_attention_gemm_max_tk,
         "Longest key length the CPU attention runs through BLAS GEMMs in float32/float64 (0: none)");
   fastlm::register_bpe(m);

@@ -10,14 +10,45 @@ as their unavailable reason.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._autograd import (register_attention_autograd, register_attention_qkv_autograd,
                         register_elementwise_autograd)
 
+#: CPU flags each vector level of the build needs (setup.py's _cpu_vec_flags)
+CPU_LEVEL_FLAGS = {"AVX512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"), "AVX2": ("avx2", "fma", "f16c")}
+
+
+def cpu_flags():
+    """This CPU's feature flags from /proc/cpuinfo, or None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def build_mismatch(level: str, flags) -> Optional[str]:
+    """Why a ``_C`` compiled for vector ``level`` must not run on a CPU with ``flags`` (None: it may,
+    or the flags are unknown): a build made on another machine, e.g. through a shared wheel cache."""
+    missing = [f for f in CPU_LEVEL_FLAGS.get(level, ()) if flags is not None and f not in flags]
+    if not missing:
+        return None
+    return (f"fastlm._C was compiled for {level} but this CPU lacks {', '.join(missing)}: rebuild it on this "
+            f"machine (pip install --no-cache-dir --force-reinstall --no-deps fastlm, or FASTLM_CPU_AVX512=0 / "
+            f"FASTLM_CPU_AVX2=0 for a portable build)")
+
+
 try:
     from . import _C  # registers the torch.ops.fastlm.* schemas and kernels
-    _IMPORT_ERROR = None
+    _IMPORT_ERROR = build_mismatch(getattr(_C, "cpu_capability", lambda: "DEFAULT")(), cpu_flags())
+    if _IMPORT_ERROR:
+        _C = None
 except ImportError as e:  # pure-Python install, or a broken build
     _C = None
     _IMPORT_ERROR = f"fastlm._C not importable ({e})"

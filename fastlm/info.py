@@ -22,6 +22,9 @@ def report() -> str:
     lines.append(f"CUDA available: {cuda} (device: {dev}; torch built with CUDA {torch.version.cuda})")
     mps = getattr(torch.backends, "mps", None)
     lines.append(f"MPS available: {bool(mps and mps.is_available())}")
+    from . import _ext
+    if _ext._C is not None:
+        lines.append(f"C++ CPU kernels compiled for: {_ext._C.cpu_capability()}")
     lines.append("backends:")
     for name, why in ops.backend_status().items():
         lines.append(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")

@@ -167,5 +167,21 @@ def test_sdist_carries_every_source_the_extension_needs(tmp_path):
     assert sorted(set(csrc) - names) == []
 
 
+def test_extension_is_refused_on_a_cpu_without_its_vector_level():
+    """A _C compiled for AVX-512 (or AVX2) on one machine is reported unavailable, with the way out,
+    on a CPU that lacks those instructions, instead of dying of SIGILL in the first kernel."""
+    from fastlm import _ext
+
+    avx2_only = {"sse4_2", "avx", "avx2", "fma", "f16c"}
+    msg = _ext.build_mismatch("AVX512", avx2_only)
+    assert msg and "AVX512" in msg and "avx512f" in msg and "FASTLM_CPU_AVX512=0" in msg
+    assert _ext.build_mismatch("AVX2", avx2_only) is None
+    assert "avx2" in _ext.build_mismatch("AVX2", {"sse4_2"})
+    assert _ext.build_mismatch("DEFAULT", set()) is None
+    assert _ext.build_mismatch("AVX512", None) is None  # flags unknown: no claim either way
+    if _ext._C is not None:  # this build runs here, so it matches this CPU
+        assert _ext.build_mismatch(_ext._C.cpu_capability(), _ext.cpu_flags()) is None
+
+
 def test_version():
     assert isinstance(fastlm.__version__, str) and fastlm.__version__.count(".") >= 1

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -431,7 +432,7 @@ inline acc_t vec_max(const acc_t* x, int64_t n) {
   int64_t j = 0;
   for (; j + V <= n; j += V) mx = at::vec::maximum(mx, Vec::loadu(x + j));
   if (j < n) mx = at::vec::maximum(mx, Vec::set(Vec(-INFINITY), Vec::loadu(x + j, n - j), n - j));
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, mx);
+  return at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, mx);
 }
 
 // x[j] = x[j] * scale + ALiBi(i, j) for j < n (the keys a row sees).
@@ -468,7 +469,7 @@ inline acc_t exp_sum(acc_t* x, int64_t n, acc_t shift) {
     e.store(x + j, n - j);
     acc = acc + Vec::set(Vec(acc_t(0)), e, n - j);
   }
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
+  return at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; }, acc);
 }
 
 template <typename acc_t>
@@ -490,7 +491,7 @@ inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   int64_t d = 0;
   for (; d + V <= n; d += V) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
   if (d < n) acc = at::vec::fmadd(Vec::loadu(a + d, n - d), Vec::loadu(b + d, n - d), acc);
-  return at::vec::vec_reduce_all<scalar_t>([](Vec& x, Vec& y) { return x + y; }, acc);
+  return at::vec::vec_reduce_all<scalar_t>([](const Vec& x, const Vec& y) { return x + y; }, acc);
 }
 
 // The forward's row math between the two GEMMs, for nr query rows from i0 whose scores S (nr x ke,

@@ -21,6 +21,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
@@ -117,7 +118,7 @@ void muon_one(T* p, const T* g, T* buf, int64_t rows, int64_t cols, double lr, T
     u.store(S + i);
     acc = at::vec::fmadd(u, u, acc);
   }
-  T sq = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, acc);
+  T sq = at::vec::vec_reduce_all<T>([](const Vec& x, const Vec& y) { return x + y; }, acc);
   for (; i < numel; ++i) {
     const T bi = to_grad(buf[i], g[i]);
     buf[i] = bi;
