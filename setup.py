@@ -49,17 +49,6 @@ else:
             raise SystemExit(f"{name} must be auto, 0 or 1 (got {val!r})")
         return {"true": "1", "yes": "1", "on": "1", "false": "0", "no": "0", "off": "0"}.get(val, val)
 
-    def _cpu_flags():
-        """The CPU's feature flags from /proc/cpuinfo (a set), or None where it cannot be read."""
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        return set(line.split(":", 1)[1].split())
-        except OSError:
-            pass
-        return None
-
     def _cpu_vec_flags():
         """The widest at::vec::Vectorized level (with torch's Sleef exp) for the CPU kernels that the
         x86-64 build machine has: AVX-512 (f/bw/vl/dq: torch's AVX512 level), else AVX2+FMA, else
@@ -71,15 +60,17 @@ else:
         want512 = _env_flag("FASTLM_CPU_AVX512", "auto")
         if want2 == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
             return []
-        flags = _cpu_flags()
+        import runpy
+        cpuinfo = runpy.run_path(os.path.join(ROOT, "fastlm", "_cpuinfo.py"))  # not the package: no torch yet
+        flags, levels = cpuinfo["cpu_flags"](), cpuinfo["CPU_LEVEL_FLAGS"]
 
-        def has(*names):
+        def has(names):
             return flags is not None and all(n in flags for n in names)
 
-        if want512 == "1" or (want512 == "auto" and has("avx512f", "avx512bw", "avx512vl", "avx512dq")):
+        if want512 == "1" or (want512 == "auto" and has(levels["AVX512"])):
             return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                     "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-        if want2 == "1" or has("avx2", "fma", "f16c"):
+        if want2 == "1" or has(levels["AVX2"]):
             return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
         return []
 

@@ -16,21 +16,7 @@ import torch
 
 from ._autograd import (register_attention_autograd, register_attention_qkv_autograd,
                         register_elementwise_autograd)
-
-#: CPU flags each vector level of the build needs (setup.py's _cpu_vec_flags)
-CPU_LEVEL_FLAGS = {"AVX512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"), "AVX2": ("avx2", "fma", "f16c")}
-
-
-def cpu_flags():
-    """This CPU's feature flags from /proc/cpuinfo, or None where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
+from ._cpuinfo import CPU_LEVEL_FLAGS, cpu_flags
 
 
 def build_mismatch(level: str, flags) -> Optional[str]:
