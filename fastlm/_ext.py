@@ -159,8 +159,10 @@ class _CppBackend:
             for t in (p, g, b):
                 if t.device.type != "cpu":
                     return f"needs cpu tensors, got {t.device}"
-                if t.dtype != dtype or t.shape != p.shape or t.layout != torch.strided or not t.is_contiguous():
-                    return "needs contiguous tensors of one dtype, a grad and a buffer shaped like each parameter"
+                if t.dtype != dtype or t.shape != p.shape or t.layout != torch.strided or not t.is_contiguous() \
+                        or t.numel() == 0:
+                    return ("needs non-empty contiguous tensors of one dtype, a grad and a buffer shaped like each "
+                            "parameter")
         return None
 
     def muon_step(self, params, grads, bufs, *, lr, momentum, nesterov, weight_decay, ns_steps, ns_coefficients,

@@ -22,8 +22,8 @@ GPUs. On CPU, float32/float64 parameters whose Newton-Schulz dtype is their own 
 op ``fastlm::muon_step_`` (csrc/cpu/muon.cpp; ``fused=None``, the default, picks it where it applies):
 the same arithmetic per matrix, but every matrix runs start to finish on one thread with
 single-threaded BLAS calls, with no dispatch, stacking or separate elementwise passes between them.
-At the default model's shapes (about 0.47 GFLOP per step) that is 2.5x less time than the PyTorch
-form (benchmarks/REPORT.md, optimizer step rows).
+At the default model's shapes (about 0.47 GFLOP per step) that took 1.9-2.6x less time than the
+PyTorch form in side-by-side runs (benchmarks/REPORT.md, optimizer step rows).
 
 :func:`build_optimizer` makes the parameter groups of a :class:`fastlm.model.GPT` and returns ONE
 object with ``param_groups`` / ``state`` / ``step`` / ``zero_grad`` / ``state_dict`` /
