@@ -90,18 +90,23 @@ def _tracked_files():
     return [p for p in out.stdout.decode().split("\0") if p]
 
 
+def _tracked_copy(dest):
+    """(tracked files, ``dest``) with a copy of the tracked sources in ``dest`` (skips outside a checkout)."""
+    files = _tracked_files()
+    if files is None:
+        pytest.skip("not a git checkout: cannot list the tracked sources")
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    return files, dest
+
+
 def test_pure_python_wheel_layout_and_install(tmp_path):
     """FASTLM_CPP=0 wheel of the tracked sources: fastlm.kernels inside, data file, no top-level
     ``kernels``; installed alone it imports, reports why _C is missing, and runs the model."""
     pytest.importorskip("setuptools", reason="building a wheel without isolation needs setuptools here")
-    files = _tracked_files()
-    if files is None:
-        pytest.skip("not a git checkout: cannot list the tracked sources")
-    src = tmp_path / "src"
-    for rel in files:
-        if (REPO / rel).is_file():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, src / rel)
+    _, src = _tracked_copy(tmp_path / "src")
     env = {**os.environ, "FASTLM_CPP": "0", "PIP_NO_INDEX": "1"}
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-build-isolation",
                            "--no-deps", "-q", "-w", str(tmp_path / "dist")],
@@ -148,14 +153,7 @@ def test_sdist_carries_every_source_the_extension_needs(tmp_path):
     """The sdist (what ``pip wheel``/``python -m build`` compile from) holds every tracked file under
     csrc/: the headers and, from a CPU machine too, the CUDA sources, so it builds anywhere."""
     pytest.importorskip("setuptools", reason="building an sdist needs setuptools here")
-    files = _tracked_files()
-    if files is None:
-        pytest.skip("not a git checkout: cannot list the tracked sources")
-    src = tmp_path / "src"
-    for rel in files:
-        if (REPO / rel).is_file():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, src / rel)
+    files, src = _tracked_copy(tmp_path / "src")
     proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
                           capture_output=True, text=True, env={**os.environ, "FASTLM_CUDA": "0"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
