@@ -197,7 +197,9 @@ class Muon(torch.optim.Optimizer):
         reason = None
         if any(g.is_sparse for g in grads):
             reason = "sparse gradients"
-        elif params[0].device.type != "cpu" or resolve_ns_dtype(group["ns_dtype"], "cpu") != params[0].dtype:
+        elif params[0].device.type != "cpu":
+            reason = f"the op is CPU-only, the parameters are on {params[0].device}"
+        elif resolve_ns_dtype(group["ns_dtype"], "cpu") != params[0].dtype:
             reason = (f"the Newton-Schulz dtype ({group['ns_dtype']}) must resolve to the parameters' "
                       f"dtype ({params[0].dtype}) on CPU")
         if reason is None:
