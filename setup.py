@@ -60,9 +60,7 @@ else:
         want512 = _env_flag("FASTLM_CPU_AVX512", "auto")
         if want2 == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
             return []
-        import runpy
-        cpuinfo = runpy.run_path(os.path.join(ROOT, "fastlm", "_cpuinfo.py"))  # not the package: no torch yet
-        flags, levels = cpuinfo["cpu_flags"](), cpuinfo["CPU_LEVEL_FLAGS"]
+        flags, levels = BUILDINFO["cpu_flags"](), BUILDINFO["CPU_LEVEL_FLAGS"]
 
         def has(names):
             return flags is not None and all(n in flags for n in names)
@@ -73,6 +71,9 @@ else:
         if want2 == "1" or has(levels["AVX2"]):
             return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
         return []
+
+    import runpy
+    BUILDINFO = runpy.run_path(os.path.join(ROOT, "fastlm", "_buildinfo.py"))  # not the package: no torch yet
 
     def _extensions():
         """Return (ext_modules, cmdclass); empty when torch is missing or FASTLM_CPP=0."""
@@ -108,7 +109,10 @@ else:
         cxx = ["-O3", "-std=c++17"] + _cpu_vec_flags()
         if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
             cxx.append("-fopenmp")
-        define_macros = [("TORCH_EXTENSION_NAME", "_C")]
+        # the sources' fingerprint, so that a source checkout can tell whether an installed _C is its own build
+        # (a bare hex token: csrc/ops.cpp stringifies it, so no quotes have to survive the build's shell)
+        source_hash = BUILDINFO["csrc_hash"](os.path.join(ROOT, "csrc"))
+        define_macros = [("TORCH_EXTENSION_NAME", "_C"), ("FASTLM_SOURCE_HASH", source_hash)]
         extra = {"cxx": cxx}
         if build_cuda:
             sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))

@@ -150,8 +150,7 @@ def main(argv=None) -> int:
     else:
         os.environ.setdefault("FASTLM_TRITON_CONFIGS", "pinned")
     sys.path.insert(0, str(REPO))
-    from fastlm._tree_kernels import use_tree_kernels
-    use_tree_kernels()  # no install on the GPU image: kernels/ from the tree
+    import fastlm  # noqa: F401  (no install on the GPU image: this maps the tree's kernels/ to fastlm.kernels)
     from benchmarks import gpu_steps
     run = Run(args.out, args.budget_s, args.dry_run)
     gpu_steps.start(run)

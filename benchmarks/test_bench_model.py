@@ -218,10 +218,10 @@ def test_default_step_vs_plain_pytorch(bench):
     (SDPA, eager MLP, torch.optim). Both are timed in alternating rounds in this one test, so machine
     drift hits both; the row's ``speedup_median``/``speedup_min`` are plain time / fastlm time."""
     from fastlm.optim import build_optimizer
-    from fastlm.train_config import GPU_DEFAULTS, TrainConfig
+    from fastlm.train_config import GPU_DEFAULTS, TrainConfig, default_optimizer
 
     tcfg = TrainConfig()
-    optimizer = GPU_DEFAULTS["optimizer"] if ON_GPU else tcfg.optimizer
+    optimizer = GPU_DEFAULTS["optimizer"] if ON_GPU else default_optimizer(tcfg)
     base, batch, name = model_setup("swiglu")
     T = base.block_size
 

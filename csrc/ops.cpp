@@ -54,6 +54,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return "DEFAULT";
 #endif
   }, "The vector level the CPU kernels were compiled for (setup.py picks the build machine's widest)");
+  m.def("source_hash", []() {
+#ifdef FASTLM_SOURCE_HASH
+#define FASTLM_STR2(x) #x
+#define FASTLM_STR(x) FASTLM_STR2(x)
+    // one literal, so fastlm._buildinfo.embedded_csrc_hash finds marker and hash together in the file
+    static const char kSourceHash[] = "fastlm-csrc-sha256:" FASTLM_STR(FASTLM_SOURCE_HASH);
+    return std::string(kSourceHash + sizeof("fastlm-csrc-sha256:") - 1);
+#else
+    return std::string();
+#endif
+  }, "sha256 of the csrc/ tree this extension was built from (fastlm._buildinfo.csrc_hash)");
   m.def("cpu_attention_gemm_max_tk", &fastlm::cpu_attention_gemm_max_tk,
         "Longest key length the CPU attention runs through BLAS GEMMs in float32/float64 (0: none)");
   fastlm::register_bpe(m);

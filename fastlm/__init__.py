@@ -15,6 +15,10 @@ named ``hf:DIR`` are transformers model directories (:mod:`fastlm.hf`, extra ``f
 """
 __version__ = "0.1.0"
 
+from ._tree_kernels import use_tree_kernels  # noqa: E402
+
+use_tree_kernels()  # a source tree: its kernels/ folder as fastlm.kernels (an install has it inside)
+
 from . import ops  # noqa: E402
 from .ops import attention, swiglu, swiglu_packed  # noqa: E402,F401
 

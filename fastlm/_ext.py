@@ -16,7 +16,7 @@ import torch
 
 from ._autograd import (register_attention_autograd, register_attention_qkv_autograd,
                         register_elementwise_autograd)
-from ._cpuinfo import CPU_LEVEL_FLAGS, cpu_flags
+from ._buildinfo import CPU_LEVEL_FLAGS, cpu_flags, csrc_hash, embedded_csrc_hash
 
 
 def build_mismatch(level: str, flags) -> Optional[str]:
@@ -30,14 +30,51 @@ def build_mismatch(level: str, flags) -> Optional[str]:
             f"FASTLM_CPU_AVX2=0 for a portable build)")
 
 
+def _installed_build():
+    """``(module, None)`` or ``(None, reason)``: in a source checkout whose ``fastlm/`` holds no built
+    ``_C`` (``pip install .`` then ``python -m fastlm.train`` at the repository root, where the
+    checkout's ``fastlm/`` comes first on sys.path), the installed distribution's ``_C``, provided it
+    was built from this checkout's exact ``csrc/`` (compared before the library is loaded)."""
+    import importlib.metadata
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent
+    csrc = package.parent / "csrc"
+    if not csrc.is_dir():
+        return None, None
+    try:
+        files = importlib.metadata.distribution("fastlm").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None, None
+    for f in files:
+        if f.parts[:1] != ("fastlm",) or not f.name.startswith("_C.") or f.suffix not in (".so", ".pyd"):
+            continue
+        path = Path(f.locate()).resolve()
+        if path.parent == package or not path.is_file():
+            continue
+        if embedded_csrc_hash(str(path)) != csrc_hash(str(csrc)):
+            return None, (f"the installed {path.name} was built from other csrc/ sources than this checkout's "
+                          f"(pip install . again, or pip install -e . to build it in the tree)")
+        spec = importlib.util.spec_from_file_location("fastlm._C", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fastlm._C"] = module
+        spec.loader.exec_module(module)
+        return module, None
+    return None, None
+
+
 try:
     from . import _C  # registers the torch.ops.fastlm.* schemas and kernels
+    _IMPORT_ERROR = None
+except ImportError as e:  # pure-Python install, a broken build, or a checkout run beside an install
+    _C, _why = _installed_build()
+    _IMPORT_ERROR = None if _C is not None else f"fastlm._C not importable ({_why or e})"
+if _C is not None:
     _IMPORT_ERROR = build_mismatch(getattr(_C, "cpu_capability", lambda: "DEFAULT")(), cpu_flags())
     if _IMPORT_ERROR:
         _C = None
-except ImportError as e:  # pure-Python install, or a broken build
-    _C = None
-    _IMPORT_ERROR = f"fastlm._C not importable ({e})"
 
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_HEAD_DIMS = (64, 128)

@@ -24,6 +24,7 @@ def report() -> str:
     lines.append(f"MPS available: {bool(mps and mps.is_available())}")
     from . import _ext
     if _ext._C is not None:
+        lines.append(f"fastlm._C: {_ext._C.__file__}")
         lines.append(f"C++ CPU kernels compiled for: {_ext._C.cpu_capability()}")
     lines.append("backends:")
     for name, why in ops.backend_status().items():

@@ -150,7 +150,7 @@ def _import_backend(name: str) -> Backend:
     """The compiled backends, imported on first use (so `import fastlm` never pays for triton or
     the C++ extension)."""
     if name == "triton":
-        from .kernels import BACKEND as triton_backend
+        from ._triton import BACKEND as triton_backend
         return triton_backend
     if name == "cuda":
         from ._ext import CUDA_BACKEND

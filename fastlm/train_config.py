@@ -18,7 +18,7 @@ from .model import GPTConfig
 from .optim import OPTIMIZERS
 
 __all__ = ["TrainConfig", "TrainError", "CPU_MODEL_DEFAULTS", "GPU_DEFAULTS", "RESUME_OVERRIDABLE",
-           "INIT_OVERRIDABLE", "SCHEDULES", "DEVICES", "DTYPES", "explicit_settings", "apply_gpu_profile",
+           "INIT_OVERRIDABLE", "SCHEDULES", "DEVICES", "DTYPES", "default_optimizer", "explicit_settings", "apply_gpu_profile",
            "resume_config"]
 
 SCHEDULES = ("cosine", "plateau", "constant")
@@ -57,10 +57,13 @@ class TrainConfig:
     lr_schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule", "choices": SCHEDULES})
     plateau_patience: int = field(default=2, metadata={"help": "plateau: evals without improvement before the LR drops"})
     plateau_factor: float = field(default=0.5, metadata={"help": "plateau: LR multiplier on a plateau"})
-    optimizer: str = field(default="muon", metadata={
-        "help": "adamw | muon (Muon for the 2-D weights inside the blocks, AdamW with --lr for the rest)",
+    optimizer: Optional[str] = field(default=None, metadata={
+        "help": "adamw (AdamW at --lr on every parameter) | muon (Muon at --muon-lr for the 2-D weights "
+                "inside the blocks, AdamW at --lr for the rest). Default: muon for a new run, adamw when "
+                "fine-tuning (--init-from: then --lr governs every weight) and in the GPU profile",
         "choices": OPTIMIZERS})
-    muon_lr: float = field(default=0.02, metadata={"help": "muon: peak learning rate of the Muon matrices"})
+    muon_lr: float = field(default=0.02, metadata={
+        "help": "muon: peak learning rate of the Muon matrices (used only with the muon optimizer)"})
     muon_momentum: float = field(default=0.95, metadata={"help": "muon: Nesterov momentum of the Muon matrices"})
     weight_decay: float = field(default=0.1, metadata={"help": "weight decay of the 2-D weights (AdamW and Muon)"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
@@ -117,7 +120,8 @@ class TrainConfig:
         need(math.isfinite(self.grad_clip) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
         need(math.isfinite(self.plateau_factor) and 0 < self.plateau_factor < 1,
              f"plateau_factor must be in (0, 1), got {self.plateau_factor!r}")
-        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        need(self.optimizer is None or self.optimizer in OPTIMIZERS,
+             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         need(math.isfinite(self.muon_lr) and 0 < self.muon_lr <= 10,
              f"muon_lr must be a finite number in (0, 10], got {self.muon_lr!r}")
         need(math.isfinite(self.muon_momentum) and 0 <= self.muon_momentum < 1,
@@ -150,6 +154,13 @@ RESUME_OVERRIDABLE = {"max_iters", "device", "threads", "progress", "log_interva
                       "dist_timeout_s"}
 #: GPTConfig fields that --init-from takes from the flags (the rest is the checkpoint's architecture)
 INIT_OVERRIDABLE = {"dropout", "backend"}
+
+
+def default_optimizer(train: TrainConfig) -> str:
+    """The optimizer of a run that did not choose one: AdamW for a fine-tune (``init_from``), whose
+    ``lr`` then governs every parameter (Muon's default peak of 0.02 would undo a gentle fine-tune),
+    Muon for a run from scratch."""
+    return "adamw" if train.init_from else "muon"
 
 
 def explicit_settings(train: TrainConfig, model: dict) -> set:

@@ -48,8 +48,8 @@ from .model import GPT, GPTConfig
 from .optim import build_optimizer
 from .runtime import autocast, init_distributed, resolve_device, resolve_dtype
 from .schedule import LRSchedule
-from .train_config import (CPU_MODEL_DEFAULTS, INIT_OVERRIDABLE, TrainConfig, apply_gpu_profile, explicit_settings,
-                           resume_config)
+from .train_config import (CPU_MODEL_DEFAULTS, INIT_OVERRIDABLE, TrainConfig, apply_gpu_profile, default_optimizer,
+                           explicit_settings, resume_config)
 
 __all__ = ["Trainer", "Callback", "TrainingInterrupted", "NonFiniteLoss", "RankFailed"]
 
@@ -242,6 +242,8 @@ class Trainer:
             self.config, self._model_values, applied = apply_gpu_profile(cfg, self._model_values, self._explicit)
             if applied:
                 self.say("gpu defaults: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
+        if self.config.optimizer is None:
+            self.config = dataclasses.replace(self.config, optimizer=default_optimizer(self.config))
         self.run_dir = Path(self.config.out_dir)
 
     def _prepare_run_dir(self) -> Optional[dict]:
@@ -407,6 +409,11 @@ class Trainer:
                  f"{mcfg.n_embd} wide, context {mcfg.block_size})")
         self.say(f"global batch: {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {world} = "
                  f"{cfg.batch_size * cfg.grad_accum * world} sequences = {self.tokens_per_step:,} tokens/step")
+        if cfg.optimizer == "muon":
+            self.say(f"optimizer: muon (peak lr {cfg.muon_lr:g} for the block matrices) + adamw (peak lr {cfg.lr:g} "
+                     f"for embeddings, norms and biases)")
+        else:
+            self.say(f"optimizer: adamw (peak lr {cfg.lr:g} for every parameter)")
 
     # ---- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:

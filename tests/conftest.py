@@ -13,11 +13,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-from fastlm._tree_kernels import use_tree_kernels  # noqa: E402
-
-use_tree_kernels()  # a checkout without an install (the GPU image): kernels/ as fastlm.kernels
-
-from fastlm import data  # noqa: E402  (after the kernels mapping)
+from fastlm import data  # noqa: E402
 
 
 def _corpus_file(tmp_path_factory, n_chars: int):

@@ -1,5 +1,6 @@
 """Packaging: the extension module, the kernels subpackage, and a pure-Python install."""
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
@@ -30,14 +31,55 @@ def test_extension_imports_when_built():
 
 
 def test_kernels_is_a_fastlm_subpackage():
+    """kernels/ is fastlm.kernels (the tree's folder, or the installed fastlm/kernels/), a namespace
+    package: no __init__.py, so from the repo root it never shadows Hugging Face's ``kernels``."""
     import fastlm.kernels
-    path = pathlib.Path(fastlm.kernels.__file__).resolve()
-    in_repo = path.parent == REPO / "kernels"
-    installed = path.parent.name == "kernels" and path.parent.parent.name == "fastlm"
+    from fastlm import _triton
+    (path,) = [pathlib.Path(p).resolve() for p in fastlm.kernels.__path__]
+    in_repo = path == REPO / "kernels"
+    installed = path.name == "kernels" and path.parent.name == "fastlm"
     assert in_repo or installed, path
-    assert hasattr(fastlm.kernels, "BACKEND")
+    assert not (path / "__init__.py").exists() and not (REPO / "kernels" / "__init__.py").exists()
     assert sys.modules["fastlm.kernels"] is fastlm.kernels
+    assert _triton.BACKEND.name == "triton"
     # (no top-level ``kernels`` is installed: checked on the wheel below; a PyPI project has that name)
+
+
+def _hf_kernels_installed() -> bool:
+    import importlib.metadata
+    try:
+        importlib.metadata.distribution("kernels")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def test_import_kernels_from_the_repo_root_is_not_the_repos():
+    """``python -c 'import kernels'`` typed at the repo root (first on sys.path there): Hugging Face's
+    package when it is installed (transformers 5 brings it), and never a regular package of ours."""
+    code = ("import importlib.util, json; s = importlib.util.find_spec('kernels'); "
+            "print(json.dumps(None if s is None else [s.origin, list(s.submodule_search_locations or [])]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout)
+    if _hf_kernels_installed():
+        origin = pathlib.Path(found[0]).resolve()
+        assert REPO not in origin.parents, f"import kernels at the repo root found {origin}"
+        proc = subprocess.run([sys.executable, "-c", "import kernels; from kernels import CUDAProperties"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    else:  # at most the tree's folder as a namespace portion, which any installed `kernels` outranks
+        assert found is None or found[0] in (None, "namespace"), found
+
+
+def test_pip_reads_the_metadata_at_the_repo_root():
+    """``pip install --dry-run --no-deps .`` at the repo root: setuptools loads every installed
+    ``egg_info.writers`` entry point (Hugging Face's ``kernels`` registers one) with the root on sys.path."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-q", "."], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FASTLM_CPP": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 BLOCKED_SCRIPT = textwrap.dedent("""
@@ -108,13 +150,13 @@ def test_pure_python_wheel_layout_and_install(tmp_path):
     pytest.importorskip("setuptools", reason="building a wheel without isolation needs setuptools here")
     _, src = _tracked_copy(tmp_path / "src")
     env = {**os.environ, "FASTLM_CPP": "0", "PIP_NO_INDEX": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-build-isolation",
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-build-isolation",
                            "--no-deps", "-q", "-w", str(tmp_path / "dist")],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, cwd=src)  # from the root
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("fastlm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fastlm/kernels/__init__.py" in names
+    assert "fastlm/kernels/attention.py" in names and "fastlm/_triton.py" in names
     assert "fastlm/data/tinyshakespeare.txt" in names
     assert not [n for n in names if n.startswith("kernels/")], "kernels/ must install as fastlm.kernels"
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
@@ -133,7 +175,10 @@ def test_pure_python_wheel_layout_and_install(tmp_path):
         from fastlm.model import GPT, GPTConfig
         root = pathlib.Path(sys.argv[1]).resolve()
         assert pathlib.Path(fastlm.__file__).resolve().parent == root / "fastlm", fastlm.__file__
-        assert pathlib.Path(fastlm.kernels.__file__).resolve().parent == root / "fastlm" / "kernels"
+        assert [pathlib.Path(p).resolve() for p in fastlm.kernels.__path__] == [root / "fastlm" / "kernels"]
+        import importlib.util  # a kernel module of the installed folder (found, not run: no triton needed)
+        spec = importlib.util.find_spec("fastlm.kernels.launch")
+        assert pathlib.Path(spec.origin).resolve().parent == root / "fastlm" / "kernels"
         assert "_C" in ops.backend_status()["cpp"]
         logits, _ = GPT(GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8))(
             torch.zeros(1, 8, dtype=torch.long))
@@ -179,6 +224,49 @@ def test_extension_is_refused_on_a_cpu_without_its_vector_level():
     assert _ext.build_mismatch("AVX512", None) is None  # flags unknown: no claim either way
     if _ext._C is not None:  # this build runs here, so it matches this CPU
         assert _ext.build_mismatch(_ext._C.cpu_capability(), _ext.cpu_flags()) is None
+
+
+INSTALLED_BUILD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import fastlm, fastlm._ext as e
+    print(json.dumps([fastlm.__file__, None if e._C is None else e._C.__file__, e._IMPORT_ERROR,
+                      e._C is not None and e.CPP_BACKEND.unavailable_reason() is None]))
+""")
+
+
+def test_a_checkout_run_beside_an_install_uses_the_installed_extension(tmp_path):
+    """``pip install .`` then ``python -m fastlm.train`` at the repository root: the checkout's own
+    fastlm/ (no built _C there) comes first on sys.path; it loads the installed _C when that was built
+    from the checkout's exact csrc/, and refuses it, saying why, when the sources differ."""
+    from fastlm import _buildinfo, _ext
+    if _ext._C is None:
+        pytest.skip(f"fastlm._C is not built here: {_ext._IMPORT_ERROR}")
+    built = pathlib.Path(_ext._C.__file__)
+    assert _buildinfo.embedded_csrc_hash(str(built)) == _ext._C.source_hash() == _buildinfo.csrc_hash(str(REPO / "csrc"))
+    _, tree = _tracked_copy(tmp_path / "tree")
+    site = tmp_path / "site"
+    (site / "fastlm").mkdir(parents=True)
+    shutil.copy2(built, site / "fastlm" / built.name)
+    info = site / "fastlm-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fastlm\nVersion: 0.1.0\n")
+    (info / "RECORD").write_text(f"fastlm/{built.name},,\nfastlm-0.1.0.dist-info/METADATA,,\n")
+    paths = [str(site)] + [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "FASTLM_BACKEND": ""}
+
+    def run():
+        proc = subprocess.run([sys.executable, "-S", "-c", INSTALLED_BUILD_SCRIPT], cwd=tree, env=env,
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
+
+    package, loaded, why, usable = run()
+    assert pathlib.Path(package).resolve().parent == tree / "fastlm"  # the checkout's package ...
+    assert pathlib.Path(loaded).resolve() == (site / "fastlm" / built.name).resolve() and usable, why  # ... the install's _C
+    with open(tree / "csrc" / "ops.cpp", "a") as f:
+        f.write("// edited after the install\n")
+    package, loaded, why, usable = run()
+    assert loaded is None and not usable and "other csrc/ sources than this checkout's" in why
 
 
 def test_version():

@@ -7,6 +7,7 @@ KV cache, export -> transformers -> import round trips, tokenizer ids, refusals,
 import csv
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -563,6 +564,42 @@ def test_fine_tune_from_hf_starts_at_the_hf_loss(hf_dirs, tmp_path, capsys):
     model, tok, _ = checkpoint.load_model(out)  # the fine-tuned run reads back with the HF tokenizer
     source_tok = checkpoint.load_model(f"hf:{folder}")[1]
     assert isinstance(tok, HFTokenizer) and tok.encode(SAMPLES[0]) == source_tok.encode(SAMPLES[0])
+
+
+def test_gentle_fine_tune_of_an_hf_model_moves_no_weight(hf_dirs, tmp_path, capsys):
+    """``--init-from hf:DIR --lr 1e-8`` with no --optimizer: AdamW on every parameter at that rate, so
+    one step leaves every weight within 1e-6 of the source (Muon's default peak would move them ~1e-2)."""
+    from fastlm.train import main as train_main
+    folder, _ = hf_dirs["llama-gqa-untied"]
+    corpus = tmp_path / "my.txt"
+    corpus.write_text(TEXT[:6000], encoding="utf-8")
+    out = tmp_path / "ft"
+    rc = train_main(["--init-from", f"hf:{folder}", "--data", str(corpus), "--out-dir", str(out), "--lr", "1e-8",
+                     "--max-iters", "1", "--batch-size", "2", "--eval-iters", "1", "--eval-interval", "1",
+                     "--sample-tokens", "0", "--no-progress", "--threads", "1", "--device", "cpu",
+                     "--eval-batch-size", "4"])
+    res = capsys.readouterr()
+    assert rc == 0, res.err
+    assert "optimizer: adamw (peak lr 1e-08 for every parameter)" in res.out
+    assert json.loads((out / "config.json").read_text())["train"]["optimizer"] == "adamw"
+    source = checkpoint.model_tensors(checkpoint.load_model(f"hf:{folder}")[0])
+    tuned, _ = checkpoint.load_weights(out / "model.safetensors")
+    assert set(tuned) == set(source)
+    assert max((tuned[k] - source[k]).abs().max().item() for k in source) <= 1e-6
+
+
+def test_export_from_the_repo_root(tmp_path):
+    """``python -m fastlm.export`` typed at the repository root, as the README shows it: the root is
+    first on sys.path there, and transformers imports Hugging Face's ``kernels`` when it is installed;
+    the repo's kernels/ folder must not stand in for it (the self-check loads the export)."""
+    make_run(tmp_path / "run", "char", pos="rope", mlp="swiglu")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "fastlm.export", "--checkpoint", str(tmp_path / "run"), "--out",
+                           str(tmp_path / "hf")], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "self-check" in proc.stdout and "skipped" not in proc.stdout, proc.stdout
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 # ---- packaging ------------------------------------------------------------------------------------

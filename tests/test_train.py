@@ -205,16 +205,25 @@ def test_init_from_fine_tunes_with_checkpoint_tokenizer_and_architecture(tmp_pat
     new_corpus = tmp_path / "new.txt"
     new_corpus.write_text(corpus.read_text(encoding="utf-8")[::-1][:5000], encoding="utf-8")
     ft = tmp_path / "ft"
+    # no --optimizer: a fine-tune defaults to AdamW, so --lr governs every weight (Muon's peak of 0.02 would not)
     rc, res = run(["--data", new_corpus, "--out-dir", ft, *TINY, "--init-from", base, "--n-layer", "3",
-                   "--max-iters", "1", "--lr", "1e-9", "--weight-decay", "0", "--optimizer", "adamw"], capsys)
+                   "--max-iters", "1", "--lr", "1e-8"], capsys)
     assert rc == 0 and "ignoring n_layer" in res.out
+    assert "optimizer: adamw (peak lr 1e-08 for every parameter)" in res.out
     cb, cf = json.loads((base / "config.json").read_text()), json.loads((ft / "config.json").read_text())
+    assert cb["train"]["optimizer"] == "muon" and cf["train"]["optimizer"] == "adamw"
     assert cf["model"] == cb["model"]
     assert json.loads((ft / "tokenizer.json").read_text()) == json.loads((base / "tokenizer.json").read_text())
     wb, _ = checkpoint.load_weights(base / "model.safetensors")
     wf, _ = checkpoint.load_weights(ft / "model.safetensors")
     assert wb and set(wb) == set(wf)
-    assert all(torch.allclose(wb[k], wf[k], atol=1e-6) for k in wb)  # started from the base weights
+    assert max((wb[k] - wf[k]).abs().max().item() for k in wb) <= 1e-6  # started from the base weights
+    # asking for Muon explicitly still gets it, at --muon-lr for the block matrices
+    rc, res = run(["--data", new_corpus, "--out-dir", tmp_path / "ft-muon", *TINY, "--init-from", base,
+                   "--max-iters", "1", "--lr", "1e-8", "--optimizer", "muon", "--muon-lr", "1e-8"], capsys)
+    assert rc == 0 and "optimizer: muon (peak lr 1e-08 for the block matrices)" in res.out
+    wm, _ = checkpoint.load_weights(tmp_path / "ft-muon" / "model.safetensors")
+    assert max((wb[k] - wm[k]).abs().max().item() for k in wb) <= 1e-6
     bad = tmp_path / "bad.txt"
     bad.write_text("\u4e2d\u6587 characters the base never saw" * 20, encoding="utf-8")
     rc, res = run(["--data", bad, "--out-dir", tmp_path / "ft2", *TINY, "--init-from", base], capsys)

@@ -257,7 +257,7 @@ def test_ops_dispatch_triton_backend():
 
 
 def test_backend_reasons(monkeypatch):
-    from fastlm.kernels import BACKEND
+    from fastlm._triton import BACKEND
     q = torch.zeros(1, 2, 4, 16, device=DEVICE)
     assert BACKEND.unavailable_reason() is None
     assert BACKEND.attention_unsupported(q, q, q, True, 0.25, None) is None

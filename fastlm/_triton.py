@@ -1,4 +1,11 @@
-"""fastlm.kernels: Triton kernels (installed from the repository's ``kernels/`` folder).
+"""The ``triton`` backend of :mod:`fastlm.ops`: the object that decides whether the Triton kernels of
+:mod:`fastlm.kernels` can run a call, and runs them.
+
+The kernels live in the repository's top-level ``kernels/`` folder, which installs as
+``fastlm.kernels`` (setup.py's ``package_dir``). That folder has no ``__init__.py`` on purpose: from
+the repository root (the first entry of ``sys.path`` for every ``python -m`` run there) a regular
+``kernels`` package would shadow Hugging Face's ``kernels`` (a dependency of transformers 5); a
+namespace portion never does. Its modules:
 
 * :mod:`fastlm.kernels.attention` -- FlashAttention-2 style forward/backward and a split-KV
   decode forward (causal bottom-right, ALiBi, GQA, any strides, head dim <= 256).
@@ -8,7 +15,7 @@
 * :mod:`fastlm.kernels.resources` -- compile a kernel for a GPU target without a GPU and read its
   registers, spills and shared memory (tests, ``benchmarks.gpu_check``).
 
-``import fastlm.kernels`` never imports triton: the submodules load on first use, so the package
+Importing this module never imports triton: the kernel modules load on first use, so the package
 works without triton installed (:data:`BACKEND` then reports why it is unavailable).
 
 Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1``
@@ -21,7 +28,7 @@ _MAX_HEAD_DIM = 256
 
 
 def _interpreting() -> bool:
-    from .launch import interpreting
+    from .kernels.launch import interpreting
     return interpreting()
 
 
@@ -43,7 +50,7 @@ class TritonBackend:
                 self._import_error = "triton not installed (pip install triton)"
                 return self._import_error
             try:
-                from . import attention, swiglu  # noqa: F401
+                from .kernels import attention, swiglu  # noqa: F401
             except Exception as e:  # e.g. a torch without torch.library.triton_op (< 2.6)
                 self._import_error = f"fastlm.kernels failed to load ({type(e).__name__}: {e})".splitlines()[0]
         return self._import_error
@@ -90,21 +97,21 @@ class TritonBackend:
         return None
 
     def attention(self, q, k, v, causal, scale, alibi_slopes):
-        from .attention import attention
+        from .kernels.attention import attention
         return attention(q, k, v, causal, scale, alibi_slopes)
 
     def swiglu_unsupported(self, gate, up):
         return self._device_reason(gate) or self._dtype_reason(gate, "swiglu")
 
     def swiglu(self, gate, up):
-        from .swiglu import swiglu
+        from .kernels.swiglu import swiglu
         return swiglu(gate, up)
 
     def swiglu_packed_unsupported(self, x):
         return self._device_reason(x) or self._dtype_reason(x, "swiglu")
 
     def swiglu_packed(self, x):
-        from .swiglu import swiglu_packed
+        from .kernels.swiglu import swiglu_packed
         return swiglu_packed(x)
 
 
