@@ -73,7 +73,7 @@ else:
         return []
 
     import runpy
-    BUILDINFO = runpy.run_path(os.path.join(ROOT, "fastlm", "_buildinfo.py"))  # not the package: no torch yet
+    BUILDINFO = runpy.run_path(os.path.join(ROOT, "fastlm", "ops", "_buildinfo.py"))  # not the package: no torch yet
 
     def _extensions():
         """Return (ext_modules, cmdclass); empty when torch is missing or FASTLM_CPP=0."""
@@ -142,7 +142,9 @@ else:
     ext_modules, cmdclass = _extensions()
 
     setup(
-        packages=["fastlm", "fastlm.kernels"],
+        # listed one by one: kernels/ installs as fastlm.kernels, never as a top-level `kernels`
+        packages=["fastlm", "fastlm.files", "fastlm.io", "fastlm.ops", "fastlm.text", "fastlm.training",
+                  "fastlm.kernels"],
         package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
         package_data={"fastlm": ["data/*.txt"]},
         include_package_data=False,

@@ -181,7 +181,7 @@ def _two_x_rule(got, ref, base, dtype) -> dict:
 
 def _reference_fns(case, slopes):
     from fastlm import ops
-    from fastlm.reference import naive_attention
+    from fastlm.ops.reference import naive_attention
     _, b, h, h_kv, t_q, t_k, d, causal, alibi = case
 
     def ref(q, k, v):
@@ -189,7 +189,7 @@ def _reference_fns(case, slopes):
 
     def base_for(dtype):
         def base(q, k, v):
-            if ops.TORCH_BACKEND.attention_unsupported(q, k, v, causal, 1.0, slopes) is None:
+            if ops.torch_backend.BACKEND.attention_unsupported(q, k, v, causal, 1.0, slopes) is None:
                 return ops.attention(q, k, v, causal=causal, alibi_slopes=slopes, backend="torch")
             return naive_attention(q, k, v, causal, None, slopes, dtype=dtype)
         return base
@@ -496,6 +496,7 @@ def step_swiglu(run, deadline):
 # ---- 7. training step ----------------------------------------------------------------------------
 def _train_model(run, backend):
     from fastlm.model import GPT, GPTConfig
+    from fastlm.training.optim import build_optimizer
     if run.dry:
         cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, mlp="swiglu", backend=backend)
     else:
@@ -503,7 +504,7 @@ def _train_model(run, backend):
                         backend=backend)
     torch.manual_seed(0)
     model = GPT(cfg).to(_dev(run))
-    return model, cfg, model.configure_optimizer(0.1, 3e-4)
+    return model, cfg, build_optimizer(model, optimizer="adamw", weight_decay=0.1, lr=3e-4, device_type=_dev(run))
 
 
 def _train_step_fn(run, model, opt, batch, targets):

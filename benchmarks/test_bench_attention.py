@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from fastlm import ops
 from fastlm.model import alibi_slopes
-from fastlm.reference import alibi_bias, causal_mask
+from fastlm.ops.reference import alibi_bias, causal_mask
 
 from .common import (DEVICE, ON_GPU, attention_flops, default_train_setup, dtype_name, gpu_oom_skip,
                      grid, skip_unless_fastlm_backend)

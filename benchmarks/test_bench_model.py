@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fastlm.model import GPT, GPTConfig
+from fastlm.training.optim import build_optimizer
 
 from .common import (DEVICE, ON_GPU, attention_flops, default_train_setup, gpu_oom_skip,
                      peak_bf16_tflops, run_info, skip_unless_fastlm_backend, sync)
@@ -82,7 +83,7 @@ def test_train_step(bench, mlp, backend):
     def build():
         model = GPT(cfg).to(DEVICE)
         model.train()
-        opt = model.configure_optimizer(weight_decay=0.1, lr=3e-4, device_type=DEVICE.type)
+        opt = build_optimizer(model, optimizer="adamw", weight_decay=0.1, lr=3e-4, device_type=DEVICE.type)
         x = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
         y = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
         return model, opt, x, y
@@ -120,9 +121,8 @@ def test_optimizer_step(bench, optimizer):
     """``optimizer.step()`` alone on the default model's gradients, and the whole training step
     (forward, backward, step) with that optimizer, timed side by side in one test: the row's
     ``step_fraction`` is the optimizer's share of the training step (issue 14: Muon <= 10%).
-    Muon (fastlm.optim) with its defaults: 5 Newton-Schulz steps, float32 on CPU, bf16 on CUDA;
+    Muon (fastlm.training.optim) with its defaults: 5 Newton-Schulz steps, float32 on CPU, bf16 on CUDA;
     ``muon`` as training runs it (the fused C++ step on CPU), ``muon-pytorch`` its PyTorch form."""
-    from fastlm.optim import build_optimizer
 
     base, batch, name = model_setup("swiglu")
     cfg = dataclasses.replace(base, backend="auto")
@@ -160,8 +160,9 @@ def test_optimizer_step(bench, optimizer):
 @pytest.mark.parametrize("ns_dtype", ("float32", "bfloat16"))
 def test_newton_schulz(bench, ns_dtype, steps):
     """Muon's Newton-Schulz alone on the default model's hidden matrices (same-shape stacks, as
-    ``fastlm.optim.Muon`` runs them): the precision / iteration-count trade of issue 14."""
-    from fastlm.optim import muon_param_names, newton_schulz
+    ``fastlm.training.optim.Muon`` runs them): the precision / iteration-count trade of issue 14."""
+    from fastlm.ops.reference_muon import newton_schulz
+    from fastlm.training.optim import muon_param_names
 
     base, _, name = model_setup("swiglu")
     model = GPT(dataclasses.replace(base, backend="auto"))
@@ -180,10 +181,10 @@ def test_newton_schulz(bench, ns_dtype, steps):
 
 
 def _plain_pytorch_optimizer(model, optimizer: str, cfg):
-    """The same optimizer as ``fastlm.optim.build_optimizer`` from torch.optim alone: AdamW, or
+    """The same optimizer as ``fastlm.training.optim.build_optimizer`` from torch.optim alone: AdamW, or
     ``torch.optim.Muon`` (per-matrix Newton-Schulz, its defaults: 5 steps in bfloat16) on the same
     hidden matrices with the same lr/momentum/decay/Nesterov/lr adjustment, and AdamW on the rest."""
-    from fastlm.optim import _adamw_groups, adamw_kwargs, muon_param_names
+    from fastlm.training.optim import _adamw_groups, adamw_kwargs, muon_param_names
 
     kwargs = adamw_kwargs(DEVICE.type)  # torch's fastest AdamW on both sides
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -217,8 +218,7 @@ def test_default_step_vs_plain_pytorch(bench):
     on CPU, the GPU profile's AdamW on CUDA) against the same model and optimizer on plain PyTorch
     (SDPA, eager MLP, torch.optim). Both are timed in alternating rounds in this one test, so machine
     drift hits both; the row's ``speedup_median``/``speedup_min`` are plain time / fastlm time."""
-    from fastlm.optim import build_optimizer
-    from fastlm.train_config import GPU_DEFAULTS, TrainConfig, default_optimizer
+    from fastlm.training.settings import GPU_DEFAULTS, TrainConfig, default_optimizer
 
     tcfg = TrainConfig()
     optimizer = GPU_DEFAULTS["optimizer"] if ON_GPU else default_optimizer(tcfg)

@@ -11,24 +11,24 @@ Quick tour::
 
 CLIs: ``python -m fastlm.train``, ``python -m fastlm.generate``, ``python -m fastlm.evaluate``,
 ``python -m fastlm.export`` (to Hugging Face transformers), ``python -m fastlm.info``. Checkpoints
-named ``hf:DIR`` are transformers model directories (:mod:`fastlm.hf`, extra ``fastlm[hf]``).
+named ``hf:DIR`` are transformers model directories (:mod:`fastlm.io.hf_import`, extra ``fastlm[hf]``).
 """
-__version__ = "0.1.0"
+from fastlm._version import __version__  # noqa: F401
 
-from ._tree_kernels import use_tree_kernels  # noqa: E402
+from fastlm.ops._tree_kernels import use_tree_kernels  # noqa: E402
 
 use_tree_kernels()  # a source tree: its kernels/ folder as fastlm.kernels (an install has it inside)
 
-from . import ops  # noqa: E402
-from .ops import attention, swiglu, swiglu_packed  # noqa: E402,F401
+from fastlm import ops  # noqa: E402,F401
+from fastlm.ops import attention, swiglu, swiglu_packed  # noqa: E402,F401
+
+# the rest of the API on first use: keep `import fastlm` quick (the trainer pulls numpy, tqdm, ...)
+_LAZY = {"GPT": "fastlm.model", "GPTConfig": "fastlm.model", "Trainer": "fastlm.training.trainer",
+         "Callback": "fastlm.training.trainer", "TrainConfig": "fastlm.training.settings"}
 
 
-_LAZY = {"GPT": "model", "GPTConfig": "model", "Trainer": "trainer", "Callback": "trainer",
-         "TrainConfig": "train_config"}
-
-
-def __getattr__(name):  # lazy: keep `import fastlm` quick (the trainer pulls numpy, tqdm, ...)
+def __getattr__(name):
     if name in _LAZY:
         import importlib
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastlm' has no attribute {name!r}")

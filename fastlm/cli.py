@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Callable
 
+from fastlm.errors import BackendUnavailableError, InputError, NonFiniteLoss, RankFailed, TrainingInterrupted
+
 __all__ = ["EXIT_OK", "EXIT_BAD_INPUT", "EXIT_NON_FINITE", "EXIT_IO", "run_cli", "error_line"]
 
 EXIT_OK = 0
@@ -35,9 +37,6 @@ def _io_message(e: OSError) -> str:
 
 def run_cli(body: Callable[[], int]) -> int:
     """Run ``body()`` (which returns an exit code) and turn errors into one line + an exit code."""
-    from .ops import BackendUnavailableError
-    from .trainer import NonFiniteLoss, RankFailed, TrainingInterrupted
-
     quiet = os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 speaks for the job
 
     def report(msg: str, code: int) -> int:
@@ -61,7 +60,7 @@ def run_cli(body: Callable[[], int]) -> int:
         return report(error_line(e), EXIT_BAD_INPUT)
     except OSError as e:
         return report(_io_message(e), EXIT_IO)
-    except ValueError as e:  # DataError, CheckpointError, ConfigError, TokenizerError, TrainError, ...
+    except (InputError, ValueError) as e:  # DataError, CheckpointError, ConfigError, TokenizerError, ...
         return report(error_line(e), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         if not quiet:

@@ -19,6 +19,9 @@ import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from fastlm.errors import ConfigFileError
+from fastlm.training.settings import flag_name
+
 __all__ = ["ConfigFileError", "add_dataclass_args", "load_config_file", "merge_values", "coerce",
            "field_types", "flag_name"]
 
@@ -31,15 +34,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-class ConfigFileError(ValueError):
-    """A bad config file or config value (one line)."""
-
-
 _NONE_WORDS = ("none", "null")
-
-
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
 
 
 def field_types(cls) -> dict:

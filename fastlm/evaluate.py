@@ -10,7 +10,7 @@ Examples::
 reads any corpus the training CLI accepts (text file, folder of ``.txt``, CSV/JSONL with
 ``--text-column``), tokenizes it with the checkpoint's tokenizer and joins documents with its EOS
 token, exactly like training. Every next-token prediction of the whole array is scored
-(non-overlapping windows of the model's context; see :func:`fastlm.data.split_loss`).
+(non-overlapping windows of the model's context; see :func:`fastlm.text.data.split_loss`).
 
 Metrics: ``loss`` = mean cross-entropy in nats per token; ``perplexity`` = exp(loss);
 ``bits/token`` = loss / ln 2; ``bits/char``: for a char tokenizer one token is one character, so it
@@ -27,12 +27,18 @@ import math
 import sys
 import time
 
+import numpy as np
+
+from fastlm.cli import run_cli
+from fastlm.config import OneLineParser
+from fastlm.io.loading import load_model, run_dir_of
+from fastlm.text.data import encode_documents, load_split, read_documents, split_loss
+from fastlm.training.runtime import resolve_device
+
 __all__ = ["main", "build_parser", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import OneLineParser
-
     p = OneLineParser(
         prog="python -m fastlm.evaluate",
         description="Loss, perplexity and bits per character of a fastlm checkpoint on a split of "
@@ -59,10 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate(model, tokenizer, ids, *, batch_size: int = 8, device="cpu") -> dict:
     """Score the token array ``ids`` with ``model``; returns the metrics described in the module doc."""
-    import numpy as np
-
-    from .data import split_loss
-
     ids = np.asarray(ids)
     block = model.max_context()
     loss = split_loss(model, ids, block, batch_size, device)
@@ -83,13 +85,6 @@ def evaluate(model, tokenizer, ids, *, batch_size: int = 8, device="cpu") -> dic
 
 
 def run(args, out=None) -> dict:
-    import numpy as np
-
-    from .checkpoint import load_model
-    from .data import encode_documents, load_split, read_documents
-    from .generate import run_dir_of
-    from .runtime import resolve_device
-
     out = out if out is not None else sys.stdout
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be > 0, got {args.batch_size}")
@@ -137,8 +132,6 @@ def run(args, out=None) -> dict:
 
 def main(argv=None) -> int:
     """CLI entry point: returns the exit code (2 and one ``error:`` line for bad input)."""
-    from .cli import run_cli
-
     def body() -> int:
         run(build_parser().parse_args(argv))
         return 0

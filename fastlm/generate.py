@@ -22,14 +22,22 @@ import os
 import sys
 from typing import List, Optional
 
+import numpy as np
+import torch
+
+from fastlm.cli import run_cli
+from fastlm.config import OneLineParser
+from fastlm.io.loading import load_model, run_dir_of
+from fastlm.sampling import _check_sampling, beam_search, generate
+from fastlm.text.data import load_split, normalize_newlines
+from fastlm.training.runtime import resolve_device
+
 __all__ = ["main", "build_parser"]
 
 SEPARATOR = "-" * 40
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import OneLineParser
-
     p = OneLineParser(
         prog="python -m fastlm.generate",
         description="Sample text from a fastlm checkpoint (KV-cached decoding; temperature, top-k, "
@@ -71,12 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_dir_of(checkpoint: str) -> str:
-    """The run directory of a checkpoint given as a directory or as a file inside one."""
-    if checkpoint.startswith("hf:"):
-        raise ValueError(f"{checkpoint} is a Hugging Face model, not a fastlm run: it has no data splits "
-                         f"(evaluate it with --data FILE; prompt it with --prompt)")
-    return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
 
 
 def _check_args(args) -> None:
@@ -97,7 +99,6 @@ def _check_args(args) -> None:
     if args.from_split is not None and args.num_samples != 1:
         raise ValueError("--num-samples does not apply to --from-split (use --examples)")
     if args.beam_size is None:  # sampling settings: refuse them before anything is printed
-        from .sampling import _check_sampling
         _check_sampling(args.temperature, args.top_k, args.top_p, args.greedy)
     if args.length_penalty is not None and not math.isfinite(args.length_penalty):
         raise ValueError(f"--length-penalty must be a finite number, got {args.length_penalty}")
@@ -147,8 +148,6 @@ class _Streamer:
 
 def _prompt_text(args) -> str:
     """The prompt, newlines normalised to ``\\n`` unless ``--raw-newlines``."""
-    from .data import normalize_newlines
-
     text = args.prompt if args.prompt is not None else ""
     if args.prompt_file is not None:
         try:
@@ -176,12 +175,6 @@ def _sample_kwargs(args, eos_id):
 
 
 def _from_split(args, model, tokenizer, device, generator, eos_id, out) -> str:
-    import numpy as np
-    import torch
-
-    from .data import load_split
-    from .sampling import generate
-
     ids = load_split(run_dir_of(args.checkpoint), args.from_split, tokenizer.vocab_size)
     block = model.max_context()
     n_prompt = args.prompt_tokens if args.prompt_tokens is not None else max(1, min(64, block // 2))
@@ -209,12 +202,6 @@ def _from_split(args, model, tokenizer, device, generator, eos_id, out) -> str:
 
 
 def run(args, out=None) -> None:
-    import torch
-
-    from .checkpoint import load_model
-    from .runtime import resolve_device
-    from .sampling import beam_search, generate
-
     out = out if out is not None else sys.stdout
     _check_args(args)
     device = resolve_device(args.device)
@@ -274,8 +261,6 @@ def run(args, out=None) -> None:
 
 def main(argv=None) -> int:
     """CLI entry point: returns the exit code (2 and one ``error:`` line for bad input)."""
-    from .cli import run_cli
-
     def body() -> int:
         run(build_parser().parse_args(argv))
         return 0

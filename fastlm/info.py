@@ -5,12 +5,15 @@ import argparse
 import platform
 import sys
 
+import torch
+
+from fastlm import ops
+from fastlm._version import __version__
+
+__all__ = ["report", "main"]
+
 
 def report() -> str:
-    import torch
-
-    from . import __version__, ops
-
     lines = [f"fastlm {__version__}  python {platform.python_version()}  torch {torch.__version__}"]
     try:
         import triton
@@ -22,10 +25,7 @@ def report() -> str:
     lines.append(f"CUDA available: {cuda} (device: {dev}; torch built with CUDA {torch.version.cuda})")
     mps = getattr(torch.backends, "mps", None)
     lines.append(f"MPS available: {bool(mps and mps.is_available())}")
-    from . import _ext
-    if _ext._C is not None:
-        lines.append(f"fastlm._C: {_ext._C.__file__}")
-        lines.append(f"C++ CPU kernels compiled for: {_ext._C.cpu_capability()}")
+    lines += [f"{name}: {about}" for name, about in ops.backend_details().items() if about]
     lines.append("backends:")
     for name, why in ops.backend_status().items():
         lines.append(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")

@@ -24,18 +24,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from fastlm import ops
+from fastlm.ops.positions import alibi_slopes, apply_rope, rope_tables
+from fastlm.errors import ConfigError
 
-__all__ = ["GPTConfig", "GPT", "KVCache", "alibi_slopes"]
+__all__ = ["GPTConfig", "GPT", "KVCache"]
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "gelu_tanh", "relu", "swiglu")  # gelu: exact erf; gelu_tanh: GPT-2's tanh form
 POSITIONS = ("learned", "sinusoidal", "alibi", "rope", "none")
 MAX_POSITIONS = 1 << 17  # the largest context any positional scheme here is built for
-
-
-class ConfigError(ValueError):
-    """An invalid model configuration (one line naming the field)."""
 
 
 @dataclass
@@ -121,21 +119,6 @@ class GPTConfig:
         return cls(**d)
 
 
-def alibi_slopes(n_head: int) -> Tensor:
-    """ALiBi head slopes (Press et al.): a geometric sequence 2^(-8/n), 2^(-16/n), ...; for a head
-    count that is not a power of two, the closest power's slopes plus every other slope of the next."""
-    def pow2_slopes(n):
-        start = 2.0 ** (-8.0 / n)
-        return [start ** (i + 1) for i in range(n)]
-
-    if math.log2(n_head).is_integer():
-        slopes = pow2_slopes(n_head)
-    else:
-        closest = 2 ** math.floor(math.log2(n_head))
-        slopes = pow2_slopes(closest) + pow2_slopes(2 * closest)[0::2][: n_head - closest]
-    return torch.tensor(slopes, dtype=torch.float32)
-
-
 def sinusoidal_table(n_pos: int, dim: int) -> Tensor:
     """The fixed sine/cosine position table of "Attention Is All You Need", ``(n_pos, dim)``."""
     pos = torch.arange(n_pos, dtype=torch.float32).unsqueeze(1)
@@ -144,15 +127,6 @@ def sinusoidal_table(n_pos: int, dim: int) -> Tensor:
     table[:, 0::2] = torch.sin(pos * inv)
     table[:, 1::2] = torch.cos(pos * inv[: dim // 2])
     return table
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) by position angles. x: (B, H, T, D) with cos/sin
-    (T, D/2), or x: (B, T, H, D) with cos/sin (T, 1, D/2)."""
-    d2 = x.shape[-1] // 2
-    x1, x2 = x[..., :d2].float(), x[..., d2:].float()
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.to(x.dtype)
 
 
 class KVCache:
@@ -313,11 +287,7 @@ class GPT(nn.Module):
         return self.config.block_size
 
     def _rope(self, start: int, T: int, device):
-        d = self.config.head_dim
-        inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
-        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
-        ang = torch.outer(pos, inv)  # (T, D/2)
-        return ang.cos(), ang.sin()
+        return rope_tables(self.config.head_dim, self.config.rope_theta, start, T, device)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
                 last_only: bool = False):
@@ -366,15 +336,3 @@ class GPT(nn.Module):
             dtype = torch.get_autocast_dtype(device.type) if on else p.dtype
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
                        device=device, dtype=dtype)
-
-    def configure_optimizer(self, weight_decay: float, lr: float, betas=(0.9, 0.95),
-                            device_type: str = "cpu") -> torch.optim.AdamW:
-        """AdamW with decoupled weight decay on 2-D weights only (matmuls, embeddings); fused on CUDA and CPU."""
-        from .optim import adamw_kwargs  # (optim is imported lazily: it needs nothing of the model)
-
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **adamw_kwargs(device_type))

@@ -3,19 +3,19 @@
 With no flags it trains a character-level model on the bundled Tiny Shakespeare, sized for a CPU
 (a 3x96 SwiGLU/RoPE model, 1200 steps: under two minutes on two cores), and writes
 ``runs/shakespeare-char/``. Every flag is generated from a config dataclass
-(:class:`~fastlm.train_config.TrainConfig`, and :class:`~fastlm.model.GPTConfig` for the model), so
+(:class:`~fastlm.training.settings.TrainConfig`, and :class:`~fastlm.model.GPTConfig` for the model), so
 defaults live in one place; ``--config run.toml|run.json`` sets many at once (flags on the command
 line win over the file).
 
-This module is the command line only: the work is done by :class:`fastlm.trainer.Trainer` (also the
-Python API), with the settings in :mod:`fastlm.train_config`, the run directory's life in
-:mod:`fastlm.rundir` and device/distributed setup in :mod:`fastlm.runtime`.
+This module is the command line only: the work is done by :class:`fastlm.training.trainer.Trainer` (also the
+Python API), with the settings in :mod:`fastlm.training.settings`, the run directory's life in
+:mod:`fastlm.training.rundir` and device/distributed setup in :mod:`fastlm.training.runtime`.
 
 GPU defaults profile: when ``--device`` resolves to CUDA (and ``--no-gpu-defaults`` is not given),
-every setting in :data:`~fastlm.train_config.GPU_DEFAULTS` that the user did not set (on the command
+every setting in :data:`~fastlm.training.settings.GPU_DEFAULTS` that the user did not set (on the command
 line or in the config file) takes the profile's value instead (nanoGPT's shakespeare-char recipe).
 
-Distributed: ``torchrun --nproc_per_node=N -m fastlm.train ...`` (see :mod:`fastlm.trainer`).
+Distributed: ``torchrun --nproc_per_node=N -m fastlm.train ...`` (see :mod:`fastlm.training.trainer`).
 
 Exit codes (:mod:`fastlm.cli`): 0 done (also after early stopping), 2 bad input (one ``error: ...``
 line on stderr), 3 non-finite loss, 4 I/O failure (disk full, read-only), 128+signal after Ctrl-C /
@@ -26,12 +26,12 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from .cli import run_cli
-from .config import ConfigFileError, OneLineParser, add_dataclass_args, load_config_file, merge_values
-from .model import GPTConfig
-from .schedule import LRSchedule
-from .train_config import CPU_MODEL_DEFAULTS, GPU_DEFAULTS, TrainConfig, TrainError
-from .trainer import Callback, Trainer
+from fastlm.cli import run_cli
+from fastlm.config import ConfigFileError, OneLineParser, add_dataclass_args, load_config_file, merge_values
+from fastlm.model import GPTConfig
+from fastlm.training.schedule import LRSchedule
+from fastlm.training.settings import CPU_MODEL_DEFAULTS, GPU_DEFAULTS, TrainConfig, TrainError
+from fastlm.training.trainer import Callback, Trainer
 
 __all__ = ["TrainConfig", "GPU_DEFAULTS", "CPU_MODEL_DEFAULTS", "LRSchedule", "TrainError", "main",
            "build_parser", "resolve_config"]

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._autograd import register_attention_autograd
+from fastlm.ops._autograd import register_attention_autograd
 from .launch import interpreting, is_traced, jit, pinned_configs, wrap
 
 __all__ = ["attention", "attention_forward", "attention_backward", "attention_decode",

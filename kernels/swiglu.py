@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._autograd import register_elementwise_autograd
+from fastlm.ops._autograd import register_elementwise_autograd
 from .launch import interpreting, is_traced, jit, wrap
 
 __all__ = ["swiglu", "swiglu_packed", "swiglu_forward", "swiglu_backward",

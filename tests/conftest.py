@@ -13,7 +13,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-from fastlm import data  # noqa: E402
+from fastlm.text import data  # noqa: E402
 
 
 def _corpus_file(tmp_path_factory, n_chars: int):

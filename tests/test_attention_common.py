@@ -1,7 +1,7 @@
 """The attention helpers the CUDA kernels inline (csrc/attention_common.h), run on the CPU.
 
 tests/csrc/attention_common_probe.cpp exposes them through C entry points; the test builds it with
-the host C++ compiler and checks them against fastlm.reference: the bottom-right causal mask, the
+the host C++ compiler and checks them against fastlm.ops.reference: the bottom-right causal mask, the
 tile predicates that let a kernel skip masking or a whole tile, the causal launch order, the
 exp2 (log2-unit) scores with the scale folded into one FMA, and the forward/backward tile walks
 of the CUDA kernels replayed in Python with these helpers (online softmax, LSE, P for dS).
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm import reference
+from fastlm.ops import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "csrc" / "attention_common_probe.cpp"

@@ -34,7 +34,7 @@ def test_kernels_is_a_fastlm_subpackage():
     """kernels/ is fastlm.kernels (the tree's folder, or the installed fastlm/kernels/), a namespace
     package: no __init__.py, so from the repo root it never shadows Hugging Face's ``kernels``."""
     import fastlm.kernels
-    from fastlm import _triton
+    from fastlm.ops import triton_backend as _triton
     (path,) = [pathlib.Path(p).resolve() for p in fastlm.kernels.__path__]
     in_repo = path == REPO / "kernels"
     installed = path.name == "kernels" and path.parent.name == "fastlm"
@@ -156,7 +156,7 @@ def test_pure_python_wheel_layout_and_install(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("fastlm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fastlm/kernels/attention.py" in names and "fastlm/_triton.py" in names
+    assert "fastlm/kernels/attention.py" in names and "fastlm/ops/triton_backend.py" in names
     assert "fastlm/data/tinyshakespeare.txt" in names
     assert not [n for n in names if n.startswith("kernels/")], "kernels/ must install as fastlm.kernels"
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
@@ -213,7 +213,7 @@ def test_sdist_carries_every_source_the_extension_needs(tmp_path):
 def test_extension_is_refused_on_a_cpu_without_its_vector_level():
     """A _C compiled for AVX-512 (or AVX2) on one machine is reported unavailable, with the way out,
     on a CPU that lacks those instructions, instead of dying of SIGILL in the first kernel."""
-    from fastlm import _ext
+    from fastlm.ops import extension as _ext
 
     avx2_only = {"sse4_2", "avx", "avx2", "fma", "f16c"}
     msg = _ext.build_mismatch("AVX512", avx2_only)
@@ -228,7 +228,7 @@ def test_extension_is_refused_on_a_cpu_without_its_vector_level():
 
 INSTALLED_BUILD_SCRIPT = textwrap.dedent("""
     import json, sys
-    import fastlm, fastlm._ext as e
+    import fastlm, fastlm.ops.extension as e
     print(json.dumps([fastlm.__file__, None if e._C is None else e._C.__file__, e._IMPORT_ERROR,
                       e._C is not None and e.CPP_BACKEND.unavailable_reason() is None]))
 """)
@@ -238,7 +238,7 @@ def test_a_checkout_run_beside_an_install_uses_the_installed_extension(tmp_path)
     """``pip install .`` then ``python -m fastlm.train`` at the repository root: the checkout's own
     fastlm/ (no built _C there) comes first on sys.path; it loads the installed _C when that was built
     from the checkout's exact csrc/, and refuses it, saying why, when the sources differ."""
-    from fastlm import _buildinfo, _ext
+    from fastlm.ops import _buildinfo, extension as _ext
     if _ext._C is None:
         pytest.skip(f"fastlm._C is not built here: {_ext._IMPORT_ERROR}")
     built = pathlib.Path(_ext._C.__file__)

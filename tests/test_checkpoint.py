@@ -1,4 +1,4 @@
-"""fastlm.checkpoint: safetensors + JSON checkpoints, crash-safe publishing, refusal of pickles,
+"""fastlm.io.checkpoint: safetensors + JSON checkpoints, crash-safe publishing, refusal of pickles,
 truncated / corrupted / incompatible files."""
 import json
 import os
@@ -7,10 +7,12 @@ import pickle
 import pytest
 import torch
 
-from fastlm import checkpoint
-from fastlm.checkpoint import CheckpointError
+from fastlm.io import checkpoint
+from fastlm.io import loading
+from fastlm.io.checkpoint import CheckpointError
+from fastlm.training.optim import build_optimizer
 from fastlm.model import GPT, GPTConfig
-from fastlm.tokenizers import build_tokenizer
+from fastlm.text.tokenizers import build_tokenizer
 from fastlm.train import main
 
 # --device cpu: the same CPU run also where a GPU is visible
@@ -46,11 +48,11 @@ class _Payload:
 
 
 def test_load_model_from_dir_and_file(run_dir):
-    model, tok, cfg = checkpoint.load_model(run_dir)
+    model, tok, cfg = loading.load_model(run_dir)
     assert isinstance(model, GPT) and not model.training
     assert tok.kind == "char" and tok.vocab_size == model.config.vocab_size
     assert cfg["model"]["n_layer"] == 1 and cfg["train"]["max_iters"] == 6
-    model2, _, _ = checkpoint.load_model(run_dir / "model.safetensors")
+    model2, _, _ = loading.load_model(run_dir / "model.safetensors")
     sd1, sd2 = model.state_dict(), model2.state_dict()
     assert sd1 and set(sd1) == set(sd2)
     for k in sd1:
@@ -62,7 +64,7 @@ def test_state_roundtrip_restores_optimizer_and_rng(tmp_path):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=7, block_size=8, n_layer=1, n_head=2, n_embd=8)
     model = GPT(cfg)
-    opt = model.configure_optimizer(0.1, 1e-2)
+    opt = build_optimizer(model, optimizer="adamw", weight_decay=0.1, lr=1e-2)
     x = torch.randint(0, 7, (2, 8))
     for _ in range(2):
         model(x, x)[1].backward()
@@ -77,7 +79,7 @@ def test_state_roundtrip_restores_optimizer_and_rng(tmp_path):
     assert ck["state"]["step"] == 2 and ck["state"]["extra"] == [1, 2]
     model2 = GPT(cfg)
     checkpoint.load_model_tensors(model2, ck["model"])
-    opt2 = model2.configure_optimizer(0.1, 1e-2)
+    opt2 = build_optimizer(model2, optimizer="adamw", weight_decay=0.1, lr=1e-2)
     opt2.load_state_dict(ck["optimizer"])
     # compare per parameter name: both states must cover every parameter, with the same keys
     # (step, exp_avg, exp_avg_sq) and equal values; an empty state on either side fails
@@ -108,10 +110,10 @@ def test_publish_order_keeps_previous_checkpoint_valid(run_dir, tmp_path):
     (run / ".model.safetensors.123.tmp").write_bytes(b"partial")
     ck = checkpoint.load_checkpoint(run)
     assert ck["dir"].name == before["dir"]
-    checkpoint.load_model(run)
+    loading.load_model(run)
     # the next successful save publishes a new dir and cleans the debris
-    model, _, cfg = checkpoint.load_model(run)
-    opt = model.configure_optimizer(0.1, 1e-3)
+    model, _, cfg = loading.load_model(run)
+    opt = build_optimizer(model, optimizer="adamw", weight_decay=0.1, lr=1e-3)
     js, tens = checkpoint.rng_state()
     new = checkpoint.save_checkpoint(run, model, opt, {"step": 7}, [(js, tens)], is_best=False,
                                      model_config=cfg["model"])
@@ -127,19 +129,19 @@ def test_truncated_and_corrupted_weights(run_dir, tmp_path):
     for n in (0, 5, 8, 100, len(good) // 2, len(good) - 1):
         weights.write_bytes(good[:n])
         with pytest.raises(CheckpointError, match="truncated|not a .*safetensors"):
-            checkpoint.load_model(run)
+            loading.load_model(run)
     bad = bytearray(good)
     bad[-3] ^= 0xFF  # flip a byte of tensor data
     weights.write_bytes(bytes(bad))
     with pytest.raises(CheckpointError, match="corrupted"):
-        checkpoint.load_model(run)
+        loading.load_model(run)
     bad = bytearray(good)
     bad[20] ^= 0x55  # inside the JSON header
     weights.write_bytes(bytes(bad))
     with pytest.raises(CheckpointError):
-        checkpoint.load_model(run)
+        loading.load_model(run)
     os.unlink(weights)
-    checkpoint.load_model(run)  # falls back to the latest checkpoint's best weights
+    loading.load_model(run)  # falls back to the latest checkpoint's best weights
 
 
 def test_corrupted_training_state(run_dir, tmp_path):
@@ -170,17 +172,17 @@ def test_incompatible_config(run_dir, tmp_path):
     cfg["model"]["n_embd"] = 32
     (run / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="another model config.*n_embd"):
-        checkpoint.load_model(run)
+        loading.load_model(run)
     cfg["model"]["n_embd"] = 16
     cfg["model"]["n_heads"] = 2
     (run / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="unknown model config key"):
-        checkpoint.load_model(run)
+        loading.load_model(run)
     del cfg["model"]["n_heads"]
     cfg["model"]["vocab_size"] += 1
     (run / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="tokenizer has"):
-        checkpoint.load_model(run)
+        loading.load_model(run)
     # weights of another architecture under a matching config
     model = GPT(GPTConfig(vocab_size=5, block_size=16, n_layer=2, n_head=2, n_embd=16))
     tensors = checkpoint.model_tensors(model)
@@ -199,12 +201,12 @@ def test_pickle_payloads_are_refused_without_running(run_dir, tmp_path):
     run = _copy_run(run_dir, tmp_path / "run")
     (run / "model.safetensors").write_bytes(payload)
     with pytest.raises(CheckpointError, match="pickle"):
-        checkpoint.load_model(run)
+        loading.load_model(run)
     # 2) a .pt / .bin path given directly
     for name in ("model.pt", "pytorch_model.bin", "x.ckpt"):
         (run / name).write_bytes(payload)
         with pytest.raises(CheckpointError, match="pickle"):
-            checkpoint.load_model(run / name)
+            loading.load_model(run / name)
     # 3) torch.save (zip) format and old protocols in the training state
     run2 = _copy_run(run_dir, tmp_path / "run2")
     ck = checkpoint.latest_checkpoint_dir(run2)
@@ -233,13 +235,13 @@ def test_tokenizer_problems_are_checkpoint_errors(run_dir, tmp_path):
     run = _copy_run(run_dir, tmp_path / "run")
     (run / "tokenizer.json").write_text("{")
     with pytest.raises(CheckpointError, match="tokenizer"):
-        checkpoint.load_model(run)
+        loading.load_model(run)
     os.unlink(run / "tokenizer.json")
     with pytest.raises(CheckpointError, match="tokenizer"):
-        checkpoint.load_model(run)
+        loading.load_model(run)
     build_tokenizer("char", "xyz").save(run / "tokenizer.json")
     with pytest.raises(CheckpointError, match="tokenizer has 4 ids"):
-        checkpoint.load_model(run)
+        loading.load_model(run)
 
 
 # ----------------------------------------------------------------- hostile run directories
@@ -336,14 +338,14 @@ def test_config_is_checked_against_the_weights_header_before_allocating(run_dir,
 
     monkeypatch.setattr(fastlm.model.GPT, "__init__", spy)
     with pytest.raises(CheckpointError) as ei:
-        checkpoint.load_model(run)
+        loading.load_model(run)
     _one_line(ei, "config.json", needle)
     assert all(d == "meta" for d in devices), f"a real model was built: {devices}"
     # the untouched run still loads, building the real model once
     monkeypatch.undo()
     run2 = _copy_run(run_dir, tmp_path / "run2")
     _strip_config_metadata(run2)
-    assert isinstance(checkpoint.load_model(run2)[0], GPT)
+    assert isinstance(loading.load_model(run2)[0], GPT)
 
 
 def test_position_table_cannot_outgrow_the_weights_file(run_dir, tmp_path, monkeypatch):
@@ -352,12 +354,12 @@ def test_position_table_cannot_outgrow_the_weights_file(run_dir, tmp_path, monke
     run = _copy_run(run_dir, tmp_path / "run")
     _strip_config_metadata(run)
     _set_model_config(run, pos="sinusoidal")  # same parameters as rope: the shapes match
-    assert isinstance(checkpoint.load_model(run)[0], GPT)
+    assert isinstance(loading.load_model(run)[0], GPT)
     _set_model_config(run, pos="sinusoidal", block_size=1 << 17)  # an 8 MiB table
-    assert isinstance(checkpoint.load_model(run)[0], GPT)  # within the slack
+    assert isinstance(loading.load_model(run)[0], GPT)  # within the slack
     monkeypatch.setattr(checkpoint, "MODEL_BYTES_SLACK", 1 << 20)
     with pytest.raises(CheckpointError) as ei:
-        checkpoint.load_model(run)
+        loading.load_model(run)
     _one_line(ei, "config.json describes a model of", "weights file")
 
 
@@ -407,7 +409,7 @@ def test_special_files_in_a_run_are_refused_unread(run_dir, tmp_path, no_hang, t
     else:
         os.mkfifo(run / target)
     with pytest.raises(CheckpointError) as ei:
-        checkpoint.load_checkpoint(run) if target == "latest" else checkpoint.load_model(run)
+        checkpoint.load_checkpoint(run) if target == "latest" else loading.load_model(run)
     _one_line(ei, "a device" if kind == "dev_zero" else "a FIFO", "not a regular file")
 
 
@@ -415,10 +417,10 @@ def test_run_json_files_have_size_and_depth_limits(run_dir, tmp_path, monkeypatc
     run = _copy_run(run_dir, tmp_path / "run")
     (run / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CheckpointError) as ei:
-        checkpoint.load_model(run)
+        loading.load_model(run)
     _one_line(ei, "nests JSON too deeply")
     monkeypatch.setattr(checkpoint, "MAX_JSON_BYTES", 1000)
     (run / "config.json").write_text(json.dumps({"pad": "x" * 2000}))
     with pytest.raises(CheckpointError) as ei:
-        checkpoint.load_model(run)
+        loading.load_model(run)
     _one_line(ei, "too large", "limit is 1000")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fastlm import ops
-from fastlm import _ext
-from fastlm.reference import naive_attention, attention_forward
+from fastlm.ops import extension as _ext
+from fastlm.ops.reference import naive_attention, attention_forward
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"{_ext._IMPORT_ERROR}")
 
@@ -72,7 +72,7 @@ def assert_two_x(out, base, ref, what):
 
 
 def _base_fn(causal, scale, slopes, dtype, q, k):
-    if ops.TORCH_BACKEND.attention_unsupported(q, k, k, causal, scale, slopes) is None:
+    if ops.torch_backend.BACKEND.attention_unsupported(q, k, k, causal, scale, slopes) is None:
         return lambda a, b_, c: ops.attention(a, b_, c, causal=causal, scale=scale,
                                               alibi_slopes=slopes, backend="torch")
     return lambda a, b_, c: naive_attention(a, b_, c, causal, scale, slopes, dtype=dtype).to(dtype)

@@ -164,7 +164,7 @@ def _two_x(x, base, ref, what, floor=0.0):
 
 
 def _naive_with_grads(q, k, v, dout, causal, scale, dtype):
-    from fastlm.reference import naive_attention
+    from fastlm.ops.reference import naive_attention
 
     leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
     out = naive_attention(*leaves, causal=causal, scale=scale, dtype=dtype)
@@ -173,7 +173,7 @@ def _naive_with_grads(q, k, v, dout, causal, scale, dtype):
 
 
 def reference_mask(t_q, t_k):
-    from fastlm.reference import causal_mask
+    from fastlm.ops.reference import causal_mask
 
     return causal_mask(t_q, t_k, device="cuda")
 

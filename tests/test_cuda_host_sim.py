@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm.model import alibi_slopes
-from fastlm.reference import attention_forward, naive_attention
+from fastlm.ops.positions import alibi_slopes
+from fastlm.ops.reference import attention_forward, naive_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = shutil.which("c++") or shutil.which("g++")

@@ -1,4 +1,4 @@
-"""fastlm.data: corpora (file / files / folder / CSV / JSONL), UTF-8 errors, splits, token cache,
+"""fastlm.text.data: corpora (file / files / folder / CSV / JSONL), UTF-8 errors, splits, token cache,
 batch sampling and the whole-split loss."""
 import json
 import math
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastlm import data
-from fastlm.data import DataError
+from fastlm.text import data
+from fastlm.text.data import DataError
 from fastlm.model import GPT, GPTConfig
-from fastlm.tokenizers import build_tokenizer
+from fastlm.text.tokenizers import build_tokenizer
 
 
 def test_default_corpus_is_bundled():

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from fastlm import checkpoint
+from fastlm.io import checkpoint
 from fastlm.train import main
 
 pytestmark = pytest.mark.slow

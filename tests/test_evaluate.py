@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastlm import checkpoint, data, tokenizers, train
+from fastlm.io import checkpoint
+from fastlm.io import loading
+from fastlm.text import data, tokenizers
+from fastlm import train
 from fastlm.evaluate import evaluate, main
 
 TEXT = ("MENENIUS:\nEither you must confess yourselves wondrous malicious,\nOr be accused of folly.\n\n"
@@ -85,7 +88,7 @@ def test_val_split_json_matches_brute_force(run, capsys):
     rc, out, err = cli(capsys, "--checkpoint", run, "--split", "val", "--json", "--batch-size", "3")
     assert rc == 0, err
     res = json.loads(out)
-    model, tok, _ = checkpoint.load_model(run)
+    model, tok, _ = loading.load_model(run)
     val = data.load_split(run, "val")
     ref = brute_force_loss(model, val, 32)
     assert res["loss"] == pytest.approx(ref, rel=1e-5)
@@ -106,7 +109,7 @@ def test_table_and_default_split(run, capsys):
 
 
 def test_text_file_equals_the_same_split(run, capsys, tmp_path):
-    tok = checkpoint.load_model(run)[1]
+    tok = loading.load_model(run)[1]
     val = data.load_split(run, "val")
     path = tmp_path / "val.txt"
     path.write_text(tok.decode(val.astype(np.int64).tolist()), encoding="utf-8")
@@ -141,7 +144,7 @@ def test_text_file_newlines_follow_the_run(run, capsys, tmp_path):
 
 def test_bits_per_char_for_bpe(tmp_path):
     run = make_run(tmp_path / "bpe", tokenizer="bpe", vocab_size=300)
-    model, tok, _ = checkpoint.load_model(run)
+    model, tok, _ = loading.load_model(run)
     ids = np.asarray(tok.encode(TEXT[:300]), dtype=np.int64)
     res = evaluate(model, tok, ids, batch_size=2)
     assert res["tokens"] == len(ids) - 1
@@ -194,7 +197,7 @@ def test_end_to_end_with_the_train_cli(tmp_path, capsys):
     rc, out, err = cli(capsys, "--checkpoint", run, "--json")
     assert rc == 0, err
     res = json.loads(out)
-    vocab = checkpoint.load_model(run)[1].vocab_size
+    vocab = loading.load_model(run)[1].vocab_size
     assert res["loss"] < math.log(vocab) - 0.5, "30 steps of training must beat a uniform guess"
     assert res["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
     assert generate_main(["--checkpoint", run, "--prompt", "SICINIUS:", "--max-new-tokens", "20"]) == 0

@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
-from fastlm import checkpoint, data, tokenizers
+from fastlm.io import checkpoint
+from fastlm.io import loading
+from fastlm.text import data, tokenizers
 from fastlm.generate import SEPARATOR, _Streamer, main
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -71,7 +73,7 @@ def test_sample_matches_the_api_and_seed(run, capsys):
     rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "25",
                        "--seed", "3", "--top-k", "10", "--device", "cpu")
     assert rc == 0, err
-    model, tok, _ = checkpoint.load_model(run)
+    model, tok, _ = loading.load_model(run)
     ids = generate(model, torch.tensor([tok.encode("First")]), 25, temperature=0.8, top_k=10,
                    generator=torch.Generator().manual_seed(3))
     assert out == "First" + tok.decode(ids[0, 5:].tolist()) + "\n"
@@ -109,7 +111,7 @@ def test_empty_prompt_starts_at_document_boundary(run, capsys):
 
     rc, out, err = cli(capsys, "--checkpoint", run, "--max-new-tokens", "10", "--device", "cpu")
     assert rc == 0, err
-    model, tok, _ = checkpoint.load_model(run)
+    model, tok, _ = loading.load_model(run)
     ids = generate(model, torch.tensor([[tok.eos_id]]), 10, temperature=0.8,
                    generator=torch.Generator().manual_seed(1337))
     assert ids.shape == (1, 11) and ids[0, 0] == tok.eos_id
@@ -151,7 +153,7 @@ def test_from_split_shows_prompt_model_and_truth(run, capsys):
                        "--prompt-tokens", "10", "--max-new-tokens", "7")
     assert rc == 0, err
     assert out.count("--- prompt ---") == out.count("--- model ---") == out.count("--- true ---") == 2
-    tok = checkpoint.load_model(run)[1]
+    tok = loading.load_model(run)[1]
     val = data.load_split(run, "val")
     val_text = tok.decode(val.astype("int64").tolist())
     blocks = out.split("=== example ")[1:]

@@ -96,7 +96,7 @@ def test_tree_kernels_import_without_an_install():
         "print(list(fastlm.kernels.__path__))\n"
         "import fastlm.kernels.attention as a, fastlm.kernels.launch as l\n"
         "from fastlm import ops\n"
-        "print(a.__file__); print(ops._load('triton') is not None)\n")
+        "print(a.__file__); print(ops.backend._load('triton') is not None)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.split("\n")

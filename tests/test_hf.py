@@ -1,4 +1,4 @@
-"""Hugging Face interop (fastlm.hf, fastlm.export, hf:DIR everywhere a checkpoint is read).
+"""Hugging Face interop (fastlm.io.hf_import, fastlm.export, hf:DIR everywhere a checkpoint is read).
 
 Tiny random transformers models built here (from_config + save_pretrained, tokenizers trained with
 the tokenizers library): logits parity on every CPU backend, greedy decoding with and without the
@@ -17,14 +17,19 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from fastlm import checkpoint, data, ops  # noqa: E402
+from fastlm.io import checkpoint  # noqa: E402
+from fastlm.io import loading
+from fastlm.text import data
+from fastlm import ops
 from fastlm import evaluate as evaluate_cli  # noqa: E402
 from fastlm import export as export_cli  # noqa: E402
 from fastlm import generate as generate_cli  # noqa: E402
-from fastlm import hf  # noqa: E402
+from fastlm.errors import HFError  # noqa: E402
+from fastlm.io import hf_common, hf_export, hf_import  # noqa: E402
 from fastlm.model import GPT, GPTConfig  # noqa: E402
+from fastlm.training.settings import train_command  # noqa: E402
 from fastlm.sampling import generate  # noqa: E402
-from fastlm.tokenizers import HFTokenizer, TokenizerError, build_tokenizer  # noqa: E402
+from fastlm.text.tokenizers import HFTokenizer, TokenizerError, build_tokenizer  # noqa: E402
 
 TEXT = data.default_corpus().read_text(encoding="utf-8")[:12000]
 ATOL = 1e-4  # the issue's bound for fp32 logits
@@ -122,7 +127,7 @@ def ids_batch(vocab, T=40, B=2, seed=0):
 @pytest.mark.parametrize("name", list(HF_KINDS))
 def test_import_logits_match_transformers(hf_dirs, name, backend):
     folder, ref = hf_dirs[name]
-    ours, tok, run_config = hf.load_hf_model(str(folder), backend=backend)
+    ours, tok, run_config = hf_import.load_hf_model(str(folder), backend=backend)
     cfg = ours.config
     assert cfg.backend == backend and run_config["model"]["backend"] == backend
     idx = ids_batch(cfg.vocab_size)
@@ -134,20 +139,20 @@ def test_import_logits_match_transformers(hf_dirs, name, backend):
 
 
 def test_import_maps_config_fields(hf_dirs):
-    cfg = checkpoint.load_model(f"hf:{hf_dirs['llama-gqa-untied'][0]}")[0].config
+    cfg = loading.load_model(f"hf:{hf_dirs['llama-gqa-untied'][0]}")[0].config
     assert (cfg.pos, cfg.mlp, cfg.norm, cfg.n_kv_head, cfg.tie_embeddings, cfg.rope_theta, cfg.norm_eps, cfg.bias) == \
         ("rope", "swiglu", "rmsnorm", 2, False, 500000.0, 1e-6, False)
-    cfg = checkpoint.load_model(f"hf:{hf_dirs['gpt2'][0]}")[0].config
+    cfg = loading.load_model(f"hf:{hf_dirs['gpt2'][0]}")[0].config
     assert (cfg.pos, cfg.mlp, cfg.norm, cfg.tie_embeddings, cfg.bias, cfg.block_size) == \
         ("learned", "gelu_tanh", "layernorm", True, True, 96)
-    cfg = checkpoint.load_model(f"hf:{hf_dirs['stablelm-qkv-bias'][0]}")[0].config
+    cfg = loading.load_model(f"hf:{hf_dirs['stablelm-qkv-bias'][0]}")[0].config
     assert (cfg.norm, cfg.bias, cfg.n_kv_head) == ("layernorm", True, 2)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied", "stablelm-qkv-bias"])
 def test_greedy_decoding_matches_transformers_with_and_without_cache(hf_dirs, name):
     folder, ref = hf_dirs[name]
-    model = checkpoint.load_model(f"hf:{folder}")[0]
+    model = loading.load_model(f"hf:{folder}")[0]
     prompt = ids_batch(model.config.vocab_size, T=5, B=2, seed=3)
     cached = generate(model, prompt, 32, greedy=True, use_cache=True)
     uncached = generate(model, prompt, 32, greedy=True, use_cache=False)
@@ -159,7 +164,7 @@ def test_greedy_decoding_matches_transformers_with_and_without_cache(hf_dirs, na
 
 
 def _logits_match(folder, ref):
-    model = checkpoint.load_model(f"hf:{folder}")[0]
+    model = loading.load_model(f"hf:{folder}")[0]
     idx = ids_batch(model.config.vocab_size, T=20)
     with torch.no_grad():
         return (model(idx)[0] - ref(idx).logits.float()).abs().max().item() <= ATOL
@@ -201,7 +206,7 @@ def load_file_dtype(path):
 
 def test_imported_tokenizer_matches_autotokenizer(hf_dirs):
     folder = hf_dirs["gpt2"][0]
-    tok = checkpoint.load_model(f"hf:{folder}")[1]
+    tok = loading.load_model(f"hf:{folder}")[1]
     auto = transformers.AutoTokenizer.from_pretrained(str(folder))
     for text in SAMPLES + ["a literal <|endoftext|> inside"]:
         ids = auto(text, add_special_tokens=False)["input_ids"]
@@ -214,16 +219,16 @@ def test_vocab_and_merges_without_tokenizer_json(tmp_path, hf_dirs, bpe_tokenize
     hf_dirs["gpt2"][1].save_pretrained(folder)
     bpe_tokenizer.model.save(str(folder))  # vocab.json + merges.txt only
     assert not (folder / "tokenizer.json").exists()
-    tok = checkpoint.load_model(f"hf:{folder}")[1]
+    tok = loading.load_model(f"hf:{folder}")[1]
     auto = transformers.AutoTokenizer.from_pretrained(str(folder))  # GPT-2's own vocab + merges reader
     for text in SAMPLES:
         assert tok.encode(text) == auto(text, add_special_tokens=False)["input_ids"]
 
 
 def test_hf_tokenizer_round_trips_through_its_json(hf_dirs, tmp_path):
-    tok = checkpoint.load_model(f"hf:{hf_dirs['gpt2'][0]}")[1]
+    tok = loading.load_model(f"hf:{hf_dirs['gpt2'][0]}")[1]
     tok.save(tmp_path / "tok.json")
-    from fastlm.tokenizers import load_tokenizer
+    from fastlm.text.tokenizers import load_tokenizer
     again = load_tokenizer(tmp_path / "tok.json")
     assert isinstance(again, HFTokenizer) and again.eos_id == tok.eos_id
     assert all(again.encode(t) == tok.encode(t) for t in SAMPLES)
@@ -253,8 +258,8 @@ def test_import_refuses_what_fastlm_cannot_represent(hf_dirs, tmp_path, field, v
     if field == "rope_scaling":
         cfg["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(hf.HFError) as e:
-        checkpoint.load_model(f"hf:{folder}")
+    with pytest.raises(HFError) as e:
+        loading.load_model(f"hf:{folder}")
     msg = str(e.value)
     assert "\n" not in msg and (field if field != "rope_scaling" else "rope") in msg
 
@@ -266,8 +271,8 @@ def test_import_refuses_stablelm_variants(hf_dirs, tmp_path, field, value):
     cfg = json.loads((src / "config.json").read_text())
     cfg[field] = value
     cfg.get("rope_parameters", {}).pop("partial_rotary_factor", None)
-    with pytest.raises(hf.HFError, match=field):
-        hf.from_hf_config(cfg)
+    with pytest.raises(HFError, match=field):
+        hf_import.from_hf_config(cfg)
 
 
 @pytest.mark.parametrize("edit", ["drop-hidden-size", "bad-type", "wrong-shape"])
@@ -293,26 +298,26 @@ def test_broken_model_directory_is_one_line(hf_dirs, tmp_path, capsys, edit):
 def test_omitted_config_fields_take_transformers_defaults(hf_dirs):
     cfg = json.loads((hf_dirs["llama-gqa-untied"][0] / "config.json").read_text())
     del cfg["tie_word_embeddings"], cfg["rms_norm_eps"]  # LlamaConfig: untied, 1e-6
-    got = hf.from_hf_config(cfg)
+    got = hf_import.from_hf_config(cfg)
     assert got.tie_embeddings is False and got.norm_eps == 1e-6
     cfg = json.loads((hf_dirs["stablelm-qkv-bias"][0] / "config.json").read_text())
     cfg["rope_parameters"].pop("partial_rotary_factor")  # StableLmConfig's default is 0.25: refused
-    with pytest.raises(hf.HFError, match="partial_rotary_factor=0.25"):
-        hf.from_hf_config(cfg)
+    with pytest.raises(HFError, match="partial_rotary_factor=0.25"):
+        hf_import.from_hf_config(cfg)
 
 
 def test_pickle_only_directory_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x02")
     with pytest.raises(checkpoint.CheckpointError, match="pickle"):
-        checkpoint.load_model(f"hf:{tmp_path}")
+        loading.load_model(f"hf:{tmp_path}")
 
 
 def test_hub_name_not_cached_says_how_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(hf.HFError, match="hf download someone/tiny-model"):
-        hf.resolve_hf_dir("someone/tiny-model")
+    with pytest.raises(HFError, match="hf download someone/tiny-model"):
+        hf_import.resolve_hf_dir("someone/tiny-model")
 
 
 def test_hub_name_found_in_the_cache(tmp_path, monkeypatch, hf_dirs):
@@ -327,7 +332,7 @@ def test_hub_name_found_in_the_cache(tmp_path, monkeypatch, hf_dirs):
     (repo / "refs" / "main").write_text("a" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    model = checkpoint.load_model("hf:someone/tiny-gpt2")[0]
+    model = loading.load_model("hf:someone/tiny-gpt2")[0]
     assert model.config.n_layer == 2
 
 
@@ -351,6 +356,7 @@ def make_run(folder, spec, **model_kw):
     model = _perturb(GPT(cfg))
     run_config = {"model": cfg.to_dict(), "train": {"data": ["shakespeare.txt"], "tokenizer": spec, "max_iters": 7},
                   "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id}}
+    run_config["command"] = train_command(run_config)
     checkpoint.write_run_files(folder, run_config, tok)
     checkpoint.save_weights(folder / "model.safetensors", checkpoint.model_tensors(model),
                             {"fastlm_model_config": json.dumps(cfg.to_dict(), sort_keys=True)})
@@ -367,7 +373,7 @@ def exported(tmp_path_factory):
     for name, (spec, kw, _) in EXPORTS.items():
         run = root / name
         model, tok = make_run(run, spec, **kw)
-        info = hf.export(run, root / f"{name}-hf")
+        info = hf_export.export_model(run, root / f"{name}-hf")
         out[name] = (run, root / f"{name}-hf", model, tok, info)
     return out
 
@@ -379,7 +385,7 @@ def test_export_loads_in_transformers_with_equal_logits(exported, name):
     print(f"export parity {name} -> {info['model_type']}: max abs logit diff {info['max_abs_logit_diff']:.2e}")
     assert info["max_abs_logit_diff"] <= ATOL
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(folder))  # no trust_remote_code
-    assert type(ref).__name__ == hf.HF_CLASSES[info["model_type"]]
+    assert type(ref).__name__ == hf_common.HF_CLASSES[info["model_type"]]
     idx = ids_batch(model.config.vocab_size, T=64, B=3, seed=7)
     with torch.no_grad():
         assert (model(idx)[0] - ref(idx).logits).abs().max().item() <= ATOL
@@ -415,7 +421,7 @@ def test_tiktoken_file_tokenizer_exports_as_byte_level_bpe(tmp_path):
     path = tmp_path / "mine.tiktoken"
     path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
     tok = build_tokenizer(f"tiktoken:{path}", "")
-    hf_tok, specials, split = hf.to_hf_tokenizer(tok)
+    hf_tok, specials, split = hf_export.to_hf_tokenizer(tok)
     assert specials == {"eos_token": "<|endoftext|>"} and split
     assert hf_tok.token_to_id("<|endoftext|>") == tok.eos_id
     spread = "".join(chr(c) + " 1a"[c % 3] for c in range(0, 0x30000, 5) if not 0xD800 <= c < 0xE000)
@@ -435,7 +441,7 @@ def test_word_tokenizer_export_follows_python_unicode_rules(lowercase):
     import unicodedata
     sample = "नमस्ते दुनिया x\u00b2 a\u203fb " + unicodedata.normalize("NFD", "Élan café ΟΔΥΣΣΕΥ \u2160")
     tok = build_tokenizer("word", TEXT[:3000] + sample, lowercase=lowercase)
-    hf_tok = hf.to_hf_tokenizer(tok)[0]
+    hf_tok = hf_export.to_hf_tokenizer(tok)[0]
     rust_lower = tokenizers.normalizers.Lowercase().normalize_str
     everything = "".join(chr(c) for c in range(0x20, 0x30000, 3) if not 0xD800 <= c < 0xE000
                          and not (lowercase and rust_lower(chr(c)) != chr(c).lower()))
@@ -448,7 +454,7 @@ def test_word_tokenizer_export_follows_python_unicode_rules(lowercase):
 @pytest.mark.parametrize("name", ["bpe-gpt2-nobias", "word-llama-gqa", "char-default-recipe"])
 def test_export_then_import_is_bit_identical(exported, name):
     run, folder, model, tok, info = exported[name]
-    back, back_tok, _ = checkpoint.load_model(f"hf:{folder}")
+    back, back_tok, _ = loading.load_model(f"hf:{folder}")
     assert {k: v for k, v in back.config.to_dict().items()} == model.config.to_dict()
     want, got = checkpoint.model_tensors(model), checkpoint.model_tensors(back)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
@@ -460,7 +466,7 @@ def test_export_then_import_is_bit_identical(exported, name):
 
 
 def test_imported_model_exports_again(hf_dirs, tmp_path):
-    info = hf.export(f"hf:{hf_dirs['llama-gqa-untied'][0]}", tmp_path / "again")
+    info = hf_export.export_model(f"hf:{hf_dirs['llama-gqa-untied'][0]}", tmp_path / "again")
     assert info["model_type"] == "llama" and info["max_abs_logit_diff"] <= ATOL
     card = (tmp_path / "again" / "README.md").read_text()
     assert "data: unknown" in card and "converted from the transformers model" in card
@@ -501,7 +507,7 @@ def test_export_never_overwrites_without_flag(tmp_path, capsys):
 
 def test_failed_self_check_writes_nothing(tmp_path, capsys, monkeypatch):
     make_run(tmp_path / "run", "char", pos="rope", mlp="swiglu")
-    real = export_cli.to_hf_tensors
+    real = hf_export.to_hf_tensors
 
     def wrong_layout(tensors, cfg, hf_cfg):  # a swapped q/k layout: what an approximate export looks like
         out = real(tensors, cfg, hf_cfg)
@@ -509,7 +515,7 @@ def test_failed_self_check_writes_nothing(tmp_path, capsys, monkeypatch):
         out[k] = out[k].flip(0).contiguous()
         return out
 
-    monkeypatch.setattr(export_cli, "to_hf_tensors", wrong_layout)
+    monkeypatch.setattr(hf_export, "to_hf_tensors", wrong_layout)
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
@@ -561,8 +567,8 @@ def test_fine_tune_from_hf_starts_at_the_hf_loss(hf_dirs, tmp_path, capsys):
         hf_loss = ref(input_ids=x).logits.float().flatten(0, 1)
         hf_loss = torch.nn.functional.cross_entropy(hf_loss, y.flatten()).item()
     assert abs(first - hf_loss) <= 1e-4, (first, hf_loss)
-    model, tok, _ = checkpoint.load_model(out)  # the fine-tuned run reads back with the HF tokenizer
-    source_tok = checkpoint.load_model(f"hf:{folder}")[1]
+    model, tok, _ = loading.load_model(out)  # the fine-tuned run reads back with the HF tokenizer
+    source_tok = loading.load_model(f"hf:{folder}")[1]
     assert isinstance(tok, HFTokenizer) and tok.encode(SAMPLES[0]) == source_tok.encode(SAMPLES[0])
 
 
@@ -582,7 +588,7 @@ def test_gentle_fine_tune_of_an_hf_model_moves_no_weight(hf_dirs, tmp_path, caps
     assert rc == 0, res.err
     assert "optimizer: adamw (peak lr 1e-08 for every parameter)" in res.out
     assert json.loads((out / "config.json").read_text())["train"]["optimizer"] == "adamw"
-    source = checkpoint.model_tensors(checkpoint.load_model(f"hf:{folder}")[0])
+    source = checkpoint.model_tensors(loading.load_model(f"hf:{folder}")[0])
     tuned, _ = checkpoint.load_weights(out / "model.safetensors")
     assert set(tuned) == set(source)
     assert max((tuned[k] - source[k]).abs().max().item() for k in source) <= 1e-6
@@ -605,7 +611,7 @@ def test_export_from_the_repo_root(tmp_path):
 # ---- packaging ------------------------------------------------------------------------------------
 
 def test_import_fastlm_never_imports_transformers():
-    code = ("import sys, fastlm, fastlm.checkpoint, fastlm.hf, fastlm.export, fastlm.tokenizers; "
+    code = ("import sys, fastlm, fastlm.io.checkpoint, fastlm.io.hf_import, fastlm.io.hf_export, fastlm.io.loading, fastlm.export, fastlm.text.tokenizers; "
             "bad = [m for m in ('transformers', 'tokenizers', 'huggingface_hub') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -616,7 +622,7 @@ def test_import_fastlm_never_imports_transformers():
 def test_missing_extra_says_how_to_install(monkeypatch, hf_dirs):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(checkpoint.CheckpointError, match=r"pip install 'fastlm\[hf\]'"):
-        checkpoint.load_model(f"hf:{hf_dirs['gpt2'][0]}")
+        loading.load_model(f"hf:{hf_dirs['gpt2'][0]}")
 
 
 def test_export_without_the_extras(tmp_path, capsys, monkeypatch):
@@ -639,7 +645,7 @@ def test_runs_saved_before_norm_eps_still_load(tmp_path):
     (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
     checkpoint.save_weights(tmp_path / "run" / "model.safetensors", checkpoint.model_tensors(model),
                             {"fastlm_model_config": json.dumps(old, sort_keys=True)})
-    assert checkpoint.load_model(tmp_path / "run")[0].config.norm_eps == 1e-5
+    assert loading.load_model(tmp_path / "run")[0].config.norm_eps == 1e-5
 
 
 def test_model_dir_with_a_fifo_is_refused_without_reading_it(tmp_path, no_hang):
@@ -648,4 +654,4 @@ def test_model_dir_with_a_fifo_is_refused_without_reading_it(tmp_path, no_hang):
     folder.mkdir()
     os.mkfifo(folder / "config.json")
     with pytest.raises(checkpoint.CheckpointError, match="not a regular file"):
-        checkpoint.load_model(f"hf:{folder}")
+        loading.load_model(f"hf:{folder}")

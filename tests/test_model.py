@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from fastlm import ops
-from fastlm.model import GPT, GPTConfig, KVCache, alibi_slopes
+from fastlm.model import GPT, GPTConfig, KVCache
+from fastlm.ops.positions import alibi_slopes
+from fastlm.training.optim import build_optimizer
 from fastlm.model import ConfigError, MLPS, NORMS, POSITIONS
 
 TINY = dict(vocab_size=37, block_size=32, n_layer=2, n_head=4, n_embd=32)
@@ -295,9 +297,9 @@ def test_alibi_slopes():
 
 
 # ---- optimizer ----------------------------------------------------------------------------------
-def test_configure_optimizer_groups():
+def test_adamw_groups():
     model = tiny(bias=True, tie_embeddings=True)
-    opt = model.configure_optimizer(weight_decay=0.1, lr=1e-3)
+    opt = build_optimizer(model, optimizer="adamw", weight_decay=0.1, lr=1e-3)
     assert isinstance(opt, torch.optim.AdamW)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -375,7 +377,7 @@ def test_overfits_a_repeated_sequence():
     pattern = torch.randint(0, 16, (8,), generator=torch.Generator().manual_seed(0))
     seq = pattern.repeat(5)[:33]
     x, y = seq[:-1].unsqueeze(0).repeat(4, 1), seq[1:].unsqueeze(0).repeat(4, 1)
-    opt = model.configure_optimizer(weight_decay=0.0, lr=1e-2)
+    opt = build_optimizer(model, optimizer="adamw", weight_decay=0.0, lr=1e-2)
     losses = []
     for _ in range(50):
         _, loss = model(x, y)

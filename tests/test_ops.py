@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastlm import ops
 from fastlm.model import alibi_slopes
 from fastlm.ops import BackendUnavailableError
-from fastlm.reference import naive_attention
+from fastlm.ops.reference import naive_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,7 +51,7 @@ def require_backend(name):
     dev = _device_for(name)
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip(f"backend {name!r} needs a CUDA device")
-    return ops._load(name), dev
+    return ops.backend._load(name), dev
 
 
 def make_qkv(b, h, h_kv, t_q, t_k, d, dtype, device="cpu", seed=0):
@@ -323,10 +323,10 @@ def test_swiglu_packed_rejects_bad_input(x, exc, words):
 def calls(monkeypatch):
     """Record which backend object runs each op (wrapping every loadable backend)."""
     monkeypatch.delenv("FASTLM_BACKEND", raising=False)
-    monkeypatch.setattr(ops, "_logged", set())
+    monkeypatch.setattr(ops.backend, "_logged", set())
     record = []
     for name in ops.BACKENDS:
-        obj = ops._load(name)
+        obj = ops.backend._load(name)
         if obj is None:
             continue
         for op in ("attention", "swiglu"):
@@ -374,7 +374,7 @@ def test_unavailable_backend_raises_with_reason():
 def test_explicit_backend_that_cannot_run_the_call_raises():
     q = torch.randn(1, 2, 9, 8)
     k = torch.randn(1, 2, 4, 8)
-    reason = ops.TORCH_BACKEND.attention_unsupported(q, k, k, True, 0.3, None)
+    reason = ops.torch_backend.BACKEND.attention_unsupported(q, k, k, True, 0.3, None)
     assert reason is not None  # SDPA cannot give zeros for fully masked rows
     with pytest.raises(BackendUnavailableError, match="fully masked"):
         ops.attention(q, k, k, causal=True, backend="torch")
@@ -403,7 +403,7 @@ def test_env_overrides_auto(calls, monkeypatch):
 def _cpp_gemm_max_tk() -> int:
     if ops.backend_status()["cpp"] is not None:
         return 0
-    from fastlm._ext import CPP_BACKEND
+    from fastlm.ops.extension import CPP_BACKEND
     return CPP_BACKEND.gemm_max_tk
 
 

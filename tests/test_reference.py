@@ -1,4 +1,4 @@
-"""fastlm.reference: the oracle itself, checked against the float64 textbook formula.
+"""fastlm.ops.reference: the oracle itself, checked against the float64 textbook formula.
 
 Forward to 1e-6 relative in float32, hand-written backward by gradcheck (float64) and against
 autograd of the naive formula, fp16/bf16 with FlashAttention's 2x rule, fully masked rows, NaN/Inf.
@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from fastlm import reference
-from fastlm.model import alibi_slopes
-from fastlm.reference import naive_attention
+from fastlm.ops import reference
+from fastlm.ops.positions import alibi_slopes
+from fastlm.ops.reference import naive_attention
 
 # (name, B, H, H_kv, T_q, T_k, D, causal, alibi)
 CASES = [

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastlm import checkpoint, data
+from fastlm.io import checkpoint
+from fastlm.io import loading
+from fastlm.text import data
 from fastlm.train import main
-from fastlm.trainer import Callback
+from fastlm.training.trainer import Callback
 
 # --device cpu: the same CPU run also where a GPU is visible
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
@@ -71,7 +73,7 @@ def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
         proc.wait()
         # after every kill: the published checkpoint and the best model load
         ck = checkpoint.load_checkpoint(run)
-        model, tok, cfg = checkpoint.load_model(run)
+        model, tok, cfg = loading.load_model(run)
         steps.append(ck["state"]["step"])
         assert steps[-1] >= max(steps[:-1], default=0)
         proc = _spawn(["--resume", run, "--no-progress"], HOOK_SAVE_PAUSE=0.03)
@@ -144,7 +146,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, corpus, capsys):
     assert rc == 3
     assert "loss is nan at step 8" in err
     assert _latest_step(run) == 5  # the last good checkpoint is kept
-    checkpoint.load_model(run)
+    loading.load_model(run)
     assert not (run / "summary.json").exists()
 
 
@@ -220,7 +222,7 @@ def test_resume_clears_leftovers_of_interrupted_saves(tmp_path, corpus):
 
 @pytest.mark.parametrize("code,raised", [(errno.EIO, True), (errno.ENOSPC, True), (errno.EINVAL, False)])
 def test_fsync_dir_raises_real_errors(tmp_path, monkeypatch, code, raised):
-    from fastlm import atomic
+    from fastlm.files import atomic
 
     def failing_fsync(fd):
         raise OSError(code, os.strerror(code))
@@ -237,7 +239,7 @@ def test_fsync_dir_raises_real_errors(tmp_path, monkeypatch, code, raised):
 def test_token_cache_and_its_folder_are_fsynced(tmp_path, monkeypatch):
     import numpy as np
 
-    from fastlm import atomic
+    from fastlm.files import atomic
 
     synced = []
     real = atomic.fsync_dir

@@ -1,9 +1,9 @@
-"""fastlm.safeio: bounded reads of untrusted files (the refusals every loader relies on)."""
+"""fastlm.files.safeio: bounded reads of untrusted files (the refusals every loader relies on)."""
 import os
 
 import pytest
 
-from fastlm.safeio import is_plain_file_name, open_regular, read_bounded, read_exactly
+from fastlm.files.safeio import is_plain_file_name, open_regular, read_bounded, read_exactly
 
 
 class Refused(ValueError):

@@ -13,15 +13,16 @@ import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastlm import tokenizers as T
-from fastlm.tokenizers import (
+from fastlm.text import data
+from fastlm.text import tokenizers as T
+from fastlm.text.tokenizers import (
     TokenizerError,
     build_tokenizer,
     load_tokenizer,
     tokenizer_from_dict,
 )
 
-SHAKESPEARE = Path(T.__file__).parent / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = data.default_corpus()
 HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -382,7 +383,7 @@ def test_tiktoken_cache_dir_default_is_tiktokens_own(monkeypatch):
     """Without TIKTOKEN_CACHE_DIR / DATA_GYM_CACHE_DIR the error names tiktoken's default folder."""
     import tempfile
 
-    from fastlm.tokenizers import _tiktoken_cache_dir
+    from fastlm.text.tokenizers import _tiktoken_cache_dir
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
     assert _tiktoken_cache_dir() == os.path.join(tempfile.gettempdir(), "data-gym-cache")

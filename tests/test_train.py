@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastlm import checkpoint, data
+from fastlm.io import checkpoint
+from fastlm.io import loading
+from fastlm.text import data
 from fastlm.config import ConfigFileError, load_config_file, merge_values
 from fastlm.model import GPTConfig
-from fastlm.runtime import resolve_device
+from fastlm.training.runtime import resolve_device
 from fastlm.train import LRSchedule, TrainConfig, build_parser, main
-from fastlm.trainer import Callback
+from fastlm.training.trainer import Callback
 
 from conftest import one_error_line
 
@@ -67,7 +69,7 @@ def test_run_dir_artifacts(tmp_path, corpus, capsys):
     assert [int(r["step"]) for r in m] == [5, 10]
     assert len(rows(out / "train_log.csv")) == 10
     # val_loss is the best checkpoint's loss over the whole val split
-    model, tok, run_cfg = checkpoint.load_model(out)
+    model, tok, run_cfg = loading.load_model(out)
     val = data.load_split(out, "val")
     assert len(val) == 2000  # last 10% of 20000 chars
     assert math.isclose(summary["val_loss"], data.split_loss(model, val, 16, 64, "cpu"), rel_tol=1e-6)
@@ -519,7 +521,7 @@ def test_tiktoken_file_tokenizer_through_the_cli(tmp_path, corpus, capsys):
     assert cfg["tokenizer"]["kind"] == "tiktoken"
     assert cfg["model"]["vocab_size"] == cfg["tokenizer"]["vocab_size"] > 256
     os.unlink(path)  # the run's tokenizer.json carries the ranks: the run needs no outside file
-    assert checkpoint.load_model(out)[1].vocab_size == cfg["tokenizer"]["vocab_size"]
+    assert loading.load_model(out)[1].vocab_size == cfg["tokenizer"]["vocab_size"]
 
 
 def test_crlf_corpus_gives_the_lf_tokens_unless_raw_newlines(tmp_path, corpus, capsys):
@@ -532,8 +534,8 @@ def test_crlf_corpus_gives_the_lf_tokens_unless_raw_newlines(tmp_path, corpus, c
         assert rc == 0, res.err
     lf_ids = data.load_split(tmp_path / "lf", "train")
     assert np.array_equal(data.load_split(tmp_path / "crlf", "train"), lf_ids)
-    raw_tok = checkpoint.load_model(tmp_path / "raw")[1]
-    assert "\r" in raw_tok.chars and "\r" not in checkpoint.load_model(tmp_path / "crlf")[1].chars
+    raw_tok = loading.load_model(tmp_path / "raw")[1]
+    assert "\r" in raw_tok.chars and "\r" not in loading.load_model(tmp_path / "crlf")[1].chars
     assert json.loads((tmp_path / "raw" / "config.json").read_text())["train"]["raw_newlines"] is True
 
 
@@ -556,7 +558,7 @@ def test_compile_flag_trains_and_saves_unwrapped_weights(tmp_path, corpus, capsy
     assert rc == 0, res.err
     weights, _ = checkpoint.load_weights(out / "model.safetensors")
     assert weights and not any("_orig_mod" in k for k in weights)
-    model, _, _ = checkpoint.load_model(out)
+    model, _, _ = loading.load_model(out)
     assert isinstance(model, torch.nn.Module)
 
 

@@ -6,7 +6,7 @@ interpreter: an autouse fixture sets ``TRITON_INTERPRET=1`` for each test of thi
 in any test order and does not leak into other modules).
 
 Tolerance rule (FlashAttention's): ``max|out - ref64| <= 2 * max|base - ref64| + eps`` where
-``ref64`` is :func:`fastlm.reference.naive_attention` in float64 (on the inputs as rounded to the
+``ref64`` is :func:`fastlm.ops.reference.naive_attention` in float64 (on the inputs as rounded to the
 tested dtype, so input rounding is not counted as kernel error) and ``base`` the same computation
 by plain PyTorch in the tested dtype: the ``torch`` backend (SDPA) when it can express the call,
 else the textbook formula run in that dtype (``naive_attention(..., dtype=dtype)``: SDPA cannot
@@ -24,7 +24,8 @@ if not hasattr(torch.library, "triton_op"):
     pytest.skip("torch.library.triton_op needs torch >= 2.6", allow_module_level=True)
 
 from fastlm import ops  # noqa: E402
-from fastlm.reference import naive_attention  # noqa: E402
+from fastlm.ops.reference import naive_attention  # noqa: E402
+from fastlm.training.optim import build_optimizer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -81,7 +82,7 @@ def _to(t, dtype):
 def _baseline(q, k, v, do, causal, slopes, dtype):
     args = [_to(t, dtype) for t in (q, k, v)]
     sl = None if slopes is None else slopes.to(DEVICE)
-    if ops.TORCH_BACKEND.attention_unsupported(*args, causal, 1.0, sl) is None:
+    if ops.torch_backend.BACKEND.attention_unsupported(*args, causal, 1.0, sl) is None:
         fn = lambda a, b, c: ops.attention(a, b, c, causal=causal, alibi_slopes=sl, backend="torch")  # noqa: E731
     else:
         fn = lambda a, b, c: naive_attention(a, b, c, causal, None, sl, dtype=dtype)  # noqa: E731
@@ -179,7 +180,7 @@ def test_decode_fully_masked_rows_and_single_chunk(A):
 
 
 def test_lse_matches_reference(A):
-    from fastlm.reference import attention_forward as ref_forward
+    from fastlm.ops.reference import attention_forward as ref_forward
     q, k, v, _, slopes = _inputs(1, 2, 1, 23, 19, 32, True)
     args = [_to(t, torch.float32) for t in (q, k, v)]
     sl = slopes.to(DEVICE)
@@ -257,7 +258,7 @@ def test_ops_dispatch_triton_backend():
 
 
 def test_backend_reasons(monkeypatch):
-    from fastlm._triton import BACKEND
+    from fastlm.ops.triton_backend import BACKEND
     q = torch.zeros(1, 2, 4, 16, device=DEVICE)
     assert BACKEND.unavailable_reason() is None
     assert BACKEND.attention_unsupported(q, q, q, True, 0.25, None) is None
@@ -565,7 +566,7 @@ def test_training_with_triton_matches_reference_loss_curve():
     for backend in ("reference", "triton"):
         torch.manual_seed(0)
         model = GPT(GPTConfig(**cfg, backend=backend)).to(DEVICE)
-        opt = model.configure_optimizer(weight_decay=0.0, lr=1e-2)
+        opt = build_optimizer(model, optimizer="adamw", weight_decay=0.0, lr=1e-2, device_type=DEVICE.type)
         rng = torch.Generator().manual_seed(1)
         losses = []
         for _ in range(steps):

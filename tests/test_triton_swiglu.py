@@ -163,7 +163,7 @@ def test_ops_dispatch_triton_backend():
 
 
 def test_backend_reasons():
-    from fastlm._triton import BACKEND
+    from fastlm.ops.triton_backend import BACKEND
     x = torch.zeros(3, device=DEVICE)
     assert BACKEND.swiglu_unsupported(x, x) is None
     assert "float64" in BACKEND.swiglu_unsupported(x.double(), x.double())

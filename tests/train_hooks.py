@@ -12,7 +12,7 @@ import sys
 import time
 
 from fastlm.train import main
-from fastlm.trainer import Callback
+from fastlm.training.trainer import Callback
 
 
 class Slow(Callback):

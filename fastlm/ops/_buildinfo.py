@@ -1,6 +1,6 @@
 """What the build and the loader of ``fastlm._C`` must agree on: the CPU's vector features and the
 fingerprint of the C++/CUDA sources. setup.py runs this file on its own (before fastlm or torch can be
-imported); fastlm._ext imports it to check that a built ``_C`` suits the CPU running it and, in a
+imported); fastlm.ops.extension imports it to check that a built ``_C`` suits the CPU running it and, in a
 source checkout, that an installed ``_C`` was built from the checkout's own ``csrc/``."""
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_writer, fsync_dir
+from fastlm.files.atomic import atomic_writer, fsync_dir
+from fastlm.errors import DataError
 
 __all__ = [
     "DataError",
@@ -59,13 +60,9 @@ TEXT_SUFFIXES = (".txt",)
 TABLE_SUFFIXES = (".csv", ".jsonl")
 
 
-class DataError(ValueError):
-    """A bad corpus, split or cache file (one line naming the file and the problem)."""
-
-
 def default_corpus() -> Path:
     """The bundled Tiny Shakespeare text (``fastlm/data/tinyshakespeare.txt``)."""
-    return Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
+    return Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,26 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from . import data as data_mod
-from .checkpoint import CheckpointError
-from .model import GPTConfig
-from .optim import OPTIMIZERS
+from fastlm.text import data as data_mod
+from fastlm.io.checkpoint import CheckpointError
+from fastlm.model import GPTConfig
+from fastlm.training.optim import OPTIMIZERS
+from fastlm.errors import TrainError
 
 __all__ = ["TrainConfig", "TrainError", "CPU_MODEL_DEFAULTS", "GPU_DEFAULTS", "RESUME_OVERRIDABLE",
-           "INIT_OVERRIDABLE", "SCHEDULES", "DEVICES", "DTYPES", "default_optimizer", "explicit_settings", "apply_gpu_profile",
+           "INIT_OVERRIDABLE", "SCHEDULES", "flag_name", "train_command", "DEVICES", "DTYPES", "default_optimizer", "explicit_settings", "apply_gpu_profile",
            "resume_config"]
 
 SCHEDULES = ("cosine", "plateau", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class TrainError(ValueError):
-    """A bad training setting (one line)."""
 
 
 @dataclass
@@ -213,3 +211,25 @@ def resume_config(stored: dict, train: TrainConfig, model: dict, explicit: set, 
         raise CheckpointError(f"--resume {run_dir}: the run used {stored.get('world_size', 1)} process(es), "
                               f"this launch has {world_size}; resume with the same --nproc_per_node")
     return resumed, model_cfg
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a setting: ``max_iters`` -> ``--max-iters``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def train_command(run_config: dict) -> str:
+    """The ``python -m fastlm.train`` command line equivalent to a run's config: every architecture
+    field and every training setting that differs from :class:`TrainConfig`'s defaults."""
+    defaults = {f.name: getattr(TrainConfig(), f.name) for f in dataclasses.fields(TrainConfig)}
+    args = ["python", "-m", "fastlm.train"]
+    train = {k: v for k, v in run_config.get("train", {}).items() if k not in ("overwrite", "resume")}
+    model = {k: v for k, v in run_config.get("model", {}).items() if k not in ("vocab_size", "backend")}
+    for name, val in [*((k, v) for k, v in train.items() if k not in defaults or defaults[k] != v), *model.items()]:
+        if val is None or val == []:
+            continue
+        if isinstance(val, bool):
+            args.append(flag_name(name) if val else "--no-" + flag_name(name)[2:])
+        else:
+            args += [flag_name(name), *(map(str, val) if isinstance(val, list) else [str(val)])]
+    return " ".join(shlex.quote(a) for a in args)

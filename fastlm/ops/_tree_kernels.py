@@ -16,7 +16,7 @@ from pathlib import Path
 
 __all__ = ["use_tree_kernels"]
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # fastlm/
 _TREE_KERNELS = _PACKAGE.parent / "kernels"
 
 

@@ -22,17 +22,19 @@ Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter when ``TR
 is set (read at launch time; slow, meant for tests). In the interpreter bfloat16 ``tl.dot`` gives
 wrong results (triton 3.9), so bfloat16 attention is refused there.
 """
+from fastlm.ops.protocol import BackendBase
+
 __all__ = ["BACKEND", "TritonBackend"]
 
 _MAX_HEAD_DIM = 256
 
 
 def _interpreting() -> bool:
-    from .kernels.launch import interpreting
+    from fastlm.kernels.launch import interpreting
     return interpreting()
 
 
-class TritonBackend:
+class TritonBackend(BackendBase):
     """The ``triton`` backend of :mod:`fastlm.ops`."""
 
     name = "triton"
@@ -50,7 +52,7 @@ class TritonBackend:
                 self._import_error = "triton not installed (pip install triton)"
                 return self._import_error
             try:
-                from .kernels import attention, swiglu  # noqa: F401
+                from fastlm.kernels import attention, swiglu  # noqa: F401
             except Exception as e:  # e.g. a torch without torch.library.triton_op (< 2.6)
                 self._import_error = f"fastlm.kernels failed to load ({type(e).__name__}: {e})".splitlines()[0]
         return self._import_error
@@ -97,21 +99,21 @@ class TritonBackend:
         return None
 
     def attention(self, q, k, v, causal, scale, alibi_slopes):
-        from .kernels.attention import attention
+        from fastlm.kernels.attention import attention
         return attention(q, k, v, causal, scale, alibi_slopes)
 
     def swiglu_unsupported(self, gate, up):
         return self._device_reason(gate) or self._dtype_reason(gate, "swiglu")
 
     def swiglu(self, gate, up):
-        from .kernels.swiglu import swiglu
+        from fastlm.kernels.swiglu import swiglu
         return swiglu(gate, up)
 
     def swiglu_packed_unsupported(self, x):
         return self._device_reason(x) or self._dtype_reason(x, "swiglu")
 
     def swiglu_packed(self, x):
-        from .kernels.swiglu import swiglu_packed
+        from fastlm.kernels.swiglu import swiglu_packed
         return swiglu_packed(x)
 
 

@@ -12,15 +12,12 @@ import os
 from dataclasses import dataclass
 
 import torch
+from fastlm.errors import DeviceError
 
 __all__ = ["DeviceError", "resolve_device", "resolve_dtype", "autocast", "Dist", "init_distributed",
            "DEFAULT_DIST_TIMEOUT_S"]
 
 DEFAULT_DIST_TIMEOUT_S = 600
-
-
-class DeviceError(ValueError):
-    """A device or dtype that cannot be used here (one line)."""
 
 
 def _mps_available() -> bool:

@@ -22,6 +22,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastlm.ops import reference_bpe, reference_muon
+from fastlm.ops.protocol import BackendBase
+
 __all__ = [
     "attention",
     "attention_forward",
@@ -232,11 +235,11 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
 
 
 # ---- backend interface used by fastlm.ops ------------------------------------------------------
-class ReferenceBackend:
-    name = "reference"
+class ReferenceBackend(BackendBase):
+    """Every op in plain PyTorch (the Muon step: :mod:`fastlm.ops.reference_muon`; BPE training in
+    Python: :mod:`fastlm.ops.reference_bpe`)."""
 
-    def unavailable_reason(self):
-        return None
+    name = "reference"
 
     def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes):
         return None
@@ -255,6 +258,18 @@ class ReferenceBackend:
 
     def swiglu_packed(self, x):
         return swiglu_packed(x)
+
+    def muon_step_unsupported(self, params, grads, momentum_buffers, ns_dtype):
+        return None
+
+    def muon_step(self, params, grads, momentum_buffers, **kwargs):
+        reference_muon.muon_step(params, grads, momentum_buffers, **kwargs)
+
+    def bpe_train_unsupported(self):
+        return None
+
+    def bpe_train(self, words, counts, num_merges):
+        return reference_bpe.bpe_train(words, counts, num_merges)
 
 
 BACKEND = ReferenceBackend()

@@ -1,7 +1,7 @@
 """A run directory's life: checks before a run starts, replacing an old run, building the data,
 the CSV logs, the loss plot and the summary.
 
-Layout (see also :mod:`fastlm.checkpoint`): ``config.json``, ``tokenizer.json``,
+Layout (see also :mod:`fastlm.io.checkpoint`): ``config.json``, ``tokenizer.json``,
 ``model.safetensors`` (best validation weights), ``latest`` + ``ckpt-*/`` (training checkpoints),
 ``data/{train,val,test}.npy`` (token cache), ``metrics.csv`` (every evaluation), ``train_log.csv``
 (every ``log_interval`` steps), ``loss.png`` and ``summary.json``.
@@ -17,12 +17,13 @@ import io
 import shutil
 from pathlib import Path
 
-from . import checkpoint as ckpt_mod
-from . import data as data_mod
-from .atomic import atomic_write_bytes, atomic_write_json, atomic_writer
-from .data import DataError
-from .safeio import read_bounded
-from .train_config import TrainConfig, TrainError
+from fastlm.io import checkpoint as ckpt_mod
+from fastlm.text import data as data_mod
+from fastlm.files.atomic import atomic_write_bytes, atomic_write_json, atomic_writer
+from fastlm.text.data import DataError
+from fastlm.files.safeio import read_bounded
+from fastlm.training.settings import TrainConfig, TrainError
+from fastlm.text.tokenizers import build_tokenizer
 
 __all__ = ["RUN_FILES", "METRICS_HEADER", "LOG_HEADER", "is_run_dir", "check_out_dir", "clear_run_dir",
            "build_data", "append_csv", "truncate_csv", "plot_losses", "write_summary"]
@@ -84,8 +85,6 @@ def clear_run_dir(out: Path) -> None:
 def build_data(train: TrainConfig, block_size: int, tokenizer=None):
     """Read + tokenize the corpus and cut the splits, in memory -> (tokenizer, splits, info).
     Nothing is written: a bad corpus fails here, before an existing run is touched."""
-    from .tokenizers import build_tokenizer
-
     sources = train.data or [str(data_mod.default_corpus())]
     docs = data_mod.read_documents(sources, text_column=train.text_column, raw_newlines=train.raw_newlines)
     if tokenizer is None:

@@ -18,7 +18,7 @@ class LRSchedule:
     """Warm-up then cosine (to the final LR) / plateau (x factor after patience bad evals) / constant.
 
     ``cfg`` needs ``lr``, ``final_lr``, ``warmup_iters``, ``max_iters``, ``lr_schedule``,
-    ``plateau_patience`` and ``plateau_factor`` (a :class:`~fastlm.train_config.TrainConfig`).
+    ``plateau_patience`` and ``plateau_factor`` (a :class:`~fastlm.training.settings.TrainConfig`).
     """
 
     def __init__(self, cfg):

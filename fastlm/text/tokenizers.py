@@ -61,7 +61,6 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
-import heapq
 import json
 import os
 import re
@@ -71,8 +70,10 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .safeio import is_plain_file_name, read_bounded
+from fastlm.files.atomic import atomic_write_text
+from fastlm.files.safeio import is_plain_file_name, read_bounded
+from fastlm.errors import TokenizerError
+from fastlm.ops import bpe_train
 
 __all__ = [
     "TokenizerError",
@@ -125,10 +126,6 @@ MAX_TOKEN_BYTES = 4096               #: longest bpe / tiktoken token (GPT-4o's l
 MAX_VOCAB_BYTES = 64 << 20           #: all bpe / tiktoken token bytes together
 MAX_CHARS = 0x110000                 #: every Unicode code point
 _DOC_SEPARATOR = "\n\n"  # what char/word EOS decodes to
-
-
-class TokenizerError(ValueError):
-    """Bad tokenizer input, file or spec (a ValueError, so callers may catch either)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,133 +374,8 @@ class WordTokenizer(Tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# BPE training
+# BPE training (the merge loop is the op fastlm.ops.bpe_train: C++ or its Python reference)
 # ---------------------------------------------------------------------------------------------
-
-def _merge_word(s: list[int], a: int, b: int, token: int) -> list[int]:
-    """``s`` with every non-overlapping ``(a, b)`` replaced by ``token``, left to right."""
-    out, i, n = [], 0, len(s)
-    while i < n:
-        if i + 1 < n and s[i] == a and s[i + 1] == b:
-            out.append(token)
-            i += 2
-        else:
-            out.append(s[i])
-            i += 1
-    return out
-
-
-def _apply_merge(syms, counts, candidates, a, b, token, pair_words, seen, step) -> dict:
-    """Apply the merge ``(a, b) -> token`` to the chunks in ``candidates`` (each once per step) ->
-    the change of every pair's count; new pairs holding ``token`` are indexed in ``pair_words``."""
-    delta: dict[tuple[int, int], int] = collections.defaultdict(int)
-    for w in candidates:
-        if seen[w] == step:
-            continue
-        seen[w] = step
-        s = syms[w]
-        if not any(s[i] == a and s[i + 1] == b for i in range(len(s) - 1)):
-            continue
-        c = counts[w]
-        for p in zip(s, s[1:]):
-            delta[p] -= c
-        out = syms[w] = _merge_word(s, a, b, token)
-        for p in zip(out, out[1:]):
-            delta[p] += c
-            if p[0] == token or p[1] == token:
-                pair_words[p].append(w)
-    return delta
-
-
-def _bpe_train_python(words: list[bytes], counts: list[int], num_merges: int) -> list[tuple[int, int]]:
-    """Pure-Python twin of ``fastlm._C.bpe_train`` (csrc/bpe.cpp): same rules, identical merges.
-
-    Rules: ids 0..255 are bytes, each new token takes the next id; the chosen pair has the highest
-    count, ties -> smallest ``(bytes(left), bytes(right))``; replacement is left to right without
-    overlap; if ``bytes(left) + bytes(right)`` is already a token the pair is replaced by it and no
-    merge is recorded; stop after ``num_merges`` new tokens or when no pair is left.
-    """
-    vocab: list[bytes] = [bytes([b]) for b in range(256)]
-    ids: dict[bytes, int] = {v: i for i, v in enumerate(vocab)}
-    syms: list[list[int]] = [list(w) for w in words]
-    pair_count: dict[tuple[int, int], int] = collections.defaultdict(int)
-    pair_words: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
-    for w, (s, c) in enumerate(zip(syms, counts)):
-        if c == 0:
-            continue
-        for p in zip(s, s[1:]):
-            pair_count[p] += c
-            pair_words[p].append(w)
-    pair_count = dict(pair_count)
-    # min-heap on (-count, bytes(left), bytes(right)); an entry is live while its count is current
-    heap = [(-c, vocab[a], vocab[b], a, b) for (a, b), c in pair_count.items()]
-    heapq.heapify(heap)
-    merges: list[tuple[int, int]] = []
-    seen = [-1] * len(syms)
-    step = 0
-    while len(merges) < num_merges:
-        best = None
-        while heap:
-            negc, _, _, a, b = heapq.heappop(heap)
-            if pair_count.get((a, b), 0) == -negc:
-                best = (a, b)
-                break
-        if best is None:
-            break
-        a, b = best
-        joined = vocab[a] + vocab[b]
-        token = ids.get(joined)
-        if token is None:
-            token = len(vocab)
-            vocab.append(joined)
-            ids[joined] = token
-            merges.append((a, b))
-        delta = _apply_merge(syms, counts, pair_words.pop(best, []), a, b, token, pair_words, seen, step)
-        for p, d in delta.items():
-            if d == 0:
-                continue
-            now = pair_count.get(p, 0) + d
-            if now <= 0:
-                pair_count.pop(p, None)
-                continue
-            pair_count[p] = now
-            heapq.heappush(heap, (-now, vocab[p[0]], vocab[p[1]], p[0], p[1]))
-        step += 1
-    return merges
-
-
-def _cpp_bpe_train():
-    try:
-        from . import _C
-    except ImportError:
-        return None
-    return getattr(_C, "bpe_train", None)
-
-
-def bpe_train(words: list[bytes], counts: list[int], num_merges: int, *,
-              backend: str = "auto") -> list[tuple[int, int]]:
-    """Learn ``num_merges`` byte-level BPE merges from distinct chunks and their counts.
-
-    ``backend``: ``"cpp"`` (``fastlm._C.bpe_train``), ``"python"``, or ``"auto"`` (C++ when the
-    extension has it). Both give identical merges. Merge ``i`` creates token ``256 + i``.
-    """
-    if len(words) != len(counts):
-        raise ValueError(f"words and counts differ in length ({len(words)} vs {len(counts)})")
-    if not isinstance(num_merges, int) or num_merges < 0:
-        raise ValueError(f"num_merges must be an int >= 0, got {num_merges!r}")
-    words = [bytes(w) for w in words]
-    counts = [int(c) for c in counts]
-    if any(c < 0 for c in counts):
-        raise ValueError("counts must be >= 0")
-    if backend not in ("auto", "cpp", "python"):
-        raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
-    fn = _cpp_bpe_train() if backend != "python" else None
-    if backend == "cpp" and fn is None:
-        raise RuntimeError("fastlm._C.bpe_train is not available (the C++ extension is not built)")
-    if fn is not None:
-        return [(int(a), int(b)) for a, b in fn(words, counts, num_merges)]
-    return _bpe_train_python(words, counts, num_merges)
-
 
 def _text_blocks(text: str, block_chars: int):
     """Cut ``text`` into blocks of about ``block_chars`` at places no pre-token spans.
@@ -601,7 +473,7 @@ def _check_pat_str(pat_str) -> None:
         shown = f"a {type(pat_str).__name__}" if not isinstance(pat_str, str) else f"a {len(pat_str)}-character pattern"
         raise TokenizerError(f"bpe pat_str is {shown} that is not one of the known pre-tokenisation "
                              f"regexes (GPT-2, cl100k_base, o200k_base); only those are accepted "
-                             f"(see fastlm.tokenizers.KNOWN_PAT_STRS)")
+                             f"(see fastlm.text.tokenizers.KNOWN_PAT_STRS)")
 
 
 class BPETokenizer(_TiktokenBase):

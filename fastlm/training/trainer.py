@@ -39,36 +39,22 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import __version__
-from . import checkpoint as ckpt_mod
-from . import data as data_mod
-from . import rundir
-from .checkpoint import CheckpointError
-from .model import GPT, GPTConfig
-from .optim import build_optimizer
-from .runtime import autocast, init_distributed, resolve_device, resolve_dtype
-from .schedule import LRSchedule
-from .train_config import (CPU_MODEL_DEFAULTS, INIT_OVERRIDABLE, TrainConfig, apply_gpu_profile, default_optimizer,
-                           explicit_settings, resume_config)
+from fastlm._version import __version__
+from fastlm.io import checkpoint as ckpt_mod
+from fastlm.text import data as data_mod
+from fastlm.training import rundir
+from fastlm.io.loading import load_model
+from fastlm.model import GPT, GPTConfig
+from fastlm.training.optim import build_optimizer
+from fastlm.training.runtime import autocast, init_distributed, resolve_device, resolve_dtype
+from fastlm.training.schedule import LRSchedule
+from fastlm.text.tokenizers import load_tokenizer
+from fastlm.sampling import generate
+from fastlm.training.settings import (CPU_MODEL_DEFAULTS, INIT_OVERRIDABLE, TrainConfig, apply_gpu_profile, default_optimizer,
+                           explicit_settings, resume_config, train_command)
+from fastlm.errors import CheckpointError, NonFiniteLoss, RankFailed, TrainingInterrupted
 
 __all__ = ["Trainer", "Callback", "TrainingInterrupted", "NonFiniteLoss", "RankFailed"]
-
-
-class TrainingInterrupted(Exception):
-    """A signal (or a stop request with one) ended the run after saving a checkpoint."""
-
-    def __init__(self, signum: int, step: int, run_dir: Path):
-        super().__init__(f"interrupted ({signal.Signals(signum).name}) at step {step}; continue with "
-                         f"--resume {run_dir}")
-        self.signum, self.step, self.run_dir = signum, step, run_dir
-
-
-class NonFiniteLoss(Exception):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class RankFailed(Exception):
-    """Another rank of a distributed job failed (its error is printed by that rank)."""
 
 
 class Callback:
@@ -288,6 +274,7 @@ class Trainer:
                       "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
                                     "eos_id": tokenizer.eos_id},
                       "data": data_info, "world_size": self.dist.world, "fastlm_version": __version__}
+        run_config["command"] = train_command(run_config)
         # config first: a start killed from here on leaves a recognisable run (no checkpoint yet),
         # which --overwrite may replace
         ckpt_mod.write_run_files(out, run_config, tokenizer)
@@ -296,7 +283,7 @@ class Trainer:
 
     def _init_from(self):
         """Architecture, tokenizer and weights of the checkpoint a fine-tune starts from."""
-        init_model, tokenizer, init_cfg = ckpt_mod.load_model(self.config.init_from, "cpu")
+        init_model, tokenizer, init_cfg = load_model(self.config.init_from, "cpu")
         base = dict(init_cfg["model"])
         ignored = sorted(k for k in self._explicit if k in base and k not in INIT_OVERRIDABLE
                          and self._model_values.get(k) != base[k])
@@ -307,8 +294,6 @@ class Trainer:
         return GPTConfig.from_dict(base), tokenizer, ckpt_mod.model_tensors(init_model)
 
     def _load_run(self) -> None:
-        from .tokenizers import load_tokenizer
-
         run_config = ckpt_mod.read_run_config(self.run_dir)
         self.model_config = GPTConfig.from_dict(run_config["model"])
         self.tokenizer = load_tokenizer(self.run_dir / "tokenizer.json")
@@ -637,8 +622,6 @@ class Trainer:
 
 def sample_text(model, tokenizer, n: int, device, seed: int) -> str:
     """``n`` tokens sampled (temperature 0.8) from the start of a document: the eval-time sample."""
-    from .sampling import generate
-
     start = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     prompt = torch.tensor([[start]], dtype=torch.long, device=device)
     generator = torch.Generator(device=device)

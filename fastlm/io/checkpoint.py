@@ -41,7 +41,6 @@ import os
 import random
 import shutil
 import stat
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,8 +48,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir, write_fsync
-from .safeio import is_plain_file_name, open_regular, read_bounded, read_exactly
+from fastlm.files.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, write_fsync
+from fastlm.files.safeio import is_plain_file_name, open_regular, read_bounded, read_exactly
+from fastlm import ops
+from fastlm.model import GPT
+from fastlm.errors import CheckpointError
 
 __all__ = [
     "CheckpointError",
@@ -66,7 +68,6 @@ __all__ = [
     "latest_checkpoint_dir",
     "sync_best",
     "clean_leftovers",
-    "load_model",
     "read_safetensors_header",
     "check_config_matches_weights",
     "unwrap_model",
@@ -86,10 +87,6 @@ MAX_WEIGHTS_BYTES = 1 << 40          # a weights file (a bound for the reader, n
 MODEL_BYTES_SLACK = 256 << 20        # what a model may take beyond 4x its weights file (position tables)
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-class CheckpointError(ValueError):
-    """A missing, truncated, corrupted, unsafe or incompatible checkpoint (one line)."""
 
 
 def _read_json(path, what: str) -> dict:
@@ -123,7 +120,7 @@ def _refuse_pickle_bytes(path, head: bytes) -> None:
                               "fastlm reads only safetensors and JSON (pickle can run arbitrary code)")
 
 
-def _refuse_pickle_path(path: Path) -> None:
+def refuse_pickle_path(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(f"refusing to load {path}: {path.suffix} files are pickle-based; "
                               "fastlm reads only .safetensors checkpoints (pickle can run arbitrary code)")
@@ -161,7 +158,7 @@ def load_weights(path) -> tuple[dict, dict]:
     from safetensors.torch import load
 
     path = Path(path)
-    _refuse_pickle_path(path)
+    refuse_pickle_path(path)
     raw = read_bounded(path, MAX_WEIGHTS_BYTES, "checkpoint file", CheckpointError)
     if len(raw) < 8:
         _refuse_pickle_bytes(path, raw[:4])
@@ -196,7 +193,7 @@ def read_safetensors_header(path) -> tuple[dict, dict]:
     backed by that many bytes in the file.
     """
     path = Path(path)
-    _refuse_pickle_path(path)
+    refuse_pickle_path(path)
     with open_regular(path, "checkpoint file", CheckpointError) as f:
         size = os.fstat(f.fileno()).st_size
         head = read_exactly(f, 8, path, "checkpoint file", CheckpointError) if size >= 8 else b""
@@ -248,15 +245,11 @@ def check_config_matches_weights(cfg, shapes: dict, weights_path, config_path) -
     (the first result of :func:`read_safetensors_header`) and fits its weights file (see
     :func:`_check_model_bytes`). The model is built on the meta device (no memory), after the
     numbers that drive Python loops (layers; heads <= n_embd) are bounded by the header."""
-    from . import ops
-    from .model import GPT
-
     largest = max((d for shape in shapes.values() for d in shape), default=0)
     if cfg.n_layer > len(shapes) or cfg.n_embd > largest:
         raise CheckpointError(f"{config_path} describes a larger model (n_layer={cfg.n_layer}, "
                               f"n_embd={cfg.n_embd}) than the {len(shapes)} tensors in {weights_path}")
-    for name in ops.BACKENDS:  # import them now, not inside the meta-device context below
-        ops._load(name)
+    ops.load_backends()  # import them now, not inside the meta-device context below
     with torch.device("meta"):
         meta_model = GPT(cfg)
     _check_model_bytes(meta_model, weights_path, config_path)
@@ -588,7 +581,7 @@ def load_checkpoint(run_dir) -> dict:
     if ckpt is None:
         raise CheckpointError(f"{run_dir} has no training checkpoint to resume (no 'latest' pointer)")
     for p in ckpt.iterdir():
-        _refuse_pickle_path(p)
+        refuse_pickle_path(p)
     _verify_manifest(ckpt)
     state = _read_json(ckpt / "state.json", "training state")
     if state.get("format") != STATE_FORMAT or state.get("version") != VERSION:
@@ -606,109 +599,3 @@ def load_checkpoint(run_dir) -> dict:
         raise CheckpointError(f"{ckpt / 'state.json'} is malformed: {e}") from None
     return {"dir": ckpt, "state": state, "model": model_t, "best": best_t, "optimizer": optim,
             "ranks": ranks, "model_config": state.get("model_config")}
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference loading
-# ---------------------------------------------------------------------------------------------
-
-def backend_for(saved: str, requested: Optional[str], device) -> tuple[str, Optional[str]]:
-    """The ops backend a loaded model runs with, and a note when the saved one cannot run here.
-
-    ``requested`` (a ``--backend`` flag) wins; otherwise the saved backend is kept when it can run
-    on ``device``, else ``auto`` is used (a run trained with ``--backend cuda`` still samples on a CPU
-    machine)."""
-    from . import ops
-
-    if requested is not None:
-        if requested != "auto" and requested not in ops.BACKENDS:
-            raise ValueError(f"unknown backend {requested!r}; choose from auto, {', '.join(ops.BACKENDS)}")
-        return requested, None
-    if saved == "auto":
-        return saved, None
-    device_type = torch.device(device).type
-    why = ops.backend_status().get(saved, f"unknown backend {saved!r}")
-    if why is None and (saved, device_type) in (("cpp", "cuda"), ("cuda", "cpu"), ("cpp", "mps"), ("cuda", "mps")):
-        why = f"it does not run on {device_type}"
-    if why is None:
-        return saved, None
-    return "auto", f"note: the model was trained with backend {saved!r}, which cannot run here ({why}); using auto"
-
-
-def _check_stored_config(meta: dict, cfg, weights, config_path) -> None:
-    """The model config a fastlm weights file carries in its metadata must be ``cfg``."""
-    stored = meta.get("fastlm_model_config")
-    if stored is None:
-        return
-    try:
-        stored_cfg = json.loads(stored)
-    except (TypeError, json.JSONDecodeError, RecursionError):
-        raise CheckpointError(f"{weights}: unreadable model config in its metadata") from None
-    if not isinstance(stored_cfg, dict):
-        raise CheckpointError(f"{weights}: unreadable model config in its metadata")
-    try:
-        stored_cfg = type(cfg).from_dict(stored_cfg).to_dict()  # older runs stored unresolved defaults (None)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{weights}: bad model config in its metadata: {str(e)[:200]}") from None
-    if stored_cfg != cfg.to_dict():
-        diff = sorted(k for k in set(stored_cfg) | set(cfg.to_dict()) if stored_cfg.get(k) != cfg.to_dict().get(k))
-        shown = ", ".join(str(k)[:40] for k in diff[:8])
-        raise CheckpointError(f"{weights} was trained with another model config than {config_path} "
-                              f"(differs in {shown})")
-
-
-def load_model(path, device="cpu", backend: Optional[str] = None) -> tuple:
-    """Load ``(GPT in eval mode on device, Tokenizer, run_config dict)`` from a run directory or its
-    ``model.safetensors`` (config.json and tokenizer.json are read from the same folder), or from
-    ``hf:DIR`` / ``hf:ORG/NAME``, a transformers model directory (see :mod:`fastlm.hf`).
-
-    ``backend`` overrides the ops backend the run was trained with; without it, a saved backend
-    that cannot run here falls back to ``auto`` with a note on stderr."""
-    from .model import GPT, GPTConfig
-    from .tokenizers import TokenizerError, load_tokenizer
-
-    if isinstance(path, str) and path.startswith("hf:"):
-        from .hf import load_hf_model
-
-        try:
-            return load_hf_model(path[len("hf:"):], device, backend)
-        except TokenizerError as e:
-            raise CheckpointError(f"cannot load the tokenizer of {path}: {e}") from None
-    path = Path(path)
-    if path.is_dir():
-        run_dir = path
-        weights = path / "model.safetensors"
-        if not weights.exists():
-            ckpt = latest_checkpoint_dir(path)
-            if ckpt is None:
-                raise CheckpointError(f"{path} holds no model.safetensors (is it a fastlm run directory?)")
-            weights = ckpt / "best.safetensors"
-    elif path.exists():
-        _refuse_pickle_path(path)
-        run_dir, weights = path.parent, path
-    else:
-        raise CheckpointError(f"checkpoint not found: {path}")
-    run_config = read_run_config(run_dir)
-    try:
-        cfg = GPTConfig.from_dict(run_config["model"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{run_dir / 'config.json'}: bad model config: {e}") from None
-    try:
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    except TokenizerError as e:
-        raise CheckpointError(f"cannot load the run's tokenizer: {e}") from None
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model config says "
-                              f"vocab_size={cfg.vocab_size}")
-    shapes, meta = read_safetensors_header(weights)
-    _check_stored_config(meta, cfg, weights, run_dir / "config.json")
-    check_config_matches_weights(cfg, shapes, weights, run_dir / "config.json")
-    tensors, _ = load_weights(weights)
-    cfg.backend, note = backend_for(cfg.backend, backend, device)
-    if note:
-        print(note, file=sys.stderr, flush=True)
-    model = GPT(cfg)
-    load_model_tensors(model, tensors, weights)
-    model.to(device)
-    model.eval()
-    return model, tokenizer, run_config

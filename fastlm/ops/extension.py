@@ -14,9 +14,11 @@ from typing import Optional
 
 import torch
 
-from ._autograd import (register_attention_autograd, register_attention_qkv_autograd,
+from fastlm.ops._autograd import (register_attention_autograd, register_attention_qkv_autograd,
                         register_elementwise_autograd)
-from ._buildinfo import CPU_LEVEL_FLAGS, cpu_flags, csrc_hash, embedded_csrc_hash
+from fastlm.ops._buildinfo import CPU_LEVEL_FLAGS, cpu_flags, csrc_hash, embedded_csrc_hash
+from fastlm.ops.protocol import BackendBase
+from fastlm.ops.reference_muon import resolve_ns_dtype
 
 
 def build_mismatch(level: str, flags) -> Optional[str]:
@@ -40,7 +42,7 @@ def _installed_build():
     import sys
     from pathlib import Path
 
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # fastlm/
     csrc = package.parent / "csrc"
     if not csrc.is_dir():
         return None, None
@@ -66,7 +68,7 @@ def _installed_build():
 
 
 try:
-    from . import _C  # registers the torch.ops.fastlm.* schemas and kernels
+    from fastlm import _C  # registers the torch.ops.fastlm.* schemas and kernels
     _IMPORT_ERROR = None
 except ImportError as e:  # pure-Python install, a broken build, or a checkout run beside an install
     _C, _why = _installed_build()
@@ -143,8 +145,9 @@ def _has_cuda_kernels() -> bool:
     return _C is not None and bool(getattr(_C, "has_cuda", lambda: False)())
 
 
-class _CppBackend:
-    """C++ CPU kernels (csrc/cpu): CPU tensors, float32/float64/bfloat16/float16, any strides."""
+class _CppBackend(BackendBase):
+    """C++ CPU kernels (csrc/cpu): CPU tensors, float32/float64/bfloat16/float16, any strides; the
+    fused qkv attention, the Muon step and the BPE trainer."""
 
     name = "cpp"
     #: longest T_k whose float32/float64 attention runs through BLAS GEMMs (0: not in this build)
@@ -182,16 +185,38 @@ class _CppBackend:
         """Reads ``[gate | up]`` in place (any row stride); the gradient is one fresh tensor."""
         return _ops.swiglu_packed_fwd(x)
 
-    def muon_step_unsupported(self, params, grads, bufs):
+    def attention_qkv_unsupported(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes):
+        """The fused op takes causal float32/float64 CPU calls of 2..gemm_max_tk tokens with a
+        contiguous last dim (the BLAS path's shapes)."""
+        if not causal:
+            return "the fused qkv op is causal only"
+        if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.float64):
+            return f"the fused qkv op takes float32/float64 CPU tensors, got {qkv.dtype} on {qkv.device}"
+        if not 1 < qkv.size(1) <= self.gemm_max_tk or qkv.stride(-1) != 1:
+            return f"the fused qkv op takes 2..{self.gemm_max_tk} tokens with a contiguous last dim"
+        return None
+
+    def attention_qkv(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes):
+        cos, sin = rope if rope is not None else (None, None)
+        return _ops.attention_qkv_fwd(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes)[0]
+
+    def muon_step_unsupported(self, params, grads, bufs, ns_dtype):
         """Why ``fastlm::muon_step_`` cannot take these lists (None: it can): CPU, one dtype of
-        float32/float64 for all, contiguous 2-D tensors, a grad and a buffer of each parameter's shape."""
+        float32/float64 for all that is also the Newton-Schulz dtype, contiguous 2-D tensors, a grad
+        and a buffer of each parameter's shape."""
         if _IMPORT_ERROR:
             return _IMPORT_ERROR
         if not self.gemm_max_tk:
             return "this build of fastlm._C has no BLAS to call"
         dtype = params[0].dtype if params else None
+        if params[0].device.type != "cpu":
+            return f"the op is CPU-only, the parameters are on {params[0].device}"
+        if resolve_ns_dtype(ns_dtype, "cpu") != dtype:
+            return f"the Newton-Schulz dtype ({ns_dtype}) must resolve to the parameters' dtype ({dtype}) on CPU"
         if dtype not in (torch.float32, torch.float64):
             return f"takes float32/float64 parameters, got {dtype}"
+        if any(g.is_sparse for g in grads):
+            return "sparse gradients"
         for p, g, b in zip(params, grads, bufs):
             for t in (p, g, b):
                 if t.device.type != "cpu":
@@ -203,10 +228,21 @@ class _CppBackend:
         return None
 
     def muon_step(self, params, grads, bufs, *, lr, momentum, nesterov, weight_decay, ns_steps, ns_coefficients,
-                  eps):
+                  ns_dtype, eps):
         """One Muon step in place on ``params`` and ``bufs`` (see csrc/cpu/muon.cpp)."""
         _ops.muon_step_(params, grads, bufs, float(lr), float(momentum), bool(nesterov), float(weight_decay),
                         int(ns_steps), [float(c) for c in ns_coefficients], float(eps))
+
+    def bpe_train_unsupported(self):
+        if _IMPORT_ERROR:
+            return _IMPORT_ERROR
+        return None if hasattr(_C, "bpe_train") else "this build of fastlm._C has no bpe_train"
+
+    def bpe_train(self, words, counts, num_merges):
+        return _C.bpe_train(words, counts, num_merges)
+
+    def details(self):
+        return f"fastlm._C {_C.__file__}, CPU kernels compiled for {_C.cpu_capability()}"
 
 
 class _CudaBackend(_CppBackend):
@@ -217,6 +253,12 @@ class _CudaBackend(_CppBackend):
     name = "cuda"
     _device = "cuda"
     _dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    attention_qkv_unsupported = BackendBase.attention_qkv_unsupported
+    muon_step_unsupported = BackendBase.muon_step_unsupported
+    bpe_train_unsupported = BackendBase.bpe_train_unsupported
+
+    def details(self):
+        return None
 
     def unavailable_reason(self):
         if _IMPORT_ERROR:

@@ -1,0 +1,47 @@
+"""fastlm's public ops: one API, several backends.
+
+* :func:`attention` -- scaled dot-product attention on SDPA's ``(B, H, T, D)`` layout.
+* :func:`swiglu` -- ``silu(gate) * up``.
+* :func:`swiglu_packed` -- the same on one ``[..., 2 * hidden]`` tensor holding ``[gate | up]``
+  (what a fused up-projection produces; the model's SwiGLU MLP uses it).
+* :func:`attention_qkv` -- self-attention on the model's packed ``qkv`` projection, with RoPE.
+* :func:`muon_step` -- one step of the Muon optimizer on a list of matrices.
+* :func:`bpe_train` -- the merge loop of byte-level BPE training.
+
+Backends (``backend=`` argument, or the ``FASTLM_BACKEND`` environment variable, which overrides
+``"auto"``):
+
+========== ==========================================================================
+reference  explicit PyTorch math with hand-written backward (:mod:`fastlm.ops.reference`)
+torch      ``F.scaled_dot_product_attention`` / eager ``F.silu(g) * u``
+triton     fused Triton kernels (:mod:`fastlm.kernels`), CUDA tensors (or TRITON_INTERPRET=1)
+cuda       C++/CUDA kernels in ``fastlm._C`` (CUDA tensors)
+cpp        C++ CPU kernels in ``fastlm._C`` (CPU tensors)
+========== ==========================================================================
+
+``auto`` walks a per-device preference list and takes the first backend that is available and
+supports the call; if it has to skip a preferred one it logs why, once. The registry and the
+:class:`Backend` protocol are in :mod:`fastlm.ops.backend`; each op's public function validates its
+arguments once and dispatches there (:mod:`fastlm.ops.attention`, :mod:`fastlm.ops.swiglu`,
+:mod:`fastlm.ops.muon`, :mod:`fastlm.ops.bpe`). Position helpers (RoPE, ALiBi slopes) are in
+:mod:`fastlm.ops.positions`.
+"""
+from __future__ import annotations
+
+from fastlm.errors import BackendUnavailableError
+from fastlm.ops import backend as _backend
+from fastlm.ops import reference, torch_backend
+from fastlm.ops.attention import attention, attention_backend, attention_qkv
+from fastlm.ops.backend import (BACKENDS, Backend, available_backends, backend_details, backend_status,
+                                load_backends, resolve_backend)
+from fastlm.ops.bpe import bpe_train
+from fastlm.ops.muon import muon_step
+from fastlm.ops.swiglu import swiglu, swiglu_packed
+
+__all__ = ["attention", "attention_backend", "attention_qkv", "swiglu", "swiglu_packed", "muon_step", "bpe_train",
+           "BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "backend_details", "backend_status",
+           "load_backends", "resolve_backend"]
+
+# the in-process backends, registered from the start (torch.compile cannot trace a lazy import)
+_backend.register(reference.BACKEND)
+_backend.register(torch_backend.BACKEND)

@@ -1,0 +1,68 @@
+"""What a backend of :mod:`fastlm.ops` is: the :class:`Backend` protocol, and :class:`BackendBase` with
+the defaults of the optional capabilities. (The registry that picks one is :mod:`fastlm.ops.backend`.)"""
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+__all__ = ["Backend", "BackendBase"]
+
+
+class Backend(Protocol):
+    """What every backend object provides. ``*_unsupported`` return None when the backend can run
+    that call (arguments already validated by the public op), else a one-line reason. The last three
+    pairs are capabilities with a composed default (:class:`BackendBase` refuses them): a backend
+    overrides them only where it has a compiled entry point."""
+
+    name: str
+
+    def unavailable_reason(self) -> Optional[str]: ...
+
+    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes) -> Optional[str]: ...
+
+    def attention(self, q, k, v, causal, scale, alibi_slopes): ...
+
+    def swiglu_unsupported(self, gate, up) -> Optional[str]: ...
+
+    def swiglu(self, gate, up): ...
+
+    def swiglu_packed_unsupported(self, x) -> Optional[str]: ...
+
+    def swiglu_packed(self, x): ...
+
+    def attention_qkv_unsupported(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes) -> Optional[str]: ...
+
+    def attention_qkv(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes): ...
+
+    def muon_step_unsupported(self, params, grads, momentum_buffers, ns_dtype) -> Optional[str]: ...
+
+    def muon_step(self, params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_decay, ns_steps,
+                  ns_coefficients, ns_dtype, eps) -> None: ...
+
+    def bpe_train_unsupported(self) -> Optional[str]: ...
+
+    def bpe_train(self, words, counts, num_merges) -> list: ...
+
+    def details(self) -> Optional[str]: ...
+
+
+class BackendBase:
+    """Defaults of the optional capabilities: refused, so the public op runs its composed form
+    (``attention_qkv``: split, rotate, :func:`fastlm.ops.attention`) or another backend."""
+
+    name = "base"
+
+    def unavailable_reason(self) -> Optional[str]:
+        return None
+
+    def attention_qkv_unsupported(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes):
+        return f"backend {self.name!r} has no fused qkv attention (the composed form runs)"
+
+    def muon_step_unsupported(self, params, grads, momentum_buffers, ns_dtype):
+        return f"backend {self.name!r} has no Muon step"
+
+    def bpe_train_unsupported(self):
+        return f"backend {self.name!r} has no BPE trainer"
+
+    def details(self) -> Optional[str]:
+        """Extra lines for ``python -m fastlm.info`` (where the code comes from, how it was built)."""
+        return None
