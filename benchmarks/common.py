@@ -319,10 +319,10 @@ def gpu_oom_skip(fn: Callable[[], object]):
 def default_train_setup():
     """``(GPTConfig, batch_size, source)``: what ``python -m fastlm.train`` trains on the CPU with no
     flags (Tiny Shakespeare, char vocabulary of 65)."""
-    from fastlm import train
     from fastlm.model import GPTConfig
+    from fastlm.training.settings import TrainConfig, resolve_settings
 
-    config, model_values, _ = train.resolve_config([])
-    values = {**train.CPU_MODEL_DEFAULTS, **model_values, "vocab_size": 65}  # the bundled corpus' chars
+    resolved = resolve_settings(TrainConfig(profile="cpu"), {}, "cpu")
+    values = {**resolved.model, "vocab_size": 65}  # the bundled corpus' chars
     values.pop("backend", None)
-    return GPTConfig(**values), int(config.batch_size), "fastlm.train defaults (CPU)"
+    return GPTConfig(**values), int(resolved.train.batch_size), "fastlm.train defaults (CPU)"

@@ -218,10 +218,10 @@ def test_default_step_vs_plain_pytorch(bench):
     on CPU, the GPU profile's AdamW on CUDA) against the same model and optimizer on plain PyTorch
     (SDPA, eager MLP, torch.optim). Both are timed in alternating rounds in this one test, so machine
     drift hits both; the row's ``speedup_median``/``speedup_min`` are plain time / fastlm time."""
-    from fastlm.training.settings import GPU_DEFAULTS, TrainConfig, default_optimizer
+    from fastlm.training.settings import TrainConfig, resolve_settings
 
-    tcfg = TrainConfig()
-    optimizer = GPU_DEFAULTS["optimizer"] if ON_GPU else default_optimizer(tcfg)
+    tcfg = resolve_settings(TrainConfig(), {}, DEVICE.type).train  # the profile of this device
+    optimizer = tcfg.optimizer
     base, batch, name = model_setup("swiglu")
     T = base.block_size
 

@@ -211,7 +211,8 @@ def test_tied_embeddings_share_storage():
 def test_gpt2_init_statistics():
     torch.manual_seed(0)
     n_layer = 4
-    model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=n_layer, n_head=4, n_embd=256, bias=True))
+    model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=n_layer, n_head=4, n_embd=256, bias=True,
+                          pos="learned", mlp="gelu"))
     resid = torch.cat([p.flatten() for n, p in model.named_parameters()
                        if n.endswith("attn.proj.weight") or n.endswith("mlp.proj.weight")])
     want = 0.02 / math.sqrt(2 * n_layer)
@@ -282,7 +283,7 @@ def test_validation_after_mutation():
 
 
 def test_swiglu_hidden_default():
-    assert GPTConfig(**TINY).mlp_hidden == 128
+    assert GPTConfig(**{**TINY, "mlp": "gelu"}).mlp_hidden == 128
     h = GPTConfig(**{**TINY, "mlp": "swiglu"}).mlp_hidden
     assert h % 8 == 0 and 8 * 32 // 3 <= h < 8 * 32 // 3 + 8
     assert GPTConfig(**{**TINY, "mlp": "swiglu", "mlp_hidden": 50}).mlp_hidden == 50

@@ -178,7 +178,7 @@ def test_cli_binary_corpus_and_help(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1 and str(binary) in res.stderr
     res = subprocess.run([sys.executable, "-m", "fastlm.train", "--help"], capture_output=True, text=True,
                          env=_env(), timeout=120)
-    assert res.returncode == 0 and "--n-layer" in res.stdout and "gpu defaults" in res.stdout.lower()
+    assert res.returncode == 0 and "--n-layer" in res.stdout and "profiles" in res.stdout.lower()
 
 
 class FailSaveAt(Callback):

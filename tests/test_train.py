@@ -19,7 +19,9 @@ from fastlm.text import data
 from fastlm.config import ConfigFileError, load_config_file, merge_values
 from fastlm.model import GPTConfig
 from fastlm.training.runtime import resolve_device
-from fastlm.train import LRSchedule, TrainConfig, build_parser, main
+from fastlm.train import build_parser, main
+from fastlm.training.schedule import LRSchedule
+from fastlm.training.settings import TrainConfig, resolve_settings
 from fastlm.training.trainer import Callback
 
 from conftest import one_error_line
@@ -329,7 +331,7 @@ def test_merge_values_layers_and_types(tmp_path):
     assert explicit == {"n_layer", "lr", "seed"}
     merged, _ = merge_values({"train": TrainConfig}, {"min_lr": "none", "data": "x.txt", "lr": 1}, {})
     assert merged["train"] == {"min_lr": None, "data": ["x.txt"], "lr": 1.0}
-    with pytest.raises(ConfigFileError, match="max_iters must be an integer, got True"):
+    with pytest.raises(ConfigFileError, match="max_iters must be an integer or none, got True"):
         merge_values({"train": TrainConfig}, {"max_iters": True}, {})
     (tmp_path / "x.json").write_text("{")
     with pytest.raises(ConfigFileError, match="bad JSON"):
@@ -342,10 +344,10 @@ def test_help_lists_generated_flags():
                  "--device", "--seed", "--compile", "--no-compile", "--config", "--resume", "--init-from",
                  "--text-column", "--max-doc-tokens", "--grad-accum", "--lr-schedule", "--gpu-defaults"):
         assert flag in text, flag
-    from fastlm.train import CPU_MODEL_DEFAULTS
+    defaults = GPTConfig()
     # the CPU model defaults are what --help shows (not GPTConfig's)
-    assert f"transformer blocks (default: {CPU_MODEL_DEFAULTS['n_layer']})" in " ".join(text.split())
-    assert f"gelu | gelu_tanh | relu | swiglu (default: {CPU_MODEL_DEFAULTS['mlp']})" in " ".join(text.split())
+    assert f"transformer blocks (default: {defaults.n_layer})" in " ".join(text.split())
+    assert f"gelu | gelu_tanh | relu | swiglu (default: {defaults.mlp})" in " ".join(text.split())
     assert main(["--help"]) == 0
 
 
@@ -595,9 +597,10 @@ def test_resume_with_more_steps_continues_the_lr(tmp_path, corpus, capsys):
     lrs = [float(r["lr"]) for r in rows(tmp_path / "r" / "train_log.csv")]
     assert len(lrs) == 40
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # never rises after warm-up
-    planned = LRSchedule(TrainConfig(max_iters=20, warmup_iters=2))  # the first session's schedule
+    first = resolve_settings(TrainConfig(max_iters=20, warmup_iters=2, profile="cpu"), {}, "cpu").train
+    planned = LRSchedule(first)  # the first session's schedule
     assert lrs[10] == pytest.approx(planned.lr(10), rel=1e-5)  # step 11 (first resumed) continues it
-    assert lrs[-1] == pytest.approx(TrainConfig().final_lr, rel=0.02)  # ... and ends at the final LR
+    assert lrs[-1] == pytest.approx(first.final_lr, rel=0.02)  # ... and ends at the final LR
 
 
 TIMING_KEYS = {"tokens_per_s", "train_wall_s", "wall_s"}

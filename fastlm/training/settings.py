@@ -1,8 +1,14 @@
-"""Training settings: :class:`TrainConfig`, the CPU and GPU profiles, and what a resume may change.
+"""Training settings: :class:`TrainConfig`, the two recipes (profiles), and how a run's settings are
+resolved, once, before anything is built.
 
-Defaults live only here (the CLI's flags are generated from these dataclasses). The CPU model
-profile is what ``python -m fastlm.train`` trains with no flags; on CUDA, :data:`GPU_DEFAULTS`
-replaces every setting the user did not set (``--no-gpu-defaults`` turns that off).
+One source of truth: a setting is either given (by a flag, a config file, or a Python caller: every
+value passed is honoured, even one equal to a default) or left to the **profile**, a recipe that
+fills exactly the settings left unset. The profile-dependent settings default to None ("the
+profile's"); :data:`PROFILES` holds the recipes: ``cpu`` (what ``python -m fastlm.train`` trains
+with no flags: the model of ``GPTConfig()``, 1150 Muon steps) and ``gpu`` (nanoGPT's
+shakespeare-char recipe, AdamW). ``profile="auto"`` picks ``gpu`` on CUDA and ``cpu`` elsewhere.
+:func:`resolve_settings` turns a request into the fully resolved run (what ``--print-config``
+prints and ``config.json`` records); :func:`resume_config` does the same for ``--resume``.
 """
 from __future__ import annotations
 
@@ -19,13 +25,31 @@ from fastlm.model import GPTConfig
 from fastlm.training.optim import OPTIMIZERS
 from fastlm.errors import TrainError
 
-__all__ = ["TrainConfig", "TrainError", "CPU_MODEL_DEFAULTS", "GPU_DEFAULTS", "RESUME_OVERRIDABLE",
-           "INIT_OVERRIDABLE", "SCHEDULES", "flag_name", "train_command", "DEVICES", "DTYPES", "default_optimizer", "explicit_settings", "apply_gpu_profile",
-           "resume_config"]
+__all__ = ["TrainConfig", "TrainError", "PROFILES", "PROFILE_CHOICES", "Resolved", "RESUME_OVERRIDABLE",
+           "INIT_OVERRIDABLE", "SCHEDULES", "DEVICES", "DTYPES", "default_optimizer", "explicit_settings",
+           "flag_name", "profile_name", "resolve_settings", "resume_config", "train_command"]
 
 SCHEDULES = ("cosine", "plateau", "constant")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PROFILE_CHOICES = ("auto", "cpu", "gpu")
+
+#: The recipes: the values of the settings left unset (None). ``cpu``'s model is ``GPTConfig()``: it
+#: reaches a whole-val loss of about 1.60 on Tiny Shakespeare in about 1.5 minutes on two CPU cores
+#: (README). ``gpu`` is nanoGPT's shakespeare-char recipe (AdamW: Muon is not yet measured on a GPU).
+#: A fine-tune (``init_from``) that sets no optimizer takes AdamW in both (see :func:`default_optimizer`).
+PROFILES = {
+    "cpu": {"train": {"batch_size": 16, "max_iters": 1150, "lr": 2e-3, "warmup_iters": 50, "eval_interval": 384,
+                      "eval_iters": 10, "sample_tokens": 100, "optimizer": "muon"},
+            "model": {}},
+    "gpu": {"train": {"batch_size": 64, "max_iters": 5000, "lr": 1e-3, "warmup_iters": 100, "eval_interval": 250,
+                      "eval_iters": 100, "sample_tokens": 200, "optimizer": "adamw"},
+            "model": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2}},
+}
+
+
+def _by_profile(name: str) -> str:
+    return "; default: the profile's (" + ", ".join(f"{p} {PROFILES[p]['train'][name]}" for p in ("cpu", "gpu")) + ")"
 
 
 @dataclass
@@ -46,19 +70,21 @@ class TrainConfig:
     split: str = field(default="0.9,0.1,0.0", metadata={
         "help": "train,val[,test] fractions of the token stream, cut in that order (by default val = the last 10 percent)"})
     # optimisation
-    batch_size: int = field(default=16, metadata={"help": "sequences per micro-batch (per rank)"})
+    batch_size: Optional[int] = field(default=None, metadata={
+        "help": "sequences per micro-batch (per rank)" + _by_profile("batch_size")})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_iters: int = field(default=1150, metadata={"help": "optimizer steps"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    max_iters: Optional[int] = field(default=None, metadata={"help": "optimizer steps" + _by_profile("max_iters")})
+    lr: Optional[float] = field(default=None, metadata={"help": "peak learning rate" + _by_profile("lr")})
     min_lr: Optional[float] = field(default=None, metadata={"help": "final / lowest learning rate (default lr/10)"})
-    warmup_iters: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    warmup_iters: Optional[int] = field(default=None, metadata={
+        "help": "linear warm-up steps" + _by_profile("warmup_iters")})
     lr_schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule", "choices": SCHEDULES})
     plateau_patience: int = field(default=2, metadata={"help": "plateau: evals without improvement before the LR drops"})
     plateau_factor: float = field(default=0.5, metadata={"help": "plateau: LR multiplier on a plateau"})
     optimizer: Optional[str] = field(default=None, metadata={
         "help": "adamw (AdamW at --lr on every parameter) | muon (Muon at --muon-lr for the 2-D weights "
-                "inside the blocks, AdamW at --lr for the rest). Default: muon for a new run, adamw when "
-                "fine-tuning (--init-from: then --lr governs every weight) and in the GPU profile",
+                "inside the blocks, AdamW at --lr for the rest); default: adamw when fine-tuning (--init-from: "
+                "then --lr governs every weight), else the profile's (cpu muon, gpu adamw)",
         "choices": OPTIMIZERS})
     muon_lr: float = field(default=0.02, metadata={
         "help": "muon: peak learning rate of the Muon matrices (used only with the muon optimizer)"})
@@ -68,12 +94,15 @@ class TrainConfig:
     beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     # evaluation
-    eval_interval: int = field(default=384, metadata={"help": "evaluate (and checkpoint) every N steps"})
-    eval_iters: int = field(default=10, metadata={"help": "batches per split in each evaluation"})
+    eval_interval: Optional[int] = field(default=None, metadata={
+        "help": "evaluate (and checkpoint) every N steps" + _by_profile("eval_interval")})
+    eval_iters: Optional[int] = field(default=None, metadata={
+        "help": "batches per split in each evaluation" + _by_profile("eval_iters")})
     eval_batch_size: int = field(default=64, metadata={"help": "windows per forward in the final whole-split evaluation"})
     early_stopping_patience: Optional[int] = field(default=None, metadata={
         "help": "stop after this many evals without a better val loss (none = never)"})
-    sample_tokens: int = field(default=100, metadata={"help": "tokens of sample text printed at each eval (0 = none)"})
+    sample_tokens: Optional[int] = field(default=None, metadata={
+        "help": "tokens of sample text printed at each eval (0 = none)" + _by_profile("sample_tokens")})
     # system
     device: str = field(default="auto", metadata={"help": "auto picks cuda > mps > cpu", "choices": DEVICES})
     dtype: str = field(default="auto", metadata={"help": "autocast dtype (auto: bfloat16 on CUDA if supported, else float16; float32 elsewhere)", "choices": DTYPES})
@@ -82,7 +111,11 @@ class TrainConfig:
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)"})
     dist_timeout_s: int = field(default=600, metadata={
         "help": "torchrun jobs: seconds a collective may wait for the other ranks before the job fails"})
-    gpu_defaults: bool = field(default=True, metadata={"help": "on CUDA, use the GPU profile for settings you did not set"})
+    profile: str = field(default="auto", metadata={
+        "help": "the recipe for the settings you do not set: cpu, gpu, or auto (gpu on CUDA, else cpu)",
+        "choices": PROFILE_CHOICES})
+    gpu_defaults: bool = field(default=True, metadata={
+        "help": "with --profile auto on CUDA: the gpu profile (--no-gpu-defaults: the cpu one)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     log_interval: int = field(default=50, metadata={"help": "write train_log.csv every N steps"})
     # run management
@@ -96,20 +129,24 @@ class TrainConfig:
             if not cond:
                 raise TrainError(msg)
 
+        unset = {name for name in PROFILES["cpu"]["train"] if getattr(self, name) is None}  # the profile's
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "eval_batch_size",
                      "log_interval", "min_freq", "plateau_patience", "dist_timeout_s"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+            need(name in unset or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                 f"{name} must be a positive integer, got {v!r}")
         for name in ("warmup_iters", "sample_tokens"):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+            need(name in unset or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                 f"{name} must be a non-negative integer, got {v!r}")
         for name in ("early_stopping_patience", "threads", "max_doc_tokens", "vocab_size"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
                  f"{name} must be a positive integer or none, got {v!r}")
-        need(math.isfinite(self.lr) and 0 < self.lr <= 10, f"lr must be a finite number in (0, 10], got {self.lr!r}")
+        need("lr" in unset or (_is_number(self.lr) and 0 < self.lr <= 10),
+             f"lr must be a finite number in (0, 10], got {self.lr!r}")
         if self.min_lr is not None:
-            need(math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr,
+            need(_is_number(self.min_lr) and 0 <= self.min_lr and ("lr" in unset or self.min_lr <= self.lr),
                  f"min_lr must be a finite number in [0, lr={self.lr}], got {self.min_lr!r}")
         need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
         for name in ("beta1", "beta2"):
@@ -127,6 +164,7 @@ class TrainConfig:
         need(self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         need(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        need(self.profile in PROFILE_CHOICES, f"profile must be one of {', '.join(PROFILE_CHOICES)}, got {self.profile!r}")
         need(bool(self.out_dir), "out_dir must not be empty")
         data_mod.parse_split(self.split)
         need(not (self.resume and self.init_from), "use either --resume or --init-from, not both")
@@ -136,55 +174,86 @@ class TrainConfig:
         return self.lr / 10 if self.min_lr is None else self.min_lr
 
 
-#: The CPU defaults are tuned so that the no-flag run (char-level Tiny Shakespeare) finishes in about
-#: 1.5 minutes on two cores with a whole-val loss below 1.62 (Muon for the hidden matrices, 1150 steps;
-#: README: the recipe, its curve, the runs that chose it). On CUDA GPU_DEFAULTS replace every setting
-#: the user did not set (AdamW there: Muon is not yet measured on a GPU).
-CPU_MODEL_DEFAULTS = {"n_layer": 3, "n_head": 3, "n_embd": 96, "block_size": 128, "pos": "rope", "mlp": "swiglu"}
-GPU_DEFAULTS = {
-    "n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2,
-    "batch_size": 64, "max_iters": 5000, "lr": 1e-3, "min_lr": 1e-4, "warmup_iters": 100,
-    "eval_interval": 250, "eval_iters": 100, "sample_tokens": 200, "optimizer": "adamw",
-}
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 #: settings --resume may change (everything else must match the run's stored config)
 RESUME_OVERRIDABLE = {"max_iters", "device", "threads", "progress", "log_interval", "sample_tokens", "compile",
-                      "resume", "overwrite", "gpu_defaults", "early_stopping_patience", "eval_batch_size",
+                      "resume", "overwrite", "gpu_defaults", "profile", "early_stopping_patience", "eval_batch_size",
                       "dist_timeout_s"}
 #: GPTConfig fields that --init-from takes from the flags (the rest is the checkpoint's architecture)
 INIT_OVERRIDABLE = {"dropout", "backend"}
 
 
-def default_optimizer(train: TrainConfig) -> str:
+def default_optimizer(train: TrainConfig, profile: str = "cpu") -> str:
     """The optimizer of a run that did not choose one: AdamW for a fine-tune (``init_from``), whose
     ``lr`` then governs every parameter (Muon's default peak of 0.02 would undo a gentle fine-tune),
-    Muon for a run from scratch."""
-    return "adamw" if train.init_from else "muon"
+    else the profile's."""
+    return "adamw" if train.init_from else PROFILES[profile]["train"]["optimizer"]
+
+
+def profile_name(train: TrainConfig, device_type: str) -> str:
+    """The recipe a run uses: the one named, or for ``auto`` gpu on CUDA (unless ``gpu_defaults`` is
+    off) and cpu elsewhere."""
+    if train.profile != "auto":
+        return train.profile
+    return "gpu" if device_type == "cuda" and train.gpu_defaults else "cpu"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A run's settings with nothing left to a default: ``train`` (no None where a profile decides),
+    ``model`` (GPTConfig fields but vocab_size, which the tokenizer sets), the ``profile`` used and
+    ``from_profile``: the settings whose values came from it."""
+
+    train: TrainConfig
+    model: dict
+    profile: str
+    from_profile: dict
+
+    def as_dict(self) -> dict:
+        """What ``python -m fastlm.train --print-config`` prints."""
+        return {"profile": self.profile, "train": dataclasses.asdict(self.train), "model": dict(self.model),
+                "from_profile": dict(self.from_profile)}
+
+
+def resolve_settings(train: TrainConfig, model: dict, device_type: str) -> Resolved:
+    """The settings of a new run: what the caller set (``train``'s fields that are not None, and the
+    keys of ``model``), and the profile's values for the rest. ``device_type`` is where it runs
+    (``profile="auto"`` depends on it)."""
+    train.validate()
+    name = profile_name(train, device_type)
+    recipe = PROFILES[name]
+    values, applied = dataclasses.asdict(train), {}
+    if values["optimizer"] is None:
+        values["optimizer"] = default_optimizer(train, name)
+        applied["optimizer"] = values["optimizer"]
+    for key, value in recipe["train"].items():
+        if values[key] is None:
+            values[key] = applied[key] = value
+    values["profile"] = name
+    applied.update({k: v for k, v in recipe["model"].items() if k not in model})
+    resolved = TrainConfig(**values)
+    resolved.validate()
+    full = GPTConfig(**{**recipe["model"], **model}).to_dict()  # every field (a bad one: one-line ConfigError)
+    full.pop("vocab_size")
+    return Resolved(resolved, full, name, applied)
 
 
 def explicit_settings(train: TrainConfig, model: dict) -> set:
-    """The settings a Python caller chose: TrainConfig fields that differ from their defaults, and
-    every key of the model settings. (The CLI knows exactly what was typed and passes that instead.)"""
+    """The settings a Python caller chose: TrainConfig fields that are set (profile settings) or differ
+    from their defaults (the rest), and every key of the model settings. (The CLI knows exactly what was
+    typed and passes that instead.)"""
     defaults = TrainConfig()
-    chosen = {f.name for f in dataclasses.fields(TrainConfig) if getattr(train, f.name) != getattr(defaults, f.name)}
+    chosen = {f.name for f in dataclasses.fields(TrainConfig)
+              if getattr(train, f.name) is not None and getattr(train, f.name) != getattr(defaults, f.name)}
+    chosen |= {name for name in PROFILES["cpu"]["train"] if getattr(train, name) is not None}
     return chosen | set(model)
 
 
-def apply_gpu_profile(train: TrainConfig, model: dict, explicit: set) -> tuple[TrainConfig, dict, dict]:
-    """GPU_DEFAULTS for every setting not in ``explicit`` -> (train config, model settings, applied)."""
-    applied = {k: v for k, v in GPU_DEFAULTS.items() if k not in explicit}
-    train_values, model = dataclasses.asdict(train), dict(model)
-    for name, value in applied.items():
-        if name in train_values:
-            train_values[name] = value
-        else:
-            model[name] = value
-    train = TrainConfig(**train_values)
-    train.validate()
-    return train, model, applied
-
-
-def resume_config(stored: dict, train: TrainConfig, model: dict, explicit: set, run_dir: Path,
-                  world_size: int) -> tuple[TrainConfig, GPTConfig]:
+def resume_config(stored: dict, train: TrainConfig, model: dict, explicit: set,
+                  run_dir: Path) -> tuple[TrainConfig, GPTConfig]:
     """The settings of a resumed run: the stored ones, with the RESUME_OVERRIDABLE settings the user
     chose now. Any other setting that differs from the run's is refused (one line)."""
     stored_train, stored_model = stored.get("train", {}), stored.get("model", {})
@@ -207,9 +276,6 @@ def resume_config(stored: dict, train: TrainConfig, model: dict, explicit: set, 
         model_cfg = GPTConfig.from_dict(stored_model)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir / 'config.json'}: {e}") from None
-    if stored.get("world_size", 1) != world_size:
-        raise CheckpointError(f"--resume {run_dir}: the run used {stored.get('world_size', 1)} process(es), "
-                              f"this launch has {world_size}; resume with the same --nproc_per_node")
     return resumed, model_cfg
 
 

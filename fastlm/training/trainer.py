@@ -6,8 +6,10 @@
 :meth:`Trainer.fit` runs exactly what the CLI runs (the CLI is a thin layer over it) and returns the
 summary that is also written to ``summary.json``. Its parts, in order:
 
-* :meth:`~Trainer._prepare` -- settings (new run, ``resume`` or ``init_from``), the run directory
-  and its data (rank 0 builds them, every rank reads them), model, optimizer, samplers;
+* the constructor resolves the settings, once (:func:`fastlm.training.settings.resolve_settings`
+  for a new run, the stored ones for ``resume``): :attr:`Trainer.config` is the resolved run;
+* :meth:`~Trainer._prepare` -- the run directory and its data (rank 0 builds them, every rank
+  reads them), model, optimizer, samplers;
 * :meth:`~Trainer._restore` -- a resumed run's weights, optimizer, RNG and sampler states;
 * :meth:`~Trainer._train_step` / :meth:`~Trainer._evaluate` / :meth:`~Trainer._save` -- the loop;
 * :meth:`~Trainer._finish` -- the whole-split evaluation of the best weights and the summary.
@@ -50,8 +52,8 @@ from fastlm.training.runtime import autocast, init_distributed, resolve_device, 
 from fastlm.training.schedule import LRSchedule
 from fastlm.text.tokenizers import load_tokenizer
 from fastlm.sampling import generate
-from fastlm.training.settings import (CPU_MODEL_DEFAULTS, INIT_OVERRIDABLE, TrainConfig, apply_gpu_profile, default_optimizer,
-                           explicit_settings, resume_config, train_command)
+from fastlm.training.settings import (INIT_OVERRIDABLE, Resolved, TrainConfig, explicit_settings,
+                                     resolve_settings, resume_config, train_command)
 from fastlm.errors import CheckpointError, NonFiniteLoss, RankFailed, TrainingInterrupted
 
 __all__ = ["Trainer", "Callback", "TrainingInterrupted", "NonFiniteLoss", "RankFailed"]
@@ -104,6 +106,17 @@ class Progress:
                    wall_before=float(state.get("train_wall_s", 0.0)))
 
 
+@dataclass
+class LoopClock:
+    """The loop's timing (not saved): when this session's loop started, the last logged step and
+    time, and the training losses summed since (tensors: read on the host only when logged)."""
+
+    start: float = 0.0
+    mark_time: float = 0.0
+    mark_step: int = 0
+    losses: list = dataclasses.field(default_factory=list)
+
+
 def _one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
@@ -113,30 +126,61 @@ class Trainer:
     """Train a GPT as ``python -m fastlm.train`` does.
 
     Args:
-        config: training settings (default: ``TrainConfig()``, the CLI's defaults).
+        config: training settings (default: ``TrainConfig()``, the CLI's defaults). Settings left
+            unset (None) take the profile's values (:data:`fastlm.training.settings.PROFILES`); every
+            value given is honoured.
         model: the model settings: a :class:`GPTConfig` (its ``vocab_size`` is replaced by the
-            tokenizer's), a dict of GPTConfig fields layered over the CPU profile, or None for the
-            CPU profile (the CLI's defaults).
+            tokenizer's), a dict of GPTConfig fields (the rest from the profile and GPTConfig's
+            defaults), or None (the profile's model; the cpu profile's is ``GPTConfig()``).
         callbacks: :class:`Callback` objects.
-        explicit: names of the settings the user chose (the CLI passes what was typed). Settings
-            not chosen take the GPU profile on CUDA. Default: TrainConfig fields that differ from
-            their defaults, and the fields of ``model`` (all of them for a GPTConfig).
+        explicit: names of the settings the user chose (the CLI passes what was typed); used to
+            refuse a ``resume`` with other settings and to note model flags an ``init_from`` ignores.
+            Default: :func:`fastlm.training.settings.explicit_settings`.
+
+    The settings are resolved here, before anything is built: :attr:`config` is the resolved
+    :class:`TrainConfig` (nothing left to a profile) and :attr:`resolved` what ``--print-config``
+    prints; a resume reads the run's stored settings here.
     """
 
     def __init__(self, config: Optional[TrainConfig] = None, model: Union[GPTConfig, dict, None] = None, *,
                  callbacks: Sequence[Callback] = (), explicit: Optional[set] = None):
-        self.config = config if config is not None else TrainConfig()
+        requested = config if config is not None else TrainConfig()
+        requested.validate()
         if isinstance(model, GPTConfig):
             model = {k: v for k, v in model.to_dict().items() if k != "vocab_size"}
         chosen_model = dict(model or {})
-        self._model_values = {**CPU_MODEL_DEFAULTS, **chosen_model}
-        self._explicit = set(explicit) if explicit is not None else explicit_settings(self.config, chosen_model)
+        self._explicit = set(explicit) if explicit is not None else explicit_settings(requested, chosen_model)
         self.callbacks = list(callbacks)
+        self.device_type = resolve_device(requested.device).type
+        self.resolved: Optional[Resolved] = None
         self.model_config: Optional[GPTConfig] = None
+        if requested.resume:
+            self.run_dir = Path(requested.resume)
+            self._stored = ckpt_mod.read_run_config(self.run_dir)
+            self.config, self.model_config = resume_config(self._stored, requested, chosen_model, self._explicit,
+                                                           self.run_dir)
+        else:
+            self.resolved = resolve_settings(requested, chosen_model, self.device_type)
+            self.config = self.resolved.train
+            self.run_dir = Path(self.config.out_dir)
+        self._chosen_model = chosen_model
+        # built by fit(), in this order: the process group and device, the run's data, the model and
+        # its optimizer, the samplers; then the loop's state
+        self.dist = None
+        self.device: Optional[torch.device] = None
+        self.autocast_dtype: Optional[torch.dtype] = None
+        self.tokenizer = self.train_ids = self.val_ids = None
         self.model = self.raw_model = self.optimizer = None
-        self.run_dir: Optional[Path] = None
+        self.schedule: Optional[LRSchedule] = None
+        self.scaler = self.amp = None
+        self.train_sampler = None
+        self.eval_samplers: dict = {}
+        self._eval_start: dict = {}
+        self.tokens_per_step = 0
         self.progress = Progress()
         self.summary: Optional[dict] = None
+        self._clock = LoopClock()
+        self._bar = None
         self._stop_signal: Optional[int] = None  # a signal arrived (or a stop with one was requested)
         self._stop_pending = False  # request_stop() without a signal
 
@@ -144,7 +188,6 @@ class Trainer:
     def fit(self) -> Optional[dict]:
         """Run training; returns the summary dict (None on ranks other than 0)."""
         t_start = time.time()
-        self.config.validate()
         self.dist = init_distributed(self.config.device, self.config.dist_timeout_s)
         handlers = self._install_signal_handlers()
         try:
@@ -157,6 +200,19 @@ class Trainer:
                 signal.signal(sig, handler)
             self.model = self.raw_model  # drop the DDP wrapper first: it holds the process group
             self.dist.close()
+
+    def settings(self) -> dict:
+        """The fully resolved settings of this run (what ``--print-config`` prints): the profile, the
+        training settings and the model (a resume: the run's stored ones; a fine-tune: the source's
+        architecture, read when the run starts)."""
+        if self.resolved is None:
+            return {"profile": self.config.profile, "train": dataclasses.asdict(self.config),
+                    "model": self.model_config.to_dict()}
+        out = self.resolved.as_dict()
+        if self.config.init_from:
+            overrides = {k: v for k, v in self._chosen_model.items() if k in INIT_OVERRIDABLE}
+            out["model"] = {"from": self.config.init_from, **overrides}
+        return out
 
     def request_stop(self, signum: Optional[int] = None) -> None:
         """Stop the run at the end of the next optimizer step (requests and signals are exchanged
@@ -178,8 +234,6 @@ class Trainer:
         else:
             print(msg, flush=True)
 
-    _bar = None
-
     def _emit(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
@@ -198,39 +252,29 @@ class Trainer:
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        device_type = resolve_device(cfg.device).type
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" and self.dist.enabled
-                                   else device_type)
-        self._resolve_settings(device_type)
-        self.autocast_dtype = resolve_dtype(self.config.dtype, device_type)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if self.device_type == "cuda" and self.dist.enabled
+                                   else self.device_type)
+        if cfg.resume:
+            self._check_resume()
+        elif self.resolved.from_profile:
+            self.say(f"profile {self.resolved.profile}: " + ", ".join(f"{k}={v}" for k, v in self.resolved.from_profile.items()))
+        self.autocast_dtype = resolve_dtype(cfg.dtype, self.device_type)
         init_state = self._prepare_run_dir()
         self._load_run()
         self._build_model(init_state)
-        if self.config.resume:
+        if cfg.resume:
             self._restore()
         self._wrap_model()
         self._announce()
 
-    def _resolve_settings(self, device_type: str) -> None:
-        """Final settings: the stored ones for a resume, the GPU profile on CUDA for a new run."""
-        cfg = self.config
-        if cfg.resume:
-            run_dir = Path(cfg.resume)
-            stored = ckpt_mod.read_run_config(run_dir)
-            if not (run_dir / "latest").exists():
-                raise CheckpointError(f"--resume {run_dir}: the run holds no checkpoint yet (it stopped before "
-                                      f"its first save); start it again with --out-dir {run_dir} --overwrite")
-            self.config, self.model_config = resume_config(stored, cfg, self._model_values, self._explicit,
-                                                           run_dir, self.dist.world)
-            self.run_dir = run_dir
-            return
-        if device_type == "cuda" and cfg.gpu_defaults:
-            self.config, self._model_values, applied = apply_gpu_profile(cfg, self._model_values, self._explicit)
-            if applied:
-                self.say("gpu defaults: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
-        if self.config.optimizer is None:
-            self.config = dataclasses.replace(self.config, optimizer=default_optimizer(self.config))
-        self.run_dir = Path(self.config.out_dir)
+    def _check_resume(self) -> None:
+        if not (self.run_dir / "latest").exists():
+            raise CheckpointError(f"--resume {self.run_dir}: the run holds no checkpoint yet (it stopped before "
+                                  f"its first save); start it again with --out-dir {self.run_dir} --overwrite")
+        if self._stored.get("world_size", 1) != self.dist.world:
+            raise CheckpointError(f"--resume {self.run_dir}: the run used {self._stored.get('world_size', 1)} "
+                                  f"process(es), this launch has {self.dist.world}; resume with the same "
+                                  f"--nproc_per_node")
 
     def _prepare_run_dir(self) -> Optional[dict]:
         """Rank 0 creates a new run (checks, data, config, tokenizer) or tidies a resumed one; every
@@ -264,7 +308,7 @@ class Trainer:
         if cfg.init_from:
             mcfg, tokenizer, init_state = self._init_from()
         else:
-            mcfg = GPTConfig(vocab_size=2, **self._model_values)  # validate early
+            mcfg = GPTConfig(vocab_size=2, **self.resolved.model)
         rundir.check_out_dir(out, cfg.overwrite)
         tokenizer, splits, data_info = rundir.build_data(cfg, mcfg.block_size, tokenizer)
         mcfg = GPTConfig.from_dict({**mcfg.to_dict(), "vocab_size": tokenizer.vocab_size})
@@ -285,12 +329,12 @@ class Trainer:
         """Architecture, tokenizer and weights of the checkpoint a fine-tune starts from."""
         init_model, tokenizer, init_cfg = load_model(self.config.init_from, "cpu")
         base = dict(init_cfg["model"])
-        ignored = sorted(k for k in self._explicit if k in base and k not in INIT_OVERRIDABLE
-                         and self._model_values.get(k) != base[k])
+        ignored = sorted(k for k in self._chosen_model if k in base and k not in INIT_OVERRIDABLE
+                         and self._chosen_model[k] != base[k])
         if ignored:
             self.say("note: --init-from takes the architecture from the checkpoint; ignoring " + ", ".join(ignored))
-        for k in INIT_OVERRIDABLE & self._explicit:
-            base[k] = self._model_values[k]
+        for k in INIT_OVERRIDABLE & set(self._chosen_model):
+            base[k] = self._chosen_model[k]
         return GPTConfig.from_dict(base), tokenizer, ckpt_mod.model_tensors(init_model)
 
     def _load_run(self) -> None:
@@ -407,8 +451,9 @@ class Trainer:
             from tqdm import tqdm
             self._bar = tqdm(total=cfg.max_iters, initial=progress.step, desc="train", dynamic_ncols=True,
                              file=sys.stderr, mininterval=1.0)
-        self._t_loop = time.time()
-        self._log_mark = (self._t_loop, progress.step)
+        now = time.time()
+        self._clock = LoopClock(start=now, mark_time=now, mark_step=progress.step)
+        self._watch_steps = any(type(cb).on_step is not Callback.on_step for cb in self.callbacks)
         try:
             if not cfg.resume:
                 self._save(is_best=False)  # step-0 checkpoint: the run is resumable from the first moment
@@ -427,11 +472,12 @@ class Trainer:
                 self._bar = None
 
     def _wall(self) -> float:
-        return self.progress.wall_before + time.time() - self._t_loop
+        return self.progress.wall_before + time.time() - self._clock.start
 
     def _train_step(self) -> tuple[int, bool]:
         """One optimizer step (grad accumulation, clipping, scaler). Returns the stop signal any rank
-        received (0 for none) and whether any rank asked to stop."""
+        received (0 for none) and whether any rank asked to stop. The loss stays on the device until
+        it is logged, evaluated after or watched by a callback (no host sync per step on a GPU)."""
         cfg, progress = self.config, self.progress
         lr = self.schedule.lr(progress.step)
         for group in self.optimizer.param_groups:  # Muon groups run at muon_lr / lr times the schedule
@@ -444,33 +490,59 @@ class Trainer:
                 with self.amp():
                     _, loss = self.model(x, y)
                 self.scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
+            loss_sum = loss_sum + loss.detach()
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
-        # one collective for the loss and for stop requests: every rank decides alike
-        step_loss, signalled, stop_asked = self.dist.mean(
-            [float(loss_sum) / cfg.grad_accum, float(self._stop_signal is not None), float(self._stop_pending)],
-            self.device)
-        if not math.isfinite(step_loss):
-            raise NonFiniteLoss(f"loss is {step_loss} at step {progress.step + 1}; stopping. The last good "
-                                f"checkpoint is kept in {self.run_dir} (try a lower --lr, --grad-clip, or "
-                                f"--dtype float32)")
+        self._clock.losses.append(loss_sum)
+        signalled, stop_asked = self._stop_requests()
+        step, due = progress.step + 1, self._loss_due(progress.step + 1) or signalled or stop_asked
+        step_loss = self._read_losses(step) / cfg.grad_accum if due else None  # raises on a non-finite loss
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        progress.step += 1
+        progress.step = step
         progress.tokens_seen += self.tokens_per_step
         self._log_step(step_loss, lr)
-        self._emit("on_step", progress.step, step_loss)
+        if step_loss is not None:
+            self._emit("on_step", step, step_loss)
         return ((self._stop_signal or signal.SIGTERM) if signalled else 0), bool(stop_asked)
 
-    def _log_step(self, loss: float, lr: float) -> None:
-        step = self.progress.step
-        if self.dist.is_main and (step % self.config.log_interval == 0 or step == self.config.max_iters):
-            now = time.time()
-            tokens_per_s = (step - self._log_mark[1]) * self.tokens_per_step / max(now - self._log_mark[0], 1e-9)
-            self._log_mark = (now, step)
+    def _stop_requests(self) -> tuple[bool, bool]:
+        """(a signal arrived, a stop was asked) on any rank: every rank of a job decides alike."""
+        signalled, asked = self._stop_signal is not None, self._stop_pending
+        if self.dist.enabled:
+            signalled, asked = (v > 0 for v in self.dist.mean([float(signalled), float(asked)], self.device))
+        return signalled, asked
+
+    def _loss_due(self, step: int) -> bool:
+        """Whether step ``step``'s loss is read on the host: it is logged, an evaluation (and a
+        checkpoint) follows, it is the last, or a callback watches every step."""
+        cfg = self.config
+        return (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.max_iters
+                or self._watch_steps)
+
+    def _read_losses(self, step: int) -> float:
+        """The summed loss of step ``step`` (mean over ranks), after checking that every step since
+        the last read had a finite loss (one host sync for all of them)."""
+        pending, self._clock.losses = self._clock.losses, []
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in pending]).double()
+        if self.dist.enabled:
+            values = torch.tensor(self.dist.mean(values.tolist(), self.device), dtype=torch.float64)
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            first = int(bad[0])
+            raise NonFiniteLoss(f"loss is {float(values[first])} at step {step - len(pending) + 1 + first}; stopping. "
+                                f"The last good checkpoint is kept in {self.run_dir} (try a lower --lr, --grad-clip, "
+                                f"or --dtype float32)")
+        return float(values[-1])
+
+    def _log_step(self, loss: Optional[float], lr: float) -> None:
+        step, cfg = self.progress.step, self.config
+        if self.dist.is_main and (step % cfg.log_interval == 0 or step == cfg.max_iters):
+            now, clock = time.time(), self._clock
+            tokens_per_s = (step - clock.mark_step) * self.tokens_per_step / max(now - clock.mark_time, 1e-9)
+            clock.mark_time, clock.mark_step = now, step
             rundir.append_csv(self.run_dir / "train_log.csv", rundir.LOG_HEADER,
                               [step, f"{loss:.6f}", f"{lr:.6g}", f"{tokens_per_s:.0f}"])
             if self._bar is not None:
