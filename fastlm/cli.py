@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 from typing import Callable
 
 from fastlm.errors import BackendUnavailableError, InputError, NonFiniteLoss, RankFailed, TrainingInterrupted
 
-__all__ = ["EXIT_OK", "EXIT_BAD_INPUT", "EXIT_NON_FINITE", "EXIT_IO", "run_cli", "error_line"]
+__all__ = ["EXIT_OK", "EXIT_BAD_INPUT", "EXIT_NON_FINITE", "EXIT_IO", "run_cli", "run_command", "error_line",
+           "refuse_existing", "write_new_file"]
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -66,3 +68,35 @@ def run_cli(body: Callable[[], int]) -> int:
         if not quiet:
             print("\ninterrupted", file=sys.stderr, flush=True)
         return 130
+
+
+
+def run_command(run: Callable[[Optional[list]], object], argv: Optional[list] = None) -> int:
+    """A command line's ``main``: ``run(argv)``, then exit code 0, or one error line and its code."""
+    def body() -> int:
+        run(argv)
+        return EXIT_OK
+
+    return run_cli(body)
+
+
+def _exists(flag: str, path) -> InputError:
+    return InputError(f"{flag} {path} already exists; refusing to overwrite it")
+
+
+def refuse_existing(flag: str, path: Optional[str]) -> None:
+    """InputError when the output file ``path`` that ``flag`` names already exists (checked before
+    any work; :func:`write_new_file` checks again as it creates the file)."""
+    if path is not None and os.path.lexists(path):
+        raise _exists(flag, path)
+
+
+def write_new_file(flag: str, path: Optional[str], text: str) -> None:
+    """Write ``text`` to a new UTF-8 file ``path`` (nothing when None); never replaces a file."""
+    if path is None:
+        return
+    try:
+        with open(path, "x", encoding="utf-8") as f:  # "x": fails if it appeared meanwhile
+            f.write(text)
+    except FileExistsError:
+        raise _exists(flag, path) from None

@@ -2,8 +2,10 @@
 
 * :func:`add_dataclass_args` adds one ``--field-name`` flag per dataclass field (help from the field's
   ``metadata["help"]``, choices from ``metadata["choices"]``); bools become ``--flag/--no-flag``,
-  ``Optional[...]`` fields accept ``none``, ``list[str]`` fields take one or more values. Flags
-  default to ``argparse.SUPPRESS``, so the parsed namespace holds only what the user typed.
+  ``Optional[...]`` fields accept ``none``, ``list[str]`` fields take one or more values, a field
+  without a default is a required flag, and fields whose ``metadata["exclusive"]`` names the same
+  group are mutually exclusive. Flags default to ``argparse.SUPPRESS``, so the parsed namespace
+  holds only what the user typed; :func:`dataclass_from_args` builds the dataclass from it.
 * :func:`load_config_file` reads a ``.toml`` or ``.json`` file of ``key = value`` pairs (flat, or in
   tables named after the dataclass groups, e.g. ``[model]`` / ``[train]``; dashes or underscores).
 * :func:`merge_values` checks names and types (one-line :class:`ConfigFileError`) and layers
@@ -22,8 +24,8 @@ from typing import Any, Optional, Union
 from fastlm.errors import ConfigFileError
 from fastlm.training.settings import flag_name
 
-__all__ = ["ConfigFileError", "add_dataclass_args", "load_config_file", "merge_values", "coerce",
-           "field_types", "flag_name"]
+__all__ = ["ConfigFileError", "add_dataclass_args", "dataclass_from_args", "load_config_file", "merge_values",
+           "coerce", "field_types", "flag_name"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -89,6 +91,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, title: Optional[
                        exclude=(), defaults_override: Optional[dict] = None) -> list[str]:
     """Add a flag per field of dataclass ``cls``; returns the field names added."""
     group = parser.add_argument_group(title or cls.__name__)
+    exclusive: dict = {}  # metadata["exclusive"] -> its mutually exclusive group
     hints = field_types(cls)
     added = []
     for f in dataclasses.fields(cls):
@@ -96,20 +99,21 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, title: Optional[
             continue
         tp = hints[f.name]
         base, optional = _unwrap_optional(tp)
+        required = False
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         else:
-            default = None
+            default, required = None, not (defaults_override and f.name in defaults_override)
         if defaults_override and f.name in defaults_override:
             default = defaults_override[f.name]
         text = f.metadata.get("help", "")
         shown = "none" if default is None else (" ".join(default) if isinstance(default, list) else default)
-        if not (default in (None, []) and ("default" in text or "empty" in text)):  # help says it
+        if not required and not (default in (None, []) and ("default" in text or "empty" in text)):  # help says it
             text = f"{text} (default: {shown})" if text else f"(default: {shown})"
         text = text.replace("%", "%%")
-        kwargs: dict = {"default": argparse.SUPPRESS, "help": text, "dest": f.name}
+        kwargs: dict = {"default": argparse.SUPPRESS, "help": text, "dest": f.name, "required": required}
         if base is bool and not optional:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif _is_list(base):
@@ -121,9 +125,18 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, title: Optional[
             if "choices" in f.metadata:
                 kwargs["choices"] = list(f.metadata["choices"])
                 kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
-        group.add_argument(flag_name(f.name), **kwargs)
+        name = f.metadata.get("exclusive")
+        if name is not None and name not in exclusive:
+            exclusive[name] = group.add_mutually_exclusive_group()
+        (group if name is None else exclusive[name]).add_argument(flag_name(f.name), **kwargs)
         added.append(f.name)
     return added
+
+
+def dataclass_from_args(cls, values: dict):
+    """An instance of dataclass ``cls`` from parsed flags (``vars(namespace)``: only what the user
+    typed, see :func:`add_dataclass_args`); its other fields keep their defaults."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
 def load_config_file(path) -> dict:

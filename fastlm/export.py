@@ -20,40 +20,43 @@ folder beside ``--out`` and moved into place only after the check: a failed expo
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 
-from fastlm.cli import run_cli
-from fastlm.config import OneLineParser
+from fastlm.cli import run_command
+from fastlm.config import OneLineParser, add_dataclass_args, dataclass_from_args
+from fastlm.inference import LoadConfig
 from fastlm.io.hf_export import export_model
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "run"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog="python -m fastlm.export",
-        description="Write a fastlm run as a transformers model directory (AutoModelForCausalLM / "
-                    "AutoTokenizer load it without custom code).")
-    p.add_argument("--checkpoint", required=True, help="run directory or its model.safetensors")
-    p.add_argument("--out", required=True, help="output directory (must be empty or absent, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--backend", default=None,
-                   help="fastlm.ops backend for the self-check's fastlm logits (default: the run's, else auto)")
-    p.add_argument("--no-check", action="store_true",
-                   help="skip the self-check (reload with transformers and compare logits)")
+@dataclass(frozen=True)
+class Export:
+    out: str = field(metadata={"help": "output directory (must be empty or absent, unless --overwrite)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out"})
+    check: bool = field(default=True, metadata={
+        "help": "self-check: reload the export with transformers and compare logits (--no-check skips it)"})
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m fastlm.export", description="Write a fastlm run as a transformers model "
+                      "directory (AutoModelForCausalLM / AutoTokenizer load it without custom code).")
+    add_dataclass_args(p, LoadConfig, title="model", exclude=("device",))  # loaded on the CPU
+    add_dataclass_args(p, Export, title="export")
     return p
 
 
-def main(argv=None) -> int:
-    """CLI entry point: returns the exit code (2 and one ``error:`` line for bad input)."""
-    def body() -> int:
-        args = build_parser().parse_args(argv)
-        export_model(args.checkpoint, args.out, overwrite=args.overwrite, check=not args.no_check,
-                     backend=args.backend)
-        return 0
+def run(argv=None) -> dict:
+    """Parse ``argv`` and export; returns :func:`~fastlm.io.hf_export.export_model`'s summary."""
+    values = vars(build_parser().parse_args(argv))
+    ckpt, opts = dataclass_from_args(LoadConfig, values), dataclass_from_args(Export, values)
+    return export_model(ckpt.checkpoint, opts.out, overwrite=opts.overwrite, check=opts.check, backend=ckpt.backend)
 
-    return run_cli(body)
+
+def main(argv=None) -> int:
+    """CLI entry point: returns the exit code (see :mod:`fastlm.cli`)."""
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

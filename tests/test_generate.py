@@ -10,7 +10,8 @@ import torch
 from fastlm.io import checkpoint
 from fastlm.io import loading
 from fastlm.text import data, tokenizers
-from fastlm.generate import SEPARATOR, _Streamer, main
+from fastlm.generate import SEPARATOR, main
+from fastlm.inference import _Streamer
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 6

@@ -5,6 +5,7 @@ the tokenizers library): logits parity on every CPU backend, greedy decoding wit
 KV cache, export -> transformers -> import round trips, tokenizer ids, refusals, CLIs.
 """
 import csv
+import importlib
 import json
 import os
 import pathlib
@@ -21,9 +22,9 @@ from fastlm.io import checkpoint  # noqa: E402
 from fastlm.io import loading
 from fastlm.text import data
 from fastlm import ops
-from fastlm import evaluate as evaluate_cli  # noqa: E402
 from fastlm import export as export_cli  # noqa: E402
-from fastlm import generate as generate_cli  # noqa: E402
+evaluate_cli = importlib.import_module("fastlm.evaluate")  # the CLI module (fastlm.evaluate is the API function)
+generate_cli = importlib.import_module("fastlm.generate")  # likewise
 from fastlm.errors import HFError  # noqa: E402
 from fastlm.io import hf_common, hf_export, hf_import  # noqa: E402
 from fastlm.model import GPT, GPTConfig  # noqa: E402

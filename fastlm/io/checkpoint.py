@@ -69,6 +69,8 @@ __all__ = [
     "sync_best",
     "clean_leftovers",
     "read_safetensors_header",
+    "read_weights_file",
+    "tensors_from_bytes",
     "check_config_matches_weights",
     "unwrap_model",
     "rng_state",
@@ -151,13 +153,10 @@ def save_weights(path, tensors: dict, metadata: Optional[dict] = None) -> None:
     atomic_write_bytes(path, _to_bytes(tensors, metadata))
 
 
-def load_weights(path) -> tuple[dict, dict]:
-    """Read a safetensors file written by :func:`save_weights` -> ``(tensors on CPU, metadata)``;
-    CheckpointError if it is missing, not safetensors (e.g. a pickle), truncated or corrupted."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    path = Path(path)
+def _read_weights_bytes(path: Path) -> tuple[bytes, int]:
+    """``(the bytes of a weights file, its header length)``: the one place a weights file is read
+    whole, refused by name or by its first bytes when it looks like a pickle, and its safetensors
+    framing checked."""
     refuse_pickle_path(path)
     raw = read_bounded(path, MAX_WEIGHTS_BYTES, "checkpoint file", CheckpointError)
     if len(raw) < 8:
@@ -170,18 +169,49 @@ def load_weights(path) -> tuple[dict, dict]:
     if header_len > len(raw) - 8:
         raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {header_len} bytes "
                               f"in a {len(raw)}-byte file)")
+    return raw, header_len
+
+
+def tensors_from_bytes(path, raw: bytes, metadata: dict) -> dict:
+    """The tensors (on CPU) of a weights file's bytes ``raw`` (from :func:`read_weights_file`), checked
+    against the sha256 in its ``metadata``; CheckpointError when they are corrupted."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     try:
-        header = json.loads(raw[8:8 + header_len].decode("utf-8"))
-        metadata = header.get("__metadata__") or {}
         tensors = load(raw)
     except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from None
-    want = metadata.get("fastlm_sha256")
+    want = metadata.get("fastlm_sha256") if isinstance(metadata, dict) else None
     if want is None:
         raise CheckpointError(f"{path} has no fastlm checksum; not written by fastlm")
     if _tensor_digest(tensors) != want:
         raise CheckpointError(f"{path} is corrupted: its tensor bytes do not match the stored sha256")
-    return tensors, metadata
+    return tensors
+
+
+def load_weights(path) -> tuple[dict, dict]:
+    """Read a safetensors file written by :func:`save_weights` -> ``(tensors on CPU, metadata)``;
+    CheckpointError if it is missing, not safetensors (e.g. a pickle), truncated or corrupted."""
+    path = Path(path)
+    raw, header_len = _read_weights_bytes(path)
+    try:
+        metadata = json.loads(raw[8:8 + header_len].decode("utf-8")).get("__metadata__") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from None
+    return tensors_from_bytes(path, raw, metadata), metadata
+
+
+def read_weights_file(path) -> tuple[bytes, dict, dict]:
+    """One read of a weights file to load a model from: ``(its bytes, {tensor name: shape}, metadata)``,
+    the header checked as :func:`read_safetensors_header` checks it. :func:`tensors_from_bytes` then
+    builds the tensors from these very bytes (no second open, nothing swapped in between)."""
+    path = Path(path)
+    raw, n = _read_weights_bytes(path)
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{path}: safetensors header of {n} bytes is larger than the {MAX_HEADER_BYTES}-byte "
+                              f"limit (truncated or not a safetensors file)")
+    return (raw, *_parse_header(path, raw[8:8 + n], len(raw) - 8 - n))
 
 
 def read_safetensors_header(path) -> tuple[dict, dict]:
@@ -205,6 +235,10 @@ def read_safetensors_header(path) -> tuple[dict, dict]:
             raise CheckpointError(f"{path}: safetensors header of {n} bytes is larger than the file or the "
                                   f"{MAX_HEADER_BYTES}-byte limit (truncated or not a safetensors file)")
         raw = read_exactly(f, n, path, "checkpoint file", CheckpointError)
+    return _parse_header(path, raw, size - 8 - n)
+
+
+def _parse_header(path, raw: bytes, data_bytes: int) -> tuple[dict, dict]:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -214,7 +248,7 @@ def read_safetensors_header(path) -> tuple[dict, dict]:
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is not a safetensors file (its metadata is not a JSON object)")
-    return _header_shapes(path, header, size - 8 - n), meta
+    return _header_shapes(path, header, data_bytes), meta
 
 
 def _header_shapes(path, header: dict, data_bytes: int) -> dict:

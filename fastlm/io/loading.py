@@ -16,8 +16,8 @@ import torch
 
 from fastlm import ops
 from fastlm.errors import CheckpointError, TokenizerError
-from fastlm.io.checkpoint import (refuse_pickle_path, check_config_matches_weights, latest_checkpoint_dir,
-                                  load_model_tensors, load_weights, read_run_config, read_safetensors_header)
+from fastlm.io.checkpoint import (check_config_matches_weights, latest_checkpoint_dir, load_model_tensors,
+                                  read_run_config, read_weights_file, tensors_from_bytes)
 from fastlm.io.hf_common import HF_PREFIX
 from fastlm.io.hf_import import load_hf_model
 from fastlm.model import GPT, GPTConfig
@@ -91,10 +91,10 @@ def load_model(path, device="cpu", backend: Optional[str] = None) -> tuple:
                 raise CheckpointError(f"{path} holds no model.safetensors (is it a fastlm run directory?)")
             weights = ckpt / "best.safetensors"
     elif path.exists():
-        refuse_pickle_path(path)
         run_dir, weights = path.parent, path
     else:
         raise CheckpointError(f"checkpoint not found: {path}")
+    raw, shapes, meta = read_weights_file(weights)  # read once (a pickle is refused here, first)
     run_config = read_run_config(run_dir)
     try:
         cfg = GPTConfig.from_dict(run_config["model"])
@@ -107,10 +107,10 @@ def load_model(path, device="cpu", backend: Optional[str] = None) -> tuple:
     if tokenizer.vocab_size != cfg.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model config says "
                               f"vocab_size={cfg.vocab_size}")
-    shapes, meta = read_safetensors_header(weights)
     _check_stored_config(meta, cfg, weights, run_dir / "config.json")
     check_config_matches_weights(cfg, shapes, weights, run_dir / "config.json")
-    tensors, _ = load_weights(weights)
+    tensors = tensors_from_bytes(weights, raw, meta)
+    del raw  # the model is built below: hold the weights once, not twice
     cfg.backend, note = backend_for(cfg.backend, backend, device)
     if note:
         print(note, file=sys.stderr, flush=True)
