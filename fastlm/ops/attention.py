@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastlm.ops.backend import _load, resolve_backend
+from fastlm.ops.masks import check_masks
 from fastlm.ops.positions import apply_rope
 
 __all__ = ["attention", "attention_backend", "attention_qkv"]
@@ -46,7 +47,7 @@ def _check_attention(q, k, v, alibi_slopes):
             raise ValueError(f"attention: alibi_slopes on {alibi_slopes.device}, q on {q.device}")
 
 
-def _cpu_attention_order(q, k, v, causal, alibi_slopes):
+def _cpu_attention_order(q, k, v, causal, alibi_slopes, masked=False):
     """auto's preference for one CPU attention call (None: the default ``torch, cpp, reference``).
 
     Measured (benchmarks/REPORT.md, 2-core AMD EPYC): for causal float32/float64 calls with keys
@@ -57,6 +58,8 @@ def _cpu_attention_order(q, k, v, causal, alibi_slopes):
     (3.6-4.2x there, 2.3x on an AMD EPYC), where SDPA falls back to slow reduced-precision math."""
     if q.device.type != "cpu":
         return None
+    if masked:  # a window or documents: the C++ kernel skips the hidden tiles, SDPA computes a dense mask
+        return ("cpp", "torch", "reference")
     if q.dtype in (torch.float32, torch.float64):
         cpp = _load("cpp")
         if causal and cpp is not None and q.size(-2) > 1 and k.size(-2) <= getattr(cpp, "gemm_max_tk", 0):
@@ -69,7 +72,8 @@ def _cpu_attention_order(q, k, v, causal, alibi_slopes):
     return None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: Optional[int] = None,
+              segment_ids: Optional[Tensor] = None, scale: Optional[float] = None,
               alibi_slopes: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """Scaled dot-product attention ``softmax(q k^T * scale + bias) v``.
 
@@ -81,6 +85,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Op
             position ``i + T_k - T_q`` and sees keys ``j <= i + T_k - T_q``, which is what
             incremental decoding with a KV cache needs. (SDPA's ``is_causal`` is top-left; they
             agree when ``T_q == T_k``.) A query row that sees no key (``T_q > T_k``) outputs zeros.
+        window: sliding window of ``w >= 1`` keys (None: no window): with ``causal``, query ``i``
+            sees keys ``i' - w < j <= i'`` where ``i' = i + T_k - T_q``; without, ``|i' - j| < w``.
+        segment_ids: ``(B, T_k)`` int32/int64, non-decreasing along T (documents packed left to
+            right): query ``i`` sees key ``j`` only when the ids of ``i'`` and ``j`` are equal. The
+            whole rule, with a picture: :mod:`fastlm.ops.masks`. The fused kernels skip every tile
+            these masks hide.
         scale: multiplier of ``q k^T``; default ``1 / sqrt(D)``.
         alibi_slopes: ``(H,)`` tensor; adds ``-slope_h * |i + T_k - T_q - j|`` to the scores
             (FlashAttention's definition), with or without ``causal``.
@@ -89,12 +99,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Op
     Returns:
         ``(B, H, T_q, D)`` in q's dtype. Differentiable with respect to q, k and v.
     """
-    obj, scale, alibi_slopes = _attention_backend(q, k, v, causal, scale, alibi_slopes, backend)
-    return obj.attention(q, k, v, causal, scale, alibi_slopes)
+    obj, scale, alibi_slopes, masks = _attention_backend(q, k, v, causal, scale, alibi_slopes, backend,
+                                                         window, segment_ids)
+    return obj.attention(q, k, v, causal, scale, alibi_slopes, **masks)
 
 
-def _attention_backend(q, k, v, causal, scale, alibi_slopes, backend):
+def _attention_backend(q, k, v, causal, scale, alibi_slopes, backend, window=None, segment_ids=None):
+    """Validate one call -> (backend object, scale, slopes, the mask keywords for the backend)."""
     _check_attention(q, k, v, alibi_slopes)
+    window = check_masks(q, k, causal, window, segment_ids)
+    masks = {} if window is None and segment_ids is None else {"window": window, "segment_ids": segment_ids}
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scale = float(scale)
@@ -103,24 +117,26 @@ def _attention_backend(q, k, v, causal, scale, alibi_slopes, backend):
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.float()
     obj = resolve_backend("attention", backend, q.device.type,
-                          lambda b: b.attention_unsupported(q, k, v, causal, scale, alibi_slopes),
-                          order=_cpu_attention_order(q, k, v, causal, alibi_slopes))
-    return obj, scale, alibi_slopes
+                          lambda b: b.attention_unsupported(q, k, v, causal, scale, alibi_slopes, **masks),
+                          order=_cpu_attention_order(q, k, v, causal, alibi_slopes, bool(masks)))
+    return obj, scale, alibi_slopes, masks
 
 
-def attention_backend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+def attention_backend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: Optional[int] = None,
+                      segment_ids: Optional[Tensor] = None, scale: Optional[float] = None,
                       alibi_slopes: Optional[Tensor] = None, backend: str = "auto") -> str:
     """The name of the backend :func:`attention` would run for this call (same arguments; the
     choice of ``auto`` depends on the device, dtype, options and whether a gradient is needed)."""
-    return _attention_backend(q, k, v, causal, scale, alibi_slopes, backend)[0].name
+    return _attention_backend(q, k, v, causal, scale, alibi_slopes, backend, window, segment_ids)[0].name
 
 
 def attention_qkv(qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, *, rope=None, causal: bool = True,
-                  scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
-                  backend: str = "auto") -> Tensor:
+                  window: Optional[int] = None, segment_ids: Optional[Tensor] = None, scale: Optional[float] = None,
+                  alibi_slopes: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """Self-attention on a packed projection, as the model computes it: ``qkv`` ``(B, T, (H + 2 H_kv) D)``
     holds ``[q heads | k heads | v heads]`` per token; ``rope = (cos, sin)``, each ``(T, D/2)``, rotates
     q and k first (:func:`fastlm.ops.positions.apply_rope`'s half-split pairing). Returns ``(B, T, H D)``.
+    ``window`` and ``segment_ids`` ``(B, T)`` as in :func:`attention`.
 
     Equal to splitting, rotating and calling :func:`attention` on the ``(B, H, T, D)`` views (the
     composed form). A backend with a fused form of the whole op runs it instead where the call
@@ -148,12 +164,12 @@ def attention_qkv(qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, *, 
         if D % 2 or tuple(cos.shape) != (T, D // 2) or tuple(sin.shape) != (T, D // 2):
             raise ValueError(f"attention_qkv: rope tables must be (T, D/2) = ({T}, {D // 2}) with an even "
                              f"head dim, got {tuple(cos.shape)} / {tuple(sin.shape)} (D={D})")
-    obj, scale, alibi_slopes = _attention_backend(qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v,
-                                                  causal, scale, alibi_slopes, backend)
-    if obj.attention_qkv_unsupported(qkv, H, Hkv, rope, causal, scale, alibi_slopes) is None:
-        return obj.attention_qkv(qkv, H, Hkv, rope, causal, scale, alibi_slopes)
+    obj, scale, alibi_slopes, masks = _attention_backend(qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2),
+                                                         v, causal, scale, alibi_slopes, backend, window, segment_ids)
+    if obj.attention_qkv_unsupported(qkv, H, Hkv, rope, causal, scale, alibi_slopes, **masks) is None:
+        return obj.attention_qkv(qkv, H, Hkv, rope, causal, scale, alibi_slopes, **masks)
     if rope is not None:
         qk = apply_rope(qk, cos.unsqueeze(1), sin.unsqueeze(1))
     q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # strided views: no copy
-    y = obj.attention(q, k, v, causal, scale, alibi_slopes)
+    y = obj.attention(q, k, v, causal, scale, alibi_slopes, **masks)
     return y.transpose(1, 2).reshape(B, T, H * D)

@@ -166,10 +166,12 @@ class _CppBackend(BackendBase):
                 return f"dtype {t.dtype} not supported ({', '.join(str(d) for d in self._dtypes)})"
         return None
 
-    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes):
+    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
+        if window is not None or segment_ids is not None:
+            return "sliding-window and document masks are not in this build's kernels"
         return self._tensor_unsupported(q, k, v)
 
-    def attention(self, q, k, v, causal, scale, alibi_slopes):
+    def attention(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
         return _ops.attention_fwd(q, k, v, causal, scale, alibi_slopes)[0]
 
     def swiglu_unsupported(self, gate, up):
@@ -185,7 +187,10 @@ class _CppBackend(BackendBase):
         """Reads ``[gate | up]`` in place (any row stride); the gradient is one fresh tensor."""
         return _ops.swiglu_packed_fwd(x)
 
-    def attention_qkv_unsupported(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes):
+    def attention_qkv_unsupported(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None,
+                                  segment_ids=None):
+        if window is not None or segment_ids is not None:
+            return "sliding-window and document masks are not in this build's kernels"
         """The fused op takes causal float32/float64 CPU calls of 2..gemm_max_tk tokens with a
         contiguous last dim (the BLAS path's shapes)."""
         if not causal:
@@ -196,7 +201,7 @@ class _CppBackend(BackendBase):
             return f"the fused qkv op takes 2..{self.gemm_max_tk} tokens with a contiguous last dim"
         return None
 
-    def attention_qkv(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes):
+    def attention_qkv(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None):
         cos, sin = rope if rope is not None else (None, None)
         return _ops.attention_qkv_fwd(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes)[0]
 
@@ -269,7 +274,9 @@ class _CudaBackend(_CppBackend):
             return "no CUDA device available"
         return None
 
-    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes):
+    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
+        if window is not None or segment_ids is not None:
+            return "sliding-window and document masks are not in this build's kernels"
         for t in (q, k, v):
             if t.device.type != "cuda":
                 return f"needs cuda tensors, got {t.device}"

@@ -9,10 +9,11 @@ Conventions shared by every backend (see :func:`fastlm.ops.attention`):
 * layout ``(B, H, T, D)`` for q and ``(B, H_kv, T_k, D)`` for k/v, any strides, ``H % H_kv == 0``
   (grouped-query attention: query head ``h`` reads kv head ``h // (H // H_kv)``);
 * causal masking is aligned **bottom-right**: query row ``i`` sits at key position
-  ``i + T_k - T_q`` and sees keys ``j <= i + T_k - T_q`` (what a KV cache needs);
+  ``i + T_k - T_q`` and sees keys ``j <= i + T_k - T_q`` (what a KV cache needs); sliding windows
+  and document segments follow the same alignment (:mod:`fastlm.ops.masks`);
 * ALiBi as in FlashAttention: ``score[h, i, j] -= slope[h] * |i + T_k - T_q - j|``;
 * statistics (row max, row sum, log-sum-exp) in float32, or float64 for float64 inputs;
-* a fully masked row (only possible when causal and ``T_q > T_k``) outputs zeros, not NaN.
+* a fully masked row (causal or document masks with ``T_q > T_k``) outputs zeros, not NaN.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fastlm.ops import reference_bpe, reference_muon
+from fastlm.ops.masks import visible_mask
 from fastlm.ops.protocol import BackendBase
 
 __all__ = [
@@ -74,28 +76,30 @@ def _reduce_kv(g: Tensor, h_kv: int) -> Tensor:
     return g.view(b, h_kv, h // h_kv, t, d).sum(dim=2)
 
 
-def _scores(q, k, scale, causal, alibi_slopes):
+def _scores(q, k, scale, causal, alibi_slopes, window=None, segment_ids=None):
     """Masked, biased scores ``(B, H, T_q, T_k)`` in the compute dtype, plus the visibility mask."""
     ct = _compute_dtype(q.dtype)
     t_q, t_k = q.shape[2], k.shape[2]
     s = torch.matmul(q.to(ct), _expand_kv(k, q.shape[1]).to(ct).transpose(-2, -1)) * scale
     if alibi_slopes is not None:
         s = s + alibi_bias(alibi_slopes, t_q, t_k, dtype=ct)
-    visible = causal_mask(t_q, t_k, device=q.device) if causal else None
+    visible = visible_mask(t_q, t_k, causal, window, segment_ids, device=q.device)
     if visible is not None:
+        visible = visible.unsqueeze(1)  # (B or 1, 1, T_q, T_k): every head alike
         s = s.masked_fill(~visible, float("-inf"))
     return s, visible
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                      alibi_slopes: Optional[Tensor] = None):
+                      alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
+                      segment_ids: Optional[Tensor] = None):
     """Returns ``(out, lse)``: out ``(B, H, T_q, D)`` in q's dtype, lse ``(B, H, T_q)`` float32/64.
 
     ``lse`` is the natural-log sum of exp of the (scaled, biased) scores of each row; ``-inf`` for a
     fully masked row.
     """
     ct = _compute_dtype(q.dtype)
-    s, _ = _scores(q, k, scale, causal, alibi_slopes)
+    s, _ = _scores(q, k, scale, causal, alibi_slopes, window, segment_ids)
     m = s.amax(dim=-1, keepdim=True)  # row max, -inf for fully masked rows
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)  # masked entries: exp(-inf) = 0
@@ -108,7 +112,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: floa
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None):
+                       causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None,
+                       window: Optional[int] = None, segment_ids: Optional[Tensor] = None):
     """Gradients ``(dq, dk, dv)`` of the attention forward, recomputing P from the saved LSE.
 
     With ``P = softmax(S)``, ``O = P V``:  ``dV = P^T dO``, ``dP = dO V^T``,
@@ -117,7 +122,7 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     """
     ct = _compute_dtype(q.dtype)
     h, h_kv = q.shape[1], k.shape[1]
-    s, _ = _scores(q, k, scale, causal, alibi_slopes)
+    s, _ = _scores(q, k, scale, causal, alibi_slopes, window, segment_ids)
     lse_c = lse.to(ct).unsqueeze(-1)
     lse_safe = torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c))
     p = torch.exp(s - lse_safe)  # masked entries -> 0; fully masked rows -> all 0
@@ -135,27 +140,28 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, alibi_slopes):
-        out, lse = attention_forward(q, k, v, causal, scale, alibi_slopes)
-        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-        ctx.causal = causal
-        ctx.scale = scale
+    def forward(ctx, q, k, v, causal, scale, alibi_slopes, window, segment_ids):
+        out, lse = attention_forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids)
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, segment_ids)
+        ctx.causal, ctx.scale, ctx.window = causal, scale, window
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, alibi_slopes)
-        return dq, dk, dv, None, None, None
+        q, k, v, out, lse, alibi_slopes, segment_ids = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, alibi_slopes, ctx.window,
+                                        segment_ids)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
-              alibi_slopes: Optional[Tensor] = None) -> Tensor:
+              alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
+              segment_ids: Optional[Tensor] = None) -> Tensor:
     """Reference attention (differentiable through a hand-written backward). No input checks:
     call :func:`fastlm.ops.attention` for validated input."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return _Attention.apply(q, k, v, causal, float(scale), alibi_slopes)
+    return _Attention.apply(q, k, v, causal, float(scale), alibi_slopes, window, segment_ids)
 
 
 def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
@@ -213,7 +219,8 @@ def swiglu_packed(x: Tensor) -> Tensor:
 
 def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
                     scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
-                    dtype: torch.dtype = torch.float64) -> Tensor:
+                    dtype: torch.dtype = torch.float64, window: Optional[int] = None,
+                    segment_ids: Optional[Tensor] = None) -> Tensor:
     """The textbook formula through plain autograd, in ``dtype`` (float64 by default): the oracle
     that tests compare every backend (and the hand-written backward above) against."""
     if scale is None:
@@ -224,8 +231,9 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
     t_q, t_k = q.shape[2], k.shape[2]
     if alibi_slopes is not None:
         s = s + alibi_bias(alibi_slopes, t_q, t_k, dtype=dtype)
-    if causal:
-        vis = causal_mask(t_q, t_k, device=q.device)
+    vis = visible_mask(t_q, t_k, causal, window, segment_ids, device=q.device)
+    if vis is not None:
+        vis = vis.unsqueeze(1)
         s = s.masked_fill(~vis, float("-inf"))
         p = torch.softmax(s, dim=-1)
         p = torch.where(vis.any(dim=-1, keepdim=True), p, torch.zeros_like(p))  # fully masked -> 0
@@ -241,11 +249,11 @@ class ReferenceBackend(BackendBase):
 
     name = "reference"
 
-    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes):
+    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
         return None
 
-    def attention(self, q, k, v, causal, scale, alibi_slopes):
-        return attention(q, k, v, causal, scale, alibi_slopes)
+    def attention(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
+        return attention(q, k, v, causal, scale, alibi_slopes, window, segment_ids)
 
     def swiglu_unsupported(self, gate, up):
         return None

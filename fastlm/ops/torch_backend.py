@@ -1,6 +1,7 @@
 """The ``torch`` backend of :mod:`fastlm.ops`: ``F.scaled_dot_product_attention`` where it can
-express the call (bottom-right causal as an explicit mask when ``T_q != T_k``, ALiBi as an additive
-float mask; it cannot express a causal call with ``T_q > T_k``), and eager ``F.silu(gate) * up``."""
+express the call (bottom-right causal, sliding windows and documents as an explicit boolean mask,
+ALiBi as an additive float mask; it cannot express a masked call with ``T_q > T_k``, whose fully
+masked rows SDPA turns into NaN), and eager ``F.silu(gate) * up``."""
 from __future__ import annotations
 
 import inspect
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.ops import reference
+from fastlm.ops.masks import visible_mask
 from fastlm.ops.protocol import BackendBase
 
 __all__ = ["TorchBackend", "BACKEND"]
@@ -19,31 +21,32 @@ class TorchBackend(BackendBase):
 
     name = "torch"
 
-    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes):
-        if causal and q.shape[2] > k.shape[2]:
-            return "causal with T_q > T_k has fully masked rows, which SDPA turns into NaN"
+    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
+        if (causal or window is not None or segment_ids is not None) and q.shape[2] > k.shape[2]:
+            return "a masked call with T_q > T_k has fully masked rows, which SDPA turns into NaN"
         if q.shape[1] != k.shape[1] and not _SDPA_HAS_GQA:
             return "this torch's SDPA has no enable_gqa"
         return None
 
-    def attention(self, q, k, v, causal, scale, alibi_slopes):
+    def attention(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
+        """Windows and documents as a dense boolean ``(B, 1, T_q, T_k)`` mask: SDPA computes every
+        score (no tile is skipped), which is what the fused kernels are measured against."""
         t_q, t_k = q.shape[2], k.shape[2]
         kwargs = {"scale": scale}
         if q.shape[1] != k.shape[1]:
             kwargs["enable_gqa"] = True
-        mask = None
-        is_causal = False
-        if alibi_slopes is not None:
-            mask = reference.alibi_bias(alibi_slopes, t_q, t_k, dtype=torch.float32)
-            if causal:
-                mask = mask.masked_fill(~reference.causal_mask(t_q, t_k, q.device), float("-inf"))
-            mask = mask.to(q.dtype).unsqueeze(0)  # (1, H, T_q, T_k)
-        elif causal and t_q == t_k:
+        mask, is_causal = None, False
+        if window is None and segment_ids is None and alibi_slopes is None and causal and t_q == t_k:
             is_causal = True
-        elif causal and t_q > 1:  # bottom-right diagonal; T_q == 1 sees every key
-            mask = reference.causal_mask(t_q, t_k, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                              **kwargs)
+        elif window is not None or segment_ids is not None or alibi_slopes is not None or (causal and t_q > 1):
+            mask = visible_mask(t_q, t_k, causal, window, segment_ids, device=q.device)  # T_q == 1, causal: None
+            mask = None if mask is None else mask.unsqueeze(1)  # (B or 1, 1, T_q, T_k)
+        if alibi_slopes is not None:
+            bias = reference.alibi_bias(alibi_slopes, t_q, t_k, dtype=torch.float32).unsqueeze(0)  # (1, H, T_q, T_k)
+            if mask is not None:
+                bias = bias.masked_fill(~mask, float("-inf"))
+            mask = bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **kwargs)
 
     def swiglu_unsupported(self, gate, up):
         return None

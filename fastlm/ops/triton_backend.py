@@ -87,7 +87,9 @@ class TritonBackend(BackendBase):
                 return "bfloat16 needs a GPU of compute capability >= 8.0"
         return None
 
-    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes):
+    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
+        if window is not None or segment_ids is not None:
+            return "sliding-window and document masks are not in the Triton kernels yet"
         import torch
         why = self._device_reason(q) or self._dtype_reason(q, "attention")
         if why is not None:
@@ -98,7 +100,7 @@ class TritonBackend(BackendBase):
             return f"head dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
         return None
 
-    def attention(self, q, k, v, causal, scale, alibi_slopes):
+    def attention(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
         from fastlm.kernels.attention import attention
         return attention(q, k, v, causal, scale, alibi_slopes)
 
