@@ -114,7 +114,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, title: Optional[
             text = f"{text} (default: {shown})" if text else f"(default: {shown})"
         text = text.replace("%", "%%")
         kwargs: dict = {"default": argparse.SUPPRESS, "help": text, "dest": f.name, "required": required}
-        if base is bool and not optional:
+        if base is bool:  # --flag / --no-flag (an Optional[bool] left out stays None)
             kwargs["action"] = argparse.BooleanOptionalAction
         elif _is_list(base):
             kwargs["nargs"] = "+"

@@ -11,6 +11,7 @@ the run treated them). Bad input: one ``error:`` line, exit status 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -57,6 +58,8 @@ def run(argv=None, out=None) -> dict:
         ids = encode_documents(tokenizer, read_documents(src.data, src.text_column, info.raw_newlines))[0]
     else:
         ids = info.split(src.split or "val")
+    if cfg.doc_mask is None:  # score as the run was trained
+        cfg = dataclasses.replace(cfg, doc_mask=bool(info.run_config.get("train", {}).get("doc_mask")))
     t0 = time.perf_counter()
     metrics = evaluate(model, tokenizer, ids, cfg)
     seconds = time.perf_counter() - t0

@@ -386,9 +386,13 @@ class EvaluateConfig:
         "help": "score only the first N tokens (quick estimates on big corpora)"})
     raw_newlines: bool = field(default=False, metadata={
         "help": "keep \\r\\n / \\r in text as they are, instead of normalising them to \\n as training does"})
+    doc_mask: Optional[bool] = field(default=None, metadata={
+        "help": "mask attention at document boundaries (end-of-text tokens), as training with --doc-mask does "
+                "(default: what the run was trained with)"})
 
     def __post_init__(self):
         _need(_is_int(self.batch_size) and self.batch_size > 0, "batch_size", "> 0", self.batch_size)
+        _need(self.doc_mask in (None, True, False), "doc_mask", "true, false or none", self.doc_mask)
         _need(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 2), "max_tokens",
               ">= 2 (one prediction needs two tokens)", self.max_tokens)
         _need(isinstance(self.raw_newlines, bool), "raw_newlines", "true or false", self.raw_newlines)
@@ -427,7 +431,10 @@ def evaluate(model: GPT, tokenizer: Tokenizer, data: Data, config: Optional[Eval
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise DataError(f"token id {bad} is outside the model's vocabulary [0, {vocab})")
-    loss = split_loss(model, ids, model.max_context(), cfg.batch_size, next(model.parameters()).device)
+    if cfg.doc_mask and tokenizer.eos_id is None:
+        raise InputError(f"doc_mask needs an end-of-text token; the {tokenizer.kind} tokenizer has none")
+    loss = split_loss(model, ids, model.max_context(), cfg.batch_size, next(model.parameters()).device,
+                      eos_id=tokenizer.eos_id if cfg.doc_mask else None)
     n_pred = len(ids) - 1
     if tokenizer.kind == "char":
         n_chars = n_pred

@@ -57,6 +57,9 @@ class GPTConfig:
     pos: str = field(default="rope", metadata={"help": "learned | sinusoidal | alibi | rope | none"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share token embedding and LM head"})
+    window: Optional[int] = field(default=None, metadata={
+        "help": "sliding-window attention in every layer: a query sees its last N keys, itself included "
+                "(default: none = the whole causal context; fastlm.ops.masks has the exact rule)"})
     backend: str = field(default="auto", metadata={"help": "fastlm.ops backend for attention/swiglu"})
 
     def __post_init__(self):
@@ -105,6 +108,9 @@ class GPTConfig:
             raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.pos == "rope" and self.head_dim % 2 != 0:
             raise ConfigError(f"pos=rope needs an even head dim, got n_embd/n_head = {self.head_dim}")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise ConfigError(f"window must be a positive integer or none, got {self.window!r}")
         if self.block_size > MAX_POSITIONS:
             raise ConfigError(f"block_size {self.block_size} is beyond the {MAX_POSITIONS} positions "
                               f"that pos={self.pos} supports here")
@@ -134,30 +140,53 @@ def sinusoidal_table(n_pos: int, dim: int) -> Tensor:
 
 
 class KVCache:
-    """Static per-layer key/value buffers ``(n_layer, B, H_kv, max_len, D)`` plus a fill length.
+    """Static per-layer key/value buffers ``(n_layer, B, H_kv, capacity, D)``.
 
-    ``GPT.forward(idx, kv_cache=cache)`` appends the new tokens' keys/values and advances
-    ``cache.length``. :meth:`reorder` selects batch rows (beam search).
+    ``GPT.forward(idx, kv_cache=cache)`` appends the new tokens' keys/values and advances the cache;
+    ``length`` counts the positions seen (the next token's position), ``fill`` the entries held.
+    Without a window they are equal and ``capacity`` is the longest sequence. With a sliding
+    ``window`` w only the last w - 1 keys can ever be seen again: when a forward of T tokens would
+    overflow, the last w - 1 entries move to the front (:meth:`make_room`), so generation runs for
+    ever at constant memory (``capacity`` >= w - 1 + the longest forward). :meth:`reorder` selects
+    batch rows (beam search).
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device=None, dtype=torch.float32):
+                 device=None, dtype=torch.float32, window: Optional[int] = None):
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        self.window = window
         self.length = 0
+        self.fill = 0
 
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
 
+    def make_room(self, n: int) -> None:
+        """Make room for ``n`` new entries: drop what a windowed model can no longer see."""
+        if self.fill + n <= self.max_len:
+            return
+        keep = min(self.fill, (self.window or 1) - 1) if self.window is not None else None
+        if keep is None or keep + n > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, needs {self.fill + n}")
+        if keep:
+            self.k[:, :, :, :keep] = self.k[:, :, :, self.fill - keep:self.fill].clone()
+            self.v[:, :, :, :keep] = self.v[:, :, :, self.fill - keep:self.fill].clone()
+        self.fill = keep
+
     def update(self, layer: int, k: Tensor, v: Tensor):
-        """Write new keys/values ``(B, H_kv, T, D)`` at the current length; return the filled views."""
-        start, end = self.length, self.length + k.shape[2]
+        """Write new keys/values ``(B, H_kv, T, D)`` after the held ones; return the filled views."""
+        start, end = self.fill, self.fill + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+        self.fill += n
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (in that order), e.g. the surviving beams."""
@@ -165,7 +194,7 @@ class KVCache:
         self.v = self.v.index_select(1, index)
 
     def reset(self) -> None:
-        self.length = 0
+        self.length = self.fill = 0
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
@@ -185,12 +214,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, rope=None, alibi: Optional[Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> Tensor:
+                kv_cache: Optional[KVCache] = None, segment_ids: Optional[Tensor] = None) -> Tensor:
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
         if kv_cache is None:  # split, rotate, attend, merge heads: fused into one op where a kernel does it
-            y = ops.attention_qkv(qkv, H, Hkv, rope=rope, causal=True, alibi_slopes=alibi, backend=self.cfg.backend)
+            y = ops.attention_qkv(qkv, H, Hkv, rope=rope, causal=True, window=self.cfg.window, segment_ids=segment_ids,
+                                  alibi_slopes=alibi, backend=self.cfg.backend)
             return self.resid_drop(self.proj(y))
         qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
         qk = qk.view(B, T, H + Hkv, D)
@@ -202,7 +232,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, Hkv, T_past + T, D)
-        y = ops.attention(q, k, v, causal=True, alibi_slopes=alibi, backend=self.cfg.backend)
+        y = ops.attention(q, k, v, causal=True, window=self.cfg.window, alibi_slopes=alibi, backend=self.cfg.backend)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y))
 
@@ -238,8 +268,8 @@ class Block(nn.Module):
         self.ln2 = _norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, alibi=None, kv_cache=None):
-        x = x + self.attn(self.ln1(x), rope=rope, alibi=alibi, kv_cache=kv_cache)
+    def forward(self, x, rope=None, alibi=None, kv_cache=None, segment_ids=None):
+        x = x + self.attn(self.ln1(x), rope=rope, alibi=alibi, kv_cache=kv_cache, segment_ids=segment_ids)
         return x + self.mlp(self.ln2(x))
 
 
@@ -287,26 +317,36 @@ class GPT(nn.Module):
         return n
 
     def max_context(self) -> int:
-        """Longest sequence one forward (cache included) may hold."""
+        """The context the model was trained on (block_size): the longest sequence one forward may
+        hold, unless :attr:`unbounded` (then it is only the training windows' length)."""
         return self.config.block_size
+
+    @property
+    def unbounded(self) -> bool:
+        """True when any sequence length is in distribution: a sliding window with relative (or no)
+        positions, so a query never sees further back than in training."""
+        return self.config.window is not None and self.config.pos in ("rope", "alibi", "none")
 
     def _rope(self, start: int, T: int, device):
         return rope_tables(self.config.head_dim, self.config.rope_theta, start, T, device)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
-                last_only: bool = False):
+                last_only: bool = False, segment_ids: Optional[Tensor] = None):
         """idx ``(B, T)`` token ids -> ``(logits, loss)``.
 
         logits: ``(B, T, vocab)`` (``(B, 1, vocab)`` with ``last_only``); loss: mean cross-entropy
         against ``targets`` (``-1`` ignored), or None. With ``kv_cache``, idx holds only the new
         tokens; they take positions ``kv_cache.length ...`` and the cache advances by T.
+        ``segment_ids`` ``(B, T)`` (no cache): document masking, see :func:`fastlm.ops.attention`.
         """
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
+        if start + T > self.config.block_size and not self.unbounded:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        if kv_cache is not None and start + T > kv_cache.max_len:
-            raise ValueError(f"KV cache holds {kv_cache.max_len} positions, needs {start + T}")
+        if kv_cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (document masking) apply to whole sequences, not to KV-cached decoding")
+            kv_cache.make_room(T)
         x = self.wte(idx)  # (B, T, C)
         pos = self.config.pos
         if pos == "learned":
@@ -316,9 +356,9 @@ class GPT(nn.Module):
         rope = self._rope(start, T, idx.device) if pos == "rope" else None
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope=rope, alibi=self.alibi, kv_cache=kv_cache)
+            x = block(x, rope=rope, alibi=self.alibi, kv_cache=kv_cache, segment_ids=segment_ids)
         if kv_cache is not None:
-            kv_cache.length = start + T
+            kv_cache.advance(T)
         x = self.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
@@ -331,12 +371,17 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None, device=None,
                      dtype=None) -> KVCache:
+        """A cache for ``max_len`` positions (at most block_size); an :attr:`unbounded` model's holds
+        ``2 * window`` entries whatever ``max_len`` (forwards of up to ``window + 1`` tokens fit)."""
         cfg = self.config
-        max_len = cfg.block_size if max_len is None else min(max_len, cfg.block_size)
+        if self.unbounded:
+            max_len = 2 * cfg.window if max_len is None else min(max_len, 2 * cfg.window)
+        else:
+            max_len = cfg.block_size if max_len is None else min(max_len, cfg.block_size)
         p = self.wte.weight
         device = torch.device(device or p.device)
         if dtype is None:  # under autocast the keys/values come out in the autocast dtype
             on = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if on else p.dtype
-        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim,
-                       device=device, dtype=dtype)
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim, device=device, dtype=dtype,
+                       window=cfg.window if self.unbounded else None)

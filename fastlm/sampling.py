@@ -13,6 +13,10 @@ Sliding window (generating past the context)
     ``block_size`` tokens for the first prefill (the returned sequence still holds all of it).
     ``use_cache=False`` recomputes the very same window from scratch at every step, so both modes
     see identical contexts and produce the same tokens (up to float rounding of the logits).
+    A model with a sliding attention window and relative positions (``model.unbounded``: RoPE,
+    ALiBi or none) never slides: a query cannot see further back than its window, so any length
+    is in distribution; its KV cache keeps the last ``window`` keys (constant memory) and the
+    prompt is prefilled in chunks of ``window`` tokens.
 
 Sampling order (as in Hugging Face's logits processors): ``logits / temperature`` -> top-k ->
 top-p (nucleus) on the renormalised top-k distribution -> one draw by inverse CDF from
@@ -201,15 +205,19 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: Optio
 
 
 class _Decoder:
-    """Feeds a growing sequence to the model and returns next-token logits, sliding the window."""
+    """Feeds a growing sequence to the model and returns next-token logits, sliding the window
+    (a model whose attention window makes any length valid, ``model.unbounded``, never slides: its
+    KV cache keeps the last ``window`` positions and the positions run on)."""
 
     def __init__(self, model, batch_size: int, use_cache: bool, total_len: int):
         self.model = model
+        self.unbounded = bool(getattr(model, "unbounded", False))
         self.block = int(model.max_context())
         self.keep = window_keep(self.block)
         # the cache never holds more than the window, nor more than the whole sequence to be
         # (a short generation with a long-context model allocates only what it uses)
-        self.cache = model.new_kv_cache(batch_size, min(self.block, total_len)) if use_cache else None
+        size = total_len if self.unbounded else min(self.block, total_len)
+        self.cache = model.new_kv_cache(batch_size, size) if use_cache else None
         self.start = 0  # index in the full sequence of the window's first token
 
     def _forward(self, ids: Tensor, cache) -> Tensor:
@@ -217,18 +225,22 @@ class _Decoder:
         return _at_least_fp32(logits[:, -1, :])
 
     def prefill(self, seq: Tensor) -> Tensor:
-        self.start = max(0, seq.shape[1] - self.block)
+        self.start = 0 if self.unbounded else max(0, seq.shape[1] - self.block)
         return self._refeed(seq)
 
     def _refeed(self, seq: Tensor) -> Tensor:
-        if self.cache is not None:
-            self.cache.reset()
-        return self._forward(seq[:, self.start:], self.cache)
+        if self.cache is None:
+            return self._forward(seq[:, self.start:], None)
+        self.cache.reset()
+        chunk = self.model.config.window if self.unbounded else seq.shape[1]  # what fits the cache at once
+        for begin in range(self.start, seq.shape[1], chunk):
+            logits = self._forward(seq[:, begin:begin + chunk], self.cache)
+        return logits
 
     def step(self, seq: Tensor) -> Tensor:
         """``seq`` gained one token since the last call: logits for the token after it."""
         n = seq.shape[1]
-        if n - self.start > self.block:  # the window is full: slide it and prefill again
+        if not self.unbounded and n - self.start > self.block:  # the window is full: slide it, prefill again
             self.start = n - self.keep
             return self._refeed(seq)
         if self.cache is None:

@@ -246,7 +246,7 @@ def test_hf_tokenizer_round_trips_through_its_json(hf_dirs, tmp_path):
     ("sliding_window", 16),
     ("hidden_act", "gelu"),
     ("head_dim", 8),
-    ("model_type", "mistral"),
+    ("model_type", "qwen2"),
 ])
 def test_import_refuses_what_fastlm_cannot_represent(hf_dirs, tmp_path, field, value):
     src = hf_dirs["llama-gqa-untied"][0]
@@ -346,6 +346,7 @@ EXPORTS = {  # run name -> (tokenizer spec, GPTConfig overrides, expected model_
     "bpe-gpt2-nobias": ("bpe", dict(pos="learned", mlp="gelu"), "gpt2"),
     "bpe-gpt2-bias-tanh": ("bpe", dict(pos="learned", mlp="gelu_tanh", bias=True, tie_embeddings=False), "gpt2"),
     "bpe-llama-bias": ("bpe", dict(pos="rope", mlp="swiglu", norm="rmsnorm", bias=True), "llama"),
+    "char-mistral-window": ("char", dict(pos="rope", mlp="swiglu", norm="rmsnorm", n_kv_head=2, window=8), "mistral"),
 }
 
 

@@ -9,6 +9,7 @@ fastlm (GPTConfig)                                     transformers   notes
 pos=learned, mlp=gelu | gelu_tanh, norm=layernorm      ``gpt2``       Conv1D weights (in, out); zero
                                                                       biases when the run had none
 pos=rope, mlp=swiglu, norm=rmsnorm (GQA included)      ``llama``      q/k/v split out of ``qkv``
+the same with ``window`` (sliding window), no biases   ``mistral``    ``sliding_window`` = window
 pos=rope, mlp=swiglu, norm=layernorm (CPU default)     ``stablelm``   partial_rotary_factor=1, no
                                                                       qk-norm, sequential residual
 =====================================================  =============  ================================
@@ -42,10 +43,12 @@ HF_PREFIX = "hf:"
 
 
 EXPORTABLE = ("pos=learned + mlp=gelu|gelu_tanh + norm=layernorm -> gpt2; "
-              "pos=rope + mlp=swiglu + norm=rmsnorm -> llama; pos=rope + mlp=swiglu + norm=layernorm -> stablelm")
+              "pos=rope + mlp=swiglu + norm=rmsnorm -> llama (with window and no bias: mistral); "
+              "pos=rope + mlp=swiglu + norm=layernorm -> stablelm")
 
 
-HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "stablelm": "StableLmForCausalLM"}
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+              "stablelm": "StableLmForCausalLM"}
 
 
 MAX_JSON_BYTES = 64 << 20  # config / tokenizer files of a downloaded model are untrusted input
@@ -94,7 +97,7 @@ def weight_pairs(arch: str, n_layer: int) -> list:
         pairs.append(("wpe.weight", ["transformer.wpe.weight"], "copy"))
     for i in range(n_layer):
         pairs += _layer_pairs(arch, i)
-    if arch == "llama":  # RMSNorm has no bias on either side
+    if arch in ("llama", "mistral"):  # RMSNorm has no bias on either side
         pairs = [p for p in pairs if not (p[0].endswith(".bias") and (".ln" in p[0] or p[0].startswith("ln_f")))]
     return pairs
 

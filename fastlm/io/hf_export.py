@@ -44,6 +44,12 @@ __all__ = ["export_model", "architecture_of", "to_hf_config", "to_hf_tensors", "
 def architecture_of(cfg: GPTConfig) -> str:
     """The transformers ``model_type`` computing exactly ``cfg``'s math, or HFError naming the option."""
     combo = (cfg.pos, cfg.mlp, cfg.norm)
+    if cfg.window is not None:
+        if combo == ("rope", "swiglu", "rmsnorm") and not cfg.bias:
+            return "mistral"
+        raise HFError(f"window={cfg.window} (sliding-window attention) exports only as mistral: pos=rope, "
+                      f"mlp=swiglu, norm=rmsnorm and no biases (this model: pos={cfg.pos}, mlp={cfg.mlp}, "
+                      f"norm={cfg.norm}, bias={cfg.bias})")
     if cfg.pos == "learned" and cfg.mlp in ("gelu", "gelu_tanh") and cfg.norm == "layernorm":
         if cfg.n_kv_head != cfg.n_head:
             raise HFError(f"n_kv_head={cfg.n_kv_head} (grouped-query attention) has no gpt2 equivalent; "
@@ -87,6 +93,8 @@ def to_hf_config(cfg: GPTConfig, specials: dict) -> dict:
     if arch == "llama":
         return {**shared, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias,
                 "mlp_bias": cfg.bias, "pretraining_tp": 1}
+    if arch == "mistral":  # transformers' sliding window: query i sees keys i - window < j <= i, as fastlm's
+        return {**shared, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps, "sliding_window": cfg.window}
     shared["rope_parameters"]["partial_rotary_factor"] = 1.0
     return {**shared, "layer_norm_eps": cfg.norm_eps, "partial_rotary_factor": 1.0, "use_qkv_bias": cfg.bias,
             "qk_layernorm": False, "use_parallel_residual": False, "hidden_dropout": cfg.dropout}
@@ -307,7 +315,8 @@ def _check_logits(folder: Path, model) -> float:
     hf_model.eval()
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, cfg.vocab_size, (3, min(cfg.block_size, 48)), generator=gen)
+    length = min(cfg.block_size, max(48, 2 * (cfg.window or 0)))  # longer than a window: its mask is checked
+    idx = torch.randint(0, cfg.vocab_size, (3, length), generator=gen)
     with torch.no_grad():
         ours = model(idx.to(next(model.parameters()).device))[0].float().cpu()
         theirs = hf_model(input_ids=idx).logits.float()

@@ -32,6 +32,10 @@ HF_DEFAULTS = {
               "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
               "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
               "attention_bias": False, "mlp_bias": False},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+                "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                "sliding_window": 4096},
     "stablelm": {"vocab_size": 50304, "hidden_size": 2560, "intermediate_size": 6912, "num_hidden_layers": 32,
                  "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
                  "max_position_embeddings": 4096, "layer_norm_eps": 1e-5, "tie_word_embeddings": False,
@@ -82,9 +86,7 @@ def _from_gpt2(hf: dict) -> dict:
 def _from_rope_family(hf: dict, arch: str) -> dict:
     if hf["hidden_act"] != "silu":
         _refuse("hidden_act", hf["hidden_act"], "only silu (SwiGLU) maps onto fastlm")
-    for key in ("sliding_window", "layer_types"):
-        if hf.get(key) is not None and not (key == "layer_types" and set(hf[key]) <= {"full_attention"}):
-            _refuse(key, hf[key], "sliding-window attention")
+    window = _sliding_window(hf, arch)
     if arch == "stablelm":
         for key in ("qk_layernorm", "use_parallel_residual"):
             if hf.get(key):
@@ -94,11 +96,28 @@ def _from_rope_family(hf: dict, arch: str) -> dict:
     if head_dim * n_head != n_embd:
         _refuse("head_dim", head_dim,
                 f"fastlm needs head_dim = hidden_size / num_attention_heads = {n_embd / n_head:g}")
-    eps = hf["rms_norm_eps"] if arch == "llama" else hf["layer_norm_eps"]
+    rms = arch in ("llama", "mistral")
     return {"n_layer": hf["num_hidden_layers"], "n_head": n_head, "n_embd": n_embd,
             "n_kv_head": hf["num_key_value_heads"] or n_head, "mlp_hidden": hf["intermediate_size"],
-            "block_size": hf["max_position_embeddings"], "norm_eps": eps, "pos": "rope",
-            "mlp": "swiglu", "norm": "rmsnorm" if arch == "llama" else "layernorm", "rope_theta": _rope_theta(hf)}
+            "block_size": hf["max_position_embeddings"], "norm_eps": hf["rms_norm_eps" if rms else "layer_norm_eps"],
+            "pos": "rope", "mlp": "swiglu", "norm": "rmsnorm" if rms else "layernorm", "rope_theta": _rope_theta(hf),
+            "window": window}
+
+
+def _sliding_window(hf: dict, arch: str):
+    """fastlm's ``window`` for a config: mistral's ``sliding_window`` (every layer alike), None elsewhere."""
+    window = hf.get("sliding_window")
+    kinds = set(hf.get("layer_types") or [])
+    if arch != "mistral":
+        if window is not None or not kinds <= {"full_attention"}:
+            _refuse("sliding_window" if window is not None else "layer_types", window or hf["layer_types"],
+                    "sliding-window attention (a mistral config carries it)")
+        return None
+    if not kinds <= {"sliding_attention"} and not kinds <= {"full_attention"}:
+        _refuse("layer_types", hf["layer_types"], "a sliding window in some layers only")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        _refuse("sliding_window", window, "it must be a positive integer")
+    return window
 
 
 def from_hf_config(hf: dict, bias: bool = True) -> GPTConfig:

@@ -45,6 +45,7 @@ __all__ = [
     "read_documents",
     "normalize_newlines",
     "encode_documents",
+    "segment_ids",
     "parse_split",
     "split_tokens",
     "token_dtype",
@@ -354,21 +355,22 @@ def _autocast_ctx(autocast):
     return autocast()
 
 
-def split_loss(model, ids, block_size: int, batch_size: int, device, autocast=None) -> float:
+def split_loss(model, ids, block_size: int, batch_size: int, device, autocast=None, eos_id: Optional[int] = None) -> float:
     """Mean cross-entropy (nats/token) of ``model`` over the WHOLE token array ``ids``.
 
     The ``len(ids) - 1`` next-token predictions are scored in non-overlapping windows of
     ``block_size`` inputs (the last, shorter window included), ``batch_size`` windows per forward,
     with the model in eval mode (its previous mode is restored). ``autocast``: None, a context
-    manager, or a zero-argument callable returning one.
+    manager, or a zero-argument callable returning one. ``eos_id``: mask attention at document
+    boundaries (:func:`segment_ids`), as a run trained with document masking does.
     """
-    total, count = split_loss_sum(model, ids, block_size, batch_size, device, autocast)
+    total, count = split_loss_sum(model, ids, block_size, batch_size, device, autocast, eos_id=eos_id)
     return total / count
 
 
 @torch.no_grad()
 def split_loss_sum(model, ids, block_size: int, batch_size: int, device, autocast=None, *,
-                   rank: int = 0, world: int = 1) -> tuple[float, int]:
+                   rank: int = 0, world: int = 1, eos_id: Optional[int] = None) -> tuple[float, int]:
     """``(summed cross-entropy, predictions)`` of :func:`split_loss`'s windows; with ``world`` > 1
     this process scores only every ``world``-th batch starting at ``rank`` (the last rank also
     the tail), so the ranks' sums add up to the whole split's."""
@@ -390,20 +392,28 @@ def split_loss_sum(model, ids, block_size: int, batch_size: int, device, autocas
                     writeable=False)
                 for start in range(rank * batch_size, n_full, batch_size * world):
                     rows = torch.from_numpy(full[start:start + batch_size].astype(np.int64)).to(device)
-                    total += _sum_ce(model, rows)
+                    total += _sum_ce(model, rows, eos_id)
                     count += rows.shape[0] * block_size
             rest = n_pred - n_full * block_size
             if rest and rank == world - 1:
                 tail = ids[n_full * block_size:].astype(np.int64)
-                total += _sum_ce(model, torch.from_numpy(tail).unsqueeze(0).to(device))
+                total += _sum_ce(model, torch.from_numpy(tail).unsqueeze(0).to(device), eos_id)
                 count += rest
     finally:
         model.train(was_training)
     return total, count
 
 
-def _sum_ce(model, rows: torch.Tensor) -> float:
+def segment_ids(x: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Document ids ``(B, T)`` of token windows ``x`` for document masking: each end-of-text token
+    starts a new document (it is the beginning-of-text of the next, as generation uses it), so the
+    last token of a document still predicts the EOS from its own document, and the first token
+    after the EOS is predicted from the EOS alone. Non-decreasing, as fastlm.ops.attention needs."""
+    return (x == eos_id).cumsum(dim=1)
+
+
+def _sum_ce(model, rows: torch.Tensor, eos_id: Optional[int] = None) -> float:
     x, y = rows[:, :-1], rows[:, 1:]
-    logits, _ = model(x)
+    logits, _ = model(x, segment_ids=None if eos_id is None else segment_ids(x, eos_id))
     loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
     return float(loss)

@@ -65,6 +65,9 @@ class TrainConfig:
     lowercase: bool = field(default=False, metadata={"help": "word tokenizer: lowercase the text"})
     text_column: Optional[str] = field(default=None, metadata={"help": "CSV/JSONL column holding the text (default: 'text')"})
     max_doc_tokens: Optional[int] = field(default=None, metadata={"help": "drop documents longer than this many tokens"})
+    doc_mask: Optional[bool] = field(default=None, metadata={
+        "help": "mask attention at document boundaries (each end-of-text token starts a document); default: on "
+                "when the corpus has more than one document"})
     raw_newlines: bool = field(default=False, metadata={
         "help": "keep \\r\\n / \\r line ends of text corpora as they are (default: normalise them to \\n)"})
     split: str = field(default="0.9,0.1,0.0", metadata={

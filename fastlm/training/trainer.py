@@ -54,7 +54,7 @@ from fastlm.text.tokenizers import load_tokenizer
 from fastlm.sampling import generate
 from fastlm.training.settings import (INIT_OVERRIDABLE, Resolved, TrainConfig, explicit_settings,
                                      resolve_settings, resume_config, train_command)
-from fastlm.errors import CheckpointError, NonFiniteLoss, RankFailed, TrainingInterrupted
+from fastlm.errors import CheckpointError, NonFiniteLoss, RankFailed, TrainError, TrainingInterrupted
 
 __all__ = ["Trainer", "Callback", "TrainingInterrupted", "NonFiniteLoss", "RankFailed"]
 
@@ -170,6 +170,7 @@ class Trainer:
         self.device: Optional[torch.device] = None
         self.autocast_dtype: Optional[torch.dtype] = None
         self.tokenizer = self.train_ids = self.val_ids = None
+        self.doc_eos: Optional[int] = None  # the end-of-text id when attention is masked at documents
         self.model = self.raw_model = self.optimizer = None
         self.schedule: Optional[LRSchedule] = None
         self.scaler = self.amp = None
@@ -312,9 +313,13 @@ class Trainer:
         rundir.check_out_dir(out, cfg.overwrite)
         tokenizer, splits, data_info = rundir.build_data(cfg, mcfg.block_size, tokenizer)
         mcfg = GPTConfig.from_dict({**mcfg.to_dict(), "vocab_size": tokenizer.vocab_size})
+        doc_mask = data_info["documents"] > 1 if cfg.doc_mask is None else cfg.doc_mask
+        if doc_mask and tokenizer.eos_id is None:
+            raise TrainError(f"doc_mask needs an end-of-text token to find the documents; the {tokenizer.kind} "
+                             f"tokenizer has none (train with --no-doc-mask)")
         if out.is_dir():  # all checks passed: only now is the previous run replaced
             rundir.clear_run_dir(out)
-        run_config = {"model": mcfg.to_dict(), "train": dataclasses.asdict(cfg),
+        run_config = {"model": mcfg.to_dict(), "train": {**dataclasses.asdict(cfg), "doc_mask": doc_mask},
                       "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
                                     "eos_id": tokenizer.eos_id},
                       "data": data_info, "world_size": self.dist.world, "fastlm_version": __version__}
@@ -342,6 +347,8 @@ class Trainer:
         self.model_config = GPTConfig.from_dict(run_config["model"])
         self.tokenizer = load_tokenizer(self.run_dir / "tokenizer.json")
         self.train_ids = data_mod.load_split(self.run_dir, "train", self.tokenizer.vocab_size)
+        # document masking as the run decided it (a resumed run: its stored decision)
+        self.doc_eos = self.tokenizer.eos_id if run_config["train"].get("doc_mask") else None
         self.val_ids = data_mod.load_split(self.run_dir, "val", self.tokenizer.vocab_size)
 
     def _build_model(self, init_state) -> None:
@@ -436,6 +443,8 @@ class Trainer:
                  f"tokenizer, vocab {self.tokenizer.vocab_size}")
         self.say(f"model: {self.raw_model.num_params() / 1e6:.2f}M params ({mcfg.n_layer} layers, {mcfg.n_head} heads, "
                  f"{mcfg.n_embd} wide, context {mcfg.block_size})")
+        if self.doc_eos is not None:
+            self.say("documents: attention masked at end-of-text boundaries (--no-doc-mask turns it off)")
         self.say(f"global batch: {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {world} = "
                  f"{cfg.batch_size * cfg.grad_accum * world} sequences = {self.tokens_per_step:,} tokens/step")
         if cfg.optimizer == "muon":
@@ -488,7 +497,7 @@ class Trainer:
             last = micro == cfg.grad_accum - 1
             with (self.model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()):
                 with self.amp():
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(x, y, segment_ids=self._segments(x))
                 self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum = loss_sum + loss.detach()
         if cfg.grad_clip > 0:
@@ -507,6 +516,10 @@ class Trainer:
         if step_loss is not None:
             self._emit("on_step", step, step_loss)
         return ((self._stop_signal or signal.SIGTERM) if signalled else 0), bool(stop_asked)
+
+    def _segments(self, x):
+        """The document ids of windows ``x`` when the run masks attention at documents, else None."""
+        return None if self.doc_eos is None else data_mod.segment_ids(x, self.doc_eos)
 
     def _stop_requests(self) -> tuple[bool, bool]:
         """(a signal arrived, a stop was asked) on any rank: every rank of a job decides alike."""
@@ -613,7 +626,7 @@ class Trainer:
             for _ in range(self.config.eval_iters):
                 x, y = sampler.sample(self.device, self.dist.rank, self.dist.world)
                 with self.amp():
-                    _, loss = self.raw_model(x, y)
+                    _, loss = self.raw_model(x, y, segment_ids=self._segments(x))
                 total += float(loss)
             result[split] = total / self.config.eval_iters
         self.model.train()
@@ -679,7 +692,7 @@ class Trainer:
         amp = self.amp if self.autocast_dtype != torch.float32 else None
         total, count = self._agreed(lambda: data_mod.split_loss_sum(
             self.raw_model, ids, self.model_config.block_size, self.config.eval_batch_size, self.device, amp,
-            rank=self.dist.rank, world=self.dist.world), everywhere=True)
+            rank=self.dist.rank, world=self.dist.world, eos_id=self.doc_eos), everywhere=True)
         if self.dist.enabled:
             total, count = self.dist.mean([total, float(count)], self.device)
         return total / count
