@@ -3,7 +3,6 @@ torch.optim.Muon, the Muon+AdamW composite (groups, state through fastlm's check
 grad accumulation) and --optimizer muon end to end (a loss that falls, an exact resume)."""
 import json
 import math
-import signal
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ from fastlm.ops.extension import CPP_BACKEND
 from fastlm.model import GPT, GPTConfig
 from fastlm.ops.reference_muon import newton_schulz
 from fastlm.training.optim import Muon, MuonWithAdamW, build_optimizer, muon_param_names
-from fastlm.training.trainer import Callback
+
+from train_hooks import CtrlCAfter
 
 A, B, C = 3.4445, -4.7750, 2.0315
 
@@ -370,13 +370,6 @@ def _log(path):
         return [(r["loss"], r["lr"]) for r in csv.DictReader(f)]
 
 
-class _CtrlCAfter(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, trainer, step, loss):
-        if step == self.step:
-            trainer.request_stop(signal.SIGINT)
 
 
 def test_cli_muon_resume_is_bit_exact(tmp_path, corpus, capsys):
@@ -384,7 +377,7 @@ def test_cli_muon_resume_is_bit_exact(tmp_path, corpus, capsys):
 
     args = [str(a) for a in ["--data", corpus, *TINY]]
     assert main([*args, "--out-dir", str(tmp_path / "a")]) == 0
-    assert main([*args, "--out-dir", str(tmp_path / "b")], callbacks=[_CtrlCAfter(6)]) == 130
+    assert main([*args, "--out-dir", str(tmp_path / "b")], callbacks=[CtrlCAfter(6)]) == 130
     assert main(["--resume", str(tmp_path / "b"), "--no-progress"]) == 0
     capsys.readouterr()
     la, lb = _log(tmp_path / "a" / "train_log.csv"), _log(tmp_path / "b" / "train_log.csv")

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from fastlm.training.settings import TrainConfig, resolve_settings
 from fastlm.training.trainer import Callback
 
 from conftest import one_error_line
+from train_hooks import CtrlCAfter
 
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "2", "--eval-interval", "5", "--max-iters", "10", "--sample-tokens", "0",
@@ -155,15 +155,6 @@ def test_damaged_token_cache_is_refused(tmp_path, corpus, capsys):
     assert rc == 2 and "damaged" in one_error_line(res) and "60000" in res.err
 
 
-class CtrlCAfter(Callback):
-    """Act as if Ctrl-C came right after optimizer step ``step`` (it is seen at the next step)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, trainer, step, loss):
-        if step == self.step:
-            trainer.request_stop(signal.SIGINT)
 
 
 def test_resume_is_exact(tmp_path, corpus, capsys):

@@ -3,7 +3,6 @@ the model's receptive field, KV-cached generation past the context at constant m
 evaluation and resume with documents masked, and the Hugging Face export of a windowed model."""
 import csv
 import json
-import signal
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ from fastlm.model import GPT, GPTConfig
 from fastlm.sampling import generate
 from fastlm.text import data
 from fastlm.train import main
-from fastlm.training.trainer import Callback
 
 from conftest import one_error_line
+from train_hooks import CtrlCAfter
 
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "32", "--batch-size", "4",
         "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1", "--device", "cpu",
@@ -123,19 +122,12 @@ def test_training_masks_documents_when_the_corpus_has_several(tmp_path, jsonl_co
     assert _losses(tmp_path / "one") == _losses(tmp_path / "one-off")
 
 
-class StopAfter(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, trainer, step, loss):
-        if step == self.step:
-            trainer.request_stop(signal.SIGINT)
 
 
 def test_a_run_with_documents_and_a_window_resumes_exactly(tmp_path, jsonl_corpus, capsys):
     args = ["--data", str(jsonl_corpus), *TINY, "--max-iters", "12", "--window", "6"]
     assert main(args + ["--out-dir", str(tmp_path / "a")]) == 0
-    assert main(args + ["--out-dir", str(tmp_path / "b")], callbacks=[StopAfter(7)]) == 130
+    assert main(args + ["--out-dir", str(tmp_path / "b")], callbacks=[CtrlCAfter(7)]) == 130
     assert main(["--resume", str(tmp_path / "b"), "--no-progress"]) == 0
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and len(_losses(tmp_path / "a")) == 12
     rc = main(["--resume", str(tmp_path / "b"), "--no-doc-mask", "--max-iters", "13"])

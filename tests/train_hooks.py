@@ -8,11 +8,23 @@ tests that run training as a separate process (kill trials, signals). Environmen
 """
 import errno
 import os
+import signal
 import sys
 import time
 
 from fastlm.train import main
 from fastlm.training.trainer import Callback
+
+
+class CtrlCAfter(Callback):
+    """Act as if Ctrl-C came right after optimizer step ``step`` (it is seen at the next step)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, trainer, step, loss):
+        if step == self.step:
+            trainer.request_stop(signal.SIGINT)
 
 
 class Slow(Callback):
