@@ -294,6 +294,36 @@ def default_step_section(rows: list) -> list:
                          "fastlm ms (best)", "plain ms (best)", "speed-up (best)"], body), ""]
 
 
+def masks_section(rows: list) -> list:
+    """Masked attention (benchmarks/test_bench_masks.py): per case, fastlm's skipping kernel against SDPA
+    with the dense mask and against its own dense causal call (the cost without skipping)."""
+    ms_rows = [r for r in rows if r.get("suite") == "attention_masks" and ms(r)]
+    if not ms_rows:
+        return []
+    cases = {}
+    for r in ms_rows:
+        s = r.get("shape") or {}
+        cases.setdefault((s.get("T_q"), r.get("variant"), r.get("dtype")), {})[r["backend"]] = r
+    body = []
+    for (t, variant, dtype), by in sorted(cases.items(), key=lambda kv: (str(kv[0][2]), kv[0][0], str(kv[0][1]))):
+        kernel = next((b for b in ("triton", "cuda", "cpp") if b in by), None)
+        if kernel is None:
+            continue
+        k, dense, sdpa, flex = by[kernel], by.get(f"{kernel}-dense"), by.get("torch"), by.get("flex")
+        body.append([f"T{t} {variant}", dtype, kernel, fmt(ms(k)), fmt(ms(sdpa)) if sdpa else "-",
+                     f"{ms(sdpa) / ms(k):.2f}x" if sdpa else "-", fmt(ms(dense)) if dense else "-",
+                     f"{ms(dense) / ms(k):.2f}x" if dense else "-", fmt(ms(flex)) if flex else "-"])
+    if not body:
+        return []
+    return ["### Masked attention", "",
+            "Forward+backward, B=2 H=4 D=64, causal, with a sliding window (`w`) or documents of random lengths "
+            "(`docs`). `SDPA dense mask`: `F.scaled_dot_product_attention` given the equivalent boolean mask; "
+            "`dense causal`: the same fastlm kernel without the mask (every causal tile computed); FlexAttention: "
+            "its forward only (no CPU backward).", "",
+            table(["case", "dtype", "kernel", "kernel ms", "SDPA dense mask ms", "vs SDPA", "dense causal ms",
+                   "vs dense", "FlexAttention fwd ms"], body), ""]
+
+
 def generate_section(rows: list) -> list:
     gen = [r for r in rows if r.get("suite") == "generate" and ms(r)]
     if not gen:
@@ -449,8 +479,8 @@ def build_report(selected: list, plot_dir: Optional[Path], md_dir: Path,
             if new:
                 parts += [" ".join(f"![{p.stem}]({p.relative_to(md_dir).as_posix() if p.is_relative_to(md_dir) else p.as_posix()})"
                                    for p in new), ""]
-        parts += (attention_section(rows) + swiglu_section(rows) + model_section(rows) + optimizer_section(rows)
-                  + default_step_section(rows) + generate_section(rows))
+        parts += (attention_section(rows) + masks_section(rows) + swiglu_section(rows) + model_section(rows)
+                  + optimizer_section(rows) + default_step_section(rows) + generate_section(rows))
         summary += head + attention_section([r for r in rows if r.get("pass") == "fwd+bwd"], details=False,
                                             columns=SHORT_ATTN_COLUMNS if short else None)
         summary += (swiglu_section(rows) + model_section(rows) + optimizer_section(rows) + default_step_section(rows)

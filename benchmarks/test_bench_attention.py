@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import ops
-from fastlm.model import alibi_slopes
+from fastlm.ops.positions import alibi_slopes
 from fastlm.ops.reference import alibi_bias, causal_mask
 
 from .common import (DEVICE, ON_GPU, attention_flops, default_train_setup, dtype_name, gpu_oom_skip,
