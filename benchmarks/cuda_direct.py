@@ -14,7 +14,14 @@ Every call launches on ``torch.cuda.current_stream()`` of the inputs' device and
 tensors; bad arguments raise ``TypeError``/``ValueError`` naming the problem before any launch.
 Causal masking is bottom-right aligned (query row i sees keys j <= i + T_k - T_q), as in
 ``fastlm.ops.attention``. The library is cached in ``build_dir`` under a name that hashes the
-sources and flags, so a rebuild happens only when they change.
+sources and flags, so a rebuild happens only when they change; the three ``.cu`` files compile in
+parallel, and ptxas's register/spill report of every kernel is kept beside the library
+(``<library>.ptxas.txt``).
+
+Prebuilt: ``python -m benchmarks.cuda_direct --prebuild`` builds it here (nvcc, no GPU needed) for
+sm_90a and sm_80 into the git-ignored ``.gpu_prebuilt/`` at the repository root; a device call
+that carries that folder loads it first (:func:`build_and_load`), and builds only when it is
+missing, fails to load, or was built from other sources (its name hashes them).
 """
 from __future__ import annotations
 
@@ -23,6 +30,9 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,8 +41,10 @@ CSRC = ROOT / "csrc"
 SOURCES = tuple(CSRC / "cuda" / name for name in ("attention.cu", "swiglu.cu", "direct.cu"))
 HEADERS = (CSRC / "attention_common.h", CSRC / "cuda" / "kernels.h")
 BASE_ARCH = "sm_90a"  # H100/H200 with the arch-specific features
-NVCC_FLAGS = ("-shared", "-Xcompiler", "-fPIC", "-std=c++17", "-O3", "--use_fast_math",
-              "--expt-relaxed-constexpr")
+PREBUILT_DIR = ROOT / ".gpu_prebuilt"  # git-ignored; carried to the GPU machine
+PREBUILT_ARCHS = (BASE_ARCH, "sm_80")  # sm_80's cubin also runs on sm_86/89
+NVCC_FLAGS = ("-Xcompiler", "-fPIC", "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
+              "-Xptxas", "-v")
 ATTN_HEAD_DIMS = (64, 128)
 MAX_SEQ_LEN = 65535 * 64  # kernels.h kMaxAttnSeqLen
 
@@ -68,7 +80,8 @@ def _library_name(archs: Sequence[str]) -> str:
 
 def build_library(build_dir, timeout_s: float, archs: Sequence[str] = (BASE_ARCH,),
                   nvcc: Optional[str] = None) -> Path:
-    """Compiles the kernels into ``build_dir`` (reused when already built); returns the .so path."""
+    """Compiles the kernels into ``build_dir`` (reused when already built): each ``.cu`` to an
+    object in parallel, then one link; returns the .so path, ptxas's report beside it."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise Unavailable("nvcc not found (put it on PATH or set CUDA_HOME)")
@@ -77,20 +90,44 @@ def build_library(build_dir, timeout_s: float, archs: Sequence[str] = (BASE_ARCH
     target = build_dir / _library_name(archs)
     if target.is_file():
         return target
-    partial = build_dir / f".{target.name}.{os.getpid()}.tmp"
-    cmd = [nvcc, *NVCC_FLAGS, *(gencode(a) for a in archs), "-I", str(CSRC),
-           *map(str, SOURCES), "-o", str(partial)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        partial.unlink(missing_ok=True)
-        raise Unavailable(f"nvcc did not finish within {timeout_s:g} s") from None
-    if proc.returncode != 0 or not partial.is_file():
-        partial.unlink(missing_ok=True)
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise Unavailable(f"nvcc failed (exit {proc.returncode}): {tail}")
-    os.replace(partial, target)  # atomic: a concurrent build never sees half a library
+    deadline = time.monotonic() + timeout_s
+    with tempfile.TemporaryDirectory(dir=build_dir, prefix=".build-") as tmp:
+        objects = [Path(tmp) / (src.stem + ".o") for src in SOURCES]
+        gencodes = [gencode(a) for a in archs]
+        logs = _run_all([[nvcc, "-c", *NVCC_FLAGS, *gencodes, "-I", str(CSRC), str(src), "-o", str(obj)]
+                         for src, obj in zip(SOURCES, objects)], deadline, timeout_s)
+        partial = Path(tmp) / target.name
+        _run_all([[nvcc, "-shared", *gencodes, *map(str, objects), "-o", str(partial)]], deadline, timeout_s)
+        report = target.with_name(target.name + ".ptxas.txt")
+        report.write_text("".join(f"==== {src.name}\n{log}" for src, log in zip(SOURCES, logs)))
+        os.replace(partial, target)  # atomic: a concurrent build never sees half a library
     return target
+
+
+def _run_all(commands, deadline: float, timeout_s: float) -> list:
+    """Runs the commands in parallel; their stderr, or Unavailable when one fails or time runs out."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in commands]
+    try:
+        logs = [p.communicate(timeout=max(0.01, deadline - time.monotonic()))[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"nvcc did not finish within {timeout_s:g} s") from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, log in zip(procs, logs):
+        if p.returncode != 0:
+            tail = " | ".join(log.strip().splitlines()[-3:])
+            raise Unavailable(f"nvcc failed (exit {p.returncode}): {tail}")
+    return logs
+
+
+def prebuilt_library(prebuilt_dir=PREBUILT_DIR) -> Optional[Path]:
+    """The prebuilt library of these sources, if ``prebuilt_dir`` holds it."""
+    path = Path(prebuilt_dir) / _library_name(PREBUILT_ARCHS)
+    return path if path.is_file() else None
 
 
 def device_archs(torch_module) -> list:
@@ -102,18 +139,29 @@ def device_archs(torch_module) -> list:
     return archs
 
 
-def build_and_load(build_dir, timeout_s: float) -> "DirectLib":
-    """Builds (or reuses) the library for this GPU and loads it; ``Unavailable`` says why not."""
+def build_and_load(build_dir, timeout_s: float, prebuilt_dir=PREBUILT_DIR) -> "DirectLib":
+    """The prebuilt library when it is there and loads, else one built for this GPU in
+    ``build_dir``; ``Unavailable`` says why neither works."""
+    prebuilt = prebuilt_library(prebuilt_dir)
     nvcc = find_nvcc()
-    if nvcc is None:
-        raise Unavailable("nvcc not found (put it on PATH or set CUDA_HOME)")
+    if prebuilt is None and nvcc is None:
+        raise Unavailable("nvcc not found (put it on PATH or set CUDA_HOME) and no prebuilt library "
+                          "(python -m benchmarks.cuda_direct --prebuild)")
     import torch
 
     if not torch.cuda.is_available():
         raise Unavailable("no CUDA GPU visible to torch (torch.cuda.is_available() is False)")
+    why = "no prebuilt library"
+    if prebuilt is not None:
+        try:
+            return DirectLib(ctypes.CDLL(str(prebuilt)), prebuilt)
+        except OSError as e:
+            why = f"prebuilt {prebuilt.name} does not load ({e})"
+    if nvcc is None:
+        raise Unavailable(f"{why}, and nvcc not found to build one")
     path = build_library(build_dir, timeout_s, device_archs(torch), nvcc)
     try:
-        return DirectLib(ctypes.CDLL(str(path)))
+        return DirectLib(ctypes.CDLL(str(path)), path)
     except OSError as e:
         raise Unavailable(f"cannot load {path.name}: {e}") from None
 
@@ -227,7 +275,8 @@ _SIGNATURES = {
 class DirectLib:
     """The kernels of the loaded library, called on torch CUDA tensors."""
 
-    def __init__(self, cdll):
+    def __init__(self, cdll, path: Optional[Path] = None):
+        self.path = path  # the file it was loaded from (prebuilt or built here)
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(cdll, name)
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
@@ -337,3 +386,25 @@ class DirectLib:
         self._run(op, "fastlm_swiglu_packed_bwd", x.device, code, dy.data_ptr(), x2.data_ptr(),
                   x2.shape[0], hidden, x2.stride(0), dx.data_ptr())
         return dx
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cuda_direct", description=__doc__.splitlines()[0])
+    p.add_argument("--prebuild", action="store_true", required=True,
+                   help=f"build for {', '.join(PREBUILT_ARCHS)} into {PREBUILT_DIR}")
+    p.add_argument("--timeout-s", type=float, default=1800.0)
+    args = p.parse_args(argv)
+    start = time.monotonic()
+    try:
+        path = build_library(PREBUILT_DIR, args.timeout_s, PREBUILT_ARCHS)
+    except Unavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB, {time.monotonic() - start:.0f} s); ptxas report "
+          f"{path.name}.ptxas.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

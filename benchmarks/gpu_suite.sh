@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# Thin wrapper kept for old instructions: the GPU run is now one Python script with a hard budget,
-#     python -m benchmarks.gpu_check --out DIR [--budget-s 420] [--steps env,headline] [--dry-run]
-# (see its docstring). OUT (default out/gpu_check) and extra arguments are passed through.
+# The GPU session's one command (see benchmarks/gpu_check.py's docstring for the steps and options):
+#     OUT=/path/to/output benchmarks/gpu_suite.sh [--steps correct,headline] [--budget-s 420]
+# Writes every row to "$OUT" as it is measured (only that folder comes back from a lent machine) and
+# prints a summary of at most 40 lines last. Before the device call, here: `python -m
+# benchmarks.cuda_direct --prebuild` (carry .gpu_prebuilt/) and a dry run (`--dry-run`). The commit
+# is taken from git here and travels as FASTLM_COMMIT (the GPU copy has no .git); a copy without git
+# and without FASTLM_COMMIT records a hash of the sources instead.
 set -u
 cd "$(dirname "$0")/.." || exit 1
-exec python3 -m benchmarks.gpu_check --out "${OUT:-out/gpu_check}" "$@"
+if [ -z "${OUT:-}" ]; then
+    echo "error: set OUT to the output folder (on a lent GPU machine: the \$OUT it provides)" >&2
+    exit 2
+fi
+FASTLM_COMMIT="${FASTLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" \
+    exec python3 -m benchmarks.gpu_check --out "$OUT" --budget-s 420 "$@"

@@ -502,7 +502,7 @@ def gpu_check_tables(rows: list) -> str:
         out.append(f"Ceilings: copy {fmt(env['copy_bandwidth'].get('GBps'))} GB/s, "
                    f"matmul {fmt(env['matmul_rate'].get('TFLOPs'))} TFLOP/s")
     timed = [r for r in rows if r.get("status") == "ok" and "ms" in r and r.get("step") != "env"]
-    for step in ("headline", "fwdbwd", "cuda_attn", "swiglu", "train_step"):
+    for step in ("headline", "fwdbwd", "sweep", "cuda_attn", "swiglu", "train_step"):
         mine = [r for r in timed if r["step"] == step]
         if not mine:
             continue

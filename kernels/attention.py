@@ -25,8 +25,11 @@ Kernels (all of them keep the T x T score matrix in registers, one tile at a tim
   GQA group, so dK/dV are summed in registers: deterministic, no atomics) and
   ``_attn_bwd_dq_kernel`` (one program per query block). P is recomputed from the saved LSE.
 
-Offsets: per-(batch, head) bases and query-row offsets are int64; inside a tile the products are
-small and K/V pointers advance incrementally (64-bit pointer arithmetic).
+Offsets: per-(batch, head) bases and row offsets are int64. The K/V pointer tiles of the forward,
+dQ and decode loops are rebuilt from the loop index in every iteration instead of being advanced
+and carried through the loops: carried 2-D pointer tensors change layout between the two loops,
+and on Triton 3.6 those conversions made the forward spill (584-1236 bytes at the pinned configs,
+255 registers) and the D=128 dQ kernel too; rebuilt, none spills on 3.6 or 3.9.
 
 Kernel objects are built lazily, per mode: ``TRITON_INTERPRET`` (read through ``triton.knobs`` at
 launch time, not at import) selects the CPU interpreter with one small fixed block config;
@@ -96,10 +99,8 @@ def _attn_fwd_kernel(
 
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
               + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
-    k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-    v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
@@ -119,6 +120,9 @@ def _attn_fwd_kernel(
 
     # phase 1: key blocks that every row of this query block sees completely (no mask math)
     for start_n in range(0, full_hi, BLOCK_N):
+        kv_rows = (start_n + offs_n).to(tl.int64)[:, None]
+        k_ptrs = k_base + kv_rows * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + kv_rows * stride_vn + offs_d[None, :] * stride_vd
         if EVEN_D:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -145,13 +149,13 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
 
     # phase 2: the causal diagonal and the ragged key tail
     for start_n in range(full_hi, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < T_K
+        k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
         k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -169,8 +173,6 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -215,10 +217,8 @@ def _attn_decode_kernel(
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, T_K)
     offset = T_K - T_Q
-    k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-              + lo.to(tl.int64) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-    v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-              + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
@@ -226,6 +226,8 @@ def _attn_decode_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
+        k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
         k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -243,8 +245,6 @@ def _attn_decode_kernel(
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -432,7 +432,7 @@ def _attn_bwd_dq_kernel(
     H, GROUP, T_Q, T_K, qk_scale, sm_scale,
     T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, DELTA_ONLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
@@ -460,13 +460,14 @@ def _attn_bwd_dq_kernel(
     stat_base = bh.to(tl.int64) * T_Q
     lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
+    if DELTA_ONLY:
+        delta = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    else:
+        delta = tl.load(DELTA + stat_base + offs_m, mask=row_ok, other=0.0)
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
-    k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-              + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd)
-    v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-              + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     offset = T_K - T_Q
     if CAUSAL:
@@ -479,6 +480,9 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     for start_n in range(0, full_hi, BLOCK_N):
+        kv_rows = (start_n + offs_n).to(tl.int64)[:, None]
+        k_ptrs = k_base + kv_rows * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + kv_rows * stride_vn + offs_d[None, :] * stride_vd
         if EVEN_D:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -490,13 +494,16 @@ def _attn_bwd_dq_kernel(
             qk = qk - slope * tl.abs(offs_m[:, None] + offset - (start_n + offs_n)[None, :]).to(tl.float32)
         p = tl.exp2(qk - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if DELTA_ONLY:
+            delta += tl.reduce(p * dp, 1, tl.standard._sum_combine)
+        else:
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     for start_n in range(full_hi, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < T_K
+        k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
         k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -507,15 +514,19 @@ def _attn_bwd_dq_kernel(
             visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
         p = tl.where(visible, tl.exp2(qk - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if DELTA_ONLY:
+            delta += tl.reduce(p * dp, 1, tl.standard._sum_combine)
+        else:
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
-    dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+    if DELTA_ONLY:
+        tl.store(DELTA + stat_base + offs_m, delta, mask=row_ok)
+    else:
+        dq = dq * sm_scale
+        tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+                 + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                 dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 # =================================================================================================
@@ -526,33 +537,38 @@ def _attn_bwd_dq_kernel(
 # each list is the kernel's default pinned config (FASTLM_TRITON_CONFIGS=pinned); every list ends
 # with a config small enough for ~100 KB of shared memory (sm_86/89), so autotuning never runs
 # out of candidates (configs that do not fit are dropped by the autotuner). dK/dV hold two
-# BLOCK_N x D fp32 accumulators: 8 warps where BLOCK_N=128. Registers/spills of causal bf16
-# compiles for sm_90 (cuobjdump on the cubin, ptxas -v; tests/test_triton_attention.py checks the
-# defaults): D=128 fwd 128x64x8x3 166 regs, dq 128x64x8x2 189, dK/dV 16x128x8x3 240, no spills;
-# spilling (bytes): fwd 128x64x4x3 196, dq 128x32x4x3 52, dK/dV 32x128x4x3 2408, 32x128x8x3 96,
-# 64x128x8x2 232. D=64: dK/dV 32x128x4x3 spills 316, 32x128x8x3 213 regs none. fwd 128x128x8x4
-# at D=128 needs 288 KiB of shared memory (sm_90 has 227): the autotuner drops it there.
+# BLOCK_N x D fp32 accumulators: 8 warps where BLOCK_N=128. "decode" is the split-KV kernel's one
+# config (never autotuned): BLOCK_M is the least row tile (the GQA group's heads x T_q, rounded up
+# to a power of two, when larger). Every entry passes a float64-oracle parity case in the
+# interpreter (tests/test_triton_attention.py) and compiled (there on a GPU, and benchmarks.gpu_check).
+# Registers / spill stores of causal bf16 compiles for sm_90 (ptxas -v), Triton 3.6 | 3.9, pinned
+# defaults: D=64 fwd 128x128x8x3 179|172, dK/dV 32x128x8x3 254|213, dq 128x32x4x3 182|174;
+# D=128 fwd 128x64x8x3 170|170, dK/dV 16x128x8x3 250|240, dq 128x64x8x2 189|189; no spills
+# (tests check them on both versions). Entries dropped because they spill on 3.6 (bytes, 3.6|3.9):
+# D=128 fwd 128x64x4x3 224|168, dK/dV 32x64x8x3 88|0, 32x128x8x3 168|96, 64x128x8x2 244|232,
+# dq 128x32x4x3 188|16; D=64 dK/dV 32x64x4x3 36|0. fwd 128x128x8x3 at D=128 takes 224 KiB of
+# shared memory (sm_90 has 227; the autotuner drops it on smaller GPUs) and 242|239 registers.
 CONFIGS = {
-    "fwd": {128: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-            256: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 128, 8, 4), (128, 64, 8, 4),
-                  (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+    "fwd": {128: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+            256: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3),
+                  (64, 32, 4, 2)],
             512: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
             1024: [(32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]},
-    "dkdv": {128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 4, 3)],
-             256: [(16, 128, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 32, 4, 2)],
+    "dkdv": {128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2)],
+             256: [(16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
              512: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
              1024: [(16, 32, 4, 1), (16, 16, 4, 1)]},
     "dq": {128: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-           256: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+           256: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
            512: [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
            1024: [(32, 16, 4, 1), (16, 16, 4, 1)]},
+    "decode": {128: [(16, 64, 4, 3)], 256: [(16, 64, 4, 3)], 512: [(16, 32, 4, 2)], 1024: [(16, 32, 4, 2)]},
 }
 
 # One fixed config per kernel in the interpreter (autotuning there is far too slow); BLOCK_M !=
 # BLOCK_N on purpose so the tests exercise the causal block bookkeeping with unequal tiles.
 _INTERP_BLOCKS = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
-                  "dq": {"BLOCK_M": 32, "BLOCK_N": 16}}
-_INTERP_DECODE_BLOCK_N = 16
+                  "dq": {"BLOCK_M": 32, "BLOCK_N": 16}, "decode": {"BLOCK_M": 16, "BLOCK_N": 16}}
 _INTERP_DECODE_MIN_CHUNK = 64
 
 _KEY = ["HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CAUSAL", "HAS_ALIBI", "GROUP"]
@@ -571,18 +587,27 @@ def _launch_kwargs(config) -> dict:
     return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
 
 
-def _tuned_kernel(kind: str, fn, block_d: int, elem_size: int):
-    """``(kernel, launch kwargs)`` of an autotuned kernel: a pinned config (FASTLM_TRITON_CONFIGS;
-    in the interpreter its tile sizes, so CPU tests check the GPU's tiles), the interpreter's
-    fixed blocks, or the autotuner over :func:`configs`."""
+def _fixed_launch(kind: str, block_d: int, elem_size: int) -> Optional[dict]:
+    """Launch kwargs of kernel ``kind`` when it is not autotuned: a pinned config
+    (FASTLM_TRITON_CONFIGS; in the interpreter its tile sizes, so CPU tests check the GPU's
+    tiles), the interpreter's fixed blocks; None: autotune."""
     pins = pinned_configs()
     if pins is not None:
         config = pins.get(kind) or configs(kind, block_d, elem_size)[0]
-        if interpreting():  # the pinned tiles (warps and stages mean nothing there)
-            return jit(fn), {"BLOCK_M": config[0], "BLOCK_N": config[1]}
-        return jit(fn), _launch_kwargs(config)
+        if interpreting():  # warps and stages mean nothing there
+            return {"BLOCK_M": config[0], "BLOCK_N": config[1]}
+        return _launch_kwargs(config)
     if interpreting():
-        return jit(fn), dict(_INTERP_BLOCKS[kind])
+        return dict(_INTERP_BLOCKS[kind])
+    return None
+
+
+def _tuned_kernel(kind: str, fn, block_d: int, elem_size: int):
+    """``(kernel, launch kwargs)``: the plain kernel with :func:`_fixed_launch`'s config, or the
+    autotuner over :func:`configs`."""
+    fixed = _fixed_launch(kind, block_d, elem_size)
+    if fixed is not None:
+        return jit(fn), fixed
     key = (kind, block_d, elem_size)
     if key not in _autotuned:
         space = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -649,14 +674,22 @@ def _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes):
         BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), NEG_SCALE=scale < 0, **extra)
 
 
+def _decode_launch(block_d: int, elem_size: int, rows: int) -> dict:
+    """Launch kwargs of the split-KV kernel: its config (:data:`CONFIGS` "decode", pinnable) with
+    BLOCK_M raised to the power of two that holds ``rows`` (the GQA group's heads x T_q)."""
+    launch = _fixed_launch("decode", block_d, elem_size) or _launch_kwargs(configs("decode", block_d, elem_size)[0])
+    launch["BLOCK_M"] = max(launch["BLOCK_M"], triton.next_power_of_2(rows))
+    return launch
+
+
 def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
     b, h, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     group = h // h_kv
     block_d = _block_d(d)
-    part_m = max(16, triton.next_power_of_2(group * t_q))
+    launch = _decode_launch(block_d, q.element_size(), group * t_q)
+    part_m, block_n = launch["BLOCK_M"], launch["BLOCK_N"]
     interp = interpreting()
-    block_n = _INTERP_DECODE_BLOCK_N if interp else (64 if block_d * q.element_size() <= 256 else 32)
     min_chunk = _INTERP_DECODE_MIN_CHUNK if interp else 256
     target = 2 * _num_sms(q.device)  # enough programs to fill the GPU twice over
     n_splits = max(1, min(triton.cdiv(target, b * h_kv), triton.cdiv(t_k, min_chunk), 128))
@@ -665,18 +698,14 @@ def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
     o_part = torch.empty((b * h_kv * n_splits * part_m * block_d,), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((b * h_kv * n_splits * part_m,), device=q.device, dtype=torch.float32)
     slopes = alibi_slopes if alibi_slopes is not None else lse_part
-    dec = jit(_attn_decode_kernel)
-    extra = {} if interp else {"num_warps": 4,
-                                             "num_stages": 3 if block_d * q.element_size() <= 256 else 2}
-    wrap(dec)[(b * h_kv, n_splits)](
+    wrap(jit(_attn_decode_kernel))[(b * h_kv, n_splits)](
         q, k, v, o_part, lse_part, slopes,
         *_strides(q), *_strides(k), *_strides(v),
         h_kv, group, t_q, t_k, scale * _LOG2E, chunk, n_splits,
         HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, BLOCK_D=block_d,
-        DOT_PREC=_dot_prec(q.dtype), BLOCK_M=part_m, BLOCK_N=block_n, **extra)
-    comb = jit(_attn_decode_combine_kernel)
+        DOT_PREC=_dot_prec(q.dtype), **launch)
     extra = {} if interp else {"num_warps": 4 if block_d >= 128 else 2}
-    wrap(comb)[(b * h_kv * group * t_q,)](
+    wrap(jit(_attn_decode_combine_kernel))[(b * h_kv * group * t_q,)](
         o_part, lse_part, out, lse, *_strides(out),
         h_kv, group, t_q, n_splits,
         HEAD_DIM=d, PART_M=part_m, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d, **extra)
@@ -715,6 +744,31 @@ def attention_decode(q, k, v, causal, scale, alibi_slopes=None):
     return attention_forward(q, k, v, causal, scale, alibi_slopes, split_kv=True)
 
 
+def _bwd_preprocess(out, dout, delta, block_d):
+    """Delta = rowsum(dO * O) (FlashAttention-2's), for float16 / bfloat16."""
+    b, h, t_q, d = out.shape
+    block_m = 32 if interpreting() else 64
+    extra = {} if interpreting() else {"num_warps": 4}
+    wrap(jit(_attn_bwd_preprocess_kernel))[(triton.cdiv(t_q, block_m) * b * h,)](
+        out, dout, delta, *_strides(out), *_strides(dout), h, t_q,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, **extra)
+
+
+def _dq_pass(q, k, v, dout, lse, delta, dq, slopes, scale, common, delta_only):
+    """The dQ kernel; with ``delta_only`` it writes Delta = rowsum(P * dP) of the recomputed P
+    instead (the float32 path: the exact softmax derivative, free of O's rounding, which rowsum(dO * O)
+    carries into dQ and dK: up to 2.9x SDPA's float32 error against the float64 oracle)."""
+    b, h, t_q, _ = q.shape
+    t_k = k.shape[2]
+    kernel, extra = _tuned_kernel("dq", _attn_bwd_dq_kernel, common["BLOCK_D"], q.element_size())
+    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
+    wrap(kernel)[grid](
+        q, k, v, dout, lse, delta, dq, slopes,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+        h, h // k.shape[1], t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
+        DELTA_ONLY=delta_only, **common, **extra)
+
+
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None
                        ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -730,17 +784,14 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         return dq, dk, dv
     delta = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
-    interp = interpreting()
-    pre = jit(_attn_bwd_preprocess_kernel)
-    pre_m = 32 if interp else 64
-    extra = {} if interp else {"num_warps": 4}
-    wrap(pre)[(triton.cdiv(t_q, pre_m) * b * h,)](
-        out, dout, delta, *_strides(out), *_strides(dout), h, t_q,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m, **extra)
-
     slopes = alibi_slopes if alibi_slopes is not None else delta
     common = dict(HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
                   BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
+    dq_args = (q, k, v, dout, lse, delta, dq, slopes, scale, common)
+    if q.dtype == torch.float32:
+        _dq_pass(*dq_args, delta_only=True)
+    else:
+        _bwd_preprocess(out, dout, delta, block_d)
     dkdv, extra = _tuned_kernel("dkdv", _attn_bwd_dkdv_kernel, block_d, q.element_size())
     grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) * b * h_kv,)  # noqa: E731
     wrap(dkdv)[grid](
@@ -748,13 +799,7 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
         h, group, t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
         **common, **extra)
-    dqk, extra = _tuned_kernel("dq", _attn_bwd_dq_kernel, block_d, q.element_size())
-    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
-    wrap(dqk)[grid](
-        q, k, v, dout, lse, delta, dq, slopes,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        h, group, t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
-        **common, **extra)
+    _dq_pass(*dq_args, delta_only=False)
     return dq, dk, dv
 
 

@@ -8,8 +8,9 @@
   autotuning (GPU tests, ``benchmarks.gpu_check``):
 
   ``FASTLM_TRITON_CONFIGS=pinned``                   each kernel's default pinned config
-  ``FASTLM_TRITON_CONFIGS=fwd=128x64x4x3,dq=...``    these (``BLOCK_MxBLOCK_NxWARPSxSTAGES``),
-                                                     the defaults for kernels not named
+  ``FASTLM_TRITON_CONFIGS=fwd=128x64x4x3,dq=...``    these (``BLOCK_MxBLOCK_NxWARPSxSTAGES``;
+                                                     kernels fwd, dkdv, dq, decode), the
+                                                     defaults for kernels not named
   unset, empty or ``autotune``                       autotune (the default)
 
 Kernel functions are plain Python functions turned into kernel objects on first launch, so the
@@ -25,7 +26,7 @@ __all__ = ["interpreting", "jit", "is_interpreted", "wrap", "is_traced", "pinned
            "PIN_ENV", "PINNABLE"]
 
 PIN_ENV = "FASTLM_TRITON_CONFIGS"
-PINNABLE = ("fwd", "dkdv", "dq")  # the autotuned kernels of fastlm.kernels.attention
+PINNABLE = ("fwd", "dkdv", "dq", "decode")  # fastlm.kernels.attention: the autotuned kernels, split-KV
 
 
 def interpreting() -> bool:

@@ -9,19 +9,36 @@
   Triton's own ``n_regs`` / ``n_spills`` report). Spills never show in PTX, which has unlimited
   virtual registers: a PTX check for ``ld.local`` passes kernels that spill kilobytes.
 
+* :func:`config_usage`, :func:`pinned_usage` -- those numbers for an attention kernel at a tile
+  config, and for every pinned default at D=64 and 128 (bf16, causal, sm_90);
+  :func:`other_triton_usage` -- the same under another Triton install (a folder of site-packages
+  holding it, e.g. ``pip install --no-deps --target DIR triton==3.6.0``, the GPU image's version),
+  run in a subprocess; ``FASTLM_OTHER_TRITONS`` names such folders (``os.pathsep``-separated) for
+  the tests and ``benchmarks.gpu_check --dry-run``. ``python -m fastlm.kernels.resources`` prints
+  :func:`pinned_usage` as JSON lines.
+
 Used by the tests (compile-only checks on CPU machines) and by ``benchmarks.gpu_check``.
 """
+import contextlib
 import inspect
+import io
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from typing import Optional
 
 import triton
 
-__all__ = ["compile_for_target", "resource_usage", "ptxas_path", "launched_kernels", "launched_usage"]
+__all__ = ["compile_for_target", "resource_usage", "ptxas_path", "launched_kernels", "launched_usage",
+           "config_usage", "pinned_usage", "other_triton_usage", "other_triton_sites", "OTHER_TRITONS_ENV",
+           "PINNED_HEAD_DIMS"]
+
+OTHER_TRITONS_ENV = "FASTLM_OTHER_TRITONS"
+PINNED_HEAD_DIMS = (64, 128)  # GPT-2 small's head dim and the headline's
 
 _FP32_POINTERS = {"LSE", "DELTA", "SLOPES", "O_PART", "LSE_PART"}
 _INT_ARGS = {"H", "H_KV", "GROUP", "T_Q", "T_K", "HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CHUNK",
@@ -56,17 +73,29 @@ def compile_for_target(fn, dtype: str, constexprs: dict, capability: int, num_wa
     sig = _signature(names, ce, dtype)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("stride"))}
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"  # a compiled JITFunction even inside an interpreter run
-    try:
+    # a compiled JITFunction even inside an interpreter run; Triton's own ptxas run (no cache hit)
+    # prints its -v report, which describes the very cubin returned
+    with _environ(TRITON_INTERPRET="0", TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1"), \
+            contextlib.redirect_stdout(io.StringIO()) as log:
         src = ASTSource(fn=triton.jit(fn), signature=sig, constexprs=ce, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                options={"num_warps": num_warps, "num_stages": num_stages})
+    kernel.fastlm_ptxas_log = log.getvalue()
+    return kernel
+
+
+@contextlib.contextmanager
+def _environ(**values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _tool(name: str, capability: int = 90) -> Optional[str]:
@@ -108,21 +137,7 @@ def _cubin_usage(cubin: bytes) -> dict:
             "cubin_local_bytes": int(m.group(4))}
 
 
-def _ptxas_usage(ptx: str, capability: int) -> dict:
-    ptxas = ptxas_path(capability)
-    if ptxas is None:
-        return {"ptxas_error": "no ptxas found"}
-    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([ptxas, "-v", f"-arch={arch}", src, "-o", os.path.join(tmp, "kernel.cubin")],
-                              capture_output=True, text=True, timeout=300)
-    text = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        return {"ptxas_error": text.strip().splitlines()[-1] if text.strip() else f"rc={proc.returncode}"}
-
+def _parse_ptxas(text: str) -> dict:
     def number(pattern):
         m = re.search(pattern, text)
         return int(m.group(1)) if m else None
@@ -130,6 +145,28 @@ def _ptxas_usage(ptx: str, capability: int) -> dict:
             "ptxas_spill_store_bytes": number(r"(\d+) bytes spill stores"),
             "ptxas_spill_load_bytes": number(r"(\d+) bytes spill loads"),
             "ptxas_stack_bytes": number(r"(\d+) bytes stack frame")}
+
+
+def _ptxas_usage(compiled, capability: int) -> dict:
+    """ptxas -v's report: Triton's own run (the cubin's), else ptxas run here on the PTX with
+    Triton's usual flag (-lineinfo)."""
+    log = getattr(compiled, "fastlm_ptxas_log", "")
+    if "Used" in log:
+        return _parse_ptxas(log)
+    ptxas = ptxas_path(capability)
+    if ptxas is None:
+        return {"ptxas_error": "no ptxas found"}
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        proc = subprocess.run([ptxas, "-lineinfo", "-v", f"-arch={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        return {"ptxas_error": text.strip().splitlines()[-1] if text.strip() else f"rc={proc.returncode}"}
+    return _parse_ptxas(text)
 
 
 def _driver_usage(compiled) -> dict:
@@ -152,7 +189,7 @@ def resource_usage(compiled, capability: int, use_driver: bool = False) -> dict:
     usage = {"shared_bytes": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
              "num_stages": getattr(meta, "num_stages", None)}
     usage.update(_cubin_usage(compiled.asm.get("cubin", b"")))
-    usage.update(_ptxas_usage(compiled.asm["ptx"], capability))
+    usage.update(_ptxas_usage(compiled, capability))
     if use_driver:
         usage.update(_driver_usage(compiled))
     return usage
@@ -177,3 +214,70 @@ def launched_usage(kernel) -> dict:
     return {"n_regs": getattr(kernel, "n_regs", None), "n_spills": getattr(kernel, "n_spills", None),
             "shared_bytes": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
             "num_stages": getattr(meta, "num_stages", None)}
+
+
+# ---- attention kernels at their configs ----------------------------------------------------------
+def _attention_constexprs(kind: str, head_dim: int, config, causal: bool, alibi: bool) -> dict:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    ce = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_ALIBI=alibi, BLOCK_D=block_d, DOT_PREC="tf32",
+              BLOCK_M=config[0], BLOCK_N=config[1])
+    if kind != "decode":
+        ce["EVEN_D"] = head_dim == block_d
+    if kind == "dq":
+        ce["DELTA_ONLY"] = False
+    if kind == "fwd":
+        ce["NEG_SCALE"] = False
+    return ce
+
+
+def config_usage(kind: str, head_dim: int, config, capability: int = 90, dtype: str = "bf16",
+                 causal: bool = True, alibi: bool = False) -> dict:
+    """:func:`resource_usage` of attention kernel ``kind`` (fwd, dkdv, dq, decode) compiled with
+    ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) for ``cuda:capability``."""
+    from . import attention as A
+    fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel,
+          "decode": A._attn_decode_kernel}[kind]
+    ce = _attention_constexprs(kind, head_dim, config, causal, alibi)
+    kernel = compile_for_target(fn, dtype, ce, capability, num_warps=config[2], num_stages=config[3])
+    return resource_usage(kernel, capability)
+
+
+def pinned_usage(head_dims=PINNED_HEAD_DIMS, kinds=("fwd", "dkdv", "dq", "decode"), capability: int = 90) -> list:
+    """One dict per pinned default (bf16, causal): kind, head_dim, config, triton and the usage."""
+    from . import attention as A
+    rows = []
+    for kind in kinds:
+        for d in head_dims:
+            config = A.configs(kind, d, 2)[0]
+            row = {"kind": kind, "head_dim": d, "config": "x".join(map(str, config)), "triton": triton.__version__}
+            row.update(config_usage(kind, d, config, capability))
+            rows.append(row)
+    return rows
+
+
+def other_triton_sites() -> list:
+    """The folders named by ``FASTLM_OTHER_TRITONS`` (each holds another triton)."""
+    return [p for p in os.environ.get(OTHER_TRITONS_ENV, "").split(os.pathsep) if p.strip()]
+
+
+def other_triton_usage(site: str, timeout_s: float = 600) -> list:
+    """:func:`pinned_usage` under the triton installed in ``site`` (a subprocess with ``site``
+    first on its path); raises RuntimeError with the reason when it cannot run."""
+    if not os.path.isdir(os.path.join(site, "triton")):
+        raise RuntimeError(f"{OTHER_TRITONS_ENV}: no triton package in {site}")
+    # the folder holding the fastlm package (a checkout or site-packages); fastlm is imported already
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["fastlm"].__file__)))
+    path = [site, root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "fastlm.kernels.resources"], capture_output=True,
+                          text=True, timeout=timeout_s, env=env)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not rows:
+        tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}, no rows"])[-1]
+        raise RuntimeError(f"resource check under {site} failed: {tail}")
+    return rows
+
+
+if __name__ == "__main__":
+    for _row in pinned_usage():
+        print(json.dumps(_row), flush=True)

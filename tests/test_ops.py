@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import ops
-from fastlm.model import alibi_slopes
+from fastlm.ops.positions import alibi_slopes
 from fastlm.ops import BackendUnavailableError
 from fastlm.ops.reference import naive_attention
 
