@@ -84,7 +84,8 @@ def atomic_writer(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's files are 0600
+        if hasattr(os, "fchmod"):  # mkstemp's files are 0600 (POSIX)
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

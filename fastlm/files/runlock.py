@@ -16,13 +16,12 @@ after the deletion notices that the path no longer names its file, and starts ov
 The lock file is opened without following a symbolic link and must be a regular file: a shared run
 cannot redirect it elsewhere. A folder the user may read but not write (a run shared read-only) can
 still be exported: without a lock file to open, export reads it unlocked, since no one who could
-train into it is this user.
+train into it is this user. Where the OS has no ``flock`` (Windows), runs are not locked.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import stat
 import time
@@ -30,6 +29,11 @@ from pathlib import Path
 from typing import Optional
 
 from fastlm.errors import InputError, RunInUse
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not locked
+    fcntl = None
 
 __all__ = ["LOCK_NAME", "RunLock"]
 
@@ -59,6 +63,8 @@ class RunLock:
         self.release(keep_file=False)  # a reader (export) leaves no lock file it created behind
 
     def acquire(self) -> "RunLock":
+        if fcntl is None:
+            return self
         for _ in range(100):  # the lock file is replaced only by a failed new run's cleanup: rare
             self._make_dir()
             fd = self._open()

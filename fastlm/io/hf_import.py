@@ -14,7 +14,8 @@ devices are refused unopened); JSON files are read with a size bound; the config
 the shapes in the weights' safetensors headers (layers bounded by the tensors present, every size,
 and a model at most 4x the weights' bytes) before any tensor is read or allocated; a tensor the
 config does not use is refused by name (known buffers such as GPT-2's ``attn.bias`` and rotary
-``inv_freq`` excepted); the tokenizer's ids must lie below the model's ``vocab_size``.
+``inv_freq``, and the ``lm_head.weight`` of a tied model, excepted); the tokenizer's ids must lie
+below the model's ``vocab_size``.
 """
 from __future__ import annotations
 
@@ -202,9 +203,10 @@ def check_hf_config(hf: dict, shapes: dict, weights: str, weights_bytes: int, co
     bound_config_by_weights(cfg, shapes, weights, config_path)  # before any loop over layers
     mapped = _mapped(hf, cfg, shapes)
     used = {n for _, names, _ in mapped for n in names or ()}
-    unused = sorted(n for n in set(shapes) - used if not _KNOWN_BUFFERS.search(n))
+    tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()  # transformers ignores it too
+    unused = sorted(n for n in set(shapes) - used - tied_head if not _KNOWN_BUFFERS.search(n))
     if unused:
-        raise HFError(f"{weights} hold {len(unused)} tensor(s) that {config_path} does not use, e.g. {unused[0][:80]} "
+        raise HFError(f"{weights} has {len(unused)} tensor(s) that {config_path} does not use, e.g. {unused[0][:80]} "
                       f"(a config that describes a smaller model than its weights?)")
     fl_shapes = {fl: bias_shape(cfg, fl) if names is None else _joined_shape(names, how, shapes)
                  for fl, names, how in mapped}
