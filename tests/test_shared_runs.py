@@ -10,6 +10,7 @@ terminals at once, never crashes fastlm, deletes a user's files or mixes two run
 
 Processes that may crash or hang on the unfixed code run as subprocesses with timeouts.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -422,3 +423,17 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask_002):
     os.umask(0o077)
     atomic.atomic_write_json(tmp_path / "y.json", {})
     assert (tmp_path / "y.json").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_a_lock_file_that_is_not_a_file_is_refused(run, tmp_path, capsys, kind):
+    """A shared run cannot point the lock elsewhere (a link is not followed) nor block it (a FIFO)."""
+    target = tmp_path / "elsewhere"
+    target.write_text("1\n")
+    lock = run / ".lock"
+    with contextlib.suppress(FileNotFoundError):
+        lock.unlink()
+    {"symlink": lambda: lock.symlink_to(target), "fifo": lambda: os.mkfifo(lock), "directory": lock.mkdir}[kind]()
+    rc = main(["--resume", str(run), "--max-iters", "6", "--no-progress"])
+    assert rc == 2 and ".lock" in one_error_line(capsys.readouterr())
+    assert target.read_text() == "1\n"

@@ -135,7 +135,7 @@ class RunLock:
                 return os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
             if not self.required:
                 return None
-        raise InputError(f"cannot lock {self.run_dir}: {error.strerror or error}") from None
+        raise InputError(f"cannot lock {self.run_dir} with {self.path}: {error.strerror or error}") from None
 
     def _lock(self, fd: int) -> bool:
         try:
