@@ -6,7 +6,7 @@ callers may catch either.
 
 ==================================  ===========================================================
 :class:`FastLMError`                the base of everything below
-:class:`InputError`                 bad input of any kind (exit code 2); base of the next seven
+:class:`InputError`                 bad input of any kind (exit code 2); base of the next eight
 :class:`ConfigError`                an invalid model configuration (:class:`~fastlm.model.GPTConfig`)
 :class:`ConfigFileError`            a bad ``--config`` file or flag value
 :class:`TrainError`                 a bad training setting
@@ -16,6 +16,7 @@ callers may catch either.
 :class:`CheckpointError`            a missing, corrupted, unsafe or incompatible checkpoint
 :class:`HFError`                    a Hugging Face model that cannot be converted exactly, or a
                                     missing extra (a CheckpointError)
+:class:`RunInUse`                   another process holds the run directory's lock
 :class:`BackendUnavailableError`    an ops backend asked for by name cannot run here / this call
 :class:`NonFiniteLoss`              the training loss became NaN or infinite (exit code 3)
 :class:`TrainingInterrupted`        a signal stopped training after a checkpoint (exit 128 + N)
@@ -28,7 +29,7 @@ import signal
 from pathlib import Path
 
 __all__ = ["FastLMError", "InputError", "ConfigError", "ConfigFileError", "TrainError", "DataError",
-           "TokenizerError", "DeviceError", "CheckpointError", "HFError", "BackendUnavailableError",
+           "TokenizerError", "DeviceError", "CheckpointError", "HFError", "RunInUse", "BackendUnavailableError",
            "NonFiniteLoss", "TrainingInterrupted", "RankFailed"]
 
 
@@ -70,6 +71,10 @@ class CheckpointError(InputError):
 
 class HFError(CheckpointError):
     """A model that cannot be converted exactly, a missing extra, a bad model directory (one line)."""
+
+
+class RunInUse(InputError):
+    """Another process trains (or exports) this run directory: "RUN is in use by pid N"."""
 
 
 class BackendUnavailableError(FastLMError, RuntimeError):

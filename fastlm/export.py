@@ -16,7 +16,13 @@ Self-check: when transformers is installed, the written directory is loaded back
 are compared with fastlm's on a few sequences (fp32, max abs diff <= 1e-4), and its tokenizer's
 ids and text with fastlm's; the export fails otherwise. Everything is written into a staging
 folder beside ``--out`` and moved into place only after the check: a failed export leaves
-``--out`` as it was. A non-empty ``--out`` is replaced only with ``--overwrite``.
+``--out`` as it was.
+
+An export never deletes what it did not write: ``--out`` may not be the exported run (or ``hf:``
+folder) nor a folder holding it (a new folder inside the run is fine), and a non-empty ``--out``
+is replaced only with ``--overwrite`` and only when it holds an earlier export and nothing else
+(its ``.fastlm-export`` marker lists the files). The run is read under its lock: exporting a run
+that is being trained is refused (``RUN is in use by pid N``).
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ __all__ = ["build_parser", "main", "run"]
 @dataclass(frozen=True)
 class Export:
     out: str = field(metadata={"help": "output directory (must be empty or absent, unless --overwrite)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an earlier fastlm export in --out (any other non-empty folder is refused)"})
     check: bool = field(default=True, metadata={
         "help": "self-check: reload the export with transformers and compare logits (--no-check skips it)"})
 

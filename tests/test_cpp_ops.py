@@ -519,3 +519,25 @@ def test_opcheck_attention_qkv():
     out, lse = OPS.attention_qkv_fwd(qkv.detach(), h, h_kv, cos, sin, 0.3, slopes)
     torch.library.opcheck(OPS.attention_qkv_bwd.default,
                           (torch.randn_like(out), qkv.detach(), out, lse, h, h_kv, cos, sin, 0.3, slopes))
+
+
+def test_attention_qkv_head_counts_cannot_wrap():
+    """n_head + 2 n_kv_head wrapped for absurd counts (undefined behaviour; before: a head size of -1
+    and a misleading "needs T <= 512" refusal). An empty tensor may be that wide."""
+    wide = torch.empty(0, 1, 2 ** 62)
+    with pytest.raises(RuntimeError, match="heads"):
+        OPS.attention_qkv_fwd(wide, 2 ** 62, 2 ** 62, None, None, 0.5, None)
+
+
+def test_muon_step_refuses_a_tensor_listed_twice():
+    """Two threads updated one parameter at once when it was listed twice (before: accepted)."""
+    p, g, b = torch.randn(8, 8), torch.randn(8, 8), torch.zeros(8, 8)
+    q, g2, b2 = torch.randn(8, 8), torch.randn(8, 8), torch.zeros(8, 8)
+    coeffs = [3.4445, -4.775, 2.0315]
+    with pytest.raises(RuntimeError, match="overlap"):
+        OPS.muon_step_([p, p], [g, g2], [b, b2], 0.1, 0.9, True, 0.0, 5, coeffs, 1e-7)
+    with pytest.raises(RuntimeError, match="overlap"):  # one buffer for two parameters
+        OPS.muon_step_([p, q], [g, g2], [b, b], 0.1, 0.9, True, 0.0, 5, coeffs, 1e-7)
+    with pytest.raises(RuntimeError, match="overlap"):  # a buffer that is a parameter
+        OPS.muon_step_([p, q], [g, g2], [b, p], 0.1, 0.9, True, 0.0, 5, coeffs, 1e-7)
+    OPS.muon_step_([p, q], [g, g], [b, b2], 0.1, 0.9, True, 0.0, 5, coeffs, 1e-7)  # one grad read twice is fine

@@ -32,6 +32,8 @@ from fastlm.training.settings import train_command  # noqa: E402
 from fastlm.sampling import generate  # noqa: E402
 from fastlm.text.tokenizers import HFTokenizer, TokenizerError, build_tokenizer  # noqa: E402
 
+from conftest import one_error_line  # noqa: E402
+
 TEXT = data.default_corpus().read_text(encoding="utf-8")[:12000]
 ATOL = 1e-4  # the issue's bound for fp32 logits
 SAMPLES = ["ROMEO: But soft, what light through yonder window breaks?", "  two  spaces\nand\n\nlines  ",
@@ -321,20 +323,41 @@ def test_hub_name_not_cached_says_how_to_download(tmp_path, monkeypatch):
         hf_import.resolve_hf_dir("someone/tiny-model")
 
 
+def _hub_cache(cache, repo_id, src):
+    """A Hugging Face cache entry as huggingface_hub writes it: snapshots/<rev>/<file> are relative
+    links into the repository's blobs/ folder."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in src.iterdir():
+        blob = repo / "blobs" / f"{f.name}.blob"
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(os.path.join("..", "..", "blobs", blob.name))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    return snap
+
+
 def test_hub_name_found_in_the_cache(tmp_path, monkeypatch, hf_dirs):
     import huggingface_hub
     cache = tmp_path / "cache"
-    repo = cache / "models--someone--tiny-gpt2"
-    snap = repo / "snapshots" / ("a" * 40)
-    snap.mkdir(parents=True)
-    for f in hf_dirs["gpt2"][0].iterdir():
-        (snap / f.name).write_bytes(f.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("a" * 40)
+    snap = _hub_cache(cache, "someone/tiny-gpt2", hf_dirs["gpt2"][0])
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     model = loading.load_model("hf:someone/tiny-gpt2")[0]
     assert model.config.n_layer == 2
+    assert loading.load_model(f"hf:{snap}")[0].config.n_layer == 2  # the snapshot folder itself too
+
+
+def test_hub_cache_link_into_another_repository_is_refused(tmp_path, hf_dirs):
+    cache = tmp_path / "cache"
+    snap = _hub_cache(cache, "someone/tiny-gpt2", hf_dirs["gpt2"][0])
+    other = _hub_cache(cache, "else/secret", hf_dirs["llama-gqa-untied"][0])
+    (snap / "model.safetensors").unlink()
+    (snap / "model.safetensors").symlink_to(os.path.realpath(other / "model.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match="outside"):
+        loading.load_model(f"hf:{snap}")
 
 
 # ---- export: fastlm run -> transformers directory ------------------------------------------------
@@ -496,13 +519,12 @@ def test_export_refuses_biases_stablelm_lacks(tmp_path, capsys):
 def test_export_never_overwrites_without_flag(tmp_path, capsys):
     make_run(tmp_path / "run", "char", pos="rope", mlp="swiglu")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
+    assert export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--no-check"]) == 0
     rc = export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
-    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "config.json").write_text("{}")  # an earlier export is replaced with --overwrite
     assert export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "precious.txt").exists() and (out / "model.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "stablelm"
     assert "max abs logit diff" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
 
@@ -517,14 +539,14 @@ def test_failed_self_check_writes_nothing(tmp_path, capsys, monkeypatch):
         out[k] = out[k].flip(0).contiguous()
         return out
 
-    monkeypatch.setattr(hf_export, "to_hf_tensors", wrong_layout)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    assert export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--no-check"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(hf_export, "to_hf_tensors", wrong_layout)
     rc = export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--overwrite"])
     err = capsys.readouterr().err
     assert rc == 2 and "self-check failed" in err and "logit" in err
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export is untouched
 
 
 # ---- CLIs over hf:DIR -----------------------------------------------------------------------------
@@ -657,3 +679,230 @@ def test_model_dir_with_a_fifo_is_refused_without_reading_it(tmp_path, no_hang):
     os.mkfifo(folder / "config.json")
     with pytest.raises(checkpoint.CheckpointError, match="not a regular file"):
         loading.load_model(f"hf:{folder}")
+
+
+# ---- downloaded model folders and exports are untrusted (issue 21) ---------------------------------
+
+def copy_model(src, folder):
+    folder.mkdir(parents=True)
+    for f in src.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def edit_config(folder, **fields):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(fields)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_links_leaving_the_model_folder_are_refused(hf_dirs, tmp_path, name):
+    """Before: a link to a file anywhere on the machine was read as the model's own file."""
+    folder = copy_model(hf_dirs["gpt2"][0], tmp_path / "m")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / name).rename(elsewhere / name)
+    (folder / name).symlink_to(elsewhere / name)
+    with pytest.raises(checkpoint.CheckpointError, match="outside"):
+        loading.load_model(f"hf:{folder}")
+    (folder / name).unlink()  # a link within the folder is the folder's own file
+    (folder / "sub").mkdir()
+    (elsewhere / name).rename(folder / "sub" / name)
+    (folder / name).symlink_to(os.path.join("sub", name))
+    assert loading.load_model(f"hf:{folder}")[0].config.n_layer == 2
+
+
+def _index_folder(src, folder, weight_map):
+    folder = copy_model(src, folder)
+    (folder / "model.safetensors").rename(folder / "part-1.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def test_fifo_shard_is_refused_without_blocking(hf_dirs, tmp_path):
+    """Before: safetensors opened the FIFO named by the index and blocked for ever."""
+    folder = _index_folder(hf_dirs["gpt2"][0], tmp_path / "m", {"a": "part-1.safetensors", "b": "part-2.safetensors"})
+    os.mkfifo(folder / "part-2.safetensors")
+    code = "import sys; from fastlm.io import loading; loading.load_model(sys.argv[1])"
+    try:
+        res = subprocess.run([sys.executable, "-c", code, f"hf:{folder}"], capture_output=True, text=True,
+                             timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading a model whose index names a FIFO blocked")
+    assert res.returncode != 0 and "CheckpointError" in res.stderr and "FIFO" in res.stderr, res.stderr[-1500:]
+
+
+@pytest.mark.parametrize("weight_map", [["part-1.safetensors"], {"a": 7}, "part-1.safetensors",
+                                        {"a": "../part-1.safetensors"}])
+def test_malformed_weights_index_is_one_line(hf_dirs, tmp_path, weight_map):
+    folder = _index_folder(hf_dirs["gpt2"][0], tmp_path / "m", weight_map)
+    with pytest.raises(checkpoint.CheckpointError, match="index"):
+        loading.load_model(f"hf:{folder}")
+
+
+ABSURD_CONFIGS = {  # before: allocation errors and TypeErrors (tracebacks)
+    "vocab_size": ("llama-gqa-untied", {"vocab_size": 10 ** 12}),
+    "n_embd": ("gpt2", {"n_embd": 2 ** 40}),
+    "hidden_size": ("llama-gqa-untied", {"hidden_size": 2 ** 40, "head_dim": None}),
+    "model_type": ("llama-gqa-untied", {"model_type": ["llama"]}),
+    "intermediate_size": ("llama-gqa-untied", {"intermediate_size": 2 ** 45}),
+    "num_key_value_heads": ("llama-gqa-untied", {"num_key_value_heads": 2 ** 62}),
+    "max_position_embeddings": ("llama-gqa-untied", {"max_position_embeddings": 2 ** 70}),
+    "n_positions": ("gpt2", {"n_positions": 10 ** 7}),
+}
+
+
+@pytest.mark.parametrize("case", list(ABSURD_CONFIGS))
+def test_absurd_config_values_are_one_line(hf_dirs, tmp_path, capsys, case):
+    base, fields = ABSURD_CONFIGS[case]
+    folder = copy_model(hf_dirs[base][0], tmp_path / "m")
+    edit_config(folder, **fields)
+    rc = evaluate_cli.main(["--checkpoint", f"hf:{folder}", "--data", str(folder / "config.json"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
+
+
+def test_a_billion_layers_is_refused_at_once(hf_dirs, tmp_path):
+    """Before: a billion name tuples were built (39 s, then the process died)."""
+    folder = copy_model(hf_dirs["llama-gqa-untied"][0], tmp_path / "m")
+    edit_config(folder, num_hidden_layers=10 ** 9)
+    res = subprocess.run([sys.executable, "-m", "fastlm.evaluate", "--checkpoint", f"hf:{folder}", "--data",
+                          str(folder / "config.json")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and "layer" in res.stderr, res.stderr[-1500:]
+
+
+def test_config_is_checked_against_the_weights_before_the_model_is_built(hf_dirs, tmp_path, monkeypatch):
+    """Before: a 60 KB model whose config claimed 3M tokens was built (~1 GB) before the check."""
+    folder = copy_model(hf_dirs["llama-gqa-untied"][0], tmp_path / "m")
+    edit_config(folder, vocab_size=3_000_000)
+
+    def too_early(*args, **kwargs):
+        raise AssertionError("the model was built before its config was checked against the weights")
+
+    monkeypatch.setattr(hf_import, "GPT", too_early)
+    with pytest.raises(checkpoint.CheckpointError, match="embed_tokens|wte|vocab"):
+        loading.load_model(f"hf:{folder}")
+
+
+def test_weights_the_config_does_not_use_are_refused(hf_dirs, tmp_path):
+    """Before: a config edited down to one layer loaded the first layer of two without a word."""
+    folder = copy_model(hf_dirs["llama-gqa-untied"][0], tmp_path / "m")
+    edit_config(folder, num_hidden_layers=1)
+    with pytest.raises(checkpoint.CheckpointError, match=r"model\.layers\.1\."):
+        loading.load_model(f"hf:{folder}")
+
+
+@pytest.mark.parametrize("name,extra", [("gpt2", ["h.0.attn.bias", "h.1.attn.masked_bias"]),
+                                        ("llama-gqa-untied", ["model.layers.0.self_attn.rotary_emb.inv_freq"]),
+                                        ("gpt2", ["lm_head.weight"])])  # tied: transformers ignores it too
+def test_known_buffers_in_the_weights_are_not_unused_tensors(hf_dirs, tmp_path, name, extra):
+    from safetensors.torch import load_file, save_file
+    folder = copy_model(hf_dirs[name][0], tmp_path / "m")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors.update({k: torch.ones(4) for k in extra})
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert loading.load_model(f"hf:{folder}")[0].config.n_layer == 2
+
+
+def test_tokenizer_ids_must_fit_the_vocabulary(hf_dirs, tmp_path, capsys):
+    """Before: a token id equal to vocab_size reached the embedding (IndexError under evaluate --data)."""
+    folder = copy_model(hf_dirs["llama-gqa-untied"][0], tmp_path / "m")
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
+    vocab = tok["model"]["vocab"]
+    vocab["e"] = vocab_size  # a common token moved to the id just past the model's vocabulary
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT[:500])
+    rc = evaluate_cli.main(["--checkpoint", f"hf:{folder}", "--data", str(text), "--device", "cpu"])
+    assert rc == 2 and str(vocab_size) in one_error_line(capsys.readouterr())
+
+
+def test_tokenizer_regex_panic_is_a_tokenizer_error():
+    """Before: Oniguruma's backtracking limit panicked in Rust (PanicException, not an Exception)."""
+    tk = tokenizers
+    tok = tk.Tokenizer(tk.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(r"(a+)+b"), "isolated")
+    hf_tok = HFTokenizer(tok.to_str())
+    assert hf_tok.encode("a") == [0]
+    with pytest.raises(TokenizerError, match="tokenizer"):
+        hf_tok.encode("a" * 40 + "c")
+
+
+# ---- exports never delete what they did not write --------------------------------------------------
+
+@pytest.mark.parametrize("target", ["the run", "the folder of the run", "a folder of user files",
+                                    "an export with a user file"])
+def test_export_never_deletes_what_it_did_not_write(tmp_path, capsys, target):
+    """Before: --out RUN --overwrite exited 0 after replacing the run it exported; --out its parent
+    deleted the run and its siblings; --overwrite deleted any folder's files."""
+    runs = tmp_path / "runs"
+    make_run(runs / "run", "char", pos="rope", mlp="swiglu")
+    (runs / "sibling").mkdir()
+    (runs / "sibling" / "notes.txt").write_text("mine")
+    out = {"the run": runs / "run", "the folder of the run": runs, "a folder of user files": runs / "sibling",
+           "an export with a user file": tmp_path / "exported"}[target]
+    if target == "an export with a user file":
+        assert export_cli.main(["--checkpoint", str(runs / "run"), "--out", str(out), "--no-check"]) == 0
+        (out / "notes.txt").write_text("mine")
+    before = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    rc = export_cli.main(["--checkpoint", str(runs / "run"), "--out", str(out), "--overwrite", "--no-check"])
+    assert rc == 2
+    assert "--out" in one_error_line(capsys.readouterr())
+    assert {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_export_of_an_hf_folder_onto_itself_is_refused(hf_dirs, tmp_path, capsys):
+    folder = copy_model(hf_dirs["gpt2"][0], tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    rc = export_cli.main(["--checkpoint", f"hf:{folder}", "--out", str(folder), "--overwrite", "--no-check"])
+    assert rc == 2 and "--out" in one_error_line(capsys.readouterr())
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_export_into_a_new_subfolder_of_the_run(tmp_path):
+    make_run(tmp_path / "run", "char", pos="rope", mlp="swiglu")
+    out = tmp_path / "run" / "hf"
+    assert export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out), "--no-check"]) == 0
+    assert loading.load_model(f"hf:{out}")[0].config.n_layer == 2
+    assert loading.load_model(tmp_path / "run")[0].config.n_layer == 2
+
+
+def test_export_follows_the_umask(tmp_path):
+    """Before: the export folder was 0700 (a staging folder from mkdtemp) whatever the umask."""
+    make_run(tmp_path / "run", "char", pos="rope", mlp="swiglu")
+    old = os.umask(0o002)
+    try:
+        assert export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+                                "--no-check"]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o775
+    assert modes and set(modes.values()) == {0o664}, modes
+
+
+HOLDER = """
+import sys, time
+from fastlm.files.runlock import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_export_waits_for_no_one_while_a_run_trains(tmp_path, capsys):
+    """Export reads a run under its lock: a run being trained is refused, naming the trainer."""
+    make_run(tmp_path / "run", "char", pos="rope", mlp="swiglu")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        rc = export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--no-check"])
+        line = one_error_line(capsys.readouterr())
+        assert rc == 2 and line == f"error: {tmp_path / 'run'} is in use by pid {holder.pid}"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--no-check"]) == 0

@@ -10,7 +10,8 @@ import torch
 from fastlm.io import checkpoint
 from fastlm.ops.extension import CPP_BACKEND
 from fastlm.model import GPT, GPTConfig
-from fastlm.ops.reference_muon import newton_schulz
+from fastlm.ops import muon_step
+from fastlm.ops.reference_muon import NS_COEFFICIENTS, newton_schulz
 from fastlm.training.optim import Muon, MuonWithAdamW, build_optimizer, muon_param_names
 
 from train_hooks import CtrlCAfter
@@ -402,3 +403,15 @@ def test_cli_rejects_bad_optimizer_settings(tmp_path, corpus, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
         assert not (tmp_path / "x").exists()
+
+
+def test_muon_step_refuses_a_parameter_listed_twice():
+    """The fused op updates each matrix on its own thread; the PyTorch form would apply momentum
+    twice: both refuse a parameter (or buffer) given twice."""
+    p, g, b = torch.randn(8, 8), torch.randn(8, 8), torch.zeros(8, 8)
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.0, ns_steps=5, ns_coefficients=NS_COEFFICIENTS,
+              ns_dtype="float32", eps=1e-7, backend="reference")
+    with pytest.raises(ValueError, match="listed twice"):
+        muon_step([p, p], [g, g], [b, torch.zeros(8, 8)], **kw)
+    with pytest.raises(ValueError, match="listed twice"):
+        muon_step([p, torch.randn(8, 8)], [g, g], [b, b], **kw)

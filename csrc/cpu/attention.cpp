@@ -657,9 +657,13 @@ QkvShape check_qkv(const char* op, const at::Tensor& qkv, int64_t n_head, int64_
               ": takes float32/float64, got ", qkv.scalar_type());
   TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0, op, ": n_head (", n_head,
               ") must be a positive multiple of n_kv_head (", n_kv_head, ")");
-  const int64_t W = qkv.size(2), parts = n_head + 2 * n_kv_head;
-  TORCH_CHECK(W % parts == 0 && W > 0, op, ": qkv width ", W, " is not (", n_head, " + 2 * ",
-              n_kv_head, ") heads of one size");
+  const int64_t W = qkv.size(2);
+  // n_head + 2 n_kv_head <= W, tested without overflow before the sum is formed
+  TORCH_CHECK(n_kv_head <= W / 2 && n_head <= W - 2 * n_kv_head, op, ": qkv width ", W, " cannot hold ",
+              n_head, " + 2 * ", n_kv_head, " heads");
+  const int64_t parts = n_head + 2 * n_kv_head;
+  TORCH_CHECK(W % parts == 0, op, ": qkv width ", W, " is not (", n_head, " + 2 * ", n_kv_head,
+              ") heads of one size");
   QkvShape s{qkv.size(0), qkv.size(1), n_head, n_kv_head, W / parts, W};
   TORCH_CHECK(s.T > 0 && s.T <= kGemmMaxTk && use_gemm_path(qkv, AttnShape{s.B, s.H, s.H_kv, s.T, s.T, s.D}),
               op, ": needs 1 <= T <= ", kGemmMaxTk, " and the BLAS path, got T=", s.T);

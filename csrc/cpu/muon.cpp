@@ -28,8 +28,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <memory>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "cpu/blas.h"
@@ -190,6 +192,32 @@ void muon_one(T* p, const T* g, T* buf, int64_t rows, int64_t cols, double lr, T
   }
 }
 
+// The matrices run on several threads, each writing its parameter and momentum buffer: no written
+// tensor may share memory with another tensor of the call (one parameter listed twice, a buffer
+// shared by two parameters, a buffer that is a parameter). Gradients are only read and may repeat.
+void check_no_overlap(at::TensorList params, at::TensorList grads, at::TensorList bufs) {
+  struct Span {
+    uintptr_t begin, end;
+    bool written;
+  };
+  std::vector<Span> spans;
+  for (const auto& [list, written] : {std::pair{params, true}, {bufs, true}, {grads, false}}) {
+    for (const at::Tensor& t : list) {
+      const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+      spans.push_back({begin, begin + uintptr_t(t.numel()) * t.element_size(), written});
+    }
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) { return x.begin < y.begin; });
+  uintptr_t end_any = 0, end_written = 0;  // the furthest end of the spans so far
+  for (const Span& s : spans) {
+    TORCH_CHECK(s.begin >= (s.written ? end_any : end_written), "muon_step: a parameter or momentum buffer ",
+                "overlaps another tensor of the call (a tensor listed twice?); each matrix is updated on its own ",
+                "thread");
+    end_any = std::max(end_any, s.end);
+    if (s.written) end_written = std::max(end_written, s.end);
+  }
+}
+
 void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr, double momentum,
                    bool nesterov, double weight_decay, int64_t ns_steps, at::ArrayRef<double> coefficients,
                    double eps) {
@@ -217,6 +245,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
     TORCH_CHECK(p.numel() > 0, "muon_step: parameter ", i, " is empty");
     cost[i] = ns_flops(p.size(0), p.size(1), ns_steps);
   }
+  check_no_overlap(params, grads, bufs);
   // deal the matrices to the threads: longest first, each to the least loaded (ties: lowest index)
   const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(n)));
   std::vector<size_t> order(n);

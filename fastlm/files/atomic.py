@@ -4,6 +4,10 @@ A reader never sees a half-written file: the bytes go to a temp file beside the 
 fsynced, the temp file replaces the target atomically, and the folder is fsynced so the rename
 itself survives a power cut. Errors (disk full, read-only, EIO) are raised, never swallowed; the
 temp file is removed when the write fails.
+
+Modes follow the umask like any ``open``/``mkdir`` (files ``0666 & ~umask``, folders ``0777 &
+~umask``), although the temp files and folders (``mkstemp``/``mkdtemp``) start private: a run shared
+with a group stays readable by it.
 """
 from __future__ import annotations
 
@@ -14,10 +18,33 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_fsync", "atomic_writer", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+__all__ = ["fsync_dir", "write_fsync", "atomic_writer", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "current_umask", "make_temp_dir"]
 
 # fsync of a directory is not supported everywhere: these errors mean "cannot", not "failed"
 _DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.EBADF, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOTSUP}
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc where the OS has it (setting it to read it back would
+    change it for other threads for a moment)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(prefix: str, dir) -> Path:
+    """``tempfile.mkdtemp`` with the mode ``mkdir`` would give (``0777 & ~umask``), not 0700."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    os.chmod(path, 0o777 & ~current_umask())
+    return path
 
 
 def fsync_dir(path) -> None:
@@ -57,6 +84,8 @@ def atomic_writer(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp's files are 0600 (POSIX)
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -41,14 +41,13 @@ import os
 import random
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from fastlm.files.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, write_fsync
+from fastlm.files.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, make_temp_dir, write_fsync
 from fastlm.files.safeio import is_plain_file_name, open_regular, read_bounded, read_exactly
 from fastlm import ops
 from fastlm.model import GPT
@@ -72,6 +71,7 @@ __all__ = [
     "read_weights_file",
     "tensors_from_bytes",
     "check_config_matches_weights",
+    "bound_config_by_weights",
     "unwrap_model",
     "rng_state",
     "set_rng_state",
@@ -274,19 +274,33 @@ def _header_shapes(path, header: dict, data_bytes: int) -> dict:
     return shapes
 
 
-def check_config_matches_weights(cfg, shapes: dict, weights_path, config_path) -> None:
-    """CheckpointError unless the GPT that ``cfg`` describes has exactly the tensors ``shapes``
-    (the first result of :func:`read_safetensors_header`) and fits its weights file (see
-    :func:`_check_model_bytes`). The model is built on the meta device (no memory), after the
-    numbers that drive Python loops (layers; heads <= n_embd) are bounded by the header."""
+def bound_config_by_weights(cfg, shapes: dict, weights_path, config_path) -> None:
+    """CheckpointError unless the numbers that drive Python loops and tensor sizes are bounded by the
+    weights' header ``shapes``: at most one layer per tensor, and the widths (n_embd, vocab_size,
+    mlp_hidden, each the size of some weight of a real model) at most the largest dimension there
+    (heads <= n_embd follows from the config's own checks). Then a model of ``cfg`` can be built on
+    the meta device without its sizes overflowing."""
     largest = max((d for shape in shapes.values() for d in shape), default=0)
-    if cfg.n_layer > len(shapes) or cfg.n_embd > largest:
-        raise CheckpointError(f"{config_path} describes a larger model (n_layer={cfg.n_layer}, "
-                              f"n_embd={cfg.n_embd}) than the {len(shapes)} tensors in {weights_path}")
+    if cfg.n_layer > len(shapes) or max(cfg.n_embd, cfg.vocab_size, cfg.mlp_hidden) > largest:
+        raise CheckpointError(f"{config_path} describes a larger model (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, "
+                              f"vocab_size={cfg.vocab_size}, mlp_hidden={cfg.mlp_hidden}) than the {len(shapes)} "
+                              f"tensors in {weights_path}")
+
+
+def check_config_matches_weights(cfg, shapes: dict, weights_path, config_path, weights_bytes=None) -> None:
+    """CheckpointError unless the GPT that ``cfg`` describes has exactly the tensors ``shapes``
+    (the first result of :func:`read_safetensors_header`) and fits its weights (see
+    :func:`_check_model_bytes`; ``weights_bytes``: their size, default the size of ``weights_path``).
+    The model is built on the meta device (no memory), after :func:`bound_config_by_weights`."""
+    bound_config_by_weights(cfg, shapes, weights_path, config_path)
     ops.load_backends()  # import them now, not inside the meta-device context below
-    with torch.device("meta"):
-        meta_model = GPT(cfg)
-    _check_model_bytes(meta_model, weights_path, config_path)
+    try:
+        with torch.device("meta"):
+            meta_model = GPT(cfg)
+    except RuntimeError as e:  # sizes past int64 ("Storage size calculation overflowed")
+        raise CheckpointError(f"{config_path} describes a model too large to build: {str(e)[:120]}") from None
+    have = os.path.getsize(weights_path) if weights_bytes is None else weights_bytes
+    _check_model_bytes(meta_model, have, weights_path, config_path)
     expected = meta_model.state_dict()
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
@@ -299,13 +313,12 @@ def check_config_matches_weights(cfg, shapes: dict, weights_path, config_path) -
             raise CheckpointError(f"{config_path} does not match {weights_path}: the weights file {what}")
 
 
-def _check_model_bytes(meta_model, weights_path, config_path) -> None:
+def _check_model_bytes(meta_model, have: int, weights_path, config_path) -> None:
     """The model (parameters and every buffer, e.g. a sinusoidal position table that block_size
-    alone sizes) may take at most 4x its weights file (fp32 from 1-byte tensors) plus
+    alone sizes) may take at most 4x its weights' ``have`` bytes (fp32 from 1-byte tensors) plus
     MODEL_BYTES_SLACK: a small file with a config claiming a huge context must not allocate GBs."""
     tensors = list(meta_model.parameters()) + list(meta_model.buffers())
     need = sum(t.numel() * t.element_size() for t in tensors)
-    have = os.path.getsize(weights_path)
     if need > 4 * have + MODEL_BYTES_SLACK:
         raise CheckpointError(f"{config_path} describes a model of {need} bytes (parameters and position tables), "
                               f"far more than its {have}-byte weights file {weights_path} can hold")
@@ -406,7 +419,7 @@ def set_rng_state(js: dict, tensors: dict) -> None:
         torch.set_rng_state(tensors["torch"].to(torch.uint8))
         if "cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["cuda"].to(torch.uint8))
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise CheckpointError(f"bad RNG state in checkpoint: {e}") from None
 
 
@@ -560,7 +573,7 @@ def save_checkpoint(run_dir, model, optimizer, state: dict, rank_states: list, *
     run_dir = Path(run_dir)
     prev = latest_checkpoint_dir(run_dir) if (run_dir / "latest").exists() else None
     step = int(state["step"])
-    folder = Path(tempfile.mkdtemp(prefix=f"{CKPT_PREFIX}{step:08d}-", dir=run_dir))
+    folder = make_temp_dir(f"{CKPT_PREFIX}{step:08d}-", run_dir)
     try:
         _write_checkpoint_files(folder, prev, model, optimizer, state, rank_states, is_best, model_config)
         fsync_dir(run_dir)

@@ -13,13 +13,21 @@ Self-check: when transformers is installed, the written directory is loaded back
 are compared with fastlm's on a few sequences (fp32, max abs diff <= 1e-4), and its tokenizer's
 ids and text with fastlm's; the export fails otherwise. Everything is written into a staging
 folder beside the output and moved into place only after the check: a failed export leaves the
-output as it was. A non-empty output folder is replaced only with ``overwrite``.
+output as it was.
+
+An export never deletes what it did not write: the output may not be the exported folder (the run,
+or the ``hf:`` model folder) nor a folder that holds it (a new folder inside the run is fine); a
+non-empty output is replaced only with ``overwrite``, and only when it is an earlier export (its
+``.fastlm-export`` marker lists the files it wrote, and the folder holds no others). A run is read
+under its lock (:mod:`fastlm.files.runlock`): a run being trained is refused, naming the trainer.
+Files and folders follow the umask.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import json
+import os
 import re
 import shutil
 import sys
@@ -31,14 +39,18 @@ import torch
 
 from fastlm._version import __version__
 from fastlm.errors import HFError
+from fastlm.files.atomic import make_temp_dir
+from fastlm.files.runlock import RunLock
 from fastlm.files.safeio import read_bounded
 from fastlm.io.checkpoint import model_tensors
 from fastlm.io.hf_common import EXPORTABLE, HF_CLASSES, HF_PREFIX, bias_shape, hf_has_tensor, require, split_sizes, weight_pairs
+from fastlm.io.hf_import import resolve_hf_dir
 from fastlm.io.loading import load_model, run_dir_of
 from fastlm.model import GPTConfig
 from fastlm.text.data import load_split
 
-__all__ = ["export_model", "architecture_of", "to_hf_config", "to_hf_tensors", "to_hf_tokenizer", "PARITY_ATOL"]
+__all__ = ["export_model", "architecture_of", "to_hf_config", "to_hf_tensors", "to_hf_tokenizer", "PARITY_ATOL",
+           "EXPORT_MARKER"]
 
 
 def architecture_of(cfg: GPTConfig) -> str:
@@ -239,16 +251,16 @@ def _write_json(path: Path, obj) -> None:
 
 def _write_model_files(folder: Path, model, tokenizer) -> dict:
     """Write every file but the model card into ``folder``; returns the HF config dict."""
-    from safetensors.torch import save_file
-
+    from safetensors.torch import save
 
     cfg = model.config
     hf_tok, specials, split_specials = to_hf_tokenizer(tokenizer)
     ids = _special_ids(hf_tok, specials)
     hf_cfg = to_hf_config(cfg, ids)
     _write_json(folder / "config.json", hf_cfg)
-    save_file(to_hf_tensors(model_tensors(model), cfg, hf_cfg), str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    # save() + write_bytes: safetensors' save_file creates its file 0600 whatever the umask
+    (folder / "model.safetensors").write_bytes(save(to_hf_tensors(model_tensors(model), cfg, hf_cfg),
+                                                    metadata={"format": "pt"}))
     _write_json(folder / "generation_config.json",
                 {"_from_model_config": True, **{f"{k}_token_id": v for k, v in ids.items() if v is not None}})
     (folder / "tokenizer.json").write_text(hf_tok.to_str(), encoding="utf-8")
@@ -348,11 +360,46 @@ def _sample_texts(run_dir: Path, tokenizer) -> list:
     return [tokenizer.decode(ids[i:i + 200]) for i in range(0, len(ids), 200)] + [""]
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+EXPORT_MARKER = ".fastlm-export"  # in every export: {"format": "fastlm-export", "files": [names it wrote]}
+
+
+def _written_by_export(out: Path) -> Optional[set]:
+    """The names an earlier export wrote into ``out`` (its marker's list), or None when ``out`` holds
+    no marker of fastlm's."""
+    marker = out / EXPORT_MARKER
+    if marker.is_symlink():
+        return None
+    with contextlib.suppress(OSError, ValueError, RecursionError):
+        obj = json.loads(read_bounded(marker, 1 << 20, "export marker").decode("utf-8"))
+        files = obj.get("files") if isinstance(obj, dict) and obj.get("format") == "fastlm-export" else None
+        if isinstance(files, list) and all(isinstance(f, str) for f in files):
+            return set(files)
+    return None
+
+
+def _check_out(out: Path, source: Optional[Path], overwrite: bool) -> None:
+    """Refuse an output folder the export may not replace (see the module docstring)."""
     if out.exists() and not out.is_dir():
         raise HFError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise HFError(f"--out {out} is not empty; pass --overwrite to replace it")
+    if source is not None:
+        real_out, real_source = os.path.realpath(out), os.path.realpath(source)
+        if os.path.commonpath([real_out, real_source]) == real_out:
+            raise HFError(f"--out {out} is the folder being exported ({source}) or holds it; choose another --out "
+                          f"(a new folder inside the run is fine)")
+    entries = list(out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise HFError(f"--out {out} is not empty; pass --overwrite to replace an earlier export")
+    written = _written_by_export(out)
+    if written is None:
+        raise HFError(f"--out {out} is not an earlier fastlm export (it has no {EXPORT_MARKER}); --overwrite "
+                      f"replaces only those: choose a new or empty folder")
+    others = sorted(p.name for p in entries if p.name != EXPORT_MARKER
+                    and (p.name not in written or (p.is_dir() and not p.is_symlink())))
+    if others:
+        raise HFError(f"--out {out} holds files the earlier export did not write ({', '.join(others[:3])}); "
+                      f"--overwrite replaces only an export's own files")
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -366,28 +413,39 @@ def _publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _source_folder(checkpoint: str) -> Path:
+    """The folder an export reads: the run directory, or the ``hf:`` model folder."""
+    if checkpoint.startswith(HF_PREFIX):
+        return resolve_hf_dir(checkpoint[len(HF_PREFIX):])
+    return Path(run_dir_of(checkpoint))
+
+
 def export_model(checkpoint, out_dir, *, overwrite: bool = False, check: bool = True, log=print,
                  backend: Optional[str] = None) -> dict:
     """Export ``checkpoint`` (run dir / weights / ``hf:DIR``) to ``out_dir``; returns
     ``{"out", "model_type", "max_abs_logit_diff"}`` (the diff is None when not checked)."""
-    out = Path(out_dir)
-    _check_out(out, overwrite)
-    model, tokenizer, run_config = load_model(checkpoint, "cpu", backend=backend)
-    architecture_of(model.config)  # refuse before writing anything
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
-        hf_cfg = _write_model_files(staging, model, tokenizer)
-        checkpoint = str(checkpoint)
-        run_dir = None if checkpoint.startswith(HF_PREFIX) else Path(run_dir_of(checkpoint))
-        max_diff = _self_check(staging, model, tokenizer, run_dir, log) if check else None
-        summary = _read_summary(run_dir)
-        (staging / "README.md").write_text(_model_card(checkpoint, run_config, hf_cfg, summary, max_diff),
-                                           encoding="utf-8")
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    out, checkpoint = Path(out_dir), str(checkpoint)
+    source = _source_folder(checkpoint)
+    _check_out(out, source, overwrite)
+    is_run = not checkpoint.startswith(HF_PREFIX) and Path(checkpoint).exists() and source.is_dir()
+    with RunLock(source, required=False) if is_run else contextlib.nullcontext():
+        model, tokenizer, run_config = load_model(checkpoint, "cpu", backend=backend)
+        architecture_of(model.config)  # refuse before writing anything
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = make_temp_dir(f".{out.name}.export-", out.parent)
+        try:
+            hf_cfg = _write_model_files(staging, model, tokenizer)
+            max_diff = _self_check(staging, model, tokenizer, source if is_run else None, log) if check else None
+            summary = _read_summary(source if is_run else None)
+            (staging / "README.md").write_text(_model_card(checkpoint, run_config, hf_cfg, summary, max_diff),
+                                               encoding="utf-8")
+            _write_json(staging / EXPORT_MARKER, {"format": "fastlm-export", "version": 1,
+                                                  "files": sorted(p.name for p in staging.iterdir())})
+            _check_out(out, source, overwrite)  # again: the folder may have changed during the self-check
+            _publish(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     log(f"exported {checkpoint} as transformers {hf_cfg['model_type']} to {out}")
     return {"out": str(out), "model_type": hf_cfg["model_type"], "max_abs_logit_diff": max_diff}
 

@@ -6,23 +6,37 @@ sharded index, ``tokenizer.json`` or ``vocab.json`` + ``merges.txt``); ``hf:ORG/
 a directory is looked up in the local Hugging Face cache, never on the network. Reading needs
 ``tokenizers`` (and ``huggingface_hub`` for a cache lookup), not transformers. The directory's
 tokenizer becomes a :class:`fastlm.text.tokenizers.HFTokenizer`.
+
+A downloaded model folder is untrusted, and read like a fastlm run directory: every file (index
+shards included) must be a regular file inside the folder (a symbolic link may point within it, and
+in a Hugging Face cache snapshot into the same repository's ``blobs/``; links elsewhere, FIFOs and
+devices are refused unopened); JSON files are read with a size bound; the config is checked against
+the shapes in the weights' safetensors headers (layers bounded by the tensors present, every size,
+and a model at most 4x the weights' bytes) before any tensor is read or allocated; a tensor the
+config does not use is refused by name (known buffers such as GPT-2's ``attn.bias`` and rotary
+``inv_freq``, and the ``lm_head.weight`` of a tied model, excepted); the tokenizer's ids must lie
+below the model's ``vocab_size``.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from fastlm.errors import HFError
-from fastlm.files.safeio import read_bounded
-from fastlm.io.checkpoint import load_model_tensors
+from fastlm.files.safeio import is_plain_file_name, open_regular, read_bounded
+from fastlm.io.checkpoint import (bound_config_by_weights, check_config_matches_weights, load_model_tensors,
+                                  read_safetensors_header)
 from fastlm.io.hf_common import HF_CLASSES, MAX_JSON_BYTES, bias_shape, hf_has_tensor, require, weight_pairs
 from fastlm.model import GPT, GPTConfig
-from fastlm.text.tokenizers import HFTokenizer
+from fastlm.text.tokenizers import MAX_HF_TOKENIZER_CHARS, HFTokenizer
 
-__all__ = ["load_hf_model", "resolve_hf_dir", "from_hf_config", "from_hf_tensors", "with_defaults", "read_json_file"]
+__all__ = ["load_hf_model", "resolve_hf_dir", "from_hf_config", "from_hf_tensors", "check_hf_config", "with_defaults",
+           "read_json_file", "model_file"]
 
 
 HF_DEFAULTS = {
@@ -46,7 +60,7 @@ HF_DEFAULTS = {
 def with_defaults(hf: dict) -> dict:
     """``hf`` with transformers' defaults for the fields it omits (HFError for an unknown model_type)."""
     arch = hf.get("model_type")
-    if arch not in HF_CLASSES:
+    if not isinstance(arch, str) or arch not in HF_CLASSES:
         _refuse("model_type", arch, f"only {', '.join(HF_CLASSES)} are supported")
     return {**HF_DEFAULTS[arch], **{k: v for k, v in hf.items() if v is not None or k not in HF_DEFAULTS[arch]}}
 
@@ -132,8 +146,33 @@ def from_hf_config(hf: dict, bias: bool = True) -> GPTConfig:
         raise
     except KeyError as e:
         raise HFError(f"config.json of this {arch} model lacks the field {e}") from None
-    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
-        raise HFError(f"config.json does not describe a {arch} model fastlm can build: {e}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise HFError(f"config.json does not describe a {arch} model fastlm can build: {str(e)[:200]}") from None
+
+
+def _gpt2_names(arch: str, names):
+    """Hub GPT-2 files name tensors without the ``transformer.`` prefix: the names with it."""
+    if arch != "gpt2":
+        return names
+    return {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in names.items()}
+
+
+def _mapped(hf: dict, cfg: GPTConfig, present) -> list:
+    """``(fastlm name, HF names or None for a zero bias, how)`` for the tensors of ``cfg``; HFError
+    naming an HF tensor the model lacks. ``present``: the HF tensor names there are."""
+    arch = hf["model_type"]
+    out = []
+    for fl, names, how in weight_pairs(arch, cfg.n_layer):
+        if fl == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if not all(hf_has_tensor(hf, arch, n) for n in names):
+            out.append((fl, None, how))
+            continue
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise HFError(f"the model's weights lack {missing[0]}")
+        out.append((fl, names, how))
+    return out
 
 
 def from_hf_tensors(hf_tensors: dict, hf: dict) -> tuple[GPTConfig, dict]:
@@ -141,20 +180,12 @@ def from_hf_tensors(hf_tensors: dict, hf: dict) -> tuple[GPTConfig, dict]:
     zeros in fastlm's bias=True layout; when every bias is zero the model is built with bias=False."""
     hf = with_defaults(hf)
     cfg = from_hf_config(hf, bias=True)
-    arch = hf["model_type"]
-    if arch == "gpt2":  # hub GPT-2 files name tensors without the "transformer." prefix
-        hf_tensors = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
-                      for k, v in hf_tensors.items()}
+    hf_tensors = _gpt2_names(hf["model_type"], hf_tensors)
     out = {}
-    for fl, names, how in weight_pairs(arch, cfg.n_layer):
-        if fl == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        if not all(hf_has_tensor(hf, arch, n) for n in names):
+    for fl, names, how in _mapped(hf, cfg, hf_tensors):
+        if names is None:
             out[fl] = torch.zeros(bias_shape(cfg, fl))
             continue
-        missing = [n for n in names if n not in hf_tensors]
-        if missing:
-            raise HFError(f"the model's weights lack {missing[0]}")
         parts = [hf_tensors[n].float() for n in names]
         if how == "t":
             parts = [p.t() if p.dim() == 2 else p for p in parts]
@@ -166,6 +197,40 @@ def from_hf_tensors(hf_tensors: dict, hf: dict) -> tuple[GPTConfig, dict]:
         cfg = GPTConfig.from_dict({**cfg.to_dict(), "bias": False})
         out = {k: v for k, v in out.items() if not k.endswith(".bias")}
     return cfg, out
+
+
+#: tensors transformers keeps in some checkpoints that are not weights (causal masks, RoPE tables)
+_KNOWN_BUFFERS = re.compile(r"\.attn\.(masked_)?bias$|\.rotary_emb\.inv_freq$")
+
+
+def _joined_shape(names: list, how: str, shapes: dict) -> tuple:
+    """The shape of the fastlm tensor made of the HF tensors ``names`` (see ``from_hf_tensors``)."""
+    parts = [tuple(reversed(shapes[n])) if how == "t" and len(shapes[n]) == 2 else shapes[n] for n in names]
+    if len(parts) > 1 and (any(len(p) == 0 for p in parts) or len({p[1:] for p in parts}) != 1):
+        raise HFError(f"the model's tensors {', '.join(names)} have shapes that do not fit its config")
+    return (sum(p[0] for p in parts), *parts[0][1:]) if len(parts) > 1 else parts[0]
+
+
+def check_hf_config(hf: dict, shapes: dict, weights: str, weights_bytes: int, config_path) -> GPTConfig:
+    """The GPTConfig (bias=True layout) of ``hf``, checked against the HF tensor shapes of the weights'
+    headers before anything is allocated: the layer count is bounded by the tensors present, every
+    mapped shape must be the config's, the model may take at most 4x ``weights_bytes`` (see
+    :func:`fastlm.io.checkpoint.check_config_matches_weights`), and every tensor must be used."""
+    hf = with_defaults(hf)
+    cfg = from_hf_config(hf, bias=True)
+    shapes = _gpt2_names(hf["model_type"], shapes)
+    bound_config_by_weights(cfg, shapes, weights, config_path)  # before any loop over layers
+    mapped = _mapped(hf, cfg, shapes)
+    used = {n for _, names, _ in mapped for n in names or ()}
+    tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()  # transformers ignores it too
+    unused = sorted(n for n in set(shapes) - used - tied_head if not _KNOWN_BUFFERS.search(n))
+    if unused:
+        raise HFError(f"{weights} has {len(unused)} tensor(s) that {config_path} does not use, e.g. {unused[0][:80]} "
+                      f"(a config that describes a smaller model than its weights?)")
+    fl_shapes = {fl: bias_shape(cfg, fl) if names is None else _joined_shape(names, how, shapes)
+                 for fl, names, how in mapped}
+    check_config_matches_weights(cfg, fl_shapes, weights, config_path, weights_bytes=weights_bytes)
+    return cfg
 
 
 def resolve_hf_dir(name: str) -> Path:
@@ -186,10 +251,28 @@ def resolve_hf_dir(name: str) -> Path:
                       f"'*.txt' --local-dir DIR` and pass hf:DIR (or fill this machine's HF cache)") from None
 
 
+def model_file(folder: Path, name: str) -> Path:
+    """``folder/name``, checked to stay in the model folder: where links lead must be inside it or,
+    for a Hugging Face cache snapshot (``models--ORG--NAME/snapshots/REV``), inside the same
+    repository's ``blobs/``. Whether it is a regular file is checked when it is opened."""
+    path = folder / name
+    target = os.path.realpath(path)
+    roots = [os.path.realpath(folder)]
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        roots.append(os.path.realpath(folder.parent.parent / "blobs"))
+    if not any(os.path.commonpath([root, target]) == root for root in roots):
+        raise HFError(f"{path} is a symbolic link to {target}, outside the model folder {folder}; refusing to read it")
+    return path
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()  # a dangling link is there (and refused when read)
+
+
 def read_json_file(path: Path, what: str) -> dict:
-    if not path.exists():
+    if not _exists(path):
         raise HFError(f"{path.parent} has no {path.name} ({what})")
-    raw = read_bounded(path, MAX_JSON_BYTES, what, HFError)  # a regular file only: never a FIFO or device
+    raw = read_bounded(model_file(path.parent, path.name), MAX_JSON_BYTES, what, HFError)  # never a FIFO or device
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -200,33 +283,56 @@ def read_json_file(path: Path, what: str) -> dict:
 
 
 def _weight_files(folder: Path) -> list:
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
+    if _exists(folder / "model.safetensors"):
+        return [model_file(folder, "model.safetensors")]
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = set(read_json_file(index, "weights index").get("weight_map", {}).values())
-        bad = [s for s in shards if not isinstance(s, str) or Path(s).name != s]
-        if bad or not shards:
-            raise HFError(f"{index} names no shard files in its folder")
-        return [folder / s for s in sorted(shards)]
-    if any((folder / n).exists() for n in ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")):
+    if _exists(index):
+        weight_map = read_json_file(index, "weights index").get("weight_map")
+        shards = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+        if not shards or not all(is_plain_file_name(s) for s in shards):
+            raise HFError(f"{index}: its weight_map must map tensor names to shard files in its folder")
+        return [model_file(folder, s) for s in sorted(shards)]
+    if any(_exists(folder / n) for n in ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")):
         raise HFError(f"{folder} holds only pickle weights (pytorch_model.bin); fastlm reads safetensors: "
                       f"convert them with transformers (model.save_pretrained(dir, safe_serialization=True))")
     raise HFError(f"{folder} has no model.safetensors")
 
 
-def _read_hf_tensors(folder: Path) -> dict:
+def _header_shapes(files: list) -> dict:
+    """``{HF tensor name: shape}`` over every shard's header (checked against the file's size)."""
+    shapes = {}
+    for f in files:
+        own, _ = read_safetensors_header(f)
+        twice = set(own) & set(shapes)
+        if twice:
+            raise HFError(f"tensor {sorted(twice)[0][:80]} is in two shards of {f.parent}")
+        shapes.update(own)
+    return shapes
+
+
+def _read_hf_tensors(files: list) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     tensors = {}
-    for f in _weight_files(folder):
-        try:
-            tensors.update(load_file(str(f)))
-        except (SafetensorError, OSError) as e:
-            raise HFError(f"cannot read {f}: {e}") from None
+    for f in files:
+        with open_regular(f, "weights file", HFError) as opened:  # a regular file: never a FIFO or device
+            fd_path = f"/proc/self/fd/{opened.fileno()}"  # the file just checked, whatever the path holds now
+            try:
+                tensors.update(load_file(fd_path if os.path.exists(fd_path) else str(f)))
+            except (SafetensorError, OSError) as e:
+                raise HFError(f"cannot read {f}: {e}") from None
     return tensors
+
+
+def _read_tokenizer_file(folder: Path):
+    """The ``read(name)`` of :meth:`HFTokenizer.from_model_files` for a model folder."""
+    def read(name: str) -> Optional[bytes]:
+        path = folder / name
+        if not _exists(path):
+            return None
+        return read_bounded(model_file(folder, name), MAX_HF_TOKENIZER_CHARS, "tokenizer file", HFError)
+    return read
 
 
 def load_hf_model(name: str, device="cpu", backend: Optional[str] = None) -> tuple:
@@ -234,10 +340,14 @@ def load_hf_model(name: str, device="cpu", backend: Optional[str] = None) -> tup
     the fastlm.ops backend (default auto)."""
     folder = resolve_hf_dir(name)
     hf = read_json_file(folder / "config.json", "model config")
-    cfg, tensors = from_hf_tensors(_read_hf_tensors(folder), hf)
+    files = _weight_files(folder)
+    total = sum(os.path.getsize(f) for f in files)
+    checked = check_hf_config(hf, _header_shapes(files), str(files[0] if len(files) == 1 else folder), total,
+                              folder / "config.json")
+    tokenizer = HFTokenizer.from_model_files(_read_tokenizer_file(folder), checked.vocab_size, hf.get("eos_token_id"))
+    cfg, tensors = from_hf_tensors(_read_hf_tensors(files), hf)
     if backend is not None:
         cfg = GPTConfig.from_dict({**cfg.to_dict(), "backend": backend})
-    tokenizer = HFTokenizer.from_model_dir(folder, cfg.vocab_size, hf.get("eos_token_id"))
     model = GPT(cfg)
     load_model_tensors(model, tensors, f"hf:{name}")
     model.to(device).eval()

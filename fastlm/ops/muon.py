@@ -29,6 +29,8 @@ def muon_step(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffer
         return "none"
     if not (len(params) == len(grads) == len(bufs)):
         raise ValueError(f"muon_step: {len(params)} params, {len(grads)} grads, {len(bufs)} momentum buffers")
+    if len({id(t) for t in params + bufs}) != 2 * len(params):
+        raise ValueError("muon_step: a parameter or momentum buffer is listed twice (each is updated in place once)")
     obj = resolve_backend("muon_step", backend, params[0].device.type,
                           lambda b: b.muon_step_unsupported(params, grads, bufs, ns_dtype))
     obj.muon_step(params, grads, bufs, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,

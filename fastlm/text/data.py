@@ -343,7 +343,7 @@ class BatchSampler:
     def set_state(self, state: dict) -> None:
         try:
             self.rng.bit_generator.state = state
-        except (TypeError, ValueError, KeyError) as e:
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
             raise DataError(f"bad sampler state: {e}") from None
 
 

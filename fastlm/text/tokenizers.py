@@ -765,7 +765,9 @@ class HFTokenizer(Tokenizer):
         if not isinstance(tokenizer_json, str) or len(tokenizer_json) > MAX_HF_TOKENIZER_CHARS:
             raise TokenizerError(f"hf tokenizer JSON must be a string of at most {MAX_HF_TOKENIZER_CHARS} characters")
         try:
-            self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
+            self._tok = _rust("reading it", tokenizers.Tokenizer.from_str, tokenizer_json)
+        except TokenizerError:
+            raise
         except Exception as e:
             raise TokenizerError(f"not a valid Hugging Face tokenizer: {str(e).splitlines()[0][:200]}") from None
         self.tokenizer_json = tokenizer_json
@@ -773,16 +775,20 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = own if vocab_size is None else vocab_size
         if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or self.vocab_size < own:
             raise TokenizerError(f"hf tokenizer has {own} ids; vocab_size {vocab_size!r} cannot hold them")
+        largest = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
+        if largest >= self.vocab_size:  # ids may skip numbers: the count alone does not bound them
+            raise TokenizerError(f"hf tokenizer has token id {largest}; the model's vocab_size {self.vocab_size} "
+                                 f"needs every id below it")
         if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
                                    or not 0 <= eos_id < self.vocab_size):
             raise TokenizerError(f"hf tokenizer eos_id {eos_id!r} is not an id below {self.vocab_size}")
         self.eos_id = eos_id
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(self._check_text(text), add_special_tokens=False).ids
+        return _rust("encoding", self._tok.encode, self._check_text(text), add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        return self._tok.decode(_as_id_list(ids, self.vocab_size), skip_special_tokens=False)
+        return _rust("decoding", self._tok.decode, _as_id_list(ids, self.vocab_size), skip_special_tokens=False)
 
     def _payload(self) -> dict:
         return {"tokenizer_json": self.tokenizer_json, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
@@ -792,40 +798,52 @@ class HFTokenizer(Tokenizer):
         return cls(_require(d, "tokenizer_json", "hf"), vocab_size=d.get("vocab_size"), eos_id=d.get("eos_id"))
 
     @classmethod
-    def from_model_dir(cls, folder, vocab_size: int | None = None, eos_id=None) -> "HFTokenizer":
-        """From a transformers model directory: ``tokenizer.json``, else ``vocab.json`` + ``merges.txt``
-        (byte-level BPE, GPT-2 style). ``eos_id``: the model config's ``eos_token_id`` (an int, or a list
+    def from_model_files(cls, read, vocab_size: int | None = None, eos_id=None) -> "HFTokenizer":
+        """From a transformers model directory's files: ``tokenizer.json``, else ``vocab.json`` +
+        ``merges.txt`` (byte-level BPE, GPT-2 style). ``read(name)`` returns a file's bytes (at most
+        ``MAX_HF_TOKENIZER_CHARS``), or None when the folder has no such file; the caller decides
+        which files may be read. ``eos_id``: the model config's ``eos_token_id`` (an int, or a list
         whose first entry is used)."""
-        folder = os.fspath(folder)
-        path = os.path.join(folder, "tokenizer.json")
-        if os.path.isfile(path):
-            if os.path.getsize(path) > MAX_HF_TOKENIZER_CHARS:
-                raise TokenizerError(f"{path} is larger than {MAX_HF_TOKENIZER_CHARS >> 20} MiB")
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except (OSError, UnicodeDecodeError) as e:
-                raise TokenizerError(f"cannot read {path}: {e}") from None
-        else:
-            text = _byte_level_bpe_json(folder)
+        raw = read("tokenizer.json")
+        try:
+            text = raw.decode("utf-8") if raw is not None else _byte_level_bpe_json(read)
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"tokenizer.json is not UTF-8 (byte offset {e.start})") from None
         if isinstance(eos_id, list):
             eos_id = eos_id[0] if eos_id else None
         return cls(text, vocab_size=vocab_size, eos_id=eos_id)
 
 
-def _byte_level_bpe_json(folder: str) -> str:
+def _rust(what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` of the tokenizers library, whose Rust panics (a regex past Oniguruma's
+    backtracking limit, ...) arrive as ``PanicException``, a BaseException: TokenizerError instead."""
+    try:
+        return fn(*args, **kwargs)
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        message = (str(e).strip().splitlines() or ["a panic"])[0][:200]
+        raise TokenizerError(f"the hf tokenizer failed while {what}: {message}") from None
+
+
+def _byte_level_bpe_json(read) -> str:
     """GPT-2-style ``vocab.json`` + ``merges.txt`` -> tokenizers JSON (what AutoTokenizer builds)."""
     import tokenizers as tk
 
-    vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-    if not (os.path.isfile(vocab) and os.path.isfile(merges)):
-        raise TokenizerError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt)")
-    if os.path.getsize(vocab) + os.path.getsize(merges) > MAX_HF_TOKENIZER_CHARS:
-        raise TokenizerError(f"{folder}: vocab.json + merges.txt are larger than {MAX_HF_TOKENIZER_CHARS >> 20} MiB")
+    vocab_raw, merges_raw = read("vocab.json"), read("merges.txt")
+    if vocab_raw is None or merges_raw is None:
+        raise TokenizerError("the model has no tokenizer.json (nor vocab.json + merges.txt)")
     try:
-        tok = tk.Tokenizer(tk.models.BPE.from_file(vocab, merges))
-    except Exception as e:
-        raise TokenizerError(f"{folder}: unreadable vocab.json / merges.txt: {str(e).splitlines()[0][:200]}") from None
+        vocab = json.loads(vocab_raw.decode("utf-8"))
+        lines = merges_raw.decode("utf-8").splitlines()
+        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        if not isinstance(vocab, dict) or any(len(m) != 2 for m in merges):
+            raise ValueError("vocab.json must map tokens to ids and each merges.txt line hold two tokens")
+        tok = _rust("reading vocab.json + merges.txt", tk.Tokenizer, tk.models.BPE(vocab, merges))
+    except TokenizerError:
+        raise
+    except Exception as e:  # JSON, UTF-8, the BPE model's own refusals
+        raise TokenizerError(f"unreadable vocab.json / merges.txt: {str(e).splitlines()[0][:200]}") from None
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tk.decoders.ByteLevel()
     if "<|endoftext|>" in tok.get_vocab():

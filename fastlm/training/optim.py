@@ -25,7 +25,8 @@ from fastlm.errors import BackendUnavailableError
 from fastlm.ops import muon_step
 from fastlm.ops.reference_muon import NS_COEFFICIENTS, resolve_ns_dtype
 
-__all__ = ["Muon", "MuonWithAdamW", "OPTIMIZERS", "adamw_kwargs", "build_optimizer", "muon_param_names"]
+__all__ = ["Muon", "MuonWithAdamW", "OPTIMIZERS", "adamw_kwargs", "build_optimizer", "muon_param_names",
+           "load_checked_state"]
 
 OPTIMIZERS = ("adamw", "muon")
 #: Muon's ``fused`` option -> the backend of :func:`fastlm.ops.muon_step`
@@ -194,3 +195,89 @@ def build_optimizer(model, *, optimizer: str = "adamw", lr: float, weight_decay:
                 momentum=muon_momentum, weight_decay=weight_decay, ns_steps=ns_steps, ns_dtype=ns_dtype)
     rest = [p for n, p in named if n not in hidden]
     return MuonWithAdamW(muon, torch.optim.AdamW(_adamw_groups(rest, weight_decay), lr=lr, betas=betas, **kwargs))
+
+
+# ---- restoring a saved state (a checkpoint is untrusted input) ----------------------------------------
+
+#: group fields that never come from a saved state: the schedule sets ``lr`` every step, and the
+#: implementation flags follow the device the run resumes on
+_LIVE_FIELDS = {"params", "lr", "fused", "foreach", "capturable", "differentiable"}
+
+
+def _adamw_state_keys(group: dict) -> frozenset:
+    return frozenset({"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group.get("amsgrad") else set()))
+
+
+_STATE_KEYS = {Muon: lambda group: frozenset({"momentum_buffer"}), torch.optim.AdamW: _adamw_state_keys}
+
+
+def load_checked_state(optimizer, state_dict: dict) -> None:
+    """``optimizer.load_state_dict(state_dict)`` for a state saved by an optimizer that
+    :func:`build_optimizer` made from the same settings, after checking it (``ValueError`` naming
+    the entry, ``opt.<id>.<key>`` as fastlm stores it).
+
+    torch's own ``load_state_dict`` compares neither state shapes with the parameters (a short AdamW
+    moment made torch's fused CPU kernel write past its buffer) nor the restored group
+    hyperparameters with the constructor's checks (``ns_steps=10**9`` hung the Muon step). Here the
+    groups must list the same parameters and hold this optimizer's hyperparameters (so every value
+    the optimizer runs with is the one built from the run's settings), and each parameter's state
+    holds exactly its optimizer's keys: tensors of the parameter's shape and a floating dtype, step
+    counters one-element tensors holding whole numbers >= 0."""
+    live = optimizer.state_dict()
+    _check_groups(state_dict.get("param_groups"), live["param_groups"])
+    expected = [(p, _STATE_KEYS[type(opt)](group)) for opt in getattr(optimizer, "optimizers", (optimizer,))
+                for group in opt.param_groups for p in group["params"]]
+    state = state_dict.get("state")
+    if not isinstance(state, dict):
+        raise ValueError("the optimizer state is not a mapping of parameter ids")
+    for pid, entry in state.items():
+        _check_entry(pid, entry, expected)
+    optimizer.load_state_dict({"state": state, "param_groups": live["param_groups"]})
+
+
+def _plain(value):
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_groups(saved, live: list) -> None:
+    if not isinstance(saved, list) or len(saved) != len(live):
+        raise ValueError(f"the optimizer state has {len(saved) if isinstance(saved, list) else 'no'} parameter "
+                         f"groups, this run's optimizer {len(live)}")
+    for i, (group, own) in enumerate(zip(saved, live)):
+        if not isinstance(group, dict) or group.get("params") != own["params"]:
+            raise ValueError(f"optimizer parameter group {i} lists other parameters than this run's")
+        for key in sorted(set(group) & set(own) - _LIVE_FIELDS):
+            if _plain(group[key]) != _plain(own[key]):
+                raise ValueError(f"optimizer parameter group {i} has {key}={_short(group[key])}; this run's "
+                                 f"settings give {_short(own[key])}")
+
+
+def _check_entry(pid, entry, expected: list) -> None:
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < len(expected):
+        raise ValueError(f"the optimizer state names parameter {_short(pid)}; the optimizer has {len(expected)}")
+    param, keys = expected[pid]
+    if not isinstance(entry, dict) or (entry and set(entry) != keys):
+        got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        raise ValueError(f"the optimizer state of parameter {pid} holds {got}, expected {sorted(keys)}")
+    for key, value in entry.items():
+        name = f"opt.{pid}.{key}"
+        if key == "step":
+            _check_step(name, value)
+        elif not (torch.is_tensor(value) and value.is_floating_point() and value.shape == param.shape):
+            got = f"{value.dtype} {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"optimizer state tensor {name} is {got}; its parameter needs a floating tensor of "
+                             f"shape {tuple(param.shape)}")
+
+
+def _check_step(name: str, value) -> None:
+    """A step counter: a one-element real tensor (what torch's AdamW keeps) holding a whole number >= 0."""
+    number = value.item() if torch.is_tensor(value) and value.numel() == 1 and not value.is_complex() else None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not (
+            math.isfinite(number) and 0 <= number < 2 ** 53 and number == int(number)):
+        raise ValueError(f"optimizer state {name} must be a tensor holding a whole number of steps >= 0, "
+                         f"got {_short(value)}")

@@ -7,13 +7,18 @@ Layout (see also :mod:`fastlm.io.checkpoint`): ``config.json``, ``tokenizer.json
 (every ``log_interval`` steps), ``loss.png`` and ``summary.json``.
 
 ``--overwrite`` only ever replaces a fastlm run, deletes only the files a run writes, and only once
-the new corpus and settings have checked out: a user's own files in the folder are never touched.
+the new corpus and settings have checked out: a user's own files in the folder are never touched. A
+symbolic link in the place of a run file or folder (``data/``, ``ckpt-*``, ``metrics.csv``, ...) is
+removed as a link, never followed, and the logs are never written through one. The run's lock file
+(``.lock``, :mod:`fastlm.files.runlock`) is neither a user's file nor a run file to delete.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from fastlm.io import checkpoint as ckpt_mod
 from fastlm.text import data as data_mod
 from fastlm.files.atomic import atomic_write_bytes, atomic_write_json, atomic_writer
 from fastlm.text.data import DataError
+from fastlm.files.runlock import LOCK_NAME
 from fastlm.files.safeio import read_bounded
 from fastlm.training.settings import TrainConfig, TrainError
 from fastlm.text.tokenizers import build_tokenizer
@@ -35,7 +41,9 @@ LOG_HEADER = ["step", "loss", "lr", "tokens_per_s"]
 
 
 def is_run_dir(out: Path) -> bool:
-    """True when ``out`` holds a fastlm run (its config.json says so)."""
+    """True when ``out`` holds a fastlm run (its own config.json, not a link to one, says so)."""
+    if (out / "config.json").is_symlink():
+        return False
     try:
         ckpt_mod.read_run_config(out)
         return True
@@ -47,7 +55,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse an ``--out-dir`` that training may not write into (before any work is done)."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out-dir {out} exists and is not a directory")
-    if not (out.is_dir() and any(out.iterdir())):
+    if not (out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())):
         return
     is_run = is_run_dir(out)
     if not overwrite:
@@ -63,23 +71,33 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def clear_run_dir(out: Path) -> None:
-    """Delete the files a previous fastlm run wrote in ``out`` (and nothing else of the user's)."""
+    """Delete the files a previous fastlm run wrote in ``out`` (and nothing else of the user's). A
+    symbolic link in their place is removed as a link: nothing it points to is touched."""
     for name in RUN_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
+        _remove(out / name)
     for p in out.iterdir():
-        if p.is_dir() and p.name.startswith(ckpt_mod.CKPT_PREFIX):
-            shutil.rmtree(p)
+        if p.name.startswith(ckpt_mod.CKPT_PREFIX):
+            _remove(p)
     cache = out / "data"
-    if cache.is_dir():
-        for split in data_mod.SPLITS:
-            with contextlib.suppress(FileNotFoundError):
-                data_mod.split_path(out, split).unlink()
-        for p in cache.glob(".*.npy.*tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        with contextlib.suppress(OSError):
-            cache.rmdir()  # only when empty: anything else in it is the user's
+    if cache.is_symlink() or not cache.is_dir():
+        _remove(cache)
+        return
+    for split in data_mod.SPLITS:
+        _remove(data_mod.split_path(out, split))
+    for p in cache.glob(".*.npy.*tmp"):
+        _remove(p)
+    with contextlib.suppress(OSError):
+        cache.rmdir()  # only when empty: anything else in it is the user's
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path`` if it is there: a folder with its contents, anything else (a link to a folder
+    included) as itself."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def build_data(train: TrainConfig, block_size: int, tokenizer=None):
@@ -104,10 +122,18 @@ def build_data(train: TrainConfig, block_size: int, tokenizer=None):
 
 
 def append_csv(path: Path, header: list, row: list) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
+    """Append ``row`` (and the header to a new file). A symbolic link in the log's place is refused,
+    never written through: the log belongs to the run."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise TrainError(f"{path} is a symbolic link; a run's log must be its own file (remove the link)") from None
+    with os.fdopen(fd, "a", newline="") as f:
         w = csv.writer(f)
-        if new:
+        if os.fstat(fd).st_size == 0:
             w.writerow(header)
         w.writerow(row)
 
@@ -123,6 +149,8 @@ def _read_csv(path: Path) -> list[list[str]]:
 
 def truncate_csv(path: Path, max_step: int) -> None:
     """Drop the rows after ``max_step`` (a resumed run rewrites them)."""
+    if path.is_symlink():
+        raise TrainError(f"{path} is a symbolic link; a run's log must be its own file (remove the link)")
     if not path.exists():
         return
     rows = _read_csv(path)

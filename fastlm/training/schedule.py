@@ -68,12 +68,16 @@ class LRSchedule:
                 "max_iters": self.cfg.max_iters, "anchor": list(self.anchor) if self.anchor else None}
 
     def load(self, s: dict, step: int) -> None:
-        """Restore a saved state at ``step``; re-anchor the cosine if max_iters changed since."""
-        self.scale, self.bad = float(s["scale"]), int(s["bad"])
-        self.best = math.inf if s.get("best") is None else float(s["best"])
+        """Restore a saved state at ``step``; re-anchor the cosine if max_iters changed since.
+        ``ValueError`` for a value no schedule holds (a state file is untrusted input)."""
+        self.scale, self.bad = _number(s["scale"], "scale", positive=True), _count(s["bad"], "bad")
+        self.best = math.inf if s.get("best") is None else _number(s["best"], "best")
         anchor = s.get("anchor")
-        self.anchor = (int(anchor[0]), float(anchor[1]), int(anchor[2])) if anchor else None
-        saved_max = int(s.get("max_iters", self.cfg.max_iters))
+        if anchor and not (isinstance(anchor, list) and len(anchor) == 3):
+            raise ValueError("scheduler state: anchor must be [step, lr, end]")
+        self.anchor = ((_count(anchor[0], "anchor"), _number(anchor[1], "anchor"), _count(anchor[2], "anchor"))
+                       if anchor else None)
+        saved_max = _count(s.get("max_iters", self.cfg.max_iters), "max_iters")
         if self.cfg.lr_schedule != "cosine" or saved_max == self.cfg.max_iters or step < self.cfg.warmup_iters:
             return  # warm-up does not depend on max_iters; after it the new span applies from the start
         current = self._lr_with_max(step, saved_max)
@@ -84,3 +88,17 @@ class LRSchedule:
         if self.anchor is not None and step >= self.anchor[0]:
             return self._cosine(step, self.anchor[0], self.anchor[1], max_iters)
         return self._cosine(step, self.cfg.warmup_iters, self.cfg.lr, max_iters)
+
+
+def _count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise ValueError(f"scheduler state: {name} must be a whole number >= 0, got {str(value)[:40]}")
+    return value
+
+
+def _number(value, name: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            positive and value <= 0):
+        raise ValueError(f"scheduler state: {name} must be a finite{' positive' if positive else ''} number, "
+                         f"got {str(value)[:40]}")
+    return float(value)

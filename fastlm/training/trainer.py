@@ -47,7 +47,7 @@ from fastlm.text import data as data_mod
 from fastlm.training import rundir
 from fastlm.io.loading import load_model
 from fastlm.model import GPT, GPTConfig
-from fastlm.training.optim import build_optimizer
+from fastlm.training.optim import build_optimizer, load_checked_state
 from fastlm.training.runtime import autocast, init_distributed, resolve_device, resolve_dtype
 from fastlm.training.schedule import LRSchedule
 from fastlm.text.tokenizers import load_tokenizer
@@ -55,6 +55,7 @@ from fastlm.sampling import generate
 from fastlm.training.settings import (INIT_OVERRIDABLE, Resolved, TrainConfig, explicit_settings,
                                      resolve_settings, resume_config, train_command)
 from fastlm.errors import CheckpointError, NonFiniteLoss, RankFailed, TrainError, TrainingInterrupted
+from fastlm.files.runlock import RunLock
 
 __all__ = ["Trainer", "Callback", "TrainingInterrupted", "NonFiniteLoss", "RankFailed"]
 
@@ -99,11 +100,34 @@ class Progress:
 
     @classmethod
     def from_state(cls, state: dict) -> "Progress":
-        best = state.get("best_val")
-        return cls(step=int(state["step"]), tokens_seen=int(state["tokens_seen"]),
-                   best_val=math.inf if best is None else float(best), best_step=state.get("best_step"),
-                   best_train=state.get("best_train"), bad_evals=int(state["bad_evals"]),
-                   wall_before=float(state.get("train_wall_s", 0.0)))
+        """The progress a checkpoint's ``state.json`` saved (``ValueError`` naming a field fastlm
+        would not have written: a count that is not a whole number >= 0, a best loss that is NaN or
+        infinite; ``null`` is "no best yet")."""
+        step = _whole(state, "step")
+        best_step = state.get("best_step")
+        if best_step is not None and _whole(state, "best_step") > step:
+            raise ValueError(f"best_step {best_step} is after step {step}")
+        best = _finite(state, "best_val")
+        return cls(step=step, tokens_seen=_whole(state, "tokens_seen"), best_val=math.inf if best is None else best,
+                   best_step=best_step, best_train=_finite(state, "best_train"), bad_evals=_whole(state, "bad_evals"),
+                   wall_before=_finite(state, "train_wall_s") or 0.0)
+
+
+def _whole(state: dict, key: str) -> int:
+    value = state[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise ValueError(f"{key} must be a whole number >= 0, got {str(value)[:40]}")
+    return value
+
+
+def _finite(state: dict, key: str) -> Optional[float]:
+    """``state[key]`` as a finite float, or None when it is missing or null."""
+    value = state.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number or null, got {str(value)[:40]}")
+    return float(value)
 
 
 @dataclass
@@ -184,6 +208,7 @@ class Trainer:
         self._bar = None
         self._stop_signal: Optional[int] = None  # a signal arrived (or a stop with one was requested)
         self._stop_pending = False  # request_stop() without a signal
+        self._lock: Optional[RunLock] = None  # the run directory's lock (rank 0), held until fit() returns
 
     # ---- public -------------------------------------------------------------------------------
     def fit(self) -> Optional[dict]:
@@ -201,6 +226,9 @@ class Trainer:
                 signal.signal(sig, handler)
             self.model = self.raw_model  # drop the DDP wrapper first: it holds the process group
             self.dist.close()
+            if self._lock is not None:  # a refused new run leaves no lock file (nor a folder it made)
+                self._lock.release(keep_file=rundir.is_run_dir(self.run_dir))
+                self._lock = None
 
     def settings(self) -> dict:
         """The fully resolved settings of this run (what ``--print-config`` prints): the profile, the
@@ -255,6 +283,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if self.device_type == "cuda" and self.dist.enabled
                                    else self.device_type)
+        self._agreed(self._lock_run_dir)
         if cfg.resume:
             self._check_resume()
         elif self.resolved.from_profile:
@@ -276,6 +305,11 @@ class Trainer:
             raise CheckpointError(f"--resume {self.run_dir}: the run used {self._stored.get('world_size', 1)} "
                                   f"process(es), this launch has {self.dist.world}; resume with the same "
                                   f"--nproc_per_node")
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 holds the run directory's lock until :meth:`fit` returns: a second process on the
+        run is refused before it reads or writes anything (a new run's folder is made for it)."""
+        self._lock = RunLock(self.run_dir, create=not self.config.resume).acquire()
 
     def _prepare_run_dir(self) -> Optional[dict]:
         """Rank 0 creates a new run (checks, data, config, tokenizer) or tidies a resumed one; every
@@ -384,7 +418,6 @@ class Trainer:
     def _restore(self) -> None:
         """Continue a run exactly: weights, optimizer, schedule, RNGs, samplers, progress."""
         saved = ckpt_mod.load_checkpoint(self.run_dir)
-        state = saved["state"]
         if GPTConfig.from_dict(saved["model_config"]).to_dict() != self.model_config.to_dict():
             raise CheckpointError(f"{saved['dir']} was written for another model config than "
                                   f"{self.run_dir / 'config.json'}")
@@ -393,18 +426,11 @@ class Trainer:
         if len(saved["ranks"]) != self.dist.world:
             raise CheckpointError(f"{saved['dir']} holds {len(saved['ranks'])} rank state(s), "
                                   f"this launch has {self.dist.world}")
-        rank_js, rank_tensors = saved["ranks"][self.dist.rank]
-        ckpt_mod.set_rng_state(rank_js["rng"], rank_tensors)
-        self.train_sampler.set_state(rank_js["sampler"])
-        for k, s in self.eval_samplers.items():
-            s.set_state(rank_js["eval_sampler"][k])
         try:  # state.json comes with the run: a malformed field is a one-line refusal
-            self.progress = Progress.from_state(state)
-            self.schedule.load(state["scheduler"], self.progress.step)
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise CheckpointError(f"{saved['dir'] / 'state.json'} is malformed ({type(e).__name__})") from None
+            self._restore_state(saved["state"], *saved["ranks"][self.dist.rank])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as e:
+            what = f"lacks {e}" if isinstance(e, KeyError) else _one_line(e)
+            raise CheckpointError(f"{saved['dir'] / 'state.json'} is malformed: {what}") from None
         if self.dist.is_main:
             ckpt_mod.sync_best(self.run_dir, saved["dir"])
             rundir.truncate_csv(self.run_dir / "metrics.csv", self.progress.step)
@@ -413,11 +439,25 @@ class Trainer:
         self.say(f"resuming {self.run_dir} at step {self.progress.step}"
                  + (f" (best val {best:.4f})" if math.isfinite(best) else ""))
 
+    def _restore_state(self, state: dict, rank_js: dict, rank_tensors: dict) -> None:
+        """This rank's RNG and sampler states, then the run's progress, schedule and scaler."""
+        ckpt_mod.set_rng_state(rank_js["rng"], rank_tensors)
+        self.train_sampler.set_state(rank_js["sampler"])
+        for k, s in self.eval_samplers.items():
+            s.set_state(rank_js["eval_sampler"][k])
+        self.progress = Progress.from_state(state)
+        self.schedule.load(state["scheduler"], self.progress.step)
+        scaler = state.get("scaler")
+        if scaler:
+            if not all(_finite(scaler, key) is not None and scaler[key] >= 0 for key in scaler):
+                raise ValueError("the scaler state must hold finite numbers >= 0")
+            self.scaler.load_state_dict(scaler)
+
     def _restore_optimizer(self, saved: dict) -> None:
-        try:
-            self.optimizer.load_state_dict(saved["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{saved['dir']}: optimizer state does not fit the model: {e}") from None
+        try:  # checked first: torch's load_state_dict compares no shapes and re-checks no hyperparameter
+            load_checked_state(self.optimizer, saved["optimizer"])
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{saved['dir']}: {_one_line(e)}") from None
         for group in self.optimizer.param_groups:  # device placement of the state follows the params
             for p in group["params"]:
                 for k, v in self.optimizer.state.get(p, {}).items():
