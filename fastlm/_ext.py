@@ -89,24 +89,26 @@ if _C is not None:
 
     # ---- fake kernels: output metadata only (the real kernels return contiguous tensors) -------
     @torch.library.register_fake("fastlm::attention_fwd")
-    def _attention_fwd_fake(q, k, v, causal, scale, alibi_slopes):
+    def _attention_fwd_fake(q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
         b, h, t_q, d = q.shape
         out = q.new_empty((b, h, t_q, d))
         lse = q.new_empty((b, h, t_q), dtype=_lse_dtype(q.dtype))
         return out, lse
 
     @torch.library.register_fake("fastlm::attention_bwd")
-    def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, alibi_slopes):
+    def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window=None, segment_ids=None):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("fastlm::attention_qkv_fwd")
-    def _attention_qkv_fwd_fake(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes):
+    def _attention_qkv_fwd_fake(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window=None,
+                                segment_ids=None):
         b, t, w = qkv.shape
         d = w // (n_head + 2 * n_kv_head)
         return qkv.new_empty((b, t, n_head * d)), qkv.new_empty((b, n_head, t), dtype=_lse_dtype(qkv.dtype))
 
     @torch.library.register_fake("fastlm::attention_qkv_bwd")
-    def _attention_qkv_bwd_fake(dout, qkv, out, lse, n_head, n_kv_head, cos, sin, scale, alibi_slopes):
+    def _attention_qkv_bwd_fake(dout, qkv, out, lse, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window=None,
+                                segment_ids=None):
         return qkv.new_empty(qkv.shape)
 
     @torch.library.register_fake("fastlm::swiglu_fwd")
