@@ -88,18 +88,29 @@ FASTLM_HD KeyRange block_keys(int64_t i0, int64_t i1, const Mask& m) {
   return last.hi > 0 ? KeyRange{row_keys(i0, m).lo, last.hi} : KeyRange{0, 0};
 }
 
-// Every (row in [i0, i1), key in [j0, j1)) pair is visible, rows clamped to [0, T_q): the kernels may
-// skip per-element masking (the last row has the largest lo, the first the smallest hi).
+// A tile of keys [j0, j1) (j1 > j0) against a block of rows, from the key ranges of the block's first
+// and last rows (kernels that hold the per-row ranges call these directly):
+//   * fully visible: every pair is visible, per-element masking can be skipped (the last row has the
+//     largest lo, the first the smallest hi);
+//   * fully masked: no pair is visible, the tile is skipped (the rows' union is [first.lo, last.hi);
+//     an empty first row makes that a superset, never a miss).
+FASTLM_HD bool tile_visible(const KeyRange& first, const KeyRange& last, int64_t j0, int64_t j1) {
+  return last.lo <= j0 && first.hi >= j1;
+}
+FASTLM_HD bool tile_masked(const KeyRange& first, const KeyRange& last, int64_t j0, int64_t j1) {
+  return last.hi <= last.lo || last.hi <= j0 || first.lo >= j1;
+}
+
+// The same for the rows [i0, i1) clamped to [0, T_q) (none: masked).
 FASTLM_HD bool tile_fully_visible(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const Mask& m) {
   i0 = imax(i0, 0);
   i1 = imin(i1, m.t_q);
-  return i1 > i0 && row_keys(i1 - 1, m).lo <= j0 && row_keys(i0, m).hi >= j1;
+  return i1 > i0 && tile_visible(row_keys(i0, m), row_keys(i1 - 1, m), j0, j1);
 }
-
-// No pair of the tile is visible: the kernels skip its math.
 FASTLM_HD bool tile_fully_masked(int64_t i0, int64_t i1, int64_t j0, int64_t j1, const Mask& m) {
-  const KeyRange r = block_keys(i0, i1, m);
-  return r.hi <= r.lo || r.hi <= j0 || r.lo >= j1;
+  i0 = imax(i0, 0);
+  i1 = imin(i1, m.t_q);
+  return i1 <= i0 || tile_masked(row_keys(i0, m), row_keys(i1 - 1, m), j0, j1);
 }
 
 // The rows [first, end) that see at least one key of [j0, j1) (empty: first >= end), by binary search

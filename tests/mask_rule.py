@@ -1,6 +1,7 @@
 """The mask rule of fastlm's attention, written out for the tests (tests/test_attention_masks_cpp.py,
 tests/test_attention_common.py, tests/test_cuda_host_sim.py): the dense boolean mask of causal,
-sliding-window and document masking, document ids to draw, and the document bounds the kernels take.
+sliding-window and document masking, the attention it defines written out (the float64 oracle),
+document ids to draw, and the document bounds the kernels take.
 
 Query i sits at key position p = i + T_k - T_q (bottom-right aligned). A window w keeps the keys j
 with p - w < j <= p (causal) or |p - j| < w (not causal); segment ids (B, T_k) keep the keys whose id
@@ -26,6 +27,25 @@ def visible(b, t_q, t_k, causal, window, seg):
         inside = ((p >= 0) & (p < t_k))[None]
         m = m & inside & (own[:, :, None] == seg[:, None, :])
     return m
+
+
+def alibi(slopes, t_q, t_k):
+    p = torch.arange(t_q)[:, None] + (t_k - t_q)
+    return -slopes.double()[:, None, None] * (p - torch.arange(t_k)[None, :]).abs()  # (H, T_q, T_k)
+
+
+def oracle(q, k, v, mask, scale, slopes):
+    """Masked softmax attention, written out; a row that sees nothing gives zeros."""
+    g = q.shape[1] // k.shape[1]
+    k, v = (x.repeat_interleave(g, 1) for x in (k, v))
+    s = q @ k.transpose(-1, -2) * scale
+    if slopes is not None:
+        s = s + alibi(slopes, q.shape[2], k.shape[2]).to(s.dtype)
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    mx = s.amax(-1, keepdim=True).detach()
+    e = torch.exp(s - torch.where(torch.isfinite(mx), mx, 0))
+    den = e.sum(-1, keepdim=True)
+    return (e / torch.where(den > 0, den, 1)) @ v
 
 
 def doc_ids(b, t, kind, gen, window=None, dtype=torch.int64):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import _ext
-from mask_rule import doc_ids, visible
+from mask_rule import alibi, doc_ids, oracle, visible
 from test_cpp_ops import assert_two_x, fwd_bwd  # the 2x rule and a forward + backward helper
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"{_ext._IMPORT_ERROR}")
@@ -27,25 +27,6 @@ GEMM_MAX_TK = _ext.CPP_BACKEND.gemm_max_tk
 
 
 # ---- the rule, the oracle and the baseline ------------------------------------------------------
-def alibi(slopes, t_q, t_k):
-    p = torch.arange(t_q)[:, None] + (t_k - t_q)
-    return -slopes.double()[:, None, None] * (p - torch.arange(t_k)[None, :]).abs()  # (H, T_q, T_k)
-
-
-def oracle(q, k, v, mask, scale, slopes):
-    """Masked softmax attention, written out; a row that sees nothing gives zeros."""
-    g = q.shape[1] // k.shape[1]
-    k, v = (x.repeat_interleave(g, 1) for x in (k, v))
-    s = q @ k.transpose(-1, -2) * scale
-    if slopes is not None:
-        s = s + alibi(slopes, q.shape[2], k.shape[2]).to(s.dtype)
-    s = s.masked_fill(~mask[:, None], float("-inf"))
-    mx = s.amax(-1, keepdim=True).detach()
-    e = torch.exp(s - torch.where(torch.isfinite(mx), mx, 0))
-    den = e.sum(-1, keepdim=True)
-    return (e / torch.where(den > 0, den, 1)) @ v
-
-
 def sdpa_dense(q, k, v, mask, scale, slopes):
     """SDPA with the equivalent dense float mask (rows that see nothing: zeros)."""
     g = q.shape[1] // k.shape[1]
