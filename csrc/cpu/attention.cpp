@@ -354,9 +354,9 @@ void bwd_block(BwdState<acc_t>& st, int64_t g, int64_t r0, int64_t nr, const att
     mask_tile(pr, scale, slope, has_alibi, i, st.j0, a, e, mask.t_q, mask.t_k);
     exp_shift(pr, st.shift[row]);  // P
     const acc_t dl = st.delta[row];
-    std::fill(dsr, dsr + a, acc_t(0));  // dS: P (dP - delta) on the row's keys, 0 (not 0 * dP) elsewhere
+    for (int64_t c = 0; c < BK; ++c) dsr[c] = pr[c] * (dsr[c] - dl);  // dS = P (dP - delta)
+    std::fill(dsr, dsr + a, acc_t(0));  // exactly 0 off the row's keys (not 0 * dP: dP may be inf/NaN)
     std::fill(dsr + e, dsr + BK, acc_t(0));
-    for (int64_t c = a; c < e; ++c) dsr[c] = pr[c] * (dsr[c] - dl);
     accum_rows(&st.dq[row * Dp], dsr + a, 1, st.k.data() + a * Dp, e - a, Dp);  // dQ += dS K
   }
   for (int64_t c = 0; c < st.nc; ++c) {
