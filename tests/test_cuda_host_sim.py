@@ -169,6 +169,11 @@ MASK_CASES = [
     ("docs_len1_win30_alibi_kvcache_40x200_d64", 1, 2, 1, 40, 200, 64, True, 30, "len1", True, "bhtd"),
     ("masked_rows_docs_140x60_d128", 1, 2, 2, 140, 60, 128, True, None, "random", False, "bhtd"),
     ("win12_noncausal_docs_t90_d128", 2, 1, 1, 90, 90, 128, False, 12, "per_window", False, "bthd"),
+    # tiles whose one visible pair sits on their edge: T_k - T_q = 1 puts a 16-row warp's last key
+    # at a 64-key tile's first key (rows 48..63 end at key 64); window 50 starts the warp of rows
+    # 112..127 at key 63, the last key of the tile [0, 64)
+    ("edge_first_key_causal_100x101_d64", 1, 2, 1, 100, 101, 64, True, None, None, False, "bhtd"),
+    ("edge_last_key_win50_t130_d64", 1, 1, 1, 130, 130, 64, True, 50, None, False, "bhtd"),
 ]
 
 
