@@ -36,8 +36,9 @@ FASTLM_HD int64_t kv_head(int64_t h, int64_t n_head, int64_t n_kv_head) {
 //   * documents:         j in the document of key position p (none when p is outside [0, T_k)).
 // Every combination leaves each row one interval of keys [lo, hi), and lo and hi never decrease from
 // one row to the next (documents are contiguous and packed left to right, the window slides, causal
-// is a prefix). Rows with p >= 0 contain their own position, so the intervals of a block of rows
-// overlap or touch and their union is one interval too: a block of rows needs the keys from the lo
+// is a prefix). Rows with p >= 0 contain their own position (rows with p < 0 start at key 0 or see
+// nothing), so the intervals of a block of rows overlap or touch and their union is one interval
+// too: a block of rows needs the keys from the lo
 // of its first row to the hi of its last, and a tile of (rows, keys) is fully visible, partly
 // visible or empty by its corner rows alone. The kernels skip empty tiles and mask partial ones.
 struct Mask {
