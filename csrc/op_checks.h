@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include "attention_common.h"
+
 namespace fastlm {
 
 struct AttnShape {
@@ -58,6 +60,61 @@ inline void check_attention_bwd_args(const char* op, const AttnShape& s, const a
               lse.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble, op,
               ": lse must be float32 or float64, got ", lse.scalar_type());
+}
+
+// (B, 2, T) int64 bounds of the documents that segment ids (B, T) pack left to right:
+// [b][0][t] = first position of t's document, [b][1][t] = one past its last (a document is a run of
+// equal ids). Torch ops, so the CPU and CUDA glue share it; any ids give in-range bounds.
+inline at::Tensor document_bounds(const at::Tensor& segment_ids) {
+  const at::Tensor ids = segment_ids.to(at::kLong);
+  const int64_t T = ids.size(1);
+  const at::Tensor pos = at::arange(T, ids.options()).expand_as(ids);
+  at::Tensor starts = at::ones_like(ids, ids.options().dtype(at::kBool));
+  at::Tensor ends = at::ones_like(starts);
+  if (T > 1) {
+    const at::Tensor change = ids.slice(1, 1).ne(ids.slice(1, 0, T - 1));  // a document starts at t + 1
+    starts.slice(1, 1).copy_(change);
+    ends.slice(1, 0, T - 1).copy_(change);
+  }
+  const at::Tensor lo = std::get<0>(at::where(starts, pos, 0).cummax(1));
+  const at::Tensor hi = std::get<0>(at::where(ends, pos + 1, T).flip({1}).cummin(1)).flip({1});
+  return at::stack({lo, hi}, 1).contiguous();
+}
+
+// The optional masks of an attention call beyond causal, checked: `window` (>= 1; kept at most
+// T_q + T_k, past which it hides nothing) and the document bounds of segment_ids (B, T_k).
+struct MaskArgs {
+  int64_t window = 0;  // 0: none
+  at::Tensor bounds;   // document_bounds(segment_ids), or undefined
+
+  // The mask of batch b (attention_common.h).
+  attn::Mask of(int64_t b, const AttnShape& s, bool causal) const {
+    const int64_t* doc = bounds.defined() ? bounds.const_data_ptr<int64_t>() + b * 2 * s.T_k : nullptr;
+    return attn::Mask{s.T_q, s.T_k, causal, window, doc};
+  }
+};
+
+inline MaskArgs check_mask_args(const char* op, const AttnShape& s, const at::Tensor& q,
+                                c10::optional<int64_t> window,
+                                const c10::optional<at::Tensor>& segment_ids) {
+  MaskArgs m;
+  if (window.has_value()) {
+    TORCH_CHECK(*window >= 1, op, ": window must be >= 1 (or None), got ", *window);
+    m.window = std::min<int64_t>(*window, s.T_q + s.T_k);
+  }
+  if (!segment_ids.has_value()) return m;
+  const at::Tensor& ids = *segment_ids;
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == s.B && ids.size(1) == s.T_k, op,
+              ": segment_ids must have shape (B, T_k) = (", s.B, ", ", s.T_k, "), got ", ids.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, op,
+              ": segment_ids must be int32 or int64, got ", ids.scalar_type());
+  TORCH_CHECK(ids.device() == q.device(), op, ": segment_ids on ", ids.device(), ", q on ", q.device());
+  if (ids.is_cpu() && s.T_k > 1) {  // (on a GPU this would wait for the device: fastlm.ops checks)
+    TORCH_CHECK(!ids.slice(1, 1).lt(ids.slice(1, 0, s.T_k - 1)).any().item<bool>(), op,
+                ": segment_ids must be non-decreasing along T (documents packed left to right)");
+  }
+  m.bounds = document_bounds(ids);
+  return m;
 }
 
 inline void check_swiglu_args(const char* op, const at::Tensor& gate, const at::Tensor& up) {

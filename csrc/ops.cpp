@@ -13,16 +13,22 @@ int64_t cpu_attention_gemm_max_tk();
 TORCH_LIBRARY(fastlm, m) {
   // Attention on (B, H, T, D) tensors, k/v (B, H_kv, T_k, D); causal is bottom-right aligned.
   // lse: (B, H, T_q) log-sum-exp of each row's scores, float32 (float64 for float64 inputs).
+  // Query i sits at key position p = i + T_k - T_q; window w (>= 1) keeps the keys j with
+  // p - w < j (causal) or |p - j| < w (not causal); segment_ids (B, T_k) int32/int64, non-decreasing,
+  // keeps the keys of p's document (none when p < 0). A row that sees no key gives zeros (lse -inf).
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, "
-        "Tensor? alibi_slopes) -> (Tensor out, Tensor lse)");
+        "Tensor? alibi_slopes, int? window=None, Tensor? segment_ids=None) -> (Tensor out, Tensor lse)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "bool causal, float scale, Tensor? alibi_slopes) -> (Tensor dq, Tensor dk, Tensor dv)");
+        "bool causal, float scale, Tensor? alibi_slopes, int? window=None, Tensor? segment_ids=None) "
+        "-> (Tensor dq, Tensor dk, Tensor dv)");
   // Causal self-attention on the packed projection qkv = (B, T, (H + 2 H_kv) D) with RoPE (cos/sin
   // (T, D/2), optional) applied inside: out (B, T, H D), lse (B, H, T); the backward returns d(qkv).
+  // window and segment_ids (B, T) as in attention_fwd.
   m.def("attention_qkv_fwd(Tensor qkv, int n_head, int n_kv_head, Tensor? cos, Tensor? sin, float scale, "
-        "Tensor? alibi_slopes) -> (Tensor out, Tensor lse)");
+        "Tensor? alibi_slopes, int? window=None, Tensor? segment_ids=None) -> (Tensor out, Tensor lse)");
   m.def("attention_qkv_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int n_head, int n_kv_head, "
-        "Tensor? cos, Tensor? sin, float scale, Tensor? alibi_slopes) -> Tensor dqkv");
+        "Tensor? cos, Tensor? sin, float scale, Tensor? alibi_slopes, int? window=None, "
+        "Tensor? segment_ids=None) -> Tensor dqkv");
   // silu(gate) * up and its gradients.
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");

@@ -2,6 +2,8 @@
 
 tests/csrc/attention_common_probe.cpp exposes them through C entry points; the test builds it with
 the host C++ compiler and checks them against fastlm.ops.reference: the bottom-right causal mask, the
+sliding-window and document masks (each row's interval of keys, the rows a key tile needs, checked
+against the dense mask of tests/mask_rule.py), the
 tile predicates that let a kernel skip masking or a whole tile, the causal launch order, the
 exp2 (log2-unit) scores with the scale folded into one FMA, and the forward/backward tile walks
 of the CUDA kernels replayed in Python with these helpers (online softmax, LSE, P for dS).
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from fastlm.ops import reference
+from mask_rule import doc_bounds, doc_ids, visible
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "csrc" / "attention_common_probe.cpp"
@@ -28,7 +31,7 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (c++/g
 _I, _F = ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "probe_is_visible": (ctypes.c_int, [_I, _I, _I, _I, ctypes.c_int]),
-    "probe_first_row_seeing_key": (_I, [_I, _I, _I, ctypes.c_int]),
+    "probe_first_row_seeing_key": (_I, [_I, _I, _I, ctypes.c_int]),  # (plain causal / full masks)
     "probe_key_blocks_for_rows": (_I, [_I, _I, _I, ctypes.c_int, _I]),
     "probe_kv_head": (_I, [_I, _I, _I]),
     "probe_masked_score_log2": (_F, [_F, _F, _F, _I, _I, _I, _I, ctypes.c_int]),
@@ -42,6 +45,12 @@ _SIGNATURES = {
     "probe_tile_fully_visible": (ctypes.c_int, [_I, _I, _I, _I, _I, ctypes.c_int]),
     "probe_tile_fully_masked": (ctypes.c_int, [_I, _I, _I, _I, _I, ctypes.c_int]),
     "probe_log2e": (_F, []),
+    "probe_row_keys": (None, [_I, _I, _I, ctypes.c_int, _I, ctypes.c_void_p, ctypes.c_void_p]),
+    "probe_block_keys": (None, [_I, _I, _I, _I, ctypes.c_int, _I, ctypes.c_void_p, ctypes.c_void_p]),
+    "probe_tile_visible_all": (ctypes.c_int, [_I, _I, _I, _I, _I, _I, ctypes.c_int, _I, ctypes.c_void_p]),
+    "probe_tile_masked_all": (ctypes.c_int, [_I, _I, _I, _I, _I, _I, ctypes.c_int, _I, ctypes.c_void_p]),
+    "probe_first_row_seeing": (_I, [_I, _I, _I, ctypes.c_int, _I, ctypes.c_void_p]),
+    "probe_end_row_seeing": (_I, [_I, _I, _I, ctypes.c_int, _I, ctypes.c_void_p]),
 }
 
 
@@ -232,3 +241,70 @@ def test_backward_probabilities_match_reference(probe, t_q, t_k, causal, slope):
                 float(qk[i, j]), scale * log2e, slope * log2e, i, j, t_q, t_k, causal)
             p = probe.probe_exp2(probe.probe_exp2_arg(x, scale * log2e if plain else 1.0, shift))
             assert p == pytest.approx(float(p_ref[i, j]), rel=2e-5, abs=1e-7), (i, j)
+
+
+# ---- sliding window and documents: one interval of keys per row ----------------------------------
+def _general_case(seed):
+    """A random (T_q, T_k, causal, window, segment ids) and its dense mask from the rule."""
+    g = torch.Generator().manual_seed(seed)
+    t_k = int(torch.randint(1, 40, (1,), generator=g))
+    t_q = int(torch.randint(1, t_k + 12, (1,), generator=g))
+    causal = bool(seed % 2)
+    window = None if seed % 5 == 0 else int(torch.randint(1, t_k + 4, (1,), generator=g))
+    seg = None if seed % 3 == 0 else doc_ids(1, t_k, ("random", "len1", "edges")[seed % 3], g)
+    return t_q, t_k, causal, window, seg, visible(1, t_q, t_k, causal, window, seg)[0]
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_row_intervals_and_row_search_match_the_rule(probe, seed):
+    t_q, t_k, causal, window, seg, mask = _general_case(seed)
+    bounds = None if seg is None else doc_bounds(seg)[0].contiguous()
+    args = (t_q, t_k, int(causal), window or 0, None if bounds is None else bounds.data_ptr())
+    out = (ctypes.c_int64 * 2)()
+    ranges = []
+    for i in range(t_q):
+        probe.probe_row_keys(i, *args, out)
+        seen = mask[i].nonzero().flatten()
+        want = (0, 0) if len(seen) == 0 else (int(seen[0]), int(seen[-1]) + 1)
+        assert tuple(out) == want, (i, tuple(out), want)
+        assert mask[i, want[0]:want[1]].all()  # one interval: the rule gives no holes
+        ranges.append(want)
+    nonempty = [r for r in ranges if r[1] > r[0]]
+    assert nonempty == sorted(nonempty) and [r[1] for r in nonempty] == sorted(r[1] for r in nonempty)
+    for j0 in range(t_k):  # the backward's rows of a key tile: exactly the rows that see one of its keys
+        for j1 in range(j0 + 1, min(t_k, j0 + 9) + 1):
+            rows = mask[:, j0:j1].any(1).nonzero().flatten()
+            first, end = probe.probe_first_row_seeing(j0, *args), probe.probe_end_row_seeing(j1, *args)
+            if len(rows):
+                assert (first, end) == (int(rows[0]), int(rows[-1]) + 1)
+                assert mask[first:end, j0:j1].any(1).all()
+            else:
+                assert first >= end
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_tile_predicates_of_window_and_document_masks(probe, seed):
+    """Fully visible tiles need no mask, fully masked ones are skipped: both exact on the rule
+    (a masked tile may only be taken for partly visible when its first row sees nothing at all)."""
+    t_q, t_k, causal, window, seg, mask = _general_case(seed)
+    bounds = None if seg is None else doc_bounds(seg)[0].contiguous()
+    tail = (t_q, t_k, int(causal), window or 0, None if bounds is None else bounds.data_ptr())
+    out = (ctypes.c_int64 * 2)()
+    for rows, cols in ((1, 1), (3, 4), (8, 5), (16, 16)):
+        for i0 in range(0, t_q, max(1, rows // 2)):
+            i1 = min(i0 + rows, t_q)
+            probe.probe_block_keys(i0, i0 + rows, *tail, out)
+            seen = mask[i0:i1].any(0).nonzero().flatten()
+            if len(seen):  # the block's keys: every key its rows see, tight at the top
+                assert out[0] <= int(seen[0]) and out[1] == int(seen[-1]) + 1
+                assert out[0] == int(seen[0]) or not mask[i0].any()
+            else:
+                assert out[1] <= out[0]
+            for j0 in range(0, t_k, max(1, cols // 2)):
+                tile = mask[i0:i1, j0:j0 + cols]
+                full = bool(probe.probe_tile_visible_all(i0, i0 + rows, j0, j0 + cols, *tail))
+                empty = bool(probe.probe_tile_masked_all(i0, i0 + rows, j0, j0 + cols, *tail))
+                assert full == (j0 + cols <= t_k and bool(tile.all())), (i0, j0, rows, cols)
+                assert not empty or not tile.any(), (i0, j0, rows, cols)
+                if mask[i0].any():
+                    assert empty == (not tile.any()), (i0, j0, rows, cols)

@@ -20,6 +20,7 @@ import torch
 
 from fastlm.ops.positions import alibi_slopes
 from fastlm.ops.reference import attention_forward, naive_attention
+from mask_rule import doc_bounds, doc_ids, oracle, visible
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = shutil.which("c++") or shutil.which("g++")
@@ -54,9 +55,11 @@ def _build(tmp_path_factory, name):
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     dll = _build(tmp_path_factory, "attention_host_sim")
-    dll.sim_attention_fwd.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, ctypes.c_int, _F, _P, _P, _P]
+    i64 = ctypes.c_int64
+    dll.sim_attention_fwd.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, ctypes.c_int, _F, _P, i64, _P,
+                                      _P, _P]
     dll.sim_attention_bwd.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int,
-                                      _F, _P, _P, _P, _P, _P]
+                                      _F, _P, i64, _P, _P, _P, _P, _P]
     return dll
 
 
@@ -69,22 +72,24 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def run_kernels(sim, q, k, v, dout, causal, scale, slopes):
+def run_kernels(sim, q, k, v, dout, causal, scale, slopes, window=None, seg=None):
     b, h, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     code = 0 if q.dtype == torch.float16 else 1
     shape = (ctypes.c_int32 * 6)(b, h, h_kv, t_q, t_k, d)
     alibi = None if slopes is None else slopes.float().contiguous()
+    doc = None if seg is None else doc_bounds(seg).contiguous()  # what the torch glue passes
+    masks = (window or 0, _ptr(doc))
     out, lse = torch.empty(b, h, t_q, d, dtype=q.dtype), torch.empty(b, h, t_q)
     assert sim.sim_attention_fwd(code, q.data_ptr(), k.data_ptr(), v.data_ptr(), _strides(q, k, v),
-                                 shape, int(causal), scale, _ptr(alibi), out.data_ptr(),
+                                 shape, int(causal), scale, _ptr(alibi), *masks, out.data_ptr(),
                                  lse.data_ptr()) == 0
     delta = torch.empty(b, h, t_q)
     dq = torch.empty_like(out)
     dk, dv = torch.empty(b, h_kv, t_k, d, dtype=q.dtype), torch.empty(b, h_kv, t_k, d, dtype=q.dtype)
     assert sim.sim_attention_bwd(code, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                  out.data_ptr(), lse.data_ptr(), _strides(q, k, v, out, dout),
-                                 shape, int(causal), scale, _ptr(alibi), delta.data_ptr(),
+                                 shape, int(causal), scale, _ptr(alibi), *masks, delta.data_ptr(),
                                  dq.data_ptr(), dk.data_ptr(), dv.data_ptr()) == 0
     return out, lse, (dq, dk, dv)
 
@@ -102,6 +107,17 @@ def _two_x(x, base, ref, what, floor=0.0):
     base_err = (base.double() - ref).abs().max().item()
     assert torch.isfinite(x).all(), f"{what}: non-finite values"
     assert err <= 2 * base_err + eps, f"{what}: error {err:.3g} > 2 x same-dtype naive {base_err:.3g}"
+
+
+def _inputs(g, b, h, h_kv, t_q, t_k, d, dtype, layout):
+    """q, k, v (a (B, T, H, D) view when layout is "bthd") and dout, drawn from g."""
+    def make(heads, t):
+        if layout == "bthd":
+            return torch.randn(b, t, heads, d, generator=g).to(dtype).transpose(1, 2)
+        return torch.randn(b, heads, t, d, generator=g).to(dtype)
+
+    q, k, v = make(h, t_q), make(h_kv, t_k), make(h_kv, t_k)
+    return q, k, v, torch.randn(b, h, t_q, d, generator=g).to(dtype)
 
 
 # (B, H, H_kv, T_q, T_k, D, causal, alibi, layout): ragged tails, several 128-row / 64-key blocks,
@@ -122,14 +138,7 @@ CASES = [
 def test_cuda_kernels_match_float64(sim, case, dtype):
     _, b, h, h_kv, t_q, t_k, d, causal, alibi, layout = case
     g = torch.Generator().manual_seed(t_q * 131 + t_k)
-
-    def make(heads, t):
-        if layout == "bthd":
-            return torch.randn(b, t, heads, d, generator=g).to(dtype).transpose(1, 2)
-        return torch.randn(b, heads, t, d, generator=g).to(dtype)
-
-    q, k, v = make(h, t_q), make(h_kv, t_k), make(h_kv, t_k)
-    dout = torch.randn(b, h, t_q, d, generator=g).to(dtype)
+    q, k, v, dout = _inputs(g, b, h, h_kv, t_q, t_k, d, dtype, layout)
     slopes = alibi_slopes(h) if alibi else None
     scale = d ** -0.5
     out, lse, grads = run_kernels(sim, q, k, v, dout, causal, scale, slopes)
@@ -148,6 +157,52 @@ def test_cuda_kernels_match_float64(sim, case, dtype):
         n = t_q - t_k
         assert torch.equal(out[:, :, :n], torch.zeros_like(out[:, :, :n]))
         assert torch.equal(grads[0][:, :, :n], torch.zeros_like(grads[0][:, :, :n]))
+
+
+# Sliding windows and documents: (name, B, H, H_kv, T_q, T_k, D, causal, window, docs, alibi, layout).
+# Windows shorter than a 64-key tile and a 128-row block (tiles skipped, partly visible tiles masked,
+# key-range starts off the 64-key grid), documents of random length (one of length 1 included),
+# rows that see nothing (T_q > T_k with documents), a KV cache, GQA, ALiBi, both head dims.
+MASK_CASES = [
+    ("win40_causal_t200_d64", 1, 2, 1, 200, 200, 64, True, 40, None, False, "bhtd"),
+    ("docs_noncausal_gqa_t150_d64", 1, 4, 2, 150, 150, 64, False, None, "random", False, "bthd"),
+    ("docs_len1_win30_alibi_kvcache_40x200_d64", 1, 2, 1, 40, 200, 64, True, 30, "len1", True, "bhtd"),
+    ("masked_rows_docs_140x60_d128", 1, 2, 2, 140, 60, 128, True, None, "random", False, "bhtd"),
+    ("win12_noncausal_docs_t90_d128", 2, 1, 1, 90, 90, 128, False, 12, "per_window", False, "bthd"),
+    # tiles whose one visible pair sits on their edge: T_k - T_q = 1 puts a 16-row warp's last key
+    # at a 64-key tile's first key (rows 48..63 end at key 64); window 50 starts the warp of rows
+    # 112..127 at key 63, the last key of the tile [0, 64)
+    ("edge_first_key_causal_100x101_d64", 1, 2, 1, 100, 101, 64, True, None, None, False, "bhtd"),
+    ("edge_last_key_win50_t130_d64", 1, 1, 1, 130, 130, 64, True, 50, None, False, "bhtd"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", MASK_CASES, ids=[c[0] for c in MASK_CASES])
+def test_cuda_kernels_with_masks_match_float64(sim, case, dtype):
+    _, b, h, h_kv, t_q, t_k, d, causal, window, docs, alibi, layout = case
+    g = torch.Generator().manual_seed(t_q * 7 + t_k)
+    q, k, v, dout = _inputs(g, b, h, h_kv, t_q, t_k, d, dtype, layout)
+    seg = None if docs is None else doc_ids(b, t_k, docs, g, window)
+    slopes = alibi_slopes(h) if alibi else None
+    scale = d ** -0.5
+    mask = visible(b, t_q, t_k, causal, window, seg)
+    out, lse, grads = run_kernels(sim, q, k, v, dout, causal, scale, slopes, window, seg)
+
+    def with_grads(dt):
+        leaves = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        y = oracle(*leaves, mask, scale, slopes)
+        y.backward(dout.to(dt))
+        return y.detach(), [x.grad for x in leaves]
+
+    (ref, ref_grads), (base, base_grads) = with_grads(torch.float64), with_grads(dtype)
+    _two_x(out, base, ref, "out")
+    blind = ~mask.any(-1)[:, None].expand(b, h, t_q)  # rows that see no key: lse -inf, zeros
+    assert torch.equal(torch.isinf(lse), blind)
+    assert (out[blind] == 0).all() and (grads[0][blind] == 0).all()
+    floor = 2 * torch.finfo(torch.float32).eps * ref.abs().max().item() * dout.abs().max().item()
+    for name, grad, bg, rg in zip(("dq", "dk", "dv"), grads, base_grads, ref_grads):
+        _two_x(grad, bg, rg, name, floor=floor)
 
 
 # ---- SwiGLU ---------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@
 //   forward : parallel over (batch, head, block of BQ query rows); for each block of BK keys the
 //             scores S = scale * q k^T + ALiBi are masked, the running row max/sum are updated
 //             and O += P V. Returns out and the row log-sum-exp (float32; float64 for float64).
+//   masks   : causal, sliding window and documents leave each row one interval of keys
+//             (attn::row_keys); a block of rows visits only the key tiles its rows see, and within a
+//             tile only the rows that see one of its keys do any math (forward and backward).
 //   backward: parallel over (batch, kv head). A task owns dK/dV of its kv head and dQ of the query
 //             heads of its GQA group, so no two threads write the same gradient (no atomics, no
 //             races); P is recomputed from the saved LSE.
@@ -20,6 +23,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "attention_common.h"
@@ -121,15 +125,16 @@ inline void rows_times_tile(acc_t* S, const acc_t* X, int64_t nr, const acc_t* y
   for (; r < nr; ++r) row_times_tile(S + r * BK, X + r * Dp, yT, D);
 }
 
-// y[0..Dp) += sum_{c < n} coef[c * cs] * X[c * Dp + 0..Dp), with the NV vectors of y held in
-// registers across the whole sum (one store per vector instead of one per term).
+// y[0..Dp) += sum_{c < n} coef[c * cs] * X[c * Dp + 0..Dp): the n terms are summed in NV registers
+// of their own and added to y once (a blocked sum: y, which runs over every block of a long
+// reduction such as dV over all query rows, takes one rounding per block instead of one per term).
 template <typename acc_t, int NV>
 inline void accum_chunk(acc_t* y, const acc_t* coef, int64_t cs, const acc_t* X, int64_t n,
                         int64_t Dp) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   Vec acc[NV];
-  for (int u = 0; u < NV; ++u) acc[u] = Vec::loadu(y + u * V);
+  for (int u = 0; u < NV; ++u) acc[u] = Vec(acc_t(0));
   for (int64_t c = 0; c < n; ++c) {
     const acc_t a = coef[c * cs];
     if (a == acc_t(0)) continue;  // masked keys / rows
@@ -137,7 +142,7 @@ inline void accum_chunk(acc_t* y, const acc_t* coef, int64_t cs, const acc_t* X,
     const acc_t* x = X + c * Dp;
     for (int u = 0; u < NV; ++u) acc[u] = at::vec::fmadd(av, Vec::loadu(x + u * V), acc[u]);
   }
-  for (int u = 0; u < NV; ++u) acc[u].store(y + u * V);
+  for (int u = 0; u < NV; ++u) (acc[u] + Vec::loadu(y + u * V)).store(y + u * V);
 }
 
 template <typename acc_t>
@@ -158,36 +163,48 @@ inline void exp_shift(acc_t* s, acc_t shift) {
   for (int64_t c = 0; c < BK; c += Vec::size()) (Vec::loadu(s + c) - sv).exp().store(s + c);
 }
 
-// Scale the scores of a tile, add ALiBi and mask keys >= key_end (the CPU twin of the CUDA
-// kernel's per-element masked_score); returns the tile's max. Tiles that are fully visible and have
-// no ALiBi (most of them) take a vectorised path.
 template <typename acc_t>
-inline acc_t mask_tile(acc_t* s, acc_t scale, acc_t slope, bool has_alibi, int64_t i, int64_t j0,
-                       int64_t row_end, int64_t t_q, int64_t t_k) {
+inline acc_t vec_max(const acc_t* x, int64_t n) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  if (!has_alibi && j0 + BK <= row_end) {
-    const Vec sv(scale);
-    Vec mx(-INFINITY);
-    for (int64_t c = 0; c < BK; c += V) {
-      const Vec x = Vec::loadu(s + c) * sv;
-      x.store(s + c);
-      mx = at::vec::maximum(mx, x);
-    }
-    acc_t tmp[V];
-    mx.store(tmp);
-    acc_t m = tmp[0];
-    for (int64_t u = 1; u < V; ++u) m = std::max(m, tmp[u]);
-    return m;
+  Vec mx(-INFINITY);
+  int64_t j = 0;
+  for (; j + V <= n; j += V) mx = at::vec::maximum(mx, Vec::loadu(x + j));
+  if (j < n) mx = at::vec::maximum(mx, Vec::set(Vec(-INFINITY), Vec::loadu(x + j, n - j), n - j));
+  return at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, mx);
+}
+
+// x[c] = x[c] * scale + ALiBi(i, j0 + c) for c < n (keys j0.. that row i sees).
+template <typename acc_t>
+inline void scale_bias(acc_t* x, int64_t n, acc_t scale, acc_t slope, bool has_alibi, int64_t i, int64_t j0,
+                       int64_t t_q, int64_t t_k) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  if (has_alibi) {
+    for (int64_t c = 0; c < n; ++c) x[c] = x[c] * scale + attn::alibi_bias<acc_t>(slope, i, j0 + c, t_q, t_k);
+    return;
   }
-  acc_t m = -INFINITY;
-  for (int64_t c = 0; c < BK; ++c) {
-    const int64_t j = j0 + c;
-    s[c] = j < row_end ? s[c] * scale + attn::alibi_bias<acc_t>(slope, i, j, t_q, t_k)
-                       : acc_t(-INFINITY);
-    m = std::max(m, s[c]);
-  }
-  return m;
+  const Vec sv(scale);
+  int64_t c = 0;
+  for (; c + V <= n; c += V) (Vec::loadu(x + c) * sv).store(x + c);
+  if (c < n) (Vec::loadu(x + c, n - c) * sv).store(x + c, n - c);
+}
+
+// The scores of row i over the keys [j0, j0 + BK) of a tile, of which it sees the columns [a, e):
+// scaled and biased there, -inf elsewhere (the CPU twin of the CUDA kernels' masked_score); returns
+// the max.
+template <typename acc_t>
+inline acc_t mask_tile(acc_t* s, acc_t scale, acc_t slope, bool has_alibi, int64_t i, int64_t j0, int64_t a,
+                       int64_t e, int64_t t_q, int64_t t_k) {
+  std::fill(s, s + a, acc_t(-INFINITY));
+  std::fill(s + e, s + BK, acc_t(-INFINITY));
+  scale_bias(s + a, e - a, scale, slope, has_alibi, i, j0 + a, t_q, t_k);
+  return vec_max(s + a, e - a);
+}
+
+// The columns [a, e) of a tile of keys [j0, j0 + nc) that a row with keys r sees.
+inline std::pair<int64_t, int64_t> tile_cols(const attn::KeyRange& r, int64_t j0, int64_t nc) {
+  return {std::clamp<int64_t>(r.lo - j0, 0, nc), std::clamp<int64_t>(r.hi - j0, 0, nc)};
 }
 
 template <typename acc_t>
@@ -220,12 +237,39 @@ std::vector<acc_t> slopes_of(const c10::optional<at::Tensor>& alibi, int64_t H) 
   return s;
 }
 
+// The rows [first, end) of a block (row key ranges rk[0..nr)) that see a key of the tile
+// [j0, j0 + nc): the ranges are monotone, so rows before see only earlier keys, rows after later ones.
+inline std::pair<int64_t, int64_t> tile_rows(const attn::KeyRange* rk, int64_t nr, int64_t j0, int64_t nc) {
+  int64_t first = 0, end = nr;
+  while (first < nr && rk[first].hi <= j0) ++first;
+  while (end > first && rk[end - 1].lo >= j0 + nc) --end;
+  return {first, end};
+}
+
+// One tile of the online softmax for one row: s (scores of keys j0.., the row sees columns [a, e))
+// becomes P, the row's max m / sum l move, and its output accumulator o (Dp) is rescaled and += P V.
+template <typename acc_t>
+inline void online_row(acc_t* s, acc_t& m, acc_t& l, acc_t* o, const acc_t* vtile, acc_t scale, acc_t slope,
+                       bool has_alibi, int64_t i, int64_t j0, int64_t a, int64_t e, int64_t t_q, int64_t t_k,
+                       int64_t Dp) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t m_new = std::max(m, mask_tile(s, scale, slope, has_alibi, i, j0, a, e, t_q, t_k));
+  const acc_t alpha = attn::rescale_factor(m, m_new);
+  exp_shift(s, attn::safe_max(m_new));
+  l = l * alpha + tile_sum(s);
+  m = m_new;
+  if (alpha != acc_t(1)) {
+    const Vec av(alpha);
+    for (int64_t d = 0; d < Dp; d += Vec::size()) (Vec::loadu(o + d) * av).store(o + d);
+  }
+  accum_rows(o, s + a, 1, vtile + a * Dp, e - a, Dp);
+}
+
 template <typename scalar_t>
 void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           at::Tensor& out, at::Tensor& lse, const AttnShape& s, bool causal,
-                          double scale_d, const c10::optional<at::Tensor>& alibi) {
+                          double scale_d, const c10::optional<at::Tensor>& alibi, const MaskArgs& masks) {
   using acc_t = acc_type_t<scalar_t>;
-  using Vec = Vectorized<acc_t>;
   const View4<scalar_t> Q(q), K(k), Vv(v);
   scalar_t* O = out.mutable_data_ptr<scalar_t>();  // contiguous (B, H, T_q, D)
   acc_t* L = lse.mutable_data_ptr<acc_t>();        // contiguous (B, H, T_q)
@@ -238,40 +282,30 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::parallel_for(0, s.B * s.H * n_qblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> qbuf(BQ * Dp), obuf(BQ * Dp), kT(Dp * BK), vbuf(BK * Dp), sbuf(BQ * BK),
         m(BQ), l(BQ);
+    std::vector<attn::KeyRange> rk(BQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % n_qblk, bh = task / n_qblk, h = bh % s.H, b = bh / s.H;
       const int64_t hk = attn::kv_head(h, s.H, s.H_kv);
-      const acc_t slope = slopes[h];
       const int64_t i0 = qb * BQ, nr = std::min(BQ, Tq - i0);
-      for (int64_t r = 0; r < nr; ++r) load_row(&qbuf[r * Dp], Q.row(b, h, i0 + r), Q.sd, D, Dp, acc_t(1));
+      const attn::Mask mask = masks.of(b, s, causal);
+      for (int64_t r = 0; r < nr; ++r) {
+        load_row(&qbuf[r * Dp], Q.row(b, h, i0 + r), Q.sd, D, Dp, acc_t(1));
+        rk[r] = attn::row_keys(i0 + r, mask);
+      }
       std::fill(obuf.begin(), obuf.end(), acc_t(0));
       std::fill(m.begin(), m.end(), acc_t(-INFINITY));
       std::fill(l.begin(), l.end(), acc_t(0));
-      const int64_t kend = attn::key_end(i0 + nr - 1, Tq, Tk, causal);
-      for (int64_t j0 = 0; j0 < kend; j0 += BK) {
-        const int64_t nc = std::min(BK, kend - j0);
+      const attn::KeyRange keys = attn::block_keys(i0, i0 + nr, mask);  // tiles outside: skipped
+      for (int64_t j0 = keys.lo; j0 < keys.hi; j0 += BK) {
+        const int64_t nc = std::min(BK, keys.hi - j0);
         load_tile_t(kT.data(), K, b, hk, j0, nc, D, Dp);
         for (int64_t c = 0; c < nc; ++c) load_row(&vbuf[c * Dp], Vv.row(b, hk, j0 + c), Vv.sd, D, Dp, acc_t(1));
-        // rows before r_first see none of this tile's keys (causal); skip them entirely
-        int64_t r_first = 0;
-        while (r_first < nr && attn::key_end(i0 + r_first, Tq, Tk, causal) <= j0) ++r_first;
-        rows_times_tile(&sbuf[r_first * BK], &qbuf[r_first * Dp], nr - r_first, kT.data(), D, Dp);
-        for (int64_t r = r_first; r < nr; ++r) {
-          const int64_t i = i0 + r;
-          const int64_t row_end = attn::key_end(i, Tq, Tk, causal);
-          acc_t* sr = &sbuf[r * BK];
-          const acc_t mx = mask_tile(sr, scale, slope, has_alibi, i, j0, row_end, Tq, Tk);
-          const acc_t m_new = std::max(m[r], mx);
-          const acc_t alpha = attn::rescale_factor(m[r], m_new);
-          exp_shift(sr, attn::safe_max(m_new));
-          l[r] = l[r] * alpha + tile_sum(sr);
-          m[r] = m_new;
-          acc_t* orow = &obuf[r * Dp];
-          if (alpha != acc_t(1)) {
-            const Vec av(alpha);
-            for (int64_t d = 0; d < Dp; d += Vec::size()) (Vec::loadu(orow + d) * av).store(orow + d);
-          }
-          accum_rows(orow, sr, 1, vbuf.data(), std::min(nc, row_end - j0), Dp);
+        const auto [r_first, r_end] = tile_rows(rk.data(), nr, j0, nc);
+        rows_times_tile(&sbuf[r_first * BK], &qbuf[r_first * Dp], r_end - r_first, kT.data(), D, Dp);
+        for (int64_t r = r_first; r < r_end; ++r) {
+          const auto [a, e] = tile_cols(rk[r], j0, nc);
+          online_row(&sbuf[r * BK], m[r], l[r], &obuf[r * Dp], vbuf.data(), scale, slopes[h], has_alibi, i0 + r, j0,
+                     a, e, Tq, Tk, Dp);
         }
       }
       for (int64_t r = 0; r < nr; ++r) {
@@ -285,11 +319,58 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   });
 }
 
+// Per-task state of the flash backward: the GQA group's rows (G * T_q of them, row g * T_q + i) of q
+// and dout, their dQ accumulators, the row terms delta = rowsum(dO * O) and the shift of
+// P = exp(s - shift); and one key tile [j0, j0 + nc) with its dK/dV sums and the P/dS of a row block.
+template <typename acc_t>
+struct BwdState {
+  std::vector<acc_t> q, dout, dq, delta, shift;
+  std::vector<uint8_t> masked;  // lse == -inf: the row sees no key at all
+  int64_t j0 = 0, nc = 0;
+  std::vector<acc_t> kT, vT, k, dk, dv, p, ds;  // kT, vT: (Dp, BK); k, dk, dv: (BK, Dp); p, ds: (BQ, BK)
+  BwdState(int64_t rows, int64_t Dp)
+      : q(rows * Dp), dout(rows * Dp), dq(rows * Dp), delta(rows), shift(rows), masked(rows), kT(Dp * BK),
+        vT(Dp * BK), k(BK * Dp), dk(BK * Dp), dv(BK * Dp), p(BQ * BK), ds(BQ * BK) {}
+};
+
+// The rows [r0, r0 + nr) of query head g against the key tile: P and dS masked to each row's keys,
+// dQ += dS K per row, then dV += P^T dO and dK += dS^T Q summed over the block in registers.
+template <typename acc_t>
+void bwd_block(BwdState<acc_t>& st, int64_t g, int64_t r0, int64_t nr, const attn::Mask& mask, acc_t scale,
+               acc_t slope, bool has_alibi, int64_t D, int64_t Dp) {
+  const int64_t row0 = g * mask.t_q + r0;
+  rows_times_tile(st.p.data(), &st.q[row0 * Dp], nr, st.kT.data(), D, Dp);       // S (unscaled)
+  rows_times_tile(st.ds.data(), &st.dout[row0 * Dp], nr, st.vT.data(), D, Dp);   // dP = dO V^T
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = r0 + r, row = row0 + r;
+    acc_t* pr = &st.p[r * BK];
+    acc_t* dsr = &st.ds[r * BK];
+    if (st.masked[row]) {
+      std::fill(pr, pr + BK, acc_t(0));
+      std::fill(dsr, dsr + BK, acc_t(0));
+      continue;
+    }
+    const auto [a, e] = tile_cols(attn::row_keys(i, mask), st.j0, st.nc);
+    mask_tile(pr, scale, slope, has_alibi, i, st.j0, a, e, mask.t_q, mask.t_k);
+    exp_shift(pr, st.shift[row]);  // P
+    const acc_t dl = st.delta[row];
+    for (int64_t c = 0; c < BK; ++c) dsr[c] = pr[c] * (dsr[c] - dl);  // dS = P (dP - delta)
+    std::fill(dsr, dsr + a, acc_t(0));  // exactly 0 off the row's keys (not 0 * dP: dP may be inf/NaN)
+    std::fill(dsr + e, dsr + BK, acc_t(0));
+    accum_rows(&st.dq[row * Dp], dsr + a, 1, st.k.data() + a * Dp, e - a, Dp);  // dQ += dS K
+  }
+  for (int64_t c = 0; c < st.nc; ++c) {
+    accum_rows(&st.dv[c * Dp], &st.p[c], BK, &st.dout[row0 * Dp], nr, Dp);  // dV += P^T dO
+    accum_rows(&st.dk[c * Dp], &st.ds[c], BK, &st.q[row0 * Dp], nr, Dp);    // dK += dS^T Q
+  }
+}
+
 template <typename scalar_t>
 void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse_in,
                           at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const AttnShape& s,
-                          bool causal, double scale_d, const c10::optional<at::Tensor>& alibi) {
+                          bool causal, double scale_d, const c10::optional<at::Tensor>& alibi,
+                          const MaskArgs& masks) {
   using acc_t = acc_type_t<scalar_t>;
   const View4<scalar_t> Q(q), K(k), Vv(v), dO(dout), Out(out);
   const at::Tensor lse_c = lse_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
@@ -303,74 +384,48 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   const bool has_alibi = alibi.has_value();
 
   at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> masked_row(G * Tq);  // lse == -inf: the row sees no key at all
-    std::vector<acc_t> qf(G * Tq * Dp), dof(G * Tq * Dp), dqa(G * Tq * Dp), delta(G * Tq),
-        shift(G * Tq), kT(Dp * BK), vT(Dp * BK), kbuf(BK * Dp), dka(BK * Dp), dva(BK * Dp),
-        pbuf(BQ * BK), dsbuf(BQ * BK), orow(Dp);
+    BwdState<acc_t> st(G * Tq, Dp);
+    std::vector<acc_t> orow(Dp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % s.H_kv, b = task / s.H_kv;
-      // Per-task copies of the group's q, dout, the row terms delta = rowsum(dO * O) and the lse.
+      const attn::Mask mask = masks.of(b, s, causal);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hk * G + g;
         for (int64_t i = 0; i < Tq; ++i) {
           const int64_t row = g * Tq + i;
-          load_row(&qf[row * Dp], Q.row(b, h, i), Q.sd, D, Dp, acc_t(1));
-          load_row(&dof[row * Dp], dO.row(b, h, i), dO.sd, D, Dp, acc_t(1));
+          load_row(&st.q[row * Dp], Q.row(b, h, i), Q.sd, D, Dp, acc_t(1));
+          load_row(&st.dout[row * Dp], dO.row(b, h, i), dO.sd, D, Dp, acc_t(1));
           load_row(orow.data(), Out.row(b, h, i), Out.sd, D, Dp, acc_t(1));
           acc_t dl = 0;
-          for (int64_t d = 0; d < D; ++d) dl += dof[row * Dp + d] * orow[d];
-          delta[row] = dl;
+          for (int64_t d = 0; d < D; ++d) dl += st.dout[row * Dp + d] * orow[d];
+          st.delta[row] = dl;
           const acc_t row_lse = LSE[(b * s.H + h) * Tq + i];
-          masked_row[row] = row_lse == -std::numeric_limits<acc_t>::infinity();
-          shift[row] = attn::backward_shift(row_lse);
+          st.masked[row] = row_lse == -std::numeric_limits<acc_t>::infinity();
+          st.shift[row] = attn::backward_shift(row_lse);
         }
       }
-      std::fill(dqa.begin(), dqa.end(), acc_t(0));
-      for (int64_t j0 = 0; j0 < Tk; j0 += BK) {
-        const int64_t nc = std::min(BK, Tk - j0);
-        load_tile_t(kT.data(), K, b, hk, j0, nc, D, Dp);
-        load_tile_t(vT.data(), Vv, b, hk, j0, nc, D, Dp);
-        for (int64_t c = 0; c < nc; ++c) load_row(&kbuf[c * Dp], K.row(b, hk, j0 + c), K.sd, D, Dp, acc_t(1));
-        std::fill(dka.begin(), dka.end(), acc_t(0));
-        std::fill(dva.begin(), dva.end(), acc_t(0));
-        const int64_t i_start = attn::first_row_seeing_key(j0, Tq, Tk, causal);
+      std::fill(st.dq.begin(), st.dq.end(), acc_t(0));
+      for (st.j0 = 0; st.j0 < Tk; st.j0 += BK) {
+        st.nc = std::min(BK, Tk - st.j0);
+        std::fill(st.dk.begin(), st.dk.end(), acc_t(0));
+        std::fill(st.dv.begin(), st.dv.end(), acc_t(0));
+        // the rows that see a key of this tile; none: dK = dV = 0 without any work
+        const int64_t i_first = attn::first_row_seeing(st.j0, mask), i_end = attn::end_row_seeing(st.j0 + st.nc, mask);
+        if (i_first < i_end) {
+          load_tile_t(st.kT.data(), K, b, hk, st.j0, st.nc, D, Dp);
+          load_tile_t(st.vT.data(), Vv, b, hk, st.j0, st.nc, D, Dp);
+          for (int64_t c = 0; c < st.nc; ++c) load_row(&st.k[c * Dp], K.row(b, hk, st.j0 + c), K.sd, D, Dp, acc_t(1));
+        }
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t h = hk * G + g;
-          const acc_t slope = slopes[h];
-          // Blocks of BQ rows: P and dS of the block are kept so that dV/dK of each key are
-          // summed over the block's rows in registers (accum_rows) rather than row by row.
-          for (int64_t r0 = i_start; r0 < Tq; r0 += BQ) {
-            const int64_t nr = std::min(BQ, Tq - r0);
-            const int64_t row0 = g * Tq + r0;
-            rows_times_tile(pbuf.data(), &qf[row0 * Dp], nr, kT.data(), D, Dp);    // S (unscaled)
-            rows_times_tile(dsbuf.data(), &dof[row0 * Dp], nr, vT.data(), D, Dp);  // dP = dO V^T
-            for (int64_t r = 0; r < nr; ++r) {
-              const int64_t i = r0 + r, row = g * Tq + i;
-              acc_t* pr = &pbuf[r * BK];
-              acc_t* dsr = &dsbuf[r * BK];
-              const int64_t row_end = attn::key_end(i, Tq, Tk, causal);
-              if (row_end <= j0 || masked_row[row]) {  // nothing visible here
-                std::fill(pr, pr + BK, acc_t(0));
-                std::fill(dsr, dsr + BK, acc_t(0));
-                continue;
-              }
-              mask_tile(pr, scale, slope, has_alibi, i, j0, row_end, Tq, Tk);
-              exp_shift(pr, shift[row]);  // P
-              const acc_t dl = delta[row];
-              for (int64_t c = 0; c < BK; ++c) dsr[c] = pr[c] * (dsr[c] - dl);  // dS
-              accum_rows(&dqa[row * Dp], dsr, 1, kbuf.data(), nc, Dp);        // dQ += dS K
-            }
-            for (int64_t c = 0; c < nc; ++c) {
-              accum_rows(&dva[c * Dp], &pbuf[c], BK, &dof[row0 * Dp], nr, Dp);   // dV += P^T dO
-              accum_rows(&dka[c * Dp], &dsbuf[c], BK, &qf[row0 * Dp], nr, Dp);   // dK += dS^T Q
-            }
+          for (int64_t r0 = i_first; r0 < i_end; r0 += BQ) {
+            bwd_block(st, g, r0, std::min(BQ, i_end - r0), mask, scale, slopes[hk * G + g], has_alibi, D, Dp);
           }
         }
-        for (int64_t c = 0; c < nc; ++c) {
-          const int64_t off = ((b * s.H_kv + hk) * Tk + j0 + c) * D;
+        for (int64_t c = 0; c < st.nc; ++c) {
+          const int64_t off = ((b * s.H_kv + hk) * Tk + st.j0 + c) * D;
           for (int64_t d = 0; d < D; ++d) {
-            dK[off + d] = static_cast<scalar_t>(dka[c * Dp + d] * scale);
-            dV[off + d] = static_cast<scalar_t>(dva[c * Dp + d]);
+            dK[off + d] = static_cast<scalar_t>(st.dk[c * Dp + d] * scale);
+            dV[off + d] = static_cast<scalar_t>(st.dv[c * Dp + d]);
           }
         }
       }
@@ -378,7 +433,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
         const int64_t h = hk * G + g;
         for (int64_t i = 0; i < Tq; ++i) {
           const int64_t off = ((b * s.H + h) * Tq + i) * D;
-          const acc_t* src = &dqa[(g * Tq + i) * Dp];
+          const acc_t* src = &st.dq[(g * Tq + i) * Dp];
           for (int64_t d = 0; d < D; ++d) dQ[off + d] = static_cast<scalar_t>(src[d] * scale);
         }
       }
@@ -392,7 +447,8 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
 // dQ = dS K) go to the BLAS torch links (sgemm_/dgemm_: MKL on x86 Linux; single-threaded inside
 // our parallel region), reading q/k/v/dout through their row strides, and only the row math
 // (scale, ALiBi, mask, softmax, P and dS) is ours, one vectorised pass per block of rows. Blocks of
-// kGemmRows query rows visit only the keys they can see (causal). Where the BLAS symbols are not
+// kGemmRows query rows multiply only against the keys they can see (attn::block_keys: causal, window,
+// documents). Where the BLAS symbols are not
 // there (resolved weakly at load), the flash loop above runs instead.
 // Measured (benchmarks/REPORT.md): see the CPU attention rows at the default model's shape.
 
@@ -423,33 +479,6 @@ struct Rows {
         ld(std::max<int64_t>(t.size(2) <= 1 ? t.size(3) : t.stride(2), 1)) {}
   const scalar_t* at(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * ld; }
 };
-
-template <typename acc_t>
-inline acc_t vec_max(const acc_t* x, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  Vec mx(-INFINITY);
-  int64_t j = 0;
-  for (; j + V <= n; j += V) mx = at::vec::maximum(mx, Vec::loadu(x + j));
-  if (j < n) mx = at::vec::maximum(mx, Vec::set(Vec(-INFINITY), Vec::loadu(x + j, n - j), n - j));
-  return at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, mx);
-}
-
-// x[j] = x[j] * scale + ALiBi(i, j) for j < n (the keys a row sees).
-template <typename acc_t>
-inline void scale_bias(acc_t* x, int64_t n, acc_t scale, acc_t slope, bool has_alibi, int64_t i,
-                       int64_t t_q, int64_t t_k) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  if (has_alibi) {
-    for (int64_t j = 0; j < n; ++j) x[j] = x[j] * scale + attn::alibi_bias<acc_t>(slope, i, j, t_q, t_k);
-    return;
-  }
-  const Vec sv(scale);
-  int64_t j = 0;
-  for (; j + V <= n; j += V) (Vec::loadu(x + j) * sv).store(x + j);
-  if (j < n) (Vec::loadu(x + j, n - j) * sv).store(x + j, n - j);
-}
 
 // x[j] = exp(x[j] - shift) for j < n; returns their sum.
 template <typename acc_t>
@@ -494,24 +523,30 @@ inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return at::vec::vec_reduce_all<scalar_t>([](const Vec& x, const Vec& y) { return x + y; }, acc);
 }
 
-// The forward's row math between the two GEMMs, for nr query rows from i0 whose scores S (nr x ke,
-// row stride ke) were just computed: scale, ALiBi, mask (keys at or past a row's key_end become 0),
-// softmax in place; each row's lse in L[r]. A row that sees no key is all zeros with lse -inf.
+// The forward's row math between the two GEMMs, for nr query rows from i0 whose scores S (nr x kw,
+// row stride kw) against the keys [k0, k0 + kw) were just computed: scale, ALiBi, mask (keys outside
+// a row's interval become 0), softmax in place; each row's lse in L[r]. A row that sees no key is all
+// zeros with lse -inf.
 template <typename scalar_t>
-inline void softmax_block(scalar_t* S, int64_t ke, int64_t i0, int64_t nr, int64_t t_q, int64_t t_k, bool causal,
+inline void softmax_block(scalar_t* S, int64_t kw, int64_t k0, int64_t i0, int64_t nr, const attn::Mask& mask,
                           scalar_t scale, scalar_t slope, bool has_alibi, scalar_t* L) {
   for (int64_t r = 0; r < nr; ++r) {
-    const int64_t i = i0 + r, re = attn::key_end(i, t_q, t_k, causal);
-    scalar_t* x = S + r * ke;
-    std::fill(x + re, x + ke, scalar_t(0));
-    if (re == 0) {
+    const int64_t i = i0 + r;
+    const attn::KeyRange rk = attn::row_keys(i, mask);
+    scalar_t* x = S + r * kw;
+    if (rk.hi <= rk.lo) {
+      std::fill(x, x + kw, scalar_t(0));
       L[r] = -std::numeric_limits<scalar_t>::infinity();
       continue;
     }
-    scale_bias(x, re, scale, slope, has_alibi, i, t_q, t_k);
-    const scalar_t m = vec_max(x, re);
-    const scalar_t l = exp_sum(x, re, m);
-    scale_row(x, re, attn::inv_sum(l));
+    const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;  // the row's keys: columns [a, a + n)
+    std::fill(x, x + a, scalar_t(0));
+    std::fill(x + a + n, x + kw, scalar_t(0));
+    x += a;
+    scale_bias(x, n, scale, slope, has_alibi, i, rk.lo, mask.t_q, mask.t_k);
+    const scalar_t m = vec_max(x, n);
+    const scalar_t l = exp_sum(x, n, m);
+    scale_row(x, n, attn::inv_sum(l));
     L[r] = attn::row_lse(m, l);
   }
 }
@@ -523,35 +558,41 @@ inline void softmax_block(scalar_t* S, int64_t ke, int64_t i0, int64_t nr, int64
 // keeps dQ/dK as accurate as the textbook fp32 backward, measured.) Rows that see no key (or had
 // lse -inf) get P = dS = 0.
 template <typename scalar_t>
-inline void softmax_bwd_block(scalar_t* P, scalar_t* dS, int64_t ke, int64_t i0, int64_t nr, int64_t t_q,
-                              int64_t t_k, bool causal, scalar_t scale, scalar_t slope, bool has_alibi,
+inline void softmax_bwd_block(scalar_t* P, scalar_t* dS, int64_t kw, int64_t k0, int64_t i0, int64_t nr,
+                              const attn::Mask& mask, scalar_t scale, scalar_t slope, bool has_alibi,
                               const scalar_t* L) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t V = Vec::size();
   for (int64_t r = 0; r < nr; ++r) {
-    const int64_t i = i0 + r, re = attn::key_end(i, t_q, t_k, causal);
-    scalar_t* p = P + r * ke;
-    scalar_t* ds = dS + r * ke;
-    if (re == 0 || L[r] == -std::numeric_limits<scalar_t>::infinity()) {
-      std::fill(p, p + ke, scalar_t(0));
-      std::fill(ds, ds + ke, scalar_t(0));
+    const int64_t i = i0 + r;
+    const attn::KeyRange rk = attn::row_keys(i, mask);
+    scalar_t* p = P + r * kw;
+    scalar_t* ds = dS + r * kw;
+    if (rk.hi <= rk.lo || L[r] == -std::numeric_limits<scalar_t>::infinity()) {
+      std::fill(p, p + kw, scalar_t(0));
+      std::fill(ds, ds + kw, scalar_t(0));
       continue;
     }
-    std::fill(p + re, p + ke, scalar_t(0));
-    std::fill(ds + re, ds + ke, scalar_t(0));
-    scale_bias(p, re, scale, slope, has_alibi, i, t_q, t_k);
-    exp_sum(p, re, attn::backward_shift(L[r]));
-    const Vec dl(dot(p, ds, re));
+    const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;
+    for (scalar_t* x : {p, ds}) {
+      std::fill(x, x + a, scalar_t(0));
+      std::fill(x + a + n, x + kw, scalar_t(0));
+    }
+    p += a;
+    ds += a;
+    scale_bias(p, n, scale, slope, has_alibi, i, rk.lo, mask.t_q, mask.t_k);
+    exp_sum(p, n, attn::backward_shift(L[r]));
+    const Vec dl(dot(p, ds, n));
     int64_t j = 0;
-    for (; j + V <= re; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
-    if (j < re) (Vec::loadu(p + j, re - j) * (Vec::loadu(ds + j, re - j) - dl)).store(ds + j, re - j);
+    for (; j + V <= n; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
+    if (j < n) (Vec::loadu(p + j, n - j) * (Vec::loadu(ds + j, n - j) - dl)).store(ds + j, n - j);
   }
 }
 
 template <typename scalar_t>
 void attention_fwd_gemm(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                         at::Tensor& out, at::Tensor& lse, const AttnShape& s, bool causal, double scale_d,
-                        const c10::optional<at::Tensor>& alibi) {
+                        const c10::optional<at::Tensor>& alibi, const MaskArgs& masks) {
   const at::Tensor q = blas_rows(q_in), k = blas_rows(k_in), v = blas_rows(v_in);
   const Rows<scalar_t> Q(q), K(k), Vr(v);
   scalar_t* O = out.mutable_data_ptr<scalar_t>();  // contiguous (B, H, T_q, D)
@@ -567,18 +608,21 @@ void attention_fwd_gemm(const at::Tensor& q_in, const at::Tensor& k_in, const at
       const int64_t blk = n_blk - 1 - task % n_blk, bh = task / n_blk, h = bh % s.H, b = bh / s.H;
       const int64_t hk = attn::kv_head(h, s.H, s.H_kv);
       const int64_t i0 = blk * kGemmRows, nr = std::min(kGemmRows, Tq - i0);
-      const int64_t ke = attn::key_end(i0 + nr - 1, Tq, Tk, causal);  // keys the block sees
+      const attn::Mask mask = masks.of(b, s, causal);
+      const attn::KeyRange keys = attn::block_keys(i0, i0 + nr, mask);  // the keys the block sees
+      const int64_t kw = keys.hi - keys.lo;
       scalar_t* Ob = O + ((b * s.H + h) * Tq + i0) * D;
       scalar_t* Lb = L + (b * s.H + h) * Tq + i0;
-      if (ke == 0) {
+      if (kw <= 0) {
         std::fill(Ob, Ob + nr * D, scalar_t(0));
         std::fill(Lb, Lb + nr, -std::numeric_limits<scalar_t>::infinity());
         continue;
       }
-      gemm_rm(false, true, nr, ke, D, scalar_t(1), Q.at(b, h, i0), Q.ld, K.at(b, hk, 0), K.ld, scalar_t(0),
-              S.data(), ke);
-      softmax_block(S.data(), ke, i0, nr, Tq, Tk, causal, scale, slopes[h], has_alibi, Lb);
-      gemm_rm(false, false, nr, D, ke, scalar_t(1), S.data(), ke, Vr.at(b, hk, 0), Vr.ld, scalar_t(0), Ob, D);
+      gemm_rm(false, true, nr, kw, D, scalar_t(1), Q.at(b, h, i0), Q.ld, K.at(b, hk, keys.lo), K.ld, scalar_t(0),
+              S.data(), kw);
+      softmax_block(S.data(), kw, keys.lo, i0, nr, mask, scale, slopes[h], has_alibi, Lb);
+      gemm_rm(false, false, nr, D, kw, scalar_t(1), S.data(), kw, Vr.at(b, hk, keys.lo), Vr.ld, scalar_t(0), Ob,
+              D);
     }
   });
 }
@@ -587,7 +631,7 @@ template <typename scalar_t>
 void attention_bwd_gemm(const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
                         const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
                         at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const AttnShape& s, bool causal,
-                        double scale_d, const c10::optional<at::Tensor>& alibi) {
+                        double scale_d, const c10::optional<at::Tensor>& alibi, const MaskArgs& masks) {
   // out_in is not read: delta comes from P and dP (softmax_bwd_block)
   const at::Tensor q = blas_rows(q_in), k = blas_rows(k_in), v = blas_rows(v_in), dout = blas_rows(dout_in);
   const Rows<scalar_t> Q(q), K(k), Vr(v), dO(dout);
@@ -604,6 +648,7 @@ void attention_bwd_gemm(const at::Tensor& dout_in, const at::Tensor& q_in, const
     std::vector<scalar_t> P(kGemmRows * Tk), dS(kGemmRows * Tk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % s.H_kv, b = task / s.H_kv;
+      const attn::Mask mask = masks.of(b, s, causal);
       scalar_t* dKt = dK + (b * s.H_kv + hk) * Tk * D;  // this task's (T_k, D) slices
       scalar_t* dVt = dV + (b * s.H_kv + hk) * Tk * D;
       std::fill(dKt, dKt + Tk * D, scalar_t(0));
@@ -612,22 +657,23 @@ void attention_bwd_gemm(const at::Tensor& dout_in, const at::Tensor& q_in, const
         const int64_t h = hk * G + g;
         for (int64_t i0 = 0; i0 < Tq; i0 += kGemmRows) {
           const int64_t nr = std::min(kGemmRows, Tq - i0);
-          const int64_t ke = attn::key_end(i0 + nr - 1, Tq, Tk, causal);
+          const attn::KeyRange keys = attn::block_keys(i0, i0 + nr, mask);
+          const int64_t kw = keys.hi - keys.lo, j = keys.lo;
           scalar_t* dQb = dQ + ((b * s.H + h) * Tq + i0) * D;
-          if (ke == 0) {
+          if (kw <= 0) {
             std::fill(dQb, dQb + nr * D, scalar_t(0));
             continue;
           }
           const scalar_t* Qb = Q.at(b, h, i0);
           const scalar_t* dOb = dO.at(b, h, i0);
-          gemm_rm(false, true, nr, ke, D, scalar_t(1), Qb, Q.ld, K.at(b, hk, 0), K.ld, scalar_t(0), P.data(), ke);
-          gemm_rm(false, true, nr, ke, D, scalar_t(1), dOb, dO.ld, Vr.at(b, hk, 0), Vr.ld, scalar_t(0), dS.data(),
-                  ke);
-          softmax_bwd_block(P.data(), dS.data(), ke, i0, nr, Tq, Tk, causal, scale, slopes[h], has_alibi,
+          gemm_rm(false, true, nr, kw, D, scalar_t(1), Qb, Q.ld, K.at(b, hk, j), K.ld, scalar_t(0), P.data(), kw);
+          gemm_rm(false, true, nr, kw, D, scalar_t(1), dOb, dO.ld, Vr.at(b, hk, j), Vr.ld, scalar_t(0), dS.data(),
+                  kw);
+          softmax_bwd_block(P.data(), dS.data(), kw, j, i0, nr, mask, scale, slopes[h], has_alibi,
                             LSE + (b * s.H + h) * Tq + i0);
-          gemm_rm(true, false, ke, D, nr, scalar_t(1), P.data(), ke, dOb, dO.ld, scalar_t(1), dVt, D);
-          gemm_rm(true, false, ke, D, nr, scalar_t(1), dS.data(), ke, Qb, Q.ld, scalar_t(1), dKt, D);
-          gemm_rm(false, false, nr, D, ke, scale, dS.data(), ke, K.at(b, hk, 0), K.ld, scalar_t(0), dQb, D);
+          gemm_rm(true, false, kw, D, nr, scalar_t(1), P.data(), kw, dOb, dO.ld, scalar_t(1), dVt + j * D, D);
+          gemm_rm(true, false, kw, D, nr, scalar_t(1), dS.data(), kw, Qb, Q.ld, scalar_t(1), dKt + j * D, D);
+          gemm_rm(false, false, nr, D, kw, scale, dS.data(), kw, K.at(b, hk, j), K.ld, scalar_t(0), dQb, D);
         }
       }
       scale_row(dKt, Tk * D, scale);
@@ -735,7 +781,8 @@ struct QkvPtrs {
 
 template <typename scalar_t>
 void attention_qkv_fwd_kernel(const at::Tensor& qkv, at::Tensor& out, at::Tensor& lse, const QkvShape& s,
-                              const QkvPtrs<scalar_t>& rope, double scale_d, const c10::optional<at::Tensor>& alibi) {
+                              const QkvPtrs<scalar_t>& rope, double scale_d, const c10::optional<at::Tensor>& alibi,
+                              const MaskArgs& masks) {
   const scalar_t* X = qkv.const_data_ptr<scalar_t>();
   const int64_t sb = qkv.stride(0), st = qkv.stride(1);
   scalar_t* O = out.mutable_data_ptr<scalar_t>();  // (B, T, H D)
@@ -743,19 +790,23 @@ void attention_qkv_fwd_kernel(const at::Tensor& qkv, at::Tensor& out, at::Tensor
   const int64_t D = s.D, T = s.T, HD = s.H * D, n_blk = (T + kGemmRows - 1) / kGemmRows;
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   const std::vector<scalar_t> slopes = slopes_of<scalar_t>(alibi, s.H);
+  const AttnShape as{s.B, s.H, s.H_kv, T, T, D};
   at::parallel_for(0, s.B * s.H * n_blk, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> S(kGemmRows * T), Qb(kGemmRows * D), Kb(T * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t blk = n_blk - 1 - task % n_blk, bh = task / n_blk, h = bh % s.H, b = bh / s.H;
       const int64_t hk = attn::kv_head(h, s.H, s.H_kv);
-      const int64_t i0 = blk * kGemmRows, nr = std::min(kGemmRows, T - i0), ke = i0 + nr;
+      const int64_t i0 = blk * kGemmRows, nr = std::min(kGemmRows, T - i0);
+      const attn::Mask mask = masks.of(b, as, true);
+      const attn::KeyRange keys = attn::block_keys(i0, i0 + nr, mask);  // self-attention: never empty
+      const int64_t j = keys.lo, kw = keys.hi - keys.lo;
       const scalar_t* row0 = X + b * sb;
       rotate_rows(Qb.data(), D, row0 + i0 * st + h * D, st, nr, i0, D, rope.cs, rope.sn, false);
-      rotate_rows(Kb.data(), D, row0 + (s.H + hk) * D, st, ke, 0, D, rope.cs, rope.sn, false);
-      gemm_rm(false, true, nr, ke, D, scalar_t(1), Qb.data(), D, Kb.data(), D, scalar_t(0), S.data(), ke);
-      softmax_block(S.data(), ke, i0, nr, T, T, true, scale, slopes[h], alibi.has_value(), L + (b * s.H + h) * T + i0);
-      gemm_rm(false, false, nr, D, ke, scalar_t(1), S.data(), ke, row0 + (s.H + s.H_kv + hk) * D, st, scalar_t(0),
-              O + (b * T + i0) * HD + h * D, HD);
+      rotate_rows(Kb.data(), D, row0 + j * st + (s.H + hk) * D, st, kw, j, D, rope.cs, rope.sn, false);
+      gemm_rm(false, true, nr, kw, D, scalar_t(1), Qb.data(), D, Kb.data(), D, scalar_t(0), S.data(), kw);
+      softmax_block(S.data(), kw, j, i0, nr, mask, scale, slopes[h], alibi.has_value(), L + (b * s.H + h) * T + i0);
+      gemm_rm(false, false, nr, D, kw, scalar_t(1), S.data(), kw, row0 + j * st + (s.H + s.H_kv + hk) * D, st,
+              scalar_t(0), O + (b * T + i0) * HD + h * D, HD);
     }
   });
 }
@@ -763,7 +814,8 @@ void attention_qkv_fwd_kernel(const at::Tensor& qkv, at::Tensor& out, at::Tensor
 template <typename scalar_t>
 void attention_qkv_bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& out,
                               const at::Tensor& lse, at::Tensor& dqkv, const QkvShape& s,
-                              const QkvPtrs<scalar_t>& rope, double scale_d, const c10::optional<at::Tensor>& alibi) {
+                              const QkvPtrs<scalar_t>& rope, double scale_d, const c10::optional<at::Tensor>& alibi,
+                              const MaskArgs& masks) {
   const scalar_t* X = qkv.const_data_ptr<scalar_t>();
   const int64_t sb = qkv.stride(0), st = qkv.stride(1);
   const scalar_t* dO = dout.const_data_ptr<scalar_t>();  // (B, T, H D), rows of stride dst
@@ -771,15 +823,17 @@ void attention_qkv_bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, con
   (void)out;  // the op's contract keeps the forward's output, but delta comes from P and dP here
   const scalar_t* LSE = lse.const_data_ptr<scalar_t>();
   scalar_t* dX = dqkv.mutable_data_ptr<scalar_t>();  // contiguous (B, T, W)
-  const int64_t D = s.D, T = s.T, HD = s.H * D, W = s.W, G = s.H / s.H_kv;
+  const int64_t D = s.D, T = s.T, W = s.W, G = s.H / s.H_kv;
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   const std::vector<scalar_t> slopes = slopes_of<scalar_t>(alibi, s.H);
   const bool has_alibi = alibi.has_value();
+  const AttnShape as{s.B, s.H, s.H_kv, T, T, D};
   at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> P(kGemmRows * T), dS(kGemmRows * T), Qb(kGemmRows * D), dQb(kGemmRows * D),
         Kb(T * D), dKb(T * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % s.H_kv, b = task / s.H_kv;
+      const attn::Mask mask = masks.of(b, as, true);
       const scalar_t* row0 = X + b * sb;
       const scalar_t* Vt = row0 + (s.H + s.H_kv + hk) * D;
       scalar_t* dXb = dX + b * T * W;
@@ -790,16 +844,18 @@ void attention_qkv_bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, con
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hk * G + g;
         for (int64_t i0 = 0; i0 < T; i0 += kGemmRows) {
-          const int64_t nr = std::min(kGemmRows, T - i0), ke = i0 + nr;
+          const int64_t nr = std::min(kGemmRows, T - i0);
+          const attn::KeyRange keys = attn::block_keys(i0, i0 + nr, mask);
+          const int64_t j = keys.lo, kw = keys.hi - keys.lo;
           rotate_rows(Qb.data(), D, row0 + i0 * st + h * D, st, nr, i0, D, rope.cs, rope.sn, false);
           const scalar_t* dOb = dO + b * dsb + i0 * dst + h * D;
-          gemm_rm(false, true, nr, ke, D, scalar_t(1), Qb.data(), D, Kb.data(), D, scalar_t(0), P.data(), ke);
-          gemm_rm(false, true, nr, ke, D, scalar_t(1), dOb, dst, Vt, st, scalar_t(0), dS.data(), ke);
-          softmax_bwd_block(P.data(), dS.data(), ke, i0, nr, T, T, true, scale, slopes[h], has_alibi,
+          gemm_rm(false, true, nr, kw, D, scalar_t(1), Qb.data(), D, Kb.data() + j * D, D, scalar_t(0), P.data(), kw);
+          gemm_rm(false, true, nr, kw, D, scalar_t(1), dOb, dst, Vt + j * st, st, scalar_t(0), dS.data(), kw);
+          softmax_bwd_block(P.data(), dS.data(), kw, j, i0, nr, mask, scale, slopes[h], has_alibi,
                             LSE + (b * s.H + h) * T + i0);
-          gemm_rm(true, false, ke, D, nr, scalar_t(1), P.data(), ke, dOb, dst, scalar_t(1), dV, W);
-          gemm_rm(true, false, ke, D, nr, scalar_t(1), dS.data(), ke, Qb.data(), D, scalar_t(1), dKb.data(), D);
-          gemm_rm(false, false, nr, D, ke, scale, dS.data(), ke, Kb.data(), D, scalar_t(0), dQb.data(), D);
+          gemm_rm(true, false, kw, D, nr, scalar_t(1), P.data(), kw, dOb, dst, scalar_t(1), dV + j * W, W);
+          gemm_rm(true, false, kw, D, nr, scalar_t(1), dS.data(), kw, Qb.data(), D, scalar_t(1), dKb.data() + j * D, D);
+          gemm_rm(false, false, nr, D, kw, scale, dS.data(), kw, Kb.data() + j * D, D, scalar_t(0), dQb.data(), D);
           rotate_rows(dXb + i0 * W + h * D, W, dQb.data(), D, nr, i0, D, rope.cs, rope.sn, true);
         }
       }
@@ -812,14 +868,18 @@ void attention_qkv_bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, con
 std::tuple<at::Tensor, at::Tensor> attention_qkv_fwd_cpu(const at::Tensor& qkv_in, int64_t n_head, int64_t n_kv_head,
                                                          const c10::optional<at::Tensor>& cos,
                                                          const c10::optional<at::Tensor>& sin, double scale,
-                                                         const c10::optional<at::Tensor>& alibi_slopes) {
+                                                         const c10::optional<at::Tensor>& alibi_slopes,
+                                                         c10::optional<int64_t> window,
+                                                         const c10::optional<at::Tensor>& segment_ids) {
   const QkvShape s = check_qkv("attention_qkv_fwd", qkv_in, n_head, n_kv_head, cos, sin, alibi_slopes);
+  const MaskArgs masks = check_mask_args("attention_qkv_fwd", AttnShape{s.B, s.H, s.H_kv, s.T, s.T, s.D}, qkv_in,
+                                         window, segment_ids);
   const at::Tensor qkv = qkv_in.stride(2) == 1 && qkv_in.stride(1) >= s.W ? qkv_in : qkv_in.contiguous();
   at::Tensor out = at::empty({s.B, s.T, s.H * s.D}, qkv.options());
   at::Tensor lse = at::empty({s.B, s.H, s.T}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_qkv_fwd_cpu", [&] {
     const QkvPtrs<scalar_t> rope(cos, sin, qkv.scalar_type());
-    attention_qkv_fwd_kernel<scalar_t>(qkv, out, lse, s, rope, scale, alibi_slopes);
+    attention_qkv_fwd_kernel<scalar_t>(qkv, out, lse, s, rope, scale, alibi_slopes, masks);
   });
   return {out, lse};
 }
@@ -827,8 +887,11 @@ std::tuple<at::Tensor, at::Tensor> attention_qkv_fwd_cpu(const at::Tensor& qkv_i
 at::Tensor attention_qkv_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& qkv_in, const at::Tensor& out_in,
                                  const at::Tensor& lse_in, int64_t n_head, int64_t n_kv_head,
                                  const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
-                                 double scale, const c10::optional<at::Tensor>& alibi_slopes) {
+                                 double scale, const c10::optional<at::Tensor>& alibi_slopes,
+                                 c10::optional<int64_t> window, const c10::optional<at::Tensor>& segment_ids) {
   const QkvShape s = check_qkv("attention_qkv_bwd", qkv_in, n_head, n_kv_head, cos, sin, alibi_slopes);
+  const MaskArgs masks = check_mask_args("attention_qkv_bwd", AttnShape{s.B, s.H, s.H_kv, s.T, s.T, s.D}, qkv_in,
+                                         window, segment_ids);
   const std::vector<int64_t> o_shape{s.B, s.T, s.H * s.D}, l_shape{s.B, s.H, s.T};
   TORCH_CHECK(dout_in.sizes() == o_shape && out_in.sizes() == o_shape, "attention_qkv_bwd: dout/out must be ",
               o_shape, ", got ", dout_in.sizes(), " / ", out_in.sizes());
@@ -842,7 +905,7 @@ at::Tensor attention_qkv_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& qk
   at::Tensor dqkv = at::empty({s.B, s.T, s.W}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_qkv_bwd_cpu", [&] {
     const QkvPtrs<scalar_t> rope(cos, sin, qkv.scalar_type());
-    attention_qkv_bwd_kernel<scalar_t>(dout, qkv, out, lse, dqkv, s, rope, scale, alibi_slopes);
+    attention_qkv_bwd_kernel<scalar_t>(dout, qkv, out, lse, dqkv, s, rope, scale, alibi_slopes, masks);
   });
   return dqkv;
 }
@@ -858,19 +921,22 @@ at::ScalarType lse_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDo
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, bool causal, double scale,
-                                                     const c10::optional<at::Tensor>& alibi_slopes) {
+                                                     const c10::optional<at::Tensor>& alibi_slopes,
+                                                     c10::optional<int64_t> window,
+                                                     const c10::optional<at::Tensor>& segment_ids) {
   const AttnShape s = check_attention_args("attention_fwd", q, k, v, alibi_slopes);
   check_cpu("attention_fwd", q);
+  const MaskArgs masks = check_mask_args("attention_fwd", s, q, window, segment_ids);
   at::Tensor out = at::empty({s.B, s.H, s.T_q, s.D}, q.options());
   at::Tensor lse = at::empty({s.B, s.H, s.T_q}, q.options().dtype(lse_dtype(q.scalar_type())));
   if (use_gemm_path(q, s)) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu_gemm", [&] {
-      attention_fwd_gemm<scalar_t>(q, k, v, out, lse, s, causal, scale, alibi_slopes);
+      attention_fwd_gemm<scalar_t>(q, k, v, out, lse, s, causal, scale, alibi_slopes, masks);
     });
     return {out, lse};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
-    attention_fwd_kernel<scalar_t>(q, k, v, out, lse, s, causal, scale, alibi_slopes);
+    attention_fwd_kernel<scalar_t>(q, k, v, out, lse, s, causal, scale, alibi_slopes, masks);
   });
   return {out, lse};
 }
@@ -878,21 +944,23 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
-    const c10::optional<at::Tensor>& alibi_slopes) {
+    const c10::optional<at::Tensor>& alibi_slopes, c10::optional<int64_t> window,
+    const c10::optional<at::Tensor>& segment_ids) {
   const AttnShape s = check_attention_args("attention_bwd", q, k, v, alibi_slopes);
   check_cpu("attention_bwd", q);
   check_attention_bwd_args("attention_bwd", s, q, dout, out, lse);
+  const MaskArgs masks = check_mask_args("attention_bwd", s, q, window, segment_ids);
   at::Tensor dq = at::empty({s.B, s.H, s.T_q, s.D}, q.options());
   at::Tensor dk = at::empty({s.B, s.H_kv, s.T_k, s.D}, k.options());
   at::Tensor dv = at::empty({s.B, s.H_kv, s.T_k, s.D}, v.options());
   if (use_gemm_path(q, s)) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd_cpu_gemm", [&] {
-      attention_bwd_gemm<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, s, causal, scale, alibi_slopes);
+      attention_bwd_gemm<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, s, causal, scale, alibi_slopes, masks);
     });
     return {dq, dk, dv};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
-    attention_bwd_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, s, causal, scale, alibi_slopes);
+    attention_bwd_kernel<scalar_t>(dout, q, k, v, out, lse, dq, dk, dv, s, causal, scale, alibi_slopes, masks);
   });
   return {dq, dk, dv};
 }

@@ -20,6 +20,11 @@
 //   3. dQ: one CTA = 4 warps = 64 query rows of one (batch, head); loops over key blocks:
 //      S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K (heaviest causal blocks first).
 //
+// Masks (causal, sliding window, documents) give each query row one interval of keys
+// (attn::row_keys): a CTA visits only the key tiles of its rows' union (forward, dQ) or only the
+// query blocks that see its keys (dK/dV); per warp, a tile is skipped when no pair is visible,
+// masked per element when some are, and plain when all are, judged from the key ranges of its first
+// and last rows, which each CTA keeps in shared memory (lo/hi per row).
 // Masking, ALiBi, GQA head mapping, block order and the online-softmax bookkeeping come from
 // csrc/attention_common.h, which the CPU kernels and tests/test_attention_common.py use too.
 #include <cuda_bf16.h>
@@ -239,6 +244,37 @@ __device__ __forceinline__ void zero(float (&c)[N][4]) {
   for (int i = 0; i < N; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Masks
+// ------------------------------------------------------------------------------------------------
+// The mask of batch b.
+__device__ __forceinline__ at_::Mask mask_of(const AttnParams& p, int b) {
+  return at_::Mask{p.T_q, p.T_k, p.causal, p.window, p.doc ? p.doc + (int64_t)b * 2 * p.T_k : nullptr};
+}
+
+// The key ranges of the query rows [i0, i0 + n) into shared lo/hi (threads tid < n; rows past T_q get
+// the empty range). Positions fit in int: T_q, T_k <= kMaxAttnSeqLen.
+__device__ __forceinline__ void store_row_keys(int* lo, int* hi, int i0, int n, const at_::Mask& m,
+                                               int tid) {
+  if (tid < n) {
+    const at_::KeyRange r = at_::row_keys(i0 + tid, m);
+    lo[tid] = (int)r.lo;
+    hi[tid] = (int)r.hi;
+  }
+}
+
+// What a warp does with the key tile [j0, j1) against its rows [r0, r0 + n) (indices into lo/hi;
+// n = the rows inside T_q, <= 0: none): skip it, mask it per element, or take it plain.
+enum TileKind { kSkip, kMasked, kPlain };
+
+__device__ __forceinline__ TileKind tile_kind(const int* lo, const int* hi, int r0, int n, int j0,
+                                              int j1) {
+  if (n <= 0) return kSkip;
+  const at_::KeyRange first{lo[r0], hi[r0]}, last{lo[r0 + n - 1], hi[r0 + n - 1]};
+  if (at_::tile_masked(first, last, j0, j1)) return kSkip;
+  return at_::tile_visible(first, last, j0, j1) ? kPlain : kMasked;
+}
+
 // Store rows (row0 + g, row0 + g + 8) of a [16 x D] C-fragment accumulator, times `mul`, into a
 // contiguous [n_rows][D] matrix; rows >= n_rows are dropped.
 template <typename T, int D>
@@ -266,9 +302,9 @@ constexpr int FWD_BN = 64;
 constexpr int FWD_WARPS = FWD_BM / 16;
 constexpr int FWD_THREADS = FWD_WARPS * 32;
 
-template <int D>
-constexpr int fwd_smem_elems() {
-  return FWD_BM * D + 4 * FWD_BN * D;  // Q + 2 x K + 2 x V
+template <typename T, int D>
+constexpr size_t fwd_smem_bytes() {  // Q + 2 x K + 2 x V, then the rows' key ranges (lo, hi)
+  return (FWD_BM * D + 4 * FWD_BN * D) * sizeof(T) + 2 * FWD_BM * sizeof(int);
 }
 
 // Online-softmax state of the two rows (g, g + 8) a thread holds, in log2 units.
@@ -316,18 +352,21 @@ __device__ __forceinline__ void softmax_tile(float (&s)[FWD_BN / 8][4], float (&
   }
 }
 
-// Replace raw qk by masked, biased log2-unit scores for the rows wm0 + g (+8), keys j0 + col.
+// Replace raw qk by masked, biased log2-unit scores for the rows wm0 + g (+8), keys j0 + col; lo/hi
+// hold the key ranges of the warp's 16 rows.
 __device__ __forceinline__ void mask_tile_fwd(float (&s)[FWD_BN / 8][4], const AttnParams& p,
                                               float scale_log2, float slope_log2, int wm0, int j0,
-                                              int lane) {
+                                              const int* lo, const int* hi, int lane) {
   const int g = lane / 4, t4 = lane % 4;
 #pragma unroll
-  for (int nt = 0; nt < FWD_BN / 8; ++nt) {
+  for (int e = 0; e < 4; ++e) {
+    const int r = g + (e >= 2 ? 8 : 0);
+    const at_::KeyRange keys{lo[r], hi[r]};
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = wm0 + g + (e >= 2 ? 8 : 0), j = j0 + nt * 8 + 2 * t4 + (e & 1);
-      s[nt][e] = at_::masked_score_log2<float>(s[nt][e], scale_log2, slope_log2, i, j, p.T_q,
-                                               p.T_k, p.causal);
+    for (int nt = 0; nt < FWD_BN / 8; ++nt) {
+      const int j = j0 + nt * 8 + 2 * t4 + (e & 1);
+      s[nt][e] = at_::masked_score_log2<float>(s[nt][e], scale_log2, slope_log2, wm0 + r, j, p.T_q,
+                                               p.T_k, keys);
     }
   }
 }
@@ -339,6 +378,8 @@ __global__ void __launch_bounds__(FWD_THREADS)
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + FWD_BM * D;      // 2 buffers
   T* sV = sK + 2 * FWD_BN * D;  // 2 buffers
+  int* sLo = reinterpret_cast<int*>(sV + 2 * FWD_BN * D);  // the key range of each row
+  int* sHi = sLo + FWD_BM;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int bh = blockIdx.x, b = bh / p.H, h = bh % p.H;
@@ -354,7 +395,11 @@ __global__ void __launch_bounds__(FWD_THREADS)
   const float slope_log2 = p.alibi ? p.alibi[h] * (float)at_::kLog2e : 0.f;
   const bool plain_ok = p.alibi == nullptr && p.scale > 0.f;  // raw-qk row max is the true max
 
-  const int n_tiles = (int)at_::key_blocks_for_rows(min(m0 + FWD_BM, Tq), Tq, Tk, p.causal, FWD_BN);
+  const at_::Mask mask = mask_of(p, b);
+  store_row_keys(sLo, sHi, m0, FWD_BM, mask, tid);
+  const at_::KeyRange keys = at_::block_keys(m0, m0 + FWD_BM, mask);  // tiles outside: never visited
+  const int k0 = (int)keys.lo, n_tiles = (int)((keys.hi - keys.lo + FWD_BN - 1) / FWD_BN);
+  const int w_rows = min(16, Tq - wm0);  // this warp's rows inside T_q
   float o[D / 8][4];
   zero(o);
   RowStats st;
@@ -362,8 +407,8 @@ __global__ void __launch_bounds__(FWD_THREADS)
 
   if (n_tiles > 0) {
     load_tile_async<T, FWD_BM, D, FWD_THREADS>(sQ, Qb, p.q_stride[2], m0, Tq, tid);
-    load_tile_async<T, FWD_BN, D, FWD_THREADS>(sK, Kb, p.k_stride[2], 0, Tk, tid);
-    load_tile_async<T, FWD_BN, D, FWD_THREADS>(sV, Vb, p.v_stride[2], 0, Tk, tid);
+    load_tile_async<T, FWD_BN, D, FWD_THREADS>(sK, Kb, p.k_stride[2], k0, Tk, tid);
+    load_tile_async<T, FWD_BN, D, FWD_THREADS>(sV, Vb, p.v_stride[2], k0, Tk, tid);
     cp_async_commit();
   }
   for (int n = 0; n < n_tiles; ++n) {
@@ -371,9 +416,9 @@ __global__ void __launch_bounds__(FWD_THREADS)
     if (n + 1 < n_tiles) {
       const int nb = buf ^ 1;
       load_tile_async<T, FWD_BN, D, FWD_THREADS>(sK + nb * FWD_BN * D, Kb, p.k_stride[2],
-                                                 (n + 1) * FWD_BN, Tk, tid);
+                                                 k0 + (n + 1) * FWD_BN, Tk, tid);
       load_tile_async<T, FWD_BN, D, FWD_THREADS>(sV + nb * FWD_BN * D, Vb, p.v_stride[2],
-                                                 (n + 1) * FWD_BN, Tk, tid);
+                                                 k0 + (n + 1) * FWD_BN, Tk, tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -384,15 +429,18 @@ __global__ void __launch_bounds__(FWD_THREADS)
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) ldsm_a<T, D>(qf[kk], sQ, warp * 16, kk, lane);
     }
-    const int j0 = n * FWD_BN;
-    if (!at_::tile_fully_masked(wm0, 16, j0, Tq, Tk, p.causal)) {  // warp-uniform skip
+    const int j0 = k0 + n * FWD_BN;
+    const TileKind kind = tile_kind(sLo, sHi, warp * 16, w_rows, j0, j0 + FWD_BN);
+    if (kind != kSkip) {  // warp-uniform
       float s[FWD_BN / 8][4];
       zero(s);
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
         mma_abt_step<T, D, FWD_BN>(s, qf[kk], sK + buf * FWD_BN * D, kk, lane);
-      const bool plain = plain_ok && at_::tile_fully_visible(wm0, j0, FWD_BN, Tq, Tk, p.causal);
-      if (!plain) mask_tile_fwd(s, p, scale_log2, slope_log2, wm0, j0, lane);
+      const bool plain = plain_ok && kind == kPlain;
+      if (!plain) {
+        mask_tile_fwd(s, p, scale_log2, slope_log2, wm0, j0, sLo + warp * 16, sHi + warp * 16, lane);
+      }
       softmax_tile<D>(s, o, st, plain ? scale_log2 : 1.f);
       mma_pv<T, D, FWD_BN>(o, s, sV + buf * FWD_BN * D, lane);
     }
@@ -432,13 +480,14 @@ constexpr int dkdv_bq() {
 }
 
 template <typename T, int D>
-constexpr size_t dkdv_smem_bytes() {  // K, V + 2 x (Q, dO) + 2 x (shift, delta)
-  return (2 * BWD_BN * D + 4 * dkdv_bq<D>() * D) * sizeof(T) + 4 * dkdv_bq<D>() * sizeof(float);
+constexpr size_t dkdv_smem_bytes() {  // K, V + 2 x (Q, dO) + 2 x (shift, delta) + 2 x (lo, hi)
+  return (2 * BWD_BN * D + 4 * dkdv_bq<D>() * D) * sizeof(T) + 4 * dkdv_bq<D>() * sizeof(float) +
+         4 * dkdv_bq<D>() * sizeof(int);
 }
 
 template <typename T, int D>
-constexpr size_t dq_smem_bytes() {  // Q, dO + 2 x (K, V)
-  return (2 * BWD_BM * D + 4 * BWD_BN * D) * sizeof(T);
+constexpr size_t dq_smem_bytes() {  // Q, dO + 2 x (K, V) + (lo, hi) of the rows
+  return (2 * BWD_BM * D + 4 * BWD_BN * D) * sizeof(T) + 2 * BWD_BM * sizeof(int);
 }
 
 // delta[b, h, i] = sum_d dO * O; one warp per row.
@@ -459,12 +508,12 @@ __global__ void attention_bwd_delta_kernel(const AttnBwdParams p) {
 
 // Probabilities and score gradients of one warp tile (16 rows from row0, NT * 8 columns from
 // col0), in place: s holds raw qk and becomes P, dp holds dO . v and becomes dS = P (dp - delta).
-// kQueryIsRow: rows are queries (dQ kernel, shift/delta indexed by the thread's row r = 0, 1) or
-// columns are (dK/dV kernel, transposed tile; shift/delta indexed by the tile column). shift is
-// lse * log2(e) per query (+inf for rows that see nothing), delta = rowsum(dO * O).
+// kQueryIsRow: rows are queries (dQ kernel, shift/delta indexed by the thread's row r = 0, 1, lo/hi
+// by 8 r from the thread's first row) or columns are (dK/dV kernel, transposed tile; shift, delta,
+// lo and hi indexed by the tile column). shift is lse * log2(e) per query (+inf for rows that see
+// nothing), delta = rowsum(dO * O), [lo, hi) the query's keys.
 struct BwdTile {
   int t_q, t_k;
-  bool causal;
   float scale_log2, slope_log2;
   bool plain;  // no masking, no ALiBi: the scale folds into the exp2 FMA
 };
@@ -473,7 +522,7 @@ template <int NT, bool kQueryIsRow>
 __device__ __forceinline__ void probs_and_dscores(float (&s)[NT][4], float (&dp)[NT][4],
                                                   const BwdTile& t, int row0, int col0,
                                                   const float* shift, const float* delta,
-                                                  int lane) {
+                                                  const int* lo, const int* hi, int lane) {
   const int g = lane / 4, t4 = lane % 4;
   const float coef = t.plain ? t.scale_log2 : 1.f;
 #pragma unroll
@@ -485,8 +534,9 @@ __device__ __forceinline__ void probs_and_dscores(float (&s)[NT][4], float (&dp)
       const int i = kQueryIsRow ? row0 + rl : col0 + cl, j = kQueryIsRow ? col0 + cl : row0 + rl;
       float x = s[nt][e];
       if (!t.plain) {
+        const int kq = kQueryIsRow ? (e >> 1) * 8 : cl;
         x = at_::masked_score_log2<float>(x, t.scale_log2, t.slope_log2, i, j, t.t_q, t.t_k,
-                                          t.causal);
+                                          at_::KeyRange{lo[kq], hi[kq]});
       }
       const float pr = ex2(at_::exp2_arg(x, coef, shift[ql]));  // masked or empty row: 0
       s[nt][e] = pr;
@@ -495,29 +545,43 @@ __device__ __forceinline__ void probs_and_dscores(float (&s)[NT][4], float (&dp)
   }
 }
 
+// Shared operands of the dK/dV loop, two buffers each: Q and dO tiles, and per query row the
+// shift, delta and key range.
+template <typename T>
+struct DkdvSmem {
+  T* q;
+  T* dout;
+  float* shift;
+  float* delta;
+  int* lo;
+  int* hi;
+};
+
 // Loads the step-`it` operands of the dK/dV loop (query head hk * G + it / n_qb, query block
 // q_first + it % n_qb) into buffer `buf`.
 template <typename T, int D>
-__device__ __forceinline__ void dkdv_load_step(const AttnBwdParams& p, int b, int hk, int it,
-                                               int q_first, int n_qb, int buf, T* sQ, T* sDO,
-                                               float* sShift, float* sDelta, int tid) {
+__device__ __forceinline__ void dkdv_load_step(const AttnBwdParams& p, const at_::Mask& mask, int b,
+                                               int hk, int it, int q_first, int n_qb, int buf,
+                                               const DkdvSmem<T>& sm, int tid) {
   constexpr int BQ = dkdv_bq<D>();
   const AttnParams& f = p.fwd;
   const int h = hk * (f.H / f.H_kv) + it / n_qb, i0 = (q_first + it % n_qb) * BQ;
   load_tile_async<T, BQ, D, BWD_THREADS>(
-      sQ + buf * BQ * D, static_cast<const T*>(f.q) + b * f.q_stride[0] + h * f.q_stride[1],
+      sm.q + buf * BQ * D, static_cast<const T*>(f.q) + b * f.q_stride[0] + h * f.q_stride[1],
       f.q_stride[2], i0, f.T_q, tid);
   load_tile_async<T, BQ, D, BWD_THREADS>(
-      sDO + buf * BQ * D, static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1],
-      p.do_stride[2], i0, f.T_q, tid);
+      sm.dout + buf * BQ * D,
+      static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1], p.do_stride[2], i0,
+      f.T_q, tid);
   cp_async_commit();
   if (tid < BQ) {
     const int i = i0 + tid;
     const int64_t row = ((int64_t)b * f.H + h) * f.T_q + i;
-    sShift[buf * BQ + tid] =
+    sm.shift[buf * BQ + tid] =
         i < f.T_q ? at_::backward_shift(p.lse[row]) * (float)at_::kLog2e : INFINITY;
-    sDelta[buf * BQ + tid] = i < f.T_q ? p.delta[row] : 0.f;
+    sm.delta[buf * BQ + tid] = i < f.T_q ? p.delta[row] : 0.f;
   }
+  store_row_keys(sm.lo + buf * BQ, sm.hi + buf * BQ, i0, BQ, mask, tid);
 }
 
 template <typename T, int D>
@@ -526,54 +590,66 @@ __global__ void __launch_bounds__(BWD_THREADS) attention_bwd_dkdv_kernel(const A
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BWD_BN * D;
-  T* sQ = sV + BWD_BN * D;   // 2 buffers
-  T* sDO = sQ + 2 * BQ * D;  // 2 buffers
-  float* sShift = reinterpret_cast<float*>(sDO + 2 * BQ * D);
-  float* sDelta = sShift + 2 * BQ;
+  DkdvSmem<T> sm;
+  sm.q = sV + BWD_BN * D;           // 2 buffers each from here
+  sm.dout = sm.q + 2 * BQ * D;
+  sm.shift = reinterpret_cast<float*>(sm.dout + 2 * BQ * D);
+  sm.delta = sm.shift + 2 * BQ;
+  sm.lo = reinterpret_cast<int*>(sm.delta + 2 * BQ);
+  sm.hi = sm.lo + 2 * BQ;
 
   const AttnParams& f = p.fwd;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int bhk = blockIdx.x, b = bhk / f.H_kv, hk = bhk % f.H_kv;
   const int j0 = blockIdx.y * BWD_BN, kw0 = j0 + warp * 16;  // this warp's 16 keys
   const int Tq = f.T_q, Tk = f.T_k, G = f.H / f.H_kv;
-  const int q_first = (int)at_::first_row_seeing_key(j0, Tq, Tk, f.causal) / BQ;
-  const int n_qb = (Tq + BQ - 1) / BQ - q_first;  // >= 1: the last row sees every key
+  // the query rows that see one of this CTA's keys: blocks of BQ from q_first (none: dK = dV = 0)
+  const at_::Mask mask = mask_of(f, b);
+  const int r_first = (int)at_::first_row_seeing(j0, mask);
+  const int r_end = (int)at_::end_row_seeing(min(j0 + BWD_BN, Tk), mask);
+  const int q_first = r_first / BQ;
+  const int n_qb = r_end > r_first ? (r_end + BQ - 1) / BQ - q_first : 0;
   const int n_steps = G * n_qb;
 
-  load_tile_async<T, BWD_BN, D, BWD_THREADS>(
-      sK, static_cast<const T*>(f.k) + b * f.k_stride[0] + hk * f.k_stride[1], f.k_stride[2], j0,
-      Tk, tid);
-  load_tile_async<T, BWD_BN, D, BWD_THREADS>(
-      sV, static_cast<const T*>(f.v) + b * f.v_stride[0] + hk * f.v_stride[1], f.v_stride[2], j0,
-      Tk, tid);
-  dkdv_load_step<T, D>(p, b, hk, 0, q_first, n_qb, 0, sQ, sDO, sShift, sDelta, tid);
+  if (n_steps > 0) {
+    load_tile_async<T, BWD_BN, D, BWD_THREADS>(
+        sK, static_cast<const T*>(f.k) + b * f.k_stride[0] + hk * f.k_stride[1], f.k_stride[2], j0,
+        Tk, tid);
+    load_tile_async<T, BWD_BN, D, BWD_THREADS>(
+        sV, static_cast<const T*>(f.v) + b * f.v_stride[0] + hk * f.v_stride[1], f.v_stride[2], j0,
+        Tk, tid);
+    dkdv_load_step<T, D>(p, mask, b, hk, 0, q_first, n_qb, 0, sm, tid);
+  }
 
   float dk[D / 8][4], dv[D / 8][4];
   zero(dk);
   zero(dv);
-  BwdTile tile{Tq, Tk, f.causal, f.scale * (float)at_::kLog2e, 0.f, false};
+  BwdTile tile{Tq, Tk, f.scale * (float)at_::kLog2e, 0.f, false};
   for (int it = 0; it < n_steps; ++it) {
     const int buf = it & 1;
     if (it + 1 < n_steps) {
-      dkdv_load_step<T, D>(p, b, hk, it + 1, q_first, n_qb, buf ^ 1, sQ, sDO, sShift, sDelta, tid);
+      dkdv_load_step<T, D>(p, mask, b, hk, it + 1, q_first, n_qb, buf ^ 1, sm, tid);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
     const int h = hk * G + it / n_qb, i0 = (q_first + it % n_qb) * BQ;
-    if (!at_::tile_fully_masked(i0, BQ, kw0, Tq, Tk, f.causal)) {
-      const T* tQ = sQ + buf * BQ * D;
-      const T* tDO = sDO + buf * BQ * D;
+    const int* lo = sm.lo + buf * BQ;
+    const int* hi = sm.hi + buf * BQ;
+    const TileKind kind = tile_kind(lo, hi, 0, min(BQ, Tq - i0), kw0, kw0 + 16);
+    if (kind != kSkip) {
+      const T* tQ = sm.q + buf * BQ * D;
+      const T* tDO = sm.dout + buf * BQ * D;
       float st[BQ / 8][4], dpt[BQ / 8][4];  // S^T and dP^T: 16 keys x BQ queries
       zero(st);
       zero(dpt);
       mma_abt_smem<T, D, BQ>(st, sK, warp * 16, tQ, lane);
       mma_abt_smem<T, D, BQ>(dpt, sV, warp * 16, tDO, lane);
       tile.slope_log2 = f.alibi ? f.alibi[h] * (float)at_::kLog2e : 0.f;
-      tile.plain = !f.alibi && at_::tile_fully_visible(i0, kw0, 16, Tq, Tk, f.causal);
-      probs_and_dscores<BQ / 8, false>(st, dpt, tile, kw0, i0, sShift + buf * BQ,
-                                       sDelta + buf * BQ, lane);
+      tile.plain = !f.alibi && kind == kPlain;
+      probs_and_dscores<BQ / 8, false>(st, dpt, tile, kw0, i0, sm.shift + buf * BQ,
+                                       sm.delta + buf * BQ, lo, hi, lane);
       mma_pv<T, D, BQ>(dv, st, tDO, lane);  // dV += P^T dO
       mma_pv<T, D, BQ>(dk, dpt, tQ, lane);  // dK += dS^T Q
     }
@@ -592,6 +668,8 @@ __global__ void __launch_bounds__(BWD_THREADS) attention_bwd_dq_kernel(const Att
   T* sDO = sQ + BWD_BM * D;
   T* sK = sDO + BWD_BM * D;      // 2 buffers
   T* sV = sK + 2 * BWD_BN * D;   // 2 buffers
+  int* sLo = reinterpret_cast<int*>(sV + 2 * BWD_BN * D);  // the key range of each row
+  int* sHi = sLo + BWD_BM;
 
   const AttnParams& f = p.fwd;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4;
@@ -611,7 +689,11 @@ __global__ void __launch_bounds__(BWD_THREADS) attention_bwd_dq_kernel(const Att
   }
   const T* Kb = static_cast<const T*>(f.k) + b * f.k_stride[0] + hk * f.k_stride[1];
   const T* Vb = static_cast<const T*>(f.v) + b * f.v_stride[0] + hk * f.v_stride[1];
-  const int n_tiles = (int)at_::key_blocks_for_rows(min(m0 + BWD_BM, Tq), Tq, Tk, f.causal, BWD_BN);
+  const at_::Mask mask = mask_of(f, b);
+  store_row_keys(sLo, sHi, m0, BWD_BM, mask, tid);
+  const at_::KeyRange keys = at_::block_keys(m0, m0 + BWD_BM, mask);  // tiles outside: never visited
+  const int k0 = (int)keys.lo, n_tiles = (int)((keys.hi - keys.lo + BWD_BN - 1) / BWD_BN);
+  const int w_rows = min(16, Tq - wm0);  // this warp's rows inside T_q
   if (n_tiles > 0) {
     load_tile_async<T, BWD_BM, D, BWD_THREADS>(
         sQ, static_cast<const T*>(f.q) + b * f.q_stride[0] + h * f.q_stride[1], f.q_stride[2], m0,
@@ -619,38 +701,40 @@ __global__ void __launch_bounds__(BWD_THREADS) attention_bwd_dq_kernel(const Att
     load_tile_async<T, BWD_BM, D, BWD_THREADS>(
         sDO, static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1],
         p.do_stride[2], m0, Tq, tid);
-    load_tile_async<T, BWD_BN, D, BWD_THREADS>(sK, Kb, f.k_stride[2], 0, Tk, tid);
-    load_tile_async<T, BWD_BN, D, BWD_THREADS>(sV, Vb, f.v_stride[2], 0, Tk, tid);
+    load_tile_async<T, BWD_BN, D, BWD_THREADS>(sK, Kb, f.k_stride[2], k0, Tk, tid);
+    load_tile_async<T, BWD_BN, D, BWD_THREADS>(sV, Vb, f.v_stride[2], k0, Tk, tid);
     cp_async_commit();
   }
   float dq[D / 8][4];
   zero(dq);
-  BwdTile tile{Tq, Tk, f.causal, f.scale * (float)at_::kLog2e,
+  BwdTile tile{Tq, Tk, f.scale * (float)at_::kLog2e,
                f.alibi ? f.alibi[h] * (float)at_::kLog2e : 0.f, false};
   for (int n = 0; n < n_tiles; ++n) {
     const int buf = n & 1;
     if (n + 1 < n_tiles) {
       const int nb = buf ^ 1;
       load_tile_async<T, BWD_BN, D, BWD_THREADS>(sK + nb * BWD_BN * D, Kb, f.k_stride[2],
-                                                 (n + 1) * BWD_BN, Tk, tid);
+                                                 k0 + (n + 1) * BWD_BN, Tk, tid);
       load_tile_async<T, BWD_BN, D, BWD_THREADS>(sV + nb * BWD_BN * D, Vb, f.v_stride[2],
-                                                 (n + 1) * BWD_BN, Tk, tid);
+                                                 k0 + (n + 1) * BWD_BN, Tk, tid);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    const int j0 = n * BWD_BN;
-    if (!at_::tile_fully_masked(wm0, 16, j0, Tq, Tk, f.causal)) {
+    const int j0 = k0 + n * BWD_BN;
+    const TileKind kind = tile_kind(sLo, sHi, warp * 16, w_rows, j0, j0 + BWD_BN);
+    if (kind != kSkip) {
       const T* tK = sK + buf * BWD_BN * D;
       float s[BWD_BN / 8][4], dp[BWD_BN / 8][4];
       zero(s);
       zero(dp);
       mma_abt_smem<T, D, BWD_BN>(s, sQ, warp * 16, tK, lane);
       mma_abt_smem<T, D, BWD_BN>(dp, sDO, warp * 16, sV + buf * BWD_BN * D, lane);
-      tile.plain = !f.alibi && at_::tile_fully_visible(wm0, j0, BWD_BN, Tq, Tk, f.causal);
-      probs_and_dscores<BWD_BN / 8, true>(s, dp, tile, wm0, j0, shift, delta, lane);
+      tile.plain = !f.alibi && kind == kPlain;
+      probs_and_dscores<BWD_BN / 8, true>(s, dp, tile, wm0, j0, shift, delta,
+                                          sLo + warp * 16 + g, sHi + warp * 16 + g, lane);
       mma_pv<T, D, BWD_BN>(dq, dp, tK, lane);  // dQ += dS K
     }
     __syncthreads();
@@ -684,8 +768,8 @@ cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream
 template <typename T, int D>
 cudaError_t launch_fwd(const AttnParams& p, void* out, float* lse, cudaStream_t st) {
   const dim3 grid(p.B * p.H, (p.T_q + FWD_BM - 1) / FWD_BM);
-  return launch(attention_fwd_kernel<T, D>, grid, dim3(FWD_THREADS), fwd_smem_elems<D>() * sizeof(T),
-                st, p, static_cast<T*>(out), lse);
+  return launch(attention_fwd_kernel<T, D>, grid, dim3(FWD_THREADS), fwd_smem_bytes<T, D>(), st, p,
+                static_cast<T*>(out), lse);
 }
 
 template <typename T, int D>

@@ -24,6 +24,11 @@ struct AttnParams {
   float scale;
   const float* alibi;  // (H,) float32 or nullptr
   bool causal;
+  // Masks beyond causal (csrc/attention_common.h): keys within `window` positions of the query's
+  // (0: none), and documents: doc = (B, 2, T_k) int64 bounds (document_bounds in op_checks.h) or
+  // nullptr. attn_params_from_arrays leaves both off.
+  int64_t window;
+  const int64_t* doc;
 };
 
 // AttnParams from flat arrays, the layout of the torch-free C entry points (csrc/cuda/direct.cu and

@@ -56,9 +56,12 @@ at::Tensor tensor_core_readable(const at::Tensor& t) {
   return ok ? t : at::empty(t.sizes(), t.options()).copy_(t);
 }
 
+// The kernel parameters of a call; alibi_f32 and masks keep the tensors they point into alive.
 cuda::AttnParams make_params(const char* op, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, bool causal, double scale,
-                             const c10::optional<at::Tensor>& alibi, at::Tensor& alibi_f32) {
+                             const c10::optional<at::Tensor>& alibi, c10::optional<int64_t> window,
+                             const c10::optional<at::Tensor>& segment_ids, at::Tensor& alibi_f32,
+                             MaskArgs& masks) {
   const AttnShape s = check_attention_args(op, q, k, v, alibi);
   TORCH_CHECK(s.D == 64 || s.D == 128, op, ": head dim ", s.D,
               " not supported by the CUDA kernel (64 or 128)");
@@ -86,18 +89,25 @@ cuda::AttnParams make_params(const char* op, const at::Tensor& q, const at::Tens
     alibi_f32 = alibi->to(at::kFloat).contiguous();
     p.alibi = alibi_f32.data_ptr<float>();
   }
+  masks = check_mask_args(op, s, q, window, segment_ids);
+  p.window = masks.window;
+  p.doc = masks.bounds.defined() ? masks.bounds.const_data_ptr<int64_t>() : nullptr;
   return p;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, bool causal,
                                                       double scale,
-                                                      const c10::optional<at::Tensor>& alibi) {
+                                                      const c10::optional<at::Tensor>& alibi,
+                                                      c10::optional<int64_t> window,
+                                                      const c10::optional<at::Tensor>& segment_ids) {
   const char* op = "attention_fwd";
   const cuda::DType dt = to_dtype(op, q.scalar_type(), /*allow_fp32=*/false);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor alibi_f32;
-  const cuda::AttnParams p = make_params(op, q, k, v, causal, scale, alibi, alibi_f32);
+  MaskArgs masks;
+  const cuda::AttnParams p =
+      make_params(op, q, k, v, causal, scale, alibi, window, segment_ids, alibi_f32, masks);
   at::Tensor out = at::empty({p.B, p.H, p.T_q, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.T_q}, q.options().dtype(at::kFloat));
   check_cuda_status(op, cuda::attention_fwd(p, dt, out.data_ptr(), lse.data_ptr<float>(),
@@ -108,13 +118,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, bool causal, double scale,
-    const c10::optional<at::Tensor>& alibi) {
+    const c10::optional<at::Tensor>& alibi, c10::optional<int64_t> window,
+    const c10::optional<at::Tensor>& segment_ids) {
   const char* op = "attention_bwd";
   const cuda::DType dt = to_dtype(op, q.scalar_type(), /*allow_fp32=*/false);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor alibi_f32;
+  MaskArgs masks;
   cuda::AttnBwdParams p{};
-  p.fwd = make_params(op, q, k, v, causal, scale, alibi, alibi_f32);
+  p.fwd = make_params(op, q, k, v, causal, scale, alibi, window, segment_ids, alibi_f32, masks);
   const AttnShape s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   check_attention_bwd_args(op, s, q, dout, out, lse);
   // dout feeds the tensor cores through 16-byte async copies; out only a row sum.

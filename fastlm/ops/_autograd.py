@@ -1,9 +1,10 @@
 """Autograd wiring shared by the compiled backends (C++/CUDA ops of ``fastlm._C`` and the Triton
 ops of :mod:`fastlm.kernels`): each forward op gets its backward op through one of two helpers.
 
-* :func:`register_attention_autograd` -- ``fwd(q, k, v, causal, scale, alibi_slopes) -> (out, lse)``
-  with ``bwd(dout, q, k, v, out, lse, causal, scale, alibi_slopes) -> (dq, dk, dv)``; ``lse`` is not
-  differentiable, ``alibi_slopes`` is a constant of the model.
+* :func:`register_attention_autograd` -- ``fwd(q, k, v, causal, scale, alibi_slopes, *masks) -> (out, lse)``
+  with ``bwd(dout, q, k, v, out, lse, causal, scale, alibi_slopes, *masks) -> (dq, dk, dv)``; ``lse`` is
+  not differentiable, ``alibi_slopes`` is a constant of the model, and the trailing mask arguments
+  (``window``, ``segment_ids`` where the op has them) go to the backward unchanged.
 * :func:`register_elementwise_autograd` -- ``fwd(*inputs) -> out`` with
   ``bwd(dout, *inputs) -> one gradient per input`` (SwiGLU, split and packed).
 """
@@ -18,40 +19,42 @@ def register_attention_autograd(fwd_op, bwd_op, contiguous_dout: bool = False) -
     """Wire ``bwd_op`` as the backward of the attention op ``fwd_op`` (an op object or its
     qualified name); ``contiguous_dout`` hands the backward a contiguous ``dout``."""
     def setup_context(ctx, inputs, output):
-        q, k, v, causal, scale, alibi_slopes = inputs
+        q, k, v, causal, scale, alibi_slopes, *masks = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.alibi_slopes = alibi_slopes
         ctx.causal = causal
         ctx.scale = scale
+        ctx.masks = masks
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         if contiguous_dout:
             dout = dout.contiguous()
-        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.alibi_slopes)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = bwd_op(dout, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.alibi_slopes, *ctx.masks)
+        return (dq, dk, dv, None, None, None) + (None,) * len(ctx.masks)
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
 
 def register_attention_qkv_autograd(fwd_op, bwd_op) -> None:
     """Wire ``bwd_op`` as the backward of the packed self-attention op ``fwd_op`` (qkv in, d(qkv) out;
-    the RoPE tables, head counts, scale and slopes take no gradient)."""
+    the RoPE tables, head counts, scale, slopes and the trailing mask arguments take no gradient)."""
     def setup_context(ctx, inputs, output):
-        qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes = inputs
+        qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, *masks = inputs
         out, lse = output
         ctx.save_for_backward(qkv, out, lse, cos, sin)
         ctx.heads = (n_head, n_kv_head)
         ctx.scale = scale
         ctx.alibi_slopes = alibi_slopes
+        ctx.masks = masks
         ctx.mark_non_differentiable(lse)
 
     def backward(ctx, dout, _dlse):
         qkv, out, lse, cos, sin = ctx.saved_tensors
-        dqkv = bwd_op(dout, qkv, out, lse, *ctx.heads, cos, sin, ctx.scale, ctx.alibi_slopes)
-        return dqkv, None, None, None, None, None, None
+        dqkv = bwd_op(dout, qkv, out, lse, *ctx.heads, cos, sin, ctx.scale, ctx.alibi_slopes, *ctx.masks)
+        return (dqkv, None, None, None, None, None, None) + (None,) * len(ctx.masks)
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 

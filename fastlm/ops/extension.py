@@ -91,24 +91,26 @@ if _C is not None:
 
     # ---- fake kernels: output metadata only (the real kernels return contiguous tensors) -------
     @torch.library.register_fake("fastlm::attention_fwd")
-    def _attention_fwd_fake(q, k, v, causal, scale, alibi_slopes):
+    def _attention_fwd_fake(q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
         b, h, t_q, d = q.shape
         out = q.new_empty((b, h, t_q, d))
         lse = q.new_empty((b, h, t_q), dtype=_lse_dtype(q.dtype))
         return out, lse
 
     @torch.library.register_fake("fastlm::attention_bwd")
-    def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, alibi_slopes):
+    def _attention_bwd_fake(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window=None, segment_ids=None):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("fastlm::attention_qkv_fwd")
-    def _attention_qkv_fwd_fake(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes):
+    def _attention_qkv_fwd_fake(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window=None,
+                                segment_ids=None):
         b, t, w = qkv.shape
         d = w // (n_head + 2 * n_kv_head)
         return qkv.new_empty((b, t, n_head * d)), qkv.new_empty((b, n_head, t), dtype=_lse_dtype(qkv.dtype))
 
     @torch.library.register_fake("fastlm::attention_qkv_bwd")
-    def _attention_qkv_bwd_fake(dout, qkv, out, lse, n_head, n_kv_head, cos, sin, scale, alibi_slopes):
+    def _attention_qkv_bwd_fake(dout, qkv, out, lse, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window=None,
+                                segment_ids=None):
         return qkv.new_empty(qkv.shape)
 
     @torch.library.register_fake("fastlm::swiglu_fwd")
@@ -167,12 +169,10 @@ class _CppBackend(BackendBase):
         return None
 
     def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
-        if window is not None or segment_ids is not None:
-            return "sliding-window and document masks are not in this build's kernels"
         return self._tensor_unsupported(q, k, v)
 
     def attention(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
-        return _ops.attention_fwd(q, k, v, causal, scale, alibi_slopes)[0]
+        return _ops.attention_fwd(q, k, v, causal, scale, alibi_slopes, window, segment_ids)[0]
 
     def swiglu_unsupported(self, gate, up):
         return self._tensor_unsupported(gate, up)
@@ -189,8 +189,6 @@ class _CppBackend(BackendBase):
 
     def attention_qkv_unsupported(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None,
                                   segment_ids=None):
-        if window is not None or segment_ids is not None:
-            return "sliding-window and document masks are not in this build's kernels"
         """The fused op takes causal float32/float64 CPU calls of 2..gemm_max_tk tokens with a
         contiguous last dim (the BLAS path's shapes)."""
         if not causal:
@@ -203,7 +201,7 @@ class _CppBackend(BackendBase):
 
     def attention_qkv(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None):
         cos, sin = rope if rope is not None else (None, None)
-        return _ops.attention_qkv_fwd(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes)[0]
+        return _ops.attention_qkv_fwd(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids)[0]
 
     def muon_step_unsupported(self, params, grads, bufs, ns_dtype):
         """Why ``fastlm::muon_step_`` cannot take these lists (None: it can): CPU, one dtype of
@@ -275,8 +273,6 @@ class _CudaBackend(_CppBackend):
         return None
 
     def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
-        if window is not None or segment_ids is not None:
-            return "sliding-window and document masks are not in this build's kernels"
         for t in (q, k, v):
             if t.device.type != "cuda":
                 return f"needs cuda tensors, got {t.device}"

@@ -175,15 +175,16 @@ class Trainer:
         chosen_model = dict(model or {})
         self._explicit = set(explicit) if explicit is not None else explicit_settings(requested, chosen_model)
         self.callbacks = list(callbacks)
-        self.device_type = resolve_device(requested.device).type
         self.resolved: Optional[Resolved] = None
         self.model_config: Optional[GPTConfig] = None
-        if requested.resume:
+        if requested.resume:  # the run's stored settings, its device included (unless --device is given now)
             self.run_dir = Path(requested.resume)
             self._stored = ckpt_mod.read_run_config(self.run_dir)
             self.config, self.model_config = resume_config(self._stored, requested, chosen_model, self._explicit,
                                                            self.run_dir)
+            self.device_type = resolve_device(self.config.device).type
         else:
+            self.device_type = resolve_device(requested.device).type
             self.resolved = resolve_settings(requested, chosen_model, self.device_type)
             self.config = self.resolved.train
             self.run_dir = Path(self.config.out_dir)
