@@ -29,7 +29,8 @@ def _collect(tmp_path, name, marks, **env):
     report = tmp_path / f"{name}.json"
     proc = _pytest(["--collect-only", "-q", "-m", marks, "tests"], 600, FASTLM_TEST_MARKS_OUT=report, **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    selected = {line for line in proc.stdout.splitlines() if "::" in line and " " not in line}
+    listing = proc.stdout.split("\n\n", 1)[0]  # the node ids, one a line, then a blank line and the summary
+    selected = {line for line in listing.splitlines() if "::" in line}
     return selected, json.loads(report.read_text())
 
 
