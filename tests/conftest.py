@@ -12,6 +12,7 @@ marker, and three switches (environment variables) that other tests set for a ch
 Where no system CUDA toolkit is present, the one that the test extras install from NVIDIA's pip
 wheels (``nvidia/cu13``: nvcc, headers) is put on PATH / CUDA_HOME, so the csrc/cuda checks run.
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -153,17 +154,36 @@ def child_env(base=None, **extra) -> dict:
     return env
 
 
+def _descendants(pid: int) -> list:
+    """The processes below ``pid`` (from /proc; none where there is no /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
 def run_bounded(cmd, timeout_s: float, **kwargs) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, capture_output=True, text=True)`` as a hang guard: the child gets its own
-    process group, and past ``timeout_s`` the whole group (a launcher and every process it started) is
-    killed and the test fails saying so. Make what is guarded against take far longer than
-    ``timeout_s`` and the work itself far less: a loaded machine then cannot trip it."""
+    """``subprocess.run(cmd, capture_output=True, text=True)`` as a hang guard: past ``timeout_s`` the
+    child and every process below it (torchrun's ranks run in sessions of their own) are killed and the
+    test fails saying so. Make what is guarded against take far longer than ``timeout_s`` and the work
+    itself far less: a loaded machine then cannot trip it."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **kwargs)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [*_descendants(proc.pid), proc.pid]:  # listed before the launcher dies and orphans them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... still running after {timeout_s:g} s (killed); "
                     f"stderr tail:\n{err[-2000:]}")

@@ -5,11 +5,14 @@ processes import the fastlm under test, also from a checkout that was never inst
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,39 @@ def test_cpu_tests_keep_their_meaning_where_a_gpu_is_visible():
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert "CUDA: simulated" in proc.stdout
     assert int(re.search(r"(\d+) passed", proc.stdout.splitlines()[-1]).group(1)) >= 150, proc.stdout[-500:]
+
+
+LAUNCHER = textwrap.dedent("""
+    import subprocess, sys, time
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    open(sys.argv[1], "w").write(str(rank.pid))
+    time.sleep(1000)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_the_hang_guard_kills_a_launcher_and_what_it_started(tmp_path):
+    """run_bounded past its time: the test fails, and the child goes together with what it started in a
+    session of its own (as torchrun starts its ranks); nothing is left holding the pipes."""
+    pid_file = tmp_path / "rank.pid"
+    with pytest.raises(pytest.fail.Exception, match="still running after 5 s"):
+        run_bounded([sys.executable, "-c", LAUNCHER, str(pid_file)], 5)
+    rank = int(pid_file.read_text())
+    deadline = time.monotonic() + 30  # SIGKILL lands asynchronously
+    while _alive(rank) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    survived = _alive(rank)
+    if survived:  # (leave no orphan behind)
+        os.kill(rank, signal.SIGKILL)
+    assert not survived
 
 
 CHILD_SCRIPT = textwrap.dedent("""
