@@ -1,9 +1,9 @@
 """Shared pytest configuration of the test suite: fixtures, helpers for child processes, the ``gpu``
 marker, and three switches (environment variables) that other tests set for a child pytest:
 
-* ``FASTLM_TEST_CUDA_VISIBLE=1``: torch reports a CUDA device (a GPU machine, as far as any code that
-  asks ``torch.cuda.is_available()`` can tell); on a CPU-only torch the first CUDA tensor then fails.
-  A CPU test that would change meaning on a GPU machine fails under it (tests/test_suite.py).
+* ``FASTLM_TEST_CUDA_VISIBLE=1`` (``0``): torch reports a CUDA device (none), as on the other kind of
+  machine, to any code that asks ``torch.cuda.is_available()``. Where no GPU is, the first CUDA tensor
+  then fails: a CPU test that would change meaning on a GPU machine fails (tests/test_suite.py).
 * ``FASTLM_TEST_EXTENSION=PATH``: that build of ``fastlm._C`` (another CPU vector level, built in a
   folder of its own) is the one ``fastlm`` loads (tests/test_cpu_levels.py).
 * ``FASTLM_TEST_MARKS_OUT=PATH``: the collection writes, per test, its ``gpu`` flag and whether a
@@ -33,11 +33,12 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-SIMULATED_CUDA = os.environ.get("FASTLM_TEST_CUDA_VISIBLE") == "1" and not torch.cuda.is_available()
+_VISIBLE = {"1": True, "0": False}.get(os.environ.get("FASTLM_TEST_CUDA_VISIBLE", ""))
+SIMULATED_CUDA = _VISIBLE is not None and _VISIBLE != torch.cuda.is_available()
 if SIMULATED_CUDA:  # before any test module asks (module-level skipif conditions included)
-    torch.cuda.is_available = lambda: True
-    torch.cuda.device_count = lambda: 1
-    torch.cuda.is_bf16_supported = lambda including_emulation=True: True
+    torch.cuda.is_available = lambda: _VISIBLE
+    torch.cuda.device_count = lambda: int(_VISIBLE)
+    torch.cuda.is_bf16_supported = lambda including_emulation=True: _VISIBLE
 
 
 def _preload_extension(path: str) -> None:
@@ -240,7 +241,7 @@ def pytest_collection_modifyitems(config, items):
         rows = {it.nodeid: {"gpu": it.get_closest_marker("gpu") is not None, "skipped": _skipped_here(it)}
                 for it in items}
         Path(out).write_text(json.dumps(rows))
-    for item in items if SIMULATED_CUDA else ():
+    for item in items if SIMULATED_CUDA and _VISIBLE else ():
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(pytest.mark.skip(reason="FASTLM_TEST_CUDA_VISIBLE: the CUDA device is simulated"))
 
@@ -261,6 +262,6 @@ def pytest_report_header(config):
     level = getattr(_ext._C, "cpu_capability", lambda: None)()
     where = _ext._C.__file__ if _ext._C is not None else _ext._IMPORT_ERROR
     return [f"fastlm: {fastlm.__file__}", f"fastlm._C: {where} (CPU level {level})",
-            f"CUDA: {'simulated' if SIMULATED_CUDA else torch.cuda.is_available()}, "
+            f"CUDA: {torch.cuda.is_available()}{' (simulated)' if SIMULATED_CUDA else ''}, "
             f"nvcc: {shutil.which('nvcc')}"]
 # ==== end gpu marker ==============================================================================

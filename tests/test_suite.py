@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import child_env, run_bounded
 
@@ -43,16 +44,18 @@ def test_the_gpu_halves_add_up_and_each_test_is_in_the_half_that_runs_it(tmp_pat
     cpu, _ = _collect(tmp_path, "cpu", "not gpu")
     assert gpu and cpu and not gpu & cpu and gpu | cpu == set(everything)
     assert gpu == {node for node, row in everything.items() if row["gpu"]}
-    # the same collection where a GPU is visible: a test that only runs there is gpu, one that only
-    # runs without it is not (skip marks; a test that skips itself inside for want of a GPU fails
-    # outside the gpu half: conftest's pytest_runtest_makereport)
-    _, seen = _collect(tmp_path, "simulated", "gpu or not gpu", FASTLM_TEST_CUDA_VISIBLE="1")
-    changes = {node: here for node, here in everything.items()
-               if node in seen and here["skipped"] != seen[node]["skipped"]}
-    only_with_gpu = {node for node, here in changes.items() if here["skipped"]}
+    # the same collection on the other kind of machine (simulated): a test that runs only where a GPU
+    # is must be gpu, one that runs only where none is must not (skip marks; a test that skips itself
+    # inside for want of a GPU fails outside the gpu half: conftest's pytest_runtest_makereport)
+    gpu_here = torch.cuda.is_available()
+    _, there = _collect(tmp_path, "there", "gpu or not gpu", FASTLM_TEST_CUDA_VISIBLE=str(int(not gpu_here)))
+    with_gpu, without_gpu = (everything, there) if gpu_here else (there, everything)
+    changes = {node: row["gpu"] for node, row in everything.items()
+               if node in there and with_gpu[node]["skipped"] != without_gpu[node]["skipped"]}
+    only_with_gpu = {node for node in changes if without_gpu[node]["skipped"]}
     assert only_with_gpu and len(changes) > len(only_with_gpu)  # both kinds exist: the check is not vacuous
-    wrong = [f"{node}: runs only {'with' if node in only_with_gpu else 'without'} a GPU, gpu={here['gpu']}"
-             for node, here in changes.items() if here["gpu"] != (node in only_with_gpu)]
+    wrong = [f"{node}: runs only {'with' if node in only_with_gpu else 'without'} a GPU, gpu={gpu}"
+             for node, gpu in changes.items() if gpu != (node in only_with_gpu)]
     assert not wrong, "\n".join(wrong)
 
 
@@ -93,7 +96,7 @@ def test_cpu_tests_keep_their_meaning_where_a_gpu_is_visible():
     proc = _pytest(["-m", "not gpu and not slow", "-k", "not opcheck",
                     *(f"tests/{name}" for name in DEVICE_SENSITIVE)], 900, FASTLM_TEST_CUDA_VISIBLE="1")
     assert proc.returncode == 0, proc.stdout[-6000:]
-    assert "CUDA: simulated" in proc.stdout
+    assert "CUDA: True" in proc.stdout  # simulated, or a real GPU: then the run is the real thing
     assert int(re.search(r"(\d+) passed", proc.stdout.splitlines()[-1]).group(1)) >= 150, proc.stdout[-500:]
 
 
