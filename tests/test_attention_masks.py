@@ -195,3 +195,13 @@ def test_the_same_call_without_masks_is_unchanged():
     full = ops.attention(q, k, v, window=10 ** 6, backend="reference")  # a window longer than T hides nothing
     assert (full - ops.attention(q, k, v, backend="reference")).abs().max().item() == pytest.approx(0, abs=1e-6)
     assert math.isfinite(full.sum().item())
+
+
+def test_the_torch_backend_takes_a_negative_scale():
+    """SDPA's causal CPU kernel returns NaN for scale < 0 (torch 2.13); the torch backend gives it an
+    explicit mask then, and agrees with the reference."""
+    q, k, v = _inputs(1, 2, 2, 8, 8, 16, torch.float32, seed=9)
+    for causal in (True, False):
+        got = ops.attention(q, k, v, causal=causal, scale=-0.5, backend="torch")
+        want = ops.attention(q, k, v, causal=causal, scale=-0.5, backend="reference")
+        assert torch.isfinite(got).all() and (got - want).abs().max().item() < 1e-5

@@ -220,7 +220,7 @@ def test_pickle_payloads_are_refused_without_running(run_dir, tmp_path):
     with pytest.raises(CheckpointError, match="pickle"):
         checkpoint.load_checkpoint(run2)
     # 4) through the CLI
-    assert main(["--resume", str(run2), "--no-progress"]) == 2
+    assert main(["--resume", str(run2), "--no-progress", "--device", "cpu"]) == 2
     assert not marker.exists()
 
 

@@ -11,6 +11,7 @@ only a GPU can show (timing, async-copy races, register limits) is out of reach 
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,9 +28,12 @@ CXX = shutil.which("c++") or shutil.which("g++")
 
 
 def _cuda_include():
+    """The CUDA headers: under $CUDA_HOME (tests/conftest.py sets it to the toolkit of the test extras'
+    pip wheels where no system one is found), beside the nvcc on PATH, or in /usr/local/cuda."""
     nvcc = shutil.which("nvcc")
-    homes = ["/usr/local/cuda"] + ([str(Path(nvcc).resolve().parents[1])] if nvcc else [])
-    for home in homes:
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             str(Path(nvcc).resolve().parents[1]) if nvcc else None, "/usr/local/cuda"]
+    for home in filter(None, homes):
         for sub in ("include", "targets/x86_64-linux/include"):
             if (Path(home) / sub / "cuda_fp16.h").exists():
                 return str(Path(home) / sub)

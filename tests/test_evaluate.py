@@ -16,6 +16,8 @@ from fastlm.text import data, tokenizers
 from fastlm import train
 from fastlm.evaluate import evaluate, main
 
+from conftest import child_env
+
 TEXT = ("MENENIUS:\nEither you must confess yourselves wondrous malicious,\nOr be accused of folly.\n\n"
         "SICINIUS:\nNature teaches beasts to know their friends.\n\n") * 8
 
@@ -45,7 +47,9 @@ def run(tmp_path_factory):
 
 
 def cli(capsys, *argv):
-    rc = main(list(argv))
+    """main(argv) on the CPU unless argv picks a device (auto would take CUDA where a GPU is visible)."""
+    argv = list(argv) if "--device" in argv else [*argv, "--device", "cpu"]
+    rc = main(argv)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -78,7 +82,7 @@ def brute_force_loss(model, ids, block):
 
 def test_help_in_a_subprocess():
     r = subprocess.run([sys.executable, "-m", "fastlm.evaluate", "--help"], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, env=child_env())
     assert r.returncode == 0
     for flag in ("--checkpoint", "--split", "--data", "--batch-size", "--json"):
         assert flag in r.stdout
@@ -174,8 +178,9 @@ def test_errors_are_one_line(run, capsys, tmp_path):
 
 
 def test_unknown_split_in_subprocess(run):
-    r = subprocess.run([sys.executable, "-m", "fastlm.evaluate", "--checkpoint", run, "--data", "/nonexistent"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "fastlm.evaluate", "--checkpoint", run, "--data", "/nonexistent",
+                        "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120, env=child_env())
     assert_one_line_error(r.returncode, r.stderr, "/nonexistent")
     assert "Traceback" not in r.stderr
 
@@ -200,5 +205,6 @@ def test_end_to_end_with_the_train_cli(tmp_path, capsys):
     vocab = loading.load_model(run)[1].vocab_size
     assert res["loss"] < math.log(vocab) - 0.5, "30 steps of training must beat a uniform guess"
     assert res["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
-    assert generate_main(["--checkpoint", run, "--prompt", "SICINIUS:", "--max-new-tokens", "20"]) == 0
+    assert generate_main(["--checkpoint", run, "--prompt", "SICINIUS:", "--max-new-tokens", "20",
+                          "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("SICINIUS:")

@@ -13,6 +13,8 @@ from fastlm.text import data, tokenizers
 from fastlm.generate import SEPARATOR, main
 from fastlm.inference import _Streamer
 
+from conftest import child_env
+
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 6
 
@@ -43,7 +45,9 @@ def run(tmp_path_factory):
 
 
 def cli(capsys, *argv):
-    rc = main(list(argv))
+    """main(argv) on the CPU unless argv picks a device (auto would take CUDA where a GPU is visible)."""
+    argv = list(argv) if "--device" in argv else [*argv, "--device", "cpu"]
+    rc = main(argv)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -62,7 +66,7 @@ def assert_one_line_error(rc, err, *needles):
 
 def test_help_in_a_subprocess():
     r = subprocess.run([sys.executable, "-m", "fastlm.generate", "--help"], capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, env=child_env())
     assert r.returncode == 0
     for flag in ("--checkpoint", "--prompt-file", "--top-p", "--beam-size", "--from-split", "--output-file"):
         assert flag in r.stdout
@@ -191,8 +195,9 @@ def test_stream_waits_for_whole_characters():
 
 
 def test_unknown_character_in_prompt_subprocess(run):
-    r = subprocess.run([sys.executable, "-m", "fastlm.generate", "--checkpoint", run, "--prompt", "zebra ☃"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "fastlm.generate", "--checkpoint", run, "--prompt", "zebra ☃",
+                        "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120, env=child_env())
     assert_one_line_error(r.returncode, r.stderr, "not in the char vocabulary")
     assert r.stdout == ""
 

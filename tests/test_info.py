@@ -5,6 +5,8 @@ import sys
 
 from fastlm import info, ops
 
+from conftest import child_env
+
 
 def _check_report(text):
     assert re.search(r"^fastlm \S+\s+python \S+\s+torch \S+", text, re.M), text
@@ -24,7 +26,8 @@ def _check_report(text):
 
 
 def test_info_cli_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "fastlm.info"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "fastlm.info"], capture_output=True, text=True, timeout=120,
+                          env=child_env())
     assert proc.returncode == 0, proc.stderr
     _check_report(proc.stdout)
 

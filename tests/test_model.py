@@ -3,7 +3,6 @@ torch.compile and a short overfit run."""
 import itertools
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,8 @@ from fastlm.model import GPT, GPTConfig, KVCache
 from fastlm.ops.positions import alibi_slopes
 from fastlm.training.optim import build_optimizer
 from fastlm.model import ConfigError, MLPS, NORMS, POSITIONS
+
+from conftest import child_env
 
 TINY = dict(vocab_size=37, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
@@ -361,7 +362,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
 
 def test_torch_compile_fullgraph_matches_eager():
     """One compile (inductor on CPU, ~25 s cold) in a fresh interpreter, as a user would run it."""
-    env = {**os.environ, "FASTLM_BACKEND": ""}
+    env = child_env(FASTLM_BACKEND="")
     proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, "reference"], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -351,8 +351,8 @@ def test_muon_training_loss_falls():
 
 # ---- end to end through the CLI ------------------------------------------------------------------
 
-TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "2", "--eval-interval", "5", "--max-iters", "12", "--sample-tokens", "0",
+TINY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+        "--batch-size", "4", "--eval-iters", "2", "--eval-interval", "5", "--max-iters", "12", "--sample-tokens", "0",
         "--no-progress", "--log-interval", "1", "--warmup-iters", "2", "--threads", "1",
         "--optimizer", "muon", "--muon-lr", "0.03", "--grad-accum", "2"]
 
@@ -379,7 +379,7 @@ def test_cli_muon_resume_is_bit_exact(tmp_path, corpus, capsys):
     args = [str(a) for a in ["--data", corpus, *TINY]]
     assert main([*args, "--out-dir", str(tmp_path / "a")]) == 0
     assert main([*args, "--out-dir", str(tmp_path / "b")], callbacks=[CtrlCAfter(6)]) == 130
-    assert main(["--resume", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert main(["--resume", str(tmp_path / "b"), "--no-progress", "--device", "cpu"]) == 0
     capsys.readouterr()
     la, lb = _log(tmp_path / "a" / "train_log.csv"), _log(tmp_path / "b" / "train_log.csv")
     assert la == lb and len(la) == 12

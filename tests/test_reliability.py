@@ -21,14 +21,15 @@ from fastlm.text import data
 from fastlm.train import main
 from fastlm.training.trainer import Callback
 
+from conftest import child_env
+
 # --device cpu: the same CPU run also where a GPU is visible
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1", "--device", "cpu"]
 
 
 def _env(**extra):
-    env = dict(os.environ)
-    env.update({k: str(v) for k, v in extra.items()})
+    env = child_env(**extra)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
@@ -76,7 +77,7 @@ def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
         model, tok, cfg = loading.load_model(run)
         steps.append(ck["state"]["step"])
         assert steps[-1] >= max(steps[:-1], default=0)
-        proc = _spawn(["--resume", run, "--no-progress"], HOOK_SAVE_PAUSE=0.03)
+        proc = _spawn(["--resume", run, "--no-progress", "--device", "cpu"], HOOK_SAVE_PAUSE=0.03)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     advanced = sum(b > a for a, b in zip(steps, steps[1:]))
@@ -84,7 +85,7 @@ def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
     # a last resume runs to the end
     final = _latest_step(run) + 4
     res = subprocess.run([sys.executable, "-m", "fastlm.train", "--resume", str(run), "--max-iters", str(final),
-                          "--no-progress"], capture_output=True, text=True, env=_env(), timeout=120)
+                          "--no-progress", "--device", "cpu"], capture_output=True, text=True, env=_env(), timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads((run / "summary.json").read_text())["steps"] == final
     assert len(list(run.glob("ckpt-*"))) == 1
@@ -123,7 +124,7 @@ def test_signal_saves_and_exits_cleanly(tmp_path, corpus, sig):
     assert f"interrupted ({sig.name})" in out and "checkpoint saved" in out
     last_logged = int((run / "train_log.csv").read_text().splitlines()[-1].split(",")[0])
     assert _latest_step(run) == last_logged >= 3  # the checkpoint holds the very last step
-    assert main(["--resume", str(run), "--max-iters", str(last_logged + 2), "--no-progress"]) == 0
+    assert main(["--resume", str(run), "--max-iters", str(last_logged + 2), "--no-progress", "--device", "cpu"]) == 0
 
 
 class PoisonAfter(Callback):
@@ -204,7 +205,7 @@ def test_disk_full_save_exits_4_and_cleans_up(tmp_path, corpus, capsys):
     assert _latest_step(run) == 5
     # the failed save removed its folder: only the published checkpoint is left
     assert [p.name for p in run.glob("ckpt-*")] == [checkpoint.latest_checkpoint_dir(run).name]
-    assert main(["--resume", str(run), "--no-progress"]) == 0
+    assert main(["--resume", str(run), "--no-progress", "--device", "cpu"]) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 20
 
 
@@ -215,7 +216,7 @@ def test_resume_clears_leftovers_of_interrupted_saves(tmp_path, corpus):
     (run / "ckpt-00000099-left" / "model.safetensors").write_bytes(b"partial")
     (run / ".model.safetensors.123.tmp").write_bytes(b"partial")
     (run / "notes.txt").write_text("mine")  # a user's file stays
-    assert main(["--resume", str(run), "--max-iters", "6", "--no-progress"]) == 0
+    assert main(["--resume", str(run), "--max-iters", "6", "--no-progress", "--device", "cpu"]) == 0
     assert not (run / "ckpt-00000099-left").exists() and not (run / ".model.safetensors.123.tmp").exists()
     assert (run / "notes.txt").read_text() == "mine"
 

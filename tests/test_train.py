@@ -26,7 +26,7 @@ from fastlm.training.trainer import Callback
 from conftest import one_error_line
 from train_hooks import CtrlCAfter
 
-TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
+TINY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "2", "--eval-interval", "5", "--max-iters", "10", "--sample-tokens", "0",
         "--no-progress", "--log-interval", "1", "--warmup-iters", "2", "--threads", "1"]
 
@@ -37,10 +37,10 @@ def corpus(corpus_20k):
 
 
 def run(args, capsys=None):
-    """main(args); new runs default to ``--device cpu`` so that a GPU machine runs the same CPU
-    configuration (its ``auto`` would pick CUDA and the GPU defaults profile)."""
+    """main(args), with ``--device cpu`` unless the args choose a device (or a config file does): a GPU
+    machine then runs the same CPU configuration (its ``auto`` would pick CUDA and the GPU profile)."""
     args = [str(a) for a in args]
-    if not {"--device", "--resume", "--config", "--help"} & set(args):
+    if not {"--device", "--config", "--help"} & set(args):
         args += ["--device", "cpu"]
     rc = main(args)
     out = capsys.readouterr() if capsys is not None else None
@@ -278,7 +278,7 @@ def test_lr_schedule_cosine_and_warmup():
 def test_config_file(tmp_path, corpus, capsys, suffix):
     settings = {"model": {"n_layer": 1, "n_embd": 24, "n_head": 3, "block_size": 16},
                 "train": {"max_iters": 4, "eval_interval": 2, "eval_iters": 1, "batch_size": 2,
-                          "sample_tokens": 0, "progress": False, "lr": 0.003}}
+                          "sample_tokens": 0, "progress": False, "lr": 0.003, "device": "cpu"}}
     path = tmp_path / f"run{suffix}"
     if suffix == ".json":
         path.write_text(json.dumps(settings))
@@ -291,7 +291,7 @@ def test_config_file(tmp_path, corpus, capsys, suffix):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["n_embd"] == 24 and cfg["model"]["n_head"] == 3
     assert cfg["train"]["max_iters"] == 6  # the command line wins over the file
-    assert cfg["train"]["lr"] == 0.003 and cfg["train"]["eval_interval"] == 2
+    assert cfg["train"]["lr"] == 0.003 and cfg["train"]["eval_interval"] == 2 and cfg["train"]["device"] == "cpu"
 
 
 def test_config_file_errors(tmp_path, corpus, capsys):
@@ -532,13 +532,64 @@ def test_crlf_corpus_gives_the_lf_tokens_unless_raw_newlines(tmp_path, corpus, c
     assert json.loads((tmp_path / "raw" / "config.json").read_text())["train"]["raw_newlines"] is True
 
 
-def test_progress_bar_and_device_auto(tmp_path, corpus, capsys):
+def test_progress_bar_and_device_auto(tmp_path, corpus, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same CPU run on a GPU machine
     flags = [f for f in TINY if f != "--no-progress"]
     rc, res = run(["--data", corpus, "--out-dir", tmp_path / "p", *flags, "--device", "auto", "--no-gpu-defaults",
                    "--progress"], capsys)
     assert rc == 0
     assert f"device: {resolve_device('auto')}" in res.out  # auto resolved and printed
     assert "train:" in res.err and "10/10" in res.err  # tqdm's bar on stderr, to the last step
+
+
+# ---- a GPU machine, simulated: torch.cuda.is_available() reports True (every CUDA tensor would then fail
+# on this CPU-only torch, so whatever still runs never touched CUDA) -------------------------------------
+no_real_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a GPU machine; a real one is here")
+
+
+def test_cpu_pinned_runs_ignore_a_visible_gpu(tmp_path, corpus, capsys, monkeypatch):
+    """What every CPU training test rests on: --device cpu / device="cpu" trains where a GPU is visible
+    exactly as where none is (device cpu, no GPU profile, the same losses), the CLI and the API alike."""
+    rc, _ = run(["--data", corpus, "--out-dir", tmp_path / "plain", *TINY], capsys)
+    assert rc == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rc, res = run(["--data", corpus, "--out-dir", tmp_path / "cli", *TINY], capsys)
+    assert rc == 0, res.err
+    assert "device: cpu" in res.out and "profile gpu" not in res.out
+    from fastlm import Trainer
+    config = TrainConfig(data=[str(corpus)], out_dir=str(tmp_path / "api"), batch_size=4, eval_iters=2,
+                         eval_interval=5, max_iters=10, sample_tokens=0, progress=False, log_interval=1,
+                         warmup_iters=2, threads=1, device="cpu")
+    Trainer(config, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}).fit()
+    assert "profile gpu" not in capsys.readouterr().out
+    losses = [[r["loss"] for r in rows(tmp_path / name / "train_log.csv")] for name in ("plain", "cli", "api")]
+    assert len(losses[0]) == 10 and losses[0] == losses[1] == losses[2]
+
+
+@no_real_gpu
+def test_an_unpinned_run_takes_the_gpu_and_its_profile(tmp_path, corpus, capsys, monkeypatch):
+    """The other side: device auto on a machine that reports a GPU
+    picks CUDA and fills the settings nobody chose from the GPU profile, so a test without a pin changes
+    meaning there; on this CPU-only torch the run then fails at its first CUDA tensor."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    tiny = TINY[2:]  # without --device cpu
+    try:
+        rc = main([str(a) for a in ["--data", corpus, "--out-dir", tmp_path / "r", *tiny]])
+    except (AssertionError, RuntimeError) as e:  # raised where torch first touches CUDA
+        rc = str(e)
+    out = capsys.readouterr().out
+    assert "profile gpu: " in out and "optimizer=adamw" in out
+    assert rc != 0
+
+
+@no_real_gpu
+def test_resume_keeps_the_runs_device_where_a_gpu_is_visible(tmp_path, corpus, capsys, monkeypatch):
+    out = tmp_path / "r"
+    assert run(["--data", corpus, "--out-dir", out, *TINY, "--max-iters", "4"], capsys)[0] == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    rc = main(["--resume", str(out), "--max-iters", "6", "--no-progress"])
+    res = capsys.readouterr()
+    assert rc == 0 and "device: cpu" in res.out, res.err
 
 
 @pytest.mark.slow
@@ -604,7 +655,7 @@ def test_python_api_runs_what_the_cli_runs(tmp_path, corpus, capsys):
     assert rc == 0
     config = TrainConfig(data=[str(corpus)], out_dir=str(tmp_path / "api"), batch_size=4, eval_iters=2,
                          eval_interval=5, max_iters=10, sample_tokens=0, progress=False, log_interval=1,
-                         warmup_iters=2, threads=1)
+                         warmup_iters=2, threads=1, device="cpu")
     summary = Trainer(config, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}).fit()
     assert summary == json.loads((tmp_path / "api" / "summary.json").read_text())
     cli_summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
@@ -649,7 +700,7 @@ def test_callbacks_observe_and_stop_a_run(tmp_path, corpus, capsys):
     from fastlm import Trainer
 
     config = TrainConfig(data=[str(corpus)], out_dir=str(tmp_path / "r"), batch_size=4, eval_iters=1,
-                         eval_interval=3, max_iters=20, sample_tokens=0, progress=False, threads=1)
+                         eval_interval=3, max_iters=20, sample_tokens=0, progress=False, threads=1, device="cpu")
     rec = Recorder(stop_at_eval=6)
     summary = Trainer(config, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}, callbacks=[rec]).fit()
     # the request is seen at the end of the next step (where all ranks exchange it): step 7, which

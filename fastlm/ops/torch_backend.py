@@ -36,7 +36,8 @@ class TorchBackend(BackendBase):
         if q.shape[1] != k.shape[1]:
             kwargs["enable_gqa"] = True
         mask, is_causal = None, False
-        if window is None and segment_ids is None and alibi_slopes is None and causal and t_q == t_k:
+        # SDPA's causal CPU kernel returns NaN for a negative scale (torch 2.13): an explicit mask then
+        if window is None and segment_ids is None and alibi_slopes is None and causal and t_q == t_k and scale > 0:
             is_causal = True
         elif window is not None or segment_ids is not None or alibi_slopes is not None or (causal and t_q > 1):
             mask = visible_mask(t_q, t_k, causal, window, segment_ids, device=q.device)  # T_q == 1, causal: None
