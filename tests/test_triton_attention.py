@@ -502,6 +502,7 @@ def _gpu_compile_cases():
     }
 
 
+@pytest.mark.cpu_only  # compiles or parses only: no GPU needed, none used
 @pytest.mark.parametrize("name", ["fwd-sm90", "fwd-sm80", "fwd-d40-sm90", "dkdv-sm90", "dq-sm90", "pre-sm90",
                                   "decode-sm90", "combine-sm90", "swiglu-fwd", "swiglu-bwd",
                                   "packed-fwd", "packed-bwd"])
@@ -540,6 +541,7 @@ def _need_cuda_tools():
         pytest.skip(f"no {' or '.join(missing)} (triton's bundled copy or on PATH)")
 
 
+@pytest.mark.cpu_only  # compiles or parses only: no GPU needed, none used
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "decode"])
 def test_pinned_default_registers_and_spills_sm90(kind, head_dim, monkeypatch):
@@ -579,6 +581,7 @@ def test_pinned_registers_and_spills_other_triton():
             _assert_no_spills(row)
 
 
+@pytest.mark.cpu_only  # compiles or parses only: no GPU needed, none used
 def test_spills_show_in_the_cubin_not_in_the_ptx(monkeypatch):
     """Negative control of the check above: dK/dV with a 32x128 tile on 4 warps at D=128 spills
     (measured 2408 bytes) although its PTX has no local loads."""
@@ -649,6 +652,7 @@ def test_every_tile_config_parity(A, kind, width, config, monkeypatch):
             pytest.skip(f"{kind} {config} does not fit this GPU: {e}")
 
 
+@pytest.mark.cpu_only  # compiles or parses only: no GPU needed, none used
 def test_pinned_configs_parse(monkeypatch):
     from fastlm.kernels.launch import PIN_ENV, pinned_configs
     monkeypatch.delenv(PIN_ENV, raising=False)
@@ -663,6 +667,7 @@ def test_pinned_configs_parse(monkeypatch):
             pinned_configs()
 
 
+@pytest.mark.cpu_only  # compiles or parses only: no GPU needed, none used
 def test_pinned_config_reaches_the_launch(monkeypatch):
     """With a pinned config the compiled path launches the plain JIT kernel with exactly that config
     (no autotuner); unpinned kernels of the run take their list's first config."""
