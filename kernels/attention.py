@@ -77,8 +77,10 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, GROUP, T_Q, T_K, qk_scale,
     T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    DOCS, WINDOW,  # masks: document bounds (B, 2, T_K) int32 (with HAS_DOCS), window (with HAS_WINDOW)
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
@@ -106,20 +108,53 @@ def _attn_fwd_kernel(
         slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
 
     offset = T_K - T_Q  # bottom-right alignment: row i sits at key position i + offset
-    if CAUSAL:
+    if HAS_WINDOW or HAS_DOCS:
+        # row i sees the keys [row_lo, row_hi) (the rule of fastlm.ops.masks: one run per row, whose
+        # ends never move left as i grows); the block walks the tiles of the rows' union and masks
+        # none inside their intersection
+        pos = offs_m + offset  # each row's key position
+        row_lo = tl.full([BLOCK_M], 0, dtype=tl.int32)
+        row_hi = row_lo + T_K
+        if CAUSAL:
+            row_hi = tl.minimum(row_hi, pos + 1)
+        if HAS_WINDOW:
+            row_lo = tl.maximum(row_lo, pos - WINDOW + 1)
+            if not CAUSAL:
+                row_hi = tl.minimum(row_hi, pos + WINDOW)
+        if HAS_DOCS:
+            doc_ptrs = DOCS + b.to(tl.int64) * 2 * T_K + pos
+            in_doc = row_ok & (pos >= 0)  # a query before key 0 has no document: it sees nothing
+            row_lo = tl.maximum(row_lo, tl.load(doc_ptrs, mask=in_doc, other=0))
+            row_hi = tl.minimum(row_hi, tl.load(doc_ptrs + T_K, mask=in_doc, other=0))
+        seen = row_ok & (row_hi > row_lo)
+        lo = tl.reduce(tl.where(seen, row_lo, T_K), 0, tl.standard._elementwise_min) // BLOCK_N * BLOCK_N
+        hi = tl.reduce(tl.where(seen, row_hi, 0), 0, tl.standard._elementwise_max)
+        full_lo = tl.reduce(tl.where(row_ok, row_lo, 0), 0, tl.standard._elementwise_max)
+        full_lo = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        full_hi = tl.reduce(tl.where(row_ok, row_hi, T_K), 0, tl.standard._elementwise_min)
+        full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+        has_full = full_hi > full_lo
+        full_lo = tl.where(has_full, full_lo, lo)
+        full_hi = tl.where(has_full, full_hi, lo)
+        mask_lo = full_hi - (full_lo - lo)  # the masked loop's slots: [lo, full_lo), then [full_hi, hi)
+    elif CAUSAL:
         hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
         full_hi = tl.maximum(tl.minimum(start_m + offset + 1, hi), 0)
         full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        full_lo = 0
+        mask_lo = full_hi
     else:
         hi = T_K
         full_hi = (T_K // BLOCK_N) * BLOCK_N
+        full_lo = 0
+        mask_lo = full_hi
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: exp2(m_i - m_new) never NaN
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
     # phase 1: key blocks that every row of this query block sees completely (no mask math)
-    for start_n in range(0, full_hi, BLOCK_N):
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         kv_rows = (start_n + offs_n).to(tl.int64)[:, None]
         k_ptrs = k_base + kv_rows * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + kv_rows * stride_vn + offs_d[None, :] * stride_vd
@@ -150,9 +185,11 @@ def _attn_fwd_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
 
-    # phase 2: the causal diagonal and the ragged key tail
-    for start_n in range(full_hi, hi, BLOCK_N):
+    # phase 2: the causal diagonal, the ragged key tail and the tiles that masks cut
+    for start_n in range(mask_lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        if HAS_WINDOW or HAS_DOCS:  # slots below full_hi are the tiles left of phase 1's
+            cols += tl.where(start_n < full_hi, full_lo - full_hi, 0)
         col_ok = cols < T_K
         k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -162,9 +199,12 @@ def _attn_fwd_kernel(
         if HAS_ALIBI:
             dist = tl.abs(offs_m[:, None] + offset - cols[None, :]).to(tl.float32)
             qk = qk - slope * dist
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+        if HAS_WINDOW or HAS_DOCS:
+            visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+        else:
+            visible = col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
         qk = tl.where(visible, qk, -1.0e38)  # finite mask value, far below the -1e30 start
         m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         alpha = tl.exp2(m_i - m_new)
@@ -190,8 +230,10 @@ def _attn_decode_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     H_KV, GROUP, T_Q, T_K, qk_scale, CHUNK, N_SPLITS,
+    DOCS, WINDOW,  # masks, as in _attn_fwd_kernel; the chunks then split the rows' union of keys
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # rows r = g * T_Q + i: query head hk * GROUP + g, query position i (all rows of a GQA group)
@@ -217,6 +259,24 @@ def _attn_decode_kernel(
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, T_K)
     offset = T_K - T_Q
+    if HAS_WINDOW or HAS_DOCS:  # each row's run of keys (see _attn_fwd_kernel); chunks tile the union
+        pos = i + offset
+        row_lo = tl.full([BLOCK_M], 0, dtype=tl.int32)
+        row_hi = row_lo + T_K
+        if CAUSAL:
+            row_hi = tl.minimum(row_hi, pos + 1)
+        if HAS_WINDOW:
+            row_lo = tl.maximum(row_lo, pos - WINDOW + 1)
+            if not CAUSAL:
+                row_hi = tl.minimum(row_hi, pos + WINDOW)
+        if HAS_DOCS:
+            doc_ptrs = DOCS + b.to(tl.int64) * 2 * T_K + pos
+            in_doc = row_ok & (pos >= 0)
+            row_lo = tl.maximum(row_lo, tl.load(doc_ptrs, mask=in_doc, other=0))
+            row_hi = tl.minimum(row_hi, tl.load(doc_ptrs + T_K, mask=in_doc, other=0))
+        seen = row_ok & (row_hi > row_lo)
+        lo = lo + tl.reduce(tl.where(seen, row_lo, T_K), 0, tl.standard._elementwise_min) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(lo + CHUNK, tl.reduce(tl.where(seen, row_hi, 0), 0, tl.standard._elementwise_max))
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
@@ -234,9 +294,12 @@ def _attn_decode_kernel(
         if HAS_ALIBI:
             dist = tl.abs(i[:, None] + offset - cols[None, :]).to(tl.float32)
             qk = qk - slope[:, None] * dist
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= i[:, None] + offset)
+        if HAS_WINDOW or HAS_DOCS:
+            visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+        else:
+            visible = col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= i[:, None] + offset)
         qk = tl.where(visible, qk, -1.0e38)
         m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         alpha = tl.exp2(m_i - m_new)
@@ -325,8 +388,10 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, GROUP, T_Q, T_K, qk_scale, sm_scale,
     T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    DOCS, WINDOW,  # masks, as in the forward
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     H_KV = H // GROUP
@@ -352,17 +417,48 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
 
     offset = T_K - T_Q
-    if CAUSAL:
+    if HAS_WINDOW or HAS_DOCS:
+        # the rule of fastlm.ops.masks read by column: key j is seen by the rows [col_lo, col_hi);
+        # the program walks the row tiles of the columns' union and masks none inside their
+        # intersection (the ragged last row tile counts as inside when it reaches T_Q)
+        col_ok = offs_n < T_K
+        j_row = offs_n - offset  # the row at key position j
+        col_lo = tl.full([BLOCK_N], 0, dtype=tl.int32)
+        col_hi = col_lo + T_Q
+        if CAUSAL:
+            col_lo = tl.maximum(col_lo, j_row)
+        if HAS_WINDOW:
+            col_hi = tl.minimum(col_hi, j_row + WINDOW)
+            if not CAUSAL:
+                col_lo = tl.maximum(col_lo, j_row - WINDOW + 1)
+        if HAS_DOCS:
+            doc_ptrs = DOCS + b.to(tl.int64) * 2 * T_K + offs_n
+            col_lo = tl.maximum(col_lo, tl.load(doc_ptrs, mask=col_ok, other=0) - offset)
+            col_hi = tl.minimum(col_hi, tl.load(doc_ptrs + T_K, mask=col_ok, other=0) - offset)
+        seen = col_ok & (col_hi > col_lo)
+        lo = tl.reduce(tl.where(seen, col_lo, T_Q), 0, tl.standard._elementwise_min) // BLOCK_M * BLOCK_M
+        mask_end = tl.reduce(tl.where(seen, col_hi, 0), 0, tl.standard._elementwise_max)
+        full_lo = tl.reduce(tl.where(col_ok, col_lo, 0), 0, tl.standard._elementwise_max)
+        full_lo = (full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        full_hi = tl.reduce(tl.where(col_ok, col_hi, T_Q), 0, tl.standard._elementwise_min)
+        full_hi = tl.where(full_hi >= T_Q, T_Q, tl.maximum(full_hi, 0) // BLOCK_M * BLOCK_M)
+        has_full = full_hi > full_lo
+        full_lo = tl.where(has_full, full_lo, lo)
+        full_hi = tl.where(has_full, full_hi, lo)
+        mask_hi = full_lo + tl.maximum(mask_end - full_hi, 0)  # the masked slots: [lo, full_lo), [full_hi, mask_end)
+    elif CAUSAL:
         # rows < lo see none of these keys; rows >= full_lo see all of them
         lo = tl.maximum(start_n - offset, 0)
         lo = tl.minimum((lo // BLOCK_M) * BLOCK_M, T_Q)
         full_lo = tl.maximum(start_n + BLOCK_N - 1 - offset, lo)
         full_lo = (full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         mask_hi = tl.minimum(full_lo, T_Q)
+        full_hi = T_Q
     else:
         lo = 0
         full_lo = 0
         mask_hi = 0
+        full_hi = T_Q
 
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -372,9 +468,12 @@ def _attn_bwd_dkdv_kernel(
         stat_base = bh.to(tl.int64) * T_Q
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
-        # masked phase (causal diagonal), then the unmasked rest; ragged rows are zeroed by loads
+        # masked phase (causal diagonal, the tiles masks cut), then the unmasked rest; ragged rows
+        # are zeroed by loads
         for start_m in range(lo, mask_hi, BLOCK_M):
             offs_m = start_m + offs_m0
+            if HAS_WINDOW or HAS_DOCS:  # slots from full_lo on are the tiles right of the unmasked ones
+                offs_m += tl.where(start_m >= full_lo, full_hi - full_lo, 0)
             m_ok = offs_m < T_Q
             qd_mask = m_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -388,12 +487,15 @@ def _attn_bwd_dkdv_kernel(
             if HAS_ALIBI:
                 qkT = qkT - slope * tl.abs(offs_m[None, :] + offset - offs_n[:, None]).to(tl.float32)
             pT = tl.exp2(qkT - lse2[None, :])
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + offset, pT, 0.0)
+            if HAS_WINDOW or HAS_DOCS:
+                pT = tl.where((offs_m[None, :] >= col_lo[:, None]) & (offs_m[None, :] < col_hi[:, None]), pT, 0.0)
+            else:
+                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + offset, pT, 0.0)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dsT = pT * (dpT - delta[None, :])
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
-        for start_m in range(full_lo, T_Q, BLOCK_M):
+        for start_m in range(full_lo, full_hi, BLOCK_M):
             offs_m = start_m + offs_m0
             m_ok = offs_m < T_Q
             qd_mask = m_ok[:, None] & d_ok[None, :]
@@ -431,8 +533,10 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, GROUP, T_Q, T_K, qk_scale, sm_scale,
     T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    DOCS, WINDOW,  # masks, as in the forward
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, DELTA_ONLY: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
@@ -470,16 +574,49 @@ def _attn_bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     offset = T_K - T_Q
-    if CAUSAL:
+    if HAS_WINDOW or HAS_DOCS:
+        # row i sees the keys [row_lo, row_hi) (the rule of fastlm.ops.masks: one run per row, whose
+        # ends never move left as i grows); the block walks the tiles of the rows' union and masks
+        # none inside their intersection
+        pos = offs_m + offset  # each row's key position
+        row_lo = tl.full([BLOCK_M], 0, dtype=tl.int32)
+        row_hi = row_lo + T_K
+        if CAUSAL:
+            row_hi = tl.minimum(row_hi, pos + 1)
+        if HAS_WINDOW:
+            row_lo = tl.maximum(row_lo, pos - WINDOW + 1)
+            if not CAUSAL:
+                row_hi = tl.minimum(row_hi, pos + WINDOW)
+        if HAS_DOCS:
+            doc_ptrs = DOCS + b.to(tl.int64) * 2 * T_K + pos
+            in_doc = row_ok & (pos >= 0)  # a query before key 0 has no document: it sees nothing
+            row_lo = tl.maximum(row_lo, tl.load(doc_ptrs, mask=in_doc, other=0))
+            row_hi = tl.minimum(row_hi, tl.load(doc_ptrs + T_K, mask=in_doc, other=0))
+        seen = row_ok & (row_hi > row_lo)
+        lo = tl.reduce(tl.where(seen, row_lo, T_K), 0, tl.standard._elementwise_min) // BLOCK_N * BLOCK_N
+        hi = tl.reduce(tl.where(seen, row_hi, 0), 0, tl.standard._elementwise_max)
+        full_lo = tl.reduce(tl.where(row_ok, row_lo, 0), 0, tl.standard._elementwise_max)
+        full_lo = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        full_hi = tl.reduce(tl.where(row_ok, row_hi, T_K), 0, tl.standard._elementwise_min)
+        full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+        has_full = full_hi > full_lo
+        full_lo = tl.where(has_full, full_lo, lo)
+        full_hi = tl.where(has_full, full_hi, lo)
+        mask_lo = full_hi - (full_lo - lo)  # the masked loop's slots: [lo, full_lo), then [full_hi, hi)
+    elif CAUSAL:
         hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
         full_hi = tl.maximum(tl.minimum(start_m + offset + 1, hi), 0)
         full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        full_lo = 0
+        mask_lo = full_hi
     else:
         hi = T_K
         full_hi = (T_K // BLOCK_N) * BLOCK_N
+        full_lo = 0
+        mask_lo = full_hi
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
-    for start_n in range(0, full_hi, BLOCK_N):
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         kv_rows = (start_n + offs_n).to(tl.int64)[:, None]
         k_ptrs = k_base + kv_rows * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + kv_rows * stride_vn + offs_d[None, :] * stride_vd
@@ -499,8 +636,10 @@ def _attn_bwd_dq_kernel(
         else:
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-    for start_n in range(full_hi, hi, BLOCK_N):
+    for start_n in range(mask_lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        if HAS_WINDOW or HAS_DOCS:  # slots below full_hi are the tiles left of the unmasked ones
+            cols += tl.where(start_n < full_hi, full_lo - full_hi, 0)
         col_ok = cols < T_K
         k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -509,9 +648,12 @@ def _attn_bwd_dq_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if HAS_ALIBI:
             qk = qk - slope * tl.abs(offs_m[:, None] + offset - cols[None, :]).to(tl.float32)
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+        if HAS_WINDOW or HAS_DOCS:
+            visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+        else:
+            visible = col_ok[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
         p = tl.where(visible, tl.exp2(qk - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DELTA_ONLY:
@@ -571,7 +713,7 @@ _INTERP_BLOCKS = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "dkdv": {"BLOCK_M": 16,
                   "dq": {"BLOCK_M": 32, "BLOCK_N": 16}, "decode": {"BLOCK_M": 16, "BLOCK_N": 16}}
 _INTERP_DECODE_MIN_CHUNK = 64
 
-_KEY = ["HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CAUSAL", "HAS_ALIBI", "GROUP"]
+_KEY = ["HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CAUSAL", "HAS_ALIBI", "GROUP", "HAS_WINDOW", "HAS_DOCS"]
 _autotuned: dict = {}
 
 
@@ -659,7 +801,29 @@ def use_split_kv(t_q: int, t_k: int, group: int) -> bool:
     return t_q <= 16 and group * t_q <= 64 and t_k >= 256
 
 
-def _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes):
+def document_bounds(segment_ids: Tensor) -> Tensor:
+    """``(B, 2, T)`` int32 of segment ids ``(B, T)`` (non-decreasing: documents are runs of equal
+    ids): ``[:, 0, t]`` the first position of t's document, ``[:, 1, t]`` one past its last. The
+    kernels read these instead of the ids: a row's keys are then two loads away."""
+    b, t = segment_ids.shape
+    pos = torch.arange(t, device=segment_ids.device).expand(b, t)
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]  # a document starts at t + 1
+    edge = torch.ones((b, 1), dtype=torch.bool, device=segment_ids.device)
+    lo = torch.where(torch.cat([edge, change], 1), pos, 0).cummax(1).values
+    hi = torch.where(torch.cat([change, edge], 1), pos + 1, t).flip(1).cummin(1).values.flip(1)
+    return torch.stack([lo, hi], 1).to(torch.int32).contiguous()
+
+
+def _mask_args(window, segment_ids, t_q, t_k, dummy):
+    """The kernels' mask arguments ``(DOCS, WINDOW)`` and their switches ``HAS_WINDOW`` / ``HAS_DOCS``
+    (constexprs: without masks the kernels compile as they did before masks; ``dummy`` fills the
+    unused pointer). A window wider than ``T_q + T_k`` hides nothing: it is clamped there (int32)."""
+    docs = dummy if segment_ids is None else document_bounds(segment_ids)
+    width = 0 if window is None else min(int(window), t_q + t_k)
+    return (docs, width), {"HAS_WINDOW": window is not None, "HAS_DOCS": segment_ids is not None}
+
+
+def _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes, masks):
     b, h, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     block_d = _block_d(d)
@@ -669,9 +833,9 @@ def _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes):
     wrap(kernel)[grid](
         q, k, v, out, lse, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        h, h // h_kv, t_q, t_k, scale * _LOG2E, _bucket(t_q), _bucket(t_k),
+        h, h // h_kv, t_q, t_k, scale * _LOG2E, _bucket(t_q), _bucket(t_k), *masks[0],
         HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
-        BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), NEG_SCALE=scale < 0, **extra)
+        BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), NEG_SCALE=scale < 0, **masks[1], **extra)
 
 
 def _decode_launch(block_d: int, elem_size: int, rows: int) -> dict:
@@ -682,7 +846,7 @@ def _decode_launch(block_d: int, elem_size: int, rows: int) -> dict:
     return launch
 
 
-def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
+def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes, masks):
     b, h, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     group = h // h_kv
@@ -692,18 +856,21 @@ def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
     interp = interpreting()
     min_chunk = _INTERP_DECODE_MIN_CHUNK if interp else 256
     target = 2 * _num_sms(q.device)  # enough programs to fill the GPU twice over
-    n_splits = max(1, min(triton.cdiv(target, b * h_kv), triton.cdiv(t_k, min_chunk), 128))
-    chunk = triton.cdiv(triton.cdiv(t_k, n_splits), block_n) * block_n
-    n_splits = triton.cdiv(t_k, chunk)
+    # the keys to split: all, or with a window at most the rows' union (the last T_q - 1 + window
+    # keys) from the tile it starts in
+    span = t_k if not masks[1]["HAS_WINDOW"] else min(t_k, masks[0][1] + t_q - 1 + block_n - 1)
+    n_splits = max(1, min(triton.cdiv(target, b * h_kv), triton.cdiv(span, min_chunk), 128))
+    chunk = triton.cdiv(triton.cdiv(span, n_splits), block_n) * block_n
+    n_splits = triton.cdiv(span, chunk)
     o_part = torch.empty((b * h_kv * n_splits * part_m * block_d,), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((b * h_kv * n_splits * part_m,), device=q.device, dtype=torch.float32)
     slopes = alibi_slopes if alibi_slopes is not None else lse_part
     wrap(jit(_attn_decode_kernel))[(b * h_kv, n_splits)](
         q, k, v, o_part, lse_part, slopes,
         *_strides(q), *_strides(k), *_strides(v),
-        h_kv, group, t_q, t_k, scale * _LOG2E, chunk, n_splits,
+        h_kv, group, t_q, t_k, scale * _LOG2E, chunk, n_splits, *masks[0],
         HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, BLOCK_D=block_d,
-        DOT_PREC=_dot_prec(q.dtype), **launch)
+        DOT_PREC=_dot_prec(q.dtype), **masks[1], **launch)
     extra = {} if interp else {"num_warps": 4 if block_d >= 128 else 2}
     wrap(jit(_attn_decode_combine_kernel))[(b * h_kv * group * t_q,)](
         o_part, lse_part, out, lse, *_strides(out),
@@ -719,11 +886,13 @@ def _check_supported(q: Tensor):
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                      alibi_slopes: Optional[Tensor] = None, split_kv: Optional[bool] = None
+                      alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
+                      segment_ids: Optional[Tensor] = None, split_kv: Optional[bool] = None
                       ) -> Tuple[Tensor, Tensor]:
     """Launch the forward; returns ``(out, lse)``. ``out`` has q's layout (``empty_like``), ``lse``
-    is ``(B, H, T_q)`` float32 (natural log, ``-inf`` for a fully masked row). ``split_kv=None``
-    picks the decode path by :func:`use_split_kv`."""
+    is ``(B, H, T_q)`` float32 (natural log, ``-inf`` for a row that sees no key). ``window`` and
+    ``segment_ids`` as in :func:`fastlm.ops.attention` (unchecked here). ``split_kv=None`` picks the
+    decode path by :func:`use_split_kv`."""
     _check_supported(q)
     b, h, t_q, _ = q.shape
     out = torch.empty_like(q)
@@ -732,16 +901,17 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: floa
         return out, lse  # shapes only: the interpreter cannot run on fake tensors
     if split_kv is None:
         split_kv = use_split_kv(t_q, k.shape[2], h // k.shape[1])
+    masks = _mask_args(window, segment_ids, t_q, k.shape[2], lse)
     if split_kv:
-        _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes)
+        _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes, masks)
     else:
-        _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes)
+        _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes, masks)
     return out, lse
 
 
-def attention_decode(q, k, v, causal, scale, alibi_slopes=None):
+def attention_decode(q, k, v, causal, scale, alibi_slopes=None, window=None, segment_ids=None):
     """The split-KV (flash-decoding) forward regardless of shape; returns ``(out, lse)``."""
-    return attention_forward(q, k, v, causal, scale, alibi_slopes, split_kv=True)
+    return attention_forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids, split_kv=True)
 
 
 def _bwd_preprocess(out, dout, delta, block_d):
@@ -754,7 +924,7 @@ def _bwd_preprocess(out, dout, delta, block_d):
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, **extra)
 
 
-def _dq_pass(q, k, v, dout, lse, delta, dq, slopes, scale, common, delta_only):
+def _dq_pass(q, k, v, dout, lse, delta, dq, slopes, scale, common, masks, delta_only):
     """The dQ kernel; with ``delta_only`` it writes Delta = rowsum(P * dP) of the recomputed P
     instead (the float32 path: the exact softmax derivative, free of O's rounding, which rowsum(dO * O)
     carries into dQ and dK: up to 2.9x SDPA's float32 error against the float64 oracle)."""
@@ -765,14 +935,16 @@ def _dq_pass(q, k, v, dout, lse, delta, dq, slopes, scale, common, delta_only):
     wrap(kernel)[grid](
         q, k, v, dout, lse, delta, dq, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        h, h // k.shape[1], t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
+        h, h // k.shape[1], t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k), *masks,
         DELTA_ONLY=delta_only, **common, **extra)
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None
+                       causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None,
+                       window: Optional[int] = None, segment_ids: Optional[Tensor] = None
                        ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward; returns fresh ``(dq, dk, dv)`` in the layouts of q, k, v."""
+    """Launch the backward; returns fresh ``(dq, dk, dv)`` in the layouts of q, k, v (the forward's
+    masks again: rows that saw no key get zero gradients)."""
     _check_supported(q)
     b, h, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
@@ -785,9 +957,10 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     delta = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
     slopes = alibi_slopes if alibi_slopes is not None else delta
+    masks, switches = _mask_args(window, segment_ids, t_q, t_k, delta)
     common = dict(HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
-                  BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
-    dq_args = (q, k, v, dout, lse, delta, dq, slopes, scale, common)
+                  BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), **switches)
+    dq_args = (q, k, v, dout, lse, delta, dq, slopes, scale, common, masks)
     if q.dtype == torch.float32:
         _dq_pass(*dq_args, delta_only=True)
     else:
@@ -797,7 +970,7 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     wrap(dkdv)[grid](
         q, k, v, dout, lse, delta, dk, dv, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        h, group, t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
+        h, group, t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k), *masks,
         **common, **extra)
     _dq_pass(*dq_args, delta_only=False)
     return dq, dk, dv
@@ -808,25 +981,29 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 # =================================================================================================
 @torch.library.triton_op("fastlm::triton_attention_fwd", mutates_args=())
 def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                      alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return attention_forward(q, k, v, causal, scale, alibi_slopes)
+                      alibi_slopes: Optional[Tensor], window: Optional[int] = None,
+                      segment_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return attention_forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids)
 
 
 @torch.library.triton_op("fastlm::triton_attention_bwd", mutates_args=())
 def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                      causal: bool, scale: float, alibi_slopes: Optional[Tensor]
-                      ) -> Tuple[Tensor, Tensor, Tensor]:
-    return attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)
+                      causal: bool, scale: float, alibi_slopes: Optional[Tensor], window: Optional[int] = None,
+                      segment_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    return attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window, segment_ids)
 
 
 register_attention_autograd(_attention_fwd_op, _attention_bwd_op)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
-              alibi_slopes: Optional[Tensor] = None) -> Tensor:
-    """Differentiable fused attention (no input validation: use :func:`fastlm.ops.attention`)."""
+              alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
+              segment_ids: Optional[Tensor] = None) -> Tensor:
+    """Differentiable fused attention (no input validation: use :func:`fastlm.ops.attention`, which
+    also states the masks' rule)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.float().contiguous()
-    return _attention_fwd_op(q, k, v, bool(causal), float(scale), alibi_slopes)[0]
+    window = None if window is None else int(window)
+    return _attention_fwd_op(q, k, v, bool(causal), float(scale), alibi_slopes, window, segment_ids)[0]
