@@ -57,6 +57,7 @@ __all__ = ["attention", "attention_forward", "attention_backward", "attention_de
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 # =================================================================================================
@@ -217,7 +218,7 @@ def _attn_fwd_kernel(
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]  # fully masked rows: acc = 0 -> 0
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))  # base 2
     o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -344,7 +345,7 @@ def _attn_decode_combine_kernel(
     o_s = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     den_safe = tl.where(denom > 0.0, denom, 1.0)
     out = tl.reduce(o_s * w[:, None], 0, tl.standard._sum_combine) / den_safe
-    lse = tl.where(denom > 0.0, (m_safe + tl.log2(den_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(denom > 0.0, m_safe + tl.log2(den_safe), float("-inf"))  # base 2
     bh = b * (H_KV * GROUP) + h
     o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + i.to(tl.int64) * stride_om + offs_d * stride_od)
@@ -481,7 +482,7 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                          mask=qd_mask, other=0.0)
             lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
             qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
             if HAS_ALIBI:
@@ -504,7 +505,7 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                          mask=qd_mask, other=0.0)
             lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
             qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
             if HAS_ALIBI:
@@ -563,7 +564,7 @@ def _attn_bwd_dq_kernel(
                  mask=qd_mask, other=0.0)
     stat_base = bh.to(tl.int64) * T_Q
     lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
     if DELTA_ONLY:
         delta = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     else:
@@ -885,14 +886,10 @@ def _check_supported(q: Tensor):
         raise TypeError(f"triton attention: dtype {q.dtype} not supported (float16/bfloat16/float32)")
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                      alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
-                      segment_ids: Optional[Tensor] = None, split_kv: Optional[bool] = None
-                      ) -> Tuple[Tensor, Tensor]:
-    """Launch the forward; returns ``(out, lse)``. ``out`` has q's layout (``empty_like``), ``lse``
-    is ``(B, H, T_q)`` float32 (natural log, ``-inf`` for a row that sees no key). ``window`` and
-    ``segment_ids`` as in :func:`fastlm.ops.attention` (unchecked here). ``split_kv=None`` picks the
-    decode path by :func:`use_split_kv`."""
+def _forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids, split_kv=None):
+    """The forward launch -> ``(out, lse2)``, ``lse2`` in log2 units (what the kernels keep: the
+    backward reads it as written, so a row with one visible key recomputes P = 1 exactly; a round
+    trip through natural units costs that row's dQ a few ulps where PyTorch's is exactly 0)."""
     _check_supported(q)
     b, h, t_q, _ = q.shape
     out = torch.empty_like(q)
@@ -907,6 +904,18 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: floa
     else:
         _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes, masks)
     return out, lse
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                      alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
+                      segment_ids: Optional[Tensor] = None, split_kv: Optional[bool] = None
+                      ) -> Tuple[Tensor, Tensor]:
+    """Launch the forward; returns ``(out, lse)``. ``out`` has q's layout (``empty_like``), ``lse``
+    is ``(B, H, T_q)`` float32 (natural log, ``-inf`` for a row that sees no key). ``window`` and
+    ``segment_ids`` as in :func:`fastlm.ops.attention` (unchecked here). ``split_kv=None`` picks the
+    decode path by :func:`use_split_kv`."""
+    out, lse2 = _forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids, split_kv)
+    return out, lse2 * _LN2
 
 
 def attention_decode(q, k, v, causal, scale, alibi_slopes=None, window=None, segment_ids=None):
@@ -943,8 +952,14 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                        causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None,
                        window: Optional[int] = None, segment_ids: Optional[Tensor] = None
                        ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward; returns fresh ``(dq, dk, dv)`` in the layouts of q, k, v (the forward's
-    masks again: rows that saw no key get zero gradients)."""
+    """Launch the backward (``lse`` natural, as :func:`attention_forward` returns it); returns fresh
+    ``(dq, dk, dv)`` in the layouts of q, k, v (the forward's masks again: rows that saw no key get
+    zero gradients)."""
+    return _backward(dout, q, k, v, out, lse * _LOG2E, causal, scale, alibi_slopes, window, segment_ids)
+
+
+def _backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window, segment_ids):
+    """The backward launch; ``lse`` in log2 units (:func:`_forward`'s)."""
     _check_supported(q)
     b, h, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
@@ -979,18 +994,20 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 # =================================================================================================
 # torch.library ops + autograd
 # =================================================================================================
+# The ops' LSE is in log2 units (:func:`_forward`): the forward op's second output goes to the
+# backward op as it is.
 @torch.library.triton_op("fastlm::triton_attention_fwd", mutates_args=())
 def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
                       alibi_slopes: Optional[Tensor], window: Optional[int] = None,
                       segment_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    return attention_forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids)
+    return _forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids)
 
 
 @torch.library.triton_op("fastlm::triton_attention_bwd", mutates_args=())
 def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       causal: bool, scale: float, alibi_slopes: Optional[Tensor], window: Optional[int] = None,
                       segment_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    return attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window, segment_ids)
+    return _backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window, segment_ids)
 
 
 register_attention_autograd(_attention_fwd_op, _attention_bwd_op)
