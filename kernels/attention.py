@@ -50,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastlm.ops._autograd import register_attention_autograd
-from .launch import interpreting, is_traced, jit, pinned_configs, wrap
+from .launch import device_function, interpreting, is_traced, jit, pinned_configs, wrap
 
 __all__ = ["attention", "attention_forward", "attention_backward", "attention_decode",
            "use_split_kv", "MAX_HEAD_DIM"]
@@ -62,14 +62,61 @@ _LN2 = 0.6931471805599453
 
 # =================================================================================================
 # Kernels (plain functions; launch.jit / _tuned_kernel turn them into JIT / interpreted / autotuned
-# kernels on first use, so the TRITON_INTERPRET decision is made at launch time). They call no @jit
-# helper, not even triton.language's own (tl.cdiv, tl.zeros, tl.max, tl.sum, tl.sigmoid are @jit
-# functions created in the mode triton was imported in, which an interpreted kernel cannot call):
+# kernels on first use, so the TRITON_INTERPRET decision is made at launch time). Their helpers are
+# launch.device_function objects (inlined when compiled, plain calls when interpreted); they call no
+# other @jit function, not even triton.language's own (tl.cdiv, tl.zeros, tl.max, tl.sum, tl.sigmoid are
+# @jit functions created in the mode triton was imported in, which an interpreted kernel cannot call):
 # reductions go through the builtin tl.reduce with the standard combine functions, which the
 # interpreter maps to numpy whatever the import mode. (The reverse does not hold: with triton
 # imported under TRITON_INTERPRET=1 those combine functions cannot be compiled, so import triton
 # before turning the interpreter on when a process also compiles, as benchmarks.gpu_check does.)
 # =================================================================================================
+def _key_runs(pos, ok, docs, WINDOW, T_K, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_DOCS: tl.constexpr):
+    """``(lo, hi)``: the keys ``[lo, hi)`` that queries at key positions ``pos`` see, by the rule of
+    fastlm.ops.masks (one run per query, whose ends never move left as the position grows); ``docs``
+    is the batch row of the document bounds (``(2, T_K)``: first position, one past the last), read
+    where ``ok``. A query before key 0 has no document: it sees nothing then."""
+    lo = pos * 0
+    hi = lo + T_K
+    if CAUSAL:
+        hi = tl.minimum(hi, pos + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, pos - WINDOW + 1)
+        if not CAUSAL:
+            hi = tl.minimum(hi, pos + WINDOW)
+    if HAS_DOCS:
+        in_doc = ok & (pos >= 0)
+        lo = tl.maximum(lo, tl.load(docs + pos, mask=in_doc, other=0))
+        hi = tl.minimum(hi, tl.load(docs + T_K + pos, mask=in_doc, other=0))
+    return lo, hi
+
+
+def _tiles(run_lo, run_hi, ok, T, BLOCK: tl.constexpr, RAGGED_FULL: tl.constexpr):
+    """The tiles of ``BLOCK`` a block walks, from the runs ``[run_lo, run_hi)`` of its members (``ok``):
+    ``(lo, hi, full_lo, full_hi)``. ``[lo, hi)`` covers the union of the runs from the tile it starts in;
+    every member sees the tiles ``[full_lo, full_hi)`` whole (no mask needed; empty, with ``full_lo =
+    full_hi = lo``, when no tile is, which a member that sees nothing ensures). ``RAGGED_FULL``: the
+    ragged last tile counts as whole when every run reaches ``T`` (its loads are masked). Every bound
+    but ``hi`` (and ``full_hi = T`` there) is a multiple of BLOCK."""
+    seen = ok & (run_hi > run_lo)
+    lo = tl.reduce(tl.where(seen, run_lo, T), 0, tl.standard._elementwise_min) // BLOCK * BLOCK
+    hi = tl.reduce(tl.where(seen, run_hi, 0), 0, tl.standard._elementwise_max)
+    full_lo = tl.reduce(tl.where(ok, run_lo, 0), 0, tl.standard._elementwise_max)
+    full_lo = (full_lo + BLOCK - 1) // BLOCK * BLOCK
+    full_hi = tl.reduce(tl.where(ok, run_hi, T), 0, tl.standard._elementwise_min)
+    if RAGGED_FULL:
+        full_hi = tl.where(full_hi >= T, T, tl.maximum(full_hi, 0) // BLOCK * BLOCK)
+    else:
+        full_hi = tl.maximum(full_hi, 0) // BLOCK * BLOCK
+    has_full = full_hi > full_lo
+    return lo, hi, tl.where(has_full, full_lo, lo), tl.where(has_full, full_hi, lo)
+
+
+_key_runs = device_function(_key_runs)
+_tiles = device_function(_tiles)
+
+
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, SLOPES,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -110,33 +157,9 @@ def _attn_fwd_kernel(
 
     offset = T_K - T_Q  # bottom-right alignment: row i sits at key position i + offset
     if HAS_WINDOW or HAS_DOCS:
-        # row i sees the keys [row_lo, row_hi) (the rule of fastlm.ops.masks: one run per row, whose
-        # ends never move left as i grows); the block walks the tiles of the rows' union and masks
-        # none inside their intersection
-        pos = offs_m + offset  # each row's key position
-        row_lo = tl.full([BLOCK_M], 0, dtype=tl.int32)
-        row_hi = row_lo + T_K
-        if CAUSAL:
-            row_hi = tl.minimum(row_hi, pos + 1)
-        if HAS_WINDOW:
-            row_lo = tl.maximum(row_lo, pos - WINDOW + 1)
-            if not CAUSAL:
-                row_hi = tl.minimum(row_hi, pos + WINDOW)
-        if HAS_DOCS:
-            doc_ptrs = DOCS + b.to(tl.int64) * 2 * T_K + pos
-            in_doc = row_ok & (pos >= 0)  # a query before key 0 has no document: it sees nothing
-            row_lo = tl.maximum(row_lo, tl.load(doc_ptrs, mask=in_doc, other=0))
-            row_hi = tl.minimum(row_hi, tl.load(doc_ptrs + T_K, mask=in_doc, other=0))
-        seen = row_ok & (row_hi > row_lo)
-        lo = tl.reduce(tl.where(seen, row_lo, T_K), 0, tl.standard._elementwise_min) // BLOCK_N * BLOCK_N
-        hi = tl.reduce(tl.where(seen, row_hi, 0), 0, tl.standard._elementwise_max)
-        full_lo = tl.reduce(tl.where(row_ok, row_lo, 0), 0, tl.standard._elementwise_max)
-        full_lo = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        full_hi = tl.reduce(tl.where(row_ok, row_hi, T_K), 0, tl.standard._elementwise_min)
-        full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
-        has_full = full_hi > full_lo
-        full_lo = tl.where(has_full, full_lo, lo)
-        full_hi = tl.where(has_full, full_hi, lo)
+        row_lo, row_hi = _key_runs(offs_m + offset, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_K,
+                                   CAUSAL, HAS_WINDOW, HAS_DOCS)
+        lo, hi, full_lo, full_hi = _tiles(row_lo, row_hi, row_ok, T_K, BLOCK_N, False)
         mask_lo = full_hi - (full_lo - lo)  # the masked loop's slots: [lo, full_lo), then [full_hi, hi)
     elif CAUSAL:
         hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
@@ -260,21 +283,9 @@ def _attn_decode_kernel(
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, T_K)
     offset = T_K - T_Q
-    if HAS_WINDOW or HAS_DOCS:  # each row's run of keys (see _attn_fwd_kernel); chunks tile the union
-        pos = i + offset
-        row_lo = tl.full([BLOCK_M], 0, dtype=tl.int32)
-        row_hi = row_lo + T_K
-        if CAUSAL:
-            row_hi = tl.minimum(row_hi, pos + 1)
-        if HAS_WINDOW:
-            row_lo = tl.maximum(row_lo, pos - WINDOW + 1)
-            if not CAUSAL:
-                row_hi = tl.minimum(row_hi, pos + WINDOW)
-        if HAS_DOCS:
-            doc_ptrs = DOCS + b.to(tl.int64) * 2 * T_K + pos
-            in_doc = row_ok & (pos >= 0)
-            row_lo = tl.maximum(row_lo, tl.load(doc_ptrs, mask=in_doc, other=0))
-            row_hi = tl.minimum(row_hi, tl.load(doc_ptrs + T_K, mask=in_doc, other=0))
+    if HAS_WINDOW or HAS_DOCS:  # each row's run of keys; the chunks tile the rows' union
+        row_lo, row_hi = _key_runs(i + offset, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_K,
+                                   CAUSAL, HAS_WINDOW, HAS_DOCS)
         seen = row_ok & (row_hi > row_lo)
         lo = lo + tl.reduce(tl.where(seen, row_lo, T_K), 0, tl.standard._elementwise_min) // BLOCK_N * BLOCK_N
         hi = tl.minimum(lo + CHUNK, tl.reduce(tl.where(seen, row_hi, 0), 0, tl.standard._elementwise_max))
@@ -436,16 +447,7 @@ def _attn_bwd_dkdv_kernel(
             doc_ptrs = DOCS + b.to(tl.int64) * 2 * T_K + offs_n
             col_lo = tl.maximum(col_lo, tl.load(doc_ptrs, mask=col_ok, other=0) - offset)
             col_hi = tl.minimum(col_hi, tl.load(doc_ptrs + T_K, mask=col_ok, other=0) - offset)
-        seen = col_ok & (col_hi > col_lo)
-        lo = tl.reduce(tl.where(seen, col_lo, T_Q), 0, tl.standard._elementwise_min) // BLOCK_M * BLOCK_M
-        mask_end = tl.reduce(tl.where(seen, col_hi, 0), 0, tl.standard._elementwise_max)
-        full_lo = tl.reduce(tl.where(col_ok, col_lo, 0), 0, tl.standard._elementwise_max)
-        full_lo = (full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        full_hi = tl.reduce(tl.where(col_ok, col_hi, T_Q), 0, tl.standard._elementwise_min)
-        full_hi = tl.where(full_hi >= T_Q, T_Q, tl.maximum(full_hi, 0) // BLOCK_M * BLOCK_M)
-        has_full = full_hi > full_lo
-        full_lo = tl.where(has_full, full_lo, lo)
-        full_hi = tl.where(has_full, full_hi, lo)
+        lo, mask_end, full_lo, full_hi = _tiles(col_lo, col_hi, col_ok, T_Q, BLOCK_M, True)
         mask_hi = full_lo + tl.maximum(mask_end - full_hi, 0)  # the masked slots: [lo, full_lo), [full_hi, mask_end)
     elif CAUSAL:
         # rows < lo see none of these keys; rows >= full_lo see all of them
@@ -576,33 +578,9 @@ def _attn_bwd_dq_kernel(
 
     offset = T_K - T_Q
     if HAS_WINDOW or HAS_DOCS:
-        # row i sees the keys [row_lo, row_hi) (the rule of fastlm.ops.masks: one run per row, whose
-        # ends never move left as i grows); the block walks the tiles of the rows' union and masks
-        # none inside their intersection
-        pos = offs_m + offset  # each row's key position
-        row_lo = tl.full([BLOCK_M], 0, dtype=tl.int32)
-        row_hi = row_lo + T_K
-        if CAUSAL:
-            row_hi = tl.minimum(row_hi, pos + 1)
-        if HAS_WINDOW:
-            row_lo = tl.maximum(row_lo, pos - WINDOW + 1)
-            if not CAUSAL:
-                row_hi = tl.minimum(row_hi, pos + WINDOW)
-        if HAS_DOCS:
-            doc_ptrs = DOCS + b.to(tl.int64) * 2 * T_K + pos
-            in_doc = row_ok & (pos >= 0)  # a query before key 0 has no document: it sees nothing
-            row_lo = tl.maximum(row_lo, tl.load(doc_ptrs, mask=in_doc, other=0))
-            row_hi = tl.minimum(row_hi, tl.load(doc_ptrs + T_K, mask=in_doc, other=0))
-        seen = row_ok & (row_hi > row_lo)
-        lo = tl.reduce(tl.where(seen, row_lo, T_K), 0, tl.standard._elementwise_min) // BLOCK_N * BLOCK_N
-        hi = tl.reduce(tl.where(seen, row_hi, 0), 0, tl.standard._elementwise_max)
-        full_lo = tl.reduce(tl.where(row_ok, row_lo, 0), 0, tl.standard._elementwise_max)
-        full_lo = (full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        full_hi = tl.reduce(tl.where(row_ok, row_hi, T_K), 0, tl.standard._elementwise_min)
-        full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
-        has_full = full_hi > full_lo
-        full_lo = tl.where(has_full, full_lo, lo)
-        full_hi = tl.where(has_full, full_hi, lo)
+        row_lo, row_hi = _key_runs(offs_m + offset, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_K,
+                                   CAUSAL, HAS_WINDOW, HAS_DOCS)
+        lo, hi, full_lo, full_hi = _tiles(row_lo, row_hi, row_ok, T_K, BLOCK_N, False)
         mask_lo = full_hi - (full_lo - lo)  # the masked loop's slots: [lo, full_lo), then [full_hi, hi)
     elif CAUSAL:
         hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
@@ -680,7 +658,8 @@ def _attn_bwd_dq_kernel(
 # each list is the kernel's default pinned config (FASTLM_TRITON_CONFIGS=pinned); every list ends
 # with a config small enough for ~100 KB of shared memory (sm_86/89), so autotuning never runs
 # out of candidates (configs that do not fit are dropped by the autotuner). dK/dV hold two
-# BLOCK_N x D fp32 accumulators: 8 warps where BLOCK_N=128. "decode" is the split-KV kernel's one
+# BLOCK_N x D fp32 accumulators: 8 warps where BLOCK_N=128 (the masked kernels: :data:`_MASKED_DEFAULTS`
+# where their first entry spills). "decode" is the split-KV kernel's one
 # config (never autotuned): BLOCK_M is the least row tile (the GQA group's heads x T_q, rounded up
 # to a power of two, when larger). Every entry passes a float64-oracle parity case in the
 # interpreter (tests/test_triton_attention.py) and compiled (there on a GPU, and benchmarks.gpu_check).
@@ -697,7 +676,7 @@ CONFIGS = {
                   (64, 32, 4, 2)],
             512: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
             1024: [(32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]},
-    "dkdv": {128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2)],
+    "dkdv": {128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2)],
              256: [(16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
              512: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
              1024: [(16, 32, 4, 1), (16, 16, 4, 1)]},
@@ -718,11 +697,30 @@ _KEY = ["HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CAUSAL", "HAS_ALIBI", "GROUP", 
 _autotuned: dict = {}
 
 
-def configs(kind: str, block_d: int, elem_size: int) -> list:
-    """The config list (tuples, see :data:`CONFIGS`) of kernel ``kind`` for this tile width."""
+# Pinned defaults of the masked kernels (HAS_WINDOW / HAS_DOCS) where the list's first entry spills:
+# (kind, tile width) -> config. dK/dV at D <= 64 (bf16, sm_90, window and documents; Triton 3.6|3.9):
+# 32x128x8x3 takes 255|248 registers and spills 12|0 bytes; 32x128x8x2 takes 236|202, no spills. The
+# other masked pinned defaults (first entries) do not spill: D=64 fwd 203|217, dq 199|198, decode
+# 72|64; D=128 fwd 175|174, dK/dV 255|246, dq 207|207, decode 109|86 (tests check them).
+_MASKED_DEFAULTS = {("dkdv", 128): (32, 128, 8, 2)}
+
+
+def _width(kind: str, block_d: int, elem_size: int) -> int:
     table = CONFIGS[kind]
     row_bytes = block_d * elem_size  # 128: fp16 D<=64; 256: fp16 D=128 / fp32 D=64; 512; 1024
-    return table[min(b for b in table if b >= min(row_bytes, 1024))]
+    return min(b for b in table if b >= min(row_bytes, 1024))
+
+
+def configs(kind: str, block_d: int, elem_size: int) -> list:
+    """The config list (tuples, see :data:`CONFIGS`) of kernel ``kind`` for this tile width."""
+    return CONFIGS[kind][_width(kind, block_d, elem_size)]
+
+
+def pinned_default(kind: str, block_d: int, elem_size: int, masked: bool = False) -> tuple:
+    """The config kernel ``kind`` runs with ``FASTLM_TRITON_CONFIGS=pinned``: its list's first entry,
+    or for a masked kernel the entry :data:`_MASKED_DEFAULTS` names."""
+    first = configs(kind, block_d, elem_size)[0]
+    return _MASKED_DEFAULTS.get((kind, _width(kind, block_d, elem_size)), first) if masked else first
 
 
 def _launch_kwargs(config) -> dict:
@@ -730,13 +728,13 @@ def _launch_kwargs(config) -> dict:
     return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
 
 
-def _fixed_launch(kind: str, block_d: int, elem_size: int) -> Optional[dict]:
+def _fixed_launch(kind: str, block_d: int, elem_size: int, masked: bool = False) -> Optional[dict]:
     """Launch kwargs of kernel ``kind`` when it is not autotuned: a pinned config
     (FASTLM_TRITON_CONFIGS; in the interpreter its tile sizes, so CPU tests check the GPU's
     tiles), the interpreter's fixed blocks; None: autotune."""
     pins = pinned_configs()
     if pins is not None:
-        config = pins.get(kind) or configs(kind, block_d, elem_size)[0]
+        config = pins.get(kind) or pinned_default(kind, block_d, elem_size, masked)
         if interpreting():  # warps and stages mean nothing there
             return {"BLOCK_M": config[0], "BLOCK_N": config[1]}
         return _launch_kwargs(config)
@@ -745,10 +743,10 @@ def _fixed_launch(kind: str, block_d: int, elem_size: int) -> Optional[dict]:
     return None
 
 
-def _tuned_kernel(kind: str, fn, block_d: int, elem_size: int):
+def _tuned_kernel(kind: str, fn, block_d: int, elem_size: int, masked: bool = False):
     """``(kernel, launch kwargs)``: the plain kernel with :func:`_fixed_launch`'s config, or the
     autotuner over :func:`configs`."""
-    fixed = _fixed_launch(kind, block_d, elem_size)
+    fixed = _fixed_launch(kind, block_d, elem_size, masked)
     if fixed is not None:
         return jit(fn), fixed
     key = (kind, block_d, elem_size)
@@ -980,7 +978,8 @@ def _backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window, segm
         _dq_pass(*dq_args, delta_only=True)
     else:
         _bwd_preprocess(out, dout, delta, block_d)
-    dkdv, extra = _tuned_kernel("dkdv", _attn_bwd_dkdv_kernel, block_d, q.element_size())
+    dkdv, extra = _tuned_kernel("dkdv", _attn_bwd_dkdv_kernel, block_d, q.element_size(),
+                                masked=window is not None or segment_ids is not None)
     grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) * b * h_kv,)  # noqa: E731
     wrap(dkdv)[grid](
         q, k, v, dout, lse, delta, dk, dv, slopes,

@@ -254,8 +254,8 @@ def pinned_usage(head_dims=PINNED_HEAD_DIMS, kinds=("fwd", "dkdv", "dq", "decode
     rows = []
     for kind in kinds:
         for d in head_dims:
-            config = A.configs(kind, d, 2)[0]
             for masked in masks:
+                config = A.pinned_default(kind, d, 2, masked)
                 row = {"kind": kind, "head_dim": d, "config": "x".join(map(str, config)),
                        "masks": "window+docs" if masked else "none", "triton": triton.__version__}
                 row.update(config_usage(kind, d, config, capability, masks=masked))

@@ -563,7 +563,7 @@ def test_pinned_default_registers_and_spills_sm90(kind, head_dim, masks, monkeyp
     from fastlm.kernels import attention as A
     from fastlm.kernels.resources import config_usage
     try:
-        usage = config_usage(kind, head_dim, A.configs(kind, head_dim, 2)[0], masks=masks)
+        usage = config_usage(kind, head_dim, A.pinned_default(kind, head_dim, 2, masks), masks=masks)
     except ImportError as e:
         pytest.skip(f"this triton has no ASTSource/GPUTarget API ({e})")
     _assert_no_spills(usage)
