@@ -113,8 +113,38 @@ def _tiles(run_lo, run_hi, ok, T, BLOCK: tl.constexpr, RAGGED_FULL: tl.constexpr
     return lo, hi, tl.where(has_full, full_lo, lo), tl.where(has_full, full_hi, lo)
 
 
+def _row_block_keys(start_m, offs_m, row_ok, docs, WINDOW, T_Q, T_K, CAUSAL: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """The key loops of a block of query rows (forward, dQ): ``(row_lo, row_hi, full_lo, full_hi,
+    mask_lo, hi)``. The unmasked loop walks ``range(full_lo, full_hi)``, the masked one
+    ``range(mask_lo, hi)``: the causal diagonal and the ragged key tail, or with a window or documents
+    the slots of ``[lo, full_lo)`` (those below ``full_hi``: shift them by ``full_lo - full_hi``)
+    then ``[full_hi, hi)``, masked by each row's run ``[row_lo, row_hi)`` (dummies without masks)."""
+    offset = T_K - T_Q  # bottom-right alignment: row i sits at key position i + offset
+    row_lo = offs_m * 0
+    row_hi = row_lo
+    if HAS_WINDOW or HAS_DOCS:
+        row_lo, row_hi = _key_runs(offs_m + offset, row_ok, docs, WINDOW, T_K, CAUSAL, HAS_WINDOW, HAS_DOCS)
+        lo, hi, full_lo, full_hi = _tiles(row_lo, row_hi, row_ok, T_K, BLOCK_N, False)
+        mask_lo = full_hi - (full_lo - lo)
+    elif CAUSAL:
+        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
+        full_hi = tl.maximum(tl.minimum(start_m + offset + 1, hi), 0)
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        full_lo = full_hi * 0
+        mask_lo = full_hi
+    else:
+        hi = T_K
+        full_hi = (T_K // BLOCK_N) * BLOCK_N
+        full_lo = full_hi * 0
+        mask_lo = full_hi
+    return row_lo, row_hi, full_lo, full_hi, mask_lo, hi
+
+
 _key_runs = device_function(_key_runs)
 _tiles = device_function(_tiles)
+_row_block_keys = device_function(_row_block_keys)
 
 
 def _attn_fwd_kernel(
@@ -156,22 +186,9 @@ def _attn_fwd_kernel(
         slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
 
     offset = T_K - T_Q  # bottom-right alignment: row i sits at key position i + offset
-    if HAS_WINDOW or HAS_DOCS:
-        row_lo, row_hi = _key_runs(offs_m + offset, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_K,
-                                   CAUSAL, HAS_WINDOW, HAS_DOCS)
-        lo, hi, full_lo, full_hi = _tiles(row_lo, row_hi, row_ok, T_K, BLOCK_N, False)
-        mask_lo = full_hi - (full_lo - lo)  # the masked loop's slots: [lo, full_lo), then [full_hi, hi)
-    elif CAUSAL:
-        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
-        full_hi = tl.maximum(tl.minimum(start_m + offset + 1, hi), 0)
-        full_hi = (full_hi // BLOCK_N) * BLOCK_N
-        full_lo = 0
-        mask_lo = full_hi
-    else:
-        hi = T_K
-        full_hi = (T_K // BLOCK_N) * BLOCK_N
-        full_lo = 0
-        mask_lo = full_hi
+    row_lo, row_hi, full_lo, full_hi, mask_lo, hi = _row_block_keys(
+        start_m, offs_m, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_Q, T_K,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: exp2(m_i - m_new) never NaN
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
@@ -577,22 +594,9 @@ def _attn_bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     offset = T_K - T_Q
-    if HAS_WINDOW or HAS_DOCS:
-        row_lo, row_hi = _key_runs(offs_m + offset, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_K,
-                                   CAUSAL, HAS_WINDOW, HAS_DOCS)
-        lo, hi, full_lo, full_hi = _tiles(row_lo, row_hi, row_ok, T_K, BLOCK_N, False)
-        mask_lo = full_hi - (full_lo - lo)  # the masked loop's slots: [lo, full_lo), then [full_hi, hi)
-    elif CAUSAL:
-        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
-        full_hi = tl.maximum(tl.minimum(start_m + offset + 1, hi), 0)
-        full_hi = (full_hi // BLOCK_N) * BLOCK_N
-        full_lo = 0
-        mask_lo = full_hi
-    else:
-        hi = T_K
-        full_hi = (T_K // BLOCK_N) * BLOCK_N
-        full_lo = 0
-        mask_lo = full_hi
+    row_lo, row_hi, full_lo, full_hi, mask_lo, hi = _row_block_keys(
+        start_m, offs_m, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_Q, T_K,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     for start_n in range(full_lo, full_hi, BLOCK_N):
