@@ -142,9 +142,22 @@ def _row_block_keys(start_m, offs_m, row_ok, docs, WINDOW, T_Q, T_K, CAUSAL: tl.
     return row_lo, row_hi, full_lo, full_hi, mask_lo, hi
 
 
+def _visible(cols, col_ok, pos, row_lo, row_hi, CAUSAL: tl.constexpr, MASKS: tl.constexpr):
+    """``(rows, keys)`` bool of a masked tile: keys ``cols`` (``col_ok``: below T_K) seen by the rows
+    at key positions ``pos``, whose runs are ``[row_lo, row_hi)`` with ``MASKS`` (window, documents)."""
+    if MASKS:
+        visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+    else:
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= pos[:, None])
+    return visible
+
+
 _key_runs = device_function(_key_runs)
 _tiles = device_function(_tiles)
 _row_block_keys = device_function(_row_block_keys)
+_visible = device_function(_visible)
 
 
 def _attn_fwd_kernel(
@@ -240,12 +253,7 @@ def _attn_fwd_kernel(
         if HAS_ALIBI:
             dist = tl.abs(offs_m[:, None] + offset - cols[None, :]).to(tl.float32)
             qk = qk - slope * dist
-        if HAS_WINDOW or HAS_DOCS:
-            visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
-        else:
-            visible = col_ok[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+        visible = _visible(cols, col_ok, offs_m + offset, row_lo, row_hi, CAUSAL, HAS_WINDOW or HAS_DOCS)
         qk = tl.where(visible, qk, -1.0e38)  # finite mask value, far below the -1e30 start
         m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         alpha = tl.exp2(m_i - m_new)
@@ -300,7 +308,9 @@ def _attn_decode_kernel(
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, T_K)
     offset = T_K - T_Q
-    if HAS_WINDOW or HAS_DOCS:  # each row's run of keys; the chunks tile the rows' union
+    row_lo = i * 0  # each row's run of keys (with masks; dummies without)
+    row_hi = row_lo
+    if HAS_WINDOW or HAS_DOCS:  # the chunks tile the rows' union
         row_lo, row_hi = _key_runs(i + offset, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_K,
                                    CAUSAL, HAS_WINDOW, HAS_DOCS)
         seen = row_ok & (row_hi > row_lo)
@@ -323,12 +333,7 @@ def _attn_decode_kernel(
         if HAS_ALIBI:
             dist = tl.abs(i[:, None] + offset - cols[None, :]).to(tl.float32)
             qk = qk - slope[:, None] * dist
-        if HAS_WINDOW or HAS_DOCS:
-            visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
-        else:
-            visible = col_ok[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= i[:, None] + offset)
+        visible = _visible(cols, col_ok, i + offset, row_lo, row_hi, CAUSAL, HAS_WINDOW or HAS_DOCS)
         qk = tl.where(visible, qk, -1.0e38)
         m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         alpha = tl.exp2(m_i - m_new)
@@ -631,12 +636,7 @@ def _attn_bwd_dq_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if HAS_ALIBI:
             qk = qk - slope * tl.abs(offs_m[:, None] + offset - cols[None, :]).to(tl.float32)
-        if HAS_WINDOW or HAS_DOCS:
-            visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
-        else:
-            visible = col_ok[None, :]
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+        visible = _visible(cols, col_ok, offs_m + offset, row_lo, row_hi, CAUSAL, HAS_WINDOW or HAS_DOCS)
         p = tl.where(visible, tl.exp2(qk - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DELTA_ONLY:

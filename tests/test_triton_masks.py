@@ -22,6 +22,7 @@ if not hasattr(torch.library, "triton_op"):
 
 from fastlm import ops  # noqa: E402
 from fastlm.errors import BackendUnavailableError  # noqa: E402
+from fastlm.kernels import attention as A  # noqa: E402
 from mask_rule import doc_ids, oracle, visible  # noqa: E402
 
 pytestmark = pytest.mark.gpu  # a CUDA device where there is one, else the interpreter
@@ -36,12 +37,6 @@ def _triton_mode(monkeypatch):
     if not CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     yield
-
-
-@pytest.fixture
-def A():
-    from fastlm.kernels import attention as mod
-    return mod
 
 
 def _setup(b, h, h_kv, t_q, t_k, d, causal, window, docs, alibi, seed=0):
@@ -198,7 +193,7 @@ def test_rows_that_see_nothing_give_zeros_and_no_gradient():
         assert (out[:, :, blind] == 0).all() and (dq[:, :, blind] == 0).all()
 
 
-def test_hidden_tiles_are_never_read(A):
+def test_hidden_tiles_are_never_read():
     """The kernels skip what the mask hides: with a window in a KV cache, the keys before the rows'
     union hold NaN, which any visited tile would spread (0 * NaN) into out, dQ or their own dK/dV
     (whose programs then must visit no query tile). Also through the split-KV path, whose chunks
@@ -227,14 +222,14 @@ def test_hidden_tiles_are_never_read(A):
     (1, 2, 2, 5, 300, 16, True, 1000, None, False),     # a window wider than T
     (1, 8, 2, 4, 333, 16, False, 70, None, False),      # not causal: the union reaches the end
 ], ids=["union", "docs", "window1", "wide", "noncausal"])
-def test_masked_decode_split_kv(A, case):
+def test_masked_decode_split_kv(case):
     """Few queries against a long KV take the split-KV path (through the op: fwd and bwd)."""
     b, h, h_kv, t_q, t_k = case[:5]
     assert A.use_split_kv(t_q, t_k, h // h_kv)
     _parity(case, torch.float32)
 
 
-def test_masked_decode_lse(A):
+def test_masked_decode_lse():
     """The split-KV forward's LSE with masks equals the one-pass forward's (float32 rounding apart),
     -inf exactly where a row sees no key, and the outputs agree."""
     inputs, _, seg, _, mask = _setup(1, 4, 2, 6, 290, 16, False, 30, "random", False, seed=3)
@@ -248,7 +243,7 @@ def test_masked_decode_lse(A):
     assert (split[0] - flash[0]).abs().max().item() < 1e-5
 
 
-def test_auto_and_validation_with_masks():
+def test_bad_masks_refused_and_triton_named():
     """Bad masks are refused by the public op before any kernel runs; by name the Triton backend runs
     masked calls."""
     inputs, _, _, _, _ = _setup(1, 2, 2, 8, 8, 16, True, 3, None, False)
