@@ -221,7 +221,8 @@ def test_hidden_tiles_are_never_read():
     (2, 2, 2, 1, 260, 24, True, 1, "edges", False),     # window 1: one key per row
     (1, 2, 2, 5, 300, 16, True, 1000, None, False),     # a window wider than T
     (1, 8, 2, 4, 333, 16, False, 70, None, False),      # not causal: the union reaches the end
-], ids=["union", "docs", "window1", "wide", "noncausal"])
+    (1, 2, 2, 16, 300, 16, True, 17, None, False),      # the union (32 keys from a ragged tile) > window
+], ids=["union", "docs", "window1", "wide", "noncausal", "union_wider_than_window"])
 def test_masked_decode_split_kv(case):
     """Few queries against a long KV take the split-KV path (through the op: fwd and bwd)."""
     b, h, h_kv, t_q, t_k = case[:5]
