@@ -772,7 +772,8 @@ def _resource_row(run, row):
     spills = (row.get("ptxas_spill_store_bytes") or 0) + (row.get("cubin_stack_bytes") or 0)
     ok = ("ptxas_error" not in row and "cuobjdump_error" not in row and spills == 0
           and 0 < (row.get("ptxas_regs") or 0) <= 255)
-    run.row(f"resources/{row['triton']}/{row['kind']}/d{row['head_dim']}", status="ok" if ok else "fail", **row)
+    masks = "" if row.get("masks", "none") == "none" else f"/{row['masks']}"
+    run.row(f"resources/{row['triton']}/{row['kind']}/d{row['head_dim']}{masks}", status="ok" if ok else "fail", **row)
 
 
 def step_resources(run, deadline):
