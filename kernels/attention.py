@@ -7,6 +7,14 @@ never repeated in memory), causal masking aligned **bottom-right** (query ``i`` 
 ``j <= i + T_k - T_q``), ALiBi ``score -= slope_h * |i + T_k - T_q - j|``, head dims 1..256
 (padded to a power of two >= 16 with masks), float16 / bfloat16 / float32.
 
+Sliding windows and documents (the rule of :mod:`fastlm.ops.masks`; ``HAS_WINDOW`` / ``HAS_DOCS``
+constexprs, so the unmasked kernels compile as before): each query row sees one run of keys
+``[row_lo, row_hi)`` (documents as per-position bounds, :func:`document_bounds`). A block of rows walks
+only the key tiles of its rows' union, unmasked where every row sees the whole tile, masked on
+the tiles the runs cut; dK/dV read the same rule by column and walk the row tiles of its keys'
+union; the split-KV chunks tile the rows' union, not all of T_k. Tiles the mask hides are never
+loaded. The ops keep the LSE in log2 units (see :func:`_forward`).
+
 Kernels (all of them keep the T x T score matrix in registers, one tile at a time):
 
 * ``_attn_fwd_kernel``: one program per (query block, batch*head). Online softmax in fp32 in the
