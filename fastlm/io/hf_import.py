@@ -18,7 +18,8 @@ import torch
 from fastlm.errors import HFError
 from fastlm.files.safeio import read_bounded
 from fastlm.io.checkpoint import load_model_tensors
-from fastlm.io.hf_common import HF_CLASSES, MAX_JSON_BYTES, bias_shape, hf_has_tensor, require, weight_pairs
+from fastlm.io.hf_common import (HF_CLASSES, MAX_JSON_BYTES, bias_shape, hf_has_tensor, qk_norm_pairs, require,
+                                 weight_pairs)
 from fastlm.model import GPT, GPTConfig
 from fastlm.text.tokenizers import HFTokenizer
 
@@ -32,6 +33,10 @@ HF_DEFAULTS = {
               "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
               "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
               "attention_bias": False, "mlp_bias": False},
+    "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "hidden_act": "silu",
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "attention_bias": False, "use_sliding_window": False},
     "stablelm": {"vocab_size": 50304, "hidden_size": 2560, "intermediate_size": 6912, "num_hidden_layers": 32,
                  "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
                  "max_position_embeddings": 4096, "layer_norm_eps": 1e-5, "tie_word_embeddings": False,
@@ -65,10 +70,11 @@ def _rope_theta(hf: dict) -> float:
 
 
 def _from_gpt2(hf: dict) -> dict:
-    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf["activation_function"])
+    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+           "relu2": "relu2"}.get(hf["activation_function"])
     if act is None:
         _refuse("activation_function", hf["activation_function"],
-                "only gelu, gelu_new, gelu_pytorch_tanh map onto fastlm")
+                "only gelu, gelu_new, gelu_pytorch_tanh, relu, relu2 map onto fastlm")
     for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                       ("add_cross_attention", False)):
         if hf.get(key, want) != want:
@@ -82,8 +88,10 @@ def _from_gpt2(hf: dict) -> dict:
 def _from_rope_family(hf: dict, arch: str) -> dict:
     if hf["hidden_act"] != "silu":
         _refuse("hidden_act", hf["hidden_act"], "only silu (SwiGLU) maps onto fastlm")
+    windowed = hf.get("use_sliding_window", True)  # qwen3 ignores sliding_window unless this is set
     for key in ("sliding_window", "layer_types"):
-        if hf.get(key) is not None and not (key == "layer_types" and set(hf[key]) <= {"full_attention"}):
+        if (hf.get(key) is not None and not (key == "layer_types" and set(hf[key]) <= {"full_attention"})
+                and (windowed or key == "layer_types")):
             _refuse(key, hf[key], "sliding-window attention")
     if arch == "stablelm":
         for key in ("qk_layernorm", "use_parallel_residual"):
@@ -94,11 +102,12 @@ def _from_rope_family(hf: dict, arch: str) -> dict:
     if head_dim * n_head != n_embd:
         _refuse("head_dim", head_dim,
                 f"fastlm needs head_dim = hidden_size / num_attention_heads = {n_embd / n_head:g}")
-    eps = hf["rms_norm_eps"] if arch == "llama" else hf["layer_norm_eps"]
+    rms = arch in ("llama", "qwen3")
     return {"n_layer": hf["num_hidden_layers"], "n_head": n_head, "n_embd": n_embd,
             "n_kv_head": hf["num_key_value_heads"] or n_head, "mlp_hidden": hf["intermediate_size"],
-            "block_size": hf["max_position_embeddings"], "norm_eps": eps, "pos": "rope",
-            "mlp": "swiglu", "norm": "rmsnorm" if arch == "llama" else "layernorm", "rope_theta": _rope_theta(hf)}
+            "block_size": hf["max_position_embeddings"], "norm_eps": hf["rms_norm_eps" if rms else "layer_norm_eps"],
+            "pos": "rope", "mlp": "swiglu", "norm": "rmsnorm" if rms else "layernorm", "qk_norm": arch == "qwen3",
+            "rope_theta": _rope_theta(hf)}
 
 
 def from_hf_config(hf: dict, bias: bool = True) -> GPTConfig:
@@ -127,7 +136,7 @@ def from_hf_tensors(hf_tensors: dict, hf: dict) -> tuple[GPTConfig, dict]:
         hf_tensors = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
                       for k, v in hf_tensors.items()}
     out = {}
-    for fl, names, how in weight_pairs(arch, cfg.n_layer):
+    for fl, names, how in weight_pairs(arch, cfg.n_layer) + qk_norm_pairs(cfg, arch):
         if fl == "lm_head.weight" and cfg.tie_embeddings:
             continue
         if not all(hf_has_tensor(hf, arch, n) for n in names):
