@@ -339,9 +339,10 @@ def speedrun_section(rows: list) -> list:
            "them). Whole-val = the best checkpoint's loss over the whole validation split (nats/token); "
            "Δ = recipe - default on the same corpus; step time = the recipe's step over the default's "
            "(`--equal-wall`: timed in alternating runs, median over rounds), which set its steps to the "
-           "default's wall time; MFU = model FLOPs (6N + 12·L·H·D·T per token) / train wall / the peak the "
-           "run reports (CPU: threads x one-thread fp32 GEMM rate); load = 1-minute load average during the "
-           "runs.", ""]
+           "default's wall time (CPU time per step, see benchmarks/speedrun.py); MFU = model FLOPs "
+           "(6N + 12·L·H·D·T per token) / train wall / the peak the run reports (CPU: threads x one-thread "
+           "fp32 GEMM rate); MFU (CPU time) = the same over the training loop's CPU seconds (what the run "
+           "reaches alone on the machine with one thread); load = 1-minute load average during the runs.", ""]
     body = []
     for (dev, corpus, op), r in sorted(latest.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2] != "default",
                                                                         str(kv[0][2]))):
@@ -351,9 +352,10 @@ def speedrun_section(rows: list) -> list:
         body.append([dev, corpus, op, r.get("steps"), len(r.get("seeds") or []), _pm(r, "val_loss", ".4f"), delta,
                      f"{ratio:.3f}" if ratio is not None else "", _pm(r, "train_wall_s", ".0f"),
                      fmt(r.get("tokens_seen_mean")), fmt(r.get("flops_mean")), _pm(r, "mfu", ".1f", 100),
-                     _pm(r, "load_1min", ".1f"), r.get("threads"), r.get("commit")])
+                     _pm(r, "mfu_cpu", ".1f", 100), _pm(r, "load_1min", ".1f"), r.get("threads"), r.get("commit")])
     return out + [table(["device", "corpus", "recipe", "steps", "seeds", "whole-val", "Δ vs default", "step time",
-                         "train wall s", "tokens", "FLOPs", "MFU %", "load", "threads", "commit"], body), ""]
+                         "train wall s", "tokens", "FLOPs", "MFU %", "MFU (CPU time) %", "load", "threads", "commit"],
+                        body), ""]
 
 
 def device_header(dev: str, commit: str, rows: list) -> list:

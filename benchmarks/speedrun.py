@@ -13,11 +13,16 @@ on it, the wall times do.
 
 ``--equal-wall`` (ablations at equal wall time): before the loss runs, every recipe's training step is
 timed in alternating short runs (``--time-rounds`` rounds of ``--time-steps`` steps each: real
-training runs of the recipe with a callback that timestamps every step; with a batch-size warm-up the
-warm-up is squeezed into the run so every batch size is timed and the step time is fitted as
-``a + b * batch``), and every recipe after the first gets the number of steps whose predicted step
-time adds up to the first recipe's (evaluations and checkpoints are not counted). Recipes whose model
-and batch schedule equal the first one's (a schedule or init option) take its steps unmeasured.
+training runs of the recipe with a callback that reads the process's CPU time at every step; with a
+batch-size warm-up the warm-up is squeezed into the run so every batch size is timed and the step
+time is fitted as ``a + b * batch``), and every recipe after the first gets the number of steps whose
+predicted step time adds up to the first recipe's (evaluations and checkpoints are not counted).
+Recipes whose model and batch schedule equal the first one's (a schedule or init option) take its
+steps unmeasured. CPU time, not wall time: on a shared machine a step's wall time is mostly the
+other jobs' (seen here: 80 ms of CPU in 500 ms of wall at a load of 14 on 2 cores, and wall-time
+ratios between identical-cost recipes from 0.5 to 2.4 across rounds), while with ``--threads 1`` a
+step's CPU time is the wall time it takes on an idle core. (With more threads CPU time also counts
+their spin-waits; time such recipes on an idle machine.)
 
 ``--quick``: a tiny model on the first 20,000 characters of the bundled corpus, one seed, a few
 steps: what the test suite runs (``tests/test_speedrun_bench.py``). This module is not a pytest file,
@@ -76,22 +81,29 @@ def settings(recipe: Recipe, extra: list):
 
 # ---- one training run -------------------------------------------------------------------------------
 class StepClock(Callback):
-    """Timestamps every optimizer step: ``(batch, seconds since the previous step)``."""
+    """Reads the process's CPU time at every optimizer step: ``(batch, CPU seconds since the previous
+    step)``."""
 
     def __init__(self):
+        self.start: Optional[float] = None
         self.last: Optional[float] = None
         self.steps: list = []
 
+    def on_start(self, trainer):
+        self.start = time.process_time()
+
     def on_step(self, trainer, step, loss):
-        now = time.perf_counter()
+        now = time.process_time()
         if self.last is not None:
             self.steps.append((trainer.config.batch_at(step - 1), now - self.last))
         self.last = now
 
 
 def train_once(recipe: Recipe, common: list, seed: int, out_dir: Path, steps: Optional[int],
-               callbacks=()) -> dict:
-    """One run of the recipe (its output in ``out_dir/train.log``); returns the summary + load."""
+               clock: Optional[StepClock] = None) -> dict:
+    """One run of the recipe (its output in ``out_dir.log``); returns the summary, the load and the
+    CPU seconds of its training loop (``cpu_train_s``: from the loop's start to the last step) with
+    the MFU they give (``mfu_cpu``: what the run would reach alone on the machine with one thread)."""
     extra = [*common, "--seed", str(seed), "--out-dir", str(out_dir), "--overwrite", "--no-progress"]
     if steps is not None:
         extra += ["--max-iters", str(steps)]
@@ -99,9 +111,13 @@ def train_once(recipe: Recipe, common: list, seed: int, out_dir: Path, steps: Op
     load_before = os.getloadavg()[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir.parent / f"{out_dir.name}.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
-        summary = Trainer(train, model, callbacks=callbacks).fit()
+        clock = clock or StepClock()
+        summary = Trainer(train, model, callbacks=[clock]).fit()
+    cpu_s = clock.last - clock.start
+    peak = summary["peak_flops_per_s"]
     return {**summary, "load_1min": (load_before + os.getloadavg()[0]) / 2, "seed": seed,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "cpu_train_s": cpu_s,
+            "mfu_cpu": summary["flops"] / cpu_s / peak if peak and cpu_s > 0 else None}
 
 
 # ---- --equal-wall: step times -------------------------------------------------------------------------
@@ -123,7 +139,7 @@ def time_steps(recipe: Recipe, common: list, root: Path, n_steps: int) -> list:
         extra += ["--batch-warmup-iters", str(max(1, n_steps // 2))]
     clock = StepClock()
     train_once(Recipe(recipe.label, [*recipe.args, *extra]), common, 0, root / f"time-{recipe.label}", n_steps,
-               callbacks=[clock])
+               clock=clock)
     return clock.steps[2:]  # the first steps warm caches up
 
 
@@ -167,7 +183,8 @@ def equal_wall_steps(recipes: list, common: list, root: Path, rounds: int, n_ste
             got = time_steps(r, common, root, n_steps)
             samples[r.label] += got
             per_round[r.label].append(statistics.median(t for _, t in got))
-        log(f"timing round {i + 1}/{rounds}: " + ", ".join(f"{k} {1e3 * v[-1]:.1f} ms" for k, v in per_round.items()))
+        log(f"timing round {i + 1}/{rounds} (CPU ms/step): "
+            + ", ".join(f"{k} {1e3 * v[-1]:.1f}" for k, v in per_round.items()))
     base_fit = fit_step_time(samples[base.label])
     budget = predicted_wall(base_fit, resolve_settings(base_train, base_model, "cpu").train, base_steps)
     for r in recipes[1:]:
@@ -180,8 +197,8 @@ def equal_wall_steps(recipes: list, common: list, root: Path, rounds: int, n_ste
         ratios = [a / b for a, b in zip(per_round[r.label], per_round[base.label])]
         r.steps = steps
         r.step_ratio = {"ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                        "measured": True, "base_ms": 1e3 * statistics.median(per_round[base.label]),
-                        "ms": 1e3 * statistics.median(per_round[r.label])}
+                        "measured": True, "base_cpu_ms": 1e3 * statistics.median(per_round[base.label]),
+                        "cpu_ms": 1e3 * statistics.median(per_round[r.label])}
         log(f"{r.label}: step time x{r.step_ratio['ratio']:.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f}) "
             f"-> {steps} steps at the wall time of {base_steps} {base.label} steps")
 
@@ -211,7 +228,8 @@ def recipe_row(recipe: Recipe, runs: list, corpus: str, common: list) -> dict:
            "step_ratio": recipe.step_ratio, "threads": train.threads or runs[0].get("threads"),
            "peak_flops_per_s": runs[0].get("peak_flops_per_s"),
            "peak_source": runs[0].get("peak_source")}
-    for key in ("val_loss", "train_wall_s", "wall_s", "tokens_seen", "flops", "mfu", "load_1min"):
+    for key in ("val_loss", "train_wall_s", "wall_s", "cpu_train_s", "tokens_seen", "flops", "mfu", "mfu_cpu",
+                "load_1min"):
         values = [r.get(key) for r in runs]
         mean, std = mean_std(values)
         row.update({key: values, f"{key}_mean": mean, f"{key}_std": std})
@@ -219,12 +237,14 @@ def recipe_row(recipe: Recipe, runs: list, corpus: str, common: list) -> dict:
 
 
 def print_table(rows: list) -> None:
-    head = ["recipe", "steps", "seeds", "whole-val loss", "train wall s", "tokens", "FLOPs", "MFU %", "load"]
+    head = ["recipe", "steps", "seeds", "whole-val loss", "train wall s", "train CPU s", "tokens", "FLOPs",
+            "MFU %", "MFU (CPU time) %", "load"]
     lines = [head]
     for r in rows:
         lines.append([r["op"], str(r["steps"]), str(len(r["seeds"])), pm(r["val_loss"], ".4f"),
-                      pm(r["train_wall_s"], ".1f"), f"{r['tokens_seen_mean']:,.0f}", f"{r['flops_mean']:.3g}",
-                      pm(r["mfu"], ".1f", 100), pm(r["load_1min"], ".1f")])
+                      pm(r["train_wall_s"], ".1f"), pm(r["cpu_train_s"], ".1f"), f"{r['tokens_seen_mean']:,.0f}",
+                      f"{r['flops_mean']:.3g}", pm(r["mfu"], ".1f", 100), pm(r["mfu_cpu"], ".1f", 100),
+                      pm(r["load_1min"], ".1f")])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())

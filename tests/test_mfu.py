@@ -28,7 +28,7 @@ def fake_gemm(tmp_path, monkeypatch):
     return calls
 
 
-def test_cpu_peak_is_measured_once_and_cached(fake_gemm):
+def test_cpu_peak_is_measured_once_and_cached(fake_gemm, monkeypatch):
     first = mfu.calibrate_cpu(threads=2)
     assert first.flops_per_s == 2 * (50e9 + 1) and len(fake_gemm) == 1
     assert mfu.calibrate_cpu(threads=2).flops_per_s == first.flops_per_s and len(fake_gemm) == 1
@@ -39,6 +39,9 @@ def test_cpu_peak_is_measured_once_and_cached(fake_gemm):
     assert "2 thread(s)" in first.source and str(mfu.cache_path()) in first.source
     forced = mfu.calibrate_cpu(threads=1, force=True)  # measures again, keeps the higher figure
     assert len(fake_gemm) == 2 and forced.flops_per_s == 50e9 + 2
+    monkeypatch.setattr(mfu, "measure_cpu_gemm", lambda *a, **k: 10e9)  # a measurement under load
+    assert mfu.calibrate_cpu(threads=1, force=True).flops_per_s == 50e9 + 2
+    assert json.loads(mfu.cache_path().read_text())[key]["flops_per_s_one_thread"] == 50e9 + 2
 
 
 @pytest.mark.parametrize("content", ["not json", "[]", '{"%s": {"flops_per_s_one_thread": -1}}',

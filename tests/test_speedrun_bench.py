@@ -25,6 +25,7 @@ def test_quick_run_prints_and_records_the_recipe(tmp_path, corpus, capsys, one_t
     assert row["steps"] == 5 and row["seeds"] == [1337] and len(row["val_loss"]) == 1
     assert row["val_loss_mean"] == row["val_loss"][0] and row["val_loss_std"] is None
     assert row["tokens_seen"] == [5 * 4 * 16] and row["flops_mean"] > 0 and 0 < row["mfu_mean"] < 1
+    assert row["cpu_train_s_mean"] > 0 and row["mfu_cpu_mean"] > 0
     assert row["shape"] == {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "batch": 4}
     assert row["threads"] == 1 and row["device"].startswith("CPU ") and row["load_1min_mean"] >= 0
 
