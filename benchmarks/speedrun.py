@@ -11,18 +11,18 @@ load hits them alike. Seeds are ``--seed0``, ``--seed0 + 1``, ... ``--jobs N`` r
 once (separate processes; give each ``--threads``): the loss at a given step count does not depend
 on it, the wall times do.
 
-``--equal-wall`` (ablations at equal wall time): before the loss runs, every recipe's training step is
-timed in alternating short runs (``--time-rounds`` rounds of ``--time-steps`` steps each: real
-training runs of the recipe with a callback that reads the process's CPU time at every step; with a
-batch-size warm-up the warm-up is squeezed into the run so every batch size is timed and the step
-time is fitted as ``a + b * batch``), and every recipe after the first gets the number of steps whose
-predicted step time adds up to the first recipe's (evaluations and checkpoints are not counted).
-Recipes whose model and batch schedule equal the first one's (a schedule or init option) take its
-steps unmeasured. CPU time, not wall time: on a shared machine a step's wall time is mostly the
-other jobs' (seen here: 80 ms of CPU in 500 ms of wall at a load of 14 on 2 cores, and wall-time
-ratios between identical-cost recipes from 0.5 to 2.4 across rounds), while with ``--threads 1`` a
-step's CPU time is the wall time it takes on an idle core. (With more threads CPU time also counts
-their spin-waits; time such recipes on an idle machine.)
+``--equal-wall`` (ablations at equal wall time): before the loss runs, every recipe's optimizer step
+(sampled windows, forward, backward, clipping, optimizer: what the Trainer does per step) is timed in
+one process, the recipes taking turns a few steps at a time (``--time-rounds`` rounds of
+``--time-steps`` steps per recipe and batch size; with a batch-size warm-up the step time is fitted as
+``a + b * batch`` from the smallest and the full batch), and every recipe after the first gets the
+number of steps whose predicted step times add up to the first recipe's (evaluations and checkpoints
+are not counted). Recipes whose model and batch schedule equal the first one's (a schedule or init
+option) take its steps unmeasured. Steps are timed by the process's CPU time, not wall time: on a
+shared machine a step's wall time is mostly the other jobs' (seen here: 80 ms of CPU in 500 ms of
+wall at a load of 14 on 2 cores; wall-time ratios of equal-cost recipes from 0.5 to 2.4 across
+rounds), while with ``--threads 1`` a step's CPU time is the wall time it takes on an idle core.
+(With more threads CPU time also counts their spin-waits: time such recipes on an idle machine.)
 
 ``--quick``: a tiny model on the first 20,000 characters of the bundled corpus, one seed, a few
 steps: what the test suite runs (``tests/test_speedrun_bench.py``). This module is not a pytest file,
@@ -52,8 +52,11 @@ from typing import Optional
 
 import torch
 
+from fastlm.model import GPT, GPTConfig
 from fastlm.text import data as data_mod
 from fastlm.train import resolve_config
+from fastlm.training import rundir
+from fastlm.training.optim import build_optimizer
 from fastlm.training.settings import resolve_settings
 from fastlm.training.trainer import Callback, Trainer
 
@@ -80,27 +83,20 @@ def settings(recipe: Recipe, extra: list):
 
 
 # ---- one training run -------------------------------------------------------------------------------
-class StepClock(Callback):
-    """Reads the process's CPU time at every optimizer step: ``(batch, CPU seconds since the previous
-    step)``."""
+class CpuClock(Callback):
+    """The process's CPU time when the training loop starts and at its last step."""
 
     def __init__(self):
-        self.start: Optional[float] = None
-        self.last: Optional[float] = None
-        self.steps: list = []
+        self.start = self.last = 0.0
 
     def on_start(self, trainer):
         self.start = time.process_time()
 
     def on_step(self, trainer, step, loss):
-        now = time.process_time()
-        if self.last is not None:
-            self.steps.append((trainer.config.batch_at(step - 1), now - self.last))
-        self.last = now
+        self.last = time.process_time()
 
 
-def train_once(recipe: Recipe, common: list, seed: int, out_dir: Path, steps: Optional[int],
-               clock: Optional[StepClock] = None) -> dict:
+def train_once(recipe: Recipe, common: list, seed: int, out_dir: Path, steps: Optional[int]) -> dict:
     """One run of the recipe (its output in ``out_dir.log``); returns the summary, the load and the
     CPU seconds of its training loop (``cpu_train_s``: from the loop's start to the last step) with
     the MFU they give (``mfu_cpu``: what the run would reach alone on the machine with one thread)."""
@@ -111,7 +107,7 @@ def train_once(recipe: Recipe, common: list, seed: int, out_dir: Path, steps: Op
     load_before = os.getloadavg()[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir.parent / f"{out_dir.name}.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
-        clock = clock or StepClock()
+        clock = CpuClock()
         summary = Trainer(train, model, callbacks=[clock]).fit()
     cpu_s = clock.last - clock.start
     peak = summary["peak_flops_per_s"]
@@ -131,16 +127,34 @@ def timing_key(recipe: Recipe, common: list) -> tuple:
             t.batch_at(0) if t.batch_warmup_iters else None, t.threads)
 
 
-def time_steps(recipe: Recipe, common: list, root: Path, n_steps: int) -> list:
-    """``[(batch, seconds)]`` of ``n_steps`` steps of the recipe (a warm-up squeezed into half of them)."""
-    train, _ = settings(recipe, common)
-    extra = ["--eval-interval", str(n_steps), "--eval-iters", "1", "--sample-tokens", "0"]
-    if train.batch_warmup_iters:
-        extra += ["--batch-warmup-iters", str(max(1, n_steps // 2))]
-    clock = StepClock()
-    train_once(Recipe(recipe.label, [*recipe.args, *extra]), common, 0, root / f"time-{recipe.label}", n_steps,
-               clock=clock)
-    return clock.steps[2:]  # the first steps warm caches up
+def step_runner(recipe: Recipe, common: list, tokenizer, train_ids):
+    """``(step(batch), resolved TrainConfig)``: one optimizer step of the recipe's model and optimizer as
+    the Trainer takes it (sampled windows, forward, backward, clipping, step), at a given batch."""
+    train, model = settings(recipe, common)
+    resolved = resolve_settings(train, model, "cpu")
+    t = resolved.train
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(**{**resolved.model, "vocab_size": tokenizer.vocab_size}))
+    opt = build_optimizer(gpt, optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
+                          muon_lr=t.muon_lr, muon_momentum=t.muon_momentum, device_type="cpu")
+    sampler = data_mod.BatchSampler(train_ids, gpt.config.block_size, t.batch_size, [0, 0])
+
+    def step(batch: int) -> None:
+        for _ in range(t.grad_accum):
+            x, y = sampler.sample("cpu", batch_size=batch)
+            (gpt(x, y)[1] / t.grad_accum).backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(gpt.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, t
+
+
+def cpu_seconds(fn, *args) -> float:
+    t0 = time.process_time()
+    fn(*args)
+    return time.process_time() - t0
 
 
 def fit_step_time(samples: list):
@@ -168,7 +182,7 @@ def steps_within(step_time, train, budget: float) -> int:
     return max(1, steps)
 
 
-def equal_wall_steps(recipes: list, common: list, root: Path, rounds: int, n_steps: int, log) -> None:
+def equal_wall_steps(recipes: list, common: list, rounds: int, n_steps: int, log) -> None:
     """Set each recipe's ``steps`` so its predicted step time adds up to the first recipe's."""
     base = recipes[0]
     base_train, base_model = settings(base, common)
@@ -176,15 +190,26 @@ def equal_wall_steps(recipes: list, common: list, root: Path, rounds: int, n_ste
     base.steps = base_steps
     keys = {r.label: timing_key(r, common) for r in recipes}
     timed = [r for r in recipes if r is base or keys[r.label] != keys[base.label]]
+    tokenizer, splits, _ = rundir.build_data(base_train, 1)
+    runners = {r.label: step_runner(r, common, tokenizer, splits["train"]) for r in timed}
+    sizes = {k: sorted({t.batch_at(0), t.batch_size}) for k, (_, t) in runners.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(base_train.threads or threads)
     samples = {r.label: [] for r in timed}
     per_round = {r.label: [] for r in timed}
-    for i in range(rounds):
-        for r in timed:  # alternating: every round times every recipe once
-            got = time_steps(r, common, root, n_steps)
-            samples[r.label] += got
-            per_round[r.label].append(statistics.median(t for _, t in got))
-        log(f"timing round {i + 1}/{rounds} (CPU ms/step): "
-            + ", ".join(f"{k} {1e3 * v[-1]:.1f}" for k, v in per_round.items()))
+    try:
+        for step, t in runners.values():  # optimizer state, first-call costs
+            step(t.batch_size)
+        for i in range(rounds):
+            for r in timed:  # alternating, a few steps at a time: load drift hits every recipe alike
+                step = runners[r.label][0]
+                got = [(b, cpu_seconds(step, b)) for b in sizes[r.label] for _ in range(n_steps)]
+                samples[r.label] += got
+                per_round[r.label].append(sum(t for b, t in got if b == runners[r.label][1].batch_size))
+    finally:
+        torch.set_num_threads(threads)
+    log(f"timing: {rounds} rounds of {n_steps} steps per batch size, median CPU ms/step: "
+        + ", ".join(f"{k} {1e3 * statistics.median(t for _, t in v):.1f}" for k, v in samples.items()))
     base_fit = fit_step_time(samples[base.label])
     budget = predicted_wall(base_fit, resolve_settings(base_train, base_model, "cpu").train, base_steps)
     for r in recipes[1:]:
@@ -262,8 +287,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="torch threads of every run (default: torch's)")
     p.add_argument("--equal-wall", action="store_true",
                    help="time every recipe's step (alternating) and give each the steps of the first one's wall time")
-    p.add_argument("--time-rounds", type=int, default=3, help="--equal-wall: alternating timing rounds")
-    p.add_argument("--time-steps", type=int, default=40, help="--equal-wall: steps per timing run")
+    p.add_argument("--time-rounds", type=int, default=10, help="--equal-wall: alternating timing rounds")
+    p.add_argument("--time-steps", type=int, default=3, help="--equal-wall: steps per recipe (and batch size) per round")
     p.add_argument("--jobs", type=int, default=1,
                    help="trainings at once (processes; the loss at a fixed step count does not depend on it, the "
                         "wall time and MFU of each run do; --equal-wall timing always runs alone)")
@@ -296,7 +321,7 @@ def _setup(args, root: Path) -> tuple:
         common += [*QUICK_MODEL, *QUICK_TRAIN]
         args.steps = args.steps or 5
         args.seeds = 1
-        args.time_steps, args.time_rounds = min(args.time_steps, 6), 1
+        args.time_steps, args.time_rounds = 1, 1
     if corpus:
         common += ["--data", *corpus]
     label = ",".join(Path(c).name for c in corpus) if corpus else "tinyshakespeare"
@@ -313,7 +338,7 @@ def main(argv=None) -> int:
     try:
         recipes, common, corpus = _setup(args, root)
         if args.equal_wall and len(recipes) > 1:
-            equal_wall_steps(recipes, common, root, args.time_rounds, args.time_steps, log)
+            equal_wall_steps(recipes, common, args.time_rounds, args.time_steps, log)
         rows = loss_runs(recipes, common, corpus, root, args, log)
     finally:
         if args.keep is None:

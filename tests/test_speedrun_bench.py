@@ -36,7 +36,7 @@ def test_quick_equal_wall_comparison(tmp_path, corpus, capsys, one_thread):
     argv = ["--quick", "--equal-wall", "--corpus", str(corpus), "--results", str(results), "--threads", "1"]
     assert speedrun.main(argv + [a for c in configs for a in ("--config", c)]) == 0
     out = capsys.readouterr().out
-    assert "timing round 1/1" in out and "relu2: step time x" in out
+    assert "timing: 1 rounds of 1 steps" in out and "relu2: step time x" in out
     by_op = {r["op"]: r for r in rows_of(results)}
     assert list(by_op) == ["default", "relu2", "wsd"]
     assert by_op["default"]["steps"] == 5 and by_op["default"]["step_ratio"] is None
