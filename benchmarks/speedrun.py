@@ -287,6 +287,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="torch threads of every run (default: torch's)")
     p.add_argument("--equal-wall", action="store_true",
                    help="time every recipe's step (alternating) and give each the steps of the first one's wall time")
+    p.add_argument("--time-only", action="store_true",
+                   help="with --equal-wall: print the step counts and stop (no loss runs, no rows)")
     p.add_argument("--time-rounds", type=int, default=10, help="--equal-wall: alternating timing rounds")
     p.add_argument("--time-steps", type=int, default=3, help="--equal-wall: steps per recipe (and batch size) per round")
     p.add_argument("--jobs", type=int, default=1,
@@ -297,6 +299,8 @@ def parse_args(argv):
     p.add_argument("--no-record", action="store_true", help="print only; append no rows")
     p.add_argument("--keep", type=Path, default=None, help="keep the run directories in this folder")
     args = p.parse_args(argv)
+    if args.time_only and not args.equal_wall:
+        p.error("--time-only goes with --equal-wall")
     for name in ("seeds", "time_rounds", "time_steps", "steps", "threads", "jobs"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -339,6 +343,8 @@ def main(argv=None) -> int:
         recipes, common, corpus = _setup(args, root)
         if args.equal_wall and len(recipes) > 1:
             equal_wall_steps(recipes, common, args.time_rounds, args.time_steps, log)
+        if args.time_only:
+            return 0
         rows = loss_runs(recipes, common, corpus, root, args, log)
     finally:
         if args.keep is None:
