@@ -39,19 +39,11 @@ from typing import Callable, Optional
 import pytest
 import torch
 
+from fastlm.training.mfu import CUDA_PEAK_TFLOPS, cpu_model
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 DEFAULT_RESULTS = BENCH_DIR / "results.jsonl"
-
-# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) for MFU; matched by substring of the device name.
-PEAK_BF16_TFLOPS = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-)
 
 _RUN_ID = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
 
@@ -109,10 +101,8 @@ def swiglu_bytes(numel: int, elem_size: int, pass_: str) -> float:
 
 
 def peak_bf16_tflops(device_name: str) -> Optional[float]:
-    for key, peak in PEAK_BF16_TFLOPS:
-        if key in device_name:
-            return peak
-    return None
+    """Dense bf16 peak of a GPU by name (:data:`fastlm.training.mfu.CUDA_PEAK_TFLOPS`), None if unknown."""
+    return next((peaks["bf16"] for key, peaks in CUDA_PEAK_TFLOPS if key in device_name), None)
 
 
 # ---- run metadata -------------------------------------------------------------------------------
@@ -122,17 +112,6 @@ def _git(*args) -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,7 +130,7 @@ def run_info() -> dict:
         device = name
         extra = {"capability": f"{cap[0]}.{cap[1]}"}
     else:
-        device = f"CPU {_cpu_name()}"
+        device = f"CPU {cpu_model()}"
         extra = {}
     return {
         "run_id": _RUN_ID,

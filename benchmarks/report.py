@@ -6,7 +6,8 @@ Rows are grouped per device and git commit. For each device the newest commit's 
 (``--all-commits``: every group, newest first); inside a group each benchmark keeps its newest row,
 so a partial rerun replaces only what it measured. Tables: attention TFLOP/s per backend and shape
 with the speed-up over SDPA's default dispatch, SwiGLU GB/s vs eager, the model's training tokens/s
-(and MFU, peak memory on CUDA), generation tokens/s cached vs uncached. Plots: attention TFLOP/s vs
+(and MFU, peak memory on CUDA), generation tokens/s cached vs uncached, and the CPU speedrun's
+recipes (``benchmarks.speedrun`` rows of every commit: loss mean ± std over seeds, wall, MFU). Plots: attention TFLOP/s vs
 sequence length, one PNG per (device, dtype, head dim, causal), a panel per pass.
 """
 from __future__ import annotations
@@ -230,8 +231,9 @@ def model_section(rows: list) -> list:
     if not md:
         return []
     out = ["### Model training step", "",
-           "One optimizer step (forward, backward, AdamW). MFU = (6·N·tokens + attention FLOPs) / time / "
-           "dense bf16 peak (CUDA only). `torch` = SDPA + eager MLP.", ""]
+           "One optimizer step (forward, backward, AdamW). MFU = model FLOPs (6N + 12·L·H·D·T per token) x "
+           "tokens / time / peak (CUDA: dense bf16; CPU: threads x one-thread fp32 GEMM rate). "
+           "`torch` = SDPA + eager MLP.", ""]
     body = []
     groups = defaultdict(dict)
     for r in md:
@@ -282,16 +284,16 @@ def default_step_section(rows: list) -> list:
            "The whole step (forward, backward, optimizer) as `python -m fastlm.train` runs it: fastlm kernels "
            "(`auto`) and fastlm's optimizer, against the same model and optimizer on SDPA + eager MLP + "
            "torch.optim (`torch.optim.Muon` + AdamW for `muon`). Both timed in alternating rounds in one "
-           "test; speed-up = plain / fastlm.", ""]
+           "test; speed-up = plain / fastlm; MFU = fastlm's best step against the peak (as above).", ""]
     body = []
     for r in ds:
         s = r.get("shape") or {}
         cfg = f"{r['op'].replace('default_step-', '')} ({s.get('n_layer')}x{s.get('n_embd')}, T{s.get('block')}, B{s.get('batch')})"
         body.append([cfg, r.get("variant"), _backend_label(r), fmt(r["fastlm_median_ms"]), fmt(r["plain_median_ms"]),
                      f"{r['speedup_median']:.2f}x", fmt(r["fastlm_min_ms"]), fmt(r["plain_min_ms"]),
-                     f"{r['speedup_min']:.2f}x"])
+                     f"{r['speedup_min']:.2f}x", f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"])
     return out + [table(["config", "optimizer", "fastlm", "fastlm ms (median)", "plain ms (median)", "speed-up",
-                         "fastlm ms (best)", "plain ms (best)", "speed-up (best)"], body), ""]
+                         "fastlm ms (best)", "plain ms (best)", "speed-up (best)", "MFU"], body), ""]
 
 
 def masks_section(rows: list) -> list:
@@ -344,6 +346,46 @@ def generate_section(rows: list) -> list:
                      fmt(c.get("tokens_per_s")) if c else "n/a", fmt(u.get("tokens_per_s")) if u else "n/a", sp])
     return out + [table(["model", "dtype", "backend", "batch", "prompt + new", "cached tok/s",
                          "uncached tok/s", "cached speed-up"], body), ""]
+
+
+def _pm(row: dict, key: str, digits: str, scale: float = 1.0) -> str:
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    if mean is None:
+        return "n/a"
+    return format(mean * scale, digits) + (f" ± {format(std * scale, digits)}" if std is not None else "")
+
+
+def speedrun_section(rows: list) -> list:
+    """``python -m benchmarks.speedrun`` rows of every commit: per device and corpus the newest row of
+    each recipe, with its whole-val loss against the default recipe's (same device and corpus)."""
+    latest = {}
+    for r in sorted((r for r in rows if r.get("suite") == "speedrun" and r.get("val_loss_mean") is not None),
+                    key=_stamp):
+        latest[(r["device"], r.get("variant"), r.get("op"))] = r
+    if not latest:
+        return []
+    out = ["## CPU speedrun", "",
+           "`python -m benchmarks.speedrun`: each recipe trained with several seeds (mean ± sample std over "
+           "them). Whole-val = the best checkpoint's loss over the whole validation split (nats/token); "
+           "Δ = recipe - default on the same corpus; step time = the recipe's step over the default's "
+           "(`--equal-wall`: timed in alternating runs, median over rounds), which set its steps to the "
+           "default's wall time (CPU time per step, see benchmarks/speedrun.py); MFU = model FLOPs "
+           "(6N + 12·L·H·D·T per token) / train wall / the peak the run reports (CPU: threads x one-thread "
+           "fp32 GEMM rate); MFU (CPU time) = the same over the training loop's CPU seconds (what the run "
+           "reaches alone on the machine with one thread); load = 1-minute load average during the runs.", ""]
+    body = []
+    for (dev, corpus, op), r in sorted(latest.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2] != "default",
+                                                                        str(kv[0][2]))):
+        base = latest.get((dev, corpus, "default"))
+        delta = (f"{r['val_loss_mean'] - base['val_loss_mean']:+.4f}" if base is not None and base is not r else "")
+        ratio = (r.get("step_ratio") or {}).get("ratio")
+        body.append([dev, corpus, op, r.get("steps"), len(r.get("seeds") or []), _pm(r, "val_loss", ".4f"), delta,
+                     f"{ratio:.3f}" if ratio is not None else "", _pm(r, "train_wall_s", ".0f"),
+                     fmt(r.get("tokens_seen_mean")), fmt(r.get("flops_mean")), _pm(r, "mfu", ".1f", 100),
+                     _pm(r, "mfu_cpu", ".1f", 100), _pm(r, "load_1min", ".1f"), r.get("threads"), r.get("commit")])
+    return out + [table(["device", "corpus", "recipe", "steps", "seeds", "whole-val", "Δ vs default", "step time",
+                         "train wall s", "tokens", "FLOPs", "MFU %", "MFU (CPU time) %", "load", "threads", "commit"],
+                        body), ""]
 
 
 def device_header(dev: str, commit: str, rows: list) -> list:
@@ -458,8 +500,9 @@ def _swiglu_plot(dev: str, rows: list, plot_dir: Path, suffix: str) -> list:
 
 # ---- main ---------------------------------------------------------------------------------------
 def build_report(selected: list, plot_dir: Optional[Path], md_dir: Path,
-                 short: bool = False) -> tuple[str, str, list]:
-    """(full markdown, short summary markdown, written plot paths)."""
+                 short: bool = False, speedrun: Iterable[dict] = ()) -> tuple[str, str, list]:
+    """(full markdown, short summary markdown, written plot paths); ``speedrun``: the speedrun rows of
+    every commit (reported apart from the per-commit groups)."""
     parts = ["# fastlm benchmark report", "",
              "Generated by `python -m benchmarks.report` from `benchmarks/results.jsonl` "
              "(`pytest benchmarks --benchmark-only` with `FASTLM_BENCH_RECORD=1`; always on CUDA).", ""]
@@ -485,6 +528,8 @@ def build_report(selected: list, plot_dir: Optional[Path], md_dir: Path,
                                             columns=SHORT_ATTN_COLUMNS if short else None)
         summary += (swiglu_section(rows) + model_section(rows) + optimizer_section(rows) + default_step_section(rows)
                     + generate_section(rows))
+    parts += speedrun_section(list(speedrun))
+    summary += speedrun_section(list(speedrun))
     return "\n".join(parts).rstrip() + "\n", "\n".join(summary).rstrip() + "\n", plots
 
 
@@ -569,14 +614,17 @@ def main(argv=None) -> int:
     rows, bad = load_rows(args.results)
     if bad:
         print(f"warning: skipped {bad} malformed line(s) in {args.results}", file=sys.stderr)
-    selected = select(rows, device=args.device, all_commits=args.all_commits)
-    if not selected:
+    speedrun = [r for r in rows if r.get("suite") == "speedrun"
+                and (not args.device or args.device.lower() in str(r["device"]).lower())]
+    selected = select([r for r in rows if r.get("suite") != "speedrun"], device=args.device,
+                      all_commits=args.all_commits)
+    if not selected and not speedrun:
         what = f" for device matching {args.device!r}" if args.device else ""
         print(f"error: no usable rows in {args.results}{what}", file=sys.stderr)
         return 1
     md_dir = args.out.resolve().parent
     full, summary, plots = build_report(selected, None if args.no_plots else args.plots.resolve(), md_dir,
-                                        short=args.short)
+                                        short=args.short, speedrun=speedrun)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(full, encoding="utf-8")
     print(f"wrote {args.out} ({sum(len(r) for _, _, r in selected)} rows, {len(selected)} device/commit group(s))"

@@ -2,12 +2,13 @@
 (``backend="auto"``) vs the same GPT on SDPA + eager MLP (``backend="torch"``) and on the reference.
 
 * CUDA: GPT-2 small (12 x 768, 12 heads, block 1024, vocab 50304), batch 8, bf16 autocast, fused
-  AdamW. MFU = (6 * N * tokens + attention FLOPs) / step time / peak, with N the parameters that do
-  matmuls (tied embedding included, position table not) and attention FLOPs by FlashAttention's
-  rule (causal, forward + backward = 3.5x forward); peak = dense bf16 of the device (H100/H200 SXM:
-  989 TFLOP/s).
+  AdamW; peak memory measured.
 * CPU: the default training config of ``python -m fastlm.train`` (see common.default_train_setup),
   fp32; peak memory is not measured on CPU (reported as n/a).
+
+MFU = ``GPT.flops_per_token()`` (6N + 12·L·H·D·T, PaLM's rule, what every training run reports) x
+tokens / step time / the peak of :func:`fastlm.training.mfu.peak_flops` (CUDA: dense bf16 of the
+device; CPU: threads x the one-thread fp32 GEMM rate).
 
 Both the model's default MLP (gelu) and a SwiGLU variant run, so the SwiGLU kernel is exercised.
 """
@@ -22,10 +23,12 @@ import torch
 from fastlm.model import GPT, GPTConfig
 from fastlm.training.optim import build_optimizer
 
-from .common import (DEVICE, ON_GPU, attention_flops, default_train_setup, gpu_oom_skip,
-                     peak_bf16_tflops, run_info, skip_unless_fastlm_backend, sync)
+from fastlm.training.mfu import peak_flops
+
+from .common import DEVICE, ON_GPU, default_train_setup, gpu_oom_skip, skip_unless_fastlm_backend, sync
 
 BACKENDS = ("auto", "torch", "reference")
+PEAK = peak_flops(DEVICE, torch.bfloat16 if ON_GPU else None).flops_per_s  # FLOP/s
 MLPS = ("gelu", "swiglu")
 
 
@@ -101,12 +104,8 @@ def test_train_step(bench, mlp, backend):
 
     tokens = batch * T
     n_params = model.num_params(non_embedding=True)
-    flops = 6.0 * n_params * tokens + cfg.n_layer * attention_flops(
-        batch, cfg.n_head, T, T, cfg.head_dim, True, "fwd+bwd")
-    mfu = None
-    peak = peak_bf16_tflops(run_info()["device"]) if ON_GPU else None
-    if median and peak:
-        mfu = flops / median / (peak * 1e12)
+    flops = model.flops_per_token() * tokens
+    mfu = flops / median / PEAK if median and PEAK else None
     resolved = auto_choice(cfg) if backend == "auto" else backend
     bench.record(suite="model", op=f"train_step-{name}", pass_="fwd+bwd+step", backend=backend,
                  resolved=resolved, median_s=median,
@@ -258,6 +257,8 @@ def test_default_step_vs_plain_pytorch(bench):
                  resolved=auto_choice(dataclasses.replace(base, backend="auto")), median_s=median,
                  dtype="bf16-autocast" if ON_GPU else "float32", variant=optimizer,
                  shape={"batch": batch, "block": T, "n_layer": base.n_layer, "n_embd": base.n_embd, "mlp": base.mlp},
-                 tokens=batch * T, fastlm_median_ms=med["fast"] * 1e3, plain_median_ms=med["plain"] * 1e3,
+                 tokens=batch * T, flops=GPT(base).flops_per_token() * batch * T,
+                 mfu=GPT(base).flops_per_token() * batch * T / best["fast"] / PEAK if PEAK else None,
+                 fastlm_median_ms=med["fast"] * 1e3, plain_median_ms=med["plain"] * 1e3,
                  fastlm_min_ms=best["fast"] * 1e3, plain_min_ms=best["plain"] * 1e3,
                  speedup_median=med["plain"] / med["fast"], speedup_min=best["plain"] / best["fast"])

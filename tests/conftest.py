@@ -98,6 +98,15 @@ def corpus_20k(tmp_path_factory):
     return _corpus_file(tmp_path_factory, 20000)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _peak_cache(tmp_path_factory):
+    """Training runs measure the CPU peak for MFU once and cache it: in a folder of this session, not
+    the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTLM_CACHE_DIR", str(tmp_path_factory.mktemp("fastlm-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: intra-op threads only add barrier waits (30x slower on a loaded 2-core box)."""

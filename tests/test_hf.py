@@ -370,6 +370,12 @@ EXPORTS = {  # run name -> (tokenizer spec, GPTConfig overrides, expected model_
     "bpe-gpt2-bias-tanh": ("bpe", dict(pos="learned", mlp="gelu_tanh", bias=True, tie_embeddings=False), "gpt2"),
     "bpe-llama-bias": ("bpe", dict(pos="rope", mlp="swiglu", norm="rmsnorm", bias=True), "llama"),
     "char-mistral-window": ("char", dict(pos="rope", mlp="swiglu", norm="rmsnorm", n_kv_head=2, window=8), "mistral"),
+    # the speedrun options that transformers represents exactly
+    "char-qknorm-stablelm": ("char", dict(pos="rope", mlp="swiglu", qk_norm=True, n_kv_head=2), "stablelm"),
+    "word-qknorm-qwen3": ("word", dict(pos="rope", mlp="swiglu", norm="rmsnorm", qk_norm=True, n_kv_head=2,
+                                       tie_embeddings=False), "qwen3"),
+    "bpe-gpt2-relu2": ("bpe", dict(pos="learned", mlp="relu2"), "gpt2"),
+    "char-gpt2-relu": ("char", dict(pos="learned", mlp="relu", tie_embeddings=False, zero_init_proj=True), "gpt2"),
 }
 
 
@@ -476,7 +482,8 @@ def test_word_tokenizer_export_follows_python_unicode_rules(lowercase):
         assert hf_tok.decode(ids, skip_special_tokens=False) == tok.decode(ids)
 
 
-@pytest.mark.parametrize("name", ["bpe-gpt2-nobias", "word-llama-gqa", "char-default-recipe"])
+@pytest.mark.parametrize("name", ["bpe-gpt2-nobias", "word-llama-gqa", "char-default-recipe", "word-qknorm-qwen3",
+                                  "bpe-gpt2-relu2"])
 def test_export_then_import_is_bit_identical(exported, name):
     run, folder, model, tok, info = exported[name]
     back, back_tok, _ = loading.load_model(f"hf:{folder}")
@@ -498,8 +505,12 @@ def test_imported_model_exports_again(hf_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("over,option", [(dict(pos="alibi"), "pos=alibi"), (dict(pos="sinusoidal"), "pos=sinusoidal"),
-                                         (dict(pos="none"), "pos=none"), (dict(mlp="relu"), "mlp=relu"),
-                                         (dict(pos="rope", mlp="gelu"), "pos=rope with mlp=gelu")])
+                                         (dict(pos="none"), "pos=none"), (dict(mlp="relu2"), "mlp=relu2"),
+                                         (dict(pos="rope", mlp="gelu"), "pos=rope with mlp=gelu"),
+                                         (dict(logit_softcap=15.0), "logit_softcap=15.0"),
+                                         (dict(value_embed=True), "value_embed=True"),
+                                         (dict(unet_skips=True), "unet_skips=True"),
+                                         (dict(pos="learned", mlp="gelu", qk_norm=True), "qk_norm=True has no gpt2")])
 def test_export_refuses_other_architectures(tmp_path, capsys, over, option):
     make_run(tmp_path / "run", "char", **over)
     rc = export_cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")])

@@ -14,6 +14,13 @@ pos=rope, mlp=swiglu, norm=layernorm (CPU default)     ``stablelm``   partial_ro
                                                                       qk-norm, sequential residual
 =====================================================  =============  ================================
 
+Also (speedrun options): ``mlp=relu | relu2`` with gpt2's block (``activation_function``);
+``qk_norm`` with ``norm=rmsnorm`` <-> ``qwen3`` (per-head q/k RMSNorm before RoPE), with
+``norm=layernorm`` -> ``stablelm`` with ``qk_layernorm`` (export only: fastlm's one gain is copied
+into each head's LayerNorm);
+``zero_init_proj`` changes only the initial weights. ``logit_softcap``, ``value_embed`` and
+``unet_skips`` are refused in one line (no transformers architecture computes them with this block).
+
 Both use half-split rotary pairs (``rotate_half``), as :func:`fastlm.ops.positions.apply_rope` does, so
 q/k rows need no permutation. Anything else is refused in one line naming the option or the field.
 
@@ -37,18 +44,18 @@ from fastlm.errors import HFError
 from fastlm.model import GPTConfig
 
 __all__ = ["HF_PREFIX", "EXPORTABLE", "HF_CLASSES", "MAX_JSON_BYTES", "require", "weight_pairs", "hf_has_tensor",
-           "split_sizes", "bias_shape"]
+           "split_sizes", "bias_shape", "qk_norm_pairs"]
 
 HF_PREFIX = "hf:"
 
 
-EXPORTABLE = ("pos=learned + mlp=gelu|gelu_tanh + norm=layernorm -> gpt2; "
-              "pos=rope + mlp=swiglu + norm=rmsnorm -> llama (with window and no bias: mistral); "
-              "pos=rope + mlp=swiglu + norm=layernorm -> stablelm")
+EXPORTABLE = ("pos=learned + mlp=gelu|gelu_tanh|relu|relu2 + norm=layernorm -> gpt2; "
+              "pos=rope + mlp=swiglu + norm=rmsnorm -> llama (with window and no bias: mistral; with qk_norm: "
+              "qwen3); pos=rope + mlp=swiglu + norm=layernorm -> stablelm")
 
 
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-              "stablelm": "StableLmForCausalLM"}
+              "stablelm": "StableLmForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 MAX_JSON_BYTES = 64 << 20  # config / tokenizer files of a downloaded model are untrusted input
@@ -97,8 +104,23 @@ def weight_pairs(arch: str, n_layer: int) -> list:
         pairs.append(("wpe.weight", ["transformer.wpe.weight"], "copy"))
     for i in range(n_layer):
         pairs += _layer_pairs(arch, i)
-    if arch in ("llama", "mistral"):  # RMSNorm has no bias on either side
+    if arch in ("llama", "mistral", "qwen3"):  # RMSNorm has no bias on either side
         pairs = [p for p in pairs if not (p[0].endswith(".bias") and (".ln" in p[0] or p[0].startswith("ln_f")))]
+    return pairs
+
+
+def qk_norm_pairs(cfg: GPTConfig, arch: str) -> list:
+    """``(fastlm name, [HF names], how)`` of the qk_norm gains: qwen3 has one q_norm/k_norm per layer
+    (``copy``), stablelm one LayerNorm per head (``heads``: the shared gain copied into each)."""
+    pairs = []
+    for i in range(cfg.n_layer if cfg.qk_norm else 0):
+        f, h = f"blocks.{i}.attn.", f"model.layers.{i}.self_attn."
+        for side, heads in (("q", cfg.n_head), ("k", cfg.n_kv_head)):
+            if arch == "qwen3":
+                pairs.append((f + f"{side}_norm.weight", [h + f"{side}_norm.weight"], "copy"))
+            else:
+                pairs.append((f + f"{side}_norm.weight",
+                              [h + f"{side}_layernorm.norms.{j}.weight" for j in range(heads)], "heads"))
     return pairs
 
 

@@ -43,7 +43,8 @@ from fastlm.files.atomic import make_temp_dir
 from fastlm.files.runlock import RunLock
 from fastlm.files.safeio import read_bounded
 from fastlm.io.checkpoint import model_tensors
-from fastlm.io.hf_common import EXPORTABLE, HF_CLASSES, HF_PREFIX, bias_shape, hf_has_tensor, require, split_sizes, weight_pairs
+from fastlm.io.hf_common import (EXPORTABLE, HF_CLASSES, HF_PREFIX, bias_shape, hf_has_tensor, qk_norm_pairs, require,
+                                 split_sizes, weight_pairs)
 from fastlm.io.hf_import import resolve_hf_dir
 from fastlm.io.loading import load_model, run_dir_of
 from fastlm.model import GPTConfig
@@ -53,30 +54,36 @@ __all__ = ["export_model", "architecture_of", "to_hf_config", "to_hf_tensors", "
            "EXPORT_MARKER"]
 
 
+#: fastlm mlp -> gpt2's activation_function (transformers' ACT2FN names)
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "relu2": "relu2"}
+#: GPTConfig options no transformers architecture computes together with fastlm's block
+NOT_EXPORTABLE = ("logit_softcap", "value_embed", "unet_skips")
+
+
 def architecture_of(cfg: GPTConfig) -> str:
     """The transformers ``model_type`` computing exactly ``cfg``'s math, or HFError naming the option."""
+    for name in NOT_EXPORTABLE:
+        if getattr(cfg, name):
+            raise HFError(f"{name}={getattr(cfg, name)} does not export to transformers exactly (no architecture "
+                          f"has it with fastlm's block); exportable: {EXPORTABLE}")
     combo = (cfg.pos, cfg.mlp, cfg.norm)
     if cfg.window is not None:
-        if combo == ("rope", "swiglu", "rmsnorm") and not cfg.bias:
+        if combo == ("rope", "swiglu", "rmsnorm") and not cfg.bias and not cfg.qk_norm:
             return "mistral"
         raise HFError(f"window={cfg.window} (sliding-window attention) exports only as mistral: pos=rope, "
-                      f"mlp=swiglu, norm=rmsnorm and no biases (this model: pos={cfg.pos}, mlp={cfg.mlp}, "
-                      f"norm={cfg.norm}, bias={cfg.bias})")
-    if cfg.pos == "learned" and cfg.mlp in ("gelu", "gelu_tanh") and cfg.norm == "layernorm":
-        if cfg.n_kv_head != cfg.n_head:
-            raise HFError(f"n_kv_head={cfg.n_kv_head} (grouped-query attention) has no gpt2 equivalent; "
-                          f"exportable: {EXPORTABLE}")
+                      f"mlp=swiglu, norm=rmsnorm, no biases and no qk_norm (this model: pos={cfg.pos}, "
+                      f"mlp={cfg.mlp}, norm={cfg.norm}, bias={cfg.bias}, qk_norm={cfg.qk_norm})")
+    if cfg.pos == "learned" and cfg.mlp in GPT2_ACTIVATIONS and cfg.norm == "layernorm":
+        for bad, what in ((cfg.n_kv_head != cfg.n_head, f"n_kv_head={cfg.n_kv_head} (grouped-query attention)"),
+                          (cfg.qk_norm, "qk_norm=True")):
+            if bad:
+                raise HFError(f"{what} has no gpt2 equivalent; exportable: {EXPORTABLE}")
         return "gpt2"
     if combo == ("rope", "swiglu", "rmsnorm"):
-        return "llama"
+        return "qwen3" if cfg.qk_norm else "llama"
     if combo == ("rope", "swiglu", "layernorm"):
         return "stablelm"
-    if cfg.pos not in ("learned", "rope"):
-        option = f"pos={cfg.pos}"
-    elif cfg.mlp == "relu":
-        option = "mlp=relu"
-    else:
-        option = f"pos={cfg.pos} with mlp={cfg.mlp} and norm={cfg.norm}"
+    option = f"pos={cfg.pos}" if cfg.pos not in ("learned", "rope") else f"pos={cfg.pos} with mlp={cfg.mlp} and norm={cfg.norm}"
     raise HFError(f"{option} does not export to transformers exactly; exportable: {EXPORTABLE}")
 
 
@@ -94,7 +101,7 @@ def to_hf_config(cfg: GPTConfig, specials: dict) -> dict:
     if arch == "gpt2":
         return {**common, "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
                 "n_head": cfg.n_head, "n_inner": cfg.mlp_hidden, "layer_norm_epsilon": cfg.norm_eps,
-                "activation_function": "gelu" if cfg.mlp == "gelu" else "gelu_pytorch_tanh",
+                "activation_function": GPT2_ACTIVATIONS[cfg.mlp],
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
                 "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                 "reorder_and_upcast_attn": False}
@@ -107,9 +114,12 @@ def to_hf_config(cfg: GPTConfig, specials: dict) -> dict:
                 "mlp_bias": cfg.bias, "pretraining_tp": 1}
     if arch == "mistral":  # transformers' sliding window: query i sees keys i - window < j <= i, as fastlm's
         return {**shared, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps, "sliding_window": cfg.window}
+    if arch == "qwen3":  # llama's block with per-head RMSNorm of q and k before RoPE; no MLP biases
+        return {**shared, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias,
+                "use_sliding_window": False}
     shared["rope_parameters"]["partial_rotary_factor"] = 1.0
     return {**shared, "layer_norm_eps": cfg.norm_eps, "partial_rotary_factor": 1.0, "use_qkv_bias": cfg.bias,
-            "qk_layernorm": False, "use_parallel_residual": False, "hidden_dropout": cfg.dropout}
+            "qk_layernorm": cfg.qk_norm, "use_parallel_residual": False, "hidden_dropout": cfg.dropout}
 
 
 def to_hf_tensors(tensors: dict, cfg: GPTConfig, hf: dict) -> dict:
@@ -117,7 +127,7 @@ def to_hf_tensors(tensors: dict, cfg: GPTConfig, hf: dict) -> dict:
     model has no slot for must be zero (else HFError); an HF slot fastlm lacks gets zeros."""
     arch = hf["model_type"]
     out = {}
-    for fl, names, how in weight_pairs(arch, cfg.n_layer):
+    for fl, names, how in weight_pairs(arch, cfg.n_layer) + qk_norm_pairs(cfg, arch):
         if fl == "lm_head.weight" and cfg.tie_embeddings:
             continue
         if fl in tensors:
@@ -128,7 +138,8 @@ def to_hf_tensors(tensors: dict, cfg: GPTConfig, hf: dict) -> dict:
             if torch.count_nonzero(tensor):
                 raise HFError(f"{fl} is non-zero but {arch} has no such bias; this model does not export exactly")
             continue
-        parts = tensor.split(split_sizes(cfg, fl), dim=0) if how == "rows" else [tensor]
+        parts = (tensor.split(split_sizes(cfg, fl), dim=0) if how == "rows" else
+                 [tensor.clone() for _ in names] if how == "heads" else [tensor])
         for n, p in zip(names, parts):
             out[n] = (p.t() if how == "t" and p.dim() == 2 else p).contiguous()
     return out

@@ -31,7 +31,8 @@ from fastlm.errors import HFError
 from fastlm.files.safeio import is_plain_file_name, open_regular, read_bounded
 from fastlm.io.checkpoint import (bound_config_by_weights, check_config_matches_weights, load_model_tensors,
                                   read_safetensors_header)
-from fastlm.io.hf_common import HF_CLASSES, MAX_JSON_BYTES, bias_shape, hf_has_tensor, require, weight_pairs
+from fastlm.io.hf_common import (HF_CLASSES, MAX_JSON_BYTES, bias_shape, hf_has_tensor, qk_norm_pairs, require,
+                                 weight_pairs)
 from fastlm.model import GPT, GPTConfig
 from fastlm.text.tokenizers import MAX_HF_TOKENIZER_CHARS, HFTokenizer
 
@@ -50,6 +51,10 @@ HF_DEFAULTS = {
                 "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
                 "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
                 "sliding_window": 4096},
+    "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "hidden_act": "silu",
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "attention_bias": False, "use_sliding_window": False},
     "stablelm": {"vocab_size": 50304, "hidden_size": 2560, "intermediate_size": 6912, "num_hidden_layers": 32,
                  "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
                  "max_position_embeddings": 4096, "layer_norm_eps": 1e-5, "tie_word_embeddings": False,
@@ -83,10 +88,11 @@ def _rope_theta(hf: dict) -> float:
 
 
 def _from_gpt2(hf: dict) -> dict:
-    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf["activation_function"])
+    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+           "relu2": "relu2"}.get(hf["activation_function"])
     if act is None:
         _refuse("activation_function", hf["activation_function"],
-                "only gelu, gelu_new, gelu_pytorch_tanh map onto fastlm")
+                "only gelu, gelu_new, gelu_pytorch_tanh, relu, relu2 map onto fastlm")
     for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                       ("add_cross_attention", False)):
         if hf.get(key, want) != want:
@@ -110,17 +116,19 @@ def _from_rope_family(hf: dict, arch: str) -> dict:
     if head_dim * n_head != n_embd:
         _refuse("head_dim", head_dim,
                 f"fastlm needs head_dim = hidden_size / num_attention_heads = {n_embd / n_head:g}")
-    rms = arch in ("llama", "mistral")
+    rms = arch in ("llama", "mistral", "qwen3")
     return {"n_layer": hf["num_hidden_layers"], "n_head": n_head, "n_embd": n_embd,
             "n_kv_head": hf["num_key_value_heads"] or n_head, "mlp_hidden": hf["intermediate_size"],
             "block_size": hf["max_position_embeddings"], "norm_eps": hf["rms_norm_eps" if rms else "layer_norm_eps"],
             "pos": "rope", "mlp": "swiglu", "norm": "rmsnorm" if rms else "layernorm", "rope_theta": _rope_theta(hf),
-            "window": window}
+            "qk_norm": arch == "qwen3", "window": window}
 
 
 def _sliding_window(hf: dict, arch: str):
     """fastlm's ``window`` for a config: mistral's ``sliding_window`` (every layer alike), None elsewhere."""
     window = hf.get("sliding_window")
+    if arch == "qwen3" and not hf.get("use_sliding_window", True):
+        window = None  # qwen3 ignores sliding_window unless use_sliding_window is set
     kinds = set(hf.get("layer_types") or [])
     if arch != "mistral":
         if window is not None or not kinds <= {"full_attention"}:
@@ -162,7 +170,7 @@ def _mapped(hf: dict, cfg: GPTConfig, present) -> list:
     naming an HF tensor the model lacks. ``present``: the HF tensor names there are."""
     arch = hf["model_type"]
     out = []
-    for fl, names, how in weight_pairs(arch, cfg.n_layer):
+    for fl, names, how in weight_pairs(arch, cfg.n_layer) + qk_norm_pairs(cfg, arch):
         if fl == "lm_head.weight" and cfg.tie_embeddings:
             continue
         if not all(hf_has_tensor(hf, arch, n) for n in names):

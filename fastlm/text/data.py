@@ -320,15 +320,18 @@ class BatchSampler:
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self._windows = np.lib.stride_tricks.sliding_window_view(ids, block_size + 1)
 
-    def next_indices(self, rank: int = 0, world: int = 1) -> np.ndarray:
+    def next_indices(self, rank: int = 0, world: int = 1, batch_size: Optional[int] = None) -> np.ndarray:
         """Draw ``batch_size * world`` window offsets (the global batch) and return rank's slice."""
-        idx = self.rng.integers(0, len(self._windows), size=self.batch_size * world)
-        return idx[rank * self.batch_size:(rank + 1) * self.batch_size]
+        batch = self.batch_size if batch_size is None else batch_size
+        idx = self.rng.integers(0, len(self._windows), size=batch * world)
+        return idx[rank * batch:(rank + 1) * batch]
 
-    def sample(self, device="cpu", rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ``(x, y)`` batch ``(batch_size, block_size)`` int64 on ``device``; with DDP every rank
-        draws the same global offsets and keeps its own slice (so ranks see different windows)."""
-        rows = self._windows[self.next_indices(rank, world)].astype(np.int64)  # (B, T + 1)
+    def sample(self, device="cpu", rank: int = 0, world: int = 1,
+               batch_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ``(x, y)`` batch ``(batch_size, block_size)`` int64 on ``device`` (``batch_size``: this
+        draw's, default the sampler's); with DDP every rank draws the same global offsets and keeps its
+        own slice (so ranks see different windows)."""
+        rows = self._windows[self.next_indices(rank, world, batch_size)].astype(np.int64)  # (B, T + 1)
         t = torch.from_numpy(rows)
         x, y = t[:, :-1], t[:, 1:]
         if torch.device(device).type == "cuda":

@@ -29,7 +29,7 @@ __all__ = ["TrainConfig", "TrainError", "PROFILES", "PROFILE_CHOICES", "Resolved
            "INIT_OVERRIDABLE", "SCHEDULES", "DEVICES", "DTYPES", "default_optimizer", "explicit_settings",
            "flag_name", "profile_name", "resolve_settings", "resume_config", "train_command"]
 
-SCHEDULES = ("cosine", "plateau", "constant")
+SCHEDULES = ("cosine", "plateau", "constant", "wsd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROFILE_CHOICES = ("auto", "cpu", "gpu")
@@ -76,12 +76,21 @@ class TrainConfig:
     batch_size: Optional[int] = field(default=None, metadata={
         "help": "sequences per micro-batch (per rank)" + _by_profile("batch_size")})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    batch_warmup_iters: int = field(default=0, metadata={
+        "help": "batch-size warm-up: the micro-batch grows linearly from batch_warmup_start to batch_size over "
+                "these first steps (0 = off)"})
+    batch_warmup_start: Optional[int] = field(default=None, metadata={
+        "help": "batch-size warm-up: sequences per micro-batch at step 0 (default batch_size/4)"})
     max_iters: Optional[int] = field(default=None, metadata={"help": "optimizer steps" + _by_profile("max_iters")})
     lr: Optional[float] = field(default=None, metadata={"help": "peak learning rate" + _by_profile("lr")})
     min_lr: Optional[float] = field(default=None, metadata={"help": "final / lowest learning rate (default lr/10)"})
     warmup_iters: Optional[int] = field(default=None, metadata={
         "help": "linear warm-up steps" + _by_profile("warmup_iters")})
-    lr_schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule", "choices": SCHEDULES})
+    lr_schedule: str = field(default="cosine", metadata={
+        "help": "learning-rate schedule after the warm-up: cosine to min_lr, plateau, constant, or wsd "
+                "(warmup-stable-decay: lr until the last decay_frac of the steps, then linear to min_lr)",
+        "choices": SCHEDULES})
+    decay_frac: float = field(default=0.4, metadata={"help": "wsd: fraction of max_iters spent in the final decay"})
     plateau_patience: int = field(default=2, metadata={"help": "plateau: evals without improvement before the LR drops"})
     plateau_factor: float = field(default=0.5, metadata={"help": "plateau: LR multiplier on a plateau"})
     optimizer: Optional[str] = field(default=None, metadata={
@@ -138,11 +147,11 @@ class TrainConfig:
             v = getattr(self, name)
             need(name in unset or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
                  f"{name} must be a positive integer, got {v!r}")
-        for name in ("warmup_iters", "sample_tokens"):
+        for name in ("warmup_iters", "sample_tokens", "batch_warmup_iters"):
             v = getattr(self, name)
             need(name in unset or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
                  f"{name} must be a non-negative integer, got {v!r}")
-        for name in ("early_stopping_patience", "threads", "max_doc_tokens", "vocab_size"):
+        for name in ("early_stopping_patience", "threads", "max_doc_tokens", "vocab_size", "batch_warmup_start"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
                  f"{name} must be a positive integer or none, got {v!r}")
@@ -164,6 +173,10 @@ class TrainConfig:
              f"muon_lr must be a finite number in (0, 10], got {self.muon_lr!r}")
         need(math.isfinite(self.muon_momentum) and 0 <= self.muon_momentum < 1,
              f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
+        need(_is_number(self.decay_frac) and 0 < self.decay_frac <= 1,
+             f"decay_frac must be a number in (0, 1], got {self.decay_frac!r}")
+        need(self.batch_warmup_start is None or "batch_size" in unset or self.batch_warmup_start <= self.batch_size,
+             f"batch_warmup_start ({self.batch_warmup_start}) must not exceed batch_size ({self.batch_size})")
         need(self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         need(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -175,6 +188,14 @@ class TrainConfig:
     @property
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def batch_at(self, step: int) -> int:
+        """Sequences per micro-batch at optimizer step ``step`` (0-based): ``batch_size``, or during the
+        batch-size warm-up ``start + (batch_size - start) * step // batch_warmup_iters``."""
+        if step >= self.batch_warmup_iters:
+            return self.batch_size
+        start = self.batch_warmup_start or max(1, self.batch_size // 4)
+        return start + (self.batch_size - start) * step // self.batch_warmup_iters
 
 
 def _is_number(x) -> bool:

@@ -12,7 +12,9 @@ summary that is also written to ``summary.json``. Its parts, in order:
   reads them), model, optimizer, samplers;
 * :meth:`~Trainer._restore` -- a resumed run's weights, optimizer, RNG and sampler states;
 * :meth:`~Trainer._train_step` / :meth:`~Trainer._evaluate` / :meth:`~Trainer._save` -- the loop;
-* :meth:`~Trainer._finish` -- the whole-split evaluation of the best weights and the summary.
+* :meth:`~Trainer._finish` -- the whole-split evaluation of the best weights and the summary, which
+  also gives the run's model FLOPs per token, achieved FLOP/s and MFU against the device's peak
+  (:mod:`fastlm.training.mfu` defines each).
 
 :class:`Callback` hooks let a caller watch or steer a run (``on_step``, ``on_eval``, ...);
 :meth:`Trainer.request_stop` ends it gracefully. A non-finite loss raises :class:`NonFiniteLoss`,
@@ -49,6 +51,7 @@ from fastlm.io.loading import load_model
 from fastlm.model import GPT, GPTConfig
 from fastlm.training.optim import build_optimizer, load_checked_state
 from fastlm.training.runtime import autocast, init_distributed, resolve_device, resolve_dtype
+from fastlm.training.mfu import format_flops, mfu_fields, peak_flops
 from fastlm.training.schedule import LRSchedule
 from fastlm.text.tokenizers import load_tokenizer
 from fastlm.sampling import generate
@@ -137,7 +140,7 @@ class LoopClock:
 
     start: float = 0.0
     mark_time: float = 0.0
-    mark_step: int = 0
+    mark_tokens: int = 0
     losses: list = dataclasses.field(default_factory=list)
 
 
@@ -487,7 +490,9 @@ class Trainer:
         if self.doc_eos is not None:
             self.say("documents: attention masked at end-of-text boundaries (--no-doc-mask turns it off)")
         self.say(f"global batch: {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {world} = "
-                 f"{cfg.batch_size * cfg.grad_accum * world} sequences = {self.tokens_per_step:,} tokens/step")
+                 f"{cfg.batch_size * cfg.grad_accum * world} sequences = {self.tokens_per_step:,} tokens/step"
+                 + (f" (warm-up: micro-batch {cfg.batch_at(0)} -> {cfg.batch_size} over the first "
+                    f"{cfg.batch_warmup_iters} steps)" if cfg.batch_warmup_iters else ""))
         if cfg.optimizer == "muon":
             self.say(f"optimizer: muon (peak lr {cfg.muon_lr:g} for the block matrices) + adamw (peak lr {cfg.lr:g} "
                      f"for embeddings, norms and biases)")
@@ -502,7 +507,7 @@ class Trainer:
             self._bar = tqdm(total=cfg.max_iters, initial=progress.step, desc="train", dynamic_ncols=True,
                              file=sys.stderr, mininterval=1.0)
         now = time.time()
-        self._clock = LoopClock(start=now, mark_time=now, mark_step=progress.step)
+        self._clock = LoopClock(start=now, mark_time=now, mark_tokens=progress.tokens_seen)
         self._watch_steps = any(type(cb).on_step is not Callback.on_step for cb in self.callbacks)
         try:
             if not cfg.resume:
@@ -532,9 +537,9 @@ class Trainer:
         lr = self.schedule.lr(progress.step)
         for group in self.optimizer.param_groups:  # Muon groups run at muon_lr / lr times the schedule
             group["lr"] = lr * group.get("lr_ratio", 1.0)
-        loss_sum = 0.0
+        loss_sum, batch = 0.0, cfg.batch_at(progress.step)
         for micro in range(cfg.grad_accum):
-            x, y = self.train_sampler.sample(self.device, self.dist.rank, self.dist.world)
+            x, y = self.train_sampler.sample(self.device, self.dist.rank, self.dist.world, batch)
             last = micro == cfg.grad_accum - 1
             with (self.model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()):
                 with self.amp():
@@ -552,7 +557,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         progress.step = step
-        progress.tokens_seen += self.tokens_per_step
+        progress.tokens_seen += self.tokens_per_step * batch // cfg.batch_size
         self._log_step(step_loss, lr)
         if step_loss is not None:
             self._emit("on_step", step, step_loss)
@@ -594,9 +599,9 @@ class Trainer:
     def _log_step(self, loss: Optional[float], lr: float) -> None:
         step, cfg = self.progress.step, self.config
         if self.dist.is_main and (step % cfg.log_interval == 0 or step == cfg.max_iters):
-            now, clock = time.time(), self._clock
-            tokens_per_s = (step - clock.mark_step) * self.tokens_per_step / max(now - clock.mark_time, 1e-9)
-            clock.mark_time, clock.mark_step = now, step
+            now, clock, tokens = time.time(), self._clock, self.progress.tokens_seen
+            tokens_per_s = (tokens - clock.mark_tokens) / max(now - clock.mark_time, 1e-9)
+            clock.mark_time, clock.mark_tokens = now, tokens
             rundir.append_csv(self.run_dir / "train_log.csv", rundir.LOG_HEADER,
                               [step, f"{loss:.6f}", f"{lr:.6g}", f"{tokens_per_s:.0f}"])
             if self._bar is not None:
@@ -714,11 +719,13 @@ class Trainer:
                    "params": self.raw_model.num_params(), "device": str(self.device), "world_size": self.dist.world}
         if test_loss is not None:
             summary["test_loss"] = test_loss
+        summary.update(mfu_fields(self.raw_model.flops_per_token(), progress.tokens_seen, train_wall,
+                                  peak_flops(self.device, self.autocast_dtype), self.dist.world))
         rundir.plot_losses(self.run_dir)
         summary["wall_s"] = time.time() - t_start
         rundir.write_summary(self.run_dir, summary)
         print(f"done: best val loss {val_loss:.4f} (perplexity {summary['val_ppl']:.2f}) over the whole val "
-              f"split, step {progress.best_step}; {summary['tokens_per_s']:,.0f} tokens/s; "
+              f"split, step {progress.best_step}; {summary['tokens_per_s']:,.0f} tokens/s; {_mfu_text(summary)}; "
               f"wall {summary['wall_s']:.1f} s", flush=True)
         print(f"run dir: {self.run_dir}", flush=True)
         self._emit("on_end", summary)
@@ -744,6 +751,14 @@ class Trainer:
         test_ids = self._agreed(lambda: data_mod.load_split(self.run_dir, "test", self.tokenizer.vocab_size),
                                 everywhere=True)
         return self._split_loss(test_ids) if len(test_ids) >= 2 else None
+
+
+def _mfu_text(summary: dict) -> str:
+    """``2.47 MFLOP/token, 74.1 GFLOP/s = MFU 35.2% of 210 GFLOP/s`` (the done line's part)."""
+    text = f"{format_flops(summary['flops_per_token'])}/token, {format_flops(summary['flops_per_s'])}/s"
+    if summary["mfu"] is None:
+        return f"{text}, MFU n/a ({summary['peak_source']})"
+    return f"{text} = MFU {100 * summary['mfu']:.1f}% of {format_flops(summary['peak_flops_per_s'])}/s"
 
 
 def sample_text(model, tokenizer, n: int, device, seed: int) -> str:
