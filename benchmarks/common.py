@@ -23,6 +23,7 @@ Environment knobs
 ``FASTLM_BENCH_RESULTS``  results file (default ``benchmarks/results.jsonl``)
 ``FASTLM_BENCH_COMPILE``  0: skip the torch.compile baselines
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -119,6 +120,7 @@ def run_info() -> dict:
     """Fields shared by every row of this pytest session."""
     try:
         import triton
+
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 - not installed or broken: record that it is absent
         triton_version = None
@@ -186,9 +188,15 @@ class Bench:
         self.nodeid = nodeid
         self.min_s: Optional[float] = None
 
-    def time(self, fn: Callable[[], object], *, warmup: Optional[int] = None,
-             min_rounds: Optional[int] = None, max_rounds: Optional[int] = None,
-             budget_s: Optional[float] = None) -> Optional[float]:
+    def time(
+        self,
+        fn: Callable[[], object],
+        *,
+        warmup: Optional[int] = None,
+        min_rounds: Optional[int] = None,
+        max_rounds: Optional[int] = None,
+        budget_s: Optional[float] = None,
+    ) -> Optional[float]:
         """Median seconds per call of ``fn`` (None when pytest-benchmark is disabled)."""
         warmup = (3 if ON_GPU else 1) if warmup is None else warmup
         budget = _budget_s() if budget_s is None else budget_s
@@ -211,8 +219,7 @@ class Bench:
             if calls[0] % inner == 0:  # the last call of a round waits for the GPU
                 sync()
 
-        self.benchmark.pedantic(target, rounds=rounds, iterations=inner,
-                                warmup_rounds=1 if ON_GPU else 0)
+        self.benchmark.pedantic(target, rounds=rounds, iterations=inner, warmup_rounds=1 if ON_GPU else 0)
         sync()
         self.benchmark.extra_info.update({"rounds": rounds, "inner": inner})
         stats = self.benchmark.stats
@@ -221,18 +228,41 @@ class Bench:
         self.min_s = float(stats.stats.min)
         return float(stats.stats.median)
 
-    def record(self, *, suite: str, op: str, backend: str, median_s: Optional[float],
-               pass_: Optional[str] = None, dtype: Optional[str] = None, shape: Optional[dict] = None,
-               causal: Optional[bool] = None, variant: Optional[str] = None,
-               flops: Optional[float] = None, nbytes: Optional[float] = None,
-               tokens: Optional[float] = None, **extra) -> dict:
+    def record(
+        self,
+        *,
+        suite: str,
+        op: str,
+        backend: str,
+        median_s: Optional[float],
+        pass_: Optional[str] = None,
+        dtype: Optional[str] = None,
+        shape: Optional[dict] = None,
+        causal: Optional[bool] = None,
+        variant: Optional[str] = None,
+        flops: Optional[float] = None,
+        nbytes: Optional[float] = None,
+        tokens: Optional[float] = None,
+        **extra,
+    ) -> dict:
         """Fill ``benchmark.extra_info`` (ms, TFLOP/s, GB/s, tokens/s) and append the row when
         recording is on. ``extra`` lands in the row as is (e.g. resolved backend, peak memory)."""
         row = {
-            "suite": suite, "op": op, "pass": pass_, "backend": backend, "dtype": dtype,
-            "shape": shape or {}, "causal": causal, "variant": variant,
-            "ms": None, "stat": None, "median_ms": None, "min_ms": None,
-            "tflops": None, "gbps": None, "tokens_per_s": None,
+            "suite": suite,
+            "op": op,
+            "pass": pass_,
+            "backend": backend,
+            "dtype": dtype,
+            "shape": shape or {},
+            "causal": causal,
+            "variant": variant,
+            "ms": None,
+            "stat": None,
+            "median_ms": None,
+            "min_ms": None,
+            "tflops": None,
+            "gbps": None,
+            "tokens_per_s": None,
         }
         if median_s is not None and median_s > 0:
             # Headline time: the median on CUDA; on CPU the best round, because the CPU machines
@@ -240,8 +270,12 @@ class Bench:
             t, stat = median_s, "median"
             if not ON_GPU and self.min_s is not None and self.min_s > 0:
                 t, stat = self.min_s, "min"
-            row.update(ms=t * 1e3, stat=stat, median_ms=median_s * 1e3,
-                       min_ms=self.min_s * 1e3 if self.min_s is not None else None)
+            row.update(
+                ms=t * 1e3,
+                stat=stat,
+                median_ms=median_s * 1e3,
+                min_ms=self.min_s * 1e3 if self.min_s is not None else None,
+            )
             if flops is not None:
                 row["tflops"] = flops / t / 1e12
             if nbytes is not None:
@@ -252,9 +286,14 @@ class Bench:
         info = {k: v for k, v in row.items() if v is not None and k not in ("suite",)}
         self.benchmark.extra_info.update(info)
         if median_s is not None and record_enabled():
-            full = {**run_info(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    **row, "rounds": self.benchmark.extra_info.get("rounds"),
-                    "inner": self.benchmark.extra_info.get("inner"), "test": self.nodeid}
+            full = {
+                **run_info(),
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                **row,
+                "rounds": self.benchmark.extra_info.get("rounds"),
+                "inner": self.benchmark.extra_info.get("inner"),
+                "test": self.nodeid,
+            }
             append_row(full)
         return row
 

@@ -33,6 +33,7 @@ machine's load (``os.getloadavg``, 1-minute, before and after each run) and, wit
 the step-time ratio to the first recipe with its spread over the rounds. ``python -m benchmarks.report``
 shows them as the "CPU speedrun" table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,9 +112,14 @@ def train_once(recipe: Recipe, common: list, seed: int, out_dir: Path, steps: Op
         summary = Trainer(train, model, callbacks=[clock]).fit()
     cpu_s = clock.last - clock.start
     peak = summary["peak_flops_per_s"]
-    return {**summary, "load_1min": (load_before + os.getloadavg()[0]) / 2, "seed": seed,
-            "threads": torch.get_num_threads(), "cpu_train_s": cpu_s,
-            "mfu_cpu": summary["flops"] / cpu_s / peak if peak and cpu_s > 0 else None}
+    return {
+        **summary,
+        "load_1min": (load_before + os.getloadavg()[0]) / 2,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "cpu_train_s": cpu_s,
+        "mfu_cpu": summary["flops"] / cpu_s / peak if peak and cpu_s > 0 else None,
+    }
 
 
 # ---- --equal-wall: step times -------------------------------------------------------------------------
@@ -123,8 +129,14 @@ def timing_key(recipe: Recipe, common: list) -> tuple:
     resolved = resolve_settings(train, model, "cpu")
     m = {k: v for k, v in resolved.model.items() if k not in ("zero_init_proj",)}
     t = resolved.train
-    return (tuple(sorted(m.items())), t.batch_size, t.grad_accum, t.batch_warmup_iters,
-            t.batch_at(0) if t.batch_warmup_iters else None, t.threads)
+    return (
+        tuple(sorted(m.items())),
+        t.batch_size,
+        t.grad_accum,
+        t.batch_warmup_iters,
+        t.batch_at(0) if t.batch_warmup_iters else None,
+        t.threads,
+    )
 
 
 def step_runner(recipe: Recipe, common: list, tokenizer, train_ids):
@@ -135,8 +147,16 @@ def step_runner(recipe: Recipe, common: list, tokenizer, train_ids):
     t = resolved.train
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(**{**resolved.model, "vocab_size": tokenizer.vocab_size}))
-    opt = build_optimizer(gpt, optimizer=t.optimizer, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
-                          muon_lr=t.muon_lr, muon_momentum=t.muon_momentum, device_type="cpu")
+    opt = build_optimizer(
+        gpt,
+        optimizer=t.optimizer,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        betas=(t.beta1, t.beta2),
+        muon_lr=t.muon_lr,
+        muon_momentum=t.muon_momentum,
+        device_type="cpu",
+    )
     sampler = data_mod.BatchSampler(train_ids, gpt.config.block_size, t.batch_size, [0, 0])
 
     def step(batch: int) -> None:
@@ -200,7 +220,7 @@ def equal_wall_steps(recipes: list, common: list, rounds: int, n_steps: int, log
     try:
         for step, t in runners.values():  # optimizer state, first-call costs
             step(t.batch_size)
-        for i in range(rounds):
+        for _ in range(rounds):
             for r in timed:  # alternating, a few steps at a time: load drift hits every recipe alike
                 step = runners[r.label][0]
                 got = [(b, cpu_seconds(step, b)) for b in sizes[r.label] for _ in range(n_steps)]
@@ -208,8 +228,10 @@ def equal_wall_steps(recipes: list, common: list, rounds: int, n_steps: int, log
                 per_round[r.label].append(sum(t for b, t in got if b == runners[r.label][1].batch_size))
     finally:
         torch.set_num_threads(threads)
-    log(f"timing: {rounds} rounds of {n_steps} steps per batch size, median CPU ms/step: "
-        + ", ".join(f"{k} {1e3 * statistics.median(t for _, t in v):.1f}" for k, v in samples.items()))
+    log(
+        f"timing: {rounds} rounds of {n_steps} steps per batch size, median CPU ms/step: "
+        + ", ".join(f"{k} {1e3 * statistics.median(t for _, t in v):.1f}" for k, v in samples.items())
+    )
     base_fit = fit_step_time(samples[base.label])
     budget = predicted_wall(base_fit, resolve_settings(base_train, base_model, "cpu").train, base_steps)
     for r in recipes[1:]:
@@ -221,11 +243,18 @@ def equal_wall_steps(recipes: list, common: list, rounds: int, n_steps: int, log
         steps = steps_within(fit_step_time(samples[r.label]), resolved, budget)
         ratios = [a / b for a, b in zip(per_round[r.label], per_round[base.label])]
         r.steps = steps
-        r.step_ratio = {"ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                        "measured": True, "base_cpu_ms": 1e3 * statistics.median(per_round[base.label]),
-                        "cpu_ms": 1e3 * statistics.median(per_round[r.label])}
-        log(f"{r.label}: step time x{r.step_ratio['ratio']:.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f}) "
-            f"-> {steps} steps at the wall time of {base_steps} {base.label} steps")
+        r.step_ratio = {
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "measured": True,
+            "base_cpu_ms": 1e3 * statistics.median(per_round[base.label]),
+            "cpu_ms": 1e3 * statistics.median(per_round[r.label]),
+        }
+        log(
+            f"{r.label}: step time x{r.step_ratio['ratio']:.3f} (rounds {min(ratios):.3f}-{max(ratios):.3f}) "
+            f"-> {steps} steps at the wall time of {base_steps} {base.label} steps"
+        )
 
 
 # ---- statistics, rows, table ----------------------------------------------------------------------------
@@ -246,15 +275,35 @@ def pm(values: list, fmt: str, scale: float = 1.0) -> str:
 def recipe_row(recipe: Recipe, runs: list, corpus: str, common: list) -> dict:
     train, model = settings(recipe, common)
     resolved = resolve_settings(train, model, "cpu")
-    row = {"suite": "speedrun", "op": recipe.label, "pass": None, "backend": "auto", "dtype": train.dtype,
-           "shape": {k: resolved.model[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
-           | {"batch": resolved.train.batch_size}, "causal": True, "variant": corpus,
-           "steps": runs[0]["steps"], "seeds": [r["seed"] for r in runs], "recipe_args": recipe.args,
-           "step_ratio": recipe.step_ratio, "threads": train.threads or runs[0].get("threads"),
-           "peak_flops_per_s": runs[0].get("peak_flops_per_s"),
-           "peak_source": runs[0].get("peak_source")}
-    for key in ("val_loss", "train_wall_s", "wall_s", "cpu_train_s", "tokens_seen", "flops", "mfu", "mfu_cpu",
-                "load_1min"):
+    row = {
+        "suite": "speedrun",
+        "op": recipe.label,
+        "pass": None,
+        "backend": "auto",
+        "dtype": train.dtype,
+        "shape": {k: resolved.model[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+        | {"batch": resolved.train.batch_size},
+        "causal": True,
+        "variant": corpus,
+        "steps": runs[0]["steps"],
+        "seeds": [r["seed"] for r in runs],
+        "recipe_args": recipe.args,
+        "step_ratio": recipe.step_ratio,
+        "threads": train.threads or runs[0].get("threads"),
+        "peak_flops_per_s": runs[0].get("peak_flops_per_s"),
+        "peak_source": runs[0].get("peak_source"),
+    }
+    for key in (
+        "val_loss",
+        "train_wall_s",
+        "wall_s",
+        "cpu_train_s",
+        "tokens_seen",
+        "flops",
+        "mfu",
+        "mfu_cpu",
+        "load_1min",
+    ):
         values = [r.get(key) for r in runs]
         mean, std = mean_std(values)
         row.update({key: values, f"{key}_mean": mean, f"{key}_std": std})
@@ -262,14 +311,36 @@ def recipe_row(recipe: Recipe, runs: list, corpus: str, common: list) -> dict:
 
 
 def print_table(rows: list) -> None:
-    head = ["recipe", "steps", "seeds", "whole-val loss", "train wall s", "train CPU s", "tokens", "FLOPs",
-            "MFU %", "MFU (CPU time) %", "load"]
+    head = [
+        "recipe",
+        "steps",
+        "seeds",
+        "whole-val loss",
+        "train wall s",
+        "train CPU s",
+        "tokens",
+        "FLOPs",
+        "MFU %",
+        "MFU (CPU time) %",
+        "load",
+    ]
     lines = [head]
     for r in rows:
-        lines.append([r["op"], str(r["steps"]), str(len(r["seeds"])), pm(r["val_loss"], ".4f"),
-                      pm(r["train_wall_s"], ".1f"), pm(r["cpu_train_s"], ".1f"), f"{r['tokens_seen_mean']:,.0f}",
-                      f"{r['flops_mean']:.3g}", pm(r["mfu"], ".1f", 100), pm(r["mfu_cpu"], ".1f", 100),
-                      pm(r["load_1min"], ".1f")])
+        lines.append(
+            [
+                r["op"],
+                str(r["steps"]),
+                str(len(r["seeds"])),
+                pm(r["val_loss"], ".4f"),
+                pm(r["train_wall_s"], ".1f"),
+                pm(r["cpu_train_s"], ".1f"),
+                f"{r['tokens_seen_mean']:,.0f}",
+                f"{r['flops_mean']:.3g}",
+                pm(r["mfu"], ".1f", 100),
+                pm(r["mfu_cpu"], ".1f", 100),
+                pm(r["load_1min"], ".1f"),
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
@@ -278,22 +349,41 @@ def print_table(rows: list) -> None:
 # ---- main -------------------------------------------------------------------------------------------
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.speedrun", description=__doc__.splitlines()[0])
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="a recipe (python -m fastlm.train --config file); repeat to compare (alternating runs)")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a recipe (python -m fastlm.train --config file); repeat to compare (alternating runs)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="runs per recipe (seeds seed0, seed0 + 1, ...)")
     p.add_argument("--seed0", type=int, default=1337, help="the first seed (1337: the default run's)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's max_iters)")
-    p.add_argument("--corpus", nargs="+", default=None, metavar="FILE", help="training text (default: Tiny Shakespeare)")
+    p.add_argument(
+        "--corpus", nargs="+", default=None, metavar="FILE", help="training text (default: Tiny Shakespeare)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads of every run (default: torch's)")
-    p.add_argument("--equal-wall", action="store_true",
-                   help="time every recipe's step (alternating) and give each the steps of the first one's wall time")
-    p.add_argument("--time-only", action="store_true",
-                   help="with --equal-wall: print the step counts and stop (no loss runs, no rows)")
+    p.add_argument(
+        "--equal-wall",
+        action="store_true",
+        help="time every recipe's step (alternating) and give each the steps of the first one's wall time",
+    )
+    p.add_argument(
+        "--time-only",
+        action="store_true",
+        help="with --equal-wall: print the step counts and stop (no loss runs, no rows)",
+    )
     p.add_argument("--time-rounds", type=int, default=10, help="--equal-wall: alternating timing rounds")
-    p.add_argument("--time-steps", type=int, default=3, help="--equal-wall: steps per recipe (and batch size) per round")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="trainings at once (processes; the loss at a fixed step count does not depend on it, the "
-                        "wall time and MFU of each run do; --equal-wall timing always runs alone)")
+    p.add_argument(
+        "--time-steps", type=int, default=3, help="--equal-wall: steps per recipe (and batch size) per round"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trainings at once (processes; the loss at a fixed step count does not depend on it, the "
+        "wall time and MFU of each run do; --equal-wall timing always runs alone)",
+    )
     p.add_argument("--quick", action="store_true", help="a tiny model, a few steps, one seed (the test suite's run)")
     p.add_argument("--results", type=Path, default=None, help="results file (default: benchmarks/results.jsonl)")
     p.add_argument("--no-record", action="store_true", help="print only; append no rows")
@@ -362,13 +452,17 @@ def loss_runs(recipes: list, common: list, corpus: str, root: Path, args, log) -
     order = [(r, args.seed0 + i) for i in range(args.seeds) for r in recipes]
     runs, rows = {r.label: {} for r in recipes}, {}
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(train_once, r, common, seed, root / f"{r.label}-seed{seed}", r.steps): (r, seed)
-                   for r, seed in order}
+        futures = {
+            pool.submit(train_once, r, common, seed, root / f"{r.label}-seed{seed}", r.steps): (r, seed)
+            for r, seed in order
+        }
         for future in concurrent.futures.as_completed(futures):
             r, seed = futures[future]
             s = runs[r.label][seed] = future.result()
-            log(f"{r.label} seed {seed}: whole-val {s['val_loss']:.4f}, {s['steps']} steps, train wall "
-                f"{s['train_wall_s']:.1f} s, MFU {100 * (s['mfu'] or 0):.1f}%, load {s['load_1min']:.1f}")
+            log(
+                f"{r.label} seed {seed}: whole-val {s['val_loss']:.4f}, {s['steps']} steps, train wall "
+                f"{s['train_wall_s']:.1f} s, MFU {100 * (s['mfu'] or 0):.1f}%, load {s['load_1min']:.1f}"
+            )
             if len(runs[r.label]) == args.seeds:
                 rows[r.label] = recipe_row(r, [runs[r.label][k] for k in sorted(runs[r.label])], corpus, common)
                 if not args.no_record:

@@ -1,5 +1,6 @@
 """``python -m fastlm.info``: which backends are usable here, and why not the others, and the peak
 FLOP/s that training runs measure their MFU against (``--calibrate``: measure the CPU peak again)."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ def report(calibrate: bool = False) -> str:
     lines = [f"fastlm {__version__}  python {platform.python_version()}  torch {torch.__version__}"]
     try:
         import triton
+
         lines.append(f"triton {triton.__version__}")
     except Exception as e:  # noqa: BLE001 - report whatever went wrong
         lines.append(f"triton: not importable ({type(e).__name__}: {e})".splitlines()[0])
@@ -49,8 +51,9 @@ def report(calibrate: bool = False) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlm.info", description=__doc__)
-    parser.add_argument("--calibrate", action="store_true",
-                        help="measure the CPU's peak (fp32 GEMM) again; the higher figure is kept")
+    parser.add_argument(
+        "--calibrate", action="store_true", help="measure the CPU's peak (fp32 GEMM) again; the higher figure is kept"
+    )
     args = parser.parse_args(argv)
     print(report(args.calibrate))
     return 0

@@ -1,5 +1,6 @@
 """``python -m benchmarks.speedrun`` in its quick mode (a tiny model, one seed, a few steps), its
 equal-wall step arithmetic, and the report's "CPU speedrun" table. Nothing here is timed."""
+
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def test_quick_run_prints_and_records_the_recipe(tmp_path, corpus, capsys, one_t
     assert speedrun.main(["--quick", "--corpus", str(corpus), "--results", str(results), "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "whole-val loss" in out and "\ndefault " in out and "appended 1 row(s)" in out
-    row, = rows_of(results)
+    (row,) = rows_of(results)
     assert row["suite"] == "speedrun" and row["op"] == "default" and row["variant"] == Path(corpus).name
     assert row["steps"] == 5 and row["seeds"] == [1337] and len(row["val_loss"]) == 1
     assert row["val_loss_mean"] == row["val_loss"][0] and row["val_loss_std"] is None
@@ -64,13 +65,25 @@ def test_equal_wall_arithmetic():
 
 
 def test_report_compares_each_recipe_with_the_default():
-    base = {"device": "CPU x", "suite": "speedrun", "backend": "auto", "variant": "c.txt", "date": "2026-01-01",
-            "seeds": [1, 2, 3], "steps": 100, "val_loss_std": 0.01, "threads": 1, "commit": "abc"}
-    rows = [{**base, "op": "default", "val_loss_mean": 1.60},
-            {**base, "op": "qk_norm", "val_loss_mean": 1.57, "step_ratio": {"ratio": 1.05}},
-            {**base, "op": "qk_norm", "val_loss_mean": 1.50, "date": "2025-01-01"}]  # older: not shown
+    base = {
+        "device": "CPU x",
+        "suite": "speedrun",
+        "backend": "auto",
+        "variant": "c.txt",
+        "date": "2026-01-01",
+        "seeds": [1, 2, 3],
+        "steps": 100,
+        "val_loss_std": 0.01,
+        "threads": 1,
+        "commit": "abc",
+    }
+    rows = [
+        {**base, "op": "default", "val_loss_mean": 1.60},
+        {**base, "op": "qk_norm", "val_loss_mean": 1.57, "step_ratio": {"ratio": 1.05}},
+        {**base, "op": "qk_norm", "val_loss_mean": 1.50, "date": "2025-01-01"},
+    ]  # older: not shown
     md = "\n".join(report.speedrun_section(rows))
-    line, = [ln for ln in md.splitlines() if "| qk_norm |" in ln]
+    (line,) = [ln for ln in md.splitlines() if "| qk_norm |" in ln]
     assert "1.5700 ± 0.0100" in line and "-0.0300" in line and "1.050" in line
     assert report.speedrun_section([{**base, "op": "x", "suite": "model", "val_loss_mean": 1.0}]) == []
 

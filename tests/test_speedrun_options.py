@@ -2,6 +2,7 @@
 KV cache, and through an interrupted-and-resumed training run that must equal an uninterrupted one
 bit for bit: qk_norm, mlp=relu2, logit_softcap, zero_init_proj, value_embed, unet_skips, an untied
 head, the wsd schedule and the batch-size warm-up. (Their Hugging Face export rules: tests/test_hf.py.)"""
+
 import csv
 import json
 import math
@@ -9,16 +10,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import CtrlCAfter
 
+from fastlm.errors import ConfigError, TrainError, TrainingInterrupted
 from fastlm.io import checkpoint
 from fastlm.model import GPT, GPTConfig
-from fastlm.errors import ConfigError, TrainError, TrainingInterrupted
 from fastlm.training.optim import muon_param_names
 from fastlm.training.schedule import LRSchedule
 from fastlm.training.settings import TrainConfig
 from fastlm.training.trainer import Trainer
-
-from test_train import CtrlCAfter
 
 TINY = dict(vocab_size=37, block_size=32, n_layer=2, n_head=4, n_embd=32, backend="reference")
 
@@ -55,7 +55,7 @@ def hand_rope(x, theta=10000.0):
     inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv  # (T, D/2)
     cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
-    x1, x2 = x[..., :D // 2], x[..., D // 2:]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
 
@@ -90,8 +90,12 @@ def test_qk_norm_normalises_each_head_before_rope(norm):
     x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = attn(x, rope=model._rope(0, 11, x.device))
-        want = hand_attention(attn, x, lambda q: hand_norm(q, norm, attn.q_norm.weight.double()),
-                              lambda k: hand_norm(k, norm, attn.k_norm.weight.double()))
+        want = hand_attention(
+            attn,
+            x,
+            lambda q: hand_norm(q, norm, attn.q_norm.weight.double()),
+            lambda k: hand_norm(k, norm, attn.k_norm.weight.double()),
+        )
         plain = hand_attention(attn, x)
     close(got, want)
     assert (want - plain).abs().max() > 1e-2  # the norm changes the result: the check can fail
@@ -125,7 +129,9 @@ def test_logit_softcap_caps_the_logits_and_the_loss_uses_them():
 def test_zero_init_proj_zeroes_only_the_output_projections(tie):
     base, zero = tiny(tie_embeddings=tie), tiny(tie_embeddings=tie, zero_init_proj=True)
     zeroed = {n for n, p in zero.named_parameters() if not p.any()}
-    want = {f"blocks.{i}.{m}.proj.weight" for i in range(2) for m in ("attn", "mlp")} | (set() if tie else {"lm_head.weight"})
+    want = {f"blocks.{i}.{m}.proj.weight" for i in range(2) for m in ("attn", "mlp")} | (
+        set() if tie else {"lm_head.weight"}
+    )
     assert zeroed == want
     for (name, p), q in zip(base.named_parameters(), zero.parameters()):
         if name not in want:  # every other weight draws the same random numbers as without the option
@@ -171,8 +177,15 @@ def test_unet_skips_add_the_mirrored_outputs():
         GPTConfig(**{**TINY, "n_layer": 1, "unet_skips": True})
 
 
-ALL_MODEL_OPTIONS = dict(qk_norm=True, mlp="relu2", logit_softcap=5.0, zero_init_proj=True, value_embed=True,
-                         unet_skips=True, tie_embeddings=False)
+ALL_MODEL_OPTIONS = dict(
+    qk_norm=True,
+    mlp="relu2",
+    logit_softcap=5.0,
+    zero_init_proj=True,
+    value_embed=True,
+    unet_skips=True,
+    tie_embeddings=False,
+)
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -182,8 +195,9 @@ def test_kv_cache_matches_the_full_forward_with_every_option(backend):
     with torch.no_grad():
         full, _ = model(idx)
         cache = model.new_kv_cache(2)
-        steps = [model(idx[:, :6], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache)[0]
-                                                          for t in range(6, 20)]
+        steps = [model(idx[:, :6], kv_cache=cache)[0]] + [
+            model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(6, 20)
+        ]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5 * full.abs().max().item())
 
 
@@ -211,8 +225,10 @@ def test_flops_per_token_by_hand():
     assert tiny().flops_per_token(seq_len=16) == 6 * 26272 + 24576 // 2
     assert tiny(n_kv_head=1).flops_per_token() == want - 6 * 2 * 32 * 48  # GQA: k and v of one head, not four
     # the default model: about 2.47 MFLOP per token (issue 24 says "about 2.4")
-    assert GPT(GPTConfig(vocab_size=65)).flops_per_token() == 6 * (3 * (96 * 288 + 96 * 96 + 96 * 512 + 256 * 96)
-                                                                    + 65 * 96) + 12 * 3 * 3 * 32 * 128
+    assert (
+        GPT(GPTConfig(vocab_size=65)).flops_per_token()
+        == 6 * (3 * (96 * 288 + 96 * 96 + 96 * 512 + 256 * 96) + 65 * 96) + 12 * 3 * 3 * 32 * 128
+    )
 
 
 # ---- schedules --------------------------------------------------------------------------------------
@@ -265,9 +281,21 @@ OPTIONS = {  # name -> (TrainConfig overrides, model overrides)
 
 
 def train(corpus, out, train_kw, model_kw, callbacks=()):
-    cfg = TrainConfig(data=[str(corpus)], out_dir=str(out), batch_size=4, max_iters=12, eval_interval=4,
-                      eval_iters=2, sample_tokens=0, progress=False, log_interval=1, warmup_iters=2,
-                      threads=1, device="cpu", **train_kw)
+    cfg = TrainConfig(
+        data=[str(corpus)],
+        out_dir=str(out),
+        batch_size=4,
+        max_iters=12,
+        eval_interval=4,
+        eval_iters=2,
+        sample_tokens=0,
+        progress=False,
+        log_interval=1,
+        warmup_iters=2,
+        threads=1,
+        device="cpu",
+        **train_kw,
+    )
     model = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, **model_kw)
     return Trainer(cfg, model, callbacks=callbacks).fit()
 

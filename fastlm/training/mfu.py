@@ -21,6 +21,7 @@
 
 A distributed run's peak is the per-device peak times the number of processes.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,17 @@ import torch
 from fastlm.files.atomic import atomic_write_json
 from fastlm.files.safeio import read_bounded
 
-__all__ = ["Peak", "CUDA_PEAK_TFLOPS", "peak_flops", "cpu_model", "cache_path", "measure_cpu_gemm",
-           "calibrate_cpu", "mfu_fields", "format_flops"]
+__all__ = [
+    "Peak",
+    "CUDA_PEAK_TFLOPS",
+    "peak_flops",
+    "cpu_model",
+    "cache_path",
+    "measure_cpu_gemm",
+    "calibrate_cpu",
+    "mfu_fields",
+    "format_flops",
+]
 
 #: dense peak TFLOP/s (bf16 tensor cores, fp32 without TF32) by a substring of the device name,
 #: first match wins (so "H100 PCIe" before "H100"); vendors' data sheets
@@ -75,7 +85,10 @@ def cpu_model() -> str:
 
 
 def cache_path() -> Path:
-    base = os.environ.get("FASTLM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastlm"
+    base = (
+        os.environ.get("FASTLM_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastlm"
+    )
     return Path(base) / "cpu_peak.json"
 
 
@@ -100,7 +113,7 @@ def measure_cpu_gemm(seconds: float = CALIBRATION_S, size: int = GEMM_SIZE) -> f
             t1 = time.perf_counter()
             best = min(best, t1 - t0)
             if t1 >= end:
-                return 2.0 * size ** 3 / best
+                return 2.0 * size**3 / best
     finally:
         torch.set_num_threads(threads)
 
@@ -131,8 +144,10 @@ def calibrate_cpu(threads: Optional[int] = None, force: bool = False) -> Peak:
             atomic_write_json(cache_path(), cache)
         except OSError:
             pass  # a read-only home: the figure is used, just not kept
-    return Peak(per_core * threads, f"{threads} thread(s) x {format_flops(per_core)}/s, the one-thread fp32 "
-                                    f"GEMM rate cached in {cache_path()}")
+    return Peak(
+        per_core * threads,
+        f"{threads} thread(s) x {format_flops(per_core)}/s, the one-thread fp32 GEMM rate cached in {cache_path()}",
+    )
 
 
 def _cuda_peak(device: torch.device, precision: str) -> Peak:
@@ -167,9 +182,14 @@ def mfu_fields(flops_per_token: float, tokens: int, seconds: float, peak: Peak, 
     """The summary's FLOP fields: per token, total, achieved FLOP/s, the peak used and MFU."""
     achieved = flops_per_token * tokens / max(seconds, 1e-9)
     total_peak = peak.flops_per_s * devices if peak.flops_per_s else None
-    return {"flops_per_token": flops_per_token, "flops": flops_per_token * tokens, "flops_per_s": achieved,
-            "peak_flops_per_s": total_peak, "peak_source": peak.source,
-            "mfu": achieved / total_peak if total_peak else None}
+    return {
+        "flops_per_token": flops_per_token,
+        "flops": flops_per_token * tokens,
+        "flops_per_s": achieved,
+        "peak_flops_per_s": total_peak,
+        "peak_source": peak.source,
+        "mfu": achieved / total_peak if total_peak else None,
+    }
 
 
 def format_flops(x: float) -> str:

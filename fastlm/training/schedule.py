@@ -11,6 +11,7 @@ another ``--max-iters`` keeps the peak LR while both plans are in their stable p
 starts where the new span puts it); once either plan has begun decaying, the LR decays linearly from
 its value at the resume step to the final LR at the new last step.
 """
+
 from __future__ import annotations
 
 import math
@@ -86,8 +87,13 @@ class LRSchedule:
         return False
 
     def state(self) -> dict:
-        return {"scale": self.scale, "bad": self.bad, "best": self.best if math.isfinite(self.best) else None,
-                "max_iters": self.cfg.max_iters, "anchor": list(self.anchor) if self.anchor else None}
+        return {
+            "scale": self.scale,
+            "bad": self.bad,
+            "best": self.best if math.isfinite(self.best) else None,
+            "max_iters": self.cfg.max_iters,
+            "anchor": list(self.anchor) if self.anchor else None,
+        }
 
     def load(self, s: dict, step: int) -> None:
         """Restore a saved state at ``step``; re-anchor the cosine if max_iters changed since.
@@ -97,16 +103,18 @@ class LRSchedule:
         anchor = s.get("anchor")
         if anchor and not (isinstance(anchor, list) and len(anchor) == 3):
             raise ValueError("scheduler state: anchor must be [step, lr, end]")
-        self.anchor = ((_count(anchor[0], "anchor"), _number(anchor[1], "anchor"), _count(anchor[2], "anchor"))
-                       if anchor else None)
+        self.anchor = (
+            (_count(anchor[0], "anchor"), _number(anchor[1], "anchor"), _count(anchor[2], "anchor")) if anchor else None
+        )
         saved_max = _count(s.get("max_iters", self.cfg.max_iters), "max_iters")
         if saved_max == self.cfg.max_iters or step < self.cfg.warmup_iters:
             return  # warm-up does not depend on max_iters; after it the new span applies from the start
         if self.cfg.lr_schedule == "cosine":
             current = self._lr_with_max(step, saved_max)
             self.anchor = (step, current, self.anchor[2] if self.anchor else saved_max)
-        elif self.cfg.lr_schedule == "wsd" and (self.anchor is not None or step >= min(
-                self._decay_start(saved_max), self._decay_start(self.cfg.max_iters))):
+        elif self.cfg.lr_schedule == "wsd" and (
+            self.anchor is not None or step >= min(self._decay_start(saved_max), self._decay_start(self.cfg.max_iters))
+        ):
             self.anchor = (step, self._wsd(step, saved_max), saved_max)
 
     def _lr_with_max(self, step: int, max_iters: int) -> float:
@@ -117,14 +125,19 @@ class LRSchedule:
 
 
 def _count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise ValueError(f"scheduler state: {name} must be a whole number >= 0, got {str(value)[:40]}")
     return value
 
 
 def _number(value, name: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-            positive and value <= 0):
-        raise ValueError(f"scheduler state: {name} must be a finite{' positive' if positive else ''} number, "
-                         f"got {str(value)[:40]}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or (positive and value <= 0)
+    ):
+        raise ValueError(
+            f"scheduler state: {name} must be a finite{' positive' if positive else ''} number, got {str(value)[:40]}"
+        )
     return float(value)
