@@ -19,6 +19,7 @@ Environment knobs:
   TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0a")
   MAX_JOBS               parallel compile jobs (honoured by torch's ninja builder)
 """
+
 import os
 import sys
 import sysconfig
@@ -56,6 +57,7 @@ else:
         forces a level (a build for another machine). fastlm._ext refuses a build whose level the CPU
         running it lacks."""
         import platform
+
         want2 = _env_flag("FASTLM_CPU_AVX2", "auto")
         want512 = _env_flag("FASTLM_CPU_AVX512", "auto")
         if want2 == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
@@ -66,13 +68,22 @@ else:
             return flags is not None and all(n in flags for n in names)
 
         if want512 == "1" or (want512 == "auto" and has(levels["AVX512"])):
-            return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                    "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+            return [
+                "-mavx512f",
+                "-mavx512bw",
+                "-mavx512vl",
+                "-mavx512dq",
+                "-mfma",
+                "-mf16c",
+                "-DCPU_CAPABILITY=AVX512",
+                "-DCPU_CAPABILITY_AVX512",
+            ]
         if want2 == "1" or has(levels["AVX2"]):
             return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
         return []
 
     import runpy
+
     BUILDINFO = runpy.run_path(os.path.join(ROOT, "fastlm", "ops", "_buildinfo.py"))  # not the package: no torch yet
 
     def _extensions():
@@ -84,7 +95,7 @@ else:
             import torch
             from torch.utils import cpp_extension
         except ImportError:
-            raise SystemExit(
+            raise SystemExit(  # noqa: B904 (a build error, not a traceback)
                 "fastlm: torch must be installed before building fastlm "
                 "(pip install torch), or set FASTLM_CPP=0 for a pure-Python install"
             )
@@ -97,9 +108,7 @@ else:
         else:
             build_cuda = want_cuda == "1"
             if build_cuda and not (has_cuda_torch and nvcc):
-                raise SystemExit(
-                    f"fastlm: FASTLM_CUDA=1 but torch has CUDA={has_cuda_torch}, nvcc found={nvcc}"
-                )
+                raise SystemExit(f"fastlm: FASTLM_CUDA=1 but torch has CUDA={has_cuda_torch}, nvcc found={nvcc}")
 
         # Few translation units: every .cpp costs ~1 minute on a 2-core machine.
         sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -117,14 +126,12 @@ else:
         if build_cuda:
             sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-            extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                             "--expt-relaxed-constexpr"]
+            extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
             define_macros.append(("FASTLM_WITH_CUDA", None))
             ext_cls = cpp_extension.CUDAExtension
         else:
             ext_cls = cpp_extension.CppExtension
-        print(f"fastlm: building fastlm._C (cuda={build_cuda}) from {len(sources)} sources",
-              file=sys.stderr)
+        print(f"fastlm: building fastlm._C (cuda={build_cuda}) from {len(sources)} sources", file=sys.stderr)
         # Every other file under csrc/ (headers; the CUDA sources of a CPU build) as depends: a rebuild
         # follows their changes, and setuptools puts them in the sdist, which then builds anywhere.
         depends = sorted(p for p in glob.glob("csrc/**/*", recursive=True) if os.path.isfile(p) and p not in sources)
@@ -143,8 +150,15 @@ else:
 
     setup(
         # listed one by one: kernels/ installs as fastlm.kernels, never as a top-level `kernels`
-        packages=["fastlm", "fastlm.files", "fastlm.io", "fastlm.ops", "fastlm.text", "fastlm.training",
-                  "fastlm.kernels"],
+        packages=[
+            "fastlm",
+            "fastlm.files",
+            "fastlm.io",
+            "fastlm.ops",
+            "fastlm.text",
+            "fastlm.training",
+            "fastlm.kernels",
+        ],
         package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
         package_data={"fastlm": ["data/*.txt"]},
         include_package_data=False,

@@ -23,6 +23,7 @@ Environment knobs
 ``FASTLM_BENCH_RESULTS``  results file (default ``benchmarks/results.jsonl``)
 ``FASTLM_BENCH_COMPILE``  0: skip the torch.compile baselines
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -39,19 +40,11 @@ from typing import Callable, Optional
 import pytest
 import torch
 
+from fastlm.training.mfu import CUDA_PEAK_TFLOPS, cpu_model
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 DEFAULT_RESULTS = BENCH_DIR / "results.jsonl"
-
-# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) for MFU; matched by substring of the device name.
-PEAK_BF16_TFLOPS = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-)
 
 _RUN_ID = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
 
@@ -109,10 +102,8 @@ def swiglu_bytes(numel: int, elem_size: int, pass_: str) -> float:
 
 
 def peak_bf16_tflops(device_name: str) -> Optional[float]:
-    for key, peak in PEAK_BF16_TFLOPS:
-        if key in device_name:
-            return peak
-    return None
+    """Dense bf16 peak of a GPU by name (:data:`fastlm.training.mfu.CUDA_PEAK_TFLOPS`), None if unknown."""
+    return next((peaks["bf16"] for key, peaks in CUDA_PEAK_TFLOPS if key in device_name), None)
 
 
 # ---- run metadata -------------------------------------------------------------------------------
@@ -124,22 +115,12 @@ def _git(*args) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 @functools.lru_cache(maxsize=None)
 def run_info() -> dict:
     """Fields shared by every row of this pytest session."""
     try:
         import triton
+
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 - not installed or broken: record that it is absent
         triton_version = None
@@ -151,7 +132,7 @@ def run_info() -> dict:
         device = name
         extra = {"capability": f"{cap[0]}.{cap[1]}"}
     else:
-        device = f"CPU {_cpu_name()}"
+        device = f"CPU {cpu_model()}"
         extra = {}
     return {
         "run_id": _RUN_ID,
@@ -207,9 +188,15 @@ class Bench:
         self.nodeid = nodeid
         self.min_s: Optional[float] = None
 
-    def time(self, fn: Callable[[], object], *, warmup: Optional[int] = None,
-             min_rounds: Optional[int] = None, max_rounds: Optional[int] = None,
-             budget_s: Optional[float] = None) -> Optional[float]:
+    def time(
+        self,
+        fn: Callable[[], object],
+        *,
+        warmup: Optional[int] = None,
+        min_rounds: Optional[int] = None,
+        max_rounds: Optional[int] = None,
+        budget_s: Optional[float] = None,
+    ) -> Optional[float]:
         """Median seconds per call of ``fn`` (None when pytest-benchmark is disabled)."""
         warmup = (3 if ON_GPU else 1) if warmup is None else warmup
         budget = _budget_s() if budget_s is None else budget_s
@@ -232,8 +219,7 @@ class Bench:
             if calls[0] % inner == 0:  # the last call of a round waits for the GPU
                 sync()
 
-        self.benchmark.pedantic(target, rounds=rounds, iterations=inner,
-                                warmup_rounds=1 if ON_GPU else 0)
+        self.benchmark.pedantic(target, rounds=rounds, iterations=inner, warmup_rounds=1 if ON_GPU else 0)
         sync()
         self.benchmark.extra_info.update({"rounds": rounds, "inner": inner})
         stats = self.benchmark.stats
@@ -242,18 +228,41 @@ class Bench:
         self.min_s = float(stats.stats.min)
         return float(stats.stats.median)
 
-    def record(self, *, suite: str, op: str, backend: str, median_s: Optional[float],
-               pass_: Optional[str] = None, dtype: Optional[str] = None, shape: Optional[dict] = None,
-               causal: Optional[bool] = None, variant: Optional[str] = None,
-               flops: Optional[float] = None, nbytes: Optional[float] = None,
-               tokens: Optional[float] = None, **extra) -> dict:
+    def record(
+        self,
+        *,
+        suite: str,
+        op: str,
+        backend: str,
+        median_s: Optional[float],
+        pass_: Optional[str] = None,
+        dtype: Optional[str] = None,
+        shape: Optional[dict] = None,
+        causal: Optional[bool] = None,
+        variant: Optional[str] = None,
+        flops: Optional[float] = None,
+        nbytes: Optional[float] = None,
+        tokens: Optional[float] = None,
+        **extra,
+    ) -> dict:
         """Fill ``benchmark.extra_info`` (ms, TFLOP/s, GB/s, tokens/s) and append the row when
         recording is on. ``extra`` lands in the row as is (e.g. resolved backend, peak memory)."""
         row = {
-            "suite": suite, "op": op, "pass": pass_, "backend": backend, "dtype": dtype,
-            "shape": shape or {}, "causal": causal, "variant": variant,
-            "ms": None, "stat": None, "median_ms": None, "min_ms": None,
-            "tflops": None, "gbps": None, "tokens_per_s": None,
+            "suite": suite,
+            "op": op,
+            "pass": pass_,
+            "backend": backend,
+            "dtype": dtype,
+            "shape": shape or {},
+            "causal": causal,
+            "variant": variant,
+            "ms": None,
+            "stat": None,
+            "median_ms": None,
+            "min_ms": None,
+            "tflops": None,
+            "gbps": None,
+            "tokens_per_s": None,
         }
         if median_s is not None and median_s > 0:
             # Headline time: the median on CUDA; on CPU the best round, because the CPU machines
@@ -261,8 +270,12 @@ class Bench:
             t, stat = median_s, "median"
             if not ON_GPU and self.min_s is not None and self.min_s > 0:
                 t, stat = self.min_s, "min"
-            row.update(ms=t * 1e3, stat=stat, median_ms=median_s * 1e3,
-                       min_ms=self.min_s * 1e3 if self.min_s is not None else None)
+            row.update(
+                ms=t * 1e3,
+                stat=stat,
+                median_ms=median_s * 1e3,
+                min_ms=self.min_s * 1e3 if self.min_s is not None else None,
+            )
             if flops is not None:
                 row["tflops"] = flops / t / 1e12
             if nbytes is not None:
@@ -273,9 +286,14 @@ class Bench:
         info = {k: v for k, v in row.items() if v is not None and k not in ("suite",)}
         self.benchmark.extra_info.update(info)
         if median_s is not None and record_enabled():
-            full = {**run_info(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    **row, "rounds": self.benchmark.extra_info.get("rounds"),
-                    "inner": self.benchmark.extra_info.get("inner"), "test": self.nodeid}
+            full = {
+                **run_info(),
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                **row,
+                "rounds": self.benchmark.extra_info.get("rounds"),
+                "inner": self.benchmark.extra_info.get("inner"),
+                "test": self.nodeid,
+            }
             append_row(full)
         return row
 

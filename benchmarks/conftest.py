@@ -7,6 +7,7 @@
 * With ``FASTLM_BENCH_RECORD=1`` (default on CUDA) every benchmark appends one JSON line to
   ``benchmarks/results.jsonl``; ``python -m benchmarks.report`` turns it into tables and plots.
 """
+
 from __future__ import annotations
 
 import gc
@@ -42,8 +43,10 @@ def pytest_ignore_collect(collection_path, config):
 def pytest_report_header(config):
     info = run_info()
     rec = f"recording to {results_path()}" if record_enabled() else "not recording (FASTLM_BENCH_RECORD=1 to record)"
-    return [f"fastlm benchmarks: device {info['device']} ({DEVICE.type}, {info['threads']} threads), "
-            f"grid {grid()}, commit {info['commit']}{' (dirty)' if info['dirty'] else ''}; {rec}"]
+    return [
+        f"fastlm benchmarks: device {info['device']} ({DEVICE.type}, {info['threads']} threads), "
+        f"grid {grid()}, commit {info['commit']}{' (dirty)' if info['dirty'] else ''}; {rec}"
+    ]
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ sm_90a and sm_80 into the git-ignored ``.gpu_prebuilt/`` at the repository root;
 that carries that folder loads it first (:func:`build_and_load`), and builds only when it is
 missing, fails to load, or was built from other sources (its name hashes them).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -43,8 +44,16 @@ HEADERS = (CSRC / "attention_common.h", CSRC / "cuda" / "kernels.h")
 BASE_ARCH = "sm_90a"  # H100/H200 with the arch-specific features
 PREBUILT_DIR = ROOT / ".gpu_prebuilt"  # git-ignored; carried to the GPU machine
 PREBUILT_ARCHS = (BASE_ARCH, "sm_80")  # sm_80's cubin also runs on sm_86/89
-NVCC_FLAGS = ("-Xcompiler", "-fPIC", "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
-              "-Xptxas", "-v")
+NVCC_FLAGS = (
+    "-Xcompiler",
+    "-fPIC",
+    "-std=c++17",
+    "-O3",
+    "--use_fast_math",
+    "--expt-relaxed-constexpr",
+    "-Xptxas",
+    "-v",
+)
 ATTN_HEAD_DIMS = (64, 128)
 MAX_SEQ_LEN = 65535 * 64  # kernels.h kMaxAttnSeqLen
 
@@ -78,8 +87,7 @@ def _library_name(archs: Sequence[str]) -> str:
     return f"libfastlm_direct-{digest.hexdigest()[:16]}.so"
 
 
-def build_library(build_dir, timeout_s: float, archs: Sequence[str] = (BASE_ARCH,),
-                  nvcc: Optional[str] = None) -> Path:
+def build_library(build_dir, timeout_s: float, archs: Sequence[str] = (BASE_ARCH,), nvcc: Optional[str] = None) -> Path:
     """Compiles the kernels into ``build_dir`` (reused when already built): each ``.cu`` to an
     object in parallel, then one link; returns the .so path, ptxas's report beside it."""
     nvcc = nvcc or find_nvcc()
@@ -94,8 +102,14 @@ def build_library(build_dir, timeout_s: float, archs: Sequence[str] = (BASE_ARCH
     with tempfile.TemporaryDirectory(dir=build_dir, prefix=".build-") as tmp:
         objects = [Path(tmp) / (src.stem + ".o") for src in SOURCES]
         gencodes = [gencode(a) for a in archs]
-        logs = _run_all([[nvcc, "-c", *NVCC_FLAGS, *gencodes, "-I", str(CSRC), str(src), "-o", str(obj)]
-                         for src, obj in zip(SOURCES, objects)], deadline, timeout_s)
+        logs = _run_all(
+            [
+                [nvcc, "-c", *NVCC_FLAGS, *gencodes, "-I", str(CSRC), str(src), "-o", str(obj)]
+                for src, obj in zip(SOURCES, objects)
+            ],
+            deadline,
+            timeout_s,
+        )
         partial = Path(tmp) / target.name
         _run_all([[nvcc, "-shared", *gencodes, *map(str, objects), "-o", str(partial)]], deadline, timeout_s)
         report = target.with_name(target.name + ".ptxas.txt")
@@ -106,8 +120,7 @@ def build_library(build_dir, timeout_s: float, archs: Sequence[str] = (BASE_ARCH
 
 def _run_all(commands, deadline: float, timeout_s: float) -> list:
     """Runs the commands in parallel; their stderr, or Unavailable when one fails or time runs out."""
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd in commands]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in commands]
     try:
         logs = [p.communicate(timeout=max(0.01, deadline - time.monotonic()))[0] for p in procs]
     except subprocess.TimeoutExpired:
@@ -145,8 +158,10 @@ def build_and_load(build_dir, timeout_s: float, prebuilt_dir=PREBUILT_DIR) -> "D
     prebuilt = prebuilt_library(prebuilt_dir)
     nvcc = find_nvcc()
     if prebuilt is None and nvcc is None:
-        raise Unavailable("nvcc not found (put it on PATH or set CUDA_HOME) and no prebuilt library "
-                          "(python -m benchmarks.cuda_direct --prebuild)")
+        raise Unavailable(
+            "nvcc not found (put it on PATH or set CUDA_HOME) and no prebuilt library "
+            "(python -m benchmarks.cuda_direct --prebuild)"
+        )
     import torch
 
     if not torch.cuda.is_available():
@@ -198,8 +213,9 @@ def _attn_strides(op, name, t):
         raise ValueError(f"{op}: {name} needs a contiguous last dim (stride {t.stride(3)})")
     strides = [0 if t.size(i) == 1 else t.stride(i) for i in range(3)]
     if any(s % 8 for s in strides) or t.data_ptr() % 16:
-        raise ValueError(f"{op}: {name} strides {tuple(t.stride())} must be multiples of 8 "
-                         "elements on a 16-byte aligned base")
+        raise ValueError(
+            f"{op}: {name} strides {tuple(t.stride())} must be multiples of 8 elements on a 16-byte aligned base"
+        )
     return strides
 
 
@@ -210,15 +226,18 @@ def check_attention(op, q, k, v, check_device=True):
     named = (("q", q), ("k", k), ("v", v))
     _check_tensors(op, named)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{op}: q, k, v must be 4-D (B, H, T, D), got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"{op}: q, k, v must be 4-D (B, H, T, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     code = _dtype_code(torch, op, q, (torch.float16, torch.bfloat16))
     (b, h, t_q, d), (b_k, h_kv, t_k, d_k) = q.shape, k.shape
     if k.shape != v.shape or b_k != b or d_k != d:
-        raise ValueError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must match each other "
-                         f"and q {tuple(q.shape)} in batch and head dim")
+        raise ValueError(
+            f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must match each other "
+            f"and q {tuple(q.shape)} in batch and head dim"
+        )
     if min(b, h, t_q, t_k, d) == 0 or h_kv == 0 or h % h_kv:
         raise ValueError(f"{op}: empty input or query heads ({h}) not a multiple of kv heads ({h_kv})")
     if d not in ATTN_HEAD_DIMS:
@@ -236,8 +255,10 @@ def _swiglu_pair(op, a, b, names):
 
     _check_tensors(op, ((names[0], a), (names[1], b)))
     if a.shape != b.shape or a.dtype != b.dtype:
-        raise ValueError(f"{op}: {names[0]} {tuple(a.shape)} {a.dtype} and {names[1]} "
-                         f"{tuple(b.shape)} {b.dtype} must have one shape and dtype")
+        raise ValueError(
+            f"{op}: {names[0]} {tuple(a.shape)} {a.dtype} and {names[1]} "
+            f"{tuple(b.shape)} {b.dtype} must have one shape and dtype"
+        )
     return _dtype_code(torch, op, a, (torch.float16, torch.bfloat16, torch.float32))
 
 
@@ -262,8 +283,24 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _SIGNATURES = {
     "fastlm_attention_fwd": [ctypes.c_int, _P, _P, _P, _P, _P, ctypes.c_int, ctypes.c_float, _P, _P, _P],
-    "fastlm_attention_bwd": [ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int,
-                             ctypes.c_float, _P, _P, _P, _P, _P],
+    "fastlm_attention_bwd": [
+        ctypes.c_int,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        ctypes.c_int,
+        ctypes.c_float,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+    ],
     "fastlm_swiglu_fwd": [ctypes.c_int, _P, _P, _P, _I64, _P],
     "fastlm_swiglu_bwd": [ctypes.c_int, _P, _P, _P, _P, _P, _I64, _P],
     "fastlm_swiglu_packed_fwd": [ctypes.c_int, _P, _I64, _I64, _I64, _P, _P],
@@ -308,9 +345,21 @@ class DirectLib:
         b, h, _, t_q, _, d = shape
         out = torch.empty((b, h, t_q, d), dtype=q.dtype, device=q.device)
         lse = torch.empty((b, h, t_q), dtype=torch.float32, device=q.device)
-        self._run("attention_fwd", "fastlm_attention_fwd", q.device, code, q.data_ptr(),
-                  k.data_ptr(), v.data_ptr(), (_I64 * 9)(*strides), (ctypes.c_int32 * 6)(*shape),
-                  int(bool(causal)), float(scale), out.data_ptr(), lse.data_ptr())
+        self._run(
+            "attention_fwd",
+            "fastlm_attention_fwd",
+            q.device,
+            code,
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            (_I64 * 9)(*strides),
+            (ctypes.c_int32 * 6)(*shape),
+            int(bool(causal)),
+            float(scale),
+            out.data_ptr(),
+            lse.data_ptr(),
+        )
         return out, lse
 
     def attention_bwd(self, dout, q, k, v, out, lse, causal: bool, scale: float):
@@ -322,13 +371,10 @@ class DirectLib:
         b, h, h_kv, t_q, t_k, d = shape
         for name, t in (("dout", dout), ("out", out)):
             if t.shape != q.shape or t.dtype != q.dtype:
-                raise ValueError(f"{op}: {name} {tuple(t.shape)} {t.dtype} must match q "
-                                 f"{tuple(q.shape)} {q.dtype}")
+                raise ValueError(f"{op}: {name} {tuple(t.shape)} {t.dtype} must match q {tuple(q.shape)} {q.dtype}")
         if tuple(lse.shape) != (b, h, t_q) or lse.dtype != torch.float32:
-            raise ValueError(f"{op}: lse must be float32 of shape {(b, h, t_q)}, got "
-                             f"{lse.dtype} {tuple(lse.shape)}")
-        _check_device(op, (("q", q), ("k", k), ("v", v), ("dout", dout), ("out", out),
-                           ("lse", lse)))
+            raise ValueError(f"{op}: lse must be float32 of shape {(b, h, t_q)}, got {lse.dtype} {tuple(lse.shape)}")
+        _check_device(op, (("q", q), ("k", k), ("v", v), ("dout", dout), ("out", out), ("lse", lse)))
         # dout feeds the tensor cores through 16-byte copies: contiguous on an aligned base
         dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
         if dout.data_ptr() % 16:
@@ -338,10 +384,26 @@ class DirectLib:
         dq = torch.empty((b, h, t_q, d), dtype=q.dtype, device=q.device)
         dk = torch.empty((b, h_kv, t_k, d), dtype=q.dtype, device=q.device)
         dv = torch.empty_like(dk)
-        self._run(op, "fastlm_attention_bwd", q.device, code, dout.data_ptr(), q.data_ptr(),
-                  k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                  (_I64 * 15)(*strides), (ctypes.c_int32 * 6)(*shape), int(bool(causal)),
-                  float(scale), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
+        self._run(
+            op,
+            "fastlm_attention_bwd",
+            q.device,
+            code,
+            dout.data_ptr(),
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            out.data_ptr(),
+            lse.data_ptr(),
+            (_I64 * 15)(*strides),
+            (ctypes.c_int32 * 6)(*shape),
+            int(bool(causal)),
+            float(scale),
+            delta.data_ptr(),
+            dq.data_ptr(),
+            dk.data_ptr(),
+            dv.data_ptr(),
+        )
         return dq, dk, dv
 
     def swiglu_fwd(self, gate, up):
@@ -349,8 +411,16 @@ class DirectLib:
         _check_device("swiglu_fwd", (("gate", gate), ("up", up)))
         gate, up = gate.contiguous(), up.contiguous()
         out = gate.new_empty(gate.shape)
-        self._run("swiglu_fwd", "fastlm_swiglu_fwd", gate.device, code, gate.data_ptr(),
-                  up.data_ptr(), out.data_ptr(), gate.numel())
+        self._run(
+            "swiglu_fwd",
+            "fastlm_swiglu_fwd",
+            gate.device,
+            code,
+            gate.data_ptr(),
+            up.data_ptr(),
+            out.data_ptr(),
+            gate.numel(),
+        )
         return out
 
     def swiglu_bwd(self, dy, gate, up):
@@ -360,16 +430,35 @@ class DirectLib:
         _check_device(op, (("dy", dy), ("gate", gate), ("up", up)))
         dy, gate, up = dy.contiguous(), gate.contiguous(), up.contiguous()
         dg, du = gate.new_empty(gate.shape), up.new_empty(up.shape)
-        self._run(op, "fastlm_swiglu_bwd", gate.device, code, dy.data_ptr(), gate.data_ptr(),
-                  up.data_ptr(), dg.data_ptr(), du.data_ptr(), gate.numel())
+        self._run(
+            op,
+            "fastlm_swiglu_bwd",
+            gate.device,
+            code,
+            dy.data_ptr(),
+            gate.data_ptr(),
+            up.data_ptr(),
+            dg.data_ptr(),
+            du.data_ptr(),
+            gate.numel(),
+        )
         return dg, du
 
     def swiglu_packed_fwd(self, x):
         code, x2 = check_packed("swiglu_packed_fwd", x)
         hidden = x.shape[-1] // 2
         out = x.new_empty((*x.shape[:-1], hidden))
-        self._run("swiglu_packed_fwd", "fastlm_swiglu_packed_fwd", x.device, code, x2.data_ptr(),
-                  x2.shape[0], hidden, x2.stride(0), out.data_ptr())
+        self._run(
+            "swiglu_packed_fwd",
+            "fastlm_swiglu_packed_fwd",
+            x.device,
+            code,
+            x2.data_ptr(),
+            x2.shape[0],
+            hidden,
+            x2.stride(0),
+            out.data_ptr(),
+        )
         return out
 
     def swiglu_packed_bwd(self, dy, x):
@@ -378,21 +467,37 @@ class DirectLib:
         hidden = x.shape[-1] // 2
         _check_tensors(op, (("dy", dy),))
         if tuple(dy.shape) != (*x.shape[:-1], hidden) or dy.dtype != x.dtype:
-            raise ValueError(f"{op}: dy must be {x.dtype} of shape {(*x.shape[:-1], hidden)}, "
-                             f"got {dy.dtype} {tuple(dy.shape)}")
+            raise ValueError(
+                f"{op}: dy must be {x.dtype} of shape {(*x.shape[:-1], hidden)}, got {dy.dtype} {tuple(dy.shape)}"
+            )
         _check_device(op, (("x", x), ("dy", dy)))
         dy = dy.contiguous()
         dx = x.new_empty(x.shape)
-        self._run(op, "fastlm_swiglu_packed_bwd", x.device, code, dy.data_ptr(), x2.data_ptr(),
-                  x2.shape[0], hidden, x2.stride(0), dx.data_ptr())
+        self._run(
+            op,
+            "fastlm_swiglu_packed_bwd",
+            x.device,
+            code,
+            dy.data_ptr(),
+            x2.data_ptr(),
+            x2.shape[0],
+            hidden,
+            x2.stride(0),
+            dx.data_ptr(),
+        )
         return dx
 
 
 def main(argv=None) -> int:
     import argparse
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.cuda_direct", description=__doc__.splitlines()[0])
-    p.add_argument("--prebuild", action="store_true", required=True,
-                   help=f"build for {', '.join(PREBUILT_ARCHS)} into {PREBUILT_DIR}")
+    p.add_argument(
+        "--prebuild",
+        action="store_true",
+        required=True,
+        help=f"build for {', '.join(PREBUILT_ARCHS)} into {PREBUILT_DIR}",
+    )
     p.add_argument("--timeout-s", type=float, default=1800.0)
     args = p.parse_args(argv)
     start = time.monotonic()
@@ -401,8 +506,10 @@ def main(argv=None) -> int:
     except Unavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB, {time.monotonic() - start:.0f} s); ptxas report "
-          f"{path.name}.ptxas.txt")
+    print(
+        f"{path} ({path.stat().st_size / 2**20:.1f} MiB, {time.monotonic() - start:.0f} s); ptxas report "
+        f"{path.name}.ptxas.txt"
+    )
     return 0
 
 

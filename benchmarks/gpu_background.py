@@ -8,6 +8,7 @@
   that the test step's ``backend="cuda"`` parity tests run on a checkout with no install. The test
   step waits for it a bounded time, then kills it and goes on without.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,6 +35,7 @@ def start_cuda_lib(run, gpu: bool) -> None:
 
 def _load_cuda_lib(run) -> None:
     from benchmarks import cuda_direct
+
     start = time.monotonic()
     try:
         lib = cuda_direct.build_and_load(str(run.out / "cuda_build"), 240)
@@ -72,14 +74,22 @@ def start_extension_build(run, arch, command=None) -> None:
         run.facts["ext_build"] = {"status": "skipped", "reason": "dry run / no CUDA device"}
         return
     if run.budget_s < EXT_MIN_BUDGET_S:
-        run.facts["ext_build"] = {"status": "skipped",
-                                  "reason": f"budget {run.budget_s:.0f} s < {EXT_MIN_BUDGET_S:.0f} s"}
+        run.facts["ext_build"] = {
+            "status": "skipped",
+            "reason": f"budget {run.budget_s:.0f} s < {EXT_MIN_BUDGET_S:.0f} s",
+        }
         return
     temp = tempfile.mkdtemp(prefix="fastlm_ext_")
     log = open(run.out / "ext_build.log", "w")
-    proc = subprocess.Popen(command or extension_command(temp), cwd=REPO, env=extension_env(arch),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=lambda: os.nice(5))
+    proc = subprocess.Popen(
+        command or extension_command(temp),
+        cwd=REPO,
+        env=extension_env(arch),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: os.nice(5),
+    )
     run.facts["ext_build"] = {"status": "running", "proc": proc, "log": log, "t0": time.monotonic(), "arch": arch}
 
 

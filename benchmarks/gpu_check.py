@@ -50,6 +50,7 @@ quantiles), compilation before the timed region. FLOPs: FlashAttention's count. 
 ``--dry-run`` runs every step on CPU at tiny shapes (Triton interpreter; CUDA steps recorded as
 skipped with the reason): the CI test of this script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,11 +64,33 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("env", "correct", "headline", "fwdbwd", "sweep", "cuda_attn", "swiglu", "train_step", "configs",
-         "resources", "pytest_gpu")
+STEPS = (
+    "env",
+    "correct",
+    "headline",
+    "fwdbwd",
+    "sweep",
+    "cuda_attn",
+    "swiglu",
+    "train_step",
+    "configs",
+    "resources",
+    "pytest_gpu",
+)
 # share of the budget each step may use at most (the rest carries over to later steps)
-STEP_SHARE = {"env": 0.05, "correct": 0.2, "headline": 0.15, "fwdbwd": 0.05, "sweep": 0.15, "cuda_attn": 0.05,
-              "swiglu": 0.05, "train_step": 0.1, "configs": 0.1, "resources": 0.15, "pytest_gpu": 1.0}
+STEP_SHARE = {
+    "env": 0.05,
+    "correct": 0.2,
+    "headline": 0.15,
+    "fwdbwd": 0.05,
+    "sweep": 0.15,
+    "cuda_attn": 0.05,
+    "swiglu": 0.05,
+    "train_step": 0.1,
+    "configs": 0.1,
+    "resources": 0.15,
+    "pytest_gpu": 1.0,
+}
 SUMMARY_LINES = 40
 
 
@@ -95,15 +118,25 @@ class Run:
 
     def row(self, name: str, **fields) -> dict:
         """Append one result row (flushed and fsynced now)."""
-        row = {"run": self.run_id, "step": self.step, "name": name, "t_s": round(time.monotonic() - self.t0, 2),
-               "dry_run": self.dry, "device": self.facts.get("device"), "commit": self.facts.get("commit")}
+        row = {
+            "run": self.run_id,
+            "step": self.step,
+            "name": name,
+            "t_s": round(time.monotonic() - self.t0, 2),
+            "dry_run": self.dry,
+            "device": self.facts.get("device"),
+            "commit": self.facts.get("commit"),
+        }
         row.update(fields)
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        print(f"[{row['t_s']:7.1f}s] {self.step}/{name}: "
-              + ", ".join(f"{k}={v}" for k, v in fields.items() if k not in ("traceback",))[:300], flush=True)
+        print(
+            f"[{row['t_s']:7.1f}s] {self.step}/{name}: "
+            + ", ".join(f"{k}={v}" for k, v in fields.items() if k not in ("traceback",))[:300],
+            flush=True,
+        )
         return row
 
     def skip(self, name: str, reason: str) -> dict:
@@ -136,8 +169,7 @@ def run_step(run: Run, name: str, fn) -> None:
         status, reason = "error", f"{type(e).__name__}: {e}".splitlines()[0][:500]
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    run.row("step", status=status, reason=reason, elapsed_s=round(time.monotonic() - start, 2),
-            limit_s=round(limit, 1))
+    run.row("step", status=status, reason=reason, elapsed_s=round(time.monotonic() - start, 2), limit_s=round(limit, 1))
 
 
 # ---- facts ---------------------------------------------------------------------------------------
@@ -146,8 +178,9 @@ def source_commit() -> str:
     if os.environ.get("FASTLM_COMMIT", "").strip():
         return os.environ["FASTLM_COMMIT"].strip()
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=REPO).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, cwd=REPO
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         out = ""
     if out:
@@ -176,6 +209,7 @@ def _import_triton_compiled() -> None:
 
 def _cuda_arch():
     import torch
+
     if not torch.cuda.is_available():
         return None
     major, minor = torch.cuda.get_device_capability()
@@ -189,6 +223,7 @@ def start(run: Run, steps) -> None:
     import torch
 
     from benchmarks import gpu_background
+
     gpu = torch.cuda.is_available() and not run.dry
     run.facts["device"] = torch.cuda.get_device_name(0) if gpu else f"cpu ({platform.machine()})"
     run.facts["commit"] = source_commit()
@@ -202,9 +237,13 @@ def step_pytest_gpu(run: Run, deadline: float) -> None:
     in the rest (dry run: the SwiGLU parity tests in the interpreter, and the collection of
     ``-m gpu``)."""
     from benchmarks import gpu_background, gpu_pytest
+
     run.row("ext_build", **gpu_background.finish_extension_build(run, 0.4 * (deadline - time.monotonic())))
-    env = dict(os.environ, FASTLM_TRITON_CONFIGS="pinned", PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = dict(
+        os.environ,
+        FASTLM_TRITON_CONFIGS="pinned",
+        PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+    )
     env.pop("TRITON_INTERPRET", None)
     limit = deadline - time.monotonic() - 5
     if run.dry:
@@ -221,16 +260,21 @@ def step_pytest_gpu(run: Run, deadline: float) -> None:
 # ---- the summary -----------------------------------------------------------------------------------
 def summary_lines(rows: list) -> list:
     """At most SUMMARY_LINES lines: per step its status and counts, the headline numbers, what failed."""
-    lines = [f"gpu_check {rows[0].get('run') if rows else ''}: {rows[0].get('device') if rows else ''}, "
-             f"commit {rows[0].get('commit') if rows else ''}"]
+    lines = [
+        f"gpu_check {rows[0].get('run') if rows else ''}: {rows[0].get('device') if rows else ''}, "
+        f"commit {rows[0].get('commit') if rows else ''}"
+    ]
     for step in STEPS:
         mine = [r for r in rows if r.get("step") == step and r.get("name") != "step"]
         end = next((r for r in rows if r.get("step") == step and r.get("name") == "step"), None)
         if not mine and end is None:
             continue
         counts = {s: sum(r.get("status") == s for r in mine) for s in ("ok", "fail", "error", "skipped")}
-        lines.append(f"{step:11s} {end.get('status') if end else 'cut':8s} " +
-                     " ".join(f"{k}={v}" for k, v in counts.items() if v) + _best(step, mine))
+        lines.append(
+            f"{step:11s} {end.get('status') if end else 'cut':8s} "
+            + " ".join(f"{k}={v}" for k, v in counts.items() if v)
+            + _best(step, mine)
+        )
     bad = [r for r in rows if r.get("status") in ("fail", "error", "timeout") and r.get("name") != "step"]
     room = SUMMARY_LINES - len(lines) - 1
     lines += [f"  {r['status'].upper()} {r['step']}/{r['name']}: {_why(r)}"[:160] for r in bad[:room]]
@@ -266,8 +310,10 @@ def _best(step: str, rows: list) -> str:
 def finish(run: Run, args) -> None:
     rows = [json.loads(line) for line in run.path.read_text().splitlines()]
     lines = summary_lines(rows)
-    rerun = (f"rerun: FASTLM_COMMIT=<commit> python3 -m benchmarks.gpu_check --out \"$OUT\" --budget-s "
-             f"{args.budget_s:.0f} --steps <the steps above that failed>")
+    rerun = (
+        f'rerun: FASTLM_COMMIT=<commit> python3 -m benchmarks.gpu_check --out "$OUT" --budget-s '
+        f"{args.budget_s:.0f} --steps <the steps above that failed>"
+    )
     (run.out / "summary.txt").write_text("\n".join(lines + [rerun]) + "\n")
     print("\n".join(["=" * 60] + lines + [rerun]), flush=True)
 
@@ -282,8 +328,12 @@ def main(argv=None) -> int:
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [s for s in steps if s not in STEPS]
     if unknown or args.budget_s <= 0:
-        print(f"error: unknown step(s) {', '.join(unknown)} (choose from {', '.join(STEPS)})" if unknown
-              else f"error: --budget-s must be positive, got {args.budget_s}", file=sys.stderr)
+        print(
+            f"error: unknown step(s) {', '.join(unknown)} (choose from {', '.join(STEPS)})"
+            if unknown
+            else f"error: --budget-s must be positive, got {args.budget_s}",
+            file=sys.stderr,
+        )
         return 2
     if not args.dry_run and not _cuda_visible():
         print("error: no CUDA device visible; run with --dry-run to check the steps on CPU", file=sys.stderr)
@@ -297,6 +347,7 @@ def main(argv=None) -> int:
     import fastlm  # noqa: F401  (no install on the GPU image: this maps the tree's kernels/ to fastlm.kernels)
     from benchmarks import gpu_steps
     from benchmarks.gpu_background import finish_extension_build
+
     run = Run(args.out, args.budget_s, args.dry_run)
     start(run, steps)
     for name in STEPS:
@@ -312,6 +363,7 @@ def main(argv=None) -> int:
 
 def _cuda_visible() -> bool:
     import torch
+
     return torch.cuda.is_available()
 
 

@@ -7,6 +7,7 @@ plugin's own per-test limit), and its output streamed to a log file. When the st
 the whole group is killed; the counts then come from the streamed lines, so a run killed in the
 middle of a test still reports every test that finished.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,9 +27,20 @@ OUTCOMES = ("passed", "failed", "skipped", "error")
 
 def pytest_command(out: Path, targets, select: str, test_timeout_s: float, workers: int) -> list:
     """The pytest command line (files under ``out``: pytest_stream.jsonl, pytest_junit.xml)."""
-    cmd = [sys.executable, "-m", "pytest", *targets, "-v", "-rfE", "-p", "no:cacheprovider",
-           "-p", "benchmarks.pytest_stream", f"--stream-out={out / 'pytest_stream.jsonl'}",
-           f"--junitxml={out / 'pytest_junit.xml'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *targets,
+        "-v",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "benchmarks.pytest_stream",
+        f"--stream-out={out / 'pytest_stream.jsonl'}",
+        f"--junitxml={out / 'pytest_junit.xml'}",
+    ]
     if select:
         cmd += ["-m", select]
     if importlib.util.find_spec("pytest_timeout") is not None:
@@ -71,8 +83,15 @@ def counts_from_junit(path: Path):
     return counts
 
 
-def run_pytest(out: Path, limit_s: float, targets=("tests",), select: str = "gpu", env=None,
-               test_timeout_s: float = 120.0, workers: int = 1) -> dict:
+def run_pytest(
+    out: Path,
+    limit_s: float,
+    targets=("tests",),
+    select: str = "gpu",
+    env=None,
+    test_timeout_s: float = 120.0,
+    workers: int = 1,
+) -> dict:
     """Runs pytest for at most ``limit_s`` seconds; returns the step's row fields (status ok / fail
     / timeout, the counts, where they came from, the log)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -81,8 +100,14 @@ def run_pytest(out: Path, limit_s: float, targets=("tests",), select: str = "gpu
     log = out / "pytest_gpu.log"
     start = time.monotonic()
     with open(log, "w") as f:
-        proc = subprocess.Popen(pytest_command(out, targets, select, test_timeout_s, workers), cwd=REPO,
-                                env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            pytest_command(out, targets, select, test_timeout_s, workers),
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(timeout=max(1.0, limit_s))
         except subprocess.TimeoutExpired:
@@ -97,9 +122,16 @@ def run_pytest(out: Path, limit_s: float, targets=("tests",), select: str = "gpu
         status = "timeout"
     else:
         status = "ok" if rc == 0 and sum(counts.values()) > 0 else "fail"
-    return {"status": status, "rc": rc, "counts_from": "junit" if junit is not None else "stream",
-            **counts, "elapsed_s": round(time.monotonic() - start, 1), "limit_s": round(limit_s, 1),
-            "log": log.name, "tail": _tail(log)}
+    return {
+        "status": status,
+        "rc": rc,
+        "counts_from": "junit" if junit is not None else "stream",
+        **counts,
+        "elapsed_s": round(time.monotonic() - start, 1),
+        "limit_s": round(limit_s, 1),
+        "log": log.name,
+        "tail": _tail(log),
+    }
 
 
 def _tail(log: Path) -> str:

@@ -10,6 +10,7 @@ survive a kill, the GPU-critical tests first, a per-test time limit.
 * ``--stream-test-timeout S``: fail a test that runs longer than S seconds (SIGALRM in the main
   thread) when pytest-timeout is not installed; with it, pass ``--timeout`` instead.
 """
+
 import json
 import signal
 import time
@@ -35,8 +36,12 @@ def rank(item) -> int:
 def pytest_addoption(parser):
     group = parser.getgroup("stream", "streamed results (benchmarks.pytest_stream)")
     group.addoption("--stream-out", default=None, help="append one JSON line per test outcome here")
-    group.addoption("--stream-test-timeout", type=float, default=0.0,
-                    help="per-test time limit in seconds (SIGALRM) when pytest-timeout is absent")
+    group.addoption(
+        "--stream-test-timeout",
+        type=float,
+        default=0.0,
+        help="per-test time limit in seconds (SIGALRM) when pytest-timeout is absent",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -76,8 +81,13 @@ def pytest_runtest_logreport(report):
         return
     if report.when != "call" and report.passed:
         return  # setup / teardown that went fine: the call's line says it
-    row = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
-           "duration_s": round(report.duration, 3), "t": round(time.time(), 3)}
+    row = {
+        "nodeid": report.nodeid,
+        "when": report.when,
+        "outcome": report.outcome,
+        "duration_s": round(report.duration, 3),
+        "t": round(time.time(), 3),
+    }
     if not report.passed:
         text = report.longreprtext.strip().splitlines()
         row["reason"] = text[-1][:300] if text else ""

@@ -6,9 +6,11 @@ Rows are grouped per device and git commit. For each device the newest commit's 
 (``--all-commits``: every group, newest first); inside a group each benchmark keeps its newest row,
 so a partial rerun replaces only what it measured. Tables: attention TFLOP/s per backend and shape
 with the speed-up over SDPA's default dispatch, SwiGLU GB/s vs eager, the model's training tokens/s
-(and MFU, peak memory on CUDA), generation tokens/s cached vs uncached. Plots: attention TFLOP/s vs
-sequence length, one PNG per (device, dtype, head dim, causal), a panel per pass.
+(and MFU, peak memory on CUDA), generation tokens/s cached vs uncached, and the CPU speedrun's
+recipes (``benchmarks.speedrun`` rows of every commit: loss mean ± std over seeds, wall, MFU).
+Plots: attention TFLOP/s vs sequence length, one PNG per (device, dtype, head dim, causal), a panel per pass.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +23,19 @@ from typing import Iterable, Optional
 
 BENCH_DIR = Path(__file__).resolve().parent
 PASS_ORDER = ("fwd+bwd", "fwd", "bwd")
-ATTN_BACKEND_ORDER = ("auto", "triton", "cuda", "cpp", "torch", "reference",
-                      "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
+ATTN_BACKEND_ORDER = (
+    "auto",
+    "triton",
+    "cuda",
+    "cpp",
+    "torch",
+    "reference",
+    "sdpa",
+    "sdpa-flash",
+    "sdpa-efficient",
+    "sdpa-cudnn",
+    "sdpa-math",
+)
 SWIGLU_BACKEND_ORDER = ("auto", "triton", "cuda", "cpp", "torch", "reference", "eager", "compile")
 
 
@@ -55,8 +68,16 @@ def ms(row: dict) -> Optional[float]:
 
 
 def bench_key(row: dict) -> tuple:
-    return (row.get("suite"), row.get("op"), row.get("pass"), row.get("backend"), row.get("dtype"),
-            json.dumps(row.get("shape") or {}, sort_keys=True), row.get("causal"), row.get("variant"))
+    return (
+        row.get("suite"),
+        row.get("op"),
+        row.get("pass"),
+        row.get("backend"),
+        row.get("dtype"),
+        json.dumps(row.get("shape") or {}, sort_keys=True),
+        row.get("causal"),
+        row.get("variant"),
+    )
 
 
 def _stamp(row: dict) -> tuple:
@@ -82,7 +103,7 @@ def select(rows: Iterable[dict], device: Optional[str] = None, all_commits: bool
     out = []
     for dev in sorted(by_device):
         ordered = sorted(by_device[dev], key=lambda t: t[0], reverse=True)
-        for _, commit, grp in (ordered if all_commits else ordered[:1]):
+        for _, commit, grp in ordered if all_commits else ordered[:1]:
             out.append((dev, commit, grp))
     return out
 
@@ -122,8 +143,7 @@ def attn_shape_label(row: dict) -> str:
 
 def _attn_sort_key(row: dict):
     s = row.get("shape") or {}
-    return (row.get("variant") != "dense", s.get("D", 0), not row.get("causal"), s.get("T_q", 0),
-            s.get("H_kv", 0))
+    return (row.get("variant") != "dense", s.get("D", 0), not row.get("causal"), s.get("T_q", 0), s.get("H_kv", 0))
 
 
 def _backend_label(row: dict) -> str:
@@ -156,12 +176,16 @@ def attention_section(rows: list, details: bool = True, columns: Optional[tuple]
     if not attn:
         return []
     unit, scale = _flops_unit(attn)
-    out = ["### Attention", "",
-           f"{unit} by FlashAttention's count (forward 4·B·H·T²·D, halved when causal; backward 2.5x "
-           "forward). `sdpa` is `F.scaled_dot_product_attention`'s own dispatch, `sdpa-*` one kernel "
-           "named with `torch.nn.attention.sdpa_kernel`; `auto`, `torch`, `reference`, `triton`, `cuda`, "
-           "`cpp` are `fastlm.ops.attention` backends. Speed-up = `sdpa` time / backend time (same "
-           "shape and pass); \"best kernel\" is the fastest of fastlm's own kernels (triton, cuda, cpp).", ""]
+    out = [
+        "### Attention",
+        "",
+        f"{unit} by FlashAttention's count (forward 4·B·H·T²·D, halved when causal; backward 2.5x "
+        "forward). `sdpa` is `F.scaled_dot_product_attention`'s own dispatch, `sdpa-*` one kernel "
+        "named with `torch.nn.attention.sdpa_kernel`; `auto`, `torch`, `reference`, `triton`, `cuda`, "
+        "`cpp` are `fastlm.ops.attention` backends. Speed-up = `sdpa` time / backend time (same "
+        'shape and pass); "best kernel" is the fastest of fastlm\'s own kernels (triton, cuda, cpp).',
+        "",
+    ]
     for dtype in sorted({r.get("dtype") for r in attn}):
         for pass_ in _order({r.get("pass") for r in attn if r.get("dtype") == dtype}, PASS_ORDER):
             sel = [r for r in attn if r.get("dtype") == dtype and r.get("pass") == pass_]
@@ -190,11 +214,17 @@ def attention_section(rows: list, details: bool = True, columns: Optional[tuple]
                     for b in backends:
                         if b in by_backend:
                             r = by_backend[b]
-                            long_rows.append([label, _backend_label(r), fmt(ms(r)),
-                                              fmt(r["tflops"] * scale), _speedup(sdpa, r)])
-                out += [f"<details><summary>{pass_}, {dtype}: ms per backend</summary>", "",
-                        table(["shape", "backend", "ms", unit, "speed-up vs sdpa"], long_rows), "",
-                        "</details>", ""]
+                            long_rows.append(
+                                [label, _backend_label(r), fmt(ms(r)), fmt(r["tflops"] * scale), _speedup(sdpa, r)]
+                            )
+                out += [
+                    f"<details><summary>{pass_}, {dtype}: ms per backend</summary>",
+                    "",
+                    table(["shape", "backend", "ms", unit, "speed-up vs sdpa"], long_rows),
+                    "",
+                    "</details>",
+                    "",
+                ]
     return out
 
 
@@ -202,20 +232,27 @@ def swiglu_section(rows: list) -> list:
     sw = [r for r in rows if r.get("suite") == "swiglu" and ms(r)]
     if not sw:
         return []
-    out = ["### SwiGLU", "",
-           "GB/s = bytes a fused kernel must move (forward: read gate, up, write out; backward: read "
-           "gate, up, dout, write dgate, dup) / time. `eager` is `F.silu(g) * u`, `compile` its "
-           "`torch.compile`. `packed` rows are `swiglu_packed` on one `[rows, 2·cols]` tensor "
-           "(the model's layout; eager = `chunk` + `F.silu(g) * u`).", ""]
+    out = [
+        "### SwiGLU",
+        "",
+        "GB/s = bytes a fused kernel must move (forward: read gate, up, write out; backward: read "
+        "gate, up, dout, write dgate, dup) / time. `eager` is `F.silu(g) * u`, `compile` its "
+        "`torch.compile`. `packed` rows are `swiglu_packed` on one `[rows, 2·cols]` tensor "
+        "(the model's layout; eager = `chunk` + `F.silu(g) * u`).",
+        "",
+    ]
     body = []
     groups = defaultdict(dict)
     for r in sw:
         s = r.get("shape") or {}
         op = r.get("op") or "swiglu"
-        label = (f"packed {s.get('rows')}x2·{s.get('cols')}" if op == "swiglu_packed"
-                 else f"{s.get('rows')}x{s.get('cols')}")
+        label = (
+            f"packed {s.get('rows')}x2·{s.get('cols')}" if op == "swiglu_packed" else f"{s.get('rows')}x{s.get('cols')}"
+        )
         groups[(label, r.get("dtype"), r.get("pass"))][r["backend"]] = r
-    for (shape, dtype, pass_), by_backend in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], PASS_ORDER.index(kv[0][2]) if kv[0][2] in PASS_ORDER else 9)):
+    for (shape, dtype, pass_), by_backend in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], PASS_ORDER.index(kv[0][2]) if kv[0][2] in PASS_ORDER else 9)
+    ):
         eager = by_backend.get("eager")
         for b in _order(by_backend, SWIGLU_BACKEND_ORDER):
             r = by_backend[b]
@@ -229,9 +266,14 @@ def model_section(rows: list) -> list:
     md = [r for r in rows if r.get("suite") == "model" and ms(r) and str(r.get("op")).startswith("train_step-")]
     if not md:
         return []
-    out = ["### Model training step", "",
-           "One optimizer step (forward, backward, AdamW). MFU = (6·N·tokens + attention FLOPs) / time / "
-           "dense bf16 peak (CUDA only). `torch` = SDPA + eager MLP.", ""]
+    out = [
+        "### Model training step",
+        "",
+        "One optimizer step (forward, backward, AdamW). MFU = model FLOPs (6N + 12·L·H·D·T per token) x "
+        "tokens / time / peak (CUDA: dense bf16; CPU: threads x one-thread fp32 GEMM rate). "
+        "`torch` = SDPA + eager MLP.",
+        "",
+    ]
     body = []
     groups = defaultdict(dict)
     for r in md:
@@ -241,57 +283,115 @@ def model_section(rows: list) -> list:
         for b in _order(by_backend, ("auto", "torch", "reference")):
             r = by_backend[b]
             s = r.get("shape") or {}
-            cfg = f"{op.replace('train_step-', '')} ({s.get('n_layer')}x{s.get('n_embd')}, T{s.get('block')}, B{s.get('batch')})"
+            shape = f"{s.get('n_layer')}x{s.get('n_embd')}, T{s.get('block')}, B{s.get('batch')}"
+            cfg = f"{op.replace('train_step-', '')} ({shape})"
             sp = f"{ms(base) / ms(r):.2f}x" if base else "n/a"
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
             mem = fmt(r.get("peak_mem_mb")) if r.get("peak_mem_mb") is not None else "n/a"
-            body.append([cfg, mlp, dtype, _backend_label(r), fmt(ms(r)), fmt(r.get("tokens_per_s")),
-                         mfu, mem, sp])
-    return out + [table(["config", "mlp", "dtype", "backend", "ms/step", "tokens/s", "MFU", "peak MiB",
-                         "vs torch"], body), ""]
+            body.append([cfg, mlp, dtype, _backend_label(r), fmt(ms(r)), fmt(r.get("tokens_per_s")), mfu, mem, sp])
+    return out + [
+        table(["config", "mlp", "dtype", "backend", "ms/step", "tokens/s", "MFU", "peak MiB", "vs torch"], body),
+        "",
+    ]
 
 
 def optimizer_section(rows: list) -> list:
     """``optimizer.step()`` alone and its share of the training step it belongs to (one row each)."""
-    rs = [r for r in rows if r.get("suite") == "model" and str(r.get("op")).startswith("optimizer_step-")
-          and r.get("step_fraction") is not None]
+    rs = [
+        r
+        for r in rows
+        if r.get("suite") == "model"
+        and str(r.get("op")).startswith("optimizer_step-")
+        and r.get("step_fraction") is not None
+    ]
     if not rs:
         return []
-    out = ["### Optimizer step", "",
-           "`optimizer.step()` alone on the default model's gradients (best and median of its rounds) and "
-           "the whole training step with that optimizer, timed right after in the same test; share = "
-           "step / training step (the best round of each on CPU). `muon` is the step as training runs it, "
-           "`muon-pytorch` the same optimizer forced to its PyTorch form (`fused=False`).", ""]
+    out = [
+        "### Optimizer step",
+        "",
+        "`optimizer.step()` alone on the default model's gradients (best and median of its rounds) and "
+        "the whole training step with that optimizer, timed right after in the same test; share = "
+        "step / training step (the best round of each on CPU). `muon` is the step as training runs it, "
+        "`muon-pytorch` the same optimizer forced to its PyTorch form (`fused=False`).",
+        "",
+    ]
     body = []
     for r in rs:
         s = r.get("shape") or {}
         cfg = f"{r['op'].replace('optimizer_step-', '')} ({s.get('n_layer')}x{s.get('n_embd')})"
-        body.append([cfg, r.get("variant"), fmt(r.get("min_ms")), fmt(r.get("median_ms")),
-                     fmt(r.get("train_step_ms")), f"{100 * r['step_fraction']:.1f}%"])
-    return out + [table(["config", "optimizer", "step ms (best)", "step ms (median)", "training step ms",
-                         "share"], body), ""]
+        body.append(
+            [
+                cfg,
+                r.get("variant"),
+                fmt(r.get("min_ms")),
+                fmt(r.get("median_ms")),
+                fmt(r.get("train_step_ms")),
+                f"{100 * r['step_fraction']:.1f}%",
+            ]
+        )
+    return out + [
+        table(["config", "optimizer", "step ms (best)", "step ms (median)", "training step ms", "share"], body),
+        "",
+    ]
 
 
 def default_step_section(rows: list) -> list:
     """The default training step, fastlm vs plain PyTorch, timed in alternating rounds (one row each)."""
-    ds = [r for r in rows if r.get("suite") == "model" and str(r.get("op")).startswith("default_step-")
-          and r.get("speedup_median") is not None]
+    ds = [
+        r
+        for r in rows
+        if r.get("suite") == "model"
+        and str(r.get("op")).startswith("default_step-")
+        and r.get("speedup_median") is not None
+    ]
     if not ds:
         return []
-    out = ["### Default training step vs plain PyTorch", "",
-           "The whole step (forward, backward, optimizer) as `python -m fastlm.train` runs it: fastlm kernels "
-           "(`auto`) and fastlm's optimizer, against the same model and optimizer on SDPA + eager MLP + "
-           "torch.optim (`torch.optim.Muon` + AdamW for `muon`). Both timed in alternating rounds in one "
-           "test; speed-up = plain / fastlm.", ""]
+    out = [
+        "### Default training step vs plain PyTorch",
+        "",
+        "The whole step (forward, backward, optimizer) as `python -m fastlm.train` runs it: fastlm kernels "
+        "(`auto`) and fastlm's optimizer, against the same model and optimizer on SDPA + eager MLP + "
+        "torch.optim (`torch.optim.Muon` + AdamW for `muon`). Both timed in alternating rounds in one "
+        "test; speed-up = plain / fastlm; MFU = fastlm's best step against the peak (as above).",
+        "",
+    ]
     body = []
     for r in ds:
         s = r.get("shape") or {}
-        cfg = f"{r['op'].replace('default_step-', '')} ({s.get('n_layer')}x{s.get('n_embd')}, T{s.get('block')}, B{s.get('batch')})"
-        body.append([cfg, r.get("variant"), _backend_label(r), fmt(r["fastlm_median_ms"]), fmt(r["plain_median_ms"]),
-                     f"{r['speedup_median']:.2f}x", fmt(r["fastlm_min_ms"]), fmt(r["plain_min_ms"]),
-                     f"{r['speedup_min']:.2f}x"])
-    return out + [table(["config", "optimizer", "fastlm", "fastlm ms (median)", "plain ms (median)", "speed-up",
-                         "fastlm ms (best)", "plain ms (best)", "speed-up (best)"], body), ""]
+        shape = f"{s.get('n_layer')}x{s.get('n_embd')}, T{s.get('block')}, B{s.get('batch')}"
+        cfg = f"{r['op'].replace('default_step-', '')} ({shape})"
+        body.append(
+            [
+                cfg,
+                r.get("variant"),
+                _backend_label(r),
+                fmt(r["fastlm_median_ms"]),
+                fmt(r["plain_median_ms"]),
+                f"{r['speedup_median']:.2f}x",
+                fmt(r["fastlm_min_ms"]),
+                fmt(r["plain_min_ms"]),
+                f"{r['speedup_min']:.2f}x",
+                f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a",
+            ]
+        )
+    return out + [
+        table(
+            [
+                "config",
+                "optimizer",
+                "fastlm",
+                "fastlm ms (median)",
+                "plain ms (median)",
+                "speed-up",
+                "fastlm ms (best)",
+                "plain ms (best)",
+                "speed-up (best)",
+                "MFU",
+            ],
+            body,
+        ),
+        "",
+    ]
 
 
 def masks_section(rows: list) -> list:
@@ -310,40 +410,171 @@ def masks_section(rows: list) -> list:
         if kernel is None:
             continue
         k, dense, sdpa, flex = by[kernel], by.get(f"{kernel}-dense"), by.get("torch"), by.get("flex")
-        body.append([f"T{t} {variant}", dtype, kernel, fmt(ms(k)), fmt(ms(sdpa)) if sdpa else "-",
-                     f"{ms(sdpa) / ms(k):.2f}x" if sdpa else "-", fmt(ms(dense)) if dense else "-",
-                     f"{ms(dense) / ms(k):.2f}x" if dense else "-", fmt(ms(flex)) if flex else "-"])
+        body.append(
+            [
+                f"T{t} {variant}",
+                dtype,
+                kernel,
+                fmt(ms(k)),
+                fmt(ms(sdpa)) if sdpa else "-",
+                f"{ms(sdpa) / ms(k):.2f}x" if sdpa else "-",
+                fmt(ms(dense)) if dense else "-",
+                f"{ms(dense) / ms(k):.2f}x" if dense else "-",
+                fmt(ms(flex)) if flex else "-",
+            ]
+        )
     if not body:
         return []
-    return ["### Masked attention", "",
-            "Forward+backward, B=2 H=4 D=64, causal, with a sliding window (`w`) or documents of random lengths "
-            "(`docs`). `SDPA dense mask`: `F.scaled_dot_product_attention` given the equivalent boolean mask; "
-            "`dense causal`: the same fastlm kernel without the mask (every causal tile computed); FlexAttention: "
-            "its forward only (no CPU backward).", "",
-            table(["case", "dtype", "kernel", "kernel ms", "SDPA dense mask ms", "vs SDPA", "dense causal ms",
-                   "vs dense", "FlexAttention fwd ms"], body), ""]
+    return [
+        "### Masked attention",
+        "",
+        "Forward+backward, B=2 H=4 D=64, causal, with a sliding window (`w`) or documents of random lengths "
+        "(`docs`). `SDPA dense mask`: `F.scaled_dot_product_attention` given the equivalent boolean mask; "
+        "`dense causal`: the same fastlm kernel without the mask (every causal tile computed); FlexAttention: "
+        "its forward only (no CPU backward).",
+        "",
+        table(
+            [
+                "case",
+                "dtype",
+                "kernel",
+                "kernel ms",
+                "SDPA dense mask ms",
+                "vs SDPA",
+                "dense causal ms",
+                "vs dense",
+                "FlexAttention fwd ms",
+            ],
+            body,
+        ),
+        "",
+    ]
 
 
 def generate_section(rows: list) -> list:
     gen = [r for r in rows if r.get("suite") == "generate" and ms(r)]
     if not gen:
         return []
-    out = ["### Generation (greedy)", "",
-           "tokens/s = batch x new tokens / wall time (prefill included); cached = KV cache, uncached = "
-           "the whole sequence re-fed every step.", ""]
+    out = [
+        "### Generation (greedy)",
+        "",
+        "tokens/s = batch x new tokens / wall time (prefill included); cached = KV cache, uncached = "
+        "the whole sequence re-fed every step.",
+        "",
+    ]
     groups = defaultdict(dict)
     for r in gen:
         s = r.get("shape") or {}
         key = (r.get("op"), r.get("dtype"), r.get("backend"), s.get("batch"), s.get("prompt"), s.get("new_tokens"))
         groups[key][r.get("variant")] = r
     body = []
-    for (op, dtype, backend, batch, prompt, new), v in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    for (op, dtype, backend, batch, prompt, new), v in sorted(
+        groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])
+    ):
         c, u = v.get("cached"), v.get("uncached")
         sp = f"{ms(u) / ms(c):.2f}x" if c and u else "n/a"
-        body.append([op.replace("generate-", ""), dtype, backend, batch, f"{prompt} + {new}",
-                     fmt(c.get("tokens_per_s")) if c else "n/a", fmt(u.get("tokens_per_s")) if u else "n/a", sp])
-    return out + [table(["model", "dtype", "backend", "batch", "prompt + new", "cached tok/s",
-                         "uncached tok/s", "cached speed-up"], body), ""]
+        body.append(
+            [
+                op.replace("generate-", ""),
+                dtype,
+                backend,
+                batch,
+                f"{prompt} + {new}",
+                fmt(c.get("tokens_per_s")) if c else "n/a",
+                fmt(u.get("tokens_per_s")) if u else "n/a",
+                sp,
+            ]
+        )
+    return out + [
+        table(
+            ["model", "dtype", "backend", "batch", "prompt + new", "cached tok/s", "uncached tok/s", "cached speed-up"],
+            body,
+        ),
+        "",
+    ]
+
+
+def _pm(row: dict, key: str, digits: str, scale: float = 1.0) -> str:
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    if mean is None:
+        return "n/a"
+    return format(mean * scale, digits) + (f" ± {format(std * scale, digits)}" if std is not None else "")
+
+
+def speedrun_section(rows: list) -> list:
+    """``python -m benchmarks.speedrun`` rows of every commit: per device and corpus the newest row of
+    each recipe, with its whole-val loss against the default recipe's (same device and corpus)."""
+    latest = {}
+    for r in sorted(
+        (r for r in rows if r.get("suite") == "speedrun" and r.get("val_loss_mean") is not None), key=_stamp
+    ):
+        latest[(r["device"], r.get("variant"), r.get("op"))] = r
+    if not latest:
+        return []
+    out = [
+        "## CPU speedrun",
+        "",
+        "`python -m benchmarks.speedrun`: each recipe trained with several seeds (mean ± sample std over "
+        "them). Whole-val = the best checkpoint's loss over the whole validation split (nats/token); "
+        "Δ = recipe - default on the same corpus; step time = the recipe's step over the default's "
+        "(`--equal-wall`: timed in alternating runs, median over rounds), which set its steps to the "
+        "default's wall time (CPU time per step, see benchmarks/speedrun.py); MFU = model FLOPs "
+        "(6N + 12·L·H·D·T per token) / train wall / the peak the run reports (CPU: threads x one-thread "
+        "fp32 GEMM rate); MFU (CPU time) = the same over the training loop's CPU seconds (what the run "
+        "reaches alone on the machine with one thread); load = 1-minute load average during the runs.",
+        "",
+    ]
+    body = []
+    for (dev, corpus, op), r in sorted(
+        latest.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2] != "default", str(kv[0][2]))
+    ):
+        base = latest.get((dev, corpus, "default"))
+        delta = f"{r['val_loss_mean'] - base['val_loss_mean']:+.4f}" if base is not None and base is not r else ""
+        ratio = (r.get("step_ratio") or {}).get("ratio")
+        body.append(
+            [
+                dev,
+                corpus,
+                op,
+                r.get("steps"),
+                len(r.get("seeds") or []),
+                _pm(r, "val_loss", ".4f"),
+                delta,
+                f"{ratio:.3f}" if ratio is not None else "",
+                _pm(r, "train_wall_s", ".0f"),
+                fmt(r.get("tokens_seen_mean")),
+                fmt(r.get("flops_mean")),
+                _pm(r, "mfu", ".1f", 100),
+                _pm(r, "mfu_cpu", ".1f", 100),
+                _pm(r, "load_1min", ".1f"),
+                r.get("threads"),
+                r.get("commit"),
+            ]
+        )
+    return out + [
+        table(
+            [
+                "device",
+                "corpus",
+                "recipe",
+                "steps",
+                "seeds",
+                "whole-val",
+                "Δ vs default",
+                "step time",
+                "train wall s",
+                "tokens",
+                "FLOPs",
+                "MFU %",
+                "MFU (CPU time) %",
+                "load",
+                "threads",
+                "commit",
+            ],
+            body,
+        ),
+        "",
+    ]
 
 
 def device_header(dev: str, commit: str, rows: list) -> list:
@@ -360,8 +591,11 @@ def device_header(dev: str, commit: str, rows: list) -> list:
     bits.append(f"measured {dates[0][:16]} – {dates[-1][:16]} UTC, {len(rows)} rows")
     note = []
     if r0.get("device_type") == "cpu":
-        note = ["", "_CPU rows are indicative only: the machine was shared with other jobs while measuring. "
-                "Times are the best round (medians are in results.jsonl); on CUDA they are medians._"]
+        note = [
+            "",
+            "_CPU rows are indicative only: the machine was shared with other jobs while measuring. "
+            "Times are the best round (medians are in results.jsonl); on CUDA they are medians._",
+        ]
     return [f"## {dev}", "", "; ".join(bits) + "."] + note + [""]
 
 
@@ -373,11 +607,11 @@ def slug(text: str) -> str:
 def attention_plots(dev: str, rows: list, plot_dir: Path, suffix: str = "") -> list:
     """One PNG per (dtype, D, causal) of the dense attention rows; returns the written paths."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    attn = [r for r in rows if r.get("suite") == "attention" and r.get("variant") == "dense"
-            and r.get("tflops")]
+    attn = [r for r in rows if r.get("suite") == "attention" and r.get("variant") == "dense" and r.get("tflops")]
     groups = defaultdict(list)
     for r in attn:
         s = r.get("shape") or {}
@@ -403,8 +637,7 @@ def attention_plots(dev: str, rows: list, plot_dir: Path, suffix: str = "") -> l
             ax.set_title(f"{pass_}")
             ax.grid(True, alpha=0.3)
         axes[0][-1].legend(fontsize=8, loc="best")
-        fig.suptitle(f"attention {dtype}, head dim {d}, {'causal' if causal else 'non-causal'} — {dev}",
-                     fontsize=10)
+        fig.suptitle(f"attention {dtype}, head dim {d}, {'causal' if causal else 'non-causal'} — {dev}", fontsize=10)
         fig.tight_layout()
         path = plot_dir / f"attention_{slug(dev)}_{dtype}_d{d}_{'causal' if causal else 'full'}{suffix}.png"
         plot_dir.mkdir(parents=True, exist_ok=True)
@@ -417,13 +650,18 @@ def attention_plots(dev: str, rows: list, plot_dir: Path, suffix: str = "") -> l
 def swiglu_plot(dev: str, rows: list, plot_dir: Path, suffix: str = "") -> list:
     written = []
     for op in ("swiglu", "swiglu_packed"):
-        written += _swiglu_plot(dev, [r for r in rows if (r.get("op") or "swiglu") == op], plot_dir,
-                                suffix if op == "swiglu" else f"_packed{suffix}")
+        written += _swiglu_plot(
+            dev,
+            [r for r in rows if (r.get("op") or "swiglu") == op],
+            plot_dir,
+            suffix if op == "swiglu" else f"_packed{suffix}",
+        )
     return written
 
 
 def _swiglu_plot(dev: str, rows: list, plot_dir: Path, suffix: str) -> list:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -457,12 +695,18 @@ def _swiglu_plot(dev: str, rows: list, plot_dir: Path, suffix: str) -> list:
 
 
 # ---- main ---------------------------------------------------------------------------------------
-def build_report(selected: list, plot_dir: Optional[Path], md_dir: Path,
-                 short: bool = False) -> tuple[str, str, list]:
-    """(full markdown, short summary markdown, written plot paths)."""
-    parts = ["# fastlm benchmark report", "",
-             "Generated by `python -m benchmarks.report` from `benchmarks/results.jsonl` "
-             "(`pytest benchmarks --benchmark-only` with `FASTLM_BENCH_RECORD=1`; always on CUDA).", ""]
+def build_report(
+    selected: list, plot_dir: Optional[Path], md_dir: Path, short: bool = False, speedrun: Iterable[dict] = ()
+) -> tuple[str, str, list]:
+    """(full markdown, short summary markdown, written plot paths); ``speedrun``: the speedrun rows of
+    every commit (reported apart from the per-commit groups)."""
+    parts = [
+        "# fastlm benchmark report",
+        "",
+        "Generated by `python -m benchmarks.report` from `benchmarks/results.jsonl` "
+        "(`pytest benchmarks --benchmark-only` with `FASTLM_BENCH_RECORD=1`; always on CUDA).",
+        "",
+    ]
     summary = []
     plots = []
     if not selected:
@@ -477,14 +721,36 @@ def build_report(selected: list, plot_dir: Optional[Path], md_dir: Path,
             new = attention_plots(dev, rows, plot_dir, suffix) + swiglu_plot(dev, rows, plot_dir, suffix)
             plots += new
             if new:
-                parts += [" ".join(f"![{p.stem}]({p.relative_to(md_dir).as_posix() if p.is_relative_to(md_dir) else p.as_posix()})"
-                                   for p in new), ""]
-        parts += (attention_section(rows) + masks_section(rows) + swiglu_section(rows) + model_section(rows)
-                  + optimizer_section(rows) + default_step_section(rows) + generate_section(rows))
-        summary += head + attention_section([r for r in rows if r.get("pass") == "fwd+bwd"], details=False,
-                                            columns=SHORT_ATTN_COLUMNS if short else None)
-        summary += (swiglu_section(rows) + model_section(rows) + optimizer_section(rows) + default_step_section(rows)
-                    + generate_section(rows))
+                parts += [
+                    " ".join(
+                        f"![{p.stem}]({p.relative_to(md_dir).as_posix() if p.is_relative_to(md_dir) else p.as_posix()})"
+                        for p in new
+                    ),
+                    "",
+                ]
+        parts += (
+            attention_section(rows)
+            + masks_section(rows)
+            + swiglu_section(rows)
+            + model_section(rows)
+            + optimizer_section(rows)
+            + default_step_section(rows)
+            + generate_section(rows)
+        )
+        summary += head + attention_section(
+            [r for r in rows if r.get("pass") == "fwd+bwd"],
+            details=False,
+            columns=SHORT_ATTN_COLUMNS if short else None,
+        )
+        summary += (
+            swiglu_section(rows)
+            + model_section(rows)
+            + optimizer_section(rows)
+            + default_step_section(rows)
+            + generate_section(rows)
+        )
+    parts += speedrun_section(list(speedrun))
+    summary += speedrun_section(list(speedrun))
     return "\n".join(parts).rstrip() + "\n", "\n".join(summary).rstrip() + "\n", plots
 
 
@@ -499,25 +765,59 @@ def gpu_check_tables(rows: list) -> str:
     env = {r["name"]: r for r in rows if r.get("step") == "env"}
     out = [f"Device: {rows[0].get('device')} (commit {rows[0].get('commit')})" if rows else "no rows"]
     if "copy_bandwidth" in env and "matmul_rate" in env:
-        out.append(f"Ceilings: copy {fmt(env['copy_bandwidth'].get('GBps'))} GB/s, "
-                   f"matmul {fmt(env['matmul_rate'].get('TFLOPs'))} TFLOP/s")
+        out.append(
+            f"Ceilings: copy {fmt(env['copy_bandwidth'].get('GBps'))} GB/s, "
+            f"matmul {fmt(env['matmul_rate'].get('TFLOPs'))} TFLOP/s"
+        )
     timed = [r for r in rows if r.get("status") == "ok" and "ms" in r and r.get("step") != "env"]
     for step in ("headline", "fwdbwd", "sweep", "cuda_attn", "swiglu", "train_step"):
         mine = [r for r in timed if r["step"] == step]
         if not mine:
             continue
-        body = [[r["name"], fmt(r["ms"]), f"{fmt(r.get('ms_q20'))}-{fmt(r.get('ms_q80'))}",
-                 fmt(_first(r, "TFLOPs", "TBps", "tokens_per_s")),
-                 fmt(_first(r, "pct_of_matmul", "pct_of_copy", "mfu_pct")),
-                 f"{fmt(r.get('launched_n_regs'))} / {fmt(r.get('launched_n_spills'))}"] for r in mine]
-        out += ["", f"**{step}**", "", table(["row", "median ms", "q20-q80 ms", "TFLOP/s, TB/s or tok/s",
-                                              "% of ceiling or MFU", "regs / spills (launched)"], body)]
+        body = [
+            [
+                r["name"],
+                fmt(r["ms"]),
+                f"{fmt(r.get('ms_q20'))}-{fmt(r.get('ms_q80'))}",
+                fmt(_first(r, "TFLOPs", "TBps", "tokens_per_s")),
+                fmt(_first(r, "pct_of_matmul", "pct_of_copy", "mfu_pct")),
+                f"{fmt(r.get('launched_n_regs'))} / {fmt(r.get('launched_n_spills'))}",
+            ]
+            for r in mine
+        ]
+        out += [
+            "",
+            f"**{step}**",
+            "",
+            table(
+                [
+                    "row",
+                    "median ms",
+                    "q20-q80 ms",
+                    "TFLOP/s, TB/s or tok/s",
+                    "% of ceiling or MFU",
+                    "regs / spills (launched)",
+                ],
+                body,
+            ),
+        ]
     res = [r for r in rows if r.get("status") == "ok" and r.get("name", "").startswith("triton_fwd_resources/")]
     if res:
-        body = [[r["config"], fmt(_first(r, "n_regs", "cubin_regs", "ptxas_regs")),
-                 fmt(_first(r, "n_spills", "ptxas_spill_store_bytes")), fmt(r.get("shared_bytes"))] for r in res]
-        out += ["", "**Triton forward kernels (D=128 bf16): resources**", "",
-                table(["config", "registers", "spills (driver n_spills, else ptxas bytes)", "shared bytes"], body)]
+        body = [
+            [
+                r["config"],
+                fmt(_first(r, "n_regs", "cubin_regs", "ptxas_regs")),
+                fmt(_first(r, "n_spills", "ptxas_spill_store_bytes")),
+                fmt(r.get("shared_bytes")),
+            ]
+            for r in res
+        ]
+        out += [
+            "",
+            "**Triton forward kernels (D=128 bf16): resources**",
+            "",
+            table(["config", "registers", "spills (driver n_spills, else ptxas bytes)", "shared bytes"], body),
+        ]
     bad = [r for r in rows if r.get("status") not in ("ok", None) and r.get("name") != "step"]
     if bad:
         out += ["", "Not measured / failed:", ""]
@@ -531,8 +831,10 @@ def gpu_check_plot(rows: list, plot_dir: Path) -> Optional[Path]:
     if not rows:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
     ax.barh([r["name"] for r in rows], [r["TFLOPs"] for r in rows])
     ax.set_xlabel("TFLOP/s (forward, causal, B=2 H=16 T=8192 D=128 bf16)")
@@ -552,35 +854,58 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="only devices whose name contains this (case-insensitive)")
     p.add_argument("--all-commits", action="store_true", help="report every commit group, not the newest")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--summary", action="store_true",
-                   help="print the headline tables (attention fwd+bwd, swiglu, model, generation) to stdout")
-    p.add_argument("--short", action="store_true",
-                   help="with --summary: attention columns auto, triton, cuda, cpp, reference, sdpa, sdpa-flash, sdpa-cudnn only")
-    p.add_argument("--gpu-check", type=Path, default=None,
-                   help="a gpu_check results.jsonl: print its tables (markdown) and write its plot to --plots")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="print the headline tables (attention fwd+bwd, swiglu, model, generation) to stdout",
+    )
+    p.add_argument(
+        "--short",
+        action="store_true",
+        help="with --summary: attention columns auto, triton, cuda, cpp, reference, sdpa, sdpa-flash, sdpa-cudnn only",
+    )
+    p.add_argument(
+        "--gpu-check",
+        type=Path,
+        default=None,
+        help="a gpu_check results.jsonl: print its tables (markdown) and write its plot to --plots",
+    )
     args = p.parse_args(argv)
     if args.gpu_check is not None:
         return _gpu_check_main(args)
 
     if not args.results.exists():
-        print(f"error: no results file at {args.results} (run FASTLM_BENCH_RECORD=1 pytest benchmarks "
-              f"--benchmark-only first)", file=sys.stderr)
+        print(
+            f"error: no results file at {args.results} (run FASTLM_BENCH_RECORD=1 pytest benchmarks "
+            f"--benchmark-only first)",
+            file=sys.stderr,
+        )
         return 2
     rows, bad = load_rows(args.results)
     if bad:
         print(f"warning: skipped {bad} malformed line(s) in {args.results}", file=sys.stderr)
-    selected = select(rows, device=args.device, all_commits=args.all_commits)
-    if not selected:
+    speedrun = [
+        r
+        for r in rows
+        if r.get("suite") == "speedrun" and (not args.device or args.device.lower() in str(r["device"]).lower())
+    ]
+    selected = select(
+        [r for r in rows if r.get("suite") != "speedrun"], device=args.device, all_commits=args.all_commits
+    )
+    if not selected and not speedrun:
         what = f" for device matching {args.device!r}" if args.device else ""
         print(f"error: no usable rows in {args.results}{what}", file=sys.stderr)
         return 1
     md_dir = args.out.resolve().parent
-    full, summary, plots = build_report(selected, None if args.no_plots else args.plots.resolve(), md_dir,
-                                        short=args.short)
+    full, summary, plots = build_report(
+        selected, None if args.no_plots else args.plots.resolve(), md_dir, short=args.short, speedrun=speedrun
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(full, encoding="utf-8")
-    print(f"wrote {args.out} ({sum(len(r) for _, _, r in selected)} rows, {len(selected)} device/commit group(s))"
-          + (f" and {len(plots)} plot(s) in {args.plots}" if plots else ""))
+    print(
+        f"wrote {args.out} ({sum(len(r) for _, _, r in selected)} rows, {len(selected)} device/commit group(s))"
+        + (f" and {len(plots)} plot(s) in {args.plots}" if plots else "")
+    )
     if args.summary:
         print()
         print(summary)

@@ -11,6 +11,7 @@ Passes: ``fwd`` (the training forward, inputs requiring grad), ``bwd`` (``autogr
 retained graph) and ``fwd+bwd``. FLOPs: 4*B*H*Tq*Tk*D forward, halved when causal; 2.5x for
 backward. Backends that a device or a call cannot run are skipped with the reason.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -24,8 +25,16 @@ from fastlm import ops
 from fastlm.ops.positions import alibi_slopes
 from fastlm.ops.reference import alibi_bias, causal_mask
 
-from .common import (DEVICE, ON_GPU, attention_flops, default_train_setup, dtype_name, gpu_oom_skip,
-                     grid, skip_unless_fastlm_backend)
+from .common import (
+    DEVICE,
+    ON_GPU,
+    attention_flops,
+    default_train_setup,
+    dtype_name,
+    gpu_oom_skip,
+    grid,
+    skip_unless_fastlm_backend,
+)
 
 FASTLM_BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpp")
 SDPA_KERNELS = {  # our name -> SDPBackend member name (None: SDPA's own dispatch)
@@ -44,15 +53,30 @@ CUDA_ONLY_SDPA = ("sdpa-efficient", "sdpa-cudnn")
 
 
 def _case(b, h, t, d, causal, dtype, variant="dense", h_kv=None, passes=PASSES):
-    return {"B": b, "H": h, "H_kv": h_kv or h, "T": t, "D": d, "causal": causal, "dtype": dtype,
-            "variant": variant, "passes": passes}
+    return {
+        "B": b,
+        "H": h,
+        "H_kv": h_kv or h,
+        "T": t,
+        "D": d,
+        "causal": causal,
+        "dtype": dtype,
+        "variant": variant,
+        "passes": passes,
+    }
 
 
 def _cases():
     if ON_GPU:
-        ds, ts = ((128,), (1024, 4096, 16384)) if grid() == "quick" else ((64, 128), (512, 1024, 2048, 4096, 8192, 16384))
-        cases = [_case(16384 // t, 2048 // d, t, d, causal, torch.bfloat16)
-                 for d in ds for causal in (True, False) for t in ts]
+        ds, ts = (
+            ((128,), (1024, 4096, 16384)) if grid() == "quick" else ((64, 128), (512, 1024, 2048, 4096, 8192, 16384))
+        )
+        cases = [
+            _case(16384 // t, 2048 // d, t, d, causal, torch.bfloat16)
+            for d in ds
+            for causal in (True, False)
+            for t in ts
+        ]
         cases.append(_case(8, 16, 2048, 128, True, torch.bfloat16, "gqa", h_kv=2))
         cases.append(_case(8, 16, 2048, 128, True, torch.bfloat16, "alibi"))
         return cases
@@ -71,8 +95,10 @@ def _cases():
 
 def _case_id(c):
     kv = f"kv{c['H_kv']}" if c["H_kv"] != c["H"] else ""
-    return (f"b{c['B']}h{c['H']}{kv}t{c['T']}d{c['D']}-{'causal' if c['causal'] else 'full'}-"
-            f"{dtype_name(c['dtype'])}-{c['variant']}")
+    return (
+        f"b{c['B']}h{c['H']}{kv}t{c['T']}d{c['D']}-{'causal' if c['causal'] else 'full'}-"
+        f"{dtype_name(c['dtype'])}-{c['variant']}"
+    )
 
 
 def _params():
@@ -92,6 +118,7 @@ def _sdpa_context(backend):
     if member is None:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     kernel = getattr(SDPBackend, member, None)
     if kernel is None:
         pytest.skip(f"this torch has no SDPBackend.{member}")
@@ -129,8 +156,10 @@ def test_attention(bench, pass_, case, backend):
     B, H, H_kv, T, D = case["B"], case["H"], case["H_kv"], case["T"], case["D"]
     dtype = case["dtype"]
     if backend in MATERIALISING and B * H * T * T * 4 > MAX_SCORE_BYTES:
-        pytest.skip(f"{backend} materialises the (B,H,T,T) scores: {B * H * T * T * 4 / 2**30:.0f} GiB "
-                    f"> {MAX_SCORE_BYTES / 2**30:.0f} GiB")
+        pytest.skip(
+            f"{backend} materialises the (B,H,T,T) scores: {B * H * T * T * 4 / 2**30:.0f} GiB "
+            f"> {MAX_SCORE_BYTES / 2**30:.0f} GiB"
+        )
     if backend in FASTLM_BACKENDS:
         skip_unless_fastlm_backend(backend)
     if backend in CUDA_ONLY_SDPA and not ON_GPU:
@@ -173,7 +202,16 @@ def test_attention(bench, pass_, case, backend):
         bench.benchmark.group = f"attention {pass_} {_case_id(case)}"
         median = gpu_oom_skip(lambda: bench.time(fn))
 
-    bench.record(suite="attention", op="attention", pass_=pass_, backend=backend, resolved=resolved,
-                 median_s=median, dtype=dtype_name(dtype), causal=case["causal"], variant=case["variant"],
-                 shape={"B": B, "H": H, "H_kv": H_kv, "T_q": T, "T_k": T, "D": D},
-                 flops=attention_flops(B, H, T, T, D, case["causal"], pass_))
+    bench.record(
+        suite="attention",
+        op="attention",
+        pass_=pass_,
+        backend=backend,
+        resolved=resolved,
+        median_s=median,
+        dtype=dtype_name(dtype),
+        causal=case["causal"],
+        variant=case["variant"],
+        shape={"B": B, "H": H, "H_kv": H_kv, "T_q": T, "T_k": T, "D": D},
+        flops=attention_flops(B, H, T, T, D, case["causal"], pass_),
+    )

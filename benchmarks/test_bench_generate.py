@@ -8,6 +8,7 @@ Runs ``fastlm.sampling.generate(model, ids, n, greedy=True, use_cache=...)`` (fa
 plain loop over ``GPT.forward`` if that module is missing). tokens/s = batch * new tokens / time,
 prefill included; the model is untrained (random weights), which does not change the cost.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ def _setup():
 def _generate_fn():
     try:
         from fastlm.sampling import generate
+
         return generate, "fastlm.sampling.generate"
     except ImportError:
         pass
@@ -75,8 +77,22 @@ def test_generate(bench, batch, cached):
         pytest.fail(f"generate returned shape {tuple(out.shape)}, expected {(batch, prompt + new)}")
     bench.benchmark.group = f"generate {name} b{batch}"
     median = gpu_oom_skip(lambda: bench.time(fn, warmup=1, min_rounds=3))
-    bench.record(suite="generate", op=f"generate-{name}", pass_="decode", backend=cfg.backend,
-                 variant="cached" if cached else "uncached", median_s=median, dtype=str(dtype).replace("torch.", ""),
-                 shape={"batch": batch, "prompt": prompt, "new_tokens": new, "n_layer": cfg.n_layer,
-                        "n_embd": cfg.n_embd, "block": cfg.block_size},
-                 tokens=batch * new, impl=impl)
+    bench.record(
+        suite="generate",
+        op=f"generate-{name}",
+        pass_="decode",
+        backend=cfg.backend,
+        variant="cached" if cached else "uncached",
+        median_s=median,
+        dtype=str(dtype).replace("torch.", ""),
+        shape={
+            "batch": batch,
+            "prompt": prompt,
+            "new_tokens": new,
+            "n_layer": cfg.n_layer,
+            "n_embd": cfg.n_embd,
+            "block": cfg.block_size,
+        },
+        tokens=batch * new,
+        impl=impl,
+    )

@@ -13,6 +13,7 @@ documents of random lengths per row) every row times:
 
 FLOPs count the visible (query, key) pairs: 4·D per pair forward, 2.5x that backward.
 """
+
 from __future__ import annotations
 
 import random
@@ -78,8 +79,7 @@ def test_masked_attention(bench, case, backend):
 
     def make():
         g = torch.Generator(device=DEVICE).manual_seed(0)
-        q, k, v = (torch.randn(B, H, t, D, device=DEVICE, dtype=dtype, generator=g).requires_grad_()
-                   for _ in range(3))
+        q, k, v = (torch.randn(B, H, t, D, device=DEVICE, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
         return q, k, v, torch.randn(B, H, t, D, device=DEVICE, dtype=dtype, generator=g)
 
     q, k, v, dout = gpu_oom_skip(make)
@@ -100,10 +100,20 @@ def test_masked_attention(bench, case, backend):
     median = gpu_oom_skip(lambda: bench.time(fn))
     pairs = _visible_pairs(t, window, seg) if not backend.endswith("-dense") else B * H * t * (t + 1) / 2
     flops = 4.0 * D * pairs * (3.5 if pass_ == "fwd+bwd" else 1.0)
-    bench.record(suite="attention_masks", op="attention", pass_=pass_, backend=backend, median_s=median,
-                 dtype=dtype_name(dtype), causal=True, variant=_case_id(case).split("-")[1],
-                 shape={"B": B, "H": H, "H_kv": H, "T_q": t, "T_k": t, "D": D}, flops=flops,
-                 window=window, documents=case["docs"])
+    bench.record(
+        suite="attention_masks",
+        op="attention",
+        pass_=pass_,
+        backend=backend,
+        median_s=median,
+        dtype=dtype_name(dtype),
+        causal=True,
+        variant=_case_id(case).split("-")[1],
+        shape={"B": B, "H": H, "H_kv": H, "T_q": t, "T_k": t, "D": D},
+        flops=flops,
+        window=window,
+        documents=case["docs"],
+    )
 
 
 def _flex_call(q, k, v, window, seg):

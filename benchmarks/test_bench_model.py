@@ -2,15 +2,17 @@
 (``backend="auto"``) vs the same GPT on SDPA + eager MLP (``backend="torch"``) and on the reference.
 
 * CUDA: GPT-2 small (12 x 768, 12 heads, block 1024, vocab 50304), batch 8, bf16 autocast, fused
-  AdamW. MFU = (6 * N * tokens + attention FLOPs) / step time / peak, with N the parameters that do
-  matmuls (tied embedding included, position table not) and attention FLOPs by FlashAttention's
-  rule (causal, forward + backward = 3.5x forward); peak = dense bf16 of the device (H100/H200 SXM:
-  989 TFLOP/s).
+  AdamW; peak memory measured.
 * CPU: the default training config of ``python -m fastlm.train`` (see common.default_train_setup),
   fp32; peak memory is not measured on CPU (reported as n/a).
 
+MFU = ``GPT.flops_per_token()`` (6N + 12·L·H·D·T, PaLM's rule, what every training run reports) x
+tokens / step time / the peak of :func:`fastlm.training.mfu.peak_flops` (CUDA: dense bf16 of the
+device; CPU: threads x the one-thread fp32 GEMM rate).
+
 Both the model's default MLP (gelu) and a SwiGLU variant run, so the SwiGLU kernel is exercised.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,12 +22,13 @@ import pytest
 import torch
 
 from fastlm.model import GPT, GPTConfig
+from fastlm.training.mfu import peak_flops
 from fastlm.training.optim import build_optimizer
 
-from .common import (DEVICE, ON_GPU, attention_flops, default_train_setup, gpu_oom_skip,
-                     peak_bf16_tflops, run_info, skip_unless_fastlm_backend, sync)
+from .common import DEVICE, ON_GPU, default_train_setup, gpu_oom_skip, skip_unless_fastlm_backend, sync
 
 BACKENDS = ("auto", "torch", "reference")
+PEAK = peak_flops(DEVICE, torch.bfloat16 if ON_GPU else None).flops_per_s  # FLOP/s
 MLPS = ("gelu", "swiglu")
 
 
@@ -51,8 +54,12 @@ def auto_choice(cfg: GPTConfig) -> str:
         parts.append("attention:" + ops.attention_backend(q, kv, kv, causal=True))
         if cfg.mlp == "swiglu":
             x = torch.randn(2, 2 * cfg.mlp_hidden, device=DEVICE, dtype=dtype)
-            parts.append("swiglu:" + ops.resolve_backend(
-                "swiglu_packed", "auto", DEVICE.type, lambda o: o.swiglu_packed_unsupported(x)).name)
+            parts.append(
+                "swiglu:"
+                + ops.resolve_backend(
+                    "swiglu_packed", "auto", DEVICE.type, lambda o: o.swiglu_packed_unsupported(x)
+                ).name
+            )
     except ops.BackendUnavailableError as e:
         parts.append(f"unresolved ({e})")
     return ",".join(parts)
@@ -101,19 +108,33 @@ def test_train_step(bench, mlp, backend):
 
     tokens = batch * T
     n_params = model.num_params(non_embedding=True)
-    flops = 6.0 * n_params * tokens + cfg.n_layer * attention_flops(
-        batch, cfg.n_head, T, T, cfg.head_dim, True, "fwd+bwd")
-    mfu = None
-    peak = peak_bf16_tflops(run_info()["device"]) if ON_GPU else None
-    if median and peak:
-        mfu = flops / median / (peak * 1e12)
+    flops = model.flops_per_token() * tokens
+    mfu = flops / median / PEAK if median and PEAK else None
     resolved = auto_choice(cfg) if backend == "auto" else backend
-    bench.record(suite="model", op=f"train_step-{name}", pass_="fwd+bwd+step", backend=backend,
-                 resolved=resolved, median_s=median,
-                 dtype="bf16-autocast" if ON_GPU else "float32",
-                 shape={"batch": batch, "block": T, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
-                        "n_head": cfg.n_head, "vocab": cfg.vocab_size, "mlp": mlp},
-                 variant=mlp, flops=flops, tokens=tokens, params=n_params, peak_mem_mb=peak_mb, mfu=mfu)
+    bench.record(
+        suite="model",
+        op=f"train_step-{name}",
+        pass_="fwd+bwd+step",
+        backend=backend,
+        resolved=resolved,
+        median_s=median,
+        dtype="bf16-autocast" if ON_GPU else "float32",
+        shape={
+            "batch": batch,
+            "block": T,
+            "n_layer": cfg.n_layer,
+            "n_embd": cfg.n_embd,
+            "n_head": cfg.n_head,
+            "vocab": cfg.vocab_size,
+            "mlp": mlp,
+        },
+        variant=mlp,
+        flops=flops,
+        tokens=tokens,
+        params=n_params,
+        peak_mem_mb=peak_mb,
+        mfu=mfu,
+    )
 
 
 @pytest.mark.parametrize("optimizer", ("adamw", "muon", "muon-pytorch"))
@@ -128,8 +149,7 @@ def test_optimizer_step(bench, optimizer):
     cfg = dataclasses.replace(base, backend="auto")
     T = cfg.block_size
     model = gpu_oom_skip(lambda: GPT(cfg).to(DEVICE))
-    opt = build_optimizer(model, optimizer=optimizer.split("-")[0], lr=1e-3, weight_decay=0.1,
-                          device_type=DEVICE.type)
+    opt = build_optimizer(model, optimizer=optimizer.split("-")[0], lr=1e-3, weight_decay=0.1, device_type=DEVICE.type)
     if optimizer == "muon-pytorch":
         for group in opt.muon.param_groups:
             group["fused"] = False
@@ -149,11 +169,19 @@ def test_optimizer_step(bench, optimizer):
         rounds.append(time.perf_counter() - t0)
     train_s = min(rounds)
     headline = step_s if ON_GPU or step_min is None else step_min
-    bench.record(suite="model", op=f"optimizer_step-{name}", pass_="step", backend=optimizer, resolved=optimizer,
-                 median_s=step_s, dtype="float32 params" if not ON_GPU else "bf16-autocast",
-                 shape={"batch": batch, "block": T, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
-                        "mlp": cfg.mlp}, variant=optimizer, train_step_ms=train_s * 1e3,
-                 step_fraction=headline / train_s if step_s else None)
+    bench.record(
+        suite="model",
+        op=f"optimizer_step-{name}",
+        pass_="step",
+        backend=optimizer,
+        resolved=optimizer,
+        median_s=step_s,
+        dtype="float32 params" if not ON_GPU else "bf16-autocast",
+        shape={"batch": batch, "block": T, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "mlp": cfg.mlp},
+        variant=optimizer,
+        train_step_ms=train_s * 1e3,
+        step_fraction=headline / train_s if step_s else None,
+    )
 
 
 @pytest.mark.parametrize("steps", (5, 4, 3))
@@ -175,9 +203,16 @@ def test_newton_schulz(bench, ns_dtype, steps):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[ns_dtype]
     bench.benchmark.group = f"newton-schulz {name}"
     median = bench.time(lambda: [newton_schulz(s, steps, dtype=dtype) for s in stacks])
-    bench.record(suite="model", op=f"newton_schulz-{name}", pass_="ns", backend="fastlm", median_s=median,
-                 dtype=ns_dtype, shape={"matrices": {str(k): len(v) for k, v in shapes.items()}, "steps": steps},
-                 variant=f"{ns_dtype}-ns{steps}")
+    bench.record(
+        suite="model",
+        op=f"newton_schulz-{name}",
+        pass_="ns",
+        backend="fastlm",
+        median_s=median,
+        dtype=ns_dtype,
+        shape={"matrices": {str(k): len(v) for k, v in shapes.items()}, "steps": steps},
+        variant=f"{ns_dtype}-ns{steps}",
+    )
 
 
 def _plain_pytorch_optimizer(model, optimizer: str, cfg):
@@ -190,15 +225,23 @@ def _plain_pytorch_optimizer(model, optimizer: str, cfg):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     betas = (cfg.beta1, cfg.beta2)
     if optimizer == "adamw":
-        return torch.optim.AdamW(_adamw_groups([p for _, p in named], cfg.weight_decay), lr=cfg.lr, betas=betas,
-                                 **kwargs)
+        return torch.optim.AdamW(
+            _adamw_groups([p for _, p in named], cfg.weight_decay), lr=cfg.lr, betas=betas, **kwargs
+        )
     if not hasattr(torch.optim, "Muon"):
         pytest.skip(f"torch {torch.__version__} has no torch.optim.Muon")
     hidden = set(muon_param_names(model))
-    muon = torch.optim.Muon([p for n, p in named if n in hidden], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                            weight_decay=cfg.weight_decay, nesterov=True, adjust_lr_fn="original")
-    adamw = torch.optim.AdamW(_adamw_groups([p for n, p in named if n not in hidden], cfg.weight_decay),
-                              lr=cfg.lr, betas=betas, **kwargs)
+    muon = torch.optim.Muon(
+        [p for n, p in named if n in hidden],
+        lr=cfg.muon_lr,
+        momentum=cfg.muon_momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=True,
+        adjust_lr_fn="original",
+    )
+    adamw = torch.optim.AdamW(
+        _adamw_groups([p for n, p in named if n not in hidden], cfg.weight_decay), lr=cfg.lr, betas=betas, **kwargs
+    )
 
     class _Both:
         def zero_grad(self, set_to_none=True):
@@ -229,10 +272,20 @@ def test_default_step_vs_plain_pytorch(bench):
         torch.manual_seed(0)
         model = GPT(dataclasses.replace(base, backend=backend)).to(DEVICE)
         model.train()
-        opt = (_plain_pytorch_optimizer(model, optimizer, tcfg) if plain else
-               build_optimizer(model, optimizer=optimizer, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                               betas=(tcfg.beta1, tcfg.beta2), muon_lr=tcfg.muon_lr,
-                               muon_momentum=tcfg.muon_momentum, device_type=DEVICE.type))
+        opt = (
+            _plain_pytorch_optimizer(model, optimizer, tcfg)
+            if plain
+            else build_optimizer(
+                model,
+                optimizer=optimizer,
+                lr=tcfg.lr,
+                weight_decay=tcfg.weight_decay,
+                betas=(tcfg.beta1, tcfg.beta2),
+                muon_lr=tcfg.muon_lr,
+                muon_momentum=tcfg.muon_momentum,
+                device_type=DEVICE.type,
+            )
+        )
         return training_step(model, opt, x, y)
 
     x = torch.randint(0, base.vocab_size, (batch, T), device=DEVICE)
@@ -254,10 +307,23 @@ def test_default_step_vs_plain_pytorch(bench):
     best = {k: min(v) for k, v in times.items()}
     bench.benchmark.group = f"default step vs plain pytorch {name}"
     median = bench.time(fast, warmup=0)
-    bench.record(suite="model", op=f"default_step-{name}", pass_="fwd+bwd+step", backend="auto",
-                 resolved=auto_choice(dataclasses.replace(base, backend="auto")), median_s=median,
-                 dtype="bf16-autocast" if ON_GPU else "float32", variant=optimizer,
-                 shape={"batch": batch, "block": T, "n_layer": base.n_layer, "n_embd": base.n_embd, "mlp": base.mlp},
-                 tokens=batch * T, fastlm_median_ms=med["fast"] * 1e3, plain_median_ms=med["plain"] * 1e3,
-                 fastlm_min_ms=best["fast"] * 1e3, plain_min_ms=best["plain"] * 1e3,
-                 speedup_median=med["plain"] / med["fast"], speedup_min=best["plain"] / best["fast"])
+    bench.record(
+        suite="model",
+        op=f"default_step-{name}",
+        pass_="fwd+bwd+step",
+        backend="auto",
+        resolved=auto_choice(dataclasses.replace(base, backend="auto")),
+        median_s=median,
+        dtype="bf16-autocast" if ON_GPU else "float32",
+        variant=optimizer,
+        shape={"batch": batch, "block": T, "n_layer": base.n_layer, "n_embd": base.n_embd, "mlp": base.mlp},
+        tokens=batch * T,
+        flops=GPT(base).flops_per_token() * batch * T,
+        mfu=GPT(base).flops_per_token() * batch * T / best["fast"] / PEAK if PEAK else None,
+        fastlm_median_ms=med["fast"] * 1e3,
+        plain_median_ms=med["plain"] * 1e3,
+        fastlm_min_ms=best["fast"] * 1e3,
+        plain_min_ms=best["plain"] * 1e3,
+        speedup_median=med["plain"] / med["fast"],
+        speedup_min=best["plain"] / best["fast"],
+    )

@@ -5,6 +5,7 @@ requiring grad). GB/s counts the bytes a fused kernel must move: forward reads g
 writes out (3 tensors), backward reads gate, up, dout and writes dgate, dup (5 tensors).
 ``FASTLM_BENCH_COMPILE=0`` skips the torch.compile baseline (its compile time is in extra_info).
 """
+
 from __future__ import annotations
 
 import time
@@ -15,8 +16,16 @@ import torch.nn.functional as F
 
 from fastlm import ops
 
-from .common import (DEVICE, ON_GPU, compile_enabled, dtype_name, gpu_oom_skip,
-                     skip_unless_fastlm_backend, swiglu_bytes, sync)
+from .common import (
+    DEVICE,
+    ON_GPU,
+    compile_enabled,
+    dtype_name,
+    gpu_oom_skip,
+    skip_unless_fastlm_backend,
+    swiglu_bytes,
+    sync,
+)
 
 FASTLM_BACKENDS = ("auto", "reference", "torch", "triton", "cuda", "cpp")
 BACKENDS = FASTLM_BACKENDS + ("eager", "compile")
@@ -75,9 +84,18 @@ def test_swiglu(bench, pass_, backend):
 
     bench.benchmark.group = f"swiglu {pass_} {rows}x{cols} {dtype_name(DTYPE)}"
     median = gpu_oom_skip(lambda: bench.time(fn))
-    bench.record(suite="swiglu", op="swiglu", pass_=pass_, backend=backend, resolved=resolved,
-                 median_s=median, dtype=dtype_name(DTYPE), shape={"rows": rows, "cols": cols},
-                 nbytes=swiglu_bytes(rows * cols, gate.element_size(), pass_), **extra)
+    bench.record(
+        suite="swiglu",
+        op="swiglu",
+        pass_=pass_,
+        backend=backend,
+        resolved=resolved,
+        median_s=median,
+        dtype=dtype_name(DTYPE),
+        shape={"rows": rows, "cols": cols},
+        nbytes=swiglu_bytes(rows * cols, gate.element_size(), pass_),
+        **extra,
+    )
 
 
 def eager_swiglu_packed(x):
@@ -104,8 +122,7 @@ def test_swiglu_packed(bench, pass_, backend):
         op = eager_swiglu_packed
     else:
         try:
-            obj = ops.resolve_backend("swiglu_packed", backend, DEVICE.type,
-                                      lambda o: o.swiglu_packed_unsupported(x))
+            obj = ops.resolve_backend("swiglu_packed", backend, DEVICE.type, lambda o: o.swiglu_packed_unsupported(x))
         except ops.BackendUnavailableError as e:
             pytest.skip(str(e))
         if obj.name == "triton" and not ON_GPU:
@@ -118,6 +135,14 @@ def test_swiglu_packed(bench, pass_, backend):
         fn = lambda: torch.autograd.grad(op(x), (x,), dout)  # noqa: E731
     bench.benchmark.group = f"swiglu_packed {pass_} {rows}x2*{cols} {dtype_name(DTYPE)}"
     median = gpu_oom_skip(lambda: bench.time(fn))
-    bench.record(suite="swiglu", op="swiglu_packed", pass_=pass_, backend=backend, resolved=resolved,
-                 median_s=median, dtype=dtype_name(DTYPE), shape={"rows": rows, "cols": cols},
-                 nbytes=swiglu_bytes(rows * cols, x.element_size(), pass_))
+    bench.record(
+        suite="swiglu",
+        op="swiglu_packed",
+        pass_=pass_,
+        backend=backend,
+        resolved=resolved,
+        median_s=median,
+        dtype=dtype_name(DTYPE),
+        shape={"rows": rows, "cols": cols},
+        nbytes=swiglu_bytes(rows * cols, x.element_size(), pass_),
+    )

@@ -16,11 +16,11 @@ CLIs: ``python -m fastlm.train``, ``python -m fastlm.generate``, ``python -m fas
 ``python -m fastlm.export`` (to Hugging Face transformers), ``python -m fastlm.info``. Checkpoints
 named ``hf:DIR`` are transformers model directories (:mod:`fastlm.io.hf_import`, extra ``fastlm[hf]``).
 """
+
 import sys
 import types
 
 from fastlm._version import __version__  # noqa: F401
-
 from fastlm.ops._tree_kernels import use_tree_kernels  # noqa: E402
 
 use_tree_kernels()  # a source tree: its kernels/ folder as fastlm.kernels (an install has it inside)
@@ -29,10 +29,17 @@ from fastlm import ops  # noqa: E402,F401
 from fastlm.ops import attention, swiglu, swiglu_packed  # noqa: E402,F401
 
 # the rest of the API on first use: keep `import fastlm` quick (the trainer pulls numpy, tqdm, ...)
-_LAZY = {"GPT": "fastlm.model", "GPTConfig": "fastlm.model", "Trainer": "fastlm.training.trainer",
-         "Callback": "fastlm.training.trainer", "TrainConfig": "fastlm.training.settings",
-         **{name: "fastlm.inference" for name in ("load", "generate", "evaluate", "beam_search", "ModelInfo",
-                                                  "GenerateConfig", "EvaluateConfig")}}
+_LAZY = {
+    "GPT": "fastlm.model",
+    "GPTConfig": "fastlm.model",
+    "Trainer": "fastlm.training.trainer",
+    "Callback": "fastlm.training.trainer",
+    "TrainConfig": "fastlm.training.settings",
+    **{
+        name: "fastlm.inference"
+        for name in ("load", "generate", "evaluate", "beam_search", "ModelInfo", "GenerateConfig", "EvaluateConfig")
+    },
+}
 
 __all__ = ["__version__", "ops", "attention", "swiglu", "swiglu_packed", *_LAZY]
 
@@ -40,6 +47,7 @@ __all__ = ["__version__", "ops", "attention", "swiglu", "swiglu_packed", *_LAZY]
 def __getattr__(name):
     if name in _LAZY:
         import importlib
+
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastlm' has no attribute {name!r}")
 

@@ -5,17 +5,26 @@ Exit codes (all CLIs): 0 done; 2 bad input (settings, files, a backend that cann
 3 the training loss became non-finite; 4 an I/O failure (disk full, read-only folder, EIO);
 128 + N after signal N (Ctrl-C = 130). Under ``torchrun`` only rank 0 prints the error.
 """
+
 from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
-from typing import Callable
+from typing import Callable, Optional
 
 from fastlm.errors import BackendUnavailableError, InputError, NonFiniteLoss, RankFailed, TrainingInterrupted
 
-__all__ = ["EXIT_OK", "EXIT_BAD_INPUT", "EXIT_NON_FINITE", "EXIT_IO", "run_cli", "run_command", "error_line",
-           "refuse_existing", "write_new_file"]
+__all__ = [
+    "EXIT_OK",
+    "EXIT_BAD_INPUT",
+    "EXIT_NON_FINITE",
+    "EXIT_IO",
+    "run_cli",
+    "run_command",
+    "error_line",
+    "refuse_existing",
+    "write_new_file",
+]
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -70,9 +79,9 @@ def run_cli(body: Callable[[], int]) -> int:
         return 130
 
 
-
 def run_command(run: Callable[[Optional[list]], object], argv: Optional[list] = None) -> int:
     """A command line's ``main``: ``run(argv)``, then exit code 0, or one error line and its code."""
+
     def body() -> int:
         run(argv)
         return EXIT_OK

@@ -11,6 +11,7 @@
 * :func:`merge_values` checks names and types (one-line :class:`ConfigFileError`) and layers
   defaults < config file < command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,16 @@ from typing import Any, Optional, Union
 from fastlm.errors import ConfigFileError
 from fastlm.training.settings import flag_name
 
-__all__ = ["ConfigFileError", "add_dataclass_args", "dataclass_from_args", "load_config_file", "merge_values",
-           "coerce", "field_types", "flag_name"]
+__all__ = [
+    "ConfigFileError",
+    "add_dataclass_args",
+    "dataclass_from_args",
+    "load_config_file",
+    "merge_values",
+    "coerce",
+    "field_types",
+    "flag_name",
+]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -87,8 +96,14 @@ def _parse_cli(tp, name: str):
     return parse
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, *, title: Optional[str] = None,
-                       exclude=(), defaults_override: Optional[dict] = None) -> list[str]:
+def add_dataclass_args(
+    parser: argparse.ArgumentParser,
+    cls,
+    *,
+    title: Optional[str] = None,
+    exclude=(),
+    defaults_override: Optional[dict] = None,
+) -> list[str]:
     """Add a flag per field of dataclass ``cls``; returns the field names added."""
     group = parser.add_argument_group(title or cls.__name__)
     exclusive: dict = {}  # metadata["exclusive"] -> its mutually exclusive group
@@ -165,8 +180,9 @@ def load_config_file(path) -> dict:
             try:
                 import tomli as tomllib  # type: ignore[no-redef]
             except ImportError:
-                raise ConfigFileError("reading .toml configs on Python 3.10 needs 'pip install tomli' "
-                                      "(or use a .json config)") from None
+                raise ConfigFileError(
+                    "reading .toml configs on Python 3.10 needs 'pip install tomli' (or use a .json config)"
+                ) from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:

@@ -23,14 +23,29 @@ callers may catch either.
 :class:`RankFailed`                 another rank of a distributed job failed
 ==================================  ===========================================================
 """
+
 from __future__ import annotations
 
 import signal
 from pathlib import Path
 
-__all__ = ["FastLMError", "InputError", "ConfigError", "ConfigFileError", "TrainError", "DataError",
-           "TokenizerError", "DeviceError", "CheckpointError", "HFError", "RunInUse", "BackendUnavailableError",
-           "NonFiniteLoss", "TrainingInterrupted", "RankFailed"]
+__all__ = [
+    "FastLMError",
+    "InputError",
+    "ConfigError",
+    "ConfigFileError",
+    "TrainError",
+    "DataError",
+    "TokenizerError",
+    "DeviceError",
+    "CheckpointError",
+    "HFError",
+    "RunInUse",
+    "BackendUnavailableError",
+    "NonFiniteLoss",
+    "TrainingInterrupted",
+    "RankFailed",
+]
 
 
 class FastLMError(Exception):
@@ -89,8 +104,9 @@ class TrainingInterrupted(FastLMError):
     """A signal (or a stop request with one) ended the run after saving a checkpoint."""
 
     def __init__(self, signum: int, step: int, run_dir: Path):
-        super().__init__(f"interrupted ({signal.Signals(signum).name}) at step {step}; continue with "
-                         f"--resume {run_dir}")
+        super().__init__(
+            f"interrupted ({signal.Signals(signum).name}) at step {step}; continue with --resume {run_dir}"
+        )
         self.signum, self.step, self.run_dir = signum, step, run_dir
 
 

@@ -9,6 +9,7 @@ corpus the training CLI accepts (text files, a folder of ``.txt``, CSV/JSONL wit
 and tokenizes it as the run's corpus was (documents joined by the end-of-text token, newlines as
 the run treated them). Bad input: one ``error:`` line, exit status 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,17 +30,27 @@ __all__ = ["main", "build_parser", "run", "evaluate"]
 
 @dataclass(frozen=True)
 class Source:
-    split: Optional[str] = field(default=None, metadata={"choices": SPLITS, "exclusive": "data",
-                                                         "help": "score this cached split of the run (default: val)"})
-    data: list[str] = field(default_factory=list, metadata={
-        "help": "score this corpus instead: text file(s), a folder of .txt files, CSV or JSONL", "exclusive": "data"})
+    split: Optional[str] = field(
+        default=None,
+        metadata={"choices": SPLITS, "exclusive": "data", "help": "score this cached split of the run (default: val)"},
+    )
+    data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "score this corpus instead: text file(s), a folder of .txt files, CSV or JSONL",
+            "exclusive": "data",
+        },
+    )
     text_column: Optional[str] = field(default=None, metadata={"help": "CSV/JSONL column holding the text"})
     json: bool = field(default=False, metadata={"help": "print one JSON object instead of the table"})
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m fastlm.evaluate", description="Loss, perplexity and bits per character of "
-                      "a fastlm checkpoint on a split of its run or on any text corpus.")
+    p = OneLineParser(
+        prog="python -m fastlm.evaluate",
+        description="Loss, perplexity and bits per character of "
+        "a fastlm checkpoint on a split of its run or on any text corpus.",
+    )
     for cls, title in ((LoadConfig, "model"), (Source, "data"), (EvaluateConfig, "scoring")):
         add_dataclass_args(p, cls, title=title, exclude=("raw_newlines",))  # text is read as the run read its own
     return p
@@ -63,13 +74,23 @@ def run(argv=None, out=None) -> dict:
     t0 = time.perf_counter()
     metrics = evaluate(model, tokenizer, ids, cfg)
     seconds = time.perf_counter() - t0
-    result = {"checkpoint": ckpt.checkpoint, "data": name, "tokenizer": tokenizer.kind, "device": str(info.device),
-              **metrics, "seconds": round(seconds, 3)}
-    rows = [("checkpoint", ckpt.checkpoint),
-            ("data", f"{name} ({metrics['tokens']:,} predicted tokens, {tokenizer.kind} tokenizer)"),
-            ("loss", f"{metrics['loss']:.4f} nats/token"), ("perplexity", f"{metrics['perplexity']:.3f}"),
-            ("bits/token", f"{metrics['bits_per_token']:.4f}"), ("bits/char", f"{metrics['bits_per_char']:.4f}"),
-            ("time", f"{seconds:.2f} s on {info.device}")]
+    result = {
+        "checkpoint": ckpt.checkpoint,
+        "data": name,
+        "tokenizer": tokenizer.kind,
+        "device": str(info.device),
+        **metrics,
+        "seconds": round(seconds, 3),
+    }
+    rows = [
+        ("checkpoint", ckpt.checkpoint),
+        ("data", f"{name} ({metrics['tokens']:,} predicted tokens, {tokenizer.kind} tokenizer)"),
+        ("loss", f"{metrics['loss']:.4f} nats/token"),
+        ("perplexity", f"{metrics['perplexity']:.3f}"),
+        ("bits/token", f"{metrics['bits_per_token']:.4f}"),
+        ("bits/char", f"{metrics['bits_per_char']:.4f}"),
+        ("time", f"{seconds:.2f} s on {info.device}"),
+    ]
     width = max(len(k) for k, _ in rows)
     out.write(json.dumps(result) + "\n" if src.json else "".join(f"{k:<{width}}  {v}\n" for k, v in rows))
     out.flush()

@@ -24,6 +24,7 @@ is replaced only with ``--overwrite`` and only when it holds an earlier export a
 (its ``.fastlm-export`` marker lists the files). The run is read under its lock: exporting a run
 that is being trained is refused (``RUN is in use by pid N``).
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,15 +41,22 @@ __all__ = ["build_parser", "main", "run"]
 @dataclass(frozen=True)
 class Export:
     out: str = field(metadata={"help": "output directory (must be empty or absent, unless --overwrite)"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "replace an earlier fastlm export in --out (any other non-empty folder is refused)"})
-    check: bool = field(default=True, metadata={
-        "help": "self-check: reload the export with transformers and compare logits (--no-check skips it)"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace an earlier fastlm export in --out (any other non-empty folder is refused)"},
+    )
+    check: bool = field(
+        default=True,
+        metadata={"help": "self-check: reload the export with transformers and compare logits (--no-check skips it)"},
+    )
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m fastlm.export", description="Write a fastlm run as a transformers model "
-                      "directory (AutoModelForCausalLM / AutoTokenizer load it without custom code).")
+    p = OneLineParser(
+        prog="python -m fastlm.export",
+        description="Write a fastlm run as a transformers model "
+        "directory (AutoModelForCausalLM / AutoTokenizer load it without custom code).",
+    )
     add_dataclass_args(p, LoadConfig, title="model", exclude=("device",))  # loaded on the CPU
     add_dataclass_args(p, Export, title="export")
     return p

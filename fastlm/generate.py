@@ -10,6 +10,7 @@ by a line of dashes; ``--from-split`` prints prompts from the run's split with t
 true continuations. An empty prompt starts at the end-of-text token. ``--prompt-file`` reads at most
 16 MiB (a larger regular file is refused by its size). Bad input: one ``error:`` line, exit status 2.
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,19 +29,33 @@ SEPARATOR = "-" * 40
 
 @dataclass(frozen=True)
 class Prompts:
-    prompt: Optional[str] = field(default=None, metadata={
-        "help": "prompt text (default: empty = start of a document)", "exclusive": "prompt"})
-    prompt_file: Optional[str] = field(default=None, metadata={
-        "help": "read the prompt from this UTF-8 file, FIFO or <(command) (16 MiB at most)", "exclusive": "prompt"})
-    from_split: Optional[str] = field(default=None, metadata={
-        "help": "draw prompts from this split of the run's corpus and show the true continuation",
-        "choices": SPLITS, "exclusive": "prompt"})
+    prompt: Optional[str] = field(
+        default=None, metadata={"help": "prompt text (default: empty = start of a document)", "exclusive": "prompt"}
+    )
+    prompt_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "read the prompt from this UTF-8 file, FIFO or <(command) (16 MiB at most)",
+            "exclusive": "prompt",
+        },
+    )
+    from_split: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "draw prompts from this split of the run's corpus and show the true continuation",
+            "choices": SPLITS,
+            "exclusive": "prompt",
+        },
+    )
     output_file: Optional[str] = field(default=None, metadata={"help": "also write the samples here (a new file)"})
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="python -m fastlm.generate", description="Sample text from a fastlm checkpoint "
-                      "(KV-cached decoding; temperature, top-k, top-p, greedy or beam search).")
+    p = OneLineParser(
+        prog="python -m fastlm.generate",
+        description="Sample text from a fastlm checkpoint "
+        "(KV-cached decoding; temperature, top-k, top-p, greedy or beam search).",
+    )
     for cls, title in ((LoadConfig, "model"), (Prompts, "prompts"), (GenerateConfig, "decoding")):
         add_dataclass_args(p, cls, title=title)
     return p
@@ -57,9 +72,11 @@ def run(argv=None, out=None) -> None:
     streamed = ""
     if io.from_split is not None:
         done = sample_split(model, tokenizer, info.split(io.from_split), cfg)
-        text = "\n".join(f"=== example {i}/{len(done)}: {io.from_split} tokens {s.start}..{s.stop - 1} ===\n"
-                         f"--- prompt ---\n{s.prompt}\n--- model ---\n{s.model}\n--- true ---\n{s.true}\n"
-                         for i, s in enumerate(done, 1))
+        text = "\n".join(
+            f"=== example {i}/{len(done)}: {io.from_split} tokens {s.start}..{s.stop - 1} ===\n"
+            f"--- prompt ---\n{s.prompt}\n--- model ---\n{s.model}\n--- true ---\n{s.true}\n"
+            for i, s in enumerate(done, 1)
+        )
     elif cfg.beam_size is not None:
         beams = enumerate(beam_search(model, tokenizer, prompt, cfg), 1)
         text = (SEPARATOR + "\n").join(f"[beam {rank}] score {score:.4f}\n{t}\n" for rank, (t, score) in beams)
@@ -67,7 +84,7 @@ def run(argv=None, out=None) -> None:
         text = (SEPARATOR + "\n").join(t + "\n" for t in generate(model, tokenizer, prompt, cfg))
     else:  # one sample, streamed as it is decoded
         text = (streamed := generate(model, tokenizer, prompt, cfg, stream=out)[0]) + "\n"
-    out.write(text[len(streamed):])
+    out.write(text[len(streamed) :])
     out.flush()
     write_new_file("--output-file", io.output_file, text)
 

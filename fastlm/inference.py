@@ -20,6 +20,7 @@ Bad input raises :class:`~fastlm.errors.InputError` (a ``ValueError``; the CLIs 
 :class:`~fastlm.errors.DataError` for data that cannot be scored,
 :class:`~fastlm.errors.TokenizerError` for text the tokenizer cannot encode.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,20 @@ from fastlm.text.tokenizers import Tokenizer
 from fastlm.training.runtime import resolve_device
 from fastlm.training.settings import flag_name
 
-__all__ = ["load", "generate", "beam_search", "sample_split", "evaluate", "read_prompt_file", "LoadConfig",
-           "ModelInfo", "GenerateConfig", "EvaluateConfig", "SplitSample", "MAX_PROMPT_BYTES"]
+__all__ = [
+    "load",
+    "generate",
+    "beam_search",
+    "sample_split",
+    "evaluate",
+    "read_prompt_file",
+    "LoadConfig",
+    "ModelInfo",
+    "GenerateConfig",
+    "EvaluateConfig",
+    "SplitSample",
+    "MAX_PROMPT_BYTES",
+]
 
 #: the largest prompt file (bytes) read: a regular file is refused by its size before it is opened,
 #: a FIFO or pipe (``--prompt-file <(command)``) once more than this has arrived
@@ -92,22 +105,32 @@ def _config(cls, config, settings: dict):
 @dataclass(frozen=True)
 class LoadConfig:
     """Where a model comes from (the ``--checkpoint``, ``--device`` and ``--backend`` flags of the CLIs)."""
-    checkpoint: str = field(metadata={"help": "a run directory, its model.safetensors, or hf:DIR / hf:ORG/NAME "
-                                              "(a Hugging Face transformers model directory)"})
+
+    checkpoint: str = field(
+        metadata={
+            "help": "a run directory, its model.safetensors, or hf:DIR / hf:ORG/NAME "
+            "(a Hugging Face transformers model directory)"
+        }
+    )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
-    backend: Optional[str] = field(default=None, metadata={
-        "help": "fastlm.ops backend: auto | reference | torch | triton | cuda | cpp (default: the one the run "
-                "was trained with when it can run here, else auto)"})
+    backend: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "fastlm.ops backend: auto | reference | torch | triton | cuda | cpp (default: the one the run "
+            "was trained with when it can run here, else auto)"
+        },
+    )
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """What :func:`load` loaded, besides the model and its tokenizer."""
-    source: str                #: the checkpoint as given: a run directory, a weights file or ``hf:NAME``
-    run_dir: Optional[Path]    #: its fastlm run directory (None for a ``hf:`` model)
-    device: torch.device       #: where the model's weights are
-    backend: str               #: the fastlm.ops backend the model runs with
-    run_config: dict           #: the run's ``config.json`` (model, train, tokenizer, ...); ``hf:``: its equivalent
+
+    source: str  #: the checkpoint as given: a run directory, a weights file or ``hf:NAME``
+    run_dir: Optional[Path]  #: its fastlm run directory (None for a ``hf:`` model)
+    device: torch.device  #: where the model's weights are
+    backend: str  #: the fastlm.ops backend the model runs with
+    run_config: dict  #: the run's ``config.json`` (model, train, tokenizer, ...); ``hf:``: its equivalent
 
     @property
     def raw_newlines(self) -> bool:
@@ -125,8 +148,9 @@ class ModelInfo:
         return ids
 
 
-def load(path_or_hf: Union[str, os.PathLike], *, device: str = LoadConfig.device,
-         backend: Optional[str] = LoadConfig.backend) -> Tuple[GPT, Tokenizer, ModelInfo]:
+def load(
+    path_or_hf: Union[str, os.PathLike], *, device: str = LoadConfig.device, backend: Optional[str] = LoadConfig.backend
+) -> Tuple[GPT, Tokenizer, ModelInfo]:
     """``(model in eval mode on device, tokenizer, ModelInfo)`` from a run directory (its
     ``model.safetensors``, else the latest checkpoint's best weights), a weights file inside one, or
     ``hf:DIR`` / ``hf:ORG/NAME`` (a transformers model directory, or a cached hub snapshot).
@@ -151,27 +175,39 @@ def load(path_or_hf: Union[str, os.PathLike], *, device: str = LoadConfig.device
 class GenerateConfig:
     """How :func:`generate`, :func:`beam_search` and :func:`sample_split` decode (the flags of
     ``python -m fastlm.generate``). Sampling settings apply when ``beam_size`` is None."""
+
     max_new_tokens: int = field(default=200, metadata={"help": "tokens to generate per sample"})
     num_samples: int = field(default=1, metadata={"help": "samples per prompt (one batched call)"})
     seed: Optional[int] = field(default=1337, metadata={"help": "random seed (none: torch's global generator)"})
     temperature: float = field(default=0.8, metadata={"help": "softmax temperature (> 0)"})
     top_k: Optional[int] = field(default=None, metadata={"help": "sample among the k most likely tokens"})
-    top_p: Optional[float] = field(default=None, metadata={
-        "help": "nucleus sampling: the smallest set of tokens with probability mass >= p"})
+    top_p: Optional[float] = field(
+        default=None, metadata={"help": "nucleus sampling: the smallest set of tokens with probability mass >= p"}
+    )
     greedy: bool = field(default=False, metadata={"help": "always take the most likely token"})
     beam_size: Optional[int] = field(default=None, metadata={"help": "beam search with this many beams"})
     length_penalty: float = field(default=1.0, metadata={"help": "beam score = sum log-prob / length**penalty"})
-    stop_at_eos: bool = field(default=False, metadata={
-        "help": "stop a sample at the end-of-text token (it is not printed)"})
-    kv_cache: bool = field(default=True, metadata={
-        "help": "decode with the KV cache (--no-kv-cache recomputes the whole context at every step: slow; "
-                "for checking the cache)"})
-    raw_newlines: bool = field(default=False, metadata={
-        "help": "keep \\r\\n / \\r in the prompt as they are, instead of normalising them to \\n as training "
-                "does with its corpus"})
+    stop_at_eos: bool = field(
+        default=False, metadata={"help": "stop a sample at the end-of-text token (it is not printed)"}
+    )
+    kv_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "decode with the KV cache (--no-kv-cache recomputes the whole context at every step: slow; "
+            "for checking the cache)"
+        },
+    )
+    raw_newlines: bool = field(
+        default=False,
+        metadata={
+            "help": "keep \\r\\n / \\r in the prompt as they are, instead of normalising them to \\n as training "
+            "does with its corpus"
+        },
+    )
     examples: int = field(default=5, metadata={"help": "number of prompts with --from-split"})
-    prompt_tokens: Optional[int] = field(default=None, metadata={
-        "help": "prompt length in tokens with --from-split (default: min(64, block_size // 2))"})
+    prompt_tokens: Optional[int] = field(
+        default=None, metadata={"help": "prompt length in tokens with --from-split (default: min(64, block_size // 2))"}
+    )
 
     def __post_init__(self):
         _need(_is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "max_new_tokens", ">= 0", self.max_new_tokens)
@@ -180,15 +216,26 @@ class GenerateConfig:
         for name in ("beam_size", "prompt_tokens"):
             value = getattr(self, name)
             _need(value is None or (_is_int(value) and value > 0), name, "> 0 or none", value)
-        _need(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64), "seed",
-              "an integer in [-2**63, 2**64) or none", self.seed)
+        _need(
+            self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
+            "seed",
+            "an integer in [-2**63, 2**64) or none",
+            self.seed,
+        )
         for name in ("greedy", "stop_at_eos", "kv_cache", "raw_newlines"):
             _need(isinstance(getattr(self, name), bool), name, "true or false", getattr(self, name))
-        _need(isinstance(self.length_penalty, (int, float)) and not isinstance(self.length_penalty, bool)
-              and math.isfinite(self.length_penalty), "length_penalty", "a finite number", self.length_penalty)
+        _need(
+            isinstance(self.length_penalty, (int, float))
+            and not isinstance(self.length_penalty, bool)
+            and math.isfinite(self.length_penalty),
+            "length_penalty",
+            "a finite number",
+            self.length_penalty,
+        )
         if self.beam_size is not None and self.num_samples != 1:
-            raise InputError(f"{_setting('beam_size')} returns the best beams of one prompt; leave "
-                             f"{_setting('num_samples')} at 1")
+            raise InputError(
+                f"{_setting('beam_size')} returns the best beams of one prompt; leave {_setting('num_samples')} at 1"
+            )
         if self.beam_size is None:
             _check_sampling(self.temperature, self.top_k, self.top_p, self.greedy)
 
@@ -217,12 +264,12 @@ class _Streamer:
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd") or not text.startswith(self.printed):  # wait for the rest of a character
             return
-        self.write(text[len(self.printed):])
+        self.write(text[len(self.printed) :])
         self.printed = text
 
     def finish(self) -> str:
         text = self.tok.decode(self.ids)
-        rest = (text[len(self.printed):] if text.startswith(self.printed) else "") + self.end
+        rest = (text[len(self.printed) :] if text.startswith(self.printed) else "") + self.end
         if rest:
             self.write(rest)
         return text
@@ -232,6 +279,7 @@ def _file_writer(out: TextIO) -> Callable[[str], None]:
     def write(piece: str) -> None:
         out.write(piece)
         out.flush()
+
     return write
 
 
@@ -246,8 +294,9 @@ def _prompt_ids(tokenizer, prompt: Prompt, cfg: GenerateConfig) -> Tuple[str, Li
         text = tokenizer.decode(ids)
     if not ids:
         if tokenizer.eos_id is None:
-            raise InputError("empty prompt and the tokenizer has no end-of-text token to start from; give a "
-                             "prompt (--prompt)")
+            raise InputError(
+                "empty prompt and the tokenizer has no end-of-text token to start from; give a prompt (--prompt)"
+            )
         ids = [tokenizer.eos_id]
     return text, ids
 
@@ -263,8 +312,15 @@ def _sampling(model, cfg: GenerateConfig, eos_id: Optional[int]) -> dict:
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
-    return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, greedy=cfg.greedy,
-                eos_id=eos_id, use_cache=cfg.kv_cache, generator=generator)
+    return dict(
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        greedy=cfg.greedy,
+        eos_id=eos_id,
+        use_cache=cfg.kv_cache,
+        generator=generator,
+    )
 
 
 def _continuation(tokenizer, ids, eos_id: Optional[int]) -> str:
@@ -272,8 +328,15 @@ def _continuation(tokenizer, ids, eos_id: Optional[int]) -> str:
     return tokenizer.decode(ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids)
 
 
-def generate(model: GPT, tokenizer: Tokenizer, prompt: Prompt = "", config: Optional[GenerateConfig] = None, *,
-             stream: Optional[Stream] = None, **settings) -> List[str]:
+def generate(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: Prompt = "",
+    config: Optional[GenerateConfig] = None,
+    *,
+    stream: Optional[Stream] = None,
+    **settings,
+) -> List[str]:
     """Continue ``prompt`` (text, or token ids) and return the texts, each the prompt followed by
     its continuation: ``num_samples`` samples decoded in one batched call, or with ``beam_size`` the
     beams, best first (:func:`beam_search` gives their scores).
@@ -294,7 +357,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: Prompt = "", config: Opti
     batch = torch.tensor([ids] * cfg.num_samples, dtype=torch.long)
     if stream is None:
         rows = _generate(model, batch, cfg.max_new_tokens, **_sampling(model, cfg, eos_id))
-        return [text + _continuation(tokenizer, row[len(ids):].tolist(), eos_id) for row in rows]
+        return [text + _continuation(tokenizer, row[len(ids) :].tolist(), eos_id) for row in rows]
     streamer = _Streamer(tokenizer, stream, eos_id, end="")
     if text:
         streamer.write(text)
@@ -302,8 +365,9 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: Prompt = "", config: Opti
     return [text + streamer.finish()]
 
 
-def beam_search(model: GPT, tokenizer: Tokenizer, prompt: Prompt = "", config: Optional[GenerateConfig] = None,
-                **settings) -> List[Tuple[str, float]]:
+def beam_search(
+    model: GPT, tokenizer: Tokenizer, prompt: Prompt = "", config: Optional[GenerateConfig] = None, **settings
+) -> List[Tuple[str, float]]:
     """Beam search from ``prompt`` with ``beam_size`` beams (a required setting): ``(text, score)``
     pairs, best first, each text the prompt followed by its continuation; score = the
     continuation's summed log-probability / its length ** ``length_penalty``."""
@@ -312,43 +376,57 @@ def beam_search(model: GPT, tokenizer: Tokenizer, prompt: Prompt = "", config: O
         raise InputError(f"beam_search needs {_setting('beam_size')}")
     text, ids = _prompt_ids(tokenizer, prompt, cfg)
     eos_id = _eos(tokenizer, cfg)
-    beams = _beam_search(model, torch.tensor([ids]), cfg.max_new_tokens, cfg.beam_size,
-                         length_penalty=cfg.length_penalty, eos_id=eos_id)
-    return [(text + _continuation(tokenizer, seq[len(ids):].tolist(), eos_id), score) for seq, score in beams]
+    beams = _beam_search(
+        model, torch.tensor([ids]), cfg.max_new_tokens, cfg.beam_size, length_penalty=cfg.length_penalty, eos_id=eos_id
+    )
+    return [(text + _continuation(tokenizer, seq[len(ids) :].tolist(), eos_id), score) for seq, score in beams]
 
 
 @dataclass(frozen=True)
 class SplitSample:
     """A prompt drawn from a token array by :func:`sample_split`, with both continuations."""
-    start: int     #: the index of the prompt's first token in the array
-    stop: int      #: the index after its last token (where the true continuation starts)
-    prompt: str    #: the prompt's text
-    model: str     #: the model's continuation
-    true: str      #: the text that follows the prompt in the array (``max_new_tokens`` tokens)
+
+    start: int  #: the index of the prompt's first token in the array
+    stop: int  #: the index after its last token (where the true continuation starts)
+    prompt: str  #: the prompt's text
+    model: str  #: the model's continuation
+    true: str  #: the text that follows the prompt in the array (``max_new_tokens`` tokens)
 
 
-def sample_split(model: GPT, tokenizer: Tokenizer, ids, config: Optional[GenerateConfig] = None,
-                 **settings) -> List[SplitSample]:
+def sample_split(
+    model: GPT, tokenizer: Tokenizer, ids, config: Optional[GenerateConfig] = None, **settings
+) -> List[SplitSample]:
     """``examples`` prompts of ``prompt_tokens`` tokens drawn (seeded) from the token array ``ids``
     (e.g. ``info.split("val")``), continued in one batched call (sampling settings as in
     :func:`generate`; no beams, one sample per prompt)."""
     cfg = _config(GenerateConfig, config, settings)
     if cfg.beam_size is not None or cfg.num_samples != 1:
-        raise InputError(f"prompts from a split (--from-split) take neither {_setting('beam_size')} nor "
-                         f"{_setting('num_samples')} (use examples, --examples)")
+        raise InputError(
+            f"prompts from a split (--from-split) take neither {_setting('beam_size')} nor "
+            f"{_setting('num_samples')} (use examples, --examples)"
+        )
     n = cfg.prompt_tokens if cfg.prompt_tokens is not None else max(1, min(64, model.max_context() // 2))
     if len(ids) < n + 1:
-        raise DataError(f"the split has {len(ids)} tokens; a prompt of {n} tokens plus one to continue needs "
-                        f"more (lower --prompt-tokens)")
+        raise DataError(
+            f"the split has {len(ids)} tokens; a prompt of {n} tokens plus one to continue needs "
+            f"more (lower --prompt-tokens)"
+        )
     rng = np.random.default_rng(None if cfg.seed is None else cfg.seed % 2**64)
     starts = sorted(rng.integers(0, len(ids) - n, size=cfg.examples).tolist())
-    prompts = torch.tensor(np.stack([np.asarray(ids[s:s + n], dtype=np.int64) for s in starts]))
+    prompts = torch.tensor(np.stack([np.asarray(ids[s : s + n], dtype=np.int64) for s in starts]))
     eos_id = _eos(tokenizer, cfg)
     rows = _generate(model, prompts, cfg.max_new_tokens, **_sampling(model, cfg, eos_id))
-    true = [np.asarray(ids[s + n:s + n + cfg.max_new_tokens], dtype=np.int64).tolist() for s in starts]
-    return [SplitSample(s, s + n, tokenizer.decode(prompts[i].tolist()),
-                        _continuation(tokenizer, rows[i, n:].tolist(), eos_id), tokenizer.decode(true[i]))
-            for i, s in enumerate(starts)]
+    true = [np.asarray(ids[s + n : s + n + cfg.max_new_tokens], dtype=np.int64).tolist() for s in starts]
+    return [
+        SplitSample(
+            s,
+            s + n,
+            tokenizer.decode(prompts[i].tolist()),
+            _continuation(tokenizer, rows[i, n:].tolist(), eos_id),
+            tokenizer.decode(true[i]),
+        )
+        for i, s in enumerate(starts)
+    ]
 
 
 def read_prompt_file(path: Union[str, os.PathLike], max_bytes: int = MAX_PROMPT_BYTES) -> str:
@@ -381,20 +459,32 @@ def read_prompt_file(path: Union[str, os.PathLike], max_bytes: int = MAX_PROMPT_
 @dataclass(frozen=True)
 class EvaluateConfig:
     """How :func:`evaluate` scores (flags of ``python -m fastlm.evaluate``)."""
+
     batch_size: int = field(default=8, metadata={"help": "windows of block_size tokens per forward"})
-    max_tokens: Optional[int] = field(default=None, metadata={
-        "help": "score only the first N tokens (quick estimates on big corpora)"})
-    raw_newlines: bool = field(default=False, metadata={
-        "help": "keep \\r\\n / \\r in text as they are, instead of normalising them to \\n as training does"})
-    doc_mask: Optional[bool] = field(default=None, metadata={
-        "help": "mask attention at document boundaries (end-of-text tokens), as training with --doc-mask does "
-                "(default: what the run was trained with)"})
+    max_tokens: Optional[int] = field(
+        default=None, metadata={"help": "score only the first N tokens (quick estimates on big corpora)"}
+    )
+    raw_newlines: bool = field(
+        default=False,
+        metadata={"help": "keep \\r\\n / \\r in text as they are, instead of normalising them to \\n as training does"},
+    )
+    doc_mask: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "mask attention at document boundaries (end-of-text tokens), as training with --doc-mask does "
+            "(default: what the run was trained with)"
+        },
+    )
 
     def __post_init__(self):
         _need(_is_int(self.batch_size) and self.batch_size > 0, "batch_size", "> 0", self.batch_size)
         _need(self.doc_mask in (None, True, False), "doc_mask", "true, false or none", self.doc_mask)
-        _need(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 2), "max_tokens",
-              ">= 2 (one prediction needs two tokens)", self.max_tokens)
+        _need(
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 2),
+            "max_tokens",
+            ">= 2 (one prediction needs two tokens)",
+            self.max_tokens,
+        )
         _need(isinstance(self.raw_newlines, bool), "raw_newlines", "true or false", self.raw_newlines)
 
 
@@ -405,13 +495,14 @@ def _token_ids(tokenizer, data: Data, cfg: EvaluateConfig) -> np.ndarray:
         return encode_documents(tokenizer, docs)[0]  # joined with the end-of-text token, as training does
     ids = np.asarray(data.cpu() if isinstance(data, torch.Tensor) else data)
     if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-        raise DataError(f"data must be a text, a list of documents or a 1-D array of token ids, got "
-                        f"{ids.dtype} of shape {ids.shape}")
+        raise DataError(
+            f"data must be a text, a list of documents or a 1-D array of token ids, got "
+            f"{ids.dtype} of shape {ids.shape}"
+        )
     return ids
 
 
-def evaluate(model: GPT, tokenizer: Tokenizer, data: Data, config: Optional[EvaluateConfig] = None,
-             **settings) -> dict:
+def evaluate(model: GPT, tokenizer: Tokenizer, data: Data, config: Optional[EvaluateConfig] = None, **settings) -> dict:
     """Score ``data`` with ``model``: a text, a list of documents (tokenized and joined with the
     end-of-text token, as training does; newlines normalised unless ``raw_newlines``), or token ids
     such as ``info.split("val")``. Every next-token prediction is scored, in non-overlapping windows
@@ -433,8 +524,14 @@ def evaluate(model: GPT, tokenizer: Tokenizer, data: Data, config: Optional[Eval
         raise DataError(f"token id {bad} is outside the model's vocabulary [0, {vocab})")
     if cfg.doc_mask and tokenizer.eos_id is None:
         raise InputError(f"doc_mask needs an end-of-text token; the {tokenizer.kind} tokenizer has none")
-    loss = split_loss(model, ids, model.max_context(), cfg.batch_size, next(model.parameters()).device,
-                      eos_id=tokenizer.eos_id if cfg.doc_mask else None)
+    loss = split_loss(
+        model,
+        ids,
+        model.max_context(),
+        cfg.batch_size,
+        next(model.parameters()).device,
+        eos_id=tokenizer.eos_id if cfg.doc_mask else None,
+    )
     n_pred = len(ids) - 1
     if tokenizer.kind == "char":
         n_chars = n_pred

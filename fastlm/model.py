@@ -4,14 +4,18 @@ Readable in one sitting, in the spirit of nanoGPT's model.py: pre-norm blocks
 ``x + attn(norm(x))``, ``x + mlp(norm(x))``, a final norm and a (tied) language-model head.
 
 Options (all in :class:`GPTConfig`): ``norm`` (layernorm | rmsnorm, epsilon
-``norm_eps``), ``mlp`` (gelu | gelu_tanh | relu | swiglu),
+``norm_eps``), ``mlp`` (gelu | gelu_tanh | relu | relu2 | swiglu),
 ``pos`` (learned | sinusoidal | alibi | rope | none), ``n_kv_head`` for grouped-query attention,
 dropout (residual and embedding; identity in eval), bias on/off, tied embeddings, GPT-2 init.
+The speedrun options (modded-nanogpt's ideas; each off by default, which leaves the model exactly as
+it was): ``qk_norm``, ``mlp="relu2"``, ``logit_softcap``, ``zero_init_proj``, ``value_embed``,
+``unet_skips`` (see the fields' help for the math of each).
 
 Incremental decoding: :meth:`GPT.new_kv_cache` returns a static :class:`KVCache`; passing it to
 :meth:`GPT.forward` feeds only the new tokens, which attend to the cached keys with the
 bottom-right causal alignment of :func:`fastlm.ops.attention`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,13 +29,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import ops
-from fastlm.ops.positions import alibi_slopes, apply_rope, rope_tables
 from fastlm.errors import ConfigError
+from fastlm.ops.positions import alibi_slopes, apply_rope, rope_tables
 
 __all__ = ["GPTConfig", "GPT", "KVCache"]
 
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "gelu_tanh", "relu", "swiglu")  # gelu: exact erf; gelu_tanh: GPT-2's tanh form
+MLPS = (
+    "gelu",
+    "gelu_tanh",
+    "relu",
+    "relu2",
+    "swiglu",
+)  # gelu: exact erf; gelu_tanh: GPT-2's tanh form; relu2: relu(x)^2
 POSITIONS = ("learned", "sinusoidal", "alibi", "rope", "none")
 MAX_POSITIONS = 1 << 17  # the largest context any positional scheme here is built for
 
@@ -48,18 +58,52 @@ class GPTConfig:
     n_head: int = field(default=3, metadata={"help": "query heads"})
     n_kv_head: Optional[int] = field(default=None, metadata={"help": "key/value heads for GQA (default: n_head)"})
     n_embd: int = field(default=96, metadata={"help": "embedding width"})
-    mlp_hidden: Optional[int] = field(default=None, metadata={"help": "MLP hidden width (default 4*n_embd; 8/3*n_embd for swiglu)"})
+    mlp_hidden: Optional[int] = field(
+        default=None, metadata={"help": "MLP hidden width (default 4*n_embd; 8/3*n_embd for swiglu)"}
+    )
     dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings and residual branches"})
     bias: bool = field(default=False, metadata={"help": "biases in Linear and LayerNorm"})
     norm: str = field(default="layernorm", metadata={"help": "layernorm | rmsnorm"})
     norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of LayerNorm / RMSNorm"})
-    mlp: str = field(default="swiglu", metadata={"help": "gelu | gelu_tanh | relu | swiglu"})
+    mlp: str = field(default="swiglu", metadata={"help": "gelu | gelu_tanh | relu | relu2 (relu(x)^2) | swiglu"})
     pos: str = field(default="rope", metadata={"help": "learned | sinusoidal | alibi | rope | none"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     tie_embeddings: bool = field(default=True, metadata={"help": "share token embedding and LM head"})
-    window: Optional[int] = field(default=None, metadata={
-        "help": "sliding-window attention in every layer: a query sees its last N keys, itself included "
-                "(default: none = the whole causal context; fastlm.ops.masks has the exact rule)"})
+    window: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "sliding-window attention in every layer: a query sees its last N keys, itself included "
+            "(default: none = the whole causal context; fastlm.ops.masks has the exact rule)"
+        },
+    )
+    qk_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "normalise each head's queries and keys (the model's norm over head_dim, learned gain, no bias; "
+            "separate for q and k) before RoPE"
+        },
+    )
+    logit_softcap: float = field(
+        default=0.0, metadata={"help": "soft-cap the logits at +-c: c * tanh(logits / c) (0 = off)"}
+    )
+    zero_init_proj: bool = field(
+        default=False,
+        metadata={"help": "initialise the output projections (attention, MLP, and an untied LM head) to zero"},
+    )
+    value_embed: bool = field(
+        default=False,
+        metadata={
+            "help": "value embeddings: each layer's attention values become a*v + b*E_l[token], with a token "
+            "embedding E_l per layer and learned scalars a, b (start 0.5)"
+        },
+    )
+    unet_skips: bool = field(
+        default=False,
+        metadata={
+            "help": "U-net skips: the outputs of the first n_layer//2 blocks are added, times a learned weight "
+            "(start 1), to the inputs of the mirrored last n_layer//2 blocks"
+        },
+    )
     backend: str = field(default="auto", metadata={"help": "fastlm.ops backend for attention/swiglu"})
 
     def __post_init__(self):
@@ -93,27 +137,46 @@ class GPTConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.backend not in ("auto",) + ops.BACKENDS:
             raise ConfigError(f"backend must be auto or one of {', '.join(ops.BACKENDS)}, got {self.backend!r}")
-        for name in ("bias", "tie_embeddings"):
+        for name in ("bias", "tie_embeddings", "qk_norm", "zero_init_proj", "value_embed", "unet_skips"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
+        if (
+            isinstance(self.rope_theta, bool)
+            or not isinstance(self.rope_theta, (int, float))
+            or not self.rope_theta > 0
+        ):
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
             raise ConfigError(f"norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
+        if (
+            isinstance(self.logit_softcap, bool)
+            or not isinstance(self.logit_softcap, (int, float))
+            or not 0 <= self.logit_softcap < math.inf
+        ):
+            raise ConfigError(f"logit_softcap must be a finite number >= 0 (0 = off), got {self.logit_softcap!r}")
+        if self.unet_skips and self.n_layer < 2:
+            raise ConfigError(f"unet_skips needs n_layer >= 2, got {self.n_layer}")
         if self.n_embd % self.n_head != 0:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head != 0:
             raise ConfigError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.pos == "rope" and self.head_dim % 2 != 0:
             raise ConfigError(f"pos=rope needs an even head dim, got n_embd/n_head = {self.head_dim}")
-        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
-                                        or self.window < 1):
+        if self.window is not None and (
+            isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1
+        ):
             raise ConfigError(f"window must be a positive integer or none, got {self.window!r}")
         if self.block_size > MAX_POSITIONS:
-            raise ConfigError(f"block_size {self.block_size} is beyond the {MAX_POSITIONS} positions "
-                              f"that pos={self.pos} supports here")
+            raise ConfigError(
+                f"block_size {self.block_size} is beyond the {MAX_POSITIONS} positions "
+                f"that pos={self.pos} supports here"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,8 +214,17 @@ class KVCache:
     batch rows (beam search).
     """
 
-    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device=None, dtype=torch.float32, window: Optional[int] = None):
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        device=None,
+        dtype=torch.float32,
+        window: Optional[int] = None,
+    ):
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -173,8 +245,8 @@ class KVCache:
         if keep is None or keep + n > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, needs {self.fill + n}")
         if keep:
-            self.k[:, :, :, :keep] = self.k[:, :, :, self.fill - keep:self.fill].clone()
-            self.v[:, :, :, :keep] = self.v[:, :, :, self.fill - keep:self.fill].clone()
+            self.k[:, :, :, :keep] = self.k[:, :, :, self.fill - keep : self.fill].clone()
+            self.v[:, :, :, :keep] = self.v[:, :, :, self.fill - keep : self.fill].clone()
         self.fill = keep
 
     def update(self, layer: int, k: Tensor, v: Tensor):
@@ -197,10 +269,11 @@ class KVCache:
         self.length = self.fill = 0
 
 
-def _norm(cfg: GPTConfig) -> nn.Module:
+def _norm(cfg: GPTConfig, width: Optional[int] = None, bias: Optional[bool] = None) -> nn.Module:
+    width = cfg.n_embd if width is None else width
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        return nn.RMSNorm(width, eps=cfg.norm_eps)
+    return nn.LayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias if bias is None else bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -212,15 +285,50 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        # qk_norm: one gain per head dim for all query heads, one for all key heads (no bias)
+        self.q_norm = _norm(cfg, cfg.head_dim, bias=False) if cfg.qk_norm else None
+        self.k_norm = _norm(cfg, cfg.head_dim, bias=False) if cfg.qk_norm else None
+        # value_embed: v <- ve_mix[0] * v + ve_mix[1] * (the layer's value embedding of the token)
+        self.ve_mix = nn.Parameter(torch.full((2,), 0.5)) if cfg.value_embed else None
 
-    def forward(self, x: Tensor, rope=None, alibi: Optional[Tensor] = None,
-                kv_cache: Optional[KVCache] = None, segment_ids: Optional[Tensor] = None) -> Tensor:
+    def _qkv_options(self, qkv: Tensor, ve: Optional[Tensor]) -> Tensor:
+        """qk_norm and value_embed applied to the packed ``(B, T, (H + 2 Hkv) D)`` projection."""
+        B, T, _ = qkv.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm(q.view(B, T, H, D)).view(B, T, H * D)
+            k = self.k_norm(k.view(B, T, Hkv, D)).view(B, T, Hkv * D)
+        if ve is not None:  # (B, T, Hkv D)
+            v = self.ve_mix[0] * v + self.ve_mix[1] * ve
+        return torch.cat([q, k, v], dim=-1)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope=None,
+        alibi: Optional[Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        segment_ids: Optional[Tensor] = None,
+        ve: Optional[Tensor] = None,
+    ) -> Tensor:
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
+        if self.q_norm is not None or ve is not None:
+            qkv = self._qkv_options(qkv, ve)
         if kv_cache is None:  # split, rotate, attend, merge heads: fused into one op where a kernel does it
-            y = ops.attention_qkv(qkv, H, Hkv, rope=rope, causal=True, window=self.cfg.window, segment_ids=segment_ids,
-                                  alibi_slopes=alibi, backend=self.cfg.backend)
+            y = ops.attention_qkv(
+                qkv,
+                H,
+                Hkv,
+                rope=rope,
+                causal=True,
+                window=self.cfg.window,
+                segment_ids=segment_ids,
+                alibi_slopes=alibi,
+                backend=self.cfg.backend,
+            )
             return self.resid_drop(self.proj(y))
         qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
         qk = qk.view(B, T, H + Hkv, D)
@@ -251,6 +359,8 @@ class MLP(nn.Module):
         h = self.fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) = [gate | up] for swiglu
         if self.kind == "swiglu":
             h = ops.swiglu_packed(h, backend=self.backend)  # (B, T, hidden)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         elif self.kind == "gelu":
             h = F.gelu(h)
         elif self.kind == "gelu_tanh":
@@ -268,8 +378,8 @@ class Block(nn.Module):
         self.ln2 = _norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, alibi=None, kv_cache=None, segment_ids=None):
-        x = x + self.attn(self.ln1(x), rope=rope, alibi=alibi, kv_cache=kv_cache, segment_ids=segment_ids)
+    def forward(self, x, rope=None, alibi=None, kv_cache=None, segment_ids=None, ve=None):
+        x = x + self.attn(self.ln1(x), rope=rope, alibi=alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve)
         return x + self.mlp(self.ln2(x))
 
 
@@ -295,11 +405,30 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        kv_width = cfg.n_kv_head * cfg.head_dim
+        self.value_embeds = (
+            nn.ModuleList(nn.Embedding(cfg.vocab_size, kv_width) for _ in range(cfg.n_layer))
+            if cfg.value_embed
+            else None
+        )
+        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet_skips else None
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.zero_init_proj:
+            self._zero_output_projections()
+
+    def _zero_output_projections(self) -> None:
+        """zero_init_proj: every block's attention and MLP output projection, and an untied head, start
+        at zero (after the normal init above, so the other weights draw the same random numbers)."""
+        with torch.no_grad():
+            for block in self.blocks:
+                block.attn.proj.weight.zero_()
+                block.mlp.proj.weight.zero_()
+            if not self.config.tie_embeddings:
+                self.lm_head.weight.zero_()
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -330,8 +459,14 @@ class GPT(nn.Module):
     def _rope(self, start: int, T: int, device):
         return rope_tables(self.config.head_dim, self.config.rope_theta, start, T, device)
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
-                last_only: bool = False, segment_ids: Optional[Tensor] = None):
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Optional[Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        last_only: bool = False,
+        segment_ids: Optional[Tensor] = None,
+    ):
         """idx ``(B, T)`` token ids -> ``(logits, loss)``.
 
         logits: ``(B, T, vocab)`` (``(B, 1, vocab)`` with ``last_only``); loss: mean cross-entropy
@@ -352,25 +487,57 @@ class GPT(nn.Module):
         if pos == "learned":
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         elif pos == "sinusoidal":
-            x = x + self.pos_table[start:start + T].to(x.dtype)
+            x = x + self.pos_table[start : start + T].to(x.dtype)
         rope = self._rope(start, T, idx.device) if pos == "rope" else None
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope=rope, alibi=self.alibi, kv_cache=kv_cache, segment_ids=segment_ids)
+        x = self._blocks(self.drop(x), idx, rope, kv_cache, segment_ids)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)
+        if self.config.logit_softcap:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None, device=None,
-                     dtype=None) -> KVCache:
+    def _blocks(
+        self, x: Tensor, idx: Tensor, rope, kv_cache: Optional[KVCache], segment_ids: Optional[Tensor]
+    ) -> Tensor:
+        """The transformer blocks; with unet_skips, block ``i`` of the second half first adds
+        ``skip_weights[n-1-i]`` times the output of its mirror, block ``n-1-i`` of the first half."""
+        n = len(self.blocks)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if self.skip_weights is not None and i >= n - len(self.skip_weights):
+                x = x + self.skip_weights[n - 1 - i] * skips.pop()
+            ve = self.value_embeds[i](idx) if self.value_embeds is not None else None
+            x = block(x, rope=rope, alibi=self.alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve)
+            if self.skip_weights is not None and i < len(self.skip_weights):
+                skips.append(x)
+        return x
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token (forward and backward), by the rule of PaLM's appendix B (and
+        nanoGPT's ``estimate_mfu``): ``6 N + 12 L H D T``.
+
+        ``N`` is the number of weights that multiply activations: every ``nn.Linear`` weight, the LM
+        head included (once, tied or not); embedding lookups (tokens, positions, value embeddings),
+        norms, biases and scalar gains do no matrix multiply and are left out. Each such weight costs
+        2 FLOPs per token forward and 4 backward. ``12 L H D T`` is attention's two matmuls (scores and
+        weighted values: 2 x 2 x T x D per head and token forward, x3 with backward) over the full
+        ``T x T`` score matrix (no causal discount, as PaLM and nanoGPT count), ``T`` = ``seq_len``
+        (default ``block_size``), ``L`` layers of ``H`` query heads of width ``D``.
+        """
+        cfg = self.config
+        n = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        t = cfg.block_size if seq_len is None else seq_len
+        return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * t
+
+    def new_kv_cache(self, batch_size: int, max_len: Optional[int] = None, device=None, dtype=None) -> KVCache:
         """A cache for ``max_len`` positions (at most block_size); an :attr:`unbounded` model's holds
         ``2 * window`` entries whatever ``max_len`` (forwards of up to ``window + 1`` tokens fit)."""
         cfg = self.config
@@ -383,5 +550,13 @@ class GPT(nn.Module):
         if dtype is None:  # under autocast the keys/values come out in the autocast dtype
             on = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if on else p.dtype
-        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim, device=device, dtype=dtype,
-                       window=cfg.window if self.unbounded else None)
+        return KVCache(
+            cfg.n_layer,
+            batch_size,
+            cfg.n_kv_head,
+            max_len,
+            cfg.head_dim,
+            device=device,
+            dtype=dtype,
+            window=cfg.window if self.unbounded else None,
+        )

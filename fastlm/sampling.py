@@ -32,6 +32,7 @@ Empty prompt: a model needs at least one token to condition on. ``generate`` the
 ``eos_id`` (used as a beginning-of-text token, the GPT-2 convention) and leaves it out of the
 result; without ``eos_id`` it raises ValueError.
 """
+
 from __future__ import annotations
 
 import math
@@ -164,16 +165,22 @@ def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[f
         sorted_logits, order = torch.sort(out, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits.float(), dim=-1)
         mass_before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
-        drop_sorted = mass_before >= top_p       # already reached p without this token
+        drop_sorted = mass_before >= top_p  # already reached p without this token
         drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         out = out.masked_fill(drop, float("-inf"))
     return out
 
 
-def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
-                       top_p: Optional[float] = None, greedy: bool = False,
-                       generator: Optional[torch.Generator] = None) -> Tensor:
+def sample_from_logits(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    greedy: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
     """One token per row of ``logits`` ``(B, V)`` -> ``(B,)`` long.
 
     greedy takes the argmax (temperature/top-k/top-p are then irrelevant). Otherwise the draw is an
@@ -183,8 +190,10 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: Optio
     logits = _at_least_fp32(logits)
     bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
     if bool(bad.any()):
-        raise ValueError("the model produced NaN, +inf (or all -inf) logits; cannot sample "
-                         "(a diverged or corrupted checkpoint, or fp16 overflow?)")
+        raise ValueError(
+            "the model produced NaN, +inf (or all -inf) logits; cannot sample "
+            "(a diverged or corrupted checkpoint, or fp16 overflow?)"
+        )
     if greedy:
         return logits.argmax(dim=-1)
     logits = logits.double()
@@ -230,11 +239,11 @@ class _Decoder:
 
     def _refeed(self, seq: Tensor) -> Tensor:
         if self.cache is None:
-            return self._forward(seq[:, self.start:], None)
+            return self._forward(seq[:, self.start :], None)
         self.cache.reset()
         chunk = self.model.config.window if self.unbounded else seq.shape[1]  # what fits the cache at once
         for begin in range(self.start, seq.shape[1], chunk):
-            logits = self._forward(seq[:, begin:begin + chunk], self.cache)
+            logits = self._forward(seq[:, begin : begin + chunk], self.cache)
         return logits
 
     def step(self, seq: Tensor) -> Tensor:
@@ -244,7 +253,7 @@ class _Decoder:
             self.start = n - self.keep
             return self._refeed(seq)
         if self.cache is None:
-            return self._forward(seq[:, self.start:], None)
+            return self._forward(seq[:, self.start :], None)
         return self._forward(seq[:, -1:], self.cache)
 
     def reorder(self, index: Tensor):
@@ -252,11 +261,20 @@ class _Decoder:
             self.cache.reorder(index)
 
 
-def generate(model, prompt_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, greedy: bool = False,
-             eos_id: Optional[int] = None, use_cache: bool = True,
-             generator: Optional[torch.Generator] = None,
-             stream: Optional[Callable[[Tensor], None]] = None) -> Tensor:
+def generate(
+    model,
+    prompt_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    greedy: bool = False,
+    eos_id: Optional[int] = None,
+    use_cache: bool = True,
+    generator: Optional[torch.Generator] = None,
+    stream: Optional[Callable[[Tensor], None]] = None,
+) -> Tensor:
     """Continue each row of ``prompt_ids`` ``(B, T)`` by up to ``max_new_tokens`` tokens.
 
     Returns ``(B, T + n)`` long on the model's device, ``n <= max_new_tokens``: with ``eos_id``, a
@@ -281,8 +299,9 @@ def generate(model, prompt_ids: Tensor, max_new_tokens: int, *, temperature: flo
     drop_start = 0
     if T == 0:
         if eos_id is None:
-            raise ValueError("empty prompt: the model needs at least one token; give a prompt or an "
-                             "eos_id to start from")
+            raise ValueError(
+                "empty prompt: the model needs at least one token; give a prompt or an eos_id to start from"
+            )
         prompt_ids = torch.full((B, 1), eos_id, dtype=torch.long, device=device)
         drop_start = 1
     if max_new_tokens == 0:
@@ -294,8 +313,9 @@ def generate(model, prompt_ids: Tensor, max_new_tokens: int, *, temperature: flo
         logits = dec.prefill(seq)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for i in range(max_new_tokens):
-            nxt = sample_from_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                     greedy=greedy, generator=generator)
+            nxt = sample_from_logits(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
+            )
             if eos_id is not None:
                 nxt = nxt.masked_fill(finished, eos_id)
                 finished = finished | (nxt == eos_id)
@@ -317,18 +337,29 @@ def _check_beam_args(beam_size, length_penalty) -> None:
         raise TypeError(f"beam_size must be an integer, got {beam_size!r}")
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
-            or not math.isfinite(length_penalty):
+    if (
+        isinstance(length_penalty, bool)
+        or not isinstance(length_penalty, (int, float))
+        or not math.isfinite(length_penalty)
+    ):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
 
 
-def _expand_beams(seq: Tensor, sums: Tensor, logits: Tensor, beam_size: int, eos_id: Optional[int], score,
-                  finished: list, drop_start: int):
+def _expand_beams(
+    seq: Tensor,
+    sums: Tensor,
+    logits: Tensor,
+    beam_size: int,
+    eos_id: Optional[int],
+    score,
+    finished: list,
+    drop_start: int,
+):
     """One beam-search step: expand every live beam ``seq`` ``(K, T)`` (log-prob sums ``sums``) over
     the vocabulary, set aside the eos-ending candidates among the best ``2 * beam_size`` in
     ``finished`` (scored with ``score(total)``), keep the best ``beam_size`` others.
     Returns ``(rows kept, new seq, new sums)``, or None when no live beam is left."""
-    logp = F.log_softmax(logits.double(), dim=-1)                     # (K, V)
+    logp = F.log_softmax(logits.double(), dim=-1)  # (K, V)
     V = logp.shape[-1]
     cand = (sums[:, None] + logp).view(-1)
     n_take = min(cand.numel(), 2 * beam_size)  # enough to keep beam_size unfinished ones
@@ -348,14 +379,20 @@ def _expand_beams(seq: Tensor, sums: Tensor, logits: Tensor, beam_size: int, eos
     if not new_rows:
         return None
     index = torch.tensor(new_rows, dtype=torch.long, device=seq.device)
-    seq = torch.cat([seq.index_select(0, index),
-                     torch.tensor(new_tokens, dtype=torch.long, device=seq.device)[:, None]], dim=1)
+    seq = torch.cat(
+        [seq.index_select(0, index), torch.tensor(new_tokens, dtype=torch.long, device=seq.device)[:, None]], dim=1
+    )
     return index, seq, torch.tensor(new_sums, dtype=torch.float64, device=seq.device)
 
 
-def beam_search(model, prompt_ids: Tensor, max_new_tokens: int, beam_size: int,
-                length_penalty: float = 1.0, eos_id: Optional[int] = None
-                ) -> List[Tuple[Tensor, float]]:
+def beam_search(
+    model,
+    prompt_ids: Tensor,
+    max_new_tokens: int,
+    beam_size: int,
+    length_penalty: float = 1.0,
+    eos_id: Optional[int] = None,
+) -> List[Tuple[Tensor, float]]:
     """Beam search from one prompt ``(1, T)``; returns up to ``beam_size`` ``(ids, score)`` pairs,
     best first, ``ids`` being the 1-D prompt + continuation.
 
@@ -379,25 +416,27 @@ def beam_search(model, prompt_ids: Tensor, max_new_tokens: int, beam_size: int,
     drop_start = 0
     if prompt_ids.shape[1] == 0:
         if eos_id is None:
-            raise ValueError("empty prompt: the model needs at least one token; give a prompt or an "
-                             "eos_id to start from")
+            raise ValueError(
+                "empty prompt: the model needs at least one token; give a prompt or an eos_id to start from"
+            )
         prompt_ids = torch.full((1, 1), eos_id, dtype=torch.long, device=device)
         drop_start = 1
     if max_new_tokens == 0:
         return [(prompt_ids[0, drop_start:].clone(), 0.0)]
 
     def norm(total: float, length: int) -> float:
-        return total / (length ** length_penalty)
+        return total / (length**length_penalty)
 
     finished: List[Tuple[Tensor, float]] = []
     with _eval_mode(model):
-        seq = prompt_ids                                               # (K_alive, T + step)
-        sums = torch.zeros(1, dtype=torch.float64, device=device)      # (K_alive,)
+        seq = prompt_ids  # (K_alive, T + step)
+        sums = torch.zeros(1, dtype=torch.float64, device=device)  # (K_alive,)
         dec = _Decoder(model, 1, True, seq.shape[1] + max_new_tokens)
         logits = dec.prefill(seq)
         for step in range(1, max_new_tokens + 1):
-            expanded = _expand_beams(seq, sums, logits, beam_size, eos_id, lambda total: norm(total, step),
-                                     finished, drop_start)
+            expanded = _expand_beams(
+                seq, sums, logits, beam_size, eos_id, lambda total: norm(total, step), finished, drop_start
+            )
             if expanded is None:
                 break
             index, seq, sums = expanded

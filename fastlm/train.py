@@ -21,6 +21,7 @@ Exit codes (:mod:`fastlm.cli`): 0 done (also after early stopping), 2 bad input 
 line on stderr), 3 non-finite loss, 4 I/O failure (disk full, read-only), 128+signal after Ctrl-C /
 SIGTERM (a checkpoint is saved first; continue with ``--resume RUN_DIR``).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,16 +41,21 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(
         prog="python -m fastlm.train",
         description="Train a decoder-only GPT on text. Flags mirror TrainConfig and GPTConfig fields; "
-                    "`--config FILE` (.toml/.json, flat keys or [train]/[model] tables) sets many at once.",
+        "`--config FILE` (.toml/.json, flat keys or [train]/[model] tables) sets many at once.",
         epilog="Profiles (the values of the settings you do not set): "
-               + "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in {**r["train"], **r["model"]}.items())
-                           for name, r in PROFILES.items())
-               + ". Examples: python -m fastlm.train; python -m fastlm.train --data corpus/ --tokenizer bpe "
-                 "--vocab-size 2048 --out-dir runs/mine; torchrun --nproc_per_node=2 -m fastlm.train ...",
+        + "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in {**r["train"], **r["model"]}.items())
+            for name, r in PROFILES.items()
+        )
+        + ". Examples: python -m fastlm.train; python -m fastlm.train --data corpus/ --tokenizer bpe "
+        "--vocab-size 2048 --out-dir runs/mine; torchrun --nproc_per_node=2 -m fastlm.train ...",
     )
     p.add_argument("--config", default=None, metavar="FILE", help="TOML or JSON file of settings (flags override it)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the fully resolved settings (profile applied) as JSON and exit without training")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the fully resolved settings (profile applied) as JSON and exit without training",
+    )
     add_dataclass_args(p, TrainConfig, title="training")
     add_dataclass_args(p, GPTConfig, title="model", exclude=("vocab_size",))
     return p
@@ -75,6 +81,7 @@ def resolve_config(argv=None) -> tuple[TrainConfig, dict, set, bool]:
 
 def main(argv=None, callbacks: Sequence[Callback] = ()) -> int:
     """CLI entry point: returns the exit code (see the module docstring)."""
+
     def body() -> int:
         train, model, explicit, print_only = resolve_config(argv)
         trainer = Trainer(train, model, callbacks=callbacks, explicit=explicit)

@@ -6,6 +6,7 @@ float32 statistic whatever the input dtype, so its "same dtype" baseline is this
 PyTorch in float32 on the inputs as given (the natural-log formula would skip two roundings that no
 base-2 kernel can, with a power-of-two ``scale`` the baseline is then unusually exact).
 """
+
 import math
 
 import torch

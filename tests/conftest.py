@@ -12,6 +12,7 @@ marker, and three switches (environment variables) that other tests set for a ch
 Where no system CUDA toolkit is present, the one that the test extras install from NVIDIA's pip
 wheels (``nvidia/cu13``: nvcc, headers) is put on PATH / CUDA_HOME, so the csrc/cuda checks run.
 """
+
 import contextlib
 import importlib.util
 import json
@@ -98,6 +99,15 @@ def corpus_20k(tmp_path_factory):
     return _corpus_file(tmp_path_factory, 20000)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _peak_cache(tmp_path_factory):
+    """Training runs measure the CPU peak for MFU once and cache it: in a folder of this session, not
+    the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTLM_CACHE_DIR", str(tmp_path_factory.mktemp("fastlm-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: intra-op threads only add barrier waits (30x slower on a loaded 2-core box)."""
@@ -122,6 +132,7 @@ class Hang(Exception):
 @pytest.fixture
 def no_hang():
     """Fail (instead of hanging the suite) when a read blocks: SIGALRM after 20 s."""
+
     def on_alarm(*_):
         raise Hang("the read blocked")
 
@@ -177,8 +188,9 @@ def run_bounded(cmd, timeout_s: float, **kwargs) -> subprocess.CompletedProcess:
     child and every process below it (torchrun's ranks run in sessions of their own) are killed and the
     test fails saying so. Make what is guarded against take far longer than ``timeout_s`` and the work
     itself far less: a loaded machine then cannot trip it."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kwargs)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -186,8 +198,10 @@ def run_bounded(cmd, timeout_s: float, **kwargs) -> subprocess.CompletedProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"{' '.join(map(str, cmd[:6]))} ... still running after {timeout_s:g} s (killed); "
-                    f"stderr tail:\n{err[-2000:]}")
+        pytest.fail(
+            f"{' '.join(map(str, cmd[:6]))} ... still running after {timeout_s:g} s (killed); "
+            f"stderr tail:\n{err[-2000:]}"
+        )
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -204,14 +218,20 @@ NEEDS_GPU_REASON = re.compile(r"\bneeds? a (CUDA )?(GPU|device)\b")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: uses a CUDA device where one is present (skips without one, or runs "
-                                       "Triton's interpreter); pytest -m gpu / -m 'not gpu' split the suite")
-    config.addinivalue_line("markers", "cpu_only: never uses a CUDA device, also in a Triton module: not in the gpu half")
+    config.addinivalue_line(
+        "markers",
+        "gpu: uses a CUDA device where one is present (skips without one, or runs "
+        "Triton's interpreter); pytest -m gpu / -m 'not gpu' split the suite",
+    )
+    config.addinivalue_line(
+        "markers", "cpu_only: never uses a CUDA device, also in a Triton module: not in the gpu half"
+    )
 
 
 def _skip_reasons(item):
-    return [str(m.kwargs.get("reason", m.args[1] if len(m.args) > 1 else "")) for m in item.iter_markers("skipif")] + \
-           [str(m.kwargs.get("reason", m.args[0] if m.args else "")) for m in item.iter_markers("skip")]
+    return [str(m.kwargs.get("reason", m.args[1] if len(m.args) > 1 else "")) for m in item.iter_markers("skipif")] + [
+        str(m.kwargs.get("reason", m.args[0] if m.args else "")) for m in item.iter_markers("skip")
+    ]
 
 
 def _runs_on_gpu(item) -> bool:
@@ -228,7 +248,8 @@ def _runs_on_gpu(item) -> bool:
 def _skipped_here(item) -> bool:
     """A skip mark skips the test on this machine (conditions that are not plain booleans count as no)."""
     return any(item.iter_markers("skip")) or any(
-        any(c is True for c in m.args[:1]) or m.kwargs.get("condition") is True for m in item.iter_markers("skipif"))
+        any(c is True for c in m.args[:1]) or m.kwargs.get("condition") is True for m in item.iter_markers("skipif")
+    )
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
@@ -238,8 +259,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
     out = os.environ.get("FASTLM_TEST_MARKS_OUT")
     if out:
-        rows = {it.nodeid: {"gpu": it.get_closest_marker("gpu") is not None, "skipped": _skipped_here(it)}
-                for it in items}
+        rows = {
+            it.nodeid: {"gpu": it.get_closest_marker("gpu") is not None, "skipped": _skipped_here(it)} for it in items
+        }
         Path(out).write_text(json.dumps(rows))
     for item in items if SIMULATED_CUDA and _VISIBLE else ():
         if item.get_closest_marker("gpu") is not None:
@@ -254,14 +276,20 @@ def pytest_runtest_makereport(item, call):
         reason = str(call.excinfo.value)
         if NEEDS_GPU_REASON.search(reason):
             report.outcome = "failed"
-            report.longrepr = (f"skipped for want of a GPU ({reason}) but not in the gpu half: "
-                               f"mark it @pytest.mark.gpu (see tests/conftest.py)")
+            report.longrepr = (
+                f"skipped for want of a GPU ({reason}) but not in the gpu half: "
+                f"mark it @pytest.mark.gpu (see tests/conftest.py)"
+            )
 
 
 def pytest_report_header(config):
     level = getattr(_ext._C, "cpu_capability", lambda: None)()
     where = _ext._C.__file__ if _ext._C is not None else _ext._IMPORT_ERROR
-    return [f"fastlm: {fastlm.__file__}", f"fastlm._C: {where} (CPU level {level})",
-            f"CUDA: {torch.cuda.is_available()}{' (simulated)' if SIMULATED_CUDA else ''}, "
-            f"nvcc: {shutil.which('nvcc')}"]
+    return [
+        f"fastlm: {fastlm.__file__}",
+        f"fastlm._C: {where} (CPU level {level})",
+        f"CUDA: {torch.cuda.is_available()}{' (simulated)' if SIMULATED_CUDA else ''}, nvcc: {shutil.which('nvcc')}",
+    ]
+
+
 # ==== end gpu marker ==============================================================================

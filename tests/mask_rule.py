@@ -7,6 +7,7 @@ Query i sits at key position p = i + T_k - T_q (bottom-right aligned). A window 
 with p - w < j <= p (causal) or |p - j| < w (not causal); segment ids (B, T_k) keep the keys whose id
 equals the id of position p, and none when p is outside [0, T_k).
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,7 +54,9 @@ def doc_ids(b, t, kind, gen, window=None, dtype=torch.int64):
     rows = []
     for r in range(b):
         if kind == "random":  # random cuts, ids with gaps (ids need not be 0, 1, 2, ...)
-            cuts = torch.randperm(t - 1, generator=gen)[: int(torch.randint(1, max(2, t // 6), (1,), generator=gen))] + 1
+            cuts = (
+                torch.randperm(t - 1, generator=gen)[: int(torch.randint(1, max(2, t // 6), (1,), generator=gen))] + 1
+            )
             starts = torch.zeros(t, dtype=torch.int64)
             starts[cuts] = torch.randint(1, 4, (len(cuts),), generator=gen)
             rows.append(starts.cumsum(0) + 7 * r)
@@ -61,7 +64,7 @@ def doc_ids(b, t, kind, gen, window=None, dtype=torch.int64):
             ids = torch.zeros(t, dtype=torch.int64)
             mid = t // 2 + r
             ids[mid:] = 1
-            ids[mid + 1:] = 2
+            ids[mid + 1 :] = 2
             ids[-1] = 3
             ids[1:] += 1
             rows.append(ids)

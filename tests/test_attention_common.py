@@ -8,6 +8,7 @@ tile predicates that let a kernel skip masking or a whole tile, the causal launc
 exp2 (log2-unit) scores with the scale folded into one FMA, and the forward/backward tile walks
 of the CUDA kernels replayed in Python with these helpers (online softmax, LSE, P for dS).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from mask_rule import doc_bounds, doc_ids, visible
 
 from fastlm.ops import reference
-from mask_rule import doc_bounds, doc_ids, visible
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "tests" / "csrc" / "attention_common_probe.cpp"
@@ -57,8 +58,7 @@ _SIGNATURES = {
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
     lib_path = tmp_path_factory.mktemp("probe") / "attention_common_probe.so"
-    cmd = [CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", str(ROOT / "csrc"), str(PROBE),
-           "-o", str(lib_path)]
+    cmd = [CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", str(ROOT / "csrc"), str(PROBE), "-o", str(lib_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lib = ctypes.CDLL(str(lib_path))
@@ -74,8 +74,7 @@ SHAPES = [(1, 1), (5, 5), (7, 19), (19, 7), (16, 64), (33, 33), (64, 17)]
 @pytest.mark.parametrize("t_q,t_k", SHAPES)
 def test_visibility_matches_reference_mask(probe, t_q, t_k):
     ref = reference.causal_mask(t_q, t_k)
-    got = torch.tensor([[bool(probe.probe_is_visible(i, j, t_q, t_k, 1)) for j in range(t_k)]
-                        for i in range(t_q)])
+    got = torch.tensor([[bool(probe.probe_is_visible(i, j, t_q, t_k, 1)) for j in range(t_k)] for i in range(t_q)])
     assert torch.equal(got, ref)
     assert all(probe.probe_is_visible(i, j, t_q, t_k, 0) for i in range(t_q) for j in range(t_k))
     for j in range(t_k):  # the dK/dV kernels start their query loop at this row
@@ -90,13 +89,13 @@ def test_tile_predicates_match_mask(probe, t_q, t_k, rows, cols):
     for causal in (0, 1):
         for i0 in range(0, t_q - rows + 1, max(1, rows // 2)):
             for j0 in range(0, t_k, max(1, cols // 2)):
-                tile = mask[i0:i0 + rows, j0:j0 + cols]
+                tile = mask[i0 : i0 + rows, j0 : j0 + cols]
                 inside = j0 + cols <= t_k
                 full = bool(probe.probe_tile_fully_visible(i0, j0, cols, t_q, t_k, causal))
                 empty = bool(probe.probe_tile_fully_masked(i0, rows, j0, t_q, t_k, causal))
                 assert full == (inside and (not causal or bool(tile.all()))), (i0, j0, causal)
                 # fully masked: no row of the tile sees key j0 or any later key
-                assert empty == (not bool(mask[i0:i0 + rows, j0:].any()) if causal else False)
+                assert empty == (not bool(mask[i0 : i0 + rows, j0:].any()) if causal else False)
 
 
 @pytest.mark.parametrize("t_q,t_k", SHAPES)
@@ -188,31 +187,36 @@ def _forward_walk(probe, q, k, v, causal, scale, slope, bm, bn):
             coef = scale * log2e if plain else 1.0
             cols = range(j0, min(j0 + bn, t_k))
             for r, i in enumerate(rows):
-                s = [float(qk[i, j]) if plain else probe.probe_masked_score_log2(
-                    float(qk[i, j]), scale * log2e, slope * log2e, i, j, t_q, t_k, causal)
-                    for j in cols]
+                s = [
+                    float(qk[i, j])
+                    if plain
+                    else probe.probe_masked_score_log2(
+                        float(qk[i, j]), scale * log2e, slope * log2e, i, j, t_q, t_k, causal
+                    )
+                    for j in cols
+                ]
                 m_new = max(m[i], max(s) * coef)
                 alpha = probe.probe_rescale_factor_log2(m[i], m_new)
                 shift = probe.probe_safe_max(m_new)
                 p = torch.tensor([probe.probe_exp2(probe.probe_exp2_arg(x, coef, shift)) for x in s])
                 m[i], l[i] = m_new, l[i] * alpha + float(p.sum())
-                acc[r] = acc[r] * alpha + p @ v[j0:j0 + len(cols)]
+                acc[r] = acc[r] * alpha + p @ v[j0 : j0 + len(cols)]
         for r, i in enumerate(rows):
             out[i] = acc[r] * (0.0 if l[i] == 0 else 1.0 / l[i])
             lse[i] = probe.probe_row_lse_from_log2(m[i], l[i])
     return out, lse
 
 
-@pytest.mark.parametrize("t_q,t_k,causal,slope", [(13, 13, 1, 0.0), (9, 21, 1, 0.0),
-                                                   (21, 9, 1, 0.0), (11, 17, 0, 0.0),
-                                                   (15, 15, 1, 0.3), (10, 14, 0, 0.2)])
+@pytest.mark.parametrize(
+    "t_q,t_k,causal,slope",
+    [(13, 13, 1, 0.0), (9, 21, 1, 0.0), (21, 9, 1, 0.0), (11, 17, 0, 0.0), (15, 15, 1, 0.3), (10, 14, 0, 0.2)],
+)
 def test_forward_tile_walk_matches_reference(probe, t_q, t_k, causal, slope):
     gen = torch.Generator().manual_seed(t_q * 100 + t_k)
     q, k, v = (torch.randn(1, 1, t, 8, generator=gen) for t in (t_q, t_k, t_k))
     scale = 0.35
     slopes = torch.tensor([slope]) if slope else None
-    ref_out, ref_lse = reference.attention_forward(q.double(), k.double(), v.double(), bool(causal),
-                                                   scale, slopes)
+    ref_out, ref_lse = reference.attention_forward(q.double(), k.double(), v.double(), bool(causal), scale, slopes)
     out, lse = _forward_walk(probe, q[0, 0], k[0, 0], v[0, 0], causal, scale, slope, bm=4, bn=4)
     torch.testing.assert_close(out.double(), ref_out[0, 0], rtol=2e-5, atol=2e-6)
     finite = torch.isfinite(ref_lse[0, 0])
@@ -220,16 +224,14 @@ def test_forward_tile_walk_matches_reference(probe, t_q, t_k, causal, slope):
     torch.testing.assert_close(lse[finite].double(), ref_lse[0, 0][finite], rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("t_q,t_k,causal,slope", [(9, 13, 1, 0.0), (13, 9, 1, 0.0),
-                                                   (12, 12, 1, 0.25), (7, 11, 0, 0.0)])
+@pytest.mark.parametrize("t_q,t_k,causal,slope", [(9, 13, 1, 0.0), (13, 9, 1, 0.0), (12, 12, 1, 0.25), (7, 11, 0, 0.0)])
 def test_backward_probabilities_match_reference(probe, t_q, t_k, causal, slope):
     """P = exp2(s * coef - lse * log2 e) as the dQ and dK/dV kernels form it, plain or masked."""
     gen = torch.Generator().manual_seed(7)
     q, k = torch.randn(t_q, 8, generator=gen), torch.randn(t_k, 8, generator=gen)
     scale, log2e = 0.4, probe.probe_log2e()
     slopes = torch.tensor([slope]) if slope else None
-    s_ref, _ = reference._scores(q[None, None].double(), k[None, None].double(), scale,
-                                 bool(causal), slopes)
+    s_ref, _ = reference._scores(q[None, None].double(), k[None, None].double(), scale, bool(causal), slopes)
     lse = torch.logsumexp(s_ref[0, 0], dim=-1)
     p_ref = torch.exp(s_ref[0, 0] - torch.where(torch.isfinite(lse), lse, torch.inf)[:, None])
     qk = q @ k.T
@@ -237,8 +239,13 @@ def test_backward_probabilities_match_reference(probe, t_q, t_k, causal, slope):
         shift = probe.probe_backward_shift(float(lse[i])) * log2e
         for j in range(t_k):
             plain = slope == 0.0 and probe.probe_tile_fully_visible(i, j, 1, t_q, t_k, causal)
-            x = float(qk[i, j]) if plain else probe.probe_masked_score_log2(
-                float(qk[i, j]), scale * log2e, slope * log2e, i, j, t_q, t_k, causal)
+            x = (
+                float(qk[i, j])
+                if plain
+                else probe.probe_masked_score_log2(
+                    float(qk[i, j]), scale * log2e, slope * log2e, i, j, t_q, t_k, causal
+                )
+            )
             p = probe.probe_exp2(probe.probe_exp2_arg(x, scale * log2e if plain else 1.0, shift))
             assert p == pytest.approx(float(p_ref[i, j]), rel=2e-5, abs=1e-7), (i, j)
 
@@ -267,7 +274,7 @@ def test_row_intervals_and_row_search_match_the_rule(probe, seed):
         seen = mask[i].nonzero().flatten()
         want = (0, 0) if len(seen) == 0 else (int(seen[0]), int(seen[-1]) + 1)
         assert tuple(out) == want, (i, tuple(out), want)
-        assert mask[i, want[0]:want[1]].all()  # one interval: the rule gives no holes
+        assert mask[i, want[0] : want[1]].all()  # one interval: the rule gives no holes
         ranges.append(want)
     nonempty = [r for r in ranges if r[1] > r[0]]
     assert nonempty == sorted(nonempty) and [r[1] for r in nonempty] == sorted(r[1] for r in nonempty)
@@ -301,7 +308,7 @@ def test_tile_predicates_of_window_and_document_masks(probe, seed):
             else:
                 assert out[1] <= out[0]
             for j0 in range(0, t_k, max(1, cols // 2)):
-                tile = mask[i0:i1, j0:j0 + cols]
+                tile = mask[i0:i1, j0 : j0 + cols]
                 full = bool(probe.probe_tile_visible_all(i0, i0 + rows, j0, j0 + cols, *tail))
                 empty = bool(probe.probe_tile_masked_all(i0, i0 + rows, j0, j0 + cols, *tail))
                 assert full == (j0 + cols <= t_k and bool(tile.all())), (i0, j0, rows, cols)

@@ -8,6 +8,7 @@ float64; the op must meet FlashAttention's 2x rule against SDPA given the same d
 dtype, on both CPU paths: the per-head BLAS GEMMs (float32/float64, T_k <= 512) and the flash loop
 (longer keys, bfloat16/float16).
 """
+
 from __future__ import annotations
 
 import math
@@ -15,10 +16,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fastlm.ops import extension as _ext
 from mask_rule import alibi, doc_ids, oracle, visible
 from test_cpp_ops import assert_two_x, fwd_bwd  # the 2x rule and a forward + backward helper
+
+from fastlm.ops import extension as _ext
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"{_ext._IMPORT_ERROR}")
 
@@ -120,8 +121,20 @@ def test_random_windows_and_splits(seed):
     t_q = min(t_k, pick(1, 160)) if seed % 3 else pick(1, t_k + 30)
     h_kv = pick(1, 2)
     window = pick(1, t_k) if seed != 4 else None
-    case = (f"rand{seed}", pick(1, 2), h_kv * pick(1, 2), h_kv, t_q, t_k, pick(1, 5) * 8, bool(seed % 4),
-            window, "random" if seed != 5 else None, bool(seed % 2), "bhtd")
+    case = (
+        f"rand{seed}",
+        pick(1, 2),
+        h_kv * pick(1, 2),
+        h_kv,
+        t_q,
+        t_k,
+        pick(1, 5) * 8,
+        bool(seed % 4),
+        window,
+        "random" if seed != 5 else None,
+        bool(seed % 2),
+        "bhtd",
+    )
     check_against_oracle(case, torch.float32, seed)
 
 
@@ -163,7 +176,7 @@ def test_keys_nobody_sees_are_never_read(t_q, t_k):
     visible tiles give P = dS = 0 rather than 0 * NaN)."""
     q, k, v, dout, _, _ = make_inputs(("", 1, 2, 1, t_q, t_k, 16, True, None, None, False, "bhtd"), torch.float32)
     seg = torch.zeros(1, t_k, dtype=torch.int64)
-    seg[:, t_k - 40:] = 1  # the queries (the last t_q positions) sit in the last document
+    seg[:, t_k - 40 :] = 1  # the queries (the last t_q positions) sit in the last document
     clean = fwd_bwd(lambda *x: op_attention(*x, True, 0.25, None, 15, seg), q, k, v, dout)
     k_bad, v_bad = k.clone(), v.clone()
     k_bad[:, :, : t_k - 40] = float("nan")
@@ -175,9 +188,15 @@ def test_keys_nobody_sees_are_never_read(t_q, t_k):
 
 
 # ---- gradcheck and opcheck ----------------------------------------------------------------------
-@pytest.mark.parametrize("causal,window,docs,h_kv,t_q,t_k,use_alibi", [
-    (True, 3, "random", 2, 9, 9, False), (False, 2, None, 1, 6, 8, True), (True, None, "len1", 1, 10, 7, True),
-    (True, 2, "edges", 2, 5, 11, False)])
+@pytest.mark.parametrize(
+    "causal,window,docs,h_kv,t_q,t_k,use_alibi",
+    [
+        (True, 3, "random", 2, 9, 9, False),
+        (False, 2, None, 1, 6, 8, True),
+        (True, None, "len1", 1, 10, 7, True),
+        (True, 2, "edges", 2, 5, 11, False),
+    ],
+)
 def test_gradcheck_float64(causal, window, docs, h_kv, t_q, t_k, use_alibi):
     case = ("", 1, 2, h_kv, t_q, t_k, 4, causal, window, docs, use_alibi, "bhtd")
     q, k, v, _, seg, slopes = make_inputs(case, torch.float64, seed=3)
@@ -199,8 +218,9 @@ def test_opcheck_attention_with_masks():
     torch.library.opcheck(OPS.attention_fwd.default, args)
     torch.library.opcheck(OPS.attention_fwd.default, args[:6], {"segment_ids": seg})
     out, lse = OPS.attention_fwd(*(x.detach() for x in args[:3]), *args[3:])
-    torch.library.opcheck(OPS.attention_bwd.default, (dout, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25,
-                                                      slopes, 4, seg))
+    torch.library.opcheck(
+        OPS.attention_bwd.default, (dout, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25, slopes, 4, seg)
+    )
 
 
 # ---- the fused packed op (attention_qkv) --------------------------------------------------------
@@ -217,15 +237,22 @@ def qkv_composed(qkv, h, h_kv, rope, mask, slopes, attend):
     cos, sin = (x.to(qkv.dtype) for x in rope)
 
     def rot(x):
-        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
     y = attend(rot(q), rot(k), v, mask, 1.0 / math.sqrt(d), slopes)
     return y.transpose(1, 2).reshape(b, t, h * d)
 
 
-@pytest.mark.parametrize("b,t,h,h_kv,d,window,docs,use_alibi", [
-    (2, 97, 4, 2, 16, 13, "random", False), (1, 130, 3, 1, 8, None, "len1", True), (2, 70, 2, 2, 32, 64, None, False),
-    (1, 40, 2, 1, 8, 5, "per_window", True)])
+@pytest.mark.parametrize(
+    "b,t,h,h_kv,d,window,docs,use_alibi",
+    [
+        (2, 97, 4, 2, 16, 13, "random", False),
+        (1, 130, 3, 1, 8, None, "len1", True),
+        (2, 70, 2, 2, 32, 64, None, False),
+        (1, 40, 2, 1, 8, 5, "per_window", True),
+    ],
+)
 def test_attention_qkv_with_masks_matches_float64(b, t, h, h_kv, d, window, docs, use_alibi):
     g = torch.Generator().manual_seed(t)
     qkv = torch.randn(b, t, (h + 2 * h_kv) * d, generator=g)
@@ -255,24 +282,30 @@ def test_attention_qkv_masks_gradcheck_and_opcheck():
     cos, sin = rope_tables(t, d)
     seg = torch.tensor([[0, 0, 0, 1, 2, 2, 2]])
     slopes = torch.tensor([0.5, 0.25], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: OPS.attention_qkv_fwd(x, h, h_kv, cos, sin, 0.6, slopes, 2, seg)[0],
-                                    (qkv,))
+    assert torch.autograd.gradcheck(
+        lambda x: OPS.attention_qkv_fwd(x, h, h_kv, cos, sin, 0.6, slopes, 2, seg)[0], (qkv,)
+    )
     x32 = qkv.detach().float().requires_grad_()
     c32, s32 = cos.float(), sin.float()
     torch.library.opcheck(OPS.attention_qkv_fwd.default, (x32, h, h_kv, c32, s32, 0.6, slopes.float(), 2, seg))
     out, lse = OPS.attention_qkv_fwd(x32.detach(), h, h_kv, c32, s32, 0.6, slopes.float(), 2, seg)
-    torch.library.opcheck(OPS.attention_qkv_bwd.default, (torch.randn_like(out), x32.detach(), out, lse, h, h_kv, c32,
-                                                          s32, 0.6, slopes.float(), 2, seg))
+    torch.library.opcheck(
+        OPS.attention_qkv_bwd.default,
+        (torch.randn_like(out), x32.detach(), out, lse, h, h_kv, c32, s32, 0.6, slopes.float(), 2, seg),
+    )
 
 
 # ---- bad input ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("window,seg,words", [
-    (0, None, "window must be >= 1"),
-    (-3, None, "window must be >= 1"),
-    (None, torch.zeros(2, 5, dtype=torch.int64), r"segment_ids must have shape \(B, T_k\) = \(1, 7\)"),
-    (None, torch.zeros(1, 7), "segment_ids must be int32 or int64"),
-    (None, torch.tensor([[0, 0, 1, 1, 0, 2, 2]]), "non-decreasing"),
-])
+@pytest.mark.parametrize(
+    "window,seg,words",
+    [
+        (0, None, "window must be >= 1"),
+        (-3, None, "window must be >= 1"),
+        (None, torch.zeros(2, 5, dtype=torch.int64), r"segment_ids must have shape \(B, T_k\) = \(1, 7\)"),
+        (None, torch.zeros(1, 7), "segment_ids must be int32 or int64"),
+        (None, torch.tensor([[0, 0, 1, 1, 0, 2, 2]]), "non-decreasing"),
+    ],
+)
 def test_bad_masks_are_refused(window, seg, words):
     q = torch.randn(1, 2, 5, 8)
     k = torch.randn(1, 2, 7, 8)

@@ -1,5 +1,6 @@
 """The benchmark suites stay runnable (``pytest benchmarks`` collects: a renamed module breaks it) and
 the report turns their rows into the tables the README points to."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -8,24 +9,47 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_benchmark_suites_collect():
-    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     collected = [ln for ln in proc.stdout.splitlines() if "::" in ln]
     modules = {ln.split("::")[0] for ln in collected}
-    assert {"benchmarks/test_bench_attention.py", "benchmarks/test_bench_masks.py",
-            "benchmarks/test_bench_swiglu.py", "benchmarks/test_bench_model.py"} <= modules, modules
+    assert {
+        "benchmarks/test_bench_attention.py",
+        "benchmarks/test_bench_masks.py",
+        "benchmarks/test_bench_swiglu.py",
+        "benchmarks/test_bench_model.py",
+    } <= modules, modules
 
 
 def _row(backend, ms, t=2048, variant="w128", dtype="float32"):
-    return {"suite": "attention_masks", "backend": backend, "median_ms": ms, "ms": ms, "stat": "median",
-            "shape": {"T_q": t}, "variant": variant, "dtype": dtype}
+    return {
+        "suite": "attention_masks",
+        "backend": backend,
+        "median_ms": ms,
+        "ms": ms,
+        "stat": "median",
+        "shape": {"T_q": t},
+        "variant": variant,
+        "dtype": dtype,
+    }
 
 
 def test_the_masks_table_gives_both_ratios():
     from benchmarks import report
-    rows = [_row("cpp", 10.0), _row("torch", 60.0), _row("cpp-dense", 50.0), _row("flex", 90.0),
-            _row("torch", 5.0, variant="docs8")]  # a case without the kernel's row: left out
+
+    rows = [
+        _row("cpp", 10.0),
+        _row("torch", 60.0),
+        _row("cpp-dense", 50.0),
+        _row("flex", 90.0),
+        _row("torch", 5.0, variant="docs8"),
+    ]  # a case without the kernel's row: left out
     text = "\n".join(report.masks_section(rows))
     line = next(ln for ln in text.splitlines() if ln.startswith("| T2048 w128"))
     cells = [c.strip() for c in line.strip("|").split("|")]

@@ -1,4 +1,5 @@
 """Packaging: the extension module, the kernels subpackage, and a pure-Python install."""
+
 import importlib.util
 import json
 import os
@@ -24,9 +25,11 @@ def test_extension_imports_when_built():
     if spec is None:
         pytest.skip("fastlm._C is not built here (pure-Python install or FASTLM_CPP=0)")
     import fastlm._C  # noqa: F401  (a built but broken extension must fail here, not skip)
+
     for op in ("attention_fwd", "attention_bwd", "swiglu_fwd", "swiglu_bwd"):
         assert hasattr(torch.ops.fastlm, op), f"torch.ops.fastlm.{op} not registered"
     from fastlm import ops
+
     assert ops.backend_status()["cpp"] is None
 
 
@@ -35,6 +38,7 @@ def test_kernels_is_a_fastlm_subpackage():
     package: no __init__.py, so from the repo root it never shadows Hugging Face's ``kernels``."""
     import fastlm.kernels
     from fastlm.ops import triton_backend as _triton
+
     (path,) = [pathlib.Path(p).resolve() for p in fastlm.kernels.__path__]
     in_repo = path == REPO / "kernels"
     installed = path.name == "kernels" and path.parent.name == "fastlm"
@@ -47,6 +51,7 @@ def test_kernels_is_a_fastlm_subpackage():
 
 def _hf_kernels_installed() -> bool:
     import importlib.metadata
+
     try:
         importlib.metadata.distribution("kernels")
         return True
@@ -57,17 +62,31 @@ def _hf_kernels_installed() -> bool:
 def test_import_kernels_from_the_repo_root_is_not_the_repos():
     """``python -c 'import kernels'`` typed at the repo root (first on sys.path there): Hugging Face's
     package when it is installed (transformers 5 brings it), and never a regular package of ours."""
-    code = ("import importlib.util, json; s = importlib.util.find_spec('kernels'); "
-            "print(json.dumps(None if s is None else [s.origin, list(s.submodule_search_locations or [])]))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": ""})
+    code = (
+        "import importlib.util, json; s = importlib.util.find_spec('kernels'); "
+        "print(json.dumps(None if s is None else [s.origin, list(s.submodule_search_locations or [])]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = json.loads(proc.stdout)
     if _hf_kernels_installed():
         origin = pathlib.Path(found[0]).resolve()
         assert REPO not in origin.parents, f"import kernels at the repo root found {origin}"
-        proc = subprocess.run([sys.executable, "-c", "import kernels; from kernels import CUDAProperties"], cwd=REPO,
-                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
+        proc = subprocess.run(
+            [sys.executable, "-c", "import kernels; from kernels import CUDAProperties"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": ""},
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
     else:  # at most the tree's folder as a namespace portion, which any installed `kernels` outranks
         assert found is None or found[0] in (None, "namespace"), found
@@ -76,9 +95,25 @@ def test_import_kernels_from_the_repo_root_is_not_the_repos():
 def test_pip_reads_the_metadata_at_the_repo_root():
     """``pip install --dry-run --no-deps .`` at the repo root: setuptools loads every installed
     ``egg_info.writers`` entry point (Hugging Face's ``kernels`` registers one) with the root on sys.path."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation",
-                           "--no-index", "-q", "."], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "FASTLM_CPP": "0"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            ".",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FASTLM_CPP": "0"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -118,8 +153,13 @@ BLOCKED_SCRIPT = textwrap.dedent("""
 
 
 def test_package_works_without_extension_and_triton():
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_SCRIPT], capture_output=True, text=True,
-                          timeout=180, env={**os.environ, "FASTLM_BACKEND": ""})
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKED_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "FASTLM_BACKEND": ""},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("OK"), proc.stdout
 
@@ -150,9 +190,25 @@ def test_pure_python_wheel_layout_and_install(tmp_path):
     pytest.importorskip("setuptools", reason="building a wheel without isolation needs setuptools here")
     _, src = _tracked_copy(tmp_path / "src")
     env = {**os.environ, "FASTLM_CPP": "0", "PIP_NO_INDEX": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-build-isolation",
-                           "--no-deps", "-q", "-w", str(tmp_path / "dist")],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=src)  # from the root
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            ".",
+            "--no-build-isolation",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=src,
+    )  # from the root
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("fastlm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -160,13 +216,17 @@ def test_pure_python_wheel_layout_and_install(tmp_path):
     assert "fastlm/data/tinyshakespeare.txt" in names
     assert not [n for n in names if n.startswith("kernels/")], "kernels/ must install as fastlm.kernels"
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
-    entry_points = zipfile.ZipFile(wheel).read(
-        next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "fastlm-info = fastlm.info:main" in entry_points
 
     target = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                           str(target), str(wheel)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     script = textwrap.dedent("""
         import pathlib, sys, torch
@@ -188,8 +248,14 @@ def test_pure_python_wheel_layout_and_install(tmp_path):
     # -S: no site hooks, so a development (editable) install of fastlm cannot shadow the wheel
     paths = [str(target)] + [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
     run_env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "FASTLM_BACKEND": ""}
-    proc = subprocess.run([sys.executable, "-S", "-c", script, str(target)], capture_output=True, text=True,
-                          env=run_env, timeout=180, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", script, str(target)],
+        capture_output=True,
+        text=True,
+        env=run_env,
+        timeout=180,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "OK"
 
@@ -199,8 +265,14 @@ def test_sdist_carries_every_source_the_extension_needs(tmp_path):
     csrc/: the headers and, from a CPU machine too, the CUDA sources, so it builds anywhere."""
     pytest.importorskip("setuptools", reason="building an sdist needs setuptools here")
     files, src = _tracked_copy(tmp_path / "src")
-    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
-                          capture_output=True, text=True, env={**os.environ, "FASTLM_CUDA": "0"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FASTLM_CUDA": "0"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sdist,) = (tmp_path / "dist").glob("fastlm-*.tar.gz")
     with tarfile.open(sdist) as tar:
@@ -238,11 +310,15 @@ def test_a_checkout_run_beside_an_install_uses_the_installed_extension(tmp_path)
     """``pip install .`` then ``python -m fastlm.train`` at the repository root: the checkout's own
     fastlm/ (no built _C there) comes first on sys.path; it loads the installed _C when that was built
     from the checkout's exact csrc/, and refuses it, saying why, when the sources differ."""
-    from fastlm.ops import _buildinfo, extension as _ext
+    from fastlm.ops import _buildinfo
+    from fastlm.ops import extension as _ext
+
     if _ext._C is None:
         pytest.skip(f"fastlm._C is not built here: {_ext._IMPORT_ERROR}")
     built = pathlib.Path(_ext._C.__file__)
-    assert _buildinfo.embedded_csrc_hash(str(built)) == _ext._C.source_hash() == _buildinfo.csrc_hash(str(REPO / "csrc"))
+    assert (
+        _buildinfo.embedded_csrc_hash(str(built)) == _ext._C.source_hash() == _buildinfo.csrc_hash(str(REPO / "csrc"))
+    )
     _, tree = _tracked_copy(tmp_path / "tree")
     site = tmp_path / "site"
     (site / "fastlm").mkdir(parents=True)
@@ -255,14 +331,22 @@ def test_a_checkout_run_beside_an_install_uses_the_installed_extension(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "FASTLM_BACKEND": ""}
 
     def run():
-        proc = subprocess.run([sys.executable, "-S", "-c", INSTALLED_BUILD_SCRIPT], cwd=tree, env=env,
-                              capture_output=True, text=True, timeout=180)
+        proc = subprocess.run(
+            [sys.executable, "-S", "-c", INSTALLED_BUILD_SCRIPT],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout)
 
     package, loaded, why, usable = run()
     assert pathlib.Path(package).resolve().parent == tree / "fastlm"  # the checkout's package ...
-    assert pathlib.Path(loaded).resolve() == (site / "fastlm" / built.name).resolve() and usable, why  # ... the install's _C
+    assert pathlib.Path(loaded).resolve() == (site / "fastlm" / built.name).resolve() and usable, (
+        why
+    )  # ... the install's _C
     with open(tree / "csrc" / "ops.cpp", "a") as f:
         f.write("// edited after the install\n")
     package, loaded, why, usable = run()

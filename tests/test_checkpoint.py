@@ -1,5 +1,6 @@
 """fastlm.io.checkpoint: safetensors + JSON checkpoints, crash-safe publishing, refusal of pickles,
 truncated / corrupted / incompatible files."""
+
 import json
 import os
 import pickle
@@ -7,18 +8,39 @@ import pickle
 import pytest
 import torch
 
-from fastlm.io import checkpoint
-from fastlm.io import loading
+from fastlm.io import checkpoint, loading
 from fastlm.io.checkpoint import CheckpointError
-from fastlm.training.optim import build_optimizer
 from fastlm.model import GPT, GPTConfig
 from fastlm.text.tokenizers import build_tokenizer
 from fastlm.train import main
+from fastlm.training.optim import build_optimizer
 
 # --device cpu: the same CPU run also where a GPU is visible
-TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "1", "--eval-interval", "3", "--max-iters", "6", "--sample-tokens", "0",
-        "--no-progress", "--threads", "1", "--device", "cpu"]
+TINY = [
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "16",
+    "--n-head",
+    "2",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-iters",
+    "1",
+    "--eval-interval",
+    "3",
+    "--max-iters",
+    "6",
+    "--sample-tokens",
+    "0",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +55,7 @@ def run_dir(tmp_path_factory):
 
 def _copy_run(src, dst):
     import shutil
+
     shutil.copytree(src, dst)
     return dst
 
@@ -72,8 +95,15 @@ def test_state_roundtrip_restores_optimizer_and_rng(tmp_path):
         opt.zero_grad()
     (tmp_path / "run").mkdir()
     js, tens = checkpoint.rng_state()
-    checkpoint.save_checkpoint(tmp_path / "run", model, opt, {"step": 2, "extra": [1, 2]}, [(js, tens)],
-                               is_best=True, model_config=cfg.to_dict())
+    checkpoint.save_checkpoint(
+        tmp_path / "run",
+        model,
+        opt,
+        {"step": 2, "extra": [1, 2]},
+        [(js, tens)],
+        is_best=True,
+        model_config=cfg.to_dict(),
+    )
     expected = torch.rand(3)
     ck = checkpoint.load_checkpoint(tmp_path / "run")
     assert ck["state"]["step"] == 2 and ck["state"]["extra"] == [1, 2]
@@ -115,8 +145,9 @@ def test_publish_order_keeps_previous_checkpoint_valid(run_dir, tmp_path):
     model, _, cfg = loading.load_model(run)
     opt = build_optimizer(model, optimizer="adamw", weight_decay=0.1, lr=1e-3)
     js, tens = checkpoint.rng_state()
-    new = checkpoint.save_checkpoint(run, model, opt, {"step": 7}, [(js, tens)], is_best=False,
-                                     model_config=cfg["model"])
+    new = checkpoint.save_checkpoint(
+        run, model, opt, {"step": 7}, [(js, tens)], is_best=False, model_config=cfg["model"]
+    )
     names = sorted(p.name for p in run.iterdir() if p.name.startswith("ckpt-"))
     assert names == [new.name] and not (run / ".model.safetensors.123.tmp").exists()
     assert checkpoint.load_checkpoint(run)["state"]["step"] == 7
@@ -226,6 +257,7 @@ def test_pickle_payloads_are_refused_without_running(run_dir, tmp_path):
 
 def test_weights_file_without_fastlm_checksum_is_refused(tmp_path):
     from safetensors.torch import save_file
+
     save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
     with pytest.raises(CheckpointError, match="no fastlm checksum"):
         checkpoint.load_weights(tmp_path / "foreign.safetensors")
@@ -246,6 +278,7 @@ def test_tokenizer_problems_are_checkpoint_errors(run_dir, tmp_path):
 
 # ----------------------------------------------------------------- hostile run directories
 # A run directory is downloaded and shared: each case is something an attacker could ship.
+
 
 def _one_line(excinfo, *needles):
     msg = str(excinfo.value)
@@ -315,20 +348,25 @@ def _set_model_config(run, **changes):
     (run / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("changes, needle", [
-    ({"n_embd": 1 << 16, "n_head": 2}, "describes a larger model"),
-    ({"n_layer": 1 << 20}, "describes a larger model"),
-    ({"n_layer": 2}, "the weights file lacks tensor blocks.1."),
-    ({"mlp_hidden": 32}, "holds blocks.0.mlp.fc.weight with shape (96, 16), the config implies (64, 16)"),
-    ({"tie_embeddings": False}, "lacks tensor lm_head.weight"),
-    ({"pos": "learned"}, "lacks tensor wpe.weight"),
-])
-def test_config_is_checked_against_the_weights_header_before_allocating(run_dir, tmp_path, monkeypatch,
-                                                                        changes, needle):
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        ({"n_embd": 1 << 16, "n_head": 2}, "describes a larger model"),
+        ({"n_layer": 1 << 20}, "describes a larger model"),
+        ({"n_layer": 2}, "the weights file lacks tensor blocks.1."),
+        ({"mlp_hidden": 32}, "holds blocks.0.mlp.fc.weight with shape (96, 16), the config implies (64, 16)"),
+        ({"tie_embeddings": False}, "lacks tensor lm_head.weight"),
+        ({"pos": "learned"}, "lacks tensor wpe.weight"),
+    ],
+)
+def test_config_is_checked_against_the_weights_header_before_allocating(
+    run_dir, tmp_path, monkeypatch, changes, needle
+):
     run = _copy_run(run_dir, tmp_path / "run")
     _strip_config_metadata(run)
     _set_model_config(run, **changes)
     import fastlm.model
+
     real_init = fastlm.model.GPT.__init__
     devices = []
 
@@ -390,8 +428,9 @@ def test_forged_safetensors_headers_are_refused(tmp_path, case):
 
 def test_header_size_limit_is_checked_before_reading(tmp_path, monkeypatch):
     p = tmp_path / "w.safetensors"
-    _forge_header(p, {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"x": "y" * 5000}},
-                  b"\0" * 4)
+    _forge_header(
+        p, {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"x": "y" * 5000}}, b"\0" * 4
+    )
     assert checkpoint.read_safetensors_header(p)[0] == {"w": (1,)}
     monkeypatch.setattr(checkpoint, "MAX_HEADER_BYTES", 4096)
     with pytest.raises(CheckpointError) as ei:

@@ -7,6 +7,7 @@ Tolerance (FlashAttention's rule): ``max|out - ref64| <= 2 * max|base - ref64| +
 ``base`` is the ``torch`` backend (SDPA) in the same dtype, or the textbook formula in that dtype
 where SDPA cannot express the call, and ``eps`` is half an ulp at the largest reference value.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ import torch
 
 from fastlm import ops
 from fastlm.ops import extension as _ext
-from fastlm.ops.reference import naive_attention, attention_forward
+from fastlm.ops.reference import attention_forward, naive_attention
 
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"{_ext._IMPORT_ERROR}")
 
@@ -49,8 +50,7 @@ def make_inputs(b, h, h_kv, t_q, t_k, d, dtype, alibi, seed=0, layout="bhtd"):
         k = torch.randn(b, t_k, h_kv, d, generator=g).to(dtype).transpose(1, 2)
         v = torch.randn(b, t_k, h_kv, d, generator=g).to(dtype).transpose(1, 2)
     else:
-        q, k, v = (torch.randn(b, hh, t, d, generator=g).to(dtype)
-                   for hh, t in ((h, t_q), (h_kv, t_k), (h_kv, t_k)))
+        q, k, v = (torch.randn(b, hh, t, d, generator=g).to(dtype) for hh, t in ((h, t_q), (h_kv, t_k), (h_kv, t_k)))
     slopes = torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)]) if alibi else None
     return q, k, v, slopes
 
@@ -73,8 +73,9 @@ def assert_two_x(out, base, ref, what):
 
 def _base_fn(causal, scale, slopes, dtype, q, k):
     if ops.torch_backend.BACKEND.attention_unsupported(q, k, k, causal, scale, slopes) is None:
-        return lambda a, b_, c: ops.attention(a, b_, c, causal=causal, scale=scale,
-                                              alibi_slopes=slopes, backend="torch")
+        return lambda a, b_, c: ops.attention(
+            a, b_, c, causal=causal, scale=scale, alibi_slopes=slopes, backend="torch"
+        )
     return lambda a, b_, c: naive_attention(a, b_, c, causal, scale, slopes, dtype=dtype).to(dtype)
 
 
@@ -86,11 +87,21 @@ def test_attention_fwd_bwd_matches_float64(case, dtype_name):
     q, k, v, slopes = make_inputs(b, h, h_kv, t_q, t_k, d, dtype, alibi)
     scale = 1.0 / math.sqrt(d)
     dout = torch.randn(b, h, t_q, d, generator=torch.Generator().manual_seed(1)).to(dtype)
-    ref = fwd_bwd(lambda a, b_, c: naive_attention(a, b_, c, causal, scale, slopes),
-                  q.double(), k.double(), v.double(), dout.double())
+    ref = fwd_bwd(
+        lambda a, b_, c: naive_attention(a, b_, c, causal, scale, slopes),
+        q.double(),
+        k.double(),
+        v.double(),
+        dout.double(),
+    )
     base = fwd_bwd(_base_fn(causal, scale, slopes, dtype, q, k), q, k, v, dout)
-    got = fwd_bwd(lambda a, b_, c: ops.attention(a, b_, c, causal=causal, scale=scale,
-                                                 alibi_slopes=slopes, backend="cpp"), q, k, v, dout)
+    got = fwd_bwd(
+        lambda a, b_, c: ops.attention(a, b_, c, causal=causal, scale=scale, alibi_slopes=slopes, backend="cpp"),
+        q,
+        k,
+        v,
+        dout,
+    )
     for name, o, bs, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
         assert o.dtype == dtype and o.shape == r.shape
         assert_two_x(o, bs, r, f"{name} ({dtype_name})")
@@ -123,10 +134,14 @@ def test_attention_strided_inputs(layout, dtype_name):
         q, k, v = (x.transpose(2, 3).contiguous().transpose(2, 3) for x in (q, k, v))
     assert not q.is_contiguous()
     dout = torch.randn(b, t_q, h, d).to(dtype).transpose(1, 2)
-    got = fwd_bwd(lambda a, b_, c: ops.attention(a, b_, c, alibi_slopes=slopes, backend="cpp"),
-                  q, k, v, dout)
-    dense = fwd_bwd(lambda a, b_, c: ops.attention(a, b_, c, alibi_slopes=slopes, backend="cpp"),
-                    q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous())
+    got = fwd_bwd(lambda a, b_, c: ops.attention(a, b_, c, alibi_slopes=slopes, backend="cpp"), q, k, v, dout)
+    dense = fwd_bwd(
+        lambda a, b_, c: ops.attention(a, b_, c, alibi_slopes=slopes, backend="cpp"),
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        dout.contiguous(),
+    )
     for x, y in zip(got, dense):  # same math, different memory layout: identical results
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
@@ -148,12 +163,17 @@ def test_attention_overlapping_rows_are_read_safely():
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("causal,alibi,h_kv,t_q,t_k", [
-    (True, False, 2, 5, 5), (False, True, 1, 4, 7), (True, True, 2, 6, 3), (True, False, 1, 3, 9)])
+@pytest.mark.parametrize(
+    "causal,alibi,h_kv,t_q,t_k",
+    [(True, False, 2, 5, 5), (False, True, 1, 4, 7), (True, True, 2, 6, 3), (True, False, 1, 3, 9)],
+)
 def test_attention_gradcheck_float64(causal, alibi, h_kv, t_q, t_k):
     q, k, v, slopes = make_inputs(1, 2, h_kv, t_q, t_k, 8, torch.float64, alibi, seed=3)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    fn = lambda a, b_, c: ops.attention(a, b_, c, causal=causal, alibi_slopes=slopes, backend="cpp")
+
+    def fn(a, b_, c):
+        return ops.attention(a, b_, c, causal=causal, alibi_slopes=slopes, backend="cpp")
+
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
@@ -206,8 +226,7 @@ def test_opcheck_attention_bwd():
     q, k, v, causal, scale, slopes = _opcheck_attention_args()
     q, k, v = (x.detach() for x in (q, k, v))
     out, lse = OPS.attention_fwd(q, k, v, causal, scale, slopes)
-    torch.library.opcheck(OPS.attention_bwd.default,
-                          (torch.randn_like(out), q, k, v, out, lse, causal, scale, slopes))
+    torch.library.opcheck(OPS.attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, causal, scale, slopes))
 
 
 def test_opcheck_swiglu():
@@ -281,14 +300,17 @@ def test_backward_writes_fresh_tensors():
     assert len({t.data_ptr() for t in (dq, dk, dv, dout, q, k, v)}) == 7
 
 
-@pytest.mark.parametrize("args,words", [
-    (lambda q, k, v: (q.to(torch.int32), k, v), "dtype"),
-    (lambda q, k, v: (q, k.double(), v), "dtypes differ"),
-    (lambda q, k, v: (q[0], k, v), "4-D"),
-    (lambda q, k, v: (q, k, v[:, :, :3]), "shapes differ"),
-    (lambda q, k, v: (q, k[..., :8], v[..., :8]), "head dim"),
-    (lambda q, k, v: (q[:, :3], k, v), "multiple of kv heads"),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (lambda q, k, v: (q.to(torch.int32), k, v), "dtype"),
+        (lambda q, k, v: (q, k.double(), v), "dtypes differ"),
+        (lambda q, k, v: (q[0], k, v), "4-D"),
+        (lambda q, k, v: (q, k, v[:, :, :3]), "shapes differ"),
+        (lambda q, k, v: (q, k[..., :8], v[..., :8]), "head dim"),
+        (lambda q, k, v: (q[:, :3], k, v), "multiple of kv heads"),
+    ],
+)
 def test_attention_op_errors(args, words):
     q, k, v, _ = make_inputs(1, 4, 2, 5, 5, 16, torch.float32, False)
     with pytest.raises(RuntimeError, match=words):
@@ -317,8 +339,9 @@ def test_backend_objects_report_reasons():
     q, k, v, _ = make_inputs(1, 2, 2, 4, 4, 16, torch.float32, False)
     assert _ext.CPP_BACKEND.unavailable_reason() is None
     assert _ext.CPP_BACKEND.attention_unsupported(q, k, v, True, 0.25, None) is None
-    assert "dtype" in _ext.CPP_BACKEND.swiglu_unsupported(torch.ones(2, dtype=torch.int32),
-                                                          torch.ones(2, dtype=torch.int32))
+    assert "dtype" in _ext.CPP_BACKEND.swiglu_unsupported(
+        torch.ones(2, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    )
     assert "cuda" in _ext.CUDA_BACKEND.attention_unsupported(q, k, v, True, 0.25, None)
     assert isinstance(_ext._C.has_cuda(), bool)
     if not torch.cuda.is_available():
@@ -330,8 +353,9 @@ def test_cpp_backend_through_ops_and_compile():
     expect = ops.attention(q, k, v, alibi_slopes=slopes, backend="reference")
     got = ops.attention(q, k, v, alibi_slopes=slopes, backend="cpp")
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
-    fn = torch.compile(lambda a, b, c: ops.attention(a, b, c, alibi_slopes=slopes, backend="cpp"),
-                       fullgraph=True, backend="eager")
+    fn = torch.compile(
+        lambda a, b, c: ops.attention(a, b, c, alibi_slopes=slopes, backend="cpp"), fullgraph=True, backend="eager"
+    )
     torch.testing.assert_close(fn(q, k, v), got, rtol=0, atol=0)
 
 
@@ -363,11 +387,21 @@ def test_cuda_attention_matches_float64(case, dtype):
     slopes = slopes.cuda() if slopes is not None else None
     scale = 1.0 / math.sqrt(d)
     dout = torch.randn(b, h, t_q, d, device="cuda").to(dtype)
-    ref = fwd_bwd(lambda a, b_, c: naive_attention(a, b_, c, causal, scale, slopes),
-                  q.double(), k.double(), v.double(), dout.double())
+    ref = fwd_bwd(
+        lambda a, b_, c: naive_attention(a, b_, c, causal, scale, slopes),
+        q.double(),
+        k.double(),
+        v.double(),
+        dout.double(),
+    )
     base = fwd_bwd(_base_fn(causal, scale, slopes, dtype, q, k), q, k, v, dout)
-    got = fwd_bwd(lambda a, b_, c: ops.attention(a, b_, c, causal=causal, scale=scale,
-                                                 alibi_slopes=slopes, backend="cuda"), q, k, v, dout)
+    got = fwd_bwd(
+        lambda a, b_, c: ops.attention(a, b_, c, causal=causal, scale=scale, alibi_slopes=slopes, backend="cuda"),
+        q,
+        k,
+        v,
+        dout,
+    )
     for name, o, bs, r in zip(("out", "dq", "dk", "dv"), got, base, ref):
         assert_two_x(o.cpu(), bs.cpu(), r.cpu(), f"cuda {name}")
 
@@ -406,8 +440,9 @@ def test_cuda_swiglu_matches_float64(dtype, n):
 
 # ---- packed self-attention with RoPE inside (attention_qkv) -------------------------------------
 def _rope64(t, d):
-    ang = torch.outer(torch.arange(t, dtype=torch.float64),
-                      1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.outer(
+        torch.arange(t, dtype=torch.float64), 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    )
     return ang.cos(), ang.sin()
 
 
@@ -421,8 +456,9 @@ def _composed64(qkv, h, h_kv, rope, slopes):
         cos, sin = (x.double() for x in rope)
 
         def rot(x):
-            x1, x2 = x[..., : d // 2], x[..., d // 2:]
+            x1, x2 = x[..., : d // 2], x[..., d // 2 :]
             return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
         q, k = rot(q), rot(k)
     y = naive_attention(q, k, v, True, 1.0 / math.sqrt(d), slopes)
     return y.transpose(1, 2).reshape(b, t, h * d)
@@ -444,8 +480,10 @@ def test_attention_qkv_fused_matches_float64(case):
     dout = torch.randn(b, t, h * d, generator=g)
     rope = tuple(x.float() for x in _rope64(t, d)) if use_rope else None
     slopes = torch.tensor([2.0 ** (-8 * (i + 1) / h) for i in range(h)]) if alibi else None
-    assert ops.attention_backend(*(torch.randn(b, hh, t, d) for hh in (h, h_kv, h_kv)), alibi_slopes=slopes,
-                                 backend="cpp") == "cpp"
+    assert (
+        ops.attention_backend(*(torch.randn(b, hh, t, d) for hh in (h, h_kv, h_kv)), alibi_slopes=slopes, backend="cpp")
+        == "cpp"
+    )
 
     def run(fn, x):
         x = x.detach().clone().requires_grad_()
@@ -482,14 +520,18 @@ def test_attention_qkv_gradcheck_float64():
     rope = _rope64(t, d)
     slopes = torch.tensor([0.5, 0.25], dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda x: ops.attention_qkv(x, h, h_kv, rope=rope, alibi_slopes=slopes, backend="cpp"), (qkv,))
+        lambda x: ops.attention_qkv(x, h, h_kv, rope=rope, alibi_slopes=slopes, backend="cpp"), (qkv,)
+    )
 
 
 def test_attention_qkv_composes_where_the_fused_op_does_not_run():
     """Keys past gemm_max_tk, bfloat16 and non-causal calls compose split + rotate + attention."""
     h, d = 2, 8
-    for t, dtype, causal in ((_ext.CPP_BACKEND.gemm_max_tk + 3, torch.float32, True), (17, torch.bfloat16, True),
-                             (17, torch.float32, False)):
+    for t, dtype, causal in (
+        (_ext.CPP_BACKEND.gemm_max_tk + 3, torch.float32, True),
+        (17, torch.bfloat16, True),
+        (17, torch.float32, False),
+    ):
         qkv = torch.randn(1, t, 3 * h * d).to(dtype)
         rope = tuple(x.float() for x in _rope64(t, d))
         got = ops.attention_qkv(qkv, h, rope=rope, causal=causal, backend="cpp")
@@ -517,16 +559,17 @@ def test_opcheck_attention_qkv():
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
     torch.library.opcheck(OPS.attention_qkv_fwd.default, (qkv, h, h_kv, cos, sin, 0.3, slopes))
     out, lse = OPS.attention_qkv_fwd(qkv.detach(), h, h_kv, cos, sin, 0.3, slopes)
-    torch.library.opcheck(OPS.attention_qkv_bwd.default,
-                          (torch.randn_like(out), qkv.detach(), out, lse, h, h_kv, cos, sin, 0.3, slopes))
+    torch.library.opcheck(
+        OPS.attention_qkv_bwd.default, (torch.randn_like(out), qkv.detach(), out, lse, h, h_kv, cos, sin, 0.3, slopes)
+    )
 
 
 def test_attention_qkv_head_counts_cannot_wrap():
     """n_head + 2 n_kv_head wrapped for absurd counts (undefined behaviour; before: a head size of -1
     and a misleading "needs T <= 512" refusal). An empty tensor may be that wide."""
-    wide = torch.empty(0, 1, 2 ** 62)
+    wide = torch.empty(0, 1, 2**62)
     with pytest.raises(RuntimeError, match="heads"):
-        OPS.attention_qkv_fwd(wide, 2 ** 62, 2 ** 62, None, None, 0.5, None)
+        OPS.attention_qkv_fwd(wide, 2**62, 2**62, None, None, 0.5, None)
 
 
 def test_muon_step_refuses_a_tensor_listed_twice():

@@ -5,6 +5,7 @@ and at the portable baseline (``FASTLM_CPU_AVX2=0``), each in a folder of its ow
 install stay untouched), and the C++ parity tests (tests/test_cpp_ops.py, the fused Muon tests of
 tests/test_optim.py) run against that build in a child pytest (``FASTLM_TEST_EXTENSION``, see
 tests/conftest.py). About 1-2 minutes per level on 2 cores (debug info off: ``-g0``)."""
+
 from __future__ import annotations
 
 import os
@@ -14,10 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import child_env, run_bounded
 
 from fastlm.ops._buildinfo import CPU_LEVEL_FLAGS, cpu_flags
-
-from conftest import child_env, run_bounded
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +43,23 @@ def _skip_unless_this_cpu_runs(level):
 
 def build_level(level, folder: Path) -> Path:
     """``setup.py build_ext`` at ``level`` into ``folder`` -> the built extension's path."""
-    env = child_env(**LEVELS[level], FASTLM_CPP="1", FASTLM_CUDA="0", CFLAGS="-DNDEBUG -g0",
-                    MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
-    cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(folder / "lib"),
-           "--build-temp", str(folder / "tmp")]
+    env = child_env(
+        **LEVELS[level],
+        FASTLM_CPP="1",
+        FASTLM_CUDA="0",
+        CFLAGS="-DNDEBUG -g0",
+        MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
+    )
+    cmd = [
+        sys.executable,
+        "setup.py",
+        "-q",
+        "build_ext",
+        "--build-lib",
+        str(folder / "lib"),
+        "--build-temp",
+        str(folder / "tmp"),
+    ]
     proc = run_bounded(cmd, 1200, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (built,) = (folder / "lib" / "fastlm").glob("_C.*")
@@ -63,8 +76,12 @@ def run_parity(extension: Path):
     """The C++ parity tests in a child pytest that loads ``extension`` -> (stdout, counts, failed tests)."""
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "not gpu", "-k", SELECT, *PARITY]
     proc = run_bounded(cmd, 900, cwd=ROOT / "tests", env=child_env(FASTLM_TEST_EXTENSION=str(extension)))
-    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)",
-                                                      proc.stdout.strip().splitlines()[-1])}
+    counts = {
+        word: int(n)
+        for n, word in re.findall(
+            r"(\d+) (passed|failed|skipped|errors?|deselected)", proc.stdout.strip().splitlines()[-1]
+        )
+    }
     failed = set(re.findall(r"^FAILED (\S+)", proc.stdout, re.M))
     return proc.stdout, counts, {f"tests/{name}" for name in failed}
 
@@ -78,7 +95,8 @@ def test_cpp_parity_at_each_vector_level(level, tmp_path):
     out, counts, failed = run_parity(built)
     assert f"fastlm._C: {built} (CPU level {level})" in out, out[:3000]
     known = KNOWN_FAILURES.get(level, set())
-    assert failed == known, (f"failed: {sorted(failed - known)}; known but passing now: {sorted(known - failed)}\n"
-                             + out[-6000:])
+    assert failed == known, (
+        f"failed: {sorted(failed - known)}; known but passing now: {sorted(known - failed)}\n" + out[-6000:]
+    )
     assert counts.get("passed", 0) >= 100 and set(counts) <= {"passed", "failed", "deselected"}, counts
     assert counts.get("failed", 0) == len(known), counts

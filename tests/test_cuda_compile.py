@@ -7,6 +7,7 @@ a GPU or a CUDA build of torch; it is skipped only when nvcc is absent (the SASS
 cuobjdump: from the CUDA toolkit, or the copy inside Triton's wheel). All files and architectures
 compile concurrently, once per session.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,11 +21,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 NVCC = shutil.which("nvcc") or (
-    os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None)
+    os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
+)
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a")
 
-pytestmark = pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC),
-                                reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+pytestmark = pytest.mark.skipif(
+    NVCC is None or not os.path.exists(NVCC), reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+)
 
 
 def _find_cuobjdump():
@@ -57,10 +60,26 @@ def compiled(tmp_path_factory):
         for arch in ARCHS:
             sm = arch.rsplit("=", 1)[1]
             obj = out_dir / f"{src.stem}_{sm}.o"
-            cmd = [NVCC, "-c", "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
-                   "-Xptxas", "-v", arch, "-I", str(ROOT / "csrc"), str(src), "-o", str(obj)]
-            procs[(src.name, sm)] = (obj, subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            cmd = [
+                NVCC,
+                "-c",
+                "-std=c++17",
+                "-O3",
+                "--use_fast_math",
+                "--expt-relaxed-constexpr",
+                "-Xptxas",
+                "-v",
+                arch,
+                "-I",
+                str(ROOT / "csrc"),
+                str(src),
+                "-o",
+                str(obj),
+            ]
+            procs[(src.name, sm)] = (
+                obj,
+                subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+            )
     results = {}
     for key, (obj, proc) in procs.items():
         out, _ = proc.communicate(timeout=900)
@@ -69,8 +88,11 @@ def compiled(tmp_path_factory):
 
 
 def test_cu_files_compile(compiled):
-    failures = [f"{name} [{sm}] rc={rc}\n{out[-4000:]}"
-                for (name, sm), (obj, rc, out) in compiled.items() if rc != 0 or not obj.exists()]
+    failures = [
+        f"{name} [{sm}] rc={rc}\n{out[-4000:]}"
+        for (name, sm), (obj, rc, out) in compiled.items()
+        if rc != 0 or not obj.exists()
+    ]
     assert not failures, "\n\n".join(failures)
 
 
@@ -82,11 +104,9 @@ def parse_ptxas(output: str) -> dict:
         if m:
             current = funcs.setdefault(m.group(1), {})
             continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
-                      line)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and current is not None:
-            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
-                           spill_loads=int(m.group(3)))
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
             continue
         m = re.search(r"Used (\d+) registers", line)
         if m and current is not None:
@@ -95,11 +115,12 @@ def parse_ptxas(output: str) -> dict:
 
 
 def test_parse_ptxas_reads_spills_and_registers():
-    sample = ("ptxas info    : Function properties for _Z3fooPf\n"
-              "    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
-              "ptxas info    : Used 96 registers, used 1 barriers, 380 bytes cmem[0]\n")
-    assert parse_ptxas(sample) == {"_Z3fooPf": {"stack": 16, "spill_stores": 8, "spill_loads": 4,
-                                                 "registers": 96}}
+    sample = (
+        "ptxas info    : Function properties for _Z3fooPf\n"
+        "    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 96 registers, used 1 barriers, 380 bytes cmem[0]\n"
+    )
+    assert parse_ptxas(sample) == {"_Z3fooPf": {"stack": 16, "spill_stores": 8, "spill_loads": 4, "registers": 96}}
 
 
 def test_kernels_fit_registers_without_spills(compiled):
@@ -117,8 +138,7 @@ def test_kernels_fit_registers_without_spills(compiled):
 
 
 def _sass_by_function(cuobjdump: str, obj: Path) -> dict:
-    proc = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     funcs, current = {}, None
     for line in proc.stdout.splitlines():
@@ -169,8 +189,12 @@ namespace c10 { namespace cuda { struct CUDAGuard { explicit CUDAGuard(c10::Devi
 def _cuda_include_dir():
     from torch.utils import cpp_extension
 
-    homes = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda",
-             str(Path(NVCC).resolve().parents[1])]
+    homes = [
+        cpp_extension.CUDA_HOME,
+        os.environ.get("CUDA_HOME"),
+        "/usr/local/cuda",
+        str(Path(NVCC).resolve().parents[1]),
+    ]
     candidates = [Path(h) / sub for h in homes if h for sub in ("include", "targets/x86_64-linux/include")]
     return next((str(c) for c in candidates if (c / "cuda_runtime.h").exists()), None)
 
@@ -194,8 +218,11 @@ def test_cuda_glue_type_checks(tmp_path):
     incs += cpp_extension.include_paths()
     failures = []
     for src in sorted((ROOT / "csrc" / "cuda").glob("*.cpp")):
-        cmd = [cxx, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C",
-               "-DFASTLM_WITH_CUDA"] + [f"-I{i}" for i in incs] + [str(src)]
+        cmd = (
+            [cxx, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C", "-DFASTLM_WITH_CUDA"]
+            + [f"-I{i}" for i in incs]
+            + [str(src)]
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             failures.append(f"{src.name}\n{proc.stderr[-4000:]}")

@@ -6,6 +6,7 @@ prebuilt library first and builds only when there is none or it does not load, a
 why it cannot run (no nvcc, no GPU); every argument error is a one-line ValueError/TypeError raised
 before anything is launched.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -13,8 +14,8 @@ import shutil
 
 import pytest
 import torch
-
 from attn_oracle import lse_base2_fp32
+
 from benchmarks import cuda_direct as cd
 
 
@@ -30,6 +31,7 @@ class _RecordingLib:
         def call(*args):
             self.calls.append(name)
             return 0
+
         return call
 
 
@@ -39,8 +41,11 @@ def lib():
 
 
 def _qkv(dtype=torch.float16, b=1, h=4, h_kv=2, t_q=9, t_k=12, d=64):
-    return (torch.randn(b, h, t_q, d).to(dtype), torch.randn(b, h_kv, t_k, d).to(dtype),
-            torch.randn(b, h_kv, t_k, d).to(dtype))
+    return (
+        torch.randn(b, h, t_q, d).to(dtype),
+        torch.randn(b, h_kv, t_k, d).to(dtype),
+        torch.randn(b, h_kv, t_k, d).to(dtype),
+    )
 
 
 def test_build_and_load_without_nvcc(monkeypatch, tmp_path):
@@ -78,9 +83,11 @@ def test_sources_compile_in_parallel(tmp_path):
     after another, the first would give up and fail); the link writes the library."""
     marks = tmp_path / "marks"
     marks.mkdir()
-    body = (f'case "$1" in -c) touch {marks}/$$; i=0\n'
-            f'  while [ $(ls {marks} | wc -l) -lt 3 ]; do i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.05; done;;\n'
-            '  *) for a; do out=$a; done; echo lib > "$out";; esac\n')
+    body = (
+        f'case "$1" in -c) touch {marks}/$$; i=0\n'
+        f"  while [ $(ls {marks} | wc -l) -lt 3 ]; do i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.05; done;;\n"
+        '  *) for a; do out=$a; done; echo lib > "$out";; esac\n'
+    )
     path = cd.build_library(tmp_path / "build", timeout_s=120, nvcc=_fake_nvcc(tmp_path, body))
     assert path.read_text() == "lib\n" and len(list(marks.iterdir())) == 3
 
@@ -147,18 +154,20 @@ def test_library_builds_links_and_binds(built_library):
     assert usage and all(" 0 bytes spill stores" in ln for ln in usage), usage  # no kernel spills
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda q, k, v: (q.float(), k.float(), v.float()), "dtype float32 not supported"),
-    (lambda q, k, v: (q, k.half(), v.bfloat16()), "dtypes differ"),
-    (lambda q, k, v: (q[..., :40], k[..., :40], v[..., :40]), "head dim 40"),
-    (lambda q, k, v: (q, k, v[:, :, :5]), "must match"),
-    (lambda q, k, v: (q[:, :3], k, v), "multiple of kv heads"),
-    (lambda q, k, v: (q[0], k, v), "must be 4-D"),
-    (lambda q, k, v: (torch.randn(1, 4, 64, 9).half().transpose(2, 3), k, v),
-     "q needs a contiguous last dim"),
-    (lambda q, k, v: (torch.randn(1, 4, 9, 68).half()[..., :64], k, v), "multiples of 8"),
-    (lambda q, k, v: (q, k, v), "must be a CUDA tensor, got cpu"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda q, k, v: (q.float(), k.float(), v.float()), "dtype float32 not supported"),
+        (lambda q, k, v: (q, k.half(), v.bfloat16()), "dtypes differ"),
+        (lambda q, k, v: (q[..., :40], k[..., :40], v[..., :40]), "head dim 40"),
+        (lambda q, k, v: (q, k, v[:, :, :5]), "must match"),
+        (lambda q, k, v: (q[:, :3], k, v), "multiple of kv heads"),
+        (lambda q, k, v: (q[0], k, v), "must be 4-D"),
+        (lambda q, k, v: (torch.randn(1, 4, 64, 9).half().transpose(2, 3), k, v), "q needs a contiguous last dim"),
+        (lambda q, k, v: (torch.randn(1, 4, 9, 68).half()[..., :64], k, v), "multiples of 8"),
+        (lambda q, k, v: (q, k, v), "must be a CUDA tensor, got cpu"),
+    ],
+)
 def test_attention_argument_errors(lib, change, message):
     q, k, v = change(*_qkv())
     with pytest.raises(ValueError, match=message):
@@ -241,8 +250,7 @@ def reference_mask(t_q, t_k):
 
 
 # (B, H, H_kv, T_q, T_k): one tile, ragged multi-tile, KV-cache (T_q < T_k), masked rows (T_q > T_k)
-ATTN_SHAPES = [(2, 2, 2, 1, 1), (1, 4, 2, 97, 97), (1, 2, 2, 130, 257), (1, 2, 1, 257, 130),
-               (2, 2, 2, 300, 300)]
+ATTN_SHAPES = [(2, 2, 2, 1, 1), (1, 4, 2, 97, 97), (1, 2, 2, 130, 257), (1, 2, 1, 257, 130), (2, 2, 2, 300, 300)]
 
 
 @needs_gpu
@@ -262,7 +270,7 @@ def test_direct_attention_matches_float64(gpu_lib, shape, dtype, d, causal, layo
 
     q, k, v = make(h, t_q), make(h_kv, t_k), make(h_kv, t_k)
     dout = torch.randn(b, h, t_q, d, generator=g).to("cuda", dtype)
-    scale = d ** -0.5
+    scale = d**-0.5
     out, lse = gpu_lib.attention_fwd(q, k, v, causal, scale)
     dq, dk, dv = gpu_lib.attention_bwd(dout, q, k, v, out, lse, causal, scale)
     torch.cuda.synchronize()
@@ -278,20 +286,18 @@ def test_direct_attention_matches_float64(gpu_lib, shape, dtype, d, causal, layo
     base_lse = lse_base2_fp32(q, k, causal, scale)  # float32, the kernels' base-2 formula
     _two_x(lse[fin], base_lse[fin], ref_lse[fin], "lse")
     floor = 2 * torch.finfo(torch.float32).eps * ref.abs().max().item() * dout.abs().max().item()
-    for name, x, grad, bg, rg in zip(("dq", "dk", "dv"), (q, k, v), (dq, dk, dv), base_grads,
-                                     ref_grads):
+    for name, x, grad, bg, rg in zip(("dq", "dk", "dv"), (q, k, v), (dq, dk, dv), base_grads, ref_grads):
         assert grad.shape == x.shape and grad.dtype == dtype, name
         _two_x(grad, bg, rg, name, floor=floor)
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
-                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("rows,hidden,pad", [(1, 3, 0), (37, 40, 0), (64, 1024, 8), (5, 17, 3)])
 def test_direct_swiglu_matches_float64(gpu_lib, dtype, rows, hidden, pad):
     g = torch.Generator().manual_seed(rows + hidden)
     big = torch.randn(rows, 2 * hidden + pad, generator=g).to("cuda", dtype)
-    x = big[:, pad:pad + 2 * hidden]  # rows 2 * hidden + pad apart: read in place
+    x = big[:, pad : pad + 2 * hidden]  # rows 2 * hidden + pad apart: read in place
     before = big.clone()
     dy = torch.randn(rows, hidden, generator=g).to("cuda", dtype)
     gate, up = x[:, :hidden], x[:, hidden:]

@@ -8,6 +8,7 @@ compiler, and is checked against the float64 oracle with the 2x rule of tests/te
 SwiGLU launchers run with their real grid/block choice (vectorised and scalar paths). What
 only a GPU can show (timing, async-copy races, register limits) is out of reach here.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -18,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from mask_rule import doc_bounds, doc_ids, oracle, visible
 
 from fastlm.ops.positions import alibi_slopes
 from fastlm.ops.reference import attention_forward, naive_attention
-from mask_rule import doc_bounds, doc_ids, oracle, visible
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = shutil.which("c++") or shutil.which("g++")
@@ -31,8 +32,12 @@ def _cuda_include():
     """The CUDA headers: under $CUDA_HOME (tests/conftest.py sets it to the toolkit of the test extras'
     pip wheels where no system one is found), beside the nvcc on PATH, or in /usr/local/cuda."""
     nvcc = shutil.which("nvcc")
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-             str(Path(nvcc).resolve().parents[1]) if nvcc else None, "/usr/local/cuda"]
+    homes = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        str(Path(nvcc).resolve().parents[1]) if nvcc else None,
+        "/usr/local/cuda",
+    ]
     for home in filter(None, homes):
         for sub in ("include", "targets/x86_64-linux/include"):
             if (Path(home) / sub / "cuda_fp16.h").exists():
@@ -41,16 +46,31 @@ def _cuda_include():
 
 
 CUDA_INC = _cuda_include()
-pytestmark = pytest.mark.skipif(CXX is None or CUDA_INC is None,
-                                reason="needs a host C++ compiler and the CUDA headers")
+pytestmark = pytest.mark.skipif(
+    CXX is None or CUDA_INC is None, reason="needs a host C++ compiler and the CUDA headers"
+)
 _P, _F = ctypes.c_void_p, ctypes.c_float
 
 
 def _build(tmp_path_factory, name):
     lib = tmp_path_factory.mktemp("sim") / f"{name}.so"
-    cmd = [CXX, "-std=c++17", "-O2", "-DFASTLM_HOST_SIM", "-shared", "-fPIC", "-I",
-           str(ROOT / "csrc"), "-I", str(ROOT / "tests" / "csrc"), "-I", CUDA_INC,
-           str(ROOT / "tests" / "csrc" / f"{name}.cpp"), "-o", str(lib)]
+    cmd = [
+        CXX,
+        "-std=c++17",
+        "-O2",
+        "-DFASTLM_HOST_SIM",
+        "-shared",
+        "-fPIC",
+        "-I",
+        str(ROOT / "csrc"),
+        "-I",
+        str(ROOT / "tests" / "csrc"),
+        "-I",
+        CUDA_INC,
+        str(ROOT / "tests" / "csrc" / f"{name}.cpp"),
+        "-o",
+        str(lib),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return ctypes.CDLL(str(lib))
@@ -60,10 +80,27 @@ def _build(tmp_path_factory, name):
 def sim(tmp_path_factory):
     dll = _build(tmp_path_factory, "attention_host_sim")
     i64 = ctypes.c_int64
-    dll.sim_attention_fwd.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, ctypes.c_int, _F, _P, i64, _P,
-                                      _P, _P]
-    dll.sim_attention_bwd.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int,
-                                      _F, _P, i64, _P, _P, _P, _P, _P]
+    dll.sim_attention_fwd.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, ctypes.c_int, _F, _P, i64, _P, _P, _P]
+    dll.sim_attention_bwd.argtypes = [
+        ctypes.c_int,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        ctypes.c_int,
+        _F,
+        _P,
+        i64,
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+    ]
     return dll
 
 
@@ -85,16 +122,48 @@ def run_kernels(sim, q, k, v, dout, causal, scale, slopes, window=None, seg=None
     doc = None if seg is None else doc_bounds(seg).contiguous()  # what the torch glue passes
     masks = (window or 0, _ptr(doc))
     out, lse = torch.empty(b, h, t_q, d, dtype=q.dtype), torch.empty(b, h, t_q)
-    assert sim.sim_attention_fwd(code, q.data_ptr(), k.data_ptr(), v.data_ptr(), _strides(q, k, v),
-                                 shape, int(causal), scale, _ptr(alibi), *masks, out.data_ptr(),
-                                 lse.data_ptr()) == 0
+    assert (
+        sim.sim_attention_fwd(
+            code,
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            _strides(q, k, v),
+            shape,
+            int(causal),
+            scale,
+            _ptr(alibi),
+            *masks,
+            out.data_ptr(),
+            lse.data_ptr(),
+        )
+        == 0
+    )
     delta = torch.empty(b, h, t_q)
     dq = torch.empty_like(out)
     dk, dv = torch.empty(b, h_kv, t_k, d, dtype=q.dtype), torch.empty(b, h_kv, t_k, d, dtype=q.dtype)
-    assert sim.sim_attention_bwd(code, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                 out.data_ptr(), lse.data_ptr(), _strides(q, k, v, out, dout),
-                                 shape, int(causal), scale, _ptr(alibi), *masks, delta.data_ptr(),
-                                 dq.data_ptr(), dk.data_ptr(), dv.data_ptr()) == 0
+    assert (
+        sim.sim_attention_bwd(
+            code,
+            dout.data_ptr(),
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            out.data_ptr(),
+            lse.data_ptr(),
+            _strides(q, k, v, out, dout),
+            shape,
+            int(causal),
+            scale,
+            _ptr(alibi),
+            *masks,
+            delta.data_ptr(),
+            dq.data_ptr(),
+            dk.data_ptr(),
+            dv.data_ptr(),
+        )
+        == 0
+    )
     return out, lse, (dq, dk, dv)
 
 
@@ -115,6 +184,7 @@ def _two_x(x, base, ref, what, floor=0.0):
 
 def _inputs(g, b, h, h_kv, t_q, t_k, d, dtype, layout):
     """q, k, v (a (B, T, H, D) view when layout is "bthd") and dout, drawn from g."""
+
     def make(heads, t):
         if layout == "bthd":
             return torch.randn(b, t, heads, d, generator=g).to(dtype).transpose(1, 2)
@@ -144,7 +214,7 @@ def test_cuda_kernels_match_float64(sim, case, dtype):
     g = torch.Generator().manual_seed(t_q * 131 + t_k)
     q, k, v, dout = _inputs(g, b, h, h_kv, t_q, t_k, d, dtype, layout)
     slopes = alibi_slopes(h) if alibi else None
-    scale = d ** -0.5
+    scale = d**-0.5
     out, lse, grads = run_kernels(sim, q, k, v, dout, causal, scale, slopes)
 
     ref, ref_grads = _with_grads(q, k, v, dout, causal, scale, slopes, torch.float64)
@@ -189,7 +259,7 @@ def test_cuda_kernels_with_masks_match_float64(sim, case, dtype):
     q, k, v, dout = _inputs(g, b, h, h_kv, t_q, t_k, d, dtype, layout)
     seg = None if docs is None else doc_ids(b, t_k, docs, g, window)
     slopes = alibi_slopes(h) if alibi else None
-    scale = d ** -0.5
+    scale = d**-0.5
     mask = visible(b, t_q, t_k, causal, window, seg)
     out, lse, grads = run_kernels(sim, q, k, v, dout, causal, scale, slopes, window, seg)
 
@@ -225,31 +295,34 @@ _CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
 # hidden % 8 == 0 with an aligned row stride takes the 16-byte path; the rest the scalar one.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
-                         ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("rows,hidden,pad", [(1, 3, 0), (37, 40, 0), (300, 8, 0), (9, 520, 8),
-                                             (5, 17, 3), (3, 2100, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "rows,hidden,pad", [(1, 3, 0), (37, 40, 0), (300, 8, 0), (9, 520, 8), (5, 17, 3), (3, 2100, 0)]
+)
 def test_swiglu_kernels_match_float64(sim_swiglu, dtype, rows, hidden, pad):
     g = torch.Generator().manual_seed(rows * 7 + hidden)
     big = torch.randn(rows, 2 * hidden + pad, generator=g).to(dtype)
-    x = big[:, pad:pad + 2 * hidden]  # rows 2 * hidden + pad apart: read in place
+    x = big[:, pad : pad + 2 * hidden]  # rows 2 * hidden + pad apart: read in place
     before = big.clone()
     dy = torch.randn(rows, hidden, generator=g).to(dtype)
     code = _CODES[dtype]
 
     y_packed = torch.full((rows, hidden), float("nan"), dtype=dtype)
     dx = torch.full((rows, 2 * hidden), float("nan"), dtype=dtype)
-    assert sim_swiglu.sim_swiglu_packed_fwd(code, x.data_ptr(), rows, hidden, x.stride(0),
-                                            y_packed.data_ptr()) == 0
-    assert sim_swiglu.sim_swiglu_packed_bwd(code, dy.data_ptr(), x.data_ptr(), rows, hidden,
-                                            x.stride(0), dx.data_ptr()) == 0
+    assert sim_swiglu.sim_swiglu_packed_fwd(code, x.data_ptr(), rows, hidden, x.stride(0), y_packed.data_ptr()) == 0
+    assert (
+        sim_swiglu.sim_swiglu_packed_bwd(code, dy.data_ptr(), x.data_ptr(), rows, hidden, x.stride(0), dx.data_ptr())
+        == 0
+    )
     gate, up = x[:, :hidden].contiguous(), x[:, hidden:].contiguous()
     y_split = torch.full_like(gate, float("nan"))
     dg, du = torch.full_like(gate, float("nan")), torch.full_like(up, float("nan"))
     n = gate.numel()
     assert sim_swiglu.sim_swiglu_fwd(code, gate.data_ptr(), up.data_ptr(), y_split.data_ptr(), n) == 0
-    assert sim_swiglu.sim_swiglu_bwd(code, dy.data_ptr(), gate.data_ptr(), up.data_ptr(),
-                                     dg.data_ptr(), du.data_ptr(), n) == 0
+    assert (
+        sim_swiglu.sim_swiglu_bwd(code, dy.data_ptr(), gate.data_ptr(), up.data_ptr(), dg.data_ptr(), du.data_ptr(), n)
+        == 0
+    )
 
     x64 = x.double().requires_grad_()
     ref = torch.nn.functional.silu(x64[:, :hidden]) * x64[:, hidden:]

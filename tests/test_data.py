@@ -1,5 +1,6 @@
 """fastlm.text.data: corpora (file / files / folder / CSV / JSONL), UTF-8 errors, splits, token cache,
 batch sampling and the whole-split loss."""
+
 import json
 import math
 
@@ -8,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastlm.model import GPT, GPTConfig
 from fastlm.text import data
 from fastlm.text.data import DataError
-from fastlm.model import GPT, GPTConfig
 from fastlm.text.tokenizers import build_tokenizer
 
 
@@ -188,7 +189,7 @@ def test_split_loss_matches_direct_computation(n):
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, n - 1, 16):  # every prediction exactly once, last partial window included
-            chunk = torch.tensor(ids[start:start + 17].astype(np.int64))
+            chunk = torch.tensor(ids[start : start + 17].astype(np.int64))
             logits, _ = model(chunk[None, :-1])
             total += F.cross_entropy(logits[0].double(), chunk[1:], reduction="sum").item()
             count += len(chunk) - 1

@@ -1,5 +1,6 @@
 """Distributed training on CPU (gloo) through torchrun: two processes give the same losses as one
 process with the same global batch, grad accumulation uses no_sync, and a 2-process run resumes."""
+
 import csv
 import json
 import os
@@ -7,22 +8,48 @@ import sys
 
 import pytest
 import torch
+from conftest import child_env, run_bounded
 
 from fastlm.io import checkpoint
 from fastlm.train import main
 
-from conftest import child_env, run_bounded
-
 pytestmark = pytest.mark.slow
 
 # --device cpu: gloo on CPU also where a GPU is visible (NCCL would want one GPU per process)
-COMMON = ["--device", "cpu", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
-          "--eval-iters", "2", "--eval-interval", "3", "--sample-tokens", "0", "--no-progress", "--threads",
-          "1", "--log-interval", "1", "--lr-schedule", "constant", "--warmup-iters", "0", "--lr", "0.01"]
+COMMON = [
+    "--device",
+    "cpu",
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "16",
+    "--n-head",
+    "2",
+    "--block-size",
+    "16",
+    "--eval-iters",
+    "2",
+    "--eval-interval",
+    "3",
+    "--sample-tokens",
+    "0",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--log-interval",
+    "1",
+    "--lr-schedule",
+    "constant",
+    "--warmup-iters",
+    "0",
+    "--lr",
+    "0.01",
+]
 
 
 def _gloo_ok():
     import torch.distributed as dist
+
     return dist.is_available() and dist.is_gloo_available()
 
 
@@ -30,8 +57,16 @@ def _torchrun(args, nproc=2, script=None, timeout_s=300, **env):
     """torchrun over ``fastlm.train`` (or ``script``); the launcher and its ranks are killed, and the test
     fails, past ``timeout_s``."""
     target = [script] if script else ["-m", "fastlm.train"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           *target, *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--standalone",
+        *target,
+        *map(str, args),
+    ]
     return run_bounded(cmd, timeout_s, env=child_env(OMP_NUM_THREADS="1", **env))
 
 
@@ -55,8 +90,9 @@ def test_two_processes_match_one_process_and_resume(tmp_path, corpus, capsys, op
     capsys.readouterr()
     # 2 processes: micro-batch 2 x grad_accum 2 x world 2 = the same 8 sequences per step; 6 steps, then resume to 9
     two = tmp_path / "two"
-    res = _torchrun(["--data", corpus, "--out-dir", two, *common, "--batch-size", "2", "--grad-accum", "2",
-                     "--max-iters", "6"])
+    res = _torchrun(
+        ["--data", corpus, "--out-dir", two, *common, "--batch-size", "2", "--grad-accum", "2", "--max-iters", "6"]
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 x grad_accum 2 x world 2 = 8 sequences" in res.stdout
     assert res.stdout.count("done: best val loss") == 1  # only rank 0 reports and writes
@@ -98,8 +134,24 @@ def test_a_failed_save_on_rank0_ends_every_rank(tmp_path, corpus):
     and fails the test long before (the job itself takes seconds)."""
     run = tmp_path / "run"
     hooks = os.path.join(os.path.dirname(__file__), "train_hooks.py")
-    res = _torchrun(["--data", corpus, "--out-dir", run, *COMMON, "--batch-size", "2", "--max-iters", "9",
-                     "--dist-timeout-s", "3600"], script=hooks, timeout_s=240, HOOK_FAIL_SAVE_AT=3)
+    res = _torchrun(
+        [
+            "--data",
+            corpus,
+            "--out-dir",
+            run,
+            *COMMON,
+            "--batch-size",
+            "2",
+            "--max-iters",
+            "9",
+            "--dist-timeout-s",
+            "3600",
+        ],
+        script=hooks,
+        timeout_s=240,
+        HOOK_FAIL_SAVE_AT=3,
+    )
     assert res.returncode != 0
     assert res.stderr.count("error: I/O error: No space left on device") == 1, res.stderr[-3000:]
     assert "fastlm/" not in res.stderr  # no traceback from the ranks (torchrun's own report may follow)

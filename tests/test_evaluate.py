@@ -1,4 +1,5 @@
 """``python -m fastlm.evaluate``: loss / perplexity / bits per char on a run split or a text file."""
+
 import json
 import math
 import os
@@ -9,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fastlm.io import checkpoint
-from fastlm.io import loading
-from fastlm.text import data, tokenizers
-from fastlm import train
-from fastlm.evaluate import evaluate, main
-
 from conftest import child_env
 
-TEXT = ("MENENIUS:\nEither you must confess yourselves wondrous malicious,\nOr be accused of folly.\n\n"
-        "SICINIUS:\nNature teaches beasts to know their friends.\n\n") * 8
+from fastlm import train
+from fastlm.evaluate import evaluate, main
+from fastlm.io import checkpoint, loading
+from fastlm.text import data, tokenizers
+
+TEXT = (
+    "MENENIUS:\nEither you must confess yourselves wondrous malicious,\nOr be accused of folly.\n\n"
+    "SICINIUS:\nNature teaches beasts to know their friends.\n\n"
+) * 8
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -31,8 +32,7 @@ def make_run(run_dir, tokenizer="char", block_size=32, seed=0, text=TEXT, **tok_
 
     tok = tokenizers.build_tokenizer(tokenizer, text, **tok_kw)
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=32,
-                    pos="alibi")
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=32, pos="alibi")
     model = GPT(cfg)
     checkpoint.write_run_files(run_dir, {"model": cfg.to_dict(), "train": {"split": [0.8, 0.2, 0.0]}}, tok)
     checkpoint.save_weights(os.path.join(run_dir, "model.safetensors"), checkpoint.model_tensors(model))
@@ -68,8 +68,8 @@ def brute_force_loss(model, ids, block):
     total, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(ids) - 1, block):
-            x = ids[s:s + block]
-            y = ids[s + 1:s + block + 1]
+            x = ids[s : s + block]
+            y = ids[s + 1 : s + block + 1]
             x = x[: len(y)]
             logits, _ = model(x[None])
             total += float(F.cross_entropy(logits[0].double(), y, reduction="sum"))
@@ -81,8 +81,13 @@ def brute_force_loss(model, ids, block):
 
 
 def test_help_in_a_subprocess():
-    r = subprocess.run([sys.executable, "-m", "fastlm.evaluate", "--help"], capture_output=True, text=True,
-                       timeout=120, env=child_env())
+    r = subprocess.run(
+        [sys.executable, "-m", "fastlm.evaluate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+    )
     assert r.returncode == 0
     for flag in ("--checkpoint", "--split", "--data", "--batch-size", "--json"):
         assert flag in r.stdout
@@ -178,9 +183,13 @@ def test_errors_are_one_line(run, capsys, tmp_path):
 
 
 def test_unknown_split_in_subprocess(run):
-    r = subprocess.run([sys.executable, "-m", "fastlm.evaluate", "--checkpoint", run, "--data", "/nonexistent",
-                        "--device", "cpu"],
-                       capture_output=True, text=True, timeout=120, env=child_env())
+    r = subprocess.run(
+        [sys.executable, "-m", "fastlm.evaluate", "--checkpoint", run, "--data", "/nonexistent", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+    )
     assert_one_line_error(r.returncode, r.stderr, "/nonexistent")
     assert "Traceback" not in r.stderr
 
@@ -192,10 +201,39 @@ def test_end_to_end_with_the_train_cli(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
     run = str(tmp_path / "run")
-    rc = train.main(["--data", str(corpus), "--out-dir", run, "--max-iters", "30", "--block-size", "32",
-                     "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "16",
-                     "--eval-interval", "30", "--eval-iters", "2", "--device", "cpu", "--no-progress",
-                     "--sample-tokens", "0", "--warmup-iters", "5", "--lr", "0.01"])
+    rc = train.main(
+        [
+            "--data",
+            str(corpus),
+            "--out-dir",
+            run,
+            "--max-iters",
+            "30",
+            "--block-size",
+            "32",
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "32",
+            "--batch-size",
+            "16",
+            "--eval-interval",
+            "30",
+            "--eval-iters",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--sample-tokens",
+            "0",
+            "--warmup-iters",
+            "5",
+            "--lr",
+            "0.01",
+        ]
+    )
     assert rc == 0
     capsys.readouterr()
     summary = json.load(open(os.path.join(run, "summary.json")))
@@ -205,6 +243,7 @@ def test_end_to_end_with_the_train_cli(tmp_path, capsys):
     vocab = loading.load_model(run)[1].vocab_size
     assert res["loss"] < math.log(vocab) - 0.5, "30 steps of training must beat a uniform guess"
     assert res["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
-    assert generate_main(["--checkpoint", run, "--prompt", "SICINIUS:", "--max-new-tokens", "20",
-                          "--device", "cpu"]) == 0
+    assert (
+        generate_main(["--checkpoint", run, "--prompt", "SICINIUS:", "--max-new-tokens", "20", "--device", "cpu"]) == 0
+    )
     assert capsys.readouterr().out.startswith("SICINIUS:")

@@ -1,4 +1,5 @@
 """``python -m fastlm.generate``: sampling from a run directory, streaming, beams, --from-split, errors."""
+
 import io
 import os
 import subprocess
@@ -6,17 +7,17 @@ import sys
 
 import pytest
 import torch
-
-from fastlm.io import checkpoint
-from fastlm.io import loading
-from fastlm.text import data, tokenizers
-from fastlm.generate import SEPARATOR, main
-from fastlm.inference import _Streamer
-
 from conftest import child_env
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 6
+from fastlm.generate import SEPARATOR, main
+from fastlm.inference import _Streamer
+from fastlm.io import checkpoint, loading
+from fastlm.text import data, tokenizers
+
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+) * 6
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -29,8 +30,7 @@ def make_run(run_dir, tokenizer="char", block_size=32, seed=0, text=TEXT, **tok_
 
     tok = tokenizers.build_tokenizer(tokenizer, text, **tok_kw)
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
-                    pos="rope")
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, pos="rope")
     model = GPT(cfg)
     checkpoint.write_run_files(run_dir, {"model": cfg.to_dict(), "train": {"split": [0.8, 0.2, 0.0]}}, tok)
     checkpoint.save_weights(os.path.join(run_dir, "model.safetensors"), checkpoint.model_tensors(model))
@@ -65,8 +65,13 @@ def assert_one_line_error(rc, err, *needles):
 
 
 def test_help_in_a_subprocess():
-    r = subprocess.run([sys.executable, "-m", "fastlm.generate", "--help"], capture_output=True, text=True,
-                       timeout=120, env=child_env())
+    r = subprocess.run(
+        [sys.executable, "-m", "fastlm.generate", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+    )
     assert r.returncode == 0
     for flag in ("--checkpoint", "--prompt-file", "--top-p", "--beam-size", "--from-split", "--output-file"):
         assert flag in r.stdout
@@ -75,25 +80,71 @@ def test_help_in_a_subprocess():
 def test_sample_matches_the_api_and_seed(run, capsys):
     from fastlm.sampling import generate
 
-    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "25",
-                       "--seed", "3", "--top-k", "10", "--device", "cpu")
+    rc, out, err = cli(
+        capsys,
+        "--checkpoint",
+        run,
+        "--prompt",
+        "First",
+        "--max-new-tokens",
+        "25",
+        "--seed",
+        "3",
+        "--top-k",
+        "10",
+        "--device",
+        "cpu",
+    )
     assert rc == 0, err
     model, tok, _ = loading.load_model(run)
-    ids = generate(model, torch.tensor([tok.encode("First")]), 25, temperature=0.8, top_k=10,
-                   generator=torch.Generator().manual_seed(3))
+    ids = generate(
+        model,
+        torch.tensor([tok.encode("First")]),
+        25,
+        temperature=0.8,
+        top_k=10,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert out == "First" + tok.decode(ids[0, 5:].tolist()) + "\n"
-    rc, again, _ = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "25",
-                       "--seed", "3", "--top-k", "10", "--device", "cpu")
+    rc, again, _ = cli(
+        capsys,
+        "--checkpoint",
+        run,
+        "--prompt",
+        "First",
+        "--max-new-tokens",
+        "25",
+        "--seed",
+        "3",
+        "--top-k",
+        "10",
+        "--device",
+        "cpu",
+    )
     assert again == out
-    rc, other, _ = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "25",
-                       "--seed", "4", "--top-k", "10", "--device", "cpu")
+    rc, other, _ = cli(
+        capsys,
+        "--checkpoint",
+        run,
+        "--prompt",
+        "First",
+        "--max-new-tokens",
+        "25",
+        "--seed",
+        "4",
+        "--top-k",
+        "10",
+        "--device",
+        "cpu",
+    )
     assert other != out
 
 
 def test_weights_file_num_samples_and_greedy(run, capsys):
     weights = os.path.join(run, "model.safetensors")
-    rc, out, err = cli(capsys, "--checkpoint", weights, "--prompt", "All:", "--num-samples", "3",
-                       "--max-new-tokens", "12", "--greedy")
+    rc, out, err = cli(
+        capsys, "--checkpoint", weights, "--prompt", "All:", "--num-samples", "3", "--max-new-tokens", "12", "--greedy"
+    )
     assert rc == 0, err
     samples = out.split(SEPARATOR + "\n")
     assert len(samples) == 3
@@ -102,8 +153,7 @@ def test_weights_file_num_samples_and_greedy(run, capsys):
 
 
 def test_beam_search_cli(run, capsys):
-    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "Speak", "--beam-size", "3",
-                       "--max-new-tokens", "6")
+    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "Speak", "--beam-size", "3", "--max-new-tokens", "6")
     assert rc == 0, err
     heads = [line for line in out.splitlines() if line.startswith("[beam ")]
     assert len(heads) == 3
@@ -117,8 +167,9 @@ def test_empty_prompt_starts_at_document_boundary(run, capsys):
     rc, out, err = cli(capsys, "--checkpoint", run, "--max-new-tokens", "10", "--device", "cpu")
     assert rc == 0, err
     model, tok, _ = loading.load_model(run)
-    ids = generate(model, torch.tensor([[tok.eos_id]]), 10, temperature=0.8,
-                   generator=torch.Generator().manual_seed(1337))
+    ids = generate(
+        model, torch.tensor([[tok.eos_id]]), 10, temperature=0.8, generator=torch.Generator().manual_seed(1337)
+    )
     assert ids.shape == (1, 11) and ids[0, 0] == tok.eos_id
     assert out == tok.decode(ids[0, 1:].tolist()) + "\n"  # the start token itself is not printed
 
@@ -142,20 +193,43 @@ def test_prompt_newlines_are_normalised_unless_raw(run, capsys, tmp_path):
 
 def test_output_file_is_never_overwritten(run, capsys, tmp_path):
     path = tmp_path / "samples.txt"
-    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "You", "--max-new-tokens", "8",
-                       "--output-file", str(path))
+    rc, out, err = cli(
+        capsys, "--checkpoint", run, "--prompt", "You", "--max-new-tokens", "8", "--output-file", str(path)
+    )
     assert rc == 0, err
     assert path.read_text(encoding="utf-8") == out
-    rc, out2, err = cli(capsys, "--checkpoint", run, "--prompt", "You", "--max-new-tokens", "8",
-                        "--output-file", str(path), "--seed", "9")
+    rc, out2, err = cli(
+        capsys,
+        "--checkpoint",
+        run,
+        "--prompt",
+        "You",
+        "--max-new-tokens",
+        "8",
+        "--output-file",
+        str(path),
+        "--seed",
+        "9",
+    )
     assert_one_line_error(rc, err, "already exists")
     assert out2 == ""
     assert path.read_text(encoding="utf-8") == out
 
 
 def test_from_split_shows_prompt_model_and_truth(run, capsys):
-    rc, out, err = cli(capsys, "--checkpoint", run, "--from-split", "val", "--examples", "2",
-                       "--prompt-tokens", "10", "--max-new-tokens", "7")
+    rc, out, err = cli(
+        capsys,
+        "--checkpoint",
+        run,
+        "--from-split",
+        "val",
+        "--examples",
+        "2",
+        "--prompt-tokens",
+        "10",
+        "--max-new-tokens",
+        "7",
+    )
     assert rc == 0, err
     assert out.count("--- prompt ---") == out.count("--- model ---") == out.count("--- true ---") == 2
     tok = loading.load_model(run)[1]
@@ -195,26 +269,36 @@ def test_stream_waits_for_whole_characters():
 
 
 def test_unknown_character_in_prompt_subprocess(run):
-    r = subprocess.run([sys.executable, "-m", "fastlm.generate", "--checkpoint", run, "--prompt", "zebra ☃",
-                        "--device", "cpu"],
-                       capture_output=True, text=True, timeout=120, env=child_env())
+    r = subprocess.run(
+        [sys.executable, "-m", "fastlm.generate", "--checkpoint", run, "--prompt", "zebra ☃", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+    )
     assert_one_line_error(r.returncode, r.stderr, "not in the char vocabulary")
     assert r.stdout == ""
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--temperature", "0"], "temperature"),
-    (["--top-p", "1.5"], "top_p"),
-    (["--top-k", "0"], "top_k"),
-    (["--max-new-tokens", "-1"], "max-new-tokens"),
-    (["--num-samples", "0"], "num-samples"),
-    (["--beam-size", "2", "--num-samples", "2"], "beam-size"),
-    (["--device", "cuda:7" if not torch.cuda.is_available() else "nonsense"], "device"),
-    (["--prompt-file", "/nonexistent/prompt.txt"], "No such file"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--temperature", "0"], "temperature"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--top-k", "0"], "top_k"),
+        (["--max-new-tokens", "-1"], "max-new-tokens"),
+        (["--num-samples", "0"], "num-samples"),
+        (["--beam-size", "2", "--num-samples", "2"], "beam-size"),
+        (["--device", "cuda:7" if not torch.cuda.is_available() else "nonsense"], "device"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "No such file"),
+    ],
+)
 def test_bad_arguments(run, capsys, argv, needle):
-    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "A", *argv) if "--prompt-file" not in argv \
+    rc, out, err = (
+        cli(capsys, "--checkpoint", run, "--prompt", "A", *argv)
+        if "--prompt-file" not in argv
         else cli(capsys, "--checkpoint", run, *argv)
+    )
     assert_one_line_error(rc, err, needle)
 
 
@@ -239,14 +323,28 @@ def test_usage_error_returns_2(capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_generate_on_cuda(run, capsys):
-    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "40",
-                       "--device", "cuda", "--num-samples", "2", "--top-p", "0.9")
+    rc, out, err = cli(
+        capsys,
+        "--checkpoint",
+        run,
+        "--prompt",
+        "First",
+        "--max-new-tokens",
+        "40",
+        "--device",
+        "cuda",
+        "--num-samples",
+        "2",
+        "--top-p",
+        "0.9",
+    )
     assert rc == 0, err
     assert all(s.startswith("First") for s in out.split(SEPARATOR + "\n"))
 
 
 def _unavailable_backend():
     from fastlm import ops
+
     missing = [name for name, why in ops.backend_status().items() if why is not None]
     if not missing:
         pytest.skip("every backend can run here")
@@ -255,6 +353,7 @@ def _unavailable_backend():
 
 def test_saved_backend_that_cannot_run_here_falls_back_to_auto(tmp_path, capsys):
     import json
+
     backend = _unavailable_backend()
     run = make_run(tmp_path / "r")
     cfg_path = os.path.join(run, "config.json")
@@ -265,16 +364,16 @@ def test_saved_backend_that_cannot_run_here_falls_back_to_auto(tmp_path, capsys)
     rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "5", "--greedy")
     assert rc == 0 and out.startswith("First"), err
     assert f"trained with backend '{backend}'" in err and "using auto" in err
-    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "5", "--greedy",
-                       "--backend", "reference")
+    rc, out, err = cli(
+        capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "5", "--greedy", "--backend", "reference"
+    )
     assert rc == 0 and err == ""
 
 
 def test_explicit_backend_that_cannot_run_is_one_line_exit_2(tmp_path, capsys):
     backend = _unavailable_backend()
     run = make_run(tmp_path / "r")
-    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "5",
-                       "--backend", backend)
+    rc, out, err = cli(capsys, "--checkpoint", run, "--prompt", "First", "--max-new-tokens", "5", "--backend", backend)
     assert_one_line_error(rc, err, f"backend '{backend}'")
     rc, out, err = cli(capsys, "--checkpoint", run, "--backend", "fastest")
     assert_one_line_error(rc, err, "unknown backend 'fastest'")

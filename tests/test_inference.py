@@ -1,4 +1,5 @@
 """The Python inference API (fastlm.load / generate / evaluate) and the CLIs over it, --prompt-file's bound."""
+
 import ast
 import dataclasses
 import io
@@ -12,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from test_generate import TEXT, make_run  # a run directory around an untrained tiny GPT (32-token context)
 
 import fastlm
 from fastlm import inference
@@ -21,7 +23,6 @@ from fastlm.generate import main as generate_main
 from fastlm.io import checkpoint
 from fastlm.sampling import generate as sample_ids
 from fastlm.text import data, tokenizers
-from test_generate import TEXT, make_run  # a run directory around an untrained tiny GPT (32-token context)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,15 +49,23 @@ def one_line_error(rc, err, *needles):
 
 # ---- the package ---------------------------------------------------------------------------------
 
+
 def test_exported_at_the_top_and_import_stays_light():
     assert {"load", "generate", "evaluate"} <= set(fastlm.__all__)
     assert fastlm.load is inference.load and fastlm.generate is inference.generate
-    code = ("import sys, fastlm; heavy = [m for m in ('fastlm.inference', 'fastlm.io.loading', 'transformers') "
-            "if m in sys.modules]; import fastlm.generate, fastlm.evaluate; "
-            "ok = callable(fastlm.generate) and callable(fastlm.evaluate) and fastlm.generate.__module__ == "
-            "'fastlm.inference'; print(heavy, ok); sys.exit(0 if ok and not heavy else 1)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    code = (
+        "import sys, fastlm; heavy = [m for m in ('fastlm.inference', 'fastlm.io.loading', 'transformers') "
+        "if m in sys.modules]; import fastlm.generate, fastlm.evaluate; "
+        "ok = callable(fastlm.generate) and callable(fastlm.evaluate) and fastlm.generate.__module__ == "
+        "'fastlm.inference'; print(heavy, ok); sys.exit(0 if ok and not heavy else 1)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -76,18 +85,27 @@ def test_cli_flags_come_from_the_dataclasses(capsys):
     want = fastlm.GenerateConfig(kv_cache=False, top_k=5, seed=None)
     assert dataclass_from_args(fastlm.GenerateConfig, values) == want
     assert dataclass_from_args(inference.LoadConfig, values) == inference.LoadConfig("r")
-    one_line_error(generate_main(["--checkpoint", "r", "--prompt", "a", "--from-split", "val"]),
-                   capsys.readouterr().err, "--from-split: not allowed with argument --prompt")
+    one_line_error(
+        generate_main(["--checkpoint", "r", "--prompt", "a", "--from-split", "val"]),
+        capsys.readouterr().err,
+        "--from-split: not allowed with argument --prompt",
+    )
     one_line_error(evaluate_main(["--split", "val"]), capsys.readouterr().err, "required", "--checkpoint")
 
 
 # ---- load ----------------------------------------------------------------------------------------
 
+
 def test_load_a_run_directory_and_its_weights_file(run, loaded):
     model, tok, info = loaded
     assert isinstance(model, fastlm.GPT) and not model.training and tok.kind == "char"
-    assert info == inference.ModelInfo(run, pathlib.Path(run), torch.device("cpu"), model.config.backend,
-                                       json.loads((pathlib.Path(run) / "config.json").read_text()))
+    assert info == inference.ModelInfo(
+        run,
+        pathlib.Path(run),
+        torch.device("cpu"),
+        model.config.backend,
+        json.loads((pathlib.Path(run) / "config.json").read_text()),
+    )
     weights = os.path.join(run, "model.safetensors")
     model2, _, info2 = fastlm.load(pathlib.Path(weights), device="cpu", backend="reference")
     assert info2.run_dir == pathlib.Path(run) and info2.source == weights and info2.backend == "reference"
@@ -131,11 +149,18 @@ def test_load_errors(tmp_path, run):
 
 # ---- generate ------------------------------------------------------------------------------------
 
+
 def test_generate_matches_the_sampler_and_its_seed(loaded):
     model, tok, _ = loaded
     texts = fastlm.generate(model, tok, "First", max_new_tokens=20, seed=3, top_k=10, num_samples=2)
-    ids = sample_ids(model, torch.tensor([tok.encode("First")] * 2), 20, temperature=0.8, top_k=10,
-                     generator=torch.Generator().manual_seed(3))
+    ids = sample_ids(
+        model,
+        torch.tensor([tok.encode("First")] * 2),
+        20,
+        temperature=0.8,
+        top_k=10,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert texts == ["First" + tok.decode(row[5:].tolist()) for row in ids]
     assert fastlm.generate(model, tok, "First", max_new_tokens=20, seed=4, top_k=10) != texts[:1]
     config = fastlm.GenerateConfig(max_new_tokens=20, seed=3, top_k=10, num_samples=2)
@@ -164,8 +189,9 @@ def test_stream_receives_the_returned_text(loaded):
 
 def test_newlines_of_a_text_prompt(loaded):
     model, tok, _ = loaded
-    assert fastlm.generate(model, tok, "All:\r\nSpeak", max_new_tokens=5, greedy=True) == \
-        fastlm.generate(model, tok, "All:\nSpeak", max_new_tokens=5, greedy=True)
+    assert fastlm.generate(model, tok, "All:\r\nSpeak", max_new_tokens=5, greedy=True) == fastlm.generate(
+        model, tok, "All:\nSpeak", max_new_tokens=5, greedy=True
+    )
     with pytest.raises(InputError, match="not in the char vocabulary"):
         fastlm.generate(model, tok, "All:\r\nSpeak", max_new_tokens=5, raw_newlines=True)
 
@@ -201,20 +227,23 @@ def test_sample_split(loaded):
     assert len(samples) == 3 and [s.start for s in samples] == sorted(s.start for s in samples)
     for s in samples:
         assert s.stop - s.start == 10 and len(s.prompt) == 10 and len(s.model) >= 7
-        assert text[s.start:s.stop + 7] == s.prompt + s.true
+        assert text[s.start : s.stop + 7] == s.prompt + s.true
     assert inference.sample_split(model, tok, val, examples=3, prompt_tokens=10, max_new_tokens=7) == samples
 
 
-@pytest.mark.parametrize("settings, error, needle", [
-    ({"max_new_tokens": -1}, InputError, "max_new_tokens (--max-new-tokens) must be >= 0"),
-    ({"num_samples": 0}, InputError, "--num-samples"),
-    ({"temperature": 0}, ValueError, "temperature"),
-    ({"top_p": 1.5}, ValueError, "top_p"),
-    ({"beam_size": 2, "num_samples": 2}, InputError, "--beam-size"),
-    ({"length_penalty": float("nan")}, InputError, "--length-penalty"),
-    ({"seed": 2**64}, InputError, "--seed"),
-    ({"tempreature": 1.0}, TypeError, "tempreature"),
-])
+@pytest.mark.parametrize(
+    "settings, error, needle",
+    [
+        ({"max_new_tokens": -1}, InputError, "max_new_tokens (--max-new-tokens) must be >= 0"),
+        ({"num_samples": 0}, InputError, "--num-samples"),
+        ({"temperature": 0}, ValueError, "temperature"),
+        ({"top_p": 1.5}, ValueError, "top_p"),
+        ({"beam_size": 2, "num_samples": 2}, InputError, "--beam-size"),
+        ({"length_penalty": float("nan")}, InputError, "--length-penalty"),
+        ({"seed": 2**64}, InputError, "--seed"),
+        ({"tempreature": 1.0}, TypeError, "tempreature"),
+    ],
+)
 def test_bad_generate_settings(loaded, settings, error, needle):
     model, tok, _ = loaded
     with pytest.raises(error, match=None) as ei:
@@ -246,6 +275,7 @@ def test_other_generate_refusals(loaded):
 
 
 # ---- evaluate ------------------------------------------------------------------------------------
+
 
 def test_evaluate_equals_the_cli(run, loaded, capsys, tmp_path):
     model, tok, info = loaded
@@ -289,6 +319,7 @@ def test_bad_evaluate_inputs(loaded, tmp_path):
 
 # ---- hf: model directories -----------------------------------------------------------------------
 
+
 def test_load_a_transformers_directory(tmp_path):
     transformers = pytest.importorskip("transformers")
     tk = pytest.importorskip("tokenizers")
@@ -296,11 +327,23 @@ def test_load_a_transformers_directory(tmp_path):
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tk.decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], tk.trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
-                                                            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    tok.train_from_iterator(
+        [TEXT],
+        tk.trainers.BpeTrainer(
+            vocab_size=280, special_tokens=["<|endoftext|>"], initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(cfg).eval()
     ref.save_pretrained(tmp_path / "m")
@@ -319,14 +362,16 @@ def test_load_a_transformers_directory(tmp_path):
 
 # ---- --prompt-file: a documented bound ------------------------------------------------------------
 
+
 def test_a_huge_regular_prompt_file_is_refused_by_its_size_unread(run, tmp_path, capsys, monkeypatch):
     big = tmp_path / "big.txt"
     with open(big, "wb") as f:
         f.truncate(8 << 30)  # sparse: 8 GiB that take no disk
     monkeypatch.setattr(inference, "open", lambda *a, **k: pytest.fail("opened"), raising=False)
     rc = generate_main(["--checkpoint", run, "--prompt-file", str(big)])
-    one_line_error(rc, capsys.readouterr().err, "too large", f"{8 << 30} bytes",
-                   f"limit is {inference.MAX_PROMPT_BYTES}")
+    one_line_error(
+        rc, capsys.readouterr().err, "too large", f"{8 << 30} bytes", f"limit is {inference.MAX_PROMPT_BYTES}"
+    )
 
 
 def _endless_writer(path):
@@ -362,10 +407,17 @@ def test_a_prompt_fifo_is_read_up_to_the_bound(tmp_path, no_hang):
 
 @pytest.mark.skipif(not os.path.exists("/bin/bash"), reason="process substitution needs bash")
 def test_process_substitution_works_and_is_bounded(run):
-    cmd = (f"{sys.executable} -m fastlm.generate --checkpoint {run} --max-new-tokens 3 --device cpu --prompt-file "
-           f"<(echo Speak) && {sys.executable} -m fastlm.generate --checkpoint {run} --device cpu --prompt-file "
-           f"<(head -c {inference.MAX_PROMPT_BYTES + 1} /dev/zero | tr '\\0' a)")
-    r = subprocess.run(["/bin/bash", "-c", cmd], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    cmd = (
+        f"{sys.executable} -m fastlm.generate --checkpoint {run} --max-new-tokens 3 --device cpu --prompt-file "
+        f"<(echo Speak) && {sys.executable} -m fastlm.generate --checkpoint {run} --device cpu --prompt-file "
+        f"<(head -c {inference.MAX_PROMPT_BYTES + 1} /dev/zero | tr '\\0' a)"
+    )
+    r = subprocess.run(
+        ["/bin/bash", "-c", cmd],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert r.stdout.startswith("Speak\n") and r.stdout.endswith("\n") and len(r.stdout) >= 10, r.stdout
     one_line_error(r.returncode, r.stderr, f"holds more than {inference.MAX_PROMPT_BYTES} bytes")

@@ -1,11 +1,12 @@
 """``python -m fastlm.info``: lists every backend with its availability."""
+
 import re
 import subprocess
 import sys
 
-from fastlm import info, ops
-
 from conftest import child_env
+
+from fastlm import info, ops
 
 
 def _check_report(text):
@@ -26,8 +27,9 @@ def _check_report(text):
 
 
 def test_info_cli_subprocess():
-    proc = subprocess.run([sys.executable, "-m", "fastlm.info"], capture_output=True, text=True, timeout=120,
-                          env=child_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastlm.info"], capture_output=True, text=True, timeout=120, env=child_env()
+    )
     assert proc.returncode == 0, proc.stderr
     _check_report(proc.stdout)
 

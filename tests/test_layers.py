@@ -11,6 +11,7 @@ down the stack, never up or in a circle, and only the backends reach compiled co
     files (crash-safe writes, bounded reads of untrusted files)
     errors
 """
+
 import ast
 import pathlib
 
@@ -27,13 +28,28 @@ LAYERS = [  # bottom first: a module may import from its own layer or any layer 
     ("io", ("fastlm.io",)),
     ("training", ("fastlm.training",)),
     ("api", ("fastlm.inference",)),
-    ("cli", ("fastlm.cli", "fastlm.config", "fastlm.train", "fastlm.generate", "fastlm.evaluate",
-             "fastlm.export", "fastlm.info")),
+    (
+        "cli",
+        (
+            "fastlm.cli",
+            "fastlm.config",
+            "fastlm.train",
+            "fastlm.generate",
+            "fastlm.evaluate",
+            "fastlm.export",
+            "fastlm.info",
+        ),
+    ),
     ("package", ("fastlm",)),
 ]
 #: the only modules that may import the compiled extension or its Python glue, or name torch.ops.fastlm
-COMPILED_DOOR = ("fastlm.ops.backend", "fastlm.ops.extension", "fastlm.ops.triton_backend", "fastlm.ops._autograd",
-                 "fastlm.kernels")
+COMPILED_DOOR = (
+    "fastlm.ops.backend",
+    "fastlm.ops.extension",
+    "fastlm.ops.triton_backend",
+    "fastlm.ops._autograd",
+    "fastlm.kernels",
+)
 COMPILED = ("fastlm._C", "fastlm.ops.extension", "fastlm.ops.triton_backend", "fastlm.kernels")
 #: function-level imports of fastlm modules are kept for optional compiled code only
 LAZY_OK = ("fastlm._C", "fastlm.ops.extension", "fastlm.ops.triton_backend", "fastlm.kernels")
@@ -126,8 +142,11 @@ def test_every_module_has_a_layer():
 
 
 def test_imports_only_go_down():
-    up = [f"{m}:{line} imports {t} ({LAYERS[_layer(t)][0]} is above {LAYERS[_layer(m)][0]})"
-          for m, t, line, _ in EDGES if _layer(t) > _layer(m)]
+    up = [
+        f"{m}:{line} imports {t} ({LAYERS[_layer(t)][0]} is above {LAYERS[_layer(m)][0]})"
+        for m, t, line, _ in EDGES
+        if _layer(t) > _layer(m)
+    ]
     assert not up, "\n".join(up)
 
 
@@ -143,7 +162,7 @@ def test_no_import_cycles():
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 walk(nxt)
         stack.pop()
@@ -156,16 +175,25 @@ def test_no_import_cycles():
 
 
 def test_function_level_imports_only_for_optional_compiled_code():
-    lazy = [f"{m}:{line} imports {t} inside a function" for m, t, line, is_lazy in EDGES
-            if is_lazy and m != "fastlm" and not any(t == p or t.startswith(p + ".") for p in LAZY_OK)]
+    lazy = [
+        f"{m}:{line} imports {t} inside a function"
+        for m, t, line, is_lazy in EDGES
+        if is_lazy and m != "fastlm" and not any(t == p or t.startswith(p + ".") for p in LAZY_OK)
+    ]
     assert not lazy, "\n".join(lazy)
 
 
 def _names_torch_ops_fastlm(path) -> bool:
     """Whether the code (not a docstring or comment) reaches ``torch.ops.fastlm``."""
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if (isinstance(node, ast.Attribute) and node.attr == "fastlm" and isinstance(node.value, ast.Attribute)
-                and node.value.attr == "ops" and isinstance(node.value.value, ast.Name) and node.value.value.id == "torch"):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr == "fastlm"
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ops"
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "torch"
+        ):
             return True
     return False
 
@@ -174,20 +202,26 @@ def test_only_the_backends_reach_compiled_code():
     def door(module):
         return any(module == p or module.startswith(p + ".") for p in COMPILED_DOOR)
 
-    reach = [f"{m}:{line} imports {t}" for m, t, line, _ in EDGES
-             if any(t == c or t.startswith(c + ".") for c in COMPILED) and not door(m)]
+    reach = [
+        f"{m}:{line} imports {t}"
+        for m, t, line, _ in EDGES
+        if any(t == c or t.startswith(c + ".") for c in COMPILED) and not door(m)
+    ]
     for module, (path, _) in MODULES.items():
         if not door(module) and _names_torch_ops_fastlm(path):
             reach.append(f"{module} uses torch.ops.fastlm")
     assert not reach, "\n".join(reach)
 
 
-@pytest.mark.parametrize("planted, rule", [
-    ("from fastlm.training import trainer\n", test_imports_only_go_down),
-    ("def f():\n    from fastlm.text import data\n", test_function_level_imports_only_for_optional_compiled_code),
-    ("import torch\nx = torch.ops.fastlm.attention_fwd\n", test_only_the_backends_reach_compiled_code),
-    ("from fastlm.ops import extension\n", test_only_the_backends_reach_compiled_code),
-])
+@pytest.mark.parametrize(
+    "planted, rule",
+    [
+        ("from fastlm.training import trainer\n", test_imports_only_go_down),
+        ("def f():\n    from fastlm.text import data\n", test_function_level_imports_only_for_optional_compiled_code),
+        ("import torch\nx = torch.ops.fastlm.attention_fwd\n", test_only_the_backends_reach_compiled_code),
+        ("from fastlm.ops import extension\n", test_only_the_backends_reach_compiled_code),
+    ],
+)
 def test_a_planted_violation_is_caught(planted, rule, monkeypatch, tmp_path):
     """Each rule fails on a module that breaks it (here a fake module of the model layer)."""
     fake = tmp_path / "fake.py"

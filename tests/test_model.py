@@ -1,5 +1,6 @@
 """fastlm.model: shapes for every option, causality, KV cache, dropout, init, config, optimizer,
 torch.compile and a short overfit run."""
+
 import itertools
 import json
 import math
@@ -9,14 +10,12 @@ import textwrap
 
 import pytest
 import torch
+from conftest import child_env
 
 from fastlm import ops
-from fastlm.model import GPT, GPTConfig, KVCache
+from fastlm.model import GPT, MLPS, NORMS, POSITIONS, ConfigError, GPTConfig, KVCache
 from fastlm.ops.positions import alibi_slopes
 from fastlm.training.optim import build_optimizer
-from fastlm.model import ConfigError, MLPS, NORMS, POSITIONS
-
-from conftest import child_env
 
 TINY = dict(vocab_size=37, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
@@ -130,7 +129,7 @@ def test_kv_cache_matches_full_forward(pos, backend):
         cache = model.new_kv_cache(2)
         steps = [model(idx[:, :5], kv_cache=cache)[0]]
         for t in range(5, 20):
-            steps.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
+            steps.append(model(idx[:, t : t + 1], kv_cache=cache)[0])
         assert cache.length == 20
         torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5 * scale)
         # multi-token chunks after a reset
@@ -167,7 +166,7 @@ def test_kv_cache_under_autocast():
     got = torch.cat([first, last], 1).float()
     # bf16 rounding of an equivalent computation order: within one bf16 ulp at the largest logit
     # (measured: identical here). A cache that is off by one position differs by ~3 ulps or more.
-    ulp = 2 ** -8 * full.abs().max().item()
+    ulp = 2**-8 * full.abs().max().item()
     torch.testing.assert_close(got, full.float(), rtol=0, atol=ulp)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         broken = model.new_kv_cache(1)
@@ -212,15 +211,29 @@ def test_tied_embeddings_share_storage():
 def test_gpt2_init_statistics():
     torch.manual_seed(0)
     n_layer = 4
-    model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=n_layer, n_head=4, n_embd=256, bias=True,
-                          pos="learned", mlp="gelu"))
-    resid = torch.cat([p.flatten() for n, p in model.named_parameters()
-                       if n.endswith("attn.proj.weight") or n.endswith("mlp.proj.weight")])
+    model = GPT(
+        GPTConfig(
+            vocab_size=512, block_size=64, n_layer=n_layer, n_head=4, n_embd=256, bias=True, pos="learned", mlp="gelu"
+        )
+    )
+    resid = torch.cat(
+        [
+            p.flatten()
+            for n, p in model.named_parameters()
+            if n.endswith("attn.proj.weight") or n.endswith("mlp.proj.weight")
+        ]
+    )
     want = 0.02 / math.sqrt(2 * n_layer)
     assert abs(resid.std().item() - want) < 0.03 * want
     assert abs(resid.mean().item()) < 0.05 * want
-    other = torch.cat([model.blocks[0].attn.qkv.weight.flatten(), model.blocks[0].mlp.fc.weight.flatten(),
-                       model.wte.weight.flatten(), model.wpe.weight.flatten()])
+    other = torch.cat(
+        [
+            model.blocks[0].attn.qkv.weight.flatten(),
+            model.blocks[0].mlp.fc.weight.flatten(),
+            model.wte.weight.flatten(),
+            model.wpe.weight.flatten(),
+        ]
+    )
     assert abs(other.std().item() - 0.02) < 0.03 * 0.02
     for n, p in model.named_parameters():
         if n.endswith(".bias") and "ln" not in n:
@@ -230,32 +243,35 @@ def test_gpt2_init_statistics():
 
 
 # ---- config -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw,words", [
-    (dict(n_embd=30, n_head=4), r"n_embd \(30\) must be divisible by n_head \(4\)"),
-    (dict(n_head=4, n_kv_head=3), r"n_head \(4\) must be divisible by n_kv_head \(3\)"),
-    (dict(n_layer=0), "n_layer must be positive"),
-    (dict(vocab_size=0), "vocab_size must be positive"),
-    (dict(block_size=-1), "block_size must be positive"),
-    (dict(n_embd=0), "n_embd must be positive"),
-    (dict(n_head=0), "n_head must be positive"),
-    (dict(n_kv_head=0), "n_kv_head must be positive"),
-    (dict(mlp_hidden=0), "mlp_hidden must be positive"),
-    (dict(n_layer=2.0), "n_layer must be an integer"),
-    (dict(n_layer=True), "n_layer must be an integer"),
-    (dict(norm="batchnorm"), "norm must be one of layernorm, rmsnorm"),
-    (dict(mlp="tanh"), "mlp must be one of"),
-    (dict(pos="absolute"), "pos must be one of"),
-    (dict(backend="nope"), "backend must be auto or one of"),
-    (dict(dropout=1.0), r"dropout must be a number in \[0, 1\)"),
-    (dict(dropout=-0.1), "dropout must be"),
-    (dict(dropout="0.1"), "dropout must be"),
-    (dict(bias="yes"), "bias must be true or false"),
-    (dict(rope_theta=0.0), "rope_theta must be a positive number"),
-    (dict(norm_eps=0.0), r"norm_eps must be a number in \(0, 1\)"),
-    (dict(norm_eps=True), "norm_eps must be"),
-    (dict(pos="rope", n_embd=36, n_head=4), "pos=rope needs an even head dim"),
-    (dict(block_size=1 << 20), "block_size"),
-])
+@pytest.mark.parametrize(
+    "kw,words",
+    [
+        (dict(n_embd=30, n_head=4), r"n_embd \(30\) must be divisible by n_head \(4\)"),
+        (dict(n_head=4, n_kv_head=3), r"n_head \(4\) must be divisible by n_kv_head \(3\)"),
+        (dict(n_layer=0), "n_layer must be positive"),
+        (dict(vocab_size=0), "vocab_size must be positive"),
+        (dict(block_size=-1), "block_size must be positive"),
+        (dict(n_embd=0), "n_embd must be positive"),
+        (dict(n_head=0), "n_head must be positive"),
+        (dict(n_kv_head=0), "n_kv_head must be positive"),
+        (dict(mlp_hidden=0), "mlp_hidden must be positive"),
+        (dict(n_layer=2.0), "n_layer must be an integer"),
+        (dict(n_layer=True), "n_layer must be an integer"),
+        (dict(norm="batchnorm"), "norm must be one of layernorm, rmsnorm"),
+        (dict(mlp="tanh"), "mlp must be one of"),
+        (dict(pos="absolute"), "pos must be one of"),
+        (dict(backend="nope"), "backend must be auto or one of"),
+        (dict(dropout=1.0), r"dropout must be a number in \[0, 1\)"),
+        (dict(dropout=-0.1), "dropout must be"),
+        (dict(dropout="0.1"), "dropout must be"),
+        (dict(bias="yes"), "bias must be true or false"),
+        (dict(rope_theta=0.0), "rope_theta must be a positive number"),
+        (dict(norm_eps=0.0), r"norm_eps must be a number in \(0, 1\)"),
+        (dict(norm_eps=True), "norm_eps must be"),
+        (dict(pos="rope", n_embd=36, n_head=4), "pos=rope needs an even head dim"),
+        (dict(block_size=1 << 20), "block_size"),
+    ],
+)
 def test_config_validation(kw, words):
     with pytest.raises(ConfigError, match=words):
         GPTConfig(**{**TINY, **kw})
@@ -263,8 +279,18 @@ def test_config_validation(kw, words):
 
 
 def test_config_round_trip_and_unknown_keys():
-    cfg = GPTConfig(**{**TINY, "n_kv_head": 2, "mlp": "swiglu", "pos": "alibi", "norm": "rmsnorm",
-                       "dropout": 0.1, "bias": True, "tie_embeddings": False})
+    cfg = GPTConfig(
+        **{
+            **TINY,
+            "n_kv_head": 2,
+            "mlp": "swiglu",
+            "pos": "alibi",
+            "norm": "rmsnorm",
+            "dropout": 0.1,
+            "bias": True,
+            "tie_embeddings": False,
+        }
+    )
     d = cfg.to_dict()
     assert json.loads(json.dumps(d)) == d  # plain JSON types
     assert GPTConfig.from_dict(d) == cfg
@@ -294,7 +320,7 @@ def test_alibi_slopes():
     s = alibi_slopes(8)
     torch.testing.assert_close(s, torch.tensor([2.0 ** (-i) for i in range(1, 9)]))
     s6 = alibi_slopes(6)  # not a power of two: 4 slopes of n=4, then every other of n=8
-    torch.testing.assert_close(s6, torch.tensor([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]))
+    torch.testing.assert_close(s6, torch.tensor([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]))
     assert (s > 0).all() and s.dtype == torch.float32
 
 
@@ -363,8 +389,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
 def test_torch_compile_fullgraph_matches_eager():
     """One compile (inductor on CPU, ~25 s cold) in a fresh interpreter, as a user would run it."""
     env = child_env(FASTLM_BACKEND="")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, "reference"], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, "reference"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["logits"] <= 1e-5 * res["scale"], res

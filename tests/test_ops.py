@@ -5,6 +5,7 @@ Tolerance (FlashAttention's rule): ``max|out - ref64| <= 2 * max|base - ref64| +
 an ulp at the output's largest magnitude. Backends that cannot run here are *skipped* with the
 reason :func:`fastlm.ops.backend_status` gives.
 """
+
 import logging
 
 import pytest
@@ -12,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import ops
-from fastlm.ops.positions import alibi_slopes
 from fastlm.ops import BackendUnavailableError
+from fastlm.ops.positions import alibi_slopes
 from fastlm.ops.reference import naive_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,20 +90,20 @@ def test_attention_matches_float64(backend, case, dtype_name):
     _, b, h, h_kv, t_q, t_k, d, causal, alibi = case
     q, k, v = make_qkv(b, h, h_kv, t_q, t_k, d, dtype, dev)
     slopes = alibi_slopes(h).to(dev) if alibi else None
-    why = obj.attention_unsupported(q, k, v, causal, d ** -0.5, slopes)
+    why = obj.attention_unsupported(q, k, v, causal, d**-0.5, slopes)
     if why is not None:
         pytest.skip(f"backend {backend!r} does not support this call: {why}")
     dout = torch.randn(b, h, t_q, d, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
 
     out, grads = run_with_grads(
-        lambda q, k, v: ops.attention(q, k, v, causal=causal, alibi_slopes=slopes, backend=backend),
-        (q, k, v), dout)
+        lambda q, k, v: ops.attention(q, k, v, causal=causal, alibi_slopes=slopes, backend=backend), (q, k, v), dout
+    )
     base, base_grads = run_with_grads(
-        lambda q, k, v: naive_attention(q, k, v, causal=causal, alibi_slopes=slopes, dtype=dtype),
-        (q, k, v), dout)
+        lambda q, k, v: naive_attention(q, k, v, causal=causal, alibi_slopes=slopes, dtype=dtype), (q, k, v), dout
+    )
     ref, ref_grads = run_with_grads(
-        lambda q, k, v: naive_attention(q, k, v, causal=causal, alibi_slopes=slopes),
-        (q, k, v), dout.double())
+        lambda q, k, v: naive_attention(q, k, v, causal=causal, alibi_slopes=slopes), (q, k, v), dout.double()
+    )
 
     assert out.shape == (b, h, t_q, d) and out.dtype == dtype and out.device.type == dev
     assert_two_x(out, base, ref, "out")
@@ -130,13 +131,12 @@ def test_attention_strided_input(backend, dtype_name):
     q, k, v = qkv.split([h, h_kv, h_kv], dim=2)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D) views, no copy
     assert not q.is_contiguous() and not k.is_contiguous()
-    if obj.attention_unsupported(q, k, v, True, d ** -0.5, None) is not None:
+    if obj.attention_unsupported(q, k, v, True, d**-0.5, None) is not None:
         pytest.skip(f"backend {backend!r} does not support this call")
     dout = torch.randn(b, h, t, d, generator=g).to(dev, dtype)
     out, grads = run_with_grads(lambda q, k, v: ops.attention(q, k, v, backend=backend), (q, k, v), dout)
     q_c, k_c, v_c = (x.contiguous() for x in (q, k, v))
-    out_c, grads_c = run_with_grads(lambda q, k, v: ops.attention(q, k, v, backend=backend),
-                                    (q_c, k_c, v_c), dout)
+    out_c, grads_c = run_with_grads(lambda q, k, v: ops.attention(q, k, v, backend=backend), (q_c, k_c, v_c), dout)
     # same math on the same values: agreement to the dtype's rounding of one accumulation order
     tol = {"fp32": 1e-6, "bf16": 1e-2}[dtype_name]
     torch.testing.assert_close(out, out_c, rtol=0, atol=tol * out_c.abs().max().item())
@@ -156,7 +156,7 @@ def test_attention_gradcheck_float64(backend):
     v = torch.randn(1, 2, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
     slopes = alibi_slopes(4)
     for causal, sl in ((True, None), (False, None), (True, slopes)):
-        if obj.attention_unsupported(q, k, v, causal, 8 ** -0.5, sl) is not None:
+        if obj.attention_unsupported(q, k, v, causal, 8**-0.5, sl) is not None:
             continue
         fn = lambda q, k, v: ops.attention(q, k, v, causal=causal, alibi_slopes=sl, backend=backend)  # noqa: E731,B023
         assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -170,16 +170,17 @@ def test_swiglu_matches_float64(backend, dtype_name, shape):
     obj, dev = require_backend(backend)
     dtype = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(4)
-    gate, up, dout = ((4 * torch.randn(shape, generator=g)).to(dev, dtype),
-                      torch.randn(shape, generator=g).to(dev, dtype),
-                      torch.randn(shape, generator=g).to(dev, dtype))
+    gate, up, dout = (
+        (4 * torch.randn(shape, generator=g)).to(dev, dtype),
+        torch.randn(shape, generator=g).to(dev, dtype),
+        torch.randn(shape, generator=g).to(dev, dtype),
+    )
     why = obj.swiglu_unsupported(gate, up)
     if why is not None:
         pytest.skip(f"backend {backend!r} does not support this call: {why}")
     out, grads = run_with_grads(lambda a, b: ops.swiglu(a, b, backend=backend), (gate, up), dout)
     base, base_grads = run_with_grads(lambda a, b: F.silu(a) * b, (gate, up), dout)
-    ref, ref_grads = run_with_grads(lambda a, b: F.silu(a) * b, (gate.double(), up.double()),
-                                    dout.double())
+    ref, ref_grads = run_with_grads(lambda a, b: F.silu(a) * b, (gate.double(), up.double()), dout.double())
     assert out.shape == shape and out.dtype == dtype
     if dtype == torch.float32:  # eager fp32 is itself accurate: hold every backend to 1e-6
         assert ((out.double().cpu() - ref.cpu()).abs().max() / ref.abs().max()).item() <= 1e-6
@@ -197,8 +198,9 @@ def test_swiglu_gradcheck_float64(backend):
     up = torch.randn(3, 11, generator=g, dtype=torch.float64).requires_grad_()
     if obj.swiglu_unsupported(gate, up) is not None:
         pytest.skip(f"backend {backend!r} does not take float64")
-    assert torch.autograd.gradcheck(lambda a, b: ops.swiglu(a, b, backend=backend), (gate, up),
-                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda a, b: ops.swiglu(a, b, backend=backend), (gate, up), eps=1e-6, atol=1e-8, rtol=1e-6
+    )
 
 
 def test_swiglu_strided_input():
@@ -209,13 +211,16 @@ def test_swiglu_strided_input():
     torch.testing.assert_close(out, F.silu(gate) * up)
 
 
-@pytest.mark.parametrize("gate,up,exc,words", [
-    (torch.randn(3, 4), torch.randn(3, 5), ValueError, "shapes differ"),
-    (torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64), TypeError, "dtypes differ"),
-    (torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64), TypeError, "int64"),
-    ([1.0, 2.0], torch.randn(2), TypeError, "torch.Tensor"),
-    (torch.randn(3, 4), torch.randn(3, 4, device="meta"), ValueError, "meta"),
-])
+@pytest.mark.parametrize(
+    "gate,up,exc,words",
+    [
+        (torch.randn(3, 4), torch.randn(3, 5), ValueError, "shapes differ"),
+        (torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64), TypeError, "dtypes differ"),
+        (torch.ones(3, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64), TypeError, "int64"),
+        ([1.0, 2.0], torch.randn(2), TypeError, "torch.Tensor"),
+        (torch.randn(3, 4), torch.randn(3, 4, device="meta"), ValueError, "meta"),
+    ],
+)
 def test_swiglu_rejects_bad_input(gate, up, exc, words):
     with pytest.raises(exc, match=words):
         ops.swiglu(gate, up)
@@ -290,29 +295,32 @@ def test_swiglu_packed_matches_float64(backend, dtype_name, shape):
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
 def test_swiglu_packed_gradcheck_float64(backend):
     obj, _ = require_backend(backend)
-    x = (3 * torch.randn(3, 4, 22, generator=torch.Generator().manual_seed(7),
-                         dtype=torch.float64)).requires_grad_()
+    x = (3 * torch.randn(3, 4, 22, generator=torch.Generator().manual_seed(7), dtype=torch.float64)).requires_grad_()
     assert obj.swiglu_packed_unsupported(x) is None
-    assert torch.autograd.gradcheck(lambda t: ops.swiglu_packed(t, backend=backend), (x,),
-                                    eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda t: ops.swiglu_packed(t, backend=backend), (x,), eps=1e-6, atol=1e-8, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "cpp"])
 def test_swiglu_packed_strided_rows(backend):
     require_backend(backend)
     big = torch.randn(3, 5, 60)
-    x = big[..., 7:7 + 2 * 20]  # rows 60 apart, last dim contiguous: read in place
+    x = big[..., 7 : 7 + 2 * 20]  # rows 60 apart, last dim contiguous: read in place
     cols = torch.randn(3, 40, 5).transpose(1, 2)  # last dim strided: copied, still right
     for t in (x, cols):
         torch.testing.assert_close(ops.swiglu_packed(t, backend=backend), _packed_ref(t))
 
 
-@pytest.mark.parametrize("x,exc,words", [
-    (torch.randn(3, 5), ValueError, "even"),
-    (torch.tensor(1.0), ValueError, "even"),
-    (torch.ones(3, 4, dtype=torch.int32), TypeError, "int32"),
-    ([1.0, 2.0], TypeError, "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "x,exc,words",
+    [
+        (torch.randn(3, 5), ValueError, "even"),
+        (torch.tensor(1.0), ValueError, "even"),
+        (torch.ones(3, 4, dtype=torch.int32), TypeError, "int32"),
+        ([1.0, 2.0], TypeError, "torch.Tensor"),
+    ],
+)
 def test_swiglu_packed_rejects_bad_input(x, exc, words):
     with pytest.raises(exc, match=words):
         ops.swiglu_packed(x)
@@ -404,6 +412,7 @@ def _cpp_gemm_max_tk() -> int:
     if ops.backend_status()["cpp"] is not None:
         return 0
     from fastlm.ops.extension import CPP_BACKEND
+
     return CPP_BACKEND.gemm_max_tk
 
 
@@ -492,17 +501,20 @@ def test_rejects_device_mismatch():
         ops.attention(q, k, v, alibi_slopes=alibi_slopes(4).to("meta"))
 
 
-@pytest.mark.parametrize("shape_q,shape_k,shape_v,words", [
-    ((1, 4, 5, 8), (1, 2, 5, 8), (1, 2, 6, 8), "k and v shapes differ"),
-    ((1, 4, 5, 8), (1, 2, 5, 16), (1, 2, 5, 16), "differ in batch or head dim"),
-    ((2, 4, 5, 8), (1, 2, 5, 8), (1, 2, 5, 8), "differ in batch or head dim"),
-    ((4, 5, 8), (2, 5, 8), (2, 5, 8), "must be 4-D"),
-    ((1, 4, 5, 8), (1, 3, 5, 8), (1, 3, 5, 8), r"multiple of kv heads \(3\)"),
-    ((1, 4, 0, 8), (1, 2, 5, 8), (1, 2, 5, 8), "empty input"),
-    ((1, 4, 5, 8), (1, 2, 0, 8), (1, 2, 0, 8), "empty input"),
-    ((0, 4, 5, 8), (0, 2, 5, 8), (0, 2, 5, 8), "empty input"),
-    ((1, 4, 5, 0), (1, 2, 5, 0), (1, 2, 5, 0), "empty input"),
-])
+@pytest.mark.parametrize(
+    "shape_q,shape_k,shape_v,words",
+    [
+        ((1, 4, 5, 8), (1, 2, 5, 8), (1, 2, 6, 8), "k and v shapes differ"),
+        ((1, 4, 5, 8), (1, 2, 5, 16), (1, 2, 5, 16), "differ in batch or head dim"),
+        ((2, 4, 5, 8), (1, 2, 5, 8), (1, 2, 5, 8), "differ in batch or head dim"),
+        ((4, 5, 8), (2, 5, 8), (2, 5, 8), "must be 4-D"),
+        ((1, 4, 5, 8), (1, 3, 5, 8), (1, 3, 5, 8), r"multiple of kv heads \(3\)"),
+        ((1, 4, 0, 8), (1, 2, 5, 8), (1, 2, 5, 8), "empty input"),
+        ((1, 4, 5, 8), (1, 2, 0, 8), (1, 2, 0, 8), "empty input"),
+        ((0, 4, 5, 8), (0, 2, 5, 8), (0, 2, 5, 8), "empty input"),
+        ((1, 4, 5, 0), (1, 2, 5, 0), (1, 2, 5, 0), "empty input"),
+    ],
+)
 def test_rejects_bad_shapes(shape_q, shape_k, shape_v, words):
     q, k, v = torch.randn(shape_q), torch.randn(shape_k), torch.randn(shape_v)
     with pytest.raises(ValueError, match=words):

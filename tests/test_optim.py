@@ -1,20 +1,20 @@
 """fastlm.training.optim: batched Newton-Schulz, the Muon update against a plain per-matrix reference and
 torch.optim.Muon, the Muon+AdamW composite (groups, state through fastlm's checkpoints, GradScaler,
 grad accumulation) and --optimizer muon end to end (a loss that falls, an exact resume)."""
+
 import json
 import math
 
 import pytest
 import torch
+from train_hooks import CtrlCAfter
 
 from fastlm.io import checkpoint
-from fastlm.ops.extension import CPP_BACKEND
 from fastlm.model import GPT, GPTConfig
 from fastlm.ops import muon_step
+from fastlm.ops.extension import CPP_BACKEND
 from fastlm.ops.reference_muon import NS_COEFFICIENTS, newton_schulz
 from fastlm.training.optim import Muon, MuonWithAdamW, build_optimizer, muon_param_names
-
-from train_hooks import CtrlCAfter
 
 A, B, C = 3.4445, -4.7750, 2.0315
 
@@ -69,9 +69,11 @@ def _mixed_params(dtype=torch.float64):
     return [torch.randn(s, dtype=dtype, generator=gen) for s in shapes], gen
 
 
-needs_fused = pytest.mark.skipif(CPP_BACKEND.muon_step_unsupported([torch.zeros(2, 2)], [torch.zeros(2, 2)],
-                                                                 [torch.zeros(2, 2)], "auto") is not None,
-                                 reason="fastlm._C with BLAS not built")
+needs_fused = pytest.mark.skipif(
+    CPP_BACKEND.muon_step_unsupported([torch.zeros(2, 2)], [torch.zeros(2, 2)], [torch.zeros(2, 2)], "auto")
+    is not None,
+    reason="fastlm._C with BLAS not built",
+)
 
 
 @pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_fused), False])
@@ -190,8 +192,9 @@ def test_opcheck_muon_step():
     params = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]
     bufs = [torch.randn(s, generator=gen) for s in shapes]
-    torch.library.opcheck(torch.ops.fastlm.muon_step_.default,
-                          (params, grads, bufs, 0.02, 0.95, True, 0.1, 5, [A, B, C], 1e-7))
+    torch.library.opcheck(
+        torch.ops.fastlm.muon_step_.default, (params, grads, bufs, 0.02, 0.95, True, 0.1, 5, [A, B, C], 1e-7)
+    )
 
 
 @needs_fused
@@ -226,8 +229,9 @@ def test_muon_rejects_bad_settings():
 
 def tiny_gpt(seed=0, **kw) -> GPT:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, mlp="swiglu", pos="rope",
-               backend="reference")
+    cfg = dict(
+        vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, mlp="swiglu", pos="rope", backend="reference"
+    )
     cfg.update(kw)
     return GPT(GPTConfig(**cfg))
 
@@ -238,8 +242,11 @@ def test_build_optimizer_groups_cover_every_parameter_once():
     assert isinstance(opt, MuonWithAdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     muon_names = {names[id(p)] for p in opt.muon.param_groups[0]["params"]}
-    assert muon_names == set(muon_param_names(model)) == {
-        f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    assert (
+        muon_names
+        == set(muon_param_names(model))
+        == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    )
     all_ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(all_ids) == len(set(all_ids)) == len(list(model.parameters()))  # tied wte/lm_head once
     assert [g["lr_ratio"] for g in opt.param_groups] == [20.0, 1.0, 1.0]
@@ -272,16 +279,19 @@ def test_state_round_trips_bit_exactly_through_checkpoint(tmp_path):
     opt = build_optimizer(model, optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
     _train_steps(model, opt, 3)
     state = {"step": 3}
-    checkpoint.save_checkpoint(tmp_path, model, opt, state, [({}, {})], is_best=True,
-                               model_config=model.config.to_dict())
+    checkpoint.save_checkpoint(
+        tmp_path, model, opt, state, [({}, {})], is_best=True, model_config=model.config.to_dict()
+    )
     ck = checkpoint.load_checkpoint(tmp_path)
     model2 = tiny_gpt(seed=1)
     checkpoint.load_model_tensors(model2, ck["model"])
     opt2 = build_optimizer(model2, optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.1)
     opt2.load_state_dict(ck["optimizer"])
     sd, sd2 = opt.state_dict(), opt2.state_dict()
-    assert sd["param_groups"] == [{**g, "ns_coefficients": tuple(g["ns_coefficients"])} if "ns_coefficients" in g
-                                  else g for g in sd2["param_groups"]]
+    assert sd["param_groups"] == [
+        {**g, "ns_coefficients": tuple(g["ns_coefficients"])} if "ns_coefficients" in g else g
+        for g in sd2["param_groups"]
+    ]
     assert sd["state"].keys() == sd2["state"].keys()
     for pid, st in sd["state"].items():
         for k, v in st.items():
@@ -351,15 +361,47 @@ def test_muon_training_loss_falls():
 
 # ---- end to end through the CLI ------------------------------------------------------------------
 
-TINY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
-        "--batch-size", "4", "--eval-iters", "2", "--eval-interval", "5", "--max-iters", "12", "--sample-tokens", "0",
-        "--no-progress", "--log-interval", "1", "--warmup-iters", "2", "--threads", "1",
-        "--optimizer", "muon", "--muon-lr", "0.03", "--grad-accum", "2"]
+TINY = [
+    "--device",
+    "cpu",
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "16",
+    "--n-head",
+    "2",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-iters",
+    "2",
+    "--eval-interval",
+    "5",
+    "--max-iters",
+    "12",
+    "--sample-tokens",
+    "0",
+    "--no-progress",
+    "--log-interval",
+    "1",
+    "--warmup-iters",
+    "2",
+    "--threads",
+    "1",
+    "--optimizer",
+    "muon",
+    "--muon-lr",
+    "0.03",
+    "--grad-accum",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     from fastlm.text import data
+
     p = tmp_path_factory.mktemp("corpus") / "shake.txt"
     p.write_text(data.default_corpus().read_text(encoding="utf-8")[:20000], encoding="utf-8")
     return p
@@ -367,10 +409,9 @@ def corpus(tmp_path_factory):
 
 def _log(path):
     import csv
+
     with open(path, newline="") as f:
         return [(r["loss"], r["lr"]) for r in csv.DictReader(f)]
-
-
 
 
 def test_cli_muon_resume_is_bit_exact(tmp_path, corpus, capsys):
@@ -409,8 +450,17 @@ def test_muon_step_refuses_a_parameter_listed_twice():
     """The fused op updates each matrix on its own thread; the PyTorch form would apply momentum
     twice: both refuse a parameter (or buffer) given twice."""
     p, g, b = torch.randn(8, 8), torch.randn(8, 8), torch.zeros(8, 8)
-    kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.0, ns_steps=5, ns_coefficients=NS_COEFFICIENTS,
-              ns_dtype="float32", eps=1e-7, backend="reference")
+    kw = dict(
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=0.0,
+        ns_steps=5,
+        ns_coefficients=NS_COEFFICIENTS,
+        ns_dtype="float32",
+        eps=1e-7,
+        backend="reference",
+    )
     with pytest.raises(ValueError, match="listed twice"):
         muon_step([p, p], [g, g], [b, torch.zeros(8, 8)], **kw)
     with pytest.raises(ValueError, match="listed twice"):

@@ -1,6 +1,7 @@
 """The README matches the code: every ``python -m fastlm.X`` command it shows uses flags that CLI has,
 every ``fastlm.`` name of its Python snippets exists, and the model defaults it states are
 GPTConfig's."""
+
 import importlib
 import re
 from pathlib import Path
@@ -44,6 +45,7 @@ def test_every_flag_shown_exists(cli, flags):
 
 def test_every_fastlm_name_in_the_snippets_exists():
     import fastlm
+
     code = "\n".join(re.findall(r"```python\n(.*?)```", README, re.S))
     for name in sorted(set(re.findall(r"\bfastlm\.([A-Za-z_]\w*)", code))):
         assert hasattr(fastlm, name) or importlib.util.find_spec(f"fastlm.{name}"), f"fastlm.{name}"
@@ -53,6 +55,7 @@ def test_every_fastlm_name_in_the_snippets_exists():
 
 def test_the_model_defaults_it_states_are_gptconfigs():
     from fastlm.model import GPTConfig
+
     cfg = GPTConfig()
     stated = re.search(r"`block_size` (\d+), `n_layer` (\d+), `n_head` (\d+), `n_embd` (\d+)", README)
     assert stated, "the model section no longer states the defaults"

@@ -3,6 +3,7 @@
 Forward to 1e-6 relative in float32, hand-written backward by gradcheck (float64) and against
 autograd of the naive formula, fp16/bf16 with FlashAttention's 2x rule, fully masked rows, NaN/Inf.
 """
+
 import math
 
 import pytest
@@ -116,8 +117,9 @@ def test_fully_masked_rows_are_exact_zeros():
 def test_causal_is_bottom_right_aligned():
     # one query against 7 keys sees every key; the last query of a T_q == T_k call sees all too
     q, k, v = make_qkv(1, 1, 1, 1, 7, 8)
-    torch.testing.assert_close(reference.attention(q, k, v, causal=True),
-                               reference.attention(q, k, v, causal=False), rtol=0, atol=0)
+    torch.testing.assert_close(
+        reference.attention(q, k, v, causal=True), reference.attention(q, k, v, causal=False), rtol=0, atol=0
+    )
     # query i of T_q=3 vs T_k=7 equals query 4+i of the full causal square
     qf, kf, vf = make_qkv(1, 1, 1, 7, 7, 8, seed=1)
     full = naive_attention(qf, kf, vf, causal=True)
@@ -177,10 +179,14 @@ def test_backward_matches_autograd_of_naive(case, dtype, tol):
     q, k, v = make_qkv(b, h, h_kv, t_q, t_k, d, dtype=dtype)
     dout = torch.randn(b, h, t_q, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     slopes = alibi_slopes(h) if alibi else None
-    _, got = _grads(lambda q, k, v: reference.attention(q, k, v, causal=causal, alibi_slopes=slopes),
-                    (q, k, v), dout.to(dtype))
-    _, want = _grads(lambda q, k, v: naive_attention(q, k, v, causal=causal, alibi_slopes=slopes),
-                     (q.double(), k.double(), v.double()), dout)
+    _, got = _grads(
+        lambda q, k, v: reference.attention(q, k, v, causal=causal, alibi_slopes=slopes), (q, k, v), dout.to(dtype)
+    )
+    _, want = _grads(
+        lambda q, k, v: naive_attention(q, k, v, causal=causal, alibi_slopes=slopes),
+        (q.double(), k.double(), v.double()),
+        dout,
+    )
     for name, g, w in zip("qkv", got, want):
         assert g.dtype == dtype and g.shape == w.shape, name
         assert torch.isfinite(g).all(), name
@@ -216,12 +222,15 @@ def test_low_precision_two_x_rule(case, dtype):
     q, k, v = make_qkv(b, h, h_kv, t_q, t_k, d, dtype=dtype)
     dout = torch.randn(b, h, t_q, d, generator=torch.Generator().manual_seed(7)).to(dtype)
     slopes = alibi_slopes(h) if alibi else None
-    out, got = _grads(lambda q, k, v: reference.attention(q, k, v, causal=causal, alibi_slopes=slopes),
-                      (q, k, v), dout)
-    base, base_g = _grads(lambda q, k, v: naive_attention(q, k, v, causal=causal, alibi_slopes=slopes,
-                                                          dtype=dtype), (q, k, v), dout)
-    ref, ref_g = _grads(lambda q, k, v: naive_attention(q, k, v, causal=causal, alibi_slopes=slopes),
-                        (q.double(), k.double(), v.double()), dout.double())
+    out, got = _grads(lambda q, k, v: reference.attention(q, k, v, causal=causal, alibi_slopes=slopes), (q, k, v), dout)
+    base, base_g = _grads(
+        lambda q, k, v: naive_attention(q, k, v, causal=causal, alibi_slopes=slopes, dtype=dtype), (q, k, v), dout
+    )
+    ref, ref_g = _grads(
+        lambda q, k, v: naive_attention(q, k, v, causal=causal, alibi_slopes=slopes),
+        (q.double(), k.double(), v.double()),
+        dout.double(),
+    )
     assert out.dtype == dtype
     _two_x(out, base, ref, dtype)
     for g, bg, rg in zip(got, base_g, ref_g):

@@ -1,6 +1,7 @@
 """Reliability of python -m fastlm.train as a process: SIGKILL at random moments (also inside a
 checkpoint save) never leaves an unloadable run, Ctrl-C / SIGTERM save and exit cleanly, a
 non-finite loss stops naming the step, and bad input gives one line and no traceback."""
+
 import errno
 import json
 import os
@@ -9,23 +10,39 @@ import signal
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import child_env
 
-from fastlm.io import checkpoint
-from fastlm.io import loading
+from fastlm.io import checkpoint, loading
 from fastlm.text import data
 from fastlm.train import main
 from fastlm.training.trainer import Callback
 
-from conftest import child_env
-
 # --device cpu: the same CPU run also where a GPU is visible
-TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1", "--device", "cpu"]
+TINY = [
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "16",
+    "--n-head",
+    "2",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-iters",
+    "1",
+    "--sample-tokens",
+    "0",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 def _env(**extra):
@@ -38,8 +55,13 @@ HOOKS = str(Path(__file__).with_name("train_hooks.py"))  # fastlm.train with sle
 
 
 def _spawn(args, **env):
-    return subprocess.Popen([sys.executable, HOOKS, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(**env))
+    return subprocess.Popen(
+        [sys.executable, HOOKS, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(**env),
+    )
 
 
 def _latest_step(run):
@@ -50,8 +72,19 @@ def _latest_step(run):
 def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
     rng = random.Random(1234)
     run = tmp_path / "run"
-    args = ["--data", corpus, *TINY, "--max-iters", "100000", "--eval-interval", "2", "--lr-schedule", "constant",
-            "--log-interval", "1"]
+    args = [
+        "--data",
+        corpus,
+        *TINY,
+        "--max-iters",
+        "100000",
+        "--eval-interval",
+        "2",
+        "--lr-schedule",
+        "constant",
+        "--log-interval",
+        "1",
+    ]
     # every save pauses 30 ms between writing its directory and publishing it: kills land inside saves
     proc = _spawn([*args, "--out-dir", run], HOOK_SAVE_PAUSE=0.03)
     deadline = time.time() + 120
@@ -84,15 +117,36 @@ def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
     assert advanced >= 10, steps  # at least every other kill hit a running training loop
     # a last resume runs to the end
     final = _latest_step(run) + 4
-    res = subprocess.run([sys.executable, "-m", "fastlm.train", "--resume", str(run), "--max-iters", str(final),
-                          "--no-progress", "--device", "cpu"], capture_output=True, text=True, env=_env(), timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastlm.train",
+            "--resume",
+            str(run),
+            "--max-iters",
+            str(final),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert json.loads((run / "summary.json").read_text())["steps"] == final
     assert len(list(run.glob("ckpt-*"))) == 1
     # ... and 20 kills later its losses are bit for bit those of a run that was never interrupted
     clean = tmp_path / "clean"
-    res = subprocess.run([sys.executable, "-m", "fastlm.train", *map(str, args), "--out-dir", str(clean),
-                          "--max-iters", str(final)], capture_output=True, text=True, env=_env(), timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastlm.train", *map(str, args), "--out-dir", str(clean), "--max-iters", str(final)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
 
     def rows(path, cols):
@@ -110,8 +164,22 @@ def test_sigkill_at_random_moments_leaves_a_resumable_run(tmp_path, corpus):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_and_exits_cleanly(tmp_path, corpus, sig):
     run = tmp_path / "run"
-    proc = _spawn(["--data", corpus, "--out-dir", run, *TINY, "--max-iters", "100000", "--eval-interval", "1000",
-                   "--log-interval", "1"], HOOK_STEP_SLEEP=0.01)
+    proc = _spawn(
+        [
+            "--data",
+            corpus,
+            "--out-dir",
+            run,
+            *TINY,
+            "--max-iters",
+            "100000",
+            "--eval-interval",
+            "1000",
+            "--log-interval",
+            "1",
+        ],
+        HOOK_STEP_SLEEP=0.01,
+    )
     deadline = time.time() + 120
     while not (run / "train_log.csv").exists() or len((run / "train_log.csv").read_text().splitlines()) < 4:
         assert proc.poll() is None, proc.communicate()
@@ -141,8 +209,10 @@ class PoisonAfter(Callback):
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, corpus, capsys):
     run = tmp_path / "run"
-    rc = main(["--data", str(corpus), "--out-dir", str(run), *TINY, "--max-iters", "20", "--eval-interval", "5"],
-              callbacks=[PoisonAfter(7)])
+    rc = main(
+        ["--data", str(corpus), "--out-dir", str(run), *TINY, "--max-iters", "20", "--eval-interval", "5"],
+        callbacks=[PoisonAfter(7)],
+    )
     err = capsys.readouterr().err
     assert rc == 3
     assert "loss is nan at step 8" in err
@@ -162,8 +232,13 @@ HOSTILE_CLI = [
 
 @pytest.mark.parametrize("flags", HOSTILE_CLI, ids=[" ".join(f) for f in HOSTILE_CLI])
 def test_cli_bad_input_one_line_no_traceback(tmp_path, flags):
-    res = subprocess.run([sys.executable, "-m", "fastlm.train", "--out-dir", str(tmp_path / "o"), *TINY, *flags],
-                         capture_output=True, text=True, env=_env(), timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastlm.train", "--out-dir", str(tmp_path / "o"), *TINY, *flags],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
@@ -173,12 +248,18 @@ def test_cli_bad_input_one_line_no_traceback(tmp_path, flags):
 def test_cli_binary_corpus_and_help(tmp_path):
     binary = tmp_path / "x.bin"
     binary.write_bytes(os.urandom(4096))
-    res = subprocess.run([sys.executable, "-m", "fastlm.train", "--data", str(binary), "--out-dir",
-                          str(tmp_path / "o"), *TINY], capture_output=True, text=True, env=_env(), timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastlm.train", "--data", str(binary), "--out-dir", str(tmp_path / "o"), *TINY],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and str(binary) in res.stderr
-    res = subprocess.run([sys.executable, "-m", "fastlm.train", "--help"], capture_output=True, text=True,
-                         env=_env(), timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastlm.train", "--help"], capture_output=True, text=True, env=_env(), timeout=120
+    )
     assert res.returncode == 0 and "--n-layer" in res.stdout and "profiles" in res.stdout.lower()
 
 
@@ -196,8 +277,10 @@ class FailSaveAt(Callback):
 
 def test_disk_full_save_exits_4_and_cleans_up(tmp_path, corpus, capsys):
     run = tmp_path / "run"
-    rc = main(["--data", str(corpus), "--out-dir", str(run), *TINY, "--max-iters", "20", "--eval-interval", "5"],
-              callbacks=[FailSaveAt(10)])
+    rc = main(
+        ["--data", str(corpus), "--out-dir", str(run), *TINY, "--max-iters", "20", "--eval-interval", "5"],
+        callbacks=[FailSaveAt(10)],
+    )
     err = capsys.readouterr().err
     assert rc == 4  # I/O failure, not "bad input" (2)
     lines = err.strip().splitlines()

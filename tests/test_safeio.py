@@ -1,4 +1,5 @@
 """fastlm.files.safeio: bounded reads of untrusted files (the refusals every loader relies on)."""
+
 import os
 
 import pytest
@@ -23,8 +24,9 @@ def test_read_bounded_limits_are_exact(tmp_path):
     assert read_bounded(big, 3 << 20, "test file", Refused) == big.read_bytes()
 
 
-@pytest.mark.parametrize("kind, needle", [("dir", "a directory"), ("fifo", "a FIFO"), ("dev", "a device"),
-                                          ("missing", "not found")])
+@pytest.mark.parametrize(
+    "kind, needle", [("dir", "a directory"), ("fifo", "a FIFO"), ("dev", "a device"), ("missing", "not found")]
+)
 def test_non_regular_files_are_refused_unopened(tmp_path, monkeypatch, kind, needle):
     p = tmp_path / "x"
     if kind == "dir":
@@ -51,8 +53,23 @@ def test_read_exactly_reports_truncation(tmp_path):
             read_exactly(f, 5, p, "test file", Refused)
 
 
-@pytest.mark.parametrize("name, ok", [("model.safetensors", True), ("ckpt-00000001-ab", True), (".hidden", True),
-                                      ("", False), (".", False), ("..", False), ("a/b", False), ("/etc/passwd", False),
-                                      ("..\\x", False), ("c:x", False), ("a\x00b", False), (None, False), (5, False)])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("model.safetensors", True),
+        ("ckpt-00000001-ab", True),
+        (".hidden", True),
+        ("", False),
+        (".", False),
+        ("..", False),
+        ("a/b", False),
+        ("/etc/passwd", False),
+        ("..\\x", False),
+        ("c:x", False),
+        ("a\x00b", False),
+        (None, False),
+        (5, False),
+    ],
+)
 def test_plain_file_names(name, ok):
     assert is_plain_file_name(name) is ok

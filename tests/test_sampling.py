@@ -1,4 +1,5 @@
 """fastlm.sampling: cached vs uncached decoding, the sliding window, top-k/top-p, eos, beam search."""
+
 import itertools
 import math
 
@@ -7,9 +8,7 @@ import torch
 import torch.nn as nn
 
 from fastlm.model import GPT, GPTConfig
-from fastlm.sampling import (beam_search, filter_logits, generate, sample_from_logits,
-                             window_keep)
-
+from fastlm.sampling import beam_search, filter_logits, generate, sample_from_logits, window_keep
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -18,8 +17,7 @@ def tiny_gpt(pos="learned", vocab=11, block=16, seed=0, dtype=torch.float64, bac
     """A 2-layer GPT with weights scaled up so its next-token distributions are far from uniform
     (argmax ties would make cached/uncached comparisons meaningless), in float64."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16, pos=pos,
-                          backend=backend))
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=2, n_head=2, n_embd=16, pos=pos, backend=backend))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -70,6 +68,7 @@ class Bigram(nn.Module):
 
         class _C:  # what generate reads from model.config
             vocab_size = self.table.shape[0]
+
         self.config = _C()
 
     def max_context(self):
@@ -108,21 +107,28 @@ def test_cached_matches_uncached(pos):
     assert a.shape == (3, 5 + n_new)
     assert torch.equal(a, b)
     assert torch.equal(a[:, :5], prompt)
-    a = generate(model, prompt, n_new, temperature=0.9, top_k=6, top_p=0.95,
-                 generator=torch.Generator().manual_seed(7))
-    b = generate(model, prompt, n_new, temperature=0.9, top_k=6, top_p=0.95, use_cache=False,
-                 generator=torch.Generator().manual_seed(7))
+    a = generate(model, prompt, n_new, temperature=0.9, top_k=6, top_p=0.95, generator=torch.Generator().manual_seed(7))
+    b = generate(
+        model,
+        prompt,
+        n_new,
+        temperature=0.9,
+        top_k=6,
+        top_p=0.95,
+        use_cache=False,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert torch.equal(a, b)
-    c = generate(model, prompt, n_new, temperature=0.9, top_k=6, top_p=0.95,
-                 generator=torch.Generator().manual_seed(8))
+    c = generate(model, prompt, n_new, temperature=0.9, top_k=6, top_p=0.95, generator=torch.Generator().manual_seed(8))
     assert not torch.equal(a, c), "a different seed should give different samples"
 
 
 def test_float32_cached_matches_uncached():
     model = tiny_gpt("rope", dtype=torch.float32)
     prompt = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(2))
-    assert torch.equal(generate(model, prompt, 20, greedy=True),
-                       generate(model, prompt, 20, greedy=True, use_cache=False))
+    assert torch.equal(
+        generate(model, prompt, 20, greedy=True), generate(model, prompt, 20, greedy=True, use_cache=False)
+    )
 
 
 def test_within_context_matches_plain_full_forward():
@@ -154,7 +160,7 @@ def test_sliding_window_feeds_prefill_then_single_tokens():
     first_slide = model.fed.index(keep)  # forward #k predicts token 20 + k
     n = 20 + first_slide
     with torch.no_grad():
-        logits, _ = model.inner(out[:, n - keep:n])
+        logits, _ = model.inner(out[:, n - keep : n])
     assert torch.equal(out[:, n], logits[:, -1].argmax(-1))
 
 
@@ -268,9 +274,9 @@ def test_greedy_is_argmax():
 def test_eos_stops_rows_and_pads():
     V, EOS = 5, 2
     table = torch.full((V, V), -20.0, dtype=torch.float64)
-    table[0, 1] = 0.0   # 0 -> 1 -> eos
+    table[0, 1] = 0.0  # 0 -> 1 -> eos
     table[1, EOS] = 0.0
-    table[3, 3] = 0.0   # 3 -> 3 forever
+    table[3, 3] = 0.0  # 3 -> 3 forever
     table[EOS, 4] = 0.0  # after eos the model would say 4: must be padded with eos instead
     table[4, 4] = 0.0
     model = Bigram(table)
@@ -288,9 +294,9 @@ def test_eos_stops_rows_and_pads():
 
 def greedy_not_optimal_table():
     p = torch.full((4, 4), 1e-6, dtype=torch.float64)
-    p[0] = torch.tensor([0.01, 0.50, 0.48, 0.01])   # greedy picks 1 ...
-    p[1] = torch.tensor([0.25, 0.25, 0.25, 0.25])   # ... and then has only flat choices
-    p[2] = torch.tensor([0.01, 0.01, 0.01, 0.97])   # 0 -> 2 -> 3 is far more likely
+    p[0] = torch.tensor([0.01, 0.50, 0.48, 0.01])  # greedy picks 1 ...
+    p[1] = torch.tensor([0.25, 0.25, 0.25, 0.25])  # ... and then has only flat choices
+    p[2] = torch.tensor([0.01, 0.01, 0.01, 0.97])  # 0 -> 2 -> 3 is far more likely
     p[3] = torch.tensor([0.01, 0.01, 0.01, 0.97])
     return (p / p.sum(-1, keepdim=True)).log()
 
@@ -322,7 +328,7 @@ def _exhaustive(model, prompt, V, L, eos, alpha):
                 logits, _ = model(ids)
                 logp = torch.log_softmax(logits[0].double(), -1)
                 total = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(toks))
-                hyps.append((prompt + list(toks), total / n ** alpha))
+                hyps.append((prompt + list(toks), total / n**alpha))
     hyps.sort(key=lambda h: h[1], reverse=True)
     return hyps
 
@@ -336,7 +342,7 @@ def test_wide_beam_equals_exhaustive_search_on_gpt(eos, alpha):
     beams = beam_search(model, torch.tensor([prompt]), L, beam_size=K, length_penalty=alpha, eos_id=eos)
     ref = _exhaustive(model, prompt, V, L, eos, alpha)[:K]
     assert [b[0].tolist() for b in beams] == [h[0] for h in ref]
-    for (ids, score), (_, ref_score) in zip(beams, ref):
+    for (_, score), (_, ref_score) in zip(beams, ref):
         assert score == pytest.approx(ref_score, abs=1e-9)
 
 
@@ -360,18 +366,21 @@ def test_beam_search_follows_beams_in_cache():
 # validation
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=0.0), "temperature"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=0), "top_k"),
-    (dict(max_new_tokens=-1), "max_new_tokens"),
-    (dict(eos_id=11), "eos_id"),
-    (dict(prompt=torch.tensor([[1, 11]])), "outside the model's vocabulary"),
-    (dict(prompt=torch.tensor([[[1]]])), "shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(eos_id=11), "eos_id"),
+        (dict(prompt=torch.tensor([[1, 11]])), "outside the model's vocabulary"),
+        (dict(prompt=torch.tensor([[[1]]])), "shape"),
+    ],
+)
 def test_generate_validation(kwargs, match):
     model = tiny_gpt()
     prompt = kwargs.pop("prompt", torch.tensor([[1, 2]]))
@@ -434,8 +443,10 @@ def test_cached_decoding_on_cuda(pos):
     assert out.device.type == "cuda"
     assert torch.equal(out, generate(model, prompt, 40, greedy=True, use_cache=False))
     g = lambda: torch.Generator(device="cuda").manual_seed(11)  # noqa: E731
-    assert torch.equal(generate(model, prompt, 40, top_p=0.9, generator=g()),
-                       generate(model, prompt, 40, top_p=0.9, generator=g(), use_cache=False))
+    assert torch.equal(
+        generate(model, prompt, 40, top_p=0.9, generator=g()),
+        generate(model, prompt, 40, top_p=0.9, generator=g(), use_cache=False),
+    )
     beams = beam_search(model, prompt[:1], 12, beam_size=1)
     assert torch.equal(beams[0][0], generate(model, prompt[:1], 12, greedy=True)[0])
 
@@ -477,8 +488,9 @@ def test_tiny_temperature_through_generate_matches_greedy():
     model = tiny_gpt()
     prompt = torch.tensor([[1, 2, 3]])
     greedy = generate(model, prompt, 12, greedy=True)
-    assert torch.equal(generate(model, prompt, 12, temperature=1e-30, generator=torch.Generator().manual_seed(5)),
-                       greedy)
+    assert torch.equal(
+        generate(model, prompt, 12, temperature=1e-30, generator=torch.Generator().manual_seed(5)), greedy
+    )
 
 
 def test_positive_infinite_logits_raise():

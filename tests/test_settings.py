@@ -2,10 +2,12 @@
 given is honoured (even one equal to a default), ``GPTConfig()`` is the default run's model, the
 resolved run is printed by ``--print-config`` and saved before training, and the training loss is
 read on the host only when it is logged, evaluated after or watched."""
+
 import json
 
 import pytest
 import torch
+from conftest import one_error_line
 
 from fastlm.model import GPTConfig
 from fastlm.train import main
@@ -13,10 +15,27 @@ from fastlm.training import trainer as trainer_mod
 from fastlm.training.settings import PROFILES, TrainConfig, resolve_settings
 from fastlm.training.trainer import Callback, Trainer
 
-from conftest import one_error_line
-
-TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1", "--device", "cpu"]
+TINY = [
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "16",
+    "--n-head",
+    "2",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-iters",
+    "1",
+    "--sample-tokens",
+    "0",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 def test_gptconfig_is_the_default_runs_model():
@@ -38,7 +57,9 @@ def test_a_value_given_is_honoured_under_either_profile(device_type):
     assert resolved.model["n_layer"] == 3
     unset = {k: v for k, v in PROFILES[resolved.profile]["train"].items() if k not in ("max_iters", "batch_size", "lr")}
     assert {k: getattr(resolved.train, k) for k in unset} == unset  # the rest: the profile's
-    assert set(resolved.from_profile) >= set(unset) and not {"max_iters", "batch_size", "lr"} & set(resolved.from_profile)
+    assert set(resolved.from_profile) >= set(unset) and not {"max_iters", "batch_size", "lr"} & set(
+        resolved.from_profile
+    )
 
 
 def test_trainer_resolves_the_gpu_profile_without_a_gpu(monkeypatch, tmp_path):
@@ -69,7 +90,17 @@ def test_print_config_shows_the_resolved_run_without_training(tmp_path, capsys):
 
 
 def test_the_saved_config_is_the_printed_one(tmp_path, corpus, capsys):
-    args = ["--data", str(corpus), "--out-dir", str(tmp_path / "run"), *TINY, "--max-iters", "2", "--eval-interval", "2"]
+    args = [
+        "--data",
+        str(corpus),
+        "--out-dir",
+        str(tmp_path / "run"),
+        *TINY,
+        "--max-iters",
+        "2",
+        "--eval-interval",
+        "2",
+    ]
     assert main(args + ["--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert main(args) == 0
@@ -91,6 +122,7 @@ class NaNAtStep(Callback):
     def on_start(self, trainer):
         def hook(module, inputs, output):
             return output * float("nan") if trainer.progress.step + 1 == self.step else output
+
         trainer.raw_model.wte.register_forward_hook(hook)
 
 
@@ -120,6 +152,23 @@ def test_a_callback_watching_steps_gets_every_loss(tmp_path, corpus):
         def on_step(self, trainer, step, loss):
             seen.append((step, loss))
 
-    assert main(["--data", str(corpus), "--out-dir", str(tmp_path / "w"), *TINY, "--log-interval", "5",
-                 "--eval-interval", "10", "--max-iters", "6"], callbacks=[Watch()]) == 0
+    assert (
+        main(
+            [
+                "--data",
+                str(corpus),
+                "--out-dir",
+                str(tmp_path / "w"),
+                *TINY,
+                "--log-interval",
+                "5",
+                "--eval-interval",
+                "10",
+                "--max-iters",
+                "6",
+            ],
+            callbacks=[Watch()],
+        )
+        == 0
+    )
     assert [s for s, _ in seen] == [1, 2, 3, 4, 5, 6] and all(isinstance(v, float) for _, v in seen)

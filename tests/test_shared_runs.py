@@ -10,6 +10,7 @@ terminals at once, never crashes fastlm, deletes a user's files or mixes two run
 
 Processes that may crash or hang on the unfixed code run as subprocesses with timeouts.
 """
+
 import contextlib
 import hashlib
 import json
@@ -23,15 +24,35 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import one_error_line
+
 from fastlm.io import checkpoint
 from fastlm.train import main
 from fastlm.training.trainer import Callback
 
-TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1", "--device", "cpu",
-        "--log-interval", "1"]
+TINY = [
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "16",
+    "--n-head",
+    "2",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-iters",
+    "1",
+    "--sample-tokens",
+    "0",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+    "--log-interval",
+    "1",
+]
 HOOKS = str(Path(__file__).with_name("train_hooks.py"))  # fastlm.train with sleeping test callbacks
 
 
@@ -43,13 +64,23 @@ def _env(**extra):
 
 def _train(*args, timeout=180, **env):
     """``python -m fastlm.train ARGS`` as a process -> CompletedProcess (TimeoutExpired if it hangs)."""
-    return subprocess.run([sys.executable, "-m", "fastlm.train", *map(str, args)], capture_output=True, text=True,
-                          env=_env(**env), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fastlm.train", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        timeout=timeout,
+    )
 
 
 def _spawn(*args, **env):
-    return subprocess.Popen([sys.executable, HOOKS, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(**env))
+    return subprocess.Popen(
+        [sys.executable, HOOKS, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(**env),
+    )
 
 
 def _one_line(stderr: str) -> str:
@@ -62,8 +93,9 @@ def _one_line(stderr: str) -> str:
 def trained(tmp_path_factory, corpus_20k):
     """A finished 4-step run (Muon + AdamW, checkpoints at steps 2 and 4)."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    assert main(["--data", str(corpus_20k), "--out-dir", str(run), *TINY, "--max-iters", "4",
-                 "--eval-interval", "2"]) == 0
+    assert (
+        main(["--data", str(corpus_20k), "--out-dir", str(run), *TINY, "--max-iters", "4", "--eval-interval", "2"]) == 0
+    )
     return run
 
 
@@ -127,11 +159,13 @@ def _huge_step(t):
     t[name] = torch.tensor(float("inf"))
 
 
-OPTIMIZER_TENSOR_EDITS = {"adamw-moment-too-small": (_shrink_adam, "exp_avg"),
-                          "muon-buffer-transposed": (_transpose_muon, "momentum_buffer"),
-                          "adamw-moment-int32": (_int_adam, "exp_avg_sq"),
-                          "adamw-step-not-a-scalar": (_vector_step, "step"),
-                          "adamw-step-infinite": (_huge_step, "step")}
+OPTIMIZER_TENSOR_EDITS = {
+    "adamw-moment-too-small": (_shrink_adam, "exp_avg"),
+    "muon-buffer-transposed": (_transpose_muon, "momentum_buffer"),
+    "adamw-moment-int32": (_int_adam, "exp_avg_sq"),
+    "adamw-step-not-a-scalar": (_vector_step, "step"),
+    "adamw-step-infinite": (_huge_step, "step"),
+}
 
 
 def _resume_refused(run, capsys, in_process: bool) -> str:
@@ -165,7 +199,7 @@ def _group(s, kind):
 
 OPTIMIZER_GROUP_EDITS = {
     # before: the C++ Muon op ran 10^9 Newton-Schulz steps, deaf to SIGTERM (the process timed out)
-    "ns_steps": ("ns_steps", 10 ** 9),
+    "ns_steps": ("ns_steps", 10**9),
     "ns_coefficients": ("ns_coefficients", [3.4445, -4.775]),  # before: a traceback from the op
     "momentum": ("momentum", "fast"),  # before: "could not convert string to float" naming no field
     "betas": ("betas", [0.9, 2.0]),  # before: ran into a NaN loss (exit 3)
@@ -186,20 +220,21 @@ def _set_rank0(path, value):
         for key in path[:-1]:
             node = node[key]
         node[path[-1]] = value
+
     return edit
 
 
 STATE_EDITS = {  # state.json fields that reached int()/float()/numpy unchecked (OverflowError etc.)
     "step-infinity": (lambda s: s.update(step=float("inf")), "step"),
     "step-negative": (lambda s: s.update(step=-3), "step"),
-    "tokens-2^200": (lambda s: s.update(tokens_seen=2 ** 200), "tokens_seen"),
+    "tokens-2^200": (lambda s: s.update(tokens_seen=2**200), "tokens_seen"),
     "best-step-text": (lambda s: s.update(best_step="four"), "best_step"),
     "bad-evals-bool": (lambda s: s.update(bad_evals=True), "bad_evals"),
-    "sampler-2^200": (_set_rank0(["sampler", "state", "state"], 2 ** 200), "sampler"),
-    "eval-sampler-2^200": (_set_rank0(["eval_sampler", "val", "state", "inc"], 2 ** 200), "sampler"),
-    "python-rng-2^200": (lambda s: s["ranks"][0]["rng"]["python"][1].__setitem__(5, 2 ** 200), "RNG"),
+    "sampler-2^200": (_set_rank0(["sampler", "state", "state"], 2**200), "sampler"),
+    "eval-sampler-2^200": (_set_rank0(["eval_sampler", "val", "state", "inc"], 2**200), "sampler"),
+    "python-rng-2^200": (lambda s: s["ranks"][0]["rng"]["python"][1].__setitem__(5, 2**200), "RNG"),
     "scheduler-scale-inf": (lambda s: s["scheduler"].update(scale=float("inf")), "scheduler"),
-    "scheduler-bad-2^200": (lambda s: s["scheduler"].update(bad=2 ** 200), "scheduler"),
+    "scheduler-bad-2^200": (lambda s: s["scheduler"].update(bad=2**200), "scheduler"),
 }
 
 
@@ -228,6 +263,7 @@ def test_resume_of_an_unedited_copy_still_runs(run, capsys):
 
 
 # ---- one run per directory -------------------------------------------------------------------------
+
 
 def _wait_for(cond, proc, what, limit=180):
     deadline = time.monotonic() + limit
@@ -285,8 +321,18 @@ def test_two_new_runs_racing_for_one_directory(tmp_path, corpus_20k):
     winner.send_signal(signal.SIGTERM)
     winner.communicate(timeout=120)
     assert winner.returncode == 128 + signal.SIGTERM
-    assert main(["--resume", str(out), "--max-iters", str(checkpoint.load_checkpoint(out)["state"]["step"] + 1),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--resume",
+                str(out),
+                "--max-iters",
+                str(checkpoint.load_checkpoint(out)["state"]["step"] + 1),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 HOLDER = """
@@ -353,6 +399,7 @@ def test_new_run_refused_early_leaves_no_directory(tmp_path, capsys):
 
 # ---- --overwrite and symbolic links ------------------------------------------------------------------
 
+
 def test_overwrite_removes_links_and_never_writes_through_them(run, corpus_20k, tmp_path):
     """Before: with data/ a link to the user's folder, --overwrite replaced the user's .npy files."""
     mine = tmp_path / "mine"
@@ -369,8 +416,23 @@ def test_overwrite_removes_links_and_never_writes_through_them(run, corpus_20k, 
     (other / "keep.txt").write_text("keep")
     (run / "ckpt-00000099-link").symlink_to(other, target_is_directory=True)
     before = {p.name: p.read_bytes() for p in mine.iterdir()}
-    assert main(["--data", str(corpus_20k), "--out-dir", str(run), *TINY, "--max-iters", "2",
-                 "--eval-interval", "2", "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                "--data",
+                str(corpus_20k),
+                "--out-dir",
+                str(run),
+                *TINY,
+                "--max-iters",
+                "2",
+                "--eval-interval",
+                "2",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
     assert (other / "keep.txt").read_text() == "keep"
     assert not (run / "data").is_symlink() and (run / "data" / "train.npy").is_file()
@@ -392,6 +454,7 @@ def test_resume_never_appends_through_a_linked_log(run, tmp_path, capsys):
 
 # ---- file modes follow the umask ---------------------------------------------------------------------
 
+
 @pytest.fixture
 def umask_002():
     old = os.umask(0o002)
@@ -402,8 +465,9 @@ def umask_002():
 def test_every_file_of_a_run_follows_the_umask(tmp_path, corpus_20k, umask_002):
     """Before: config.json, tokenizer.json, summary.json, latest, loss.png at 0600, ckpt-* at 0700."""
     out = tmp_path / "run"
-    assert main(["--data", str(corpus_20k), "--out-dir", str(out), *TINY, "--max-iters", "2",
-                 "--eval-interval", "2"]) == 0
+    assert (
+        main(["--data", str(corpus_20k), "--out-dir", str(out), *TINY, "--max-iters", "2", "--eval-interval", "2"]) == 0
+    )
     modes = {}
     for root, dirs, files in os.walk(out):
         for name in dirs + files:

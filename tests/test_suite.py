@@ -2,6 +2,7 @@
 two halves that add up to the whole and mean what they say; the CPU tests that train, evaluate and
 generate keep their meaning where a GPU is visible (a simulated one: FASTLM_TEST_CUDA_VISIBLE); child
 processes import the fastlm under test, also from a checkout that was never installed."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import child_env, run_bounded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,18 @@ def test_the_gpu_halves_add_up_and_each_test_is_in_the_half_that_runs_it(tmp_pat
     gpu_here = torch.cuda.is_available()
     _, there = _collect(tmp_path, "there", "gpu or not gpu", FASTLM_TEST_CUDA_VISIBLE=str(int(not gpu_here)))
     with_gpu, without_gpu = (everything, there) if gpu_here else (there, everything)
-    changes = {node: row["gpu"] for node, row in everything.items()
-               if node in there and with_gpu[node]["skipped"] != without_gpu[node]["skipped"]}
+    changes = {
+        node: row["gpu"]
+        for node, row in everything.items()
+        if node in there and with_gpu[node]["skipped"] != without_gpu[node]["skipped"]
+    }
     only_with_gpu = {node for node in changes if without_gpu[node]["skipped"]}
     assert only_with_gpu and len(changes) > len(only_with_gpu)  # both kinds exist: the check is not vacuous
-    wrong = [f"{node}: runs only {'with' if node in only_with_gpu else 'without'} a GPU, gpu={gpu}"
-             for node, gpu in changes.items() if gpu != (node in only_with_gpu)]
+    wrong = [
+        f"{node}: runs only {'with' if node in only_with_gpu else 'without'} a GPU, gpu={gpu}"
+        for node, gpu in changes.items()
+        if gpu != (node in only_with_gpu)
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -93,8 +99,11 @@ def test_cpu_tests_keep_their_meaning_where_a_gpu_is_visible():
     """Those modules with torch reporting a CUDA device: a test that does not pin the CPU would take
     the GPU (and the GPU profile) there, and fails here at its first CUDA tensor. opcheck's AOT pass
     probes CUDA itself, whatever the device of its tensors: left out."""
-    proc = _pytest(["-m", "not gpu and not slow", "-k", "not opcheck",
-                    *(f"tests/{name}" for name in DEVICE_SENSITIVE)], 900, FASTLM_TEST_CUDA_VISIBLE="1")
+    proc = _pytest(
+        ["-m", "not gpu and not slow", "-k", "not opcheck", *(f"tests/{name}" for name in DEVICE_SENSITIVE)],
+        900,
+        FASTLM_TEST_CUDA_VISIBLE="1",
+    )
     assert proc.returncode == 0, proc.stdout[-6000:]
     assert "CUDA: True" in proc.stdout  # simulated, or a real GPU: then the run is the real thing
     assert int(re.search(r"(\d+) passed", proc.stdout.splitlines()[-1]).group(1)) >= 150, proc.stdout[-500:]
@@ -156,7 +165,13 @@ def test_children_import_the_checkout_that_was_never_installed(tmp_path):
     shutil.copy(ROOT / "tests" / "conftest.py", checkout / "tests")
     env = child_env()
     env["PYTHONPATH"] = ""
-    proc = subprocess.run([sys.executable, "-c", CHILD_SCRIPT, str(checkout)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD_SCRIPT, str(checkout)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(proc.stdout.strip().splitlines()[-1]) == checkout / "fastlm" / "__init__.py", proc.stdout

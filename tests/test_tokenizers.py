@@ -1,4 +1,5 @@
 """Tokenizers: round trips (hypothesis), JSON save/load, error messages, C++ vs Python BPE merges."""
+
 import base64
 import hashlib
 import json
@@ -68,6 +69,7 @@ def _tiny_tiktoken_file(path, merges=(b"ab", b"abc", b" a")):
 
 # ------------------------------------------------------------------------------------- char
 
+
 def test_char_vocab_sorted_with_eos(char_tok, shakespeare):
     assert char_tok.kind == "char"
     assert char_tok.chars == sorted(set(shakespeare))
@@ -106,6 +108,7 @@ def test_char_encode_whole_corpus(char_tok, shakespeare):
 
 
 # ------------------------------------------------------------------------------------- word
+
 
 def test_word_specials_and_unk(word_tok):
     assert word_tok.tokens[:4] == ["<bos>", "<eos>", "<unk>", "<pad>"]
@@ -156,6 +159,7 @@ def test_word_clean_normalises_whitespace(word_tok):
 
 
 # -------------------------------------------------------------------------------------- bpe
+
 
 def test_bpe_has_all_bytes_and_eos(bpe_tok):
     assert bpe_tok.kind == "bpe"
@@ -249,8 +253,10 @@ def test_bpe_train_cpp_equals_python_shakespeare(shakespeare):
 
 
 @HYP
-@given(text=st.lists(st.sampled_from(list("ab1 \n\t'.é") + ["\r\n", "'s"]), max_size=200).map("".join),
-       block_chars=st.integers(1, 40))
+@given(
+    text=st.lists(st.sampled_from(list("ab1 \n\t'.é") + ["\r\n", "'s"]), max_size=200).map("".join),
+    block_chars=st.integers(1, 40),
+)
 def test_chunk_counting_in_blocks_matches_whole_text(text, block_chars):
     whole = {}
     for chunk in regex.findall(T.GPT2_PAT_STR, text):
@@ -270,6 +276,7 @@ def test_bpe_train_input_validation():
 
 
 # ------------------------------------------------------------------------------- save / load
+
 
 @pytest.mark.parametrize("kind", ["char", "word", "bpe", "tiktoken-file"])
 def test_save_load_json_roundtrip(kind, tmp_path, shakespeare):
@@ -353,10 +360,12 @@ def test_unknown_spec_and_decode_validation(char_tok):
     with pytest.raises(TypeError):
         char_tok.encode(b"bytes")
     import torch
+
     assert char_tok.decode(torch.tensor(char_tok.encode("To be"))) == "To be"
 
 
 # ---------------------------------------------------------------------------------- tiktoken
+
 
 def test_tiktoken_named_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty cache
@@ -374,6 +383,7 @@ def test_tiktoken_named_offline_fails_fast(tmp_path, monkeypatch):
     assert "TIKTOKEN_CACHE_DIR" in msg and "gpt2" in msg and str(tmp_path) in msg
     assert "tiktoken:/path/to/file.tiktoken" in msg and "\n" not in msg
     import tiktoken.load
+
     assert tiktoken.load.read_file.__name__ == "read_file"  # the offline guard is undone
     with pytest.raises(TokenizerError, match="unknown tiktoken encoding 'gpt9'"):
         build_tokenizer("tiktoken:gpt9", "")
@@ -384,6 +394,7 @@ def test_tiktoken_cache_dir_default_is_tiktokens_own(monkeypatch):
     import tempfile
 
     from fastlm.text.tokenizers import _tiktoken_cache_dir
+
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
     assert _tiktoken_cache_dir() == os.path.join(tempfile.gettempdir(), "data-gym-cache")
@@ -550,8 +561,10 @@ def test_bpe_chained_merges_are_refused_before_building(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "MAX_VOCAB_BYTES", 1 << 20)
     _refused(p, "more than 1048576 bytes of tokens")
     monkeypatch.setattr(T, "MAX_VOCAB", 300)
-    _refused(_write_tokenizer_json(tmp_path / "c", {"kind": "bpe", "merges": _chained_merges(44)}),
-             "44 merges; the limit is 43")
+    _refused(
+        _write_tokenizer_json(tmp_path / "c", {"kind": "bpe", "merges": _chained_merges(44)}),
+        "44 merges; the limit is 43",
+    )
 
 
 @pytest.mark.parametrize("merge", [[True, 97], "ab", {"a": 1}, [97], [97, 98, 99], [97, 256], [-1, 97], [97.0, 98]])

@@ -1,5 +1,6 @@
 """python -m fastlm.train, in-process through main(argv): run-dir artifacts, overwrite protection,
 exact resume, --init-from, early stopping, plateau LR, config files, hostile input."""
+
 import csv
 import dataclasses
 import json
@@ -11,24 +12,48 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_error_line
+from train_hooks import CtrlCAfter
 
-from fastlm.io import checkpoint
-from fastlm.io import loading
-from fastlm.text import data
 from fastlm.config import ConfigFileError, load_config_file, merge_values
+from fastlm.io import checkpoint, loading
 from fastlm.model import GPTConfig
-from fastlm.training.runtime import resolve_device
+from fastlm.text import data
 from fastlm.train import build_parser, main
+from fastlm.training.runtime import resolve_device
 from fastlm.training.schedule import LRSchedule
 from fastlm.training.settings import TrainConfig, resolve_settings
 from fastlm.training.trainer import Callback
 
-from conftest import one_error_line
-from train_hooks import CtrlCAfter
-
-TINY = ["--device", "cpu", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "4",
-        "--eval-iters", "2", "--eval-interval", "5", "--max-iters", "10", "--sample-tokens", "0",
-        "--no-progress", "--log-interval", "1", "--warmup-iters", "2", "--threads", "1"]
+TINY = [
+    "--device",
+    "cpu",
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "16",
+    "--n-head",
+    "2",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-iters",
+    "2",
+    "--eval-interval",
+    "5",
+    "--max-iters",
+    "10",
+    "--sample-tokens",
+    "0",
+    "--no-progress",
+    "--log-interval",
+    "1",
+    "--warmup-iters",
+    "2",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +82,18 @@ def test_run_dir_artifacts(tmp_path, corpus, capsys):
     rc, res = run(["--data", corpus, "--out-dir", out, *TINY, "--sample-tokens", "20"], capsys)
     assert rc == 0
     assert f"run dir: {out}" in res.out and "done: best val loss" in res.out and "sample:" in res.out
-    for name in ("config.json", "tokenizer.json", "model.safetensors", "metrics.csv", "train_log.csv",
-                 "loss.png", "summary.json", "latest", "data/train.npy", "data/val.npy"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "metrics.csv",
+        "train_log.csv",
+        "loss.png",
+        "summary.json",
+        "latest",
+        "data/train.npy",
+        "data/val.npy",
+    ):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cfg = json.loads((out / "config.json").read_text())
@@ -155,8 +190,6 @@ def test_damaged_token_cache_is_refused(tmp_path, corpus, capsys):
     assert rc == 2 and "damaged" in one_error_line(res) and "60000" in res.err
 
 
-
-
 def test_resume_is_exact(tmp_path, corpus, capsys):
     args = ["--data", corpus, *TINY, "--max-iters", "20", "--dropout", "0.1"]
     rc, _ = run([*args, "--out-dir", tmp_path / "a"], capsys)
@@ -201,8 +234,24 @@ def test_init_from_fine_tunes_with_checkpoint_tokenizer_and_architecture(tmp_pat
     new_corpus.write_text(corpus.read_text(encoding="utf-8")[::-1][:5000], encoding="utf-8")
     ft = tmp_path / "ft"
     # no --optimizer: a fine-tune defaults to AdamW, so --lr governs every weight (Muon's peak of 0.02 would not)
-    rc, res = run(["--data", new_corpus, "--out-dir", ft, *TINY, "--init-from", base, "--n-layer", "3",
-                   "--max-iters", "1", "--lr", "1e-8"], capsys)
+    rc, res = run(
+        [
+            "--data",
+            new_corpus,
+            "--out-dir",
+            ft,
+            *TINY,
+            "--init-from",
+            base,
+            "--n-layer",
+            "3",
+            "--max-iters",
+            "1",
+            "--lr",
+            "1e-8",
+        ],
+        capsys,
+    )
     assert rc == 0 and "ignoring n_layer" in res.out
     assert "optimizer: adamw (peak lr 1e-08 for every parameter)" in res.out
     cb, cf = json.loads((base / "config.json").read_text()), json.loads((ft / "config.json").read_text())
@@ -214,8 +263,26 @@ def test_init_from_fine_tunes_with_checkpoint_tokenizer_and_architecture(tmp_pat
     assert wb and set(wb) == set(wf)
     assert max((wb[k] - wf[k]).abs().max().item() for k in wb) <= 1e-6  # started from the base weights
     # asking for Muon explicitly still gets it, at --muon-lr for the block matrices
-    rc, res = run(["--data", new_corpus, "--out-dir", tmp_path / "ft-muon", *TINY, "--init-from", base,
-                   "--max-iters", "1", "--lr", "1e-8", "--optimizer", "muon", "--muon-lr", "1e-8"], capsys)
+    rc, res = run(
+        [
+            "--data",
+            new_corpus,
+            "--out-dir",
+            tmp_path / "ft-muon",
+            *TINY,
+            "--init-from",
+            base,
+            "--max-iters",
+            "1",
+            "--lr",
+            "1e-8",
+            "--optimizer",
+            "muon",
+            "--muon-lr",
+            "1e-8",
+        ],
+        capsys,
+    )
     assert rc == 0 and "optimizer: muon (peak lr 1e-08 for the block matrices)" in res.out
     wm, _ = checkpoint.load_weights(tmp_path / "ft-muon" / "model.safetensors")
     assert max((wb[k] - wm[k]).abs().max().item() for k in wb) <= 1e-6
@@ -235,8 +302,24 @@ def drifting_corpus(tmp_path):
 
 def test_early_stopping(tmp_path, drifting_corpus, capsys):
     out = tmp_path / "run"
-    rc, res = run(["--data", drifting_corpus, "--out-dir", out, *TINY, "--max-iters", "300", "--lr", "0.03",
-                   "--early-stopping-patience", "2", "--lr-schedule", "constant"], capsys)
+    rc, res = run(
+        [
+            "--data",
+            drifting_corpus,
+            "--out-dir",
+            out,
+            *TINY,
+            "--max-iters",
+            "300",
+            "--lr",
+            "0.03",
+            "--early-stopping-patience",
+            "2",
+            "--lr-schedule",
+            "constant",
+        ],
+        capsys,
+    )
     assert rc == 0 and "early stopping at step" in res.out
     s = json.loads((out / "summary.json").read_text())
     m = rows(out / "metrics.csv")
@@ -248,15 +331,36 @@ def test_early_stopping(tmp_path, drifting_corpus, capsys):
 
 def test_plateau_schedule(tmp_path, drifting_corpus, capsys):
     out = tmp_path / "run"
-    rc, res = run(["--data", drifting_corpus, "--out-dir", out, *TINY, "--max-iters", "40", "--lr", "0.03",
-                   "--lr-schedule", "plateau", "--plateau-patience", "1", "--plateau-factor", "0.5",
-                   "--warmup-iters", "0", "--min-lr", "0.005"], capsys)
+    rc, res = run(
+        [
+            "--data",
+            drifting_corpus,
+            "--out-dir",
+            out,
+            *TINY,
+            "--max-iters",
+            "40",
+            "--lr",
+            "0.03",
+            "--lr-schedule",
+            "plateau",
+            "--plateau-patience",
+            "1",
+            "--plateau-factor",
+            "0.5",
+            "--warmup-iters",
+            "0",
+            "--min-lr",
+            "0.005",
+        ],
+        capsys,
+    )
     assert rc == 0 and "plateaued" in res.out
     vals = [float(r["val_loss"]) for r in rows(out / "metrics.csv")]
     lrs = [float(r["lr"]) for r in rows(out / "train_log.csv")]
     # expected: the LR halves after every eval (each 5 steps) that does not beat the best, floored at min_lr
     expected, lr, best = [], 0.03, math.inf
-    for i, v in enumerate(vals):
+    for v in vals:
         expected += [lr] * 5
         if v < best:
             best = v
@@ -276,15 +380,32 @@ def test_lr_schedule_cosine_and_warmup():
 
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 def test_config_file(tmp_path, corpus, capsys, suffix):
-    settings = {"model": {"n_layer": 1, "n_embd": 24, "n_head": 3, "block_size": 16},
-                "train": {"max_iters": 4, "eval_interval": 2, "eval_iters": 1, "batch_size": 2,
-                          "sample_tokens": 0, "progress": False, "lr": 0.003, "device": "cpu"}}
+    settings = {
+        "model": {"n_layer": 1, "n_embd": 24, "n_head": 3, "block_size": 16},
+        "train": {
+            "max_iters": 4,
+            "eval_interval": 2,
+            "eval_iters": 1,
+            "batch_size": 2,
+            "sample_tokens": 0,
+            "progress": False,
+            "lr": 0.003,
+            "device": "cpu",
+        },
+    }
     path = tmp_path / f"run{suffix}"
     if suffix == ".json":
         path.write_text(json.dumps(settings))
     else:
-        path.write_text("\n".join(f"[{g}]\n" + "\n".join(f"{k} = {json.dumps(v).lower() if isinstance(v, bool) else json.dumps(v)}"
-                                                         for k, v in kv.items()) for g, kv in settings.items()))
+        path.write_text(
+            "\n".join(
+                f"[{g}]\n"
+                + "\n".join(
+                    f"{k} = {json.dumps(v).lower() if isinstance(v, bool) else json.dumps(v)}" for k, v in kv.items()
+                )
+                for g, kv in settings.items()
+            )
+        )
     out = tmp_path / "run"
     rc, _ = run(["--config", path, "--data", corpus, "--out-dir", out, "--max-iters", "6"], capsys)
     assert rc == 0
@@ -296,14 +417,14 @@ def test_config_file(tmp_path, corpus, capsys, suffix):
 
 def test_config_file_errors(tmp_path, corpus, capsys):
     cases = {
-        "unknown.toml": ('n_layers = 2\n', "unknown key 'n_layers'"),
-        "section.toml": ('[model]\nmax_iters = 2\n', "unknown key 'max_iters' in [model]"),
+        "unknown.toml": ("n_layers = 2\n", "unknown key 'n_layers'"),
+        "section.toml": ("[model]\nmax_iters = 2\n", "unknown key 'max_iters' in [model]"),
         "type.json": ('{"n_layer": "four"}', "n_layer must be an integer, got 'four'"),
         "bool.json": ('{"compile": 1}', "compile must be true or false"),
         "float.toml": ('lr = "fast"\n', "lr must be a number"),
-        "broken.toml": ('n_layer = = 2\n', "bad TOML"),
-        "list.json": ('[1, 2]', "must hold a table"),
-        "run.yaml": ('n_layer: 2\n', "must end in .toml or .json"),
+        "broken.toml": ("n_layer = = 2\n", "bad TOML"),
+        "list.json": ("[1, 2]", "must hold a table"),
+        "run.yaml": ("n_layer: 2\n", "must end in .toml or .json"),
     }
     for name, (text, msg) in cases.items():
         p = tmp_path / name
@@ -316,8 +437,9 @@ def test_config_file_errors(tmp_path, corpus, capsys):
 
 
 def test_merge_values_layers_and_types(tmp_path):
-    merged, explicit = merge_values({"train": TrainConfig, "model": GPTConfig},
-                                    {"n-layer": 3, "train": {"lr": 1}}, {"lr": 0.5, "seed": 7})
+    merged, explicit = merge_values(
+        {"train": TrainConfig, "model": GPTConfig}, {"n-layer": 3, "train": {"lr": 1}}, {"lr": 0.5, "seed": 7}
+    )
     assert merged["model"] == {"n_layer": 3} and merged["train"] == {"lr": 0.5, "seed": 7}
     assert explicit == {"n_layer", "lr", "seed"}
     merged, _ = merge_values({"train": TrainConfig}, {"min_lr": "none", "data": "x.txt", "lr": 1}, {})
@@ -331,14 +453,32 @@ def test_merge_values_layers_and_types(tmp_path):
 
 def test_help_lists_generated_flags():
     text = build_parser().format_help()
-    for flag in ("--n-layer", "--out-dir", "--block-size", "--batch-size", "--max-iters", "--lr", "--eval-interval",
-                 "--device", "--seed", "--compile", "--no-compile", "--config", "--resume", "--init-from",
-                 "--text-column", "--max-doc-tokens", "--grad-accum", "--lr-schedule", "--gpu-defaults"):
+    for flag in (
+        "--n-layer",
+        "--out-dir",
+        "--block-size",
+        "--batch-size",
+        "--max-iters",
+        "--lr",
+        "--eval-interval",
+        "--device",
+        "--seed",
+        "--compile",
+        "--no-compile",
+        "--config",
+        "--resume",
+        "--init-from",
+        "--text-column",
+        "--max-doc-tokens",
+        "--grad-accum",
+        "--lr-schedule",
+        "--gpu-defaults",
+    ):
         assert flag in text, flag
     defaults = GPTConfig()
     # the CPU model defaults are what --help shows (not GPTConfig's)
     assert f"transformer blocks (default: {defaults.n_layer})" in " ".join(text.split())
-    assert f"gelu | gelu_tanh | relu | swiglu (default: {defaults.mlp})" in " ".join(text.split())
+    assert f"gelu | gelu_tanh | relu | relu2 (relu(x)^2) | swiglu (default: {defaults.mlp})" in " ".join(text.split())
     assert main(["--help"]) == 0
 
 
@@ -420,8 +560,22 @@ def test_folder_without_text(tmp_path, capsys):
 def test_bpe_corpus_with_literal_endoftext_trains(tmp_path, capsys):
     text = "".join(f"line {i} of text <|endoftext|> more words here.\n" for i in range(300))
     corpus = _write(tmp_path / "c.txt", text)
-    rc, res = run(["--data", corpus, "--out-dir", tmp_path / "o", *TINY, "--tokenizer", "bpe",
-                   "--vocab-size", "300", "--max-iters", "4"], capsys)
+    rc, res = run(
+        [
+            "--data",
+            corpus,
+            "--out-dir",
+            tmp_path / "o",
+            *TINY,
+            "--tokenizer",
+            "bpe",
+            "--vocab-size",
+            "300",
+            "--max-iters",
+            "4",
+        ],
+        capsys,
+    )
     assert rc == 0, res.err
 
 
@@ -429,6 +583,7 @@ def test_csv_jsonl_folder_corpora_train(tmp_path, capsys):
     text = data.default_corpus().read_text(encoding="utf-8")[:6000]
     paras = [p for p in text.split("\n\n") if p.strip()]
     import csv as csv_mod
+
     with open(tmp_path / "c.csv", "w", newline="", encoding="utf-8") as f:
         w = csv_mod.writer(f)
         w.writerow(["id", "body"])
@@ -440,11 +595,28 @@ def test_csv_jsonl_folder_corpora_train(tmp_path, capsys):
     for i, p in enumerate(paras):
         (folder / f"{i:03d}.txt").write_text(p, encoding="utf-8")
     results = {}
-    for name, extra in (("csv", [tmp_path / "c.csv", "--text-column", "body"]), ("jsonl", [tmp_path / "c.jsonl"]),
-                        ("folder", [folder])):
+    for name, extra in (
+        ("csv", [tmp_path / "c.csv", "--text-column", "body"]),
+        ("jsonl", [tmp_path / "c.jsonl"]),
+        ("folder", [folder]),
+    ):
         out = tmp_path / name
-        rc, res = run(["--data", *extra, "--out-dir", out, *TINY, "--max-iters", "2", "--eval-interval", "2",
-                       "--max-doc-tokens", "400"], capsys)
+        rc, res = run(
+            [
+                "--data",
+                *extra,
+                "--out-dir",
+                out,
+                *TINY,
+                "--max-iters",
+                "2",
+                "--eval-interval",
+                "2",
+                "--max-doc-tokens",
+                "400",
+            ],
+            capsys,
+        )
         assert rc == 0, res.err
         cfg = json.loads((out / "config.json").read_text())
         ids = np.concatenate([data.load_split(out, "train"), data.load_split(out, "val")])
@@ -479,8 +651,25 @@ def test_grad_clip_changes_the_run(tmp_path, corpus, capsys):
 
 def test_word_tokenizer_with_a_test_split(tmp_path, corpus, capsys):
     out = tmp_path / "w"
-    rc, res = run(["--data", corpus, "--out-dir", out, *TINY, "--tokenizer", "word", "--lowercase",
-                   "--min-freq", "2", "--split", "0.8,0.1,0.1", "--block-size", "8"], capsys)
+    rc, res = run(
+        [
+            "--data",
+            corpus,
+            "--out-dir",
+            out,
+            *TINY,
+            "--tokenizer",
+            "word",
+            "--lowercase",
+            "--min-freq",
+            "2",
+            "--split",
+            "0.8,0.1,0.1",
+            "--block-size",
+            "8",
+        ],
+        capsys,
+    )
     assert rc == 0, res.err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tokenizer"]["kind"] == "word"
@@ -535,8 +724,10 @@ def test_crlf_corpus_gives_the_lf_tokens_unless_raw_newlines(tmp_path, corpus, c
 def test_progress_bar_and_device_auto(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same CPU run on a GPU machine
     flags = [f for f in TINY if f != "--no-progress"]
-    rc, res = run(["--data", corpus, "--out-dir", tmp_path / "p", *flags, "--device", "auto", "--no-gpu-defaults",
-                   "--progress"], capsys)
+    rc, res = run(
+        ["--data", corpus, "--out-dir", tmp_path / "p", *flags, "--device", "auto", "--no-gpu-defaults", "--progress"],
+        capsys,
+    )
     assert rc == 0
     assert f"device: {resolve_device('auto')}" in res.out  # auto resolved and printed
     assert "train:" in res.err and "10/10" in res.err  # tqdm's bar on stderr, to the last step
@@ -557,9 +748,21 @@ def test_cpu_pinned_runs_ignore_a_visible_gpu(tmp_path, corpus, capsys, monkeypa
     assert rc == 0, res.err
     assert "device: cpu" in res.out and "profile gpu" not in res.out
     from fastlm import Trainer
-    config = TrainConfig(data=[str(corpus)], out_dir=str(tmp_path / "api"), batch_size=4, eval_iters=2,
-                         eval_interval=5, max_iters=10, sample_tokens=0, progress=False, log_interval=1,
-                         warmup_iters=2, threads=1, device="cpu")
+
+    config = TrainConfig(
+        data=[str(corpus)],
+        out_dir=str(tmp_path / "api"),
+        batch_size=4,
+        eval_iters=2,
+        eval_interval=5,
+        max_iters=10,
+        sample_tokens=0,
+        progress=False,
+        log_interval=1,
+        warmup_iters=2,
+        threads=1,
+        device="cpu",
+    )
     Trainer(config, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}).fit()
     assert "profile gpu" not in capsys.readouterr().out
     losses = [[r["loss"] for r in rows(tmp_path / name / "train_log.csv")] for name in ("plain", "cli", "api")]
@@ -597,8 +800,9 @@ def test_compile_flag_trains_and_saves_unwrapped_weights(tmp_path, corpus, capsy
     """--compile wraps the model in torch.compile (inductor on CPU: ~30 s cold); the checkpoint holds
     the plain module's names, so generate/evaluate/resume load it without compiling."""
     out = tmp_path / "c"
-    rc, res = run(["--data", corpus, "--out-dir", out, *TINY, "--max-iters", "3", "--eval-interval", "3",
-                   "--compile"], capsys)
+    rc, res = run(
+        ["--data", corpus, "--out-dir", out, *TINY, "--max-iters", "3", "--eval-interval", "3", "--compile"], capsys
+    )
     assert rc == 0, res.err
     weights, _ = checkpoint.load_weights(out / "model.safetensors")
     assert weights and not any("_orig_mod" in k for k in weights)
@@ -645,7 +849,7 @@ def test_resume_with_more_steps_continues_the_lr(tmp_path, corpus, capsys):
     assert lrs[-1] == pytest.approx(first.final_lr, rel=0.02)  # ... and ends at the final LR
 
 
-TIMING_KEYS = {"tokens_per_s", "train_wall_s", "wall_s"}
+TIMING_KEYS = {"tokens_per_s", "train_wall_s", "wall_s", "flops_per_s", "mfu"}  # measured, not computed
 
 
 def test_python_api_runs_what_the_cli_runs(tmp_path, corpus, capsys):
@@ -653,17 +857,29 @@ def test_python_api_runs_what_the_cli_runs(tmp_path, corpus, capsys):
 
     rc, _ = run(["--data", corpus, "--out-dir", tmp_path / "cli", *TINY], capsys)
     assert rc == 0
-    config = TrainConfig(data=[str(corpus)], out_dir=str(tmp_path / "api"), batch_size=4, eval_iters=2,
-                         eval_interval=5, max_iters=10, sample_tokens=0, progress=False, log_interval=1,
-                         warmup_iters=2, threads=1, device="cpu")
+    config = TrainConfig(
+        data=[str(corpus)],
+        out_dir=str(tmp_path / "api"),
+        batch_size=4,
+        eval_iters=2,
+        eval_interval=5,
+        max_iters=10,
+        sample_tokens=0,
+        progress=False,
+        log_interval=1,
+        warmup_iters=2,
+        threads=1,
+        device="cpu",
+    )
     summary = Trainer(config, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}).fit()
     assert summary == json.loads((tmp_path / "api" / "summary.json").read_text())
     cli_summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
-    assert {k: v for k, v in summary.items() if k not in TIMING_KEYS} == \
-           {k: v for k, v in cli_summary.items() if k not in TIMING_KEYS}
-    assert rows(tmp_path / "api" / "train_log.csv") != [] and \
-        [r["loss"] for r in rows(tmp_path / "api" / "train_log.csv")] == \
-        [r["loss"] for r in rows(tmp_path / "cli" / "train_log.csv")]
+    assert {k: v for k, v in summary.items() if k not in TIMING_KEYS} == {
+        k: v for k, v in cli_summary.items() if k not in TIMING_KEYS
+    }
+    assert rows(tmp_path / "api" / "train_log.csv") != [] and [
+        r["loss"] for r in rows(tmp_path / "api" / "train_log.csv")
+    ] == [r["loss"] for r in rows(tmp_path / "cli" / "train_log.csv")]
     # a GPTConfig works too (its vocab_size is the tokenizer's)
     model = GPTConfig(vocab_size=999, n_layer=1, n_embd=16, n_head=2, block_size=16, pos="rope", mlp="swiglu")
     again = Trainer(dataclasses.replace(config, out_dir=str(tmp_path / "api2")), model).fit()
@@ -699,17 +915,41 @@ class Recorder(Callback):
 def test_callbacks_observe_and_stop_a_run(tmp_path, corpus, capsys):
     from fastlm import Trainer
 
-    config = TrainConfig(data=[str(corpus)], out_dir=str(tmp_path / "r"), batch_size=4, eval_iters=1,
-                         eval_interval=3, max_iters=20, sample_tokens=0, progress=False, threads=1, device="cpu")
+    config = TrainConfig(
+        data=[str(corpus)],
+        out_dir=str(tmp_path / "r"),
+        batch_size=4,
+        eval_iters=1,
+        eval_interval=3,
+        max_iters=20,
+        sample_tokens=0,
+        progress=False,
+        threads=1,
+        device="cpu",
+    )
     rec = Recorder(stop_at_eval=6)
     summary = Trainer(config, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}, callbacks=[rec]).fit()
     # the request is seen at the end of the next step (where all ranks exchange it): step 7, which
     # is then evaluated and saved before the final evaluation
     assert summary["steps"] == 7 and summary["stopped_early"]
-    assert rec.events == [("start", 0), ("save", 0), ("step", 1), ("step", 2), ("step", 3), ("save", 3),
-                          ("eval", 3, {"train", "val"}), ("step", 4), ("step", 5), ("step", 6), ("save", 6),
-                          ("eval", 6, {"train", "val"}), ("step", 7), ("save", 7), ("eval", 7, {"train", "val"}),
-                          ("end", 7)]
+    assert rec.events == [
+        ("start", 0),
+        ("save", 0),
+        ("step", 1),
+        ("step", 2),
+        ("step", 3),
+        ("save", 3),
+        ("eval", 3, {"train", "val"}),
+        ("step", 4),
+        ("step", 5),
+        ("step", 6),
+        ("save", 6),
+        ("eval", 6, {"train", "val"}),
+        ("step", 7),
+        ("save", 7),
+        ("eval", 7, {"train", "val"}),
+        ("end", 7),
+    ]
     assert json.loads((tmp_path / "r" / "latest").read_text())["step"] == 7
 
 
@@ -717,6 +957,7 @@ def test_resume_refuses_a_malformed_training_state(tmp_path, corpus, capsys):
     """state.json ships with a run: a bad scheduler/progress field (with a manifest that matches it)
     is one line and exit 2, not a traceback."""
     import hashlib
+
     out = tmp_path / "r"
     assert run(["--data", corpus, "--out-dir", out, *TINY], capsys)[0] == 0
     folder = checkpoint.latest_checkpoint_dir(out)

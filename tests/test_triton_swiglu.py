@@ -11,6 +11,7 @@ its autograd) in the tested dtype; ``eps`` is half an ulp of the dtype at the re
 here (extreme values, dispatch, torch.compile) follows the rule. bfloat16 is elementwise here (no
 tl.dot), so it runs in the interpreter too.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ def _triton_mode(monkeypatch):
 @pytest.fixture
 def S():
     from fastlm.kernels import swiglu as mod
+
     return mod
 
 
@@ -142,14 +144,14 @@ def test_swiglu_packed_strided_rows(S):
     xc = x.contiguous()
     torch.testing.assert_close(S.swiglu_packed_forward(x), S.swiglu_packed_forward(xc), rtol=0, atol=0)
     xt = torch.randn(30, 6, device=DEVICE).t()  # last-dim stride 6
-    torch.testing.assert_close(S.swiglu_packed_forward(xt), S.swiglu_packed_forward(xt.contiguous()),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(S.swiglu_packed_forward(xt), S.swiglu_packed_forward(xt.contiguous()), rtol=0, atol=0)
     do = torch.randn(6, 15, device=DEVICE)
     torch.testing.assert_close(S.swiglu_packed_backward(do, x), S.swiglu_packed_backward(do, xc), rtol=0, atol=0)
 
 
 def test_swiglu_packed_bad_input():
     from fastlm.kernels.swiglu import swiglu_packed
+
     with pytest.raises(ValueError, match="even"):
         swiglu_packed(torch.zeros(3, 7, device=DEVICE))
 
@@ -162,6 +164,7 @@ def test_ops_dispatch_triton_backend():
 
 def test_backend_reasons():
     from fastlm.ops.triton_backend import BACKEND
+
     x = torch.zeros(3, device=DEVICE)
     assert BACKEND.swiglu_unsupported(x, x) is None
     assert "float64" in BACKEND.swiglu_unsupported(x.double(), x.double())
@@ -174,12 +177,18 @@ def test_opcheck(S):
     torch.library.opcheck(torch.ops.fastlm.triton_swiglu_packed_fwd.default, (gate,), test_utils=utils)
     plain = (torch.randn(3, 8, device=DEVICE), gate.detach(), up.detach())
     torch.library.opcheck(torch.ops.fastlm.triton_swiglu_bwd.default, plain, test_utils=utils[::2])
-    torch.library.opcheck(torch.ops.fastlm.triton_swiglu_packed_bwd.default,
-                          (torch.randn(3, 4, device=DEVICE), gate.detach()), test_utils=utils[::2])
+    torch.library.opcheck(
+        torch.ops.fastlm.triton_swiglu_packed_bwd.default,
+        (torch.randn(3, 4, device=DEVICE), gate.detach()),
+        test_utils=utils[::2],
+    )
 
 
-@pytest.mark.skipif(not CUDA, reason="opcheck's test_aot_dispatch_dynamic runs the op inside an AOT "
-                    "graph of FunctionalTensors, which the CPU interpreter cannot execute; GPU only")
+@pytest.mark.skipif(
+    not CUDA,
+    reason="opcheck's test_aot_dispatch_dynamic runs the op inside an AOT "
+    "graph of FunctionalTensors, which the CPU interpreter cannot execute; GPU only",
+)
 def test_opcheck_aot_dispatch():
     gate, up = (torch.randn(3, 8, device=DEVICE, requires_grad=True) for _ in range(2))
     utils = ("test_aot_dispatch_dynamic",)
@@ -214,7 +223,7 @@ def test_gpu_torch_compile_fullgraph():
         return packed(x).sum() + split(g, u).square().sum()
 
     def eager_packed(x):
-        return F.silu(x[..., :x.shape[-1] // 2]) * x[..., x.shape[-1] // 2:]
+        return F.silu(x[..., : x.shape[-1] // 2]) * x[..., x.shape[-1] // 2 :]
 
     def run(fn, inputs):
         leaves = [t.detach().requires_grad_() for t in inputs]

@@ -1,11 +1,14 @@
 """Sliding-window models (``GPTConfig.window``) and document masking (``--doc-mask``) end to end:
 the model's receptive field, KV-cached generation past the context at constant memory, training,
 evaluation and resume with documents masked, and the Hugging Face export of a windowed model."""
+
 import csv
 import json
 
 import pytest
 import torch
+from conftest import one_error_line
+from train_hooks import CtrlCAfter
 
 from fastlm.errors import ConfigError, HFError
 from fastlm.io.hf_export import architecture_of
@@ -14,12 +17,33 @@ from fastlm.sampling import generate
 from fastlm.text import data
 from fastlm.train import main
 
-from conftest import one_error_line
-from train_hooks import CtrlCAfter
-
-TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "32", "--batch-size", "4",
-        "--eval-iters", "1", "--sample-tokens", "0", "--no-progress", "--threads", "1", "--device", "cpu",
-        "--log-interval", "1", "--eval-interval", "5", "--warmup-iters", "2"]
+TINY = [
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "16",
+    "--n-head",
+    "2",
+    "--block-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-iters",
+    "1",
+    "--sample-tokens",
+    "0",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "5",
+    "--warmup-iters",
+    "2",
+]
 
 
 def _model(**over):
@@ -49,7 +73,9 @@ def test_a_token_beyond_the_receptive_field_changes_nothing():
     with torch.no_grad():
         assert not torch.equal(a[0, -1], model(z)[0][0, -1])
     ref = dict(backend="reference")  # one backend for both: the same arithmetic
-    assert torch.equal(_model(window=16, **ref)(x)[0], _model(window=None, **ref)(x)[0])  # a window of the whole context
+    assert torch.equal(
+        _model(window=16, **ref)(x)[0], _model(window=None, **ref)(x)[0]
+    )  # a window of the whole context
 
 
 def test_generation_runs_past_the_context_at_constant_memory():
@@ -65,7 +91,7 @@ def test_generation_runs_past_the_context_at_constant_memory():
     assert cache.k.shape[3] == 2 * 4  # 2 x window entries, whatever the length asked for
     with torch.no_grad():
         for t in range(40):
-            model(cached[:, t:t + 1], kv_cache=cache)
+            model(cached[:, t : t + 1], kv_cache=cache)
     assert cache.length == 40 and cache.fill <= 8
 
 
@@ -122,8 +148,6 @@ def test_training_masks_documents_when_the_corpus_has_several(tmp_path, jsonl_co
     assert _losses(tmp_path / "one") == _losses(tmp_path / "one-off")
 
 
-
-
 def test_a_run_with_documents_and_a_window_resumes_exactly(tmp_path, jsonl_corpus, capsys):
     args = ["--data", str(jsonl_corpus), *TINY, "--max-iters", "12", "--window", "6"]
     assert main(args + ["--out-dir", str(tmp_path / "a")]) == 0
@@ -135,8 +159,20 @@ def test_a_run_with_documents_and_a_window_resumes_exactly(tmp_path, jsonl_corpu
 
 
 def test_doc_mask_needs_an_end_of_text_token(tmp_path, jsonl_corpus, capsys):
-    rc = main(["--data", str(jsonl_corpus), *TINY, "--out-dir", str(tmp_path / "r"), "--tokenizer", "word",
-               "--doc-mask", "--max-iters", "2"])
+    rc = main(
+        [
+            "--data",
+            str(jsonl_corpus),
+            *TINY,
+            "--out-dir",
+            str(tmp_path / "r"),
+            "--tokenizer",
+            "word",
+            "--doc-mask",
+            "--max-iters",
+            "2",
+        ]
+    )
     if rc == 0:  # the word tokenizer has <eos>: then it ran with the mask
         assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["doc_mask"] is True
     else:

@@ -6,6 +6,7 @@ tests that run training as a separate process (kill trials, signals). Environmen
                     window in which a SIGKILL lands inside a save)
   HOOK_FAIL_SAVE_AT the save of this step fails as on a full disk (OSError ENOSPC) before publishing
 """
+
 import errno
 import os
 import signal
@@ -43,6 +44,9 @@ class Slow(Callback):
 
 
 if __name__ == "__main__":
-    hooks = Slow(float(os.environ.get("HOOK_STEP_SLEEP", "0")), float(os.environ.get("HOOK_SAVE_PAUSE", "0")),
-                 int(os.environ.get("HOOK_FAIL_SAVE_AT", "-1")))
+    hooks = Slow(
+        float(os.environ.get("HOOK_STEP_SLEEP", "0")),
+        float(os.environ.get("HOOK_SAVE_PAUSE", "0")),
+        int(os.environ.get("HOOK_FAIL_SAVE_AT", "-1")),
+    )
     sys.exit(main(sys.argv[1:], callbacks=[hooks]))

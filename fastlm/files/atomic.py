@@ -9,6 +9,7 @@ Modes follow the umask like any ``open``/``mkdir`` (files ``0666 & ~umask``, fol
 ~umask``), although the temp files and folders (``mkstemp``/``mkdtemp``) start private: a run shared
 with a group stays readable by it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,16 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_fsync", "atomic_writer", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "current_umask", "make_temp_dir"]
+__all__ = [
+    "fsync_dir",
+    "write_fsync",
+    "atomic_writer",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "current_umask",
+    "make_temp_dir",
+]
 
 # fsync of a directory is not supported everywhere: these errors mean "cannot", not "failed"
 _DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.EBADF, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOTSUP}

@@ -18,6 +18,7 @@ cannot redirect it elsewhere. A folder the user may read but not write (a run sh
 still be exported: without a lock file to open, export reads it unlocked, since no one who could
 train into it is this user. Where the OS has no ``flock`` (Windows), runs are not locked.
 """
+
 from __future__ import annotations
 
 import contextlib

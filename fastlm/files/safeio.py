@@ -6,6 +6,7 @@ larger than any real file of its kind. :func:`read_bounded` refuses all of those
 byte and never reads more than its limit, and its errors name the file and the problem only:
 they echo none of the file's content.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,13 @@ __all__ = ["read_bounded", "open_regular", "read_exactly", "regular_file_size", 
 
 
 def _describe(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
-                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "a special file"

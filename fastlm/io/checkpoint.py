@@ -31,6 +31,7 @@ regular files, and :func:`load_model` checks ``config.json`` against the tensor 
 weights' safetensors header before any model is allocated (the parameters then cannot outgrow the
 weights file). Errors name the file and the problem and echo no content of other files.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,11 +48,11 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from fastlm import ops
+from fastlm.errors import CheckpointError
 from fastlm.files.atomic import atomic_write_bytes, atomic_write_json, fsync_dir, make_temp_dir, write_fsync
 from fastlm.files.safeio import is_plain_file_name, open_regular, read_bounded, read_exactly
-from fastlm import ops
 from fastlm.model import GPT
-from fastlm.errors import CheckpointError
 
 __all__ = [
     "CheckpointError",
@@ -83,12 +84,27 @@ VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 CKPT_PREFIX = "ckpt-"
 CKPT_FILES = ("model.safetensors", "best.safetensors", "optim.safetensors", "state.json")
-MAX_JSON_BYTES = 64 << 20            # config.json, state.json, manifest.json, latest
-MAX_HEADER_BYTES = 64 << 20          # a safetensors header (safetensors itself stops at 100 MB)
-MAX_WEIGHTS_BYTES = 1 << 40          # a weights file (a bound for the reader, not a model limit)
-MODEL_BYTES_SLACK = 256 << 20        # what a model may take beyond 4x its weights file (position tables)
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_JSON_BYTES = 64 << 20  # config.json, state.json, manifest.json, latest
+MAX_HEADER_BYTES = 64 << 20  # a safetensors header (safetensors itself stops at 100 MB)
+MAX_WEIGHTS_BYTES = 1 << 40  # a weights file (a bound for the reader, not a model limit)
+MODEL_BYTES_SLACK = 256 << 20  # what a model may take beyond 4x its weights file (position tables)
+_ST_ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def _read_json(path, what: str) -> dict:
@@ -110,6 +126,7 @@ def _read_json(path, what: str) -> dict:
 # Tensors <-> safetensors (with an embedded checksum)
 # ---------------------------------------------------------------------------------------------
 
+
 def _looks_pickled(head: bytes) -> bool:
     # pickle protocol 2+ starts with 0x80 <protocol>; torch.save's zip format with "PK\x03\x04";
     # protocol 0/1 pickles start with an opcode such as "(", "c" or "]"
@@ -118,14 +135,18 @@ def _looks_pickled(head: bytes) -> bool:
 
 def _refuse_pickle_bytes(path, head: bytes) -> None:
     if _looks_pickled(head):
-        raise CheckpointError(f"refusing to load {path}: it looks like a pickle/torch.save file; "
-                              "fastlm reads only safetensors and JSON (pickle can run arbitrary code)")
+        raise CheckpointError(
+            f"refusing to load {path}: it looks like a pickle/torch.save file; "
+            "fastlm reads only safetensors and JSON (pickle can run arbitrary code)"
+        )
 
 
 def refuse_pickle_path(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(f"refusing to load {path}: {path.suffix} files are pickle-based; "
-                              "fastlm reads only .safetensors checkpoints (pickle can run arbitrary code)")
+        raise CheckpointError(
+            f"refusing to load {path}: {path.suffix} files are pickle-based; "
+            "fastlm reads only .safetensors checkpoints (pickle can run arbitrary code)"
+        )
 
 
 def _tensor_digest(tensors: dict) -> str:
@@ -167,8 +188,9 @@ def _read_weights_bytes(path: Path) -> tuple[bytes, int]:
         _refuse_pickle_bytes(path, raw[:4])
         raise CheckpointError(f"{path} is not a safetensors file")
     if header_len > len(raw) - 8:
-        raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {header_len} bytes "
-                              f"in a {len(raw)}-byte file)")
+        raise CheckpointError(
+            f"{path} is truncated or not a safetensors file (header of {header_len} bytes in a {len(raw)}-byte file)"
+        )
     return raw, header_len
 
 
@@ -196,7 +218,7 @@ def load_weights(path) -> tuple[dict, dict]:
     path = Path(path)
     raw, header_len = _read_weights_bytes(path)
     try:
-        metadata = json.loads(raw[8:8 + header_len].decode("utf-8")).get("__metadata__") or {}
+        metadata = json.loads(raw[8 : 8 + header_len].decode("utf-8")).get("__metadata__") or {}
     except (ValueError, UnicodeDecodeError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from None
     return tensors_from_bytes(path, raw, metadata), metadata
@@ -209,9 +231,11 @@ def read_weights_file(path) -> tuple[bytes, dict, dict]:
     path = Path(path)
     raw, n = _read_weights_bytes(path)
     if n > MAX_HEADER_BYTES:
-        raise CheckpointError(f"{path}: safetensors header of {n} bytes is larger than the {MAX_HEADER_BYTES}-byte "
-                              f"limit (truncated or not a safetensors file)")
-    return (raw, *_parse_header(path, raw[8:8 + n], len(raw) - 8 - n))
+        raise CheckpointError(
+            f"{path}: safetensors header of {n} bytes is larger than the {MAX_HEADER_BYTES}-byte "
+            f"limit (truncated or not a safetensors file)"
+        )
+    return (raw, *_parse_header(path, raw[8 : 8 + n], len(raw) - 8 - n))
 
 
 def read_safetensors_header(path) -> tuple[dict, dict]:
@@ -232,8 +256,10 @@ def read_safetensors_header(path) -> tuple[dict, dict]:
         _refuse_pickle_bytes(path, head[:4])
         n = int.from_bytes(head, "little")
         if n > MAX_HEADER_BYTES or n > size - 8:
-            raise CheckpointError(f"{path}: safetensors header of {n} bytes is larger than the file or the "
-                                  f"{MAX_HEADER_BYTES}-byte limit (truncated or not a safetensors file)")
+            raise CheckpointError(
+                f"{path}: safetensors header of {n} bytes is larger than the file or the "
+                f"{MAX_HEADER_BYTES}-byte limit (truncated or not a safetensors file)"
+            )
         raw = read_exactly(f, n, path, "checkpoint file", CheckpointError)
     return _parse_header(path, raw, size - 8 - n)
 
@@ -264,13 +290,16 @@ def _header_shapes(path, header: dict, data_bytes: int) -> dict:
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok or not begin <= end <= data_bytes or end - begin != itemsize * math.prod(shape):
-            raise CheckpointError(f"{path}: the safetensors header entry of tensor {name[:80]!r} is malformed "
-                                  f"or points outside the file")
+            raise CheckpointError(
+                f"{path}: the safetensors header entry of tensor {name[:80]!r} is malformed or points outside the file"
+            )
         shapes[name] = shape
         used += end - begin
     if used != data_bytes:
-        raise CheckpointError(f"{path}: the safetensors header does not account for the file's {data_bytes} "
-                              f"data bytes (truncated or corrupted?)")
+        raise CheckpointError(
+            f"{path}: the safetensors header does not account for the file's {data_bytes} "
+            f"data bytes (truncated or corrupted?)"
+        )
     return shapes
 
 
@@ -282,9 +311,11 @@ def bound_config_by_weights(cfg, shapes: dict, weights_path, config_path) -> Non
     the meta device without its sizes overflowing."""
     largest = max((d for shape in shapes.values() for d in shape), default=0)
     if cfg.n_layer > len(shapes) or max(cfg.n_embd, cfg.vocab_size, cfg.mlp_hidden) > largest:
-        raise CheckpointError(f"{config_path} describes a larger model (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, "
-                              f"vocab_size={cfg.vocab_size}, mlp_hidden={cfg.mlp_hidden}) than the {len(shapes)} "
-                              f"tensors in {weights_path}")
+        raise CheckpointError(
+            f"{config_path} describes a larger model (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, "
+            f"vocab_size={cfg.vocab_size}, mlp_hidden={cfg.mlp_hidden}) than the {len(shapes)} "
+            f"tensors in {weights_path}"
+        )
 
 
 def check_config_matches_weights(cfg, shapes: dict, weights_path, config_path, weights_bytes=None) -> None:
@@ -308,8 +339,13 @@ def check_config_matches_weights(cfg, shapes: dict, weights_path, config_path, w
         want = tuple(expected[name].shape) if name in expected else None
         got = shapes.get(name)
         if want != got:
-            what = (f"lacks tensor {name}" if got is None else f"has an unexpected tensor {name[:80]!r}"
-                    if want is None else f"holds {name} with shape {got}, the config implies {want}")
+            what = (
+                f"lacks tensor {name}"
+                if got is None
+                else f"has an unexpected tensor {name[:80]!r}"
+                if want is None
+                else f"holds {name} with shape {got}, the config implies {want}"
+            )
             raise CheckpointError(f"{config_path} does not match {weights_path}: the weights file {what}")
 
 
@@ -320,8 +356,10 @@ def _check_model_bytes(meta_model, have: int, weights_path, config_path) -> None
     tensors = list(meta_model.parameters()) + list(meta_model.buffers())
     need = sum(t.numel() * t.element_size() for t in tensors)
     if need > 4 * have + MODEL_BYTES_SLACK:
-        raise CheckpointError(f"{config_path} describes a model of {need} bytes (parameters and position tables), "
-                              f"far more than its {have}-byte weights file {weights_path} can hold")
+        raise CheckpointError(
+            f"{config_path} describes a model of {need} bytes (parameters and position tables), "
+            f"far more than its {have}-byte weights file {weights_path} can hold"
+        )
 
 
 def unwrap_model(model):
@@ -361,8 +399,9 @@ def load_model_tensors(model, tensors: dict, path="checkpoint") -> None:
         raise CheckpointError(f"{path} does not match the model config ({'; '.join(parts)})")
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the model config "
-                                  f"expects {tuple(own[k].shape)}")
+            raise CheckpointError(
+                f"{path}: tensor {k} has shape {tuple(v.shape)}, the model config expects {tuple(own[k].shape)}"
+            )
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v)
@@ -371,6 +410,7 @@ def load_model_tensors(model, tensors: dict, path="checkpoint") -> None:
 # ---------------------------------------------------------------------------------------------
 # Run files
 # ---------------------------------------------------------------------------------------------
+
 
 def write_run_files(run_dir, run_config: dict, tokenizer) -> None:
     run_dir = Path(run_dir)
@@ -394,13 +434,17 @@ def read_run_config(run_dir) -> dict:
 # RNG states (JSON-able parts + uint8 tensors)
 # ---------------------------------------------------------------------------------------------
 
+
 def rng_state() -> tuple[dict, dict]:
     """This process's RNG states -> (JSON-able dict, {name: uint8 tensor})."""
     v, internal, gauss = random.getstate()
     np_state = np.random.get_state(legacy=False)
-    np_json = {"bit_generator": np_state["bit_generator"],
-               "state": {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"])},
-               "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])}
+    np_json = {
+        "bit_generator": np_state["bit_generator"],
+        "state": {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"])},
+        "has_gauss": int(np_state["has_gauss"]),
+        "gauss": float(np_state["gauss"]),
+    }
     js = {"python": [v, list(internal), gauss], "numpy": np_json}
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -413,9 +457,14 @@ def set_rng_state(js: dict, tensors: dict) -> None:
         v, internal, gauss = js["python"]
         random.setstate((v, tuple(internal), gauss))
         n = js["numpy"]
-        np.random.set_state({"bit_generator": n["bit_generator"],
-                             "state": {"key": np.asarray(n["state"]["key"], dtype=np.uint32), "pos": n["state"]["pos"]},
-                             "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+        np.random.set_state(
+            {
+                "bit_generator": n["bit_generator"],
+                "state": {"key": np.asarray(n["state"]["key"], dtype=np.uint32), "pos": n["state"]["pos"]},
+                "has_gauss": n["has_gauss"],
+                "gauss": n["gauss"],
+            }
+        )
         torch.set_rng_state(tensors["torch"].to(torch.uint8))
         if "cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["cuda"].to(torch.uint8))
@@ -426,6 +475,7 @@ def set_rng_state(js: dict, tensors: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Training checkpoints
 # ---------------------------------------------------------------------------------------------
+
 
 def _optimizer_split(optimizer) -> tuple[dict, dict]:
     sd = optimizer.state_dict()
@@ -535,8 +585,16 @@ def clean_leftovers(run_dir) -> None:
     _clean_old(run_dir, latest_checkpoint_dir(run_dir))
 
 
-def _write_checkpoint_files(folder: Path, prev: Optional[Path], model, optimizer, state: dict,
-                            rank_states: list, is_best: bool, model_config: dict) -> None:
+def _write_checkpoint_files(
+    folder: Path,
+    prev: Optional[Path],
+    model,
+    optimizer,
+    state: dict,
+    rank_states: list,
+    is_best: bool,
+    model_config: dict,
+) -> None:
     meta = {"fastlm_model_config": json.dumps(model_config, sort_keys=True)}
     write_fsync(folder / "model.safetensors", _to_bytes(model_tensors(model), meta))
     if is_best or prev is None or not (prev / "best.safetensors").is_file():
@@ -551,8 +609,14 @@ def _write_checkpoint_files(folder: Path, prev: Optional[Path], model, optimizer
         for name, t in rng_tensors.items():
             tensors[f"rank{r}.{name}"] = t
     write_fsync(folder / "optim.safetensors", _to_bytes(tensors))
-    full = {"format": STATE_FORMAT, "version": VERSION, **state, "optimizer": opt_js, "ranks": ranks_js,
-            "model_config": model_config}
+    full = {
+        "format": STATE_FORMAT,
+        "version": VERSION,
+        **state,
+        "optimizer": opt_js,
+        "ranks": ranks_js,
+        "model_config": model_config,
+    }
     write_fsync(folder / "state.json", (json.dumps(full, allow_nan=True) + "\n").encode("utf-8"))
     names = ("model.safetensors", "best.safetensors", "optim.safetensors", "state.json")
     manifest = {n: {"sha256": _sha256_file(folder / n), "size": (folder / n).stat().st_size} for n in names}
@@ -560,8 +624,17 @@ def _write_checkpoint_files(folder: Path, prev: Optional[Path], model, optimizer
     fsync_dir(folder)
 
 
-def save_checkpoint(run_dir, model, optimizer, state: dict, rank_states: list, *, is_best: bool,
-                    model_config: dict, before_publish: Optional[Callable[[Path], None]] = None) -> Path:
+def save_checkpoint(
+    run_dir,
+    model,
+    optimizer,
+    state: dict,
+    rank_states: list,
+    *,
+    is_best: bool,
+    model_config: dict,
+    before_publish: Optional[Callable[[Path], None]] = None,
+) -> Path:
     """Write a complete training checkpoint and publish it (see the module docstring for the order).
 
     ``state``: JSON-able trainer state (step, scheduler, best val, ...). ``rank_states``: one
@@ -600,7 +673,11 @@ def _verify_manifest(ckpt: Path) -> None:
     for name, info in manifest.items():
         if not is_plain_file_name(name):
             raise CheckpointError(f"{mpath} lists an entry that is not a plain file name in its directory")
-        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) or not isinstance(info.get("size"), int):
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("sha256"), str)
+            or not isinstance(info.get("size"), int)
+        ):
             raise CheckpointError(f"{mpath}: the entry for {name} needs a sha256 string and an integer size")
         p = ckpt / name
         try:
@@ -641,8 +718,15 @@ def load_checkpoint(run_dir) -> dict:
         ranks = []
         for r, js in enumerate(state["ranks"]):
             prefix = f"rank{r}."
-            ranks.append((js, {k[len(prefix):]: v for k, v in opt_t.items() if k.startswith(prefix)}))
+            ranks.append((js, {k[len(prefix) :]: v for k, v in opt_t.items() if k.startswith(prefix)}))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{ckpt / 'state.json'} is malformed: {e}") from None
-    return {"dir": ckpt, "state": state, "model": model_t, "best": best_t, "optimizer": optim,
-            "ranks": ranks, "model_config": state.get("model_config")}
+    return {
+        "dir": ckpt,
+        "state": state,
+        "model": model_t,
+        "best": best_t,
+        "optimizer": optim,
+        "ranks": ranks,
+        "model_config": state.get("model_config"),
+    }

@@ -22,6 +22,7 @@ non-empty output is replaced only with ``overwrite``, and only when it is an ear
 under its lock (:mod:`fastlm.files.runlock`): a run being trained is refused, naming the trainer.
 Files and folders follow the umask.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,40 +44,73 @@ from fastlm.files.atomic import make_temp_dir
 from fastlm.files.runlock import RunLock
 from fastlm.files.safeio import read_bounded
 from fastlm.io.checkpoint import model_tensors
-from fastlm.io.hf_common import EXPORTABLE, HF_CLASSES, HF_PREFIX, bias_shape, hf_has_tensor, require, split_sizes, weight_pairs
+from fastlm.io.hf_common import (
+    EXPORTABLE,
+    HF_CLASSES,
+    HF_PREFIX,
+    bias_shape,
+    hf_has_tensor,
+    qk_norm_pairs,
+    require,
+    split_sizes,
+    weight_pairs,
+)
 from fastlm.io.hf_import import resolve_hf_dir
 from fastlm.io.loading import load_model, run_dir_of
 from fastlm.model import GPTConfig
 from fastlm.text.data import load_split
 
-__all__ = ["export_model", "architecture_of", "to_hf_config", "to_hf_tensors", "to_hf_tokenizer", "PARITY_ATOL",
-           "EXPORT_MARKER"]
+__all__ = [
+    "export_model",
+    "architecture_of",
+    "to_hf_config",
+    "to_hf_tensors",
+    "to_hf_tokenizer",
+    "PARITY_ATOL",
+    "EXPORT_MARKER",
+]
+
+
+#: fastlm mlp -> gpt2's activation_function (transformers' ACT2FN names)
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "relu2": "relu2"}
+#: GPTConfig options no transformers architecture computes together with fastlm's block
+NOT_EXPORTABLE = ("logit_softcap", "value_embed", "unet_skips")
 
 
 def architecture_of(cfg: GPTConfig) -> str:
     """The transformers ``model_type`` computing exactly ``cfg``'s math, or HFError naming the option."""
+    for name in NOT_EXPORTABLE:
+        if getattr(cfg, name):
+            raise HFError(
+                f"{name}={getattr(cfg, name)} does not export to transformers exactly (no architecture "
+                f"has it with fastlm's block); exportable: {EXPORTABLE}"
+            )
     combo = (cfg.pos, cfg.mlp, cfg.norm)
     if cfg.window is not None:
-        if combo == ("rope", "swiglu", "rmsnorm") and not cfg.bias:
+        if combo == ("rope", "swiglu", "rmsnorm") and not cfg.bias and not cfg.qk_norm:
             return "mistral"
-        raise HFError(f"window={cfg.window} (sliding-window attention) exports only as mistral: pos=rope, "
-                      f"mlp=swiglu, norm=rmsnorm and no biases (this model: pos={cfg.pos}, mlp={cfg.mlp}, "
-                      f"norm={cfg.norm}, bias={cfg.bias})")
-    if cfg.pos == "learned" and cfg.mlp in ("gelu", "gelu_tanh") and cfg.norm == "layernorm":
-        if cfg.n_kv_head != cfg.n_head:
-            raise HFError(f"n_kv_head={cfg.n_kv_head} (grouped-query attention) has no gpt2 equivalent; "
-                          f"exportable: {EXPORTABLE}")
+        raise HFError(
+            f"window={cfg.window} (sliding-window attention) exports only as mistral: pos=rope, "
+            f"mlp=swiglu, norm=rmsnorm, no biases and no qk_norm (this model: pos={cfg.pos}, "
+            f"mlp={cfg.mlp}, norm={cfg.norm}, bias={cfg.bias}, qk_norm={cfg.qk_norm})"
+        )
+    if cfg.pos == "learned" and cfg.mlp in GPT2_ACTIVATIONS and cfg.norm == "layernorm":
+        for bad, what in (
+            (cfg.n_kv_head != cfg.n_head, f"n_kv_head={cfg.n_kv_head} (grouped-query attention)"),
+            (cfg.qk_norm, "qk_norm=True"),
+        ):
+            if bad:
+                raise HFError(f"{what} has no gpt2 equivalent; exportable: {EXPORTABLE}")
         return "gpt2"
     if combo == ("rope", "swiglu", "rmsnorm"):
-        return "llama"
+        return "qwen3" if cfg.qk_norm else "llama"
     if combo == ("rope", "swiglu", "layernorm"):
         return "stablelm"
-    if cfg.pos not in ("learned", "rope"):
-        option = f"pos={cfg.pos}"
-    elif cfg.mlp == "relu":
-        option = "mlp=relu"
-    else:
-        option = f"pos={cfg.pos} with mlp={cfg.mlp} and norm={cfg.norm}"
+    option = (
+        f"pos={cfg.pos}"
+        if cfg.pos not in ("learned", "rope")
+        else f"pos={cfg.pos} with mlp={cfg.mlp} and norm={cfg.norm}"
+    )
     raise HFError(f"{option} does not export to transformers exactly; exportable: {EXPORTABLE}")
 
 
@@ -88,28 +122,73 @@ def _rope_fields(theta: float) -> dict:
 def to_hf_config(cfg: GPTConfig, specials: dict) -> dict:
     """The transformers ``config.json`` for ``cfg`` (``specials``: bos/eos/pad token ids or None)."""
     arch = architecture_of(cfg)
-    common = {"model_type": arch, "architectures": [HF_CLASSES[arch]], "vocab_size": cfg.vocab_size,
-              "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True, "dtype": "float32",
-              **{f"{k}_token_id": specials.get(k) for k in ("bos", "eos", "pad")}}
+    common = {
+        "model_type": arch,
+        "architectures": [HF_CLASSES[arch]],
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "use_cache": True,
+        "dtype": "float32",
+        **{f"{k}_token_id": specials.get(k) for k in ("bos", "eos", "pad")},
+    }
     if arch == "gpt2":
-        return {**common, "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
-                "n_head": cfg.n_head, "n_inner": cfg.mlp_hidden, "layer_norm_epsilon": cfg.norm_eps,
-                "activation_function": "gelu" if cfg.mlp == "gelu" else "gelu_pytorch_tanh",
-                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
-                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                "reorder_and_upcast_attn": False}
-    shared = {**common, "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden,
-              "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-              "num_key_value_heads": cfg.n_kv_head, "hidden_act": "silu",
-              "max_position_embeddings": cfg.block_size, "attention_dropout": 0.0, **_rope_fields(cfg.rope_theta)}
+        return {
+            **common,
+            "n_positions": cfg.block_size,
+            "n_embd": cfg.n_embd,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": cfg.mlp_hidden,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": GPT2_ACTIVATIONS[cfg.mlp],
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": 0.0,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+        }
+    shared = {
+        **common,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.mlp_hidden,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "attention_dropout": 0.0,
+        **_rope_fields(cfg.rope_theta),
+    }
     if arch == "llama":
-        return {**shared, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps, "attention_bias": cfg.bias,
-                "mlp_bias": cfg.bias, "pretraining_tp": 1}
+        return {
+            **shared,
+            "head_dim": cfg.head_dim,
+            "rms_norm_eps": cfg.norm_eps,
+            "attention_bias": cfg.bias,
+            "mlp_bias": cfg.bias,
+            "pretraining_tp": 1,
+        }
     if arch == "mistral":  # transformers' sliding window: query i sees keys i - window < j <= i, as fastlm's
         return {**shared, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps, "sliding_window": cfg.window}
+    if arch == "qwen3":  # llama's block with per-head RMSNorm of q and k before RoPE; no MLP biases
+        return {
+            **shared,
+            "head_dim": cfg.head_dim,
+            "rms_norm_eps": cfg.norm_eps,
+            "attention_bias": cfg.bias,
+            "use_sliding_window": False,
+        }
     shared["rope_parameters"]["partial_rotary_factor"] = 1.0
-    return {**shared, "layer_norm_eps": cfg.norm_eps, "partial_rotary_factor": 1.0, "use_qkv_bias": cfg.bias,
-            "qk_layernorm": False, "use_parallel_residual": False, "hidden_dropout": cfg.dropout}
+    return {
+        **shared,
+        "layer_norm_eps": cfg.norm_eps,
+        "partial_rotary_factor": 1.0,
+        "use_qkv_bias": cfg.bias,
+        "qk_layernorm": cfg.qk_norm,
+        "use_parallel_residual": False,
+        "hidden_dropout": cfg.dropout,
+    }
 
 
 def to_hf_tensors(tensors: dict, cfg: GPTConfig, hf: dict) -> dict:
@@ -117,7 +196,7 @@ def to_hf_tensors(tensors: dict, cfg: GPTConfig, hf: dict) -> dict:
     model has no slot for must be zero (else HFError); an HF slot fastlm lacks gets zeros."""
     arch = hf["model_type"]
     out = {}
-    for fl, names, how in weight_pairs(arch, cfg.n_layer):
+    for fl, names, how in weight_pairs(arch, cfg.n_layer) + qk_norm_pairs(cfg, arch):
         if fl == "lm_head.weight" and cfg.tie_embeddings:
             continue
         if fl in tensors:
@@ -128,13 +207,20 @@ def to_hf_tensors(tensors: dict, cfg: GPTConfig, hf: dict) -> dict:
             if torch.count_nonzero(tensor):
                 raise HFError(f"{fl} is non-zero but {arch} has no such bias; this model does not export exactly")
             continue
-        parts = tensor.split(split_sizes(cfg, fl), dim=0) if how == "rows" else [tensor]
+        parts = (
+            tensor.split(split_sizes(cfg, fl), dim=0)
+            if how == "rows"
+            else [tensor.clone() for _ in names]
+            if how == "heads"
+            else [tensor]
+        )
         for n, p in zip(names, parts):
             out[n] = (p.t() if how == "t" and p.dim() == 2 else p).contiguous()
     return out
 
 
 # ---- fastlm tokenizers -> tokenizers.Tokenizer (what AutoTokenizer loads from tokenizer.json) ----
+
 
 def _byte_to_unicode() -> dict:
     """GPT-2's byte-level alphabet: printable bytes map to themselves, the rest to chr(256 + n)."""
@@ -157,8 +243,11 @@ def _bpe_vocab_and_merges(ranks: dict) -> tuple[dict, list]:
     spell = {tok: "".join(to_uni[b] for b in tok) for tok in ranks}
     merges = []
     for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        splits = [(ranks[tok[:i]], ranks[tok[i:]], tok[:i], tok[i:]) for i in range(1, len(tok))
-                  if ranks.get(tok[:i], rank) < rank and ranks.get(tok[i:], rank) < rank]
+        splits = [
+            (ranks[tok[:i]], ranks[tok[i:]], tok[:i], tok[i:])
+            for i in range(1, len(tok))
+            if ranks.get(tok[:i], rank) < rank and ranks.get(tok[i:], rank) < rank
+        ]
         merges += [(spell[left], spell[right]) for _, _, left, right in sorted(splits)]
     return {spell[t]: r for t, r in ranks.items()}, merges
 
@@ -169,9 +258,12 @@ def _byte_level_bpe(tk, enc):
     vocab.update(enc._special_tokens)
     # tiktoken looks a whole pre-token up before merging: ignore_merges does the same
     tok = tk.Tokenizer(tk.models.BPE(vocab, merges, ignore_merges=True, fuse_unk=False))
-    tok.pre_tokenizer = tk.pre_tokenizers.Sequence([
-        tk.pre_tokenizers.Split(tk.Regex(enc._pat_str), "isolated"),
-        tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = tk.pre_tokenizers.Sequence(
+        [
+            tk.pre_tokenizers.Split(tk.Regex(enc._pat_str), "isolated"),
+            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = tk.decoders.ByteLevel()
     return tok, ({"eos_token": "<|endoftext|>"} if "<|endoftext|>" in enc._special_tokens else {})
 
@@ -206,16 +298,25 @@ def _word_level(tk, t):
     norms = []
     if t.clean:  # WordTokenizer.normalize: \r\n and \r -> \n, other whitespace -> " "
         other_space = _python_class(r"[^\S\n ]")
-        norms += [tk.normalizers.Replace("\r\n", "\n"), tk.normalizers.Replace("\r", "\n"),
-                  tk.normalizers.Replace(tk.Regex(f"[{other_space}]"), " ")]
+        norms += [
+            tk.normalizers.Replace("\r\n", "\n"),
+            tk.normalizers.Replace("\r", "\n"),
+            tk.normalizers.Replace(tk.Regex(f"[{other_space}]"), " "),
+        ]
     if t.lowercase:  # Rust's tables; they lowercase ~55 letters newer than Python 3.11's Unicode 14
         norms.append(tk.normalizers.Lowercase())
     if norms:
         tok.normalizer = tk.normalizers.Sequence(norms)
     word, space = _python_class(r"\w"), _python_class(r"\s")  # WordTokenizer._SPLIT, spelled out
     tok.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(f"[{word}]+|[^{word}{space}]|[{space}]"), "isolated")
-    tok.decoder = tk.decoders.Sequence([tk.decoders.Replace("<eos>", "\n\n"), tk.decoders.Replace("<bos>", ""),
-                                        tk.decoders.Replace("<pad>", ""), tk.decoders.Fuse()])
+    tok.decoder = tk.decoders.Sequence(
+        [
+            tk.decoders.Replace("<eos>", "\n\n"),
+            tk.decoders.Replace("<bos>", ""),
+            tk.decoders.Replace("<pad>", ""),
+            tk.decoders.Fuse(),
+        ]
+    )
     return tok, {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
 
@@ -259,14 +360,24 @@ def _write_model_files(folder: Path, model, tokenizer) -> dict:
     hf_cfg = to_hf_config(cfg, ids)
     _write_json(folder / "config.json", hf_cfg)
     # save() + write_bytes: safetensors' save_file creates its file 0600 whatever the umask
-    (folder / "model.safetensors").write_bytes(save(to_hf_tensors(model_tensors(model), cfg, hf_cfg),
-                                                    metadata={"format": "pt"}))
-    _write_json(folder / "generation_config.json",
-                {"_from_model_config": True, **{f"{k}_token_id": v for k, v in ids.items() if v is not None}})
+    (folder / "model.safetensors").write_bytes(
+        save(to_hf_tensors(model_tensors(model), cfg, hf_cfg), metadata={"format": "pt"})
+    )
+    _write_json(
+        folder / "generation_config.json",
+        {"_from_model_config": True, **{f"{k}_token_id": v for k, v in ids.items() if v is not None}},
+    )
     (folder / "tokenizer.json").write_text(hf_tok.to_str(), encoding="utf-8")
-    _write_json(folder / "tokenizer_config.json",
-                {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-                 "clean_up_tokenization_spaces": False, "split_special_tokens": split_specials, **specials})
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": cfg.block_size,
+            "clean_up_tokenization_spaces": False,
+            "split_special_tokens": split_specials,
+            **specials,
+        },
+    )
     _write_json(folder / "special_tokens_map.json", specials)
     return hf_cfg
 
@@ -279,26 +390,45 @@ def _model_card(checkpoint: str, run_config: dict, hf_cfg: dict, summary: dict, 
     steps = summary.get("steps", summary.get("step", train.get("max_iters")))
     arch = hf_cfg["model_type"]
     parity = f"{max_diff:.2e}" if max_diff is not None else "not checked (transformers not installed)"
-    return "\n".join([
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [fastlm]", "---", "",
-        f"# {Path(checkpoint).name or 'fastlm model'}", "",
-        f"A small GPT trained and exported by fastlm {__version__}. Load it with "
-        "`AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` (no custom code).", "",
-        "## Training", "",
-        f"- data: {', '.join(map(str, data))}",
-        *([f"- fine-tuned from: `{train['init_from']}`"] if train.get("init_from") else []),
-        *([f"- converted from the transformers model in `{run_config['source']['hf']}`"]
-          if "source" in run_config else []),
-        f"- tokenizer: {run_config.get('tokenizer', {}).get('kind', '?')}, vocabulary {hf_cfg['vocab_size']}",
-        f"- steps: {steps if steps is not None else 'unknown'}",
-        f"- validation loss: {f'{val:.4f} nats/token' if isinstance(val, (int, float)) else 'unknown'}",
-        *([f"- command: `{run_config['command']}`"] if isinstance(run_config.get("command"), str) else []), "",
-        "## Architecture", "",
-        f"fastlm `pos={m.get('pos')}, mlp={m.get('mlp')}, norm={m.get('norm')}` maps exactly onto transformers "
-        f"`{arch}` (`{HF_CLASSES[arch]}`): {m.get('n_layer')} layers, {m.get('n_head')} heads "
-        f"({m.get('n_kv_head')} key/value), width {m.get('n_embd')}, context {m.get('block_size')}.", "",
-        f"Max abs logit difference transformers vs fastlm at export (fp32): {parity}.", "",
-        f"Exported by fastlm from `{checkpoint}`.", ""])
+    return "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "pipeline_tag: text-generation",
+            "tags: [fastlm]",
+            "---",
+            "",
+            f"# {Path(checkpoint).name or 'fastlm model'}",
+            "",
+            f"A small GPT trained and exported by fastlm {__version__}. Load it with "
+            "`AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` (no custom code).",
+            "",
+            "## Training",
+            "",
+            f"- data: {', '.join(map(str, data))}",
+            *([f"- fine-tuned from: `{train['init_from']}`"] if train.get("init_from") else []),
+            *(
+                [f"- converted from the transformers model in `{run_config['source']['hf']}`"]
+                if "source" in run_config
+                else []
+            ),
+            f"- tokenizer: {run_config.get('tokenizer', {}).get('kind', '?')}, vocabulary {hf_cfg['vocab_size']}",
+            f"- steps: {steps if steps is not None else 'unknown'}",
+            f"- validation loss: {f'{val:.4f} nats/token' if isinstance(val, (int, float)) else 'unknown'}",
+            *([f"- command: `{run_config['command']}`"] if isinstance(run_config.get("command"), str) else []),
+            "",
+            "## Architecture",
+            "",
+            f"fastlm `pos={m.get('pos')}, mlp={m.get('mlp')}, norm={m.get('norm')}` maps exactly onto transformers "
+            f"`{arch}` (`{HF_CLASSES[arch]}`): {m.get('n_layer')} layers, {m.get('n_head')} heads "
+            f"({m.get('n_kv_head')} key/value), width {m.get('n_embd')}, context {m.get('block_size')}.",
+            "",
+            f"Max abs logit difference transformers vs fastlm at export (fp32): {parity}.",
+            "",
+            f"Exported by fastlm from `{checkpoint}`.",
+            "",
+        ]
+    )
 
 
 @contextlib.contextmanager
@@ -342,12 +472,16 @@ def _check_tokenizer(folder: Path, tokenizer, texts: list) -> None:
         ids = tokenizer.encode(text)
         got = hf_tok(text, add_special_tokens=False, verbose=False)["input_ids"]
         if got != ids:
-            raise HFError(f"self-check failed: the exported tokenizer encodes {text[:40]!r} differently "
-                          f"from fastlm's {tokenizer.kind} tokenizer")
+            raise HFError(
+                f"self-check failed: the exported tokenizer encodes {text[:40]!r} differently "
+                f"from fastlm's {tokenizer.kind} tokenizer"
+            )
         ids = ids + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
         if hf_tok.decode(ids) != tokenizer.decode(ids):
-            raise HFError(f"self-check failed: the exported tokenizer decodes {text[:40]!r} differently "
-                          f"from fastlm's {tokenizer.kind} tokenizer")
+            raise HFError(
+                f"self-check failed: the exported tokenizer decodes {text[:40]!r} differently "
+                f"from fastlm's {tokenizer.kind} tokenizer"
+            )
 
 
 def _sample_texts(run_dir: Path, tokenizer) -> list:
@@ -357,7 +491,7 @@ def _sample_texts(run_dir: Path, tokenizer) -> list:
     except (ValueError, OSError):
         ids = torch.randint(0, tokenizer.vocab_size, (600,), generator=torch.Generator().manual_seed(0)).tolist()
     ids = [i for i in ids if i != tokenizer.eos_id]
-    return [tokenizer.decode(ids[i:i + 200]) for i in range(0, len(ids), 200)] + [""]
+    return [tokenizer.decode(ids[i : i + 200]) for i in range(0, len(ids), 200)] + [""]
 
 
 EXPORT_MARKER = ".fastlm-export"  # in every export: {"format": "fastlm-export", "files": [names it wrote]}
@@ -384,8 +518,10 @@ def _check_out(out: Path, source: Optional[Path], overwrite: bool) -> None:
     if source is not None:
         real_out, real_source = os.path.realpath(out), os.path.realpath(source)
         if os.path.commonpath([real_out, real_source]) == real_out:
-            raise HFError(f"--out {out} is the folder being exported ({source}) or holds it; choose another --out "
-                          f"(a new folder inside the run is fine)")
+            raise HFError(
+                f"--out {out} is the folder being exported ({source}) or holds it; choose another --out "
+                f"(a new folder inside the run is fine)"
+            )
     entries = list(out.iterdir()) if out.is_dir() else []
     if not entries:
         return
@@ -393,13 +529,20 @@ def _check_out(out: Path, source: Optional[Path], overwrite: bool) -> None:
         raise HFError(f"--out {out} is not empty; pass --overwrite to replace an earlier export")
     written = _written_by_export(out)
     if written is None:
-        raise HFError(f"--out {out} is not an earlier fastlm export (it has no {EXPORT_MARKER}); --overwrite "
-                      f"replaces only those: choose a new or empty folder")
-    others = sorted(p.name for p in entries if p.name != EXPORT_MARKER
-                    and (p.name not in written or (p.is_dir() and not p.is_symlink())))
+        raise HFError(
+            f"--out {out} is not an earlier fastlm export (it has no {EXPORT_MARKER}); --overwrite "
+            f"replaces only those: choose a new or empty folder"
+        )
+    others = sorted(
+        p.name
+        for p in entries
+        if p.name != EXPORT_MARKER and (p.name not in written or (p.is_dir() and not p.is_symlink()))
+    )
     if others:
-        raise HFError(f"--out {out} holds files the earlier export did not write ({', '.join(others[:3])}); "
-                      f"--overwrite replaces only an export's own files")
+        raise HFError(
+            f"--out {out} holds files the earlier export did not write ({', '.join(others[:3])}); "
+            f"--overwrite replaces only an export's own files"
+        )
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -416,12 +559,13 @@ def _publish(staging: Path, out: Path) -> None:
 def _source_folder(checkpoint: str) -> Path:
     """The folder an export reads: the run directory, or the ``hf:`` model folder."""
     if checkpoint.startswith(HF_PREFIX):
-        return resolve_hf_dir(checkpoint[len(HF_PREFIX):])
+        return resolve_hf_dir(checkpoint[len(HF_PREFIX) :])
     return Path(run_dir_of(checkpoint))
 
 
-def export_model(checkpoint, out_dir, *, overwrite: bool = False, check: bool = True, log=print,
-                 backend: Optional[str] = None) -> dict:
+def export_model(
+    checkpoint, out_dir, *, overwrite: bool = False, check: bool = True, log=print, backend: Optional[str] = None
+) -> dict:
     """Export ``checkpoint`` (run dir / weights / ``hf:DIR``) to ``out_dir``; returns
     ``{"out", "model_type", "max_abs_logit_diff"}`` (the diff is None when not checked)."""
     out, checkpoint = Path(out_dir), str(checkpoint)
@@ -437,10 +581,13 @@ def export_model(checkpoint, out_dir, *, overwrite: bool = False, check: bool = 
             hf_cfg = _write_model_files(staging, model, tokenizer)
             max_diff = _self_check(staging, model, tokenizer, source if is_run else None, log) if check else None
             summary = _read_summary(source if is_run else None)
-            (staging / "README.md").write_text(_model_card(checkpoint, run_config, hf_cfg, summary, max_diff),
-                                               encoding="utf-8")
-            _write_json(staging / EXPORT_MARKER, {"format": "fastlm-export", "version": 1,
-                                                  "files": sorted(p.name for p in staging.iterdir())})
+            (staging / "README.md").write_text(
+                _model_card(checkpoint, run_config, hf_cfg, summary, max_diff), encoding="utf-8"
+            )
+            _write_json(
+                staging / EXPORT_MARKER,
+                {"format": "fastlm-export", "version": 1, "files": sorted(p.name for p in staging.iterdir())},
+            )
             _check_out(out, source, overwrite)  # again: the folder may have changed during the self-check
             _publish(staging, out)
         except BaseException:
@@ -468,9 +615,13 @@ def _self_check(staging: Path, model, tokenizer, run_dir, log):
         return None
     max_diff = _check_logits(staging, model)
     if not max_diff <= PARITY_ATOL:
-        raise HFError(f"self-check failed: transformers' logits differ from fastlm's by {max_diff:.2e} "
-                      f"(> {PARITY_ATOL:g}); nothing was written")
+        raise HFError(
+            f"self-check failed: transformers' logits differ from fastlm's by {max_diff:.2e} "
+            f"(> {PARITY_ATOL:g}); nothing was written"
+        )
     _check_tokenizer(staging, tokenizer, _sample_texts(run_dir, tokenizer) if run_dir else [""])
-    log(f"self-check: transformers reloads it; max abs logit diff vs fastlm {max_diff:.2e} (fp32), "
-        f"tokenizer ids and text identical")
+    log(
+        f"self-check: transformers reloads it; max abs logit diff vs fastlm {max_diff:.2e} (fp32), "
+        f"tokenizer ids and text identical"
+    )
     return max_diff

@@ -17,6 +17,7 @@ config does not use is refused by name (known buffers such as GPT-2's ``attn.bia
 ``inv_freq``, and the ``lm_head.weight`` of a tied model, excepted); the tokenizer's ids must lie
 below the model's ``vocab_size``.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,31 +30,104 @@ import torch
 
 from fastlm.errors import HFError
 from fastlm.files.safeio import is_plain_file_name, open_regular, read_bounded
-from fastlm.io.checkpoint import (bound_config_by_weights, check_config_matches_weights, load_model_tensors,
-                                  read_safetensors_header)
-from fastlm.io.hf_common import HF_CLASSES, MAX_JSON_BYTES, bias_shape, hf_has_tensor, require, weight_pairs
+from fastlm.io.checkpoint import (
+    bound_config_by_weights,
+    check_config_matches_weights,
+    load_model_tensors,
+    read_safetensors_header,
+)
+from fastlm.io.hf_common import (
+    HF_CLASSES,
+    MAX_JSON_BYTES,
+    bias_shape,
+    hf_has_tensor,
+    qk_norm_pairs,
+    require,
+    weight_pairs,
+)
 from fastlm.model import GPT, GPTConfig
 from fastlm.text.tokenizers import MAX_HF_TOKENIZER_CHARS, HFTokenizer
 
-__all__ = ["load_hf_model", "resolve_hf_dir", "from_hf_config", "from_hf_tensors", "check_hf_config", "with_defaults",
-           "read_json_file", "model_file"]
+__all__ = [
+    "load_hf_model",
+    "resolve_hf_dir",
+    "from_hf_config",
+    "from_hf_tensors",
+    "check_hf_config",
+    "with_defaults",
+    "read_json_file",
+    "model_file",
+]
 
 
 HF_DEFAULTS = {
-    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
-             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
-    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
-              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-              "attention_bias": False, "mlp_bias": False},
-    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
-                "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-                "sliding_window": 4096},
-    "stablelm": {"vocab_size": 50304, "hidden_size": 2560, "intermediate_size": 6912, "num_hidden_layers": 32,
-                 "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
-                 "max_position_embeddings": 4096, "layer_norm_eps": 1e-5, "tie_word_embeddings": False,
-                 "partial_rotary_factor": 0.25, "use_qkv_bias": False},
+    "gpt2": {
+        "vocab_size": 50257,
+        "n_positions": 1024,
+        "n_embd": 768,
+        "n_layer": 12,
+        "n_head": 12,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": True,
+    },
+    "llama": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": None,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+    },
+    "mistral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "hidden_act": "silu",
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "sliding_window": 4096,
+    },
+    "qwen3": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 22016,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "head_dim": 128,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "use_sliding_window": False,
+    },
+    "stablelm": {
+        "vocab_size": 50304,
+        "hidden_size": 2560,
+        "intermediate_size": 6912,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "layer_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "partial_rotary_factor": 0.25,
+        "use_qkv_bias": False,
+    },
 }
 
 
@@ -83,18 +157,38 @@ def _rope_theta(hf: dict) -> float:
 
 
 def _from_gpt2(hf: dict) -> dict:
-    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf["activation_function"])
+    act = {
+        "gelu": "gelu",
+        "gelu_new": "gelu_tanh",
+        "gelu_pytorch_tanh": "gelu_tanh",
+        "relu": "relu",
+        "relu2": "relu2",
+    }.get(hf["activation_function"])
     if act is None:
-        _refuse("activation_function", hf["activation_function"],
-                "only gelu, gelu_new, gelu_pytorch_tanh map onto fastlm")
-    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                      ("add_cross_attention", False)):
+        _refuse(
+            "activation_function",
+            hf["activation_function"],
+            "only gelu, gelu_new, gelu_pytorch_tanh, relu, relu2 map onto fastlm",
+        )
+    for key, want in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("add_cross_attention", False),
+    ):
         if hf.get(key, want) != want:
             _refuse(key, hf[key], "a different attention")
     n_embd = hf["n_embd"]
-    return {"n_layer": hf["n_layer"], "n_head": hf["n_head"], "n_embd": n_embd, "block_size": hf["n_positions"],
-            "mlp_hidden": hf["n_inner"] or 4 * n_embd, "norm_eps": hf["layer_norm_epsilon"], "pos": "learned",
-            "mlp": act, "norm": "layernorm"}
+    return {
+        "n_layer": hf["n_layer"],
+        "n_head": hf["n_head"],
+        "n_embd": n_embd,
+        "block_size": hf["n_positions"],
+        "mlp_hidden": hf["n_inner"] or 4 * n_embd,
+        "norm_eps": hf["layer_norm_epsilon"],
+        "pos": "learned",
+        "mlp": act,
+        "norm": "layernorm",
+    }
 
 
 def _from_rope_family(hf: dict, arch: str) -> dict:
@@ -108,24 +202,40 @@ def _from_rope_family(hf: dict, arch: str) -> dict:
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or n_embd // n_head
     if head_dim * n_head != n_embd:
-        _refuse("head_dim", head_dim,
-                f"fastlm needs head_dim = hidden_size / num_attention_heads = {n_embd / n_head:g}")
-    rms = arch in ("llama", "mistral")
-    return {"n_layer": hf["num_hidden_layers"], "n_head": n_head, "n_embd": n_embd,
-            "n_kv_head": hf["num_key_value_heads"] or n_head, "mlp_hidden": hf["intermediate_size"],
-            "block_size": hf["max_position_embeddings"], "norm_eps": hf["rms_norm_eps" if rms else "layer_norm_eps"],
-            "pos": "rope", "mlp": "swiglu", "norm": "rmsnorm" if rms else "layernorm", "rope_theta": _rope_theta(hf),
-            "window": window}
+        _refuse(
+            "head_dim", head_dim, f"fastlm needs head_dim = hidden_size / num_attention_heads = {n_embd / n_head:g}"
+        )
+    rms = arch in ("llama", "mistral", "qwen3")
+    return {
+        "n_layer": hf["num_hidden_layers"],
+        "n_head": n_head,
+        "n_embd": n_embd,
+        "n_kv_head": hf["num_key_value_heads"] or n_head,
+        "mlp_hidden": hf["intermediate_size"],
+        "block_size": hf["max_position_embeddings"],
+        "norm_eps": hf["rms_norm_eps" if rms else "layer_norm_eps"],
+        "pos": "rope",
+        "mlp": "swiglu",
+        "norm": "rmsnorm" if rms else "layernorm",
+        "rope_theta": _rope_theta(hf),
+        "qk_norm": arch == "qwen3",
+        "window": window,
+    }
 
 
 def _sliding_window(hf: dict, arch: str):
     """fastlm's ``window`` for a config: mistral's ``sliding_window`` (every layer alike), None elsewhere."""
     window = hf.get("sliding_window")
+    if arch == "qwen3" and not hf.get("use_sliding_window", True):
+        window = None  # qwen3 ignores sliding_window unless use_sliding_window is set
     kinds = set(hf.get("layer_types") or [])
     if arch != "mistral":
         if window is not None or not kinds <= {"full_attention"}:
-            _refuse("sliding_window" if window is not None else "layer_types", window or hf["layer_types"],
-                    "sliding-window attention (a mistral config carries it)")
+            _refuse(
+                "sliding_window" if window is not None else "layer_types",
+                window or hf["layer_types"],
+                "sliding-window attention (a mistral config carries it)",
+            )
         return None
     if not kinds <= {"sliding_attention"} and not kinds <= {"full_attention"}:
         _refuse("layer_types", hf["layer_types"], "a sliding window in some layers only")
@@ -140,8 +250,9 @@ def from_hf_config(hf: dict, bias: bool = True) -> GPTConfig:
     arch = hf["model_type"]
     try:
         fields = _from_gpt2(hf) if arch == "gpt2" else _from_rope_family(hf, arch)
-        return GPTConfig(vocab_size=hf["vocab_size"], bias=bias, tie_embeddings=hf["tie_word_embeddings"],
-                         dropout=0.0, **fields)
+        return GPTConfig(
+            vocab_size=hf["vocab_size"], bias=bias, tie_embeddings=hf["tie_word_embeddings"], dropout=0.0, **fields
+        )
     except HFError:
         raise
     except KeyError as e:
@@ -162,7 +273,7 @@ def _mapped(hf: dict, cfg: GPTConfig, present) -> list:
     naming an HF tensor the model lacks. ``present``: the HF tensor names there are."""
     arch = hf["model_type"]
     out = []
-    for fl, names, how in weight_pairs(arch, cfg.n_layer):
+    for fl, names, how in weight_pairs(arch, cfg.n_layer) + qk_norm_pairs(cfg, arch):
         if fl == "lm_head.weight" and cfg.tie_embeddings:
             continue
         if not all(hf_has_tensor(hf, arch, n) for n in names):
@@ -225,10 +336,13 @@ def check_hf_config(hf: dict, shapes: dict, weights: str, weights_bytes: int, co
     tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()  # transformers ignores it too
     unused = sorted(n for n in set(shapes) - used - tied_head if not _KNOWN_BUFFERS.search(n))
     if unused:
-        raise HFError(f"{weights} has {len(unused)} tensor(s) that {config_path} does not use, e.g. {unused[0][:80]} "
-                      f"(a config that describes a smaller model than its weights?)")
-    fl_shapes = {fl: bias_shape(cfg, fl) if names is None else _joined_shape(names, how, shapes)
-                 for fl, names, how in mapped}
+        raise HFError(
+            f"{weights} has {len(unused)} tensor(s) that {config_path} does not use, e.g. {unused[0][:80]} "
+            f"(a config that describes a smaller model than its weights?)"
+        )
+    fl_shapes = {
+        fl: bias_shape(cfg, fl) if names is None else _joined_shape(names, how, shapes) for fl, names, how in mapped
+    }
     check_config_matches_weights(cfg, fl_shapes, weights, config_path, weights_bytes=weights_bytes)
     return cfg
 
@@ -246,9 +360,11 @@ def resolve_hf_dir(name: str) -> Path:
     try:
         return Path(hub.snapshot_download(name, local_files_only=True))
     except Exception:  # not cached, or not a valid repo id: the same advice either way
-        raise HFError(f"hf:{name} is neither a local directory nor in the Hugging Face cache (offline lookup); "
-                      f"where there is network run `hf download {name} --include '*.json' '*.safetensors' "
-                      f"'*.txt' --local-dir DIR` and pass hf:DIR (or fill this machine's HF cache)") from None
+        raise HFError(
+            f"hf:{name} is neither a local directory nor in the Hugging Face cache (offline lookup); "
+            f"where there is network run `hf download {name} --include '*.json' '*.safetensors' "
+            f"'*.txt' --local-dir DIR` and pass hf:DIR (or fill this machine's HF cache)"
+        ) from None
 
 
 def model_file(folder: Path, name: str) -> Path:
@@ -293,8 +409,10 @@ def _weight_files(folder: Path) -> list:
             raise HFError(f"{index}: its weight_map must map tensor names to shard files in its folder")
         return [model_file(folder, s) for s in sorted(shards)]
     if any(_exists(folder / n) for n in ("pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json")):
-        raise HFError(f"{folder} holds only pickle weights (pytorch_model.bin); fastlm reads safetensors: "
-                      f"convert them with transformers (model.save_pretrained(dir, safe_serialization=True))")
+        raise HFError(
+            f"{folder} holds only pickle weights (pytorch_model.bin); fastlm reads safetensors: "
+            f"convert them with transformers (model.save_pretrained(dir, safe_serialization=True))"
+        )
     raise HFError(f"{folder} has no model.safetensors")
 
 
@@ -327,11 +445,13 @@ def _read_hf_tensors(files: list) -> dict:
 
 def _read_tokenizer_file(folder: Path):
     """The ``read(name)`` of :meth:`HFTokenizer.from_model_files` for a model folder."""
+
     def read(name: str) -> Optional[bytes]:
         path = folder / name
         if not _exists(path):
             return None
         return read_bounded(model_file(folder, name), MAX_HF_TOKENIZER_CHARS, "tokenizer file", HFError)
+
     return read
 
 
@@ -342,8 +462,9 @@ def load_hf_model(name: str, device="cpu", backend: Optional[str] = None) -> tup
     hf = read_json_file(folder / "config.json", "model config")
     files = _weight_files(folder)
     total = sum(os.path.getsize(f) for f in files)
-    checked = check_hf_config(hf, _header_shapes(files), str(files[0] if len(files) == 1 else folder), total,
-                              folder / "config.json")
+    checked = check_hf_config(
+        hf, _header_shapes(files), str(files[0] if len(files) == 1 else folder), total, folder / "config.json"
+    )
     tokenizer = HFTokenizer.from_model_files(_read_tokenizer_file(folder), checked.vocab_size, hf.get("eos_token_id"))
     cfg, tensors = from_hf_tensors(_read_hf_tensors(files), hf)
     if backend is not None:
@@ -351,6 +472,9 @@ def load_hf_model(name: str, device="cpu", backend: Optional[str] = None) -> tup
     model = GPT(cfg)
     load_model_tensors(model, tensors, f"hf:{name}")
     model.to(device).eval()
-    run_config = {"model": cfg.to_dict(), "source": {"hf": str(folder), "model_type": hf["model_type"]},
-                  "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}}
+    run_config = {
+        "model": cfg.to_dict(),
+        "source": {"hf": str(folder), "model_type": hf["model_type"]},
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+    }
     return model, tokenizer, run_config

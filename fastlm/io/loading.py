@@ -4,6 +4,7 @@ directory (``hf:DIR`` / ``hf:ORG/NAME``) -> ``(GPT in eval mode, tokenizer, run 
 Everything read here is untrusted input: the run's config is checked against the weights' headers
 before any tensor is allocated (:func:`fastlm.io.checkpoint.check_config_matches_weights`).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,14 @@ import torch
 
 from fastlm import ops
 from fastlm.errors import CheckpointError, TokenizerError
-from fastlm.io.checkpoint import (check_config_matches_weights, latest_checkpoint_dir, load_model_tensors,
-                                  read_run_config, read_weights_file, tensors_from_bytes)
+from fastlm.io.checkpoint import (
+    check_config_matches_weights,
+    latest_checkpoint_dir,
+    load_model_tensors,
+    read_run_config,
+    read_weights_file,
+    tensors_from_bytes,
+)
 from fastlm.io.hf_common import HF_PREFIX
 from fastlm.io.hf_import import load_hf_model
 from fastlm.model import GPT, GPTConfig
@@ -65,8 +72,9 @@ def _check_stored_config(meta: dict, cfg, weights, config_path) -> None:
     if stored_cfg != cfg.to_dict():
         diff = sorted(k for k in set(stored_cfg) | set(cfg.to_dict()) if stored_cfg.get(k) != cfg.to_dict().get(k))
         shown = ", ".join(str(k)[:40] for k in diff[:8])
-        raise CheckpointError(f"{weights} was trained with another model config than {config_path} "
-                              f"(differs in {shown})")
+        raise CheckpointError(
+            f"{weights} was trained with another model config than {config_path} (differs in {shown})"
+        )
 
 
 def load_model(path, device="cpu", backend: Optional[str] = None) -> tuple:
@@ -78,7 +86,7 @@ def load_model(path, device="cpu", backend: Optional[str] = None) -> tuple:
     that cannot run here falls back to ``auto`` with a note on stderr."""
     if isinstance(path, str) and path.startswith(HF_PREFIX):
         try:
-            return load_hf_model(path[len(HF_PREFIX):], device, backend)
+            return load_hf_model(path[len(HF_PREFIX) :], device, backend)
         except TokenizerError as e:
             raise CheckpointError(f"cannot load the tokenizer of {path}: {e}") from None
     path = Path(path)
@@ -105,8 +113,9 @@ def load_model(path, device="cpu", backend: Optional[str] = None) -> tuple:
     except TokenizerError as e:
         raise CheckpointError(f"cannot load the run's tokenizer: {e}") from None
     if tokenizer.vocab_size != cfg.vocab_size:
-        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} ids but the model config says "
-                              f"vocab_size={cfg.vocab_size}")
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the model config says vocab_size={cfg.vocab_size}"
+        )
     _check_stored_config(meta, cfg, weights, run_dir / "config.json")
     check_config_matches_weights(cfg, shapes, weights, run_dir / "config.json")
     tensors = tensors_from_bytes(weights, raw, meta)
@@ -124,6 +133,8 @@ def load_model(path, device="cpu", backend: Optional[str] = None) -> tuple:
 def run_dir_of(checkpoint: str) -> str:
     """The run directory of a checkpoint given as a directory or as a file inside one."""
     if checkpoint.startswith(HF_PREFIX):
-        raise CheckpointError(f"{checkpoint} is a Hugging Face model, not a fastlm run: it has no data splits "
-                         f"(evaluate it with --data FILE; prompt it with --prompt)")
+        raise CheckpointError(
+            f"{checkpoint} is a Hugging Face model, not a fastlm run: it has no data splits "
+            f"(evaluate it with --data FILE; prompt it with --prompt)"
+        )
     return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))

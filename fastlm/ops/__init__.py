@@ -26,21 +26,43 @@ arguments once and dispatches there (:mod:`fastlm.ops.attention`, :mod:`fastlm.o
 :mod:`fastlm.ops.muon`, :mod:`fastlm.ops.bpe`). Position helpers (RoPE, ALiBi slopes) are in
 :mod:`fastlm.ops.positions`.
 """
+
 from __future__ import annotations
 
 from fastlm.errors import BackendUnavailableError
 from fastlm.ops import backend as _backend
 from fastlm.ops import reference, torch_backend
 from fastlm.ops.attention import attention, attention_backend, attention_qkv
-from fastlm.ops.backend import (BACKENDS, Backend, available_backends, backend_details, backend_status,
-                                load_backends, resolve_backend)
+from fastlm.ops.backend import (
+    BACKENDS,
+    Backend,
+    available_backends,
+    backend_details,
+    backend_status,
+    load_backends,
+    resolve_backend,
+)
 from fastlm.ops.bpe import bpe_train
 from fastlm.ops.muon import muon_step
 from fastlm.ops.swiglu import swiglu, swiglu_packed
 
-__all__ = ["attention", "attention_backend", "attention_qkv", "swiglu", "swiglu_packed", "muon_step", "bpe_train",
-           "BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "backend_details", "backend_status",
-           "load_backends", "resolve_backend"]
+__all__ = [
+    "attention",
+    "attention_backend",
+    "attention_qkv",
+    "swiglu",
+    "swiglu_packed",
+    "muon_step",
+    "bpe_train",
+    "BACKENDS",
+    "Backend",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_details",
+    "backend_status",
+    "load_backends",
+    "resolve_backend",
+]
 
 # the in-process backends, registered from the start (torch.compile cannot trace a lazy import)
 _backend.register(reference.BACKEND)

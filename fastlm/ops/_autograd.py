@@ -8,6 +8,7 @@ ops of :mod:`fastlm.kernels`): each forward op gets its backward op through one 
 * :func:`register_elementwise_autograd` -- ``fwd(*inputs) -> out`` with
   ``bwd(dout, *inputs) -> one gradient per input`` (SwiGLU, split and packed).
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,6 +19,7 @@ __all__ = ["register_attention_autograd", "register_elementwise_autograd"]
 def register_attention_autograd(fwd_op, bwd_op, contiguous_dout: bool = False) -> None:
     """Wire ``bwd_op`` as the backward of the attention op ``fwd_op`` (an op object or its
     qualified name); ``contiguous_dout`` hands the backward a contiguous ``dout``."""
+
     def setup_context(ctx, inputs, output):
         q, k, v, causal, scale, alibi_slopes, *masks = inputs
         out, lse = output
@@ -41,6 +43,7 @@ def register_attention_autograd(fwd_op, bwd_op, contiguous_dout: bool = False) -
 def register_attention_qkv_autograd(fwd_op, bwd_op) -> None:
     """Wire ``bwd_op`` as the backward of the packed self-attention op ``fwd_op`` (qkv in, d(qkv) out;
     the RoPE tables, head counts, scale, slopes and the trailing mask arguments take no gradient)."""
+
     def setup_context(ctx, inputs, output):
         qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, *masks = inputs
         out, lse = output
@@ -61,6 +64,7 @@ def register_attention_qkv_autograd(fwd_op, bwd_op) -> None:
 
 def register_elementwise_autograd(fwd_op, bwd_op) -> None:
     """Wire ``bwd_op(dout, *inputs)`` as the backward of ``fwd_op(*inputs)`` (all inputs saved)."""
+
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 

@@ -2,6 +2,7 @@
 fingerprint of the C++/CUDA sources. setup.py runs this file on its own (before fastlm or torch can be
 imported); fastlm.ops.extension imports it to check that a built ``_C`` suits the CPU running it and, in a
 source checkout, that an installed ``_C`` was built from the checkout's own ``csrc/``."""
+
 from __future__ import annotations
 
 import hashlib
@@ -52,5 +53,5 @@ def embedded_csrc_hash(extension_path: str) -> Optional[str]:
     at = blob.find(SOURCE_HASH_MARKER)
     if at < 0:
         return None
-    value = blob[at + len(SOURCE_HASH_MARKER): at + len(SOURCE_HASH_MARKER) + 64]
+    value = blob[at + len(SOURCE_HASH_MARKER) : at + len(SOURCE_HASH_MARKER) + 64]
     return value.decode("ascii") if len(value) == 64 and all(c in b"0123456789abcdef" for c in value) else None

@@ -7,6 +7,7 @@ there is no such folder: setuptools' editable finder cannot resolve a mapped fol
 the repository root). So ``import fastlm`` calls :func:`use_tree_kernels`, which registers the tree's
 folder as the namespace package ``fastlm.kernels``. Nothing is imported from it here (no triton).
 """
+
 from __future__ import annotations
 
 import importlib.machinery
@@ -31,5 +32,5 @@ def use_tree_kernels() -> bool:
     spec.submodule_search_locations = [str(_TREE_KERNELS)]
     module = importlib.util.module_from_spec(spec)  # a namespace package, like the installed one
     sys.modules["fastlm.kernels"] = module
-    setattr(sys.modules["fastlm"], "kernels", module)
+    sys.modules["fastlm"].kernels = module
     return True

@@ -1,5 +1,6 @@
 """Attention ops of :mod:`fastlm.ops`: :func:`attention` on SDPA's ``(B, H, T, D)`` layout and
 :func:`attention_qkv` on the model's packed projection."""
+
 from __future__ import annotations
 
 import math
@@ -72,9 +73,18 @@ def _cpu_attention_order(q, k, v, causal, alibi_slopes, masked=False):
     return None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: Optional[int] = None,
-              segment_ids: Optional[Tensor] = None, scale: Optional[float] = None,
-              alibi_slopes: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
     """Scaled dot-product attention ``softmax(q k^T * scale + bias) v``.
 
     Args:
@@ -99,8 +109,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: O
     Returns:
         ``(B, H, T_q, D)`` in q's dtype. Differentiable with respect to q, k and v.
     """
-    obj, scale, alibi_slopes, masks = _attention_backend(q, k, v, causal, scale, alibi_slopes, backend,
-                                                         window, segment_ids)
+    obj, scale, alibi_slopes, masks = _attention_backend(
+        q, k, v, causal, scale, alibi_slopes, backend, window, segment_ids
+    )
     return obj.attention(q, k, v, causal, scale, alibi_slopes, **masks)
 
 
@@ -116,23 +127,46 @@ def _attention_backend(q, k, v, causal, scale, alibi_slopes, backend, window=Non
         raise ValueError(f"attention: scale must be finite, got {scale}")
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.float()
-    obj = resolve_backend("attention", backend, q.device.type,
-                          lambda b: b.attention_unsupported(q, k, v, causal, scale, alibi_slopes, **masks),
-                          order=_cpu_attention_order(q, k, v, causal, alibi_slopes, bool(masks)))
+    obj = resolve_backend(
+        "attention",
+        backend,
+        q.device.type,
+        lambda b: b.attention_unsupported(q, k, v, causal, scale, alibi_slopes, **masks),
+        order=_cpu_attention_order(q, k, v, causal, alibi_slopes, bool(masks)),
+    )
     return obj, scale, alibi_slopes, masks
 
 
-def attention_backend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: Optional[int] = None,
-                      segment_ids: Optional[Tensor] = None, scale: Optional[float] = None,
-                      alibi_slopes: Optional[Tensor] = None, backend: str = "auto") -> str:
+def attention_backend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> str:
     """The name of the backend :func:`attention` would run for this call (same arguments; the
     choice of ``auto`` depends on the device, dtype, options and whether a gradient is needed)."""
     return _attention_backend(q, k, v, causal, scale, alibi_slopes, backend, window, segment_ids)[0].name
 
 
-def attention_qkv(qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, *, rope=None, causal: bool = True,
-                  window: Optional[int] = None, segment_ids: Optional[Tensor] = None, scale: Optional[float] = None,
-                  alibi_slopes: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+def attention_qkv(
+    qkv: Tensor,
+    n_head: int,
+    n_kv_head: Optional[int] = None,
+    *,
+    rope=None,
+    causal: bool = True,
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
     """Self-attention on a packed projection, as the model computes it: ``qkv`` ``(B, T, (H + 2 H_kv) D)``
     holds ``[q heads | k heads | v heads]`` per token; ``rope = (cos, sin)``, each ``(T, D/2)``, rotates
     q and k first (:func:`fastlm.ops.positions.apply_rope`'s half-split pairing). Returns ``(B, T, H D)``.
@@ -146,8 +180,10 @@ def attention_qkv(qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, *, 
     rotated copy, the split's concatenation and the layout copies of the composed form never happen.
     """
     if not isinstance(qkv, Tensor) or qkv.dim() != 3:
-        raise ValueError(f"attention_qkv: qkv must be a (B, T, (H + 2 H_kv) D) tensor, got "
-                         f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}")
+        raise ValueError(
+            f"attention_qkv: qkv must be a (B, T, (H + 2 H_kv) D) tensor, got "
+            f"{tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__}"
+        )
     H = int(n_head)
     Hkv = H if n_kv_head is None else int(n_kv_head)
     if H <= 0 or Hkv <= 0 or H % Hkv:
@@ -162,10 +198,21 @@ def attention_qkv(qkv: Tensor, n_head: int, n_kv_head: Optional[int] = None, *, 
     if rope is not None:
         cos, sin = rope
         if D % 2 or tuple(cos.shape) != (T, D // 2) or tuple(sin.shape) != (T, D // 2):
-            raise ValueError(f"attention_qkv: rope tables must be (T, D/2) = ({T}, {D // 2}) with an even "
-                             f"head dim, got {tuple(cos.shape)} / {tuple(sin.shape)} (D={D})")
-    obj, scale, alibi_slopes, masks = _attention_backend(qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2),
-                                                         v, causal, scale, alibi_slopes, backend, window, segment_ids)
+            raise ValueError(
+                f"attention_qkv: rope tables must be (T, D/2) = ({T}, {D // 2}) with an even "
+                f"head dim, got {tuple(cos.shape)} / {tuple(sin.shape)} (D={D})"
+            )
+    obj, scale, alibi_slopes, masks = _attention_backend(
+        qk[:, :, :H].transpose(1, 2),
+        qk[:, :, H:].transpose(1, 2),
+        v,
+        causal,
+        scale,
+        alibi_slopes,
+        backend,
+        window,
+        segment_ids,
+    )
     if obj.attention_qkv_unsupported(qkv, H, Hkv, rope, causal, scale, alibi_slopes, **masks) is None:
         return obj.attention_qkv(qkv, H, Hkv, rope, causal, scale, alibi_slopes, **masks)
     if rope is not None:

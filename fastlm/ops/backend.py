@@ -8,6 +8,7 @@ A backend is an object with ``name``, ``unavailable_reason()`` and, per op, ``<o
 neither. This registry is the one door into compiled code: nothing above :mod:`fastlm.ops` imports
 ``fastlm._C``, its glue (:mod:`fastlm.ops.extension`) or ``torch.ops.fastlm``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,17 @@ from typing import Optional
 from fastlm.errors import BackendUnavailableError
 from fastlm.ops.protocol import Backend, BackendBase
 
-__all__ = ["BACKENDS", "Backend", "BackendBase", "available_backends", "backend_details", "backend_status",
-           "load_backends", "resolve_backend", "BackendUnavailableError"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendBase",
+    "available_backends",
+    "backend_details",
+    "backend_status",
+    "load_backends",
+    "resolve_backend",
+    "BackendUnavailableError",
+]
 
 log = logging.getLogger("fastlm")
 
@@ -56,12 +66,15 @@ def _import_backend(name: str) -> Backend:
     the C++ extension)."""
     if name == "triton":
         from fastlm.ops.triton_backend import BACKEND as triton_backend
+
         return triton_backend
     if name == "cuda":
         from fastlm.ops.extension import CUDA_BACKEND
+
         return CUDA_BACKEND
     if name == "cpp":
         from fastlm.ops.extension import CPP_BACKEND
+
         return CPP_BACKEND
     raise ValueError(f"unknown backend {name!r}")
 
@@ -145,8 +158,7 @@ def resolve_backend(op: str, backend: str, device_type: str, unsupported, order=
             why = unsupported(obj)
             if why is None:
                 if skipped:
-                    _log_once(f"fastlm {op} on {device_type}: using backend {name!r} "
-                              f"({'; '.join(skipped)})")
+                    _log_once(f"fastlm {op} on {device_type}: using backend {name!r} ({'; '.join(skipped)})")
                 return obj
         skipped.append(f"{name} skipped: {why}")
     raise BackendUnavailableError(f"fastlm {op}: no backend can run this call ({'; '.join(skipped)})")

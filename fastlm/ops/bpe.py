@@ -2,6 +2,7 @@
 :class:`fastlm.text.tokenizers.BPETokenizer`). Backends: ``cpp`` (``fastlm._C.bpe_train``,
 csrc/bpe.cpp) and ``reference`` (:mod:`fastlm.ops.reference_bpe`); both give identical merges.
 """
+
 from __future__ import annotations
 
 from fastlm.ops.backend import resolve_backend
@@ -9,8 +10,9 @@ from fastlm.ops.backend import resolve_backend
 __all__ = ["bpe_train"]
 
 
-def bpe_train(words: list[bytes], counts: list[int], num_merges: int, *,
-              backend: str = "auto") -> list[tuple[int, int]]:
+def bpe_train(
+    words: list[bytes], counts: list[int], num_merges: int, *, backend: str = "auto"
+) -> list[tuple[int, int]]:
     """Learn ``num_merges`` byte-level BPE merges from distinct chunks and their counts.
 
     The rules are :func:`fastlm.ops.reference_bpe.bpe_train`'s (ids 0..255 are bytes, each new token

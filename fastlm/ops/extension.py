@@ -8,14 +8,18 @@
 The package imports and works without ``_C`` (pure-Python install): both backends then report it
 as their unavailable reason.
 """
+
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from fastlm.ops._autograd import (register_attention_autograd, register_attention_qkv_autograd,
-                        register_elementwise_autograd)
+from fastlm.ops._autograd import (
+    register_attention_autograd,
+    register_attention_qkv_autograd,
+    register_elementwise_autograd,
+)
 from fastlm.ops._buildinfo import CPU_LEVEL_FLAGS, cpu_flags, csrc_hash, embedded_csrc_hash
 from fastlm.ops.protocol import BackendBase
 from fastlm.ops.reference_muon import resolve_ns_dtype
@@ -27,9 +31,11 @@ def build_mismatch(level: str, flags) -> Optional[str]:
     missing = [f for f in CPU_LEVEL_FLAGS.get(level, ()) if flags is not None and f not in flags]
     if not missing:
         return None
-    return (f"fastlm._C was compiled for {level} but this CPU lacks {', '.join(missing)}: rebuild it on this "
-            f"machine (pip install --no-cache-dir --force-reinstall --no-deps fastlm, or FASTLM_CPU_AVX512=0 / "
-            f"FASTLM_CPU_AVX2=0 for a portable build)")
+    return (
+        f"fastlm._C was compiled for {level} but this CPU lacks {', '.join(missing)}: rebuild it on this "
+        f"machine (pip install --no-cache-dir --force-reinstall --no-deps fastlm, or FASTLM_CPU_AVX512=0 / "
+        f"FASTLM_CPU_AVX2=0 for a portable build)"
+    )
 
 
 def _installed_build():
@@ -57,8 +63,10 @@ def _installed_build():
         if path.parent == package or not path.is_file():
             continue
         if embedded_csrc_hash(str(path)) != csrc_hash(str(csrc)):
-            return None, (f"the installed {path.name} was built from other csrc/ sources than this checkout's "
-                          f"(pip install . again, or pip install -e . to build it in the tree)")
+            return None, (
+                f"the installed {path.name} was built from other csrc/ sources than this checkout's "
+                f"(pip install . again, or pip install -e . to build it in the tree)"
+            )
         spec = importlib.util.spec_from_file_location("fastlm._C", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules["fastlm._C"] = module
@@ -69,6 +77,7 @@ def _installed_build():
 
 try:
     from fastlm import _C  # registers the torch.ops.fastlm.* schemas and kernels
+
     _IMPORT_ERROR = None
 except ImportError as e:  # pure-Python install, a broken build, or a checkout run beside an install
     _C, _why = _installed_build()
@@ -102,15 +111,15 @@ if _C is not None:
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("fastlm::attention_qkv_fwd")
-    def _attention_qkv_fwd_fake(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window=None,
-                                segment_ids=None):
+    def _attention_qkv_fwd_fake(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window=None, segment_ids=None):
         b, t, w = qkv.shape
         d = w // (n_head + 2 * n_kv_head)
         return qkv.new_empty((b, t, n_head * d)), qkv.new_empty((b, n_head, t), dtype=_lse_dtype(qkv.dtype))
 
     @torch.library.register_fake("fastlm::attention_qkv_bwd")
-    def _attention_qkv_bwd_fake(dout, qkv, out, lse, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window=None,
-                                segment_ids=None):
+    def _attention_qkv_bwd_fake(
+        dout, qkv, out, lse, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window=None, segment_ids=None
+    ):
         return qkv.new_empty(qkv.shape)
 
     @torch.library.register_fake("fastlm::swiglu_fwd")
@@ -123,8 +132,10 @@ if _C is not None:
 
     @torch.library.register_fake("fastlm::swiglu_packed_fwd")
     def _swiglu_packed_fwd_fake(x):
-        torch._check(x.dim() >= 1 and x.shape[-1] % 2 == 0,
-                     lambda: f"swiglu_packed_fwd: the last dim of x must be even, got {tuple(x.shape)}")
+        torch._check(
+            x.dim() >= 1 and x.shape[-1] % 2 == 0,
+            lambda: f"swiglu_packed_fwd: the last dim of x must be even, got {tuple(x.shape)}",
+        )
         return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
     @torch.library.register_fake("fastlm::swiglu_packed_bwd")
@@ -132,8 +143,9 @@ if _C is not None:
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("fastlm::muon_step_")
-    def _muon_step_fake(params, grads, momentum_buffers, lr, momentum, nesterov, weight_decay, ns_steps,
-                        ns_coefficients, eps):
+    def _muon_step_fake(
+        params, grads, momentum_buffers, lr, momentum, nesterov, weight_decay, ns_steps, ns_coefficients, eps
+    ):
         return None
 
     # ---- autograd ------------------------------------------------------------------------------
@@ -187,8 +199,9 @@ class _CppBackend(BackendBase):
         """Reads ``[gate | up]`` in place (any row stride); the gradient is one fresh tensor."""
         return _ops.swiglu_packed_fwd(x)
 
-    def attention_qkv_unsupported(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None,
-                                  segment_ids=None):
+    def attention_qkv_unsupported(
+        self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None
+    ):
         """The fused op takes causal float32/float64 CPU calls of 2..gemm_max_tk tokens with a
         contiguous last dim (the BLAS path's shapes)."""
         if not causal:
@@ -224,17 +237,35 @@ class _CppBackend(BackendBase):
             for t in (p, g, b):
                 if t.device.type != "cpu":
                     return f"needs cpu tensors, got {t.device}"
-                if t.dtype != dtype or t.shape != p.shape or t.layout != torch.strided or not t.is_contiguous() \
-                        or t.numel() == 0:
-                    return ("needs non-empty contiguous tensors of one dtype, a grad and a buffer shaped like each "
-                            "parameter")
+                if (
+                    t.dtype != dtype
+                    or t.shape != p.shape
+                    or t.layout != torch.strided
+                    or not t.is_contiguous()
+                    or t.numel() == 0
+                ):
+                    return (
+                        "needs non-empty contiguous tensors of one dtype, a grad and a buffer shaped like each "
+                        "parameter"
+                    )
         return None
 
-    def muon_step(self, params, grads, bufs, *, lr, momentum, nesterov, weight_decay, ns_steps, ns_coefficients,
-                  ns_dtype, eps):
+    def muon_step(
+        self, params, grads, bufs, *, lr, momentum, nesterov, weight_decay, ns_steps, ns_coefficients, ns_dtype, eps
+    ):
         """One Muon step in place on ``params`` and ``bufs`` (see csrc/cpu/muon.cpp)."""
-        _ops.muon_step_(params, grads, bufs, float(lr), float(momentum), bool(nesterov), float(weight_decay),
-                        int(ns_steps), [float(c) for c in ns_coefficients], float(eps))
+        _ops.muon_step_(
+            params,
+            grads,
+            bufs,
+            float(lr),
+            float(momentum),
+            bool(nesterov),
+            float(weight_decay),
+            int(ns_steps),
+            [float(c) for c in ns_coefficients],
+            float(eps),
+        )
 
     def bpe_train_unsupported(self):
         if _IMPORT_ERROR:
@@ -283,8 +314,7 @@ class _CudaBackend(_CppBackend):
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.stride(-1) != 1:
                 return f"{name} needs a contiguous last dim (stride {t.stride(-1)})"
-            if any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1) \
-                    or t.data_ptr() % 16:
+            if any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1) or t.data_ptr() % 16:
                 return f"{name} strides/pointer not 16-byte aligned"
         return None
 

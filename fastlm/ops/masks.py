@@ -26,6 +26,7 @@ documents ``[0 0 0 1 1 1 1 2]`` (``x`` = visible)::
     i = 6:   . . . . x x x .      the window: 3 keys
     i = 7:   . . . . . . . x
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -60,8 +61,9 @@ def check_masks(q: Tensor, k: Tensor, causal: bool, window, segment_ids) -> Opti
     return window
 
 
-def visible_mask(t_q: int, t_k: int, causal: bool, window: Optional[int] = None,
-                 segment_ids: Optional[Tensor] = None, device=None) -> Optional[Tensor]:
+def visible_mask(
+    t_q: int, t_k: int, causal: bool, window: Optional[int] = None, segment_ids: Optional[Tensor] = None, device=None
+) -> Optional[Tensor]:
     """Boolean ``(B or 1, T_q, T_k)``, True where the key is visible (the rule above); None when
     every key is visible (no causal, window or segments)."""
     if not causal and window is None and segment_ids is None:

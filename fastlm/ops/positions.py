@@ -3,6 +3,7 @@
 The model builds its position inputs with these, and :func:`fastlm.ops.attention_qkv` rotates q/k
 with :func:`apply_rope` on the composed path, so the rotation has one definition.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ __all__ = ["alibi_slopes", "apply_rope", "rope_tables"]
 def alibi_slopes(n_head: int) -> Tensor:
     """ALiBi head slopes (Press et al.): a geometric sequence 2^(-8/n), 2^(-16/n), ...; for a head
     count that is not a power of two, the closest power's slopes plus every other slope of the next."""
+
     def pow2_slopes(n):
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]

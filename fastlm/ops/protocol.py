@@ -1,5 +1,6 @@
 """What a backend of :mod:`fastlm.ops` is: the :class:`Backend` protocol, and :class:`BackendBase` with
 the defaults of the optional capabilities. (The registry that picks one is :mod:`fastlm.ops.backend`.)"""
+
 from __future__ import annotations
 
 from typing import Optional, Protocol
@@ -17,8 +18,9 @@ class Backend(Protocol):
 
     def unavailable_reason(self) -> Optional[str]: ...
 
-    def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes, window=None,
-                              segment_ids=None) -> Optional[str]: ...
+    def attention_unsupported(
+        self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None
+    ) -> Optional[str]: ...
 
     def attention(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None): ...
 
@@ -30,16 +32,31 @@ class Backend(Protocol):
 
     def swiglu_packed(self, x): ...
 
-    def attention_qkv_unsupported(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None,
-                                  segment_ids=None) -> Optional[str]: ...
+    def attention_qkv_unsupported(
+        self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None
+    ) -> Optional[str]: ...
 
-    def attention_qkv(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None,
-                      segment_ids=None): ...
+    def attention_qkv(
+        self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None
+    ): ...
 
     def muon_step_unsupported(self, params, grads, momentum_buffers, ns_dtype) -> Optional[str]: ...
 
-    def muon_step(self, params, grads, momentum_buffers, *, lr, momentum, nesterov, weight_decay, ns_steps,
-                  ns_coefficients, ns_dtype, eps) -> None: ...
+    def muon_step(
+        self,
+        params,
+        grads,
+        momentum_buffers,
+        *,
+        lr,
+        momentum,
+        nesterov,
+        weight_decay,
+        ns_steps,
+        ns_coefficients,
+        ns_dtype,
+        eps,
+    ) -> None: ...
 
     def bpe_train_unsupported(self) -> Optional[str]: ...
 
@@ -57,8 +74,9 @@ class BackendBase:
     def unavailable_reason(self) -> Optional[str]:
         return None
 
-    def attention_qkv_unsupported(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None,
-                                  segment_ids=None):
+    def attention_qkv_unsupported(
+        self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None
+    ):
         return f"backend {self.name!r} has no fused qkv attention (the composed form runs)"
 
     def muon_step_unsupported(self, params, grads, momentum_buffers, ns_dtype):

@@ -15,6 +15,7 @@ Conventions shared by every backend (see :func:`fastlm.ops.attention`):
 * statistics (row max, row sum, log-sum-exp) in float32, or float64 for float64 inputs;
 * a fully masked row (causal or document masks with ``T_q > T_k``) outputs zeros, not NaN.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,9 +91,16 @@ def _scores(q, k, scale, causal, alibi_slopes, window=None, segment_ids=None):
     return s, visible
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                      alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
-                      segment_ids: Optional[Tensor] = None):
+def attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    alibi_slopes: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+):
     """Returns ``(out, lse)``: out ``(B, H, T_q, D)`` in q's dtype, lse ``(B, H, T_q)`` float32/64.
 
     ``lse`` is the natural-log sum of exp of the (scaled, biased) scores of each row; ``-inf`` for a
@@ -111,9 +119,19 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: floa
     return out.to(q.dtype), lse
 
 
-def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None,
-                       window: Optional[int] = None, segment_ids: Optional[Tensor] = None):
+def attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    alibi_slopes: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+):
     """Gradients ``(dq, dk, dv)`` of the attention forward, recomputing P from the saved LSE.
 
     With ``P = softmax(S)``, ``O = P V``:  ``dV = P^T dO``, ``dP = dO V^T``,
@@ -149,14 +167,22 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, alibi_slopes, segment_ids = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.scale, alibi_slopes, ctx.window,
-                                        segment_ids)
+        dq, dk, dv = attention_backward(
+            dout, q, k, v, out, lse, ctx.causal, ctx.scale, alibi_slopes, ctx.window, segment_ids
+        )
         return dq, dk, dv, None, None, None, None, None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
-              alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
-              segment_ids: Optional[Tensor] = None) -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+) -> Tensor:
     """Reference attention (differentiable through a hand-written backward). No input checks:
     call :func:`fastlm.ops.attention` for validated input."""
     if scale is None:
@@ -217,10 +243,17 @@ def swiglu_packed(x: Tensor) -> Tensor:
     return _SwiGLUPacked.apply(x)
 
 
-def naive_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
-                    scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
-                    dtype: torch.dtype = torch.float64, window: Optional[int] = None,
-                    segment_ids: Optional[Tensor] = None) -> Tensor:
+def naive_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    dtype: torch.dtype = torch.float64,
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+) -> Tensor:
     """The textbook formula through plain autograd, in ``dtype`` (float64 by default): the oracle
     that tests compare every backend (and the hand-written backward above) against."""
     if scale is None:

@@ -1,5 +1,6 @@
 """Byte-level BPE training in Python: the reference form of :func:`fastlm.ops.bpe_train` (the C++
 twin is ``fastlm._C.bpe_train``, csrc/bpe.cpp; both give identical merges)."""
+
 from __future__ import annotations
 
 import collections

@@ -18,6 +18,7 @@ update entry, bounded, vs ~2e-6 for the direct fp32 form and ~5e-2 for bf16). Th
 precision is a setting: ``ns_dtype="auto"`` is float32 on CPU (there faster than bf16 and far more
 accurate, measured) and bfloat16 on CUDA.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def newton_schulz(G: Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, dtype: torch.dtype = torch.float32,
-                  eps: float = 1e-7) -> Tensor:
+def newton_schulz(
+    G: Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, dtype: torch.dtype = torch.float32, eps: float = 1e-7
+) -> Tensor:
     """Approximately orthogonalise each matrix of ``G`` ``(N, rows, cols)``: ``U S' V^T`` with
     ``S'`` near 1 for ``G = U S V^T``. Computed in ``dtype``; returned in ``dtype``, shape of ``G``.
 
@@ -45,8 +47,9 @@ def newton_schulz(G: Tensor, steps: int = 5, coefficients=NS_COEFFICIENTS, dtype
     return newton_schulz_many([G], steps, coefficients, dtype, eps)[0]
 
 
-def newton_schulz_many(stacks: list, steps: int = 5, coefficients=NS_COEFFICIENTS,
-                       dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> list:
+def newton_schulz_many(
+    stacks: list, steps: int = 5, coefficients=NS_COEFFICIENTS, dtype: torch.dtype = torch.float32, eps: float = 1e-7
+) -> list:
     """:func:`newton_schulz` of each ``(N_i, rows_i, cols_i)`` stack, results in the same order.
     Gram-form stacks whose short side ``m`` is the same run their ``m x m`` polynomial as ONE batched
     iteration (the default model: its 9 wide matrices of 3 shapes share m = 96), so the optimizer
@@ -111,8 +114,20 @@ def resolve_ns_dtype(name: str, device_type: str) -> torch.dtype:
     return NS_DTYPES[name]
 
 
-def muon_step(params: list, grads: list, momentum_buffers: list, *, lr: float, momentum: float, nesterov: bool,
-              weight_decay: float, ns_steps: int, ns_coefficients, ns_dtype: str, eps: float) -> None:
+def muon_step(
+    params: list,
+    grads: list,
+    momentum_buffers: list,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    ns_steps: int,
+    ns_coefficients,
+    ns_dtype: str,
+    eps: float,
+) -> None:
     """One Muon step in place on ``params`` and ``momentum_buffers`` (lists of 2-D tensors; a grad
     and a buffer of each parameter's shape). Same-shape matrices run as one batch; one Newton-Schulz
     call per (device, dtype), so same-m Gram stacks of different shapes run together."""
@@ -120,8 +135,10 @@ def muon_step(params: list, grads: list, momentum_buffers: list, *, lr: float, m
     for i, p in enumerate(params):
         batches[(tuple(p.shape), p.dtype, p.device)].append(i)
     batches = list(batches.values())
-    updates = [_momentum_update([grads[i] for i in idx], [momentum_buffers[i] for i in idx], momentum, nesterov)
-               for idx in batches]
+    updates = [
+        _momentum_update([grads[i] for i in idx], [momentum_buffers[i] for i in idx], momentum, nesterov)
+        for idx in batches
+    ]
     by_kind = defaultdict(list)
     for b, idx in enumerate(batches):
         by_kind[(params[idx[0]].device, params[idx[0]].dtype)].append(b)

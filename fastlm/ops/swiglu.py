@@ -1,4 +1,5 @@
 """SwiGLU ops of :mod:`fastlm.ops`: :func:`swiglu` and its packed form :func:`swiglu_packed`."""
+
 from __future__ import annotations
 
 import torch

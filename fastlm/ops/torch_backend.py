@@ -2,6 +2,7 @@
 express the call (bottom-right causal, sliding windows and documents as an explicit boolean mask,
 ALiBi as an additive float mask; it cannot express a masked call with ``T_q > T_k``, whose fully
 masked rows SDPA turns into NaN), and eager ``F.silu(gate) * up``."""
+
 from __future__ import annotations
 
 import inspect

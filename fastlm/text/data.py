@@ -19,6 +19,7 @@ Pipeline (what ``python -m fastlm.train`` does with ``--data``):
 5. :class:`BatchSampler` draws random ``(x, y)`` windows from a split with its own numpy generator
    whose state is JSON (for exact resume); :func:`split_loss` scores a whole split.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastlm.files.atomic import atomic_writer, fsync_dir
 from fastlm.errors import DataError
+from fastlm.files.atomic import atomic_writer, fsync_dir
 
 __all__ = [
     "DataError",
@@ -69,6 +70,7 @@ def default_corpus() -> Path:
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
+
 
 def corpus_files(paths) -> list[Path]:
     """Expand ``paths`` (a path or a list of paths; folders -> their ``.txt`` files, recursively,
@@ -108,16 +110,19 @@ def _read_text(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at byte offset "
-                        f"{e.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+        raise DataError(
+            f"{path} is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at byte offset "
+            f"{e.start}); convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 def _pick_column(path: Path, columns: Sequence[str], text_column: Optional[str]) -> str:
     if text_column is None:
         if "text" in columns:
             return "text"
-        raise DataError(f"{path}: name the text column with --text-column "
-                        f"(columns: {', '.join(map(str, columns)) or 'none'})")
+        raise DataError(
+            f"{path}: name the text column with --text-column (columns: {', '.join(map(str, columns)) or 'none'})"
+        )
     if text_column not in columns:
         raise DataError(f"{path}: no column {text_column!r} (columns: {', '.join(map(str, columns)) or 'none'})")
     return text_column
@@ -200,6 +205,7 @@ def read_documents(paths, text_column: Optional[str] = None, raw_newlines: bool 
 # Tokens
 # ---------------------------------------------------------------------------------------------
 
+
 def _encode(tokenizer, text: str) -> np.ndarray:
     fast = getattr(tokenizer, "encode_array", None)
     if fast is not None:
@@ -259,7 +265,7 @@ def split_tokens(ids: np.ndarray, fractions=(0.9, 0.1, 0.0)) -> dict[str, np.nda
     n_test = int(round(n * f_test))
     n_val = int(round(n * f_val))
     n_train = n - n_val - n_test
-    return {"train": ids[:n_train], "val": ids[n_train:n_train + n_val], "test": ids[n_train + n_val:]}
+    return {"train": ids[:n_train], "val": ids[n_train : n_train + n_val], "test": ids[n_train + n_val :]}
 
 
 def token_dtype(vocab_size: int):
@@ -296,8 +302,10 @@ def load_split(run_dir, split: str, vocab_size: Optional[int] = None) -> np.ndar
     if arr.ndim != 1 or arr.dtype not in (np.uint16, np.uint32):
         raise DataError(f"token cache {path} must be a 1-D uint16/uint32 array, got {arr.dtype} {arr.shape}")
     if vocab_size is not None and len(arr) and int(arr.max()) >= vocab_size:
-        raise DataError(f"token cache {path} is damaged: it holds id {int(arr.max())}, beyond the tokenizer's "
-                        f"vocabulary of {vocab_size}; start the run again with --overwrite")
+        raise DataError(
+            f"token cache {path} is damaged: it holds id {int(arr.max())}, beyond the tokenizer's "
+            f"vocabulary of {vocab_size}; start the run again with --overwrite"
+        )
     return arr
 
 
@@ -305,10 +313,12 @@ def load_split(run_dir, split: str, vocab_size: Optional[int] = None) -> np.ndar
 # Batches and scoring
 # ---------------------------------------------------------------------------------------------
 
+
 class BatchSampler:
     """Random ``(x, y)`` windows of ``block_size`` tokens from one token array.
 
-    Uses its own ``numpy.random.Generator`` (PCG64 seeded with ``seed``: an int or a list of ints). :meth:`state` / :meth:`set_state` are JSON-serialisable for exact resume.
+    Uses its own ``numpy.random.Generator`` (PCG64 seeded with ``seed``: an int or a list of ints).
+    :meth:`state` / :meth:`set_state` are JSON-serialisable for exact resume.
     """
 
     def __init__(self, ids: np.ndarray, block_size: int, batch_size: int, seed: int):
@@ -320,15 +330,19 @@ class BatchSampler:
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self._windows = np.lib.stride_tricks.sliding_window_view(ids, block_size + 1)
 
-    def next_indices(self, rank: int = 0, world: int = 1) -> np.ndarray:
+    def next_indices(self, rank: int = 0, world: int = 1, batch_size: Optional[int] = None) -> np.ndarray:
         """Draw ``batch_size * world`` window offsets (the global batch) and return rank's slice."""
-        idx = self.rng.integers(0, len(self._windows), size=self.batch_size * world)
-        return idx[rank * self.batch_size:(rank + 1) * self.batch_size]
+        batch = self.batch_size if batch_size is None else batch_size
+        idx = self.rng.integers(0, len(self._windows), size=batch * world)
+        return idx[rank * batch : (rank + 1) * batch]
 
-    def sample(self, device="cpu", rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ``(x, y)`` batch ``(batch_size, block_size)`` int64 on ``device``; with DDP every rank
-        draws the same global offsets and keeps its own slice (so ranks see different windows)."""
-        rows = self._windows[self.next_indices(rank, world)].astype(np.int64)  # (B, T + 1)
+    def sample(
+        self, device="cpu", rank: int = 0, world: int = 1, batch_size: Optional[int] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ``(x, y)`` batch ``(batch_size, block_size)`` int64 on ``device`` (``batch_size``: this
+        draw's, default the sampler's); with DDP every rank draws the same global offsets and keeps its
+        own slice (so ranks see different windows)."""
+        rows = self._windows[self.next_indices(rank, world, batch_size)].astype(np.int64)  # (B, T + 1)
         t = torch.from_numpy(rows)
         x, y = t[:, :-1], t[:, 1:]
         if torch.device(device).type == "cuda":
@@ -355,7 +369,9 @@ def _autocast_ctx(autocast):
     return autocast()
 
 
-def split_loss(model, ids, block_size: int, batch_size: int, device, autocast=None, eos_id: Optional[int] = None) -> float:
+def split_loss(
+    model, ids, block_size: int, batch_size: int, device, autocast=None, eos_id: Optional[int] = None
+) -> float:
     """Mean cross-entropy (nats/token) of ``model`` over the WHOLE token array ``ids``.
 
     The ``len(ids) - 1`` next-token predictions are scored in non-overlapping windows of
@@ -369,8 +385,18 @@ def split_loss(model, ids, block_size: int, batch_size: int, device, autocast=No
 
 
 @torch.no_grad()
-def split_loss_sum(model, ids, block_size: int, batch_size: int, device, autocast=None, *,
-                   rank: int = 0, world: int = 1, eos_id: Optional[int] = None) -> tuple[float, int]:
+def split_loss_sum(
+    model,
+    ids,
+    block_size: int,
+    batch_size: int,
+    device,
+    autocast=None,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    eos_id: Optional[int] = None,
+) -> tuple[float, int]:
     """``(summed cross-entropy, predictions)`` of :func:`split_loss`'s windows; with ``world`` > 1
     this process scores only every ``world``-th batch starting at ``rank`` (the last rank also
     the tail), so the ranks' sums add up to the whole split's."""
@@ -388,15 +414,18 @@ def split_loss_sum(model, ids, block_size: int, batch_size: int, device, autocas
         with _autocast_ctx(autocast):
             if n_full:
                 full = np.lib.stride_tricks.as_strided(
-                    ids, shape=(n_full, block_size + 1), strides=(ids.strides[0] * block_size, ids.strides[0]),
-                    writeable=False)
+                    ids,
+                    shape=(n_full, block_size + 1),
+                    strides=(ids.strides[0] * block_size, ids.strides[0]),
+                    writeable=False,
+                )
                 for start in range(rank * batch_size, n_full, batch_size * world):
-                    rows = torch.from_numpy(full[start:start + batch_size].astype(np.int64)).to(device)
+                    rows = torch.from_numpy(full[start : start + batch_size].astype(np.int64)).to(device)
                     total += _sum_ce(model, rows, eos_id)
                     count += rows.shape[0] * block_size
             rest = n_pred - n_full * block_size
             if rest and rank == world - 1:
-                tail = ids[n_full * block_size:].astype(np.int64)
+                tail = ids[n_full * block_size :].astype(np.int64)
                 total += _sum_ce(model, torch.from_numpy(tail).unsqueeze(0).to(device), eos_id)
                 count += rest
     finally:

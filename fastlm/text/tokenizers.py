@@ -56,6 +56,7 @@ Decoding of EOS: ``char`` and ``word`` give ``"\\n\\n"``; ``bpe`` and ``tiktoken
 
 Files are JSON (never pickle) written atomically (temp file + ``os.replace``).
 """
+
 from __future__ import annotations
 
 import base64
@@ -70,9 +71,9 @@ from typing import Any
 
 import numpy as np
 
+from fastlm.errors import TokenizerError
 from fastlm.files.atomic import atomic_write_text
 from fastlm.files.safeio import is_plain_file_name, read_bounded
-from fastlm.errors import TokenizerError
 from fastlm.ops import bpe_train
 
 __all__ = [
@@ -98,17 +99,21 @@ FORMAT_VERSION = 1
 #: GPT-2's pre-tokenisation regex (tiktoken's r50k_base / gpt2 ``pat_str``).
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 #: tiktoken's cl100k_base (GPT-3.5/4) and o200k_base (GPT-4o) pre-tokenisation regexes.
-CL100K_PAT_STR = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-                  r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-O200K_PAT_STR = "|".join([
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""",
-    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
-    r"""\s*[\r\n]+""",
-    r"""\s+(?!\S)""",
-    r"""\s+""",
-])
+CL100K_PAT_STR = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+O200K_PAT_STR = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
 #: The only pre-tokenisation regexes a bpe tokenizer may use. A pattern from a file is run by
 #: tiktoken's Rust regex engine (fancy-regex, a backtracking engine for look-arounds), where a
 #: crafted pattern can backtrack catastrophically on ordinary text; proving an arbitrary pattern
@@ -120,17 +125,18 @@ DEFAULT_BPE_VOCAB_SIZE = 512
 
 # Limits for files read from disk (generous for real tokenizers, bounded against hostile ones).
 MAX_TOKENIZER_FILE_BYTES = 64 << 20  #: tokenizer.json (a 1M-id bpe with indent=1: ~30 MB)
-MAX_TIKTOKEN_FILE_BYTES = 16 << 20   #: a .tiktoken file (o200k_base: 3.6 MB, 200k ranks)
-MAX_VOCAB = 1 << 20                  #: ids of any tokenizer (bpe, word, tiktoken ranks)
-MAX_TOKEN_BYTES = 4096               #: longest bpe / tiktoken token (GPT-4o's longest: 128 bytes)
-MAX_VOCAB_BYTES = 64 << 20           #: all bpe / tiktoken token bytes together
-MAX_CHARS = 0x110000                 #: every Unicode code point
+MAX_TIKTOKEN_FILE_BYTES = 16 << 20  #: a .tiktoken file (o200k_base: 3.6 MB, 200k ranks)
+MAX_VOCAB = 1 << 20  #: ids of any tokenizer (bpe, word, tiktoken ranks)
+MAX_TOKEN_BYTES = 4096  #: longest bpe / tiktoken token (GPT-4o's longest: 128 bytes)
+MAX_VOCAB_BYTES = 64 << 20  #: all bpe / tiktoken token bytes together
+MAX_CHARS = 0x110000  #: every Unicode code point
 _DOC_SEPARATOR = "\n\n"  # what char/word EOS decodes to
 
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
 
 def _as_id_list(ids, vocab_size: int) -> list[int]:
     """ids: list/tuple of ints, or a 1-D tensor/array -> list[int], range-checked."""
@@ -169,6 +175,7 @@ def _regex():
 # ---------------------------------------------------------------------------------------------
 # Base class
 # ---------------------------------------------------------------------------------------------
+
 
 class Tokenizer:
     """Base class. Subclasses set ``kind``, ``vocab_size`` and ``eos_id``."""
@@ -216,6 +223,7 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------------
 # char
 # ---------------------------------------------------------------------------------------------
+
 
 class CharTokenizer(Tokenizer):
     """One id per character (sorted by code point), plus EOS = len(chars), decoded as a blank line."""
@@ -274,8 +282,9 @@ class CharTokenizer(Tokenizer):
         if not isinstance(chars, str):
             raise TokenizerError("char tokenizer field 'chars' must be a string")
         if len(chars) > MAX_CHARS:
-            raise TokenizerError(f"char tokenizer has {len(chars)} characters, more than the {MAX_CHARS} "
-                                 f"Unicode code points")
+            raise TokenizerError(
+                f"char tokenizer has {len(chars)} characters, more than the {MAX_CHARS} Unicode code points"
+            )
         tok = cls(list(chars))
         if d.get("eos_id", tok.eos_id) != tok.eos_id:
             raise TokenizerError(f"char tokenizer eos_id {d['eos_id']} does not match {tok.eos_id}")
@@ -333,8 +342,9 @@ class WordTokenizer(Tokenizer):
         return self._split(self.normalize(self._check_text(text)))
 
     @classmethod
-    def train(cls, text: str, *, min_freq: int = 1, vocab_size: int | None = None,
-              lowercase: bool = False, clean: bool = True) -> "WordTokenizer":
+    def train(
+        cls, text: str, *, min_freq: int = 1, vocab_size: int | None = None, lowercase: bool = False, clean: bool = True
+    ) -> "WordTokenizer":
         if not isinstance(min_freq, int) or min_freq < 1:
             raise ValueError(f"min_freq must be an int >= 1, got {min_freq!r}")
         if vocab_size is not None and vocab_size < len(_WORD_SPECIALS) + 1:
@@ -359,9 +369,12 @@ class WordTokenizer(Tokenizer):
         return "".join([itos[i] for i in _as_id_list(ids, self.vocab_size)])
 
     def _payload(self) -> dict:
-        return {"tokens": self.tokens, "lowercase": self.lowercase, "clean": self.clean,
-                "specials": {"bos": self.bos_id, "eos": self.eos_id, "unk": self.unk_id,
-                             "pad": self.pad_id}}
+        return {
+            "tokens": self.tokens,
+            "lowercase": self.lowercase,
+            "clean": self.clean,
+            "specials": {"bos": self.bos_id, "eos": self.eos_id, "unk": self.unk_id, "pad": self.pad_id},
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "WordTokenizer":
@@ -377,6 +390,7 @@ class WordTokenizer(Tokenizer):
 # BPE training (the merge loop is the op fastlm.ops.bpe_train: C++ or its Python reference)
 # ---------------------------------------------------------------------------------------------
 
+
 def _text_blocks(text: str, block_chars: int):
     """Cut ``text`` into blocks of about ``block_chars`` at places no pre-token spans.
 
@@ -391,7 +405,7 @@ def _text_blocks(text: str, block_chars: int):
         m = safe_cut.search(text, start + block_chars)
         if m is None:
             break
-        yield text[start:m.end()]
+        yield text[start : m.end()]
         start = m.end()
     yield text[start:]
 
@@ -413,7 +427,7 @@ def _count_chunks(text: str, pat_str: str, block_chars: int = 1 << 20) -> tuple[
     for chunk, n in counter.items():
         raw = chunk.encode("utf-8", "surrogatepass")
         for i in range(0, len(raw), MAX_TOKEN_BYTES):
-            counts[raw[i:i + MAX_TOKEN_BYTES]] += n
+            counts[raw[i : i + MAX_TOKEN_BYTES]] += n
     words = sorted(counts)  # deterministic input order (the result does not depend on it)
     return words, [counts[w] for w in words]
 
@@ -421,6 +435,7 @@ def _count_chunks(text: str, pat_str: str, block_chars: int = 1 << 20) -> tuple[
 # ---------------------------------------------------------------------------------------------
 # tiktoken-backed tokenizers
 # ---------------------------------------------------------------------------------------------
+
 
 class _TiktokenBase(Tokenizer):
     _enc: Any
@@ -471,9 +486,11 @@ def _is_plain_int(x) -> bool:
 def _check_pat_str(pat_str) -> None:
     if pat_str not in KNOWN_PAT_STRS:
         shown = f"a {type(pat_str).__name__}" if not isinstance(pat_str, str) else f"a {len(pat_str)}-character pattern"
-        raise TokenizerError(f"bpe pat_str is {shown} that is not one of the known pre-tokenisation "
-                             f"regexes (GPT-2, cl100k_base, o200k_base); only those are accepted "
-                             f"(see fastlm.text.tokenizers.KNOWN_PAT_STRS)")
+        raise TokenizerError(
+            f"bpe pat_str is {shown} that is not one of the known pre-tokenisation "
+            f"regexes (GPT-2, cl100k_base, o200k_base); only those are accepted "
+            f"(see fastlm.text.tokenizers.KNOWN_PAT_STRS)"
+        )
 
 
 class BPETokenizer(_TiktokenBase):
@@ -498,15 +515,18 @@ class BPETokenizer(_TiktokenBase):
         self.vocab_size = len(vocab) + 1
         try:
             self._enc = tiktoken.Encoding(
-                f"fastlm-bpe-{self.vocab_size}", pat_str=pat_str, mergeable_ranks=ranks,
+                f"fastlm-bpe-{self.vocab_size}",
+                pat_str=pat_str,
+                mergeable_ranks=ranks,
                 special_tokens={ENDOFTEXT: self.eos_id},
             )
         except Exception as e:
             raise TokenizerError(f"tiktoken rejected the bpe tokenizer: {e}") from e
 
     @classmethod
-    def train(cls, text: str, vocab_size: int = DEFAULT_BPE_VOCAB_SIZE, *, pat_str: str = GPT2_PAT_STR,
-              backend: str = "auto") -> "BPETokenizer":
+    def train(
+        cls, text: str, vocab_size: int = DEFAULT_BPE_VOCAB_SIZE, *, pat_str: str = GPT2_PAT_STR, backend: str = "auto"
+    ) -> "BPETokenizer":
         """Train to ``vocab_size`` ids in total (256 bytes + merges + EOS); fewer if the text runs
         out of pairs."""
         if not isinstance(vocab_size, int) or vocab_size < 257:
@@ -519,8 +539,11 @@ class BPETokenizer(_TiktokenBase):
         return self._enc.decode_single_token_bytes(i)
 
     def _payload(self) -> dict:
-        return {"pat_str": self.pat_str, "merges": [list(m) for m in self.merges],
-                "special_tokens": {ENDOFTEXT: self.eos_id}}
+        return {
+            "pat_str": self.pat_str,
+            "merges": [list(m) for m in self.merges],
+            "special_tokens": {ENDOFTEXT: self.eos_id},
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "BPETokenizer":
@@ -561,8 +584,10 @@ def _named_encoding(name: str):
 
     known = tiktoken.list_encoding_names()
     if name not in known:
-        raise TokenizerError(f"unknown tiktoken encoding {name!r}; known: {', '.join(sorted(known))} "
-                             f"(or give a file: tiktoken:/path/to/file.tiktoken)")
+        raise TokenizerError(
+            f"unknown tiktoken encoding {name!r}; known: {', '.join(sorted(known))} "
+            f"(or give a file: tiktoken:/path/to/file.tiktoken)"
+        )
     if os.environ.get("FASTLM_TIKTOKEN_DOWNLOAD", "") == "1":
         return tiktoken.get_encoding(name)
     with _TIKTOKEN_PATCH_LOCK:
@@ -608,8 +633,10 @@ def _parse_tiktoken_ranks(data: bytes, label: str) -> dict[bytes, int]:
         except Exception:
             raise TokenizerError(f"{label}:{n}: expected 'base64_token rank'") from None
         if not 0 < len(tok) <= MAX_TOKEN_BYTES or not 0 <= r < MAX_VOCAB:
-            raise TokenizerError(f"{label}:{n}: token of {len(tok)} bytes or rank {r} out of range "
-                                 f"(1..{MAX_TOKEN_BYTES} bytes, ranks 0..{MAX_VOCAB - 1})")
+            raise TokenizerError(
+                f"{label}:{n}: token of {len(tok)} bytes or rank {r} out of range "
+                f"(1..{MAX_TOKEN_BYTES} bytes, ranks 0..{MAX_VOCAB - 1})"
+            )
         if tok in ranks:
             raise TokenizerError(f"{label}:{n}: repeats the token of line {first_line[tok]}")
         ranks[tok] = r
@@ -620,8 +647,9 @@ def _parse_tiktoken_ranks(data: bytes, label: str) -> dict[bytes, int]:
         raise TokenizerError(f"{label} gives the same rank to two tokens")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise TokenizerError(f"{label} lacks {len(missing)} of the 256 single bytes "
-                             f"(first: {missing[0]}); byte-level BPE needs them all")
+        raise TokenizerError(
+            f"{label} lacks {len(missing)} of the 256 single bytes (first: {missing[0]}); byte-level BPE needs them all"
+        )
     return ranks
 
 
@@ -637,8 +665,9 @@ def _read_tiktoken_file(path: str) -> bytes:
 def _check_sha256(data: bytes, expected, label: str) -> str:
     digest = hashlib.sha256(data).hexdigest()
     if expected is not None and expected != digest:
-        raise TokenizerError(f"{label} changed since the tokenizer was saved (sha256 {digest[:12]}..., "
-                             f"expected {str(expected)[:12]}...)")
+        raise TokenizerError(
+            f"{label} changed since the tokenizer was saved (sha256 {digest[:12]}..., expected {str(expected)[:12]}...)"
+        )
     return digest
 
 
@@ -663,8 +692,9 @@ class TiktokenTokenizer(_TiktokenBase):
             self._load_ranks(_read_tiktoken_file(self.path), self.path, sha256)
 
     @classmethod
-    def from_ranks_data(cls, data: bytes, *, file_name: str, label: str,
-                        sha256: str | None = None) -> "TiktokenTokenizer":
+    def from_ranks_data(
+        cls, data: bytes, *, file_name: str, label: str, sha256: str | None = None
+    ) -> "TiktokenTokenizer":
         """A file-based tokenizer from the file's bytes (``label`` names their origin in errors)."""
         tok = cls.__new__(cls)
         tok.name = tok.path = None
@@ -680,8 +710,12 @@ class TiktokenTokenizer(_TiktokenBase):
         self.file_name = file_name or os.path.basename(label)
         eos = max(ranks.values()) + 1
         try:
-            enc = tiktoken.Encoding(f"fastlm-file-{self.sha256[:12]}", pat_str=GPT2_PAT_STR,
-                                    mergeable_ranks=ranks, special_tokens={ENDOFTEXT: eos})
+            enc = tiktoken.Encoding(
+                f"fastlm-file-{self.sha256[:12]}",
+                pat_str=GPT2_PAT_STR,
+                mergeable_ranks=ranks,
+                special_tokens={ENDOFTEXT: eos},
+            )
         except Exception as e:
             raise TokenizerError(f"tiktoken rejected {label}: {e}") from e
         self._set_encoding(enc)
@@ -693,8 +727,7 @@ class TiktokenTokenizer(_TiktokenBase):
 
     def _payload(self) -> dict:
         if self._ranks_data is not None:
-            return {"file_name": self.file_name, "sha256": self.sha256,
-                    "ranks": self._ranks_data.decode("ascii")}
+            return {"file_name": self.file_name, "sha256": self.sha256, "ranks": self._ranks_data.decode("ascii")}
         return {"name": self.name}
 
     @classmethod
@@ -709,15 +742,17 @@ class TiktokenTokenizer(_TiktokenBase):
             raise TokenizerError(
                 "tiktoken tokenizer names its file by a path; only files beside tokenizer.json are read "
                 "(a shared run must not make fastlm read other files): copy the file there and replace "
-                "'path' by 'file': '<its name>' with its 'sha256'")
+                "'path' by 'file': '<its name>' with its 'sha256'"
+            )
         return cls(_require(d, "name", "tiktoken"))
 
     @classmethod
     def _from_inline(cls, d: dict) -> "TiktokenTokenizer":
         text = d["ranks"]
         if not isinstance(text, str) or len(text) > MAX_TIKTOKEN_FILE_BYTES:
-            raise TokenizerError(f"tiktoken field 'ranks' must be a string of at most {MAX_TIKTOKEN_FILE_BYTES} "
-                                 f"characters")
+            raise TokenizerError(
+                f"tiktoken field 'ranks' must be a string of at most {MAX_TIKTOKEN_FILE_BYTES} characters"
+            )
         try:
             data = text.encode("ascii")
         except UnicodeEncodeError:
@@ -730,8 +765,10 @@ class TiktokenTokenizer(_TiktokenBase):
     def _from_sibling_file(cls, d: dict, base_dir: str | None) -> "TiktokenTokenizer":
         name, sha256 = d["file"], d.get("sha256")
         if not is_plain_file_name(name):
-            raise TokenizerError("tiktoken field 'file' must be the plain name of a file beside tokenizer.json "
-                                 "(no folders, no absolute path)")
+            raise TokenizerError(
+                "tiktoken field 'file' must be the plain name of a file beside tokenizer.json "
+                "(no folders, no absolute path)"
+            )
         if base_dir is None:
             raise TokenizerError("a tiktoken tokenizer that names a file can only be loaded from its JSON file")
         if not isinstance(sha256, str):
@@ -777,10 +814,12 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError(f"hf tokenizer has {own} ids; vocab_size {vocab_size!r} cannot hold them")
         largest = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
         if largest >= self.vocab_size:  # ids may skip numbers: the count alone does not bound them
-            raise TokenizerError(f"hf tokenizer has token id {largest}; the model's vocab_size {self.vocab_size} "
-                                 f"needs every id below it")
-        if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
-                                   or not 0 <= eos_id < self.vocab_size):
+            raise TokenizerError(
+                f"hf tokenizer has token id {largest}; the model's vocab_size {self.vocab_size} needs every id below it"
+            )
+        if eos_id is not None and (
+            isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < self.vocab_size
+        ):
             raise TokenizerError(f"hf tokenizer eos_id {eos_id!r} is not an id below {self.vocab_size}")
         self.eos_id = eos_id
 
@@ -855,6 +894,7 @@ def _byte_level_bpe_json(read) -> str:
 # Factories
 # ---------------------------------------------------------------------------------------------
 
+
 def _tiktoken_from_spec(arg: str) -> TiktokenTokenizer:
     if not arg:
         raise TokenizerError("tiktoken spec needs a name or a file: tiktoken:gpt2 or tiktoken:/path/x.tiktoken")
@@ -863,8 +903,9 @@ def _tiktoken_from_spec(arg: str) -> TiktokenTokenizer:
     return TiktokenTokenizer(arg)
 
 
-def build_tokenizer(spec: str, text: str, *, vocab_size: int | None = None, min_freq: int = 1,
-                    lowercase: bool = False) -> Tokenizer:
+def build_tokenizer(
+    spec: str, text: str, *, vocab_size: int | None = None, min_freq: int = 1, lowercase: bool = False
+) -> Tokenizer:
     """Build a tokenizer from a spec: ``char`` | ``word`` | ``bpe`` | ``tiktoken:NAME_OR_FILE``.
 
     ``text`` is the training corpus (unused by ``tiktoken``). ``vocab_size``: total ids for ``bpe``
@@ -890,8 +931,13 @@ def build_tokenizer(spec: str, text: str, *, vocab_size: int | None = None, min_
     raise TokenizerError(f"unknown tokenizer spec {spec!r}; expected char, word, bpe or tiktoken:NAME")
 
 
-_KINDS = {"char": CharTokenizer, "word": WordTokenizer, "bpe": BPETokenizer, "tiktoken": TiktokenTokenizer,
-          "hf": HFTokenizer}
+_KINDS = {
+    "char": CharTokenizer,
+    "word": WordTokenizer,
+    "bpe": BPETokenizer,
+    "tiktoken": TiktokenTokenizer,
+    "hf": HFTokenizer,
+}
 
 
 def tokenizer_from_dict(d: dict, base_dir: str | None = None) -> Tokenizer:

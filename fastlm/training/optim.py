@@ -14,6 +14,7 @@ object with ``param_groups`` / ``state`` / ``step`` / ``zero_grad`` / ``state_di
 choices alike. Every group carries ``lr_ratio``: its peak learning rate over the AdamW one, so a
 schedule sets ``group["lr"] = scheduled_lr * group["lr_ratio"]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,15 @@ from fastlm.errors import BackendUnavailableError
 from fastlm.ops import muon_step
 from fastlm.ops.reference_muon import NS_COEFFICIENTS, resolve_ns_dtype
 
-__all__ = ["Muon", "MuonWithAdamW", "OPTIMIZERS", "adamw_kwargs", "build_optimizer", "muon_param_names",
-           "load_checked_state"]
+__all__ = [
+    "Muon",
+    "MuonWithAdamW",
+    "OPTIMIZERS",
+    "adamw_kwargs",
+    "build_optimizer",
+    "muon_param_names",
+    "load_checked_state",
+]
 
 OPTIMIZERS = ("adamw", "muon")
 #: Muon's ``fused`` option -> the backend of :func:`fastlm.ops.muon_step`
@@ -50,9 +58,19 @@ class Muon(torch.optim.Optimizer):
     False: the PyTorch form). State per parameter: ``momentum_buffer`` (the parameter's shape and dtype).
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5, ns_coefficients=NS_COEFFICIENTS,
-                 ns_dtype: str = "auto", eps: float = 1e-7, fused: Optional[bool] = None):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        ns_coefficients=NS_COEFFICIENTS,
+        ns_dtype: str = "auto",
+        eps: float = 1e-7,
+        fused: Optional[bool] = None,
+    ):
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"Muon lr must be a finite number >= 0, got {lr!r}")
         if not 0.0 <= momentum < 1.0:
@@ -66,9 +84,17 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon fused must be None (where it applies), True or False, got {fused!r}")
         if len(tuple(ns_coefficients)) != 3:
             raise ValueError(f"Muon ns_coefficients must be (a, b, c), got {ns_coefficients!r}")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), ns_dtype=ns_dtype, eps=eps,
-                        fused=fused)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            ns_coefficients=tuple(ns_coefficients),
+            ns_dtype=ns_dtype,
+            eps=eps,
+            fused=fused,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -87,10 +113,20 @@ class Muon(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             try:
-                muon_step(params, [p.grad for p in params], bufs, lr=group["lr"], momentum=group["momentum"],
-                          nesterov=group["nesterov"], weight_decay=group["weight_decay"], ns_steps=group["ns_steps"],
-                          ns_coefficients=group["ns_coefficients"], ns_dtype=group["ns_dtype"], eps=group["eps"],
-                          backend=_FUSED_BACKEND[group.get("fused")])
+                muon_step(
+                    params,
+                    [p.grad for p in params],
+                    bufs,
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    nesterov=group["nesterov"],
+                    weight_decay=group["weight_decay"],
+                    ns_steps=group["ns_steps"],
+                    ns_coefficients=group["ns_coefficients"],
+                    ns_dtype=group["ns_dtype"],
+                    eps=group["eps"],
+                    backend=_FUSED_BACKEND[group.get("fused")],
+                )
             except BackendUnavailableError as e:
                 raise RuntimeError(f"Muon(fused=True) cannot run the fused step here: {e}") from None
         return loss
@@ -141,8 +177,10 @@ class MuonWithAdamW:
         groups = state_dict["param_groups"]
         n_muon = len(self.muon.param_groups)
         if len(groups) != n_muon + len(self.adamw.param_groups):
-            raise ValueError(f"optimizer state has {len(groups)} parameter groups, this optimizer "
-                             f"{n_muon + len(self.adamw.param_groups)} (muon + adamw)")
+            raise ValueError(
+                f"optimizer state has {len(groups)} parameter groups, this optimizer "
+                f"{n_muon + len(self.adamw.param_groups)} (muon + adamw)"
+            )
         offset = 0
         for opt, own in ((self.muon, groups[:n_muon]), (self.adamw, groups[n_muon:])):
             count = sum(len(g["params"]) for g in own)
@@ -156,8 +194,9 @@ class MuonWithAdamW:
 def muon_param_names(model) -> list[str]:
     """The parameters Muon trains: the 2-D weights inside the transformer blocks (attention and MLP
     matrices). Embeddings, the (tied) LM head, norms and biases stay with AdamW."""
-    return [name for name, p in model.named_parameters()
-            if p.requires_grad and p.dim() == 2 and name.startswith("blocks.")]
+    return [
+        name for name, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and name.startswith("blocks.")
+    ]
 
 
 def adamw_kwargs(device_type: str) -> dict:
@@ -170,13 +209,25 @@ def adamw_kwargs(device_type: str) -> dict:
 def _adamw_groups(params: list, weight_decay: float, lr_ratio: float = 1.0) -> list:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay, "lr_ratio": lr_ratio},
-            {"params": no_decay, "weight_decay": 0.0, "lr_ratio": lr_ratio}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lr_ratio": lr_ratio},
+        {"params": no_decay, "weight_decay": 0.0, "lr_ratio": lr_ratio},
+    ]
 
 
-def build_optimizer(model, *, optimizer: str = "adamw", lr: float, weight_decay: float, betas=(0.9, 0.95),
-                    muon_lr: float = 0.02, muon_momentum: float = 0.95, ns_steps: int = 5,
-                    ns_dtype: str = "auto", device_type: str = "cpu"):
+def build_optimizer(
+    model,
+    *,
+    optimizer: str = "adamw",
+    lr: float,
+    weight_decay: float,
+    betas=(0.9, 0.95),
+    muon_lr: float = 0.02,
+    muon_momentum: float = 0.95,
+    ns_steps: int = 5,
+    ns_dtype: str = "auto",
+    device_type: str = "cpu",
+):
     """The training optimizer for ``model`` (a GPT, possibly wrapped).
 
     ``adamw``: AdamW on everything, weight decay on the 2-D weights only (:func:`adamw_kwargs`).
@@ -191,8 +242,14 @@ def build_optimizer(model, *, optimizer: str = "adamw", lr: float, weight_decay:
     if optimizer == "adamw":
         return torch.optim.AdamW(_adamw_groups([p for _, p in named], weight_decay), lr=lr, betas=betas, **kwargs)
     hidden = set(muon_param_names(model))
-    muon = Muon([{"params": [p for n, p in named if n in hidden], "lr_ratio": muon_lr / lr}], lr=muon_lr,
-                momentum=muon_momentum, weight_decay=weight_decay, ns_steps=ns_steps, ns_dtype=ns_dtype)
+    muon = Muon(
+        [{"params": [p for n, p in named if n in hidden], "lr_ratio": muon_lr / lr}],
+        lr=muon_lr,
+        momentum=muon_momentum,
+        weight_decay=weight_decay,
+        ns_steps=ns_steps,
+        ns_dtype=ns_dtype,
+    )
     rest = [p for n, p in named if n not in hidden]
     return MuonWithAdamW(muon, torch.optim.AdamW(_adamw_groups(rest, weight_decay), lr=lr, betas=betas, **kwargs))
 
@@ -225,8 +282,12 @@ def load_checked_state(optimizer, state_dict: dict) -> None:
     counters one-element tensors holding whole numbers >= 0."""
     live = optimizer.state_dict()
     _check_groups(state_dict.get("param_groups"), live["param_groups"])
-    expected = [(p, _STATE_KEYS[type(opt)](group)) for opt in getattr(optimizer, "optimizers", (optimizer,))
-                for group in opt.param_groups for p in group["params"]]
+    expected = [
+        (p, _STATE_KEYS[type(opt)](group))
+        for opt in getattr(optimizer, "optimizers", (optimizer,))
+        for group in opt.param_groups
+        for p in group["params"]
+    ]
     state = state_dict.get("state")
     if not isinstance(state, dict):
         raise ValueError("the optimizer state is not a mapping of parameter ids")
@@ -246,15 +307,19 @@ def _short(value) -> str:
 
 def _check_groups(saved, live: list) -> None:
     if not isinstance(saved, list) or len(saved) != len(live):
-        raise ValueError(f"the optimizer state has {len(saved) if isinstance(saved, list) else 'no'} parameter "
-                         f"groups, this run's optimizer {len(live)}")
+        raise ValueError(
+            f"the optimizer state has {len(saved) if isinstance(saved, list) else 'no'} parameter "
+            f"groups, this run's optimizer {len(live)}"
+        )
     for i, (group, own) in enumerate(zip(saved, live)):
         if not isinstance(group, dict) or group.get("params") != own["params"]:
             raise ValueError(f"optimizer parameter group {i} lists other parameters than this run's")
         for key in sorted(set(group) & set(own) - _LIVE_FIELDS):
             if _plain(group[key]) != _plain(own[key]):
-                raise ValueError(f"optimizer parameter group {i} has {key}={_short(group[key])}; this run's "
-                                 f"settings give {_short(own[key])}")
+                raise ValueError(
+                    f"optimizer parameter group {i} has {key}={_short(group[key])}; this run's "
+                    f"settings give {_short(own[key])}"
+                )
 
 
 def _check_entry(pid, entry, expected: list) -> None:
@@ -270,14 +335,20 @@ def _check_entry(pid, entry, expected: list) -> None:
             _check_step(name, value)
         elif not (torch.is_tensor(value) and value.is_floating_point() and value.shape == param.shape):
             got = f"{value.dtype} {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
-            raise ValueError(f"optimizer state tensor {name} is {got}; its parameter needs a floating tensor of "
-                             f"shape {tuple(param.shape)}")
+            raise ValueError(
+                f"optimizer state tensor {name} is {got}; its parameter needs a floating tensor of "
+                f"shape {tuple(param.shape)}"
+            )
 
 
 def _check_step(name: str, value) -> None:
     """A step counter: a one-element real tensor (what torch's AdamW keeps) holding a whole number >= 0."""
     number = value.item() if torch.is_tensor(value) and value.numel() == 1 and not value.is_complex() else None
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not (
-            math.isfinite(number) and 0 <= number < 2 ** 53 and number == int(number)):
-        raise ValueError(f"optimizer state {name} must be a tensor holding a whole number of steps >= 0, "
-                         f"got {_short(value)}")
+    if (
+        isinstance(number, bool)
+        or not isinstance(number, (int, float))
+        or not (math.isfinite(number) and 0 <= number < 2**53 and number == int(number))
+    ):
+        raise ValueError(
+            f"optimizer state {name} must be a tensor holding a whole number of steps >= 0, got {_short(value)}"
+        )

@@ -12,6 +12,7 @@ symbolic link in the place of a run file or folder (``data/``, ``ckpt-*``, ``met
 removed as a link, never followed, and the logs are never written through one. The run's lock file
 (``.lock``, :mod:`fastlm.files.runlock`) is neither a user's file nor a run file to delete.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,20 +23,39 @@ import os
 import shutil
 from pathlib import Path
 
-from fastlm.io import checkpoint as ckpt_mod
-from fastlm.text import data as data_mod
 from fastlm.files.atomic import atomic_write_bytes, atomic_write_json, atomic_writer
-from fastlm.text.data import DataError
 from fastlm.files.runlock import LOCK_NAME
 from fastlm.files.safeio import read_bounded
-from fastlm.training.settings import TrainConfig, TrainError
+from fastlm.io import checkpoint as ckpt_mod
+from fastlm.text import data as data_mod
+from fastlm.text.data import DataError
 from fastlm.text.tokenizers import build_tokenizer
+from fastlm.training.settings import TrainConfig, TrainError
 
-__all__ = ["RUN_FILES", "METRICS_HEADER", "LOG_HEADER", "is_run_dir", "check_out_dir", "clear_run_dir",
-           "build_data", "append_csv", "truncate_csv", "plot_losses", "write_summary"]
+__all__ = [
+    "RUN_FILES",
+    "METRICS_HEADER",
+    "LOG_HEADER",
+    "is_run_dir",
+    "check_out_dir",
+    "clear_run_dir",
+    "build_data",
+    "append_csv",
+    "truncate_csv",
+    "plot_losses",
+    "write_summary",
+]
 
-RUN_FILES = ("config.json", "tokenizer.json", "model.safetensors", "latest", "metrics.csv", "train_log.csv",
-             "loss.png", "summary.json")
+RUN_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "model.safetensors",
+    "latest",
+    "metrics.csv",
+    "train_log.csv",
+    "loss.png",
+    "summary.json",
+)
 METRICS_HEADER = ["step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s"]
 LOG_HEADER = ["step", "loss", "lr", "tokens_per_s"]
 
@@ -60,14 +80,20 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     is_run = is_run_dir(out)
     if not overwrite:
         if is_run and not (out / "latest").exists():
-            raise TrainError(f"run directory {out} already exists but holds no checkpoint (its run stopped "
-                             f"before the first save); use --overwrite to start it again, or another --out-dir")
-        raise TrainError(f"run directory {out} already exists; use --overwrite to replace it, "
-                         f"--resume {out} to continue it, or another --out-dir")
+            raise TrainError(
+                f"run directory {out} already exists but holds no checkpoint (its run stopped "
+                f"before the first save); use --overwrite to start it again, or another --out-dir"
+            )
+        raise TrainError(
+            f"run directory {out} already exists; use --overwrite to replace it, "
+            f"--resume {out} to continue it, or another --out-dir"
+        )
     if not is_run:
-        raise TrainError(f"--out-dir {out} is not empty and is not a fastlm run directory (no valid "
-                         f"config.json); --overwrite only replaces fastlm runs, so choose a new or empty "
-                         f"--out-dir")
+        raise TrainError(
+            f"--out-dir {out} is not empty and is not a fastlm run directory (no valid "
+            f"config.json); --overwrite only replaces fastlm runs, so choose a new or empty "
+            f"--out-dir"
+        )
 
 
 def clear_run_dir(out: Path) -> None:
@@ -106,18 +132,29 @@ def build_data(train: TrainConfig, block_size: int, tokenizer=None):
     sources = train.data or [str(data_mod.default_corpus())]
     docs = data_mod.read_documents(sources, text_column=train.text_column, raw_newlines=train.raw_newlines)
     if tokenizer is None:
-        tokenizer = build_tokenizer(train.tokenizer, "\n".join(docs) if len(docs) > 1 else docs[0],
-                                    vocab_size=train.vocab_size, min_freq=train.min_freq, lowercase=train.lowercase)
+        tokenizer = build_tokenizer(
+            train.tokenizer,
+            "\n".join(docs) if len(docs) > 1 else docs[0],
+            vocab_size=train.vocab_size,
+            min_freq=train.min_freq,
+            lowercase=train.lowercase,
+        )
     ids, dropped = data_mod.encode_documents(tokenizer, docs, train.max_doc_tokens)
     splits = data_mod.split_tokens(ids, train.split)
     for name in ("train", "val"):
         if len(splits[name]) < block_size + 1:
-            raise DataError(f"corpus too short: the {name} split has {len(splits[name])} tokens but block_size "
-                            f"{block_size} needs at least {block_size + 1}; use more text or a smaller --block-size")
+            raise DataError(
+                f"corpus too short: the {name} split has {len(splits[name])} tokens but block_size "
+                f"{block_size} needs at least {block_size + 1}; use more text or a smaller --block-size"
+            )
     if train.split and data_mod.parse_split(train.split)[2] > 0 and len(splits["test"]) < 2:
         raise DataError(f"the test split has {len(splits['test'])} tokens; use a larger test fraction or more text")
-    info = {"sources": [str(s) for s in sources], "documents": len(docs), "dropped_documents": dropped,
-            "tokens": {k: int(len(v)) for k, v in splits.items()}}
+    info = {
+        "sources": [str(s) for s in sources],
+        "documents": len(docs),
+        "dropped_documents": dropped,
+        "tokens": {k: int(len(v)) for k, v in splits.items()},
+    }
     return tokenizer, splits, info
 
 
@@ -173,6 +210,7 @@ def plot_losses(run_dir: Path) -> None:
     if not rows:
         return
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -182,8 +220,12 @@ def plot_losses(run_dir: Path) -> None:
     ax.plot(steps, [float(r["val_loss"]) for r in rows], marker="o", label="val")
     log_rows = _read_rows(run_dir / "train_log.csv")
     if log_rows:
-        ax.plot([int(r["step"]) for r in log_rows], [float(r["loss"]) for r in log_rows], alpha=0.3,
-                label="train (per step)")
+        ax.plot(
+            [int(r["step"]) for r in log_rows],
+            [float(r["loss"]) for r in log_rows],
+            alpha=0.3,
+            label="train (per step)",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(run_dir.name)

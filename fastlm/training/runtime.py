@@ -4,6 +4,7 @@ One ``resolve_device`` serves every CLI. :class:`Dist` wraps the process group w
 collectives the trainer needs; :func:`init_distributed` starts it from torchrun's environment with
 a timeout, so a rank that dies cannot leave the others waiting for ever.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,10 +13,18 @@ import os
 from dataclasses import dataclass
 
 import torch
+
 from fastlm.errors import DeviceError
 
-__all__ = ["DeviceError", "resolve_device", "resolve_dtype", "autocast", "Dist", "init_distributed",
-           "DEFAULT_DIST_TIMEOUT_S"]
+__all__ = [
+    "DeviceError",
+    "resolve_device",
+    "resolve_dtype",
+    "autocast",
+    "Dist",
+    "init_distributed",
+    "DEFAULT_DIST_TIMEOUT_S",
+]
 
 DEFAULT_DIST_TIMEOUT_S = 600
 
@@ -86,6 +95,7 @@ class Dist:
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist
+
             dist.barrier()
 
     def broadcast_obj(self, obj):
@@ -93,6 +103,7 @@ class Dist:
         if not self.enabled:
             return obj
         import torch.distributed as dist
+
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -102,6 +113,7 @@ class Dist:
         if not self.enabled:
             return [obj]
         import torch.distributed as dist
+
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
@@ -111,6 +123,7 @@ class Dist:
         if not self.enabled:
             return values
         import torch.distributed as dist
+
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return (t / self.world).tolist()
@@ -125,6 +138,7 @@ class Dist:
     def close(self) -> None:
         if self.enabled:
             import torch.distributed as dist
+
             if dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -136,11 +150,11 @@ def init_distributed(device_name: str, timeout_s: float = DEFAULT_DIST_TIMEOUT_S
     if world <= 1:
         return Dist()
     import torch.distributed as dist
+
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, local, world)

@@ -10,6 +10,7 @@ shakespeare-char recipe, AdamW). ``profile="auto"`` picks ``gpu`` on CUDA and ``
 :func:`resolve_settings` turns a request into the fully resolved run (what ``--print-config``
 prints and ``config.json`` records); :func:`resume_config` does the same for ``--resume``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,17 +20,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from fastlm.text import data as data_mod
+from fastlm.errors import TrainError
 from fastlm.io.checkpoint import CheckpointError
 from fastlm.model import GPTConfig
+from fastlm.text import data as data_mod
 from fastlm.training.optim import OPTIMIZERS
-from fastlm.errors import TrainError
 
-__all__ = ["TrainConfig", "TrainError", "PROFILES", "PROFILE_CHOICES", "Resolved", "RESUME_OVERRIDABLE",
-           "INIT_OVERRIDABLE", "SCHEDULES", "DEVICES", "DTYPES", "default_optimizer", "explicit_settings",
-           "flag_name", "profile_name", "resolve_settings", "resume_config", "train_command"]
+__all__ = [
+    "TrainConfig",
+    "TrainError",
+    "PROFILES",
+    "PROFILE_CHOICES",
+    "Resolved",
+    "RESUME_OVERRIDABLE",
+    "INIT_OVERRIDABLE",
+    "SCHEDULES",
+    "DEVICES",
+    "DTYPES",
+    "default_optimizer",
+    "explicit_settings",
+    "flag_name",
+    "profile_name",
+    "resolve_settings",
+    "resume_config",
+    "train_command",
+]
 
-SCHEDULES = ("cosine", "plateau", "constant")
+SCHEDULES = ("cosine", "plateau", "constant", "wsd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROFILE_CHOICES = ("auto", "cpu", "gpu")
@@ -39,12 +56,32 @@ PROFILE_CHOICES = ("auto", "cpu", "gpu")
 #: (README). ``gpu`` is nanoGPT's shakespeare-char recipe (AdamW: Muon is not yet measured on a GPU).
 #: A fine-tune (``init_from``) that sets no optimizer takes AdamW in both (see :func:`default_optimizer`).
 PROFILES = {
-    "cpu": {"train": {"batch_size": 16, "max_iters": 1150, "lr": 2e-3, "warmup_iters": 50, "eval_interval": 384,
-                      "eval_iters": 10, "sample_tokens": 100, "optimizer": "muon"},
-            "model": {}},
-    "gpu": {"train": {"batch_size": 64, "max_iters": 5000, "lr": 1e-3, "warmup_iters": 100, "eval_interval": 250,
-                      "eval_iters": 100, "sample_tokens": 200, "optimizer": "adamw"},
-            "model": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2}},
+    "cpu": {
+        "train": {
+            "batch_size": 16,
+            "max_iters": 1150,
+            "lr": 2e-3,
+            "warmup_iters": 50,
+            "eval_interval": 384,
+            "eval_iters": 10,
+            "sample_tokens": 100,
+            "optimizer": "muon",
+        },
+        "model": {},
+    },
+    "gpu": {
+        "train": {
+            "batch_size": 64,
+            "max_iters": 5000,
+            "lr": 1e-3,
+            "warmup_iters": 100,
+            "eval_interval": 250,
+            "eval_iters": 100,
+            "sample_tokens": 200,
+            "optimizer": "adamw",
+        },
+        "model": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "dropout": 0.2},
+    },
 }
 
 
@@ -55,77 +92,147 @@ def _by_profile(name: str) -> str:
 @dataclass
 class TrainConfig:
     # data
-    data: list[str] = field(default_factory=list, metadata={
-        "help": "corpus: text file(s), a folder of .txt files, or .csv/.jsonl with --text-column; "
-                "empty = the bundled Tiny Shakespeare"})
+    data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "corpus: text file(s), a folder of .txt files, or .csv/.jsonl with --text-column; "
+            "empty = the bundled Tiny Shakespeare"
+        },
+    )
     out_dir: str = field(default="runs/shakespeare-char", metadata={"help": "run directory"})
     tokenizer: str = field(default="char", metadata={"help": "char | word | bpe | tiktoken:NAME_OR_FILE"})
     vocab_size: Optional[int] = field(default=None, metadata={"help": "tokenizer vocabulary size (bpe; cap for word)"})
     min_freq: int = field(default=1, metadata={"help": "word tokenizer: minimum count of a word"})
     lowercase: bool = field(default=False, metadata={"help": "word tokenizer: lowercase the text"})
-    text_column: Optional[str] = field(default=None, metadata={"help": "CSV/JSONL column holding the text (default: 'text')"})
-    max_doc_tokens: Optional[int] = field(default=None, metadata={"help": "drop documents longer than this many tokens"})
-    doc_mask: Optional[bool] = field(default=None, metadata={
-        "help": "mask attention at document boundaries (each end-of-text token starts a document); default: on "
-                "when the corpus has more than one document"})
-    raw_newlines: bool = field(default=False, metadata={
-        "help": "keep \\r\\n / \\r line ends of text corpora as they are (default: normalise them to \\n)"})
-    split: str = field(default="0.9,0.1,0.0", metadata={
-        "help": "train,val[,test] fractions of the token stream, cut in that order (by default val = the last 10 percent)"})
+    text_column: Optional[str] = field(
+        default=None, metadata={"help": "CSV/JSONL column holding the text (default: 'text')"}
+    )
+    max_doc_tokens: Optional[int] = field(
+        default=None, metadata={"help": "drop documents longer than this many tokens"}
+    )
+    doc_mask: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "mask attention at document boundaries (each end-of-text token starts a document); default: on "
+            "when the corpus has more than one document"
+        },
+    )
+    raw_newlines: bool = field(
+        default=False,
+        metadata={"help": "keep \\r\\n / \\r line ends of text corpora as they are (default: normalise them to \\n)"},
+    )
+    split: str = field(
+        default="0.9,0.1,0.0",
+        metadata={
+            "help": "train,val[,test] fractions of the token stream, cut in that order "
+            "(by default val = the last 10 percent)"
+        },
+    )
     # optimisation
-    batch_size: Optional[int] = field(default=None, metadata={
-        "help": "sequences per micro-batch (per rank)" + _by_profile("batch_size")})
+    batch_size: Optional[int] = field(
+        default=None, metadata={"help": "sequences per micro-batch (per rank)" + _by_profile("batch_size")}
+    )
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    batch_warmup_iters: int = field(
+        default=0,
+        metadata={
+            "help": "batch-size warm-up: the micro-batch grows linearly from batch_warmup_start to batch_size over "
+            "these first steps (0 = off)"
+        },
+    )
+    batch_warmup_start: Optional[int] = field(
+        default=None,
+        metadata={"help": "batch-size warm-up: sequences per micro-batch at step 0 (default batch_size/4)"},
+    )
     max_iters: Optional[int] = field(default=None, metadata={"help": "optimizer steps" + _by_profile("max_iters")})
     lr: Optional[float] = field(default=None, metadata={"help": "peak learning rate" + _by_profile("lr")})
     min_lr: Optional[float] = field(default=None, metadata={"help": "final / lowest learning rate (default lr/10)"})
-    warmup_iters: Optional[int] = field(default=None, metadata={
-        "help": "linear warm-up steps" + _by_profile("warmup_iters")})
-    lr_schedule: str = field(default="cosine", metadata={"help": "learning-rate schedule", "choices": SCHEDULES})
-    plateau_patience: int = field(default=2, metadata={"help": "plateau: evals without improvement before the LR drops"})
+    warmup_iters: Optional[int] = field(
+        default=None, metadata={"help": "linear warm-up steps" + _by_profile("warmup_iters")}
+    )
+    lr_schedule: str = field(
+        default="cosine",
+        metadata={
+            "help": "learning-rate schedule after the warm-up: cosine to min_lr, plateau, constant, or wsd "
+            "(warmup-stable-decay: lr until the last decay_frac of the steps, then linear to min_lr)",
+            "choices": SCHEDULES,
+        },
+    )
+    decay_frac: float = field(default=0.4, metadata={"help": "wsd: fraction of max_iters spent in the final decay"})
+    plateau_patience: int = field(
+        default=2, metadata={"help": "plateau: evals without improvement before the LR drops"}
+    )
     plateau_factor: float = field(default=0.5, metadata={"help": "plateau: LR multiplier on a plateau"})
-    optimizer: Optional[str] = field(default=None, metadata={
-        "help": "adamw (AdamW at --lr on every parameter) | muon (Muon at --muon-lr for the 2-D weights "
-                "inside the blocks, AdamW at --lr for the rest); default: adamw when fine-tuning (--init-from: "
-                "then --lr governs every weight), else the profile's (cpu muon, gpu adamw)",
-        "choices": OPTIMIZERS})
-    muon_lr: float = field(default=0.02, metadata={
-        "help": "muon: peak learning rate of the Muon matrices (used only with the muon optimizer)"})
+    optimizer: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "adamw (AdamW at --lr on every parameter) | muon (Muon at --muon-lr for the 2-D weights "
+            "inside the blocks, AdamW at --lr for the rest); default: adamw when fine-tuning (--init-from: "
+            "then --lr governs every weight), else the profile's (cpu muon, gpu adamw)",
+            "choices": OPTIMIZERS,
+        },
+    )
+    muon_lr: float = field(
+        default=0.02,
+        metadata={"help": "muon: peak learning rate of the Muon matrices (used only with the muon optimizer)"},
+    )
     muon_momentum: float = field(default=0.95, metadata={"help": "muon: Nesterov momentum of the Muon matrices"})
     weight_decay: float = field(default=0.1, metadata={"help": "weight decay of the 2-D weights (AdamW and Muon)"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     # evaluation
-    eval_interval: Optional[int] = field(default=None, metadata={
-        "help": "evaluate (and checkpoint) every N steps" + _by_profile("eval_interval")})
-    eval_iters: Optional[int] = field(default=None, metadata={
-        "help": "batches per split in each evaluation" + _by_profile("eval_iters")})
-    eval_batch_size: int = field(default=64, metadata={"help": "windows per forward in the final whole-split evaluation"})
-    early_stopping_patience: Optional[int] = field(default=None, metadata={
-        "help": "stop after this many evals without a better val loss (none = never)"})
-    sample_tokens: Optional[int] = field(default=None, metadata={
-        "help": "tokens of sample text printed at each eval (0 = none)" + _by_profile("sample_tokens")})
+    eval_interval: Optional[int] = field(
+        default=None, metadata={"help": "evaluate (and checkpoint) every N steps" + _by_profile("eval_interval")}
+    )
+    eval_iters: Optional[int] = field(
+        default=None, metadata={"help": "batches per split in each evaluation" + _by_profile("eval_iters")}
+    )
+    eval_batch_size: int = field(
+        default=64, metadata={"help": "windows per forward in the final whole-split evaluation"}
+    )
+    early_stopping_patience: Optional[int] = field(
+        default=None, metadata={"help": "stop after this many evals without a better val loss (none = never)"}
+    )
+    sample_tokens: Optional[int] = field(
+        default=None,
+        metadata={"help": "tokens of sample text printed at each eval (0 = none)" + _by_profile("sample_tokens")},
+    )
     # system
     device: str = field(default="auto", metadata={"help": "auto picks cuda > mps > cpu", "choices": DEVICES})
-    dtype: str = field(default="auto", metadata={"help": "autocast dtype (auto: bfloat16 on CUDA if supported, else float16; float32 elsewhere)", "choices": DTYPES})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "autocast dtype (auto: bfloat16 on CUDA if supported, else float16; float32 elsewhere)",
+            "choices": DTYPES,
+        },
+    )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     seed: int = field(default=1337, metadata={"help": "random seed"})
     threads: Optional[int] = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)"})
-    dist_timeout_s: int = field(default=600, metadata={
-        "help": "torchrun jobs: seconds a collective may wait for the other ranks before the job fails"})
-    profile: str = field(default="auto", metadata={
-        "help": "the recipe for the settings you do not set: cpu, gpu, or auto (gpu on CUDA, else cpu)",
-        "choices": PROFILE_CHOICES})
-    gpu_defaults: bool = field(default=True, metadata={
-        "help": "with --profile auto on CUDA: the gpu profile (--no-gpu-defaults: the cpu one)"})
+    dist_timeout_s: int = field(
+        default=600,
+        metadata={"help": "torchrun jobs: seconds a collective may wait for the other ranks before the job fails"},
+    )
+    profile: str = field(
+        default="auto",
+        metadata={
+            "help": "the recipe for the settings you do not set: cpu, gpu, or auto (gpu on CUDA, else cpu)",
+            "choices": PROFILE_CHOICES,
+        },
+    )
+    gpu_defaults: bool = field(
+        default=True, metadata={"help": "with --profile auto on CUDA: the gpu profile (--no-gpu-defaults: the cpu one)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     log_interval: int = field(default=50, metadata={"help": "write train_log.csv every N steps"})
     # run management
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run in --out-dir"})
     resume: Optional[str] = field(default=None, metadata={"help": "continue the run in this directory exactly"})
-    init_from: Optional[str] = field(default=None, metadata={
-        "help": "fine-tune from this run dir / model.safetensors (its tokenizer and architecture)"})
+    init_from: Optional[str] = field(
+        default=None,
+        metadata={"help": "fine-tune from this run dir / model.safetensors (its tokenizer and architecture)"},
+    )
 
     def validate(self) -> None:
         def need(cond, msg):
@@ -133,41 +240,86 @@ class TrainConfig:
                 raise TrainError(msg)
 
         unset = {name for name in PROFILES["cpu"]["train"] if getattr(self, name) is None}  # the profile's
-        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "eval_batch_size",
-                     "log_interval", "min_freq", "plateau_patience", "dist_timeout_s"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_iters",
+            "eval_interval",
+            "eval_iters",
+            "eval_batch_size",
+            "log_interval",
+            "min_freq",
+            "plateau_patience",
+            "dist_timeout_s",
+        ):
             v = getattr(self, name)
-            need(name in unset or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
-                 f"{name} must be a positive integer, got {v!r}")
-        for name in ("warmup_iters", "sample_tokens"):
+            need(
+                name in unset or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                f"{name} must be a positive integer, got {v!r}",
+            )
+        for name in ("warmup_iters", "sample_tokens", "batch_warmup_iters"):
             v = getattr(self, name)
-            need(name in unset or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-                 f"{name} must be a non-negative integer, got {v!r}")
-        for name in ("early_stopping_patience", "threads", "max_doc_tokens", "vocab_size"):
+            need(
+                name in unset or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                f"{name} must be a non-negative integer, got {v!r}",
+            )
+        for name in ("early_stopping_patience", "threads", "max_doc_tokens", "vocab_size", "batch_warmup_start"):
             v = getattr(self, name)
-            need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
-                 f"{name} must be a positive integer or none, got {v!r}")
-        need("lr" in unset or (_is_number(self.lr) and 0 < self.lr <= 10),
-             f"lr must be a finite number in (0, 10], got {self.lr!r}")
+            need(
+                v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                f"{name} must be a positive integer or none, got {v!r}",
+            )
+        need(
+            "lr" in unset or (_is_number(self.lr) and 0 < self.lr <= 10),
+            f"lr must be a finite number in (0, 10], got {self.lr!r}",
+        )
         if self.min_lr is not None:
-            need(_is_number(self.min_lr) and 0 <= self.min_lr and ("lr" in unset or self.min_lr <= self.lr),
-                 f"min_lr must be a finite number in [0, lr={self.lr}], got {self.min_lr!r}")
-        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+            need(
+                _is_number(self.min_lr) and 0 <= self.min_lr and ("lr" in unset or self.min_lr <= self.lr),
+                f"min_lr must be a finite number in [0, lr={self.lr}], got {self.min_lr!r}",
+            )
+        need(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"weight_decay must be >= 0, got {self.weight_decay!r}",
+        )
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             need(math.isfinite(v) and 0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
         need(math.isfinite(self.grad_clip) and self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip!r}")
-        need(math.isfinite(self.plateau_factor) and 0 < self.plateau_factor < 1,
-             f"plateau_factor must be in (0, 1), got {self.plateau_factor!r}")
-        need(self.optimizer is None or self.optimizer in OPTIMIZERS,
-             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        need(math.isfinite(self.muon_lr) and 0 < self.muon_lr <= 10,
-             f"muon_lr must be a finite number in (0, 10], got {self.muon_lr!r}")
-        need(math.isfinite(self.muon_momentum) and 0 <= self.muon_momentum < 1,
-             f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}")
-        need(self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        need(
+            math.isfinite(self.plateau_factor) and 0 < self.plateau_factor < 1,
+            f"plateau_factor must be in (0, 1), got {self.plateau_factor!r}",
+        )
+        need(
+            self.optimizer is None or self.optimizer in OPTIMIZERS,
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
+        need(
+            math.isfinite(self.muon_lr) and 0 < self.muon_lr <= 10,
+            f"muon_lr must be a finite number in (0, 10], got {self.muon_lr!r}",
+        )
+        need(
+            math.isfinite(self.muon_momentum) and 0 <= self.muon_momentum < 1,
+            f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}",
+        )
+        need(
+            _is_number(self.decay_frac) and 0 < self.decay_frac <= 1,
+            f"decay_frac must be a number in (0, 1], got {self.decay_frac!r}",
+        )
+        need(
+            self.batch_warmup_start is None or "batch_size" in unset or self.batch_warmup_start <= self.batch_size,
+            f"batch_warmup_start ({self.batch_warmup_start}) must not exceed batch_size ({self.batch_size})",
+        )
+        need(
+            self.lr_schedule in SCHEDULES,
+            f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}",
+        )
         need(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        need(self.profile in PROFILE_CHOICES, f"profile must be one of {', '.join(PROFILE_CHOICES)}, got {self.profile!r}")
+        need(
+            self.profile in PROFILE_CHOICES,
+            f"profile must be one of {', '.join(PROFILE_CHOICES)}, got {self.profile!r}",
+        )
         need(bool(self.out_dir), "out_dir must not be empty")
         data_mod.parse_split(self.split)
         need(not (self.resume and self.init_from), "use either --resume or --init-from, not both")
@@ -176,15 +328,36 @@ class TrainConfig:
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
 
+    def batch_at(self, step: int) -> int:
+        """Sequences per micro-batch at optimizer step ``step`` (0-based): ``batch_size``, or during the
+        batch-size warm-up ``start + (batch_size - start) * step // batch_warmup_iters``."""
+        if step >= self.batch_warmup_iters:
+            return self.batch_size
+        start = self.batch_warmup_start or max(1, self.batch_size // 4)
+        return start + (self.batch_size - start) * step // self.batch_warmup_iters
+
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 #: settings --resume may change (everything else must match the run's stored config)
-RESUME_OVERRIDABLE = {"max_iters", "device", "threads", "progress", "log_interval", "sample_tokens", "compile",
-                      "resume", "overwrite", "gpu_defaults", "profile", "early_stopping_patience", "eval_batch_size",
-                      "dist_timeout_s"}
+RESUME_OVERRIDABLE = {
+    "max_iters",
+    "device",
+    "threads",
+    "progress",
+    "log_interval",
+    "sample_tokens",
+    "compile",
+    "resume",
+    "overwrite",
+    "gpu_defaults",
+    "profile",
+    "early_stopping_patience",
+    "eval_batch_size",
+    "dist_timeout_s",
+}
 #: GPTConfig fields that --init-from takes from the flags (the rest is the checkpoint's architecture)
 INIT_OVERRIDABLE = {"dropout", "backend"}
 
@@ -217,8 +390,12 @@ class Resolved:
 
     def as_dict(self) -> dict:
         """What ``python -m fastlm.train --print-config`` prints."""
-        return {"profile": self.profile, "train": dataclasses.asdict(self.train), "model": dict(self.model),
-                "from_profile": dict(self.from_profile)}
+        return {
+            "profile": self.profile,
+            "train": dataclasses.asdict(self.train),
+            "model": dict(self.model),
+            "from_profile": dict(self.from_profile),
+        }
 
 
 def resolve_settings(train: TrainConfig, model: dict, device_type: str) -> Resolved:
@@ -249,25 +426,33 @@ def explicit_settings(train: TrainConfig, model: dict) -> set:
     from their defaults (the rest), and every key of the model settings. (The CLI knows exactly what was
     typed and passes that instead.)"""
     defaults = TrainConfig()
-    chosen = {f.name for f in dataclasses.fields(TrainConfig)
-              if getattr(train, f.name) is not None and getattr(train, f.name) != getattr(defaults, f.name)}
+    chosen = {
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(train, f.name) is not None and getattr(train, f.name) != getattr(defaults, f.name)
+    }
     chosen |= {name for name in PROFILES["cpu"]["train"] if getattr(train, name) is not None}
     return chosen | set(model)
 
 
-def resume_config(stored: dict, train: TrainConfig, model: dict, explicit: set,
-                  run_dir: Path) -> tuple[TrainConfig, GPTConfig]:
+def resume_config(
+    stored: dict, train: TrainConfig, model: dict, explicit: set, run_dir: Path
+) -> tuple[TrainConfig, GPTConfig]:
     """The settings of a resumed run: the stored ones, with the RESUME_OVERRIDABLE settings the user
     chose now. Any other setting that differs from the run's is refused (one line)."""
     stored_train, stored_model = stored.get("train", {}), stored.get("model", {})
     requested = dataclasses.asdict(train)
     for name in sorted(explicit - RESUME_OVERRIDABLE - {"out_dir", "config"}):
         if name in requested and name in stored_train and stored_train[name] != requested[name]:
-            raise CheckpointError(f"--resume {run_dir}: the run was trained with {name}={stored_train[name]!r}, not "
-                                  f"{requested[name]!r}; drop that setting or start a new run")
+            raise CheckpointError(
+                f"--resume {run_dir}: the run was trained with {name}={stored_train[name]!r}, not "
+                f"{requested[name]!r}; drop that setting or start a new run"
+            )
         if name in model and name in stored_model and stored_model[name] != model[name]:
-            raise CheckpointError(f"--resume {run_dir}: the run's model has {name}={stored_model[name]!r}, not "
-                                  f"{model[name]!r} (another config); drop that flag or start a new run")
+            raise CheckpointError(
+                f"--resume {run_dir}: the run's model has {name}={stored_model[name]!r}, not "
+                f"{model[name]!r} (another config); drop that flag or start a new run"
+            )
     values = dict(stored_train)
     for name in RESUME_OVERRIDABLE & explicit:
         if name in requested:

@@ -12,7 +12,9 @@ summary that is also written to ``summary.json``. Its parts, in order:
   reads them), model, optimizer, samplers;
 * :meth:`~Trainer._restore` -- a resumed run's weights, optimizer, RNG and sampler states;
 * :meth:`~Trainer._train_step` / :meth:`~Trainer._evaluate` / :meth:`~Trainer._save` -- the loop;
-* :meth:`~Trainer._finish` -- the whole-split evaluation of the best weights and the summary.
+* :meth:`~Trainer._finish` -- the whole-split evaluation of the best weights and the summary, which
+  also gives the run's model FLOPs per token, achieved FLOP/s and MFU against the device's peak
+  (:mod:`fastlm.training.mfu` defines each).
 
 :class:`Callback` hooks let a caller watch or steer a run (``on_step``, ``on_eval``, ...);
 :meth:`Trainer.request_stop` ends it gracefully. A non-finite loss raises :class:`NonFiniteLoss`,
@@ -24,6 +26,7 @@ generator and rank ``r`` takes its own slice, so a run on N ranks equals a one-p
 same global batch (``batch_size x grad_accum x world_size``); only rank 0 writes files, and an error
 on one rank ends every rank (errors are exchanged at each save, so no rank waits for ever).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,20 +45,28 @@ import numpy as np
 import torch
 
 from fastlm._version import __version__
+from fastlm.errors import CheckpointError, NonFiniteLoss, RankFailed, TrainError, TrainingInterrupted
+from fastlm.files.runlock import RunLock
 from fastlm.io import checkpoint as ckpt_mod
-from fastlm.text import data as data_mod
-from fastlm.training import rundir
 from fastlm.io.loading import load_model
 from fastlm.model import GPT, GPTConfig
+from fastlm.sampling import generate
+from fastlm.text import data as data_mod
+from fastlm.text.tokenizers import load_tokenizer
+from fastlm.training import rundir
+from fastlm.training.mfu import format_flops, mfu_fields, peak_flops
 from fastlm.training.optim import build_optimizer, load_checked_state
 from fastlm.training.runtime import autocast, init_distributed, resolve_device, resolve_dtype
 from fastlm.training.schedule import LRSchedule
-from fastlm.text.tokenizers import load_tokenizer
-from fastlm.sampling import generate
-from fastlm.training.settings import (INIT_OVERRIDABLE, Resolved, TrainConfig, explicit_settings,
-                                     resolve_settings, resume_config, train_command)
-from fastlm.errors import CheckpointError, NonFiniteLoss, RankFailed, TrainError, TrainingInterrupted
-from fastlm.files.runlock import RunLock
+from fastlm.training.settings import (
+    INIT_OVERRIDABLE,
+    Resolved,
+    TrainConfig,
+    explicit_settings,
+    resolve_settings,
+    resume_config,
+    train_command,
+)
 
 __all__ = ["Trainer", "Callback", "TrainingInterrupted", "NonFiniteLoss", "RankFailed"]
 
@@ -94,9 +105,15 @@ class Progress:
     stopped_early: bool = False
 
     def to_state(self, wall: float) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen,
-                "best_val": self.best_val if math.isfinite(self.best_val) else None, "best_step": self.best_step,
-                "best_train": self.best_train, "bad_evals": self.bad_evals, "train_wall_s": wall}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val": self.best_val if math.isfinite(self.best_val) else None,
+            "best_step": self.best_step,
+            "best_train": self.best_train,
+            "bad_evals": self.bad_evals,
+            "train_wall_s": wall,
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> "Progress":
@@ -108,14 +125,20 @@ class Progress:
         if best_step is not None and _whole(state, "best_step") > step:
             raise ValueError(f"best_step {best_step} is after step {step}")
         best = _finite(state, "best_val")
-        return cls(step=step, tokens_seen=_whole(state, "tokens_seen"), best_val=math.inf if best is None else best,
-                   best_step=best_step, best_train=_finite(state, "best_train"), bad_evals=_whole(state, "bad_evals"),
-                   wall_before=_finite(state, "train_wall_s") or 0.0)
+        return cls(
+            step=step,
+            tokens_seen=_whole(state, "tokens_seen"),
+            best_val=math.inf if best is None else best,
+            best_step=best_step,
+            best_train=_finite(state, "best_train"),
+            bad_evals=_whole(state, "bad_evals"),
+            wall_before=_finite(state, "train_wall_s") or 0.0,
+        )
 
 
 def _whole(state: dict, key: str) -> int:
     value = state[key]
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise ValueError(f"{key} must be a whole number >= 0, got {str(value)[:40]}")
     return value
 
@@ -137,7 +160,7 @@ class LoopClock:
 
     start: float = 0.0
     mark_time: float = 0.0
-    mark_step: int = 0
+    mark_tokens: int = 0
     losses: list = dataclasses.field(default_factory=list)
 
 
@@ -166,8 +189,14 @@ class Trainer:
     prints; a resume reads the run's stored settings here.
     """
 
-    def __init__(self, config: Optional[TrainConfig] = None, model: Union[GPTConfig, dict, None] = None, *,
-                 callbacks: Sequence[Callback] = (), explicit: Optional[set] = None):
+    def __init__(
+        self,
+        config: Optional[TrainConfig] = None,
+        model: Union[GPTConfig, dict, None] = None,
+        *,
+        callbacks: Sequence[Callback] = (),
+        explicit: Optional[set] = None,
+    ):
         requested = config if config is not None else TrainConfig()
         requested.validate()
         if isinstance(model, GPTConfig):
@@ -180,8 +209,9 @@ class Trainer:
         if requested.resume:  # the run's stored settings, its device included (unless --device is given now)
             self.run_dir = Path(requested.resume)
             self._stored = ckpt_mod.read_run_config(self.run_dir)
-            self.config, self.model_config = resume_config(self._stored, requested, chosen_model, self._explicit,
-                                                           self.run_dir)
+            self.config, self.model_config = resume_config(
+                self._stored, requested, chosen_model, self._explicit, self.run_dir
+            )
             self.device_type = resolve_device(self.config.device).type
         else:
             self.device_type = resolve_device(requested.device).type
@@ -236,8 +266,11 @@ class Trainer:
         training settings and the model (a resume: the run's stored ones; a fine-tune: the source's
         architecture, read when the run starts)."""
         if self.resolved is None:
-            return {"profile": self.config.profile, "train": dataclasses.asdict(self.config),
-                    "model": self.model_config.to_dict()}
+            return {
+                "profile": self.config.profile,
+                "train": dataclasses.asdict(self.config),
+                "model": self.model_config.to_dict(),
+            }
         out = self.resolved.as_dict()
         if self.config.init_from:
             overrides = {k: v for k, v in self._chosen_model.items() if k in INIT_OVERRIDABLE}
@@ -282,13 +315,17 @@ class Trainer:
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if self.device_type == "cuda" and self.dist.enabled
-                                   else self.device_type)
+        self.device = torch.device(
+            f"cuda:{self.dist.local_rank}" if self.device_type == "cuda" and self.dist.enabled else self.device_type
+        )
         self._agreed(self._lock_run_dir)
         if cfg.resume:
             self._check_resume()
         elif self.resolved.from_profile:
-            self.say(f"profile {self.resolved.profile}: " + ", ".join(f"{k}={v}" for k, v in self.resolved.from_profile.items()))
+            self.say(
+                f"profile {self.resolved.profile}: "
+                + ", ".join(f"{k}={v}" for k, v in self.resolved.from_profile.items())
+            )
         self.autocast_dtype = resolve_dtype(cfg.dtype, self.device_type)
         init_state = self._prepare_run_dir()
         self._load_run()
@@ -300,12 +337,16 @@ class Trainer:
 
     def _check_resume(self) -> None:
         if not (self.run_dir / "latest").exists():
-            raise CheckpointError(f"--resume {self.run_dir}: the run holds no checkpoint yet (it stopped before "
-                                  f"its first save); start it again with --out-dir {self.run_dir} --overwrite")
+            raise CheckpointError(
+                f"--resume {self.run_dir}: the run holds no checkpoint yet (it stopped before "
+                f"its first save); start it again with --out-dir {self.run_dir} --overwrite"
+            )
         if self._stored.get("world_size", 1) != self.dist.world:
-            raise CheckpointError(f"--resume {self.run_dir}: the run used {self._stored.get('world_size', 1)} "
-                                  f"process(es), this launch has {self.dist.world}; resume with the same "
-                                  f"--nproc_per_node")
+            raise CheckpointError(
+                f"--resume {self.run_dir}: the run used {self._stored.get('world_size', 1)} "
+                f"process(es), this launch has {self.dist.world}; resume with the same "
+                f"--nproc_per_node"
+            )
 
     def _lock_run_dir(self) -> None:
         """Rank 0 holds the run directory's lock until :meth:`fit` returns: a second process on the
@@ -350,14 +391,20 @@ class Trainer:
         mcfg = GPTConfig.from_dict({**mcfg.to_dict(), "vocab_size": tokenizer.vocab_size})
         doc_mask = data_info["documents"] > 1 if cfg.doc_mask is None else cfg.doc_mask
         if doc_mask and tokenizer.eos_id is None:
-            raise TrainError(f"doc_mask needs an end-of-text token to find the documents; the {tokenizer.kind} "
-                             f"tokenizer has none (train with --no-doc-mask)")
+            raise TrainError(
+                f"doc_mask needs an end-of-text token to find the documents; the {tokenizer.kind} "
+                f"tokenizer has none (train with --no-doc-mask)"
+            )
         if out.is_dir():  # all checks passed: only now is the previous run replaced
             rundir.clear_run_dir(out)
-        run_config = {"model": mcfg.to_dict(), "train": {**dataclasses.asdict(cfg), "doc_mask": doc_mask},
-                      "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-                                    "eos_id": tokenizer.eos_id},
-                      "data": data_info, "world_size": self.dist.world, "fastlm_version": __version__}
+        run_config = {
+            "model": mcfg.to_dict(),
+            "train": {**dataclasses.asdict(cfg), "doc_mask": doc_mask},
+            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+            "data": data_info,
+            "world_size": self.dist.world,
+            "fastlm_version": __version__,
+        }
         run_config["command"] = train_command(run_config)
         # config first: a start killed from here on leaves a recognisable run (no checkpoint yet),
         # which --overwrite may replace
@@ -369,8 +416,11 @@ class Trainer:
         """Architecture, tokenizer and weights of the checkpoint a fine-tune starts from."""
         init_model, tokenizer, init_cfg = load_model(self.config.init_from, "cpu")
         base = dict(init_cfg["model"])
-        ignored = sorted(k for k in self._chosen_model if k in base and k not in INIT_OVERRIDABLE
-                         and self._chosen_model[k] != base[k])
+        ignored = sorted(
+            k
+            for k in self._chosen_model
+            if k in base and k not in INIT_OVERRIDABLE and self._chosen_model[k] != base[k]
+        )
         if ignored:
             self.say("note: --init-from takes the architecture from the checkpoint; ignoring " + ", ".join(ignored))
         for k in INIT_OVERRIDABLE & set(self._chosen_model):
@@ -395,15 +445,22 @@ class Trainer:
             ckpt_mod.check_config_matches_weights(mcfg, shapes, weights, self.run_dir / "config.json")
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        np.random.seed(cfg.seed % (2 ** 32))
+        np.random.seed(cfg.seed % (2**32))
         model = GPT(mcfg)
         if init_state is not None:
             ckpt_mod.load_model_tensors(model, init_state, cfg.init_from)
         model.to(self.device)
         self.raw_model = self.model = model
-        self.optimizer = build_optimizer(model, optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                         betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr,
-                                         muon_momentum=cfg.muon_momentum, device_type=self.device.type)
+        self.optimizer = build_optimizer(
+            model,
+            optimizer=cfg.optimizer,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=(cfg.beta1, cfg.beta2),
+            muon_lr=cfg.muon_lr,
+            muon_momentum=cfg.muon_momentum,
+            device_type=self.device.type,
+        )
         self.schedule = LRSchedule(cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=(self.autocast_dtype == torch.float16))
         self.amp = autocast(self.device.type, self.autocast_dtype)
@@ -413,20 +470,23 @@ class Trainer:
         eval_batch = cfg.batch_size * cfg.grad_accum
         self.eval_samplers = {
             "train": data_mod.BatchSampler(self.train_ids, mcfg.block_size, eval_batch, [cfg.seed, 1]),
-            "val": data_mod.BatchSampler(self.val_ids, mcfg.block_size, eval_batch, [cfg.seed, 2])}
+            "val": data_mod.BatchSampler(self.val_ids, mcfg.block_size, eval_batch, [cfg.seed, 2]),
+        }
         self._eval_start = {k: s.state() for k, s in self.eval_samplers.items()}  # every eval: the same windows
 
     def _restore(self) -> None:
         """Continue a run exactly: weights, optimizer, schedule, RNGs, samplers, progress."""
         saved = ckpt_mod.load_checkpoint(self.run_dir)
         if GPTConfig.from_dict(saved["model_config"]).to_dict() != self.model_config.to_dict():
-            raise CheckpointError(f"{saved['dir']} was written for another model config than "
-                                  f"{self.run_dir / 'config.json'}")
+            raise CheckpointError(
+                f"{saved['dir']} was written for another model config than {self.run_dir / 'config.json'}"
+            )
         ckpt_mod.load_model_tensors(self.raw_model, saved["model"], saved["dir"] / "model.safetensors")
         self._restore_optimizer(saved)
         if len(saved["ranks"]) != self.dist.world:
-            raise CheckpointError(f"{saved['dir']} holds {len(saved['ranks'])} rank state(s), "
-                                  f"this launch has {self.dist.world}")
+            raise CheckpointError(
+                f"{saved['dir']} holds {len(saved['ranks'])} rank state(s), this launch has {self.dist.world}"
+            )
         try:  # state.json comes with the run: a malformed field is a one-line refusal
             self._restore_state(saved["state"], *saved["ranks"][self.dist.rank])
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as e:
@@ -437,8 +497,10 @@ class Trainer:
             rundir.truncate_csv(self.run_dir / "metrics.csv", self.progress.step)
             rundir.truncate_csv(self.run_dir / "train_log.csv", self.progress.step)
         best = self.progress.best_val
-        self.say(f"resuming {self.run_dir} at step {self.progress.step}"
-                 + (f" (best val {best:.4f})" if math.isfinite(best) else ""))
+        self.say(
+            f"resuming {self.run_dir} at step {self.progress.step}"
+            + (f" (best val {best:.4f})" if math.isfinite(best) else "")
+        )
 
     def _restore_state(self, state: dict, rank_js: dict, rank_tensors: dict) -> None:
         """This rank's RNG and sampler states, then the run's progress, schedule and scaler."""
@@ -470,6 +532,7 @@ class Trainer:
             self.model = torch.compile(self.model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
+
             self.model = DDP(self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
 
     def _announce(self) -> None:
@@ -477,20 +540,37 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * world
         if not cfg.resume:
             self.say(f"run dir: {self.run_dir}")
-        precision = (f"autocast {str(self.autocast_dtype).replace('torch.', '')}"
-                     if self.autocast_dtype != torch.float32 else "float32")
+        precision = (
+            f"autocast {str(self.autocast_dtype).replace('torch.', '')}"
+            if self.autocast_dtype != torch.float32
+            else "float32"
+        )
         self.say(f"device: {self.device} ({precision}){f', {world} processes' if self.dist.enabled else ''}")
-        self.say(f"data: {len(self.train_ids):,} train / {len(self.val_ids):,} val tokens, {self.tokenizer.kind} "
-                 f"tokenizer, vocab {self.tokenizer.vocab_size}")
-        self.say(f"model: {self.raw_model.num_params() / 1e6:.2f}M params ({mcfg.n_layer} layers, {mcfg.n_head} heads, "
-                 f"{mcfg.n_embd} wide, context {mcfg.block_size})")
+        self.say(
+            f"data: {len(self.train_ids):,} train / {len(self.val_ids):,} val tokens, {self.tokenizer.kind} "
+            f"tokenizer, vocab {self.tokenizer.vocab_size}"
+        )
+        self.say(
+            f"model: {self.raw_model.num_params() / 1e6:.2f}M params ({mcfg.n_layer} layers, {mcfg.n_head} heads, "
+            f"{mcfg.n_embd} wide, context {mcfg.block_size})"
+        )
         if self.doc_eos is not None:
             self.say("documents: attention masked at end-of-text boundaries (--no-doc-mask turns it off)")
-        self.say(f"global batch: {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {world} = "
-                 f"{cfg.batch_size * cfg.grad_accum * world} sequences = {self.tokens_per_step:,} tokens/step")
+        self.say(
+            f"global batch: {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {world} = "
+            f"{cfg.batch_size * cfg.grad_accum * world} sequences = {self.tokens_per_step:,} tokens/step"
+            + (
+                f" (warm-up: micro-batch {cfg.batch_at(0)} -> {cfg.batch_size} over the first "
+                f"{cfg.batch_warmup_iters} steps)"
+                if cfg.batch_warmup_iters
+                else ""
+            )
+        )
         if cfg.optimizer == "muon":
-            self.say(f"optimizer: muon (peak lr {cfg.muon_lr:g} for the block matrices) + adamw (peak lr {cfg.lr:g} "
-                     f"for embeddings, norms and biases)")
+            self.say(
+                f"optimizer: muon (peak lr {cfg.muon_lr:g} for the block matrices) + adamw (peak lr {cfg.lr:g} "
+                f"for embeddings, norms and biases)"
+            )
         else:
             self.say(f"optimizer: adamw (peak lr {cfg.lr:g} for every parameter)")
 
@@ -499,10 +579,17 @@ class Trainer:
         cfg, progress = self.config, self.progress
         if self.dist.is_main and cfg.progress:
             from tqdm import tqdm
-            self._bar = tqdm(total=cfg.max_iters, initial=progress.step, desc="train", dynamic_ncols=True,
-                             file=sys.stderr, mininterval=1.0)
+
+            self._bar = tqdm(
+                total=cfg.max_iters,
+                initial=progress.step,
+                desc="train",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
+            )
         now = time.time()
-        self._clock = LoopClock(start=now, mark_time=now, mark_step=progress.step)
+        self._clock = LoopClock(start=now, mark_time=now, mark_tokens=progress.tokens_seen)
         self._watch_steps = any(type(cb).on_step is not Callback.on_step for cb in self.callbacks)
         try:
             if not cfg.resume:
@@ -532,11 +619,11 @@ class Trainer:
         lr = self.schedule.lr(progress.step)
         for group in self.optimizer.param_groups:  # Muon groups run at muon_lr / lr times the schedule
             group["lr"] = lr * group.get("lr_ratio", 1.0)
-        loss_sum = 0.0
+        loss_sum, batch = 0.0, cfg.batch_at(progress.step)
         for micro in range(cfg.grad_accum):
-            x, y = self.train_sampler.sample(self.device, self.dist.rank, self.dist.world)
+            x, y = self.train_sampler.sample(self.device, self.dist.rank, self.dist.world, batch)
             last = micro == cfg.grad_accum - 1
-            with (self.model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()):
+            with self.model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext():
                 with self.amp():
                     _, loss = self.model(x, y, segment_ids=self._segments(x))
                 self.scaler.scale(loss / cfg.grad_accum).backward()
@@ -552,7 +639,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         progress.step = step
-        progress.tokens_seen += self.tokens_per_step
+        progress.tokens_seen += self.tokens_per_step * batch // cfg.batch_size
         self._log_step(step_loss, lr)
         if step_loss is not None:
             self._emit("on_step", step, step_loss)
@@ -573,8 +660,9 @@ class Trainer:
         """Whether step ``step``'s loss is read on the host: it is logged, an evaluation (and a
         checkpoint) follows, it is the last, or a callback watches every step."""
         cfg = self.config
-        return (step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.max_iters
-                or self._watch_steps)
+        return (
+            step % cfg.log_interval == 0 or step % cfg.eval_interval == 0 or step == cfg.max_iters or self._watch_steps
+        )
 
     def _read_losses(self, step: int) -> float:
         """The summed loss of step ``step`` (mean over ranks), after checking that every step since
@@ -586,19 +674,24 @@ class Trainer:
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
             first = int(bad[0])
-            raise NonFiniteLoss(f"loss is {float(values[first])} at step {step - len(pending) + 1 + first}; stopping. "
-                                f"The last good checkpoint is kept in {self.run_dir} (try a lower --lr, --grad-clip, "
-                                f"or --dtype float32)")
+            raise NonFiniteLoss(
+                f"loss is {float(values[first])} at step {step - len(pending) + 1 + first}; stopping. "
+                f"The last good checkpoint is kept in {self.run_dir} (try a lower --lr, --grad-clip, "
+                f"or --dtype float32)"
+            )
         return float(values[-1])
 
     def _log_step(self, loss: Optional[float], lr: float) -> None:
         step, cfg = self.progress.step, self.config
         if self.dist.is_main and (step % cfg.log_interval == 0 or step == cfg.max_iters):
-            now, clock = time.time(), self._clock
-            tokens_per_s = (step - clock.mark_step) * self.tokens_per_step / max(now - clock.mark_time, 1e-9)
-            clock.mark_time, clock.mark_step = now, step
-            rundir.append_csv(self.run_dir / "train_log.csv", rundir.LOG_HEADER,
-                              [step, f"{loss:.6f}", f"{lr:.6g}", f"{tokens_per_s:.0f}"])
+            now, clock, tokens = time.time(), self._clock, self.progress.tokens_seen
+            tokens_per_s = (tokens - clock.mark_tokens) / max(now - clock.mark_time, 1e-9)
+            clock.mark_time, clock.mark_tokens = now, tokens
+            rundir.append_csv(
+                self.run_dir / "train_log.csv",
+                rundir.LOG_HEADER,
+                [step, f"{loss:.6f}", f"{lr:.6g}", f"{tokens_per_s:.0f}"],
+            )
             if self._bar is not None:
                 self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         if self._bar is not None:
@@ -612,8 +705,10 @@ class Trainer:
             return True  # early stopping
         if stop_signal:
             self._save(is_best=False)
-            self.say(f"interrupted ({signal.Signals(stop_signal).name}) at step {progress.step}: checkpoint saved; "
-                     f"continue with: python -m fastlm.train --resume {self.run_dir}")
+            self.say(
+                f"interrupted ({signal.Signals(stop_signal).name}) at step {progress.step}: checkpoint saved; "
+                f"continue with: python -m fastlm.train --resume {self.run_dir}"
+            )
             raise TrainingInterrupted(stop_signal, progress.step, self.run_dir)
         if stop_asked:
             self.say(f"stop requested at step {progress.step}")
@@ -635,22 +730,37 @@ class Trainer:
             progress.bad_evals += 1
         lr = self.schedule.lr(progress.step - 1)
         if self.schedule.observe(losses["val"]):
-            self.say(f"step {progress.step}: val loss plateaued, lr x{cfg.plateau_factor} -> "
-                     f"{self.schedule.lr(progress.step):.3g}")
+            self.say(
+                f"step {progress.step}: val loss plateaued, lr x{cfg.plateau_factor} -> "
+                f"{self.schedule.lr(progress.step):.3g}"
+            )
         if self.dist.is_main:
-            rundir.append_csv(self.run_dir / "metrics.csv", rundir.METRICS_HEADER,
-                              [progress.step, f"{losses['train']:.6f}", f"{losses['val']:.6f}", f"{lr:.6g}",
-                               progress.tokens_seen, f"{self._wall():.2f}"])
-        self.say(f"step {progress.step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
-                 f"{' (best)' if improved else ''}, lr {lr:.3g}")
+            rundir.append_csv(
+                self.run_dir / "metrics.csv",
+                rundir.METRICS_HEADER,
+                [
+                    progress.step,
+                    f"{losses['train']:.6f}",
+                    f"{losses['val']:.6f}",
+                    f"{lr:.6g}",
+                    progress.tokens_seen,
+                    f"{self._wall():.2f}",
+                ],
+            )
+        self.say(
+            f"step {progress.step}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+            f"{' (best)' if improved else ''}, lr {lr:.3g}"
+        )
         if self.dist.is_main and cfg.sample_tokens:
             text = sample_text(self.raw_model, self.tokenizer, cfg.sample_tokens, self.device, cfg.seed + progress.step)
             self.say("  sample: " + text.replace("\n", "\n  | "))
         self._save(improved)
         self._emit("on_eval", progress.step, losses)
         if cfg.early_stopping_patience and progress.bad_evals >= cfg.early_stopping_patience:
-            self.say(f"early stopping at step {progress.step}: no val improvement in {progress.bad_evals} evals "
-                     f"(best {progress.best_val:.4f} at step {progress.best_step})")
+            self.say(
+                f"early stopping at step {progress.step}: no val improvement in {progress.bad_evals} evals "
+                f"(best {progress.best_val:.4f} at step {progress.best_step})"
+            )
             progress.stopped_early = True
             return True
         return False
@@ -676,8 +786,11 @@ class Trainer:
 
     def _rank_state(self):
         rng_js, rng_tensors = ckpt_mod.rng_state()
-        js = {"rng": rng_js, "sampler": self.train_sampler.state(),
-              "eval_sampler": {k: s.state() for k, s in self.eval_samplers.items()}}
+        js = {
+            "rng": rng_js,
+            "sampler": self.train_sampler.state(),
+            "eval_sampler": {k: s.state() for k, s in self.eval_samplers.items()},
+        }
         return js, {k: v.numpy().tobytes() for k, v in rng_tensors.items()}
 
     def _save(self, is_best: bool) -> None:
@@ -686,13 +799,25 @@ class Trainer:
         self._agreed(lambda: self._write_checkpoint(states, is_best))
 
     def _write_checkpoint(self, states: list, is_best: bool) -> None:
-        rank_states = [(js, {k: torch.frombuffer(bytearray(b), dtype=torch.uint8) for k, b in tensors.items()})
-                       for js, tensors in states]
-        state = {**self.progress.to_state(self._wall()), "scheduler": self.schedule.state(),
-                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None}
-        ckpt_mod.save_checkpoint(self.run_dir, self.raw_model, self.optimizer, state, rank_states, is_best=is_best,
-                                 model_config=self.model_config.to_dict(),
-                                 before_publish=lambda folder: self._emit("before_publish", folder))
+        rank_states = [
+            (js, {k: torch.frombuffer(bytearray(b), dtype=torch.uint8) for k, b in tensors.items()})
+            for js, tensors in states
+        ]
+        state = {
+            **self.progress.to_state(self._wall()),
+            "scheduler": self.schedule.state(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
+        ckpt_mod.save_checkpoint(
+            self.run_dir,
+            self.raw_model,
+            self.optimizer,
+            state,
+            rank_states,
+            is_best=is_best,
+            model_config=self.model_config.to_dict(),
+            before_publish=lambda folder: self._emit("before_publish", folder),
+        )
 
     # ---- the end ----------------------------------------------------------------------------------
     def _finish(self, t_start: float) -> Optional[dict]:
@@ -707,19 +832,40 @@ class Trainer:
     def _report(self, val_loss: float, test_loss: Optional[float], train_wall: float, t_start: float) -> dict:
         """Rank 0: summary.json, loss.png and the closing lines."""
         progress = self.progress
-        summary = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700)),
-                   "train_loss": progress.best_train, "best_step": progress.best_step, "steps": progress.step,
-                   "stopped_early": progress.stopped_early, "tokens_seen": progress.tokens_seen,
-                   "tokens_per_s": progress.tokens_seen / max(train_wall, 1e-9), "train_wall_s": train_wall,
-                   "params": self.raw_model.num_params(), "device": str(self.device), "world_size": self.dist.world}
+        summary = {
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 700)),
+            "train_loss": progress.best_train,
+            "best_step": progress.best_step,
+            "steps": progress.step,
+            "stopped_early": progress.stopped_early,
+            "tokens_seen": progress.tokens_seen,
+            "tokens_per_s": progress.tokens_seen / max(train_wall, 1e-9),
+            "train_wall_s": train_wall,
+            "params": self.raw_model.num_params(),
+            "device": str(self.device),
+            "world_size": self.dist.world,
+        }
         if test_loss is not None:
             summary["test_loss"] = test_loss
+        summary.update(
+            mfu_fields(
+                self.raw_model.flops_per_token(),
+                progress.tokens_seen,
+                train_wall,
+                peak_flops(self.device, self.autocast_dtype),
+                self.dist.world,
+            )
+        )
         rundir.plot_losses(self.run_dir)
         summary["wall_s"] = time.time() - t_start
         rundir.write_summary(self.run_dir, summary)
-        print(f"done: best val loss {val_loss:.4f} (perplexity {summary['val_ppl']:.2f}) over the whole val "
-              f"split, step {progress.best_step}; {summary['tokens_per_s']:,.0f} tokens/s; "
-              f"wall {summary['wall_s']:.1f} s", flush=True)
+        print(
+            f"done: best val loss {val_loss:.4f} (perplexity {summary['val_ppl']:.2f}) over the whole val "
+            f"split, step {progress.best_step}; {summary['tokens_per_s']:,.0f} tokens/s; {_mfu_text(summary)}; "
+            f"wall {summary['wall_s']:.1f} s",
+            flush=True,
+        )
         print(f"run dir: {self.run_dir}", flush=True)
         self._emit("on_end", summary)
         return summary
@@ -731,9 +877,20 @@ class Trainer:
     def _split_loss(self, ids) -> float:
         """Mean loss over a whole split; with DDP each rank scores its share of the windows."""
         amp = self.amp if self.autocast_dtype != torch.float32 else None
-        total, count = self._agreed(lambda: data_mod.split_loss_sum(
-            self.raw_model, ids, self.model_config.block_size, self.config.eval_batch_size, self.device, amp,
-            rank=self.dist.rank, world=self.dist.world, eos_id=self.doc_eos), everywhere=True)
+        total, count = self._agreed(
+            lambda: data_mod.split_loss_sum(
+                self.raw_model,
+                ids,
+                self.model_config.block_size,
+                self.config.eval_batch_size,
+                self.device,
+                amp,
+                rank=self.dist.rank,
+                world=self.dist.world,
+                eos_id=self.doc_eos,
+            ),
+            everywhere=True,
+        )
         if self.dist.enabled:
             total, count = self.dist.mean([total, float(count)], self.device)
         return total / count
@@ -741,9 +898,18 @@ class Trainer:
     def _test_loss(self) -> Optional[float]:
         if not data_mod.split_path(self.run_dir, "test").exists():
             return None
-        test_ids = self._agreed(lambda: data_mod.load_split(self.run_dir, "test", self.tokenizer.vocab_size),
-                                everywhere=True)
+        test_ids = self._agreed(
+            lambda: data_mod.load_split(self.run_dir, "test", self.tokenizer.vocab_size), everywhere=True
+        )
         return self._split_loss(test_ids) if len(test_ids) >= 2 else None
+
+
+def _mfu_text(summary: dict) -> str:
+    """``2.47 MFLOP/token, 74.1 GFLOP/s = MFU 35.2% of 210 GFLOP/s`` (the done line's part)."""
+    text = f"{format_flops(summary['flops_per_token'])}/token, {format_flops(summary['flops_per_s'])}/s"
+    if summary["mfu"] is None:
+        return f"{text}, MFU n/a ({summary['peak_source']})"
+    return f"{text} = MFU {100 * summary['mfu']:.1f}% of {format_flops(summary['peak_flops_per_s'])}/s"
 
 
 def sample_text(model, tokenizer, n: int, device, seed: int) -> str:

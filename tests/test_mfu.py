@@ -1,0 +1,135 @@
+"""MFU in every run (issue 24): the peak (CPU measurement and its cache, the CUDA table, the override),
+the training summary's FLOP fields and their consistency, and ``fastlm.info``'s peak line. No timing is
+asserted: the CPU measurement is replaced by a fixed figure wherever a number is checked."""
+
+import json
+
+import pytest
+import torch
+
+from fastlm import info
+from fastlm.model import GPT, GPTConfig
+from fastlm.training import mfu
+from fastlm.training.settings import TrainConfig
+from fastlm.training.trainer import Trainer
+
+
+@pytest.fixture
+def fake_gemm(tmp_path, monkeypatch):
+    """A fresh cache folder and a CPU 'measurement' that returns 50 GFLOP/s and counts its calls."""
+    monkeypatch.setenv("FASTLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTLM_PEAK_TFLOPS", raising=False)
+    calls = []
+
+    def measure(*args, **kwargs):
+        calls.append(torch.get_num_threads())
+        return 50e9 + len(calls)  # each measurement a little higher: shows which one is used
+
+    monkeypatch.setattr(mfu, "measure_cpu_gemm", measure)
+    return calls
+
+
+def test_cpu_peak_is_measured_once_and_cached(fake_gemm, monkeypatch):
+    first = mfu.calibrate_cpu(threads=2)
+    assert first.flops_per_s == 2 * (50e9 + 1) and len(fake_gemm) == 1
+    assert mfu.calibrate_cpu(threads=2).flops_per_s == first.flops_per_s and len(fake_gemm) == 1
+    assert mfu.calibrate_cpu(threads=3).flops_per_s == 3 * (50e9 + 1) and len(fake_gemm) == 1  # per thread
+    stored = json.loads(mfu.cache_path().read_text())
+    ((key, entry),) = stored.items()
+    assert mfu.cpu_model() in key and torch.__version__ in key and entry["flops_per_s_one_thread"] == 50e9 + 1
+    assert "2 thread(s)" in first.source and str(mfu.cache_path()) in first.source
+    forced = mfu.calibrate_cpu(threads=1, force=True)  # measures again, keeps the higher figure
+    assert len(fake_gemm) == 2 and forced.flops_per_s == 50e9 + 2
+    monkeypatch.setattr(mfu, "measure_cpu_gemm", lambda *a, **k: 10e9)  # a measurement under load
+    assert mfu.calibrate_cpu(threads=1, force=True).flops_per_s == 50e9 + 2
+    assert json.loads(mfu.cache_path().read_text())[key]["flops_per_s_one_thread"] == 50e9 + 2
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["not json", "[]", '{"%s": {"flops_per_s_one_thread": -1}}', '{"%s": {"flops_per_s_one_thread": "fast"}}'],
+)
+def test_a_damaged_cache_is_measured_again(fake_gemm, content):
+    mfu.cache_path().parent.mkdir(parents=True)
+    key = f"{mfu.cpu_model()} | torch {torch.__version__}"
+    mfu.cache_path().write_text(content.replace("%s", key) if "%s" in content else content)
+    assert mfu.calibrate_cpu(threads=1).flops_per_s == 50e9 + 1 and len(fake_gemm) == 1
+
+
+def test_cpu_gemm_measurement_is_a_plausible_rate():
+    rate = mfu.measure_cpu_gemm(seconds=0.05, size=64)
+    assert 1e6 < rate < 1e14
+    assert torch.get_num_threads() >= 1  # the thread count is restored (set to 1 only inside)
+
+
+def test_cuda_peaks_from_the_table(monkeypatch):
+    monkeypatch.delenv("FASTLM_PEAK_TFLOPS", raising=False)
+    for name, bf16, fp32 in (
+        ("NVIDIA H100 80GB HBM3", 989e12, 67e12),
+        ("NVIDIA H100 PCIe", 756e12, 51e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12, 19.5e12),
+        ("NVIDIA H200", 989e12, 67e12),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert mfu.peak_flops("cuda", torch.bfloat16).flops_per_s == bf16
+        assert mfu.peak_flops("cuda", torch.float16).flops_per_s == bf16
+        assert mfu.peak_flops("cuda", None).flops_per_s == fp32
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    unknown = mfu.peak_flops("cuda", torch.bfloat16)
+    assert unknown.flops_per_s is None and "FASTLM_PEAK_TFLOPS" in unknown.source
+
+
+def test_peak_override(monkeypatch, fake_gemm):
+    monkeypatch.setenv("FASTLM_PEAK_TFLOPS", "0.25")
+    assert mfu.peak_flops("cpu") == mfu.Peak(0.25e12, "FASTLM_PEAK_TFLOPS") and not fake_gemm
+    monkeypatch.setenv("FASTLM_PEAK_TFLOPS", "fast")
+    assert mfu.peak_flops("cpu").flops_per_s is None
+
+
+def test_mfu_fields_are_consistent():
+    fields = mfu.mfu_fields(2e6, 3000, 2.0, mfu.Peak(1e10, "x"), devices=2)
+    assert fields == {
+        "flops_per_token": 2e6,
+        "flops": 6e9,
+        "flops_per_s": 3e9,
+        "peak_flops_per_s": 2e10,
+        "peak_source": "x",
+        "mfu": 0.15,
+    }
+    assert mfu.mfu_fields(2e6, 3000, 2.0, mfu.Peak(None, "unknown"))["mfu"] is None
+
+
+def test_training_summary_reports_flops_and_mfu(tmp_path, corpus, capsys, fake_gemm):
+    cfg = TrainConfig(
+        data=[str(corpus)],
+        out_dir=str(tmp_path / "run"),
+        batch_size=4,
+        max_iters=6,
+        eval_interval=3,
+        eval_iters=1,
+        sample_tokens=0,
+        progress=False,
+        threads=1,
+        device="cpu",
+    )
+    model = dict(n_layer=1, n_head=2, n_embd=16, block_size=16)
+    trainer = Trainer(cfg, model)
+    summary = trainer.fit()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    per_token = GPT(GPTConfig(vocab_size=trainer.tokenizer.vocab_size, **model)).flops_per_token()
+    assert summary["flops_per_token"] == per_token
+    assert summary["flops"] == pytest.approx(per_token * summary["tokens_seen"], rel=1e-12)
+    assert summary["flops_per_s"] == pytest.approx(per_token * summary["tokens_per_s"], rel=1e-9)
+    assert summary["peak_flops_per_s"] == 50e9 + 1  # one thread x the (fake) one-thread rate
+    assert summary["mfu"] == pytest.approx(summary["flops_per_s"] / summary["peak_flops_per_s"], rel=1e-12)
+    done = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("done:")]
+    assert len(done) == 1 and "FLOP/token" in done[0] and f"MFU {100 * summary['mfu']:.1f}% of 50 GFLOP/s" in done[0]
+
+
+def test_info_prints_the_peak(fake_gemm, capsys):
+    assert info.main([]) == 0
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("peak for MFU, CPU")]
+    threads = torch.get_num_threads()
+    assert mfu.format_flops(threads * (50e9 + 1)) in line and "one-thread fp32 GEMM" in line
+    assert info.main(["--calibrate"]) == 0 and len(fake_gemm) == 2
