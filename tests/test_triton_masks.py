@@ -254,3 +254,15 @@ def test_bad_masks_refused_and_triton_named():
     with pytest.raises(ValueError, match="non-decreasing"):
         ops.attention(q, k, v, segment_ids=_dev(torch.tensor([[0, 1, 0, 1, 1, 1, 2, 2]])), backend="triton")
     assert ops.attention_backend(q, k, v, window=3, backend="triton") == "triton"
+
+
+@pytest.mark.parametrize("case", [
+    (1, 2, 1, 600, 600, 64, True, 400, "one", False),  # unmasked tiles inside runs cut on both sides
+    (1, 2, 2, 270, 270, 64, False, 60, "random", True),
+], ids=["causal_window_one_doc", "noncausal_window_docs_alibi"])
+def test_masked_parity_at_the_pinned_tiles(case, monkeypatch):
+    """The GPU's pinned tile sizes (FASTLM_TRITON_CONFIGS=pinned; float16 at D=64: forward 128x128,
+    masked dK/dV 32x128, dQ 128x32), where blocks hold several tiles on each side of a run."""
+    monkeypatch.setenv("FASTLM_TRITON_CONFIGS", "pinned")
+    assert A._fixed_launch("dkdv", 64, 2, masked=True)["BLOCK_N"] == 128
+    _parity(case, torch.float16)
