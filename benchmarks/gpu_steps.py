@@ -565,13 +565,15 @@ def _masked_rows(run, dtype, deadline):
                 continue
             pairs = float(visible_mask(t, t, True, window, masks["segment_ids"], device=_dev(run)).sum())
             pairs *= h * (b if docs is None else 1)
-            calls = (("fastlm", lambda: ops.attention(q, k, v, causal=True, **masks)),
-                     ("sdpa_dense_mask", lambda: ops.attention(q, k, v, causal=True, backend="torch", **masks)),
-                     ("fastlm_dense_causal", lambda: ops.attention(q, k, v, causal=True)))
-            for label, fn in calls:
+            calls = (("fastlm", ops.attention_backend(q, k, v, causal=True, **masks),  # triton on a GPU
+                      lambda: ops.attention(q, k, v, causal=True, **masks)),
+                     ("sdpa_dense_mask", "torch", lambda: ops.attention(q, k, v, causal=True, backend="torch", **masks)),
+                     ("fastlm_dense_causal", ops.attention_backend(q, k, v, causal=True),
+                      lambda: ops.attention(q, k, v, causal=True)))
+            for label, backend, fn in calls:
                 timing = bench(run, _with_backward(fn, q, k, v))
                 run.row(f"{name}/{label}", status="ok", pass_="fwd+bwd", shape=[b, h, t, d], window=window,
-                        documents=docs, dtype=_name(dtype),
+                        documents=docs, dtype=_name(dtype), backend=backend,
                         TFLOPs=round(14.0 * d * pairs / (timing["ms"] * 1e-3) / 1e12, 3), **timing)
         except Exception as e:  # noqa: BLE001 -- e.g. no backend takes masks on this device
             run.error(name, e)
@@ -770,7 +772,8 @@ def _resource_row(run, row):
     spills = (row.get("ptxas_spill_store_bytes") or 0) + (row.get("cubin_stack_bytes") or 0)
     ok = ("ptxas_error" not in row and "cuobjdump_error" not in row and spills == 0
           and 0 < (row.get("ptxas_regs") or 0) <= 255)
-    run.row(f"resources/{row['triton']}/{row['kind']}/d{row['head_dim']}", status="ok" if ok else "fail", **row)
+    masks = "" if row.get("masks", "none") == "none" else f"/{row['masks']}"
+    run.row(f"resources/{row['triton']}/{row['kind']}/d{row['head_dim']}{masks}", status="ok" if ok else "fail", **row)
 
 
 def step_resources(run, deadline):

@@ -7,6 +7,14 @@ never repeated in memory), causal masking aligned **bottom-right** (query ``i`` 
 ``j <= i + T_k - T_q``), ALiBi ``score -= slope_h * |i + T_k - T_q - j|``, head dims 1..256
 (padded to a power of two >= 16 with masks), float16 / bfloat16 / float32.
 
+Sliding windows and documents (the rule of :mod:`fastlm.ops.masks`; ``HAS_WINDOW`` / ``HAS_DOCS``
+constexprs, so the unmasked kernels compile as before): each query row sees one run of keys
+``[row_lo, row_hi)`` (documents as per-position bounds, :func:`document_bounds`). A block of rows walks
+only the key tiles of its rows' union, unmasked where every row sees the whole tile, masked on
+the tiles the runs cut; dK/dV read the same rule by column and walk the row tiles of its keys'
+union; the split-KV chunks tile the rows' union, not all of T_k. Tiles the mask hides are never
+loaded. The ops keep the LSE in log2 units (see :func:`_forward`).
+
 Kernels (all of them keep the T x T score matrix in registers, one tile at a time):
 
 * ``_attn_fwd_kernel``: one program per (query block, batch*head). Online softmax in fp32 in the
@@ -50,25 +58,116 @@ import triton.language as tl
 from torch import Tensor
 
 from fastlm.ops._autograd import register_attention_autograd
-from .launch import interpreting, is_traced, jit, pinned_configs, wrap
+from .launch import device_function, interpreting, is_traced, jit, pinned_configs, wrap
 
 __all__ = ["attention", "attention_forward", "attention_backward", "attention_decode",
            "use_split_kv", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 # =================================================================================================
 # Kernels (plain functions; launch.jit / _tuned_kernel turn them into JIT / interpreted / autotuned
-# kernels on first use, so the TRITON_INTERPRET decision is made at launch time). They call no @jit
-# helper, not even triton.language's own (tl.cdiv, tl.zeros, tl.max, tl.sum, tl.sigmoid are @jit
-# functions created in the mode triton was imported in, which an interpreted kernel cannot call):
+# kernels on first use, so the TRITON_INTERPRET decision is made at launch time). Their helpers are
+# launch.device_function objects (inlined when compiled, plain calls when interpreted); they call no
+# other @jit function, not even triton.language's own (tl.cdiv, tl.zeros, tl.max, tl.sum, tl.sigmoid are
+# @jit functions created in the mode triton was imported in, which an interpreted kernel cannot call):
 # reductions go through the builtin tl.reduce with the standard combine functions, which the
 # interpreter maps to numpy whatever the import mode. (The reverse does not hold: with triton
 # imported under TRITON_INTERPRET=1 those combine functions cannot be compiled, so import triton
 # before turning the interpreter on when a process also compiles, as benchmarks.gpu_check does.)
 # =================================================================================================
+def _key_runs(pos, ok, docs, WINDOW, T_K, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_DOCS: tl.constexpr):
+    """``(lo, hi)``: the keys ``[lo, hi)`` that queries at key positions ``pos`` see, by the rule of
+    fastlm.ops.masks (one run per query, whose ends never move left as the position grows); ``docs``
+    is the batch row of the document bounds (``(2, T_K)``: first position, one past the last), read
+    where ``ok``. A query before key 0 has no document: it sees nothing then."""
+    lo = pos * 0
+    hi = lo + T_K
+    if CAUSAL:
+        hi = tl.minimum(hi, pos + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, pos - WINDOW + 1)
+        if not CAUSAL:
+            hi = tl.minimum(hi, pos + WINDOW)
+    if HAS_DOCS:
+        in_doc = ok & (pos >= 0)
+        lo = tl.maximum(lo, tl.load(docs + pos, mask=in_doc, other=0))
+        hi = tl.minimum(hi, tl.load(docs + T_K + pos, mask=in_doc, other=0))
+    return lo, hi
+
+
+def _tiles(run_lo, run_hi, ok, T, BLOCK: tl.constexpr, RAGGED_FULL: tl.constexpr):
+    """The tiles of ``BLOCK`` a block walks, from the runs ``[run_lo, run_hi)`` of its members (``ok``):
+    ``(lo, hi, full_lo, full_hi)``. ``[lo, hi)`` covers the union of the runs from the tile it starts in;
+    every member sees the tiles ``[full_lo, full_hi)`` whole (no mask needed; empty, with ``full_lo =
+    full_hi = lo``, when no tile is, which a member that sees nothing ensures). ``RAGGED_FULL``: the
+    ragged last tile counts as whole when every run reaches ``T`` (its loads are masked). Every bound
+    but ``hi`` (and ``full_hi = T`` there) is a multiple of BLOCK."""
+    seen = ok & (run_hi > run_lo)
+    lo = tl.reduce(tl.where(seen, run_lo, T), 0, tl.standard._elementwise_min) // BLOCK * BLOCK
+    hi = tl.reduce(tl.where(seen, run_hi, 0), 0, tl.standard._elementwise_max)
+    full_lo = tl.reduce(tl.where(ok, run_lo, 0), 0, tl.standard._elementwise_max)
+    full_lo = (full_lo + BLOCK - 1) // BLOCK * BLOCK
+    full_hi = tl.reduce(tl.where(ok, run_hi, T), 0, tl.standard._elementwise_min)
+    if RAGGED_FULL:
+        full_hi = tl.where(full_hi >= T, T, tl.maximum(full_hi, 0) // BLOCK * BLOCK)
+    else:
+        full_hi = tl.maximum(full_hi, 0) // BLOCK * BLOCK
+    has_full = full_hi > full_lo
+    return lo, hi, tl.where(has_full, full_lo, lo), tl.where(has_full, full_hi, lo)
+
+
+def _row_block_keys(start_m, offs_m, row_ok, docs, WINDOW, T_Q, T_K, CAUSAL: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """The key loops of a block of query rows (forward, dQ): ``(row_lo, row_hi, full_lo, full_hi,
+    mask_lo, hi)``. The unmasked loop walks ``range(full_lo, full_hi)``, the masked one
+    ``range(mask_lo, hi)``: the causal diagonal and the ragged key tail, or with a window or documents
+    the slots of ``[lo, full_lo)`` (those below ``full_hi``: shift them by ``full_lo - full_hi``)
+    then ``[full_hi, hi)``, masked by each row's run ``[row_lo, row_hi)`` (dummies without masks)."""
+    offset = T_K - T_Q  # bottom-right alignment: row i sits at key position i + offset
+    row_lo = offs_m * 0
+    row_hi = row_lo
+    if HAS_WINDOW or HAS_DOCS:
+        row_lo, row_hi = _key_runs(offs_m + offset, row_ok, docs, WINDOW, T_K, CAUSAL, HAS_WINDOW, HAS_DOCS)
+        lo, hi, full_lo, full_hi = _tiles(row_lo, row_hi, row_ok, T_K, BLOCK_N, False)
+        mask_lo = full_hi - (full_lo - lo)
+    elif CAUSAL:
+        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
+        full_hi = tl.maximum(tl.minimum(start_m + offset + 1, hi), 0)
+        full_hi = (full_hi // BLOCK_N) * BLOCK_N
+        full_lo = full_hi * 0
+        mask_lo = full_hi
+    else:
+        hi = T_K
+        full_hi = (T_K // BLOCK_N) * BLOCK_N
+        full_lo = full_hi * 0
+        mask_lo = full_hi
+    return row_lo, row_hi, full_lo, full_hi, mask_lo, hi
+
+
+def _visible(cols, col_ok, pos, row_lo, row_hi, CAUSAL: tl.constexpr, MASKS: tl.constexpr):
+    """``(rows, keys)`` bool of a masked tile: keys ``cols`` (``col_ok``: below T_K) seen by the rows
+    at key positions ``pos``, whose runs are ``[row_lo, row_hi)`` with ``MASKS`` (window, documents)."""
+    if MASKS:
+        visible = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+    else:
+        visible = col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= pos[:, None])
+    return visible
+
+
+_key_runs = device_function(_key_runs)
+_tiles = device_function(_tiles)
+_row_block_keys = device_function(_row_block_keys)
+_visible = device_function(_visible)
+
+
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, SLOPES,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -77,8 +176,10 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, GROUP, T_Q, T_K, qk_scale,
     T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    DOCS, WINDOW,  # masks: document bounds (B, 2, T_K) int32 (with HAS_DOCS), window (with HAS_WINDOW)
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
@@ -106,20 +207,16 @@ def _attn_fwd_kernel(
         slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
 
     offset = T_K - T_Q  # bottom-right alignment: row i sits at key position i + offset
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
-        full_hi = tl.maximum(tl.minimum(start_m + offset + 1, hi), 0)
-        full_hi = (full_hi // BLOCK_N) * BLOCK_N
-    else:
-        hi = T_K
-        full_hi = (T_K // BLOCK_N) * BLOCK_N
+    row_lo, row_hi, full_lo, full_hi, mask_lo, hi = _row_block_keys(
+        start_m, offs_m, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_Q, T_K,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: exp2(m_i - m_new) never NaN
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
     # phase 1: key blocks that every row of this query block sees completely (no mask math)
-    for start_n in range(0, full_hi, BLOCK_N):
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         kv_rows = (start_n + offs_n).to(tl.int64)[:, None]
         k_ptrs = k_base + kv_rows * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + kv_rows * stride_vn + offs_d[None, :] * stride_vd
@@ -150,9 +247,11 @@ def _attn_fwd_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
 
-    # phase 2: the causal diagonal and the ragged key tail
-    for start_n in range(full_hi, hi, BLOCK_N):
+    # phase 2: the causal diagonal, the ragged key tail and the tiles that masks cut
+    for start_n in range(mask_lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        if HAS_WINDOW or HAS_DOCS:  # slots below full_hi are the tiles left of phase 1's
+            cols += tl.where(start_n < full_hi, full_lo - full_hi, 0)
         col_ok = cols < T_K
         k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -162,9 +261,7 @@ def _attn_fwd_kernel(
         if HAS_ALIBI:
             dist = tl.abs(offs_m[:, None] + offset - cols[None, :]).to(tl.float32)
             qk = qk - slope * dist
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+        visible = _visible(cols, col_ok, offs_m + offset, row_lo, row_hi, CAUSAL, HAS_WINDOW or HAS_DOCS)
         qk = tl.where(visible, qk, -1.0e38)  # finite mask value, far below the -1e30 start
         m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         alpha = tl.exp2(m_i - m_new)
@@ -177,7 +274,7 @@ def _attn_fwd_kernel(
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]  # fully masked rows: acc = 0 -> 0
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))  # base 2
     o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -190,8 +287,10 @@ def _attn_decode_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     H_KV, GROUP, T_Q, T_K, qk_scale, CHUNK, N_SPLITS,
+    DOCS, WINDOW,  # masks, as in _attn_fwd_kernel; the chunks then split the rows' union of keys
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # rows r = g * T_Q + i: query head hk * GROUP + g, query position i (all rows of a GQA group)
@@ -217,6 +316,14 @@ def _attn_decode_kernel(
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, T_K)
     offset = T_K - T_Q
+    row_lo = i * 0  # each row's run of keys (with masks; dummies without)
+    row_hi = row_lo
+    if HAS_WINDOW or HAS_DOCS:  # the chunks tile the rows' union
+        row_lo, row_hi = _key_runs(i + offset, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_K,
+                                   CAUSAL, HAS_WINDOW, HAS_DOCS)
+        seen = row_ok & (row_hi > row_lo)
+        lo = lo + tl.reduce(tl.where(seen, row_lo, T_K), 0, tl.standard._elementwise_min) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(lo + CHUNK, tl.reduce(tl.where(seen, row_hi, 0), 0, tl.standard._elementwise_max))
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
@@ -234,9 +341,7 @@ def _attn_decode_kernel(
         if HAS_ALIBI:
             dist = tl.abs(i[:, None] + offset - cols[None, :]).to(tl.float32)
             qk = qk - slope[:, None] * dist
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= i[:, None] + offset)
+        visible = _visible(cols, col_ok, i + offset, row_lo, row_hi, CAUSAL, HAS_WINDOW or HAS_DOCS)
         qk = tl.where(visible, qk, -1.0e38)
         m_new = tl.maximum(m_i, tl.reduce(qk, 1, tl.standard._elementwise_max))
         alpha = tl.exp2(m_i - m_new)
@@ -281,7 +386,7 @@ def _attn_decode_combine_kernel(
     o_s = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     den_safe = tl.where(denom > 0.0, denom, 1.0)
     out = tl.reduce(o_s * w[:, None], 0, tl.standard._sum_combine) / den_safe
-    lse = tl.where(denom > 0.0, (m_safe + tl.log2(den_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(denom > 0.0, m_safe + tl.log2(den_safe), float("-inf"))  # base 2
     bh = b * (H_KV * GROUP) + h
     o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + i.to(tl.int64) * stride_om + offs_d * stride_od)
@@ -325,8 +430,10 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, GROUP, T_Q, T_K, qk_scale, sm_scale,
     T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    DOCS, WINDOW,  # masks, as in the forward
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     H_KV = H // GROUP
@@ -352,17 +459,39 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
 
     offset = T_K - T_Q
-    if CAUSAL:
+    if HAS_WINDOW or HAS_DOCS:
+        # the rule of fastlm.ops.masks read by column: key j is seen by the rows [col_lo, col_hi);
+        # the program walks the row tiles of the columns' union and masks none inside their
+        # intersection (the ragged last row tile counts as inside when it reaches T_Q)
+        col_ok = offs_n < T_K
+        j_row = offs_n - offset  # the row at key position j
+        col_lo = tl.full([BLOCK_N], 0, dtype=tl.int32)
+        col_hi = col_lo + T_Q
+        if CAUSAL:
+            col_lo = tl.maximum(col_lo, j_row)
+        if HAS_WINDOW:
+            col_hi = tl.minimum(col_hi, j_row + WINDOW)
+            if not CAUSAL:
+                col_lo = tl.maximum(col_lo, j_row - WINDOW + 1)
+        if HAS_DOCS:
+            doc_ptrs = DOCS + b.to(tl.int64) * 2 * T_K + offs_n
+            col_lo = tl.maximum(col_lo, tl.load(doc_ptrs, mask=col_ok, other=0) - offset)
+            col_hi = tl.minimum(col_hi, tl.load(doc_ptrs + T_K, mask=col_ok, other=0) - offset)
+        lo, mask_end, full_lo, full_hi = _tiles(col_lo, col_hi, col_ok, T_Q, BLOCK_M, True)
+        mask_hi = full_lo + tl.maximum(mask_end - full_hi, 0)  # the masked slots: [lo, full_lo), [full_hi, mask_end)
+    elif CAUSAL:
         # rows < lo see none of these keys; rows >= full_lo see all of them
         lo = tl.maximum(start_n - offset, 0)
         lo = tl.minimum((lo // BLOCK_M) * BLOCK_M, T_Q)
         full_lo = tl.maximum(start_n + BLOCK_N - 1 - offset, lo)
         full_lo = (full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         mask_hi = tl.minimum(full_lo, T_Q)
+        full_hi = T_Q
     else:
         lo = 0
         full_lo = 0
         mask_hi = 0
+        full_hi = T_Q
 
     for g in range(0, GROUP):
         h = hk * GROUP + g
@@ -372,9 +501,12 @@ def _attn_bwd_dkdv_kernel(
         stat_base = bh.to(tl.int64) * T_Q
         if HAS_ALIBI:
             slope = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
-        # masked phase (causal diagonal), then the unmasked rest; ragged rows are zeroed by loads
+        # masked phase (causal diagonal, the tiles masks cut), then the unmasked rest; ragged rows
+        # are zeroed by loads
         for start_m in range(lo, mask_hi, BLOCK_M):
             offs_m = start_m + offs_m0
+            if HAS_WINDOW or HAS_DOCS:  # slots from full_lo on are the tiles right of the unmasked ones
+                offs_m += tl.where(start_m >= full_lo, full_hi - full_lo, 0)
             m_ok = offs_m < T_Q
             qd_mask = m_ok[:, None] & d_ok[None, :]
             q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -382,18 +514,21 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                          mask=qd_mask, other=0.0)
             lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
             qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
             if HAS_ALIBI:
                 qkT = qkT - slope * tl.abs(offs_m[None, :] + offset - offs_n[:, None]).to(tl.float32)
             pT = tl.exp2(qkT - lse2[None, :])
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + offset, pT, 0.0)
+            if HAS_WINDOW or HAS_DOCS:
+                pT = tl.where((offs_m[None, :] >= col_lo[:, None]) & (offs_m[None, :] < col_hi[:, None]), pT, 0.0)
+            else:
+                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + offset, pT, 0.0)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             dsT = pT * (dpT - delta[None, :])
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
-        for start_m in range(full_lo, T_Q, BLOCK_M):
+        for start_m in range(full_lo, full_hi, BLOCK_M):
             offs_m = start_m + offs_m0
             m_ok = offs_m < T_Q
             qd_mask = m_ok[:, None] & d_ok[None, :]
@@ -402,7 +537,7 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                          mask=qd_mask, other=0.0)
             lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
             qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
             if HAS_ALIBI:
@@ -431,8 +566,10 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, GROUP, T_Q, T_K, qk_scale, sm_scale,
     T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    DOCS, WINDOW,  # masks, as in the forward
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, DELTA_ONLY: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
@@ -459,7 +596,7 @@ def _attn_bwd_dq_kernel(
                  mask=qd_mask, other=0.0)
     stat_base = bh.to(tl.int64) * T_Q
     lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
     if DELTA_ONLY:
         delta = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     else:
@@ -470,16 +607,12 @@ def _attn_bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
     offset = T_K - T_Q
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + offset, T_K), 0)
-        full_hi = tl.maximum(tl.minimum(start_m + offset + 1, hi), 0)
-        full_hi = (full_hi // BLOCK_N) * BLOCK_N
-    else:
-        hi = T_K
-        full_hi = (T_K // BLOCK_N) * BLOCK_N
+    row_lo, row_hi, full_lo, full_hi, mask_lo, hi = _row_block_keys(
+        start_m, offs_m, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_Q, T_K,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
-    for start_n in range(0, full_hi, BLOCK_N):
+    for start_n in range(full_lo, full_hi, BLOCK_N):
         kv_rows = (start_n + offs_n).to(tl.int64)[:, None]
         k_ptrs = k_base + kv_rows * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + kv_rows * stride_vn + offs_d[None, :] * stride_vd
@@ -499,8 +632,10 @@ def _attn_bwd_dq_kernel(
         else:
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
-    for start_n in range(full_hi, hi, BLOCK_N):
+    for start_n in range(mask_lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        if HAS_WINDOW or HAS_DOCS:  # slots below full_hi are the tiles left of the unmasked ones
+            cols += tl.where(start_n < full_hi, full_lo - full_hi, 0)
         col_ok = cols < T_K
         k_ptrs = k_base + cols.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = v_base + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd
@@ -509,9 +644,7 @@ def _attn_bwd_dq_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if HAS_ALIBI:
             qk = qk - slope * tl.abs(offs_m[:, None] + offset - cols[None, :]).to(tl.float32)
-        visible = col_ok[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
+        visible = _visible(cols, col_ok, offs_m + offset, row_lo, row_hi, CAUSAL, HAS_WINDOW or HAS_DOCS)
         p = tl.where(visible, tl.exp2(qk - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DELTA_ONLY:
@@ -537,7 +670,8 @@ def _attn_bwd_dq_kernel(
 # each list is the kernel's default pinned config (FASTLM_TRITON_CONFIGS=pinned); every list ends
 # with a config small enough for ~100 KB of shared memory (sm_86/89), so autotuning never runs
 # out of candidates (configs that do not fit are dropped by the autotuner). dK/dV hold two
-# BLOCK_N x D fp32 accumulators: 8 warps where BLOCK_N=128. "decode" is the split-KV kernel's one
+# BLOCK_N x D fp32 accumulators: 8 warps where BLOCK_N=128 (the masked kernels: :data:`_MASKED_DEFAULTS`
+# where their first entry spills). "decode" is the split-KV kernel's one
 # config (never autotuned): BLOCK_M is the least row tile (the GQA group's heads x T_q, rounded up
 # to a power of two, when larger). Every entry passes a float64-oracle parity case in the
 # interpreter (tests/test_triton_attention.py) and compiled (there on a GPU, and benchmarks.gpu_check).
@@ -554,7 +688,7 @@ CONFIGS = {
                   (64, 32, 4, 2)],
             512: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
             1024: [(32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]},
-    "dkdv": {128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2)],
+    "dkdv": {128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2)],
              256: [(16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
              512: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
              1024: [(16, 32, 4, 1), (16, 16, 4, 1)]},
@@ -571,15 +705,34 @@ _INTERP_BLOCKS = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "dkdv": {"BLOCK_M": 16,
                   "dq": {"BLOCK_M": 32, "BLOCK_N": 16}, "decode": {"BLOCK_M": 16, "BLOCK_N": 16}}
 _INTERP_DECODE_MIN_CHUNK = 64
 
-_KEY = ["HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CAUSAL", "HAS_ALIBI", "GROUP"]
+_KEY = ["HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CAUSAL", "HAS_ALIBI", "GROUP", "HAS_WINDOW", "HAS_DOCS"]
 _autotuned: dict = {}
+
+
+# Pinned defaults of the masked kernels (HAS_WINDOW / HAS_DOCS) where the list's first entry spills:
+# (kind, tile width) -> config. dK/dV at D <= 64 (bf16, sm_90, window and documents; Triton 3.6|3.9):
+# 32x128x8x3 takes 255|248 registers and spills 12|0 bytes; 32x128x8x2 takes 236|202, no spills. The
+# other masked pinned defaults (first entries) do not spill: D=64 fwd 203|217, dq 199|198, decode
+# 72|64; D=128 fwd 175|174, dK/dV 255|246, dq 207|207, decode 109|86 (tests check them).
+_MASKED_DEFAULTS = {("dkdv", 128): (32, 128, 8, 2)}
+
+
+def _width(kind: str, block_d: int, elem_size: int) -> int:
+    table = CONFIGS[kind]
+    row_bytes = block_d * elem_size  # 128: fp16 D<=64; 256: fp16 D=128 / fp32 D=64; 512; 1024
+    return min(b for b in table if b >= min(row_bytes, 1024))
 
 
 def configs(kind: str, block_d: int, elem_size: int) -> list:
     """The config list (tuples, see :data:`CONFIGS`) of kernel ``kind`` for this tile width."""
-    table = CONFIGS[kind]
-    row_bytes = block_d * elem_size  # 128: fp16 D<=64; 256: fp16 D=128 / fp32 D=64; 512; 1024
-    return table[min(b for b in table if b >= min(row_bytes, 1024))]
+    return CONFIGS[kind][_width(kind, block_d, elem_size)]
+
+
+def pinned_default(kind: str, block_d: int, elem_size: int, masked: bool = False) -> tuple:
+    """The config kernel ``kind`` runs with ``FASTLM_TRITON_CONFIGS=pinned``: its list's first entry,
+    or for a masked kernel the entry :data:`_MASKED_DEFAULTS` names."""
+    first = configs(kind, block_d, elem_size)[0]
+    return _MASKED_DEFAULTS.get((kind, _width(kind, block_d, elem_size)), first) if masked else first
 
 
 def _launch_kwargs(config) -> dict:
@@ -587,13 +740,13 @@ def _launch_kwargs(config) -> dict:
     return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
 
 
-def _fixed_launch(kind: str, block_d: int, elem_size: int) -> Optional[dict]:
+def _fixed_launch(kind: str, block_d: int, elem_size: int, masked: bool = False) -> Optional[dict]:
     """Launch kwargs of kernel ``kind`` when it is not autotuned: a pinned config
     (FASTLM_TRITON_CONFIGS; in the interpreter its tile sizes, so CPU tests check the GPU's
     tiles), the interpreter's fixed blocks; None: autotune."""
     pins = pinned_configs()
     if pins is not None:
-        config = pins.get(kind) or configs(kind, block_d, elem_size)[0]
+        config = pins.get(kind) or pinned_default(kind, block_d, elem_size, masked)
         if interpreting():  # warps and stages mean nothing there
             return {"BLOCK_M": config[0], "BLOCK_N": config[1]}
         return _launch_kwargs(config)
@@ -602,10 +755,10 @@ def _fixed_launch(kind: str, block_d: int, elem_size: int) -> Optional[dict]:
     return None
 
 
-def _tuned_kernel(kind: str, fn, block_d: int, elem_size: int):
+def _tuned_kernel(kind: str, fn, block_d: int, elem_size: int, masked: bool = False):
     """``(kernel, launch kwargs)``: the plain kernel with :func:`_fixed_launch`'s config, or the
     autotuner over :func:`configs`."""
-    fixed = _fixed_launch(kind, block_d, elem_size)
+    fixed = _fixed_launch(kind, block_d, elem_size, masked)
     if fixed is not None:
         return jit(fn), fixed
     key = (kind, block_d, elem_size)
@@ -659,7 +812,29 @@ def use_split_kv(t_q: int, t_k: int, group: int) -> bool:
     return t_q <= 16 and group * t_q <= 64 and t_k >= 256
 
 
-def _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes):
+def document_bounds(segment_ids: Tensor) -> Tensor:
+    """``(B, 2, T)`` int32 of segment ids ``(B, T)`` (non-decreasing: documents are runs of equal
+    ids): ``[:, 0, t]`` the first position of t's document, ``[:, 1, t]`` one past its last. The
+    kernels read these instead of the ids: a row's keys are then two loads away."""
+    b, t = segment_ids.shape
+    pos = torch.arange(t, device=segment_ids.device).expand(b, t)
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]  # a document starts at t + 1
+    edge = torch.ones((b, 1), dtype=torch.bool, device=segment_ids.device)
+    lo = torch.where(torch.cat([edge, change], 1), pos, 0).cummax(1).values
+    hi = torch.where(torch.cat([change, edge], 1), pos + 1, t).flip(1).cummin(1).values.flip(1)
+    return torch.stack([lo, hi], 1).to(torch.int32).contiguous()
+
+
+def _mask_args(window, segment_ids, t_q, t_k, dummy):
+    """The kernels' mask arguments ``(DOCS, WINDOW)`` and their switches ``HAS_WINDOW`` / ``HAS_DOCS``
+    (constexprs: without masks the kernels compile as they did before masks; ``dummy`` fills the
+    unused pointer). A window wider than ``T_q + T_k`` hides nothing: it is clamped there (int32)."""
+    docs = dummy if segment_ids is None else document_bounds(segment_ids)
+    width = 0 if window is None else min(int(window), t_q + t_k)
+    return (docs, width), {"HAS_WINDOW": window is not None, "HAS_DOCS": segment_ids is not None}
+
+
+def _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes, masks):
     b, h, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     block_d = _block_d(d)
@@ -669,9 +844,9 @@ def _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes):
     wrap(kernel)[grid](
         q, k, v, out, lse, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        h, h // h_kv, t_q, t_k, scale * _LOG2E, _bucket(t_q), _bucket(t_k),
+        h, h // h_kv, t_q, t_k, scale * _LOG2E, _bucket(t_q), _bucket(t_k), *masks[0],
         HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
-        BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), NEG_SCALE=scale < 0, **extra)
+        BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), NEG_SCALE=scale < 0, **masks[1], **extra)
 
 
 def _decode_launch(block_d: int, elem_size: int, rows: int) -> dict:
@@ -682,7 +857,7 @@ def _decode_launch(block_d: int, elem_size: int, rows: int) -> dict:
     return launch
 
 
-def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
+def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes, masks):
     b, h, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
     group = h // h_kv
@@ -692,18 +867,21 @@ def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes):
     interp = interpreting()
     min_chunk = _INTERP_DECODE_MIN_CHUNK if interp else 256
     target = 2 * _num_sms(q.device)  # enough programs to fill the GPU twice over
-    n_splits = max(1, min(triton.cdiv(target, b * h_kv), triton.cdiv(t_k, min_chunk), 128))
-    chunk = triton.cdiv(triton.cdiv(t_k, n_splits), block_n) * block_n
-    n_splits = triton.cdiv(t_k, chunk)
+    # the keys to split: all, or with a window at most the rows' union (the last T_q - 1 + window
+    # keys) from the tile it starts in
+    span = t_k if not masks[1]["HAS_WINDOW"] else min(t_k, masks[0][1] + t_q - 1 + block_n - 1)
+    n_splits = max(1, min(triton.cdiv(target, b * h_kv), triton.cdiv(span, min_chunk), 128))
+    chunk = triton.cdiv(triton.cdiv(span, n_splits), block_n) * block_n
+    n_splits = triton.cdiv(span, chunk)
     o_part = torch.empty((b * h_kv * n_splits * part_m * block_d,), device=q.device, dtype=torch.float32)
     lse_part = torch.empty((b * h_kv * n_splits * part_m,), device=q.device, dtype=torch.float32)
     slopes = alibi_slopes if alibi_slopes is not None else lse_part
     wrap(jit(_attn_decode_kernel))[(b * h_kv, n_splits)](
         q, k, v, o_part, lse_part, slopes,
         *_strides(q), *_strides(k), *_strides(v),
-        h_kv, group, t_q, t_k, scale * _LOG2E, chunk, n_splits,
+        h_kv, group, t_q, t_k, scale * _LOG2E, chunk, n_splits, *masks[0],
         HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, BLOCK_D=block_d,
-        DOT_PREC=_dot_prec(q.dtype), **launch)
+        DOT_PREC=_dot_prec(q.dtype), **masks[1], **launch)
     extra = {} if interp else {"num_warps": 4 if block_d >= 128 else 2}
     wrap(jit(_attn_decode_combine_kernel))[(b * h_kv * group * t_q,)](
         o_part, lse_part, out, lse, *_strides(out),
@@ -718,12 +896,10 @@ def _check_supported(q: Tensor):
         raise TypeError(f"triton attention: dtype {q.dtype} not supported (float16/bfloat16/float32)")
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                      alibi_slopes: Optional[Tensor] = None, split_kv: Optional[bool] = None
-                      ) -> Tuple[Tensor, Tensor]:
-    """Launch the forward; returns ``(out, lse)``. ``out`` has q's layout (``empty_like``), ``lse``
-    is ``(B, H, T_q)`` float32 (natural log, ``-inf`` for a fully masked row). ``split_kv=None``
-    picks the decode path by :func:`use_split_kv`."""
+def _forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids, split_kv=None):
+    """The forward launch -> ``(out, lse2)``, ``lse2`` in log2 units (what the kernels keep: the
+    backward reads it as written, so a row with one visible key recomputes P = 1 exactly; a round
+    trip through natural units costs that row's dQ a few ulps where PyTorch's is exactly 0)."""
     _check_supported(q)
     b, h, t_q, _ = q.shape
     out = torch.empty_like(q)
@@ -732,16 +908,29 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: floa
         return out, lse  # shapes only: the interpreter cannot run on fake tensors
     if split_kv is None:
         split_kv = use_split_kv(t_q, k.shape[2], h // k.shape[1])
+    masks = _mask_args(window, segment_ids, t_q, k.shape[2], lse)
     if split_kv:
-        _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes)
+        _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes, masks)
     else:
-        _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes)
+        _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes, masks)
     return out, lse
 
 
-def attention_decode(q, k, v, causal, scale, alibi_slopes=None):
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                      alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
+                      segment_ids: Optional[Tensor] = None, split_kv: Optional[bool] = None
+                      ) -> Tuple[Tensor, Tensor]:
+    """Launch the forward; returns ``(out, lse)``. ``out`` has q's layout (``empty_like``), ``lse``
+    is ``(B, H, T_q)`` float32 (natural log, ``-inf`` for a row that sees no key). ``window`` and
+    ``segment_ids`` as in :func:`fastlm.ops.attention` (unchecked here). ``split_kv=None`` picks the
+    decode path by :func:`use_split_kv`."""
+    out, lse2 = _forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids, split_kv)
+    return out, lse2 * _LN2
+
+
+def attention_decode(q, k, v, causal, scale, alibi_slopes=None, window=None, segment_ids=None):
     """The split-KV (flash-decoding) forward regardless of shape; returns ``(out, lse)``."""
-    return attention_forward(q, k, v, causal, scale, alibi_slopes, split_kv=True)
+    return attention_forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids, split_kv=True)
 
 
 def _bwd_preprocess(out, dout, delta, block_d):
@@ -754,7 +943,7 @@ def _bwd_preprocess(out, dout, delta, block_d):
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, **extra)
 
 
-def _dq_pass(q, k, v, dout, lse, delta, dq, slopes, scale, common, delta_only):
+def _dq_pass(q, k, v, dout, lse, delta, dq, slopes, scale, common, masks, delta_only):
     """The dQ kernel; with ``delta_only`` it writes Delta = rowsum(P * dP) of the recomputed P
     instead (the float32 path: the exact softmax derivative, free of O's rounding, which rowsum(dO * O)
     carries into dQ and dK: up to 2.9x SDPA's float32 error against the float64 oracle)."""
@@ -765,14 +954,22 @@ def _dq_pass(q, k, v, dout, lse, delta, dq, slopes, scale, common, delta_only):
     wrap(kernel)[grid](
         q, k, v, dout, lse, delta, dq, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        h, h // k.shape[1], t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
+        h, h // k.shape[1], t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k), *masks,
         DELTA_ONLY=delta_only, **common, **extra)
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None
+                       causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None,
+                       window: Optional[int] = None, segment_ids: Optional[Tensor] = None
                        ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward; returns fresh ``(dq, dk, dv)`` in the layouts of q, k, v."""
+    """Launch the backward (``lse`` natural, as :func:`attention_forward` returns it); returns fresh
+    ``(dq, dk, dv)`` in the layouts of q, k, v (the forward's masks again: rows that saw no key get
+    zero gradients)."""
+    return _backward(dout, q, k, v, out, lse * _LOG2E, causal, scale, alibi_slopes, window, segment_ids)
+
+
+def _backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window, segment_ids):
+    """The backward launch; ``lse`` in log2 units (:func:`_forward`'s)."""
     _check_supported(q)
     b, h, t_q, d = q.shape
     h_kv, t_k = k.shape[1], k.shape[2]
@@ -785,19 +982,21 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     delta = torch.empty((b, h, t_q), device=q.device, dtype=torch.float32)
     block_d = _block_d(d)
     slopes = alibi_slopes if alibi_slopes is not None else delta
+    masks, switches = _mask_args(window, segment_ids, t_q, t_k, delta)
     common = dict(HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
-                  BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
-    dq_args = (q, k, v, dout, lse, delta, dq, slopes, scale, common)
+                  BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), **switches)
+    dq_args = (q, k, v, dout, lse, delta, dq, slopes, scale, common, masks)
     if q.dtype == torch.float32:
         _dq_pass(*dq_args, delta_only=True)
     else:
         _bwd_preprocess(out, dout, delta, block_d)
-    dkdv, extra = _tuned_kernel("dkdv", _attn_bwd_dkdv_kernel, block_d, q.element_size())
+    dkdv, extra = _tuned_kernel("dkdv", _attn_bwd_dkdv_kernel, block_d, q.element_size(),
+                                masked=window is not None or segment_ids is not None)
     grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) * b * h_kv,)  # noqa: E731
     wrap(dkdv)[grid](
         q, k, v, dout, lse, delta, dk, dv, slopes,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        h, group, t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k),
+        h, group, t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k), *masks,
         **common, **extra)
     _dq_pass(*dq_args, delta_only=False)
     return dq, dk, dv
@@ -806,27 +1005,33 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
 # =================================================================================================
 # torch.library ops + autograd
 # =================================================================================================
+# The ops' LSE is in log2 units (:func:`_forward`): the forward op's second output goes to the
+# backward op as it is.
 @torch.library.triton_op("fastlm::triton_attention_fwd", mutates_args=())
 def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                      alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return attention_forward(q, k, v, causal, scale, alibi_slopes)
+                      alibi_slopes: Optional[Tensor], window: Optional[int] = None,
+                      segment_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return _forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids)
 
 
 @torch.library.triton_op("fastlm::triton_attention_bwd", mutates_args=())
 def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                      causal: bool, scale: float, alibi_slopes: Optional[Tensor]
-                      ) -> Tuple[Tensor, Tensor, Tensor]:
-    return attention_backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes)
+                      causal: bool, scale: float, alibi_slopes: Optional[Tensor], window: Optional[int] = None,
+                      segment_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    return _backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window, segment_ids)
 
 
 register_attention_autograd(_attention_fwd_op, _attention_bwd_op)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
-              alibi_slopes: Optional[Tensor] = None) -> Tensor:
-    """Differentiable fused attention (no input validation: use :func:`fastlm.ops.attention`)."""
+              alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
+              segment_ids: Optional[Tensor] = None) -> Tensor:
+    """Differentiable fused attention (no input validation: use :func:`fastlm.ops.attention`, which
+    also states the masks' rule)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.float().contiguous()
-    return _attention_fwd_op(q, k, v, bool(causal), float(scale), alibi_slopes)[0]
+    window = None if window is None else int(window)
+    return _attention_fwd_op(q, k, v, bool(causal), float(scale), alibi_slopes, window, segment_ids)[0]

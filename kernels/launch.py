@@ -2,6 +2,7 @@
 
 * :func:`interpreting` -- whether ``TRITON_INTERPRET`` asks for the CPU interpreter, read now;
 * :func:`jit` -- the kernel object of a plain kernel function in the current mode (cached);
+* :func:`device_function` -- a helper that kernels call, in either mode;
 * :func:`is_interpreted`, :func:`wrap`, :func:`is_traced` -- launching through
   ``torch.library.wrap_triton`` (so torch.compile sees the launch) and shape-only tracing;
 * pinned configs: ``FASTLM_TRITON_CONFIGS`` fixes each autotuned kernel's config and skips
@@ -21,8 +22,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import triton
+from triton.runtime.jit import JITFunction
 
-__all__ = ["interpreting", "jit", "is_interpreted", "wrap", "is_traced", "pinned_configs",
+__all__ = ["interpreting", "jit", "device_function", "is_interpreted", "wrap", "is_traced", "pinned_configs",
            "PIN_ENV", "PINNABLE"]
 
 PIN_ENV = "FASTLM_TRITON_CONFIGS"
@@ -47,6 +49,20 @@ def jit(fn):
     if kernel is None:
         kernel = _jit_cache[key] = triton.jit(fn)
     return kernel
+
+
+class _DeviceFunction(JITFunction):
+    """A ``JITFunction`` that a compiled kernel inlines like any ``@triton.jit`` helper and that an
+    interpreted kernel (plain Python over the interpreter's ``tl``) simply calls: one object for
+    both modes, whatever mode triton was imported in."""
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def device_function(fn):
+    """``fn`` as a helper that kernels of either mode call (a module global of the kernels' module)."""
+    return _DeviceFunction(fn)
 
 
 def is_interpreted(kernel) -> bool:

@@ -41,8 +41,9 @@ OTHER_TRITONS_ENV = "FASTLM_OTHER_TRITONS"
 PINNED_HEAD_DIMS = (64, 128)  # GPT-2 small's head dim and the headline's
 
 _FP32_POINTERS = {"LSE", "DELTA", "SLOPES", "O_PART", "LSE_PART"}
+_INT32_POINTERS = {"DOCS"}
 _INT_ARGS = {"H", "H_KV", "GROUP", "T_Q", "T_K", "HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CHUNK",
-             "N_SPLITS", "N", "HIDDEN"}
+             "N_SPLITS", "N", "HIDDEN", "WINDOW"}
 
 
 def _signature(names, constexprs, dtype):
@@ -54,6 +55,8 @@ def _signature(names, constexprs, dtype):
             sig[n] = "fp32"
         elif n in _INT_ARGS or n.startswith("stride"):
             sig[n] = "i32"
+        elif n in _INT32_POINTERS:
+            sig[n] = "*i32"
         else:
             sig[n] = "*fp32" if n in _FP32_POINTERS else "*" + dtype
     return sig
@@ -217,10 +220,10 @@ def launched_usage(kernel) -> dict:
 
 
 # ---- attention kernels at their configs ----------------------------------------------------------
-def _attention_constexprs(kind: str, head_dim: int, config, causal: bool, alibi: bool) -> dict:
+def _attention_constexprs(kind: str, head_dim: int, config, causal: bool, alibi: bool, masks: bool = False) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
     ce = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_ALIBI=alibi, BLOCK_D=block_d, DOT_PREC="tf32",
-              BLOCK_M=config[0], BLOCK_N=config[1])
+              HAS_WINDOW=masks, HAS_DOCS=masks, BLOCK_M=config[0], BLOCK_N=config[1])
     if kind != "decode":
         ce["EVEN_D"] = head_dim == block_d
     if kind == "dq":
@@ -231,27 +234,32 @@ def _attention_constexprs(kind: str, head_dim: int, config, causal: bool, alibi:
 
 
 def config_usage(kind: str, head_dim: int, config, capability: int = 90, dtype: str = "bf16",
-                 causal: bool = True, alibi: bool = False) -> dict:
+                 causal: bool = True, alibi: bool = False, masks: bool = False) -> dict:
     """:func:`resource_usage` of attention kernel ``kind`` (fwd, dkdv, dq, decode) compiled with
-    ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) for ``cuda:capability``."""
+    ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) for ``cuda:capability``; ``masks``: with
+    a sliding window and documents both on (the masked kernels' widest form)."""
     from . import attention as A
     fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel,
           "decode": A._attn_decode_kernel}[kind]
-    ce = _attention_constexprs(kind, head_dim, config, causal, alibi)
+    ce = _attention_constexprs(kind, head_dim, config, causal, alibi, masks)
     kernel = compile_for_target(fn, dtype, ce, capability, num_warps=config[2], num_stages=config[3])
     return resource_usage(kernel, capability)
 
 
-def pinned_usage(head_dims=PINNED_HEAD_DIMS, kinds=("fwd", "dkdv", "dq", "decode"), capability: int = 90) -> list:
-    """One dict per pinned default (bf16, causal): kind, head_dim, config, triton and the usage."""
+def pinned_usage(head_dims=PINNED_HEAD_DIMS, kinds=("fwd", "dkdv", "dq", "decode"), capability: int = 90,
+                 masks=(False, True)) -> list:
+    """One dict per pinned default (bf16, causal), without masks and with a window and documents:
+    kind, head_dim, config, masks, triton and the usage."""
     from . import attention as A
     rows = []
     for kind in kinds:
         for d in head_dims:
-            config = A.configs(kind, d, 2)[0]
-            row = {"kind": kind, "head_dim": d, "config": "x".join(map(str, config)), "triton": triton.__version__}
-            row.update(config_usage(kind, d, config, capability))
-            rows.append(row)
+            for masked in masks:
+                config = A.pinned_default(kind, d, 2, masked)
+                row = {"kind": kind, "head_dim": d, "config": "x".join(map(str, config)),
+                       "masks": "window+docs" if masked else "none", "triton": triton.__version__}
+                row.update(config_usage(kind, d, config, capability, masks=masked))
+                rows.append(row)
     return rows
 
 

@@ -1,7 +1,7 @@
 """Sliding-window and document (segment) masks through the public op, ``fastlm.ops.attention``:
 the rule of fastlm.ops.masks against a brute-force reading of its docstring, every CPU backend
-against the float64 oracle under the 2x rule (forward and gradients), gradcheck, validation, and the
-backends that cannot run a masked call saying so."""
+against the float64 oracle under the 2x rule (forward and gradients), gradcheck, validation (the
+Triton kernels' masks: tests/test_triton_masks.py)."""
 import math
 import random
 
@@ -175,14 +175,16 @@ def test_bad_masks_are_one_clear_error(kwargs, error):
         ops.attention(q, k, v, **kwargs)
 
 
-def test_a_backend_without_the_masks_says_why(monkeypatch):
-    """The Triton kernels (run here in the interpreter) have no masks yet: asked by name they refuse
-    with the reason; auto never picks them for a masked call."""
+def test_triton_takes_the_masks_by_name(monkeypatch):
+    """The Triton kernels (run here in the interpreter) take window and documents when asked by name
+    (their parity: tests/test_triton_masks.py); on a CPU tensor auto still picks a CPU backend."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, k, v = _inputs(1, 2, 2, 8, 8, 16, torch.float32)
-    with pytest.raises(BackendUnavailableError, match="mask"):
-        ops.attention(q, k, v, window=3, backend="triton")
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
+    got = ops.attention(q, k, v, window=3, segment_ids=seg, backend="triton")
+    want = ops.attention(q, k, v, window=3, segment_ids=seg, backend="reference")
+    assert (got - want).abs().max().item() < 1e-5
     assert ops.attention_backend(q, k, v, window=3) != "triton"
 
 

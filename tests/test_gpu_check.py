@@ -103,8 +103,8 @@ def test_timings_follow_their_checks(dry_run):
     resources = [
         r for r in rows if r["step"] == "resources" and r["name"].startswith("resources/") and r["status"] == "ok"
     ]
-    assert {(r["kind"], r["head_dim"]) for r in resources} == {
-        (k, d) for k in ("fwd", "dkdv", "dq", "decode") for d in (64, 128)
+    assert {(r["kind"], r["head_dim"], r["masks"]) for r in resources} == {
+        (k, d, m) for k in ("fwd", "dkdv", "dq", "decode") for d in (64, 128) for m in ("none", "window+docs")
     }
     assert all(r["ptxas_regs"] > 0 and r["ptxas_spill_store_bytes"] == 0 for r in resources)
     configs = [r for r in rows if r["name"].startswith("config/")]  # fwd's were checked before the headline

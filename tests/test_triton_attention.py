@@ -482,7 +482,9 @@ def _compile_or_skip(fn, dtype, ce, cap, num_warps=4, num_stages=2):
         raise
 
 
-_FWD_OPTS = dict(HEAD_DIM=80, CAUSAL=True, HAS_ALIBI=True, EVEN_D=False, BLOCK_D=128, DOT_PREC="tf32")
+_FWD_OPTS = dict(HEAD_DIM=80, CAUSAL=True, HAS_ALIBI=True, EVEN_D=False, BLOCK_D=128, DOT_PREC="tf32",
+                 HAS_WINDOW=False, HAS_DOCS=False)
+_MASKS = dict(HAS_WINDOW=True, HAS_DOCS=True)  # the masked kernels' widest form
 
 
 def _gpu_compile_cases():
@@ -496,9 +498,13 @@ def _gpu_compile_cases():
                                                           BLOCK_N=64), 90),
         "dkdv-sm90": (A._attn_bwd_dkdv_kernel, "bf16", dict(opts, BLOCK_M=32, BLOCK_N=128), 90),
         "dq-sm90": (A._attn_bwd_dq_kernel, "bf16", dict(opts, DELTA_ONLY=False, BLOCK_M=128, BLOCK_N=32), 90),
+        "fwd-masks-sm80": (A._attn_fwd_kernel, "fp16", dict(fwd, **_MASKS, BLOCK_M=128, BLOCK_N=64), 80),
+        "dkdv-masks-sm80": (A._attn_bwd_dkdv_kernel, "fp16", dict(opts, **_MASKS, BLOCK_M=32, BLOCK_N=64), 80),
+        "dq-masks-sm80": (A._attn_bwd_dq_kernel, "fp16", dict(opts, **_MASKS, DELTA_ONLY=True, BLOCK_M=64,
+                                                              BLOCK_N=32), 80),
         "pre-sm90": (A._attn_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64), 90),
         "decode-sm90": (A._attn_decode_kernel, "bf16", dict(HEAD_DIM=80, CAUSAL=True, HAS_ALIBI=True, BLOCK_D=128,
-                                                           DOT_PREC="tf32", BLOCK_M=16, BLOCK_N=64), 90),
+                                                           DOT_PREC="tf32", BLOCK_M=16, BLOCK_N=64, **_MASKS), 90),
         "combine-sm90": (A._attn_decode_combine_kernel, "bf16", dict(HEAD_DIM=80, PART_M=16, BLOCK_S=32, BLOCK_D=128), 90),
         "swiglu-fwd": (S._swiglu_fwd_kernel, "bf16", dict(BLOCK=4096), 90),
         "swiglu-bwd": (S._swiglu_bwd_kernel, "bf16", dict(BLOCK=4096), 90),
@@ -509,6 +515,7 @@ def _gpu_compile_cases():
 
 @pytest.mark.cpu_only  # compiles or parses only: no GPU needed, none used
 @pytest.mark.parametrize("name", ["fwd-sm90", "fwd-sm80", "fwd-d40-sm90", "dkdv-sm90", "dq-sm90", "pre-sm90",
+                                  "fwd-masks-sm80", "dkdv-masks-sm80", "dq-masks-sm80",
                                   "decode-sm90", "combine-sm90", "swiglu-fwd", "swiglu-bwd",
                                   "packed-fwd", "packed-bwd"])
 def test_kernels_compile_for_gpu_targets(name, monkeypatch):
@@ -547,19 +554,21 @@ def _need_cuda_tools():
 
 
 @pytest.mark.cpu_only  # compiles or parses only: no GPU needed, none used
+@pytest.mark.parametrize("masks", [False, True], ids=["nomask", "masks"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq", "decode"])
-def test_pinned_default_registers_and_spills_sm90(kind, head_dim, monkeypatch):
+def test_pinned_default_registers_and_spills_sm90(kind, head_dim, masks, monkeypatch):
     """Registers and spills read from the compiled kernel (Triton's ptxas -v report and cuobjdump on
     the cubin; not the PTX, where spills do not show) of each kernel's default pinned config at
     D=64 (GPT-2 small) and D=128 (the headline) in bf16, compiled for sm_90 with this Triton (the
-    GPU image's Triton: :func:`test_pinned_registers_and_spills_other_triton`)."""
+    GPU image's Triton: :func:`test_pinned_registers_and_spills_other_triton`), without masks and
+    with a sliding window and documents both on (HAS_WINDOW, HAS_DOCS)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     _need_cuda_tools()
     from fastlm.kernels import attention as A
     from fastlm.kernels.resources import config_usage
     try:
-        usage = config_usage(kind, head_dim, A.configs(kind, head_dim, 2)[0])
+        usage = config_usage(kind, head_dim, A.pinned_default(kind, head_dim, 2, masks), masks=masks)
     except ImportError as e:
         pytest.skip(f"this triton has no ASTSource/GPUTarget API ({e})")
     _assert_no_spills(usage)
@@ -620,7 +629,7 @@ def test_spills_show_in_the_cubin_not_in_the_ptx(monkeypatch):
     from fastlm.kernels import attention as A
     from fastlm.kernels.resources import resource_usage
     ce = dict(HEAD_DIM=128, CAUSAL=True, HAS_ALIBI=False, EVEN_D=True, BLOCK_D=128, DOT_PREC="tf32",
-              BLOCK_M=32, BLOCK_N=128)
+              HAS_WINDOW=False, HAS_DOCS=False, BLOCK_M=32, BLOCK_N=128)
     kernel = _compile_or_skip(A._attn_bwd_dkdv_kernel, "bf16", ce, 90, num_warps=4, num_stages=3)
     assert "ld.local" not in kernel.asm["ptx"]
     usage = resource_usage(kernel, 90)

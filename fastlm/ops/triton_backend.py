@@ -8,7 +8,8 @@ the repository root (the first entry of ``sys.path`` for every ``python -m`` run
 namespace portion never does. Its modules:
 
 * :mod:`fastlm.kernels.attention` -- FlashAttention-2 style forward/backward and a split-KV
-  decode forward (causal bottom-right, ALiBi, GQA, any strides, head dim <= 256).
+  decode forward (causal bottom-right, sliding window, documents, ALiBi, GQA, any strides, head
+  dim <= 256).
 * :mod:`fastlm.kernels.swiglu` -- fused ``silu(gate) * up`` and its packed ``[..., 2H]`` variant.
 * :mod:`fastlm.kernels.launch` -- the launch helpers both share (interpreter mode, kernel objects,
   ``wrap_triton``, pinned configs: ``FASTLM_TRITON_CONFIGS``).
@@ -88,8 +89,6 @@ class TritonBackend(BackendBase):
         return None
 
     def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
-        if window is not None or segment_ids is not None:
-            return "sliding-window and document masks are not in the Triton kernels yet"
         import torch
         why = self._device_reason(q) or self._dtype_reason(q, "attention")
         if why is not None:
@@ -102,7 +101,7 @@ class TritonBackend(BackendBase):
 
     def attention(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
         from fastlm.kernels.attention import attention
-        return attention(q, k, v, causal, scale, alibi_slopes)
+        return attention(q, k, v, causal, scale, alibi_slopes, window, segment_ids)
 
     def swiglu_unsupported(self, gate, up):
         return self._device_reason(gate) or self._dtype_reason(gate, "swiglu")
