@@ -8,6 +8,7 @@ reference's magnitude. At long sequences the oracle sees a slice (the first kv h
 the last query rows, against every key) of the full-size launch. A case the step's time cuts is a
 ``skipped`` row with the reason, never a silent drop.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -57,6 +58,7 @@ def bench(run, fn) -> dict:
     _sync(run)
     if _dev(run) == "cuda":
         from triton.testing import do_bench
+
         kw = {"warmup": 25, "rep": 100}
         if "quantiles" in inspect.signature(do_bench).parameters:
             q20, med, q80 = do_bench(fn, quantiles=[0.2, 0.5, 0.8], **kw)
@@ -85,6 +87,7 @@ def _versions() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     try:
         import triton
+
         info["triton"] = triton.__version__
     except ImportError as e:
         info["triton"] = f"not importable ({e})"
@@ -94,8 +97,13 @@ def _versions() -> dict:
 def _nvidia_smi() -> dict:
     q = "name,driver_version,clocks.max.sm,clocks.sm,clocks.max.mem,power.limit,memory.total"
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20).stdout.strip().splitlines()
+        out = (
+            subprocess.run(
+                ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+            )
+            .stdout.strip()
+            .splitlines()
+        )
     except (OSError, subprocess.SubprocessError) as e:
         return {"nvidia_smi": f"unavailable ({type(e).__name__})"}
     return dict(zip(q.split(","), [v.strip() for v in out[0].split(",")])) if out else {}
@@ -105,9 +113,15 @@ def step_env(run, deadline):
     run.row("versions", status="ok", **_versions())
     if _dev(run) == "cuda":
         props = torch.cuda.get_device_properties(0)
-        run.row("gpu", status="ok", name=props.name, sm_count=props.multi_processor_count,
-                capability=f"{props.major}.{props.minor}", memory_gb=round(props.total_memory / 2**30, 1),
-                **_nvidia_smi())
+        run.row(
+            "gpu",
+            status="ok",
+            name=props.name,
+            sm_count=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+            memory_gb=round(props.total_memory / 2**30, 1),
+            **_nvidia_smi(),
+        )
     else:
         run.skip("gpu", "dry run / no CUDA device")
     dev = _dev(run)
@@ -122,7 +136,7 @@ def step_env(run, deadline):
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     a, b = torch.randn(m, m, device=dev, dtype=dtype), torch.randn(m, m, device=dev, dtype=dtype)
     t = bench(run, lambda: a @ b)
-    tflops = 2 * m ** 3 / (t["ms"] * 1e-3) / 1e12
+    tflops = 2 * m**3 / (t["ms"] * 1e-3) / 1e12
     run.facts["matmul_TFLOPs"] = tflops
     run.row("matmul_rate", status="ok", TFLOPs=round(tflops, 2), n=m, dtype=_name(dtype), **t)
 
@@ -138,8 +152,12 @@ def two_x(got, ref, bases, dtype) -> dict:
 
 def _inputs(case, dev, dtype, seed=0):
     g = torch.Generator(device=dev).manual_seed(seed)
-    shapes = [(case.b, case.h, case.t_q, case.d), (case.b, case.h_kv, case.t_k, case.d),
-              (case.b, case.h_kv, case.t_k, case.d), (case.b, case.h, case.t_q, case.d)]
+    shapes = [
+        (case.b, case.h, case.t_q, case.d),
+        (case.b, case.h_kv, case.t_k, case.d),
+        (case.b, case.h_kv, case.t_k, case.d),
+        (case.b, case.h, case.t_q, case.d),
+    ]
     q, k, v, do = (torch.randn(s, device=dev, generator=g).to(dtype) for s in shapes)
     slopes = torch.linspace(0.05, 0.5, case.h, device=dev) if case.alibi else None
     return q, k, v, do, slopes
@@ -164,6 +182,7 @@ def _pytorch_fns(case, q, k, v, slopes):
 
     def textbook(q, k, v):
         return naive_attention(q, k, v, case.causal, None, slopes, dtype=q.dtype)
+
     expressible = ops.torch_backend.BACKEND.attention_unsupported(q, k, v, case.causal, 1.0, slopes) is None
     return [sdpa] * expressible + [textbook] * (not expressible or q.dtype == torch.float32)
 
@@ -181,6 +200,7 @@ def attn_check(run, name, fn, case, dtype, **extra) -> bool:
     """One row: ``fn(q, k, v)`` (forward, and backward in mode ``full``) against the float64 oracle
     under the 2x rule; True when every output passes."""
     from fastlm.ops.reference import naive_attention
+
     dev = _dev(run)
     q, k, v, do, slopes = _inputs(case, dev, dtype)
     full = case.mode == "full"
@@ -190,14 +210,28 @@ def attn_check(run, name, fn, case, dtype, **extra) -> bool:
     bases = [[sub(t, hq) for t in _fwd_bwd(f, q, k, v, do, full)] for f in _pytorch_fns(case, q, k, v, slopes)]
     qs, ks, vs, dos = (q[:1, hq, rows], k[:1, hk], v[:1, hk], do[:1, hq, rows]) if not full else (q, k, v, do)
     sl = slopes[hq] if slopes is not None and not full else slopes
-    ref = _fwd_bwd(lambda a, b, c: naive_attention(a, b, c, case.causal, None, sl), qs.double(), ks.double(),
-                   vs.double(), dos.double(), full)
+    ref = _fwd_bwd(
+        lambda a, b, c: naive_attention(a, b, c, case.causal, None, sl),
+        qs.double(),
+        ks.double(),
+        vs.double(),
+        dos.double(),
+        full,
+    )
     names = ("out", "dq", "dk", "dv")
     errors = {n: two_x(g, r, [b[i] for b in bases], dtype) for i, (n, g, r) in enumerate(zip(names, got, ref))}
     ok = all(e["ok"] for e in errors.values())
-    run.row(name, status="ok" if ok else "fail", dtype=_name(dtype), mode=case.mode,
-            shape=[case.b, case.h, case.h_kv, case.t_q, case.t_k, case.d], causal=case.causal, alibi=case.alibi,
-            errors=errors, **extra)
+    run.row(
+        name,
+        status="ok" if ok else "fail",
+        dtype=_name(dtype),
+        mode=case.mode,
+        shape=[case.b, case.h, case.h_kv, case.t_q, case.t_k, case.d],
+        causal=case.causal,
+        alibi=case.alibi,
+        errors=errors,
+        **extra,
+    )
     return ok
 
 
@@ -219,12 +253,16 @@ _CASES = (
 
 def _attn_cases(run):
     """The correctness cases of this run (GQA, ALiBi, T_q != T_k, D=80, odd T, split-KV decode)."""
-    return [Case(label, *(dry if run.dry else gpu), True, alibi, mode)
-            for label, mode, alibi, gpu, dry in _CASES if not run.dry or dry is not None]
+    return [
+        Case(label, *(dry if run.dry else gpu), True, alibi, mode)
+        for label, mode, alibi, gpu, dry in _CASES
+        if not run.dry or dry is not None
+    ]
 
 
 def _triton_fn(case, slopes_of):
     from fastlm import ops
+
     return lambda q, k, v: ops.attention(q, k, v, causal=case.causal, alibi_slopes=slopes_of(q), backend="triton")
 
 
@@ -246,6 +284,7 @@ def _cuda_fn(lib, case):
         def backward(ctx, dout):
             q, k, v, out, lse = ctx.saved_tensors
             return lib.attention_bwd(dout.contiguous(), q, k, v, out, lse, case.causal, scale)
+
     return _Fn.apply
 
 
@@ -314,8 +353,7 @@ def config_check(run, kind, config, d, dtype) -> bool:
         case = _config_case(kind, config, d)
         previous = _pinned(f"{kind}={label}")
         try:
-            done[name] = attn_check(run, name, _triton_fn(case, _slopes_of(case)), case, dtype, kind=kind,
-                                    config=label)
+            done[name] = attn_check(run, name, _triton_fn(case, _slopes_of(case)), case, dtype, kind=kind, config=label)
         except Exception as e:  # noqa: BLE001 -- e.g. a tile that needs more shared memory than this GPU has
             run.error(name, e)
             done[name] = False
@@ -332,10 +370,11 @@ def step_configs(run, deadline):
     """Every entry of the forward, dK/dV, dQ and decode lists at D=64 and D=128 (the lists the
     autotuner picks from for bf16/fp16 there), compiled, each against the float64 oracle."""
     from fastlm.kernels import attention as A
+
     dtype = _config_dtype(run)
     for d in (64, 128):
         for kind in ("fwd", "dkdv", "dq", "decode"):
-            for config in A.configs(kind, d, 2)[:1 if run.dry else None]:  # dry run: the code path
+            for config in A.configs(kind, d, 2)[: 1 if run.dry else None]:  # dry run: the code path
                 name = f"config/{kind}/{'x'.join(map(str, config))}/d{d}"
                 if name in run.facts.get("config_checks", {}) or not _out_of_time(run, name, deadline - 3):
                     config_check(run, kind, config, d, dtype)
@@ -351,8 +390,17 @@ def _attn_row(run, name, t, shape, pass_, **extra):
     b, h, t_len, d = shape
     tflops = attention_flops(b, h, t_len, t_len, d, True, pass_) / (t["ms"] * 1e-3) / 1e12
     ceiling = run.facts.get("matmul_TFLOPs")
-    run.row(name, status="ok", pass_=pass_, shape=list(shape), causal=True, TFLOPs=round(tflops, 2),
-            pct_of_matmul=round(100 * tflops / ceiling, 1) if ceiling else None, **t, **extra)
+    run.row(
+        name,
+        status="ok",
+        pass_=pass_,
+        shape=list(shape),
+        causal=True,
+        TFLOPs=round(tflops, 2),
+        pct_of_matmul=round(100 * tflops / ceiling, 1) if ceiling else None,
+        **t,
+        **extra,
+    )
 
 
 def _bench_dtype(run):
@@ -361,6 +409,7 @@ def _bench_dtype(run):
 
 def _headline_configs(run, d):
     from fastlm.kernels import attention as A
+
     configs = A.configs("fwd", d, 2)
     return configs[:2] if run.dry or d != 128 else configs  # D=64: the pinned default and the former one
 
@@ -371,6 +420,7 @@ def step_headline(run, deadline):
     from fastlm.kernels import attention as A
     from fastlm.kernels.launch import jit
     from fastlm.kernels.resources import launched_kernels, launched_usage
+
     dtype = _bench_dtype(run)
     for d in (128, 64):
         shape = _headline_shape(run, d)
@@ -402,6 +452,7 @@ def step_headline(run, deadline):
 def _sdpa_kernel_names(fn) -> list:
     """Names of the GPU kernels one call of ``fn`` launches (which SDPA kernel ``default`` picked)."""
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -411,33 +462,43 @@ def _sdpa_kernel_names(fn) -> list:
 
 def _sdpa_backends():
     from torch.nn.attention import SDPBackend
-    return {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": getattr(SDPBackend, "CUDNN_ATTENTION", None)}
+
+    return {
+        "default": None,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": getattr(SDPBackend, "CUDNN_ATTENTION", None),
+    }
 
 
 def _sdpa_call(choice, q, k, v):
     from torch.nn.attention import sdpa_kernel
+
     if choice is None:
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def call():
         with sdpa_kernel(choice):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
     return call
 
 
 def _sdpa_rows(run, q, k, v, shape, dtype):
     for name, choice in _sdpa_backends().items():
         if name != "default" and (run.dry or choice is None):
-            run.skip(f"sdpa_{name}/fwd", "dry run: SDPA's GPU kernels need CUDA" if run.dry
-                     else "this torch has no such SDPA backend")
+            run.skip(
+                f"sdpa_{name}/fwd",
+                "dry run: SDPA's GPU kernels need CUDA" if run.dry else "this torch has no such SDPA backend",
+            )
             continue
         try:
             fn = _sdpa_call(choice, q, k, v)
             t = bench(run, fn)
             kernels = _sdpa_kernel_names(fn) if _dev(run) == "cuda" else ["cpu"]
-            _attn_row(run, f"sdpa_{name}/fwd", t, shape, "fwd", backend=f"sdpa_{name}", kernels=kernels,
-                      dtype=_name(dtype))
+            _attn_row(
+                run, f"sdpa_{name}/fwd", t, shape, "fwd", backend=f"sdpa_{name}", kernels=kernels, dtype=_name(dtype)
+            )
         except Exception as e:  # noqa: BLE001
             run.error(f"sdpa_{name}/fwd", e)
 
@@ -452,6 +513,7 @@ def _with_backward(fn_of_nothing, q, k, v):
         for t in (q, k, v):
             t.grad = None
         fn_of_nothing().backward(dout)
+
     return step
 
 
@@ -460,15 +522,25 @@ def _timed_pair(run, prefix, q, k, v, shape, dtype, extra_name=""):
     """Triton and SDPA (default) rows, forward+backward, at one shape."""
     from fastlm.kernels import attention as A
     from fastlm.kernels.launch import pinned_configs
+
     pins = pinned_configs() or {}
-    configs = {kind: "x".join(map(str, pins.get(kind) or A.configs(kind, shape[3], 2)[0]))
-               for kind in ("fwd", "dkdv", "dq")}
+    configs = {
+        kind: "x".join(map(str, pins.get(kind) or A.configs(kind, shape[3], 2)[0])) for kind in ("fwd", "dkdv", "dq")
+    }
     for backend, fn in (("triton", lambda: A.attention(q, k, v, True)), ("sdpa_default", _sdpa_call(None, q, k, v))):
         name = f"{prefix}{backend}/fwd+bwd{extra_name}"
         try:
             t = bench(run, _with_backward(fn, q, k, v))
-            _attn_row(run, name, t, shape, "fwd+bwd", backend=backend, dtype=_name(dtype),
-                      **({"configs": configs} if backend == "triton" else {}))
+            _attn_row(
+                run,
+                name,
+                t,
+                shape,
+                "fwd+bwd",
+                backend=backend,
+                dtype=_name(dtype),
+                **({"configs": configs} if backend == "triton" else {}),
+            )
         except Exception as e:  # noqa: BLE001
             run.error(name, e)
 
@@ -490,6 +562,7 @@ def _sweep_points(run):
 
 def _sweep_point(run, shape, dtype):
     from fastlm.kernels import attention as A
+
     b, h, t_len, d = shape
     tag = f"/d{d}/t{t_len}"
     case = Case(f"sweep{tag}", b, h, h, t_len, t_len, d, True, False, "fwd_slice")
@@ -499,8 +572,9 @@ def _sweep_point(run, shape, dtype):
     q, k, v = (torch.randn(shape, device=_dev(run)).to(dtype) for _ in range(3))
     for backend, fn in (("triton", lambda: A.attention(q, k, v, True)), ("sdpa_default", _sdpa_call(None, q, k, v))):
         try:
-            _attn_row(run, f"sweep/{backend}/fwd{tag}", bench(run, fn), shape, "fwd", backend=backend,
-                      dtype=_name(dtype))
+            _attn_row(
+                run, f"sweep/{backend}/fwd{tag}", bench(run, fn), shape, "fwd", backend=backend, dtype=_name(dtype)
+            )
         except Exception as e:  # noqa: BLE001
             run.error(f"sweep/{backend}/fwd{tag}", e)
     _timed_pair(run, "sweep/", q, k, v, shape, dtype, tag)
@@ -525,8 +599,9 @@ def _masked_cases(run):
     """(T, window, documents) at B=2 H=4 D=64 (benchmarks/test_bench_masks.py's shapes)."""
     if run.dry:
         return [(64, 16, None), (64, None, 4)]
-    return ([(t, w, None) for t in (1024, 2048, 4096) for w in (128, 512)]
-            + [(t, None, n) for t in (1024, 2048, 4096) for n in (8, 32)])
+    return [(t, w, None) for t in (1024, 2048, 4096) for w in (128, 512)] + [
+        (t, None, n) for t in (1024, 2048, 4096) for n in (8, 32)
+    ]
 
 
 def _documents(b, t, n, dev):
@@ -539,20 +614,27 @@ def _masked_check(run, name, q, k, v, masks, dtype) -> bool:
     """fastlm's masked forward against float64 (the first kv head, 2x rule, SDPA-dense-mask baseline)."""
     from fastlm import ops
     from fastlm.ops.reference import naive_attention
+
     sub = [x[:, :1].detach() for x in (q, k, v)]
     got = ops.attention(*sub, causal=True, **masks)
     base = ops.attention(*sub, causal=True, backend="torch", **masks)
-    ref = naive_attention(*(x.double() for x in sub), True, None, None, torch.float64, masks["window"],
-                          masks["segment_ids"])
+    ref = naive_attention(
+        *(x.double() for x in sub), True, None, None, torch.float64, masks["window"], masks["segment_ids"]
+    )
     err = two_x(got, ref, [base], dtype)
-    run.row(f"{name}/check", status="ok" if err["ok"] else "fail", errors={"out": err},
-            backend=ops.attention_backend(*sub, causal=True, **masks))
+    run.row(
+        f"{name}/check",
+        status="ok" if err["ok"] else "fail",
+        errors={"out": err},
+        backend=ops.attention_backend(*sub, causal=True, **masks),
+    )
     return err["ok"]
 
 
 def _masked_rows(run, dtype, deadline):
     from fastlm import ops
     from fastlm.ops.masks import visible_mask
+
     b, h, d = 2, 4, 64
     for t, window, docs in _masked_cases(run):
         name = f"masked/t{t}/" + (f"w{window}" if window else f"docs{docs}")
@@ -565,16 +647,33 @@ def _masked_rows(run, dtype, deadline):
                 continue
             pairs = float(visible_mask(t, t, True, window, masks["segment_ids"], device=_dev(run)).sum())
             pairs *= h * (b if docs is None else 1)
-            calls = (("fastlm", ops.attention_backend(q, k, v, causal=True, **masks),  # triton on a GPU
-                      lambda: ops.attention(q, k, v, causal=True, **masks)),
-                     ("sdpa_dense_mask", "torch", lambda: ops.attention(q, k, v, causal=True, backend="torch", **masks)),
-                     ("fastlm_dense_causal", ops.attention_backend(q, k, v, causal=True),
-                      lambda: ops.attention(q, k, v, causal=True)))
+            calls = (
+                (
+                    "fastlm",
+                    ops.attention_backend(q, k, v, causal=True, **masks),  # triton on a GPU
+                    lambda: ops.attention(q, k, v, causal=True, **masks),
+                ),
+                ("sdpa_dense_mask", "torch", lambda: ops.attention(q, k, v, causal=True, backend="torch", **masks)),
+                (
+                    "fastlm_dense_causal",
+                    ops.attention_backend(q, k, v, causal=True),
+                    lambda: ops.attention(q, k, v, causal=True),
+                ),
+            )
             for label, backend, fn in calls:
                 timing = bench(run, _with_backward(fn, q, k, v))
-                run.row(f"{name}/{label}", status="ok", pass_="fwd+bwd", shape=[b, h, t, d], window=window,
-                        documents=docs, dtype=_name(dtype), backend=backend,
-                        TFLOPs=round(14.0 * d * pairs / (timing["ms"] * 1e-3) / 1e12, 3), **timing)
+                run.row(
+                    f"{name}/{label}",
+                    status="ok",
+                    pass_="fwd+bwd",
+                    shape=[b, h, t, d],
+                    window=window,
+                    documents=docs,
+                    dtype=_name(dtype),
+                    backend=backend,
+                    TFLOPs=round(14.0 * d * pairs / (timing["ms"] * 1e-3) / 1e12, 3),
+                    **timing,
+                )
         except Exception as e:  # noqa: BLE001 -- e.g. no backend takes masks on this device
             run.error(name, e)
 
@@ -593,10 +692,22 @@ def step_cuda_attn(run, deadline):
         scale = 1.0 / math.sqrt(d)
         try:
             out, lse = lib.attention_fwd(q, k, v, True, scale)
-            _attn_row(run, f"cuda/fwd/d{d}", bench(run, lambda: lib.attention_fwd(q, k, v, True, scale)),
-                      shape, "fwd", backend="cuda")
-            _attn_row(run, f"cuda/bwd/d{d}", bench(run, lambda: lib.attention_bwd(do, q, k, v, out, lse, True, scale)),
-                      shape, "bwd", backend="cuda")
+            _attn_row(
+                run,
+                f"cuda/fwd/d{d}",
+                bench(run, lambda: lib.attention_fwd(q, k, v, True, scale)),
+                shape,
+                "fwd",
+                backend="cuda",
+            )
+            _attn_row(
+                run,
+                f"cuda/bwd/d{d}",
+                bench(run, lambda: lib.attention_bwd(do, q, k, v, out, lse, True, scale)),
+                shape,
+                "bwd",
+                backend="cuda",
+            )
         except Exception as e:  # noqa: BLE001
             run.error(f"cuda/d{d}", e)
         _sdpa_flash_fwd_bwd(run, q, k, v, shape)
@@ -604,6 +715,7 @@ def step_cuda_attn(run, deadline):
 
 def _sdpa_flash_fwd_bwd(run, q, k, v, shape):
     from torch.nn.attention import SDPBackend
+
     try:
         fwd = _sdpa_call(SDPBackend.FLASH_ATTENTION, q, k, v)
         _attn_row(run, f"sdpa_flash/fwd/d{shape[3]}", bench(run, fwd), shape, "fwd", backend="sdpa_flash")
@@ -618,16 +730,27 @@ def _sdpa_flash_fwd_bwd(run, q, k, v, shape):
 def _swiglu_row(run, name, t, numel, pass_, **extra):
     gbps = swiglu_bytes(numel, 2, pass_) / (t["ms"] * 1e-3) / 1e9
     copy = run.facts.get("copy_GBps")
-    run.row(name, status="ok", pass_=pass_, numel=numel, TBps=round(gbps / 1e3, 3),
-            pct_of_copy=round(100 * gbps / copy, 1) if copy else None, **t, **extra)
+    run.row(
+        name,
+        status="ok",
+        pass_=pass_,
+        numel=numel,
+        TBps=round(gbps / 1e3, 3),
+        pct_of_copy=round(100 * gbps / copy, 1) if copy else None,
+        **t,
+        **extra,
+    )
 
 
 def _swiglu_fns(run, deadline, g, u, x, dy):
     """name: (forward, backward) closures; backward returns (d_gate, d_up) or dx."""
     from fastlm.kernels import swiglu as S
-    fns = {"triton_split": (lambda: S.swiglu_forward(g, u), lambda: S.swiglu_backward(dy, g, u)),
-           "triton_packed": (lambda: S.swiglu_packed_forward(x), lambda: S.swiglu_packed_backward(dy, x)),
-           "eager_split": (lambda: F.silu(g) * u, None)}
+
+    fns = {
+        "triton_split": (lambda: S.swiglu_forward(g, u), lambda: S.swiglu_backward(dy, g, u)),
+        "triton_packed": (lambda: S.swiglu_packed_forward(x), lambda: S.swiglu_packed_backward(dy, x)),
+        "eager_split": (lambda: F.silu(g) * u, None),
+    }
     lib, why = cuda_lib(run, deadline)
     if lib is None:
         run.skip("cuda_swiglu", why)
@@ -639,10 +762,12 @@ def _swiglu_fns(run, deadline, g, u, x, dy):
 
 def _swiglu_refs(g, u, dy):
     """(out, d_gate, d_up) in float64 and by eager PyTorch in the dtype (the 2x rule's pair)."""
+
     def eager(gate, up, dout):
         gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
         out = F.silu(gate) * up
         return [out.detach(), *torch.autograd.grad(out, (gate, up), dout)]
+
     return eager(g.double(), u.double(), dy.double()), eager(g, u, dy)
 
 
@@ -674,8 +799,16 @@ def step_swiglu(run, deadline):
                 continue
             for pass_, fn in (("fwd", fwd), ("bwd", bwd)):
                 if fn is not None:
-                    _swiglu_row(run, f"{name}/{pass_}", bench(run, fn), rows * hidden, pass_, backend=name,
-                                shape=[rows, hidden], dtype=_name(dtype))
+                    _swiglu_row(
+                        run,
+                        f"{name}/{pass_}",
+                        bench(run, fn),
+                        rows * hidden,
+                        pass_,
+                        backend=name,
+                        shape=[rows, hidden],
+                        dtype=_name(dtype),
+                    )
         except Exception as e:  # noqa: BLE001
             run.error(name, e)
     del refs
@@ -684,6 +817,7 @@ def step_swiglu(run, deadline):
 # ---- 8. training step ----------------------------------------------------------------------------
 def _gpt_config(run, backend):
     from fastlm.model import GPTConfig
+
     gpt2 = dict(pos="learned", mlp="swiglu", backend=backend)  # GPT-2's positions (GPTConfig's default is RoPE)
     if run.dry:
         return GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, **gpt2)
@@ -693,6 +827,7 @@ def _gpt_config(run, backend):
 def _train_model(run, backend, dtype=None):
     from fastlm.model import GPT
     from fastlm.training.optim import build_optimizer
+
     cfg = _gpt_config(run, backend)
     torch.manual_seed(0)
     model = GPT(cfg).to(_dev(run))
@@ -714,18 +849,25 @@ def _train_check(run) -> bool:
     float64, same init and batch) under the 2x rule, the torch backend as the baseline."""
     b = 2 if run.dry else 4
     cfg = _gpt_config(run, "auto")
-    batch = torch.randint(0, cfg.vocab_size, (b, cfg.block_size + 1), generator=torch.Generator().manual_seed(1)
-                          ).to(_dev(run))
+    batch = torch.randint(0, cfg.vocab_size, (b, cfg.block_size + 1), generator=torch.Generator().manual_seed(1)).to(
+        _dev(run)
+    )
     autocast = not run.dry
     got = _loss_and_grad_norm(run, _train_model(run, "auto")[0], batch, autocast)
     base = _loss_and_grad_norm(run, _train_model(run, "torch")[0], batch, autocast)
     ref = _loss_and_grad_norm(run, _train_model(run, "reference", torch.float64)[0], batch, False)
     dtype = torch.bfloat16 if autocast else torch.float32
-    errors = {n: two_x(got[i:i + 1], ref[i:i + 1], [base[i:i + 1]], dtype)
-              for i, n in enumerate(("loss", "grad_norm"))}
+    errors = {
+        n: two_x(got[i : i + 1], ref[i : i + 1], [base[i : i + 1]], dtype) for i, n in enumerate(("loss", "grad_norm"))
+    }
     ok = all(e["ok"] for e in errors.values())
-    run.row("gpt2_small/check", status="ok" if ok else "fail", errors=errors, batch=b,
-            loss=[round(float(x[0]), 5) for x in (got, base, ref)])
+    run.row(
+        "gpt2_small/check",
+        status="ok" if ok else "fail",
+        errors=errors,
+        batch=b,
+        loss=[round(float(x[0]), 5) for x in (got, base, ref)],
+    )
     return ok
 
 
@@ -738,6 +880,7 @@ def _train_step_fn(run, model, opt, batch, targets):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -758,10 +901,19 @@ def step_train_step(run, deadline):
             peak = peak_bf16_tflops(run.facts.get("device") or "")
             ceiling = run.facts.get("matmul_TFLOPs")
             achieved = flops / (t["ms"] * 1e-3) / 1e12
-            run.row(f"gpt2_small/{backend}", status="ok", backend=backend, batch=b, block_size=cfg.block_size,
-                    params=n, tokens_per_s=round(tokens / (t["ms"] * 1e-3)), TFLOPs=round(achieved, 2),
-                    mfu_pct=round(100 * achieved / peak, 1) if peak else None,
-                    pct_of_matmul=round(100 * achieved / ceiling, 1) if ceiling else None, **t)
+            run.row(
+                f"gpt2_small/{backend}",
+                status="ok",
+                backend=backend,
+                batch=b,
+                block_size=cfg.block_size,
+                params=n,
+                tokens_per_s=round(tokens / (t["ms"] * 1e-3)),
+                TFLOPs=round(achieved, 2),
+                mfu_pct=round(100 * achieved / peak, 1) if peak else None,
+                pct_of_matmul=round(100 * achieved / ceiling, 1) if ceiling else None,
+                **t,
+            )
             del model, opt
         except Exception as e:  # noqa: BLE001
             run.error(f"gpt2_small/{backend}", e)
@@ -770,8 +922,12 @@ def step_train_step(run, deadline):
 # ---- 9. registers and spills: compile-only, on the CPU -------------------------------------------
 def _resource_row(run, row):
     spills = (row.get("ptxas_spill_store_bytes") or 0) + (row.get("cubin_stack_bytes") or 0)
-    ok = ("ptxas_error" not in row and "cuobjdump_error" not in row and spills == 0
-          and 0 < (row.get("ptxas_regs") or 0) <= 255)
+    ok = (
+        "ptxas_error" not in row
+        and "cuobjdump_error" not in row
+        and spills == 0
+        and 0 < (row.get("ptxas_regs") or 0) <= 255
+    )
     masks = "" if row.get("masks", "none") == "none" else f"/{row['masks']}"
     run.row(f"resources/{row['triton']}/{row['kind']}/d{row['head_dim']}{masks}", status="ok" if ok else "fail", **row)
 
@@ -781,10 +937,14 @@ def step_resources(run, deadline):
     causal) with this Triton and each one in FASTLM_OTHER_TRITONS, plus the headline's forward
     configs; on the GPU nothing (compiling is CPU work the dry run already did)."""
     if not run.dry:
-        run.skip("resources", "compile-only registers/spills are the dry run's (CPU) rows; the launched "
-                              "kernels' driver figures are in the headline rows")
+        run.skip(
+            "resources",
+            "compile-only registers/spills are the dry run's (CPU) rows; the launched "
+            "kernels' driver figures are in the headline rows",
+        )
         return
     from fastlm.kernels.resources import config_usage, other_triton_sites, other_triton_usage, pinned_usage
+
     for row in pinned_usage():
         _resource_row(run, row)
     for site in other_triton_sites():
@@ -798,7 +958,12 @@ def step_resources(run, deadline):
     for config in _headline_configs(run, 128):
         label = "x".join(map(str, config))
         try:
-            run.row(f"triton_fwd_resources/{label}", status="ok", config=label, head_dim=128,
-                    **config_usage("fwd", 128, config))
+            run.row(
+                f"triton_fwd_resources/{label}",
+                status="ok",
+                config=label,
+                head_dim=128,
+                **config_usage("fwd", 128, config),
+            )
         except Exception as e:  # noqa: BLE001
             run.error(f"triton_fwd_resources/{label}", e)

@@ -49,6 +49,7 @@ non-power-of-two head dim (40, 80, 96) keeps 16-byte vector loads and cp.async p
 ``torch.library.triton_op`` s (``fastlm::triton_attention_fwd`` / ``_bwd``) with autograd, so
 ``torch.compile(fullgraph=True)`` traces them on GPU.
 """
+
 import math
 from typing import Optional, Tuple
 
@@ -58,10 +59,10 @@ import triton.language as tl
 from torch import Tensor
 
 from fastlm.ops._autograd import register_attention_autograd
+
 from .launch import device_function, interpreting, is_traced, jit, pinned_configs, wrap
 
-__all__ = ["attention", "attention_forward", "attention_backward", "attention_decode",
-           "use_split_kv", "MAX_HEAD_DIM"]
+__all__ = ["attention", "attention_forward", "attention_backward", "attention_decode", "use_split_kv", "MAX_HEAD_DIM"]
 
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -79,8 +80,7 @@ _LN2 = 0.6931471805599453
 # imported under TRITON_INTERPRET=1 those combine functions cannot be compiled, so import triton
 # before turning the interpreter on when a process also compiles, as benchmarks.gpu_check does.)
 # =================================================================================================
-def _key_runs(pos, ok, docs, WINDOW, T_K, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_DOCS: tl.constexpr):
+def _key_runs(pos, ok, docs, WINDOW, T_K, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
     """``(lo, hi)``: the keys ``[lo, hi)`` that queries at key positions ``pos`` see, by the rule of
     fastlm.ops.masks (one run per query, whose ends never move left as the position grows); ``docs``
     is the batch row of the document bounds (``(2, T_K)``: first position, one past the last), read
@@ -121,9 +121,20 @@ def _tiles(run_lo, run_hi, ok, T, BLOCK: tl.constexpr, RAGGED_FULL: tl.constexpr
     return lo, hi, tl.where(has_full, full_lo, lo), tl.where(has_full, full_hi, lo)
 
 
-def _row_block_keys(start_m, offs_m, row_ok, docs, WINDOW, T_Q, T_K, CAUSAL: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+def _row_block_keys(
+    start_m,
+    offs_m,
+    row_ok,
+    docs,
+    WINDOW,
+    T_Q,
+    T_K,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The key loops of a block of query rows (forward, dQ): ``(row_lo, row_hi, full_lo, full_hi,
     mask_lo, hi)``. The unmasked loop walks ``range(full_lo, full_hi)``, the masked one
     ``range(mask_lo, hi)``: the causal diagonal and the ragged key tail, or with a window or documents
@@ -169,18 +180,48 @@ _visible = device_function(_visible)
 
 
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, SLOPES,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    H, GROUP, T_Q, T_K, qk_scale,
-    T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
-    DOCS, WINDOW,  # masks: document bounds (B, 2, T_K) int32 (with HAS_DOCS), window (with HAS_WINDOW)
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    SLOPES,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    H,
+    GROUP,
+    T_Q,
+    T_K,
+    qk_scale,
+    T_Q_BUCKET,
+    T_K_BUCKET,  # autotune keys only
+    DOCS,
+    WINDOW,  # masks: document bounds (B, 2, T_K) int32 (with HAS_DOCS), window (with HAS_WINDOW)
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    NEG_SCALE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
@@ -198,8 +239,13 @@ def _attn_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < T_Q
 
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q_ptrs = (
+        Q
+        + b.to(tl.int64) * stride_qb
+        + h.to(tl.int64) * stride_qh
+        + offs_m.to(tl.int64)[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd
+    )
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -208,8 +254,19 @@ def _attn_fwd_kernel(
 
     offset = T_K - T_Q  # bottom-right alignment: row i sits at key position i + offset
     row_lo, row_hi, full_lo, full_hi, mask_lo, hi = _row_block_keys(
-        start_m, offs_m, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_Q, T_K,
-        CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
+        start_m,
+        offs_m,
+        row_ok,
+        DOCS + b.to(tl.int64) * 2 * T_K,
+        WINDOW,
+        T_Q,
+        T_K,
+        CAUSAL,
+        HAS_WINDOW,
+        HAS_DOCS,
+        BLOCK_M,
+        BLOCK_N,
+    )
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: exp2(m_i - m_new) never NaN
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
@@ -275,23 +332,54 @@ def _attn_fwd_kernel(
     l_safe = tl.where(has_key, l_i, 1.0)
     out = acc / l_safe[:, None]  # fully masked rows: acc = 0 -> 0
     lse = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))  # base 2
-    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
+    o_ptrs = (
+        O
+        + b.to(tl.int64) * stride_ob
+        + h.to(tl.int64) * stride_oh
+        + offs_m.to(tl.int64)[:, None] * stride_om
+        + offs_d[None, :] * stride_od
+    )
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * T_Q + offs_m, lse, mask=row_ok)
 
 
 def _attn_decode_kernel(
-    Q, K, V, O_PART, LSE_PART, SLOPES,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    H_KV, GROUP, T_Q, T_K, qk_scale, CHUNK, N_SPLITS,
-    DOCS, WINDOW,  # masks, as in _attn_fwd_kernel; the chunks then split the rows' union of keys
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O_PART,
+    LSE_PART,
+    SLOPES,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    H_KV,
+    GROUP,
+    T_Q,
+    T_K,
+    qk_scale,
+    CHUNK,
+    N_SPLITS,
+    DOCS,
+    WINDOW,  # masks, as in _attn_fwd_kernel; the chunks then split the rows' union of keys
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # rows r = g * T_Q + i: query head hk * GROUP + g, query position i (all rows of a GQA group)
     bhk = tl.program_id(0)
@@ -307,8 +395,13 @@ def _attn_decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64)[:, None] * stride_qh
-              + i.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q_ptrs = (
+        Q
+        + b.to(tl.int64) * stride_qb
+        + h.to(tl.int64)[:, None] * stride_qh
+        + i.to(tl.int64)[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd
+    )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if HAS_ALIBI:
         slope = tl.load(SLOPES + h, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -319,8 +412,9 @@ def _attn_decode_kernel(
     row_lo = i * 0  # each row's run of keys (with masks; dummies without)
     row_hi = row_lo
     if HAS_WINDOW or HAS_DOCS:  # the chunks tile the rows' union
-        row_lo, row_hi = _key_runs(i + offset, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_K,
-                                   CAUSAL, HAS_WINDOW, HAS_DOCS)
+        row_lo, row_hi = _key_runs(
+            i + offset, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_K, CAUSAL, HAS_WINDOW, HAS_DOCS
+        )
         seen = row_ok & (row_hi > row_lo)
         lo = lo + tl.reduce(tl.where(seen, row_lo, T_K), 0, tl.standard._elementwise_min) // BLOCK_N * BLOCK_N
         hi = tl.minimum(lo + CHUNK, tl.reduce(tl.where(seen, row_hi, 0), 0, tl.standard._elementwise_max))
@@ -361,10 +455,22 @@ def _attn_decode_kernel(
 
 
 def _attn_decode_combine_kernel(
-    O_PART, LSE_PART, O, LSE,
-    stride_ob, stride_oh, stride_om, stride_od,
-    H_KV, GROUP, T_Q, N_SPLITS,
-    HEAD_DIM: tl.constexpr, PART_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    O_PART,
+    LSE_PART,
+    O,
+    LSE,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    H_KV,
+    GROUP,
+    T_Q,
+    N_SPLITS,
+    HEAD_DIM: tl.constexpr,
+    PART_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_rows = GROUP * T_Q
@@ -388,18 +494,30 @@ def _attn_decode_combine_kernel(
     out = tl.reduce(o_s * w[:, None], 0, tl.standard._sum_combine) / den_safe
     lse = tl.where(denom > 0.0, m_safe + tl.log2(den_safe), float("-inf"))  # base 2
     bh = b * (H_KV * GROUP) + h
-    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + i.to(tl.int64) * stride_om + offs_d * stride_od)
+    o_ptrs = (
+        O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om + offs_d * stride_od
+    )
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
     tl.store(LSE + bh.to(tl.int64) * T_Q + i, lse)
 
 
 def _attn_bwd_preprocess_kernel(
-    O, DO, DELTA,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    H, T_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    H,
+    T_Q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
@@ -410,31 +528,82 @@ def _attn_bwd_preprocess_kernel(
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < T_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(
+        O
+        + b.to(tl.int64) * stride_ob
+        + h.to(tl.int64) * stride_oh
+        + offs_m.to(tl.int64)[:, None] * stride_om
+        + offs_d[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO
+        + b.to(tl.int64) * stride_dob
+        + h.to(tl.int64) * stride_doh
+        + offs_m.to(tl.int64)[:, None] * stride_dom
+        + offs_d[None, :] * stride_dod,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
     delta = tl.reduce(o * do, 1, tl.standard._sum_combine)
     tl.store(DELTA + bh.to(tl.int64) * T_Q + offs_m, delta, mask=offs_m < T_Q)
 
 
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, GROUP, T_Q, T_K, qk_scale, sm_scale,
-    T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
-    DOCS, WINDOW,  # masks, as in the forward
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    SLOPES,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
+    H,
+    GROUP,
+    T_Q,
+    T_K,
+    qk_scale,
+    sm_scale,
+    T_Q_BUCKET,
+    T_K_BUCKET,  # autotune keys only
+    DOCS,
+    WINDOW,  # masks, as in the forward
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     H_KV = H // GROUP
     num_n = (T_K + BLOCK_N - 1) // BLOCK_N
@@ -449,12 +618,24 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kv_mask = (offs_n < T_K)[:, None] & d_ok[None, :]
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                + offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                + offs_n.to(tl.int64)[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+    k = tl.load(
+        K
+        + b.to(tl.int64) * stride_kb
+        + hk.to(tl.int64) * stride_kh
+        + offs_n.to(tl.int64)[:, None] * stride_kn
+        + offs_d[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V
+        + b.to(tl.int64) * stride_vb
+        + hk.to(tl.int64) * stride_vh
+        + offs_n.to(tl.int64)[:, None] * stride_vn
+        + offs_d[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
 
@@ -509,10 +690,14 @@ def _attn_bwd_dkdv_kernel(
                 offs_m += tl.where(start_m >= full_lo, full_hi - full_lo, 0)
             m_ok = offs_m < T_Q
             qd_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=qd_mask, other=0.0)
-            do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                         mask=qd_mask, other=0.0)
+            q = tl.load(
+                q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0
+            )
+            do = tl.load(
+                do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                mask=qd_mask,
+                other=0.0,
+            )
             lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("-inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
@@ -532,10 +717,14 @@ def _attn_bwd_dkdv_kernel(
             offs_m = start_m + offs_m0
             m_ok = offs_m < T_Q
             qd_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=qd_mask, other=0.0)
-            do = tl.load(do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                         mask=qd_mask, other=0.0)
+            q = tl.load(
+                q_base + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0
+            )
+            do = tl.load(
+                do_base + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                mask=qd_mask,
+                other=0.0,
+            )
             lse = tl.load(LSE + stat_base + offs_m, mask=m_ok, other=float("-inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(DELTA + stat_base + offs_m, mask=m_ok, other=0.0)
@@ -549,28 +738,76 @@ def _attn_bwd_dkdv_kernel(
             dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
 
     dk = dk * sm_scale
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-             + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-             + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        DK
+        + b.to(tl.int64) * stride_dkb
+        + hk.to(tl.int64) * stride_dkh
+        + offs_n.to(tl.int64)[:, None] * stride_dkn
+        + offs_d[None, :] * stride_dkd,
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV
+        + b.to(tl.int64) * stride_dvb
+        + hk.to(tl.int64) * stride_dvh
+        + offs_n.to(tl.int64)[:, None] * stride_dvn
+        + offs_d[None, :] * stride_dvd,
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, SLOPES,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, GROUP, T_Q, T_K, qk_scale, sm_scale,
-    T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
-    DOCS, WINDOW,  # masks, as in the forward
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, DELTA_ONLY: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    SLOPES,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    H,
+    GROUP,
+    T_Q,
+    T_K,
+    qk_scale,
+    sm_scale,
+    T_Q_BUCKET,
+    T_K_BUCKET,  # autotune keys only
+    DOCS,
+    WINDOW,  # masks, as in the forward
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DELTA_ONLY: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
@@ -588,12 +825,24 @@ def _attn_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < T_Q
     qd_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=qd_mask, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=qd_mask, other=0.0)
+    q = tl.load(
+        Q
+        + b.to(tl.int64) * stride_qb
+        + h.to(tl.int64) * stride_qh
+        + offs_m.to(tl.int64)[:, None] * stride_qm
+        + offs_d[None, :] * stride_qd,
+        mask=qd_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO
+        + b.to(tl.int64) * stride_dob
+        + h.to(tl.int64) * stride_doh
+        + offs_m.to(tl.int64)[:, None] * stride_dom
+        + offs_d[None, :] * stride_dod,
+        mask=qd_mask,
+        other=0.0,
+    )
     stat_base = bh.to(tl.int64) * T_Q
     lse = tl.load(LSE + stat_base + offs_m, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -608,8 +857,19 @@ def _attn_bwd_dq_kernel(
 
     offset = T_K - T_Q
     row_lo, row_hi, full_lo, full_hi, mask_lo, hi = _row_block_keys(
-        start_m, offs_m, row_ok, DOCS + b.to(tl.int64) * 2 * T_K, WINDOW, T_Q, T_K,
-        CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
+        start_m,
+        offs_m,
+        row_ok,
+        DOCS + b.to(tl.int64) * 2 * T_K,
+        WINDOW,
+        T_Q,
+        T_K,
+        CAUSAL,
+        HAS_WINDOW,
+        HAS_DOCS,
+        BLOCK_M,
+        BLOCK_N,
+    )
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     for start_n in range(full_lo, full_hi, BLOCK_N):
@@ -657,9 +917,15 @@ def _attn_bwd_dq_kernel(
         tl.store(DELTA + stat_base + offs_m, delta, mask=row_ok)
     else:
         dq = dq * sm_scale
-        tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-                 + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-                 dq.to(DQ.dtype.element_ty), mask=qd_mask)
+        tl.store(
+            DQ
+            + b.to(tl.int64) * stride_dqb
+            + h.to(tl.int64) * stride_dqh
+            + offs_m.to(tl.int64)[:, None] * stride_dqm
+            + offs_d[None, :] * stride_dqd,
+            dq.to(DQ.dtype.element_ty),
+            mask=qd_mask,
+        )
 
 
 # =================================================================================================
@@ -683,26 +949,35 @@ def _attn_bwd_dq_kernel(
 # dq 128x32x4x3 188|16; D=64 dK/dV 32x64x4x3 36|0. fwd 128x128x8x3 at D=128 takes 224 KiB of
 # shared memory (sm_90 has 227; the autotuner drops it on smaller GPUs) and 242|239 registers.
 CONFIGS = {
-    "fwd": {128: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-            256: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3),
-                  (64, 32, 4, 2)],
-            512: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-            1024: [(32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]},
-    "dkdv": {128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2)],
-             256: [(16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
-             512: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
-             1024: [(16, 32, 4, 1), (16, 16, 4, 1)]},
-    "dq": {128: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-           256: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
-           512: [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
-           1024: [(32, 16, 4, 1), (16, 16, 4, 1)]},
+    "fwd": {
+        128: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+        256: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 2)],
+        512: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+        1024: [(32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
+    },
+    "dkdv": {
+        128: [(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2)],
+        256: [(16, 128, 8, 3), (16, 128, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)],
+        512: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+        1024: [(16, 32, 4, 1), (16, 16, 4, 1)],
+    },
+    "dq": {
+        128: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+        256: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+        512: [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)],
+        1024: [(32, 16, 4, 1), (16, 16, 4, 1)],
+    },
     "decode": {128: [(16, 64, 4, 3)], 256: [(16, 64, 4, 3)], 512: [(16, 32, 4, 2)], 1024: [(16, 32, 4, 2)]},
 }
 
 # One fixed config per kernel in the interpreter (autotuning there is far too slow); BLOCK_M !=
 # BLOCK_N on purpose so the tests exercise the causal block bookkeeping with unequal tiles.
-_INTERP_BLOCKS = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
-                  "dq": {"BLOCK_M": 32, "BLOCK_N": 16}, "decode": {"BLOCK_M": 16, "BLOCK_N": 16}}
+_INTERP_BLOCKS = {
+    "fwd": {"BLOCK_M": 32, "BLOCK_N": 16},
+    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
+    "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
+    "decode": {"BLOCK_M": 16, "BLOCK_N": 16},
+}
 _INTERP_DECODE_MIN_CHUNK = 64
 
 _KEY = ["HEAD_DIM", "T_Q_BUCKET", "T_K_BUCKET", "CAUSAL", "HAS_ALIBI", "GROUP", "HAS_WINDOW", "HAS_DOCS"]
@@ -763,8 +1038,10 @@ def _tuned_kernel(kind: str, fn, block_d: int, elem_size: int, masked: bool = Fa
         return jit(fn), fixed
     key = (kind, block_d, elem_size)
     if key not in _autotuned:
-        space = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                 for m, n, w, s in configs(kind, block_d, elem_size)]
+        space = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in configs(kind, block_d, elem_size)
+        ]
         _autotuned[key] = triton.autotune(configs=space, key=_KEY)(jit(fn))
     return _autotuned[key], {}
 
@@ -842,11 +1119,34 @@ def _fwd_flash(q, k, v, out, lse, causal, scale, alibi_slopes, masks):
     slopes = alibi_slopes if alibi_slopes is not None else lse  # dummy pointer when unused
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
     wrap(kernel)[grid](
-        q, k, v, out, lse, slopes,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        h, h // h_kv, t_q, t_k, scale * _LOG2E, _bucket(t_q), _bucket(t_k), *masks[0],
-        HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
-        BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), NEG_SCALE=scale < 0, **masks[1], **extra)
+        q,
+        k,
+        v,
+        out,
+        lse,
+        slopes,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        h,
+        h // h_kv,
+        t_q,
+        t_k,
+        scale * _LOG2E,
+        _bucket(t_q),
+        _bucket(t_k),
+        *masks[0],
+        HEAD_DIM=d,
+        CAUSAL=causal,
+        HAS_ALIBI=alibi_slopes is not None,
+        EVEN_D=(d == block_d),
+        BLOCK_D=block_d,
+        DOT_PREC=_dot_prec(q.dtype),
+        NEG_SCALE=scale < 0,
+        **masks[1],
+        **extra,
+    )
 
 
 def _decode_launch(block_d: int, elem_size: int, rows: int) -> dict:
@@ -877,16 +1177,48 @@ def _fwd_split_kv(q, k, v, out, lse, causal, scale, alibi_slopes, masks):
     lse_part = torch.empty((b * h_kv * n_splits * part_m,), device=q.device, dtype=torch.float32)
     slopes = alibi_slopes if alibi_slopes is not None else lse_part
     wrap(jit(_attn_decode_kernel))[(b * h_kv, n_splits)](
-        q, k, v, o_part, lse_part, slopes,
-        *_strides(q), *_strides(k), *_strides(v),
-        h_kv, group, t_q, t_k, scale * _LOG2E, chunk, n_splits, *masks[0],
-        HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, BLOCK_D=block_d,
-        DOT_PREC=_dot_prec(q.dtype), **masks[1], **launch)
+        q,
+        k,
+        v,
+        o_part,
+        lse_part,
+        slopes,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        h_kv,
+        group,
+        t_q,
+        t_k,
+        scale * _LOG2E,
+        chunk,
+        n_splits,
+        *masks[0],
+        HEAD_DIM=d,
+        CAUSAL=causal,
+        HAS_ALIBI=alibi_slopes is not None,
+        BLOCK_D=block_d,
+        DOT_PREC=_dot_prec(q.dtype),
+        **masks[1],
+        **launch,
+    )
     extra = {} if interp else {"num_warps": 4 if block_d >= 128 else 2}
     wrap(jit(_attn_decode_combine_kernel))[(b * h_kv * group * t_q,)](
-        o_part, lse_part, out, lse, *_strides(out),
-        h_kv, group, t_q, n_splits,
-        HEAD_DIM=d, PART_M=part_m, BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=block_d, **extra)
+        o_part,
+        lse_part,
+        out,
+        lse,
+        *_strides(out),
+        h_kv,
+        group,
+        t_q,
+        n_splits,
+        HEAD_DIM=d,
+        PART_M=part_m,
+        BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+        BLOCK_D=block_d,
+        **extra,
+    )
 
 
 def _check_supported(q: Tensor):
@@ -916,10 +1248,17 @@ def _forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids, split_kv
     return out, lse
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                      alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
-                      segment_ids: Optional[Tensor] = None, split_kv: Optional[bool] = None
-                      ) -> Tuple[Tensor, Tensor]:
+def attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    alibi_slopes: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+    split_kv: Optional[bool] = None,
+) -> Tuple[Tensor, Tensor]:
     """Launch the forward; returns ``(out, lse)``. ``out`` has q's layout (``empty_like``), ``lse``
     is ``(B, H, T_q)`` float32 (natural log, ``-inf`` for a row that sees no key). ``window`` and
     ``segment_ids`` as in :func:`fastlm.ops.attention` (unchecked here). ``split_kv=None`` picks the
@@ -939,8 +1278,8 @@ def _bwd_preprocess(out, dout, delta, block_d):
     block_m = 32 if interpreting() else 64
     extra = {} if interpreting() else {"num_warps": 4}
     wrap(jit(_attn_bwd_preprocess_kernel))[(triton.cdiv(t_q, block_m) * b * h,)](
-        out, dout, delta, *_strides(out), *_strides(dout), h, t_q,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, **extra)
+        out, dout, delta, *_strides(out), *_strides(dout), h, t_q, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, **extra
+    )
 
 
 def _dq_pass(q, k, v, dout, lse, delta, dq, slopes, scale, common, masks, delta_only):
@@ -952,16 +1291,47 @@ def _dq_pass(q, k, v, dout, lse, delta, dq, slopes, scale, common, masks, delta_
     kernel, extra = _tuned_kernel("dq", _attn_bwd_dq_kernel, common["BLOCK_D"], q.element_size())
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * b * h,)  # noqa: E731
     wrap(kernel)[grid](
-        q, k, v, dout, lse, delta, dq, slopes,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        h, h // k.shape[1], t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k), *masks,
-        DELTA_ONLY=delta_only, **common, **extra)
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        slopes,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(dout),
+        *_strides(dq),
+        h,
+        h // k.shape[1],
+        t_q,
+        t_k,
+        scale * _LOG2E,
+        scale,
+        _bucket(t_q),
+        _bucket(t_k),
+        *masks,
+        DELTA_ONLY=delta_only,
+        **common,
+        **extra,
+    )
 
 
-def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None,
-                       window: Optional[int] = None, segment_ids: Optional[Tensor] = None
-                       ) -> Tuple[Tensor, Tensor, Tensor]:
+def attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    alibi_slopes: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Launch the backward (``lse`` natural, as :func:`attention_forward` returns it); returns fresh
     ``(dq, dk, dv)`` in the layouts of q, k, v (the forward's masks again: rows that saw no key get
     zero gradients)."""
@@ -983,21 +1353,52 @@ def _backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window, segm
     block_d = _block_d(d)
     slopes = alibi_slopes if alibi_slopes is not None else delta
     masks, switches = _mask_args(window, segment_ids, t_q, t_k, delta)
-    common = dict(HEAD_DIM=d, CAUSAL=causal, HAS_ALIBI=alibi_slopes is not None, EVEN_D=(d == block_d),
-                  BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), **switches)
+    common = dict(
+        HEAD_DIM=d,
+        CAUSAL=causal,
+        HAS_ALIBI=alibi_slopes is not None,
+        EVEN_D=(d == block_d),
+        BLOCK_D=block_d,
+        DOT_PREC=_dot_prec(q.dtype),
+        **switches,
+    )
     dq_args = (q, k, v, dout, lse, delta, dq, slopes, scale, common, masks)
     if q.dtype == torch.float32:
         _dq_pass(*dq_args, delta_only=True)
     else:
         _bwd_preprocess(out, dout, delta, block_d)
-    dkdv, extra = _tuned_kernel("dkdv", _attn_bwd_dkdv_kernel, block_d, q.element_size(),
-                                masked=window is not None or segment_ids is not None)
+    dkdv, extra = _tuned_kernel(
+        "dkdv", _attn_bwd_dkdv_kernel, block_d, q.element_size(), masked=window is not None or segment_ids is not None
+    )
     grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) * b * h_kv,)  # noqa: E731
     wrap(dkdv)[grid](
-        q, k, v, dout, lse, delta, dk, dv, slopes,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        h, group, t_q, t_k, scale * _LOG2E, scale, _bucket(t_q), _bucket(t_k), *masks,
-        **common, **extra)
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        slopes,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(dout),
+        *_strides(dk),
+        *_strides(dv),
+        h,
+        group,
+        t_q,
+        t_k,
+        scale * _LOG2E,
+        scale,
+        _bucket(t_q),
+        _bucket(t_k),
+        *masks,
+        **common,
+        **extra,
+    )
     _dq_pass(*dq_args, delta_only=False)
     return dq, dk, dv
 
@@ -1008,25 +1409,49 @@ def _backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window, segm
 # The ops' LSE is in log2 units (:func:`_forward`): the forward op's second output goes to the
 # backward op as it is.
 @torch.library.triton_op("fastlm::triton_attention_fwd", mutates_args=())
-def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                      alibi_slopes: Optional[Tensor], window: Optional[int] = None,
-                      segment_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _attention_fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    alibi_slopes: Optional[Tensor],
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
     return _forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids)
 
 
 @torch.library.triton_op("fastlm::triton_attention_bwd", mutates_args=())
-def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                      causal: bool, scale: float, alibi_slopes: Optional[Tensor], window: Optional[int] = None,
-                      segment_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def _attention_bwd_op(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    alibi_slopes: Optional[Tensor],
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
     return _backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window, segment_ids)
 
 
 register_attention_autograd(_attention_fwd_op, _attention_bwd_op)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None,
-              alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
-              segment_ids: Optional[Tensor] = None) -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    window: Optional[int] = None,
+    segment_ids: Optional[Tensor] = None,
+) -> Tensor:
     """Differentiable fused attention (no input validation: use :func:`fastlm.ops.attention`, which
     also states the masks' rule)."""
     if scale is None:

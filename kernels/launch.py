@@ -17,6 +17,7 @@
 Kernel functions are plain Python functions turned into kernel objects on first launch, so the
 interpreter decision is made at launch time, not at import.
 """
+
 import os
 from typing import Dict, Optional, Tuple
 
@@ -24,8 +25,17 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-__all__ = ["interpreting", "jit", "device_function", "is_interpreted", "wrap", "is_traced", "pinned_configs",
-           "PIN_ENV", "PINNABLE"]
+__all__ = [
+    "interpreting",
+    "jit",
+    "device_function",
+    "is_interpreted",
+    "wrap",
+    "is_traced",
+    "pinned_configs",
+    "PIN_ENV",
+    "PINNABLE",
+]
 
 PIN_ENV = "FASTLM_TRITON_CONFIGS"
 PINNABLE = ("fwd", "dkdv", "dq", "decode")  # fastlm.kernels.attention: the autotuned kernels, split-KV
@@ -68,6 +78,7 @@ def device_function(fn):
 def is_interpreted(kernel) -> bool:
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.interpreter import InterpretedFunction
+
     while isinstance(kernel, (Autotuner, Heuristics)):
         kernel = kernel.fn
     return isinstance(kernel, InterpretedFunction)
@@ -87,10 +98,13 @@ def is_traced(*tensors) -> bool:
     kernel in it (interpreted kernels cannot be captured), so torch.compile needs a GPU."""
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor
+
     tensors = [t for t in tensors if t is not None]
     if interpreting() and any(isinstance(t, FunctionalTensor) for t in tensors):
-        raise RuntimeError("fastlm Triton ops cannot be traced by torch.compile/AOT autograd in "
-                           "TRITON_INTERPRET mode; compile them on a CUDA GPU")
+        raise RuntimeError(
+            "fastlm Triton ops cannot be traced by torch.compile/AOT autograd in "
+            "TRITON_INTERPRET mode; compile them on a CUDA GPU"
+        )
     return any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors)
 
 
@@ -105,8 +119,9 @@ def _parse_config(kind: str, text: str) -> Config:
     except ValueError:
         values = ()
     if len(values) != 4 or any(v <= 0 for v in values):
-        raise ValueError(f"{PIN_ENV}: config for {kind!r} must be BLOCK_MxBLOCK_NxWARPSxSTAGES "
-                         f"(positive integers), got {text!r}")
+        raise ValueError(
+            f"{PIN_ENV}: config for {kind!r} must be BLOCK_MxBLOCK_NxWARPSxSTAGES (positive integers), got {text!r}"
+        )
     return values
 
 
@@ -122,7 +137,9 @@ def pinned_configs() -> Optional[Dict[str, Config]]:
     for item in text.split(","):
         kind, sep, cfg = item.strip().partition("=")
         if not sep or kind not in PINNABLE:
-            raise ValueError(f"{PIN_ENV}: expected 'pinned' or kernel=BLOCK_MxBLOCK_NxWARPSxSTAGES "
-                             f"pairs with kernels from {', '.join(PINNABLE)}, got {item.strip()!r}")
+            raise ValueError(
+                f"{PIN_ENV}: expected 'pinned' or kernel=BLOCK_MxBLOCK_NxWARPSxSTAGES "
+                f"pairs with kernels from {', '.join(PINNABLE)}, got {item.strip()!r}"
+            )
         pins[kind] = _parse_config(kind, cfg)
     return pins

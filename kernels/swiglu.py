@@ -16,6 +16,7 @@ Kernel objects are created at launch time in the current mode (``TRITON_INTERPRE
 through :mod:`fastlm.kernels.launch` like those of :mod:`fastlm.kernels.attention`.
 Ops: ``fastlm::triton_swiglu_fwd/bwd`` and ``fastlm::triton_swiglu_packed_fwd/bwd``.
 """
+
 from typing import Tuple
 
 import torch
@@ -24,10 +25,17 @@ import triton.language as tl
 from torch import Tensor
 
 from fastlm.ops._autograd import register_elementwise_autograd
+
 from .launch import interpreting, is_traced, jit, wrap
 
-__all__ = ["swiglu", "swiglu_packed", "swiglu_forward", "swiglu_backward",
-           "swiglu_packed_forward", "swiglu_packed_backward"]
+__all__ = [
+    "swiglu",
+    "swiglu_packed",
+    "swiglu_forward",
+    "swiglu_backward",
+    "swiglu_packed_forward",
+    "swiglu_packed_backward",
+]
 
 
 def _swiglu_fwd_kernel(G, U, OUT, N, BLOCK: tl.constexpr):

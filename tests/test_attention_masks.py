@@ -2,6 +2,7 @@
 the rule of fastlm.ops.masks against a brute-force reading of its docstring, every CPU backend
 against the float64 oracle under the 2x rule (forward and gradients), gradcheck, validation (the
 Triton kernels' masks: tests/test_triton_masks.py)."""
+
 import math
 import random
 
@@ -13,7 +14,7 @@ from fastlm.errors import BackendUnavailableError
 from fastlm.ops.masks import visible_mask
 from fastlm.ops.reference import naive_attention
 
-EPS = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+EPS = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
 def brute_force_mask(t_q, t_k, causal, window, seg):
@@ -25,7 +26,7 @@ def brute_force_mask(t_q, t_k, causal, window, seg):
             p = i + t_k - t_q
             row = []
             for j in range(t_k):
-                ok = (not causal or j <= p)
+                ok = not causal or j <= p
                 if window is not None:
                     ok = ok and ((p - window < j) if causal else abs(p - j) < window)
                 if seg is not None:
@@ -69,8 +70,16 @@ def test_the_rule_is_what_its_docstring_says(seed):
 def test_the_docstring_picture():
     seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2]])
     grid = visible_mask(8, 8, True, 3, seg)[0]
-    drawn = ["x . . . . . . .", "x x . . . . . .", "x x x . . . . .", ". . . x . . . .",
-             ". . . x x . . .", ". . . x x x . .", ". . . . x x x .", ". . . . . . . x"]
+    drawn = [
+        "x . . . . . . .",
+        "x x . . . . . .",
+        "x x x . . . . .",
+        ". . . x . . . .",
+        ". . . x x . . .",
+        ". . . x x x . .",
+        ". . . . x x x .",
+        ". . . . . . . x",
+    ]
     assert [" ".join("x" if v else "." for v in row) for row in grid.tolist()] == drawn
 
 
@@ -84,17 +93,19 @@ def _inputs(b, h, h_kv, t_q, t_k, d, dtype, seed=0):
 
 def _cpu_backends():
     status = ops.backend_status()
-    return [b if status[b] is None else pytest.param(b, marks=pytest.mark.skip(reason=f"{b}: {status[b]}"))
-            for b in ("reference", "torch", "cpp")]
+    return [
+        b if status[b] is None else pytest.param(b, marks=pytest.mark.skip(reason=f"{b}: {status[b]}"))
+        for b in ("reference", "torch", "cpp")
+    ]
 
 
 CASES = [  # (b, h, h_kv, t_q, t_k, d, causal, window, documents, alibi)
     (2, 4, 2, 37, 37, 16, True, 5, True, False),
     (1, 2, 2, 97, 97, 32, True, 16, False, True),
-    (2, 2, 1, 17, 40, 16, True, 9, True, False),    # T_q < T_k (a KV cache)
-    (1, 3, 3, 33, 33, 8, False, 6, True, False),    # not causal
+    (2, 2, 1, 17, 40, 16, True, 9, True, False),  # T_q < T_k (a KV cache)
+    (1, 3, 3, 33, 33, 8, False, 6, True, False),  # not causal
     (2, 4, 4, 64, 64, 16, True, None, True, True),  # documents only, with ALiBi
-    (1, 2, 1, 1, 50, 16, True, 7, True, False),     # one query (decoding)
+    (1, 2, 1, 1, 50, 16, True, 7, True, False),  # one query (decoding)
 ]
 
 
@@ -153,22 +164,26 @@ def test_attention_qkv_takes_the_masks():
     rope = (ang.cos().double(), ang.sin().double())
     got = ops.attention_qkv(qkv, H, Hkv, rope=rope, window=4, segment_ids=seg, backend="reference")
     from fastlm.ops.positions import apply_rope
+
     qk = apply_rope(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D), rope[0].unsqueeze(1), rope[1].unsqueeze(1))
     q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
-    v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D).transpose(1, 2)
+    v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
     want = naive_attention(q, k, v, True, None, None, torch.float64, 4, seg).transpose(1, 2).reshape(B, T, H * D)
     assert (got - want).abs().max().item() < 1e-12
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    ({"window": 0}, "window must be an integer >= 1"),
-    ({"window": True}, "window must be an integer >= 1"),
-    ({"window": 2.5}, "window must be an integer >= 1"),
-    ({"segment_ids": torch.zeros(2, 9, dtype=torch.int64)}, r"shape \(B, T_k\) = \(2, 8\)"),
-    ({"segment_ids": torch.zeros(2, 8)}, "int32 or int64"),
-    ({"segment_ids": [[0] * 8] * 2}, "must be a tensor"),
-    ({"segment_ids": torch.tensor([[0, 0, 1, 1, 2, 1, 2, 2]] * 2)}, "non-decreasing"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"window": 0}, "window must be an integer >= 1"),
+        ({"window": True}, "window must be an integer >= 1"),
+        ({"window": 2.5}, "window must be an integer >= 1"),
+        ({"segment_ids": torch.zeros(2, 9, dtype=torch.int64)}, r"shape \(B, T_k\) = \(2, 8\)"),
+        ({"segment_ids": torch.zeros(2, 8)}, "int32 or int64"),
+        ({"segment_ids": [[0] * 8] * 2}, "must be a tensor"),
+        ({"segment_ids": torch.tensor([[0, 0, 1, 1, 2, 1, 2, 2]] * 2)}, "non-decreasing"),
+    ],
+)
 def test_bad_masks_are_one_clear_error(kwargs, error):
     q, k, v = _inputs(2, 2, 2, 8, 8, 4, torch.float32)
     with pytest.raises((ValueError, TypeError), match=error):
@@ -192,9 +207,11 @@ def test_the_same_call_without_masks_is_unchanged():
     """window=None and segment_ids=None take the dense causal path of every backend, bit for bit."""
     q, k, v = _inputs(2, 4, 2, 33, 33, 16, torch.float32)
     for backend in ("reference", "torch"):
-        assert torch.equal(ops.attention(q, k, v, backend=backend),
-                           ops.attention(q, k, v, window=None, segment_ids=None, backend=backend))
-    full = ops.attention(q, k, v, window=10 ** 6, backend="reference")  # a window longer than T hides nothing
+        assert torch.equal(
+            ops.attention(q, k, v, backend=backend),
+            ops.attention(q, k, v, window=None, segment_ids=None, backend=backend),
+        )
+    full = ops.attention(q, k, v, window=10**6, backend="reference")  # a window longer than T hides nothing
     assert (full - ops.attention(q, k, v, backend="reference")).abs().max().item() == pytest.approx(0, abs=1e-6)
     assert math.isfinite(full.sum().item())
 

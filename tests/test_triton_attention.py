@@ -21,6 +21,7 @@ small causal GQA case with ragged T_q != T_k (:func:`test_every_tile_config_pari
 interpreter here, compiled on a GPU (where the autotuner may pick any of them); the GPU check runs
 the same cases first (``benchmarks.gpu_check``, step ``configs``).
 """
+
 import math
 import os
 import shutil
@@ -55,13 +56,19 @@ def _triton_mode(monkeypatch):
 @pytest.fixture
 def A():
     from fastlm.kernels import attention as mod
+
     return mod
 
 
 def _dtypes():
-    return [torch.float32, torch.float16,
-            pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-                not CUDA, reason="bfloat16 tl.dot is wrong in the Triton interpreter; GPU only"))]
+    return [
+        torch.float32,
+        torch.float16,
+        pytest.param(
+            torch.bfloat16,
+            marks=pytest.mark.skipif(not CUDA, reason="bfloat16 tl.dot is wrong in the Triton interpreter; GPU only"),
+        ),
+    ]
 
 
 def _inputs(b, h, h_kv, t_q, t_k, d, alibi, seed=0, layout="bhtd"):
@@ -101,14 +108,18 @@ def _baseline(q, k, v, do, causal, slopes, dtype, scale=None):
     runs = []
     sdpa = ops.torch_backend.BACKEND.attention_unsupported(*args, causal, scale or 1.0, sl) is None
     if sdpa:
-        run = _run(lambda a, b, c: ops.attention(a, b, c, causal=causal, scale=scale, alibi_slopes=sl,
-                                                 backend="torch"), *args, _to(do, dtype))
+        run = _run(
+            lambda a, b, c: ops.attention(a, b, c, causal=causal, scale=scale, alibi_slopes=sl, backend="torch"),
+            *args,
+            _to(do, dtype),
+        )
         # CPU SDPA (torch 2.13) returns NaN for is_causal with a negative scale: no baseline then
         sdpa = all(torch.isfinite(t).all() for t in run)
         runs += [run] if sdpa else []
     if not sdpa or dtype == torch.float32:
-        runs.append(_run(lambda a, b, c: naive_attention(a, b, c, causal, scale, sl, dtype=dtype), *args,
-                         _to(do, dtype)))
+        runs.append(
+            _run(lambda a, b, c: naive_attention(a, b, c, causal, scale, sl, dtype=dtype), *args, _to(do, dtype))
+        )
     return runs
 
 
@@ -140,7 +151,9 @@ def _lse_refs(args, causal, scale, slopes):
     """(float64 LSE, the LSE by plain PyTorch in float32, as the kernels compute it: see
     tests/attn_oracle.py) of these inputs."""
     from attn_oracle import lse_base2_fp32
+
     from fastlm.ops.reference import attention_forward as ref_forward
+
     sl = None if slopes is None else slopes.to(DEVICE)
     ref = ref_forward(*[a.double() for a in args], causal, scale, None if sl is None else sl.double())[1]
     return ref, lse_base2_fp32(args[0], args[1], causal, scale, sl)
@@ -156,26 +169,30 @@ def _check_lse(lse, ref, base):
 
 # (B, H, H_kv, T_q, T_k, D, causal, alibi): odd T and D, GQA/MQA, T_q != T_k both ways
 CASES = [
-    (1, 2, 2, 1, 1, 16, True, False),      # T = 1
+    (1, 2, 2, 1, 1, 16, True, False),  # T = 1
     (1, 2, 2, 17, 17, 16, True, False),
     (1, 2, 2, 17, 17, 40, False, False),
-    (2, 4, 2, 33, 50, 40, True, True),     # GQA, T_q < T_k (bottom-right), ALiBi
-    (1, 2, 1, 50, 33, 64, True, False),    # MQA, T_q > T_k: fully masked rows
+    (2, 4, 2, 33, 50, 40, True, True),  # GQA, T_q < T_k (bottom-right), ALiBi
+    (1, 2, 1, 50, 33, 64, True, False),  # MQA, T_q > T_k: fully masked rows
     (1, 2, 2, 97, 97, 80, True, False),
-    (1, 2, 2, 97, 61, 64, False, True),    # non-causal ALiBi, T_q > T_k
-    (1, 4, 1, 5, 40, 32, True, True),      # few queries, MQA, below the split-KV threshold
+    (1, 2, 2, 97, 61, 64, False, True),  # non-causal ALiBi, T_q > T_k
+    (1, 4, 1, 5, 40, 32, True, True),  # few queries, MQA, below the split-KV threshold
 ]
 
 
 @pytest.mark.parametrize("dtype", _dtypes())
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}kv{}tq{}tk{}d{}{}{}".format(
-    *c[:6], "-causal" if c[6] else "", "-alibi" if c[7] else ""))
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: "b{}h{}kv{}tq{}tk{}d{}{}{}".format(*c[:6], "-causal" if c[6] else "", "-alibi" if c[7] else ""),
+)
 def test_forward_backward_parity(A, case, dtype):
     b, h, h_kv, t_q, t_k, d, causal, alibi = case
     q, k, v, do, slopes = _inputs(b, h, h_kv, t_q, t_k, d, alibi)
     sl = None if slopes is None else slopes.to(DEVICE)
-    got = _run(lambda a, b_, c: A.attention(a, b_, c, causal, None, sl), *(_to(t, dtype) for t in (q, k, v)),
-               _to(do, dtype))
+    got = _run(
+        lambda a, b_, c: A.attention(a, b_, c, causal, None, sl), *(_to(t, dtype) for t in (q, k, v)), _to(do, dtype)
+    )
     _check_all(got, _oracle(q, k, v, do, causal, slopes, dtype), _baseline(q, k, v, do, causal, slopes, dtype), dtype)
 
 
@@ -183,23 +200,30 @@ def test_forward_backward_parity(A, case, dtype):
 def test_head_dim_extremes_fp32(A, d):
     """Head dims padded to 16 (D=8) and the largest tile (D=256), fwd + bwd."""
     q, k, v, do, _ = _inputs(1, 2, 1, 9, 21, d, False, seed=d)
-    got = _run(lambda a, b, c: A.attention(a, b, c, True), *(_to(t, torch.float32) for t in (q, k, v)),
-               _to(do, torch.float32))
-    _check_all(got, _oracle(q, k, v, do, True, None, torch.float32), _baseline(q, k, v, do, True, None, torch.float32),
-               torch.float32)
+    got = _run(
+        lambda a, b, c: A.attention(a, b, c, True), *(_to(t, torch.float32) for t in (q, k, v)), _to(do, torch.float32)
+    )
+    _check_all(
+        got,
+        _oracle(q, k, v, do, True, None, torch.float32),
+        _baseline(q, k, v, do, True, None, torch.float32),
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("dtype", _dtypes())
-@pytest.mark.parametrize("h,h_kv,t_q,causal,alibi", [
-    (2, 2, 1, True, False), (4, 2, 1, False, True), (8, 2, 3, True, True)])
+@pytest.mark.parametrize(
+    "h,h_kv,t_q,causal,alibi", [(2, 2, 1, True, False), (4, 2, 1, False, True), (8, 2, 3, True, True)]
+)
 def test_decode_split_kv(A, dtype, h, h_kv, t_q, causal, alibi):
     """T_q <= 16 against a long KV takes the split-KV path automatically; fwd and bwd match."""
     t_k = 300
     assert A.use_split_kv(t_q, t_k, h // h_kv)
     q, k, v, do, slopes = _inputs(2, h, h_kv, t_q, t_k, 64, alibi, seed=t_q)
     sl = None if slopes is None else slopes.to(DEVICE)
-    got = _run(lambda a, b, c: A.attention(a, b, c, causal, None, sl), *(_to(t, dtype) for t in (q, k, v)),
-               _to(do, dtype))
+    got = _run(
+        lambda a, b, c: A.attention(a, b, c, causal, None, sl), *(_to(t, dtype) for t in (q, k, v)), _to(do, dtype)
+    )
     _check_all(got, _oracle(q, k, v, do, causal, slopes, dtype), _baseline(q, k, v, do, causal, slopes, dtype), dtype)
     # the split-KV and one-pass forwards, outputs and LSEs, each within the rule
     args = [_to(t, dtype) for t in (q, k, v)]
@@ -244,11 +268,13 @@ def test_strided_bthd_layout(A, dtype):
     assert got[0].stride() == args[0].stride()
     assert got[1].stride() == args[0].stride() and got[2].stride() == args[1].stride()
     _check_all(got, _oracle(q, k, v, do, True, slopes, dtype), _baseline(q, k, v, do, True, slopes, dtype), dtype)
+
     # upstream gradient with stride 0 along T (what out.sum(dim=2) backward produces)
     def grads(fn, inputs):
         leaves = [t.detach().requires_grad_() for t in inputs]
         fn(*leaves).double().sum(dim=2).pow(2).sum().backward()
         return [t.grad for t in leaves]
+
     got = grads(lambda a, b, c: A.attention(a, b, c, True, None, sl), args)
     ref = grads(lambda a, b, c: naive_attention(a, b, c, True, None, sl), [t.double() for t in args])
     base = grads(lambda a, b, c: naive_attention(a, b, c, True, None, sl, dtype=dtype), args)
@@ -316,6 +342,7 @@ def test_ops_dispatch_triton_backend():
 
 def test_backend_reasons(monkeypatch):
     from fastlm.ops.triton_backend import BACKEND
+
     q = torch.zeros(1, 2, 4, 16, device=DEVICE)
     assert BACKEND.unavailable_reason() is None
     assert BACKEND.attention_unsupported(q, q, q, True, 0.25, None) is None
@@ -338,21 +365,25 @@ def _opcheck_attention(utils):
     q, k, v, _, slopes = _inputs(1, 4, 2, 7, 9, 16, True)
     args = [_to(t, torch.float32).requires_grad_() for t in (q, k, v)]
     for sl in (None, slopes.to(DEVICE)):
-        torch.library.opcheck(torch.ops.fastlm.triton_attention_fwd.default,
-                              (*args, True, 0.25, sl), test_utils=utils)
+        torch.library.opcheck(torch.ops.fastlm.triton_attention_fwd.default, (*args, True, 0.25, sl), test_utils=utils)
     plain = [a.detach() for a in args]
     out, lse = torch.ops.fastlm.triton_attention_fwd(*plain, True, 0.25, None)
-    torch.library.opcheck(torch.ops.fastlm.triton_attention_bwd.default,
-                          (torch.randn_like(out), *plain, out, lse, True, 0.25, None),
-                          test_utils=tuple(u for u in utils if u != "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.fastlm.triton_attention_bwd.default,
+        (torch.randn_like(out), *plain, out, lse, True, 0.25, None),
+        test_utils=tuple(u for u in utils if u != "test_autograd_registration"),
+    )
 
 
 def test_opcheck(A):
     _opcheck_attention(("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-@pytest.mark.skipif(not CUDA, reason="opcheck's test_aot_dispatch_dynamic runs the op inside an AOT "
-                    "graph of FunctionalTensors, which the CPU interpreter cannot execute; GPU only")
+@pytest.mark.skipif(
+    not CUDA,
+    reason="opcheck's test_aot_dispatch_dynamic runs the op inside an AOT "
+    "graph of FunctionalTensors, which the CPU interpreter cannot execute; GPU only",
+)
 def test_opcheck_aot_dispatch(A):
     _opcheck_attention(("test_aot_dispatch_dynamic",))
 
@@ -413,8 +444,10 @@ def test_gpu_torch_compile_fullgraph():
     float64 with the textbook ops) under the 2x rule; baseline: the block in bf16 on SDPA and eager
     SwiGLU."""
     import copy
+
     from fastlm.kernels.attention import attention
     from fastlm.kernels.swiglu import swiglu_packed
+
     torch.manual_seed(0)
     block = _Block().cuda().to(torch.bfloat16)
     x = torch.randn(2, 64, 128, device="cuda").to(torch.bfloat16)
@@ -422,15 +455,21 @@ def test_gpu_torch_compile_fullgraph():
 
     def run(dtype, attn, act, compile_=False):
         model = copy.deepcopy(block).to(dtype)
-        fn = torch.compile(lambda inp: model(inp, attn, act), fullgraph=True) if compile_ else \
-            (lambda inp: model(inp, attn, act))
+        fn = (
+            torch.compile(lambda inp: model(inp, attn, act), fullgraph=True)
+            if compile_
+            else (lambda inp: model(inp, attn, act))
+        )
         inp = x.to(dtype).requires_grad_()
         out = fn(inp)
         return (out,) + torch.autograd.grad(out, inp, dout.to(dtype))
 
     ref = run(torch.float64, lambda a, b, c: naive_attention(a, b, c, True), _eager_swiglu_packed)
-    base = run(torch.bfloat16, lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
-        a, b, c, is_causal=True), _eager_swiglu_packed)
+    base = run(
+        torch.bfloat16,
+        lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True),
+        _eager_swiglu_packed,
+    )
     got = run(torch.bfloat16, lambda a, b, c: attention(a, b, c, True), swiglu_packed, compile_=True)
     _check_all(got, ref, [base], torch.bfloat16, names=("out", "dx"))
 
@@ -438,10 +477,12 @@ def test_gpu_torch_compile_fullgraph():
 def test_interpreter_mode_is_per_call():
     """The kernel mode follows TRITON_INTERPRET at launch time (not at import)."""
     from fastlm.kernels import attention as mod
+
     if CUDA:
         assert not mod.interpreting()
     else:
         from fastlm.kernels.launch import is_interpreted
+
         assert mod.interpreting()
         k, blocks = mod._tuned_kernel("dq", mod._attn_bwd_dq_kernel, 64, 4)
         assert is_interpreted(k) and blocks == mod._INTERP_BLOCKS["dq"]
@@ -455,15 +496,16 @@ def test_negative_scale(A, causal):
     q, k, v, do, _ = _inputs(1, 2, 2, 97, 97, 32, False, seed=3)
     scale = -0.4
     dtype = torch.float32
-    got = _run(lambda a, b, c: A.attention(a, b, c, causal, scale), *(_to(t, dtype) for t in (q, k, v)),
-               _to(do, dtype))
-    _check_all(got, _oracle(q, k, v, do, causal, None, dtype, scale),
-               _baseline(q, k, v, do, causal, None, dtype, scale), dtype)
+    got = _run(lambda a, b, c: A.attention(a, b, c, causal, scale), *(_to(t, dtype) for t in (q, k, v)), _to(do, dtype))
+    _check_all(
+        got, _oracle(q, k, v, do, causal, None, dtype, scale), _baseline(q, k, v, do, causal, None, dtype, scale), dtype
+    )
 
 
 def test_math_scale_default():
     """scale=None means 1/sqrt(D) (checked through the public op against an explicit scale)."""
     from fastlm.kernels.attention import attention
+
     q, k, v, _, _ = _inputs(1, 1, 1, 6, 6, 36, False)
     args = [_to(t, torch.float32) for t in (q, k, v)]
     assert torch.equal(attention(*args, False), attention(*args, False, 1 / math.sqrt(36)))
@@ -473,6 +515,7 @@ def test_math_scale_default():
 def _compile_or_skip(fn, dtype, ce, cap, num_warps=4, num_stages=2):
     try:
         from fastlm.kernels.resources import compile_for_target
+
         return compile_for_target(fn, dtype, ce, cap, num_warps=num_warps, num_stages=num_stages)
     except ImportError as e:
         pytest.skip(f"this triton has no ASTSource/GPUTarget API ({e})")
@@ -482,30 +525,54 @@ def _compile_or_skip(fn, dtype, ce, cap, num_warps=4, num_stages=2):
         raise
 
 
-_FWD_OPTS = dict(HEAD_DIM=80, CAUSAL=True, HAS_ALIBI=True, EVEN_D=False, BLOCK_D=128, DOT_PREC="tf32",
-                 HAS_WINDOW=False, HAS_DOCS=False)
+_FWD_OPTS = dict(
+    HEAD_DIM=80,
+    CAUSAL=True,
+    HAS_ALIBI=True,
+    EVEN_D=False,
+    BLOCK_D=128,
+    DOT_PREC="tf32",
+    HAS_WINDOW=False,
+    HAS_DOCS=False,
+)
 _MASKS = dict(HAS_WINDOW=True, HAS_DOCS=True)  # the masked kernels' widest form
 
 
 def _gpu_compile_cases():
-    from fastlm.kernels import attention as A, swiglu as S
+    from fastlm.kernels import attention as A
+    from fastlm.kernels import swiglu as S
+
     opts = _FWD_OPTS
     fwd = dict(opts, NEG_SCALE=False)
     return {
         "fwd-sm90": (A._attn_fwd_kernel, "bf16", dict(fwd, BLOCK_M=128, BLOCK_N=64), 90),
         "fwd-sm80": (A._attn_fwd_kernel, "fp16", dict(fwd, BLOCK_M=128, BLOCK_N=64), 80),
-        "fwd-d40-sm90": (A._attn_fwd_kernel, "fp16", dict(fwd, HEAD_DIM=40, BLOCK_D=64, BLOCK_M=128,
-                                                          BLOCK_N=64), 90),
+        "fwd-d40-sm90": (A._attn_fwd_kernel, "fp16", dict(fwd, HEAD_DIM=40, BLOCK_D=64, BLOCK_M=128, BLOCK_N=64), 90),
         "dkdv-sm90": (A._attn_bwd_dkdv_kernel, "bf16", dict(opts, BLOCK_M=32, BLOCK_N=128), 90),
         "dq-sm90": (A._attn_bwd_dq_kernel, "bf16", dict(opts, DELTA_ONLY=False, BLOCK_M=128, BLOCK_N=32), 90),
         "fwd-masks-sm80": (A._attn_fwd_kernel, "fp16", dict(fwd, **_MASKS, BLOCK_M=128, BLOCK_N=64), 80),
         "dkdv-masks-sm80": (A._attn_bwd_dkdv_kernel, "fp16", dict(opts, **_MASKS, BLOCK_M=32, BLOCK_N=64), 80),
-        "dq-masks-sm80": (A._attn_bwd_dq_kernel, "fp16", dict(opts, **_MASKS, DELTA_ONLY=True, BLOCK_M=64,
-                                                              BLOCK_N=32), 80),
+        "dq-masks-sm80": (
+            A._attn_bwd_dq_kernel,
+            "fp16",
+            dict(opts, **_MASKS, DELTA_ONLY=True, BLOCK_M=64, BLOCK_N=32),
+            80,
+        ),
         "pre-sm90": (A._attn_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=64), 90),
-        "decode-sm90": (A._attn_decode_kernel, "bf16", dict(HEAD_DIM=80, CAUSAL=True, HAS_ALIBI=True, BLOCK_D=128,
-                                                           DOT_PREC="tf32", BLOCK_M=16, BLOCK_N=64, **_MASKS), 90),
-        "combine-sm90": (A._attn_decode_combine_kernel, "bf16", dict(HEAD_DIM=80, PART_M=16, BLOCK_S=32, BLOCK_D=128), 90),
+        "decode-sm90": (
+            A._attn_decode_kernel,
+            "bf16",
+            dict(
+                HEAD_DIM=80, CAUSAL=True, HAS_ALIBI=True, BLOCK_D=128, DOT_PREC="tf32", BLOCK_M=16, BLOCK_N=64, **_MASKS
+            ),
+            90,
+        ),
+        "combine-sm90": (
+            A._attn_decode_combine_kernel,
+            "bf16",
+            dict(HEAD_DIM=80, PART_M=16, BLOCK_S=32, BLOCK_D=128),
+            90,
+        ),
         "swiglu-fwd": (S._swiglu_fwd_kernel, "bf16", dict(BLOCK=4096), 90),
         "swiglu-bwd": (S._swiglu_bwd_kernel, "bf16", dict(BLOCK=4096), 90),
         "packed-fwd": (S._swiglu_packed_fwd_kernel, "bf16", dict(BLOCK=2048), 90),
@@ -514,10 +581,26 @@ def _gpu_compile_cases():
 
 
 @pytest.mark.cpu_only  # compiles or parses only: no GPU needed, none used
-@pytest.mark.parametrize("name", ["fwd-sm90", "fwd-sm80", "fwd-d40-sm90", "dkdv-sm90", "dq-sm90", "pre-sm90",
-                                  "fwd-masks-sm80", "dkdv-masks-sm80", "dq-masks-sm80",
-                                  "decode-sm90", "combine-sm90", "swiglu-fwd", "swiglu-bwd",
-                                  "packed-fwd", "packed-bwd"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fwd-sm90",
+        "fwd-sm80",
+        "fwd-d40-sm90",
+        "dkdv-sm90",
+        "dq-sm90",
+        "pre-sm90",
+        "fwd-masks-sm80",
+        "dkdv-masks-sm80",
+        "dq-masks-sm80",
+        "decode-sm90",
+        "combine-sm90",
+        "swiglu-fwd",
+        "swiglu-bwd",
+        "packed-fwd",
+        "packed-bwd",
+    ],
+)
 def test_kernels_compile_for_gpu_targets(name, monkeypatch):
     """The compiled (non-interpreter) path is checked on CPU-only machines too: each kernel goes
     through Triton's full pipeline to a cubin. Attention tiles must use tensor cores
@@ -548,6 +631,7 @@ def _assert_no_spills(usage):
 
 def _need_cuda_tools():
     from fastlm.kernels.resources import _tool, ptxas_path
+
     missing = [name for name, found in (("ptxas", ptxas_path(90)), ("cuobjdump", _tool("cuobjdump"))) if not found]
     if missing:
         pytest.skip(f"no {' or '.join(missing)} (triton's bundled copy or on PATH)")
@@ -567,6 +651,7 @@ def test_pinned_default_registers_and_spills_sm90(kind, head_dim, masks, monkeyp
     _need_cuda_tools()
     from fastlm.kernels import attention as A
     from fastlm.kernels.resources import config_usage
+
     try:
         usage = config_usage(kind, head_dim, A.pinned_default(kind, head_dim, 2, masks), masks=masks)
     except ImportError as e:
@@ -582,6 +667,7 @@ def _other_triton_sites(this_version: str) -> list:
     --target``, about 640 MB, seconds from a package index) into ``~/.cache/fastlm/triton-3.6.0``,
     so CI checks the GPU image's compiler too. A skip names the reason where neither can be had."""
     from fastlm.kernels.resources import OTHER_TRITONS_ENV, other_triton_sites
+
     sites = other_triton_sites()
     if sites:
         return sites
@@ -591,8 +677,22 @@ def _other_triton_sites(this_version: str) -> list:
     if not (cache / "triton" / "__init__.py").is_file():
         tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp),
-                              f"triton=={OTHER_TRITON}"], capture_output=True, text=True, timeout=900)
+        pip = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--target",
+                str(tmp),
+                f"triton=={OTHER_TRITON}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if pip.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tail = (pip.stderr.strip().splitlines() or ["no output"])[-1]
@@ -608,14 +708,17 @@ def test_pinned_registers_and_spills_other_triton():
     register allocation differs; before the K/V pointers were rebuilt per iteration its forward
     spilled 584-1236 bytes at the pinned configs)."""
     import triton as this_triton
+
     from fastlm.kernels.resources import other_triton_usage
+
     _need_cuda_tools()
     sites = _other_triton_sites(this_triton.__version__)
     for site in sites:
         rows = other_triton_usage(site)
         assert rows[0]["triton"] != this_triton.__version__, (site, rows[0]["triton"])
-        assert {(r["kind"], r["head_dim"]) for r in rows} == {(k, d) for k in ("fwd", "dkdv", "dq", "decode")
-                                                             for d in (64, 128)}
+        assert {(r["kind"], r["head_dim"]) for r in rows} == {
+            (k, d) for k in ("fwd", "dkdv", "dq", "decode") for d in (64, 128)
+        }
         for row in rows:
             _assert_no_spills(row)
 
@@ -628,8 +731,19 @@ def test_spills_show_in_the_cubin_not_in_the_ptx(monkeypatch):
     _need_cuda_tools()
     from fastlm.kernels import attention as A
     from fastlm.kernels.resources import resource_usage
-    ce = dict(HEAD_DIM=128, CAUSAL=True, HAS_ALIBI=False, EVEN_D=True, BLOCK_D=128, DOT_PREC="tf32",
-              HAS_WINDOW=False, HAS_DOCS=False, BLOCK_M=32, BLOCK_N=128)
+
+    ce = dict(
+        HEAD_DIM=128,
+        CAUSAL=True,
+        HAS_ALIBI=False,
+        EVEN_D=True,
+        BLOCK_D=128,
+        DOT_PREC="tf32",
+        HAS_WINDOW=False,
+        HAS_DOCS=False,
+        BLOCK_M=32,
+        BLOCK_N=128,
+    )
     kernel = _compile_or_skip(A._attn_bwd_dkdv_kernel, "bf16", ce, 90, num_warps=4, num_stages=3)
     assert "ld.local" not in kernel.asm["ptx"]
     usage = resource_usage(kernel, 90)
@@ -640,8 +754,13 @@ def test_spills_show_in_the_cubin_not_in_the_ptx(monkeypatch):
 
 def _tile_configs():
     from fastlm.kernels.attention import CONFIGS
-    return [(kind, width, config) for kind, table in CONFIGS.items() for width, entries in table.items()
-            for config in entries]
+
+    return [
+        (kind, width, config)
+        for kind, table in CONFIGS.items()
+        for width, entries in table.items()
+        for config in entries
+    ]
 
 
 # the dtype and head dim whose tile width (padded head dim x element size) selects each list; in the
@@ -649,9 +768,12 @@ def _tile_configs():
 # dots go through numpy's OpenBLAS there, measured 2-4x less accurate than torch's float32 matmul on the
 # very same formula (out error 1.09e-6 by the kernel and by numpy's textbook attention, 5.6e-7 by torch),
 # which no 2x rule can absorb; on a GPU the case is float32
-_WIDTH_CASES = {128: (torch.bfloat16 if CUDA else torch.float16, 64),
-                256: (torch.bfloat16 if CUDA else torch.float16, 128),
-                512: (torch.float32, 128), 1024: (torch.float32 if CUDA else torch.float16, 256)}
+_WIDTH_CASES = {
+    128: (torch.bfloat16 if CUDA else torch.float16, 64),
+    256: (torch.bfloat16 if CUDA else torch.float16, 128),
+    512: (torch.float32, 128),
+    1024: (torch.float32 if CUDA else torch.float16, 256),
+}
 
 
 def _tile_case_shapes(kind, config):
@@ -663,8 +785,9 @@ def _tile_case_shapes(kind, config):
     return [(big + 3, big + 3 + big // 2 + 5, False), (big + big // 2 + 5, big + 3, True)]
 
 
-@pytest.mark.parametrize("kind,width,config", _tile_configs(),
-                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x))
+@pytest.mark.parametrize(
+    "kind,width,config", _tile_configs(), ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else str(x)
+)
 def test_every_tile_config_parity(A, kind, width, config, monkeypatch):
     """Each entry of the config lists (any of which the autotuner may pick on a GPU) pinned alone
     (FASTLM_TRITON_CONFIGS=<kind>=<config>): causal, GQA, ragged T_q != T_k both ways, in the
@@ -681,9 +804,9 @@ def test_every_tile_config_parity(A, kind, width, config, monkeypatch):
         ref, base = _oracle(q, k, v, do, True, slopes, dtype), _baseline(q, k, v, do, True, slopes, dtype)
         try:
             if kind in ("fwd", "decode"):
-                out, lse = A.attention_forward(*args, True, d ** -0.5, sl, split_kv=kind == "decode")
+                out, lse = A.attention_forward(*args, True, d**-0.5, sl, split_kv=kind == "decode")
                 _check_all([out], ref[:1], [run[:1] for run in base], dtype)
-                _check_lse(lse, *_lse_refs(args, True, d ** -0.5, slopes))
+                _check_lse(lse, *_lse_refs(args, True, d**-0.5, slopes))
             else:
                 got = _run(lambda a, b, c: A.attention(a, b, c, True, None, sl), *args, _to(do, dtype))
                 _check_all(got, ref, base, dtype)
@@ -694,6 +817,7 @@ def test_every_tile_config_parity(A, kind, width, config, monkeypatch):
 @pytest.mark.cpu_only  # compiles or parses only: no GPU needed, none used
 def test_pinned_configs_parse(monkeypatch):
     from fastlm.kernels.launch import PIN_ENV, pinned_configs
+
     monkeypatch.delenv(PIN_ENV, raising=False)
     assert pinned_configs() is None
     monkeypatch.setenv(PIN_ENV, "pinned")
@@ -712,6 +836,7 @@ def test_pinned_config_reaches_the_launch(monkeypatch):
     (no autotuner); unpinned kernels of the run take their list's first config."""
     from fastlm.kernels import attention as A
     from fastlm.kernels.launch import PIN_ENV
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv(PIN_ENV, "fwd=128x128x8x2")
     kernel, kwargs = A._tuned_kernel("fwd", A._attn_fwd_kernel, 128, 2)
@@ -734,8 +859,7 @@ def test_training_with_triton_matches_reference_loss_curve():
     from fastlm.training.optim import build_optimizer
 
     steps = 200 if CUDA else 40
-    cfg = dict(vocab_size=24, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16,
-               mlp="swiglu", pos="alibi")
+    cfg = dict(vocab_size=24, block_size=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, mlp="swiglu", pos="alibi")
     g = torch.Generator().manual_seed(0)
     pattern = torch.randint(0, 24, (7,), generator=g)
     data = torch.cat([pattern.repeat(40), torch.randint(0, 24, (200,), generator=g)])
@@ -748,7 +872,7 @@ def test_training_with_triton_matches_reference_loss_curve():
         losses = []
         for _ in range(steps):
             starts = torch.randint(0, len(data) - 17, (4,), generator=rng)
-            batch = torch.stack([data[s:s + 17] for s in starts.tolist()]).to(DEVICE)
+            batch = torch.stack([data[s : s + 17] for s in starts.tolist()]).to(DEVICE)
             _, loss = model(batch[:, :-1], batch[:, 1:])
             opt.zero_grad(set_to_none=True)
             loss.backward()

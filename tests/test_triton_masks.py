@@ -11,6 +11,7 @@ decode 16x16 (kernels.attention._INTERP_BLOCKS): the shapes below are chosen aga
 that blocks skip key tiles on the left and on the right, cut tiles on both sides of an unmasked run,
 and have no fully visible tile at all.
 """
+
 import random
 
 import pytest
@@ -20,10 +21,11 @@ triton = pytest.importorskip("triton")
 if not hasattr(torch.library, "triton_op"):
     pytest.skip("torch.library.triton_op needs torch >= 2.6", allow_module_level=True)
 
+from mask_rule import doc_ids, oracle, visible  # noqa: E402
+
 from fastlm import ops  # noqa: E402
 from fastlm.errors import BackendUnavailableError  # noqa: E402
 from fastlm.kernels import attention as A  # noqa: E402
-from mask_rule import doc_ids, oracle, visible  # noqa: E402
 
 pytestmark = pytest.mark.gpu  # a CUDA device where there is one, else the interpreter
 
@@ -42,8 +44,9 @@ def _triton_mode(monkeypatch):
 def _setup(b, h, h_kv, t_q, t_k, d, causal, window, docs, alibi, seed=0):
     """Inputs (float64, CPU), dO, segment ids (or None), slopes (or None) and the visible mask."""
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, n, t, d, generator=gen, dtype=torch.float64)
-               for n, t in ((h, t_q), (h_kv, t_k), (h_kv, t_k)))
+    q, k, v = (
+        torch.randn(b, n, t, d, generator=gen, dtype=torch.float64) for n, t in ((h, t_q), (h_kv, t_k), (h_kv, t_k))
+    )
     do = torch.randn(b, h, t_q, d, generator=gen, dtype=torch.float64)
     if docs == "one":
         seg = torch.full((b, t_k), 3, dtype=torch.int64)
@@ -86,7 +89,9 @@ def _refs(inputs, do, mask, scale, slopes, dtype, call):
 def _within(got, ref64, bases, dtype):
     assert torch.isfinite(got).all(), "non-finite values"
     err = (got.double() - ref64).abs().max().item()
-    bound = 2 * max((b.double() - ref64).abs().max().item() for b in bases) + EPS[dtype] * max(1.0, ref64.abs().max().item())
+    bound = 2 * max((b.double() - ref64).abs().max().item() for b in bases) + EPS[dtype] * max(
+        1.0, ref64.abs().max().item()
+    )
     return err <= bound, err, bound
 
 
@@ -99,7 +104,7 @@ def _check(got, ref, bases, dtype, names=("out", "dq", "dk", "dv")):
 def _parity(case, dtype, seed=0):
     b, h, h_kv, t_q, t_k, d, causal, window, docs, alibi = case
     inputs, do, seg, slopes, mask = _setup(b, h, h_kv, t_q, t_k, d, causal, window, docs, alibi, seed)
-    scale = d ** -0.5
+    scale = d**-0.5
     sl, sg = _dev(slopes), _dev(seg)
 
     def call(*x, backend):
@@ -136,8 +141,16 @@ def test_masked_forward_backward_fp32(name):
     _parity(CASES[name], torch.float32)
 
 
-@pytest.mark.parametrize("name", ["window1", "window_noncausal_cut_both_sides", "docs_random_window_gqa",
-                                  "kv_cache_tq_lt_tk", "tq_gt_tk_noncausal_docs"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "window1",
+        "window_noncausal_cut_both_sides",
+        "docs_random_window_gqa",
+        "kv_cache_tq_lt_tk",
+        "tq_gt_tk_noncausal_docs",
+    ],
+)
 def test_masked_forward_backward_fp16(name):
     _parity(CASES[name], torch.float16)
 
@@ -153,16 +166,30 @@ def test_random_masks(seed):
     h_kv = rng.choice([1, 2])
     window = rng.choice([None, rng.randint(2, 20), 200])
     docs = rng.choice([None, "random", "len1", "edges"]) if window is not None else rng.choice(["random", "len1"])
-    case = (rng.choice([1, 2]), h_kv * rng.choice([1, 2]), h_kv, t_q, t_k, rng.choice([8, 16, 24]),
-            rng.random() < 0.6, window, docs, rng.random() < 0.3)
+    case = (
+        rng.choice([1, 2]),
+        h_kv * rng.choice([1, 2]),
+        h_kv,
+        t_q,
+        t_k,
+        rng.choice([8, 16, 24]),
+        rng.random() < 0.6,
+        window,
+        docs,
+        rng.random() < 0.3,
+    )
     _parity(case, torch.float32, seed)
 
 
-@pytest.mark.parametrize("case", [
-    (2, 4, 2, 60, 41, 16, True, 1, None, False),
-    (1, 2, 2, 30, 30, 24, False, 1, "edges", True),
-    (1, 4, 2, 16, 24, 8, True, 1, "len1", False),
-], ids=["tq_gt_tk", "noncausal_docs_alibi", "kv_cache_docs"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (2, 4, 2, 60, 41, 16, True, 1, None, False),
+        (1, 2, 2, 30, 30, 24, False, 1, "edges", True),
+        (1, 4, 2, 16, 24, 8, True, 1, "len1", False),
+    ],
+    ids=["tq_gt_tk", "noncausal_docs_alibi", "kv_cache_docs"],
+)
 def test_window1_gradients(case):
     """Window 1: out and dQ under the 2x rule; dV = dO (P = 1) and dK = 0 (a lone key's softmax
     gradient) up to the rounding of recomputing P and dP in the backward: a few ulps of the terms
@@ -174,13 +201,15 @@ def test_window1_gradients(case):
     def call(*x, backend):
         return ops.attention(*x, causal=causal, window=1, segment_ids=sg, alibi_slopes=sl, backend=backend)
 
-    ref, bases = _refs(inputs, do, mask, d ** -0.5, slopes, torch.float32, call)
-    got = _grads(lambda *x: call(*x, backend="triton"), [_dev(t, torch.float32) for t in inputs], _dev(do, torch.float32))
+    ref, bases = _refs(inputs, do, mask, d**-0.5, slopes, torch.float32, call)
+    got = _grads(
+        lambda *x: call(*x, backend="triton"), [_dev(t, torch.float32) for t in inputs], _dev(do, torch.float32)
+    )
     _check(got[:2], ref[:2], bases, torch.float32, names=("out", "dq"))
     q, v, dout = inputs[0], inputs[2], do
     dp = (dout.abs().amax() * v.abs().amax() * d).item()  # bounds |dO . v|
     assert ref[2].abs().max().item() < 1e-12  # the exact dK is zero
-    assert got[2].abs().max().item() <= 8 * EPS[torch.float32] * dp * q.abs().amax().item() * d ** -0.5
+    assert got[2].abs().max().item() <= 8 * EPS[torch.float32] * dp * q.abs().amax().item() * d**-0.5
     assert (got[3].double() - ref[3]).abs().max().item() <= 8 * EPS[torch.float32] * dout.abs().amax().item()
 
 
@@ -207,22 +236,26 @@ def test_hidden_tiles_are_never_read():
     k[:, :, :hidden], v[:, :, :hidden] = float("nan"), float("nan")
     dout = _dev(do, torch.float32)
     for split in (False, True):
-        out, lse = A.attention_forward(q, k, v, True, d ** -0.5, None, window, None, split_kv=split)
+        out, lse = A.attention_forward(q, k, v, True, d**-0.5, None, window, None, split_kv=split)
         assert torch.isfinite(out).all() and torch.isfinite(lse).all(), split
-        dq, dk, dv = A.attention_backward(dout, q, k, v, out, lse, True, d ** -0.5, None, window, None)
+        dq, dk, dv = A.attention_backward(dout, q, k, v, out, lse, True, d**-0.5, None, window, None)
         assert torch.isfinite(dq).all()
         for g in (dk, dv):
             assert (g[:, :, :hidden] == 0).all() and torch.isfinite(g).all()
 
 
-@pytest.mark.parametrize("case", [
-    (1, 4, 2, 3, 300, 16, True, 40, "random", False),   # the chunks split the union, not T_k
-    (1, 4, 1, 2, 300, 16, False, None, "len1", True),   # documents only: all keys split
-    (2, 2, 2, 1, 260, 24, True, 1, "edges", False),     # window 1: one key per row
-    (1, 2, 2, 5, 300, 16, True, 1000, None, False),     # a window wider than T
-    (1, 8, 2, 4, 333, 16, False, 70, None, False),      # not causal: the union reaches the end
-    (1, 2, 2, 16, 300, 16, True, 17, None, False),      # the union (32 keys from a ragged tile) > window
-], ids=["union", "docs", "window1", "wide", "noncausal", "union_wider_than_window"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (1, 4, 2, 3, 300, 16, True, 40, "random", False),  # the chunks split the union, not T_k
+        (1, 4, 1, 2, 300, 16, False, None, "len1", True),  # documents only: all keys split
+        (2, 2, 2, 1, 260, 24, True, 1, "edges", False),  # window 1: one key per row
+        (1, 2, 2, 5, 300, 16, True, 1000, None, False),  # a window wider than T
+        (1, 8, 2, 4, 333, 16, False, 70, None, False),  # not causal: the union reaches the end
+        (1, 2, 2, 16, 300, 16, True, 17, None, False),  # the union (32 keys from a ragged tile) > window
+    ],
+    ids=["union", "docs", "window1", "wide", "noncausal", "union_wider_than_window"],
+)
 def test_masked_decode_split_kv(case):
     """Few queries against a long KV take the split-KV path (through the op: fwd and bwd)."""
     b, h, h_kv, t_q, t_k = case[:5]
@@ -256,10 +289,14 @@ def test_bad_masks_refused_and_triton_named():
     assert ops.attention_backend(q, k, v, window=3, backend="triton") == "triton"
 
 
-@pytest.mark.parametrize("case", [
-    (1, 2, 1, 600, 600, 64, True, 400, "one", False),  # unmasked tiles inside runs cut on both sides
-    (1, 2, 2, 270, 270, 64, False, 60, "random", True),
-], ids=["causal_window_one_doc", "noncausal_window_docs_alibi"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (1, 2, 1, 600, 600, 64, True, 400, "one", False),  # unmasked tiles inside runs cut on both sides
+        (1, 2, 2, 270, 270, 64, False, 60, "random", True),
+    ],
+    ids=["causal_window_one_doc", "noncausal_window_docs_alibi"],
+)
 def test_masked_parity_at_the_pinned_tiles(case, monkeypatch):
     """The GPU's pinned tile sizes (FASTLM_TRITON_CONFIGS=pinned; float16 at D=64: forward 128x128,
     masked dK/dV 32x128, dQ 128x32), where blocks hold several tiles on each side of a run."""

@@ -23,6 +23,7 @@ Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter when ``TR
 is set (read at launch time; slow, meant for tests). In the interpreter bfloat16 ``tl.dot`` gives
 wrong results (triton 3.9), so bfloat16 attention is refused there.
 """
+
 from fastlm.ops.protocol import BackendBase
 
 __all__ = ["BACKEND", "TritonBackend"]
@@ -32,6 +33,7 @@ _MAX_HEAD_DIM = 256
 
 def _interpreting() -> bool:
     from fastlm.kernels.launch import interpreting
+
     return interpreting()
 
 
@@ -65,6 +67,7 @@ class TritonBackend(BackendBase):
         if _interpreting():
             return None
         import torch
+
         if torch.cuda.is_available():
             return None
         return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU in the interpreter)"
@@ -80,6 +83,7 @@ class TritonBackend(BackendBase):
 
     def _dtype_reason(self, t, what):
         import torch
+
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"{what}: dtype {t.dtype} not supported by the Triton kernels (float16/bfloat16/float32)"
         if t.dtype == torch.bfloat16 and t.device.type == "cuda":
@@ -90,6 +94,7 @@ class TritonBackend(BackendBase):
 
     def attention_unsupported(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
         import torch
+
         why = self._device_reason(q) or self._dtype_reason(q, "attention")
         if why is not None:
             return why
@@ -101,6 +106,7 @@ class TritonBackend(BackendBase):
 
     def attention(self, q, k, v, causal, scale, alibi_slopes, window=None, segment_ids=None):
         from fastlm.kernels.attention import attention
+
         return attention(q, k, v, causal, scale, alibi_slopes, window, segment_ids)
 
     def swiglu_unsupported(self, gate, up):
@@ -108,6 +114,7 @@ class TritonBackend(BackendBase):
 
     def swiglu(self, gate, up):
         from fastlm.kernels.swiglu import swiglu
+
         return swiglu(gate, up)
 
     def swiglu_packed_unsupported(self, x):
@@ -115,6 +122,7 @@ class TritonBackend(BackendBase):
 
     def swiglu_packed(self, x):
         from fastlm.kernels.swiglu import swiglu_packed
+
         return swiglu_packed(x)
 
 
