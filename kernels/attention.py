@@ -121,20 +121,9 @@ def _tiles(run_lo, run_hi, ok, T, BLOCK: tl.constexpr, RAGGED_FULL: tl.constexpr
     return lo, hi, tl.where(has_full, full_lo, lo), tl.where(has_full, full_hi, lo)
 
 
-def _row_block_keys(
-    start_m,
-    offs_m,
-    row_ok,
-    docs,
-    WINDOW,
-    T_Q,
-    T_K,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _row_block_keys(start_m, offs_m, row_ok, docs, WINDOW, T_Q, T_K, CAUSAL: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):  # fmt: skip
     """The key loops of a block of query rows (forward, dQ): ``(row_lo, row_hi, full_lo, full_hi,
     mask_lo, hi)``. The unmasked loop walks ``range(full_lo, full_hi)``, the masked one
     ``range(mask_lo, hi)``: the causal diagonal and the ragged key tail, or with a window or documents
@@ -180,49 +169,19 @@ _visible = device_function(_visible)
 
 
 def _attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    SLOPES,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    H,
-    GROUP,
-    T_Q,
-    T_K,
-    qk_scale,
-    T_Q_BUCKET,
-    T_K_BUCKET,  # autotune keys only
-    DOCS,
-    WINDOW,  # masks: document bounds (B, 2, T_K) int32 (with HAS_DOCS), window (with HAS_WINDOW)
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    NEG_SCALE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, O, LSE, SLOPES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, GROUP, T_Q, T_K, qk_scale,
+    T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    DOCS, WINDOW,  # masks: document bounds (B, 2, T_K) int32 (with HAS_DOCS), window (with HAS_WINDOW)
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, NEG_SCALE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -344,43 +303,17 @@ def _attn_fwd_kernel(
 
 
 def _attn_decode_kernel(
-    Q,
-    K,
-    V,
-    O_PART,
-    LSE_PART,
-    SLOPES,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    H_KV,
-    GROUP,
-    T_Q,
-    T_K,
-    qk_scale,
-    CHUNK,
-    N_SPLITS,
-    DOCS,
-    WINDOW,  # masks, as in _attn_fwd_kernel; the chunks then split the rows' union of keys
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, O_PART, LSE_PART, SLOPES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    H_KV, GROUP, T_Q, T_K, qk_scale, CHUNK, N_SPLITS,
+    DOCS, WINDOW,  # masks, as in _attn_fwd_kernel; the chunks then split the rows' union of keys
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     # rows r = g * T_Q + i: query head hk * GROUP + g, query position i (all rows of a GQA group)
     bhk = tl.program_id(0)
     split = tl.program_id(1)
@@ -455,23 +388,11 @@ def _attn_decode_kernel(
 
 
 def _attn_decode_combine_kernel(
-    O_PART,
-    LSE_PART,
-    O,
-    LSE,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    H_KV,
-    GROUP,
-    T_Q,
-    N_SPLITS,
-    HEAD_DIM: tl.constexpr,
-    PART_M: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    O_PART, LSE_PART, O, LSE,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H_KV, GROUP, T_Q, N_SPLITS,
+    HEAD_DIM: tl.constexpr, PART_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     pid = tl.program_id(0)
     n_rows = GROUP * T_Q
     bhk = pid // n_rows
@@ -502,23 +423,12 @@ def _attn_decode_combine_kernel(
 
 
 def _attn_bwd_preprocess_kernel(
-    O,
-    DO,
-    DELTA,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    H,
-    T_Q,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, T_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -551,60 +461,21 @@ def _attn_bwd_preprocess_kernel(
 
 
 def _attn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    SLOPES,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    stride_dkb,
-    stride_dkh,
-    stride_dkn,
-    stride_dkd,
-    stride_dvb,
-    stride_dvh,
-    stride_dvn,
-    stride_dvd,
-    H,
-    GROUP,
-    T_Q,
-    T_K,
-    qk_scale,
-    sm_scale,
-    T_Q_BUCKET,
-    T_K_BUCKET,  # autotune keys only
-    DOCS,
-    WINDOW,  # masks, as in the forward
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, DO, LSE, DELTA, DK, DV, SLOPES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, GROUP, T_Q, T_K, qk_scale, sm_scale,
+    T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    DOCS, WINDOW,  # masks, as in the forward
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     H_KV = H // GROUP
     num_n = (T_K + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
@@ -759,56 +630,20 @@ def _attn_bwd_dkdv_kernel(
 
 
 def _attn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    SLOPES,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    stride_dqb,
-    stride_dqh,
-    stride_dqm,
-    stride_dqd,
-    H,
-    GROUP,
-    T_Q,
-    T_K,
-    qk_scale,
-    sm_scale,
-    T_Q_BUCKET,
-    T_K_BUCKET,  # autotune keys only
-    DOCS,
-    WINDOW,  # masks, as in the forward
-    HEAD_DIM: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_ALIBI: tl.constexpr,
-    EVEN_D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    DELTA_ONLY: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    Q, K, V, DO, LSE, DELTA, DQ, SLOPES,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, GROUP, T_Q, T_K, qk_scale, sm_scale,
+    T_Q_BUCKET, T_K_BUCKET,  # autotune keys only
+    DOCS, WINDOW,  # masks, as in the forward
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, DELTA_ONLY: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     num_m = (T_Q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     bh = pid // num_m
@@ -1248,17 +1083,10 @@ def _forward(q, k, v, causal, scale, alibi_slopes, window, segment_ids, split_kv
     return out, lse
 
 
-def attention_forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    causal: bool,
-    scale: float,
-    alibi_slopes: Optional[Tensor] = None,
-    window: Optional[int] = None,
-    segment_ids: Optional[Tensor] = None,
-    split_kv: Optional[bool] = None,
-) -> Tuple[Tensor, Tensor]:
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                      alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
+                      segment_ids: Optional[Tensor] = None, split_kv: Optional[bool] = None
+                      ) -> Tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward; returns ``(out, lse)``. ``out`` has q's layout (``empty_like``), ``lse``
     is ``(B, H, T_q)`` float32 (natural log, ``-inf`` for a row that sees no key). ``window`` and
     ``segment_ids`` as in :func:`fastlm.ops.attention` (unchecked here). ``split_kv=None`` picks the
@@ -1319,19 +1147,10 @@ def _dq_pass(q, k, v, dout, lse, delta, dq, slopes, scale, common, masks, delta_
     )
 
 
-def attention_backward(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-    alibi_slopes: Optional[Tensor] = None,
-    window: Optional[int] = None,
-    segment_ids: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       causal: bool, scale: float, alibi_slopes: Optional[Tensor] = None,
+                       window: Optional[int] = None, segment_ids: Optional[Tensor] = None
+                       ) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Launch the backward (``lse`` natural, as :func:`attention_forward` returns it); returns fresh
     ``(dq, dk, dv)`` in the layouts of q, k, v (the forward's masks again: rows that saw no key get
     zero gradients)."""
@@ -1423,19 +1242,9 @@ def _attention_fwd_op(
 
 
 @torch.library.triton_op("fastlm::triton_attention_bwd", mutates_args=())
-def _attention_bwd_op(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-    alibi_slopes: Optional[Tensor],
-    window: Optional[int] = None,
-    segment_ids: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def _attention_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                      causal: bool, scale: float, alibi_slopes: Optional[Tensor], window: Optional[int] = None,
+                      segment_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     return _backward(dout, q, k, v, out, lse, causal, scale, alibi_slopes, window, segment_ids)
 
 
