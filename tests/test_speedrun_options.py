@@ -14,7 +14,7 @@ from test_train import CtrlCAfter
 
 from fastlm.errors import ConfigError, TrainError, TrainingInterrupted
 from fastlm.io import checkpoint
-from fastlm.model import GPT, GPTConfig
+from fastlm.model import GPT, PLAIN_OPTIONS, GPTConfig
 from fastlm.training.optim import muon_param_names
 from fastlm.training.schedule import LRSchedule
 from fastlm.training.settings import TrainConfig
@@ -24,8 +24,9 @@ TINY = dict(vocab_size=37, block_size=32, n_layer=2, n_head=4, n_embd=32, backen
 
 
 def tiny(**kw):
+    """A tiny plain model (no option on) with ``kw`` on top."""
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **kw}))
+    return GPT(GPTConfig(**{**PLAIN_OPTIONS, "tie_embeddings": True, **TINY, **kw}))
 
 
 def perturbed(model, scale=0.3):
