@@ -53,7 +53,8 @@ PROFILE_CHOICES = ("auto", "cpu", "gpu")
 
 #: The recipes: the values of the settings left unset (None). ``cpu``'s model is ``GPTConfig()``: it
 #: reaches a whole-val loss of about 1.57 on Tiny Shakespeare in about 1.5 minutes on two CPU cores
-#: (README; its steps chosen at the wall time of the 1150 steps of the earlier, plain model). ``gpu`` is nanoGPT's shakespeare-char recipe (AdamW: Muon is not yet measured on a GPU).
+#: (README; its steps cost the training time of the earlier plain model's 1150). ``gpu`` is nanoGPT's
+#: shakespeare-char recipe (AdamW: Muon is not yet measured on a GPU).
 #: A fine-tune (``init_from``) that sets no optimizer takes AdamW in both (see :func:`default_optimizer`).
 PROFILES = {
     "cpu": {
