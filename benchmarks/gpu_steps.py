@@ -816,9 +816,10 @@ def step_swiglu(run, deadline):
 
 # ---- 8. training step ----------------------------------------------------------------------------
 def _gpt_config(run, backend):
-    from fastlm.model import GPTConfig
+    from fastlm.model import PLAIN_OPTIONS, GPTConfig
 
-    gpt2 = dict(pos="learned", mlp="swiglu", backend=backend)  # GPT-2's positions (GPTConfig's default is RoPE)
+    # GPT-2's block: learned positions, tied head, no speedrun options (GPTConfig's defaults differ)
+    gpt2 = dict(PLAIN_OPTIONS, pos="learned", mlp="swiglu", tie_embeddings=True, backend=backend)
     if run.dry:
         return GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32, **gpt2)
     return GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, **gpt2)

@@ -5,7 +5,8 @@ FLOPs / MFU as mean +- std (sample std over the seeds), one row per recipe in ``
                                   [--threads N] [--jobs N] [--equal-wall] [--quick]
 
 A recipe is a ``python -m fastlm.train --config`` file (TOML or JSON; ``benchmarks/recipes/`` holds the
-default and one file per speedrun option); no ``--config``: the default run. Several ``--config``
+default, ``plain`` (the model without speedrun options, the default before 2026-12-07) and one file per
+speedrun option, each ``plain`` plus that option: the ablations); no ``--config``: the default run. Several ``--config``
 files run in alternating order (recipe A seed 1, B seed 1, A seed 2, ...), so drift in the machine's
 load hits them alike. Seeds are ``--seed0``, ``--seed0 + 1``, ... ``--jobs N`` runs N trainings at
 once (separate processes; give each ``--threads``): the loss at a given step count does not depend

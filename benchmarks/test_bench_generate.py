@@ -16,7 +16,7 @@ import dataclasses
 import pytest
 import torch
 
-from fastlm.model import GPT, GPTConfig
+from fastlm.model import GPT, PLAIN_OPTIONS, GPTConfig
 
 from .common import DEVICE, ON_GPU, default_train_setup, gpu_oom_skip
 
@@ -25,7 +25,8 @@ BATCHES = (1, 8)
 
 def _setup():
     if ON_GPU:
-        cfg = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+        gpt2 = dict(PLAIN_OPTIONS, tie_embeddings=True)  # GPT-2-small's shape, a plain block
+        cfg = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, **gpt2)
         return cfg, 128, 128, torch.bfloat16, "gpt2-small"
     cfg, _, _ = default_train_setup()
     prompt = min(16, cfg.block_size // 4)

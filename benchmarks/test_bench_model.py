@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from fastlm.model import GPT, GPTConfig
+from fastlm.model import GPT, PLAIN_OPTIONS, GPTConfig
 from fastlm.training.mfu import peak_flops
 from fastlm.training.optim import build_optimizer
 
@@ -35,7 +35,8 @@ MLPS = ("gelu", "swiglu")
 def model_setup(mlp: str):
     """``(GPTConfig without backend, batch, name)`` for this device."""
     if ON_GPU:
-        cfg = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, mlp=mlp)
+        gpt2 = dict(PLAIN_OPTIONS, tie_embeddings=True)  # GPT-2-small's shape, a plain block
+        cfg = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, mlp=mlp, **gpt2)
         return cfg, 8, "gpt2-small"
     cfg, batch, _ = default_train_setup()
     return dataclasses.replace(cfg, mlp=mlp, dropout=0.0), batch, "default-cpu"

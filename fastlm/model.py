@@ -32,7 +32,7 @@ from fastlm import ops
 from fastlm.errors import ConfigError
 from fastlm.ops.positions import alibi_slopes, apply_rope, rope_tables
 
-__all__ = ["GPTConfig", "GPT", "KVCache"]
+__all__ = ["GPTConfig", "GPT", "KVCache", "PLAIN_OPTIONS"]
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = (
@@ -44,6 +44,18 @@ MLPS = (
 )  # gelu: exact erf; gelu_tanh: GPT-2's tanh form; relu2: relu(x)^2
 POSITIONS = ("learned", "sinusoidal", "alibi", "rope", "none")
 MAX_POSITIONS = 1 << 17  # the largest context any positional scheme here is built for
+
+
+#: The options of a plain GPT block (what transformers' architectures compute and what a stored config
+#: from before these fields meant). The default run's model turns two of them on (qk_norm, value_embed).
+PLAIN_OPTIONS = {
+    "window": None,
+    "qk_norm": False,
+    "logit_softcap": 0.0,
+    "zero_init_proj": False,
+    "value_embed": False,
+    "unet_skips": False,
+}
 
 
 @dataclass
@@ -68,7 +80,7 @@ class GPTConfig:
     mlp: str = field(default="swiglu", metadata={"help": "gelu | gelu_tanh | relu | relu2 (relu(x)^2) | swiglu"})
     pos: str = field(default="rope", metadata={"help": "learned | sinusoidal | alibi | rope | none"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
-    tie_embeddings: bool = field(default=True, metadata={"help": "share token embedding and LM head"})
+    tie_embeddings: bool = field(default=False, metadata={"help": "share token embedding and LM head"})
     window: Optional[int] = field(
         default=None,
         metadata={
@@ -77,7 +89,7 @@ class GPTConfig:
         },
     )
     qk_norm: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "normalise each head's queries and keys (the model's norm over head_dim, learned gain, no bias; "
             "separate for q and k) before RoPE"
@@ -91,7 +103,7 @@ class GPTConfig:
         metadata={"help": "initialise the output projections (attention, MLP, and an untied LM head) to zero"},
     )
     value_embed: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "value embeddings: each layer's attention values become a*v + b*E_l[token], with a token "
             "embedding E_l per layer and learned scalars a, b (start 0.5)"
@@ -183,13 +195,16 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
+        """A stored config (``config.json``, a checkpoint's): a field it lacks was added after it was
+        written, and takes the value that meant what the model computed then (:data:`PLAIN_OPTIONS`),
+        not today's default."""
         if not isinstance(d, dict):
             raise ConfigError(f"model config must be a mapping, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**{**PLAIN_OPTIONS, **d})
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> Tensor:
@@ -301,7 +316,8 @@ class CausalSelfAttention(nn.Module):
             k = self.k_norm(k.view(B, T, Hkv, D)).view(B, T, Hkv * D)
         if ve is not None:  # (B, T, Hkv D)
             v = self.ve_mix[0] * v + self.ve_mix[1] * ve
-        return torch.cat([q, k, v], dim=-1)
+        # under autocast the norms and the fp32 mix promote: keep the projection's dtype, as a KV cache does
+        return torch.cat([q, k, v], dim=-1).to(qkv.dtype)
 
     def forward(
         self,

@@ -49,7 +49,8 @@ def run_dir(tmp_path_factory):
     corpus = root / "c.txt"
     corpus.write_text("To be, or not to be, that is the question.\n" * 60, encoding="utf-8")
     out = root / "run"
-    assert main(["--data", str(corpus), "--out-dir", str(out), *TINY]) == 0
+    # tied embeddings (the default run's head is untied): the tests below check that tying survives
+    assert main(["--data", str(corpus), "--out-dir", str(out), *TINY, "--tie-embeddings"]) == 0
     return out
 
 

@@ -30,7 +30,7 @@ from conftest import one_error_line  # noqa: E402
 
 from fastlm.errors import HFError  # noqa: E402
 from fastlm.io import hf_common, hf_export, hf_import  # noqa: E402
-from fastlm.model import GPT, GPTConfig  # noqa: E402
+from fastlm.model import GPT, PLAIN_OPTIONS, GPTConfig
 from fastlm.sampling import generate  # noqa: E402
 from fastlm.text.tokenizers import HFTokenizer, TokenizerError, build_tokenizer  # noqa: E402
 from fastlm.training.settings import train_command  # noqa: E402
@@ -406,7 +406,12 @@ def test_hub_cache_link_into_another_repository_is_refused(tmp_path, hf_dirs):
 # ---- export: fastlm run -> transformers directory ------------------------------------------------
 
 EXPORTS = {  # run name -> (tokenizer spec, GPTConfig overrides, expected model_type)
-    "char-default-recipe": ("char", dict(pos="rope", mlp="swiglu"), "stablelm"),
+    "char-plain-recipe": ("char", dict(pos="rope", mlp="swiglu"), "stablelm"),
+    "char-default-without-value-embed": (
+        "char",
+        dict(pos="rope", mlp="swiglu", qk_norm=True, tie_embeddings=False),
+        "stablelm",
+    ),
     "word-llama-gqa": (
         "word",
         dict(
@@ -439,7 +444,8 @@ EXPORTS = {  # run name -> (tokenizer spec, GPTConfig overrides, expected model_
 def make_run(folder, spec, **model_kw):
     """A fastlm run directory as train writes it (config, tokenizer, weights, val split, summary)."""
     tok = build_tokenizer(spec, TEXT, vocab_size=290 if spec in ("bpe", "word") else None)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_embd=32, block_size=64, **model_kw)
+    shape = dict(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_embd=32, block_size=64)
+    cfg = GPTConfig(**{**PLAIN_OPTIONS, "tie_embeddings": True, **shape, **model_kw})  # options: model_kw's
     torch.manual_seed(0)
     model = _perturb(GPT(cfg))
     run_config = {
@@ -557,7 +563,7 @@ def test_word_tokenizer_export_follows_python_unicode_rules(lowercase):
 
 
 @pytest.mark.parametrize(
-    "name", ["bpe-gpt2-nobias", "word-llama-gqa", "char-default-recipe", "word-qknorm-qwen3", "bpe-gpt2-relu2"]
+    "name", ["bpe-gpt2-nobias", "word-llama-gqa", "char-plain-recipe", "word-qknorm-qwen3", "bpe-gpt2-relu2"]
 )
 def test_export_then_import_is_bit_identical(exported, name):
     run, folder, model, tok, info = exported[name]
@@ -568,7 +574,7 @@ def test_export_then_import_is_bit_identical(exported, name):
     idx = ids_batch(model.config.vocab_size, T=30, seed=2)
     with torch.no_grad():
         assert torch.equal(model(idx)[0], back(idx)[0])
-    text = SAMPLES[0] if name != "char-default-recipe" else "ROMEO: But soft"
+    text = SAMPLES[0] if name != "char-plain-recipe" else "ROMEO: But soft"
     assert back_tok.encode(text) == tok.encode(text)
 
 
@@ -589,6 +595,7 @@ def test_imported_model_exports_again(hf_dirs, tmp_path):
         (dict(pos="rope", mlp="gelu"), "pos=rope with mlp=gelu"),
         (dict(logit_softcap=15.0), "logit_softcap=15.0"),
         (dict(value_embed=True), "value_embed=True"),
+        ({k: getattr(GPTConfig(), k) for k in ("qk_norm", "value_embed", "tie_embeddings")}, "value_embed=True"),
         (dict(unet_skips=True), "unet_skips=True"),
         (dict(pos="learned", mlp="gelu", qk_norm=True), "qk_norm=True has no gpt2"),
     ],

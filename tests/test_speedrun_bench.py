@@ -33,14 +33,14 @@ def test_quick_run_prints_and_records_the_recipe(tmp_path, corpus, capsys, one_t
 
 def test_quick_equal_wall_comparison(tmp_path, corpus, capsys, one_thread):
     results = tmp_path / "results.jsonl"
-    configs = [str(RECIPES / f"{name}.toml") for name in ("default", "relu2", "wsd")]
+    configs = [str(RECIPES / f"{name}.toml") for name in ("plain", "relu2", "wsd")]
     argv = ["--quick", "--equal-wall", "--corpus", str(corpus), "--results", str(results), "--threads", "1"]
     assert speedrun.main(argv + [a for c in configs for a in ("--config", c)]) == 0
     out = capsys.readouterr().out
     assert "timing: 1 rounds of 1 steps" in out and "relu2: step time x" in out
     by_op = {r["op"]: r for r in rows_of(results)}
-    assert list(by_op) == ["default", "relu2", "wsd"]
-    assert by_op["default"]["steps"] == 5 and by_op["default"]["step_ratio"] is None
+    assert list(by_op) == ["plain", "relu2", "wsd"]
+    assert by_op["plain"]["steps"] == 5 and by_op["plain"]["step_ratio"] is None
     assert by_op["wsd"]["steps"] == 5 and by_op["wsd"]["step_ratio"] == {"ratio": 1.0, "measured": False}
     ratio = by_op["relu2"]["step_ratio"]
     assert ratio["measured"] and ratio["ratio"] > 0 and by_op["relu2"]["steps"] >= 1

@@ -14,7 +14,7 @@ from test_train import CtrlCAfter
 
 from fastlm.errors import ConfigError, TrainError, TrainingInterrupted
 from fastlm.io import checkpoint
-from fastlm.model import GPT, GPTConfig
+from fastlm.model import GPT, PLAIN_OPTIONS, GPTConfig
 from fastlm.training.optim import muon_param_names
 from fastlm.training.schedule import LRSchedule
 from fastlm.training.settings import TrainConfig
@@ -24,8 +24,9 @@ TINY = dict(vocab_size=37, block_size=32, n_layer=2, n_head=4, n_embd=32, backen
 
 
 def tiny(**kw):
+    """A tiny plain model (no option on) with ``kw`` on top."""
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **kw}))
+    return GPT(GPTConfig(**{**PLAIN_OPTIONS, "tie_embeddings": True, **TINY, **kw}))
 
 
 def perturbed(model, scale=0.3):
@@ -329,3 +330,26 @@ def test_batch_warmup_counts_the_tokens_it_trains_on(tmp_path, corpus, one_threa
     assert summary["tokens_seen"] == sum(cfg.batch_at(s) for s in range(12)) * 16 < 12 * 4 * 16
     logged = [int(r["step"]) for r in _csv(tmp_path / "run" / "train_log.csv")]
     assert logged == list(range(1, 13))
+
+
+def test_default_model_has_the_measured_options_and_older_configs_load_plain(tmp_path):
+    """GPTConfig() is the default run's model (QK-norm, value embeddings, untied head); a stored
+    config from before those fields existed lacks them and must load as the plain model it was."""
+    cfg = GPTConfig()
+    assert (cfg.qk_norm, cfg.value_embed, cfg.tie_embeddings) == (True, True, False)
+    plain = tiny()  # no option on
+    stored = {k: v for k, v in plain.config.to_dict().items() if k not in PLAIN_OPTIONS}
+    assert GPTConfig.from_dict(stored) == plain.config
+    # end to end: a run directory written before the options, read by load_model
+    from fastlm.io import checkpoint, loading
+    from fastlm.text.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("char", "abcdefghij klmnopqrstuvwxyz.,ABCDEFGHIJ\n" * 2)
+    model = tiny(vocab_size=tok.vocab_size)
+    old = {k: v for k, v in model.config.to_dict().items() if k not in PLAIN_OPTIONS}
+    checkpoint.write_run_files(tmp_path, {"model": old, "train": {"max_iters": 1}}, tok)
+    checkpoint.save_weights(tmp_path / "model.safetensors", checkpoint.model_tensors(model), {})
+    loaded, _, _ = loading.load_model(tmp_path)
+    assert loaded.config == model.config
+    idx = tokens(2, 8) % tok.vocab_size
+    torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0], rtol=0, atol=0)

@@ -12,7 +12,7 @@ from train_hooks import CtrlCAfter
 
 from fastlm.errors import ConfigError, HFError
 from fastlm.io.hf_export import architecture_of
-from fastlm.model import GPT, GPTConfig
+from fastlm.model import GPT, PLAIN_OPTIONS, GPTConfig
 from fastlm.sampling import generate
 from fastlm.text import data
 from fastlm.train import main
@@ -180,7 +180,7 @@ def test_doc_mask_needs_an_end_of_text_token(tmp_path, jsonl_corpus, capsys):
 
 
 def test_windowed_models_export_as_mistral_or_are_refused():
-    base = dict(vocab_size=30, n_layer=1, n_head=2, n_embd=16, pos="rope", mlp="swiglu", window=5)
+    base = dict(PLAIN_OPTIONS, vocab_size=30, n_layer=1, n_head=2, n_embd=16, pos="rope", mlp="swiglu", window=5)
     assert architecture_of(GPTConfig(**base, norm="rmsnorm")) == "mistral"
     with pytest.raises(HFError, match="window=5 .* exports only as mistral"):
         architecture_of(GPTConfig(**base, norm="layernorm"))

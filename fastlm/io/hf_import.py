@@ -45,7 +45,7 @@ from fastlm.io.hf_common import (
     require,
     weight_pairs,
 )
-from fastlm.model import GPT, GPTConfig
+from fastlm.model import GPT, PLAIN_OPTIONS, GPTConfig
 from fastlm.text.tokenizers import MAX_HF_TOKENIZER_CHARS, HFTokenizer
 
 __all__ = [
@@ -250,9 +250,8 @@ def from_hf_config(hf: dict, bias: bool = True) -> GPTConfig:
     arch = hf["model_type"]
     try:
         fields = _from_gpt2(hf) if arch == "gpt2" else _from_rope_family(hf, arch)
-        return GPTConfig(
-            vocab_size=hf["vocab_size"], bias=bias, tie_embeddings=hf["tie_word_embeddings"], dropout=0.0, **fields
-        )
+        settings = {"vocab_size": hf["vocab_size"], "bias": bias, "tie_embeddings": hf["tie_word_embeddings"]}
+        return GPTConfig(**{**PLAIN_OPTIONS, "dropout": 0.0, **settings, **fields})
     except HFError:
         raise
     except KeyError as e:
