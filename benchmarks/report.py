@@ -501,14 +501,18 @@ def _pm(row: dict, key: str, digits: str, scale: float = 1.0) -> str:
     return format(mean * scale, digits) + (f" ± {format(std * scale, digits)}" if std is not None else "")
 
 
+_BASES = ("default", "plain")  # listed first in each group
+
+
 def speedrun_section(rows: list) -> list:
     """``python -m benchmarks.speedrun`` rows of every commit: per device and corpus the newest row of
-    each recipe, with its whole-val loss against the default recipe's (same device and corpus)."""
+    each recipe, with its whole-val loss against the plain recipe's, else the default's (same device,
+    corpus and thread count: the ablations are options on the plain model)."""
     latest = {}
     for r in sorted(
         (r for r in rows if r.get("suite") == "speedrun" and r.get("val_loss_mean") is not None), key=_stamp
     ):
-        latest[(r["device"], r.get("variant"), r.get("op"))] = r
+        latest[(r["device"], r.get("variant"), r.get("threads"), r.get("op"))] = r
     if not latest:
         return []
     out = [
@@ -516,19 +520,20 @@ def speedrun_section(rows: list) -> list:
         "",
         "`python -m benchmarks.speedrun`: each recipe trained with several seeds (mean ± sample std over "
         "them). Whole-val = the best checkpoint's loss over the whole validation split (nats/token); "
-        "Δ = recipe - default on the same corpus; step time = the recipe's step over the default's "
-        "(`--equal-wall`: timed in alternating runs, median over rounds), which set its steps to the "
-        "default's wall time (CPU time per step, see benchmarks/speedrun.py); MFU = model FLOPs "
+        "Δ = recipe - the plain recipe (else the default) on the same corpus and threads; step time = "
+        "the recipe's step over the first recipe's (`--equal-wall`: timed in alternating runs, median over "
+        "rounds), which set its steps to the first recipe's wall time (CPU time per step, see "
+        "benchmarks/speedrun.py); MFU = model FLOPs "
         "(6N + 12·L·H·D·T per token) / train wall / the peak the run reports (CPU: threads x one-thread "
         "fp32 GEMM rate); MFU (CPU time) = the same over the training loop's CPU seconds (what the run "
         "reaches alone on the machine with one thread); load = 1-minute load average during the runs.",
         "",
     ]
     body = []
-    for (dev, corpus, op), r in sorted(
-        latest.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2] != "default", str(kv[0][2]))
+    for (dev, corpus, threads, op), r in sorted(
+        latest.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), str(kv[0][2]), kv[0][3] not in _BASES, str(kv[0][3]))
     ):
-        base = latest.get((dev, corpus, "default"))
+        base = latest.get((dev, corpus, threads, "plain"), latest.get((dev, corpus, threads, "default")))
         delta = f"{r['val_loss_mean'] - base['val_loss_mean']:+.4f}" if base is not None and base is not r else ""
         ratio = (r.get("step_ratio") or {}).get("ratio")
         body.append(
@@ -560,7 +565,7 @@ def speedrun_section(rows: list) -> list:
                 "steps",
                 "seeds",
                 "whole-val",
-                "Δ vs default",
+                "Δ vs plain",
                 "step time",
                 "train wall s",
                 "tokens",

@@ -60,3 +60,20 @@ def test_the_model_defaults_it_states_are_gptconfigs():
     stated = re.search(r"`block_size` (\d+), `n_layer` (\d+), `n_head` (\d+), `n_embd` (\d+)", README)
     assert stated, "the model section no longer states the defaults"
     assert tuple(map(int, stated.groups())) == (cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd)
+
+
+def test_the_mask_picture_is_the_ops_rule():
+    import torch
+
+    from fastlm.ops.masks import visible_mask
+
+    m = re.search(
+        r"Causal with `window=(\d+)` and two documents, T=(\d+)\s+\(`segment_ids` `([\d ]+)`.*?```\n(.*?)```",
+        README,
+        re.S,
+    )
+    assert m, "the README's mask picture is gone"
+    window, t, ids = int(m.group(1)), int(m.group(2)), [int(x) for x in m.group(3).split()]
+    drawn = [[c == "x" for c in line.split()] for line in m.group(4).strip().splitlines()]
+    rule = visible_mask(t, t, causal=True, window=window, segment_ids=torch.tensor([ids]), device="cpu")
+    assert drawn == rule.reshape(t, t).tolist()
