@@ -73,17 +73,22 @@ __all__ = [
 
 #: fastlm mlp -> gpt2's activation_function (transformers' ACT2FN names)
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "relu2": "relu2"}
-#: GPTConfig options no transformers architecture computes together with fastlm's block
-NOT_EXPORTABLE = ("logit_softcap", "value_embed", "unet_skips")
+#: GPTConfig options no transformers architecture computes together with fastlm's block -> the
+#: training flag that leaves the option off
+NOT_EXPORTABLE = {
+    "logit_softcap": "--logit-softcap 0",
+    "value_embed": "--no-value-embed",
+    "unet_skips": "--no-unet-skips",
+}
 
 
 def architecture_of(cfg: GPTConfig) -> str:
     """The transformers ``model_type`` computing exactly ``cfg``'s math, or HFError naming the option."""
-    for name in NOT_EXPORTABLE:
+    for name, flag in NOT_EXPORTABLE.items():
         if getattr(cfg, name):
             raise HFError(
                 f"{name}={getattr(cfg, name)} does not export to transformers exactly (no architecture "
-                f"has it with fastlm's block); exportable: {EXPORTABLE}"
+                f"has it with fastlm's block; a model trained with {flag} does); exportable: {EXPORTABLE}"
             )
     combo = (cfg.pos, cfg.mlp, cfg.norm)
     if cfg.window is not None:
