@@ -114,7 +114,7 @@ def test_relu2_mlp():
 
 def test_logit_softcap_caps_the_logits_and_the_loss_uses_them():
     capped = perturbed(tiny(logit_softcap=2.0, tie_embeddings=False), scale=2.0)
-    plain = GPT(GPTConfig(**{**TINY, "tie_embeddings": False}))
+    plain = tiny(tie_embeddings=False)
     plain.load_state_dict(capped.state_dict())
     idx, tgt = tokens(2, 13), tokens(2, 13, seed=1)
     with torch.no_grad():
