@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from tiny_run import TINY_RUN
 
 from fastlm.io import checkpoint, loading
 from fastlm.io.checkpoint import CheckpointError
@@ -16,31 +17,7 @@ from fastlm.train import main
 from fastlm.training.optim import build_optimizer
 
 # --device cpu: the same CPU run also where a GPU is visible
-TINY = [
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "16",
-    "--n-head",
-    "2",
-    "--block-size",
-    "16",
-    "--batch-size",
-    "4",
-    "--eval-iters",
-    "1",
-    "--eval-interval",
-    "3",
-    "--max-iters",
-    "6",
-    "--sample-tokens",
-    "0",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--device",
-    "cpu",
-]
+TINY = [*TINY_RUN, "--eval-iters", "1", "--eval-interval", "3", "--max-iters", "6"]
 
 
 @pytest.fixture(scope="module")

@@ -80,21 +80,8 @@ def test_help_in_a_subprocess():
 def test_sample_matches_the_api_and_seed(run, capsys):
     from fastlm.sampling import generate
 
-    rc, out, err = cli(
-        capsys,
-        "--checkpoint",
-        run,
-        "--prompt",
-        "First",
-        "--max-new-tokens",
-        "25",
-        "--seed",
-        "3",
-        "--top-k",
-        "10",
-        "--device",
-        "cpu",
-    )
+    flags = ["--checkpoint", run, "--prompt", "First", "--max-new-tokens", "25", "--top-k", "10", "--device", "cpu"]
+    rc, out, err = cli(capsys, *flags, "--seed", "3")
     assert rc == 0, err
     model, tok, _ = loading.load_model(run)
     ids = generate(
@@ -106,37 +93,9 @@ def test_sample_matches_the_api_and_seed(run, capsys):
         generator=torch.Generator().manual_seed(3),
     )
     assert out == "First" + tok.decode(ids[0, 5:].tolist()) + "\n"
-    rc, again, _ = cli(
-        capsys,
-        "--checkpoint",
-        run,
-        "--prompt",
-        "First",
-        "--max-new-tokens",
-        "25",
-        "--seed",
-        "3",
-        "--top-k",
-        "10",
-        "--device",
-        "cpu",
-    )
+    rc, again, _ = cli(capsys, *flags, "--seed", "3")
     assert again == out
-    rc, other, _ = cli(
-        capsys,
-        "--checkpoint",
-        run,
-        "--prompt",
-        "First",
-        "--max-new-tokens",
-        "25",
-        "--seed",
-        "4",
-        "--top-k",
-        "10",
-        "--device",
-        "cpu",
-    )
+    rc, other, _ = cli(capsys, *flags, "--seed", "4")
     assert other != out
 
 

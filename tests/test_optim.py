@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tiny_run import TINY_RUN
 from train_hooks import CtrlCAfter
 
 from fastlm.io import checkpoint
@@ -362,33 +363,17 @@ def test_muon_training_loss_falls():
 # ---- end to end through the CLI ------------------------------------------------------------------
 
 TINY = [
-    "--device",
-    "cpu",
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "16",
-    "--n-head",
-    "2",
-    "--block-size",
-    "16",
-    "--batch-size",
-    "4",
+    *TINY_RUN,
     "--eval-iters",
     "2",
     "--eval-interval",
     "5",
     "--max-iters",
     "12",
-    "--sample-tokens",
-    "0",
-    "--no-progress",
     "--log-interval",
     "1",
     "--warmup-iters",
     "2",
-    "--threads",
-    "1",
     "--optimizer",
     "muon",
     "--muon-lr",

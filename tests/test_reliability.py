@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import child_env
+from tiny_run import TINY_RUN
 
 from fastlm.io import checkpoint, loading
 from fastlm.text import data
@@ -22,27 +23,7 @@ from fastlm.train import main
 from fastlm.training.trainer import Callback
 
 # --device cpu: the same CPU run also where a GPU is visible
-TINY = [
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "16",
-    "--n-head",
-    "2",
-    "--block-size",
-    "16",
-    "--batch-size",
-    "4",
-    "--eval-iters",
-    "1",
-    "--sample-tokens",
-    "0",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--device",
-    "cpu",
-]
+TINY = [*TINY_RUN, "--eval-iters", "1"]
 
 
 def _env(**extra):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import one_error_line
+from tiny_run import TINY_RUN
 
 from fastlm.model import GPTConfig
 from fastlm.train import main
@@ -15,27 +16,7 @@ from fastlm.training import trainer as trainer_mod
 from fastlm.training.settings import PROFILES, TrainConfig, resolve_settings
 from fastlm.training.trainer import Callback, Trainer
 
-TINY = [
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "16",
-    "--n-head",
-    "2",
-    "--block-size",
-    "16",
-    "--batch-size",
-    "4",
-    "--eval-iters",
-    "1",
-    "--sample-tokens",
-    "0",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--device",
-    "cpu",
-]
+TINY = [*TINY_RUN, "--eval-iters", "1"]
 
 
 def test_gptconfig_is_the_default_runs_model():

@@ -25,34 +25,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import one_error_line
+from tiny_run import TINY_RUN
 
 from fastlm.io import checkpoint
 from fastlm.train import main
 from fastlm.training.trainer import Callback
 
-TINY = [
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "16",
-    "--n-head",
-    "2",
-    "--block-size",
-    "16",
-    "--batch-size",
-    "4",
-    "--eval-iters",
-    "1",
-    "--sample-tokens",
-    "0",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--device",
-    "cpu",
-    "--log-interval",
-    "1",
-]
+TINY = [*TINY_RUN, "--eval-iters", "1", "--log-interval", "1"]
 HOOKS = str(Path(__file__).with_name("train_hooks.py"))  # fastlm.train with sleeping test callbacks
 
 

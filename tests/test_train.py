@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import one_error_line
+from tiny_run import TINY_RUN
 from train_hooks import CtrlCAfter
 
 from fastlm.config import ConfigFileError, load_config_file, merge_values
@@ -26,33 +27,17 @@ from fastlm.training.settings import TrainConfig, resolve_settings
 from fastlm.training.trainer import Callback
 
 TINY = [
-    "--device",
-    "cpu",
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "16",
-    "--n-head",
-    "2",
-    "--block-size",
-    "16",
-    "--batch-size",
-    "4",
+    *TINY_RUN,
     "--eval-iters",
     "2",
     "--eval-interval",
     "5",
     "--max-iters",
     "10",
-    "--sample-tokens",
-    "0",
-    "--no-progress",
     "--log-interval",
     "1",
     "--warmup-iters",
     "2",
-    "--threads",
-    "1",
 ]
 
 
@@ -733,6 +718,27 @@ def test_progress_bar_and_device_auto(tmp_path, corpus, capsys, monkeypatch):
     assert "train:" in res.err and "10/10" in res.err  # tqdm's bar on stderr, to the last step
 
 
+#: the model and settings of TINY for the Python API (the same run as the CLI's)
+TINY_MODEL = {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}
+
+
+def tiny_config(corpus, out_dir) -> TrainConfig:
+    return TrainConfig(
+        data=[str(corpus)],
+        out_dir=str(out_dir),
+        batch_size=4,
+        eval_iters=2,
+        eval_interval=5,
+        max_iters=10,
+        sample_tokens=0,
+        progress=False,
+        log_interval=1,
+        warmup_iters=2,
+        threads=1,
+        device="cpu",
+    )
+
+
 # ---- a GPU machine, simulated: torch.cuda.is_available() reports True (every CUDA tensor would then fail
 # on this CPU-only torch, so whatever still runs never touched CUDA) -------------------------------------
 no_real_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a GPU machine; a real one is here")
@@ -749,21 +755,8 @@ def test_cpu_pinned_runs_ignore_a_visible_gpu(tmp_path, corpus, capsys, monkeypa
     assert "device: cpu" in res.out and "profile gpu" not in res.out
     from fastlm import Trainer
 
-    config = TrainConfig(
-        data=[str(corpus)],
-        out_dir=str(tmp_path / "api"),
-        batch_size=4,
-        eval_iters=2,
-        eval_interval=5,
-        max_iters=10,
-        sample_tokens=0,
-        progress=False,
-        log_interval=1,
-        warmup_iters=2,
-        threads=1,
-        device="cpu",
-    )
-    Trainer(config, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}).fit()
+    config = tiny_config(corpus, tmp_path / "api")
+    Trainer(config, TINY_MODEL).fit()
     assert "profile gpu" not in capsys.readouterr().out
     losses = [[r["loss"] for r in rows(tmp_path / name / "train_log.csv")] for name in ("plain", "cli", "api")]
     assert len(losses[0]) == 10 and losses[0] == losses[1] == losses[2]
@@ -857,21 +850,8 @@ def test_python_api_runs_what_the_cli_runs(tmp_path, corpus, capsys):
 
     rc, _ = run(["--data", corpus, "--out-dir", tmp_path / "cli", *TINY], capsys)
     assert rc == 0
-    config = TrainConfig(
-        data=[str(corpus)],
-        out_dir=str(tmp_path / "api"),
-        batch_size=4,
-        eval_iters=2,
-        eval_interval=5,
-        max_iters=10,
-        sample_tokens=0,
-        progress=False,
-        log_interval=1,
-        warmup_iters=2,
-        threads=1,
-        device="cpu",
-    )
-    summary = Trainer(config, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}).fit()
+    config = tiny_config(corpus, tmp_path / "api")
+    summary = Trainer(config, TINY_MODEL).fit()
     assert summary == json.loads((tmp_path / "api" / "summary.json").read_text())
     cli_summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert {k: v for k, v in summary.items() if k not in TIMING_KEYS} == {

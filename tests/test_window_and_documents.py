@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import one_error_line
+from tiny_run import TINY_RUN
 from train_hooks import CtrlCAfter
 
 from fastlm.errors import ConfigError, HFError
@@ -18,25 +19,11 @@ from fastlm.text import data
 from fastlm.train import main
 
 TINY = [
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "16",
-    "--n-head",
-    "2",
+    *TINY_RUN,
     "--block-size",
     "32",
-    "--batch-size",
-    "4",
     "--eval-iters",
     "1",
-    "--sample-tokens",
-    "0",
-    "--no-progress",
-    "--threads",
-    "1",
-    "--device",
-    "cpu",
     "--log-interval",
     "1",
     "--eval-interval",
