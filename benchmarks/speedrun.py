@@ -58,7 +58,7 @@ from fastlm.model import GPT, GPTConfig
 from fastlm.text import data as data_mod
 from fastlm.train import resolve_config
 from fastlm.training import rundir
-from fastlm.training.optim import build_optimizer
+from fastlm.training.optim import optimizer_for
 from fastlm.training.settings import resolve_settings
 from fastlm.training.trainer import Callback, Trainer
 
@@ -148,16 +148,7 @@ def step_runner(recipe: Recipe, common: list, tokenizer, train_ids):
     t = resolved.train
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(**{**resolved.model, "vocab_size": tokenizer.vocab_size}))
-    opt = build_optimizer(
-        gpt,
-        optimizer=t.optimizer,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        betas=(t.beta1, t.beta2),
-        muon_lr=t.muon_lr,
-        muon_momentum=t.muon_momentum,
-        device_type="cpu",
-    )
+    opt = optimizer_for(gpt, t, "cpu")
     sampler = data_mod.BatchSampler(train_ids, gpt.config.block_size, t.batch_size, [0, 0])
 
     def step(batch: int) -> None:

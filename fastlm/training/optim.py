@@ -32,6 +32,7 @@ __all__ = [
     "OPTIMIZERS",
     "adamw_kwargs",
     "build_optimizer",
+    "optimizer_for",
     "muon_param_names",
     "load_checked_state",
 ]
@@ -259,6 +260,20 @@ def build_optimizer(
 #: group fields that never come from a saved state: the schedule sets ``lr`` every step, and the
 #: implementation flags follow the device the run resumes on
 _LIVE_FIELDS = {"params", "lr", "fused", "foreach", "capturable", "differentiable"}
+
+
+def optimizer_for(model, cfg, device_type: str):
+    """:func:`build_optimizer` with a run's settings (a resolved TrainConfig): what the Trainer trains with."""
+    return build_optimizer(
+        model,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(cfg.beta1, cfg.beta2),
+        muon_lr=cfg.muon_lr,
+        muon_momentum=cfg.muon_momentum,
+        device_type=device_type,
+    )
 
 
 def _adamw_state_keys(group: dict) -> frozenset:

@@ -55,7 +55,7 @@ from fastlm.text import data as data_mod
 from fastlm.text.tokenizers import load_tokenizer
 from fastlm.training import rundir
 from fastlm.training.mfu import format_flops, mfu_fields, peak_flops
-from fastlm.training.optim import build_optimizer, load_checked_state
+from fastlm.training.optim import load_checked_state, optimizer_for
 from fastlm.training.runtime import autocast, init_distributed, resolve_device, resolve_dtype
 from fastlm.training.schedule import LRSchedule
 from fastlm.training.settings import (
@@ -451,16 +451,7 @@ class Trainer:
             ckpt_mod.load_model_tensors(model, init_state, cfg.init_from)
         model.to(self.device)
         self.raw_model = self.model = model
-        self.optimizer = build_optimizer(
-            model,
-            optimizer=cfg.optimizer,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            betas=(cfg.beta1, cfg.beta2),
-            muon_lr=cfg.muon_lr,
-            muon_momentum=cfg.muon_momentum,
-            device_type=self.device.type,
-        )
+        self.optimizer = optimizer_for(model, cfg, self.device.type)
         self.schedule = LRSchedule(cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=(self.autocast_dtype == torch.float16))
         self.amp = autocast(self.device.type, self.autocast_dtype)
