@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_error_line
+from conftest import child_env, one_error_line
 from tiny_run import TINY_RUN
 
 from fastlm.io import checkpoint
@@ -36,9 +36,8 @@ HOOKS = str(Path(__file__).with_name("train_hooks.py"))  # fastlm.train with sle
 
 
 def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    """A child's environment: one OpenMP thread, and the checkout on PYTHONPATH where fastlm is not installed."""
+    return child_env(OMP_NUM_THREADS="1", **extra)
 
 
 def _train(*args, timeout=180, **env):
