@@ -59,6 +59,7 @@ from fastlm.text import data as data_mod
 from fastlm.train import resolve_config
 from fastlm.training import rundir
 from fastlm.training.optim import optimizer_for
+from fastlm.training.runtime import autocast, resolve_dtype
 from fastlm.training.settings import resolve_settings
 from fastlm.training.trainer import Callback, Trainer
 
@@ -137,12 +138,14 @@ def timing_key(recipe: Recipe, common: list) -> tuple:
         t.batch_warmup_iters,
         t.batch_at(0) if t.batch_warmup_iters else None,
         t.threads,
+        resolve_dtype(t.dtype, "cpu"),
     )
 
 
 def step_runner(recipe: Recipe, common: list, tokenizer, train_ids):
     """``(step(batch), resolved TrainConfig)``: one optimizer step of the recipe's model and optimizer as
-    the Trainer takes it (sampled windows, forward, backward, clipping, step), at a given batch."""
+    the Trainer takes it (sampled windows, forward and loss under the run's autocast, backward,
+    clipping, step), at a given batch."""
     train, model = settings(recipe, common)
     resolved = resolve_settings(train, model, "cpu")
     t = resolved.train
@@ -151,10 +154,14 @@ def step_runner(recipe: Recipe, common: list, tokenizer, train_ids):
     opt = optimizer_for(gpt, t, "cpu")
     sampler = data_mod.BatchSampler(train_ids, gpt.config.block_size, t.batch_size, [0, 0])
 
+    amp = autocast("cpu", resolve_dtype(t.dtype, "cpu"))
+
     def step(batch: int) -> None:
         for _ in range(t.grad_accum):
             x, y = sampler.sample("cpu", batch_size=batch)
-            (gpt(x, y)[1] / t.grad_accum).backward()
+            with amp():
+                loss = gpt(x, y)[1]
+            (loss / t.grad_accum).backward()
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(gpt.parameters(), t.grad_clip)
         opt.step()

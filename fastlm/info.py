@@ -12,6 +12,7 @@ import torch
 from fastlm import ops
 from fastlm._version import __version__
 from fastlm.training import mfu
+from fastlm.training.runtime import cpu_native_bf16, resolve_dtype
 
 __all__ = ["report", "main"]
 
@@ -20,6 +21,11 @@ def peak_lines(calibrate: bool = False) -> list:
     """The peak(s) MFU is measured against here (see :mod:`fastlm.training.mfu`)."""
     cpu = mfu.calibrate_cpu(force=calibrate)
     lines = [f"peak for MFU, CPU ({mfu.cpu_model()}): {mfu.format_flops(cpu.flops_per_s)}/s ({cpu.source})"]
+    if cpu_native_bf16():
+        bf16 = mfu.calibrate_cpu(force=calibrate, dtype=torch.bfloat16)
+        lines.append(f"peak for MFU, CPU bfloat16 runs: {mfu.format_flops(bf16.flops_per_s)}/s ({bf16.source})")
+    auto = str(resolve_dtype("auto", "cpu")).replace("torch.", "")
+    lines.append(f"CPU training dtype (--dtype auto): {auto} (native bf16: {cpu_native_bf16()})")
     if torch.cuda.is_available():
         for dtype in (torch.bfloat16, torch.float32):
             gpu = mfu.peak_flops("cuda", dtype)
@@ -52,7 +58,9 @@ def report(calibrate: bool = False) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlm.info", description=__doc__)
     parser.add_argument(
-        "--calibrate", action="store_true", help="measure the CPU's peak (fp32 GEMM) again; the higher figure is kept"
+        "--calibrate",
+        action="store_true",
+        help="measure the CPU's peaks (fp32, and bf16 where native) again; the higher figures are kept",
     )
     args = parser.parse_args(argv)
     print(report(args.calibrate))

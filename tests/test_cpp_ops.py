@@ -524,12 +524,35 @@ def test_attention_qkv_gradcheck_float64():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_attention_qkv_in_reduced_precision_runs_the_fused_op_in_float32(monkeypatch, dtype):
+    """A bfloat16/float16 qkv (the CPU autocast step) takes the fused op on its float32 upcast: output
+    and gradient are exactly the float32 op's, rounded to qkv's dtype; no composed call happens."""
+    b, t, h, h_kv, d = 2, 40, 4, 2, 16
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(b, t, (h + 2 * h_kv) * d, generator=g).to(dtype)
+    dout = torch.randn(b, t, h * d, generator=g).to(dtype)
+    rope = tuple(x.float() for x in _rope64(t, d))
+    seen = []
+    real = torch.ops.fastlm.attention_fwd
+    monkeypatch.setattr(OPS, "attention_fwd", lambda *a: seen.append("attention_fwd") or real(*a))
+    x = qkv.clone().requires_grad_()
+    y = ops.attention_qkv(x, h, h_kv, rope=rope, backend="cpp")
+    y.backward(dout)
+    x32 = qkv.float().requires_grad_()
+    y32 = ops.attention_qkv(x32, h, h_kv, rope=rope, backend="cpp")
+    y32.backward(dout.float())
+    assert seen == [] and y.dtype == dtype and x.grad.dtype == dtype
+    assert torch.equal(y, y32.to(dtype)) and torch.equal(x.grad, x32.grad.to(dtype))
+    assert (y.double() - _composed64(qkv, h, h_kv, rope, None)).abs().max() < 3e-2
+
+
 def test_attention_qkv_composes_where_the_fused_op_does_not_run():
-    """Keys past gemm_max_tk, bfloat16 and non-causal calls compose split + rotate + attention."""
+    """Keys past gemm_max_tk and non-causal calls compose split + rotate + attention."""
     h, d = 2, 8
     for t, dtype, causal in (
         (_ext.CPP_BACKEND.gemm_max_tk + 3, torch.float32, True),
-        (17, torch.bfloat16, True),
+        (_ext.CPP_BACKEND.gemm_max_tk + 3, torch.bfloat16, True),
         (17, torch.float32, False),
     ):
         qkv = torch.randn(1, t, 3 * h * d).to(dtype)

@@ -16,9 +16,11 @@ from fastlm.train import main
 pytestmark = pytest.mark.slow
 
 # --device cpu: gloo on CPU also where a GPU is visible (NCCL would want one GPU per process)
-COMMON = [
+COMMON = [  # float32: one process and two agree to rounding only where the step is not bf16-rounded
     "--device",
     "cpu",
+    "--dtype",
+    "float32",
     "--n-layer",
     "1",
     "--n-embd",

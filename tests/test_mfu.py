@@ -10,6 +10,7 @@ import torch
 from fastlm import info
 from fastlm.model import GPT, GPTConfig
 from fastlm.training import mfu
+from fastlm.training.runtime import resolve_dtype
 from fastlm.training.settings import TrainConfig
 from fastlm.training.trainer import Trainer
 
@@ -43,6 +44,33 @@ def test_cpu_peak_is_measured_once_and_cached(fake_gemm, monkeypatch):
     monkeypatch.setattr(mfu, "measure_cpu_gemm", lambda *a, **k: 10e9)  # a measurement under load
     assert mfu.calibrate_cpu(threads=1, force=True).flops_per_s == 50e9 + 2
     assert json.loads(mfu.cache_path().read_text())[key]["flops_per_s_one_thread"] == 50e9 + 2
+
+
+def test_a_bfloat16_run_is_measured_against_the_bfloat16_gemm(fake_gemm, monkeypatch):
+    """CPU bfloat16 runs get their own peak: the bf16 GEMM rate, cached beside the fp32 one (an
+    entry written before it existed keeps its fp32 figure)."""
+    dtypes = []
+    monkeypatch.setattr(
+        mfu,
+        "measure_cpu_gemm",
+        lambda *a, dtype=torch.float32, **k: dtypes.append(dtype) or 40e9 * (5 if dtype == torch.bfloat16 else 1),
+    )
+    key = f"{mfu.cpu_model()} | torch {torch.__version__}"
+    mfu.cache_path().parent.mkdir(parents=True)
+    mfu.cache_path().write_text(json.dumps({key: {"flops_per_s_one_thread": 30e9}}))  # an older cache
+    bf16 = mfu.peak_flops("cpu", torch.bfloat16)
+    assert dtypes == [torch.bfloat16] and bf16.flops_per_s == 200e9 * torch.get_num_threads()
+    assert "bf16 GEMM" in bf16.source
+    fp32 = mfu.peak_flops("cpu", None)
+    assert dtypes == [torch.bfloat16] and fp32.flops_per_s == 30e9 * torch.get_num_threads() and "fp32" in fp32.source
+    entry = json.loads(mfu.cache_path().read_text())[key]
+    assert entry["flops_per_s_one_thread"] == 30e9 and entry["bf16_flops_per_s_one_thread"] == 200e9
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        mfu.calibrate_cpu(dtype=torch.float64)
+
+
+def test_bf16_gemm_measurement_is_a_plausible_rate():
+    assert 1e6 < mfu.measure_cpu_gemm(seconds=0.05, size=64, dtype=torch.bfloat16) < 1e15
 
 
 @pytest.mark.parametrize(
@@ -121,15 +149,27 @@ def test_training_summary_reports_flops_and_mfu(tmp_path, corpus, capsys, fake_g
     assert summary["flops"] == pytest.approx(per_token * summary["tokens_seen"], rel=1e-12)
     assert summary["flops_per_s"] == pytest.approx(per_token * summary["tokens_per_s"], rel=1e-9)
     assert summary["peak_flops_per_s"] == 50e9 + 1  # one thread x the (fake) one-thread rate
+    auto = resolve_dtype("auto", "cpu")  # bfloat16 on a CPU with native bf16: measured against that GEMM
+    assert summary["dtype"] == str(auto).replace("torch.", "")
+    assert ("bf16 GEMM" if auto == torch.bfloat16 else "fp32 GEMM") in summary["peak_source"]
     assert summary["mfu"] == pytest.approx(summary["flops_per_s"] / summary["peak_flops_per_s"], rel=1e-12)
     done = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("done:")]
     assert len(done) == 1 and "FLOP/token" in done[0] and f"MFU {100 * summary['mfu']:.1f}% of 50 GFLOP/s" in done[0]
 
 
-def test_info_prints_the_peak(fake_gemm, capsys):
+@pytest.mark.parametrize("native", ["0", "1"], ids=["fp32-cpu", "bf16-cpu"])
+def test_info_prints_the_peak(fake_gemm, capsys, monkeypatch, native):
+    """The fp32 peak always; on a CPU with native bf16 also the bf16 one, and the dtype auto trains in."""
+    monkeypatch.setenv("FASTLM_CPU_BF16", native)
     assert info.main([]) == 0
     out = capsys.readouterr().out
-    (line,) = [ln for ln in out.splitlines() if ln.startswith("peak for MFU, CPU")]
+    lines = [ln for ln in out.splitlines() if ln.startswith("peak for MFU, CPU")]
     threads = torch.get_num_threads()
-    assert mfu.format_flops(threads * (50e9 + 1)) in line and "one-thread fp32 GEMM" in line
-    assert info.main(["--calibrate"]) == 0 and len(fake_gemm) == 2
+    assert mfu.format_flops(threads * (50e9 + 1)) in lines[0] and "one-thread fp32 GEMM" in lines[0]
+    if native == "1":
+        assert len(lines) == 2 and "bfloat16 runs" in lines[1] and "one-thread bf16 GEMM" in lines[1]
+        assert mfu.format_flops(threads * (50e9 + 2)) in lines[1]
+    else:
+        assert len(lines) == 1
+    assert f"CPU training dtype (--dtype auto): {'bfloat16' if native == '1' else 'float32'}" in out
+    assert info.main(["--calibrate"]) == 0 and len(fake_gemm) == 2 * (1 + int(native))

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import child_env
 
 from fastlm import ops
@@ -153,11 +154,13 @@ def test_kv_cache_object():
 
 
 def test_kv_cache_under_autocast():
-    """A cache made inside autocast holds the autocast dtype, so cached decoding runs there too."""
+    """A cache made inside autocast holds the autocast dtype, so cached decoding runs there too. (The
+    reference is the whole sequence through a cache in one call: without one, CPU autocast computes
+    attention in float32, see test_cpu_autocast_step_runs_attention_in_float32.)"""
     model = tiny(pos="rope", n_kv_head=2).eval()
     idx = tokens(1, 9)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        full, _ = model(idx)
+        full, _ = model(idx, kv_cache=model.new_kv_cache(1))
         cache = model.new_kv_cache(1)
         assert cache.k.dtype == torch.bfloat16
         first, _ = model(idx[:, :8], kv_cache=cache)
@@ -173,6 +176,36 @@ def test_kv_cache_under_autocast():
         model(idx[:, :7], kv_cache=broken)  # token 7 never cached: the last token lands at position 7
         wrong, _ = model(idx[:, 8:], kv_cache=broken)
     assert (wrong[0, -1].float() - full[0, -1].float()).abs().max().item() > ulp
+
+
+def test_cpu_autocast_step_runs_attention_in_float32(monkeypatch):
+    """The default step on a CPU with native bf16 (``--dtype auto``): under bfloat16 autocast the
+    projections run in bfloat16 and attention in float32, through the fused C++ op taking the upcast
+    qkv (QK-norm and the value-embedding mix in float32 too); loss and gradients stay within bf16
+    rounding of the float32 model's."""
+    from fastlm.ops import extension as _ext
+
+    if _ext.CPP_BACKEND.unavailable_reason():
+        pytest.skip(f"cpp backend: {_ext.CPP_BACKEND.unavailable_reason()}")
+    model = tiny(pos="rope", qk_norm=True, value_embed=True, tie_embeddings=False)
+    idx, targets = tokens(4, 32), tokens(4, 32, seed=1)
+    _, loss32 = model(idx, targets)
+    loss32.backward()
+    grads32 = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    seen = []
+    real = _ext.CPP_BACKEND.attention_qkv
+    monkeypatch.setattr(
+        _ext.CPP_BACKEND, "attention_qkv", lambda qkv, *a, **k: seen.append(qkv.dtype) or real(qkv, *a, **k)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+    loss.backward()
+    assert seen == [torch.float32] * TINY["n_layer"] and logits.dtype == torch.bfloat16
+    assert abs(loss.item() - loss32.item()) < 0.01 * loss32.item()  # measured: 0.1%
+    for name, p in model.named_parameters():
+        cos = F.cosine_similarity(p.grad.flatten().double(), grads32[name].flatten().double(), dim=0)
+        assert p.grad.dtype == torch.float32 and cos > 0.99, (name, cos.item())  # measured: > 0.999
 
 
 # ---- dropout, tying, init -----------------------------------------------------------------------

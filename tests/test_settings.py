@@ -43,6 +43,28 @@ def test_a_value_given_is_honoured_under_either_profile(device_type):
     )
 
 
+@pytest.mark.parametrize(
+    "native, dtype, recipe",
+    [("1", "auto", "train_bf16"), ("0", "auto", "train"), ("1", "float32", "train"), ("0", "bfloat16", "train_bf16")],
+)
+def test_the_cpu_profile_takes_more_steps_where_it_trains_in_bfloat16(monkeypatch, native, dtype, recipe):
+    """``--dtype auto`` trains in bfloat16 on a CPU with native bf16 (FASTLM_CPU_BF16 stands in for the
+    CPU's flags), and the cpu profile's step count is then its bfloat16 one; a dtype or a step count
+    given is honoured."""
+    from fastlm.training.runtime import resolve_dtype
+
+    monkeypatch.setenv("FASTLM_CPU_BF16", native)
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native == "1" else torch.float32)
+    steps = PROFILES["cpu"][recipe]["max_iters"]
+    assert PROFILES["cpu"]["train_bf16"]["max_iters"] > PROFILES["cpu"]["train"]["max_iters"]
+    resolved = resolve_settings(TrainConfig(dtype=dtype), {}, "cpu")
+    assert resolved.train.max_iters == steps and resolved.from_profile["max_iters"] == steps
+    assert resolve_settings(TrainConfig(dtype=dtype, max_iters=5), {}, "cpu").train.max_iters == 5
+    assert (
+        resolve_settings(TrainConfig(dtype=dtype), {}, "cuda").train.max_iters == PROFILES["gpu"]["train"]["max_iters"]
+    )
+
+
 def test_trainer_resolves_the_gpu_profile_without_a_gpu(monkeypatch, tmp_path):
     """``Trainer(TrainConfig(max_iters=N))`` runs N steps under the gpu profile too: with CUDA reported
     available, device auto resolves to cuda and the gpu recipe fills only what was left unset."""

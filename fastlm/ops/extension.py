@@ -202,18 +202,26 @@ class _CppBackend(BackendBase):
     def attention_qkv_unsupported(
         self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None
     ):
-        """The fused op takes causal float32/float64 CPU calls of 2..gemm_max_tk tokens with a
-        contiguous last dim (the BLAS path's shapes)."""
+        """The fused op takes causal CPU calls of 2..gemm_max_tk tokens with a contiguous last dim
+        (the BLAS path's shapes): float32/float64, or bfloat16/float16 computed in float32 (the
+        autocast training step's case: one upcast of qkv, one downcast of the output)."""
         if not causal:
             return "the fused qkv op is causal only"
-        if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.float64):
-            return f"the fused qkv op takes float32/float64 CPU tensors, got {qkv.dtype} on {qkv.device}"
+        if qkv.device.type != "cpu" or qkv.dtype not in self._dtypes:
+            return (
+                f"the fused qkv op takes float32/float64/bfloat16/float16 CPU tensors, got {qkv.dtype} on {qkv.device}"
+            )
         if not 1 < qkv.size(1) <= self.gemm_max_tk or qkv.stride(-1) != 1:
             return f"the fused qkv op takes 2..{self.gemm_max_tk} tokens with a contiguous last dim"
         return None
 
     def attention_qkv(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None):
         cos, sin = rope if rope is not None else (None, None)
+        if qkv.dtype in (torch.bfloat16, torch.float16):  # the BLAS path is float32: compute there, return qkv's dtype
+            out = _ops.attention_qkv_fwd(
+                qkv.float(), n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids
+            )
+            return out[0].to(qkv.dtype)
         return _ops.attention_qkv_fwd(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids)[0]
 
     def muon_step_unsupported(self, params, grads, bufs, ns_dtype):

@@ -14,7 +14,10 @@
     the cores the run uses, and MFU says how close the whole training step comes to it. The
     single-thread figure is cached per machine in ``$FASTLM_CACHE_DIR/cpu_peak.json`` (default
     ``$XDG_CACHE_HOME/fastlm`` or ``~/.cache/fastlm``), keyed by the CPU model and the torch version;
-    ``python -m fastlm.info --calibrate`` measures again and keeps the higher figure.
+    ``python -m fastlm.info --calibrate`` measures again and keeps the higher figure. A run under
+    bfloat16 autocast (``--dtype auto`` on a CPU with native bf16) is measured against the same
+    rate of a **bfloat16** GEMM (4x the float32 one on a 2-core AMD EPYC with AVX512-BF16): its peak
+    is the one its matrix products could reach.
   - **CUDA**: the device's dense (no sparsity) peak from :data:`CUDA_PEAK_TFLOPS`: the bf16 tensor-core
     figure for a run under bf16/fp16 autocast, the plain fp32 figure (no TF32) for a float32 run.
   - ``FASTLM_PEAK_TFLOPS`` overrides both (e.g. a GPU missing from the table).
@@ -96,11 +99,13 @@ def _cache_key() -> str:
     return f"{cpu_model()} | torch {torch.__version__}"
 
 
-def measure_cpu_gemm(seconds: float = CALIBRATION_S, size: int = GEMM_SIZE) -> float:
-    """FLOP/s of the best of repeated float32 ``size x size`` matmuls on one thread over ``seconds``."""
+def measure_cpu_gemm(
+    seconds: float = CALIBRATION_S, size: int = GEMM_SIZE, dtype: torch.dtype = torch.float32
+) -> float:
+    """FLOP/s of the best of repeated ``dtype`` ``size x size`` matmuls on one thread over ``seconds``."""
     gen = torch.Generator().manual_seed(0)  # the global RNG is left alone
-    a, b = (torch.randn(size, size, generator=gen) for _ in range(2))
-    out = torch.empty(size, size)
+    a, b = (torch.randn(size, size, generator=gen).to(dtype) for _ in range(2))
+    out = torch.empty(size, size, dtype=dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -126,27 +131,34 @@ def _read_cache() -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def calibrate_cpu(threads: Optional[int] = None, force: bool = False) -> Peak:
+#: the cache entry's field of each calibrated dtype's one-thread rate
+_CACHE_FIELDS = {torch.float32: "flops_per_s_one_thread", torch.bfloat16: "bf16_flops_per_s_one_thread"}
+
+
+def calibrate_cpu(threads: Optional[int] = None, force: bool = False, dtype: torch.dtype = torch.float32) -> Peak:
     """The CPU peak for ``threads`` (default: torch's current count): ``threads`` x the single-thread
-    GEMM rate, from the cache or measured and cached. ``force`` measures again and keeps the higher
-    of the two single-thread figures."""
+    GEMM rate in ``dtype`` (float32 or bfloat16), from the cache or measured and cached. ``force``
+    measures again and keeps the higher of the two single-thread figures."""
+    if dtype not in _CACHE_FIELDS:
+        raise ValueError(f"calibrate_cpu: dtype must be float32 or bfloat16, got {dtype}")
     threads = torch.get_num_threads() if threads is None else threads
-    key, cache = _cache_key(), _read_cache()
-    entry = cache.get(key)
-    per_core = entry.get("flops_per_s_one_thread") if isinstance(entry, dict) else None
+    key, cache, name = _cache_key(), _read_cache(), _CACHE_FIELDS[dtype]
+    entry = cache.get(key) if isinstance(cache.get(key), dict) else {}
+    per_core = entry.get(name)
     valid = isinstance(per_core, (int, float)) and math.isfinite(per_core) and per_core > 0
     per_core = float(per_core) if valid else None
     if per_core is None or force:
-        per_core = max(measure_cpu_gemm(), per_core or 0.0)
-        cache[key] = {"flops_per_s_one_thread": per_core, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+        per_core = max(measure_cpu_gemm(dtype=dtype), per_core or 0.0)
+        cache[key] = {**entry, name: per_core, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:
             cache_path().parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(cache_path(), cache)
         except OSError:
             pass  # a read-only home: the figure is used, just not kept
+    label = "fp32" if dtype == torch.float32 else "bf16"
     return Peak(
         per_core * threads,
-        f"{threads} thread(s) x {format_flops(per_core)}/s, the one-thread fp32 GEMM rate cached in {cache_path()}",
+        f"{threads} thread(s) x {format_flops(per_core)}/s, the one-thread {label} GEMM rate cached in {cache_path()}",
     )
 
 
@@ -174,7 +186,7 @@ def peak_flops(device, autocast_dtype: Optional[torch.dtype] = None) -> Peak:
         low = autocast_dtype in (torch.bfloat16, torch.float16)
         return _cuda_peak(device, "bf16" if low else "fp32")
     if device.type == "cpu":
-        return calibrate_cpu()
+        return calibrate_cpu(dtype=torch.bfloat16 if autocast_dtype == torch.bfloat16 else torch.float32)
     return Peak(None, f"{device.type}: peak unknown (set FASTLM_PEAK_TFLOPS)")
 
 

@@ -835,6 +835,7 @@ class Trainer:
             "train_wall_s": train_wall,
             "params": self.raw_model.num_params(),
             "device": str(self.device),
+            "dtype": str(self.autocast_dtype).replace("torch.", ""),  # the autocast dtype (--dtype auto's choice)
             "world_size": self.dist.world,
         }
         if test_loss is not None:
@@ -866,8 +867,9 @@ class Trainer:
         ckpt_mod.load_model_tensors(self.raw_model, best["best"], best["dir"] / "best.safetensors")
 
     def _split_loss(self, ids) -> float:
-        """Mean loss over a whole split; with DDP each rank scores its share of the windows."""
-        amp = self.amp if self.autocast_dtype != torch.float32 else None
+        """Mean loss over a whole split; with DDP each rank scores its share of the windows. On a CPU in
+        float32 also after a bfloat16 run: the figure ``fastlm.evaluate`` gives (it never autocasts)."""
+        amp = self.amp if self.autocast_dtype != torch.float32 and self.device.type != "cpu" else None
         total, count = self._agreed(
             lambda: data_mod.split_loss_sum(
                 self.raw_model,
