@@ -270,7 +270,8 @@ def model_section(rows: list) -> list:
         "### Model training step",
         "",
         "One optimizer step (forward, backward, AdamW). MFU = model FLOPs (6N + 12·L·H·D·T per token) x "
-        "tokens / time / peak (CUDA: dense bf16; CPU: threads x one-thread fp32 GEMM rate). "
+        "tokens / time / peak (CUDA: dense bf16; CPU: threads x one-thread fp32 GEMM rate: these steps run in "
+        "float32). "
         "`torch` = SDPA + eager MLP.",
         "",
     ]
@@ -524,8 +525,9 @@ def speedrun_section(rows: list) -> list:
         "the recipe's step over the first recipe's (`--equal-wall`: timed in alternating runs, median over "
         "rounds), which set its steps to the first recipe's wall time (CPU time per step, see "
         "benchmarks/speedrun.py); MFU = model FLOPs "
-        "(6N + 12·L·H·D·T per token) / train wall / the peak the run reports (CPU: threads x one-thread "
-        "fp32 GEMM rate); MFU (CPU time) = the same over the training loop's CPU seconds (what the run "
+        "(6N + 12·L·H·D·T per token) / train wall / the peak the run reports (CPU: threads x the one-thread "
+        "GEMM rate in the run's dtype, fp32 or bf16); dtype = the run's autocast dtype; MFU (CPU time) = "
+        "the same over the training loop's CPU seconds (what the run "
         "reaches alone on the machine with one thread); load = 1-minute load average during the runs.",
         "",
     ]
@@ -541,6 +543,8 @@ def speedrun_section(rows: list) -> list:
                 dev,
                 corpus,
                 op,
+                # rows before the runs recorded their resolved dtype say "auto": float32 on CPU then
+                "float32" if r.get("dtype") in (None, "auto") else r["dtype"],
                 r.get("steps"),
                 len(r.get("seeds") or []),
                 _pm(r, "val_loss", ".4f"),
@@ -562,6 +566,7 @@ def speedrun_section(rows: list) -> list:
                 "device",
                 "corpus",
                 "recipe",
+                "dtype",
                 "steps",
                 "seeds",
                 "whole-val",

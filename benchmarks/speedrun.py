@@ -279,7 +279,7 @@ def recipe_row(recipe: Recipe, runs: list, corpus: str, common: list) -> dict:
         "op": recipe.label,
         "pass": None,
         "backend": "auto",
-        "dtype": train.dtype,
+        "dtype": runs[0].get("dtype") or train.dtype,  # the autocast dtype the runs resolved
         "shape": {k: resolved.model[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
         | {"batch": resolved.train.batch_size},
         "causal": True,
