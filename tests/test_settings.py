@@ -115,6 +115,25 @@ def test_the_saved_config_is_the_printed_one(tmp_path, corpus, capsys):
     assert saved["command"].startswith("python -m fastlm.train") and "--max-iters 2" in saved["command"]
 
 
+def test_a_cpu_run_records_its_precision_and_resumes_in_it(tmp_path, corpus, capsys, monkeypatch):
+    """``--dtype auto`` on a CPU is resolved when the run starts and config.json records it, so a resume
+    continues in that precision on a machine whose choice differs (here FASTLM_CPU_BF16 flips)."""
+    run = tmp_path / "run"
+    args = ["--data", str(corpus), "--out-dir", str(run), *TINY, "--eval-interval", "2"]
+    monkeypatch.setenv("FASTLM_CPU_BF16", "1")
+    assert main([*args, "--max-iters", "2"]) == 0
+    assert "device: cpu (autocast bfloat16)" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["train"]["dtype"] == "bfloat16"
+    monkeypatch.setenv("FASTLM_CPU_BF16", "0")
+    assert main(["--resume", str(run), "--max-iters", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "device: cpu (autocast bfloat16)" in out and "step 4" in out
+    assert json.loads((run / "summary.json").read_text())["dtype"] == "bfloat16"
+    assert main([*args, "--out-dir", str(tmp_path / "fp32"), "--max-iters", "2"]) == 0  # this machine: float32
+    assert "device: cpu (float32)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["train"]["dtype"] == "float32"
+
+
 class NaNAtStep(Callback):
     """The embedding output turns NaN in the forward of step ``step`` (only on_start is overridden, so
     the trainer need not read every step's loss)."""

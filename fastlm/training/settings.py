@@ -451,6 +451,9 @@ def resolve_settings(train: TrainConfig, model: dict, device_type: str) -> Resol
         if values[key] is None:
             values[key] = applied[key] = value
     values["profile"] = name
+    if values["dtype"] == "auto" and device_type == "cpu":
+        # the machine's choice, recorded: a resume continues in the precision the run started in
+        values["dtype"] = str(resolve_dtype("auto", "cpu")).replace("torch.", "")
     applied.update({k: v for k, v in recipe["model"].items() if k not in model})
     resolved = TrainConfig(**values)
     resolved.validate()
