@@ -332,9 +332,10 @@ class CausalSelfAttention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
         if kv_cache is None and qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16):
-            # CPU autocast: attention computes in float32 (the C++ op's BLAS path), so upcast once here
-            # rather than have the options promote, cast back and the op cast up again
-            qkv = qkv.float()
+            if torch.is_autocast_enabled("cpu"):  # (a model held in bf16 stays in bf16)
+                # CPU autocast: attention computes in float32 (the C++ op's BLAS path), so upcast once
+                # here rather than have the options promote, cast back and the op cast up again
+                qkv = qkv.float()
         if self.q_norm is not None or ve is not None:
             qkv = self._qkv_options(qkv, ve)
         if kv_cache is None:  # split, rotate, attend, merge heads: fused into one op where a kernel does it

@@ -206,6 +206,11 @@ def test_cpu_autocast_step_runs_attention_in_float32(monkeypatch):
     for name, p in model.named_parameters():
         cos = F.cosine_similarity(p.grad.flatten().double(), grads32[name].flatten().double(), dim=0)
         assert p.grad.dtype == torch.float32 and cos > 0.99, (name, cos.item())  # measured: > 0.999
+    seen.clear()  # a model held in bfloat16 (no autocast) stays in bfloat16 through attention
+    logits, loss = model.to(torch.bfloat16)(idx, targets)
+    loss.backward()
+    assert seen == [torch.bfloat16] * TINY["n_layer"] and logits.dtype == torch.bfloat16
+    assert abs(loss.item() - loss32.item()) < 0.02 * loss32.item()
 
 
 # ---- dropout, tying, init -----------------------------------------------------------------------
