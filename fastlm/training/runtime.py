@@ -152,12 +152,23 @@ class Dist:
             return err
         return next((e for e in self.gather_obj(err) if e is not None), None)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Leave the process group. After a run that ended well on every rank (``ok``) the ranks first
+        meet at a barrier, so none tears its group down while another still talks to it; then every
+        object that holds the group is collected before it is destroyed, so no gloo thread is left for
+        the interpreter's shutdown to destroy (a rank aborted there, 'terminate called without an
+        active exception', in about 5% of the test suite's 2-process runs)."""
         if self.enabled:
+            import gc
+
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if ok:
+                    dist.barrier()
+                gc.collect()
                 dist.destroy_process_group()
+                gc.collect()
 
 
 def init_distributed(device_name: str, timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Dist:

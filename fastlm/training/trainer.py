@@ -247,16 +247,19 @@ class Trainer:
         t_start = time.time()
         self.dist = init_distributed(self.config.device, self.config.dist_timeout_s)
         handlers = self._install_signal_handlers()
+        ok = False
         try:
             self._prepare()
             self._emit("on_start")
             self._loop()
-            return self._finish(t_start)
+            summary = self._finish(t_start)
+            ok = True
+            return summary
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             self.model = self.raw_model  # drop the DDP wrapper first: it holds the process group
-            self.dist.close()
+            self.dist.close(ok)
             if self._lock is not None:  # a refused new run leaves no lock file (nor a folder it made)
                 self._lock.release(keep_file=rundir.is_run_dir(self.run_dir))
                 self._lock = None
