@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from tiny_run import tiny_train_config
 
 from fastlm import info
 from fastlm.model import GPT, GPTConfig
 from fastlm.training import mfu
 from fastlm.training.runtime import resolve_dtype
-from fastlm.training.settings import TrainConfig
 from fastlm.training.trainer import Trainer
 
 
@@ -128,18 +128,7 @@ def test_mfu_fields_are_consistent():
 
 
 def test_training_summary_reports_flops_and_mfu(tmp_path, corpus, capsys, fake_gemm):
-    cfg = TrainConfig(
-        data=[str(corpus)],
-        out_dir=str(tmp_path / "run"),
-        batch_size=4,
-        max_iters=6,
-        eval_interval=3,
-        eval_iters=1,
-        sample_tokens=0,
-        progress=False,
-        threads=1,
-        device="cpu",
-    )
+    cfg = tiny_train_config(corpus, tmp_path / "run", max_iters=6, eval_interval=3, eval_iters=1)
     model = dict(n_layer=1, n_head=2, n_embd=16, block_size=16)
     trainer = Trainer(cfg, model)
     summary = trainer.fit()

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_train import CtrlCAfter
+from tiny_run import tiny_train_config
 
 from fastlm.errors import ConfigError, TrainError, TrainingInterrupted
 from fastlm.io import checkpoint
@@ -282,21 +283,8 @@ OPTIONS = {  # name -> (TrainConfig overrides, model overrides)
 
 
 def train(corpus, out, train_kw, model_kw, callbacks=()):
-    cfg = TrainConfig(
-        data=[str(corpus)],
-        out_dir=str(out),
-        batch_size=4,
-        max_iters=12,
-        eval_interval=4,
-        eval_iters=2,
-        sample_tokens=0,
-        progress=False,
-        log_interval=1,
-        warmup_iters=2,
-        threads=1,
-        device="cpu",
-        **train_kw,
-    )
+    schedule = dict(max_iters=12, eval_interval=4, eval_iters=2, log_interval=1, warmup_iters=2)
+    cfg = tiny_train_config(corpus, out, **{**schedule, **train_kw})
     model = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, **model_kw)
     return Trainer(cfg, model, callbacks=callbacks).fit()
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import one_error_line
-from tiny_run import TINY_RUN
+from tiny_run import TINY_RUN, tiny_train_config
 from train_hooks import CtrlCAfter
 
 from fastlm.config import ConfigFileError, load_config_file, merge_values
@@ -723,19 +723,8 @@ TINY_MODEL = {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}
 
 
 def tiny_config(corpus, out_dir) -> TrainConfig:
-    return TrainConfig(
-        data=[str(corpus)],
-        out_dir=str(out_dir),
-        batch_size=4,
-        eval_iters=2,
-        eval_interval=5,
-        max_iters=10,
-        sample_tokens=0,
-        progress=False,
-        log_interval=1,
-        warmup_iters=2,
-        threads=1,
-        device="cpu",
+    return tiny_train_config(
+        corpus, out_dir, eval_iters=2, eval_interval=5, max_iters=10, log_interval=1, warmup_iters=2
     )
 
 
@@ -895,18 +884,7 @@ class Recorder(Callback):
 def test_callbacks_observe_and_stop_a_run(tmp_path, corpus, capsys):
     from fastlm import Trainer
 
-    config = TrainConfig(
-        data=[str(corpus)],
-        out_dir=str(tmp_path / "r"),
-        batch_size=4,
-        eval_iters=1,
-        eval_interval=3,
-        max_iters=20,
-        sample_tokens=0,
-        progress=False,
-        threads=1,
-        device="cpu",
-    )
+    config = tiny_train_config(corpus, tmp_path / "r", eval_iters=1, eval_interval=3, max_iters=20)
     rec = Recorder(stop_at_eval=6)
     summary = Trainer(config, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}, callbacks=[rec]).fit()
     # the request is seen at the end of the next step (where all ranks exchange it): step 7, which
