@@ -262,6 +262,35 @@ def swiglu_section(rows: list) -> list:
     return out + [table(["shape", "dtype", "pass", "backend", "ms", "GB/s", "vs eager", "note"], body), ""]
 
 
+def qk_norm_section(rows: list) -> list:
+    qn = [r for r in rows if r.get("suite") == "qk_norm" and ms(r)]
+    if not qn:
+        return []
+    out = [
+        "### QK-norm and value-embedding mix",
+        "",
+        "`ops.qk_norm_value_mix` on the packed qkv (the default model's step before attention): `cpp` is "
+        "the fused C++ op, `torch` the composed form (split, `F.layer_norm` per head view, mix, "
+        "concatenation: what the model ran before the op). `bf16->fp32`: a bfloat16 qkv written out "
+        "as float32 (the CPU autocast step).",
+        "",
+    ]
+    groups = defaultdict(dict)
+    for r in qn:
+        s = r.get("shape") or {}
+        shape = "x".join(str(s.get(k)) for k in ("batch", "block", "n_head", "head_dim"))
+        groups[(shape, r.get("variant"), r.get("pass"))][r["backend"]] = r
+    body = []
+    for (shape, variant, pass_), by_backend in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][1], PASS_ORDER.index(kv[0][2]) if kv[0][2] in PASS_ORDER else 9)
+    ):
+        composed = by_backend.get("torch")
+        for b in _order(by_backend, ("cpp", "torch")):
+            r = by_backend[b]
+            body.append([shape, variant, pass_, b, fmt(ms(r)), _speedup(composed, r)])
+    return out + [table(["B x T x H x D", "variant", "pass", "backend", "ms", "vs composed"], body), ""]
+
+
 def model_section(rows: list) -> list:
     md = [r for r in rows if r.get("suite") == "model" and ms(r) and str(r.get("op")).startswith("train_step-")]
     if not md:
@@ -742,6 +771,7 @@ def build_report(
             attention_section(rows)
             + masks_section(rows)
             + swiglu_section(rows)
+            + qk_norm_section(rows)
             + model_section(rows)
             + optimizer_section(rows)
             + default_step_section(rows)
@@ -754,6 +784,7 @@ def build_report(
         )
         summary += (
             swiglu_section(rows)
+            + qk_norm_section(rows)
             + model_section(rows)
             + optimizer_section(rows)
             + default_step_section(rows)

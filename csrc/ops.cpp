@@ -29,6 +29,16 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("attention_qkv_bwd(Tensor dout, Tensor qkv, Tensor out, Tensor lse, int n_head, int n_kv_head, "
         "Tensor? cos, Tensor? sin, float scale, Tensor? alibi_slopes, int? window=None, "
         "Tensor? segment_ids=None) -> Tensor dqkv");
+  // QK-norm and value-embedding mix on the packed qkv (B, T, (H + 2 H_kv) D): each q head normed over D
+  // times q_gain (D,), each k head times k_gain (LayerNorm without bias, or RMSNorm when rms), and
+  // v -> ve_mix[0] * v + ve_mix[1] * ve (ve (B, T, H_kv D)); absent gains / ve leave those parts as
+  // they are. out_dtype: qkv's (default) or float32 for a bfloat16/float16 qkv. The backward returns
+  // d(qkv), d q_gain, d k_gain, d ve, d ve_mix (empty tensors for absent inputs).
+  m.def("qk_norm_value_mix_fwd(Tensor qkv, int n_head, int n_kv_head, Tensor? q_gain, Tensor? k_gain, "
+        "bool rms, float eps, Tensor? ve, Tensor? ve_mix, ScalarType? out_dtype=None) -> Tensor");
+  m.def("qk_norm_value_mix_bwd(Tensor dout, Tensor qkv, int n_head, int n_kv_head, Tensor? q_gain, "
+        "Tensor? k_gain, bool rms, float eps, Tensor? ve, Tensor? ve_mix) -> (Tensor dqkv, Tensor dq_gain, "
+        "Tensor dk_gain, Tensor dve, Tensor dve_mix)");
   // silu(gate) * up and its gradients.
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");

@@ -306,19 +306,6 @@ class CausalSelfAttention(nn.Module):
         # value_embed: v <- ve_mix[0] * v + ve_mix[1] * (the layer's value embedding of the token)
         self.ve_mix = nn.Parameter(torch.full((2,), 0.5)) if cfg.value_embed else None
 
-    def _qkv_options(self, qkv: Tensor, ve: Optional[Tensor]) -> Tensor:
-        """qk_norm and value_embed applied to the packed ``(B, T, (H + 2 Hkv) D)`` projection."""
-        B, T, _ = qkv.shape
-        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-        if self.q_norm is not None:
-            q = self.q_norm(q.view(B, T, H, D)).view(B, T, H * D)
-            k = self.k_norm(k.view(B, T, Hkv, D)).view(B, T, Hkv * D)
-        if ve is not None:  # (B, T, Hkv D)
-            v = self.ve_mix[0] * v + self.ve_mix[1] * ve
-        # under autocast the norms and the fp32 mix promote: keep the projection's dtype, as a KV cache does
-        return torch.cat([q, k, v], dim=-1).to(qkv.dtype)
-
     def forward(
         self,
         x: Tensor,
@@ -331,13 +318,31 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
-        if kv_cache is None and qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16):
-            if torch.is_autocast_enabled("cpu"):  # (a model held in bf16 stays in bf16)
-                # CPU autocast: attention computes in float32 (the C++ op's BLAS path), so upcast once
-                # here rather than have the options promote, cast back and the op cast up again
-                qkv = qkv.float()
-        if self.q_norm is not None or ve is not None:
-            qkv = self._qkv_options(qkv, ve)
+        # CPU autocast: attention computes in float32 (the C++ op's BLAS path), so upcast qkv once here
+        # (in the options' pass when there are options) rather than have the options promote, cast
+        # back and the op cast up again. (A model held in bf16 stays in bf16.)
+        upcast = (
+            kv_cache is None
+            and qkv.device.type == "cpu"
+            and qkv.dtype in (torch.bfloat16, torch.float16)
+            and torch.is_autocast_enabled("cpu")
+        )
+        if self.q_norm is not None or ve is not None:  # qk_norm, value_embed: one op on the packed qkv
+            qkv = ops.qk_norm_value_mix(
+                qkv,
+                H,
+                Hkv,
+                q_gain=self.q_norm.weight if self.q_norm is not None else None,
+                k_gain=self.k_norm.weight if self.k_norm is not None else None,
+                norm=self.cfg.norm,
+                eps=self.cfg.norm_eps,
+                ve=ve,
+                ve_mix=self.ve_mix if ve is not None else None,
+                out_dtype=torch.float32 if upcast else None,
+                backend=self.cfg.backend,
+            )
+        elif upcast:
+            qkv = qkv.float()
         if kv_cache is None:  # split, rotate, attend, merge heads: fused into one op where a kernel does it
             y = ops.attention_qkv(
                 qkv,

@@ -5,6 +5,8 @@
 * :func:`swiglu_packed` -- the same on one ``[..., 2 * hidden]`` tensor holding ``[gate | up]``
   (what a fused up-projection produces; the model's SwiGLU MLP uses it).
 * :func:`attention_qkv` -- self-attention on the model's packed ``qkv`` projection, with RoPE.
+* :func:`qk_norm_value_mix` -- QK-norm and the value-embedding mix on the packed ``qkv`` (the step
+  between the model's qkv projection and :func:`attention_qkv`).
 * :func:`muon_step` -- one step of the Muon optimizer on a list of matrices.
 * :func:`bpe_train` -- the merge loop of byte-level BPE training.
 
@@ -23,7 +25,7 @@ cpp        C++ CPU kernels in ``fastlm._C`` (CPU tensors)
 supports the call; if it has to skip a preferred one it logs why, once. The registry and the
 :class:`Backend` protocol are in :mod:`fastlm.ops.backend`; each op's public function validates its
 arguments once and dispatches there (:mod:`fastlm.ops.attention`, :mod:`fastlm.ops.swiglu`,
-:mod:`fastlm.ops.muon`, :mod:`fastlm.ops.bpe`). Position helpers (RoPE, ALiBi slopes) are in
+:mod:`fastlm.ops.muon`, :mod:`fastlm.ops.bpe`, :mod:`fastlm.ops.qk_norm`). Position helpers (RoPE, ALiBi slopes) are in
 :mod:`fastlm.ops.positions`.
 """
 
@@ -44,6 +46,7 @@ from fastlm.ops.backend import (
 )
 from fastlm.ops.bpe import bpe_train
 from fastlm.ops.muon import muon_step
+from fastlm.ops.qk_norm import qk_norm_value_mix
 from fastlm.ops.swiglu import swiglu, swiglu_packed
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "attention_qkv",
     "swiglu",
     "swiglu_packed",
+    "qk_norm_value_mix",
     "muon_step",
     "bpe_train",
     "BACKENDS",

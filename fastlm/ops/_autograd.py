@@ -5,6 +5,8 @@ ops of :mod:`fastlm.kernels`): each forward op gets its backward op through one 
   with ``bwd(dout, q, k, v, out, lse, causal, scale, alibi_slopes, *masks) -> (dq, dk, dv)``; ``lse`` is
   not differentiable, ``alibi_slopes`` is a constant of the model, and the trailing mask arguments
   (``window``, ``segment_ids`` where the op has them) go to the backward unchanged.
+* :func:`register_qk_norm_autograd` -- the QK-norm / value-embedding mix op (d qkv and the gradients of
+  the gains, ``ve`` and ``ve_mix``);
 * :func:`register_elementwise_autograd` -- ``fwd(*inputs) -> out`` with
   ``bwd(dout, *inputs) -> one gradient per input`` (SwiGLU, split and packed).
 """
@@ -13,7 +15,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["register_attention_autograd", "register_elementwise_autograd"]
+__all__ = [
+    "register_attention_autograd",
+    "register_attention_qkv_autograd",
+    "register_elementwise_autograd",
+    "register_qk_norm_autograd",
+]
 
 
 def register_attention_autograd(fwd_op, bwd_op, contiguous_dout: bool = False) -> None:
@@ -58,6 +65,30 @@ def register_attention_qkv_autograd(fwd_op, bwd_op) -> None:
         qkv, out, lse, cos, sin = ctx.saved_tensors
         dqkv = bwd_op(dout, qkv, out, lse, *ctx.heads, cos, sin, ctx.scale, ctx.alibi_slopes, *ctx.masks)
         return (dqkv, None, None, None, None, None, None) + (None,) * len(ctx.masks)
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
+def register_qk_norm_autograd(fwd_op, bwd_op) -> None:
+    """Wire ``bwd_op`` as the backward of the QK-norm / value-mix op ``fwd_op``:
+    ``fwd(qkv, n_head, n_kv_head, q_gain?, k_gain?, rms, eps, ve?, ve_mix?, out_dtype?)`` with
+    ``bwd(dout, qkv, n_head, n_kv_head, q_gain?, k_gain?, rms, eps, ve?, ve_mix?) -> (d qkv, d q_gain,
+    d k_gain, d ve, d ve_mix)`` (empty tensors for absent inputs: no gradient)."""
+
+    def setup_context(ctx, inputs, output):
+        qkv, n_head, n_kv_head, q_gain, k_gain, rms, eps, ve, ve_mix, *_ = inputs
+        ctx.save_for_backward(qkv, q_gain, k_gain, ve, ve_mix)
+        ctx.args = (n_head, n_kv_head, rms, eps)
+
+    def backward(ctx, dout):
+        qkv, q_gain, k_gain, ve, ve_mix = ctx.saved_tensors
+        n_head, n_kv_head, rms, eps = ctx.args
+        dqkv, dqg, dkg, dve, dmix = bwd_op(dout, qkv, n_head, n_kv_head, q_gain, k_gain, rms, eps, ve, ve_mix)
+        if q_gain is None:
+            dqg = dkg = None
+        if ve is None:
+            dve = dmix = None
+        return dqkv, None, None, dqg, dkg, None, None, dve, dmix, None
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 

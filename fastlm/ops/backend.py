@@ -42,6 +42,7 @@ _AUTO_ORDER = {
     ("swiglu", "cpu"): ("cpp", "torch", "reference"),
     ("swiglu_packed", "cuda"): ("triton", "cuda", "torch", "reference"),
     ("swiglu_packed", "cpu"): ("cpp", "torch", "reference"),
+    ("qk_norm_value_mix", "cpu"): ("cpp", "reference"),
     ("muon_step", "cpu"): ("cpp", "reference"),
     ("bpe_train", "cpu"): ("cpp", "reference"),
 }

@@ -19,6 +19,7 @@ from fastlm.ops._autograd import (
     register_attention_autograd,
     register_attention_qkv_autograd,
     register_elementwise_autograd,
+    register_qk_norm_autograd,
 )
 from fastlm.ops._buildinfo import CPU_LEVEL_FLAGS, cpu_flags, csrc_hash, embedded_csrc_hash
 from fastlm.ops.protocol import BackendBase
@@ -122,6 +123,17 @@ if _C is not None:
     ):
         return qkv.new_empty(qkv.shape)
 
+    @torch.library.register_fake("fastlm::qk_norm_value_mix_fwd")
+    def _qk_norm_value_mix_fwd_fake(qkv, n_head, n_kv_head, q_gain, k_gain, rms, eps, ve, ve_mix, out_dtype=None):
+        return qkv.new_empty(qkv.shape, dtype=out_dtype or qkv.dtype)
+
+    @torch.library.register_fake("fastlm::qk_norm_value_mix_bwd")
+    def _qk_norm_value_mix_bwd_fake(dout, qkv, n_head, n_kv_head, q_gain, k_gain, rms, eps, ve, ve_mix):
+        def like(t):
+            return t.new_empty(t.shape) if t is not None else qkv.new_empty((0,))
+
+        return qkv.new_empty(qkv.shape), like(q_gain), like(k_gain), like(ve), like(ve_mix)
+
     @torch.library.register_fake("fastlm::swiglu_fwd")
     def _swiglu_fwd_fake(gate, up):
         return gate.new_empty(gate.shape)
@@ -151,6 +163,7 @@ if _C is not None:
     # ---- autograd ------------------------------------------------------------------------------
     register_attention_autograd("fastlm::attention_fwd", _ops.attention_bwd, contiguous_dout=True)
     register_attention_qkv_autograd("fastlm::attention_qkv_fwd", _ops.attention_qkv_bwd)
+    register_qk_norm_autograd("fastlm::qk_norm_value_mix_fwd", _ops.qk_norm_value_mix_bwd)
     register_elementwise_autograd("fastlm::swiglu_fwd", _ops.swiglu_bwd)
     register_elementwise_autograd("fastlm::swiglu_packed_fwd", _ops.swiglu_packed_bwd)
 
@@ -224,6 +237,16 @@ class _CppBackend(BackendBase):
             return out[0].to(qkv.dtype)
         return _ops.attention_qkv_fwd(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids)[0]
 
+    def qk_norm_value_mix_unsupported(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype):
+        """The fused op takes CPU tensors of float32/float64/bfloat16/float16 (the public op has
+        checked the shapes and out_dtype)."""
+        return self._tensor_unsupported(*(t for t in (qkv, q_gain, k_gain, ve, ve_mix) if t is not None))
+
+    def qk_norm_value_mix(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype):
+        return _ops.qk_norm_value_mix_fwd(
+            qkv, n_head, n_kv_head, q_gain, k_gain, norm == "rmsnorm", eps, ve, ve_mix, out_dtype
+        )
+
     def muon_step_unsupported(self, params, grads, bufs, ns_dtype):
         """Why ``fastlm::muon_step_`` cannot take these lists (None: it can): CPU, one dtype of
         float32/float64 for all that is also the Newton-Schulz dtype, contiguous 2-D tensors, a grad
@@ -296,6 +319,8 @@ class _CudaBackend(_CppBackend):
     _device = "cuda"
     _dtypes = (torch.float16, torch.bfloat16, torch.float32)
     attention_qkv_unsupported = BackendBase.attention_qkv_unsupported
+    qk_norm_value_mix_unsupported = BackendBase.qk_norm_value_mix_unsupported  # the composed form
+    qk_norm_value_mix = BackendBase.qk_norm_value_mix
     muon_step_unsupported = BackendBase.muon_step_unsupported
     bpe_train_unsupported = BackendBase.bpe_train_unsupported
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from typing import Optional, Protocol
 
+from fastlm.ops import composed
+
 __all__ = ["Backend", "BackendBase"]
 
 
 class Backend(Protocol):
     """What every backend object provides. ``*_unsupported`` return None when the backend can run
-    that call (arguments already validated by the public op), else a one-line reason. The last three
-    pairs are capabilities with a composed default (:class:`BackendBase` refuses them): a backend
-    overrides them only where it has a compiled entry point."""
+    that call (arguments already validated by the public op), else a one-line reason. The last four
+    pairs are optional capabilities, which a backend overrides only where it has a compiled entry
+    point: :class:`BackendBase` refuses ``attention_qkv`` (the public op then composes it from
+    :func:`fastlm.ops.attention`), ``muon_step`` and ``bpe_train`` (another backend runs them), and
+    runs the composed form of ``qk_norm_value_mix`` itself (:mod:`fastlm.ops.composed`)."""
 
     name: str
 
@@ -39,6 +43,12 @@ class Backend(Protocol):
     def attention_qkv(
         self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None
     ): ...
+
+    def qk_norm_value_mix_unsupported(
+        self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype
+    ) -> Optional[str]: ...
+
+    def qk_norm_value_mix(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype): ...
 
     def muon_step_unsupported(self, params, grads, momentum_buffers, ns_dtype) -> Optional[str]: ...
 
@@ -78,6 +88,13 @@ class BackendBase:
         self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None
     ):
         return f"backend {self.name!r} has no fused qkv attention (the composed form runs)"
+
+    def qk_norm_value_mix_unsupported(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype):
+        return None  # every backend runs the composed form unless it has a kernel
+
+    def qk_norm_value_mix(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype):
+        """The composed form (PyTorch ops on any device): :func:`fastlm.ops.composed.qk_norm_value_mix`."""
+        return composed.qk_norm_value_mix(qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype)
 
     def muon_step_unsupported(self, params, grads, momentum_buffers, ns_dtype):
         return f"backend {self.name!r} has no Muon step"

@@ -1,0 +1,430 @@
+// CPU QK-norm and value-embedding mix on the packed projection qkv = (B, T, (H + 2 H_kv) D), the
+// step between the model's qkv Linear and its attention (fastlm.ops.qk_norm_value_mix):
+//   q heads: norm(q_h) * q_gain,  k heads: norm(k_h) * k_gain   (norm over the head dim D:
+//            LayerNorm without bias, (x - mean) / sqrt(var + eps), or RMSNorm, x / sqrt(mean(x^2) + eps))
+//   v      : ve_mix[0] * v + ve_mix[1] * ve                    (ve: (B, T, H_kv D))
+// One pass over each row (no split, no concatenation, no separate upcast: a bf16/fp16 qkv may be
+// written as float32), math in float32 (float64 for float64). The backward recomputes the norm
+// statistics from qkv and writes d(qkv) in one pass; the reductions over rows (d q_gain, d k_gain,
+// d ve_mix) go into a fixed number of row chunks summed in order, so the result does not depend on
+// the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace fastlm {
+namespace {
+
+constexpr int64_t kChunks = 64;  // row chunks of the backward's reductions (fixed: thread-count independent)
+
+struct QkvNormShape {
+  int64_t B, T, H, H_kv, D, W;
+  bool norm, mix;
+};
+
+QkvNormShape check_args(const char* op, const at::Tensor& qkv, int64_t n_head, int64_t n_kv_head,
+                        const c10::optional<at::Tensor>& q_gain, const c10::optional<at::Tensor>& k_gain,
+                        const c10::optional<at::Tensor>& ve, const c10::optional<at::Tensor>& ve_mix) {
+  TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be (B, T, (H + 2 H_kv) D), got ", qkv.sizes());
+  TORCH_CHECK(qkv.device().is_cpu(), op, ": expected CPU tensors, got ", qkv.device());
+  TORCH_CHECK(at::isFloatingType(qkv.scalar_type()), op, ": qkv must be floating point, got ", qkv.scalar_type());
+  TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0, op, ": n_head (", n_head,
+              ") must be a positive multiple of n_kv_head (", n_kv_head, ")");
+  const int64_t W = qkv.size(2);
+  TORCH_CHECK(n_kv_head <= W / 2 && n_head <= W - 2 * n_kv_head && W % (n_head + 2 * n_kv_head) == 0, op,
+              ": qkv width ", W, " is not (", n_head, " + 2 * ", n_kv_head, ") heads of one size");
+  QkvNormShape s{qkv.size(0), qkv.size(1), n_head, n_kv_head, W / (n_head + 2 * n_kv_head), W,
+                 q_gain.has_value(), ve.has_value()};
+  TORCH_CHECK(q_gain.has_value() == k_gain.has_value(), op, ": q_gain and k_gain go together");
+  TORCH_CHECK(ve.has_value() == ve_mix.has_value(), op, ": ve and ve_mix go together");
+  if (s.norm) {
+    for (const at::Tensor* g : {&*q_gain, &*k_gain}) {
+      TORCH_CHECK(g->dim() == 1 && g->size(0) == s.D, op, ": q_gain/k_gain must be (D,) = (", s.D, ",), got ",
+                  g->sizes());
+      TORCH_CHECK(g->device().is_cpu() && at::isFloatingType(g->scalar_type()), op,
+                  ": q_gain/k_gain must be floating-point CPU tensors");
+    }
+  }
+  if (s.mix) {
+    TORCH_CHECK(ve->dim() == 3 && ve->size(0) == s.B && ve->size(1) == s.T && ve->size(2) == s.H_kv * s.D, op,
+                ": ve must be (B, T, H_kv D) = (", s.B, ", ", s.T, ", ", s.H_kv * s.D, "), got ", ve->sizes());
+    TORCH_CHECK(ve_mix->dim() == 1 && ve_mix->size(0) == 2, op, ": ve_mix must be (2,), got ", ve_mix->sizes());
+    for (const at::Tensor* t : {&*ve, &*ve_mix}) {
+      TORCH_CHECK(t->device().is_cpu() && at::isFloatingType(t->scalar_type()), op,
+                  ": ve/ve_mix must be floating-point CPU tensors");
+    }
+  }
+  return s;
+}
+
+// A (B, T, W) tensor readable row by row: unit last stride.
+at::Tensor rows_of(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
+
+using at::vec::Vectorized;
+
+// sum_i (a[i] - shift) * b[i] for i < n, in vector lanes (a plain loop would be one serial chain: the
+// compiler may not reorder a float sum); b == nullptr: sum_i (a[i] - shift)^2.
+template <typename acc_t>
+inline acc_t vdot(const acc_t* a, const acc_t* b, int64_t n, acc_t shift = acc_t(0)) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec sv(shift);
+  Vec acc(acc_t(0));
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    const Vec x = Vec::loadu(a + i) - sv;
+    acc = at::vec::fmadd(x, b ? Vec::loadu(b + i) : x, acc);
+  }
+  if (i < n) {  // the tail: lanes >= n - i stay 0
+    const Vec x = Vec::set(Vec(acc_t(0)), Vec::loadu(a + i, n - i) - sv, n - i);
+    acc = at::vec::fmadd(x, b ? Vec::loadu(b + i, n - i) : x, acc);
+  }
+  return at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return x + y; }, acc);
+}
+
+template <typename acc_t>
+inline acc_t vsum(const acc_t* a, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec acc(acc_t(0));
+  int64_t i = 0;
+  for (; i + V <= n; i += V) acc = acc + Vec::loadu(a + i);
+  if (i < n) acc = acc + Vec::set(Vec(acc_t(0)), Vec::loadu(a + i, n - i), n - i);
+  return at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return x + y; }, acc);
+}
+
+// The statistics of one head row x[0..D): xhat = (x - mu) * rstd (mu = 0 for RMSNorm).
+template <typename acc_t>
+inline void head_stats(const acc_t* x, int64_t D, bool rms, acc_t eps, acc_t& mu, acc_t& rstd) {
+  mu = rms ? acc_t(0) : vsum(x, D) / acc_t(D);
+  const acc_t var = vdot<acc_t>(x, nullptr, D, mu);
+  rstd = acc_t(1) / std::sqrt(var / acc_t(D) + eps);
+}
+
+// dst[0..n) = src[0..n) converted to the compute type.
+template <typename in_t, typename acc_t>
+inline void load(acc_t* dst, const in_t* src, int64_t n) {
+  if constexpr (std::is_same_v<in_t, acc_t>) {
+    std::copy(src, src + n, dst);
+  } else if constexpr (std::is_same_v<in_t, at::BFloat16> || std::is_same_v<in_t, at::Half>) {
+    using SVec = Vectorized<in_t>;
+    constexpr int64_t V = SVec::size();  // two float vectors
+    int64_t i = 0;
+    for (; i + V <= n; i += V) {
+      const auto [lo, hi] = at::vec::convert_to_float<in_t>(SVec::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + V / 2);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+  }
+}
+
+// dst[0..n) = src[0..n) (compute type) converted to out_t.
+template <typename acc_t, typename out_t>
+inline void store(out_t* dst, const acc_t* src, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, out_t>) {
+    std::copy(src, src + n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// y[0..n) = f(vectors of the inputs) for n elements: the vector body and a masked tail.
+template <typename acc_t, typename F>
+inline void vmap(int64_t n, F f) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  int64_t i = 0;
+  for (; i + V <= n; i += V) f(i, V);
+  if (i < n) f(i, n - i);
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> vload(const acc_t* p, int64_t count) {
+  using Vec = Vectorized<acc_t>;
+  return count == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, count);
+}
+
+template <typename acc_t>
+inline void vstore(acc_t* p, const Vectorized<acc_t>& v, int64_t count) {
+  if (count == Vectorized<acc_t>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, count);
+  }
+}
+
+template <typename in_t, typename out_t>
+void fwd_kernel(const at::Tensor& qkv, at::Tensor& out, const QkvNormShape& s, const at::Tensor& qg,
+                const at::Tensor& kg, bool rms, double eps_d, const at::Tensor& ve, double a_d, double b_d) {
+  using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
+  using Vec = Vectorized<acc_t>;
+  const in_t* X = qkv.const_data_ptr<in_t>();
+  const int64_t sb = qkv.stride(0), st = qkv.stride(1);
+  out_t* Y = out.mutable_data_ptr<out_t>();  // contiguous (B, T, W)
+  const acc_t* QG = s.norm ? qg.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* KG = s.norm ? kg.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* VE = s.mix ? ve.const_data_ptr<acc_t>() : nullptr;  // contiguous (B, T, H_kv D)
+  const acc_t eps = static_cast<acc_t>(eps_d);
+  const Vec av(static_cast<acc_t>(a_d)), bv(static_cast<acc_t>(b_d));
+  const int64_t D = s.D, W = s.W, T = s.T, nqk = s.H + s.H_kv, VW = s.H_kv * D;
+  const bool norm = s.norm, mix = s.mix;
+  at::parallel_for(0, s.B * T, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(W), yrow(W);
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t* x = row.data();
+      acc_t* y = yrow.data();
+      load(x, X + (r / T) * sb + (r % T) * st, W);
+      if (norm) {
+        for (int64_t h = 0; h < nqk; ++h) {
+          const acc_t* xh = x + h * D;
+          const acc_t* g = h < s.H ? QG : KG;
+          acc_t mu, rstd;
+          head_stats(xh, D, rms, eps, mu, rstd);
+          const Vec muv(mu), rv(rstd);
+          acc_t* yh = y + h * D;
+          vmap<acc_t>(D, [&](int64_t i, int64_t n) {
+            vstore(yh + i, (vload(xh + i, n) - muv) * rv * vload(g + i, n), n);
+          });
+        }
+      } else {
+        std::copy(x, x + nqk * D, y);
+      }
+      const acc_t* xv = x + nqk * D;
+      acc_t* yv = y + nqk * D;
+      if (mix) {
+        const acc_t* e = VE + r * VW;
+        vmap<acc_t>(VW, [&](int64_t i, int64_t n) {
+          vstore(yv + i, av * vload(xv + i, n) + bv * vload(e + i, n), n);
+        });
+      } else {
+        std::copy(xv, xv + VW, yv);
+      }
+      store(Y + r * W, y, W);
+    }
+  });
+}
+
+// Row-chunk partial sums of the backward: d q_gain (D), d k_gain (D), d ve_mix (2).
+template <typename acc_t>
+struct Partials {
+  std::vector<acc_t> qg, kg, ab;
+  Partials(int64_t n, int64_t D) : qg(n * D, acc_t(0)), kg(n * D, acc_t(0)), ab(n * 2, acc_t(0)) {}
+};
+
+template <typename in_t, typename out_t>
+void bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, at::Tensor& dqkv, at::Tensor& dve_acc,
+                const QkvNormShape& s, const at::Tensor& qg, const at::Tensor& kg, bool rms, double eps_d,
+                const at::Tensor& ve, double a_d, double b_d, std::vector<double>& sums) {
+  using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
+  using Vec = Vectorized<acc_t>;
+  const in_t* X = qkv.const_data_ptr<in_t>();
+  const int64_t sb = qkv.stride(0), st = qkv.stride(1);
+  const out_t* dY = dout.const_data_ptr<out_t>();
+  const int64_t dsb = dout.stride(0), dst = dout.stride(1);
+  in_t* dX = dqkv.mutable_data_ptr<in_t>();  // contiguous (B, T, W)
+  acc_t* dVE = s.mix ? dve_acc.mutable_data_ptr<acc_t>() : nullptr;
+  const acc_t* QG = s.norm ? qg.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* KG = s.norm ? kg.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* VE = s.mix ? ve.const_data_ptr<acc_t>() : nullptr;
+  const acc_t eps = static_cast<acc_t>(eps_d);
+  const Vec av(static_cast<acc_t>(a_d)), bv(static_cast<acc_t>(b_d));
+  const int64_t D = s.D, W = s.W, T = s.T, nqk = s.H + s.H_kv, VW = s.H_kv * D, rows = s.B * T;
+  const bool norm = s.norm, mix = s.mix;
+  const int64_t n_chunks = std::min<int64_t>(kChunks, rows), per = (rows + n_chunks - 1) / n_chunks;
+  Partials<acc_t> part(n_chunks, D);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t cbegin, int64_t cend) {
+    // per chunk: elementwise sums over its rows of v * dv and ve * dv (reduced once at the end)
+    std::vector<acc_t> row(W), dy(W), dxrow(W), xhat(D), gdy(D), sa(VW), sbuf(VW);
+    for (int64_t c = cbegin; c < cend; ++c) {
+      acc_t* pq = &part.qg[c * D];
+      acc_t* pk = &part.kg[c * D];
+      std::fill(sa.begin(), sa.end(), acc_t(0));
+      std::fill(sbuf.begin(), sbuf.end(), acc_t(0));
+      for (int64_t r = c * per; r < std::min(rows, (c + 1) * per); ++r) {
+        const int64_t bi = r / T, t = r % T;
+        acc_t* x = row.data();
+        acc_t* g_out = dy.data();
+        acc_t* dx = dxrow.data();
+        load(x, X + bi * sb + t * st, W);
+        load(g_out, dY + bi * dsb + t * dst, W);
+        if (norm) {
+          for (int64_t h = 0; h < nqk; ++h) {
+            const acc_t* xh = x + h * D;
+            const acc_t* dyh = g_out + h * D;
+            const acc_t* g = h < s.H ? QG : KG;
+            acc_t* pg = h < s.H ? pq : pk;
+            acc_t mu, rstd;
+            head_stats(xh, D, rms, eps, mu, rstd);
+            const Vec muv(mu), rv(rstd);
+            vmap<acc_t>(D, [&](int64_t i, int64_t n) {
+              const Vec xn = (vload(xh + i, n) - muv) * rv, dyv = vload(dyh + i, n);
+              vstore(xhat.data() + i, xn, n);
+              vstore(gdy.data() + i, dyv * vload(g + i, n), n);  // d xhat
+              vstore(pg + i, vload(pg + i, n) + dyv * xn, n);    // d gain += dy * xhat
+            });
+            // mean(d xhat) (LayerNorm only) and mean(d xhat * xhat)
+            const Vec m1(rms ? acc_t(0) : vsum(gdy.data(), D) / acc_t(D));
+            const Vec m2(vdot(gdy.data(), xhat.data(), D) / acc_t(D));
+            acc_t* dxh = dx + h * D;
+            vmap<acc_t>(D, [&](int64_t i, int64_t n) {
+              vstore(dxh + i, rv * (vload(gdy.data() + i, n) - m1 - vload(xhat.data() + i, n) * m2), n);
+            });
+          }
+        } else {
+          std::copy(g_out, g_out + nqk * D, dx);
+        }
+        const acc_t* xv = x + nqk * D;
+        const acc_t* dyv = g_out + nqk * D;
+        acc_t* dxv = dx + nqk * D;
+        if (mix) {
+          const acc_t* e = VE + r * VW;
+          acc_t* de = dVE + r * VW;
+          vmap<acc_t>(VW, [&](int64_t i, int64_t n) {
+            const Vec d = vload(dyv + i, n);
+            vstore(dxv + i, av * d, n);
+            vstore(de + i, bv * d, n);
+            vstore(sa.data() + i, vload(sa.data() + i, n) + vload(xv + i, n) * d, n);
+            vstore(sbuf.data() + i, vload(sbuf.data() + i, n) + vload(e + i, n) * d, n);
+          });
+        } else {
+          std::copy(dyv, dyv + VW, dxv);
+        }
+        store(dX + r * W, dx, W);
+      }
+      part.ab[2 * c] = vsum(sa.data(), VW);
+      part.ab[2 * c + 1] = vsum(sbuf.data(), VW);
+    }
+  });
+  // the chunks' partials, summed in chunk order: [d q_gain (D) | d k_gain (D) | d a | d b]
+  sums.assign(2 * D + 2, 0.0);
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    for (int64_t d = 0; d < D; ++d) {
+      sums[d] += part.qg[c * D + d];
+      sums[D + d] += part.kg[c * D + d];
+    }
+    sums[2 * D] += part.ab[2 * c];
+    sums[2 * D + 1] += part.ab[2 * c + 1];
+  }
+}
+
+at::ScalarType acc_of(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The output dtype: qkv's, or float32 for a bf16/fp16 qkv (the upcast the CPU attention wants).
+at::ScalarType out_of(const char* op, const at::Tensor& qkv, c10::optional<at::ScalarType> out_dtype) {
+  const at::ScalarType in = qkv.scalar_type();
+  const at::ScalarType out = out_dtype.value_or(in);
+  const bool reduced = in == at::kBFloat16 || in == at::kHalf;
+  TORCH_CHECK(out == in || (reduced && out == at::kFloat), op, ": out_dtype must be qkv's dtype (", in,
+              ") or float32 for a bfloat16/float16 qkv, got ", out);
+  return out;
+}
+
+// the (B, T, H_kv D) ve in the compute type, contiguous, and the two mix scalars
+struct MixArgs {
+  at::Tensor ve;
+  double a = 0.0, b = 0.0;
+};
+
+MixArgs mix_args(const QkvNormShape& s, at::ScalarType acc, const c10::optional<at::Tensor>& ve,
+                 const c10::optional<at::Tensor>& ve_mix) {
+  if (!s.mix) return {};
+  const at::Tensor m = ve_mix->to(at::kDouble).contiguous();
+  const double* p = m.const_data_ptr<double>();
+  return {ve->to(acc).contiguous(), p[0], p[1]};
+}
+
+at::Tensor gain_of(const QkvNormShape& s, at::ScalarType acc, const c10::optional<at::Tensor>& g) {
+  return s.norm ? g->to(acc).contiguous() : at::Tensor();
+}
+
+template <typename F>
+void dispatch_io(at::ScalarType in, at::ScalarType out, F f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in, "qk_norm_value_mix", [&] {
+    if (out == in) {
+      f(static_cast<scalar_t*>(nullptr), static_cast<scalar_t*>(nullptr));
+    } else {
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>) {
+        f(static_cast<scalar_t*>(nullptr), static_cast<float*>(nullptr));
+      }
+    }
+  });
+}
+
+at::Tensor qk_norm_value_mix_fwd_cpu(const at::Tensor& qkv_in, int64_t n_head, int64_t n_kv_head,
+                                     const c10::optional<at::Tensor>& q_gain, const c10::optional<at::Tensor>& k_gain,
+                                     bool rms, double eps, const c10::optional<at::Tensor>& ve,
+                                     const c10::optional<at::Tensor>& ve_mix, c10::optional<at::ScalarType> out_dtype) {
+  const char* op = "qk_norm_value_mix_fwd";
+  const QkvNormShape s = check_args(op, qkv_in, n_head, n_kv_head, q_gain, k_gain, ve, ve_mix);
+  const at::ScalarType out_t = out_of(op, qkv_in, out_dtype), acc = acc_of(qkv_in.scalar_type());
+  const at::Tensor qkv = rows_of(qkv_in);
+  at::Tensor out = at::empty({s.B, s.T, s.W}, qkv.options().dtype(out_t));
+  if (out.numel() == 0) return out;
+  const at::Tensor qg = gain_of(s, acc, q_gain), kg = gain_of(s, acc, k_gain);
+  const MixArgs mix = mix_args(s, acc, ve, ve_mix);
+  dispatch_io(qkv.scalar_type(), out_t, [&](auto* in_p, auto* out_p) {
+    using in_t = std::remove_pointer_t<decltype(in_p)>;
+    using o_t = std::remove_pointer_t<decltype(out_p)>;
+    fwd_kernel<in_t, o_t>(qkv, out, s, qg, kg, rms, eps, mix.ve, mix.a, mix.b);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_value_mix_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& qkv_in, int64_t n_head, int64_t n_kv_head,
+    const c10::optional<at::Tensor>& q_gain, const c10::optional<at::Tensor>& k_gain, bool rms, double eps,
+    const c10::optional<at::Tensor>& ve, const c10::optional<at::Tensor>& ve_mix) {
+  const char* op = "qk_norm_value_mix_bwd";
+  const QkvNormShape s = check_args(op, qkv_in, n_head, n_kv_head, q_gain, k_gain, ve, ve_mix);
+  TORCH_CHECK(dout_in.sizes() == qkv_in.sizes(), op, ": dout must be qkv's shape ", qkv_in.sizes(), ", got ",
+              dout_in.sizes());
+  TORCH_CHECK(dout_in.device().is_cpu(), op, ": dout on ", dout_in.device());
+  const at::ScalarType out_t = out_of(op, qkv_in, dout_in.scalar_type()), acc = acc_of(qkv_in.scalar_type());
+  const at::Tensor qkv = rows_of(qkv_in), dout = rows_of(dout_in);
+  at::Tensor dqkv = at::empty({s.B, s.T, s.W}, qkv.options());
+  const at::Tensor qg = gain_of(s, acc, q_gain), kg = gain_of(s, acc, k_gain);
+  const MixArgs mix = mix_args(s, acc, ve, ve_mix);
+  at::Tensor dve_acc = s.mix ? at::empty({s.B, s.T, s.H_kv * s.D}, qkv.options().dtype(acc)) : at::Tensor();
+  std::vector<double> sums(2 * s.D + 2, 0.0);
+  if (dqkv.numel() > 0) {
+    dispatch_io(qkv.scalar_type(), out_t, [&](auto* in_p, auto* out_p) {
+      using in_t = std::remove_pointer_t<decltype(in_p)>;
+      using o_t = std::remove_pointer_t<decltype(out_p)>;
+      bwd_kernel<in_t, o_t>(dout, qkv, dqkv, dve_acc, s, qg, kg, rms, eps, mix.ve, mix.a, mix.b, sums);
+    });
+  }
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor all = at::tensor(sums, opts);
+  at::Tensor dqg, dkg, dve, dmix;
+  if (s.norm) {
+    dqg = all.slice(0, 0, s.D).to(q_gain->scalar_type());
+    dkg = all.slice(0, s.D, 2 * s.D).to(k_gain->scalar_type());
+  } else {
+    dqg = dkg = at::empty({0}, qkv.options());
+  }
+  if (s.mix) {
+    dve = dqkv.numel() > 0 ? dve_acc.to(ve->scalar_type()) : at::zeros(ve->sizes(), ve->options());
+    dmix = all.slice(0, 2 * s.D, 2 * s.D + 2).to(ve_mix->scalar_type());
+  } else {
+    dve = dmix = at::empty({0}, qkv.options());
+  }
+  return {dqkv, dqg, dkg, dve, dmix};
+}
+
+}  // namespace
+}  // namespace fastlm
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("qk_norm_value_mix_fwd", &fastlm::qk_norm_value_mix_fwd_cpu);
+  m.impl("qk_norm_value_mix_bwd", &fastlm::qk_norm_value_mix_bwd_cpu);
+}
