@@ -24,6 +24,7 @@ def test_the_benchmark_suites_collect():
         "benchmarks/test_bench_masks.py",
         "benchmarks/test_bench_swiglu.py",
         "benchmarks/test_bench_model.py",
+        "benchmarks/test_bench_qk_norm.py",
     } <= modules, modules
 
 
@@ -56,3 +57,27 @@ def test_the_masks_table_gives_both_ratios():
     assert cells[2] == "cpp" and cells[5] == "6.00x" and cells[7] == "5.00x" and cells[8] != "-"
     assert "docs8" not in text
     assert report.masks_section([]) == []
+
+
+def test_the_qk_norm_table_compares_with_the_composed_form():
+    from benchmarks import report
+
+    shape = {"batch": 16, "block": 128, "n_head": 3, "n_kv_head": 3, "head_dim": 32}
+
+    def row(backend, ms, pass_="fwd+bwd"):
+        return {
+            "suite": "qk_norm",
+            "backend": backend,
+            "ms": ms,
+            "median_ms": ms,
+            "stat": "median",
+            "shape": shape,
+            "variant": "bf16->fp32",
+            "pass": pass_,
+        }
+
+    text = "\n".join(report.qk_norm_section([row("cpp", 0.4), row("torch", 1.0), row("cpp", 0.1, "fwd")]))
+    assert "| 16x128x3x32 | bf16->fp32 | fwd+bwd | cpp | 0.4 | 2.50x |" in text
+    assert "| 16x128x3x32 | bf16->fp32 | fwd+bwd | torch | 1 | 1.00x |" in text
+    assert "| 16x128x3x32 | bf16->fp32 | fwd | cpp | 0.1 | n/a |" in text  # no composed row of that pass
+    assert report.qk_norm_section([]) == []
