@@ -28,6 +28,7 @@
 
 #include "attention_common.h"
 #include "cpu/blas.h"
+#include "cpu/vec_reduce.h"
 #include "op_checks.h"
 
 namespace fastlm {
@@ -511,18 +512,6 @@ inline void scale_row(acc_t* x, int64_t n, acc_t c) {
   if (j < n) (Vec::loadu(x + j, n - j) * cv).store(x + j, n - j);
 }
 
-// sum_d a[d] * b[d]
-template <typename scalar_t>
-inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  using Vec = Vectorized<scalar_t>;
-  constexpr int64_t V = Vec::size();
-  Vec acc(scalar_t(0));
-  int64_t d = 0;
-  for (; d + V <= n; d += V) acc = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc);
-  if (d < n) acc = at::vec::fmadd(Vec::loadu(a + d, n - d), Vec::loadu(b + d, n - d), acc);
-  return at::vec::vec_reduce_all<scalar_t>([](const Vec& x, const Vec& y) { return x + y; }, acc);
-}
-
 // The forward's row math between the two GEMMs, for nr query rows from i0 whose scores S (nr x kw,
 // row stride kw) against the keys [k0, k0 + kw) were just computed: scale, ALiBi, mask (keys outside
 // a row's interval become 0), softmax in place; each row's lse in L[r]. A row that sees no key is all
@@ -582,7 +571,7 @@ inline void softmax_bwd_block(scalar_t* P, scalar_t* dS, int64_t kw, int64_t k0,
     ds += a;
     scale_bias(p, n, scale, slope, has_alibi, i, rk.lo, mask.t_q, mask.t_k);
     exp_sum(p, n, attn::backward_shift(L[r]));
-    const Vec dl(dot(p, ds, n));
+    const Vec dl(vdot(p, ds, n));
     int64_t j = 0;
     for (; j + V <= n; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
     if (j < n) (Vec::loadu(p + j, n - j) * (Vec::loadu(ds + j, n - j) - dl)).store(ds + j, n - j);

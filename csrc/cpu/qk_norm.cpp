@@ -20,6 +20,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/vec_reduce.h"
+
 namespace fastlm {
 namespace {
 
@@ -70,37 +72,6 @@ at::Tensor rows_of(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contig
 
 using at::vec::Vectorized;
 
-// sum_i (a[i] - shift) * b[i] for i < n, in vector lanes (a plain loop would be one serial chain: the
-// compiler may not reorder a float sum); b == nullptr: sum_i (a[i] - shift)^2.
-template <typename acc_t>
-inline acc_t vdot(const acc_t* a, const acc_t* b, int64_t n, acc_t shift = acc_t(0)) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const Vec sv(shift);
-  Vec acc(acc_t(0));
-  int64_t i = 0;
-  for (; i + V <= n; i += V) {
-    const Vec x = Vec::loadu(a + i) - sv;
-    acc = at::vec::fmadd(x, b ? Vec::loadu(b + i) : x, acc);
-  }
-  if (i < n) {  // the tail: lanes >= n - i stay 0
-    const Vec x = Vec::set(Vec(acc_t(0)), Vec::loadu(a + i, n - i) - sv, n - i);
-    acc = at::vec::fmadd(x, b ? Vec::loadu(b + i, n - i) : x, acc);
-  }
-  return at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return x + y; }, acc);
-}
-
-template <typename acc_t>
-inline acc_t vsum(const acc_t* a, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  Vec acc(acc_t(0));
-  int64_t i = 0;
-  for (; i + V <= n; i += V) acc = acc + Vec::loadu(a + i);
-  if (i < n) acc = acc + Vec::set(Vec(acc_t(0)), Vec::loadu(a + i, n - i), n - i);
-  return at::vec::vec_reduce_all<acc_t>([](const Vec& x, const Vec& y) { return x + y; }, acc);
-}
-
 // The statistics of one head row x[0..D): xhat = (x - mu) * rstd (mu = 0 for RMSNorm).
 template <typename acc_t>
 inline void head_stats(const acc_t* x, int64_t D, bool rms, acc_t eps, acc_t& mu, acc_t& rstd) {
@@ -109,34 +80,43 @@ inline void head_stats(const acc_t* x, int64_t D, bool rms, acc_t eps, acc_t& mu
   rstd = acc_t(1) / std::sqrt(var / acc_t(D) + eps);
 }
 
-// dst[0..n) = src[0..n) converted to the compute type.
+// A row of n elements in the compute type: src itself when it already is (no copy), else converted
+// into buf.
 template <typename in_t, typename acc_t>
-inline void load(acc_t* dst, const in_t* src, int64_t n) {
+inline const acc_t* as_acc(const in_t* src, acc_t* buf, int64_t n) {
   if constexpr (std::is_same_v<in_t, acc_t>) {
-    std::copy(src, src + n, dst);
+    return src;
   } else if constexpr (std::is_same_v<in_t, at::BFloat16> || std::is_same_v<in_t, at::Half>) {
     using SVec = Vectorized<in_t>;
     constexpr int64_t V = SVec::size();  // two float vectors
     int64_t i = 0;
     for (; i + V <= n; i += V) {
       const auto [lo, hi] = at::vec::convert_to_float<in_t>(SVec::loadu(src + i));
-      lo.store(dst + i);
-      hi.store(dst + i + V / 2);
+      lo.store(buf + i);
+      hi.store(buf + i + V / 2);
     }
-    for (; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+    for (; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
+    return buf;
   } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
+    return buf;
   }
 }
 
-// dst[0..n) = src[0..n) (compute type) converted to out_t.
-template <typename acc_t, typename out_t>
-inline void store(out_t* dst, const acc_t* src, int64_t n) {
-  if constexpr (std::is_same_v<acc_t, out_t>) {
-    std::copy(src, src + n, dst);
+// Where an output row is computed: dst itself when it has the compute type, else buf, which
+// flush() then converts into dst.
+template <typename out_t, typename acc_t>
+inline acc_t* out_row(out_t* dst, acc_t* buf) {
+  if constexpr (std::is_same_v<out_t, acc_t>) {
+    return dst;
   } else {
-    at::vec::convert(src, dst, n);
+    return buf;
   }
+}
+
+template <typename out_t, typename acc_t>
+inline void flush(out_t* dst, const acc_t* buf, int64_t n) {
+  if constexpr (!std::is_same_v<out_t, acc_t>) at::vec::convert(buf, dst, n);
 }
 
 // y[0..n) = f(vectors of the inputs) for n elements: the vector body and a masked tail.
@@ -181,9 +161,8 @@ void fwd_kernel(const at::Tensor& qkv, at::Tensor& out, const QkvNormShape& s, c
   at::parallel_for(0, s.B * T, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(W), yrow(W);
     for (int64_t r = begin; r < end; ++r) {
-      acc_t* x = row.data();
-      acc_t* y = yrow.data();
-      load(x, X + (r / T) * sb + (r % T) * st, W);
+      const acc_t* x = as_acc(X + (r / T) * sb + (r % T) * st, row.data(), W);
+      acc_t* y = out_row(Y + r * W, yrow.data());
       if (norm) {
         for (int64_t h = 0; h < nqk; ++h) {
           const acc_t* xh = x + h * D;
@@ -209,7 +188,7 @@ void fwd_kernel(const at::Tensor& qkv, at::Tensor& out, const QkvNormShape& s, c
       } else {
         std::copy(xv, xv + VW, yv);
       }
-      store(Y + r * W, y, W);
+      flush(Y + r * W, y, W);
     }
   });
 }
@@ -252,11 +231,9 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, at::Tensor& dqkv,
       std::fill(sbuf.begin(), sbuf.end(), acc_t(0));
       for (int64_t r = c * per; r < std::min(rows, (c + 1) * per); ++r) {
         const int64_t bi = r / T, t = r % T;
-        acc_t* x = row.data();
-        acc_t* g_out = dy.data();
-        acc_t* dx = dxrow.data();
-        load(x, X + bi * sb + t * st, W);
-        load(g_out, dY + bi * dsb + t * dst, W);
+        const acc_t* x = as_acc(X + bi * sb + t * st, row.data(), W);
+        const acc_t* g_out = as_acc(dY + bi * dsb + t * dst, dy.data(), W);
+        acc_t* dx = out_row(dX + r * W, dxrow.data());
         if (norm) {
           for (int64_t h = 0; h < nqk; ++h) {
             const acc_t* xh = x + h * D;
@@ -299,7 +276,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, at::Tensor& dqkv,
         } else {
           std::copy(dyv, dyv + VW, dxv);
         }
-        store(dX + r * W, dx, W);
+        flush(dX + r * W, dx, W);
       }
       part.ab[2 * c] = vsum(sa.data(), VW);
       part.ab[2 * c + 1] = vsum(sbuf.data(), VW);

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from fastlm.ops import reference_bpe, reference_muon
-from fastlm.ops.composed import qk_norm_value_mix
 from fastlm.ops.masks import visible_mask
 from fastlm.ops.protocol import BackendBase
 
@@ -38,7 +37,6 @@ __all__ = [
     "swiglu_forward",
     "swiglu_backward",
     "naive_attention",
-    "qk_norm_value_mix",
     "alibi_bias",
     "causal_mask",
 ]
