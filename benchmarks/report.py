@@ -291,6 +291,44 @@ def qk_norm_section(rows: list) -> list:
     return out + [table(["B x T x H x D", "variant", "pass", "backend", "ms", "vs composed"], body), ""]
 
 
+def attention_qkv_section(rows: list) -> list:
+    aq = [r for r in rows if r.get("suite") == "attention_qkv" and ms(r)]
+    if not aq:
+        return []
+    out = [
+        "### Fused qkv attention",
+        "",
+        "`ops.attention_qkv` at the default CPU run's shape (the model's attention on its packed qkv, RoPE "
+        "inside): `cpp` is the fused C++ op, `torch` the composed form on SDPA. `bf16`: a bfloat16 qkv (the "
+        "CPU autocast step), which the fused op computes with bf16 products and float32 sums on a CPU with "
+        "AVX512-BF16; `bf16 via fp32`: the fused op on the float32 upcast (before the bf16 products). "
+        "`vs fp32 route`: against the `bf16 via fp32` row of the same pass.",
+        "",
+    ]
+    groups = defaultdict(dict)
+    for r in aq:
+        s = r.get("shape") or {}
+        shape = "x".join(str(s.get(k)) for k in ("batch", "block", "n_head", "head_dim"))
+        groups[(shape, r.get("pass"))][(r.get("variant"), r["backend"])] = r
+    body = []
+    for (shape, pass_), cells in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], PASS_ORDER.index(kv[0][1]) if kv[0][1] in PASS_ORDER else 9)
+    ):
+        route = cells.get(("bf16 via fp32", "cpp"))
+        for variant in ("fp32", "bf16", "bf16 via fp32"):
+            composed = cells.get((variant, "torch")) or cells.get(("bf16", "torch"))
+            for b in ("cpp", "torch"):
+                r = cells.get((variant, b))
+                if r is None:
+                    continue
+                vs_route = _speedup(route, r) if variant == "bf16" and b == "cpp" else "-"
+                body.append([shape, pass_, variant, b, fmt(ms(r)), _speedup(composed, r), vs_route])
+    return out + [
+        table(["B x T x H x D", "pass", "variant", "backend", "ms", "vs composed", "vs fp32 route"], body),
+        "",
+    ]
+
+
 def model_section(rows: list) -> list:
     md = [r for r in rows if r.get("suite") == "model" and ms(r) and str(r.get("op")).startswith("train_step-")]
     if not md:
@@ -772,6 +810,7 @@ def build_report(
             + masks_section(rows)
             + swiglu_section(rows)
             + qk_norm_section(rows)
+            + attention_qkv_section(rows)
             + model_section(rows)
             + optimizer_section(rows)
             + default_step_section(rows)
@@ -785,6 +824,7 @@ def build_report(
         summary += (
             swiglu_section(rows)
             + qk_norm_section(rows)
+            + attention_qkv_section(rows)
             + model_section(rows)
             + optimizer_section(rows)
             + default_step_section(rows)

@@ -333,9 +333,9 @@ def test_default_step_vs_plain_pytorch(bench):
 @pytest.mark.skipif(ON_GPU, reason="the CPU default run's precision (--dtype auto on a CPU)")
 def test_default_step_bf16_vs_fp32(bench):
     """The default run's training step as the Trainer takes it (its model, Muon, clipping) under
-    bfloat16 autocast vs float32, side by side in alternating rounds (best round of each): the
-    speed-up behind the cpu profile's step counts (1550 in bfloat16, with the fused QK-norm op's
-    saving on top, against 980 in float32)."""
+    bfloat16 autocast vs float32, and vs bfloat16 with attention in float32 (the fused qkv op's bf16
+    products switched off: the step before them), side by side in alternating rounds (best round of
+    each): the speed-ups behind the cpu profile's step counts in bfloat16 and float32."""
     from fastlm.training.runtime import autocast, cpu_native_bf16
 
     if not cpu_native_bf16():
@@ -360,7 +360,23 @@ def test_default_step_bf16_vs_fp32(bench):
 
         return step
 
+    def with_float32_attention(step):  # the bf16 step before the fused qkv op took bf16 (its products off)
+        def run():
+            from fastlm.ops.extension import _C
+
+            before = bool(_C.cpu_bf16_dot()) if _C is not None else False
+            if _C is not None:
+                _C.cpu_bf16_dot(False)
+            try:
+                step()
+            finally:
+                if _C is not None:
+                    _C.cpu_bf16_dot(before)
+
+        return run
+
     steps = {"float32": step_in(torch.float32), "bfloat16": step_in(torch.bfloat16)}
+    steps["bfloat16, fp32 attention"] = with_float32_attention(steps["bfloat16"])
     for step in steps.values():
         step()
     best = dict.fromkeys(steps, float("inf"))
@@ -386,5 +402,7 @@ def test_default_step_bf16_vs_fp32(bench):
         tokens=tokens,
         fp32_best_ms=best["float32"] * 1e3,
         bf16_best_ms=best["bfloat16"] * 1e3,
+        bf16_fp32_attention_best_ms=best["bfloat16, fp32 attention"] * 1e3,
         speedup_vs_fp32=best["float32"] / best["bfloat16"],
+        speedup_vs_fp32_attention=best["bfloat16, fp32 attention"] / best["bfloat16"],
     )

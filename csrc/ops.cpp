@@ -3,6 +3,8 @@
 // (meta) kernels and autograd formulas are registered from Python in fastlm/_ext.py.
 #include <torch/extension.h>
 
+#include "cpu/bf16_gemm.h"
+
 namespace fastlm {
 // csrc/bpe.cpp: the BPE trainer's merge loop, exposed to Python with pybind11.
 void register_bpe(pybind11::module_& m);
@@ -83,5 +85,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "sha256 of the csrc/ tree this extension was built from (fastlm._buildinfo.csrc_hash)");
   m.def("cpu_attention_gemm_max_tk", &fastlm::cpu_attention_gemm_max_tk,
         "Longest key length the CPU attention runs through BLAS GEMMs in float32/float64 (0: none)");
+  m.def("cpu_bf16_dot", [](c10::optional<bool> enable) {
+    if (enable.has_value()) fastlm::bf16::dot_switch() = *enable;
+    return fastlm::bf16::use_dot();
+  }, pybind11::arg("enable") = pybind11::none(),
+        "Whether the bfloat16 CPU products run on AVX512-BF16 micro-kernels (this CPU has it and they are "
+        "switched on); enable=False/True switches them (tests: the plain loops)");
   fastlm::register_bpe(m);
 }

@@ -318,14 +318,16 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
-        # CPU autocast: attention computes in float32 (the C++ op's BLAS path), so upcast qkv once here
+        # CPU autocast: where attention computes in float32 (the C++ op's BLAS path), upcast qkv once here
         # (in the options' pass when there are options) rather than have the options promote, cast
-        # back and the op cast up again. (A model held in bf16 stays in bf16.)
+        # back and the op cast up again. (A model held in bf16 stays in bf16.) On a CPU with
+        # AVX512-BF16 the fused op takes the bf16 qkv itself (bf16 products, float32 sums).
         upcast = (
             kv_cache is None
             and qkv.device.type == "cpu"
             and qkv.dtype in (torch.bfloat16, torch.float16)
             and torch.is_autocast_enabled("cpu")
+            and not ops.attention_qkv_bf16(qkv, self.cfg.backend)
         )
         if self.q_norm is not None or ve is not None:  # qk_norm, value_embed: one op on the packed qkv
             qkv = ops.qk_norm_value_mix(

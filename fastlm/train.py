@@ -1,7 +1,7 @@
 """Train a GPT on text: ``python -m fastlm.train [flags]`` (or ``fastlm-train``).
 
 With no flags it trains a character-level model on the bundled Tiny Shakespeare, sized for a CPU
-(``GPTConfig()``: a 3x96 SwiGLU/RoPE model with QK-norm and value embeddings; 1550 Muon steps in
+(``GPTConfig()``: a 3x96 SwiGLU/RoPE model with QK-norm and value embeddings; 1850 Muon steps in
 bfloat16 on a CPU with native bf16, 980 in float32 elsewhere: under a minute on two cores), and
 writes ``runs/shakespeare-char/``. Every flag is generated from a config dataclass
 (:class:`~fastlm.training.settings.TrainConfig`, and :class:`~fastlm.model.GPTConfig` for the model), so

@@ -25,6 +25,7 @@ def test_the_benchmark_suites_collect():
         "benchmarks/test_bench_swiglu.py",
         "benchmarks/test_bench_model.py",
         "benchmarks/test_bench_qk_norm.py",
+        "benchmarks/test_bench_attention_qkv.py",
     } <= modules, modules
 
 
@@ -81,3 +82,36 @@ def test_the_qk_norm_table_compares_with_the_composed_form():
     assert "| 16x128x3x32 | bf16->fp32 | fwd+bwd | torch | 1 | 1.00x |" in text
     assert "| 16x128x3x32 | bf16->fp32 | fwd | cpp | 0.1 | n/a |" in text  # no composed row of that pass
     assert report.qk_norm_section([]) == []
+
+
+def test_the_attention_qkv_table_compares_with_composed_and_the_float32_route():
+    from benchmarks import report
+
+    shape = {"batch": 16, "block": 128, "n_head": 3, "n_kv_head": 3, "head_dim": 32}
+
+    def row(backend, variant, ms, pass_="fwd+bwd"):
+        return {
+            "suite": "attention_qkv",
+            "backend": backend,
+            "ms": ms,
+            "median_ms": ms,
+            "stat": "median",
+            "shape": shape,
+            "variant": variant,
+            "pass": pass_,
+        }
+
+    rows = [
+        row("cpp", "bf16", 1.25),
+        row("cpp", "bf16 via fp32", 2.5),
+        row("torch", "bf16", 5.0),
+        row("cpp", "fp32", 2.0),
+        row("torch", "fp32", 4.0),
+        row("cpp", "fp32", 0.5, "fwd"),
+    ]
+    text = "\n".join(report.attention_qkv_section(rows))
+    assert "| 16x128x3x32 | fwd+bwd | bf16 | cpp | 1.25 | 4.00x | 2.00x |" in text
+    assert "| 16x128x3x32 | fwd+bwd | bf16 via fp32 | cpp | 2.5 | 2.00x | - |" in text
+    assert "| 16x128x3x32 | fwd+bwd | fp32 | cpp | 2 | 2.00x | - |" in text
+    assert "| 16x128x3x32 | fwd | fp32 | cpp | 0.5 | n/a | - |" in text  # no composed row of that pass
+    assert report.attention_qkv_section([]) == []

@@ -526,8 +526,18 @@ def test_attention_qkv_gradcheck_float64():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_attention_qkv_in_reduced_precision_runs_the_fused_op_in_float32(monkeypatch, dtype):
-    """A bfloat16/float16 qkv (the CPU autocast step) takes the fused op on its float32 upcast: output
-    and gradient are exactly the float32 op's, rounded to qkv's dtype; no composed call happens."""
+    """A float16 qkv, and a bfloat16 one where the bf16 products are off (a CPU without AVX512-BF16, or
+    FASTLM_CPU_BF16_DOT=0; tests/test_attention_bf16.py has them on), takes the fused op on its float32
+    upcast: output and gradient are exactly the float32 op's, rounded to qkv's dtype; no composed call."""
+    before = bool(_ext._C.cpu_bf16_dot())
+    _ext._C.cpu_bf16_dot(False)
+    try:
+        _reduced_precision_runs_in_float32(monkeypatch, dtype)
+    finally:
+        _ext._C.cpu_bf16_dot(before)
+
+
+def _reduced_precision_runs_in_float32(monkeypatch, dtype):
     b, t, h, h_kv, d = 2, 40, 4, 2, 16
     g = torch.Generator().manual_seed(5)
     qkv = torch.randn(b, t, (h + 2 * h_kv) * d, generator=g).to(dtype)

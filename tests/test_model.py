@@ -178,15 +178,27 @@ def test_kv_cache_under_autocast():
     assert (wrong[0, -1].float() - full[0, -1].float()).abs().max().item() > ulp
 
 
-def test_cpu_autocast_step_runs_attention_in_float32(monkeypatch):
+@pytest.mark.parametrize("products", ["bf16", "fp32"])
+def test_cpu_autocast_step_attention_precision(monkeypatch, products):
     """The default step on a CPU with native bf16 (``--dtype auto``): under bfloat16 autocast the
-    projections run in bfloat16 and attention in float32, through the fused C++ op taking the upcast
-    qkv (QK-norm and the value-embedding mix in float32 too); loss and gradients stay within bf16
-    rounding of the float32 model's."""
+    projections run in bfloat16, and the fused C++ attention op takes the bf16 qkv itself where it has
+    bf16 products (AVX512-BF16), else the float32 upcast (QK-norm and the value-embedding mix writing
+    it out in float32); loss and gradients stay within bf16 rounding of the float32 model's."""
     from fastlm.ops import extension as _ext
 
     if _ext.CPP_BACKEND.unavailable_reason():
         pytest.skip(f"cpp backend: {_ext.CPP_BACKEND.unavailable_reason()}")
+    before = bool(_ext._C.cpu_bf16_dot())
+    if products == "bf16" and not before:
+        pytest.skip("this CPU has no AVX512-BF16: bf16 qkv takes the float32 route (the fp32 case)")
+    _ext._C.cpu_bf16_dot(products == "bf16")
+    try:
+        _autocast_step(monkeypatch, _ext, torch.bfloat16 if products == "bf16" else torch.float32)
+    finally:
+        _ext._C.cpu_bf16_dot(before)
+
+
+def _autocast_step(monkeypatch, _ext, attention_dtype):
     model = tiny(pos="rope", qk_norm=True, value_embed=True, tie_embeddings=False)
     idx, targets = tokens(4, 32), tokens(4, 32, seed=1)
     _, loss32 = model(idx, targets)
@@ -201,7 +213,7 @@ def test_cpu_autocast_step_runs_attention_in_float32(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, loss = model(idx, targets)
     loss.backward()
-    assert seen == [torch.float32] * TINY["n_layer"] and logits.dtype == torch.bfloat16
+    assert seen == [attention_dtype] * TINY["n_layer"] and logits.dtype == torch.bfloat16
     assert abs(loss.item() - loss32.item()) < 0.01 * loss32.item()  # measured: 0.1%
     for name, p in model.named_parameters():
         cos = F.cosine_similarity(p.grad.flatten().double(), grads32[name].flatten().double(), dim=0)

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "attention_common.h"
+#include "cpu/bf16_gemm.h"
 #include "cpu/blas.h"
 #include "cpu/vec_reduce.h"
 #include "op_checks.h"
@@ -518,11 +519,12 @@ inline void scale_row(acc_t* x, int64_t n, acc_t c) {
 // zeros with lse -inf.
 template <typename scalar_t>
 inline void softmax_block(scalar_t* S, int64_t kw, int64_t k0, int64_t i0, int64_t nr, const attn::Mask& mask,
-                          scalar_t scale, scalar_t slope, bool has_alibi, scalar_t* L) {
+                          scalar_t scale, scalar_t slope, bool has_alibi, scalar_t* L, int64_t ld = -1) {
+  if (ld < 0) ld = kw;  // S's row stride
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t i = i0 + r;
     const attn::KeyRange rk = attn::row_keys(i, mask);
-    scalar_t* x = S + r * kw;
+    scalar_t* x = S + r * ld;
     if (rk.hi <= rk.lo) {
       std::fill(x, x + kw, scalar_t(0));
       L[r] = -std::numeric_limits<scalar_t>::infinity();
@@ -549,14 +551,15 @@ inline void softmax_block(scalar_t* S, int64_t kw, int64_t k0, int64_t i0, int64
 template <typename scalar_t>
 inline void softmax_bwd_block(scalar_t* P, scalar_t* dS, int64_t kw, int64_t k0, int64_t i0, int64_t nr,
                               const attn::Mask& mask, scalar_t scale, scalar_t slope, bool has_alibi,
-                              const scalar_t* L) {
+                              const scalar_t* L, int64_t ld = -1) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t V = Vec::size();
+  if (ld < 0) ld = kw;  // the row stride of P and dS
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t i = i0 + r;
     const attn::KeyRange rk = attn::row_keys(i, mask);
-    scalar_t* p = P + r * kw;
-    scalar_t* ds = dS + r * kw;
+    scalar_t* p = P + r * ld;
+    scalar_t* ds = dS + r * ld;
     if (rk.hi <= rk.lo || L[r] == -std::numeric_limits<scalar_t>::infinity()) {
       std::fill(p, p + kw, scalar_t(0));
       std::fill(ds, ds + kw, scalar_t(0));
@@ -688,8 +691,9 @@ QkvShape check_qkv(const char* op, const at::Tensor& qkv, int64_t n_head, int64_
                    const c10::optional<at::Tensor>& alibi) {
   TORCH_CHECK(qkv.dim() == 3, op, ": qkv must be (B, T, (H + 2 H_kv) D), got ", qkv.sizes());
   TORCH_CHECK(qkv.device().is_cpu(), op, ": expected CPU tensors, got ", qkv.device());
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kDouble, op,
-              ": takes float32/float64, got ", qkv.scalar_type());
+  const bool bf = qkv.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kDouble || bf, op,
+              ": takes float32/float64/bfloat16, got ", qkv.scalar_type());
   TORCH_CHECK(n_head > 0 && n_kv_head > 0 && n_head % n_kv_head == 0, op, ": n_head (", n_head,
               ") must be a positive multiple of n_kv_head (", n_kv_head, ")");
   const int64_t W = qkv.size(2);
@@ -700,7 +704,8 @@ QkvShape check_qkv(const char* op, const at::Tensor& qkv, int64_t n_head, int64_
   TORCH_CHECK(W % parts == 0, op, ": qkv width ", W, " is not (", n_head, " + 2 * ", n_kv_head,
               ") heads of one size");
   QkvShape s{qkv.size(0), qkv.size(1), n_head, n_kv_head, W / parts, W};
-  TORCH_CHECK(s.T > 0 && s.T <= kGemmMaxTk && use_gemm_path(qkv, AttnShape{s.B, s.H, s.H_kv, s.T, s.T, s.D}),
+  // bfloat16 runs its own products (bf16::gemm), float32/float64 the BLAS path
+  TORCH_CHECK(s.T > 0 && s.T <= kGemmMaxTk && (bf || use_gemm_path(qkv, AttnShape{s.B, s.H, s.H_kv, s.T, s.T, s.D})),
               op, ": needs 1 <= T <= ", kGemmMaxTk, " and the BLAS path, got T=", s.T);
   TORCH_CHECK(cos.has_value() == sin.has_value(), op, ": cos and sin go together");
   if (cos.has_value()) {
@@ -768,6 +773,22 @@ struct QkvPtrs {
   }
 };
 
+// One forward task of the packed op (heaviest, last blocks first): query rows [i0, i0 + nr) of head h
+// in batch b, and the keys [j, j + kw) they see (self-attention: never empty).
+struct QkvFwdTask {
+  int64_t b, h, hk, i0, nr;
+  attn::Mask mask;
+  int64_t j, kw;
+  QkvFwdTask(int64_t task, int64_t n_blk, const QkvShape& s, const MaskArgs& masks)
+      : b(task / n_blk / s.H), h(task / n_blk % s.H), hk(attn::kv_head(h, s.H, s.H_kv)),
+        i0((n_blk - 1 - task % n_blk) * kGemmRows), nr(std::min(kGemmRows, s.T - i0)),
+        mask(masks.of(b, AttnShape{s.B, s.H, s.H_kv, s.T, s.T, s.D}, true)) {
+    const attn::KeyRange keys = attn::block_keys(i0, i0 + nr, mask);
+    j = keys.lo;
+    kw = keys.hi - keys.lo;
+  }
+};
+
 template <typename scalar_t>
 void attention_qkv_fwd_kernel(const at::Tensor& qkv, at::Tensor& out, at::Tensor& lse, const QkvShape& s,
                               const QkvPtrs<scalar_t>& rope, double scale_d, const c10::optional<at::Tensor>& alibi,
@@ -779,16 +800,12 @@ void attention_qkv_fwd_kernel(const at::Tensor& qkv, at::Tensor& out, at::Tensor
   const int64_t D = s.D, T = s.T, HD = s.H * D, n_blk = (T + kGemmRows - 1) / kGemmRows;
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   const std::vector<scalar_t> slopes = slopes_of<scalar_t>(alibi, s.H);
-  const AttnShape as{s.B, s.H, s.H_kv, T, T, D};
   at::parallel_for(0, s.B * s.H * n_blk, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> S(kGemmRows * T), Qb(kGemmRows * D), Kb(T * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t blk = n_blk - 1 - task % n_blk, bh = task / n_blk, h = bh % s.H, b = bh / s.H;
-      const int64_t hk = attn::kv_head(h, s.H, s.H_kv);
-      const int64_t i0 = blk * kGemmRows, nr = std::min(kGemmRows, T - i0);
-      const attn::Mask mask = masks.of(b, as, true);
-      const attn::KeyRange keys = attn::block_keys(i0, i0 + nr, mask);  // self-attention: never empty
-      const int64_t j = keys.lo, kw = keys.hi - keys.lo;
+      const QkvFwdTask t(task, n_blk, s, masks);
+      const int64_t b = t.b, h = t.h, hk = t.hk, i0 = t.i0, nr = t.nr, j = t.j, kw = t.kw;
+      const attn::Mask& mask = t.mask;
       const scalar_t* row0 = X + b * sb;
       rotate_rows(Qb.data(), D, row0 + i0 * st + h * D, st, nr, i0, D, rope.cs, rope.sn, false);
       rotate_rows(Kb.data(), D, row0 + j * st + (s.H + hk) * D, st, kw, j, D, rope.cs, rope.sn, false);
@@ -854,6 +871,138 @@ void attention_qkv_bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, con
   });
 }
 
+at::ScalarType lse_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
+// ---- The packed op on bfloat16: bf16 products, float32 sums ---------------------------------------
+// For a bfloat16 qkv (the autocast training step) the same blocks as above, but every product takes
+// bf16 operands and sums in float32 (bf16::gemm: VDPBF16PS where the CPU has AVX512-BF16): q and k
+// are rotated in float32 and rounded to bf16, P and dS are rounded to bf16 for the products that
+// consume them (as FlashAttention does on GPUs), and the softmax, the lse, dK and dV accumulate in
+// float32. Output and d(qkv) are bfloat16, lse float32.
+namespace bfa {
+
+inline int64_t up16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// dst (rows x D floats, row stride D) = the bf16 rows src (stride ld_src), rotated by RoPE from pos0.
+inline void load_rows(float* dst, const at::BFloat16* src, int64_t ld_src, int64_t rows, int64_t pos0, int64_t D,
+                      const float* cs, const float* sn) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* x = reinterpret_cast<const uint16_t*>(src + r * ld_src);
+    float* y = dst + r * D;
+    for (int64_t d = 0; d < D; ++d) y[d] = bf16::to_float(x[d]);
+  }
+  if (cs != nullptr) rotate_rows(dst, D, dst, D, rows, pos0, D, cs, sn, false);
+}
+
+inline uint16_t* bits(at::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
+
+}  // namespace bfa
+
+void attention_qkv_fwd_bf16(const at::Tensor& qkv, at::Tensor& out, at::Tensor& lse, const QkvShape& s,
+                            const QkvPtrs<float>& rope, double scale_d, const c10::optional<at::Tensor>& alibi,
+                            const MaskArgs& masks) {
+  const at::BFloat16* X = qkv.const_data_ptr<at::BFloat16>();
+  const int64_t sb = qkv.stride(0), st = qkv.stride(1);
+  at::BFloat16* O = out.mutable_data_ptr<at::BFloat16>();  // (B, T, H D)
+  float* L = lse.mutable_data_ptr<float>();                 // (B, H, T)
+  const int64_t D = s.D, T = s.T, HD = s.H * D, n_blk = (T + kGemmRows - 1) / kGemmRows;
+  const int64_t Dp = D + (D & 1), Dv = bfa::up16(D), Tp = bfa::up16(T) + 16;
+  const float scale = static_cast<float>(scale_d);
+  const std::vector<float> slopes = slopes_of<float>(alibi, s.H);
+  at::parallel_for(0, s.B * s.H * n_blk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(kGemmRows * Tp), Qf(kGemmRows * D), KVf(T * D), Of(kGemmRows * D);
+    std::vector<uint16_t> Qa(kGemmRows * Dp), Kt(Dp * Tp), Pa(kGemmRows * Tp), Vp((Tp / 2 + 1) * 2 * Dv);
+    for (int64_t task = begin; task < end; ++task) {
+      const QkvFwdTask t(task, n_blk, s, masks);
+      const int64_t b = t.b, h = t.h, hk = t.hk, i0 = t.i0, nr = t.nr, j = t.j, kw = t.kw;
+      const int64_t kwp = bfa::up16(kw), kwe = kw + (kw & 1);
+      const attn::Mask& mask = t.mask;
+      const at::BFloat16* row0 = X + b * sb;
+      bfa::load_rows(Qf.data(), row0 + i0 * st + h * D, st, nr, i0, D, rope.cs, rope.sn);
+      bf16::rows(Qf.data(), D, nr, D, Qa.data(), Dp, Dp);
+      bfa::load_rows(KVf.data(), row0 + j * st + (s.H + hk) * D, st, kw, j, D, rope.cs, rope.sn);
+      bf16::pairs_t(KVf.data(), D, kw, D, Kt.data(), 2 * kwp, kwp);
+      bf16::gemm(nr, kw, Dp / 2, Qa.data(), Dp, 2, Kt.data(), 2 * kwp, S.data(), kwp, false, 1.f);
+      softmax_block(S.data(), kw, j, i0, nr, mask, scale, slopes[h], alibi.has_value(), L + (b * s.H + h) * T + i0,
+                    kwp);
+      bf16::rows(S.data(), kwp, nr, kw, Pa.data(), kwe, kwe);
+      bfa::load_rows(KVf.data(), row0 + j * st + (s.H + s.H_kv + hk) * D, st, kw, j, D, nullptr, nullptr);
+      bf16::pairs(KVf.data(), D, kw, D, Vp.data(), 2 * Dv, Dv);
+      bf16::gemm(nr, D, kwe / 2, Pa.data(), kwe, 2, Vp.data(), 2 * Dv, Of.data(), D, false, 1.f);
+      bf16::rows(Of.data(), D, nr, D, bfa::bits(O + (b * T + i0) * HD + h * D), HD, D);
+    }
+  });
+}
+
+void attention_qkv_bwd_bf16(const at::Tensor& dout, const at::Tensor& qkv, const at::Tensor& lse, at::Tensor& dqkv,
+                            const QkvShape& s, const QkvPtrs<float>& rope, double scale_d,
+                            const c10::optional<at::Tensor>& alibi, const MaskArgs& masks) {
+  const at::BFloat16* X = qkv.const_data_ptr<at::BFloat16>();
+  const int64_t sb = qkv.stride(0), st = qkv.stride(1);
+  const at::BFloat16* dO = dout.const_data_ptr<at::BFloat16>();  // (B, T, H D), rows of stride dst
+  const int64_t dsb = dout.stride(0), dst = dout.stride(1);
+  const float* LSE = lse.const_data_ptr<float>();
+  at::BFloat16* dX = dqkv.mutable_data_ptr<at::BFloat16>();  // contiguous (B, T, W)
+  const int64_t D = s.D, T = s.T, W = s.W, G = s.H / s.H_kv;
+  const int64_t Dp = D + (D & 1), Dv = bfa::up16(D), Tp = bfa::up16(T) + 16, R2 = kGemmRows / 2 + 1;
+  const float scale = static_cast<float>(scale_d);
+  const std::vector<float> slopes = slopes_of<float>(alibi, s.H);
+  const bool has_alibi = alibi.has_value();
+  const AttnShape as{s.B, s.H, s.H_kv, T, T, D};
+  at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> P(kGemmRows * Tp), dS(kGemmRows * Tp), Qf(kGemmRows * D), dOf(kGemmRows * D),
+        dQf(kGemmRows * D), Kf(T * D), Vf(T * D), dKf(T * D), dVf(T * D);
+    std::vector<uint16_t> Kt(Dp * Tp), Vt(Dp * Tp), Qa(kGemmRows * Dp), dOa(kGemmRows * Dp), Pp(R2 * 2 * Tp),
+        dSp(R2 * 2 * Tp), dSa(kGemmRows * Tp), dOp(R2 * 2 * Dv), Qp(R2 * 2 * Dv), Kn((Tp / 2 + 1) * 2 * Dv);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t hk = task % s.H_kv, b = task / s.H_kv;
+      const attn::Mask mask = masks.of(b, as, true);
+      const at::BFloat16* row0 = X + b * sb;
+      at::BFloat16* dXb = dX + b * T * W;
+      bfa::load_rows(Kf.data(), row0 + (s.H + hk) * D, st, T, 0, D, rope.cs, rope.sn);
+      bfa::load_rows(Vf.data(), row0 + (s.H + s.H_kv + hk) * D, st, T, 0, D, nullptr, nullptr);
+      bf16::pairs_t(Kf.data(), D, T, D, Kt.data(), 2 * Tp, Tp);
+      bf16::pairs_t(Vf.data(), D, T, D, Vt.data(), 2 * Tp, Tp);
+      std::fill(dKf.begin(), dKf.end(), 0.f);
+      std::fill(dVf.begin(), dVf.end(), 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hk * G + g;
+        for (int64_t i0 = 0; i0 < T; i0 += kGemmRows) {
+          const int64_t nr = std::min(kGemmRows, T - i0), nre = nr + (nr & 1);
+          const attn::KeyRange keys = attn::block_keys(i0, i0 + nr, mask);
+          const int64_t j = keys.lo, kw = keys.hi - keys.lo, kwp = bfa::up16(kw), kwe = kw + (kw & 1);
+          bfa::load_rows(Qf.data(), row0 + i0 * st + h * D, st, nr, i0, D, rope.cs, rope.sn);
+          bfa::load_rows(dOf.data(), dO + b * dsb + i0 * dst + h * D, dst, nr, 0, D, nullptr, nullptr);
+          bf16::rows(Qf.data(), D, nr, D, Qa.data(), Dp, Dp);
+          bf16::rows(dOf.data(), D, nr, D, dOa.data(), Dp, Dp);
+          // P = Q K^T and dP = dO V^T over the block's keys (columns from j of the transposed packs)
+          bf16::gemm(nr, kw, Dp / 2, Qa.data(), Dp, 2, Kt.data() + 2 * j, 2 * Tp, P.data(), kwp, false, 1.f);
+          bf16::gemm(nr, kw, Dp / 2, dOa.data(), Dp, 2, Vt.data() + 2 * j, 2 * Tp, dS.data(), kwp, false, 1.f);
+          softmax_bwd_block(P.data(), dS.data(), kw, j, i0, nr, mask, scale, slopes[h], has_alibi,
+                            LSE + (b * s.H + h) * T + i0, kwp);
+          // dV += P^T dO, dK += dS^T Q: the row pairs of P / dS read transposed as A
+          bf16::pairs(P.data(), kwp, nr, kw, Pp.data(), 2 * kwp, kwp);
+          bf16::pairs(dOf.data(), D, nr, D, dOp.data(), 2 * Dv, Dv);
+          bf16::gemm(kw, D, nre / 2, Pp.data(), 2, 2 * kwp, dOp.data(), 2 * Dv, dVf.data() + j * D, D, true, 1.f);
+          bf16::pairs(dS.data(), kwp, nr, kw, dSp.data(), 2 * kwp, kwp);
+          bf16::pairs(Qf.data(), D, nr, D, Qp.data(), 2 * Dv, Dv);
+          bf16::gemm(kw, D, nre / 2, dSp.data(), 2, 2 * kwp, Qp.data(), 2 * Dv, dKf.data() + j * D, D, true, 1.f);
+          // dQ = scale dS K, rotated back into d(qkv)
+          bf16::rows(dS.data(), kwp, nr, kw, dSa.data(), kwe, kwe);
+          bf16::pairs(Kf.data() + j * D, D, kw, D, Kn.data(), 2 * Dv, Dv);
+          bf16::gemm(nr, D, kwe / 2, dSa.data(), kwe, 2, Kn.data(), 2 * Dv, dQf.data(), D, false, scale);
+          if (rope.cs != nullptr) rotate_rows(dQf.data(), D, dQf.data(), D, nr, i0, D, rope.cs, rope.sn, true);
+          bf16::rows(dQf.data(), D, nr, D, bfa::bits(dXb + i0 * W + h * D), W, D);
+        }
+      }
+      scale_row(dKf.data(), T * D, scale);
+      if (rope.cs != nullptr) rotate_rows(dKf.data(), D, dKf.data(), D, T, 0, D, rope.cs, rope.sn, true);
+      bf16::rows(dKf.data(), D, T, D, bfa::bits(dXb + (s.H + hk) * D), W, D);
+      bf16::rows(dVf.data(), D, T, D, bfa::bits(dXb + (s.H + s.H_kv + hk) * D), W, D);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_qkv_fwd_cpu(const at::Tensor& qkv_in, int64_t n_head, int64_t n_kv_head,
                                                          const c10::optional<at::Tensor>& cos,
                                                          const c10::optional<at::Tensor>& sin, double scale,
@@ -865,7 +1014,12 @@ std::tuple<at::Tensor, at::Tensor> attention_qkv_fwd_cpu(const at::Tensor& qkv_i
                                          window, segment_ids);
   const at::Tensor qkv = qkv_in.stride(2) == 1 && qkv_in.stride(1) >= s.W ? qkv_in : qkv_in.contiguous();
   at::Tensor out = at::empty({s.B, s.T, s.H * s.D}, qkv.options());
-  at::Tensor lse = at::empty({s.B, s.H, s.T}, qkv.options());
+  at::Tensor lse = at::empty({s.B, s.H, s.T}, qkv.options().dtype(lse_dtype(qkv.scalar_type())));
+  if (qkv.scalar_type() == at::kBFloat16) {
+    const QkvPtrs<float> rope(cos, sin, at::kFloat);
+    attention_qkv_fwd_bf16(qkv, out, lse, s, rope, scale, alibi_slopes, masks);
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_qkv_fwd_cpu", [&] {
     const QkvPtrs<scalar_t> rope(cos, sin, qkv.scalar_type());
     attention_qkv_fwd_kernel<scalar_t>(qkv, out, lse, s, rope, scale, alibi_slopes, masks);
@@ -890,8 +1044,13 @@ at::Tensor attention_qkv_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& qk
   const at::Tensor qkv = qkv_in.stride(2) == 1 && qkv_in.stride(1) >= s.W ? qkv_in : qkv_in.contiguous();
   const at::Tensor dout = dout_in.stride(2) == 1 && dout_in.stride(1) >= s.H * s.D ? dout_in : dout_in.contiguous();
   const at::Tensor out = out_in.contiguous();
-  const at::Tensor lse = lse_in.to(qkv.scalar_type()).contiguous();
+  const at::Tensor lse = lse_in.to(lse_dtype(qkv.scalar_type())).contiguous();
   at::Tensor dqkv = at::empty({s.B, s.T, s.W}, qkv.options());
+  if (qkv.scalar_type() == at::kBFloat16) {
+    const QkvPtrs<float> rope(cos, sin, at::kFloat);
+    attention_qkv_bwd_bf16(dout, qkv, lse, dqkv, s, rope, scale, alibi_slopes, masks);
+    return dqkv;
+  }
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_qkv_bwd_cpu", [&] {
     const QkvPtrs<scalar_t> rope(cos, sin, qkv.scalar_type());
     attention_qkv_bwd_kernel<scalar_t>(dout, qkv, out, lse, dqkv, s, rope, scale, alibi_slopes, masks);
@@ -906,7 +1065,6 @@ void check_cpu(const char* op, const at::Tensor& q) {
               ": unsupported dtype ", dt, " (float32, float64, bfloat16, float16)");
 }
 
-at::ScalarType lse_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, bool causal, double scale,

@@ -34,7 +34,7 @@ from __future__ import annotations
 from fastlm.errors import BackendUnavailableError
 from fastlm.ops import backend as _backend
 from fastlm.ops import reference, torch_backend
-from fastlm.ops.attention import attention, attention_backend, attention_qkv
+from fastlm.ops.attention import attention, attention_backend, attention_qkv, attention_qkv_bf16
 from fastlm.ops.backend import (
     BACKENDS,
     Backend,
@@ -53,6 +53,7 @@ __all__ = [
     "attention",
     "attention_backend",
     "attention_qkv",
+    "attention_qkv_bf16",
     "swiglu",
     "swiglu_packed",
     "qk_norm_value_mix",

@@ -115,8 +115,9 @@ def attention(
     return obj.attention(q, k, v, causal, scale, alibi_slopes, **masks)
 
 
-def _attention_backend(q, k, v, causal, scale, alibi_slopes, backend, window=None, segment_ids=None):
-    """Validate one call -> (backend object, scale, slopes, the mask keywords for the backend)."""
+def _attention_backend(q, k, v, causal, scale, alibi_slopes, backend, window=None, segment_ids=None, order=None):
+    """Validate one call -> (backend object, scale, slopes, the mask keywords for the backend); ``order``
+    overrides auto's CPU preference."""
     _check_attention(q, k, v, alibi_slopes)
     window = check_masks(q, k, causal, window, segment_ids)
     masks = {} if window is None and segment_ids is None else {"window": window, "segment_ids": segment_ids}
@@ -132,7 +133,7 @@ def _attention_backend(q, k, v, causal, scale, alibi_slopes, backend, window=Non
         backend,
         q.device.type,
         lambda b: b.attention_unsupported(q, k, v, causal, scale, alibi_slopes, **masks),
-        order=_cpu_attention_order(q, k, v, causal, alibi_slopes, bool(masks)),
+        order=order or _cpu_attention_order(q, k, v, causal, alibi_slopes, bool(masks)),
     )
     return obj, scale, alibi_slopes, masks
 
@@ -152,6 +153,21 @@ def attention_backend(
     """The name of the backend :func:`attention` would run for this call (same arguments; the
     choice of ``auto`` depends on the device, dtype, options and whether a gradient is needed)."""
     return _attention_backend(q, k, v, causal, scale, alibi_slopes, backend, window, segment_ids)[0].name
+
+
+def attention_qkv_bf16(qkv: Tensor, backend: str = "auto") -> bool:
+    """Whether :func:`attention_qkv` computes this bfloat16 ``qkv`` with bf16 products itself, float32 sums
+    (the ``cpp`` backend on a CPU with AVX512-BF16, for 2..``gemm_max_tk`` tokens). Everywhere else a
+    bfloat16 ``qkv`` on the CPU is computed in float32, so a caller may as well upcast it once, early."""
+    if qkv.dtype != torch.bfloat16 or qkv.device.type != "cpu" or backend not in ("auto", "cpp"):
+        return False
+    cpp = _load("cpp")
+    return (
+        cpp is not None
+        and cpp.unavailable_reason() is None
+        and 1 < qkv.size(1) <= getattr(cpp, "gemm_max_tk", 0)
+        and bool(getattr(cpp, "bf16_products", lambda: False)())
+    )
 
 
 def attention_qkv(
@@ -212,6 +228,8 @@ def attention_qkv(
         backend,
         window,
         segment_ids,
+        # bf16 on AVX512-BF16: the fused op's own bf16 products, with or without a gradient
+        order=("cpp", "torch", "reference") if causal and attention_qkv_bf16(qkv, backend) else None,
     )
     if obj.attention_qkv_unsupported(qkv, H, Hkv, rope, causal, scale, alibi_slopes, **masks) is None:
         return obj.attention_qkv(qkv, H, Hkv, rope, causal, scale, alibi_slopes, **masks)

@@ -230,12 +230,20 @@ class _CppBackend(BackendBase):
 
     def attention_qkv(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None):
         cos, sin = rope if rope is not None else (None, None)
+        if qkv.dtype == torch.bfloat16 and self.bf16_products():  # bf16 products, float32 sums
+            return _ops.attention_qkv_fwd(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids)[0]
         if qkv.dtype in (torch.bfloat16, torch.float16):  # the BLAS path is float32: compute there, return qkv's dtype
             out = _ops.attention_qkv_fwd(
                 qkv.float(), n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids
             )
             return out[0].to(qkv.dtype)
         return _ops.attention_qkv_fwd(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids)[0]
+
+    @staticmethod
+    def bf16_products() -> bool:
+        """Whether the fused qkv op computes a bfloat16 ``qkv`` with bf16 products (float32 sums; AVX512-BF16
+        micro-kernels) rather than upcasting it to the float32 path: on CPUs with AVX512-BF16."""
+        return _C is not None and bool(getattr(_C, "cpu_bf16_dot", lambda: False)())
 
     def qk_norm_value_mix_unsupported(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype):
         """The fused op takes CPU tensors of float32/float64/bfloat16/float16 (the public op has

@@ -5,7 +5,7 @@ One source of truth: a setting is either given (by a flag, a config file, or a P
 value passed is honoured, even one equal to a default) or left to the **profile**, a recipe that
 fills exactly the settings left unset. The profile-dependent settings default to None ("the
 profile's"); :data:`PROFILES` holds the recipes: ``cpu`` (what ``python -m fastlm.train`` trains
-with no flags: the model of ``GPTConfig()``, 980 Muon steps, 1550 where it trains in bfloat16) and ``gpu`` (nanoGPT's
+with no flags: the model of ``GPTConfig()``, 980 Muon steps, 1850 where it trains in bfloat16) and ``gpu`` (nanoGPT's
 shakespeare-char recipe, AdamW). ``profile="auto"`` picks ``gpu`` on CUDA and ``cpu`` elsewhere.
 :func:`resolve_settings` turns a request into the fully resolved run (what ``--print-config``
 prints and ``config.json`` records); :func:`resume_config` does the same for ``--resume``.
@@ -74,7 +74,7 @@ PROFILES = {
         },
         # where the run trains in bfloat16 autocast (a CPU with native bf16: --dtype auto picks it,
         # fastlm.training.runtime.resolve_dtype): its faster steps buy more of them in the same time
-        "train_bf16": {"max_iters": 1550},
+        "train_bf16": {"max_iters": 1850},
         "model": {},
     },
     "gpu": {
