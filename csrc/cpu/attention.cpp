@@ -886,11 +886,7 @@ inline int64_t up16(int64_t n) { return (n + 15) / 16 * 16; }
 // dst (rows x D floats, row stride D) = the bf16 rows src (stride ld_src), rotated by RoPE from pos0.
 inline void load_rows(float* dst, const at::BFloat16* src, int64_t ld_src, int64_t rows, int64_t pos0, int64_t D,
                       const float* cs, const float* sn) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* x = reinterpret_cast<const uint16_t*>(src + r * ld_src);
-    float* y = dst + r * D;
-    for (int64_t d = 0; d < D; ++d) y[d] = bf16::to_float(x[d]);
-  }
+  bf16::to_float(reinterpret_cast<const uint16_t*>(src), ld_src, rows, D, dst, D);
   if (cs != nullptr) rotate_rows(dst, D, dst, D, rows, pos0, D, cs, sn, false);
 }
 

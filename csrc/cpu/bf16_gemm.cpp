@@ -38,6 +38,11 @@ void pairs_t_plain(const float* src, int64_t lds, int64_t n, int64_t k, uint16_t
   pairs_strided(src, 1, lds, k, n, dst, ldp, n_pad);
 }
 
+void to_float_plain(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * ldd + c] = to_float(src[r * lds + c]);
+}
+
 void gemm_plain(int64_t m, int64_t n, int64_t k2, const uint16_t* A, int64_t a_rs, int64_t a_ps, const uint16_t* B,
                 int64_t ldb, float* C, int64_t ldc, bool accumulate, float alpha) {
   for (int64_t r = 0; r < m; ++r) {
@@ -152,6 +157,41 @@ FASTLM_BF16_TARGET void pairs_dot(const float* src, int64_t lds, int64_t k, int6
       const __m512 x1 = r1 ? _mm512_maskz_loadu_ps(mk, r1 + c) : _mm512_setzero_ps();
       const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
       _mm512_storeu_si512(d + 2 * c, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+}
+
+FASTLM_BF16_TARGET void pairs_t_dot(const float* src, int64_t lds, int64_t n, int64_t k, uint16_t* dst, int64_t ldp,
+                                    int64_t n_pad) {
+  // each source row's k values, rounded 32 at a time, are 16 words (pairs) that go down a column of dst
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);  // ldp is even: pair (p, c) is word p * ldp / 2 + c
+  const int64_t ldw = ldp / 2, k2 = (k + 1) / 2;
+  alignas(64) uint32_t words[16];
+  for (int64_t c = 0; c < n; ++c) {
+    const float* s = src + c * lds;
+    for (int64_t i = 0; i < k; i += 32) {
+      const int64_t left = k - i;
+      const __mmask16 m0 = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __mmask16 m1 = left >= 32 ? __mmask16(0xFFFF) : left <= 16 ? __mmask16(0) : __mmask16((1u << (left - 16)) - 1);
+      const __m512 lo = _mm512_maskz_loadu_ps(m0, s + i), hi = _mm512_maskz_loadu_ps(m1, s + i + 16);
+      _mm512_store_si512(words, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));  // bf16 i.. in order: word w = pair w
+      const int64_t p0 = i / 2, np = std::min<int64_t>(16, k2 - p0);
+      for (int64_t w = 0; w < np; ++w) out[(p0 + w) * ldw + c] = words[w];
+    }
+  }
+  for (int64_t p = 0; p < k2; ++p) std::fill(out + p * ldw + n, out + p * ldw + n_pad, 0u);
+}
+
+FASTLM_BF16_TARGET void to_float_dot(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                                     int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* s = src + r * lds;
+    float* d = dst + r * ldd;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const int64_t left = cols - c;
+      const __mmask16 mk = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m512i x = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, s + c));
+      _mm512_mask_storeu_ps(d + c, mk, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
     }
   }
 }

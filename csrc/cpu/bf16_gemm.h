@@ -69,6 +69,8 @@ void pairs_plain(const float* src, int64_t lds, int64_t k, int64_t n, uint16_t* 
 // dst[p * ldp + 2 c + e] = bf16(src[c * lds + 2 p + e]) for c < n_pad (zeros from n), p < ceil(k / 2):
 // B = src^T, the reduction running along src's rows of k.
 void pairs_t_plain(const float* src, int64_t lds, int64_t n, int64_t k, uint16_t* dst, int64_t ldp, int64_t n_pad);
+// dst rows (ldd, float32) = the bf16 rows src (lds), cols columns: exact.
+void to_float_plain(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
 // C[m x n] (ldc) = alpha * sum_{p < k2} A(r, p) . B(p, c), plus C's values when accumulate.
 void gemm_plain(int64_t m, int64_t n, int64_t k2, const uint16_t* A, int64_t a_rs, int64_t a_ps, const uint16_t* B,
                 int64_t ldb, float* C, int64_t ldc, bool accumulate, float alpha);
@@ -77,6 +79,8 @@ void gemm_plain(int64_t m, int64_t n, int64_t k2, const uint16_t* A, int64_t a_r
 void rows_dot(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd,
               int64_t cols_pad);
 void pairs_dot(const float* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ldp, int64_t n_pad);
+void pairs_t_dot(const float* src, int64_t lds, int64_t n, int64_t k, uint16_t* dst, int64_t ldp, int64_t n_pad);
+void to_float_dot(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
 void gemm_dot(int64_t m, int64_t n, int64_t k2, const uint16_t* A, int64_t a_rs, int64_t a_ps, const uint16_t* B,
               int64_t ldb, float* C, int64_t ldc, bool accumulate, float alpha);
 #endif
@@ -95,7 +99,16 @@ inline void pairs(const float* src, int64_t lds, int64_t k, int64_t n, uint16_t*
   pairs_plain(src, lds, k, n, dst, ldp, n_pad);
 }
 inline void pairs_t(const float* src, int64_t lds, int64_t n, int64_t k, uint16_t* dst, int64_t ldp, int64_t n_pad) {
-  pairs_t_plain(src, lds, n, k, dst, ldp, n_pad);  // word moves: no vector form needed at these sizes
+#if FASTLM_BF16_DOT
+  if (use_dot()) return pairs_t_dot(src, lds, n, k, dst, ldp, n_pad);
+#endif
+  pairs_t_plain(src, lds, n, k, dst, ldp, n_pad);
+}
+inline void to_float(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+#if FASTLM_BF16_DOT
+  if (use_dot()) return to_float_dot(src, lds, rows, cols, dst, ldd);
+#endif
+  to_float_plain(src, lds, rows, cols, dst, ldd);
 }
 inline void gemm(int64_t m, int64_t n, int64_t k2, const uint16_t* A, int64_t a_rs, int64_t a_ps, const uint16_t* B,
                  int64_t ldb, float* C, int64_t ldc, bool accumulate, float alpha) {
