@@ -4,7 +4,7 @@ merge heads).
 
 Variants: ``fp32``; ``bf16`` (a bfloat16 qkv, the CPU autocast step: on a CPU with AVX512-BF16 the
 fused op computes it with bf16 products and float32 sums); ``bf16 via fp32`` (the fused op on the
-float32 upcast, what a bfloat16 qkv took before the bf16 products: ``cpu_bf16_dot`` switched off).
+float32 upcast, what a bfloat16 qkv took before the bf16 products: ``cpu_bf16_products`` switched off).
 Passes ``fwd`` (no gradient: evaluation) and ``fwd+bwd``. CPU only: on CUDA the model's attention
 runs the tensor-core kernels (tests/test_bench_attention.py).
 """
@@ -27,17 +27,13 @@ VARIANTS = ("fp32", "bf16", "bf16 via fp32")
 
 @contextmanager
 def _bf16_products(on: bool):
-    from fastlm.ops.extension import _C
+    from fastlm.ops.extension import cpu_bf16_products
 
-    if _C is None:
-        yield False
-        return
-    before = bool(_C.cpu_bf16_dot())
-    _C.cpu_bf16_dot(on)
+    before = cpu_bf16_products()
     try:
-        yield bool(_C.cpu_bf16_dot())
+        yield cpu_bf16_products(on)
     finally:
-        _C.cpu_bf16_dot(before)
+        cpu_bf16_products(before)
 
 
 @pytest.mark.parametrize("backend", ("cpp", "torch"))

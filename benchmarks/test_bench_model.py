@@ -362,16 +362,14 @@ def test_default_step_bf16_vs_fp32(bench):
 
     def with_float32_attention(step):  # the bf16 step before the fused qkv op took bf16 (its products off)
         def run():
-            from fastlm.ops.extension import _C
+            from fastlm.ops.extension import cpu_bf16_products
 
-            before = bool(_C.cpu_bf16_dot()) if _C is not None else False
-            if _C is not None:
-                _C.cpu_bf16_dot(False)
+            before = cpu_bf16_products()
+            cpu_bf16_products(False)
             try:
                 step()
             finally:
-                if _C is not None:
-                    _C.cpu_bf16_dot(before)
+                cpu_bf16_products(before)
 
         return run
 

@@ -23,19 +23,19 @@ from fastlm.ops import extension as _ext
 pytestmark = pytest.mark.skipif(_ext._C is None, reason=f"{_ext._IMPORT_ERROR}")
 
 OPS = torch.ops.fastlm if _ext._C is not None else None
-HAS_DOT = _ext._C is not None and bool(_ext._C.cpu_bf16_dot())
+HAS_DOT = _ext.cpu_bf16_products()
 IMPLS = ["dot", "plain"] if HAS_DOT else ["plain"]
 
 
 @pytest.fixture
 def impl(request):
     """Switch the bf16 micro-kernels on ("dot") or off ("plain") for one test, then back."""
-    before = bool(_ext._C.cpu_bf16_dot())
-    _ext._C.cpu_bf16_dot(request.param == "dot")
+    before = _ext.cpu_bf16_products()
+    _ext.cpu_bf16_products(request.param == "dot")
     try:
         yield request.param
     finally:
-        _ext._C.cpu_bf16_dot(before)
+        _ext.cpu_bf16_products(before)
 
 
 def bf(x):
@@ -151,14 +151,14 @@ def test_micro_kernels_and_plain_loops_agree():
     cos, sin = rope_tables(t, d)
     results = []
     for on in (True, False):
-        _ext._C.cpu_bf16_dot(on)
+        _ext.cpu_bf16_products(on)
         try:
             out, lse = OPS.attention_qkv_fwd(qkv, h, h, cos, sin, 0.2, None, None, None)
             results.append(
                 (out, lse, OPS.attention_qkv_bwd(dout, qkv, out, lse, h, h, cos, sin, 0.2, None, None, None))
             )
         finally:
-            _ext._C.cpu_bf16_dot(True)
+            _ext.cpu_bf16_products(True)
     (o1, l1, d1), (o2, l2, d2) = results
     torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-5)
     for x, y in ((o1, o2), (d1, d2)):
@@ -187,11 +187,11 @@ def test_which_calls_take_the_bf16_products():
     assert not ops.attention_qkv_bf16(x, "reference")
     assert not ops.attention_qkv_bf16(torch.randn(1, 1, 96).bfloat16())
     assert not ops.attention_qkv_bf16(torch.randn(1, _ext.CPP_BACKEND.gemm_max_tk + 1, 24).bfloat16())
-    _ext._C.cpu_bf16_dot(False)
+    _ext.cpu_bf16_products(False)
     try:
         assert not ops.attention_qkv_bf16(x)
     finally:
-        _ext._C.cpu_bf16_dot(True)
+        _ext.cpu_bf16_products(True)
 
 
 @pytest.mark.skipif(not HAS_DOT, reason="this CPU has no AVX512-BF16")

@@ -529,12 +529,12 @@ def test_attention_qkv_in_reduced_precision_runs_the_fused_op_in_float32(monkeyp
     """A float16 qkv, and a bfloat16 one where the bf16 products are off (a CPU without AVX512-BF16, or
     FASTLM_CPU_BF16_DOT=0; tests/test_attention_bf16.py has them on), takes the fused op on its float32
     upcast: output and gradient are exactly the float32 op's, rounded to qkv's dtype; no composed call."""
-    before = bool(_ext._C.cpu_bf16_dot())
-    _ext._C.cpu_bf16_dot(False)
+    before = _ext.cpu_bf16_products()
+    _ext.cpu_bf16_products(False)
     try:
         _reduced_precision_runs_in_float32(monkeypatch, dtype)
     finally:
-        _ext._C.cpu_bf16_dot(before)
+        _ext.cpu_bf16_products(before)
 
 
 def _reduced_precision_runs_in_float32(monkeypatch, dtype):

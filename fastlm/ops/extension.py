@@ -88,6 +88,21 @@ if _C is not None:
     if _IMPORT_ERROR:
         _C = None
 
+# Whether the fused qkv attention computes a bf16 qkv with bf16 products (AVX512-BF16; FASTLM_CPU_BF16_DOT=0
+# turns them off): read once and kept here, so that a traced model (torch.compile) reads a Python bool.
+_BF16_DOT = _C is not None and bool(getattr(_C, "cpu_bf16_dot", lambda: False)())
+
+
+def cpu_bf16_products(enable: Optional[bool] = None) -> bool:
+    """Whether the ``cpp`` fused qkv attention computes a bfloat16 ``qkv`` with bf16 products (float32
+    sums) rather than on its float32 upcast: on CPUs with AVX512-BF16, unless ``FASTLM_CPU_BF16_DOT=0``.
+    ``enable`` switches them on (where the CPU has them) or off; returns the state after the call."""
+    global _BF16_DOT
+    if enable is not None and _C is not None and hasattr(_C, "cpu_bf16_dot"):
+        _BF16_DOT = bool(_C.cpu_bf16_dot(bool(enable)))
+    return _BF16_DOT
+
+
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_HEAD_DIMS = (64, 128)
 
@@ -242,8 +257,8 @@ class _CppBackend(BackendBase):
     @staticmethod
     def bf16_products() -> bool:
         """Whether the fused qkv op computes a bfloat16 ``qkv`` with bf16 products (float32 sums; AVX512-BF16
-        micro-kernels) rather than upcasting it to the float32 path: on CPUs with AVX512-BF16."""
-        return _C is not None and bool(getattr(_C, "cpu_bf16_dot", lambda: False)())
+        micro-kernels) rather than upcasting it to the float32 path: :func:`cpu_bf16_products`."""
+        return _BF16_DOT
 
     def qk_norm_value_mix_unsupported(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype):
         """The fused op takes CPU tensors of float32/float64/bfloat16/float16 (the public op has
