@@ -10,7 +10,8 @@
 //   backward: parallel over (batch, kv head). A task owns dK/dV of its kv head and dQ of the query
 //             heads of its GQA group, so no two threads write the same gradient (no atomics, no
 //             races); P is recomputed from the saved LSE.
-// Math is in float32 for float32/bfloat16/float16 inputs and float64 for float64 inputs. Inputs may
+// Math is in float32 for float32/bfloat16/float16 inputs and float64 for float64 inputs, except the
+// packed op on a bfloat16 qkv, whose products take bf16 operands (float32 sums; see below). Inputs may
 // have any strides (they are read through their strides into small per-thread tiles).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -680,8 +681,8 @@ void attention_bwd_gemm(const at::Tensor& dout_in, const at::Tensor& q_in, const
 // x2' = x1 s + x2 c with cos/sin (T, D/2)) into its tiles as it reads them, so the rotated copy, the
 // q/k/v views, their transposes and the (B, H, T, D) output never exist as tensors, and the backward
 // writes d(qkv) in that one layout (the rotation undone on dq/dk). Self-attention (T_q = T_k = T),
-// float32/float64 with T <= kGemmMaxTk (the BLAS path above); fastlm.ops.attention_qkv composes the
-// plain ops for everything else.
+// float32/float64 with T <= kGemmMaxTk (the BLAS path above), or bfloat16 with bf16 products (below);
+// fastlm.ops.attention_qkv composes the plain ops for everything else.
 struct QkvShape {
   int64_t B, T, H, H_kv, D, W;  // W = (H + 2 H_kv) D, the row width of qkv
 };

@@ -194,6 +194,8 @@ def attention_qkv(
     causal float32/float64 calls of at most ``gemm_max_tk`` tokens, one C++ op that reads ``qkv`` in
     place, rotates q/k inside, writes ``(B, T, H D)`` and returns ``d(qkv)`` in the backward, so the
     rotated copy, the split's concatenation and the layout copies of the composed form never happen.
+    A bfloat16 ``qkv`` takes it with bf16 products and float32 sums where :func:`attention_qkv_bf16`
+    says so (AVX512-BF16; with or without a gradient), elsewhere in training on its float32 upcast.
     """
     if not isinstance(qkv, Tensor) or qkv.dim() != 3:
         raise ValueError(
