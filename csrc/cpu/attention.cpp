@@ -969,12 +969,20 @@ void attention_qkv_bwd_bf16(const at::Tensor& dout, const at::Tensor& qkv, const
           const attn::KeyRange keys = attn::block_keys(i0, i0 + nr, mask);
           const int64_t j = keys.lo, kw = keys.hi - keys.lo, kwp = bfa::up16(kw), kwe = kw + (kw & 1);
           bfa::load_rows(Qf.data(), row0 + i0 * st + h * D, st, nr, i0, D, rope.cs, rope.sn);
-          bfa::load_rows(dOf.data(), dO + b * dsb + i0 * dst + h * D, dst, nr, 0, D, nullptr, nullptr);
+          const at::BFloat16* dOb = dO + b * dsb + i0 * dst + h * D;
+          bfa::load_rows(dOf.data(), dOb, dst, nr, 0, D, nullptr, nullptr);
           bf16::rows(Qf.data(), D, nr, D, Qa.data(), Dp, Dp);
-          bf16::rows(dOf.data(), D, nr, D, dOa.data(), Dp, Dp);
+          // dO's bf16 rows are the A operand as they stand; an odd D needs the zero-padded copy
+          const uint16_t* dOA = reinterpret_cast<const uint16_t*>(dOb);
+          int64_t dOA_ld = dst;
+          if (D & 1) {
+            bf16::rows(dOf.data(), D, nr, D, dOa.data(), Dp, Dp);
+            dOA = dOa.data();
+            dOA_ld = Dp;
+          }
           // P = Q K^T and dP = dO V^T over the block's keys (columns from j of the transposed packs)
           bf16::gemm(nr, kw, Dp / 2, Qa.data(), Dp, 2, Kt.data() + 2 * j, 2 * Tp, P.data(), kwp, false, 1.f);
-          bf16::gemm(nr, kw, Dp / 2, dOa.data(), Dp, 2, Vt.data() + 2 * j, 2 * Tp, dS.data(), kwp, false, 1.f);
+          bf16::gemm(nr, kw, Dp / 2, dOA, dOA_ld, 2, Vt.data() + 2 * j, 2 * Tp, dS.data(), kwp, false, 1.f);
           softmax_bwd_block(P.data(), dS.data(), kw, j, i0, nr, mask, scale, slopes[h], has_alibi,
                             LSE + (b * s.H + h) * T + i0, kwp);
           // dV += P^T dO, dK += dS^T Q: the row pairs of P / dS read transposed as A

@@ -4,8 +4,13 @@
 
 #include <algorithm>
 
+#if FASTLM_BF16_DOT
+#include <immintrin.h>
+#endif
+
 namespace fastlm {
 namespace bf16 {
+namespace {
 
 void rows_plain(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd,
                 int64_t cols_pad) {
@@ -15,7 +20,6 @@ void rows_plain(const float* src, int64_t lds, int64_t rows, int64_t cols, uint1
   }
 }
 
-namespace {
 // dst[p * ldp + 2 c + e] = bf16(src[(2 p + e) * k_stride + c * n_stride]), zeros from k and from n.
 void pairs_strided(const float* src, int64_t k_stride, int64_t n_stride, int64_t k, int64_t n, uint16_t* dst,
                    int64_t ldp, int64_t n_pad) {
@@ -28,7 +32,6 @@ void pairs_strided(const float* src, int64_t k_stride, int64_t n_stride, int64_t
     }
   }
 }
-}  // namespace
 
 void pairs_plain(const float* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ldp, int64_t n_pad) {
   pairs_strided(src, lds, 1, k, n, dst, ldp, n_pad);
@@ -60,8 +63,6 @@ void gemm_plain(int64_t m, int64_t n, int64_t k2, const uint16_t* A, int64_t a_r
 }
 
 #if FASTLM_BF16_DOT
-
-namespace {
 
 FASTLM_BF16_TARGET inline __m256i cvt16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
@@ -122,8 +123,6 @@ FASTLM_BF16_TARGET void column_panel(int64_t m, int64_t k2, const uint16_t* A, i
       break;
   }
 }
-
-}  // namespace
 
 FASTLM_BF16_TARGET void rows_dot(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst,
                                  int64_t ldd, int64_t cols_pad) {
@@ -216,6 +215,33 @@ FASTLM_BF16_TARGET void gemm_dot(int64_t m, int64_t n, int64_t k2, const uint16_
 }
 
 #endif  // FASTLM_BF16_DOT
+
+}  // namespace
+
+// Each operation on the micro-kernels where use_dot() says so, else in the plain loops.
+#if FASTLM_BF16_DOT
+#define FASTLM_DISPATCH(name, ...) return use_dot() ? name##_dot(__VA_ARGS__) : name##_plain(__VA_ARGS__)
+#else
+#define FASTLM_DISPATCH(name, ...) return name##_plain(__VA_ARGS__)
+#endif
+
+void rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd, int64_t cols_pad) {
+  FASTLM_DISPATCH(rows, src, lds, rows, cols, dst, ldd, cols_pad);
+}
+void pairs(const float* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ldp, int64_t n_pad) {
+  FASTLM_DISPATCH(pairs, src, lds, k, n, dst, ldp, n_pad);
+}
+void pairs_t(const float* src, int64_t lds, int64_t n, int64_t k, uint16_t* dst, int64_t ldp, int64_t n_pad) {
+  FASTLM_DISPATCH(pairs_t, src, lds, n, k, dst, ldp, n_pad);
+}
+void to_float(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  FASTLM_DISPATCH(to_float, src, lds, rows, cols, dst, ldd);
+}
+void gemm(int64_t m, int64_t n, int64_t k2, const uint16_t* A, int64_t a_rs, int64_t a_ps, const uint16_t* B,
+          int64_t ldb, float* C, int64_t ldc, bool accumulate, float alpha) {
+  FASTLM_DISPATCH(gemm, m, n, k2, A, a_rs, a_ps, B, ldb, C, ldc, accumulate, alpha);
+}
+#undef FASTLM_DISPATCH
 
 }  // namespace bf16
 }  // namespace fastlm

@@ -19,7 +19,6 @@
 #include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
 #define FASTLM_BF16_DOT 1
 #define FASTLM_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #else
@@ -59,64 +58,21 @@ inline bool& dot_switch() {
 }
 inline bool use_dot() { return dot_switch() && dot_supported(); }
 
+// The operations, each on the micro-kernels or in plain loops as use_dot() says (bf16_gemm.cpp).
 // dst rows (ldd) = bf16(src rows (lds)) for cols columns, zeros in [cols, cols_pad).
-void rows_plain(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd,
-                int64_t cols_pad);
+void rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd, int64_t cols_pad);
 // dst[p * ldp + 2 c + e] = bf16(src[(2 p + e) * lds + c]) for p < ceil(k / 2), c < n_pad (multiple of
 // 16): rows k.. and columns n.. are zeros. Read as B, the reduction runs over src's rows; read as A
 // (a_rs = 2, a_ps = ldp), A = src^T.
-void pairs_plain(const float* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ldp, int64_t n_pad);
+void pairs(const float* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ldp, int64_t n_pad);
 // dst[p * ldp + 2 c + e] = bf16(src[c * lds + 2 p + e]) for c < n_pad (zeros from n), p < ceil(k / 2):
 // B = src^T, the reduction running along src's rows of k.
-void pairs_t_plain(const float* src, int64_t lds, int64_t n, int64_t k, uint16_t* dst, int64_t ldp, int64_t n_pad);
+void pairs_t(const float* src, int64_t lds, int64_t n, int64_t k, uint16_t* dst, int64_t ldp, int64_t n_pad);
 // dst rows (ldd, float32) = the bf16 rows src (lds), cols columns: exact.
-void to_float_plain(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
+void to_float(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
 // C[m x n] (ldc) = alpha * sum_{p < k2} A(r, p) . B(p, c), plus C's values when accumulate.
-void gemm_plain(int64_t m, int64_t n, int64_t k2, const uint16_t* A, int64_t a_rs, int64_t a_ps, const uint16_t* B,
-                int64_t ldb, float* C, int64_t ldc, bool accumulate, float alpha);
-
-#if FASTLM_BF16_DOT
-void rows_dot(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd,
-              int64_t cols_pad);
-void pairs_dot(const float* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ldp, int64_t n_pad);
-void pairs_t_dot(const float* src, int64_t lds, int64_t n, int64_t k, uint16_t* dst, int64_t ldp, int64_t n_pad);
-void to_float_dot(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd);
-void gemm_dot(int64_t m, int64_t n, int64_t k2, const uint16_t* A, int64_t a_rs, int64_t a_ps, const uint16_t* B,
-              int64_t ldb, float* C, int64_t ldc, bool accumulate, float alpha);
-#endif
-
-inline void rows(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd,
-                 int64_t cols_pad) {
-#if FASTLM_BF16_DOT
-  if (use_dot()) return rows_dot(src, lds, rows, cols, dst, ldd, cols_pad);
-#endif
-  rows_plain(src, lds, rows, cols, dst, ldd, cols_pad);
-}
-inline void pairs(const float* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ldp, int64_t n_pad) {
-#if FASTLM_BF16_DOT
-  if (use_dot()) return pairs_dot(src, lds, k, n, dst, ldp, n_pad);
-#endif
-  pairs_plain(src, lds, k, n, dst, ldp, n_pad);
-}
-inline void pairs_t(const float* src, int64_t lds, int64_t n, int64_t k, uint16_t* dst, int64_t ldp, int64_t n_pad) {
-#if FASTLM_BF16_DOT
-  if (use_dot()) return pairs_t_dot(src, lds, n, k, dst, ldp, n_pad);
-#endif
-  pairs_t_plain(src, lds, n, k, dst, ldp, n_pad);
-}
-inline void to_float(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
-#if FASTLM_BF16_DOT
-  if (use_dot()) return to_float_dot(src, lds, rows, cols, dst, ldd);
-#endif
-  to_float_plain(src, lds, rows, cols, dst, ldd);
-}
-inline void gemm(int64_t m, int64_t n, int64_t k2, const uint16_t* A, int64_t a_rs, int64_t a_ps, const uint16_t* B,
-                 int64_t ldb, float* C, int64_t ldc, bool accumulate, float alpha) {
-#if FASTLM_BF16_DOT
-  if (use_dot()) return gemm_dot(m, n, k2, A, a_rs, a_ps, B, ldb, C, ldc, accumulate, alpha);
-#endif
-  gemm_plain(m, n, k2, A, a_rs, a_ps, B, ldb, C, ldc, accumulate, alpha);
-}
+void gemm(int64_t m, int64_t n, int64_t k2, const uint16_t* A, int64_t a_rs, int64_t a_ps, const uint16_t* B,
+          int64_t ldb, float* C, int64_t ldc, bool accumulate, float alpha);
 
 }  // namespace bf16
 }  // namespace fastlm

@@ -245,14 +245,11 @@ class _CppBackend(BackendBase):
 
     def attention_qkv(self, qkv, n_head, n_kv_head, rope, causal, scale, alibi_slopes, window=None, segment_ids=None):
         cos, sin = rope if rope is not None else (None, None)
-        if qkv.dtype == torch.bfloat16 and self.bf16_products():  # bf16 products, float32 sums
-            return _ops.attention_qkv_fwd(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids)[0]
-        if qkv.dtype in (torch.bfloat16, torch.float16):  # the BLAS path is float32: compute there, return qkv's dtype
-            out = _ops.attention_qkv_fwd(
-                qkv.float(), n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids
-            )
-            return out[0].to(qkv.dtype)
-        return _ops.attention_qkv_fwd(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids)[0]
+        x = qkv  # float32/float64, or bf16 with bf16 products (float32 sums)
+        if qkv.dtype == torch.float16 or (qkv.dtype == torch.bfloat16 and not self.bf16_products()):
+            x = qkv.float()  # the BLAS path is float32: compute there, return qkv's dtype
+        out = _ops.attention_qkv_fwd(x, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids)[0]
+        return out.to(qkv.dtype)
 
     @staticmethod
     def bf16_products() -> bool:
