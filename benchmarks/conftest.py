@@ -4,6 +4,8 @@
   --benchmark-only``); ``pytest`` (testpaths = tests) and ``pytest .`` do not collect them, and
   ``pytest benchmarks`` collects nothing outside this folder.
 * The ``bench`` fixture wraps pytest-benchmark's ``benchmark`` (see :mod:`benchmarks.common`).
+* On a CPU the session keeps its freed heap as training runs do
+  (:func:`fastlm.training.runtime.keep_cpu_heap`), so steps and ops are timed as a run takes them.
 * With ``FASTLM_BENCH_RECORD=1`` (default on CUDA) every benchmark appends one JSON line to
   ``benchmarks/results.jsonl``; ``python -m benchmarks.report`` turns it into tables and plots.
 """
@@ -47,6 +49,14 @@ def pytest_report_header(config):
         f"fastlm benchmarks: device {info['device']} ({DEVICE.type}, {info['threads']} threads), "
         f"grid {grid()}, commit {info['commit']}{' (dirty)' if info['dirty'] else ''}; {rec}"
     ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _heap_as_in_training():
+    if not ON_GPU:
+        from fastlm.training.runtime import keep_cpu_heap
+
+        keep_cpu_heap()
 
 
 @pytest.fixture

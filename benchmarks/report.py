@@ -380,7 +380,8 @@ def optimizer_section(rows: list) -> list:
         "`optimizer.step()` alone on the default model's gradients (best and median of its rounds) and "
         "the whole training step with that optimizer, timed right after in the same test; share = "
         "step / training step (the best round of each on CPU). `muon` is the step as training runs it, "
-        "`muon-pytorch` the same optimizer forced to its PyTorch form (`fused=False`).",
+        "`muon-pytorch` the same optimizer forced to its PyTorch form (`fused=False`), `muon-bf16` the fused "
+        "step with bf16 Newton-Schulz products (what a CPU bfloat16 run takes).",
         "",
     ]
     body = []

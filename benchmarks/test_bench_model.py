@@ -138,22 +138,29 @@ def test_train_step(bench, mlp, backend):
     )
 
 
-@pytest.mark.parametrize("optimizer", ("adamw", "muon", "muon-pytorch"))
+@pytest.mark.parametrize("optimizer", ("adamw", "muon", "muon-pytorch", "muon-bf16"))
 def test_optimizer_step(bench, optimizer):
     """``optimizer.step()`` alone on the default model's gradients, and the whole training step
     (forward, backward, step) with that optimizer, timed side by side in one test: the row's
     ``step_fraction`` is the optimizer's share of the training step (issue 14: Muon <= 10%).
     Muon (fastlm.training.optim) with its defaults: 5 Newton-Schulz steps, float32 on CPU, bf16 on CUDA;
-    ``muon`` as training runs it (the fused C++ step on CPU), ``muon-pytorch`` its PyTorch form."""
+    ``muon`` its fused C++ step on CPU, ``muon-pytorch`` its PyTorch form, ``muon-bf16`` the fused step's
+    bf16 products (a CPU bfloat16 run's, where the CPU has AVX512-BF16)."""
+    from fastlm.ops import muon_bf16_products
+
+    if optimizer == "muon-bf16" and (ON_GPU or not muon_bf16_products()):
+        pytest.skip("the fused step's bf16 products: a CPU with AVX512-BF16")
 
     base, batch, name = model_setup("swiglu")
     cfg = dataclasses.replace(base, backend="auto")
     T = cfg.block_size
     model = gpu_oom_skip(lambda: GPT(cfg).to(DEVICE))
     opt = build_optimizer(model, optimizer=optimizer.split("-")[0], lr=1e-3, weight_decay=0.1, device_type=DEVICE.type)
-    if optimizer == "muon-pytorch":
-        for group in opt.muon.param_groups:
+    for group in opt.muon.param_groups if optimizer != "adamw" else ():
+        if optimizer == "muon-pytorch":
             group["fused"] = False
+        if optimizer == "muon-bf16":
+            group["ns_dtype"] = "bfloat16"
     x = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
     y = torch.randint(0, cfg.vocab_size, (batch, T), device=DEVICE)
     train_step = training_step(model, opt, x, y)
@@ -332,10 +339,12 @@ def test_default_step_vs_plain_pytorch(bench):
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU default run's precision (--dtype auto on a CPU)")
 def test_default_step_bf16_vs_fp32(bench):
-    """The default run's training step as the Trainer takes it (its model, Muon, clipping) under
-    bfloat16 autocast vs float32, and vs bfloat16 with attention in float32 (the fused qkv op's bf16
-    products switched off: the step before them), side by side in alternating rounds (best round of
-    each): the speed-ups behind the cpu profile's step counts in bfloat16 and float32."""
+    """The default run's training step as the Trainer takes it (its model, Muon with the run's
+    Newton-Schulz dtype, clipping) under bfloat16 autocast vs float32, vs bfloat16 with attention in
+    float32 (the fused qkv op's bf16 products switched off) and a float32 Newton-Schulz (the step before
+    both), and vs bfloat16 with only the Newton-Schulz in float32, side by side in alternating rounds
+    (best round of each): the speed-ups behind the cpu profile's step counts in bfloat16 and float32."""
+    from fastlm.training.optim import run_ns_dtype
     from fastlm.training.runtime import autocast, cpu_native_bf16
 
     if not cpu_native_bf16():
@@ -347,10 +356,14 @@ def test_default_step_bf16_vs_fp32(bench):
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
 
-    def step_in(dtype):
+    def step_in(dtype, ns_dtype=None):
         amp = autocast("cpu", dtype)
 
         def step():
+            # the Newton-Schulz dtype of a run in this precision (checked at call time, with the switches)
+            ns = ns_dtype or run_ns_dtype("auto", "cpu", dtype)
+            for group in opt.muon.param_groups:
+                group["ns_dtype"] = ns
             with amp():
                 _, loss = model(x, y)
             loss.backward()
@@ -374,7 +387,8 @@ def test_default_step_bf16_vs_fp32(bench):
         return run
 
     steps = {"float32": step_in(torch.float32), "bfloat16": step_in(torch.bfloat16)}
-    steps["bfloat16, fp32 attention"] = with_float32_attention(steps["bfloat16"])
+    steps["bfloat16, fp32 attention"] = with_float32_attention(step_in(torch.bfloat16, "float32"))
+    steps["bfloat16, fp32 Newton-Schulz"] = step_in(torch.bfloat16, "float32")
     for step in steps.values():
         step()
     best = dict.fromkeys(steps, float("inf"))
@@ -401,6 +415,8 @@ def test_default_step_bf16_vs_fp32(bench):
         fp32_best_ms=best["float32"] * 1e3,
         bf16_best_ms=best["bfloat16"] * 1e3,
         bf16_fp32_attention_best_ms=best["bfloat16, fp32 attention"] * 1e3,
+        bf16_fp32_ns_best_ms=best["bfloat16, fp32 Newton-Schulz"] * 1e3,
         speedup_vs_fp32=best["float32"] / best["bfloat16"],
         speedup_vs_fp32_attention=best["bfloat16, fp32 attention"] / best["bfloat16"],
+        speedup_vs_fp32_ns=best["bfloat16, fp32 Newton-Schulz"] / best["bfloat16"],
     )

@@ -48,10 +48,11 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("swiglu_packed_fwd(Tensor x) -> Tensor");
   m.def("swiglu_packed_bwd(Tensor dout, Tensor x) -> Tensor dx");
   // One Muon step (fastlm.optim.Muon) on 2-D float32/float64 matrices, in place on params and
-  // momentum_buffers: momentum, Newton-Schulz (ns_coefficients = (a, b, c)), decay and update.
+  // momentum_buffers: momentum, Newton-Schulz (ns_coefficients = (a, b, c)), decay and update;
+  // bf16_products (float32 only): the Newton-Schulz products take bf16 operands, float32 sums.
   m.def("muon_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, "
         "float momentum, bool nesterov, float weight_decay, int ns_steps, float[] ns_coefficients, "
-        "float eps) -> ()");
+        "float eps, bool bf16_products=False) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -12,10 +12,10 @@ from train_hooks import CtrlCAfter
 
 from fastlm.io import checkpoint
 from fastlm.model import GPT, GPTConfig
-from fastlm.ops import muon_step
-from fastlm.ops.extension import CPP_BACKEND
+from fastlm.ops import muon_bf16_products, muon_step
+from fastlm.ops.extension import CPP_BACKEND, cpu_bf16_products
 from fastlm.ops.reference_muon import NS_COEFFICIENTS, newton_schulz
-from fastlm.training.optim import Muon, MuonWithAdamW, build_optimizer, muon_param_names
+from fastlm.training.optim import Muon, MuonWithAdamW, build_optimizer, muon_param_names, run_ns_dtype
 
 A, B, C = 3.4445, -4.7750, 2.0315
 
@@ -99,11 +99,13 @@ def test_muon_step_matches_reference(fused):
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 def test_muon_matches_torch_optim_muon():
-    """Same conventions as torch.optim.Muon (which runs Newton-Schulz in bf16): compare in bf16."""
+    """Same conventions as torch.optim.Muon (which runs Newton-Schulz in bf16): compare in bf16, in the
+    PyTorch form (bf16 tensors, as torch's; the fused step's bf16 products keep float32 iterates, another
+    rounding, checked against float64 below)."""
     base, gen = _mixed_params(torch.float32)
     ours = [torch.nn.Parameter(p.clone()) for p in base]
     theirs = [torch.nn.Parameter(p.clone()) for p in base]
-    opt_ours = Muon(ours, lr=0.02, momentum=0.95, weight_decay=0.1, ns_dtype="bfloat16")
+    opt_ours = Muon(ours, lr=0.02, momentum=0.95, weight_decay=0.1, ns_dtype="bfloat16", fused=False)
     opt_theirs = torch.optim.Muon(theirs, lr=0.02, momentum=0.95, weight_decay=0.1)
     for _ in range(3):
         for p, q in zip(ours, theirs):
@@ -180,10 +182,105 @@ def test_fused_muon_falls_back_or_refuses_where_it_does_not_apply():
     with pytest.raises(RuntimeError, match="fused=True.*dtype"):
         _run_muon(params, grads, ns_dtype="float32", fused=True)
     f32 = [p.float() for p in params]
-    with pytest.raises(RuntimeError, match="fused=True.*bfloat16"):
-        _run_muon(f32, [g.float() for g in grads], ns_dtype="bfloat16", fused=True)
+    before = cpu_bf16_products()
+    cpu_bf16_products(False)  # a CPU without AVX512-BF16: a bf16 Newton-Schulz is the PyTorch form's
+    try:
+        assert not muon_bf16_products()
+        with pytest.raises(RuntimeError, match="fused=True.*bfloat16"):
+            _run_muon(f32, [g.float() for g in grads], ns_dtype="bfloat16", fused=True)
+    finally:
+        cpu_bf16_products(before)
     with pytest.raises(ValueError, match="fused"):
         Muon([torch.nn.Parameter(torch.zeros(3, 3))], fused="yes")
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.float().bfloat16().double()
+
+
+def bf16_products_ns(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """The fused step's bfloat16 Newton-Schulz in float64: every product of operands rounded to bf16,
+    all else (sums, the polynomial, the iterate) exact; the direct iteration."""
+    x = g.double()
+    tall = x.shape[0] > x.shape[1]
+    x = (x.T if tall else x).float()
+    x = (x / x.norm().clamp_min(1e-7)).double()
+    for _ in range(steps):
+        gram = _bf16(x) @ _bf16(x).T
+        x = A * x + _bf16(B * gram + C * _bf16(gram) @ _bf16(gram)) @ _bf16(x)
+    return x.T if tall else x
+
+
+def _bf16_op(grads, steps: int) -> list:
+    """The orthogonalised updates of ``fastlm::muon_step_`` with bf16 products (lr 1, no momentum)."""
+    params = [torch.zeros_like(g) for g in grads]
+    torch.ops.fastlm.muon_step_(
+        params, grads, [torch.zeros_like(g) for g in grads], 1.0, 0.0, False, 0.0, steps, [A, B, C], 1e-7, True
+    )
+    return [-p / math.sqrt(max(1.0, p.shape[0] / p.shape[1])) for p in params]
+
+
+@needs_fused
+@pytest.mark.parametrize("micro_kernels", [True, False])
+def test_fused_bf16_newton_schulz_is_its_formula(micro_kernels):
+    """Two steps of the op's bf16 Newton-Schulz, on the AVX512-BF16 micro-kernels and on the plain loops
+    (any CPU), against its formula in float64: what is left is float32 summation and the rare product
+    input rounded to the other bf16 neighbour (measured: 4e-8..6e-5 of the update, vs 6e-4..1e-3
+    between the formula and the float64 iteration)."""
+    if micro_kernels and not muon_bf16_products():
+        pytest.skip("this CPU has no AVX512-BF16 (the plain loops are the other case)")
+    gen = torch.Generator().manual_seed(8)
+    grads = [torch.randn(s, generator=gen) for s in DEFAULT_SHAPES[:4]]
+    before = cpu_bf16_products()
+    cpu_bf16_products(micro_kernels)
+    try:
+        out = _bf16_op(grads, steps=2)
+    finally:
+        cpu_bf16_products(before)
+    for o, g in zip(out, grads):
+        ref = bf16_products_ns(g, 2)
+        bf16_error = float((ref - reference_ns(g, 2)).norm() / ref.norm())
+        assert bf16_error > 1e-4  # the formula's products really are in bf16
+        assert float((o.double() - ref).norm() / ref.norm()) < 0.2 * bf16_error
+
+
+@pytest.mark.skipif(not muon_bf16_products(), reason="no AVX512-BF16 here: a bf16 Newton-Schulz is the PyTorch form's")
+def test_fused_bf16_newton_schulz_tracks_float64_on_low_rank_gradients():
+    """Training's gradients are near low rank, where a bf16 Newton-Schulz in the Gram form drifts (0.2-1.1
+    relative error on the default model's first gradients): the op's bf16 products take the direct
+    iteration, and stay within 3e-2 of the float64 update at the default model's shapes, with the
+    auto backend choosing the op."""
+    gen = torch.Generator().manual_seed(9)
+    grads = [
+        torch.randn(r, 3, generator=gen) @ torch.randn(3, c, generator=gen) + 1e-3 * torch.randn(r, c, generator=gen)
+        for r, c in DEFAULT_SHAPES[:4]
+    ]
+    params = [torch.zeros_like(g) for g in grads]
+    kw = dict(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0, ns_steps=5, eps=1e-7)
+    assert (
+        muon_step(
+            params, grads, [torch.zeros_like(g) for g in grads], ns_coefficients=(A, B, C), ns_dtype="bfloat16", **kw
+        )
+        == "cpp"
+    )
+    for p, g in zip(params, grads):
+        ref = reference_ns(g, 5)
+        out = -p.double() / math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
+        err = float((out - ref).norm() / ref.norm())
+        assert 1e-4 < err < 3e-2, (tuple(g.shape), err)
+
+
+def test_a_run_takes_bf16_newton_schulz_where_it_trains_in_bf16_on_the_fused_step(monkeypatch):
+    from fastlm.training import optim
+
+    for fused_bf16 in (True, False):
+        monkeypatch.setattr(optim, "muon_bf16_products", lambda device_type, fused_bf16=fused_bf16: fused_bf16)
+        want = "bfloat16" if fused_bf16 else "auto"
+        assert run_ns_dtype("auto", "cpu", torch.bfloat16) == want
+        assert run_ns_dtype("auto", "cpu", torch.float32) == "auto"  # Muon's own rule: float32 on a CPU
+        assert run_ns_dtype("auto", "cuda", torch.bfloat16) == "auto"
+        for name in ("float32", "bfloat16", "float64"):
+            assert run_ns_dtype(name, "cpu", torch.bfloat16) == name
 
 
 @needs_fused
@@ -193,9 +290,9 @@ def test_opcheck_muon_step():
     params = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]
     bufs = [torch.randn(s, generator=gen) for s in shapes]
-    torch.library.opcheck(
-        torch.ops.fastlm.muon_step_.default, (params, grads, bufs, 0.02, 0.95, True, 0.1, 5, [A, B, C], 1e-7)
-    )
+    args = (params, grads, bufs, 0.02, 0.95, True, 0.1, 5, [A, B, C], 1e-7)
+    torch.library.opcheck(torch.ops.fastlm.muon_step_.default, args)
+    torch.library.opcheck(torch.ops.fastlm.muon_step_.default, (*args, True))  # bf16 products
 
 
 @needs_fused
@@ -424,6 +521,8 @@ def test_cli_rejects_bad_optimizer_settings(tmp_path, corpus, capsys):
     base = [str(a) for a in ["--data", corpus, "--out-dir", tmp_path / "x", *TINY[:-6]]]
     assert main([*base, "--optimizer", "sgd"]) == 2  # argparse's choices: one line, exit 2
     assert "invalid choice: 'sgd'" in capsys.readouterr().err
+    assert main([*base, "--muon-ns-dtype", "float16"]) == 2
+    assert "invalid choice: 'float16'" in capsys.readouterr().err
     for flags, needle in ((["--muon-lr", "-1"], "muon_lr"), (["--muon-momentum", "1.5"], "muon_momentum")):
         rc = main([*base, *flags])
         err = capsys.readouterr().err.strip().splitlines()

@@ -31,9 +31,11 @@
 #include <cstdint>
 #include <memory>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "cpu/bf16_gemm.h"
 #include "cpu/blas.h"
 
 namespace fastlm {
@@ -54,13 +56,15 @@ struct Lerp {
   }
 };
 
-// Is the Gram form used for a wide m x n matrix (m <= n)? The rule of newton_schulz_many.
-inline bool gram_form(int64_t m, int64_t n, int64_t steps) { return 2 * n > 3 * m && steps > 1; }
+// Is the Gram form used for a wide m x n matrix (m <= n)? The rule of newton_schulz_many: never with
+// bf16 products (A squares the singular values: in bf16 the polynomial drifts, measured 0.2-1.1
+// relative error on the default model's gradients, 2-5e-2 for the direct form).
+inline bool gram_form(int64_t m, int64_t n, int64_t steps, bool bf16) { return !bf16 && 2 * n > 3 * m && steps > 1; }
 
 // Flops of one matrix's Newton-Schulz (the thread dealing's weights).
-double ns_flops(int64_t rows, int64_t cols, int64_t steps) {
+double ns_flops(int64_t rows, int64_t cols, int64_t steps, bool bf16) {
   const double m = double(std::min(rows, cols)), n = double(std::max(rows, cols));
-  if (gram_form(int64_t(m), int64_t(n), steps)) return 4 * m * m * n + (8.0 * steps - 6) * m * m * m;
+  if (gram_form(int64_t(m), int64_t(n), steps, bf16)) return 4 * m * m * n + (8.0 * steps - 6) * m * m * m;
   return steps * (4 * m * m * n + 2 * m * m * m);
 }
 
@@ -81,17 +85,59 @@ struct Buffer {
 template <typename T>
 struct Workspace {
   Buffer<T> X, Y, A, P, Q, R;
+  Buffer<uint16_t> pa, pb;  // bf16 operands of the bf16 products
+  bool bf16 = false;        // the products take bf16 operands (float32 sums): float only
   void reserve(int64_t m, int64_t n) {
     for (auto* v : {&X, &Y}) v->resize(m * n);
     for (auto* v : {&A, &P, &Q, &R}) v->resize(m * m);
   }
 };
 
+inline int64_t pad16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// C = alpha op(X) op(Y) + beta C (row-major, op = transpose where tx/ty; op(X) m x k, op(Y) k x n):
+// one single-threaded BLAS call, or with ws.bf16 the same product of X and Y rounded to bf16 (to
+// nearest even) summed in float32 (bf16_gemm.h; plain loops where the CPU lacks AVX512-BF16).
+template <typename T>
+void product(Workspace<T>& ws, bool tx, bool ty, int64_t m, int64_t n, int64_t k, T alpha, const T* X,
+             int64_t ldx, const T* Y, int64_t ldy, T beta, T* C, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (ws.bf16) {
+      const int64_t k2 = (k + 1) / 2, n_pad = pad16(n);
+      const uint16_t* A;
+      int64_t a_rs, a_ps;
+      if (!tx) {  // X: m rows of k, packed as bf16 rows (even length)
+        ws.pa.resize(m * 2 * k2);
+        bf16::rows(X, ldx, m, k, ws.pa.data(), 2 * k2, 2 * k2);
+        A = ws.pa.data(), a_rs = 2 * k2, a_ps = 2;
+      } else {  // X: k rows of m; its pair pack read transposed
+        const int64_t ldp = 2 * pad16(m);
+        ws.pa.resize(k2 * ldp);
+        bf16::pairs(X, ldx, k, m, ws.pa.data(), ldp, pad16(m));
+        A = ws.pa.data(), a_rs = 2, a_ps = ldp;
+      }
+      ws.pb.resize(k2 * 2 * n_pad);
+      if (!ty) {
+        bf16::pairs(Y, ldy, k, n, ws.pb.data(), 2 * n_pad, n_pad);
+      } else {
+        bf16::pairs_t(Y, ldy, n, k, ws.pb.data(), 2 * n_pad, n_pad);
+      }
+      if (beta != T(0) && beta != T(1)) {
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t j = 0; j < n; ++j) C[r * ldc + j] *= beta;
+      }
+      bf16::gemm(m, n, k2, A, a_rs, a_ps, ws.pb.data(), 2 * n_pad, C, ldc, beta != T(0), alpha);
+      return;
+    }
+  }
+  gemm_rm(tx, ty, m, n, k, alpha, X, ldx, Y, ldy, beta, C, ldc);
+}
+
 // P = b A + c A A + a I (m x m, A symmetric): baddbmm(A, A, A, beta=b, alpha=c) then the diagonal.
 template <typename T>
-inline void quintic(T* P, const T* A, int64_t m, T a, T b, T c) {
+inline void quintic(Workspace<T>& ws, T* P, const T* A, int64_t m, T a, T b, T c) {
   std::copy(A, A + m * m, P);
-  gemm_rm(false, false, m, m, m, c, A, m, A, m, b, P, m);
+  product(ws, false, false, m, m, m, c, A, m, A, m, b, P, m);
   for (int64_t i = 0; i < m; ++i) P[i * m + i] += a;
 }
 
@@ -133,42 +179,42 @@ void muon_one(T* p, const T* g, T* buf, int64_t rows, int64_t cols, double lr, T
   if (i < numel) (Vec::loadu(S + i, numel - i) / norm).store(S + i, numel - i);
   // A = X X^T: S S^T, or S^T S for a tall S
   const auto gram = [&](const T* Sx, T* A) {
-    gemm_rm(tall, !tall, m, m, n, T(1), Sx, cols, Sx, cols, T(0), A, m);
+    product(ws, tall, !tall, m, m, n, T(1), Sx, cols, Sx, cols, T(0), A, m);
   };
   T* O = ws.Y.data();  // the result, rows x cols
-  if (gram_form(m, n, steps)) {
+  if (gram_form(m, n, steps, ws.bf16)) {
     T *A = ws.A.data(), *P = ws.P.data(), *Q = ws.Q.data(), *R = ws.R.data();
     gram(S, A);
     for (int64_t k = 0; k < steps; ++k) {
-      quintic(P, A, m, a, b, c);
+      quintic(ws, P, A, m, a, b, c);
       if (k == 0) {
         std::copy(P, P + m * m, Q);
       } else {  // Q <- P Q
-        gemm_rm(false, false, m, m, m, T(1), P, m, Q, m, T(0), R, m);
+        product(ws, false, false, m, m, m, T(1), P, m, Q, m, T(0), R, m);
         std::swap(ws.Q, ws.R);
         Q = ws.Q.data();
         R = ws.R.data();
       }
       if (k + 1 < steps) {  // A <- (P A) P
-        gemm_rm(false, false, m, m, m, T(1), P, m, A, m, T(0), R, m);
-        gemm_rm(false, false, m, m, m, T(1), R, m, P, m, T(0), A, m);
+        product(ws, false, false, m, m, m, T(1), P, m, A, m, T(0), R, m);
+        product(ws, false, false, m, m, m, T(1), R, m, P, m, T(0), A, m);
       }
     }
     if (tall) {  // O^T = Q X_0, so O = S Q^T
-      gemm_rm(false, true, n, m, m, T(1), S, m, Q, m, T(0), O, m);
+      product(ws, false, true, n, m, m, T(1), S, m, Q, m, T(0), O, m);
     } else {
-      gemm_rm(false, false, m, n, m, T(1), Q, m, S, n, T(0), O, n);
+      product(ws, false, false, m, n, m, T(1), Q, m, S, n, T(0), O, n);
     }
   } else {
     T *A = ws.A.data(), *B = ws.P.data();
     for (int64_t k = 0; k < steps; ++k) {
       gram(S, A);
-      quintic(B, A, m, T(0), b, c);  // B = b A + c A^2
+      quintic(ws, B, A, m, T(0), b, c);  // B = b A + c A^2
       std::copy(S, S + numel, O);     // X <- a X + B X: O = a S + B S, or a S + S B^T when tall
       if (tall) {
-        gemm_rm(false, true, n, m, m, T(1), S, m, B, m, a, O, m);
+        product(ws, false, true, n, m, m, T(1), S, m, B, m, a, O, m);
       } else {
-        gemm_rm(false, false, m, n, m, T(1), B, m, S, n, a, O, n);
+        product(ws, false, false, m, n, m, T(1), B, m, S, n, a, O, n);
       }
       std::swap(ws.X, ws.Y);
       S = ws.X.data();
@@ -220,7 +266,7 @@ void check_no_overlap(at::TensorList params, at::TensorList grads, at::TensorLis
 
 void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList bufs, double lr, double momentum,
                    bool nesterov, double weight_decay, int64_t ns_steps, at::ArrayRef<double> coefficients,
-                   double eps) {
+                   double eps, bool bf16_products) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && bufs.size() == n, "muon_step: params, grads and momentum buffers must be "
               "lists of one length, got ", n, ", ", grads.size(), ", ", bufs.size());
@@ -230,6 +276,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
   if (n == 0) return;
   const auto dt = params[0].scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "muon_step: takes float32/float64 parameters, got ", dt);
+  TORCH_CHECK(!bf16_products || dt == at::kFloat, "muon_step: bf16_products takes float32 parameters, got ", dt);
   TORCH_CHECK(blas_linked(static_cast<float*>(nullptr)), "muon_step: needs the BLAS torch links (sgemm_)");
   std::vector<double> cost(n);
   for (size_t i = 0; i < n; ++i) {
@@ -243,7 +290,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
       TORCH_CHECK(t->is_contiguous(), "muon_step: tensor ", i, " is not contiguous");
     }
     TORCH_CHECK(p.numel() > 0, "muon_step: parameter ", i, " is empty");
-    cost[i] = ns_flops(p.size(0), p.size(1), ns_steps);
+    cost[i] = ns_flops(p.size(0), p.size(1), ns_steps, bf16_products);
   }
   check_no_overlap(params, grads, bufs);
   // deal the matrices to the threads: longest first, each to the least loaded (ties: lowest index)
@@ -263,6 +310,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList b
     const T a = T(coefficients[0]), b = T(coefficients[1]), c = T(coefficients[2]);
     at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
       Workspace<T> ws;
+      ws.bf16 = bf16_products;
       for (int64_t t = begin; t < end; ++t) {
         for (size_t i : share[t]) {
           const at::Tensor &p = params[i], &g = grads[i], &m = bufs[i];

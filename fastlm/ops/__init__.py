@@ -7,7 +7,8 @@
 * :func:`attention_qkv` -- self-attention on the model's packed ``qkv`` projection, with RoPE.
 * :func:`qk_norm_value_mix` -- QK-norm and the value-embedding mix on the packed ``qkv`` (the step
   between the model's qkv projection and :func:`attention_qkv`).
-* :func:`muon_step` -- one step of the Muon optimizer on a list of matrices.
+* :func:`muon_step` -- one step of the Muon optimizer on a list of matrices (:func:`muon_bf16_products`:
+  whether its bfloat16 Newton-Schulz runs fused here).
 * :func:`bpe_train` -- the merge loop of byte-level BPE training.
 
 Backends (``backend=`` argument, or the ``FASTLM_BACKEND`` environment variable, which overrides
@@ -45,7 +46,7 @@ from fastlm.ops.backend import (
     resolve_backend,
 )
 from fastlm.ops.bpe import bpe_train
-from fastlm.ops.muon import muon_step
+from fastlm.ops.muon import muon_bf16_products, muon_step
 from fastlm.ops.qk_norm import qk_norm_value_mix
 from fastlm.ops.swiglu import swiglu, swiglu_packed
 
@@ -58,6 +59,7 @@ __all__ = [
     "swiglu_packed",
     "qk_norm_value_mix",
     "muon_step",
+    "muon_bf16_products",
     "bpe_train",
     "BACKENDS",
     "Backend",

@@ -170,9 +170,7 @@ if _C is not None:
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("fastlm::muon_step_")
-    def _muon_step_fake(
-        params, grads, momentum_buffers, lr, momentum, nesterov, weight_decay, ns_steps, ns_coefficients, eps
-    ):
+    def _muon_step_fake(params, grads, momentum_buffers, *settings):  # in place: no outputs
         return None
 
     # ---- autograd ------------------------------------------------------------------------------
@@ -269,8 +267,9 @@ class _CppBackend(BackendBase):
 
     def muon_step_unsupported(self, params, grads, bufs, ns_dtype):
         """Why ``fastlm::muon_step_`` cannot take these lists (None: it can): CPU, one dtype of
-        float32/float64 for all that is also the Newton-Schulz dtype, contiguous 2-D tensors, a grad
-        and a buffer of each parameter's shape."""
+        float32/float64 for all that is also the Newton-Schulz dtype (or float32 parameters with a
+        bfloat16 Newton-Schulz, where :func:`cpu_bf16_products` is on: bf16 products, float32 sums),
+        contiguous 2-D tensors, a grad and a buffer of each parameter's shape."""
         if _IMPORT_ERROR:
             return _IMPORT_ERROR
         if not self.gemm_max_tk:
@@ -278,7 +277,11 @@ class _CppBackend(BackendBase):
         dtype = params[0].dtype if params else None
         if params[0].device.type != "cpu":
             return f"the op is CPU-only, the parameters are on {params[0].device}"
-        if resolve_ns_dtype(ns_dtype, "cpu") != dtype:
+        ns = resolve_ns_dtype(ns_dtype, "cpu")
+        if ns == torch.bfloat16 and dtype == torch.float32:
+            if not cpu_bf16_products():
+                return "a bfloat16 Newton-Schulz needs bf16 products (AVX512-BF16, FASTLM_CPU_BF16_DOT not 0)"
+        elif ns != dtype:
             return f"the Newton-Schulz dtype ({ns_dtype}) must resolve to the parameters' dtype ({dtype}) on CPU"
         if dtype not in (torch.float32, torch.float64):
             return f"takes float32/float64 parameters, got {dtype}"
@@ -316,6 +319,7 @@ class _CppBackend(BackendBase):
             int(ns_steps),
             [float(c) for c in ns_coefficients],
             float(eps),
+            resolve_ns_dtype(ns_dtype, "cpu") == torch.bfloat16,
         )
 
     def bpe_train_unsupported(self):

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from fastlm.errors import BackendUnavailableError
-from fastlm.ops import muon_step
+from fastlm.ops import muon_bf16_products, muon_step
 from fastlm.ops.reference_muon import NS_COEFFICIENTS, resolve_ns_dtype
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "adamw_kwargs",
     "build_optimizer",
     "optimizer_for",
+    "run_ns_dtype",
     "muon_param_names",
     "load_checked_state",
 ]
@@ -262,8 +263,19 @@ def build_optimizer(
 _LIVE_FIELDS = {"params", "lr", "fused", "foreach", "capturable", "differentiable"}
 
 
-def optimizer_for(model, cfg, device_type: str):
-    """:func:`build_optimizer` with a run's settings (a resolved TrainConfig): what the Trainer trains with."""
+def run_ns_dtype(name: str, device_type: str, autocast_dtype: torch.dtype) -> str:
+    """The Newton-Schulz dtype of a run's Muon (``--muon-ns-dtype``): a named one as given; ``auto`` is
+    ``bfloat16`` in a CPU run under bfloat16 autocast where the fused step has bf16 products
+    (:func:`fastlm.ops.muon_bf16_products`: float32 sums, the direct iteration; 2.1x faster than its
+    float32 step), else Muon's own ``auto`` (float32 on a CPU, bfloat16 on CUDA)."""
+    if name == "auto" and device_type == "cpu" and autocast_dtype == torch.bfloat16 and muon_bf16_products("cpu"):
+        return "bfloat16"
+    return name
+
+
+def optimizer_for(model, cfg, device_type: str, autocast_dtype: torch.dtype = torch.float32):
+    """:func:`build_optimizer` with a run's settings (a resolved TrainConfig) and its autocast dtype:
+    what the Trainer trains with."""
     return build_optimizer(
         model,
         optimizer=cfg.optimizer,
@@ -272,6 +284,7 @@ def optimizer_for(model, cfg, device_type: str):
         betas=(cfg.beta1, cfg.beta2),
         muon_lr=cfg.muon_lr,
         muon_momentum=cfg.muon_momentum,
+        ns_dtype=run_ns_dtype(cfg.muon_ns_dtype, device_type, autocast_dtype),
         device_type=device_type,
     )
 

@@ -8,8 +8,10 @@ a timeout, so a rank that dies cannot leave the others waiting for ever.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,7 @@ __all__ = [
     "resolve_dtype",
     "cpu_native_bf16",
     "autocast",
+    "keep_cpu_heap",
     "Dist",
     "init_distributed",
     "DEFAULT_DIST_TIMEOUT_S",
@@ -91,6 +94,45 @@ def autocast(device_type: str, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type, dtype=dtype)
+
+
+# glibc's mallopt parameters (malloc.h) and the values keep_cpu_heap sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_MMAP_THRESHOLD = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+_KEEP_TRIM_THRESHOLD = 1 << 30
+_heap_kept: "bool | None" = None
+
+
+def keep_cpu_heap() -> bool:
+    """Stop glibc's malloc from handing a CPU training step's freed memory back to the system, so
+    that the next step does not fault it in again, page by page (Linux/glibc; elsewhere nothing).
+
+    Every step frees most of what it allocated (activations, gradients, workspaces) and allocates
+    the same again. glibc returns the free top of its heap to the system once it exceeds the trim
+    threshold (a few MiB), and serves blocks above its mmap threshold with fresh mappings; either
+    way the next step's first writes to that memory take a page fault each, zeroing the page. The
+    default run took about 340 minor faults per step this way (none with the heap kept); a bare
+    loop of its steps, as the benchmarks time them, 2,000-3,300, and ran 1.15-1.19x faster without
+    them (2-core AMD EPYC, alternating processes).
+
+    So this sets the trim threshold to 1 GiB and the mmap threshold to 32 MiB (glibc's largest; a
+    fixed trim threshold turns off glibc's own raising of the mmap threshold, which alone made every
+    block over 128 KiB a fresh mapping: 19,000 faults per step). The process keeps up to 1 GiB of
+    freed heap for reuse. Process-wide, once; ``FASTLM_KEEP_HEAP=0`` leaves malloc as it is. Returns
+    whether the thresholds are set."""
+    global _heap_kept
+    if _heap_kept is None:
+        _heap_kept = False
+        if os.environ.get("FASTLM_KEEP_HEAP", "").strip() != "0" and platform.libc_ver()[0] == "glibc":
+            try:
+                mallopt = ctypes.CDLL(None).mallopt
+            except (OSError, AttributeError):
+                return False
+            mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+            # mmap first: were it refused, a fixed trim threshold alone would make matters worse
+            if mallopt(_M_MMAP_THRESHOLD, _KEEP_MMAP_THRESHOLD) == 1:
+                _heap_kept = mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD) == 1
+    return _heap_kept
 
 
 @dataclass

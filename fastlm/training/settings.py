@@ -25,6 +25,7 @@ import torch
 from fastlm.errors import TrainError
 from fastlm.io.checkpoint import CheckpointError
 from fastlm.model import GPTConfig
+from fastlm.ops.reference_muon import NS_DTYPES
 from fastlm.text import data as data_mod
 from fastlm.training.optim import OPTIMIZERS
 from fastlm.training.runtime import resolve_dtype
@@ -118,6 +119,9 @@ def profile_train(name: str, dtype: str, device_type: str) -> dict:
     return dict(recipe["train"])
 
 
+NS_DTYPE_CHOICES = ("auto", *NS_DTYPES)
+
+
 @dataclass
 class TrainConfig:
     # data
@@ -206,6 +210,15 @@ class TrainConfig:
         metadata={"help": "muon: peak learning rate of the Muon matrices (used only with the muon optimizer)"},
     )
     muon_momentum: float = field(default=0.95, metadata={"help": "muon: Nesterov momentum of the Muon matrices"})
+    muon_ns_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "muon: precision of the Newton-Schulz products. auto: bfloat16 products with float32 sums "
+            "in a CPU bfloat16 run on a CPU with AVX512-BF16 (the fused step, 2.1x faster), bfloat16 on CUDA, "
+            "else float32",
+            "choices": NS_DTYPE_CHOICES,
+        },
+    )
     weight_decay: float = field(default=0.1, metadata={"help": "weight decay of the 2-D weights (AdamW and Muon)"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.99, metadata={"help": "AdamW beta2"})
@@ -351,6 +364,10 @@ class TrainConfig:
         _need(
             math.isfinite(self.muon_momentum) and 0 <= self.muon_momentum < 1,
             f"muon_momentum must be in [0, 1), got {self.muon_momentum!r}",
+        )
+        _need(
+            self.muon_ns_dtype in NS_DTYPE_CHOICES,
+            f"muon_ns_dtype must be one of {', '.join(NS_DTYPE_CHOICES)}, got {self.muon_ns_dtype!r}",
         )
         _need(
             _is_number(self.decay_frac) and 0 < self.decay_frac <= 1,

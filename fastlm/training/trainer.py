@@ -56,7 +56,7 @@ from fastlm.text.tokenizers import load_tokenizer
 from fastlm.training import rundir
 from fastlm.training.mfu import format_flops, mfu_fields, peak_flops
 from fastlm.training.optim import load_checked_state, optimizer_for
-from fastlm.training.runtime import autocast, init_distributed, resolve_device, resolve_dtype
+from fastlm.training.runtime import autocast, init_distributed, keep_cpu_heap, resolve_device, resolve_dtype
 from fastlm.training.schedule import LRSchedule
 from fastlm.training.settings import (
     INIT_OVERRIDABLE,
@@ -318,6 +318,8 @@ class Trainer:
         cfg = self.config
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if self.device_type == "cpu":
+            keep_cpu_heap()  # activations live in host memory: no page faults step after step
         self.device = torch.device(
             f"cuda:{self.dist.local_rank}" if self.device_type == "cuda" and self.dist.enabled else self.device_type
         )
@@ -454,7 +456,7 @@ class Trainer:
             ckpt_mod.load_model_tensors(model, init_state, cfg.init_from)
         model.to(self.device)
         self.raw_model = self.model = model
-        self.optimizer = optimizer_for(model, cfg, self.device.type)
+        self.optimizer = optimizer_for(model, cfg, self.device.type, self.autocast_dtype)
         self.schedule = LRSchedule(cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=(self.autocast_dtype == torch.float16))
         self.amp = autocast(self.device.type, self.autocast_dtype)
