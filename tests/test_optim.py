@@ -283,6 +283,14 @@ def test_a_run_takes_bf16_newton_schulz_where_it_trains_in_bf16_on_the_fused_ste
             assert run_ns_dtype(name, "cpu", torch.bfloat16) == name
 
 
+def test_a_forced_backend_other_than_cpp_keeps_the_float32_newton_schulz(monkeypatch):
+    """FASTLM_BACKEND=reference runs Muon in its PyTorch form: a run's ``auto`` Newton-Schulz stays
+    float32 there (the fused op's bf16 products are not what that form would compute)."""
+    monkeypatch.setenv("FASTLM_BACKEND", "reference")
+    assert not muon_bf16_products()
+    assert run_ns_dtype("auto", "cpu", torch.bfloat16) == "auto"
+
+
 @needs_fused
 def test_opcheck_muon_step():
     gen = torch.Generator().manual_seed(6)

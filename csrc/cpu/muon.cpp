@@ -10,6 +10,10 @@
 // than high and k > 1, the same polynomial in its Gram form (every iterate is Q X_0 with Q a
 // polynomial in A_0 = X_0 X_0^T: P = a + b A + c A^2, Q <- P Q, A <- P A P; then O = Q X_0).
 //
+// bf16_products (float32 parameters; a CPU bfloat16 run's): every product's operands rounded to bf16
+// (nearest even) and summed in float32 by the VDPBF16PS micro-kernels of bf16_gemm.h (plain loops where
+// the CPU lacks them), all else in float32 as above, and always the direct iteration (see gram_form).
+//
 // Why an op: at the default model's sizes (96 x 96 .. 96 x 512) the products are small, and the
 // PyTorch form spends as much time in dispatch, stacking and elementwise passes as in the GEMMs, and
 // its batched matmuls split each product across threads. Here the matrices are dealt to the threads
@@ -58,7 +62,7 @@ struct Lerp {
 
 // Is the Gram form used for a wide m x n matrix (m <= n)? The rule of newton_schulz_many: never with
 // bf16 products (A squares the singular values: in bf16 the polynomial drifts, measured 0.2-1.1
-// relative error on the default model's gradients, 2-5e-2 for the direct form).
+// relative error on the default model's gradients, 1.1-1.5e-2 for the direct form).
 inline bool gram_form(int64_t m, int64_t n, int64_t steps, bool bf16) { return !bf16 && 2 * n > 3 * m && steps > 1; }
 
 // Flops of one matrix's Newton-Schulz (the thread dealing's weights).
