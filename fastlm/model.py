@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fastlm import ops
 from fastlm.errors import ConfigError
+from fastlm.ops.embedding import embedding
 from fastlm.ops.positions import alibi_slopes, apply_rope, rope_tables
 
 __all__ = ["GPTConfig", "GPT", "KVCache", "PLAIN_OPTIONS"]
@@ -284,6 +285,14 @@ class KVCache:
         self.length = self.fill = 0
 
 
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` (no padding index, no max-norm) looked up by :func:`fastlm.ops.embedding.embedding`:
+    the same values, and on CPU a backward that is one ``index_add_``."""
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return embedding(idx, self.weight)
+
+
 def _norm(cfg: GPTConfig, width: Optional[int] = None, bias: Optional[bool] = None) -> nn.Module:
     width = cfg.n_embd if width is None else width
     if cfg.norm == "rmsnorm":
@@ -419,8 +428,8 @@ class GPT(nn.Module):
         # checks (triton's imports triton, seconds) only where auto may pick a GPU backend.
         ops.load_backends(check_availability=torch.cuda.is_available())
         self.config = cfg = config
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.wte = Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         if cfg.pos == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
         if cfg.pos == "alibi":
@@ -435,7 +444,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         kv_width = cfg.n_kv_head * cfg.head_dim
         self.value_embeds = (
-            nn.ModuleList(nn.Embedding(cfg.vocab_size, kv_width) for _ in range(cfg.n_layer))
+            nn.ModuleList(Embedding(cfg.vocab_size, kv_width) for _ in range(cfg.n_layer))
             if cfg.value_embed
             else None
         )

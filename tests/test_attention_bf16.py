@@ -69,8 +69,20 @@ def emulate(qkv, dout, h, h_kv, rope, scale, slopes, window, seg):
         s = s + alibi(slopes, t, t)[None]
     mask = visible(b, t, t, True, window, seg)[:, None]
     p = torch.softmax(s.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+    if slopes is None:
+        # without ALiBi the forward rounds the unnormalised exp(s - max) and divides P V by the row's
+        # sum (as FlashAttention does); with ALiBi it rounds the normalised P
+        e = (
+            (s - s.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True))
+            .exp()
+            .masked_fill(~mask, 0.0)
+            .nan_to_num(0.0)
+        )
+        inv = 1.0 / e.sum(-1, keepdim=True)
+        out = ((bf(e) @ vg) * inv.nan_to_num(0.0, posinf=0.0)).transpose(1, 2).reshape(b, t, h * d)
+    else:
+        out = (bf(p) @ vg).transpose(1, 2).reshape(b, t, h * d)
     pb = bf(p)
-    out = (pb @ vg).transpose(1, 2).reshape(b, t, h * d)
     do = dout.double().reshape(b, t, h, d).transpose(1, 2)
     dp = do @ vg.transpose(-1, -2)
     ds = p * (dp - (p * dp).sum(-1, keepdim=True))

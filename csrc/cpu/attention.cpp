@@ -890,7 +890,9 @@ at::ScalarType lse_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDo
 // bf16 operands and sums in float32 (bf16::gemm: VDPBF16PS where the CPU has AVX512-BF16): q and k
 // are rotated in float32 and rounded to bf16, P and dS are rounded to bf16 for the products that
 // consume them (as FlashAttention does on GPUs), and the softmax, the lse, dK and dV accumulate in
-// float32. Output and d(qkv) are bfloat16, lse float32.
+// float32. Without ALiBi the forward rounds the unnormalised P (exp(s - max)) and divides each output
+// row by its sum after P V, as FlashAttention does; with ALiBi it rounds the normalised P. Output and
+// d(qkv) are bfloat16, lse float32.
 namespace bfa {
 
 inline int64_t up16(int64_t n) { return (n + 15) / 16 * 16; }
@@ -903,6 +905,94 @@ inline void load_rows(float* dst, const at::BFloat16* src, int64_t ld_src, int64
 }
 
 inline uint16_t* bits(at::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
+
+// The forward's softmax without ALiBi and with scale > 0, in two passes over each row instead of
+// softmax_block's four: the max of the raw scores (scale > 0 keeps the arg max), then
+// p = exp(s * scale - max * scale) (one FMA) and its sum. P stays unnormalised (1 at the row's max):
+// the caller scales the row's output by inv[r] = 1 / sum after the P V product, as FlashAttention
+// does. Keys outside a row's interval become 0; a row that sees no key is all zeros, inv 0 and lse
+// -inf.
+inline void softmax_unnormalized(float* S, int64_t kw, int64_t k0, int64_t i0, int64_t nr, const attn::Mask& mask,
+                                 float scale, float* L, float* inv, int64_t ld) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t V = Vec::size();
+  const Vec sc(scale);
+  for (int64_t r = 0; r < nr; ++r) {
+    const attn::KeyRange rk = attn::row_keys(i0 + r, mask);
+    float* x = S + r * ld;
+    if (rk.hi <= rk.lo) {
+      std::fill(x, x + kw, 0.f);
+      L[r] = -std::numeric_limits<float>::infinity();
+      inv[r] = 0.f;
+      continue;
+    }
+    const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;
+    std::fill(x, x + a, 0.f);
+    std::fill(x + a + n, x + kw, 0.f);
+    x += a;
+    const float ms = vec_max(x, n) * scale;
+    const Vec shift(-ms);
+    Vec acc(0.f);
+    int64_t j = 0;
+    for (; j + V <= n; j += V) {
+      const Vec e = vexp<true>(at::vec::fmadd(Vec::loadu(x + j), sc, shift));
+      e.store(x + j);
+      acc = acc + e;
+    }
+    if (j < n) {
+      const Vec e = vexp<true>(at::vec::fmadd(Vec::loadu(x + j, n - j), sc, shift));
+      e.store(x + j, n - j);
+      acc = acc + Vec::set(Vec(0.f), e, n - j);
+    }
+    const float l = at::vec::vec_reduce_all<float>([](const Vec& u, const Vec& w) { return u + w; }, acc);
+    inv[r] = attn::inv_sum(l);
+    L[r] = attn::row_lse(ms, l);
+  }
+}
+
+// The backward's row math (softmax_bwd_block's) without ALiBi and with scale > 0, in two passes over
+// each row instead of four: P = exp(s * scale - lse) (one FMA) with the row's sum of P dP, then
+// dS = P (dP - that sum).
+inline void softmax_bwd_rows(float* P, float* dS, int64_t kw, int64_t k0, int64_t i0, int64_t nr,
+                             const attn::Mask& mask, float scale, const float* L, int64_t ld) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t V = Vec::size();
+  const Vec sc(scale);
+  for (int64_t r = 0; r < nr; ++r) {
+    const attn::KeyRange rk = attn::row_keys(i0 + r, mask);
+    float* p = P + r * ld;
+    float* ds = dS + r * ld;
+    if (rk.hi <= rk.lo || L[r] == -std::numeric_limits<float>::infinity()) {
+      std::fill(p, p + kw, 0.f);
+      std::fill(ds, ds + kw, 0.f);
+      continue;
+    }
+    const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;
+    for (float* x : {p, ds}) {
+      std::fill(x, x + a, 0.f);
+      std::fill(x + a + n, x + kw, 0.f);
+    }
+    p += a;
+    ds += a;
+    const Vec shift(-attn::backward_shift(L[r]));
+    Vec acc(0.f);
+    int64_t j = 0;
+    for (; j + V <= n; j += V) {
+      const Vec e = vexp<true>(at::vec::fmadd(Vec::loadu(p + j), sc, shift));
+      e.store(p + j);
+      acc = at::vec::fmadd(e, Vec::loadu(ds + j), acc);
+    }
+    if (j < n) {
+      const Vec e = vexp<true>(at::vec::fmadd(Vec::loadu(p + j, n - j), sc, shift));
+      e.store(p + j, n - j);
+      acc = acc + Vec::set(Vec(0.f), e * Vec::loadu(ds + j, n - j), n - j);
+    }
+    const Vec dl(at::vec::vec_reduce_all<float>([](const Vec& u, const Vec& w) { return u + w; }, acc));
+    j = 0;
+    for (; j + V <= n; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
+    if (j < n) (Vec::loadu(p + j, n - j) * (Vec::loadu(ds + j, n - j) - dl)).store(ds + j, n - j);
+  }
+}
 
 }  // namespace bfa
 
@@ -917,9 +1007,12 @@ void attention_qkv_fwd_bf16(const at::Tensor& qkv, at::Tensor& out, at::Tensor& 
   const int64_t Dp = D + (D & 1), Dv = bfa::up16(D), Tp = bfa::up16(T) + 16;
   const float scale = static_cast<float>(scale_d);
   const std::vector<float> slopes = slopes_of<float>(alibi, s.H);
+  // without ALiBi (and with a positive scale) the two-pass softmax, P normalised through the output
+  const bool unnormalized = !alibi.has_value() && scale > 0.f;
   at::parallel_for(0, s.B * s.H * n_blk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(kGemmRows * Tp), Qf(kGemmRows * D), KVf(T * D), Of(kGemmRows * D);
     std::vector<uint16_t> Qa(kGemmRows * Dp), Kt(Dp * Tp), Pa(kGemmRows * Tp), Vp((Tp / 2 + 1) * 2 * Dv);
+    std::vector<float> inv(kGemmRows);
     for (int64_t task = begin; task < end; ++task) {
       const QkvFwdTask t(task, n_blk, s, masks);
       const int64_t b = t.b, h = t.h, hk = t.hk, i0 = t.i0, nr = t.nr, j = t.j, kw = t.kw;
@@ -931,12 +1024,19 @@ void attention_qkv_fwd_bf16(const at::Tensor& qkv, at::Tensor& out, at::Tensor& 
       bfa::load_rows(KVf.data(), row0 + j * st + (s.H + hk) * D, st, kw, j, D, rope.cs, rope.sn);
       bf16::pairs_t(KVf.data(), D, kw, D, Kt.data(), 2 * kwp, kwp);
       bf16::gemm(nr, kw, Dp / 2, Qa.data(), Dp, 2, Kt.data(), 2 * kwp, S.data(), kwp, false, 1.f);
-      softmax_block<float, true>(S.data(), kw, j, i0, nr, mask, scale, slopes[h], alibi.has_value(),
-                                 L + (b * s.H + h) * T + i0, kwp);
+      if (unnormalized) {
+        bfa::softmax_unnormalized(S.data(), kw, j, i0, nr, mask, scale, L + (b * s.H + h) * T + i0, inv.data(), kwp);
+      } else {
+        softmax_block<float, true>(S.data(), kw, j, i0, nr, mask, scale, slopes[h], alibi.has_value(),
+                                   L + (b * s.H + h) * T + i0, kwp);
+      }
       bf16::rows(S.data(), kwp, nr, kw, Pa.data(), kwe, kwe);
       bfa::load_rows(KVf.data(), row0 + j * st + (s.H + s.H_kv + hk) * D, st, kw, j, D, nullptr, nullptr);
       bf16::pairs(KVf.data(), D, kw, D, Vp.data(), 2 * Dv, Dv);
       bf16::gemm(nr, D, kwe / 2, Pa.data(), kwe, 2, Vp.data(), 2 * Dv, Of.data(), D, false, 1.f);
+      if (unnormalized) {
+        for (int64_t r = 0; r < nr; ++r) scale_row(Of.data() + r * D, D, inv[r]);
+      }
       bf16::rows(Of.data(), D, nr, D, bfa::bits(O + (b * T + i0) * HD + h * D), HD, D);
     }
   });
@@ -956,6 +1056,7 @@ void attention_qkv_bwd_bf16(const at::Tensor& dout, const at::Tensor& qkv, const
   const float scale = static_cast<float>(scale_d);
   const std::vector<float> slopes = slopes_of<float>(alibi, s.H);
   const bool has_alibi = alibi.has_value();
+  const bool two_pass = !has_alibi && scale > 0.f;  // bfa::softmax_bwd_rows
   const AttnShape as{s.B, s.H, s.H_kv, T, T, D};
   at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> P(kGemmRows * Tp), dS(kGemmRows * Tp), Qf(kGemmRows * D), dOf(kGemmRows * D),
@@ -994,8 +1095,12 @@ void attention_qkv_bwd_bf16(const at::Tensor& dout, const at::Tensor& qkv, const
           // P = Q K^T and dP = dO V^T over the block's keys (columns from j of the transposed packs)
           bf16::gemm(nr, kw, Dp / 2, Qa.data(), Dp, 2, Kt.data() + 2 * j, 2 * Tp, P.data(), kwp, false, 1.f);
           bf16::gemm(nr, kw, Dp / 2, dOA, dOA_ld, 2, Vt.data() + 2 * j, 2 * Tp, dS.data(), kwp, false, 1.f);
-          softmax_bwd_block<float, true>(P.data(), dS.data(), kw, j, i0, nr, mask, scale, slopes[h], has_alibi,
-                                         LSE + (b * s.H + h) * T + i0, kwp);
+          if (two_pass) {
+            bfa::softmax_bwd_rows(P.data(), dS.data(), kw, j, i0, nr, mask, scale, LSE + (b * s.H + h) * T + i0, kwp);
+          } else {
+            softmax_bwd_block<float, true>(P.data(), dS.data(), kw, j, i0, nr, mask, scale, slopes[h], has_alibi,
+                                           LSE + (b * s.H + h) * T + i0, kwp);
+          }
           // dV += P^T dO, dK += dS^T Q: the row pairs of P / dS read transposed as A
           bf16::pairs(P.data(), kwp, nr, kw, Pp.data(), 2 * kwp, kwp);
           bf16::pairs(dOf.data(), D, nr, D, dOp.data(), 2 * Dv, Dv);
