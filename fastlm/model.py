@@ -444,9 +444,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         kv_width = cfg.n_kv_head * cfg.head_dim
         self.value_embeds = (
-            nn.ModuleList(Embedding(cfg.vocab_size, kv_width) for _ in range(cfg.n_layer))
-            if cfg.value_embed
-            else None
+            nn.ModuleList(Embedding(cfg.vocab_size, kv_width) for _ in range(cfg.n_layer)) if cfg.value_embed else None
         )
         self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet_skips else None
         self.apply(self._init_weights)
