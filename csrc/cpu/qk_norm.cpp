@@ -72,12 +72,15 @@ at::Tensor rows_of(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contig
 
 using at::vec::Vectorized;
 
-// The statistics of one head row x[0..D): xhat = (x - mu) * rstd (mu = 0 for RMSNorm).
+// The statistics of the n head rows x[h D .. (h + 1) D): xhat = (x - mu[h]) * rstd[h] (mu = 0 for
+// RMSNorm). Each step runs over all the heads before the next, so the heads' reductions, each a
+// chain of dependent shuffles and a scalar square root, overlap instead of waiting on one another
+// (a head at a time, the forward was bound by their latency).
 template <typename acc_t>
-inline void head_stats(const acc_t* x, int64_t D, bool rms, acc_t eps, acc_t& mu, acc_t& rstd) {
-  mu = rms ? acc_t(0) : vsum(x, D) / acc_t(D);
-  const acc_t var = vdot<acc_t>(x, nullptr, D, mu);
-  rstd = acc_t(1) / std::sqrt(var / acc_t(D) + eps);
+inline void head_stats(const acc_t* x, int64_t n, int64_t D, bool rms, acc_t eps, acc_t* mu, acc_t* rstd) {
+  for (int64_t h = 0; h < n; ++h) mu[h] = rms ? acc_t(0) : vsum(x + h * D, D) / acc_t(D);
+  for (int64_t h = 0; h < n; ++h) rstd[h] = vdot<acc_t>(x + h * D, nullptr, D, mu[h]);
+  for (int64_t h = 0; h < n; ++h) rstd[h] = acc_t(1) / std::sqrt(rstd[h] / acc_t(D) + eps);
 }
 
 // A row of n elements in the compute type: src itself when it already is (no copy), else converted
@@ -159,17 +162,16 @@ void fwd_kernel(const at::Tensor& qkv, at::Tensor& out, const QkvNormShape& s, c
   const int64_t D = s.D, W = s.W, T = s.T, nqk = s.H + s.H_kv, VW = s.H_kv * D;
   const bool norm = s.norm, mix = s.mix;
   at::parallel_for(0, s.B * T, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(W), yrow(W);
+    std::vector<acc_t> row(W), yrow(W), mu(nqk), rstd(nqk);
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* x = as_acc(X + (r / T) * sb + (r % T) * st, row.data(), W);
       acc_t* y = out_row(Y + r * W, yrow.data());
       if (norm) {
+        head_stats(x, nqk, D, rms, eps, mu.data(), rstd.data());
         for (int64_t h = 0; h < nqk; ++h) {
           const acc_t* xh = x + h * D;
           const acc_t* g = h < s.H ? QG : KG;
-          acc_t mu, rstd;
-          head_stats(xh, D, rms, eps, mu, rstd);
-          const Vec muv(mu), rv(rstd);
+          const Vec muv(mu[h]), rv(rstd[h]);
           acc_t* yh = y + h * D;
           vmap<acc_t>(D, [&](int64_t i, int64_t n) {
             vstore(yh + i, (vload(xh + i, n) - muv) * rv * vload(g + i, n), n);
@@ -223,7 +225,8 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, at::Tensor& dqkv,
   Partials<acc_t> part(n_chunks, D);
   at::parallel_for(0, n_chunks, 1, [&](int64_t cbegin, int64_t cend) {
     // per chunk: elementwise sums over its rows of v * dv and ve * dv (reduced once at the end)
-    std::vector<acc_t> row(W), dy(W), dxrow(W), xhat(D), gdy(D), sa(VW), sbuf(VW);
+    std::vector<acc_t> row(W), dy(W), dxrow(W), xhat(nqk * D), gdy(nqk * D), sa(VW), sbuf(VW), mu(nqk), rstd(nqk),
+        m1(nqk), m2(nqk);
     for (int64_t c = cbegin; c < cend; ++c) {
       acc_t* pq = &part.qg[c * D];
       acc_t* pk = &part.kg[c * D];
@@ -235,26 +238,33 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, at::Tensor& dqkv,
         const acc_t* g_out = as_acc(dY + bi * dsb + t * dst, dy.data(), W);
         acc_t* dx = out_row(dX + r * W, dxrow.data());
         if (norm) {
+          // in steps over all the heads, as head_stats (their reductions overlap)
+          head_stats(x, nqk, D, rms, eps, mu.data(), rstd.data());
           for (int64_t h = 0; h < nqk; ++h) {
             const acc_t* xh = x + h * D;
             const acc_t* dyh = g_out + h * D;
             const acc_t* g = h < s.H ? QG : KG;
             acc_t* pg = h < s.H ? pq : pk;
-            acc_t mu, rstd;
-            head_stats(xh, D, rms, eps, mu, rstd);
-            const Vec muv(mu), rv(rstd);
+            acc_t* xhh = xhat.data() + h * D;
+            acc_t* gdyh = gdy.data() + h * D;
+            const Vec muv(mu[h]), rv(rstd[h]);
             vmap<acc_t>(D, [&](int64_t i, int64_t n) {
               const Vec xn = (vload(xh + i, n) - muv) * rv, dyv = vload(dyh + i, n);
-              vstore(xhat.data() + i, xn, n);
-              vstore(gdy.data() + i, dyv * vload(g + i, n), n);  // d xhat
-              vstore(pg + i, vload(pg + i, n) + dyv * xn, n);    // d gain += dy * xhat
+              vstore(xhh + i, xn, n);
+              vstore(gdyh + i, dyv * vload(g + i, n), n);     // d xhat
+              vstore(pg + i, vload(pg + i, n) + dyv * xn, n);  // d gain += dy * xhat
             });
-            // mean(d xhat) (LayerNorm only) and mean(d xhat * xhat)
-            const Vec m1(rms ? acc_t(0) : vsum(gdy.data(), D) / acc_t(D));
-            const Vec m2(vdot(gdy.data(), xhat.data(), D) / acc_t(D));
+          }
+          // mean(d xhat) (LayerNorm only) and mean(d xhat * xhat)
+          for (int64_t h = 0; h < nqk; ++h) m1[h] = rms ? acc_t(0) : vsum(gdy.data() + h * D, D) / acc_t(D);
+          for (int64_t h = 0; h < nqk; ++h) m2[h] = vdot(gdy.data() + h * D, xhat.data() + h * D, D) / acc_t(D);
+          for (int64_t h = 0; h < nqk; ++h) {
+            const acc_t* xhh = xhat.data() + h * D;
+            const acc_t* gdyh = gdy.data() + h * D;
+            const Vec rv(rstd[h]), m1v(m1[h]), m2v(m2[h]);
             acc_t* dxh = dx + h * D;
             vmap<acc_t>(D, [&](int64_t i, int64_t n) {
-              vstore(dxh + i, rv * (vload(gdy.data() + i, n) - m1 - vload(xhat.data() + i, n) * m2), n);
+              vstore(dxh + i, rv * (vload(gdyh + i, n) - m1v - vload(xhh + i, n) * m2v), n);
             });
           }
         } else {
