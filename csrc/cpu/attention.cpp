@@ -911,27 +911,35 @@ inline uint16_t* bits(at::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); 
 // p = exp(s * scale - max * scale) (one FMA) and its sum. P stays unnormalised (1 at the row's max):
 // the caller scales the row's output by inv[r] = 1 / sum after the P V product, as FlashAttention
 // does. Keys outside a row's interval become 0; a row that sees no key is all zeros, inv 0 and lse
-// -inf.
+// -inf. Each step runs over all the block's rows before the next (the rows' max and sum reductions
+// overlap instead of each row's exps waiting on its max), and the lse's logs are vector ones.
 inline void softmax_unnormalized(float* S, int64_t kw, int64_t k0, int64_t i0, int64_t nr, const attn::Mask& mask,
                                  float scale, float* L, float* inv, int64_t ld) {
   using Vec = Vectorized<float>;
   constexpr int64_t V = Vec::size();
   const Vec sc(scale);
-  for (int64_t r = 0; r < nr; ++r) {
+  int64_t lo[kGemmRows], cnt[kGemmRows];
+  float ms[kGemmRows], l[kGemmRows], lg[kGemmRows];
+  for (int64_t r = 0; r < nr; ++r) {  // the row's keys [a, a + n) of the block; zeros elsewhere; the max
     const attn::KeyRange rk = attn::row_keys(i0 + r, mask);
     float* x = S + r * ld;
-    if (rk.hi <= rk.lo) {
+    cnt[r] = std::max<int64_t>(rk.hi - rk.lo, 0);
+    if (cnt[r] == 0) {
       std::fill(x, x + kw, 0.f);
-      L[r] = -std::numeric_limits<float>::infinity();
-      inv[r] = 0.f;
       continue;
     }
-    const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;
+    const int64_t a = rk.lo - k0;
     std::fill(x, x + a, 0.f);
-    std::fill(x + a + n, x + kw, 0.f);
-    x += a;
-    const float ms = vec_max(x, n) * scale;
-    const Vec shift(-ms);
+    std::fill(x + a + cnt[r], x + kw, 0.f);
+    lo[r] = a;
+    ms[r] = vec_max(x + a, cnt[r]) * scale;
+  }
+  for (int64_t r = 0; r < nr; ++r) {  // p = exp(s * scale - max * scale) in place, and the row's sum
+    l[r] = 0.f;
+    if (cnt[r] == 0) continue;
+    const int64_t n = cnt[r];
+    float* x = S + r * ld + lo[r];
+    const Vec shift(-ms[r]);
     Vec acc(0.f);
     int64_t j = 0;
     for (; j + V <= n; j += V) {
@@ -944,24 +952,34 @@ inline void softmax_unnormalized(float* S, int64_t kw, int64_t k0, int64_t i0, i
       e.store(x + j, n - j);
       acc = acc + Vec::set(Vec(0.f), e, n - j);
     }
-    const float l = at::vec::vec_reduce_all<float>([](const Vec& u, const Vec& w) { return u + w; }, acc);
-    inv[r] = attn::inv_sum(l);
-    L[r] = attn::row_lse(ms, l);
+    l[r] = at::vec::vec_reduce_all<float>([](const Vec& u, const Vec& w) { return u + w; }, acc);
+  }
+  for (int64_t r = 0; r < nr; r += V) {
+    const int64_t c = std::min<int64_t>(V, nr - r);
+    Vec::loadu(l + r, c).log().store(lg + r, c);
+  }
+  for (int64_t r = 0; r < nr; ++r) {  // attn::row_lse, with the vector log
+    inv[r] = attn::inv_sum(l[r]);
+    L[r] = l[r] == 0.f ? -std::numeric_limits<float>::infinity() : ms[r] + lg[r];
   }
 }
 
 // The backward's row math (softmax_bwd_block's) without ALiBi and with scale > 0, in two passes over
 // each row instead of four: P = exp(s * scale - lse) (one FMA) with the row's sum of P dP, then
-// dS = P (dP - that sum).
+// dS = P (dP - that sum). The first pass runs over all the block's rows before the second, so the
+// rows' sum reductions overlap.
 inline void softmax_bwd_rows(float* P, float* dS, int64_t kw, int64_t k0, int64_t i0, int64_t nr,
                              const attn::Mask& mask, float scale, const float* L, int64_t ld) {
   using Vec = Vectorized<float>;
   constexpr int64_t V = Vec::size();
   const Vec sc(scale);
+  int64_t lo[kGemmRows], cnt[kGemmRows];
+  float dl[kGemmRows];
   for (int64_t r = 0; r < nr; ++r) {
     const attn::KeyRange rk = attn::row_keys(i0 + r, mask);
     float* p = P + r * ld;
     float* ds = dS + r * ld;
+    lo[r] = cnt[r] = 0;
     if (rk.hi <= rk.lo || L[r] == -std::numeric_limits<float>::infinity()) {
       std::fill(p, p + kw, 0.f);
       std::fill(ds, ds + kw, 0.f);
@@ -972,6 +990,8 @@ inline void softmax_bwd_rows(float* P, float* dS, int64_t kw, int64_t k0, int64_
       std::fill(x, x + a, 0.f);
       std::fill(x + a + n, x + kw, 0.f);
     }
+    lo[r] = a;
+    cnt[r] = n;
     p += a;
     ds += a;
     const Vec shift(-attn::backward_shift(L[r]));
@@ -987,10 +1007,16 @@ inline void softmax_bwd_rows(float* P, float* dS, int64_t kw, int64_t k0, int64_
       e.store(p + j, n - j);
       acc = acc + Vec::set(Vec(0.f), e * Vec::loadu(ds + j, n - j), n - j);
     }
-    const Vec dl(at::vec::vec_reduce_all<float>([](const Vec& u, const Vec& w) { return u + w; }, acc));
-    j = 0;
-    for (; j + V <= n; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
-    if (j < n) (Vec::loadu(p + j, n - j) * (Vec::loadu(ds + j, n - j) - dl)).store(ds + j, n - j);
+    dl[r] = at::vec::vec_reduce_all<float>([](const Vec& u, const Vec& w) { return u + w; }, acc);
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t n = cnt[r];
+    const float* p = P + r * ld + lo[r];
+    float* ds = dS + r * ld + lo[r];
+    const Vec dlv(dl[r]);
+    int64_t j = 0;
+    for (; j + V <= n; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dlv)).store(ds + j);
+    if (j < n) (Vec::loadu(p + j, n - j) * (Vec::loadu(ds + j, n - j) - dlv)).store(ds + j, n - j);
   }
 }
 
