@@ -533,24 +533,38 @@ template <typename scalar_t, bool Fast = false>
 inline void softmax_block(scalar_t* S, int64_t kw, int64_t k0, int64_t i0, int64_t nr, const attn::Mask& mask,
                           scalar_t scale, scalar_t slope, bool has_alibi, scalar_t* L, int64_t ld = -1) {
   if (ld < 0) ld = kw;  // S's row stride
-  for (int64_t r = 0; r < nr; ++r) {
-    const int64_t i = i0 + r;
-    const attn::KeyRange rk = attn::row_keys(i, mask);
-    scalar_t* x = S + r * ld;
-    if (rk.hi <= rk.lo) {
-      std::fill(x, x + kw, scalar_t(0));
-      L[r] = -std::numeric_limits<scalar_t>::infinity();
-      continue;
+  // each step over all the rows (of up to kGemmRows) before the next: the rows' max and sum
+  // reductions overlap instead of each waiting on the last; every row's arithmetic is unchanged
+  for (int64_t c0 = 0; c0 < nr; c0 += kGemmRows) {
+    const int64_t c1 = std::min(nr, c0 + kGemmRows);
+    int64_t lo[kGemmRows], cnt[kGemmRows];
+    scalar_t m[kGemmRows];
+    for (int64_t r = c0; r < c1; ++r) {
+      const int64_t i = i0 + r;
+      const attn::KeyRange rk = attn::row_keys(i, mask);
+      scalar_t* x = S + r * ld;
+      lo[r - c0] = cnt[r - c0] = 0;
+      if (rk.hi <= rk.lo) {
+        std::fill(x, x + kw, scalar_t(0));
+        L[r] = -std::numeric_limits<scalar_t>::infinity();
+        continue;
+      }
+      const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;  // the row's keys: columns [a, a + n)
+      std::fill(x, x + a, scalar_t(0));
+      std::fill(x + a + n, x + kw, scalar_t(0));
+      lo[r - c0] = a;
+      cnt[r - c0] = n;
+      scale_bias(x + a, n, scale, slope, has_alibi, i, rk.lo, mask.t_q, mask.t_k);
+      m[r - c0] = vec_max(x + a, n);
     }
-    const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;  // the row's keys: columns [a, a + n)
-    std::fill(x, x + a, scalar_t(0));
-    std::fill(x + a + n, x + kw, scalar_t(0));
-    x += a;
-    scale_bias(x, n, scale, slope, has_alibi, i, rk.lo, mask.t_q, mask.t_k);
-    const scalar_t m = vec_max(x, n);
-    const scalar_t l = exp_sum<scalar_t, Fast>(x, n, m);
-    scale_row(x, n, attn::inv_sum(l));
-    L[r] = attn::row_lse(m, l);
+    for (int64_t r = c0; r < c1; ++r) {
+      const int64_t n = cnt[r - c0];
+      if (n == 0) continue;
+      scalar_t* x = S + r * ld + lo[r - c0];
+      const scalar_t l = exp_sum<scalar_t, Fast>(x, n, m[r - c0]);
+      scale_row(x, n, attn::inv_sum(l));
+      L[r] = attn::row_lse(m[r - c0], l);
+    }
   }
 }
 
@@ -567,29 +581,43 @@ inline void softmax_bwd_block(scalar_t* P, scalar_t* dS, int64_t kw, int64_t k0,
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t V = Vec::size();
   if (ld < 0) ld = kw;  // the row stride of P and dS
-  for (int64_t r = 0; r < nr; ++r) {
-    const int64_t i = i0 + r;
-    const attn::KeyRange rk = attn::row_keys(i, mask);
-    scalar_t* p = P + r * ld;
-    scalar_t* ds = dS + r * ld;
-    if (rk.hi <= rk.lo || L[r] == -std::numeric_limits<scalar_t>::infinity()) {
-      std::fill(p, p + kw, scalar_t(0));
-      std::fill(ds, ds + kw, scalar_t(0));
-      continue;
+  // P and the rows' sums of P dP for all the rows (of up to kGemmRows) first, then dS: the rows'
+  // reductions overlap; every row's arithmetic is unchanged
+  for (int64_t c0 = 0; c0 < nr; c0 += kGemmRows) {
+    const int64_t c1 = std::min(nr, c0 + kGemmRows);
+    int64_t lo[kGemmRows], cnt[kGemmRows];
+    scalar_t dl[kGemmRows];
+    for (int64_t r = c0; r < c1; ++r) {
+      const int64_t i = i0 + r;
+      const attn::KeyRange rk = attn::row_keys(i, mask);
+      scalar_t* p = P + r * ld;
+      scalar_t* ds = dS + r * ld;
+      lo[r - c0] = cnt[r - c0] = 0;
+      if (rk.hi <= rk.lo || L[r] == -std::numeric_limits<scalar_t>::infinity()) {
+        std::fill(p, p + kw, scalar_t(0));
+        std::fill(ds, ds + kw, scalar_t(0));
+        continue;
+      }
+      const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;
+      for (scalar_t* x : {p, ds}) {
+        std::fill(x, x + a, scalar_t(0));
+        std::fill(x + a + n, x + kw, scalar_t(0));
+      }
+      lo[r - c0] = a;
+      cnt[r - c0] = n;
+      scale_bias(p + a, n, scale, slope, has_alibi, i, rk.lo, mask.t_q, mask.t_k);
+      exp_sum<scalar_t, Fast>(p + a, n, attn::backward_shift(L[r]));
+      dl[r - c0] = vdot(p + a, ds + a, n);
     }
-    const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;
-    for (scalar_t* x : {p, ds}) {
-      std::fill(x, x + a, scalar_t(0));
-      std::fill(x + a + n, x + kw, scalar_t(0));
+    for (int64_t r = c0; r < c1; ++r) {
+      const int64_t n = cnt[r - c0];
+      const scalar_t* p = P + r * ld + lo[r - c0];
+      scalar_t* ds = dS + r * ld + lo[r - c0];
+      const Vec dlv(dl[r - c0]);
+      int64_t j = 0;
+      for (; j + V <= n; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dlv)).store(ds + j);
+      if (j < n) (Vec::loadu(p + j, n - j) * (Vec::loadu(ds + j, n - j) - dlv)).store(ds + j, n - j);
     }
-    p += a;
-    ds += a;
-    scale_bias(p, n, scale, slope, has_alibi, i, rk.lo, mask.t_q, mask.t_k);
-    exp_sum<scalar_t, Fast>(p, n, attn::backward_shift(L[r]));
-    const Vec dl(vdot(p, ds, n));
-    int64_t j = 0;
-    for (; j + V <= n; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dl)).store(ds + j);
-    if (j < n) (Vec::loadu(p + j, n - j) * (Vec::loadu(ds + j, n - j) - dl)).store(ds + j, n - j);
   }
 }
 
