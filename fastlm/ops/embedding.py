@@ -1,14 +1,13 @@
 """Token-embedding lookups whose CPU backward is one ``index_add_``.
 
-:func:`embedding` is ``F.embedding(idx, weight)`` (no padding index, no max-norm). Its value is the
-same; on CPU, while autograd records, its backward builds the weight's gradient with
-``zeros(V, C).index_add_(0, idx, grad)`` instead of ``embedding_dense_backward``: the same sums in
-the same order (every row adds the gradients of its tokens in token order) for float32 and float64
-weights; bf16 and fp16 weights sum in float32 and round once (aten's backward sums them in their
-own precision), at 2-2.5x the speed at
-the default model's shape (2,048 tokens of width 96, vocabulary 65; AMD EPYC, 2 threads), where the
-default model takes four lookups a step (tokens and three value embeddings). Elsewhere it is
-``F.embedding`` itself.
+:func:`embedding` is ``F.embedding(idx, weight)`` (no padding index, no max-norm), the same values.
+On CPU, while autograd records, its backward builds the weight's gradient as
+``zeros(V, C).index_add_(0, idx, grad)`` instead of aten's ``embedding_dense_backward``: for float32
+and float64 weights the same sums in the same order (each row adds its tokens' gradients in token
+order; the tests check bitwise equality), at 2-2.5x the speed at the default model's shape (2,048
+tokens of width 96, vocabulary 65; AMD EPYC, 2 threads), where a step takes four lookups (tokens
+and three value embeddings). bf16 and fp16 weights sum in float32 and round once, closer to the
+exact sum than aten's, which sums in their own precision. Elsewhere it is ``F.embedding`` itself.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ class _CpuEmbedding(torch.autograd.Function):
         rows = grad.reshape(-1, width)
         if rows.dtype in (torch.float32, torch.float64):
             return None, rows.new_zeros((ctx.num_rows, width)).index_add_(0, idx.reshape(-1), rows)
-        # bf16 / fp16: sums in float32, rounded once (as embedding_dense_backward does)
+        # bf16 / fp16: sums in float32, rounded once (aten's embedding backward sums in bf16 / fp16)
         acc = torch.zeros((ctx.num_rows, width), dtype=torch.float32, device=rows.device)
         return None, acc.index_add_(0, idx.reshape(-1), rows.float()).to(rows.dtype)
 
