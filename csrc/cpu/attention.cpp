@@ -941,6 +941,7 @@ inline uint16_t* bits(at::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); 
 // does. Keys outside a row's interval become 0; a row that sees no key is all zeros, inv 0 and lse
 // -inf. Each step runs over all the block's rows before the next (the rows' max and sum reductions
 // overlap instead of each row's exps waiting on its max), and the lse's logs are vector ones.
+// A block has nr <= kGemmRows rows (the per-row state lives in arrays of that size).
 inline void softmax_unnormalized(float* S, int64_t kw, int64_t k0, int64_t i0, int64_t nr, const attn::Mask& mask,
                                  float scale, float* L, float* inv, int64_t ld) {
   using Vec = Vectorized<float>;
@@ -995,7 +996,7 @@ inline void softmax_unnormalized(float* S, int64_t kw, int64_t k0, int64_t i0, i
 // The backward's row math (softmax_bwd_block's) without ALiBi and with scale > 0, in two passes over
 // each row instead of four: P = exp(s * scale - lse) (one FMA) with the row's sum of P dP, then
 // dS = P (dP - that sum). The first pass runs over all the block's rows before the second, so the
-// rows' sum reductions overlap.
+// rows' sum reductions overlap. nr <= kGemmRows, as above.
 inline void softmax_bwd_rows(float* P, float* dS, int64_t kw, int64_t k0, int64_t i0, int64_t nr,
                              const attn::Mask& mask, float scale, const float* L, int64_t ld) {
   using Vec = Vectorized<float>;
