@@ -494,23 +494,24 @@ inline Vec vexp(const Vec& x) {
   }
 }
 
-// x[j] = exp(x[j] - shift) for j < n; returns their sum.
+// x[j] = exp(x[j] * scale - shift) for j < n (one FMA; with scale 1 exactly x[j] - shift); returns
+// their sum, or with w their dot product with w[0..n) (the backward's delta, in the same pass).
 template <typename acc_t, bool Fast = false>
-inline acc_t exp_sum(acc_t* x, int64_t n, acc_t shift) {
+inline acc_t exp_sum(acc_t* x, int64_t n, acc_t shift, acc_t scale = acc_t(1), const acc_t* w = nullptr) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec sv(shift);
+  const Vec sv(-shift), sc(scale);
   Vec acc(acc_t(0));
   int64_t j = 0;
   for (; j + V <= n; j += V) {
-    const Vec e = vexp<Fast>(Vec::loadu(x + j) - sv);
+    const Vec e = vexp<Fast>(at::vec::fmadd(Vec::loadu(x + j), sc, sv));
     e.store(x + j);
-    acc = acc + e;
+    acc = w ? at::vec::fmadd(e, Vec::loadu(w + j), acc) : acc + e;
   }
   if (j < n) {
-    const Vec e = vexp<Fast>(Vec::loadu(x + j, n - j) - sv);
+    const Vec e = vexp<Fast>(at::vec::fmadd(Vec::loadu(x + j, n - j), sc, sv));
     e.store(x + j, n - j);
-    acc = acc + Vec::set(Vec(acc_t(0)), e, n - j);
+    acc = acc + Vec::set(Vec(acc_t(0)), w ? e * Vec::loadu(w + j, n - j) : e, n - j);
   }
   return at::vec::vec_reduce_all<acc_t>([](const Vec& a, const Vec& b) { return a + b; }, acc);
 }
@@ -528,42 +529,64 @@ inline void scale_row(acc_t* x, int64_t n, acc_t c) {
 // The forward's row math between the two GEMMs, for nr query rows from i0 whose scores S (nr x kw,
 // row stride kw) against the keys [k0, k0 + kw) were just computed: scale, ALiBi, mask (keys outside
 // a row's interval become 0), softmax in place; each row's lse in L[r]. A row that sees no key is all
-// zeros with lse -inf.
-template <typename scalar_t, bool Fast = false>
+// zeros with lse -inf. Each step runs over all the rows (of up to kGemmRows) before the next, so the
+// rows' max and sum reductions overlap instead of each waiting on the last.
+// Fold (no ALiBi, scale > 0; the bf16 qkv op): two passes per row instead of four. The max of the raw
+// scores (scale > 0 keeps the arg max), then p = exp(s * scale - max * scale) (one FMA) and its sum.
+// P stays unnormalised (1 at the row's max): inv[r] = 1 / sum, by which the caller scales the row's
+// output after P V, as FlashAttention does; the lse's logs are vector ones.
+template <typename scalar_t, bool Fast = false, bool Fold = false>
 inline void softmax_block(scalar_t* S, int64_t kw, int64_t k0, int64_t i0, int64_t nr, const attn::Mask& mask,
-                          scalar_t scale, scalar_t slope, bool has_alibi, scalar_t* L, int64_t ld = -1) {
+                          scalar_t scale, scalar_t slope, bool has_alibi, scalar_t* L, int64_t ld = -1,
+                          scalar_t* inv = nullptr) {
+  using Vec = Vectorized<scalar_t>;
   if (ld < 0) ld = kw;  // S's row stride
-  // each step over all the rows (of up to kGemmRows) before the next: the rows' max and sum
-  // reductions overlap instead of each waiting on the last; every row's arithmetic is unchanged
   for (int64_t c0 = 0; c0 < nr; c0 += kGemmRows) {
     const int64_t c1 = std::min(nr, c0 + kGemmRows);
     int64_t lo[kGemmRows], cnt[kGemmRows];
-    scalar_t m[kGemmRows];
-    for (int64_t r = c0; r < c1; ++r) {
+    scalar_t m[kGemmRows], l[kGemmRows];
+    for (int64_t r = c0; r < c1; ++r) {  // the row's keys [a, a + n) of the block; zeros elsewhere; the max
       const int64_t i = i0 + r;
       const attn::KeyRange rk = attn::row_keys(i, mask);
       scalar_t* x = S + r * ld;
       lo[r - c0] = cnt[r - c0] = 0;
+      m[r - c0] = scalar_t(0);
       if (rk.hi <= rk.lo) {
         std::fill(x, x + kw, scalar_t(0));
-        L[r] = -std::numeric_limits<scalar_t>::infinity();
         continue;
       }
-      const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;  // the row's keys: columns [a, a + n)
+      const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;
       std::fill(x, x + a, scalar_t(0));
       std::fill(x + a + n, x + kw, scalar_t(0));
       lo[r - c0] = a;
       cnt[r - c0] = n;
-      scale_bias(x + a, n, scale, slope, has_alibi, i, rk.lo, mask.t_q, mask.t_k);
-      m[r - c0] = vec_max(x + a, n);
+      if constexpr (Fold) {
+        m[r - c0] = vec_max(x + a, n) * scale;
+      } else {
+        scale_bias(x + a, n, scale, slope, has_alibi, i, rk.lo, mask.t_q, mask.t_k);
+        m[r - c0] = vec_max(x + a, n);
+      }
     }
-    for (int64_t r = c0; r < c1; ++r) {
+    for (int64_t r = c0; r < c1; ++r) {  // the exps and their sum; normalised unless Fold
       const int64_t n = cnt[r - c0];
+      l[r - c0] = scalar_t(0);
       if (n == 0) continue;
       scalar_t* x = S + r * ld + lo[r - c0];
-      const scalar_t l = exp_sum<scalar_t, Fast>(x, n, m[r - c0]);
-      scale_row(x, n, attn::inv_sum(l));
-      L[r] = attn::row_lse(m[r - c0], l);
+      l[r - c0] = exp_sum<scalar_t, Fast>(x, n, m[r - c0], Fold ? scale : scalar_t(1));
+      if constexpr (!Fold) scale_row(x, n, attn::inv_sum(l[r - c0]));
+    }
+    if constexpr (Fold) {
+      scalar_t lg[kGemmRows];
+      for (int64_t r = 0; r < c1 - c0; r += Vec::size()) {
+        const int64_t c = std::min<int64_t>(Vec::size(), c1 - c0 - r);
+        Vec::loadu(l + r, c).log().store(lg + r, c);
+      }
+      for (int64_t r = c0; r < c1; ++r) {  // attn::row_lse, with the vector log
+        inv[r] = attn::inv_sum(l[r - c0]);
+        L[r] = l[r - c0] == scalar_t(0) ? -std::numeric_limits<scalar_t>::infinity() : m[r - c0] + lg[r - c0];
+      }
+    } else {
+      for (int64_t r = c0; r < c1; ++r) L[r] = attn::row_lse(m[r - c0], l[r - c0]);
     }
   }
 }
@@ -573,16 +596,16 @@ inline void softmax_block(scalar_t* S, int64_t kw, int64_t k0, int64_t i0, int64
 // softmax derivative of the P in hand. (dO . O, what the flash loop uses, carries the forward's
 // rounding of O into every dS of the row; with whole rows here the sum over P dP is as cheap and
 // keeps dQ/dK as accurate as the textbook fp32 backward, measured.) Rows that see no key (or had
-// lse -inf) get P = dS = 0.
-template <typename scalar_t, bool Fast = false>
+// lse -inf) get P = dS = 0. P and the rows' deltas for all the rows (of up to kGemmRows) first, then
+// dS: the rows' reductions overlap. Fold (no ALiBi, scale > 0): P = exp(s * scale - lse) (one FMA)
+// and delta in the same pass, two passes per row instead of four.
+template <typename scalar_t, bool Fast = false, bool Fold = false>
 inline void softmax_bwd_block(scalar_t* P, scalar_t* dS, int64_t kw, int64_t k0, int64_t i0, int64_t nr,
                               const attn::Mask& mask, scalar_t scale, scalar_t slope, bool has_alibi,
                               const scalar_t* L, int64_t ld = -1) {
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t V = Vec::size();
   if (ld < 0) ld = kw;  // the row stride of P and dS
-  // P and the rows' sums of P dP for all the rows (of up to kGemmRows) first, then dS: the rows'
-  // reductions overlap; every row's arithmetic is unchanged
   for (int64_t c0 = 0; c0 < nr; c0 += kGemmRows) {
     const int64_t c1 = std::min(nr, c0 + kGemmRows);
     int64_t lo[kGemmRows], cnt[kGemmRows];
@@ -593,6 +616,7 @@ inline void softmax_bwd_block(scalar_t* P, scalar_t* dS, int64_t kw, int64_t k0,
       scalar_t* p = P + r * ld;
       scalar_t* ds = dS + r * ld;
       lo[r - c0] = cnt[r - c0] = 0;
+      dl[r - c0] = scalar_t(0);
       if (rk.hi <= rk.lo || L[r] == -std::numeric_limits<scalar_t>::infinity()) {
         std::fill(p, p + kw, scalar_t(0));
         std::fill(ds, ds + kw, scalar_t(0));
@@ -605,9 +629,13 @@ inline void softmax_bwd_block(scalar_t* P, scalar_t* dS, int64_t kw, int64_t k0,
       }
       lo[r - c0] = a;
       cnt[r - c0] = n;
-      scale_bias(p + a, n, scale, slope, has_alibi, i, rk.lo, mask.t_q, mask.t_k);
-      exp_sum<scalar_t, Fast>(p + a, n, attn::backward_shift(L[r]));
-      dl[r - c0] = vdot(p + a, ds + a, n);
+      if constexpr (Fold) {
+        dl[r - c0] = exp_sum<scalar_t, Fast>(p + a, n, attn::backward_shift(L[r]), scale, ds + a);
+      } else {
+        scale_bias(p + a, n, scale, slope, has_alibi, i, rk.lo, mask.t_q, mask.t_k);
+        exp_sum<scalar_t, Fast>(p + a, n, attn::backward_shift(L[r]));
+        dl[r - c0] = vdot(p + a, ds + a, n);
+      }
     }
     for (int64_t r = c0; r < c1; ++r) {
       const int64_t n = cnt[r - c0];
@@ -934,121 +962,6 @@ inline void load_rows(float* dst, const at::BFloat16* src, int64_t ld_src, int64
 
 inline uint16_t* bits(at::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
 
-// The forward's softmax without ALiBi and with scale > 0, in two passes over each row instead of
-// softmax_block's four: the max of the raw scores (scale > 0 keeps the arg max), then
-// p = exp(s * scale - max * scale) (one FMA) and its sum. P stays unnormalised (1 at the row's max):
-// the caller scales the row's output by inv[r] = 1 / sum after the P V product, as FlashAttention
-// does. Keys outside a row's interval become 0; a row that sees no key is all zeros, inv 0 and lse
-// -inf. Each step runs over all the block's rows before the next (the rows' max and sum reductions
-// overlap instead of each row's exps waiting on its max), and the lse's logs are vector ones.
-// A block has nr <= kGemmRows rows (the per-row state lives in arrays of that size).
-inline void softmax_unnormalized(float* S, int64_t kw, int64_t k0, int64_t i0, int64_t nr, const attn::Mask& mask,
-                                 float scale, float* L, float* inv, int64_t ld) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t V = Vec::size();
-  const Vec sc(scale);
-  int64_t lo[kGemmRows], cnt[kGemmRows];
-  float ms[kGemmRows], l[kGemmRows], lg[kGemmRows];
-  for (int64_t r = 0; r < nr; ++r) {  // the row's keys [a, a + n) of the block; zeros elsewhere; the max
-    const attn::KeyRange rk = attn::row_keys(i0 + r, mask);
-    float* x = S + r * ld;
-    cnt[r] = std::max<int64_t>(rk.hi - rk.lo, 0);
-    if (cnt[r] == 0) {
-      std::fill(x, x + kw, 0.f);
-      continue;
-    }
-    const int64_t a = rk.lo - k0;
-    std::fill(x, x + a, 0.f);
-    std::fill(x + a + cnt[r], x + kw, 0.f);
-    lo[r] = a;
-    ms[r] = vec_max(x + a, cnt[r]) * scale;
-  }
-  for (int64_t r = 0; r < nr; ++r) {  // p = exp(s * scale - max * scale) in place, and the row's sum
-    l[r] = 0.f;
-    if (cnt[r] == 0) continue;
-    const int64_t n = cnt[r];
-    float* x = S + r * ld + lo[r];
-    const Vec shift(-ms[r]);
-    Vec acc(0.f);
-    int64_t j = 0;
-    for (; j + V <= n; j += V) {
-      const Vec e = vexp<true>(at::vec::fmadd(Vec::loadu(x + j), sc, shift));
-      e.store(x + j);
-      acc = acc + e;
-    }
-    if (j < n) {
-      const Vec e = vexp<true>(at::vec::fmadd(Vec::loadu(x + j, n - j), sc, shift));
-      e.store(x + j, n - j);
-      acc = acc + Vec::set(Vec(0.f), e, n - j);
-    }
-    l[r] = at::vec::vec_reduce_all<float>([](const Vec& u, const Vec& w) { return u + w; }, acc);
-  }
-  for (int64_t r = 0; r < nr; r += V) {
-    const int64_t c = std::min<int64_t>(V, nr - r);
-    Vec::loadu(l + r, c).log().store(lg + r, c);
-  }
-  for (int64_t r = 0; r < nr; ++r) {  // attn::row_lse, with the vector log
-    inv[r] = attn::inv_sum(l[r]);
-    L[r] = l[r] == 0.f ? -std::numeric_limits<float>::infinity() : ms[r] + lg[r];
-  }
-}
-
-// The backward's row math (softmax_bwd_block's) without ALiBi and with scale > 0, in two passes over
-// each row instead of four: P = exp(s * scale - lse) (one FMA) with the row's sum of P dP, then
-// dS = P (dP - that sum). The first pass runs over all the block's rows before the second, so the
-// rows' sum reductions overlap. nr <= kGemmRows, as above.
-inline void softmax_bwd_rows(float* P, float* dS, int64_t kw, int64_t k0, int64_t i0, int64_t nr,
-                             const attn::Mask& mask, float scale, const float* L, int64_t ld) {
-  using Vec = Vectorized<float>;
-  constexpr int64_t V = Vec::size();
-  const Vec sc(scale);
-  int64_t lo[kGemmRows], cnt[kGemmRows];
-  float dl[kGemmRows];
-  for (int64_t r = 0; r < nr; ++r) {
-    const attn::KeyRange rk = attn::row_keys(i0 + r, mask);
-    float* p = P + r * ld;
-    float* ds = dS + r * ld;
-    lo[r] = cnt[r] = 0;
-    if (rk.hi <= rk.lo || L[r] == -std::numeric_limits<float>::infinity()) {
-      std::fill(p, p + kw, 0.f);
-      std::fill(ds, ds + kw, 0.f);
-      continue;
-    }
-    const int64_t a = rk.lo - k0, n = rk.hi - rk.lo;
-    for (float* x : {p, ds}) {
-      std::fill(x, x + a, 0.f);
-      std::fill(x + a + n, x + kw, 0.f);
-    }
-    lo[r] = a;
-    cnt[r] = n;
-    p += a;
-    ds += a;
-    const Vec shift(-attn::backward_shift(L[r]));
-    Vec acc(0.f);
-    int64_t j = 0;
-    for (; j + V <= n; j += V) {
-      const Vec e = vexp<true>(at::vec::fmadd(Vec::loadu(p + j), sc, shift));
-      e.store(p + j);
-      acc = at::vec::fmadd(e, Vec::loadu(ds + j), acc);
-    }
-    if (j < n) {
-      const Vec e = vexp<true>(at::vec::fmadd(Vec::loadu(p + j, n - j), sc, shift));
-      e.store(p + j, n - j);
-      acc = acc + Vec::set(Vec(0.f), e * Vec::loadu(ds + j, n - j), n - j);
-    }
-    dl[r] = at::vec::vec_reduce_all<float>([](const Vec& u, const Vec& w) { return u + w; }, acc);
-  }
-  for (int64_t r = 0; r < nr; ++r) {
-    const int64_t n = cnt[r];
-    const float* p = P + r * ld + lo[r];
-    float* ds = dS + r * ld + lo[r];
-    const Vec dlv(dl[r]);
-    int64_t j = 0;
-    for (; j + V <= n; j += V) (Vec::loadu(p + j) * (Vec::loadu(ds + j) - dlv)).store(ds + j);
-    if (j < n) (Vec::loadu(p + j, n - j) * (Vec::loadu(ds + j, n - j) - dlv)).store(ds + j, n - j);
-  }
-}
-
 }  // namespace bfa
 
 void attention_qkv_fwd_bf16(const at::Tensor& qkv, at::Tensor& out, at::Tensor& lse, const QkvShape& s,
@@ -1062,7 +975,7 @@ void attention_qkv_fwd_bf16(const at::Tensor& qkv, at::Tensor& out, at::Tensor& 
   const int64_t Dp = D + (D & 1), Dv = bfa::up16(D), Tp = bfa::up16(T) + 16;
   const float scale = static_cast<float>(scale_d);
   const std::vector<float> slopes = slopes_of<float>(alibi, s.H);
-  // without ALiBi (and with a positive scale) the two-pass softmax, P normalised through the output
+  // without ALiBi (and with a positive scale) softmax_block's Fold rows: P normalised through the output
   const bool unnormalized = !alibi.has_value() && scale > 0.f;
   at::parallel_for(0, s.B * s.H * n_blk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(kGemmRows * Tp), Qf(kGemmRows * D), KVf(T * D), Of(kGemmRows * D);
@@ -1079,8 +992,9 @@ void attention_qkv_fwd_bf16(const at::Tensor& qkv, at::Tensor& out, at::Tensor& 
       bfa::load_rows(KVf.data(), row0 + j * st + (s.H + hk) * D, st, kw, j, D, rope.cs, rope.sn);
       bf16::pairs_t(KVf.data(), D, kw, D, Kt.data(), 2 * kwp, kwp);
       bf16::gemm(nr, kw, Dp / 2, Qa.data(), Dp, 2, Kt.data(), 2 * kwp, S.data(), kwp, false, 1.f);
-      if (unnormalized) {
-        bfa::softmax_unnormalized(S.data(), kw, j, i0, nr, mask, scale, L + (b * s.H + h) * T + i0, inv.data(), kwp);
+      if (unnormalized) {  // inv: the rows' 1 / sum, applied to the output below
+        softmax_block<float, true, true>(S.data(), kw, j, i0, nr, mask, scale, 0.f, false, L + (b * s.H + h) * T + i0,
+                                         kwp, inv.data());
       } else {
         softmax_block<float, true>(S.data(), kw, j, i0, nr, mask, scale, slopes[h], alibi.has_value(),
                                    L + (b * s.H + h) * T + i0, kwp);
@@ -1111,7 +1025,7 @@ void attention_qkv_bwd_bf16(const at::Tensor& dout, const at::Tensor& qkv, const
   const float scale = static_cast<float>(scale_d);
   const std::vector<float> slopes = slopes_of<float>(alibi, s.H);
   const bool has_alibi = alibi.has_value();
-  const bool two_pass = !has_alibi && scale > 0.f;  // bfa::softmax_bwd_rows
+  const bool fold = !has_alibi && scale > 0.f;  // softmax_bwd_block's Fold rows
   const AttnShape as{s.B, s.H, s.H_kv, T, T, D};
   at::parallel_for(0, s.B * s.H_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> P(kGemmRows * Tp), dS(kGemmRows * Tp), Qf(kGemmRows * D), dOf(kGemmRows * D),
@@ -1150,8 +1064,9 @@ void attention_qkv_bwd_bf16(const at::Tensor& dout, const at::Tensor& qkv, const
           // P = Q K^T and dP = dO V^T over the block's keys (columns from j of the transposed packs)
           bf16::gemm(nr, kw, Dp / 2, Qa.data(), Dp, 2, Kt.data() + 2 * j, 2 * Tp, P.data(), kwp, false, 1.f);
           bf16::gemm(nr, kw, Dp / 2, dOA, dOA_ld, 2, Vt.data() + 2 * j, 2 * Tp, dS.data(), kwp, false, 1.f);
-          if (two_pass) {
-            bfa::softmax_bwd_rows(P.data(), dS.data(), kw, j, i0, nr, mask, scale, LSE + (b * s.H + h) * T + i0, kwp);
+          if (fold) {
+            softmax_bwd_block<float, true, true>(P.data(), dS.data(), kw, j, i0, nr, mask, scale, 0.f, false,
+                                                 LSE + (b * s.H + h) * T + i0, kwp);
           } else {
             softmax_bwd_block<float, true>(P.data(), dS.data(), kw, j, i0, nr, mask, scale, slopes[h], has_alibi,
                                            LSE + (b * s.H + h) * T + i0, kwp);
