@@ -26,6 +26,7 @@ __all__ = [
     "backend_details",
     "backend_status",
     "load_backends",
+    "requested_backend",
     "resolve_backend",
     "BackendUnavailableError",
 ]
@@ -131,6 +132,14 @@ def _log_once(msg: str):
         log.warning(msg)
 
 
+def requested_backend(backend: str) -> str:
+    """The backend a call asks for: ``backend``, or for ``"auto"`` the ``FASTLM_BACKEND`` environment
+    variable's (``"auto"`` when unset or empty)."""
+    if backend == "auto":
+        return os.environ.get("FASTLM_BACKEND", "auto").strip().lower() or "auto"
+    return backend
+
+
 def resolve_backend(op: str, backend: str, device_type: str, unsupported, order=None) -> object:
     """Pick the backend object for one call.
 
@@ -139,8 +148,7 @@ def resolve_backend(op: str, backend: str, device_type: str, unsupported, order=
     Explicit backends raise :class:`BackendUnavailableError` with the reason; ``auto`` falls through
     its preference list, logging (once) each preferred backend it had to skip.
     """
-    if backend == "auto":
-        backend = os.environ.get("FASTLM_BACKEND", "auto").strip().lower() or "auto"
+    backend = requested_backend(backend)
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")

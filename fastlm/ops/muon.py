@@ -12,12 +12,11 @@ applies: at the default model's shapes it took 1.9-2.6x less time than the PyTor
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 from torch import Tensor
 
-from fastlm.ops.backend import _load, resolve_backend
+from fastlm.ops.backend import _load, requested_backend, resolve_backend
 
 __all__ = ["muon_step", "muon_bf16_products"]
 
@@ -27,8 +26,7 @@ def muon_bf16_products(device_type: str = "cpu", backend: str = "auto") -> bool:
     runs in the ``cpp`` step with bf16 products and float32 sums (a CPU with AVX512-BF16, unless
     ``FASTLM_CPU_BF16_DOT=0``): 2.1x faster than its float32 step at the default model's shapes. Elsewhere
     it takes the PyTorch form (bf16 tensors), on a CPU no faster than float32."""
-    if backend == "auto":  # FASTLM_BACKEND, as resolve_backend reads it: a forced reference runs PyTorch's form
-        backend = os.environ.get("FASTLM_BACKEND", "auto").strip().lower() or "auto"
+    backend = requested_backend(backend)  # FASTLM_BACKEND too: a forced reference runs PyTorch's form
     if device_type != "cpu" or backend not in ("auto", "cpp"):
         return False
     cpp = _load("cpp")
