@@ -262,23 +262,16 @@ def swiglu_section(rows: list) -> list:
     return out + [table(["shape", "dtype", "pass", "backend", "ms", "GB/s", "vs eager", "note"], body), ""]
 
 
-def qk_norm_section(rows: list) -> list:
-    qn = [r for r in rows if r.get("suite") == "qk_norm" and ms(r)]
-    if not qn:
+def _fused_vs_composed(rows: list, suite: str, intro: list, shape_keys: tuple, shape_header: str) -> list:
+    """A section comparing a fused op (``cpp``) with its composed form (``torch``) per shape, variant and
+    pass: the ``intro`` lines, then the table (empty without rows of ``suite``)."""
+    picked = [r for r in rows if r.get("suite") == suite and ms(r)]
+    if not picked:
         return []
-    out = [
-        "### QK-norm and value-embedding mix",
-        "",
-        "`ops.qk_norm_value_mix` on the packed qkv (the default model's step before attention): `cpp` is "
-        "the fused C++ op, `torch` the composed form (split, `F.layer_norm` per head view, mix, "
-        "concatenation: what the model ran before the op). `bf16->fp32`: a bfloat16 qkv written out "
-        "as float32 (the CPU autocast step).",
-        "",
-    ]
     groups = defaultdict(dict)
-    for r in qn:
+    for r in picked:
         s = r.get("shape") or {}
-        shape = "x".join(str(s.get(k)) for k in ("batch", "block", "n_head", "head_dim"))
+        shape = "x".join(str(s.get(k)) for k in shape_keys)
         groups[(shape, r.get("variant"), r.get("pass"))][r["backend"]] = r
     body = []
     for (shape, variant, pass_), by_backend in sorted(
@@ -288,7 +281,33 @@ def qk_norm_section(rows: list) -> list:
         for b in _order(by_backend, ("cpp", "torch")):
             r = by_backend[b]
             body.append([shape, variant, pass_, b, fmt(ms(r)), _speedup(composed, r)])
-    return out + [table(["B x T x H x D", "variant", "pass", "backend", "ms", "vs composed"], body), ""]
+    return intro + [table([shape_header, "variant", "pass", "backend", "ms", "vs composed"], body), ""]
+
+
+def qk_norm_section(rows: list) -> list:
+    intro = [
+        "### QK-norm and value-embedding mix",
+        "",
+        "`ops.qk_norm_value_mix` on the packed qkv (the default model's step before attention): `cpp` is "
+        "the fused C++ op, `torch` the composed form (split, `F.layer_norm` per head view, mix, "
+        "concatenation: what the model ran before the op). `bf16->fp32`: a bfloat16 qkv written out "
+        "as float32 (the CPU autocast step).",
+        "",
+    ]
+    return _fused_vs_composed(rows, "qk_norm", intro, ("batch", "block", "n_head", "head_dim"), "B x T x H x D")
+
+
+def layer_norm_section(rows: list) -> list:
+    intro = [
+        "### Pre-norms (residual add + LayerNorm)",
+        "",
+        "`ops.layer_norm` (the default model's pre-norms): `cpp` is the fused C++ op, `torch` the composed "
+        "form (`x + residual`, `F.layer_norm`, the cast: what the model ran before the op). "
+        "`fp32+bf16->bf16`: the float32 residual stream plus a bfloat16 branch output, normalised and "
+        "written in bfloat16 (the CPU autocast step).",
+        "",
+    ]
+    return _fused_vs_composed(rows, "layer_norm", intro, ("batch", "block", "n_embd"), "B x T x C")
 
 
 def attention_qkv_section(rows: list) -> list:
@@ -811,6 +830,7 @@ def build_report(
             + masks_section(rows)
             + swiglu_section(rows)
             + qk_norm_section(rows)
+            + layer_norm_section(rows)
             + attention_qkv_section(rows)
             + model_section(rows)
             + optimizer_section(rows)
@@ -825,6 +845,7 @@ def build_report(
         summary += (
             swiglu_section(rows)
             + qk_norm_section(rows)
+            + layer_norm_section(rows)
             + attention_qkv_section(rows)
             + model_section(rows)
             + optimizer_section(rows)

@@ -41,6 +41,18 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("qk_norm_value_mix_bwd(Tensor dout, Tensor qkv, int n_head, int n_kv_head, Tensor? q_gain, "
         "Tensor? k_gain, bool rms, float eps, Tensor? ve, Tensor? ve_mix) -> (Tensor dqkv, Tensor dq_gain, "
         "Tensor dk_gain, Tensor dve, Tensor dve_mix)");
+  // LayerNorm over the last dim of s = x + residual (s = x without a residual): (s - mean) /
+  // sqrt(var + eps) * weight + bias, or RMSNorm when rms (s / sqrt(mean(s^2) + eps) * weight + bias);
+  // weight and bias (C,) optional. out_dtype: x's (default) or bfloat16/float16 for a float32 x; the
+  // residual has x's dtype or out_dtype. Returns (out, sum): sum = s in x's dtype (an empty tensor
+  // without a residual). The backward takes the normalised input (s, or x) and d out (out_dtype),
+  // plus d sum when s has other uses, and returns d x (x's dtype), d weight, d bias and, given
+  // residual_dtype, d residual (empty tensors for absent ones).
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, bool rms, float eps, "
+        "ScalarType? out_dtype=None, Tensor? residual=None) -> (Tensor out, Tensor sum)");
+  m.def("layer_norm_bwd(Tensor dout, Tensor x, Tensor? weight, Tensor? bias, bool rms, float eps, "
+        "Tensor? dsum=None, ScalarType? residual_dtype=None) "
+        "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dresidual)");
   // silu(gate) * up and its gradients.
   m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
   m.def("swiglu_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");

@@ -293,11 +293,62 @@ class Embedding(nn.Embedding):
         return embedding(idx, self.weight)
 
 
+def _norm_out_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype a pre-norm writes: under CPU autocast, a float32 input's norm comes out in the
+    autocast dtype (the cast the next Linear would make, done in the norm's pass); else x's."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        if dtype in (torch.bfloat16, torch.float16):
+            return dtype
+    return None
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters and state dict) computed by :func:`fastlm.ops.layer_norm`: the
+    C++ op on CPU, which under CPU autocast writes its output in the autocast dtype (see
+    :func:`_norm_out_dtype`). ``m(x, residual=r)`` returns ``(norm(x + r), x + r)``, the residual
+    add done in the norm's pass."""
+
+    backend = "auto"
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        return ops.layer_norm(
+            x,
+            self.weight,
+            self.bias,
+            residual=residual,
+            eps=self.eps,
+            out_dtype=_norm_out_dtype(x),
+            backend=self.backend,
+        )
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` computed by :func:`fastlm.ops.layer_norm` (as :class:`LayerNorm`)."""
+
+    backend = "auto"
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        return ops.layer_norm(
+            x,
+            self.weight,
+            None,
+            residual=residual,
+            norm="rmsnorm",
+            eps=self.eps if self.eps is not None else torch.finfo(x.dtype).eps,
+            out_dtype=_norm_out_dtype(x),
+            backend=self.backend,
+        )
+
+
 def _norm(cfg: GPTConfig, width: Optional[int] = None, bias: Optional[bool] = None) -> nn.Module:
     width = cfg.n_embd if width is None else width
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(width, eps=cfg.norm_eps)
-    return nn.LayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias if bias is None else bias)
+        m = RMSNorm(width, eps=cfg.norm_eps)
+    else:
+        m = LayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias if bias is None else bias)
+    m.backend = cfg.backend
+    return m
 
 
 class CausalSelfAttention(nn.Module):
@@ -416,8 +467,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, rope=None, alibi=None, kv_cache=None, segment_ids=None, ve=None):
-        x = x + self.attn(self.ln1(x), rope=rope, alibi=alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve)
-        return x + self.mlp(self.ln2(x))
+        x, m = self.residual_step(x, None, rope=rope, alibi=alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve)
+        return x + m
+
+    def residual_step(self, x, pending, rope=None, alibi=None, kv_cache=None, segment_ids=None, ve=None):
+        """The block on the residual stream ``x + pending`` (``pending``: the previous block's MLP output
+        not yet added, or None), each residual add done in the pass of the norm after it. Returns
+        ``(x', m)``: the block's output is ``x' + m``, its MLP output ``m`` left for the next norm."""
+        h, x = (self.ln1(x), x) if pending is None else self.ln1(x, residual=pending)
+        a = self.attn(h, rope=rope, alibi=alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve)
+        h, x = self.ln2(x, residual=a)
+        return x, self.mlp(h)
 
 
 class GPT(nn.Module):
@@ -524,10 +584,10 @@ class GPT(nn.Module):
         elif pos == "sinusoidal":
             x = x + self.pos_table[start : start + T].to(x.dtype)
         rope = self._rope(start, T, idx.device) if pos == "rope" else None
-        x = self._blocks(self.drop(x), idx, rope, kv_cache, segment_ids)
+        x, pending = self._blocks(self.drop(x), idx, rope, kv_cache, segment_ids)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = self.ln_f(x)
+        x = self.ln_f(x) if pending is None else self.ln_f(x, residual=pending)[0]
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)
@@ -539,21 +599,26 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _blocks(
-        self, x: Tensor, idx: Tensor, rope, kv_cache: Optional[KVCache], segment_ids: Optional[Tensor]
-    ) -> Tensor:
-        """The transformer blocks; with unet_skips, block ``i`` of the second half first adds
-        ``skip_weights[n-1-i]`` times the output of its mirror, block ``n-1-i`` of the first half."""
+    def _blocks(self, x: Tensor, idx: Tensor, rope, kv_cache: Optional[KVCache], segment_ids: Optional[Tensor]):
+        """The transformer blocks -> ``(x, pending)``: the residual stream after them is ``x + pending``
+        (``pending``: the last MLP output, which ``ln_f`` adds in its pass; see :meth:`Block.residual_step`).
+        With unet_skips, block ``i`` of the second half first adds ``skip_weights[n-1-i]`` times the
+        output of its mirror, block ``n-1-i`` of the first half."""
         n = len(self.blocks)
         skips = []
+        pending = None
         for i, block in enumerate(self.blocks):
             if self.skip_weights is not None and i >= n - len(self.skip_weights):
-                x = x + self.skip_weights[n - 1 - i] * skips.pop()
+                x = x if pending is None else x + pending
+                x, pending = x + self.skip_weights[n - 1 - i] * skips.pop(), None
             ve = self.value_embeds[i](idx) if self.value_embeds is not None else None
-            x = block(x, rope=rope, alibi=self.alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve)
+            x, pending = block.residual_step(
+                x, pending, rope=rope, alibi=self.alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve
+            )
             if self.skip_weights is not None and i < len(self.skip_weights):
+                x, pending = x + pending, None
                 skips.append(x)
-        return x
+        return x, pending
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs per token (forward and backward), by the rule of PaLM's appendix B (and

@@ -25,6 +25,7 @@ def test_the_benchmark_suites_collect():
         "benchmarks/test_bench_swiglu.py",
         "benchmarks/test_bench_model.py",
         "benchmarks/test_bench_qk_norm.py",
+        "benchmarks/test_bench_layer_norm.py",
         "benchmarks/test_bench_attention_qkv.py",
     } <= modules, modules
 
@@ -82,6 +83,23 @@ def test_the_qk_norm_table_compares_with_the_composed_form():
     assert "| 16x128x3x32 | bf16->fp32 | fwd+bwd | torch | 1 | 1.00x |" in text
     assert "| 16x128x3x32 | bf16->fp32 | fwd | cpp | 0.1 | n/a |" in text  # no composed row of that pass
     assert report.qk_norm_section([]) == []
+
+
+def test_the_layer_norm_table_compares_with_the_composed_form():
+    from benchmarks import report
+
+    def row(backend, ms, variant="fp32+bf16->bf16"):
+        shape = {"batch": 16, "block": 128, "n_embd": 96}
+        return {"suite": "layer_norm", "backend": backend, "ms": ms, "median_ms": ms, "stat": "median"} | {
+            "shape": shape,
+            "variant": variant,
+            "pass": "fwd+bwd",
+        }
+
+    text = "\n".join(report.layer_norm_section([row("cpp", 0.05), row("torch", 0.2), row("torch", 0.1, "fp32")]))
+    assert "| 16x128x96 | fp32+bf16->bf16 | fwd+bwd | cpp | 0.05 | 4.00x |" in text
+    assert "| 16x128x96 | fp32 | fwd+bwd | torch | 0.1 | 1.00x |" in text
+    assert report.layer_norm_section([row("cpp", 0.05, "other") | {"suite": "qk_norm"}]) == []
 
 
 def test_the_attention_qkv_table_compares_with_composed_and_the_float32_route():

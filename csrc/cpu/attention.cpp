@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -1203,6 +1204,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   return {dq, dk, dv};
 }
 
+// The fused qkv op's autograd in C++ (the ops called through the dispatcher, so that tracing sees
+// them): a Python formula costs some 20 us per call on top (see layer_norm.cpp). qkv, out, lse and the
+// RoPE tables are saved; the slopes and masks are constants of the call; lse takes no gradient.
+class AttentionQkvFn : public torch::autograd::Function<AttentionQkvFn> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& qkv,
+                                                int64_t n_head, int64_t n_kv_head, const c10::optional<at::Tensor>& cos,
+                                                const c10::optional<at::Tensor>& sin, double scale,
+                                                const c10::optional<at::Tensor>& alibi_slopes,
+                                                c10::optional<int64_t> window,
+                                                const c10::optional<at::Tensor>& segment_ids) {
+    static auto fwd = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("fastlm::attention_qkv_fwd", "")
+                          .typed<decltype(attention_qkv_fwd_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse] = fwd.call(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids);
+    ctx->save_for_backward({qkv, out, lse, cos.value_or(at::Tensor()), sin.value_or(at::Tensor())});
+    ctx->saved_data["heads"] = std::vector<int64_t>{n_head, n_kv_head};
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["alibi"] = alibi_slopes;
+    ctx->saved_data["window"] = window;
+    ctx->saved_data["segment_ids"] = segment_ids;
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto bwd = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("fastlm::attention_qkv_bwd", "")
+                          .typed<decltype(attention_qkv_bwd_cpu)>();
+    const auto saved = ctx->get_saved_variables();
+    const auto heads = ctx->saved_data["heads"].toIntVector();
+    const auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+    at::Tensor dqkv = bwd.call(grads[0], saved[0], saved[1], saved[2], heads[0], heads[1], opt(saved[3]),
+                               opt(saved[4]), ctx->saved_data["scale"].toDouble(),
+                               ctx->saved_data["alibi"].toOptional<at::Tensor>(),
+                               ctx->saved_data["window"].toOptional<int64_t>(),
+                               ctx->saved_data["segment_ids"].toOptional<at::Tensor>());
+    torch::autograd::variable_list out(9);
+    out[0] = dqkv;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_qkv_fwd_autograd(const at::Tensor& qkv, int64_t n_head, int64_t n_kv_head,
+                                                              const c10::optional<at::Tensor>& cos,
+                                                              const c10::optional<at::Tensor>& sin, double scale,
+                                                              const c10::optional<at::Tensor>& alibi_slopes,
+                                                              c10::optional<int64_t> window,
+                                                              const c10::optional<at::Tensor>& segment_ids) {
+  auto outs = AttentionQkvFn::apply(qkv, n_head, n_kv_head, cos, sin, scale, alibi_slopes, window, segment_ids);
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
 
 int64_t cpu_attention_gemm_max_tk() {
@@ -1217,3 +1273,5 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("attention_qkv_fwd", &fastlm::attention_qkv_fwd_cpu);
   m.impl("attention_qkv_bwd", &fastlm::attention_qkv_bwd_cpu);
 }
+
+TORCH_LIBRARY_IMPL(fastlm, Autograd, m) { m.impl("attention_qkv_fwd", &fastlm::attention_qkv_fwd_autograd); }

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -20,7 +21,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/vec_reduce.h"
+#include "cpu/row_ops.h"
 
 namespace fastlm {
 namespace {
@@ -71,80 +72,7 @@ QkvNormShape check_args(const char* op, const at::Tensor& qkv, int64_t n_head, i
 at::Tensor rows_of(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
 
 using at::vec::Vectorized;
-
-// The statistics of the n head rows x[h D .. (h + 1) D): xhat = (x - mu[h]) * rstd[h] (mu = 0 for
-// RMSNorm). Each step runs over all the heads before the next, so the heads' reductions, each a
-// chain of dependent shuffles and a scalar square root, overlap instead of waiting on one another
-// (a head at a time, the forward was bound by their latency).
-template <typename acc_t>
-inline void head_stats(const acc_t* x, int64_t n, int64_t D, bool rms, acc_t eps, acc_t* mu, acc_t* rstd) {
-  for (int64_t h = 0; h < n; ++h) mu[h] = rms ? acc_t(0) : vsum(x + h * D, D) / acc_t(D);
-  for (int64_t h = 0; h < n; ++h) rstd[h] = vdot<acc_t>(x + h * D, nullptr, D, mu[h]);
-  for (int64_t h = 0; h < n; ++h) rstd[h] = acc_t(1) / std::sqrt(rstd[h] / acc_t(D) + eps);
-}
-
-// A row of n elements in the compute type: src itself when it already is (no copy), else converted
-// into buf.
-template <typename in_t, typename acc_t>
-inline const acc_t* as_acc(const in_t* src, acc_t* buf, int64_t n) {
-  if constexpr (std::is_same_v<in_t, acc_t>) {
-    return src;
-  } else if constexpr (std::is_same_v<in_t, at::BFloat16> || std::is_same_v<in_t, at::Half>) {
-    using SVec = Vectorized<in_t>;
-    constexpr int64_t V = SVec::size();  // two float vectors
-    int64_t i = 0;
-    for (; i + V <= n; i += V) {
-      const auto [lo, hi] = at::vec::convert_to_float<in_t>(SVec::loadu(src + i));
-      lo.store(buf + i);
-      hi.store(buf + i + V / 2);
-    }
-    for (; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
-    return buf;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(src[i]);
-    return buf;
-  }
-}
-
-// Where an output row is computed: dst itself when it has the compute type, else buf, which
-// flush() then converts into dst.
-template <typename out_t, typename acc_t>
-inline acc_t* out_row(out_t* dst, acc_t* buf) {
-  if constexpr (std::is_same_v<out_t, acc_t>) {
-    return dst;
-  } else {
-    return buf;
-  }
-}
-
-template <typename out_t, typename acc_t>
-inline void flush(out_t* dst, const acc_t* buf, int64_t n) {
-  if constexpr (!std::is_same_v<out_t, acc_t>) at::vec::convert(buf, dst, n);
-}
-
-// y[0..n) = f(vectors of the inputs) for n elements: the vector body and a masked tail.
-template <typename acc_t, typename F>
-inline void vmap(int64_t n, F f) {
-  constexpr int64_t V = Vectorized<acc_t>::size();
-  int64_t i = 0;
-  for (; i + V <= n; i += V) f(i, V);
-  if (i < n) f(i, n - i);
-}
-
-template <typename acc_t>
-inline Vectorized<acc_t> vload(const acc_t* p, int64_t count) {
-  using Vec = Vectorized<acc_t>;
-  return count == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, count);
-}
-
-template <typename acc_t>
-inline void vstore(acc_t* p, const Vectorized<acc_t>& v, int64_t count) {
-  if (count == Vectorized<acc_t>::size()) {
-    v.store(p);
-  } else {
-    v.store(p, count);
-  }
-}
+using namespace rowops;
 
 template <typename in_t, typename out_t>
 void fwd_kernel(const at::Tensor& qkv, at::Tensor& out, const QkvNormShape& s, const at::Tensor& qg,
@@ -167,7 +95,7 @@ void fwd_kernel(const at::Tensor& qkv, at::Tensor& out, const QkvNormShape& s, c
       const acc_t* x = as_acc(X + (r / T) * sb + (r % T) * st, row.data(), W);
       acc_t* y = out_row(Y + r * W, yrow.data());
       if (norm) {
-        head_stats(x, nqk, D, rms, eps, mu.data(), rstd.data());
+        norm_stats(x, nqk, D, rms, eps, mu.data(), rstd.data());
         for (int64_t h = 0; h < nqk; ++h) {
           const acc_t* xh = x + h * D;
           const acc_t* g = h < s.H ? QG : KG;
@@ -238,8 +166,8 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& qkv, at::Tensor& dqkv,
         const acc_t* g_out = as_acc(dY + bi * dsb + t * dst, dy.data(), W);
         acc_t* dx = out_row(dX + r * W, dxrow.data());
         if (norm) {
-          // in steps over all the heads, as head_stats (their reductions overlap)
-          head_stats(x, nqk, D, rms, eps, mu.data(), rstd.data());
+          // in steps over all the heads, as norm_stats (their reductions overlap)
+          norm_stats(x, nqk, D, rms, eps, mu.data(), rstd.data());
           for (int64_t h = 0; h < nqk; ++h) {
             const acc_t* xh = x + h * D;
             const acc_t* dyh = g_out + h * D;
@@ -408,6 +336,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_v
   return {dqkv, dqg, dkg, dve, dmix};
 }
 
+// Autograd in C++ (the ops called through the dispatcher, so that tracing sees them): a Python
+// formula costs some 20 us per call on top (see layer_norm.cpp). Absent inputs get no gradient.
+class QkNormValueMixFn : public torch::autograd::Function<QkNormValueMixFn> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& qkv, int64_t n_head,
+                            int64_t n_kv_head, const c10::optional<at::Tensor>& q_gain,
+                            const c10::optional<at::Tensor>& k_gain, bool rms, double eps,
+                            const c10::optional<at::Tensor>& ve, const c10::optional<at::Tensor>& ve_mix,
+                            c10::optional<at::ScalarType> out_dtype) {
+    static auto fwd = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("fastlm::qk_norm_value_mix_fwd", "")
+                          .typed<decltype(qk_norm_value_mix_fwd_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const at::Tensor none;
+    ctx->save_for_backward(
+        {qkv, q_gain.value_or(none), k_gain.value_or(none), ve.value_or(none), ve_mix.value_or(none)});
+    ctx->saved_data["heads"] = std::vector<int64_t>{n_head, n_kv_head};
+    ctx->saved_data["rms"] = rms;
+    ctx->saved_data["eps"] = eps;
+    return fwd.call(qkv, n_head, n_kv_head, q_gain, k_gain, rms, eps, ve, ve_mix, out_dtype);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static auto bwd = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("fastlm::qk_norm_value_mix_bwd", "")
+                          .typed<decltype(qk_norm_value_mix_bwd_cpu)>();
+    const auto saved = ctx->get_saved_variables();
+    const auto heads = ctx->saved_data["heads"].toIntVector();
+    const auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+    auto [dqkv, dqg, dkg, dve, dmix] =
+        bwd.call(grads[0], saved[0], heads[0], heads[1], opt(saved[1]), opt(saved[2]),
+                 ctx->saved_data["rms"].toBool(), ctx->saved_data["eps"].toDouble(), opt(saved[3]), opt(saved[4]));
+    const bool norm = saved[1].defined(), mix = saved[3].defined();
+    const at::Tensor none;
+    return {dqkv, none, none, norm ? dqg : none, norm ? dkg : none, none, none, mix ? dve : none, mix ? dmix : none,
+            none};
+  }
+};
+
+at::Tensor qk_norm_value_mix_fwd_autograd(const at::Tensor& qkv, int64_t n_head, int64_t n_kv_head,
+                                          const c10::optional<at::Tensor>& q_gain,
+                                          const c10::optional<at::Tensor>& k_gain, bool rms, double eps,
+                                          const c10::optional<at::Tensor>& ve, const c10::optional<at::Tensor>& ve_mix,
+                                          c10::optional<at::ScalarType> out_dtype) {
+  return QkNormValueMixFn::apply(qkv, n_head, n_kv_head, q_gain, k_gain, rms, eps, ve, ve_mix, out_dtype);
+}
+
 }  // namespace
 }  // namespace fastlm
 
@@ -415,3 +391,5 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("qk_norm_value_mix_fwd", &fastlm::qk_norm_value_mix_fwd_cpu);
   m.impl("qk_norm_value_mix_bwd", &fastlm::qk_norm_value_mix_bwd_cpu);
 }
+
+TORCH_LIBRARY_IMPL(fastlm, Autograd, m) { m.impl("qk_norm_value_mix_fwd", &fastlm::qk_norm_value_mix_fwd_autograd); }

@@ -7,6 +7,8 @@
 * :func:`attention_qkv` -- self-attention on the model's packed ``qkv`` projection, with RoPE.
 * :func:`qk_norm_value_mix` -- QK-norm and the value-embedding mix on the packed ``qkv`` (the step
   between the model's qkv projection and :func:`attention_qkv`).
+* :func:`layer_norm` -- LayerNorm / RMSNorm over the last dim, optionally writing bfloat16 from
+  float32 in the same pass (the model's pre-norms in the CPU autocast step).
 * :func:`muon_step` -- one step of the Muon optimizer on a list of matrices (:func:`muon_bf16_products`:
   whether its bfloat16 Newton-Schulz runs fused here).
 * :func:`bpe_train` -- the merge loop of byte-level BPE training.
@@ -26,7 +28,8 @@ cpp        C++ CPU kernels in ``fastlm._C`` (CPU tensors)
 supports the call; if it has to skip a preferred one it logs why, once. The registry and the
 :class:`Backend` protocol are in :mod:`fastlm.ops.backend`; each op's public function validates its
 arguments once and dispatches there (:mod:`fastlm.ops.attention`, :mod:`fastlm.ops.swiglu`,
-:mod:`fastlm.ops.muon`, :mod:`fastlm.ops.bpe`, :mod:`fastlm.ops.qk_norm`). Position helpers (RoPE, ALiBi slopes) are in
+:mod:`fastlm.ops.muon`, :mod:`fastlm.ops.bpe`, :mod:`fastlm.ops.qk_norm`, :mod:`fastlm.ops.norm`).
+Position helpers (RoPE, ALiBi slopes) are in
 :mod:`fastlm.ops.positions`.
 """
 
@@ -47,6 +50,7 @@ from fastlm.ops.backend import (
 )
 from fastlm.ops.bpe import bpe_train
 from fastlm.ops.muon import muon_bf16_products, muon_step
+from fastlm.ops.norm import layer_norm
 from fastlm.ops.qk_norm import qk_norm_value_mix
 from fastlm.ops.swiglu import swiglu, swiglu_packed
 
@@ -58,6 +62,7 @@ __all__ = [
     "swiglu",
     "swiglu_packed",
     "qk_norm_value_mix",
+    "layer_norm",
     "muon_step",
     "muon_bf16_products",
     "bpe_train",

@@ -44,6 +44,7 @@ _AUTO_ORDER = {
     ("swiglu_packed", "cuda"): ("triton", "cuda", "torch", "reference"),
     ("swiglu_packed", "cpu"): ("cpp", "torch", "reference"),
     ("qk_norm_value_mix", "cpu"): ("cpp", "reference"),
+    ("layer_norm", "cpu"): ("cpp", "reference"),
     ("muon_step", "cpu"): ("cpp", "reference"),
     ("bpe_train", "cpu"): ("cpp", "reference"),
 }

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["qk_norm_value_mix"]
+__all__ = ["layer_norm", "qk_norm_value_mix"]
 
 
 def qk_norm_value_mix(
@@ -35,3 +35,19 @@ def qk_norm_value_mix(
         v = ve_mix[0] * v + ve_mix[1] * ve
     # under autocast the norms and an fp32 mix promote: keep qkv's dtype (as a KV cache does)
     return torch.cat([q, k, v], dim=-1).to(qkv.dtype)
+
+
+def layer_norm(x: Tensor, weight, bias, residual, norm: str, eps: float, out_dtype):
+    """The composed form of :func:`fastlm.ops.layer_norm` (no input checks): ``s = x + residual``
+    (x's dtype: the residual is never wider), torch's ``F.layer_norm`` or ``F.rms_norm`` (plus
+    ``bias``) over the last dim of ``s``, the cast to ``out_dtype``; ``(out, s)`` with a residual."""
+    s = x if residual is None else x + residual
+    shape = (s.shape[-1],)
+    if norm == "rmsnorm":
+        y = F.rms_norm(s, shape, weight, eps)
+        if bias is not None:
+            y = y + bias
+    else:
+        y = F.layer_norm(s, shape, weight, bias, eps)
+    y = y.to(out_dtype)
+    return y if residual is None else (y, s)

@@ -17,9 +17,7 @@ import torch
 
 from fastlm.ops._autograd import (
     register_attention_autograd,
-    register_attention_qkv_autograd,
     register_elementwise_autograd,
-    register_qk_norm_autograd,
 )
 from fastlm.ops._buildinfo import CPU_LEVEL_FLAGS, cpu_flags, csrc_hash, embedded_csrc_hash
 from fastlm.ops.protocol import BackendBase
@@ -149,6 +147,19 @@ if _C is not None:
 
         return qkv.new_empty(qkv.shape), like(q_gain), like(k_gain), like(ve), like(ve_mix)
 
+    @torch.library.register_fake("fastlm::layer_norm_fwd")
+    def _layer_norm_fwd_fake(x, weight, bias, rms, eps, out_dtype=None, residual=None):
+        out = x.new_empty(x.shape, dtype=out_dtype or x.dtype)
+        return out, x.new_empty(x.shape if residual is not None else (0,))
+
+    @torch.library.register_fake("fastlm::layer_norm_bwd")
+    def _layer_norm_bwd_fake(dout, x, weight, bias, rms, eps, dsum=None, residual_dtype=None):
+        def like(t):
+            return t.new_empty(t.shape) if t is not None else x.new_empty((0,))
+
+        dres = x.new_empty(x.shape, dtype=residual_dtype) if residual_dtype is not None else x.new_empty((0,))
+        return x.new_empty(x.shape), like(weight), like(bias), dres
+
     @torch.library.register_fake("fastlm::swiglu_fwd")
     def _swiglu_fwd_fake(gate, up):
         return gate.new_empty(gate.shape)
@@ -175,8 +186,7 @@ if _C is not None:
 
     # ---- autograd ------------------------------------------------------------------------------
     register_attention_autograd("fastlm::attention_fwd", _ops.attention_bwd, contiguous_dout=True)
-    register_attention_qkv_autograd("fastlm::attention_qkv_fwd", _ops.attention_qkv_bwd)
-    register_qk_norm_autograd("fastlm::qk_norm_value_mix_fwd", _ops.qk_norm_value_mix_bwd)
+    # attention_qkv_fwd, qk_norm_value_mix_fwd and layer_norm_fwd: autograd registered in C++ (csrc/cpu)
     register_elementwise_autograd("fastlm::swiglu_fwd", _ops.swiglu_bwd)
     register_elementwise_autograd("fastlm::swiglu_packed_fwd", _ops.swiglu_packed_bwd)
 
@@ -265,6 +275,18 @@ class _CppBackend(BackendBase):
             qkv, n_head, n_kv_head, q_gain, k_gain, norm == "rmsnorm", eps, ve, ve_mix, out_dtype
         )
 
+    def layer_norm_unsupported(self, x, weight, bias, residual, norm, eps, out_dtype):
+        """The fused op takes CPU tensors of float32/float64/bfloat16/float16 (the public op has
+        checked the shapes and dtypes), with a residual of x's dtype or ``out_dtype``. Its autograd is
+        C++ (csrc/cpu/layer_norm.cpp)."""
+        if residual is not None and residual.dtype not in (x.dtype, out_dtype):
+            return f"the fused op takes a residual of x's dtype or out_dtype, got {residual.dtype}"
+        return self._tensor_unsupported(*(t for t in (x, weight, bias, residual) if t is not None))
+
+    def layer_norm(self, x, weight, bias, residual, norm, eps, out_dtype):
+        out, total = _ops.layer_norm_fwd(x, weight, bias, norm == "rmsnorm", eps, out_dtype, residual)
+        return out if residual is None else (out, total)
+
     def muon_step_unsupported(self, params, grads, bufs, ns_dtype):
         """Why ``fastlm::muon_step_`` cannot take these lists (None: it can): CPU, one dtype of
         float32/float64 for all that is also the Newton-Schulz dtype (or float32 parameters with a
@@ -345,6 +367,8 @@ class _CudaBackend(_CppBackend):
     attention_qkv_unsupported = BackendBase.attention_qkv_unsupported
     qk_norm_value_mix_unsupported = BackendBase.qk_norm_value_mix_unsupported  # the composed form
     qk_norm_value_mix = BackendBase.qk_norm_value_mix
+    layer_norm_unsupported = BackendBase.layer_norm_unsupported  # the composed form
+    layer_norm = BackendBase.layer_norm
     muon_step_unsupported = BackendBase.muon_step_unsupported
     bpe_train_unsupported = BackendBase.bpe_train_unsupported
 

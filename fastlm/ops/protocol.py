@@ -16,7 +16,7 @@ class Backend(Protocol):
     pairs are optional capabilities, which a backend overrides only where it has a compiled entry
     point: :class:`BackendBase` refuses ``attention_qkv`` (the public op then composes it from
     :func:`fastlm.ops.attention`), ``muon_step`` and ``bpe_train`` (another backend runs them), and
-    runs the composed form of ``qk_norm_value_mix`` itself (:mod:`fastlm.ops.composed`)."""
+    runs the composed forms of ``qk_norm_value_mix`` and ``layer_norm`` itself (:mod:`fastlm.ops.composed`)."""
 
     name: str
 
@@ -49,6 +49,10 @@ class Backend(Protocol):
     ) -> Optional[str]: ...
 
     def qk_norm_value_mix(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype): ...
+
+    def layer_norm_unsupported(self, x, weight, bias, residual, norm, eps, out_dtype) -> Optional[str]: ...
+
+    def layer_norm(self, x, weight, bias, residual, norm, eps, out_dtype): ...
 
     def muon_step_unsupported(self, params, grads, momentum_buffers, ns_dtype) -> Optional[str]: ...
 
@@ -95,6 +99,13 @@ class BackendBase:
     def qk_norm_value_mix(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype):
         """The composed form (PyTorch ops on any device): :func:`fastlm.ops.composed.qk_norm_value_mix`."""
         return composed.qk_norm_value_mix(qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype)
+
+    def layer_norm_unsupported(self, x, weight, bias, residual, norm, eps, out_dtype):
+        return None  # every backend runs the composed form unless it has a kernel
+
+    def layer_norm(self, x, weight, bias, residual, norm, eps, out_dtype):
+        """The composed form (PyTorch ops on any device): :func:`fastlm.ops.composed.layer_norm`."""
+        return composed.layer_norm(x, weight, bias, residual, norm, eps, out_dtype)
 
     def muon_step_unsupported(self, params, grads, momentum_buffers, ns_dtype):
         return f"backend {self.name!r} has no Muon step"
