@@ -33,14 +33,15 @@ TORCH_LIBRARY(fastlm, m) {
         "Tensor? segment_ids=None) -> Tensor dqkv");
   // QK-norm and value-embedding mix on the packed qkv (B, T, (H + 2 H_kv) D): each q head normed over D
   // times q_gain (D,), each k head times k_gain (LayerNorm without bias, or RMSNorm when rms), and
-  // v -> ve_mix[0] * v + ve_mix[1] * ve (ve (B, T, H_kv D)); absent gains / ve leave those parts as
-  // they are. out_dtype: qkv's (default) or float32 for a bfloat16/float16 qkv. The backward returns
-  // d(qkv), d q_gain, d k_gain, d ve, d ve_mix (empty tensors for absent inputs).
+  // v -> ve_mix[0] * v + ve_mix[1] * ve (ve (B, T, H_kv D), or with ve_idx (B, T) the (V, H_kv D)
+  // table it indexes); absent gains / ve leave those parts as they are. out_dtype: qkv's (default) or
+  // float32 for a bfloat16/float16 qkv. The backward returns d(qkv), d q_gain, d k_gain, d ve (ve's
+  // shape: the table's with ve_idx), d ve_mix (empty tensors for absent inputs).
   m.def("qk_norm_value_mix_fwd(Tensor qkv, int n_head, int n_kv_head, Tensor? q_gain, Tensor? k_gain, "
-        "bool rms, float eps, Tensor? ve, Tensor? ve_mix, ScalarType? out_dtype=None) -> Tensor");
+        "bool rms, float eps, Tensor? ve, Tensor? ve_mix, ScalarType? out_dtype=None, Tensor? ve_idx=None) -> Tensor");
   m.def("qk_norm_value_mix_bwd(Tensor dout, Tensor qkv, int n_head, int n_kv_head, Tensor? q_gain, "
-        "Tensor? k_gain, bool rms, float eps, Tensor? ve, Tensor? ve_mix) -> (Tensor dqkv, Tensor dq_gain, "
-        "Tensor dk_gain, Tensor dve, Tensor dve_mix)");
+        "Tensor? k_gain, bool rms, float eps, Tensor? ve, Tensor? ve_mix, Tensor? ve_idx=None) -> (Tensor dqkv, "
+        "Tensor dq_gain, Tensor dk_gain, Tensor dve, Tensor dve_mix)");
   // LayerNorm over the last dim of s = x + residual (s = x without a residual): (s - mean) /
   // sqrt(var + eps) * weight + bias, or RMSNorm when rms (s / sqrt(mean(s^2) + eps) * weight + bias);
   // weight and bias (C,) optional. out_dtype: x's (default) or bfloat16/float16 for a float32 x; the

@@ -374,6 +374,7 @@ class CausalSelfAttention(nn.Module):
         kv_cache: Optional[KVCache] = None,
         segment_ids: Optional[Tensor] = None,
         ve: Optional[Tensor] = None,
+        ve_idx: Optional[Tensor] = None,
     ) -> Tensor:
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -400,6 +401,7 @@ class CausalSelfAttention(nn.Module):
                 eps=self.cfg.norm_eps,
                 ve=ve,
                 ve_mix=self.ve_mix if ve is not None else None,
+                ve_idx=ve_idx,
                 out_dtype=torch.float32 if upcast else None,
                 backend=self.cfg.backend,
             )
@@ -466,16 +468,18 @@ class Block(nn.Module):
         self.ln2 = _norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, alibi=None, kv_cache=None, segment_ids=None, ve=None):
-        x, m = self.residual_step(x, None, rope=rope, alibi=alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve)
+    def forward(self, x, rope=None, alibi=None, kv_cache=None, segment_ids=None, ve=None, ve_idx=None):
+        x, m = self.residual_step(
+            x, None, rope=rope, alibi=alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve, ve_idx=ve_idx
+        )
         return x + m
 
-    def residual_step(self, x, pending, rope=None, alibi=None, kv_cache=None, segment_ids=None, ve=None):
+    def residual_step(self, x, pending, rope=None, alibi=None, kv_cache=None, segment_ids=None, ve=None, ve_idx=None):
         """The block on the residual stream ``x + pending`` (``pending``: the previous block's MLP output
         not yet added, or None), each residual add done in the pass of the norm after it. Returns
         ``(x', m)``: the block's output is ``x' + m``, its MLP output ``m`` left for the next norm."""
         h, x = (self.ln1(x), x) if pending is None else self.ln1(x, residual=pending)
-        a = self.attn(h, rope=rope, alibi=alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve)
+        a = self.attn(h, rope=rope, alibi=alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve, ve_idx=ve_idx)
         h, x = self.ln2(x, residual=a)
         return x, self.mlp(h)
 
@@ -611,9 +615,18 @@ class GPT(nn.Module):
             if self.skip_weights is not None and i >= n - len(self.skip_weights):
                 x = x if pending is None else x + pending
                 x, pending = x + self.skip_weights[n - 1 - i] * skips.pop(), None
-            ve = self.value_embeds[i](idx) if self.value_embeds is not None else None
+            # value embeddings: the layer's table and the token ids; the lookup happens in the attention's
+            # QK-norm / value-mix op (ops.qk_norm_value_mix's ve_idx)
+            ve = self.value_embeds[i].weight if self.value_embeds is not None else None
             x, pending = block.residual_step(
-                x, pending, rope=rope, alibi=self.alibi, kv_cache=kv_cache, segment_ids=segment_ids, ve=ve
+                x,
+                pending,
+                rope=rope,
+                alibi=self.alibi,
+                kv_cache=kv_cache,
+                segment_ids=segment_ids,
+                ve=ve,
+                ve_idx=idx if ve is not None else None,
             )
             if self.skip_weights is not None and i < len(self.skip_weights):
                 x, pending = x + pending, None

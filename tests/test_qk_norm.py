@@ -244,3 +244,124 @@ def test_op_level_errors():
         OPS.qk_norm_value_mix_fwd(qkv, 2, 1, None, None, False, 1e-5, None, None, torch.bfloat16)
     with pytest.raises(RuntimeError, match="dout must be"):
         OPS.qk_norm_value_mix_bwd(torch.randn(1, 2, 16), qkv, 2, 1, None, None, False, 1e-5, None, None)
+
+
+def run_table(backend, qkv, qg, kg, table, idx, vm, h, h_kv, dout, out_dtype=None):
+    """The table form (``ve_idx``): forward and backward -> [out, d qkv, d q_gain, d k_gain, d table, d ve_mix]."""
+    leaves = [t.detach().clone().requires_grad_() for t in (qkv, qg, kg, table, vm)]
+    x, g1, g2, tab, m = leaves
+    y = ops.qk_norm_value_mix(
+        x, h, h_kv, q_gain=g1, k_gain=g2, ve=tab, ve_mix=m, ve_idx=idx, out_dtype=out_dtype, backend=backend
+    )
+    y.backward(dout.to(y.dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def make_table(b, t, h_kv, d, vocab=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(vocab, h_kv * d, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, vocab, (b, t), generator=g)
+    idx[0, :3] = 2  # a repeated id: its gradient row sums several tokens
+    return table, idx
+
+
+@needs_cpp
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+def test_table_form_matches_float64_and_the_separate_lookup_bitwise(idx_dtype):
+    """ve_idx: the op looks the rows up itself. Against the float64 composed form (F.embedding, then
+    the mix) within float32 rounding; and in float32 what the model computed before, the lookup as its
+    own op (fastlm.ops.embedding, whose backward is an index_add) feeding ve: bitwise the same output
+    and qkv/gain/mix gradients, and the table gradient summed in the same (token) order, to the last
+    bit (a fused multiply-add may round once where the separate ops round twice)."""
+    from fastlm.ops.embedding import embedding
+
+    b, t, h, h_kv, d = 3, 17, 4, 2, 16
+    qkv, qg, kg, _, vm = make(b, t, h, h_kv, d, mix=True, seed=11)
+    table, idx = make_table(b, t, h_kv, d, seed=12)
+    idx = idx.to(idx_dtype)
+    dout = torch.randn(qkv.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    ref = run_table("reference", qkv, qg, kg, table, idx, vm, h, h_kv, dout)
+    f32 = [x.float() for x in (qkv, qg, kg, table, vm, dout)]
+    got = run_table("cpp", f32[0], f32[1], f32[2], f32[3], idx, f32[4], h, h_kv, f32[5])
+    for a, r in zip(got, ref):
+        assert a.shape == r.shape and a.dtype == torch.float32
+        assert (a.double() - r).abs().max() <= 2e-5 * r.abs().max()
+    # the separate lookup: embedding(idx, table) as ve
+    leaves = [x.detach().clone().requires_grad_() for x in (f32[0], f32[1], f32[2], f32[3], f32[4])]
+    x, g1, g2, tab, m = leaves
+    y = ops.qk_norm_value_mix(x, h, h_kv, q_gain=g1, k_gain=g2, ve=embedding(idx, tab), ve_mix=m, backend="cpp")
+    y.backward(f32[5])
+    for name, a, c in zip(
+        ("out", "dqkv", "dqg", "dkg", "dtable", "dmix"), got, [y.detach()] + [t.grad for t in leaves]
+    ):
+        if name == "dtable":
+            torch.testing.assert_close(a, c, rtol=3e-7, atol=1e-6)
+        else:
+            assert torch.equal(a, c), name
+
+
+@needs_cpp
+def test_table_form_bf16_and_thread_count_independence():
+    """The autocast step's case (a bf16 qkv, float32 out) against the float64 composed form; the table
+    gradient is bitwise the same on 1 and 2 threads."""
+    b, t, h, h_kv, d = 4, 40, 3, 3, 32
+    qkv, qg, kg, _, vm = make(b, t, h, h_kv, d, dtype=torch.bfloat16, seed=14)
+    table, idx = make_table(b, t, h_kv, d, vocab=65, seed=15)
+    dout = torch.randn(qkv.shape, generator=torch.Generator().manual_seed(16))
+    ref = run_table("reference", qkv.double(), qg, kg, table, idx, vm, h, h_kv, dout.double())
+    args = (qkv, qg.float(), kg.float(), table.float(), idx, vm.float(), h, h_kv, dout)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_table("cpp", *args, out_dtype=torch.float32)
+        torch.set_num_threads(2)
+        two = run_table("cpp", *args, out_dtype=torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    for p, q in zip(one, two):
+        assert torch.equal(p, q)
+    for name, a, r in zip(("out", "dqkv", "dq_gain", "dk_gain", "dtable", "dve_mix"), one, ref):
+        tol = 4e-3 if name == "dqkv" else 2e-5
+        assert (a.double() - r).abs().max() <= tol * r.abs().max(), name
+
+
+@needs_cpp
+def test_table_form_gradcheck_and_opcheck():
+    b, t, h, h_kv, d = 2, 5, 2, 1, 8
+    qkv, qg, kg, _, vm = make(b, t, h, h_kv, d, seed=17)
+    table, idx = make_table(b, t, h_kv, d, vocab=4, seed=18)
+    inputs = [x.requires_grad_() for x in (qkv, qg, kg, table, vm)]
+
+    def f(x, g1, g2, tab, m):
+        return ops.qk_norm_value_mix(x, h, h_kv, q_gain=g1, k_gain=g2, ve=tab, ve_mix=m, ve_idx=idx, backend="cpp")
+
+    assert torch.autograd.gradcheck(f, inputs)
+    x, g1, g2, tab, m = (y.detach().float().requires_grad_() for y in inputs)
+    torch.library.opcheck(OPS.qk_norm_value_mix_fwd.default, (x, h, h_kv, g1, g2, False, 1e-5, tab, m), {"ve_idx": idx})
+    args = (torch.randn(x.shape), x.detach(), h, h_kv, g1.detach(), g2.detach(), False, 1e-5, tab.detach(), m.detach())
+    torch.library.opcheck(OPS.qk_norm_value_mix_bwd.default, args, {"ve_idx": idx})
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        ({"ve": None, "ve_mix": None}, ValueError, "pass ve"),
+        ({"ve_idx": torch.zeros(1, 2)}, TypeError, "int64/int32"),
+        ({"ve_idx": torch.zeros(2, 1, dtype=torch.int64)}, ValueError, "ve_idx must be \\(1, 2\\)"),
+        ({"ve": torch.ones(1, 2, 8)}, ValueError, "ve must be"),
+        ({"ve": torch.ones(5, 9)}, ValueError, "ve must be"),
+    ],
+)
+def test_table_form_bad_arguments(kwargs, error, words):
+    args = {"ve": torch.ones(5, 8), "ve_mix": torch.ones(2), "ve_idx": torch.zeros(1, 2, dtype=torch.int64), **kwargs}
+    with pytest.raises(error, match=words):
+        ops.qk_norm_value_mix(torch.randn(1, 2, 32), 2, 1, **args)
+
+
+@needs_cpp
+def test_table_form_refuses_ids_outside_the_table():
+    qkv, table, mix = torch.randn(1, 2, 32), torch.ones(5, 8), torch.ones(2)
+    with pytest.raises(RuntimeError, match="ve_idx holds 5, outside the table's 5 rows"):
+        ops.qk_norm_value_mix(qkv, 2, 1, ve=table, ve_mix=mix, ve_idx=torch.tensor([[0, 5]]), backend="cpp")
+    with pytest.raises(RuntimeError, match="outside the table"):
+        ops.qk_norm_value_mix(qkv, 2, 1, ve=table, ve_mix=mix, ve_idx=torch.tensor([[-1, 0]]), backend="cpp")

@@ -13,11 +13,12 @@ __all__ = ["layer_norm", "qk_norm_value_mix"]
 
 
 def qk_norm_value_mix(
-    qkv: Tensor, n_head: int, n_kv_head: int, q_gain, k_gain, norm: str, eps: float, ve, ve_mix, out_dtype
+    qkv: Tensor, n_head: int, n_kv_head: int, q_gain, k_gain, norm: str, eps: float, ve, ve_mix, out_dtype, ve_idx=None
 ) -> Tensor:
     """The composed form of :func:`fastlm.ops.qk_norm_value_mix` (no input checks): split, torch's
-    ``F.layer_norm``/``F.rms_norm`` on the head views, the mix, a concatenation; plain autograd. A
-    wider ``out_dtype`` upcasts ``qkv`` first, so the math runs there."""
+    ``F.layer_norm``/``F.rms_norm`` on the head views, the mix (with ``ve_idx``, of the rows
+    ``F.embedding(ve_idx, ve)``), a concatenation; plain autograd. A wider ``out_dtype`` upcasts ``qkv``
+    first, so the math runs there."""
     if out_dtype != qkv.dtype:
         qkv = qkv.to(out_dtype)
     B, T, W = qkv.shape
@@ -32,7 +33,7 @@ def qk_norm_value_mix(
             q = F.layer_norm(q.view(B, T, H, D), (D,), q_gain, None, eps).view(B, T, H * D)
             k = F.layer_norm(k.view(B, T, Hkv, D), (D,), k_gain, None, eps).view(B, T, Hkv * D)
     if ve is not None:
-        v = ve_mix[0] * v + ve_mix[1] * ve
+        v = ve_mix[0] * v + ve_mix[1] * (ve if ve_idx is None else F.embedding(ve_idx, ve))
     # under autocast the norms and an fp32 mix promote: keep qkv's dtype (as a KV cache does)
     return torch.cat([q, k, v], dim=-1).to(qkv.dtype)
 

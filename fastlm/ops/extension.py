@@ -137,11 +137,13 @@ if _C is not None:
         return qkv.new_empty(qkv.shape)
 
     @torch.library.register_fake("fastlm::qk_norm_value_mix_fwd")
-    def _qk_norm_value_mix_fwd_fake(qkv, n_head, n_kv_head, q_gain, k_gain, rms, eps, ve, ve_mix, out_dtype=None):
+    def _qk_norm_value_mix_fwd_fake(
+        qkv, n_head, n_kv_head, q_gain, k_gain, rms, eps, ve, ve_mix, out_dtype=None, ve_idx=None
+    ):
         return qkv.new_empty(qkv.shape, dtype=out_dtype or qkv.dtype)
 
     @torch.library.register_fake("fastlm::qk_norm_value_mix_bwd")
-    def _qk_norm_value_mix_bwd_fake(dout, qkv, n_head, n_kv_head, q_gain, k_gain, rms, eps, ve, ve_mix):
+    def _qk_norm_value_mix_bwd_fake(dout, qkv, n_head, n_kv_head, q_gain, k_gain, rms, eps, ve, ve_mix, ve_idx=None):
         def like(t):
             return t.new_empty(t.shape) if t is not None else qkv.new_empty((0,))
 
@@ -188,7 +190,7 @@ if _C is not None:
     register_attention_autograd("fastlm::attention_fwd", _ops.attention_bwd, contiguous_dout=True)
     # attention_qkv_fwd, qk_norm_value_mix_fwd and layer_norm_fwd: autograd registered in C++ (csrc/cpu)
     register_elementwise_autograd("fastlm::swiglu_fwd", _ops.swiglu_bwd)
-    register_elementwise_autograd("fastlm::swiglu_packed_fwd", _ops.swiglu_packed_bwd)
+    register_elementwise_autograd("fastlm::swiglu_packed_fwd", _ops.swiglu_packed_bwd)  # CUDA (CPU: AutogradCPU, C++)
 
 
 def _has_cuda_kernels() -> bool:
@@ -265,14 +267,16 @@ class _CppBackend(BackendBase):
         micro-kernels) rather than upcasting it to the float32 path: :func:`cpu_bf16_products`."""
         return _BF16_DOT
 
-    def qk_norm_value_mix_unsupported(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype):
+    def qk_norm_value_mix_unsupported(
+        self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype, ve_idx=None
+    ):
         """The fused op takes CPU tensors of float32/float64/bfloat16/float16 (the public op has
         checked the shapes and out_dtype)."""
         return self._tensor_unsupported(*(t for t in (qkv, q_gain, k_gain, ve, ve_mix) if t is not None))
 
-    def qk_norm_value_mix(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype):
+    def qk_norm_value_mix(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype, ve_idx=None):
         return _ops.qk_norm_value_mix_fwd(
-            qkv, n_head, n_kv_head, q_gain, k_gain, norm == "rmsnorm", eps, ve, ve_mix, out_dtype
+            qkv, n_head, n_kv_head, q_gain, k_gain, norm == "rmsnorm", eps, ve, ve_mix, out_dtype, ve_idx
         )
 
     def layer_norm_unsupported(self, x, weight, bias, residual, norm, eps, out_dtype):

@@ -45,10 +45,12 @@ class Backend(Protocol):
     ): ...
 
     def qk_norm_value_mix_unsupported(
-        self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype
+        self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype, ve_idx=None
     ) -> Optional[str]: ...
 
-    def qk_norm_value_mix(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype): ...
+    def qk_norm_value_mix(
+        self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype, ve_idx=None
+    ): ...
 
     def layer_norm_unsupported(self, x, weight, bias, residual, norm, eps, out_dtype) -> Optional[str]: ...
 
@@ -93,12 +95,16 @@ class BackendBase:
     ):
         return f"backend {self.name!r} has no fused qkv attention (the composed form runs)"
 
-    def qk_norm_value_mix_unsupported(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype):
+    def qk_norm_value_mix_unsupported(
+        self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype, ve_idx=None
+    ):
         return None  # every backend runs the composed form unless it has a kernel
 
-    def qk_norm_value_mix(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype):
+    def qk_norm_value_mix(self, qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype, ve_idx=None):
         """The composed form (PyTorch ops on any device): :func:`fastlm.ops.composed.qk_norm_value_mix`."""
-        return composed.qk_norm_value_mix(qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype)
+        return composed.qk_norm_value_mix(
+            qkv, n_head, n_kv_head, q_gain, k_gain, norm, eps, ve, ve_mix, out_dtype, ve_idx
+        )
 
     def layer_norm_unsupported(self, x, weight, bias, residual, norm, eps, out_dtype):
         return None  # every backend runs the composed form unless it has a kernel

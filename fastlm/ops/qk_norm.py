@@ -38,6 +38,7 @@ def qk_norm_value_mix(
     eps: float = 1e-5,
     ve: Optional[Tensor] = None,
     ve_mix: Optional[Tensor] = None,
+    ve_idx: Optional[Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -49,7 +50,10 @@ def qk_norm_value_mix(
       ``"layernorm"`` (no bias: ``(x - mean) / sqrt(var + eps)``) or ``"rmsnorm"``
       (``x / sqrt(mean(x^2) + eps)``);
     * with ``ve`` ``(B, T, H_kv D)`` and ``ve_mix`` ``(2,)``: the values become
-      ``ve_mix[0] * v + ve_mix[1] * ve``.
+      ``ve_mix[0] * v + ve_mix[1] * ve``; with ``ve_idx`` (integer ``(B, T)``), ``ve`` is instead a
+      ``(V, H_kv D)`` embedding table and the mix takes its rows ``ve[ve_idx]``: the lookup happens in
+      the op's pass and the table's gradient is summed per row in token order (an embedding's
+      ``index_add`` backward), so the ``(B, T, H_kv D)`` lookup and its gradient are never stored.
 
     Returns a new ``(B, T, W)`` tensor in ``out_dtype``: qkv's dtype (default), or float32 for a
     bfloat16/float16 ``qkv`` (the CPU autocast step, whose attention computes in float32: the upcast
@@ -83,8 +87,19 @@ def qk_norm_value_mix(
     if q_gain is not None:
         _check_tensor("q_gain", q_gain, (D,), qkv.device)
         _check_tensor("k_gain", k_gain, (D,), qkv.device)
+    if ve_idx is not None:
+        if ve is None:
+            raise ValueError("qk_norm_value_mix: ve_idx indexes the table ve: pass ve (and ve_mix) with it")
+        if not isinstance(ve_idx, Tensor) or ve_idx.dtype not in (torch.int64, torch.int32):
+            got = getattr(ve_idx, "dtype", type(ve_idx).__name__)
+            raise TypeError(f"qk_norm_value_mix: ve_idx must be an int64/int32 tensor, got {got}")
+        if tuple(ve_idx.shape) != (B, T) or ve_idx.device != qkv.device:
+            raise ValueError(f"qk_norm_value_mix: ve_idx must be ({B}, {T}) on {qkv.device}, got {tuple(ve_idx.shape)}")
+        rows = ve.shape[0] if isinstance(ve, Tensor) and ve.dim() == 2 and ve.shape[0] > 0 else -1
+        _check_tensor("ve", ve, (rows, Hkv * D), qkv.device)
     if ve is not None:
-        _check_tensor("ve", ve, (B, T, Hkv * D), qkv.device)
+        if ve_idx is None:
+            _check_tensor("ve", ve, (B, T, Hkv * D), qkv.device)
         _check_tensor("ve_mix", ve_mix, (2,), qkv.device)
     if norm not in NORMS:
         raise ValueError(f"qk_norm_value_mix: norm must be one of {', '.join(NORMS)}, got {norm!r}")
@@ -96,7 +111,7 @@ def qk_norm_value_mix(
             f"qk_norm_value_mix: out_dtype must be qkv's dtype ({qkv.dtype}) or float32 for a bfloat16/float16 "
             f"qkv, got {out_dtype}"
         )
-    args = (qkv, H, Hkv, q_gain, k_gain, norm, float(eps), ve, ve_mix, out_dtype or qkv.dtype)
+    args = (qkv, H, Hkv, q_gain, k_gain, norm, float(eps), ve, ve_mix, out_dtype or qkv.dtype, ve_idx)
     obj = resolve_backend(
         "qk_norm_value_mix", backend, qkv.device.type, lambda b: b.qk_norm_value_mix_unsupported(*args)
     )
