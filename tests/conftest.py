@@ -117,6 +117,26 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def fused_and_reference_step(cfg, tokens):
+    """The default backends' model and a ``backend="reference"`` copy with the same weights, one
+    forward/backward each on ``tokens`` (as inputs and targets) -> ``(models, [(loss, {name: grad})
+    for each])``: what the tests of a fused op compare the model's use of it with."""
+    import dataclasses
+
+    from fastlm.model import GPT
+
+    torch.manual_seed(0)
+    fused = GPT(cfg)
+    reference = GPT(dataclasses.replace(cfg, backend="reference"))
+    reference.load_state_dict(fused.state_dict())
+    out = []
+    for model in (fused, reference):
+        _, loss = model(tokens, tokens)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    return (fused, reference), out
+
+
 def one_error_line(captured) -> str:
     """The single ``error: ...`` line a CLI printed on stderr (asserts there is exactly one)."""
     lines = [ln for ln in captured.err.strip().splitlines() if ln.strip()]

@@ -6,11 +6,10 @@ residual adds inside it)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fused_and_reference_step
 
 from fastlm import ops
 from fastlm.model import GPT, GPTConfig
@@ -181,16 +180,8 @@ def test_the_model_runs_one_op_per_norm_with_the_residual_adds_inside(monkeypatc
     real = OPS.layer_norm_fwd
     monkeypatch.setattr(OPS, "layer_norm_fwd", lambda *a: calls.append(a) or real(*a))
     cfg = GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    fused = GPT(cfg)
-    reference = GPT(dataclasses.replace(cfg, backend="reference"))
-    reference.load_state_dict(fused.state_dict())
     x = torch.randint(0, 40, (3, 32))
-    grads = []
-    for model in (fused, reference):
-        _, loss = model(x, x)
-        loss.backward()
-        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (fused, reference), grads = fused_and_reference_step(cfg, x)
     assert len(calls) == 2 * cfg.n_layer + 1
     assert [a[-1] is not None for a in calls] == [False] + [True] * (2 * cfg.n_layer)
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)

@@ -4,13 +4,12 @@ independence, the composed form on the other backends, clear errors, and the mod
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
+from conftest import fused_and_reference_step
 
 from fastlm import ops
-from fastlm.model import GPT, GPTConfig
+from fastlm.model import GPTConfig
 from fastlm.ops import composed
 from fastlm.ops import extension as _ext
 
@@ -170,16 +169,7 @@ def test_auto_runs_the_fused_op_on_cpu_and_the_model_uses_it(monkeypatch):
     monkeypatch.setattr(OPS, "qk_norm_value_mix_fwd", lambda *a: calls.append(1) or real(*a))
     cfg = GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)
     assert cfg.qk_norm and cfg.value_embed  # the default model's options
-    torch.manual_seed(0)
-    fused = GPT(cfg)
-    reference = GPT(dataclasses.replace(cfg, backend="reference"))
-    reference.load_state_dict(fused.state_dict())
-    x = torch.randint(0, 40, (3, 32))
-    grads = []
-    for model in (fused, reference):
-        _, loss = model(x, x)
-        loss.backward()
-        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    _, grads = fused_and_reference_step(cfg, torch.randint(0, 40, (3, 32)))
     assert len(calls) == cfg.n_layer
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
     for name, g in grads[0][1].items():

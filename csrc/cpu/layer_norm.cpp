@@ -51,6 +51,9 @@ inline void store_as(dst_t* dst, const acc_t* src, int64_t n) {
 // captured reference they would be reloaded after every store).
 template <typename in_t, typename out_t, typename res_t>
 struct NormArgs {
+  using in_type = in_t;
+  using out_type = out_t;
+  using res_type = res_t;
   using acc_t = acc_of_t<in_t>;
   const in_t* x;       // forward: x; backward: the normalised input (s)
   const res_t* res;    // forward: the residual (or null)
@@ -217,18 +220,28 @@ at::Tensor param_of(at::ScalarType acc, const c10::optional<at::Tensor>& p) {
   return p.has_value() ? p->to(acc).contiguous() : at::Tensor();
 }
 
-// f(in_t*, out_t*, res_t*) for the dtypes the op takes: out == in, or float32 in with bf16 / fp16
-// out; the residual's dtype is in's or out's.
+// f(NormArgs<in_t, out_t, res_t>) for the dtypes the op takes (out == in, or float32 in with bf16 /
+// fp16 out; the residual's dtype is in's or out's), with the fields both directions share set.
 template <typename F>
-void dispatch_io(at::ScalarType in, at::ScalarType out, at::ScalarType res, F f) {
+void dispatch_io(at::ScalarType in, at::ScalarType out, at::ScalarType res, const NormShape& s, bool rms,
+                 double eps, const at::Tensor& w, F f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in, "layer_norm", [&] {
     using in_t = scalar_t;
+    const auto call = [&](auto* out_p, auto* res_p) {
+      NormArgs<in_t, std::remove_pointer_t<decltype(out_p)>, std::remove_pointer_t<decltype(res_p)>> a{};
+      using acc_t = acc_of_t<in_t>;
+      a.w = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+      a.rows = s.rows;
+      a.C = s.C;
+      a.rms = rms;
+      a.eps = static_cast<acc_t>(eps);
+      f(a);
+    };
     const auto with_out = [&](auto* out_p) {
-      using out_t = std::remove_pointer_t<decltype(out_p)>;
       if (res == in) {
-        f(static_cast<in_t*>(nullptr), out_p, static_cast<in_t*>(nullptr));
+        call(out_p, static_cast<in_t*>(nullptr));
       } else {
-        f(static_cast<in_t*>(nullptr), out_p, static_cast<out_t*>(nullptr));
+        call(out_p, out_p);
       }
     };
     if (out == in) {
@@ -269,22 +282,13 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x_in, co
   at::Tensor sum = r.defined() ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   if (out.numel() == 0) return {out, sum};
   const at::Tensor w = param_of(acc, weight), b = param_of(acc, bias);
-  dispatch_io(in_t, out_t, res_t, [&](auto* in_p, auto* out_p, auto* res_p) {
-    using I = std::remove_pointer_t<decltype(in_p)>;
-    using O = std::remove_pointer_t<decltype(out_p)>;
-    using R = std::remove_pointer_t<decltype(res_p)>;
-    using A = acc_of_t<I>;
-    NormArgs<I, O, R> a{};
-    a.x = x.const_data_ptr<I>();
-    a.res = ptr_or_null<const R>(r);
-    a.sum = r.defined() ? sum.mutable_data_ptr<I>() : nullptr;
-    a.y = out.mutable_data_ptr<O>();
-    a.w = ptr_or_null<const A>(w);
-    a.b = ptr_or_null<const A>(b);
-    a.rows = s.rows;
-    a.C = s.C;
-    a.rms = rms;
-    a.eps = static_cast<A>(eps);
+  dispatch_io(in_t, out_t, res_t, s, rms, eps, w, [&](auto a) {
+    using Args = decltype(a);
+    a.x = x.const_data_ptr<typename Args::in_type>();
+    a.res = ptr_or_null<const typename Args::res_type>(r);
+    a.sum = r.defined() ? sum.mutable_data_ptr<typename Args::in_type>() : nullptr;
+    a.y = out.mutable_data_ptr<typename Args::out_type>();
+    a.b = ptr_or_null<const typename Args::acc_t>(b);
     at::parallel_for(0, (s.rows + kGroup - 1) / kGroup, 4,
                      [&](int64_t gbegin, int64_t gend) { fwd_rows(a, gbegin, gend); });
   });
@@ -318,23 +322,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
   at::Tensor part = at::zeros({n_chunks, 2 * C}, x.options().dtype(acc));
   std::vector<double> sums(2 * C, 0.0);
   if (dx.numel() > 0) {
-    dispatch_io(in_t, out_t, res_t, [&](auto* in_p, auto* out_p, auto* res_p) {
-      using I = std::remove_pointer_t<decltype(in_p)>;
-      using O = std::remove_pointer_t<decltype(out_p)>;
-      using R = std::remove_pointer_t<decltype(res_p)>;
-      using A = acc_of_t<I>;
-      NormArgs<I, O, R> a{};
+    dispatch_io(in_t, out_t, res_t, s, rms, eps, w, [&](auto a) {
+      using Args = decltype(a);
+      using I = typename Args::in_type;
       a.x = x.const_data_ptr<I>();
-      a.dy = dout.const_data_ptr<O>();
+      a.dy = dout.const_data_ptr<typename Args::out_type>();
       a.dsum = ptr_or_null<const I>(dsum);
       a.dx = dx.mutable_data_ptr<I>();
-      a.dres = residual_dtype.has_value() ? dres.mutable_data_ptr<R>() : nullptr;
-      a.w = ptr_or_null<const A>(w);
-      a.rows = s.rows;
-      a.C = C;
-      a.rms = rms;
-      a.eps = static_cast<A>(eps);
-      A* P = part.mutable_data_ptr<A>();
+      a.dres = residual_dtype.has_value() ? dres.mutable_data_ptr<typename Args::res_type>() : nullptr;
+      typename Args::acc_t* P = part.mutable_data_ptr<typename Args::acc_t>();
       const int64_t per = (s.rows + n_chunks - 1) / n_chunks;
       at::parallel_for(0, n_chunks, 1, [&](int64_t cbegin, int64_t cend) {
         for (int64_t c = cbegin; c < cend; ++c) {
