@@ -61,16 +61,12 @@ def layer_norm(
             f"layer_norm: out_dtype must be x's dtype ({x.dtype}) or bfloat16/float16 for a float32 x, got {out_dtype}"
         )
     C = x.shape[-1]
-    for name, t, shape, dtypes in (
-        ("weight", weight, (C,), _FLOAT_DTYPES),
-        ("bias", bias, (C,), _FLOAT_DTYPES),
-        ("residual", residual, tuple(x.shape), _FLOAT_DTYPES),
-    ):
+    for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (C,)), ("residual", residual, tuple(x.shape))):
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"layer_norm: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in dtypes:
+        if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"layer_norm: {name} must be float16/bfloat16/float32/float64, got {t.dtype}")
         if tuple(t.shape) != shape:
             raise ValueError(

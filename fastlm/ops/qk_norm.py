@@ -27,6 +27,28 @@ def _check_tensor(name: str, t, shape: tuple, device) -> None:
         raise ValueError(f"qk_norm_value_mix: {name} on {t.device}, qkv on {device}")
 
 
+def _check_value_embedding(ve, ve_mix, ve_idx, B: int, T: int, width: int, device) -> None:
+    """ve and ve_mix go together; ve is (B, T, width), or with ve_idx ((B, T) int64/int32 ids) a
+    (V, width) table."""
+    if (ve is None) != (ve_mix is None):
+        raise ValueError("qk_norm_value_mix: ve and ve_mix go together (both or neither)")
+    if ve_idx is None:
+        if ve is not None:
+            _check_tensor("ve", ve, (B, T, width), device)
+    else:
+        if ve is None:
+            raise ValueError("qk_norm_value_mix: ve_idx indexes the table ve: pass ve (and ve_mix) with it")
+        if not isinstance(ve_idx, Tensor) or ve_idx.dtype not in (torch.int64, torch.int32):
+            got = getattr(ve_idx, "dtype", type(ve_idx).__name__)
+            raise TypeError(f"qk_norm_value_mix: ve_idx must be an int64/int32 tensor, got {got}")
+        if tuple(ve_idx.shape) != (B, T) or ve_idx.device != device:
+            raise ValueError(f"qk_norm_value_mix: ve_idx must be ({B}, {T}) on {device}, got {tuple(ve_idx.shape)}")
+        rows = ve.shape[0] if isinstance(ve, Tensor) and ve.dim() == 2 and ve.shape[0] > 0 else -1
+        _check_tensor("ve", ve, (rows, width), device)
+    if ve_mix is not None:
+        _check_tensor("ve_mix", ve_mix, (2,), device)
+
+
 def qk_norm_value_mix(
     qkv: Tensor,
     n_head: int,
@@ -82,25 +104,10 @@ def qk_norm_value_mix(
     D = W // (H + 2 * Hkv)
     if (q_gain is None) != (k_gain is None):
         raise ValueError("qk_norm_value_mix: q_gain and k_gain go together (both or neither)")
-    if (ve is None) != (ve_mix is None):
-        raise ValueError("qk_norm_value_mix: ve and ve_mix go together (both or neither)")
     if q_gain is not None:
         _check_tensor("q_gain", q_gain, (D,), qkv.device)
         _check_tensor("k_gain", k_gain, (D,), qkv.device)
-    if ve_idx is not None:
-        if ve is None:
-            raise ValueError("qk_norm_value_mix: ve_idx indexes the table ve: pass ve (and ve_mix) with it")
-        if not isinstance(ve_idx, Tensor) or ve_idx.dtype not in (torch.int64, torch.int32):
-            got = getattr(ve_idx, "dtype", type(ve_idx).__name__)
-            raise TypeError(f"qk_norm_value_mix: ve_idx must be an int64/int32 tensor, got {got}")
-        if tuple(ve_idx.shape) != (B, T) or ve_idx.device != qkv.device:
-            raise ValueError(f"qk_norm_value_mix: ve_idx must be ({B}, {T}) on {qkv.device}, got {tuple(ve_idx.shape)}")
-        rows = ve.shape[0] if isinstance(ve, Tensor) and ve.dim() == 2 and ve.shape[0] > 0 else -1
-        _check_tensor("ve", ve, (rows, Hkv * D), qkv.device)
-    if ve is not None:
-        if ve_idx is None:
-            _check_tensor("ve", ve, (B, T, Hkv * D), qkv.device)
-        _check_tensor("ve_mix", ve_mix, (2,), qkv.device)
+    _check_value_embedding(ve, ve_mix, ve_idx, B, T, Hkv * D, qkv.device)
     if norm not in NORMS:
         raise ValueError(f"qk_norm_value_mix: norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
