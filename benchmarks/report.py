@@ -356,8 +356,9 @@ def model_section(rows: list) -> list:
         "### Model training step",
         "",
         "One optimizer step (forward, backward, AdamW). MFU = model FLOPs (6N + 12·L·H·D·T per token) x "
-        "tokens / time / peak (CUDA: dense bf16; CPU: threads x one-thread fp32 GEMM rate: these steps run in "
-        "float32). "
+        "tokens / time / peak (CUDA: dense bf16; CPU: threads x the one-thread fp32 GEMM rate for these float32 "
+        "steps, the one-thread bf16 GEMM rate for `default-cpu-precision`: the default run's bf16-autocast step "
+        "as the Trainer takes it, Muon and clipping included). "
         "`torch` = SDPA + eager MLP.",
         "",
     ]

@@ -401,6 +401,11 @@ def test_default_step_bf16_vs_fp32(bench):
     bench.benchmark.group = f"default CPU step precision {name}"
     median = bench.time(steps["bfloat16"], warmup=1)
     tokens = batch * cfg.block_size
+    # MFU of the bf16 step (the row's headline: its best round; and its median) against the peak a
+    # bf16 run reports: what a default run on this CPU achieves per step (issue 24's step target)
+    flops = model.flops_per_token() * tokens
+    bf16_peak = peak_flops(DEVICE, torch.bfloat16).flops_per_s
+    headline = bench.min_s or median
     bench.record(
         suite="model",
         op="train_step-default-cpu-precision",
@@ -419,4 +424,8 @@ def test_default_step_bf16_vs_fp32(bench):
         speedup_vs_fp32=best["float32"] / best["bfloat16"],
         speedup_vs_fp32_attention=best["bfloat16, fp32 attention"] / best["bfloat16"],
         speedup_vs_fp32_ns=best["bfloat16, fp32 Newton-Schulz"] / best["bfloat16"],
+        flops=flops,
+        peak_flops=bf16_peak,
+        mfu=flops / headline / bf16_peak if bf16_peak else None,
+        mfu_median=flops / median / bf16_peak if bf16_peak and median else None,
     )

@@ -133,3 +133,22 @@ def test_the_attention_qkv_table_compares_with_composed_and_the_float32_route():
     assert "| 16x128x3x32 | fwd+bwd | fp32 | cpp | 2 | 2.00x | - |" in text
     assert "| 16x128x3x32 | fwd | fp32 | cpp | 0.5 | n/a | - |" in text  # no composed row of that pass
     assert report.attention_qkv_section([]) == []
+
+
+def test_the_model_table_shows_the_bf16_default_steps_mfu():
+    """The default run's bf16 step (issue 24's step target) carries its MFU against the bf16 peak into
+    the model table; a row without one reads n/a."""
+    from benchmarks import report
+
+    shape = {"batch": 16, "block": 128, "n_layer": 3, "n_embd": 96}
+    precision = {"suite": "model", "op": "train_step-default-cpu-precision", "backend": "auto", "ms": 27.5}
+    precision |= {"median_ms": 28.4, "variant": "bf16 vs fp32", "dtype": "bf16-autocast", "shape": shape}
+    precision |= {"resolved": "attention:cpp", "mfu": 0.4099, "mfu_median": 0.3966, "tokens_per_s": 74473.4}
+    plain = precision | {"op": "train_step-default-cpu", "variant": "swiglu", "dtype": "float32", "ms": 34.0}
+    del plain["mfu"]
+    text = "\n".join(report.model_section([precision, plain]))
+    assert "| default-cpu-precision (3x96, T128, B16) | bf16 vs fp32 | bf16-autocast |" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| default-cpu")]
+    assert "| 27.5 | 74,473 | 41.0% |" in next(ln for ln in rows if "precision" in ln)
+    assert "| 34 | 74,473 | n/a |" in next(ln for ln in rows if "float32" in ln)
+    assert "bf16 GEMM rate" in text

@@ -46,6 +46,29 @@ def test_cpu_peak_is_measured_once_and_cached(fake_gemm, monkeypatch):
     assert json.loads(mfu.cache_path().read_text())[key]["flops_per_s_one_thread"] == 50e9 + 2
 
 
+CPUINFO = "processor\t: {p}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\n\n"
+
+
+def test_cpus_sharing_a_bare_name_keep_their_own_peaks(fake_gemm, tmp_path, monkeypatch):
+    """Two CPU generations behind one bare model name (a VM's "AMD EPYC": Zen 4 and Zen 5, whose GEMM
+    rates differ twofold) are told apart by family and model, so one's cached peak is never the other's."""
+    zen4, zen5 = tmp_path / "zen4", tmp_path / "zen5"
+    zen4.write_text(CPUINFO.format(p=0, family=25, model=17) + CPUINFO.format(p=1, family=25, model=17))
+    zen5.write_text(CPUINFO.format(p=0, family=26, model=2))
+    assert mfu.cpu_model(str(zen4)) == "AMD EPYC (family 25, model 17)"
+    assert mfu.cpu_model(str(zen5)) == "AMD EPYC (family 26, model 2)"
+    no_numbers = tmp_path / "arm"
+    no_numbers.write_text("processor\t: 0\nmodel name\t: Some CPU\nmodel\t\t: n/a\n")
+    assert mfu.cpu_model(str(no_numbers)) == "Some CPU"
+    assert mfu.cpu_model(str(tmp_path / "missing")) not in ("", None)  # falls back to platform's name
+    real = mfu.cpu_model
+    for path in (zen4, zen5, zen4):  # the cache is keyed by the name: a machine per name
+        monkeypatch.setattr(mfu, "cpu_model", lambda path=path: real(str(path)))
+        mfu.calibrate_cpu(threads=1)
+    assert len(fake_gemm) == 2  # one measurement each, the first reused on its return
+    assert len(json.loads(mfu.cache_path().read_text())) == 2
+
+
 def test_a_bfloat16_run_is_measured_against_the_bfloat16_gemm(fake_gemm, monkeypatch):
     """CPU bfloat16 runs get their own peak: the bf16 GEMM rate, cached beside the fp32 one (an
     entry written before it existed keeps its fp32 figure)."""

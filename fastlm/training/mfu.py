@@ -75,16 +75,29 @@ class Peak:
     source: str
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; else what ``platform`` says)."""
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what ``platform`` says), with its family and
+    model numbers where ``cpuinfo`` gives them (x86): virtual machines often show one bare name, such
+    as ``AMD EPYC``, for CPU generations whose GEMM rates differ twofold, and the cached peak
+    (:func:`calibrate_cpu`) and the benchmark report are kept per CPU by this name."""
+    fields: dict = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine() or "unknown CPU"
+    family, model = fields.get("cpu family"), fields.get("model")
+    if family and model and family.isdigit() and model.isdigit():
+        name += f" (family {family}, model {model})"
+    return name
 
 
 def cache_path() -> Path:
