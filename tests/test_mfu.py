@@ -46,7 +46,10 @@ def test_cpu_peak_is_measured_once_and_cached(fake_gemm, monkeypatch):
     assert json.loads(mfu.cache_path().read_text())[key]["flops_per_s_one_thread"] == 50e9 + 2
 
 
-CPUINFO = "processor\t: {p}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\n\n"
+CPUINFO = (
+    "processor\t: {p}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+    "model name\t: AMD EPYC\n\n"
+)
 
 
 def test_cpus_sharing_a_bare_name_keep_their_own_peaks(fake_gemm, tmp_path, monkeypatch):
