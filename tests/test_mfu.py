@@ -60,6 +60,9 @@ def test_cpus_sharing_a_bare_name_keep_their_own_peaks(fake_gemm, tmp_path, monk
     zen5.write_text(CPUINFO.format(p=0, family=26, model=2))
     assert mfu.cpu_model(str(zen4)) == "AMD EPYC (family 25, model 17)"
     assert mfu.cpu_model(str(zen5)) == "AMD EPYC (family 26, model 2)"
+    padded = tmp_path / "padded"  # blank lines before the first block
+    padded.write_text("\n\n" + CPUINFO.format(p=0, family=26, model=2))
+    assert mfu.cpu_model(str(padded)) == "AMD EPYC (family 26, model 2)"
     no_numbers = tmp_path / "arm"
     no_numbers.write_text("processor\t: 0\nmodel name\t: Some CPU\nmodel\t\t: n/a\n")
     assert mfu.cpu_model(str(no_numbers)) == "Some CPU"

@@ -80,12 +80,14 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     model numbers where ``cpuinfo`` gives them (x86): virtual machines often show one bare name, such
     as ``AMD EPYC``, for CPU generations whose GEMM rates differ twofold, and the cached peak
     (:func:`calibrate_cpu`) and the benchmark report are kept per CPU by this name."""
-    fields: dict = {}
+    fields: dict[str, str] = {}
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.strip():
-                    break  # the first processor's block is enough
+                    if fields:
+                        break  # the first processor's block is enough
+                    continue
                 key, sep, value = line.partition(":")
                 if sep:
                     fields.setdefault(key.strip(), value.strip())
