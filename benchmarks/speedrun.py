@@ -58,7 +58,7 @@ from fastlm.model import GPT, GPTConfig
 from fastlm.text import data as data_mod
 from fastlm.train import resolve_config
 from fastlm.training import rundir
-from fastlm.training.optim import optimizer_for
+from fastlm.training.optim import clip_grad_norm, optimizer_for
 from fastlm.training.runtime import autocast, resolve_dtype
 from fastlm.training.settings import resolve_settings
 from fastlm.training.trainer import Callback, Trainer
@@ -163,7 +163,7 @@ def step_runner(recipe: Recipe, common: list, tokenizer, train_ids):
                 loss = gpt(x, y)[1]
             (loss / t.grad_accum).backward()
         if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(gpt.parameters(), t.grad_clip)
+            clip_grad_norm(gpt.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

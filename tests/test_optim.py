@@ -557,3 +557,89 @@ def test_muon_step_refuses_a_parameter_listed_twice():
         muon_step([p, p], [g, g], [b, torch.zeros(8, 8)], **kw)
     with pytest.raises(ValueError, match="listed twice"):
         muon_step([p, torch.randn(8, 8)], [g, g], [b, b], **kw)
+
+
+def _grads_of(model):
+    return [p.grad.clone() if p.grad is not None else None for p in model.parameters()]
+
+
+@pytest.mark.parametrize("case", ["under", "over", "exactly", "nan", "inf", "some without grads", "tensor"])
+def test_clip_grad_norm_is_torchs_bit_for_bit(case):
+    """fastlm's clip (the multiply skipped where the coefficient clamps to 1) leaves every gradient and
+    returns the norm exactly as ``torch.nn.utils.clip_grad_norm_`` does, on each side of the limit."""
+    from fastlm.training.optim import clip_grad_norm
+
+    model = tiny_gpt()
+    x, y = _batch(3)
+    model(x, y)[1].backward()
+    params = list(model.parameters())
+    norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    max_norm = {"under": 2 * norm, "over": norm / 3, "exactly": norm}.get(case, 1.0)
+    if case == "nan":
+        params[0].grad[0, 0] = float("nan")
+    elif case == "inf":
+        params[1].grad.view(-1)[0] = float("inf")
+    elif case == "some without grads":
+        params[0].grad = params[2].grad = None
+    elif case == "tensor":
+        params = params[3]  # a single tensor, as torch accepts
+    start = _grads_of(model)
+    results = []
+    for fn in (torch.nn.utils.clip_grad_norm_, clip_grad_norm):
+        for p, g in zip(model.parameters(), start):
+            p.grad = None if g is None else g.clone()
+        total = fn(params, max_norm)
+        results.append((total, _grads_of(model)))
+    (t_torch, g_torch), (t_ours, g_ours) = results
+    assert torch.equal(t_torch, t_ours) or (t_torch.isnan() and t_ours.isnan())
+    for a, b in zip(g_torch, g_ours):
+        assert (a is None and b is None) or torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    if case == "under":  # no multiply at all: the very same values
+        assert all(torch.equal(a, b) for a, b in zip(g_ours, start) if a is not None)
+    if case == "over":
+        assert not torch.equal(g_ours[0], start[0])
+
+
+def test_clip_grad_norm_leaves_other_devices_to_torch(monkeypatch):
+    from fastlm.training import optim
+
+    calls = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, m: calls.append(m) or torch.tensor(0.0))
+    p = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    p.grad = torch.ones(3, device="meta")
+    optim.clip_grad_norm([p], 0.5)
+    assert calls == [0.5]
+    assert float(optim.clip_grad_norm([torch.nn.Parameter(torch.zeros(2))], 1.0)) == 0.0  # no gradients
+
+
+def test_a_run_clipped_by_fastlm_equals_one_clipped_by_torch(monkeypatch, tmp_path):
+    """The Trainer's clip: the same weights, bit for bit, as torch's function gives (with a limit low
+    enough that some steps clip and others do not)."""
+    from tiny_run import tiny_train_config
+
+    from fastlm.training import trainer as trainer_mod
+    from fastlm.training.trainer import Trainer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    clipped = []
+
+    def run(name, clip):
+        monkeypatch.setattr(trainer_mod, "clip_grad_norm", clip)
+        cfg = tiny_train_config(corpus, tmp_path / name, max_iters=12, eval_interval=12, eval_iters=1, grad_clip=1.0)
+        t = Trainer(cfg, {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16})
+        t.fit()
+        return {k: v.clone() for k, v in t.raw_model.state_dict().items()}
+
+    from fastlm.training.optim import clip_grad_norm
+
+    def counting(params, max_norm):
+        total = clip_grad_norm(params, max_norm)
+        clipped.append(bool(total > max_norm))
+        return total
+
+    ours = run("ours", counting)
+    theirs = run("torch", torch.nn.utils.clip_grad_norm_)
+    assert True in clipped and False in clipped, clipped  # both branches taken
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -32,6 +32,7 @@ __all__ = [
     "OPTIMIZERS",
     "adamw_kwargs",
     "build_optimizer",
+    "clip_grad_norm",
     "optimizer_for",
     "run_ns_dtype",
     "muon_param_names",
@@ -191,6 +192,25 @@ class MuonWithAdamW:
             part_groups = [{**g, "params": [pid - offset for pid in g["params"]]} for g in own]
             opt.load_state_dict({"state": part_state, "param_groups": part_groups})
             offset += count
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_(parameters, max_norm)`` (the 2-norm), bit for bit, minus the
+    multiply when every gradient is on the CPU and the clip coefficient clamps to 1: torch multiplies
+    every gradient by the clamped coefficient whatever it is (on a GPU, looking at it would cost a
+    device sync); by 1.0 that changes no bit, and on a CPU the look costs nothing. Past its first
+    hundred steps the default run's gradient norm stays under its ``grad_clip`` of 1.0, so its steps
+    skip the multiply over its 33 gradients. Returns the total norm. Other devices: torch's function."""
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or any(g.device.type != "cpu" for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    total = torch.nn.utils.get_total_norm(grads, 2.0)  # torch's norm, on its own path
+    # torch's coefficient, computed as torch computes it: max_norm / (total + 1e-6), clamped to 1
+    coef = float(max_norm) / (total + 1e-6)
+    if not bool(coef >= 1.0):  # below 1, or NaN: torch's multiply, as torch does it
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 def muon_param_names(model) -> list[str]:

@@ -55,7 +55,7 @@ from fastlm.text import data as data_mod
 from fastlm.text.tokenizers import load_tokenizer
 from fastlm.training import rundir
 from fastlm.training.mfu import format_flops, mfu_fields, peak_flops
-from fastlm.training.optim import load_checked_state, optimizer_for
+from fastlm.training.optim import clip_grad_norm, load_checked_state, optimizer_for
 from fastlm.training.runtime import autocast, init_distributed, keep_cpu_heap, resolve_device, resolve_dtype
 from fastlm.training.schedule import LRSchedule
 from fastlm.training.settings import (
@@ -626,7 +626,7 @@ class Trainer:
             loss_sum = loss_sum + loss.detach()
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+            clip_grad_norm(self.raw_model.parameters(), cfg.grad_clip)
         self._clock.losses.append(loss_sum)
         signalled, stop_asked = self._stop_requests()
         step, due = progress.step + 1, self._loss_due(progress.step + 1) or signalled or stop_asked
