@@ -24,6 +24,7 @@ import torch
 from fastlm.model import GPT, PLAIN_OPTIONS, GPTConfig
 from fastlm.training.mfu import peak_flops
 from fastlm.training.optim import build_optimizer, clip_grad_norm
+from fastlm.training.settings import PROFILES
 
 from .common import DEVICE, ON_GPU, default_train_setup, gpu_oom_skip, skip_unless_fastlm_backend, sync
 
@@ -352,7 +353,9 @@ def test_default_step_bf16_vs_fp32(bench):
     cfg, batch, name = default_train_setup()
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(cfg, backend="auto"))
-    opt = build_optimizer(model, optimizer="muon", lr=2e-3, muon_lr=0.02, weight_decay=0.1)
+    # the cpu recipe's optimizer: its embedding tables in an AdamW group of their own
+    ratio = PROFILES["cpu"]["train"]["embed_lr_ratio"]
+    opt = build_optimizer(model, optimizer="muon", lr=2e-3, muon_lr=0.02, weight_decay=0.1, embed_lr_ratio=ratio)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
 

@@ -727,8 +727,9 @@ def test_fine_tune_from_hf_starts_at_the_hf_loss(hf_dirs, tmp_path, capsys):
 
 
 def test_gentle_fine_tune_of_an_hf_model_moves_no_weight(hf_dirs, tmp_path, capsys):
-    """``--init-from hf:DIR --lr 1e-8`` with no --optimizer: AdamW on every parameter at that rate, so
-    one step leaves every weight within 1e-6 of the source (Muon's default peak would move them ~1e-2)."""
+    """``--init-from hf:DIR --lr 1e-8`` with no --optimizer: AdamW on every parameter at that rate (the
+    embedding tables too: no cpu-profile embed_lr_ratio in a fine-tune), so one step leaves every weight
+    within 1e-6 of the source (Muon's default peak would move them ~1e-2)."""
     from fastlm.train import main as train_main
 
     folder, _ = hf_dirs["llama-gqa-untied"]
@@ -767,7 +768,8 @@ def test_gentle_fine_tune_of_an_hf_model_moves_no_weight(hf_dirs, tmp_path, caps
     res = capsys.readouterr()
     assert rc == 0, res.err
     assert "optimizer: adamw (peak lr 1e-08 for every parameter)" in res.out
-    assert json.loads((out / "config.json").read_text())["train"]["optimizer"] == "adamw"
+    stored = json.loads((out / "config.json").read_text())["train"]
+    assert (stored["optimizer"], stored["embed_lr_ratio"]) == ("adamw", 1.0)  # the embeddings too: at --lr
     source = checkpoint.model_tensors(loading.load_model(f"hf:{folder}")[0])
     tuned, _ = checkpoint.load_weights(out / "model.safetensors")
     assert set(tuned) == set(source)

@@ -15,7 +15,14 @@ from fastlm.model import GPT, GPTConfig
 from fastlm.ops import muon_bf16_products, muon_step
 from fastlm.ops.extension import CPP_BACKEND, cpu_bf16_products
 from fastlm.ops.reference_muon import NS_COEFFICIENTS, newton_schulz
-from fastlm.training.optim import Muon, MuonWithAdamW, build_optimizer, muon_param_names, run_ns_dtype
+from fastlm.training.optim import (
+    Muon,
+    MuonWithAdamW,
+    build_optimizer,
+    embedding_param_names,
+    muon_param_names,
+    run_ns_dtype,
+)
 
 A, B, C = 3.4445, -4.7750, 2.0315
 
@@ -360,6 +367,47 @@ def test_build_optimizer_groups_cover_every_parameter_once():
     assert isinstance(adamw, torch.optim.AdamW) and [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0]
     with pytest.raises(ValueError, match="optimizer must be one of adamw, muon"):
         build_optimizer(model, optimizer="sgd", lr=1e-3, weight_decay=0.1)
+
+
+def _group_names(model, opt):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        (sorted(names[id(p)] for p in g["params"]), g["lr_ratio"], g["weight_decay"])
+        for g in opt.param_groups
+        if "momentum" not in g  # the AdamW groups
+    ]
+
+
+def test_embedding_tables_take_their_own_group_at_embed_lr_ratio():
+    """The token, position and value embeddings train at embed_lr_ratio x lr in a third AdamW group
+    (decayed as the 2-D weights); the head, norms and a token embedding tied to the head keep lr; at 1
+    the two groups of the runs from before the setting (their checkpoints load)."""
+    model = tiny_gpt(value_embed=True, tie_embeddings=False, pos="learned")
+    tables = ["value_embeds.0.weight", "value_embeds.1.weight", "wpe.weight", "wte.weight"]
+    assert sorted(embedding_param_names(model)) == tables
+    norms = sorted(n for n, p in model.named_parameters() if p.dim() < 2)
+    for kind in ("muon", "adamw"):
+        opt = build_optimizer(model, optimizer=kind, lr=1e-3, weight_decay=0.1, embed_lr_ratio=5)
+        groups = _group_names(model, opt)
+        head = ["lm_head.weight"] if kind == "muon" else sorted(["lm_head.weight", *muon_param_names(model)])
+        assert groups == [(head, 1.0, 0.1), (norms, 1.0, 0.0), (tables, 5.0, 0.1)], kind
+        one = build_optimizer(model, optimizer=kind, lr=1e-3, weight_decay=0.1, embed_lr_ratio=1.0)
+        assert _group_names(model, one) == [(sorted(head + tables), 1.0, 0.1), (norms, 1.0, 0.0)], kind
+    # a tied token embedding is the head too: it stays at lr (only the value embeddings speed up)
+    tied = tiny_gpt(value_embed=True, tie_embeddings=True)
+    assert embedding_param_names(tied) == ["value_embeds.0.weight", "value_embeds.1.weight"]
+    groups = _group_names(tied, build_optimizer(tied, optimizer="muon", lr=1e-3, weight_decay=0.1, embed_lr_ratio=3))
+    assert groups[0][0] == ["wte.weight"] and groups[2] == (
+        ["value_embeds.0.weight", "value_embeds.1.weight"],
+        3.0,
+        0.1,
+    )
+    # nothing to speed up: no third group
+    plain = tiny_gpt(tie_embeddings=True, value_embed=False)
+    assert len(build_optimizer(plain, optimizer="adamw", lr=1e-3, weight_decay=0.1, embed_lr_ratio=3).param_groups) == 2
+    for bad in (0, -1.0, float("nan"), float("inf"), "5"):
+        with pytest.raises(ValueError, match="embed_lr_ratio must be a finite number > 0"):
+            build_optimizer(model, optimizer="muon", lr=1e-3, weight_decay=0.1, embed_lr_ratio=bad)
 
 
 def _batch(seed, n=4, T=8, vocab=11):

@@ -65,6 +65,28 @@ def test_the_cpu_profile_takes_more_steps_where_it_trains_in_bfloat16(monkeypatc
     )
 
 
+def test_the_cpu_recipe_speeds_up_the_embeddings_and_a_fine_tune_keeps_lr(monkeypatch, tmp_path, corpus, capsys):
+    """The cpu profile trains its embedding tables at 5x lr, in bfloat16 and in float32 (the gpu profile:
+    1x); a fine-tune (init_from) keeps 1x; a value given is honoured, a bad one refused in one line
+    before anything is written."""
+    for native, ratio in (("1", 5.0), ("0", 5.0)):
+        monkeypatch.setenv("FASTLM_CPU_BF16", native)
+        resolved = resolve_settings(TrainConfig(), {}, "cpu")
+        assert resolved.train.embed_lr_ratio == resolved.from_profile["embed_lr_ratio"] == ratio
+        assert resolve_settings(TrainConfig(), {}, "cuda").train.embed_lr_ratio == 1.0
+        assert resolve_settings(TrainConfig(init_from="some/run"), {}, "cpu").train.embed_lr_ratio == 1.0
+        for given in ({}, dict(init_from="some/run")):
+            for device in ("cpu", "cuda"):
+                chosen = resolve_settings(TrainConfig(embed_lr_ratio=2.5, **given), {}, device)
+                assert chosen.train.embed_lr_ratio == 2.5 and "embed_lr_ratio" not in chosen.from_profile
+    assert (PROFILES["cpu"]["train"]["embed_lr_ratio"], PROFILES["gpu"]["train"]["embed_lr_ratio"]) == (5.0, 1.0)
+    run = tmp_path / "bad"
+    for bad in ("0", "-2", "nan", "inf", "1e9"):
+        rc = main(["--data", str(corpus), "--out-dir", str(run), *TINY, "--embed-lr-ratio", bad])
+        assert rc == 2 and "embed_lr_ratio must be a finite number in (0, 1000]" in one_error_line(capsys.readouterr())
+        assert not run.exists()
+
+
 def test_trainer_resolves_the_gpu_profile_without_a_gpu(monkeypatch, tmp_path):
     """``Trainer(TrainConfig(max_iters=N))`` runs N steps under the gpu profile too: with CUDA reported
     available, device auto resolves to cuda and the gpu recipe fills only what was left unset."""

@@ -15,6 +15,7 @@ from tiny_run import tiny_train_config
 
 from fastlm.errors import ConfigError, TrainError, TrainingInterrupted
 from fastlm.io import checkpoint
+from fastlm.io.checkpoint import CheckpointError
 from fastlm.model import GPT, PLAIN_OPTIONS, GPTConfig
 from fastlm.training.optim import muon_param_names
 from fastlm.training.schedule import LRSchedule
@@ -279,6 +280,7 @@ OPTIONS = {  # name -> (TrainConfig overrides, model overrides)
     "untied_head": ({}, dict(tie_embeddings=False)),
     "wsd": (dict(lr_schedule="wsd", decay_frac=0.5), {}),
     "batch_warmup": (dict(batch_warmup_iters=8, batch_warmup_start=1), {}),
+    "embed_lr_ratio": (dict(embed_lr_ratio=4.0), dict(value_embed=True, tie_embeddings=False)),
 }
 
 
@@ -310,6 +312,34 @@ def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path, corpus, one_threa
     stored = json.loads((tmp_path / "b" / "config.json").read_text())
     assert all(stored["model"][k] == v for k, v in model_kw.items())
     assert all(stored["train"][k] == v for k, v in train_kw.items())
+
+
+def test_the_embedding_tables_train_at_their_rate(tmp_path, corpus, one_thread):
+    """embed_lr_ratio: every step sets the embedding tables' AdamW group to that multiple of the
+    scheduled lr (the checkpoint's groups after the last step), the other AdamW groups to the lr."""
+    train(corpus, tmp_path / "run", dict(embed_lr_ratio=4.0), dict(value_embed=True, tie_embeddings=False))
+    groups = checkpoint.load_checkpoint(tmp_path / "run")["optimizer"]["param_groups"]
+    adamw = [g for g in groups if "momentum" not in g]
+    assert [g["lr_ratio"] for g in adamw] == [1.0, 1.0, 4.0] and len(adamw[2]["params"]) == 3  # wte + 2 tables
+    assert adamw[0]["lr"] == adamw[1]["lr"] > 0 and adamw[2]["lr"] == pytest.approx(4.0 * adamw[0]["lr"], rel=1e-12)
+
+
+def test_a_run_stored_before_the_embedding_rate_resumes_as_it_trained(tmp_path, corpus, one_thread):
+    """A run directory from before embed_lr_ratio existed (no such key in config.json; it trained every
+    AdamW weight at lr, in two groups) resumes exactly at 1x; asking it for another rate is refused."""
+    whole = train(corpus, tmp_path / "a", dict(embed_lr_ratio=1.0), {})
+    with pytest.raises(TrainingInterrupted):
+        train(corpus, tmp_path / "b", dict(embed_lr_ratio=1.0), {}, callbacks=[CtrlCAfter(5)])
+    path = tmp_path / "b" / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["train"]["embed_lr_ratio"]
+    path.write_text(json.dumps(stored))
+    with pytest.raises(CheckpointError, match="trained with embed_lr_ratio=1.0, not 5.0"):
+        Trainer(TrainConfig(resume=str(tmp_path / "b"), embed_lr_ratio=5.0, progress=False)).fit()
+    resumed = Trainer(TrainConfig(resume=str(tmp_path / "b"), progress=False)).fit()
+    for f in ("train_log.csv", "metrics.csv"):
+        assert _csv(tmp_path / "a" / f) == _csv(tmp_path / "b" / f)
+    assert resumed["val_loss"] == whole["val_loss"]
 
 
 def test_batch_warmup_counts_the_tokens_it_trains_on(tmp_path, corpus, one_thread):

@@ -33,6 +33,7 @@ __all__ = [
     "adamw_kwargs",
     "build_optimizer",
     "clip_grad_norm",
+    "embedding_param_names",
     "optimizer_for",
     "run_ns_dtype",
     "muon_param_names",
@@ -228,13 +229,33 @@ def adamw_kwargs(device_type: str) -> dict:
     return {"fused": True} if device_type in ("cuda", "cpu") else {}
 
 
-def _adamw_groups(params: list, weight_decay: float, lr_ratio: float = 1.0) -> list:
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+def embedding_param_names(model) -> list[str]:
+    """The embedding tables ``embed_lr_ratio`` speeds up: the token embedding, learned positions and the
+    value embeddings. A token embedding tied to the LM head is the head too, and keeps the AdamW rate."""
+    tied = bool(getattr(getattr(model, "config", None), "tie_embeddings", False))
     return [
-        {"params": decay, "weight_decay": weight_decay, "lr_ratio": lr_ratio},
-        {"params": no_decay, "weight_decay": 0.0, "lr_ratio": lr_ratio},
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad
+        and (name == "wpe.weight" or name.startswith("value_embeds.") or (name == "wte.weight" and not tied))
     ]
+
+
+def _adamw_groups(params: list, weight_decay: float, embeddings=(), embed_lr_ratio: float = 1.0) -> list:
+    """AdamW's groups: weight decay on the 2-D weights only; with an ``embed_lr_ratio`` other than 1, the
+    ``embeddings`` among ``params`` in a third group (decayed as 2-D weights, at that multiple of the
+    rate). At 1 the two groups of the runs from before the setting, so their checkpoints resume."""
+    special = {id(p) for p in embeddings} if embed_lr_ratio != 1.0 else set()
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2 and id(p) not in special], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2 and id(p) not in special], "weight_decay": 0.0},
+    ]
+    if special:
+        emb = [p for p in params if id(p) in special]
+        groups.append({"params": emb, "weight_decay": weight_decay, "lr_ratio": float(embed_lr_ratio)})
+    for g in groups:
+        g.setdefault("lr_ratio", 1.0)
+    return groups
 
 
 def build_optimizer(
@@ -249,20 +270,27 @@ def build_optimizer(
     ns_steps: int = 5,
     ns_dtype: str = "auto",
     device_type: str = "cpu",
+    embed_lr_ratio: float = 1.0,
 ):
     """The training optimizer for ``model`` (a GPT, possibly wrapped).
 
     ``adamw``: AdamW on everything, weight decay on the 2-D weights only (:func:`adamw_kwargs`).
     ``muon``: :class:`Muon` (``muon_lr``, ``muon_momentum``, Nesterov, ``weight_decay``) on
     :func:`muon_param_names`, AdamW (``lr``, ``betas``) on the rest. Each group's ``lr_ratio`` is
-    its peak lr over ``lr``.
+    its peak lr over ``lr``. ``embed_lr_ratio``: the AdamW rate of :func:`embedding_param_names` is
+    ``lr`` times this (their own group; 1: no group of their own).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if not (isinstance(embed_lr_ratio, (int, float)) and math.isfinite(embed_lr_ratio) and embed_lr_ratio > 0):
+        raise ValueError(f"embed_lr_ratio must be a finite number > 0, got {embed_lr_ratio!r}")
     kwargs = adamw_kwargs(device_type)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the tied weight once
+    emb_names = set(embedding_param_names(model))
+    emb = [p for n, p in named if n in emb_names]
     if optimizer == "adamw":
-        return torch.optim.AdamW(_adamw_groups([p for _, p in named], weight_decay), lr=lr, betas=betas, **kwargs)
+        groups = _adamw_groups([p for _, p in named], weight_decay, emb, embed_lr_ratio)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **kwargs)
     hidden = set(muon_param_names(model))
     muon = Muon(
         [{"params": [p for n, p in named if n in hidden], "lr_ratio": muon_lr / lr}],
@@ -273,7 +301,8 @@ def build_optimizer(
         ns_dtype=ns_dtype,
     )
     rest = [p for n, p in named if n not in hidden]
-    return MuonWithAdamW(muon, torch.optim.AdamW(_adamw_groups(rest, weight_decay), lr=lr, betas=betas, **kwargs))
+    groups = _adamw_groups(rest, weight_decay, emb, embed_lr_ratio)
+    return MuonWithAdamW(muon, torch.optim.AdamW(groups, lr=lr, betas=betas, **kwargs))
 
 
 # ---- restoring a saved state (a checkpoint is untrusted input) ----------------------------------------
@@ -306,6 +335,7 @@ def optimizer_for(model, cfg, device_type: str, autocast_dtype: torch.dtype = to
         muon_momentum=cfg.muon_momentum,
         ns_dtype=run_ns_dtype(cfg.muon_ns_dtype, device_type, autocast_dtype),
         device_type=device_type,
+        embed_lr_ratio=cfg.embed_lr_ratio,
     )
 
 

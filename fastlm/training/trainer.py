@@ -55,7 +55,7 @@ from fastlm.text import data as data_mod
 from fastlm.text.tokenizers import load_tokenizer
 from fastlm.training import rundir
 from fastlm.training.mfu import format_flops, mfu_fields, peak_flops
-from fastlm.training.optim import clip_grad_norm, load_checked_state, optimizer_for
+from fastlm.training.optim import clip_grad_norm, embedding_param_names, load_checked_state, optimizer_for
 from fastlm.training.runtime import autocast, init_distributed, keep_cpu_heap, resolve_device, resolve_dtype
 from fastlm.training.schedule import LRSchedule
 from fastlm.training.settings import (
@@ -562,13 +562,18 @@ class Trainer:
                 else ""
             )
         )
+        tables = cfg.embed_lr_ratio != 1.0 and bool(embedding_param_names(self.raw_model))
         if cfg.optimizer == "muon":
-            self.say(
-                f"optimizer: muon (peak lr {cfg.muon_lr:g} for the block matrices) + adamw (peak lr {cfg.lr:g} "
-                f"for embeddings, norms and biases)"
-            )
+            rest = "the head, norms and biases" if tables else "embeddings, norms and biases"
+            line = f"optimizer: muon (peak lr {cfg.muon_lr:g} for the block matrices) + adamw (peak lr {cfg.lr:g}"
+            line += f" for {rest}"
         else:
-            self.say(f"optimizer: adamw (peak lr {cfg.lr:g} for every parameter)")
+            line = f"optimizer: adamw (peak lr {cfg.lr:g} for every parameter" + (
+                " but the embedding tables" if tables else ""
+            )
+        if tables:
+            line += f"; {cfg.lr * cfg.embed_lr_ratio:g} for the embedding tables"
+        self.say(line + ")")
 
     # ---- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
