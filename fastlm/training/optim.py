@@ -246,15 +246,15 @@ def _adamw_groups(params: list, weight_decay: float, embeddings=(), embed_lr_rat
     ``embeddings`` among ``params`` in a third group (decayed as 2-D weights, at that multiple of the
     rate). At 1 the two groups of the runs from before the setting, so their checkpoints resume."""
     special = {id(p) for p in embeddings} if embed_lr_ratio != 1.0 else set()
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in special]
+    no_decay = [p for p in params if p.dim() < 2 and id(p) not in special]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2 and id(p) not in special], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2 and id(p) not in special], "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "lr_ratio": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_ratio": 1.0},
     ]
     if special:
         emb = [p for p in params if id(p) in special]
         groups.append({"params": emb, "weight_decay": weight_decay, "lr_ratio": float(embed_lr_ratio)})
-    for g in groups:
-        g.setdefault("lr_ratio", 1.0)
     return groups
 
 
