@@ -9,7 +9,7 @@ Options (all in :class:`GPTConfig`): ``norm`` (layernorm | rmsnorm, epsilon
 dropout (residual and embedding; identity in eval), bias on/off, tied embeddings, GPT-2 init.
 The speedrun options (modded-nanogpt's ideas; each off by default, which leaves the model exactly as
 it was): ``qk_norm``, ``mlp="relu2"``, ``logit_softcap``, ``zero_init_proj``, ``value_embed``,
-``unet_skips`` (see the fields' help for the math of each).
+``unet_skips``, ``smear``, ``x0_mix`` (see the fields' help for the math of each).
 
 Incremental decoding: :meth:`GPT.new_kv_cache` returns a static :class:`KVCache`; passing it to
 :meth:`GPT.forward` feeds only the new tokens, which attend to the cached keys with the
@@ -48,7 +48,8 @@ MAX_POSITIONS = 1 << 17  # the largest context any positional scheme here is bui
 
 
 #: The options of a plain GPT block (what transformers' architectures compute and what a stored config
-#: from before these fields meant). The default run's model turns two of them on (qk_norm, value_embed).
+#: from before these fields meant). The default run's model turns four of them on (qk_norm, value_embed,
+#: smear, x0_mix).
 PLAIN_OPTIONS = {
     "window": None,
     "qk_norm": False,
@@ -56,6 +57,8 @@ PLAIN_OPTIONS = {
     "zero_init_proj": False,
     "value_embed": False,
     "unet_skips": False,
+    "smear": False,
+    "x0_mix": False,
 }
 
 
@@ -63,7 +66,7 @@ PLAIN_OPTIONS = {
 class GPTConfig:
     """A decoder-only GPT. The defaults are the model of the default run (``python -m fastlm.train``
     with no flags): 3 layers of 3 heads, width 96, context 128, RoPE, SwiGLU, LayerNorm, no bias,
-    tied embeddings (0.34M parameters with the 66-character vocabulary of Tiny Shakespeare)."""
+    an untied head, QK-norm, value embeddings, the smear and the x0 mix."""
 
     vocab_size: int = field(default=65, metadata={"help": "tokenizer vocabulary size (set from the tokenizer)"})
     block_size: int = field(default=128, metadata={"help": "context length in tokens"})
@@ -117,6 +120,20 @@ class GPTConfig:
             "(start 1), to the inputs of the mirrored last n_layer//2 blocks"
         },
     )
+    smear: bool = field(
+        default=True,
+        metadata={
+            "help": "smear the previous token into each token's embedding: e_t + g * e_(t-1), a learned gain g "
+            "per channel (start 0); nothing at a sequence's or a document's first token"
+        },
+    )
+    x0_mix: bool = field(
+        default=True,
+        metadata={
+            "help": "every block after the first takes a_i * x + b_i * x0 for its input x, x0 the first block's "
+            "input (the embeddings), learned scalars a_i, b_i (start 1, 0)"
+        },
+    )
     backend: str = field(default="auto", metadata={"help": "fastlm.ops backend for attention/swiglu"})
 
     def __post_init__(self):
@@ -150,7 +167,8 @@ class GPTConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.backend not in ("auto",) + ops.BACKENDS:
             raise ConfigError(f"backend must be auto or one of {', '.join(ops.BACKENDS)}, got {self.backend!r}")
-        for name in ("bias", "tie_embeddings", "qk_norm", "zero_init_proj", "value_embed", "unet_skips"):
+        flags = ("bias", "tie_embeddings", "qk_norm", "zero_init_proj", "value_embed", "unet_skips", "smear", "x0_mix")
+        for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if (
@@ -227,7 +245,8 @@ class KVCache:
     ``window`` w only the last w - 1 keys can ever be seen again: when a forward of T tokens would
     overflow, the last w - 1 entries move to the front (:meth:`make_room`), so generation runs for
     ever at constant memory (``capacity`` >= w - 1 + the longest forward). :meth:`reorder` selects
-    batch rows (beam search).
+    batch rows (beam search). ``last_token`` ``(B,)`` is the id of the last position fed (None before
+    the first forward): a ``smear`` model mixes its embedding into the next token's.
     """
 
     def __init__(
@@ -248,6 +267,7 @@ class KVCache:
         self.window = window
         self.length = 0
         self.fill = 0
+        self.last_token: Optional[Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -280,9 +300,12 @@ class KVCache:
         """Keep batch rows ``index`` (in that order), e.g. the surviving beams."""
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
+        if self.last_token is not None:
+            self.last_token = self.last_token.index_select(0, index)
 
     def reset(self) -> None:
         self.length = self.fill = 0
+        self.last_token = None
 
 
 class Embedding(nn.Embedding):
@@ -511,6 +534,13 @@ class GPT(nn.Module):
             nn.ModuleList(Embedding(cfg.vocab_size, kv_width) for _ in range(cfg.n_layer)) if cfg.value_embed else None
         )
         self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2)) if cfg.unet_skips else None
+        # smear: the previous token's embedding, times a gain per channel (starts off)
+        self.smear_gain = nn.Parameter(torch.zeros(cfg.n_embd)) if cfg.smear else None
+        # x0_mix: block i > 0 takes x0_keep[i-1] * x + x0_add[i-1] * x0 (starts as the plain stream; one
+        # block has nothing to mix)
+        mix = cfg.x0_mix and cfg.n_layer > 1
+        self.x0_keep = nn.Parameter(torch.ones(cfg.n_layer - 1)) if mix else None
+        self.x0_add = nn.Parameter(torch.zeros(cfg.n_layer - 1)) if mix else None
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer)
         for name, p in self.named_parameters():
@@ -582,6 +612,8 @@ class GPT(nn.Module):
                 raise ValueError("segment_ids (document masking) apply to whole sequences, not to KV-cached decoding")
             kv_cache.make_room(T)
         x = self.wte(idx)  # (B, T, C)
+        if self.smear_gain is not None:
+            x = self._smear(x, idx, kv_cache, segment_ids)
         pos = self.config.pos
         if pos == "learned":
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
@@ -591,6 +623,8 @@ class GPT(nn.Module):
         x, pending = self._blocks(self.drop(x), idx, rope, kv_cache, segment_ids)
         if kv_cache is not None:
             kv_cache.advance(T)
+            if T:
+                kv_cache.last_token = idx[:, -1].clone()
         x = self.ln_f(x) if pending is None else self.ln_f(x, residual=pending)[0]
         if last_only:
             x = x[:, -1:, :]
@@ -603,18 +637,36 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def _smear(self, x: Tensor, idx: Tensor, kv_cache: Optional[KVCache], segment_ids: Optional[Tensor]) -> Tensor:
+        """smear: ``e_t + smear_gain * e_(t-1)`` for the token embeddings ``x`` ``(B, T, C)``. The first
+        position takes the KV cache's last token (the one before it in the sequence), or nothing at a
+        sequence's start; with ``segment_ids`` nothing crosses into a document from the one before."""
+        prev = x[:, :-1]
+        if segment_ids is not None:
+            prev = prev * (segment_ids[:, 1:] == segment_ids[:, :-1]).unsqueeze(-1).to(x.dtype)
+        if kv_cache is not None and kv_cache.last_token is not None:
+            prev = torch.cat([self.wte(kv_cache.last_token).unsqueeze(1).to(x.dtype), prev], dim=1)
+        else:
+            prev = F.pad(prev, (0, 0, 1, 0))
+        return torch.addcmul(x, self.smear_gain, prev)
+
     def _blocks(self, x: Tensor, idx: Tensor, rope, kv_cache: Optional[KVCache], segment_ids: Optional[Tensor]):
         """The transformer blocks -> ``(x, pending)``: the residual stream after them is ``x + pending``
         (``pending``: the last MLP output, which ``ln_f`` adds in its pass; see :meth:`Block.residual_step`).
         With unet_skips, block ``i`` of the second half first adds ``skip_weights[n-1-i]`` times the
-        output of its mirror, block ``n-1-i`` of the first half."""
+        output of its mirror, block ``n-1-i`` of the first half. With x0_mix, block ``i > 0`` then takes
+        ``x0_keep[i-1] * x + x0_add[i-1] * x0``, ``x0`` the first block's input."""
         n = len(self.blocks)
         skips = []
         pending = None
+        x0 = x
         for i, block in enumerate(self.blocks):
             if self.skip_weights is not None and i >= n - len(self.skip_weights):
                 x = x if pending is None else x + pending
                 x, pending = x + self.skip_weights[n - 1 - i] * skips.pop(), None
+            if self.x0_keep is not None and i > 0:
+                x = x if pending is None else x + pending
+                x, pending = torch.addcmul(x * self.x0_keep[i - 1], self.x0_add[i - 1], x0), None
             # value embeddings: the layer's table and the token ids; the lookup happens in the attention's
             # QK-norm / value-mix op (ops.qk_norm_value_mix's ve_idx)
             ve = self.value_embeds[i].weight if self.value_embeds is not None else None

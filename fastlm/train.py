@@ -1,8 +1,8 @@
 """Train a GPT on text: ``python -m fastlm.train [flags]`` (or ``fastlm-train``).
 
 With no flags it trains a character-level model on the bundled Tiny Shakespeare, sized for a CPU
-(``GPTConfig()``: a 3x96 SwiGLU/RoPE model with QK-norm and value embeddings; 1850 Muon steps in
-bfloat16 on a CPU with native bf16, 980 in float32 elsewhere: under a minute on two cores), and
+(``GPTConfig()``: a 3x96 SwiGLU/RoPE model with QK-norm, value embeddings, the smear and the x0 mix; 1750
+Muon steps in bfloat16 on a CPU with native bf16, 950 in float32 elsewhere: about a minute on two cores), and
 writes ``runs/shakespeare-char/``. Every flag is generated from a config dataclass
 (:class:`~fastlm.training.settings.TrainConfig`, and :class:`~fastlm.model.GPTConfig` for the model), so
 defaults live in one place; ``--config run.toml|run.json`` sets many at once (flags on the command

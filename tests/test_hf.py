@@ -595,8 +595,13 @@ def test_imported_model_exports_again(hf_dirs, tmp_path):
         (dict(pos="rope", mlp="gelu"), "pos=rope with mlp=gelu"),
         (dict(logit_softcap=15.0), "logit_softcap=15.0"),
         (dict(value_embed=True), "value_embed=True"),
-        ({k: getattr(GPTConfig(), k) for k in ("qk_norm", "value_embed", "tie_embeddings")}, "value_embed=True"),
+        (
+            {k: getattr(GPTConfig(), k) for k in ("qk_norm", "value_embed", "tie_embeddings", "smear", "x0_mix")},
+            "value_embed=True, smear=True, x0_mix=True do not export",  # the default model: every one named
+        ),
         (dict(unet_skips=True), "unet_skips=True"),
+        (dict(smear=True), "smear=True does not export"),
+        (dict(x0_mix=True), "trained with --no-x0-mix does"),
         (dict(pos="learned", mlp="gelu", qk_norm=True), "qk_norm=True has no gpt2"),
     ],
 )

@@ -379,22 +379,25 @@ def _group_names(model, opt):
 
 
 def test_embedding_tables_take_their_own_group_at_embed_lr_ratio():
-    """The token, position and value embeddings train at embed_lr_ratio x lr in a third AdamW group
-    (decayed as the 2-D weights); the head, norms and a token embedding tied to the head keep lr; at 1
-    the two groups of the runs from before the setting (their checkpoints load)."""
-    model = tiny_gpt(value_embed=True, tie_embeddings=False, pos="learned")
+    """The token, position and value embeddings, the smear's gains and the x0 mix's scalars train at
+    embed_lr_ratio x lr in a third AdamW group (all decayed, as measured); the head, norms and a token
+    embedding tied to the head keep lr; at 1 the two groups of the runs from before the setting (their
+    checkpoints load), the smear and x0 weights with the undecayed 1-D ones."""
+    model = tiny_gpt(value_embed=True, tie_embeddings=False, pos="learned", smear=True, x0_mix=True)
     tables = ["value_embeds.0.weight", "value_embeds.1.weight", "wpe.weight", "wte.weight"]
-    assert sorted(embedding_param_names(model)) == tables
-    norms = sorted(n for n, p in model.named_parameters() if p.dim() < 2)
+    side = ["smear_gain", "x0_add", "x0_keep"]
+    assert sorted(embedding_param_names(model)) == sorted(tables + side)
+    norms = sorted(n for n, p in model.named_parameters() if p.dim() < 2 and n not in side)
+    assert norms and all(".ln" in n or "_norm" in n or n.startswith("ln_f") or "ve_mix" in n for n in norms)
     for kind in ("muon", "adamw"):
         opt = build_optimizer(model, optimizer=kind, lr=1e-3, weight_decay=0.1, embed_lr_ratio=5)
         groups = _group_names(model, opt)
         head = ["lm_head.weight"] if kind == "muon" else sorted(["lm_head.weight", *muon_param_names(model)])
-        assert groups == [(head, 1.0, 0.1), (norms, 1.0, 0.0), (tables, 5.0, 0.1)], kind
+        assert groups == [(head, 1.0, 0.1), (norms, 1.0, 0.0), (sorted(tables + side), 5.0, 0.1)], kind
         one = build_optimizer(model, optimizer=kind, lr=1e-3, weight_decay=0.1, embed_lr_ratio=1.0)
-        assert _group_names(model, one) == [(sorted(head + tables), 1.0, 0.1), (norms, 1.0, 0.0)], kind
+        assert _group_names(model, one) == [(sorted(head + tables), 1.0, 0.1), (sorted(norms + side), 1.0, 0.0)], kind
     # a tied token embedding is the head too: it stays at lr (only the value embeddings speed up)
-    tied = tiny_gpt(value_embed=True, tie_embeddings=True)
+    tied = tiny_gpt(value_embed=True, tie_embeddings=True, smear=False, x0_mix=False)
     assert embedding_param_names(tied) == ["value_embeds.0.weight", "value_embeds.1.weight"]
     groups = _group_names(tied, build_optimizer(tied, optimizer="muon", lr=1e-3, weight_decay=0.1, embed_lr_ratio=3))
     assert groups[0][0] == ["wte.weight"] and groups[2] == (
@@ -403,7 +406,7 @@ def test_embedding_tables_take_their_own_group_at_embed_lr_ratio():
         0.1,
     )
     # nothing to speed up: no third group
-    plain = tiny_gpt(tie_embeddings=True, value_embed=False)
+    plain = tiny_gpt(tie_embeddings=True, value_embed=False, smear=False, x0_mix=False)
     assert len(build_optimizer(plain, optimizer="adamw", lr=1e-3, weight_decay=0.1, embed_lr_ratio=3).param_groups) == 2
     for bad in (0, -1.0, float("nan"), float("inf"), "5"):
         with pytest.raises(ValueError, match="embed_lr_ratio must be a finite number > 0"):
@@ -620,7 +623,7 @@ def test_clip_grad_norm_is_torchs_bit_for_bit(case):
     model = tiny_gpt()
     x, y = _batch(3)
     model(x, y)[1].backward()
-    params = list(model.parameters())
+    params = sorted(model.parameters(), key=lambda p: -p.dim())  # the matrices first (stable: model order)
     norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
     max_norm = {"under": 2 * norm, "over": norm / 3, "exactly": norm}.get(case, 1.0)
     if case == "nan":

@@ -30,11 +30,11 @@ def test_gptconfig_is_the_default_runs_model():
 
 @pytest.mark.parametrize("device_type", ["cuda", "cpu"])
 def test_a_value_given_is_honoured_under_either_profile(device_type):
-    """max_iters=980 and batch_size=16 equal the cpu recipe; under the gpu one they are still the run's."""
-    given = TrainConfig(max_iters=980, batch_size=16, lr=2e-3)
+    """max_iters=950 and batch_size=16 equal the cpu recipe; under the gpu one they are still the run's."""
+    given = TrainConfig(max_iters=950, batch_size=16, lr=2e-3)
     resolved = resolve_settings(given, {"n_layer": 3}, device_type)
     assert resolved.profile == ("gpu" if device_type == "cuda" else "cpu")
-    assert (resolved.train.max_iters, resolved.train.batch_size, resolved.train.lr) == (980, 16, 2e-3)
+    assert (resolved.train.max_iters, resolved.train.batch_size, resolved.train.lr) == (950, 16, 2e-3)
     assert resolved.model["n_layer"] == 3
     unset = {k: v for k, v in PROFILES[resolved.profile]["train"].items() if k not in ("max_iters", "batch_size", "lr")}
     assert {k: getattr(resolved.train, k) for k in unset} == unset  # the rest: the profile's

@@ -92,3 +92,28 @@ def test_bad_arguments_are_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         speedrun.main(["--seeds", "0"])
     assert e.value.code == 2 and "--seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_each_ablation_recipe_is_the_plain_model_plus_one_option():
+    """The ablation rows compare like with like: plain.toml is the plain model (every speedrun option off,
+    even the ones added after it was written), and every recipe but the default*.toml ones changes
+    one thing of it."""
+    import tomllib
+
+    from fastlm.model import PLAIN_OPTIONS, GPTConfig
+
+    def settings(path):
+        d = tomllib.loads(path.read_text(encoding="utf-8"))
+        GPTConfig(**d.get("model", {}))  # a valid model
+        return d.get("model", {}), d.get("train", {})
+
+    plain_model, plain_train = settings(RECIPES / "plain.toml")
+    resolved = GPTConfig(**plain_model).to_dict()
+    assert {k: resolved[k] for k in PLAIN_OPTIONS} == PLAIN_OPTIONS and resolved["tie_embeddings"]
+    ablations = sorted(p for p in RECIPES.glob("*.toml") if not p.stem.startswith(("default", "plain")))
+    assert len(ablations) >= 9
+    for path in ablations:
+        model, train = settings(path)
+        changed = [k for k in {**plain_model, **model} if model.get(k) != plain_model.get(k)]
+        changed += [k for k in {**plain_train, **train} if train.get(k) != plain_train.get(k)]
+        assert len(changed) == 1, (path.name, changed)

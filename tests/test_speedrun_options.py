@@ -1,7 +1,7 @@
 """The speedrun options (issue 24), each against a hand computation on the reference path, with the
 KV cache, and through an interrupted-and-resumed training run that must equal an uninterrupted one
-bit for bit: qk_norm, mlp=relu2, logit_softcap, zero_init_proj, value_embed, unet_skips, an untied
-head, the wsd schedule and the batch-size warm-up. (Their Hugging Face export rules: tests/test_hf.py.)"""
+bit for bit: qk_norm, mlp=relu2, logit_softcap, zero_init_proj, value_embed, unet_skips, smear, x0_mix,
+an untied head, the wsd schedule and the batch-size warm-up. (Their Hugging Face export rules: tests/test_hf.py.)"""
 
 import csv
 import json
@@ -180,6 +180,98 @@ def test_unet_skips_add_the_mirrored_outputs():
         GPTConfig(**{**TINY, "n_layer": 1, "unet_skips": True})
 
 
+def hand_blocks(model, x, rope, mix=None):
+    """The blocks one after another on ``x`` (``mix(i, x, x0)`` before block i), then the head."""
+    x0 = x
+    for i, block in enumerate(model.blocks):
+        x = block(mix(i, x, x0) if mix else x, rope=rope)
+    return model.lm_head(model.ln_f(x))
+
+
+def test_smear_adds_the_previous_token_embedding_times_a_gain():
+    model = perturbed(tiny(smear=True))
+    assert model.smear_gain.shape == (32,)
+    idx = tokens(2, 12)
+    with torch.no_grad():
+        e = model.wte(idx).double()
+        prev = torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], 1)  # nothing before the first token
+        x = (e + model.smear_gain.double() * prev).float()
+        close(model(idx)[0], hand_blocks(model, x, model._rope(0, 12, idx.device)).double())
+    # it starts off: an unperturbed model is the plain one with the same weights
+    fresh, plain = tiny(smear=True), tiny()
+    with torch.no_grad():
+        assert torch.equal(fresh.smear_gain, torch.zeros(32)) and torch.equal(fresh(idx)[0], plain(idx)[0])
+    model.train()
+    model(idx, tokens(2, 12, seed=4))[1].backward()
+    assert model.smear_gain.grad.abs().sum() > 0
+
+
+def test_x0_mix_feeds_the_embeddings_to_every_later_block():
+    model = perturbed(tiny(x0_mix=True, n_layer=3))
+    assert model.x0_keep.shape == model.x0_add.shape == (2,)
+    idx = tokens(2, 12)
+    keep, add = model.x0_keep.detach(), model.x0_add.detach()
+    with torch.no_grad():
+        want = hand_blocks(
+            model,
+            model.wte(idx),
+            model._rope(0, 12, idx.device),
+            mix=lambda i, x, x0: x if i == 0 else keep[i - 1] * x + add[i - 1] * x0,
+        )
+        close(model(idx)[0], want.double())
+    fresh, plain = tiny(x0_mix=True, n_layer=3), tiny(n_layer=3)
+    assert (fresh.x0_keep.tolist(), fresh.x0_add.tolist()) == ([1.0, 1.0], [0.0, 0.0])
+    with torch.no_grad():
+        assert torch.equal(fresh(idx)[0], plain(idx)[0])
+    # one block: nothing to mix, no weights (the option stays valid, as in the default config)
+    assert tiny(x0_mix=True, n_layer=1).x0_keep is None
+
+
+def test_smear_never_crosses_into_the_next_document():
+    """With segment_ids, a document's first token takes nothing from the one before: its logits are those
+    of the document alone (RoPE is relative; the masked attention sees only the document)."""
+    model = perturbed(tiny(smear=True, x0_mix=True, qk_norm=True, value_embed=True))
+    a, b = tokens(1, 7), tokens(1, 9, seed=2)
+    seg = torch.tensor([[0] * 7 + [1] * 9])
+    with torch.no_grad():
+        alone = model(b)[0]
+        both = model(torch.cat([a, b], 1), segment_ids=seg)[0][:, 7:]
+        unmasked = model(torch.cat([a, b], 1))[0][:, 7:]
+    torch.testing.assert_close(both, alone, rtol=0, atol=1e-5 * alone.abs().max().item())
+    assert (unmasked[0, 0] - alone[0, 0]).abs().max() > 1e-3  # without the mask it would see a's last token
+
+
+def test_smear_widens_a_windowed_models_reach_by_one_token():
+    """With window w and L layers a position sees L (w - 1) tokens back; the smear adds the one before."""
+    model = perturbed(tiny(smear=True, window=4, block_size=16))
+    x = tokens(1, 16, seed=1)
+    reach = 2 * (4 - 1) + 1
+    with torch.no_grad():
+        last = model(x)[0][0, -1]
+        outside, inside = x.clone(), x.clone()
+        outside[0, 15 - reach - 1] = (x[0, 15 - reach - 1] + 1) % 37
+        inside[0, 15 - reach] = (x[0, 15 - reach] + 1) % 37
+        assert torch.equal(model(outside)[0][0, -1], last)
+        assert not torch.equal(model(inside)[0][0, -1], last)
+
+
+def test_the_kv_cache_carries_the_last_token_through_reorder_and_reset():
+    model = perturbed(tiny(smear=True))
+    idx = tokens(3, 10)
+    with torch.no_grad():
+        cache = model.new_kv_cache(3)
+        model(idx[:, :6], kv_cache=cache)
+        assert cache.last_token.tolist() == idx[:, 5].tolist()
+        cache.reorder(torch.tensor([2, 2, 0]))  # beam search keeps rows 2, 2, 0
+        assert cache.last_token.tolist() == idx[[2, 2, 0], 5].tolist()
+        got = model(idx[[2, 2, 0], 6:7], kv_cache=cache)[0][:, -1]
+        want = model(idx[[2, 2, 0], :7])[0][:, -1]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+        cache.reset()
+        assert cache.last_token is None  # a refeed starts a sequence: no token before its first
+        torch.testing.assert_close(model(idx[:, 4:8], kv_cache=cache)[0], model(idx[:, 4:8])[0], rtol=0, atol=1e-6)
+
+
 ALL_MODEL_OPTIONS = dict(
     qk_norm=True,
     mlp="relu2",
@@ -187,6 +279,8 @@ ALL_MODEL_OPTIONS = dict(
     zero_init_proj=True,
     value_embed=True,
     unet_skips=True,
+    smear=True,
+    x0_mix=True,
     tie_embeddings=False,
 )
 
@@ -208,8 +302,9 @@ def test_option_values_are_checked():
     for bad in (-1.0, float("nan"), float("inf"), True, "5"):
         with pytest.raises(ConfigError, match="logit_softcap"):
             GPTConfig(logit_softcap=bad)
-    with pytest.raises(ConfigError, match="qk_norm must be true or false"):
-        GPTConfig(qk_norm=1)
+    for name in ("qk_norm", "smear", "x0_mix"):
+        with pytest.raises(ConfigError, match=f"{name} must be true or false"):
+            GPTConfig(**{name: 1})
     with pytest.raises(TrainError, match="batch_warmup_start .* must not exceed batch_size"):
         TrainConfig(batch_size=4, batch_warmup_start=8).validate()
     with pytest.raises(TrainError, match="decay_frac"):
@@ -224,7 +319,7 @@ def test_flops_per_token_by_hand():
     want = 6 * 26272 + 24576
     assert tiny().flops_per_token() == want
     assert tiny(tie_embeddings=False).flops_per_token() == want  # the head once; the lookup table is free
-    assert tiny(value_embed=True, unet_skips=True, qk_norm=True).flops_per_token() == want
+    assert tiny(value_embed=True, unet_skips=True, qk_norm=True, smear=True, x0_mix=True).flops_per_token() == want
     assert tiny().flops_per_token(seq_len=16) == 6 * 26272 + 24576 // 2
     assert tiny(n_kv_head=1).flops_per_token() == want - 6 * 2 * 32 * 48  # GQA: k and v of one head, not four
     # the default model: about 2.47 MFLOP per token (issue 24 says "about 2.4")
@@ -277,6 +372,8 @@ OPTIONS = {  # name -> (TrainConfig overrides, model overrides)
     "zero_init_proj": ({}, dict(zero_init_proj=True)),
     "value_embed": ({}, dict(value_embed=True)),
     "unet_skips": ({}, dict(unet_skips=True)),
+    "smear": ({}, dict(smear=True)),
+    "x0_mix": ({}, dict(x0_mix=True)),
     "untied_head": ({}, dict(tie_embeddings=False)),
     "wsd": (dict(lr_schedule="wsd", decay_frac=0.5), {}),
     "batch_warmup": (dict(batch_warmup_iters=8, batch_warmup_start=1), {}),
@@ -320,7 +417,8 @@ def test_the_embedding_tables_train_at_their_rate(tmp_path, corpus, one_thread):
     train(corpus, tmp_path / "run", dict(embed_lr_ratio=4.0), dict(value_embed=True, tie_embeddings=False))
     groups = checkpoint.load_checkpoint(tmp_path / "run")["optimizer"]["param_groups"]
     adamw = [g for g in groups if "momentum" not in g]
-    assert [g["lr_ratio"] for g in adamw] == [1.0, 1.0, 4.0] and len(adamw[2]["params"]) == 3  # wte + 2 tables
+    # the third group: wte, the 2 value tables, the smear's gains, the x0 mix's keep and add
+    assert [g["lr_ratio"] for g in adamw] == [1.0, 1.0, 4.0] and len(adamw[2]["params"]) == 6
     assert adamw[0]["lr"] == adamw[1]["lr"] > 0 and adamw[2]["lr"] == pytest.approx(4.0 * adamw[0]["lr"], rel=1e-12)
 
 
@@ -351,10 +449,10 @@ def test_batch_warmup_counts_the_tokens_it_trains_on(tmp_path, corpus, one_threa
 
 
 def test_default_model_has_the_measured_options_and_older_configs_load_plain(tmp_path):
-    """GPTConfig() is the default run's model (QK-norm, value embeddings, untied head); a stored
-    config from before those fields existed lacks them and must load as the plain model it was."""
+    """GPTConfig() is the default run's model (QK-norm, value embeddings, untied head, smear, x0 mix); a
+    stored config from before those fields existed lacks them and must load as the plain model it was."""
     cfg = GPTConfig()
-    assert (cfg.qk_norm, cfg.value_embed, cfg.tie_embeddings) == (True, True, False)
+    assert (cfg.qk_norm, cfg.value_embed, cfg.tie_embeddings, cfg.smear, cfg.x0_mix) == (True, True, False, True, True)
     plain = tiny()  # no option on
     stored = {k: v for k, v in plain.config.to_dict().items() if k not in PLAIN_OPTIONS}
     assert GPTConfig.from_dict(stored) == plain.config

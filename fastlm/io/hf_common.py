@@ -18,8 +18,9 @@ Also (speedrun options): ``mlp=relu | relu2`` with gpt2's block (``activation_fu
 ``qk_norm`` with ``norm=rmsnorm`` <-> ``qwen3`` (per-head q/k RMSNorm before RoPE), with
 ``norm=layernorm`` -> ``stablelm`` with ``qk_layernorm`` (export only: fastlm's one gain is copied
 into each head's LayerNorm);
-``zero_init_proj`` changes only the initial weights. ``logit_softcap``, ``value_embed`` and
-``unet_skips`` are refused in one line (no transformers architecture computes them with this block).
+``zero_init_proj`` changes only the initial weights. ``logit_softcap``, ``value_embed``, ``unet_skips``,
+``smear`` and ``x0_mix`` are refused in one line (no transformers architecture computes them with this
+block).
 
 Both use half-split rotary pairs (``rotate_half``), as :func:`fastlm.ops.positions.apply_rope` does, so
 q/k rows need no permutation. Anything else is refused in one line naming the option or the field.

@@ -79,17 +79,22 @@ NOT_EXPORTABLE = {
     "logit_softcap": "--logit-softcap 0",
     "value_embed": "--no-value-embed",
     "unet_skips": "--no-unet-skips",
+    "smear": "--no-smear",
+    "x0_mix": "--no-x0-mix",
 }
 
 
 def architecture_of(cfg: GPTConfig) -> str:
     """The transformers ``model_type`` computing exactly ``cfg``'s math, or HFError naming the option."""
-    for name, flag in NOT_EXPORTABLE.items():
-        if getattr(cfg, name):
-            raise HFError(
-                f"{name}={getattr(cfg, name)} does not export to transformers exactly (no architecture "
-                f"has it with fastlm's block; a model trained with {flag} does); exportable: {EXPORTABLE}"
-            )
+    on = [name for name in NOT_EXPORTABLE if getattr(cfg, name)]
+    if on:
+        what = ", ".join(f"{name}={getattr(cfg, name)}" for name in on)
+        flags = " ".join(NOT_EXPORTABLE[name] for name in on)
+        raise HFError(
+            f"{what} {'does' if len(on) == 1 else 'do'} not export to transformers exactly (no architecture "
+            f"has {'it' if len(on) == 1 else 'them'} with fastlm's block; a model trained with {flags} does); "
+            f"exportable: {EXPORTABLE}"
+        )
     combo = (cfg.pos, cfg.mlp, cfg.norm)
     if cfg.window is not None:
         if combo == ("rope", "swiglu", "rmsnorm") and not cfg.bias and not cfg.qk_norm:

@@ -229,22 +229,32 @@ def adamw_kwargs(device_type: str) -> dict:
     return {"fused": True} if device_type in ("cuda", "cpu") else {}
 
 
+#: the embedding side's own weights besides the tables: the smear's gains and the x0 mix's scalars
+EMBEDDING_SIDE = ("smear_gain", "x0_keep", "x0_add")
+
+
 def embedding_param_names(model) -> list[str]:
-    """The embedding tables ``embed_lr_ratio`` speeds up: the token embedding, learned positions and the
-    value embeddings. A token embedding tied to the LM head is the head too, and keeps the AdamW rate."""
+    """The parameters ``embed_lr_ratio`` speeds up: the embedding tables (the token embedding, learned
+    positions, the value embeddings) and the weights that carry the embeddings on (the smear's gains, the
+    x0 mix). A token embedding tied to the LM head is the head too, and keeps the AdamW rate."""
     tied = bool(getattr(getattr(model, "config", None), "tie_embeddings", False))
     return [
         name
         for name, p in model.named_parameters()
         if p.requires_grad
-        and (name == "wpe.weight" or name.startswith("value_embeds.") or (name == "wte.weight" and not tied))
+        and (
+            name in ("wpe.weight",) + EMBEDDING_SIDE
+            or name.startswith("value_embeds.")
+            or (name == "wte.weight" and not tied)
+        )
     ]
 
 
 def _adamw_groups(params: list, weight_decay: float, embeddings=(), embed_lr_ratio: float = 1.0) -> list:
     """AdamW's groups: weight decay on the 2-D weights only; with an ``embed_lr_ratio`` other than 1, the
-    ``embeddings`` among ``params`` in a third group (decayed as 2-D weights, at that multiple of the
-    rate). At 1 the two groups of the runs from before the setting, so their checkpoints resume."""
+    ``embeddings`` among ``params`` in a third group at that multiple of the rate, every one of them decayed
+    (the tables and the smear / x0-mix weights alike: how the default was measured). At 1 the two groups
+    of the runs from before the setting, so their checkpoints resume."""
     special = {id(p) for p in embeddings} if embed_lr_ratio != 1.0 else set()
     decay = [p for p in params if p.dim() >= 2 and id(p) not in special]
     no_decay = [p for p in params if p.dim() < 2 and id(p) not in special]

@@ -569,10 +569,10 @@ class Trainer:
             line += f" for {rest}"
         else:
             line = f"optimizer: adamw (peak lr {cfg.lr:g} for every parameter" + (
-                " but the embedding tables" if tables else ""
+                " but the embeddings" if tables else ""
             )
         if tables:
-            line += f"; {cfg.lr * cfg.embed_lr_ratio:g} for the embedding tables"
+            line += f"; {cfg.lr * cfg.embed_lr_ratio:g} for the embeddings"
         self.say(line + ")")
 
     # ---- the loop -------------------------------------------------------------------------------
