@@ -7,9 +7,10 @@ Options (all in :class:`GPTConfig`): ``norm`` (layernorm | rmsnorm, epsilon
 ``norm_eps``), ``mlp`` (gelu | gelu_tanh | relu | relu2 | swiglu),
 ``pos`` (learned | sinusoidal | alibi | rope | none), ``n_kv_head`` for grouped-query attention,
 dropout (residual and embedding; identity in eval), bias on/off, tied embeddings, GPT-2 init.
-The speedrun options (modded-nanogpt's ideas; each off by default, which leaves the model exactly as
-it was): ``qk_norm``, ``mlp="relu2"``, ``logit_softcap``, ``zero_init_proj``, ``value_embed``,
-``unet_skips``, ``smear``, ``x0_mix`` (see the fields' help for the math of each).
+The speedrun options (modded-nanogpt's ideas; each off in :data:`PLAIN_OPTIONS`, which leaves the
+block exactly a plain GPT's): ``qk_norm``, ``mlp="relu2"``, ``logit_softcap``, ``zero_init_proj``,
+``value_embed``, ``unet_skips``, ``smear``, ``x0_mix`` (see the fields' help for the math of each).
+``GPTConfig()``, the default run's model, turns on ``qk_norm``, ``value_embed``, ``smear`` and ``x0_mix``.
 
 Incremental decoding: :meth:`GPT.new_kv_cache` returns a static :class:`KVCache`; passing it to
 :meth:`GPT.forward` feeds only the new tokens, which attend to the cached keys with the
