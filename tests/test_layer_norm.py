@@ -174,16 +174,23 @@ def test_opcheck():
 @needs_cpp
 def test_the_model_runs_one_op_per_norm_with_the_residual_adds_inside(monkeypatch):
     """auto takes the cpp op on CPU: the default model calls it once per norm (2 per block + ln_f), every
-    one but the first adding the residual; under CPU autocast the norms write bf16; loss and gradients
-    equal the composed form's (backend="reference") to float32 rounding, with and without autocast."""
+    one adding the residual but the first and (x0_mix: the mix makes the stream) each later block's
+    first; without the x0 mix every one but the first; under CPU autocast the norms write bf16; loss and
+    gradients equal the composed form's (backend="reference") to float32 rounding, with and without
+    autocast."""
     calls = []
     real = OPS.layer_norm_fwd
     monkeypatch.setattr(OPS, "layer_norm_fwd", lambda *a: calls.append(a) or real(*a))
-    cfg = GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)
     x = torch.randint(0, 40, (3, 32))
+    plain = GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32, x0_mix=False)
+    fused_and_reference_step(plain, x)
+    assert [a[-1] is not None for a in calls] == [False] + [True] * (2 * plain.n_layer)
+    calls.clear()
+    cfg = GPTConfig(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    assert cfg.x0_mix
     (fused, reference), grads = fused_and_reference_step(cfg, x)
     assert len(calls) == 2 * cfg.n_layer + 1
-    assert [a[-1] is not None for a in calls] == [False] + [True] * (2 * cfg.n_layer)
+    assert [a[-1] is not None for a in calls] == [False, True] * cfg.n_layer + [True]
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
     for name, g in grads[0][1].items():
         torch.testing.assert_close(g, grads[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
